@@ -1,0 +1,19 @@
+"""nmcompile: N:M sparse training (Bi-Mask) through ``torch.compile(model, backend="nmsparse")``."""
+
+from nmcompile import ops as _ops  # noqa: F401  (registers the nmsparse:: custom ops)
+from nmcompile.backend import NMSparseBackend, backend, nmsparse
+from nmcompile.inspection import Report, explain
+from nmcompile.options import SparsityConfig, SparsityConfigError
+from nmcompile.state import sparsity_state
+
+__all__ = [
+    "NMSparseBackend",
+    "Report",
+    "SparsityConfig",
+    "SparsityConfigError",
+    "backend",
+    "explain",
+    "nmsparse",
+    "sparsity_state",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,224 @@
+"""The ``nmsparse`` torch.compile backend: analyse, rewrite, compile, and run with layer state.
+
+Pipeline per dynamo graph (see ARCHITECTURE): resolve which placeholders are parameters and their
+names, ``find_targets``, ``insert_masks``, then AOTAutograd + the inner compiler (Inductor or
+eager), with ``name_nodes`` on the forward and backward graphs. The returned callable passes the
+layer state tensors after the user's inputs and counts training steps (SPEC §5, §8).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import sys
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from nmcompile.inspection import CompileRecord, dump_dir
+from nmcompile.options import SparsityConfig
+from nmcompile.passes import ParamInfo, find_targets, insert_masks, name_nodes
+from nmcompile.state import DEFAULT_REGISTRY, LayerSpec, LayerState, StateRegistry
+
+_SOURCE = re.compile(r"^([LG])\['([^']+)'\]((?:\._modules\['[^']+'\])*)\._parameters\['([^']+)'\]$")
+_MODULE_STEP = re.compile(r"\._modules\['([^']+)'\]")
+
+
+def _parameter_table(root: nn.Module) -> dict[int, tuple[str, int, nn.Module]]:
+    """``id(param) -> (name, index in named_parameters(), owning module)`` for a root module."""
+    table: dict[int, tuple[str, int, nn.Module]] = {}
+    for mod_name, module in root.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            if id(param) not in table:
+                table[id(param)] = (f"{mod_name}.{pname}" if mod_name else pname, len(table), module)
+    return table
+
+
+def _compiled_roots() -> list[nn.Module]:
+    """Modules wrapped by ``torch.compile`` that are being called on this thread's stack."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    roots: list[nn.Module] = []
+    frame = sys._getframe()
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, OptimizedModule) and all(owner._orig_mod is not r for r in roots):
+            roots.append(owner._orig_mod)
+        frame = frame.f_back
+    return roots
+
+
+def _source_root(source_name: str) -> tuple[nn.Module | None, str]:
+    """The module a dynamo source like ``L['self']._modules['fc1']._parameters['weight']`` starts from."""
+    match = _SOURCE.match(source_name)
+    if match is None:
+        return None, source_name
+    scope, key, path, pname = match.groups()
+    name = ".".join([*_MODULE_STEP.findall(path), pname])
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        root = (tx.f_locals if scope == "L" else tx.f_globals).get(key)
+    except Exception:
+        root = None
+    return (root if isinstance(root, nn.Module) else None), name
+
+
+def resolve_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[str, ParamInfo]:
+    """Placeholder name -> ``ParamInfo`` for every placeholder whose example input is a Parameter.
+
+    Names are as ``model.named_parameters()`` spells them for the outermost compiled module on the
+    stack (so graph breaks inside submodules keep full names); otherwise relative to the dynamo
+    source's root object; otherwise the source text itself.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    pairs = [(ph, v) for ph, v in zip(placeholders, example_inputs, strict=False) if isinstance(v, nn.Parameter)]
+    if not pairs:
+        return {}
+    tables = [_parameter_table(root) for root in reversed(_compiled_roots())]
+    out: dict[str, ParamInfo] = {}
+    for placeholder, param in pairs:
+        found = next((t[id(param)] for t in tables if id(param) in t), None)
+        if found is None:
+            grapharg = placeholder.meta.get("grapharg")
+            source = grapharg.source.name if grapharg is not None else placeholder.name
+            root, name = _source_root(source)
+            table = _parameter_table(root) if root is not None else {}
+            found = table.get(id(param), (name, zlib.crc32(name.encode()), None))
+        name, index, owner = found
+        out[placeholder.name] = ParamInfo(name, index, param, owner)
+    return out
+
+
+def _record_and_name(record: CompileRecord | None, kind: str, gm: fx.GraphModule) -> None:
+    name_nodes(gm)
+    if record is not None:
+        record.add_graph(kind, gm)
+
+
+def _compile_inner(gm: fx.GraphModule, inputs: list, config: SparsityConfig, record: CompileRecord | None) -> Callable:
+    """AOTAutograd + ``config.inner`` on the rewritten graph, naming nodes of each produced graph."""
+    if config.inner == "inductor":
+        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+        def inner_compile(graph: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Any:
+            kind = "inference" if kwargs.get("is_inference") else "forward"
+            kind = "backward" if kwargs.get("is_backward") else kind
+            _record_and_name(record, kind, graph)
+            return compile_fx_inner(graph, example_inputs, **kwargs)
+
+        return compile_fx(gm, inputs, inner_compile=inner_compile)
+
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.debugging import boxed_nop
+
+    def eager(kind: str, graph: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        _record_and_name(record, kind, graph)
+        return boxed_nop(graph, list(example_inputs))
+
+    return aot_autograd(
+        fw_compiler=functools.partial(eager, "forward"),
+        bw_compiler=functools.partial(eager, "backward"),
+        inference_compiler=functools.partial(eager, "inference"),
+    )(gm, inputs)
+
+
+class _Runner:
+    """What the backend returns: runs the compiled graph with state inputs and counts steps."""
+
+    def __init__(self, compiled: Callable, states: list[tuple[LayerState, int]], perms: list[LayerState]) -> None:
+        self.compiled = compiled
+        self.states = states  # (state, position of its weight among the inputs)
+        self.perms = perms  # states whose permutation is a graph input, in input order
+
+    def __call__(self, *args: Any) -> Any:
+        training = [(state, args[i]) for state, i in self.states if state.is_training_forward()]
+        for state, weight in training:
+            state.begin_training_step(weight)
+        out = self.compiled(*args, *(state.perm for state in self.perms))
+        for state, _ in training:
+            state.end_training_step()
+        return out
+
+
+def compile_graph(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    config: SparsityConfig,
+    registry: StateRegistry = DEFAULT_REGISTRY,
+    on_compile: Callable[[CompileRecord], None] | None = None,
+) -> Callable:
+    """Compile one dynamo graph with N:M sparse GEMMs; the body of every ``nmsparse`` backend call."""
+    params = resolve_parameters(gm, example_inputs)
+    analysis = find_targets(gm, example_inputs, config, params)
+    directory = dump_dir()
+    record = None
+    if on_compile is not None or directory is not None:
+        record = CompileRecord(analysis, config, gm.meta.get("dynamo_compile_id"), directory)
+        if on_compile is not None:
+            on_compile(record)
+    try:
+        fake_mode = torch._guards.TracingContext.get().fake_mode
+    except (AssertionError, RuntimeError):
+        fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    rewritten, state_inputs = insert_masks(gm, analysis, config, fake_mode)
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    states: list[tuple[LayerState, int]] = []
+    by_target: dict[int, LayerState] = {}
+    for target in analysis.sparse:
+        info = params[target.weight.name]  # type: ignore[union-attr]
+        spec = LayerSpec(
+            info.name,
+            info.index,
+            target.weight_shape[0],
+            config.n,
+            config.m,  # type: ignore[index]
+            target.backward,
+            config.perm_candidates,
+            config.perm_interval,
+            config.seed,
+        )
+        state = registry.get_or_create(info.param, spec, info.owner)
+        states.append((state, placeholders.index(target.weight.name)))  # type: ignore[union-attr]
+        by_target[id(target)] = state
+    perms = [by_target[id(s.target)] for s in state_inputs]
+    examples = [s.example for s in state_inputs]
+    compiled = _compile_inner(rewritten, [*example_inputs, *examples], config, record)
+    return _Runner(compiled, states, perms)
+
+
+class NMSparseBackend:
+    """A ``torch.compile`` backend with fixed, validated options (``nmcompile.backend(**options)``)."""
+
+    __name__ = "nmsparse"
+
+    def __init__(
+        self,
+        config: SparsityConfig,
+        registry: StateRegistry = DEFAULT_REGISTRY,
+        on_compile: Callable[[CompileRecord], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.on_compile = on_compile
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        return compile_graph(gm, example_inputs, self.config, self.registry, self.on_compile)
+
+    def __repr__(self) -> str:
+        return f"nmcompile.backend({self.config})"
+
+
+def backend(**options: Any) -> NMSparseBackend:
+    """``torch.compile(model, backend=nmcompile.backend(n=2, m=4, ...))``; options checked here, now."""
+    return NMSparseBackend(SparsityConfig.from_options(options))
+
+
+def nmsparse(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None) -> Callable:
+    """The registered ``"nmsparse"`` backend: ``torch.compile(model, backend="nmsparse", options={...})``."""
+    config = SparsityConfig.from_options(options)
+    return compile_graph(gm, example_inputs, config)

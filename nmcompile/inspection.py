@@ -1,0 +1,260 @@
+"""What the backend did, for people: report rows, rewritten graphs, ``explain`` and dumps.
+
+Every compile can produce a ``CompileRecord`` (the eligibility table plus the forward, backward
+and inference graphs AOTAutograd produced, with readable node names). ``explain`` compiles a model
+once on the side and returns them as a ``Report``; ``NMSPARSE_DUMP_DIR`` writes them to disk for
+every compile during ordinary ``torch.compile`` use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import networkx as nx
+import torch
+from torch import fx
+
+from nmcompile.ops import NAME_KEY
+from nmcompile.options import SparsityConfig
+
+if TYPE_CHECKING:
+    from nmcompile.passes import GemmTarget, TargetAnalysis
+
+GRAPH_KINDS = ("forward", "backward", "inference")
+_dump_counter = itertools.count()
+
+
+def dump_dir() -> Path | None:
+    """The directory named by ``NMSPARSE_DUMP_DIR``, or ``None`` when unset."""
+    value = os.environ.get("NMSPARSE_DUMP_DIR")
+    return Path(value) if value else None
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRow:
+    """One GEMM-like node in the report: what it is and what was decided, with FLOPs per GEMM."""
+
+    name: str
+    op: str
+    weight_shape: tuple[int, int] | None
+    input_shape: tuple | None
+    nm: str
+    sparse: bool
+    backward: str
+    reason: str
+    flops: dict[str, tuple[int, int] | None]
+
+    @classmethod
+    def from_target(cls, target: GemmTarget, config: SparsityConfig) -> LayerRow:
+        return cls(
+            name=target.param_name or f"<{target.node.name}>",
+            op=target.op,
+            weight_shape=target.weight_shape,
+            input_shape=target.input_shape,
+            nm=f"{config.n}:{config.m}" if target.sparse else "-",
+            sparse=target.sparse,
+            backward=target.backward if target.sparse else "-",
+            reason=target.reason,
+            flops=target.flops(config.n, config.m),
+        )
+
+
+def _fmt_flops(pair: tuple[int, int] | None) -> str:
+    if pair is None:
+        return "?"
+
+    def short(v: float) -> str:
+        for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+            if v >= scale:
+                return f"{v / scale:.3g}{unit}"
+        return f"{v:.0f}"
+
+    dense, nm = pair
+    return short(dense) if dense == nm else f"{short(dense)}→{short(nm)}"
+
+
+def format_table(rows: list[LayerRow]) -> str:
+    """The report table: one line per GEMM-like node, FLOPs as ``dense→N:M-executable``."""
+    header = (
+        "parameter",
+        "op",
+        "W [O,K]",
+        "x",
+        "N:M",
+        "status",
+        "backward",
+        "fwd FLOPs",
+        "dX FLOPs",
+        "dW FLOPs",
+        "why",
+    )
+    lines = [header]
+    for r in rows:
+        lines.append(
+            (
+                r.name,
+                r.op,
+                "x".join(map(str, r.weight_shape)) if r.weight_shape else "-",
+                "x".join(map(str, r.input_shape)) if r.input_shape else "?",
+                r.nm,
+                "sparse" if r.sparse else "dense",
+                r.backward,
+                _fmt_flops(r.flops["forward"]),
+                _fmt_flops(r.flops["input_grad"]),
+                _fmt_flops(r.flops["weight_grad"]),
+                r.reason,
+            )
+        )
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    out = [" | ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=False)).rstrip() for line in lines]
+    out.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, graph)
+
+
+class CompileRecord:
+    """The table and the AOTAutograd graphs of one backend compile (one dynamo graph)."""
+
+    def __init__(
+        self, analysis: TargetAnalysis, config: SparsityConfig, compile_id: Any = None, directory: Path | None = None
+    ) -> None:
+        self.rows = [LayerRow.from_target(t, config) for t in analysis.targets]
+        self.config = config
+        self.compile_id = str(compile_id) if compile_id is not None else None
+        self.graphs: dict[str, fx.GraphModule] = {}
+        self.directory: Path | None = None
+        if directory is not None:
+            tag = (self.compile_id or "graph").replace("/", "_")
+            self.directory = directory / f"{os.getpid()}_{next(_dump_counter)}_{tag}"
+            self.directory.mkdir(parents=True, exist_ok=True)
+            (self.directory / "report.txt").write_text(format_table(self.rows) + "\n")
+
+    def add_graph(self, kind: str, gm: fx.GraphModule) -> None:
+        """Keep a copy of a graph AOTAutograd produced (``forward``/``backward``/``inference``)."""
+        self.graphs[kind] = _copy_graph_module(gm)
+        if self.directory is not None:
+            (self.directory / f"{kind}.py").write_text(gm.print_readable(print_output=False))
+            (self.directory / "graphs.dot").write_text(to_dot([self]))
+
+    def __str__(self) -> str:
+        return format_table(self.rows)
+
+
+def _node_label(node: fx.Node) -> str:
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{node.name}\\n{target}"
+
+
+def to_networkx(records: list[CompileRecord]) -> nx.DiGraph:
+    """All recorded graphs as one ``networkx.DiGraph``; nodes ``"<compile>:<kind>:<name>"``."""
+    g = nx.DiGraph()
+    for i, record in enumerate(records):
+        for kind, gm in record.graphs.items():
+            prefix = f"{i}:{kind}:"
+            for node in gm.graph.nodes:
+                custom = node.meta.get("custom") or {}
+                g.add_node(
+                    prefix + node.name,
+                    kind=kind,
+                    op=node.op,
+                    target=str(node.target),
+                    name=node.name,
+                    nmsparse=custom.get(NAME_KEY),
+                )
+                for arg in node.all_input_nodes:
+                    g.add_edge(prefix + arg.name, prefix + node.name)
+    return g
+
+
+def to_dot(records: list[CompileRecord]) -> str:
+    """Graphviz DOT text of all recorded graphs, one cluster per graph, nmsparse nodes filled."""
+    lines = ["digraph nmsparse {", "  node [shape=box, fontname=monospace];"]
+    for i, record in enumerate(records):
+        for kind, gm in record.graphs.items():
+            lines.append(f'  subgraph "cluster_{i}_{kind}" {{')
+            lines.append(f'    label="{kind} (compile {record.compile_id or i})";')
+            for node in gm.graph.nodes:
+                custom = node.meta.get("custom") or {}
+                style = ", style=filled, fillcolor=lightblue" if NAME_KEY in custom else ""
+                lines.append(f'    "{i}:{kind}:{node.name}" [label="{_node_label(node)}"{style}];')
+                for arg in node.all_input_nodes:
+                    lines.append(f'    "{i}:{kind}:{arg.name}" -> "{i}:{kind}:{node.name}";')
+            lines.append("  }")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+class Report:
+    """What ``explain`` returns: ``str(report)`` is the table; graphs and exports as attributes."""
+
+    def __init__(self, records: list[CompileRecord]) -> None:
+        self.records = records
+
+    @property
+    def rows(self) -> list[LayerRow]:
+        return [row for record in self.records for row in record.rows]
+
+    def _graph(self, kind: str) -> fx.GraphModule | None:
+        return next((r.graphs[kind] for r in self.records if kind in r.graphs), None)
+
+    @property
+    def forward_graph(self) -> fx.GraphModule | None:
+        """The rewritten forward graph after AOTAutograd (first graph if dynamo split the model)."""
+        return self._graph("forward")
+
+    @property
+    def backward_graph(self) -> fx.GraphModule | None:
+        """The rewritten backward graph after AOTAutograd (first graph if dynamo split the model)."""
+        return self._graph("backward")
+
+    def to_networkx(self) -> nx.DiGraph:
+        return to_networkx(self.records)
+
+    def to_dot(self) -> str:
+        return to_dot(self.records)
+
+    def __str__(self) -> str:
+        return "\n\n".join(str(r) for r in self.records) if self.records else "(no graph compiled)"
+
+    __repr__ = __str__
+
+
+def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Report:
+    """Compile ``model`` on the side with ``options`` and report what the backend would rewrite.
+
+    Runs one forward and one backward on ``example_inputs`` (``torch.autograd.grad``, so no
+    ``.grad`` is touched) with a private state registry; buffers are restored afterwards, so the
+    user's model, states and optimizer see nothing.
+    """
+    from nmcompile.backend import NMSparseBackend
+    from nmcompile.state import StateRegistry, unwrap
+
+    config = SparsityConfig.from_options(options)
+    module = unwrap(model)
+    records: list[CompileRecord] = []
+    saved = {name: b.detach().clone() for name, b in module.named_buffers()}
+    compiled = torch.compile(module, backend=NMSparseBackend(config, StateRegistry(), records.append))
+    try:
+        with torch.enable_grad():
+            out = compiled(*example_inputs)
+            outputs = [
+                t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad
+            ]
+            params = [p for p in module.parameters() if p.requires_grad]
+            if outputs and params:
+                torch.autograd.grad(outputs, params, [torch.ones_like(t) for t in outputs], allow_unused=True)
+    finally:
+        with torch.no_grad():
+            for name, buffer in module.named_buffers():
+                if name in saved:
+                    buffer.copy_(saved[name])
+    return Report(records)

@@ -1,0 +1,1 @@
+"""Triton N:M kernels (issue 5); the portable path lives in ``nmcompile.ops``."""

@@ -1,0 +1,305 @@
+"""The SPEC made executable in plain eager PyTorch: the test oracle and the benchmark baseline.
+
+Mask, permutation and gradient rules follow ``SPEC.md`` §2–§6 literally. ``sparsify`` swaps each
+eligible ``nn.Linear`` for a ``SparseLinear`` (same parameters) and routes ``mm``/``addmm``/
+``matmul`` calls on other eligible 2-D weights (e.g. GPT-2's ``Conv1D``) through the same
+``autograd.Function``, so the eager model trains exactly as the compiled one should.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from nmcompile.options import SparsityConfig
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_nm(size: int, n: int, m: int, what: str) -> None:
+    if not 1 <= n <= m:
+        raise ValueError(f"N:M needs 1 <= n <= m, got {n}:{m}")
+    if size % m:
+        raise ValueError(f"{what} of size {size} is not divisible by m={m}")
+
+
+def magnitude(a: torch.Tensor) -> torch.Tensor:
+    """``|a|`` in float64 with NaN as +inf, so NaN ranks as the largest magnitude (SPEC §2)."""
+    mag = a.detach().abs().double()
+    return torch.where(torch.isnan(mag), torch.inf, mag)
+
+
+def nm_mask(a: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
+    """SPEC §2: keep the ``n`` largest ``|a|`` in each group of ``m`` along ``dim``; ties to lower index."""
+    _check_nm(a.shape[dim], n, m, f"dim {dim}")
+    moved = magnitude(a).movedim(dim, -1)
+    groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
+    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order[..., :n], True)
+    return keep.reshape(moved.shape).movedim(-1, dim)
+
+
+@functools.cache
+def transposable_patterns(n: int, m: int) -> torch.Tensor:
+    """All ``m×m`` 0/1 blocks with exactly ``n`` ones per row and per column, flattened: ``[P, m*m]``."""
+    rows = list(itertools.combinations(range(m), n))
+    patterns = []
+    for choice in itertools.product(rows, repeat=m):
+        block = torch.zeros(m, m, dtype=torch.bool)
+        for r, cols in enumerate(choice):
+            block[r, list(cols)] = True
+        if bool((block.sum(0) == n).all()):
+            patterns.append(block.flatten())
+    return torch.stack(patterns)
+
+
+def transposable_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """SPEC §4 ``transposable``: N:M along both dims of ``w`` ``[O, K]``, maximising kept ``|w|``.
+
+    Exact (best of all valid block patterns, first on ties) for ``m <= 4``; the greedy
+    2-approximation (entries by decreasing ``|w|``, kept while row and column have room) above.
+    """
+    O, K = w.shape
+    _check_nm(O, n, m, "rows")
+    _check_nm(K, n, m, "columns")
+    # Finite stand-in for inf/NaN so that block sums stay ordered and never become NaN.
+    mag = magnitude(w).clamp(max=torch.finfo(torch.float64).max / (4 * m * m))
+    blocks = mag.reshape(O // m, m, K // m, m).permute(0, 2, 1, 3).reshape(-1, m * m)
+    if m <= 4:
+        patterns = transposable_patterns(n, m).to(w.device)
+        best = (blocks @ patterns.double().T).argmax(dim=1)
+        keep = patterns[best]
+    else:
+        keep = _greedy_transposable(blocks, n, m)
+    return keep.reshape(O // m, K // m, m, m).permute(0, 2, 1, 3).reshape(O, K)
+
+
+def _greedy_transposable(blocks: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Greedy transposable selection over flattened ``m×m`` blocks ``[B, m*m]``."""
+    count = blocks.shape[0]
+    order = torch.sort(blocks, dim=1, descending=True, stable=True).indices
+    keep = torch.zeros_like(blocks, dtype=torch.bool)
+    row_count = torch.zeros(count, m, dtype=torch.int64, device=blocks.device)
+    col_count = torch.zeros_like(row_count)
+    batch = torch.arange(count, device=blocks.device)
+    for j in range(m * m):
+        idx = order[:, j]
+        r, c = idx // m, idx % m
+        ok = (row_count[batch, r] < n) & (col_count[batch, c] < n)
+        keep[batch, idx] = ok
+        row_count[batch, r] += ok
+        col_count[batch, c] += ok
+    return keep
+
+
+def permutation_score(fmask: torch.Tensor, perm: torch.Tensor, n: int, m: int) -> int:
+    """SPEC §5: over blocks of ``m`` rows of ``F[P]`` × a column, sum ``min(n, kept in block)``."""
+    O, K = fmask.shape
+    _check_nm(O, n, m, "rows")
+    per_block = fmask.index_select(0, perm.to(fmask.device)).reshape(O // m, m, K).sum(1)
+    return int(per_block.clamp(max=n).sum())
+
+
+def search_permutation(
+    fmask: torch.Tensor, current: torch.Tensor, candidates: Sequence[torch.Tensor], n: int, m: int
+) -> tuple[torch.Tensor, int]:
+    """Best of ``current`` and ``candidates`` by ``permutation_score``; ties keep the earlier one."""
+    best, best_score = current, permutation_score(fmask, current, n, m)
+    for candidate in candidates:
+        score = permutation_score(fmask, candidate, n, m)
+        if score > best_score:
+            best, best_score = candidate, score
+    return best.to(current.device).clone(), best_score
+
+
+def backward_mask(w: torch.Tensor, fmask: torch.Tensor, perm: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """SPEC §4 Bi-Mask ``B`` in original row order: ``Bp = nm_mask(|W⊙F|[P], dim=0)``, ``B[P[i]] = Bp[i]``.
+
+    Intersected with ``F`` so that ``B ⊆ F`` as SPEC states: a block with fewer than ``n``
+    forward-kept weights fills its ``n`` picks with zeros of ``W⊙F``, which must not bring pruned
+    weights back. ``B`` then keeps ``min(n, kept)`` per block, the count SPEC §5 scores.
+    """
+    permuted = torch.where(fmask, w.detach(), 0).index_select(0, perm)
+    bp = nm_mask(permuted, n, m, dim=0)
+    b = torch.empty_like(bp)
+    b[perm] = bp
+    return b & fmask
+
+
+class SparseGemm(torch.autograd.Function):
+    """``Y = X (W⊙F)ᵀ + b``; ``dX = dY (W⊙B)``; ``dW = dYᵀX + λ(1−F)⊙W`` (SPEC §3, §4, §6)."""
+
+    @staticmethod
+    def forward(ctx: Any, x, weight, bias, fmask, bmask, srste_lambda: float):  # type: ignore[override]
+        ctx.save_for_backward(x, weight, fmask, bmask)
+        ctx.srste_lambda = srste_lambda
+        return F.linear(x, torch.where(fmask, weight, 0), bias)
+
+    @staticmethod
+    def backward(ctx: Any, dy):  # type: ignore[override]
+        x, weight, fmask, bmask = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = dy @ torch.where(bmask, weight, 0) if need_x else None
+        dw = None
+        if need_w:
+            dw = dy2.t() @ x.reshape(-1, x.shape[-1])
+            if ctx.srste_lambda:
+                dw = dw + ctx.srste_lambda * torch.where(fmask, 0, weight)
+        db = dy2.sum(0) if need_b else None
+        return dx, dw, db, None, None, None
+
+
+class _Rule:
+    """How one eligible weight is sparsified in the reference: its state, masks and GEMM."""
+
+    def __init__(self, state: Any, backward: str, config: SparsityConfig) -> None:
+        self.state = state
+        self.backward = backward
+        self.config = config
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The sparse ``F.linear(x, w, bias)`` for ``w`` as ``[O, K]``; counts training steps."""
+        n, m = self.config.n, self.config.m
+        training = self.state.is_training_forward()
+        if training:
+            self.state.begin_training_step(w)
+        with torch.no_grad():
+            if self.backward == "transposable":
+                fmask = bmask = transposable_mask(w, n, m)
+            else:
+                fmask = nm_mask(w, n, m, dim=1)
+                bmask = backward_mask(w, fmask, self.state.perm, n, m) if self.backward == "bimask" else fmask
+        y = SparseGemm.apply(x, w, bias, fmask, bmask, self.config.srste_lambda)
+        if training:
+            self.state.end_training_step()
+        return y
+
+
+class SparseLinear(nn.Module):
+    """An ``nn.Linear`` replacement holding the same parameters, run through ``SparseGemm``."""
+
+    def __init__(self, linear: nn.Linear, rule: _Rule) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.rule = rule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rule.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        c = self.rule.config
+        return f"{self.in_features}, {self.out_features}, {c.n}:{c.m}, backward={self.rule.backward}"
+
+
+_GEMM_FUNCS = {torch.mm, torch.Tensor.mm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.addmm}
+
+
+class _GemmInterceptor(TorchFunctionMode):
+    """Routes ``mm``/``matmul``/``addmm`` calls whose right operand is an eligible weight to its rule."""
+
+    def __init__(self, rules: dict[int, tuple[nn.Parameter, _Rule]]) -> None:
+        super().__init__()
+        self.rules = rules
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func in _GEMM_FUNCS and not kwargs:
+            bias, a, b = (args[0], args[1], args[2]) if func is torch.addmm else (None, args[0], args[1])
+            entry = self.rules.get(id(b))
+            if entry is not None and entry[0] is b and (func is not torch.matmul or a.dim() >= 1):
+                y = entry[1].linear(a, b.t(), None)
+                return y if bias is None else bias + y
+        return func(*args, **kwargs)
+
+
+def _route_gemms(module: nn.Module, rules: dict[int, tuple[nn.Parameter, _Rule]]) -> None:
+    """Run ``module.forward`` under a ``_GemmInterceptor`` for its eligible weights."""
+    forward: Callable = module.forward
+    mode = _GemmInterceptor(rules)
+
+    @functools.wraps(forward)
+    def routed(*args: Any, **kwargs: Any) -> Any:
+        with mode:
+            return forward(*args, **kwargs)
+
+    module.forward = routed
+
+
+def _eligible_backward(
+    weight: nn.Parameter, rows: int, cols: int, config: SparsityConfig, tied: bool, name: str
+) -> str | None:
+    """The backward mode for an ``[rows=O, cols=K]`` weight, or ``None`` if it stays dense (SPEC §10)."""
+    if tied or not weight.requires_grad or weight.dtype not in FLOAT_DTYPES:
+        return None
+    if config.name_filter_reason(name) is not None or cols % config.m:
+        return None
+    if config.backward != "dense" and rows % config.m:
+        return "dense"
+    return config.backward
+
+
+def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Module:
+    """Make ``model`` train with N:M sparse GEMMs in eager mode, in place; returns ``model``.
+
+    ``nn.Linear`` children are swapped for ``SparseLinear``; other modules whose own 2-D weight
+    is the right operand of ``mm``/``matmul``/``addmm`` (``[in, out]`` layout) get their forward
+    routed through the same rule. Options as ``SparsityConfig``; states go to ``registry``.
+    """
+    from nmcompile.state import DEFAULT_REGISTRY, LayerSpec
+
+    config = SparsityConfig.from_options(options)
+    registry = DEFAULT_REGISTRY if registry is None else registry
+    index = {id(p): i for i, (_, p) in enumerate(model.named_parameters())}
+    counts: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+
+    def rule_for(name: str, weight: nn.Parameter, rows: int, cols: int, owner: nn.Module) -> _Rule | None:
+        backward = _eligible_backward(weight, rows, cols, config, counts[id(weight)] > 1, name)
+        if backward is None:
+            return None
+        spec = LayerSpec(
+            name,
+            index[id(weight)],
+            rows,
+            config.n,
+            config.m,
+            backward,
+            config.perm_candidates,
+            config.perm_interval,
+            config.seed,
+        )
+        return _Rule(registry.get_or_create(weight, spec, owner), backward, config)
+
+    for mod_name, module in list(model.named_modules()):
+        prefix = f"{mod_name}." if mod_name else ""
+        if type(module) is nn.Linear:
+            rule = rule_for(prefix + "weight", module.weight, module.out_features, module.in_features, module)
+            if rule is not None:
+                _replace(model, mod_name, SparseLinear(module, rule))
+            continue
+        rules = {}
+        for pname, p in module.named_parameters(recurse=False):
+            if p.dim() == 2:
+                rule = rule_for(prefix + pname, p, p.shape[1], p.shape[0], module)
+                if rule is not None:
+                    rules[id(p)] = (p, rule)
+        if rules:
+            _route_gemms(module, rules)
+    return model
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

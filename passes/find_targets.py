@@ -1,0 +1,252 @@
+"""Eligibility pass (SPEC §10): which GEMM-like nodes become N:M sparse, which stay dense and why.
+
+Pure analysis: the graph is not changed. Each GEMM-like node (``linear``, ``mm``, ``addmm``,
+``matmul`` and their method forms) becomes one ``GemmTarget`` row of the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from nmcompile.options import SparsityConfig
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+_FUNCTIONS = {
+    torch._C._nn.linear: "linear",
+    F.linear: "linear",
+    torch.mm: "mm",
+    torch.matmul: "matmul",
+    operator.matmul: "matmul",
+    torch.addmm: "addmm",
+}
+_METHODS = {"mm": "mm", "matmul": "matmul", "__matmul__": "matmul", "addmm": "addmm"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamInfo:
+    """A graph input that is an ``nn.Parameter``: its name (as ``named_parameters()`` spells it),
+    its layer index (for seeding, SPEC §5), the tensor and the module that owns it (if known)."""
+
+    name: str
+    index: int
+    param: torch.Tensor
+    owner: torch.nn.Module | None
+
+
+@dataclasses.dataclass
+class GemmTarget:
+    """One GEMM-like node and the decision taken for it."""
+
+    node: fx.Node
+    op: str
+    param_name: str | None = None
+    weight: fx.Node | None = None  # the parameter placeholder
+    operand: fx.Node | None = None  # the weight operand of the node: the placeholder or its transpose
+    layout: str = ""  # "out_in" (W as [O, K]) or "in_out" (W stored as [K, O])
+    x: fx.Node | None = None
+    bias: Any = None
+    add_bias: bool = False  # addmm: bias added after the GEMM rather than fused
+    weight_shape: tuple[int, int] | None = None  # (O, K)
+    input_shape: tuple | None = None
+    tokens: int | None = None
+    sparse: bool = False
+    backward: str = "dense"
+    reason: str = ""
+
+    @property
+    def layer(self) -> str:
+        """Node-name prefix for this layer, e.g. ``blocks_0_fc1`` for ``blocks.0.fc1.weight``."""
+        name = self.param_name or self.node.name
+        name = name[: -len(".weight")] if name.endswith(".weight") else name
+        ident = re.sub(r"\W", "_", name)
+        return ident if ident[:1].isalpha() else f"p_{ident}"
+
+    def flops(self, n: int, m: int) -> dict[str, tuple[int, int] | None]:
+        """Dense vs N:M-executable FLOPs of the forward, input-gradient and weight-gradient GEMMs."""
+        if self.weight_shape is None or self.tokens is None:
+            return {"forward": None, "input_grad": None, "weight_grad": None}
+        O, K = self.weight_shape
+        dense = 2 * self.tokens * O * K
+        sparse = dense * n // m
+        bwd_sparse = self.sparse and self.backward in ("bimask", "transposable")
+        return {
+            "forward": (dense, sparse if self.sparse else dense),
+            "input_grad": (dense, sparse if bwd_sparse else dense),
+            "weight_grad": (dense, dense),
+        }
+
+
+@dataclasses.dataclass
+class TargetAnalysis:
+    """Result of ``find_targets``: every GEMM-like node with its decision."""
+
+    targets: list[GemmTarget]
+
+    @property
+    def sparse(self) -> list[GemmTarget]:
+        return [t for t in self.targets if t.sparse]
+
+
+def example_value(node: Any) -> Any:
+    """The example (fake) value dynamo or a tracer recorded for ``node``, if any."""
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+
+
+def _shape(node: Any) -> tuple | None:
+    value = example_value(node)
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _static_int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
+def _gemm_kind(node: fx.Node) -> str | None:
+    if node.op == "call_function":
+        return _FUNCTIONS.get(node.target)  # type: ignore[arg-type]
+    if node.op == "call_method":
+        return _METHODS.get(node.target)  # type: ignore[arg-type]
+    return None
+
+
+def _is_transpose(node: fx.Node) -> bool:
+    """``W.t()``, ``W.T``, ``W.transpose(0, 1)``, ``W.permute(1, 0)`` of a 2-D tensor."""
+    args = node.args
+    if node.op == "call_function" and node.target is getattr:
+        return args[1] in ("T", "mT")
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    if name == "t":
+        return True
+    if name == "transpose":
+        return sorted(a % 2 for a in args[1:3] if isinstance(a, int)) == [0, 1]
+    if name == "permute":
+        dims = args[1] if len(args) == 2 else args[1:]
+        return tuple(dims) == (1, 0)
+    return False
+
+
+def _consumers(placeholder: fx.Node) -> list[fx.Node]:
+    """Nodes that use a parameter, looking through transposes."""
+    out = []
+    for user in placeholder.users:
+        out.extend(user.users if _is_transpose(user) else [user])
+    return out
+
+
+def _operands(node: fx.Node, kind: str) -> tuple[Any, Any, Any, dict]:
+    """``(x, weight operand, bias, other kwargs)`` of a GEMM-like node."""
+    args, kwargs = list(node.args), dict(node.kwargs)
+    if kind == "linear":
+        x = args[0] if args else kwargs.pop("input", None)
+        w = args[1] if len(args) > 1 else kwargs.pop("weight", None)
+        bias = args[2] if len(args) > 2 else kwargs.pop("bias", None)
+        return x, w, bias, kwargs
+    if kind == "addmm":
+        bias, x, w = ([*args, None, None, None])[:3]
+        return x, w, bias, kwargs
+    x, w = ([*args, None, None])[:2]
+    return x, w, None, kwargs
+
+
+def find_targets(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    config: SparsityConfig,
+    params: Mapping[str, ParamInfo],
+) -> TargetAnalysis:
+    """Decide for every GEMM-like node of ``gm`` whether it becomes N:M sparse (SPEC §4, §10).
+
+    ``params`` maps placeholder names to the parameters they carry; placeholders not in it are
+    activations or buffers. ``example_inputs`` are matched to placeholders by position.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = dict(zip(placeholders, example_inputs, strict=False))
+    targets = []
+    for node in gm.graph.nodes:
+        kind = _gemm_kind(node)
+        if kind is not None:
+            targets.append(_decide(node, kind, config, params, values))
+    return TargetAnalysis(targets)
+
+
+def _decide(
+    node: fx.Node, kind: str, config: SparsityConfig, params: Mapping[str, ParamInfo], values: Mapping[fx.Node, Any]
+) -> GemmTarget:
+    target = GemmTarget(node=node, op=kind)
+    x, w, bias, extra = _operands(node, kind)
+    target.x, target.bias, target.input_shape = x, bias, _shape(x)
+    transposed = isinstance(w, fx.Node) and _is_transpose(w)
+    placeholder = w.args[0] if transposed else w
+    if not isinstance(placeholder, fx.Node) or placeholder.op != "placeholder":
+        left = x if isinstance(x, fx.Node) and x.op == "placeholder" and x.name in params else None
+        target.reason = "parameter is the left operand" if left is not None else "no parameter operand"
+        return target
+    info = params.get(placeholder.name)
+    if info is None:
+        target.reason = "weight is not an nn.Parameter (input or buffer)"
+        return target
+    value = values.get(placeholder, info.param)
+    target.param_name, target.weight, target.operand = info.name, placeholder, w
+    if kind == "linear":
+        target.layout = "out_in" if not transposed else ""
+    else:
+        target.layout = "out_in" if transposed else "in_out"
+    if value.dim() != 2 or not target.layout:
+        target.reason = "weight is not a 2-D [out, in] or [in, out] operand"
+        return target
+    rows, cols = value.shape if target.layout == "out_in" else value.shape[::-1]
+    target.weight_shape = (rows, cols)
+    x_shape = target.input_shape
+    if x_shape is not None and len(x_shape) >= 1:
+        numel = 1
+        for size in x_shape[:-1]:
+            numel *= size
+        target.tokens = _static_int(numel)
+    reason = _dense_reason(value, cols, info.name, placeholder, kind, extra, config)
+    if reason:
+        target.reason = reason
+        return target
+    target.sparse = True
+    target.add_bias = kind == "addmm"
+    target.backward = config.backward
+    if config.backward != "dense" and rows % config.m:
+        target.backward = "dense"
+        target.reason = (
+            f"O={rows} not divisible by m={config.m}: no N:M mask along O, so the backward uses W⊙F (dense backward)"
+        )
+    else:
+        target.reason = f"{config.n}:{config.m}, backward={config.backward}"
+    return target
+
+
+def _dense_reason(
+    value: torch.Tensor, cols: int, name: str, placeholder: fx.Node, kind: str, extra: dict, config: SparsityConfig
+) -> str | None:
+    """Why a parameter GEMM stays dense (SPEC §10), or ``None`` if it can be sparsified."""
+    if not value.requires_grad:
+        return "frozen parameter (requires_grad=False)"
+    if value.dtype not in FLOAT_DTYPES:
+        return f"dtype {value.dtype} is not floating point"
+    filtered = config.name_filter_reason(name)
+    if filtered:
+        return filtered
+    uses = len(_consumers(placeholder))
+    if uses > 1:
+        return f"tied: parameter used by {uses} nodes"
+    if extra:
+        return f"{kind} with extra arguments {sorted(extra)}"
+    if cols % config.m:
+        return f"K={cols} not divisible by m={config.m}"
+    return None

@@ -1,0 +1,108 @@
+"""Rewrite pass: each sparse GEMM node becomes explicit mask, permutation and sparse-GEMM nodes.
+
+``linear(x, W, b)`` turns into ``<layer>_fwd_mask = nmsparse.nm_mask(W)`` (or the transposable
+mask), a ``<layer>_perm`` graph input for Bi-Mask, and ``<layer>_fwd_gemm =
+nmsparse.sparse_linear(x, W, b, mask, perm, ...)`` whose autograd holds the backward masks.
+The dynamo graph is copied first, never edited in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import fx
+
+from nmcompile.ops import NAME_KEY
+from nmcompile.options import SparsityConfig
+
+from .find_targets import GemmTarget, TargetAnalysis, example_value
+
+
+@dataclasses.dataclass(frozen=True)
+class StateInput:
+    """A graph input appended for layer state: which target it serves and what it holds."""
+
+    target: GemmTarget
+    kind: str  # "perm"
+    name: str
+    example: Any  # static-shape (fake) example value of the input
+
+
+def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
+    """A new ``GraphModule`` with a copy of ``gm``'s graph, dynamo sources and metadata kept."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, env))
+    for old, new in env.items():
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source  # type: ignore[attr-defined]
+    new_gm = fx.GraphModule(gm, graph)
+    new_gm.meta = dict(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        new_gm._param_name_to_source = gm._param_name_to_source  # type: ignore[attr-defined]
+    return new_gm, env
+
+
+def _named(graph: fx.Graph, target: Any, args: tuple, name: str) -> fx.Node:
+    node = graph.call_function(target, args)
+    node._rename(name)
+    node.meta["custom"] = {NAME_KEY: name}
+    return node
+
+
+def insert_masks(
+    gm: fx.GraphModule, analysis: TargetAnalysis, config: SparsityConfig, fake_mode: Any = None
+) -> tuple[fx.GraphModule, list[StateInput]]:
+    """Rewrite the sparse targets of ``analysis`` in a copy of ``gm``.
+
+    Returns the new module and the state inputs appended after the original placeholders, in
+    order; the caller passes those tensors after the user's inputs. ``fake_mode`` makes their
+    example values (static shapes) so that AOTAutograd can trace them.
+    """
+    new_gm, env = _copy(gm)
+    graph = new_gm.graph
+    n, m = config.n, config.m
+    states: list[StateInput] = []
+    last_input = [node for node in graph.nodes if node.op == "placeholder"][-1]
+    for target in analysis.sparse:
+        layer = target.layer
+        node, weight = env[target.node], env[target.weight]
+        x = env.get(target.x, target.x)
+        bias = env.get(target.bias, target.bias)
+        perm = None
+        if target.backward == "bimask":
+            with graph.inserting_after(last_input):
+                perm = graph.placeholder(f"{layer}_perm")
+            perm._dynamo_source = None  # type: ignore[attr-defined]
+            rows = target.weight_shape[0]  # type: ignore[index]
+            example = torch.arange(rows, device=example_value(weight).device)
+            if fake_mode is not None:
+                example = fake_mode.from_tensor(example, static_shapes=True)
+            perm.meta["example_value"] = example
+            last_input = perm
+            states.append(StateInput(target, "perm", perm.name, example))
+        with graph.inserting_before(node):
+            w = weight if target.layout == "out_in" else _named(graph, torch.t, (weight,), f"{layer}_weight_t")
+            if target.backward == "transposable":
+                mask = _named(graph, torch.ops.nmsparse.transposable_mask.default, (w, n, m), f"{layer}_fwd_mask")
+            else:
+                mask = _named(graph, torch.ops.nmsparse.nm_mask.default, (w, n, m, 1), f"{layer}_fwd_mask")
+            fused_bias = None if target.add_bias else bias
+            out = _named(
+                graph,
+                torch.ops.nmsparse.sparse_linear.default,
+                (x, w, fused_bias, mask, perm, n, m, config.srste_lambda, layer),
+                f"{layer}_fwd_gemm",
+            )
+            if target.add_bias:
+                out = _named(graph, torch.add, (bias, out), f"{layer}_fwd_bias")
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        operand = env[target.operand]
+        if operand is not weight and not operand.users:
+            graph.erase_node(operand)
+    graph.lint()
+    new_gm.recompile()
+    return new_gm, states

@@ -1,0 +1,22 @@
+"""Naming pass: give the nodes AOTAutograd produced the names their annotations carry.
+
+Nodes made from the rewritten graph or from the sparse GEMM's backward carry
+``meta["custom"]["nmsparse"] = "<layer>_<role>"`` (``fc1_fwd_mask``, ``fc1_bwd_perm``, ...);
+this pass renames them so that printed graphs say what each node is.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from nmcompile.ops import NAME_KEY
+
+
+def name_nodes(gm: fx.GraphModule) -> fx.GraphModule:
+    """Rename annotated ``call_function`` nodes of ``gm`` in place (unique suffixes where repeated)."""
+    for node in gm.graph.nodes:
+        custom = node.meta.get("custom")
+        if node.op == "call_function" and isinstance(custom, dict) and NAME_KEY in custom:
+            node._rename(custom[NAME_KEY])
+    gm.recompile()
+    return gm
