@@ -21,6 +21,7 @@ from torch import fx, nn
 from nmcompile.inspection import CompileRecord, dump_dir
 from nmcompile.options import SparsityConfig
 from nmcompile.passes import ParamInfo, find_targets, insert_masks, name_nodes
+from nmcompile.passes.find_targets import identifier
 from nmcompile.state import DEFAULT_REGISTRY, LayerSpec, LayerState, StateRegistry
 
 _SOURCE = re.compile(r"^([LG])\['([^']+)'\]((?:\._modules\['[^']+'\])*)\._parameters\['([^']+)'\]$")
@@ -94,6 +95,12 @@ def resolve_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dic
     return out
 
 
+def _readable_input(placeholder: str, params: dict[str, ParamInfo]) -> str:
+    """``fc1_weight`` for the placeholder of ``fc1.weight``; other inputs keep their name."""
+    info = params.get(placeholder)
+    return identifier(info.name) if info is not None else placeholder
+
+
 def _record_and_name(record: CompileRecord | None, kind: str, gm: fx.GraphModule) -> None:
     name_nodes(gm)
     if record is not None:
@@ -155,17 +162,19 @@ def compile_graph(
     """Compile one dynamo graph with N:M sparse GEMMs; the body of every ``nmsparse`` backend call."""
     params = resolve_parameters(gm, example_inputs)
     analysis = find_targets(gm, example_inputs, config, params)
-    directory = dump_dir()
-    record = None
-    if on_compile is not None or directory is not None:
-        record = CompileRecord(analysis, config, gm.meta.get("dynamo_compile_id"), directory)
-        if on_compile is not None:
-            on_compile(record)
     try:
         fake_mode = torch._guards.TracingContext.get().fake_mode
     except (AssertionError, RuntimeError):
         fake_mode = torch._guards.detect_fake_mode(example_inputs)
     rewritten, state_inputs = insert_masks(gm, analysis, config, fake_mode)
+    directory = dump_dir()
+    record = None
+    if on_compile is not None or directory is not None:
+        names = [n.name for n in rewritten.graph.nodes if n.op == "placeholder"]
+        names = [_readable_input(name, params) for name in names]
+        record = CompileRecord(analysis, config, gm.meta.get("dynamo_compile_id"), directory, names)
+        if on_compile is not None:
+            on_compile(record)
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     states: list[tuple[LayerState, int]] = []
     by_target: dict[int, LayerState] = {}
@@ -187,7 +196,9 @@ def compile_graph(
         by_target[id(target)] = state
     perms = [by_target[id(s.target)] for s in state_inputs]
     examples = [s.example for s in state_inputs]
-    compiled = _compile_inner(rewritten, [*example_inputs, *examples], config, record)
+    # A hit in AOTAutograd's cache skips the inner compiler, so nothing would be recorded.
+    with torch._functorch.config.patch(enable_autograd_cache=record is None):
+        compiled = _compile_inner(rewritten, [*example_inputs, *examples], config, record)
     return _Runner(compiled, states, perms)
 
 

@@ -125,9 +125,15 @@ class CompileRecord:
     """The table and the AOTAutograd graphs of one backend compile (one dynamo graph)."""
 
     def __init__(
-        self, analysis: TargetAnalysis, config: SparsityConfig, compile_id: Any = None, directory: Path | None = None
+        self,
+        analysis: TargetAnalysis,
+        config: SparsityConfig,
+        compile_id: Any = None,
+        directory: Path | None = None,
+        input_names: list[str] | None = None,
     ) -> None:
         self.rows = [LayerRow.from_target(t, config) for t in analysis.targets]
+        self.input_names = input_names or []
         self.config = config
         self.compile_id = str(compile_id) if compile_id is not None else None
         self.graphs: dict[str, fx.GraphModule] = {}
@@ -139,10 +145,21 @@ class CompileRecord:
             (self.directory / "report.txt").write_text(format_table(self.rows) + "\n")
 
     def add_graph(self, kind: str, gm: fx.GraphModule) -> None:
-        """Keep a copy of a graph AOTAutograd produced (``forward``/``backward``/``inference``)."""
-        self.graphs[kind] = _copy_graph_module(gm)
+        """Keep a copy of a graph AOTAutograd produced (``forward``/``backward``/``inference``).
+
+        In the copy of a forward or inference graph, placeholders are renamed after what they
+        carry (``fc1_weight``, ``fc1_perm``, ...) when they line up with the graph's inputs.
+        """
+        gm = _copy_graph_module(gm)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        if kind != "backward" and len(placeholders) == len(self.input_names):
+            for node, name in zip(placeholders, self.input_names, strict=True):
+                node._rename(name)
+                node.target = node.name
+            gm.recompile()
+        self.graphs[kind] = gm
         if self.directory is not None:
-            (self.directory / f"{kind}.py").write_text(gm.print_readable(print_output=False))
+            (self.directory / f"{kind}.py").write_text(self.graphs[kind].print_readable(print_output=False))
             (self.directory / "graphs.dot").write_text(to_dot([self]))
 
     def __str__(self) -> str:

@@ -66,9 +66,7 @@ class GemmTarget:
     def layer(self) -> str:
         """Node-name prefix for this layer, e.g. ``blocks_0_fc1`` for ``blocks.0.fc1.weight``."""
         name = self.param_name or self.node.name
-        name = name[: -len(".weight")] if name.endswith(".weight") else name
-        ident = re.sub(r"\W", "_", name)
-        return ident if ident[:1].isalpha() else f"p_{ident}"
+        return identifier(name[: -len(".weight")] if name.endswith(".weight") else name)
 
     def flops(self, n: int, m: int) -> dict[str, tuple[int, int] | None]:
         """Dense vs N:M-executable FLOPs of the forward, input-gradient and weight-gradient GEMMs."""
@@ -94,6 +92,12 @@ class TargetAnalysis:
     @property
     def sparse(self) -> list[GemmTarget]:
         return [t for t in self.targets if t.sparse]
+
+
+def identifier(name: str) -> str:
+    """A node-name-safe spelling of a parameter or module name: ``blocks.0.fc1`` -> ``blocks_0_fc1``."""
+    ident = re.sub(r"\W", "_", name)
+    return ident if ident[:1].isalpha() else f"layer_{ident}"
 
 
 def example_value(node: Any) -> Any:

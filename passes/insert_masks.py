@@ -45,10 +45,16 @@ def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
     return new_gm, env
 
 
-def _named(graph: fx.Graph, target: Any, args: tuple, name: str) -> fx.Node:
+def _named(graph: fx.Graph, target: Any, args: tuple, name: str, annotate: bool = True) -> fx.Node:
+    """A new node called ``name``; ``annotate`` also tags it so AOTAutograd's nodes keep the name.
+
+    The sparse GEMM is not tagged: AOTAutograd copies a forward node's tag onto the nodes of its
+    backward, which would hide the backward's own names; ``name_nodes`` names it from its args.
+    """
     node = graph.call_function(target, args)
     node._rename(name)
-    node.meta["custom"] = {NAME_KEY: name}
+    if annotate:
+        node.meta["custom"] = {NAME_KEY: name}
     return node
 
 
@@ -95,6 +101,7 @@ def insert_masks(
                 torch.ops.nmsparse.sparse_linear.default,
                 (x, w, fused_bias, mask, perm, n, m, config.srste_lambda, layer),
                 f"{layer}_fwd_gemm",
+                annotate=False,
             )
             if target.add_bias:
                 out = _named(graph, torch.add, (bias, out), f"{layer}_fwd_bias")
