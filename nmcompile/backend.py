@@ -181,16 +181,9 @@ def compile_graph(
     for target in analysis.sparse:
         info = params[target.weight.name]  # type: ignore[union-attr]
         spec = LayerSpec(
-            info.name,
-            info.index,
-            target.weight_shape[0],
-            config.n,
-            config.m,  # type: ignore[index]
-            target.backward,
-            config.perm_candidates,
-            config.perm_interval,
-            config.seed,
-        )
+            info.name, info.index, target.weight_shape[0], config.n, config.m,  # type: ignore[index]
+            target.backward, config.perm_candidates, config.perm_interval, config.seed, target.layout,
+        )  # fmt: skip
         state = registry.get_or_create(info.param, spec, info.owner)
         states.append((state, placeholders.index(target.weight.name)))  # type: ignore[union-attr]
         by_target[id(target)] = state

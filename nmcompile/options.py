@@ -20,10 +20,8 @@ class SparsityConfigError(ValueError, _PassThrough):  # type: ignore[misc]
     """A bad option: a ``ValueError`` that reaches the caller of ``torch.compile`` unwrapped."""
 
     def __init__(self, message: str) -> None:
-        if _PassThrough is RuntimeError:  # pragma: no cover
-            super().__init__(message)
-        else:
-            super().__init__(message, first_useful_frame=None)
+        Exception.__init__(self, message)
+        self.first_useful_frame = None  # read by dynamo when it re-raises ShortenTraceback errors
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:

@@ -160,8 +160,9 @@ class SparseGemm(torch.autograd.Function):
 class _Rule:
     """How one eligible weight is sparsified in the reference: its state, masks and GEMM."""
 
-    def __init__(self, state: Any, backward: str, config: SparsityConfig) -> None:
+    def __init__(self, state: Any, param: nn.Parameter, backward: str, config: SparsityConfig) -> None:
         self.state = state
+        self.param = param
         self.backward = backward
         self.config = config
 
@@ -170,7 +171,7 @@ class _Rule:
         n, m = self.config.n, self.config.m
         training = self.state.is_training_forward()
         if training:
-            self.state.begin_training_step(w)
+            self.state.begin_training_step(self.param)
         with torch.no_grad():
             if self.backward == "transposable":
                 fmask = bmask = transposable_mask(w, n, m)
@@ -202,35 +203,58 @@ class SparseLinear(nn.Module):
 
 
 _GEMM_FUNCS = {torch.mm, torch.Tensor.mm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.addmm}
+_TRANSPOSE_FUNCS = {torch.t, torch.Tensor.t, torch.transpose, torch.Tensor.transpose, torch.Tensor.T.__get__}
 
 
 class _GemmInterceptor(TorchFunctionMode):
-    """Routes ``mm``/``matmul``/``addmm`` calls whose right operand is an eligible weight to its rule."""
+    """Routes ``mm``/``matmul``/``addmm`` whose right operand is an eligible weight ``W`` (``[in, out]``
+    layout) or its transpose ``W.t()`` (``[out, in]`` layout) through that weight's rule."""
 
-    def __init__(self, rules: dict[int, tuple[nn.Parameter, _Rule]]) -> None:
+    def __init__(self, candidates: dict[int, nn.Parameter], make_rule: Callable[[nn.Parameter, str], Any]) -> None:
         super().__init__()
-        self.rules = rules
+        self.candidates = candidates
+        self.make_rule = make_rule
+        self.rules: dict[tuple[int, str], Any] = {}
+        self.views: dict[int, tuple[torch.Tensor, nn.Parameter]] = {}
+
+    def _candidate(self, t: Any) -> nn.Parameter | None:
+        p = self.candidates.get(id(t))
+        return p if p is t else None
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
+        out = None
+        if func in _TRANSPOSE_FUNCS and self._candidate(args[0]) is not None:
+            out = func(*args, **kwargs)
+            self.views[id(out)] = (out, args[0])
+            return out
         if func in _GEMM_FUNCS and not kwargs:
             bias, a, b = (args[0], args[1], args[2]) if func is torch.addmm else (None, args[0], args[1])
-            entry = self.rules.get(id(b))
-            if entry is not None and entry[0] is b and (func is not torch.matmul or a.dim() >= 1):
-                y = entry[1].linear(a, b.t(), None)
-                return y if bias is None else bias + y
+            param, layout = self._candidate(b), "in_out"
+            view = self.views.get(id(b))
+            if param is None and view is not None and view[0] is b:
+                param, layout = view[1], "out_in"
+            key = (id(param), layout)
+            if param is not None and key not in self.rules:
+                self.rules[key] = self.make_rule(param, layout)
+            rule = self.rules.get(key)
+            if rule is not None:
+                out = rule.linear(a, param if layout == "out_in" else param.t(), None)
+                return out if bias is None else bias + out
         return func(*args, **kwargs)
 
 
-def _route_gemms(module: nn.Module, rules: dict[int, tuple[nn.Parameter, _Rule]]) -> None:
-    """Run ``module.forward`` under a ``_GemmInterceptor`` for its eligible weights."""
+def _route_gemms(module: nn.Module, mode: _GemmInterceptor) -> None:
+    """Run ``module.forward`` under ``mode``; transposed views are forgotten after each call."""
     forward: Callable = module.forward
-    mode = _GemmInterceptor(rules)
 
     @functools.wraps(forward)
     def routed(*args: Any, **kwargs: Any) -> Any:
-        with mode:
-            return forward(*args, **kwargs)
+        try:
+            with mode:
+                return forward(*args, **kwargs)
+        finally:
+            mode.views.clear()
 
     module.forward = routed
 
@@ -251,9 +275,10 @@ def _eligible_backward(
 def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Module:
     """Make ``model`` train with N:M sparse GEMMs in eager mode, in place; returns ``model``.
 
-    ``nn.Linear`` children are swapped for ``SparseLinear``; other modules whose own 2-D weight
-    is the right operand of ``mm``/``matmul``/``addmm`` (``[in, out]`` layout) get their forward
-    routed through the same rule. Options as ``SparsityConfig``; states go to ``registry``.
+    ``nn.Linear`` children are swapped for ``SparseLinear``; in other modules, an own 2-D weight
+    used as the right operand of ``mm``/``matmul``/``addmm``/``@`` (as ``W``: ``[in, out]``, or as
+    ``W.t()``: ``[out, in]``) is routed through the same rule. Options as ``SparsityConfig``.
+    Do not deep-copy a model after ``sparsify``: the routed forwards keep their rules.
     """
     from nmcompile.state import DEFAULT_REGISTRY, LayerSpec
 
@@ -264,38 +289,32 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
     for _, p in model.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
 
-    def rule_for(name: str, weight: nn.Parameter, rows: int, cols: int, owner: nn.Module) -> _Rule | None:
+    def rule_for(name: str, weight: nn.Parameter, layout: str, owner: nn.Module) -> _Rule | None:
+        rows, cols = weight.shape if layout == "out_in" else weight.shape[::-1]
         backward = _eligible_backward(weight, rows, cols, config, counts[id(weight)] > 1, name)
         if backward is None:
             return None
         spec = LayerSpec(
-            name,
-            index[id(weight)],
-            rows,
-            config.n,
-            config.m,
-            backward,
-            config.perm_candidates,
-            config.perm_interval,
-            config.seed,
-        )
-        return _Rule(registry.get_or_create(weight, spec, owner), backward, config)
+            name, index[id(weight)], rows, config.n, config.m, backward,
+            config.perm_candidates, config.perm_interval, config.seed, layout,
+        )  # fmt: skip
+        return _Rule(registry.get_or_create(weight, spec, owner), weight, backward, config)
 
     for mod_name, module in list(model.named_modules()):
         prefix = f"{mod_name}." if mod_name else ""
         if type(module) is nn.Linear:
-            rule = rule_for(prefix + "weight", module.weight, module.out_features, module.in_features, module)
+            rule = rule_for(prefix + "weight", module.weight, "out_in", module)
             if rule is not None:
                 _replace(model, mod_name, SparseLinear(module, rule))
             continue
-        rules = {}
-        for pname, p in module.named_parameters(recurse=False):
-            if p.dim() == 2:
-                rule = rule_for(prefix + pname, p, p.shape[1], p.shape[0], module)
-                if rule is not None:
-                    rules[id(p)] = (p, rule)
-        if rules:
-            _route_gemms(module, rules)
+        names = {id(p): prefix + n for n, p in module.named_parameters(recurse=False) if p.dim() == 2}
+        if names:
+            candidates = {id(p): p for p in module.parameters(recurse=False) if id(p) in names}
+
+            def make_rule(p: nn.Parameter, layout: str, module=module, names=names) -> _Rule | None:
+                return rule_for(names[id(p)], p, layout, module)
+
+            _route_gemms(module, _GemmInterceptor(candidates, make_rule))
     return model
 
 

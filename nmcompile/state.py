@@ -31,6 +31,7 @@ class LayerSpec:
     perm_candidates: int
     perm_interval: int
     seed: int
+    layout: str = "out_in"  # "in_out": the parameter is stored as [K, O] (used as x @ W)
 
 
 def candidate_generator(seed: int, layer_index: int, step: int) -> torch.Generator:
@@ -56,14 +57,19 @@ class LayerState:
         owner = self._owner() if self._owner is not None else None
         return owner.training if owner is not None else True
 
-    def begin_training_step(self, weight: torch.Tensor) -> None:
+    def weight_matrix(self, param: torch.Tensor) -> torch.Tensor:
+        """The parameter as the ``[O, K]`` matrix ``W`` of SPEC §1 (detached)."""
+        w = param.detach()
+        return w.t() if self.spec.layout == "in_out" else w
+
+    def begin_training_step(self, param: torch.Tensor) -> None:
         """Run the permutation search if this step is a search step (every ``perm_interval``, from 0)."""
         spec = self.spec
         step = int(self.step)
         if spec.backward != "bimask" or step % spec.perm_interval or self.last_search_step == step:
             return
         with torch.no_grad():
-            w = weight.detach()
+            w = self.weight_matrix(param)
             fmask = reference.nm_mask(w, spec.n, spec.m, dim=1)
             generator = candidate_generator(spec.seed, spec.index, step)
             candidates = [torch.randperm(spec.rows, generator=generator) for _ in range(spec.perm_candidates)]
@@ -75,11 +81,11 @@ class LayerState:
         """Count one finished training forward."""
         self.step += 1
 
-    def summary(self, weight: torch.Tensor) -> dict[str, Any]:
+    def summary(self, param: torch.Tensor) -> dict[str, Any]:
         """Read-only view: permutation, step, and the kept fraction of forward weights in the backward."""
         spec = self.spec
         with torch.no_grad():
-            w = weight.detach()
+            w = self.weight_matrix(param)
             if spec.backward == "transposable":
                 fmask = reference.transposable_mask(w, spec.n, spec.m)
             else:

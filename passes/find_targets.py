@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from nmcompile.options import SparsityConfig
 
@@ -110,11 +111,11 @@ def _shape(node: Any) -> tuple | None:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
-def _static_int(value: Any) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError, RuntimeError):
-        return None
+def _size_hint(value: Any) -> int | None:
+    """An int for a size, using the example hint of a symbolic size without installing a guard."""
+    if isinstance(value, int):
+        return value
+    return optimization_hint(value, fallback=None) if isinstance(value, torch.SymInt) else None
 
 
 def _gemm_kind(node: fx.Node) -> str | None:
@@ -149,7 +150,7 @@ def _consumers(placeholder: fx.Node) -> list[fx.Node]:
     return out
 
 
-def _operands(node: fx.Node, kind: str) -> tuple[Any, Any, Any, dict]:
+def gemm_operands(node: fx.Node, kind: str) -> tuple[Any, Any, Any, dict]:
     """``(x, weight operand, bias, other kwargs)`` of a GEMM-like node."""
     args, kwargs = list(node.args), dict(node.kwargs)
     if kind == "linear":
@@ -189,7 +190,7 @@ def _decide(
     node: fx.Node, kind: str, config: SparsityConfig, params: Mapping[str, ParamInfo], values: Mapping[fx.Node, Any]
 ) -> GemmTarget:
     target = GemmTarget(node=node, op=kind)
-    x, w, bias, extra = _operands(node, kind)
+    x, w, bias, extra = gemm_operands(node, kind)
     target.x, target.bias, target.input_shape = x, bias, _shape(x)
     transposed = isinstance(w, fx.Node) and _is_transpose(w)
     placeholder = w.args[0] if transposed else w
@@ -217,7 +218,7 @@ def _decide(
         numel = 1
         for size in x_shape[:-1]:
             numel *= size
-        target.tokens = _static_int(numel)
+        target.tokens = _size_hint(numel)
     reason = _dense_reason(value, cols, info.name, placeholder, kind, extra, config)
     if reason:
         target.reason = reason

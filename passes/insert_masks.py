@@ -17,7 +17,7 @@ from torch import fx
 from nmcompile.ops import NAME_KEY
 from nmcompile.options import SparsityConfig
 
-from .find_targets import GemmTarget, TargetAnalysis, example_value
+from .find_targets import GemmTarget, TargetAnalysis, example_value, gemm_operands
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +75,7 @@ def insert_masks(
     for target in analysis.sparse:
         layer = target.layer
         node, weight = env[target.node], env[target.weight]
-        x = env.get(target.x, target.x)
-        bias = env.get(target.bias, target.bias)
+        x, _, bias, _ = gemm_operands(node, target.op)  # current operands: earlier rewrites replaced some
         perm = None
         if target.backward == "bimask":
             with graph.inserting_after(last_input):

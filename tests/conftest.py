@@ -1,0 +1,115 @@
+"""Shared fixtures and small models for the nmcompile tests."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import nmcompile
+from nmcompile import reference
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test starts with empty dynamo caches and counters and a fixed seed."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    yield
+    torch._dynamo.reset()
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int = 32, hidden: int = 64, d_out: int = 16) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.head = nn.Linear(hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc2(nn.functional.gelu(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block written with nn.Linear: attention + MLP + LayerNorm."""
+
+    def __init__(self, d: int = 32, heads: int = 4, ff: int = 64) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.up, self.down = nn.Linear(d, ff), nn.Linear(ff, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.ln1(x)
+
+        def split(y: torch.Tensor) -> torch.Tensor:
+            return y.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+
+        att = torch.softmax(split(self.q(h)) @ split(self.k(h)).transpose(-1, -2) / (d // self.heads) ** 0.5, -1)
+        x = x + self.o((att @ split(self.v(h))).transpose(1, 2).reshape(b, t, d))
+        return x + self.down(nn.functional.gelu(self.up(self.ln2(x))))
+
+
+class Conv1D(nn.Module):
+    """GPT-2's Conv1D: weight stored [in, out], applied with addmm."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_in, d_out) * 0.1)
+        self.bias = nn.Parameter(torch.zeros(d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+        return out.view(*x.shape[:-1], -1)
+
+
+class Projection(nn.Module):
+    """A [out, in] weight used as ``x @ W.t()``."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_out, d_in) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.t()
+
+
+class InOut(nn.Module):
+    """Layers in [in, out]/addmm layout and a transposed [out, in] matmul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c_fc = Conv1D(32, 64)
+        self.proj = Projection(64, 32)
+        self.c_out = Conv1D(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_out(torch.tanh(self.proj(torch.relu(self.c_fc(x)))))
+
+
+MODELS = {
+    "mlp": (MLP, (8, 32)),
+    "block": (Block, (2, 8, 32)),
+    "inout": (InOut, (8, 32)),
+}
+
+
+def make_pair(kind: str, **options):
+    """(reference model, compiled model, plain compiled-side module, input shape) from one init."""
+    cls, shape = MODELS[kind]
+    base = cls()
+    ref = reference.sparsify(copy.deepcopy(base), **options)
+    mine = copy.deepcopy(base)
+    compiled = torch.compile(mine, backend=nmcompile.backend(**options))
+    return ref, compiled, mine, shape
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5, what: str = "") -> None:
+    """``|a - e| <= rel * max(1, max|e|)`` elementwise: fp32 tolerance relative to the tensor's scale."""
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert err <= rel * scale, f"{what}: max error {err:.3g} > {rel:g} x scale {scale:.3g}"

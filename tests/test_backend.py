@@ -1,0 +1,300 @@
+"""The compiled path against the reference and against SPEC (§2–§6, §10): numbers, state, recompiles."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import MLP, MODELS, assert_close, make_pair
+from torch import nn
+from torch._dynamo.utils import counters
+
+import nmcompile
+from nmcompile import reference
+
+
+def _train_and_compare(kind: str, steps: int = 5, **options) -> tuple[dict, dict]:
+    """Train the reference and the compiled model side by side; outputs and all grads must agree.
+
+    SGD with momentum, not Adam: a parameter whose true gradient is zero (the attention key bias)
+    gets round-off-sized gradients that Adam would scale up to full-size, sign-random updates.
+    """
+    ref, compiled, mine, shape = make_pair(kind, **options)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    opt_mine = torch.optim.SGD(mine.parameters(), lr=0.05, momentum=0.9)
+    for step in range(steps):
+        x = torch.randn(shape)
+        x_ref, x_mine = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_ref, y_mine = ref(x_ref), compiled(x_mine)
+        assert_close(y_mine, y_ref, what=f"{kind} step {step} output")
+        (y_ref.square().mean()).backward()
+        (y_mine.square().mean()).backward()
+        assert_close(x_mine.grad, x_ref.grad, what=f"{kind} step {step} input grad")
+        for (name, p_ref), p_mine in zip(ref.named_parameters(), mine.parameters(), strict=True):
+            assert_close(p_mine.grad, p_ref.grad, what=f"{kind} step {step} grad of {name}")
+        opt_ref.step()
+        opt_mine.step()
+        opt_ref.zero_grad()
+        opt_mine.zero_grad()
+    for (name, p_ref), p_mine in zip(ref.named_parameters(), mine.parameters(), strict=True):
+        assert_close(p_mine, p_ref, what=f"{kind} weights of {name} after {steps} steps")
+    return nmcompile.sparsity_state(ref), nmcompile.sparsity_state(compiled)
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (2, 8)], ids=lambda nm: f"{nm[0]}:{nm[1]}")
+@pytest.mark.parametrize("backward", ["bimask", "transposable", "dense"])
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_compiled_matches_reference(kind, backward, nm):
+    """5 optimizer steps: outputs, every gradient and the weights agree with the reference (fp32)."""
+    n, m = nm
+    state_ref, state_mine = _train_and_compare(kind, n=n, m=m, backward=backward, perm_interval=2, inner="aot_eager")
+    assert state_mine.keys() == state_ref.keys() and state_mine
+    for name, s in state_mine.items():
+        assert s["step"] == state_ref[name]["step"] == 5
+        assert torch.equal(s["perm"], state_ref[name]["perm"]), name
+        assert s["backward"] == state_ref[name]["backward"]
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_compiled_matches_reference_inductor(kind):
+    """The same agreement with the default inner compiler (Inductor) at the default options."""
+    _train_and_compare(kind, perm_interval=2)
+
+
+def test_layouts_are_sparsified():
+    """``[in, out]``/addmm (GPT-2 Conv1D), ``x @ W.t()`` and ``F.linear`` weights are all rewritten."""
+    report = nmcompile.explain(MODELS["inout"][0](), torch.randn(8, 32), inner="aot_eager")
+    rows = {r.name: r for r in report.rows if r.name.endswith("weight")}
+    assert {n: (r.op, r.weight_shape, r.sparse) for n, r in rows.items()} == {
+        "c_fc.weight": ("addmm", (64, 32), True),
+        "proj.weight": ("matmul", (32, 64), True),
+        "c_out.weight": ("addmm", (16, 32), True),
+    }
+
+
+def test_bimask_input_gradient_is_dy_times_w_masked_by_b():
+    """SPEC §4: dX = dY · (W ⊙ B), B built independently from the permutation sparsity_state reports."""
+    n, m = 2, 4
+    layer = nn.Linear(32, 16)
+    compiled = torch.compile(layer, backend=nmcompile.backend(inner="aot_eager", perm_candidates=50))
+    x = torch.randn(6, 32, requires_grad=True)
+    dy = torch.randn(6, 16)
+    compiled(x).backward(dy)
+    perm = nmcompile.sparsity_state(compiled)["weight"]["perm"]
+    assert not torch.equal(perm, torch.arange(16)), "the search should have moved off identity"
+    w = layer.weight.detach()
+    # B per SPEC §4, computed here group by group: Bp = N:M of |W⊙F|[P] along rows, B[P[i]] = Bp[i].
+    f = reference.nm_mask(w, n, m, dim=1)
+    wf_perm = (w * f)[perm]
+    bp = torch.zeros_like(f)
+    for g in range(0, 16, m):
+        for k in range(32):
+            order = sorted(range(m), key=lambda i: (-abs(wf_perm[g + i, k].item()), i))
+            for i in order[:n]:
+                bp[g + i, k] = True
+    b = torch.zeros_like(f)
+    b[perm] = bp
+    b &= f
+    assert_close(x.grad, dy @ (w * b), what="dX")
+    # and the forward used W ⊙ F
+    assert_close(compiled(x), x @ (w * f).t() + layer.bias, what="Y")
+
+
+def test_permutation_search_score_seed_and_identity():
+    """SPEC §5: the chosen P is the best of identity + seeded candidates; same seed, same choice."""
+    model = MLP()
+    compiled = torch.compile(model, backend=nmcompile.backend(inner="aot_eager", seed=7, perm_candidates=20))
+    compiled(torch.randn(4, 32)).sum().backward()
+    state = nmcompile.sparsity_state(compiled)
+    for index, (name, param) in enumerate(model.named_parameters()):
+        if name not in state or state[name]["backward"] != "bimask":
+            continue
+        s = state[name]
+        assert s["layer_index"] == index
+        w = param.detach()  # unchanged: no optimizer step
+        f = reference.nm_mask(w, 2, 4, dim=1)
+        gen = nmcompile.state.candidate_generator(7, index, 0)
+        candidates = [torch.randperm(w.shape[0], generator=gen) for _ in range(20)]
+        identity = torch.arange(w.shape[0])
+        scores = [reference.permutation_score(f, c, 2, 4) for c in candidates]
+        best = max(scores)
+        chosen = reference.permutation_score(f, s["perm"], 2, 4)
+        base = reference.permutation_score(f, identity, 2, 4)
+        assert chosen == max(best, base) >= base
+        assert s["kept_fraction"] == pytest.approx(chosen / f.sum().item())
+    again = copy.deepcopy(model)
+    torch._dynamo.reset()
+    compiled_again = torch.compile(again, backend=nmcompile.backend(inner="aot_eager", seed=7, perm_candidates=20))
+    compiled_again(torch.randn(4, 32)).sum().backward()
+    for name, s in nmcompile.sparsity_state(compiled_again).items():
+        assert torch.equal(s["perm"], state[name]["perm"])
+
+
+def test_twenty_steps_no_recompile_and_search_schedule():
+    """20 steps with new data: one graph, no recompiles; P changes only at search steps 0, 5, 10, 15."""
+    model = MLP()
+    compiled = torch.compile(model, backend=nmcompile.backend(inner="aot_eager", perm_interval=5))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    counters.clear()
+    perms, searches = [], []
+    for _ in range(20):
+        compiled(torch.randn(16, 32)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        state = nmcompile.sparsity_state(compiled)["fc1.weight"]
+        perms.append(state["perm"])
+        searches.append(state["last_search_step"])
+    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["frames"]["total"] == counters["frames"]["ok"] == 1
+    assert searches == [0] * 5 + [5] * 5 + [10] * 5 + [15] * 5
+    for step in range(1, 20):
+        if step % 5:
+            assert torch.equal(perms[step], perms[step - 1]), f"P changed outside a search step at {step}"
+    assert nmcompile.sparsity_state(compiled)["fc1.weight"]["step"] == 20
+
+
+def test_eval_and_no_grad_count_nothing():
+    """Only train-mode forwards with grad enabled are steps; eval() and no_grad run the forward mask only."""
+    model = MLP()
+    compiled = torch.compile(model, backend=nmcompile.backend(inner="aot_eager"))
+    x = torch.randn(4, 32)
+    compiled(x).sum().backward()
+    w = model.fc1.weight.detach()
+    model.eval()
+    y_eval = compiled(x)
+    with torch.no_grad():
+        y_nograd = compiled(x)
+    model.train()
+    with torch.no_grad():
+        y_train_nograd = compiled(x)
+    assert {s["step"] for s in nmcompile.sparsity_state(compiled).values()} == {1}
+    expected = torch.relu(model.fc2(nn.functional.gelu(x @ (w * reference.nm_mask(w, 2, 4, 1)).t() + model.fc1.bias)))
+    ref_model = reference.sparsify(copy.deepcopy(model)).eval()
+    for y in (y_eval, y_nograd, y_train_nograd):
+        assert_close(y, ref_model(x), what="eval output")
+    assert expected.shape == (4, 64)
+
+
+def test_unchanged_training_loop_learns():
+    """AdamW, zero_grad, clipping, LR scheduler, eval/train switches: the loss falls on a learnable task."""
+    torch.manual_seed(1)
+    teacher = MLP()
+    model = MLP()
+    compiled = torch.compile(model, backend="nmsparse", options={"inner": "aot_eager", "perm_interval": 10})
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.5)
+    x_val = torch.randn(64, 32)
+    val = []
+    counters.clear()
+    for step in range(60):
+        x = torch.randn(64, 32)
+        with torch.no_grad():
+            target = teacher(x)
+        loss = nn.functional.mse_loss(compiled(x), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 10 == 9:
+            model.eval()
+            with torch.no_grad():
+                val.append(nn.functional.mse_loss(compiled(x_val), teacher(x_val)).item())
+            model.train()
+    assert val[-1] < 0.5 * val[0], val
+    assert nmcompile.sparsity_state(compiled)["fc1.weight"]["step"] == 60
+    assert counters["stats"]["unique_graphs"] == 2  # one training graph, one no-grad graph
+
+
+class Mixed(nn.Module):
+    """Every SPEC §10 fallback in one model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 32)
+        self.fc = nn.Linear(32, 32)
+        self.odd = nn.Linear(32, 30)  # K=30 not divisible by 4 downstream
+        self.k_odd = nn.Linear(30, 32)
+        self.frozen = nn.Linear(32, 32).requires_grad_(False)
+        self.skip_me = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 10)
+        self.tied = nn.Linear(32, 20, bias=False)
+        self.tied.weight = self.emb.weight
+
+    def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.emb(idx)
+        h = self.k_odd(self.odd(self.fc(h)))
+        h = self.skip_me(self.frozen(h))
+        return self.head(h), self.tied(h)
+
+
+def test_fallbacks_are_reported_and_run():
+    """10-output head: forward mask + dense backward; K%M, frozen, excluded, tied: dense, each with why."""
+    model = Mixed()
+    idx = torch.randint(0, 20, (4, 6))
+    report = nmcompile.explain(model, idx, exclude=r"skip_me", inner="aot_eager")
+    rows = {r.name: r for r in report.rows}
+    assert rows["fc.weight"].sparse and rows["fc.weight"].backward == "bimask"
+    assert rows["odd.weight"].sparse and rows["odd.weight"].backward == "dense"  # O=30
+    assert "O=30 not divisible by m=4" in rows["odd.weight"].reason
+    assert rows["head.weight"].sparse and rows["head.weight"].backward == "dense"
+    assert "O=10" in rows["head.weight"].reason
+    assert not rows["k_odd.weight"].sparse and "K=30 not divisible by m=4" in rows["k_odd.weight"].reason
+    assert not rows["frozen.weight"].sparse and "frozen" in rows["frozen.weight"].reason
+    assert not rows["skip_me.weight"].sparse and "exclude" in rows["skip_me.weight"].reason
+    assert not rows["emb.weight"].sparse and "tied" in rows["emb.weight"].reason
+    assert "0 sparse" not in str(report) and "head.weight" in str(report)
+    # numbers: the compiled model equals the reference, which leaves the same layers dense
+    ref = reference.sparsify(copy.deepcopy(model), exclude=r"skip_me")
+    compiled = torch.compile(model, backend=nmcompile.backend(exclude=r"skip_me", inner="aot_eager"))
+    out_ref, out = ref(idx), compiled(idx)
+    for a, b in zip(out, out_ref, strict=True):
+        assert_close(a, b, what="fallback outputs")
+    sum(o.square().sum() for o in out).backward()
+    sum(o.square().sum() for o in out_ref).backward()
+    for (name, p_ref), p in zip(ref.named_parameters(), model.parameters(), strict=True):
+        if p.requires_grad:
+            assert_close(p.grad, p_ref.grad, what=name)
+    assert set(nmcompile.sparsity_state(compiled)) == {"fc.weight", "odd.weight", "head.weight"}
+
+
+def test_head_keeps_forward_mask_with_dense_backward():
+    """A 10-output head: Y uses W ⊙ F, and dX = dY · (W ⊙ F) (no N:M mask along O=10)."""
+    head = nn.Linear(32, 10)
+    compiled = torch.compile(head, backend=nmcompile.backend(inner="aot_eager"))
+    x = torch.randn(5, 32, requires_grad=True)
+    dy = torch.randn(5, 10)
+    y = compiled(x)
+    y.backward(dy)
+    wf = head.weight.detach() * reference.nm_mask(head.weight.detach(), 2, 4, 1)
+    assert_close(y, x @ wf.t() + head.bias, what="Y")
+    assert_close(x.grad, dy @ wf, what="dX")
+    f = reference.nm_mask(head.weight.detach(), 2, 4, 1)
+    expected_dw = dy.t() @ x.detach() + 2e-4 * head.weight.detach() * ~f
+    assert_close(head.weight.grad, expected_dw, what="dW with SR-STE")
+
+
+def test_include_selects_layers():
+    """``include`` keeps only matching names sparse."""
+    report = nmcompile.explain(MLP(), torch.randn(4, 32), include=[r"^fc2\."], inner="aot_eager")
+    sparse = {r.name for r in report.rows if r.sparse}
+    assert sparse == {"fc2.weight"}
+    assert "not matched by include" in next(r.reason for r in report.rows if r.name == "fc1.weight")
+
+
+def test_entry_point_works_without_import():
+    """``backend="nmsparse"`` resolves through the torch_dynamo_backends entry point alone."""
+    code = (
+        "import torch\n"
+        "m = torch.nn.Linear(8, 8)\n"
+        "y = torch.compile(m, backend='nmsparse', options={'inner': 'aot_eager'})(torch.randn(2, 8))\n"
+        "import sys; assert 'nmcompile' in sys.modules\n"
+        "from nmcompile import sparsity_state; assert sparsity_state(m)['weight']['step'] == 1\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("ok")

@@ -1,0 +1,213 @@
+"""Options of the ``nmsparse`` backend: defaults, validation messages, and where errors surface."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+
+import pytest
+import torch
+
+import nmcompile
+from nmcompile.options import SparsityConfig, SparsityConfigError
+
+
+def _bad(key: str, value: object) -> str:
+    """A ``match`` pattern requiring the message to name ``key`` and the bad ``value``."""
+    return re.escape(f"{key}={value!r}")
+
+
+def test_defaults():
+    """SPEC §4–§6 defaults: 2:4, bimask, 100 candidates every 100 steps, SR-STE 2e-4, seed 0, Inductor."""
+    c = SparsityConfig()
+    assert (c.n, c.m, c.backward) == (2, 4, "bimask")
+    assert (c.perm_candidates, c.perm_interval) == (100, 100)
+    assert c.srste_lambda == 2e-4 and isinstance(c.srste_lambda, float)
+    assert c.seed == 0
+    assert c.include == () and c.exclude == ()
+    assert c.inner == "inductor"
+    assert SparsityConfig.from_options(None) == c
+    assert SparsityConfig.from_options({}) == c
+
+
+def test_config_error_is_value_error():
+    """A bad option is a ValueError (SparsityConfigError subclasses it)."""
+    assert issubclass(SparsityConfigError, ValueError)
+    with pytest.raises(SparsityConfigError):
+        SparsityConfig(m=1)
+
+
+@pytest.mark.parametrize("m", [1, 33, 0, -4, 2.0, 4.0, True, "4", None])
+def test_bad_m(m):
+    """SPEC §2: m must be an int in 2..32."""
+    with pytest.raises(ValueError, match=_bad("m", m)):
+        SparsityConfig(m=m)
+
+
+@pytest.mark.parametrize("n,m", [(0, 4), (5, 4), (-1, 4), (3, 2), (2.0, 4), (True, 4)])
+def test_bad_n(n, m):
+    """SPEC §2: n must be an int with 1 <= n <= m."""
+    with pytest.raises(ValueError, match=_bad("n", n)):
+        SparsityConfig(n=n, m=m)
+
+
+@pytest.mark.parametrize("backward", ["bogus", "Bimask", "", None, "transposed"])
+def test_bad_backward(backward):
+    """SPEC §4: backward is one of bimask, transposable, dense."""
+    with pytest.raises(ValueError, match=_bad("backward", backward)):
+        SparsityConfig(backward=backward)
+
+
+@pytest.mark.parametrize("value", [-1, -100, 1.5, True])
+def test_bad_perm_candidates(value):
+    """SPEC §5: perm_candidates is an int >= 0."""
+    with pytest.raises(ValueError, match=_bad("perm_candidates", value)):
+        SparsityConfig(perm_candidates=value)
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.0, True])
+def test_bad_perm_interval(value):
+    """SPEC §5: perm_interval is an int >= 1 (0 would never advance the schedule)."""
+    with pytest.raises(ValueError, match=_bad("perm_interval", value)):
+        SparsityConfig(perm_interval=value)
+
+
+@pytest.mark.parametrize("value", [-1e-4, -1, math.nan, math.inf, -math.inf, "2e-4", None, True])
+def test_bad_srste_lambda(value):
+    """SPEC §6: srste_lambda is a finite float >= 0."""
+    with pytest.raises(ValueError, match=_bad("srste_lambda", value)):
+        SparsityConfig(srste_lambda=value)
+
+
+@pytest.mark.parametrize("value", [-1, 2**63, 1.5, 0.0, "0", True])
+def test_bad_seed(value):
+    """SPEC §5: seed is a non-negative int (it seeds the candidate generator)."""
+    with pytest.raises(ValueError, match=_bad("seed", value)):
+        SparsityConfig(seed=value)
+
+
+@pytest.mark.parametrize("key", ["include", "exclude"])
+@pytest.mark.parametrize("value", [3, [1], ["fc1", 2], {"fc1"}, None, b"fc1"])
+def test_bad_include_exclude_type(key, value):
+    """SPEC §10: include/exclude are a regex string or a list of regex strings."""
+    with pytest.raises(ValueError, match=_bad(key, value)):
+        SparsityConfig(**{key: value})
+
+
+@pytest.mark.parametrize("key", ["include", "exclude"])
+@pytest.mark.parametrize("value,bad", [("(", "("), (["fc1", "[a-"], "[a-"), ("*x", "*x")])
+def test_bad_include_exclude_regex(key, value, bad):
+    """SPEC §10: include/exclude patterns must compile as regular expressions; the message names the bad one."""
+    with pytest.raises(ValueError, match=_bad(key, bad)):
+        SparsityConfig(**{key: value})
+
+
+@pytest.mark.parametrize("value", ["eager", "Inductor", "", None])
+def test_bad_inner(value):
+    """The inner compiler is inductor or aot_eager."""
+    with pytest.raises(ValueError, match=_bad("inner", value)):
+        SparsityConfig(inner=value)
+
+
+def test_unknown_key_lists_known_options():
+    """An unknown option is a ValueError that names it and lists the known options."""
+    with pytest.raises(ValueError, match=_bad("nn", 2)) as info:
+        SparsityConfig.from_options({"nn": 2})
+    message = str(info.value)
+    for known in ("n", "m", "backward", "perm_candidates", "perm_interval", "srste_lambda", "seed", "inner"):
+        assert repr(known) in message
+    with pytest.raises(ValueError, match=_bad("backwards", "dense")):
+        SparsityConfig.from_options(backwards="dense")
+
+
+def test_valid_edge_values():
+    """Edge values inside the ranges are accepted: n=m=32, 1:2, zero SR-STE, no candidates, single-string include."""
+    c = SparsityConfig(n=32, m=32)
+    assert (c.n, c.m) == (32, 32)
+    c = SparsityConfig(n=1, m=2)
+    assert (c.n, c.m) == (1, 2)
+    c = SparsityConfig(srste_lambda=0)
+    assert c.srste_lambda == 0.0 and isinstance(c.srste_lambda, float)
+    c = SparsityConfig(perm_candidates=0, perm_interval=1, seed=2**63 - 1)
+    assert (c.perm_candidates, c.perm_interval, c.seed) == (0, 1, 2**63 - 1)
+    c = SparsityConfig(include=r"fc\d", exclude=["head", "emb"])
+    assert c.include == (r"fc\d",) and c.exclude == ("head", "emb")
+    for mode in ("bimask", "transposable", "dense"):
+        assert SparsityConfig.from_options({"backward": mode}).backward == mode
+    for inner in ("inductor", "aot_eager"):
+        assert SparsityConfig.from_options(inner=inner).inner == inner
+
+
+def test_from_options_merges_mapping_and_keywords():
+    """Keywords override the mapping; an existing config passes through."""
+    c = SparsityConfig.from_options({"n": 1, "m": 8}, n=3)
+    assert (c.n, c.m) == (3, 8)
+    assert SparsityConfig.from_options(c) is c
+    assert SparsityConfig.from_options(c, backward="dense") == SparsityConfig(n=3, m=8, backward="dense")
+
+
+def test_backend_factory_validates_at_construction():
+    """nmcompile.backend(...) checks its options when built, before any compile."""
+    with pytest.raises(ValueError, match=_bad("n", 5)):
+        nmcompile.backend(m=3, n=5)
+    with pytest.raises(ValueError, match=_bad("backward", "bogus")):
+        nmcompile.backend(backward="bogus")
+    assert nmcompile.backend(n=1, m=4).config == SparsityConfig(n=1, m=4)
+
+
+def test_string_backend_bad_option_raises_value_error_before_tracing(monkeypatch):
+    """A bad option through backend="nmsparse" reaches the caller as ValueError, before find_targets runs."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    backend_module = importlib.import_module("nmcompile.backend")
+
+    def must_not_run(*args, **kwargs):
+        pytest.fail("find_targets was called despite an invalid option")
+
+    monkeypatch.setattr(backend_module, "find_targets", must_not_run)
+    torch._dynamo.reset()
+    try:
+        model = torch.nn.Linear(8, 4)
+        compiled = torch.compile(model, backend="nmsparse", options={"backward": "bogus"})
+        with pytest.raises(ValueError, match=_bad("backward", "bogus")) as info:
+            compiled(torch.randn(2, 8))
+        assert not isinstance(info.value, BackendCompilerFailed)
+        assert isinstance(info.value, SparsityConfigError)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_name_filter_reason_include_exclude():
+    """SPEC §10: include/exclude use re.search on parameter names; None keeps, a reason names the pattern (repr)."""
+    fc1 = "encoder.layers.0.fc1.weight"
+    fc2 = "encoder.layers.1.fc2.weight"
+    head = "head.weight"
+
+    everything = SparsityConfig()
+    assert everything.name_filter_reason(fc1) is None
+    assert everything.name_filter_reason(head) is None
+
+    include = SparsityConfig(include=[r"fc\d"])
+    assert include.name_filter_reason(fc1) is None  # matched in the middle: search, not match
+    assert include.name_filter_reason(fc2) is None
+    reason = include.name_filter_reason(head)
+    assert reason is not None and repr(r"fc\d") in reason and "include" in reason
+
+    anchored = SparsityConfig(include="^fc1")
+    reason = anchored.name_filter_reason(fc1)
+    assert reason is not None and repr("^fc1") in reason
+
+    exclude = SparsityConfig(exclude=[r"layers\.1\.", "head"])
+    assert exclude.name_filter_reason(fc1) is None
+    reason = exclude.name_filter_reason(fc2)
+    assert reason is not None and repr(r"layers\.1\.") in reason and "exclude" in reason
+    reason = exclude.name_filter_reason(head)
+    assert reason is not None and "'head'" in reason
+
+    both = SparsityConfig(include="encoder", exclude="fc2")
+    assert both.name_filter_reason(fc1) is None
+    reason = both.name_filter_reason(fc2)  # included, but exclude wins
+    assert reason is not None and repr("fc2") in reason
+    reason = both.name_filter_reason(head)
+    assert reason is not None and repr("encoder") in reason
