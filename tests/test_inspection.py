@@ -1,0 +1,130 @@
+"""explain, the report table, graph names, exports and NMSPARSE_DUMP_DIR."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import MLP
+from torch import nn
+
+import nmcompile
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _names(gm: torch.fx.GraphModule) -> set[str]:
+    return {node.name for node in gm.graph.nodes}
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_graph_nodes_say_what_they_are(inner):
+    """Forward and backward graphs after AOTAutograd carry <layer>_fwd_mask, _bwd_perm, _bwd_mask, ..."""
+    report = nmcompile.explain(MLP(), torch.randn(4, 32), inner=inner)
+    fwd, bwd = _names(report.forward_graph), _names(report.backward_graph)
+    assert {"fc1_weight", "fc1_perm", "fc1_fwd_mask", "fc1_fwd_gemm", "fc2_fwd_mask", "head_fwd_gemm"} <= fwd
+    assert "head_perm" in fwd  # O=16 is divisible by 4: Bi-Mask backward, so a permutation input
+    assert {"fc2_bwd_perm", "fc2_bwd_mask", "fc2_bwd_input_grad", "fc2_bwd_weight_grad", "fc2_bwd_srste"} <= bwd
+    assert {"fc1_bwd_weight_grad", "fc1_bwd_bias_grad"} <= bwd
+    assert "fc1_bwd_mask" not in bwd  # the input does not require grad: no dX GEMM for fc1
+    masks = [n for n in report.backward_graph.graph.nodes if n.name == "fc2_bwd_mask"]
+    assert masks[0].target is torch.ops.nmsparse.nm_mask.default and masks[0].args[1:] == (2, 4, 0)
+
+
+def test_table_rows_and_flops():
+    """One row per GEMM-like node with shapes, decision, reason and dense→N:M FLOPs per GEMM."""
+    report = nmcompile.explain(MLP(), torch.randn(4, 32), inner="aot_eager", n=1, m=4)
+    rows = {r.name: r for r in report.rows}
+    fc1 = rows["fc1.weight"]
+    assert (fc1.op, fc1.weight_shape, fc1.input_shape, fc1.nm, fc1.backward) == (
+        "linear",
+        (64, 32),
+        (4, 32),
+        "1:4",
+        "bimask",
+    )
+    dense = 2 * 4 * 64 * 32
+    assert fc1.flops == {
+        "forward": (dense, dense // 4),
+        "input_grad": (dense, dense // 4),
+        "weight_grad": (dense, dense),
+    }
+    table = str(report)
+    header = table.splitlines()[0]
+    for column in ("parameter", "op", "W [O,K]", "N:M", "status", "backward", "fwd FLOPs", "dX FLOPs", "why"):
+        assert column in header
+    assert "16.4K→4.1K" in table and "head.weight" in table
+
+
+def test_table_lists_activation_matmuls_as_dense():
+    """GEMMs without a parameter operand are rows too, dense, with the reason."""
+
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = nn.Linear(16, 16)
+
+        def forward(self, x):
+            q = self.q(x)
+            return q @ x.transpose(-1, -2)
+
+    rows = nmcompile.explain(Attn(), torch.randn(2, 8, 16), inner="aot_eager").rows
+    assert [(r.name.startswith("<"), r.sparse, r.reason) for r in rows if r.op == "matmul"] == [
+        (True, False, "weight is not an nn.Parameter (input or buffer)")
+    ]
+
+
+def test_networkx_and_dot_exports():
+    """to_networkx has prefixed nodes with edges from inputs; to_dot is one cluster per graph."""
+    report = nmcompile.explain(MLP(), torch.randn(4, 32), inner="aot_eager")
+    g = report.to_networkx()
+    assert g.has_edge("0:forward:fc1_weight", "0:forward:fc1_fwd_mask")
+    assert g.nodes["0:forward:fc1_fwd_mask"]["nmsparse"] == "fc1_fwd_mask"
+    assert g.nodes["0:backward:fc2_bwd_mask"]["kind"] == "backward"
+    dot = report.to_dot()
+    assert dot.startswith("digraph nmsparse {") and dot.rstrip().endswith("}")
+    assert 'subgraph "cluster_0_forward"' in dot and 'subgraph "cluster_0_backward"' in dot
+    assert dot.count("->") == g.number_of_edges()
+
+
+def test_explain_leaves_the_model_untouched():
+    """No .grad, no state in the user's registry, BatchNorm running stats restored."""
+    model = nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = nmcompile.explain(model, torch.randn(8, 32), inner="aot_eager")
+    assert report.backward_graph is not None
+    assert all(p.grad is None for p in model.parameters())
+    assert nmcompile.sparsity_state(model) == {}
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_explain_rejects_bad_options():
+    with pytest.raises(ValueError, match="backward='nope'"):
+        nmcompile.explain(MLP(), torch.randn(4, 32), backward="nope")
+
+
+def test_dump_dir_writes_graphs_and_table(tmp_path, monkeypatch):
+    """NMSPARSE_DUMP_DIR: every compile writes report.txt, forward.py, backward.py and graphs.dot."""
+    monkeypatch.setenv("NMSPARSE_DUMP_DIR", str(tmp_path))
+    model = MLP()
+    compiled = torch.compile(model, backend="nmsparse", options={"inner": "aot_eager"})
+    compiled(torch.randn(4, 32)).sum().backward()
+    (directory,) = list(tmp_path.iterdir())
+    assert {p.name for p in directory.iterdir()} == {"report.txt", "forward.py", "backward.py", "graphs.dot"}
+    assert "fc1.weight" in (directory / "report.txt").read_text()
+    assert "fc1_fwd_mask" in (directory / "forward.py").read_text()
+    assert "fc2_bwd_mask" in (directory / "backward.py").read_text()
+
+
+def test_quickstart_runs():
+    """examples/quickstart.py end to end at a tiny size: finite, falling loss."""
+    spec = importlib.util.spec_from_file_location("quickstart", ROOT / "examples" / "quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    losses = module.main(steps=12, inner="aot_eager")
+    assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0]
