@@ -183,6 +183,7 @@ def compile_graph(
         spec = LayerSpec(
             info.name, info.index, target.weight_shape[0], config.n, config.m,  # type: ignore[index]
             target.backward, config.perm_candidates, config.perm_interval, config.seed, target.layout,
+            target.conv.groups if target.conv is not None else 1,
         )  # fmt: skip
         state = registry.get_or_create(info.param, spec, info.owner)
         states.append((state, placeholders.index(target.weight.name)))  # type: ignore[union-attr]

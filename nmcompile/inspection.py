@@ -42,6 +42,7 @@ class LayerRow:
     op: str
     weight_shape: tuple[int, int] | None
     input_shape: tuple | None
+    conv: str  # kernel, stride, padding, dilation, groups of a convolution; "" for a GEMM
     nm: str
     sparse: bool
     backward: str
@@ -55,6 +56,7 @@ class LayerRow:
             op=target.op,
             weight_shape=target.weight_shape,
             input_shape=target.input_shape,
+            conv=target.conv.describe() if target.conv is not None else "",
             nm=f"{config.n}:{config.m}" if target.sparse else "-",
             sparse=target.sparse,
             backward=target.backward if target.sparse else "-",
@@ -78,8 +80,10 @@ def _fmt_flops(pair: tuple[int, int] | None) -> str:
 
 
 def format_table(rows: list[LayerRow]) -> str:
-    """The report table: one line per GEMM-like node, FLOPs as ``dense→N:M-executable``."""
-    header = (
+    """The report table: one line per GEMM-like node, FLOPs as ``dense→N:M-executable``; a ``conv``
+    column (kernel, stride, padding, dilation, groups) when there are convolutions."""
+    with_conv = any(r.conv for r in rows)
+    header = [
         "parameter",
         "op",
         "W [O,K]",
@@ -91,26 +95,29 @@ def format_table(rows: list[LayerRow]) -> str:
         "dX FLOPs",
         "dW FLOPs",
         "why",
-    )
+    ]
+    if with_conv:
+        header.insert(4, "conv")
     lines = [header]
     for r in rows:
-        lines.append(
-            (
-                r.name,
-                r.op,
-                "x".join(map(str, r.weight_shape)) if r.weight_shape else "-",
-                "x".join(map(str, r.input_shape)) if r.input_shape else "?",
-                r.nm,
-                "sparse" if r.sparse else "dense",
-                r.backward,
-                _fmt_flops(r.flops["forward"]),
-                _fmt_flops(r.flops["input_grad"]),
-                _fmt_flops(r.flops["weight_grad"]),
-                r.reason,
-            )
-        )
+        line = [
+            r.name,
+            r.op,
+            "x".join(map(str, r.weight_shape)) if r.weight_shape else "-",
+            "x".join(map(str, r.input_shape)) if r.input_shape else "?",
+            r.nm,
+            "sparse" if r.sparse else "dense",
+            r.backward,
+            _fmt_flops(r.flops["forward"]),
+            _fmt_flops(r.flops["input_grad"]),
+            _fmt_flops(r.flops["weight_grad"]),
+            r.reason,
+        ]
+        if with_conv:
+            line.insert(4, r.conv or "-")
+        lines.append(line)
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    out = [" | ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=False)).rstrip() for line in lines]
+    out = [" | ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines]
     out.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(out)
 

@@ -1,13 +1,14 @@
 """Custom ops of the rewritten graphs (namespace ``nmsparse``) and the autograd of the sparse GEMM.
 
 ``nm_mask`` and ``transposable_mask`` are opaque mask nodes. ``sparse_linear`` is the N:M GEMM
-``Y = X (W⊙F)ᵀ + b``; its backward is plain torch code traced by AOTAutograd, each step wrapped in
-``fx.traceback.annotate`` so the backward graph shows it as its own, named node
-(``<layer>_bwd_perm``, ``<layer>_bwd_mask``, ...; see ``passes.name_nodes``).
+``Y = X (W⊙F)ᵀ + b`` and ``sparse_conv`` its convolution twin; their backward is plain torch code
+traced by AOTAutograd, each step wrapped in ``fx.traceback.annotate`` so the backward graph shows
+it as its own, named node (``<layer>_bwd_perm``, ``<layer>_bwd_mask``, ...; see ``passes.name_nodes``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -71,7 +72,8 @@ def sparse_linear(
     srste_lambda: float,
     layer: str,
 ) -> torch.Tensor:
-    """``Y = X (W⊙F)ᵀ + b`` for ``W`` ``[O, K]``; the backward mode follows from ``perm`` (see below)."""
+    """``Y = X (W⊙F)ᵀ + b`` for ``W`` ``[O, K]``; the backward mode follows from ``perm`` (see
+    ``_sparse_backward``)."""
     return F.linear(x, torch.where(fwd_mask, weight, 0), bias)
 
 
@@ -80,19 +82,63 @@ def _(x, weight, bias, fwd_mask, perm, n, m, srste_lambda, layer):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    x, weight, bias, fwd_mask, perm, n, m, srste_lambda, layer = inputs
-    ctx.save_for_backward(x, weight, fwd_mask, perm)
-    ctx.n, ctx.m, ctx.srste_lambda, ctx.layer = n, m, srste_lambda, layer
-    ctx.has_bias = bias is not None
+def _conv_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """Channels-last in, channels-last out; the real op and its fake agree on this."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    fmt = formats.get(x.dim())
+    if fmt is not None and x.is_contiguous(memory_format=fmt) and not x.is_contiguous():
+        return fmt
+    return torch.contiguous_format
 
 
-def _backward(ctx: Any, dy: torch.Tensor) -> tuple:
-    """SPEC §4, §6. With ``perm`` (bimask): ``dX = dY[:, P] · (W[P] ⊙ Bp)``,
-    ``Bp = nm_mask(|W⊙F|[P], dim=0)``; without: ``dX = dY · (W ⊙ F)`` (``F`` is the transposable
-    mask in that mode). ``dW = dYᵀX + λ(1−F)⊙W`` (straight-through), ``db = Σ dY``.
+@torch.library.custom_op("nmsparse::sparse_conv", mutates_args=())
+def sparse_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    fwd_mask: torch.Tensor,
+    perm: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    n: int,
+    m: int,
+    srste_lambda: float,
+    layer: str,
+) -> torch.Tensor:
+    """Convolution with ``W⊙F`` (``W`` ``[O, C/groups, *k]``, ``F`` N:M along ``C`` per position)."""
+    out = torch.ops.aten.convolution(
+        x, torch.where(fwd_mask, weight, 0), bias, stride, padding, dilation, False, [0] * len(stride), groups
+    )
+    return out.contiguous(memory_format=_conv_memory_format(x))
+
+
+@sparse_conv.register_fake
+def _(x, weight, bias, fwd_mask, perm, stride, padding, dilation, groups, n, m, srste_lambda, layer):
+    spatial = [
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation, strict=True)
+    ]
+    shape = (x.shape[0], weight.shape[0], *spatial)
+    return x.new_empty(shape).contiguous(memory_format=_conv_memory_format(x))
+
+
+def _sparse_backward(
+    ctx: Any,
+    dy: torch.Tensor,
+    channel_dim: int,
+    input_grad: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    weight_grad: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """SPEC §4, §6 for a GEMM or convolution whose output channels lie along ``channel_dim`` of dY.
+
+    With ``perm`` (bimask): ``dX = input_grad(dY[P along channels], W[P] ⊙ Bp)``,
+    ``Bp = nm_mask(|W⊙F|[P], dim=0)`` (for a conv, at every ``(c, *k)``); without:
+    ``dX = input_grad(dY, W ⊙ F)`` (``F`` is the transposable mask in that mode).
+    ``dW = weight_grad(dY) + λ(1−F)⊙W`` (straight-through), ``db = Σ dY`` over all but channels.
     """
-    x, weight, fwd_mask, perm = ctx.saved_tensors
+    _, weight, fwd_mask, perm = ctx.saved_tensors
     layer = ctx.layer
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
@@ -102,21 +148,64 @@ def _backward(ctx: Any, dy: torch.Tensor) -> tuple:
             with annotate(role(layer, "bwd_mask")):
                 b_perm = torch.ops.nmsparse.nm_mask(w_perm, ctx.n, ctx.m, 0)
             with annotate(role(layer, "bwd_input_grad")):
-                dx = dy.index_select(-1, perm) @ torch.where(b_perm, w_perm, 0)
+                dx = input_grad(dy.index_select(channel_dim, perm), torch.where(b_perm, w_perm, 0))
         else:
             with annotate(role(layer, "bwd_input_grad")):
-                dx = dy @ torch.where(fwd_mask, weight, 0)
-    dy2 = dy.reshape(-1, dy.shape[-1])
+                dx = input_grad(dy, torch.where(fwd_mask, weight, 0))
     if ctx.needs_input_grad[1]:
         with annotate(role(layer, "bwd_weight_grad")):
-            dw = dy2.t() @ x.reshape(-1, x.shape[-1])
+            dw = weight_grad(dy)
         if ctx.srste_lambda:
             with annotate(role(layer, "bwd_srste")):
                 dw = dw + ctx.srste_lambda * torch.where(fwd_mask, 0, weight)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         with annotate(role(layer, "bwd_bias_grad")):
-            db = dy2.sum(0)
+            db = dy.sum([d for d in range(dy.dim()) if d != channel_dim % dy.dim()])
+    return dx, dw, db
+
+
+def _setup_linear(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    x, weight, bias, fwd_mask, perm, n, m, srste_lambda, layer = inputs
+    ctx.save_for_backward(x, weight, fwd_mask, perm)
+    ctx.n, ctx.m, ctx.srste_lambda, ctx.layer = n, m, srste_lambda, layer
+    ctx.has_bias = bias is not None
+
+
+def _linear_backward(ctx: Any, dy: torch.Tensor) -> tuple:
+    x = ctx.saved_tensors[0]
+    dx, dw, db = _sparse_backward(
+        ctx,
+        dy,
+        -1,
+        input_grad=lambda g, w: g @ w,
+        weight_grad=lambda g: g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1]),
+    )
     return dx, dw, db, None, None, None, None, None, None
 
 
-sparse_linear.register_autograd(_backward, setup_context=_setup_context)
+def _setup_conv(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    x, weight, bias, fwd_mask, perm, stride, padding, dilation, groups, n, m, srste_lambda, layer = inputs
+    ctx.save_for_backward(x, weight, fwd_mask, perm)
+    ctx.n, ctx.m, ctx.srste_lambda, ctx.layer = n, m, srste_lambda, layer
+    ctx.conv = (stride, padding, dilation, False, [0] * len(stride), groups)
+    ctx.has_bias = bias is not None
+
+
+def _conv_backward(ctx: Any, dy: torch.Tensor) -> tuple:
+    x, weight = ctx.saved_tensors[:2]
+
+    def grads(g: torch.Tensor, w: torch.Tensor, mask: list[bool]) -> tuple:
+        return torch.ops.aten.convolution_backward(g, x, w, None, *ctx.conv, mask)
+
+    dx, dw, db = _sparse_backward(
+        ctx,
+        dy,
+        1,
+        input_grad=lambda g, w: grads(g, w, [True, False, False])[0],
+        weight_grad=lambda g: grads(g, weight, [False, True, False])[1],
+    )
+    return dx, dw, db, *([None] * 10)
+
+
+sparse_linear.register_autograd(_linear_backward, setup_context=_setup_linear)
+sparse_conv.register_autograd(_conv_backward, setup_context=_setup_conv)

@@ -64,8 +64,14 @@ def transposable_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """SPEC §4 ``transposable``: N:M along both dims of ``w`` ``[O, K]``, maximising kept ``|w|``.
 
     Exact (best of all valid block patterns, first on ties) for ``m <= 4``; the greedy
-    2-approximation (entries by decreasing ``|w|``, kept while row and column have room) above.
+    2-approximation (entries by decreasing ``|w|``, kept while row and column have room) above,
+    which keeps at most ``n`` per row and column. A conv weight ``[O, C, *k]`` gets one such mask
+    per kernel position (N:M along ``C`` and along ``O``).
     """
+    if w.dim() > 2:
+        per_position = w.movedim((0, 1), (-2, -1))  # [*k, O, C]
+        mask = transposable_mask(per_position.reshape(-1, w.shape[1]), n, m)
+        return mask.reshape(per_position.shape).movedim((-2, -1), (0, 1))
     O, K = w.shape
     _check_nm(O, n, m, "rows")
     _check_nm(K, n, m, "columns")
@@ -100,10 +106,13 @@ def _greedy_transposable(blocks: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def permutation_score(fmask: torch.Tensor, perm: torch.Tensor, n: int, m: int) -> int:
-    """SPEC §5: over blocks of ``m`` rows of ``F[P]`` × a column, sum ``min(n, kept in block)``."""
-    O, K = fmask.shape
+    """SPEC §5: over blocks of ``m`` rows of ``F[P]`` × a column, sum ``min(n, kept in block)``.
+
+    For a conv mask ``[O, C, *k]`` every ``(c, *k)`` position is a column.
+    """
+    O = fmask.shape[0]
     _check_nm(O, n, m, "rows")
-    per_block = fmask.index_select(0, perm.to(fmask.device)).reshape(O // m, m, K).sum(1)
+    per_block = fmask.index_select(0, perm.to(fmask.device)).reshape(O // m, m, -1).sum(1)
     return int(per_block.clamp(max=n).sum())
 
 
@@ -157,6 +166,55 @@ class SparseGemm(torch.autograd.Function):
         return dx, dw, db, None, None, None
 
 
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def conv_padding(padding: Any, kernel: Sequence[int], dilation: Sequence[int]) -> tuple[list[int], list[int] | None]:
+    """Explicit per-dim conv padding, plus ``F.pad`` widths when ``"same"`` needs asymmetric padding.
+
+    ``"same"`` pads ``dilation·(k−1)`` in total per dim, the extra one on the right, as PyTorch does.
+    """
+    dims = len(kernel)
+    if not isinstance(padding, str):
+        return ([padding] * dims if isinstance(padding, int) else list(padding)), None
+    if padding == "valid":
+        return [0] * dims, None
+    total = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
+    left = [t // 2 for t in total]
+    if all(2 * lo == t for lo, t in zip(left, total, strict=True)):
+        return left, None
+    pad: list[int] = []
+    for lo, t in zip(reversed(left), reversed(total), strict=True):
+        pad += [lo, t - lo]
+    return [0] * dims, pad
+
+
+class SparseConv(torch.autograd.Function):
+    """Convolution with ``W⊙F`` forward, ``W⊙B`` input gradient, straight-through ``dW`` + SR-STE."""
+
+    @staticmethod
+    def forward(ctx: Any, x, weight, bias, fmask, bmask, srste_lambda: float, conv: tuple):  # type: ignore[override]
+        ctx.save_for_backward(x, weight, fmask, bmask)
+        ctx.srste_lambda, ctx.conv = srste_lambda, conv
+        return _CONV[weight.dim() - 2](x, torch.where(fmask, weight, 0), bias, *conv)
+
+    @staticmethod
+    def backward(ctx: Any, dy):  # type: ignore[override]
+        x, weight, fmask, bmask = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        d = weight.dim() - 2
+        input_grad = getattr(torch.nn.grad, f"conv{d}d_input")
+        weight_grad = getattr(torch.nn.grad, f"conv{d}d_weight")
+        dx = input_grad(x.shape, torch.where(bmask, weight, 0), dy, *ctx.conv) if need_x else None
+        dw = None
+        if need_w:
+            dw = weight_grad(x, weight.shape, dy, *ctx.conv)
+            if ctx.srste_lambda:
+                dw = dw + ctx.srste_lambda * torch.where(fmask, 0, weight)
+        db = dy.sum([0, *range(2, dy.dim())]) if need_b else None
+        return dx, dw, db, None, None, None, None
+
+
 class _Rule:
     """How one eligible weight is sparsified in the reference: its state, masks and GEMM."""
 
@@ -166,8 +224,11 @@ class _Rule:
         self.backward = backward
         self.config = config
 
-    def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The sparse ``F.linear(x, w, bias)`` for ``w`` as ``[O, K]``; counts training steps."""
+    def __call__(
+        self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, conv: tuple | None = None
+    ) -> torch.Tensor:
+        """The sparse ``F.linear(x, w, bias)`` for ``w`` as ``[O, K]``, or, given ``conv = (stride,
+        padding, dilation, groups)``, the sparse convolution with ``w`` ``[O, C, *k]``. Counts steps."""
         n, m = self.config.n, self.config.m
         training = self.state.is_training_forward()
         if training:
@@ -178,7 +239,11 @@ class _Rule:
             else:
                 fmask = nm_mask(w, n, m, dim=1)
                 bmask = backward_mask(w, fmask, self.state.perm, n, m) if self.backward == "bimask" else fmask
-        y = SparseGemm.apply(x, w, bias, fmask, bmask, self.config.srste_lambda)
+        lam = self.config.srste_lambda
+        if conv is None:
+            y = SparseGemm.apply(x, w, bias, fmask, bmask, lam)
+        else:
+            y = SparseConv.apply(x, w, bias, fmask, bmask, lam, conv)
         if training:
             self.state.end_training_step()
         return y
@@ -195,11 +260,38 @@ class SparseLinear(nn.Module):
         self.rule = rule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.rule.linear(x, self.weight, self.bias)
+        return self.rule(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         c = self.rule.config
         return f"{self.in_features}, {self.out_features}, {c.n}:{c.m}, backward={self.rule.backward}"
+
+
+class SparseConvNd(nn.Module):
+    """An ``nn.Conv1d/2d/3d`` replacement holding the same parameters, run through ``SparseConv``."""
+
+    def __init__(self, conv: nn.modules.conv._ConvNd, rule: _Rule) -> None:
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias
+        self.stride, self.dilation, self.groups = list(conv.stride), list(conv.dilation), conv.groups
+        self.padding, self.padding_mode = conv.padding, conv.padding_mode
+        self.kernel_size = conv.kernel_size
+        self._reversed_padding_repeated_twice = conv._reversed_padding_repeated_twice
+        self.rule = rule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = [0] * len(self.kernel_size)
+        else:
+            padding, pad = conv_padding(self.padding, self.kernel_size, self.dilation)
+            if pad is not None:
+                x = F.pad(x, pad)
+        return self.rule(x, self.weight, self.bias, (self.stride, padding, self.dilation, self.groups))
+
+    def extra_repr(self) -> str:
+        c = self.rule.config
+        return f"{tuple(self.weight.shape)}, {c.n}:{c.m}, backward={self.rule.backward}, groups={self.groups}"
 
 
 _GEMM_FUNCS = {torch.mm, torch.Tensor.mm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.addmm}
@@ -239,7 +331,7 @@ class _GemmInterceptor(TorchFunctionMode):
                 self.rules[key] = self.make_rule(param, layout)
             rule = self.rules.get(key)
             if rule is not None:
-                out = rule.linear(a, param if layout == "out_in" else param.t(), None)
+                out = rule(a, param if layout == "out_in" else param.t(), None)
                 return out if bias is None else bias + out
         return func(*args, **kwargs)
 
@@ -260,22 +352,24 @@ def _route_gemms(module: nn.Module, mode: _GemmInterceptor) -> None:
 
 
 def _eligible_backward(
-    weight: nn.Parameter, rows: int, cols: int, config: SparsityConfig, tied: bool, name: str
+    weight: nn.Parameter, rows: int, cols: int, groups: int, config: SparsityConfig, tied: bool, name: str
 ) -> str | None:
-    """The backward mode for an ``[rows=O, cols=K]`` weight, or ``None`` if it stays dense (SPEC §10)."""
+    """The backward mode for a weight with ``rows`` = O and ``cols`` = K (per group), or ``None``
+    if it stays dense (SPEC §10; a grouped conv needs ``O/groups`` divisible by ``m`` too)."""
     if tied or not weight.requires_grad or weight.dtype not in FLOAT_DTYPES:
         return None
     if config.name_filter_reason(name) is not None or cols % config.m:
         return None
-    if config.backward != "dense" and rows % config.m:
-        return "dense"
+    if (rows // groups) % config.m:
+        return None if groups > 1 else "dense"
     return config.backward
 
 
 def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Module:
     """Make ``model`` train with N:M sparse GEMMs in eager mode, in place; returns ``model``.
 
-    ``nn.Linear`` children are swapped for ``SparseLinear``; in other modules, an own 2-D weight
+    ``nn.Linear`` and ``nn.Conv1d/2d/3d`` children are swapped for ``SparseLinear`` and
+    ``SparseConvNd`` (transposed convolutions stay dense); in other modules, an own 2-D weight
     used as the right operand of ``mm``/``matmul``/``addmm``/``@`` (as ``W``: ``[in, out]``, or as
     ``W.t()``: ``[out, in]``) is routed through the same rule. Options as ``SparsityConfig``.
     Do not deep-copy a model after ``sparsify``: the routed forwards keep their rules.
@@ -289,14 +383,14 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
     for _, p in model.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
 
-    def rule_for(name: str, weight: nn.Parameter, layout: str, owner: nn.Module) -> _Rule | None:
-        rows, cols = weight.shape if layout == "out_in" else weight.shape[::-1]
-        backward = _eligible_backward(weight, rows, cols, config, counts[id(weight)] > 1, name)
+    def rule_for(name: str, weight: nn.Parameter, layout: str, owner: nn.Module, groups: int = 1) -> _Rule | None:
+        rows, cols = (weight.shape[1], weight.shape[0]) if layout == "in_out" else weight.shape[:2]
+        backward = _eligible_backward(weight, rows, cols, groups, config, counts[id(weight)] > 1, name)
         if backward is None:
             return None
         spec = LayerSpec(
             name, index[id(weight)], rows, config.n, config.m, backward,
-            config.perm_candidates, config.perm_interval, config.seed, layout,
+            config.perm_candidates, config.perm_interval, config.seed, layout, groups,
         )  # fmt: skip
         return _Rule(registry.get_or_create(weight, spec, owner), weight, backward, config)
 
@@ -306,6 +400,11 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
             rule = rule_for(prefix + "weight", module.weight, "out_in", module)
             if rule is not None:
                 _replace(model, mod_name, SparseLinear(module, rule))
+            continue
+        if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+            rule = rule_for(prefix + "weight", module.weight, "out_in", module, module.groups)
+            if rule is not None:
+                _replace(model, mod_name, SparseConvNd(module, rule))
             continue
         names = {id(p): prefix + n for n, p in module.named_parameters(recurse=False) if p.dim() == 2}
         if names:

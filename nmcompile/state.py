@@ -32,12 +32,24 @@ class LayerSpec:
     perm_interval: int
     seed: int
     layout: str = "out_in"  # "in_out": the parameter is stored as [K, O] (used as x @ W)
+    groups: int = 1  # grouped convolution: the permutation stays inside each group of O/groups rows
 
 
 def candidate_generator(seed: int, layer_index: int, step: int) -> torch.Generator:
     """A CPU generator seeded by ``(seed, layer index, step)`` only (SPEC §5): same on every rank."""
     digest = hashlib.blake2b(f"{seed}:{layer_index}:{step}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def permutation_candidates(spec: LayerSpec, step: int) -> list[torch.Tensor]:
+    """The ``perm_candidates`` random row permutations of a search step, drawn in order from
+    ``candidate_generator``; with groups, one ``randperm`` per group, kept inside the group."""
+    generator = candidate_generator(spec.seed, spec.index, step)
+    size = spec.rows // spec.groups
+    return [
+        torch.cat([torch.randperm(size, generator=generator) + g * size for g in range(spec.groups)])
+        for _ in range(spec.perm_candidates)
+    ]
 
 
 class LayerState:
@@ -71,8 +83,7 @@ class LayerState:
         with torch.no_grad():
             w = self.weight_matrix(param)
             fmask = reference.nm_mask(w, spec.n, spec.m, dim=1)
-            generator = candidate_generator(spec.seed, spec.index, step)
-            candidates = [torch.randperm(spec.rows, generator=generator) for _ in range(spec.perm_candidates)]
+            candidates = permutation_candidates(spec, step)
             best, _ = reference.search_permutation(fmask, self.perm, candidates, spec.n, spec.m)
             self.perm.copy_(best)
         self.last_search_step = step

@@ -1,7 +1,8 @@
 """Eligibility pass (SPEC §10): which GEMM-like nodes become N:M sparse, which stay dense and why.
 
 Pure analysis: the graph is not changed. Each GEMM-like node (``linear``, ``mm``, ``addmm``,
-``matmul`` and their method forms) becomes one ``GemmTarget`` row of the report.
+``matmul`` and their method forms, ``conv1d/2d/3d``, and transposed convolutions, which stay
+dense) becomes one ``GemmTarget`` row of the report.
 """
 
 from __future__ import annotations
@@ -28,8 +29,34 @@ _FUNCTIONS = {
     torch.matmul: "matmul",
     operator.matmul: "matmul",
     torch.addmm: "addmm",
+    torch.conv1d: "conv1d",
+    torch.conv2d: "conv2d",
+    torch.conv3d: "conv3d",
+    torch.conv_transpose1d: "conv_transpose1d",
+    torch.conv_transpose2d: "conv_transpose2d",
+    torch.conv_transpose3d: "conv_transpose3d",
 }
 _METHODS = {"mm": "mm", "matmul": "matmul", "__matmul__": "matmul", "addmm": "addmm"}
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_TRANSPOSE_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvInfo:
+    """Geometry of a convolution node: kernel size, stride, padding (ints or a string), dilation."""
+
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: Any
+    dilation: tuple[int, ...]
+    groups: int
+
+    def describe(self) -> str:
+        pad = self.padding if isinstance(self.padding, str) else "x".join(map(str, self.padding))
+        return (
+            f"k{'x'.join(map(str, self.kernel))} s{'x'.join(map(str, self.stride))} p{pad} "
+            f"d{'x'.join(map(str, self.dilation))} g{self.groups}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +85,8 @@ class GemmTarget:
     add_bias: bool = False  # addmm: bias added after the GEMM rather than fused
     weight_shape: tuple[int, int] | None = None  # (O, K)
     input_shape: tuple | None = None
-    tokens: int | None = None
+    tokens: int | None = None  # rows of the (implicit) GEMM: tokens, or batch × output positions
+    conv: ConvInfo | None = None
     sparse: bool = False
     backward: str = "dense"
     reason: str = ""
@@ -151,8 +179,20 @@ def _consumers(placeholder: fx.Node) -> list[fx.Node]:
 
 
 def gemm_operands(node: fx.Node, kind: str) -> tuple[Any, Any, Any, dict]:
-    """``(x, weight operand, bias, other kwargs)`` of a GEMM-like node."""
+    """``(x, weight operand, bias, other arguments)`` of a GEMM-like node; for a convolution the
+    other arguments are ``stride``, ``padding``, ``dilation``, ``groups`` with defaults filled in."""
     args, kwargs = list(node.args), dict(node.kwargs)
+    if kind.startswith("conv"):
+        dims = int(kind[-2])
+        names = _CONV_TRANSPOSE_ARGS if "transpose" in kind else _CONV_ARGS
+        given = dict(zip(names, args, strict=False)) | kwargs
+        given.pop("output_padding", None)
+        defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+        given = defaults | given
+        for key in ("stride", "dilation") + (() if isinstance(given["padding"], str) else ("padding",)):
+            value = given[key]
+            given[key] = tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+        return given.pop("input"), given.pop("weight"), given.pop("bias"), given
     if kind == "linear":
         x = args[0] if args else kwargs.pop("input", None)
         w = args[1] if len(args) > 1 else kwargs.pop("weight", None)
@@ -192,6 +232,8 @@ def _decide(
     target = GemmTarget(node=node, op=kind)
     x, w, bias, extra = gemm_operands(node, kind)
     target.x, target.bias, target.input_shape = x, bias, _shape(x)
+    if kind.startswith("conv"):
+        return _decide_conv(target, w, extra, config, params, values)
     transposed = isinstance(w, fx.Node) and _is_transpose(w)
     placeholder = w.args[0] if transposed else w
     if not isinstance(placeholder, fx.Node) or placeholder.op != "placeholder":
@@ -223,8 +265,14 @@ def _decide(
     if reason:
         target.reason = reason
         return target
-    target.sparse = True
     target.add_bias = kind == "addmm"
+    _mark_sparse(target, rows, config)
+    return target
+
+
+def _mark_sparse(target: GemmTarget, rows: int, config: SparsityConfig) -> None:
+    """Sparse forward; the backward mode unless ``O % m`` rules out an N:M mask along ``O`` (SPEC §4)."""
+    target.sparse = True
     target.backward = config.backward
     if config.backward != "dense" and rows % config.m:
         target.backward = "dense"
@@ -233,11 +281,17 @@ def _decide(
         )
     else:
         target.reason = f"{config.n}:{config.m}, backward={config.backward}"
-    return target
 
 
 def _dense_reason(
-    value: torch.Tensor, cols: int, name: str, placeholder: fx.Node, kind: str, extra: dict, config: SparsityConfig
+    value: torch.Tensor,
+    cols: int,
+    name: str,
+    placeholder: fx.Node,
+    kind: str,
+    extra: dict,
+    config: SparsityConfig,
+    k_name: str = "K",
 ) -> str | None:
     """Why a parameter GEMM stays dense (SPEC §10), or ``None`` if it can be sparsified."""
     if not value.requires_grad:
@@ -253,5 +307,47 @@ def _dense_reason(
     if extra:
         return f"{kind} with extra arguments {sorted(extra)}"
     if cols % config.m:
-        return f"K={cols} not divisible by m={config.m}"
+        return f"{k_name}={cols} not divisible by m={config.m}"
     return None
+
+
+def _decide_conv(
+    target: GemmTarget,
+    w: Any,
+    extra: dict,
+    config: SparsityConfig,
+    params: Mapping[str, ParamInfo],
+    values: Mapping[fx.Node, Any],
+) -> GemmTarget:
+    """SPEC §1/§10 for a convolution: ``W`` ``[O, C/groups, *k]``, N:M along ``C`` per kernel position."""
+    info = params.get(w.name) if isinstance(w, fx.Node) and w.op == "placeholder" else None
+    if info is None:
+        target.reason = "weight is not an nn.Parameter"
+        return target
+    value = values.get(w, info.param)
+    groups = extra["groups"]
+    target.param_name, target.weight, target.operand, target.layout = info.name, w, w, "out_in"
+    target.conv = ConvInfo(tuple(value.shape[2:]), extra["stride"], extra["padding"], extra["dilation"], groups)
+    rows, cols = value.shape[0], value.shape[1]
+    k = 1
+    for size in value.shape[2:]:
+        k *= size
+    target.weight_shape = (rows, cols * k)
+    # Rows of the implicit GEMM: batch × output positions (a transposed conv: input positions).
+    positions = target.input_shape if "transpose" in target.op else _shape(target.node)
+    if positions is not None:
+        count = positions[0]
+        for size in positions[2:]:
+            count *= size
+        target.tokens = _size_hint(count)
+    if "transpose" in target.op:
+        target.reason = "transposed convolution"
+        return target
+    reason = _dense_reason(value, cols, info.name, w, target.op, {}, config, k_name="C/groups" if groups > 1 else "C")
+    if reason is None and groups > 1 and (rows // groups) % config.m:
+        reason = f"grouped conv: O/groups={rows // groups} not divisible by m={config.m}"
+    if reason:
+        target.reason = reason
+        return target
+    _mark_sparse(target, rows, config)
+    return target

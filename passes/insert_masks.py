@@ -2,7 +2,8 @@
 
 ``linear(x, W, b)`` turns into ``<layer>_fwd_mask = nmsparse.nm_mask(W)`` (or the transposable
 mask), a ``<layer>_perm`` graph input for Bi-Mask, and ``<layer>_fwd_gemm =
-nmsparse.sparse_linear(x, W, b, mask, perm, ...)`` whose autograd holds the backward masks.
+nmsparse.sparse_linear(x, W, b, mask, perm, ...)`` whose autograd holds the backward masks;
+``conv2d(x, W, b, ...)`` likewise into ``<layer>_fwd_conv = nmsparse.sparse_conv(...)``.
 The dynamo graph is copied first, never edited in place.
 """
 
@@ -12,10 +13,12 @@ import dataclasses
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from nmcompile.ops import NAME_KEY
 from nmcompile.options import SparsityConfig
+from nmcompile.reference import conv_padding
 
 from .find_targets import GemmTarget, TargetAnalysis, example_value, gemm_operands
 
@@ -58,6 +61,33 @@ def _named(graph: fx.Graph, target: Any, args: tuple, name: str, annotate: bool 
     return node
 
 
+def _conv(
+    graph: fx.Graph, target: GemmTarget, x: Any, w: fx.Node, bias: Any, mask: fx.Node, perm: Any, config: SparsityConfig
+) -> fx.Node:
+    """``nmsparse.sparse_conv`` with explicit padding; ``"same"`` that needs asymmetric padding
+    becomes an ``F.pad`` of the input (``<layer>_same_pad``) first, as PyTorch itself does."""
+    conv, layer = target.conv, target.layer
+    padding, pad = conv_padding(conv.padding, conv.kernel, conv.dilation)  # type: ignore[union-attr]
+    if pad is not None:
+        x = _named(graph, F.pad, (x, pad), f"{layer}_same_pad")
+    args = (
+        x,
+        w,
+        bias,
+        mask,
+        perm,
+        list(conv.stride),
+        padding,
+        list(conv.dilation),
+        conv.groups,  # type: ignore[union-attr]
+        config.n,
+        config.m,
+        config.srste_lambda,
+        layer,
+    )
+    return _named(graph, torch.ops.nmsparse.sparse_conv.default, args, f"{layer}_fwd_conv", annotate=False)
+
+
 def insert_masks(
     gm: fx.GraphModule, analysis: TargetAnalysis, config: SparsityConfig, fake_mode: Any = None
 ) -> tuple[fx.GraphModule, list[StateInput]]:
@@ -94,16 +124,19 @@ def insert_masks(
                 mask = _named(graph, torch.ops.nmsparse.transposable_mask.default, (w, n, m), f"{layer}_fwd_mask")
             else:
                 mask = _named(graph, torch.ops.nmsparse.nm_mask.default, (w, n, m, 1), f"{layer}_fwd_mask")
-            fused_bias = None if target.add_bias else bias
-            out = _named(
-                graph,
-                torch.ops.nmsparse.sparse_linear.default,
-                (x, w, fused_bias, mask, perm, n, m, config.srste_lambda, layer),
-                f"{layer}_fwd_gemm",
-                annotate=False,
-            )
-            if target.add_bias:
-                out = _named(graph, torch.add, (bias, out), f"{layer}_fwd_bias")
+            if target.conv is not None:
+                out = _conv(graph, target, x, w, bias, mask, perm, config)
+            else:
+                fused_bias = None if target.add_bias else bias
+                out = _named(
+                    graph,
+                    torch.ops.nmsparse.sparse_linear.default,
+                    (x, w, fused_bias, mask, perm, n, m, config.srste_lambda, layer),
+                    f"{layer}_fwd_gemm",
+                    annotate=False,
+                )
+                if target.add_bias:
+                    out = _named(graph, torch.add, (bias, out), f"{layer}_fwd_bias")
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         operand = env[target.operand]

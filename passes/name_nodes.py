@@ -16,7 +16,8 @@ from nmcompile.ops import NAME_KEY
 def name_nodes(gm: fx.GraphModule) -> fx.GraphModule:
     """Rename annotated ``call_function`` nodes of ``gm`` in place (unique suffixes where repeated).
 
-    ``nmsparse.sparse_linear`` nodes are named ``<layer>_fwd_gemm`` from their ``layer`` argument.
+    ``nmsparse.sparse_linear`` / ``sparse_conv`` nodes are named ``<layer>_fwd_gemm`` /
+    ``<layer>_fwd_conv`` from their ``layer`` argument.
     """
     for node in gm.graph.nodes:
         if node.op != "call_function":
@@ -24,6 +25,8 @@ def name_nodes(gm: fx.GraphModule) -> fx.GraphModule:
         custom = node.meta.get("custom")
         if node.target is torch.ops.nmsparse.sparse_linear.default:
             node._rename(f"{node.args[-1]}_fwd_gemm")
+        elif node.target is torch.ops.nmsparse.sparse_conv.default:
+            node._rename(f"{node.args[-1]}_fwd_conv")
         elif isinstance(custom, dict) and NAME_KEY in custom:
             node._rename(custom[NAME_KEY])
     gm.recompile()
