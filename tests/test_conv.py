@@ -1,0 +1,241 @@
+"""Convolutions (SPEC §1 conv, §3–§6): compiled vs reference, the conv input gradient, grouped convs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close
+from torch import nn
+from torch._dynamo.utils import counters
+
+import nmcompile
+from nmcompile import reference
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block with a stride-2 1x1 downsample and BatchNorm."""
+
+    def __init__(self, c_in: int = 16, c_out: int = 32) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=2, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.down(x))
+
+
+class Conv1dStack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv1d(8, 16, 3, padding=1)
+        self.b = nn.Conv1d(16, 16, 4, padding="same", dilation=2)  # asymmetric "same"
+        self.c = nn.Conv1d(16, 8, 3, stride=2, padding=1, padding_mode="reflect")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+class Conv3dLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(8, 16, 3, padding=1, stride=(1, 2, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class DepthwiseSeparable(nn.Module):
+    """Depthwise 3x3 (dense: C/groups = 1), pointwise 1x1, then a grouped 3x3 (sparse per group)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.pw = nn.Conv2d(16, 32, 1)
+        self.grouped = nn.Conv2d(32, 32, 3, padding=1, groups=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.grouped(torch.relu(self.pw(torch.relu(self.bn(self.dw(x))))))
+
+
+CONV_MODELS = {
+    "basic_block": (BasicBlock, (2, 16, 8, 8)),
+    "conv1d_stack": (Conv1dStack, (2, 8, 20)),
+    "conv3d": (Conv3dLayer, (1, 8, 4, 6, 4)),
+    "depthwise_separable": (DepthwiseSeparable, (2, 16, 6, 6)),
+}
+
+
+def _train_and_compare(kind: str, channels_last: bool = False, steps: int = 5, **options) -> None:
+    cls, shape = CONV_MODELS[kind]
+    base = cls()
+    ref = reference.sparsify(copy.deepcopy(base), **options)
+    mine = copy.deepcopy(base)
+    compiled = torch.compile(mine, backend=nmcompile.backend(**options))
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    opt_mine = torch.optim.SGD(mine.parameters(), lr=0.05, momentum=0.9)
+    for step in range(steps):
+        x = torch.randn(shape)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        x_ref, x_mine = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_ref, y_mine = ref(x_ref), compiled(x_mine)
+        assert_close(y_mine, y_ref, what=f"{kind} step {step} output")
+        y_ref.square().mean().backward()
+        y_mine.square().mean().backward()
+        assert_close(x_mine.grad, x_ref.grad, what=f"{kind} step {step} input grad")
+        for (name, p_ref), p_mine in zip(ref.named_parameters(), mine.parameters(), strict=True):
+            assert_close(p_mine.grad, p_ref.grad, what=f"{kind} step {step} grad of {name}")
+        for opt in (opt_ref, opt_mine):
+            opt.step()
+            opt.zero_grad()
+    for (name, p_ref), p_mine in zip(ref.named_parameters(), mine.parameters(), strict=True):
+        assert_close(p_mine, p_ref, what=f"{kind} weights of {name}")
+    state_ref, state_mine = nmcompile.sparsity_state(ref), nmcompile.sparsity_state(compiled)
+    assert state_mine.keys() == state_ref.keys() and state_mine
+    for name, s in state_mine.items():
+        assert s["step"] == steps and torch.equal(s["perm"], state_ref[name]["perm"]), name
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (1, 4)], ids=lambda nm: f"{nm[0]}:{nm[1]}")
+@pytest.mark.parametrize("backward", ["bimask", "transposable", "dense"])
+@pytest.mark.parametrize("kind", list(CONV_MODELS))
+def test_conv_compiled_matches_reference(kind, backward, nm):
+    """5 steps: outputs, all gradients, weights and permutations agree with the reference."""
+    _train_and_compare(kind, n=nm[0], m=nm[1], backward=backward, perm_interval=2, inner="aot_eager")
+
+
+def test_conv_channels_last_and_inductor():
+    """Channels-last inputs through Inductor (the default inner compiler) agree as well."""
+    _train_and_compare("basic_block", channels_last=True, perm_interval=2)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_input_gradient_is_conv_transpose_of_dy_with_w_masked_by_b(stride):
+    """dX = conv_transpose(dY, W ⊙ B), B per SPEC §4 at every (c, kh, kw), from the reported P."""
+    n, m = 2, 4
+    conv = nn.Conv2d(8, 16, 3, stride=stride, padding=1)
+    compiled = torch.compile(conv, backend=nmcompile.backend(inner="aot_eager", perm_candidates=50))
+    x = torch.randn(2, 8, 8, 8, requires_grad=True)
+    y = compiled(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    perm = nmcompile.sparsity_state(compiled)["weight"]["perm"]
+    assert not torch.equal(perm, torch.arange(16))
+    w = conv.weight.detach()
+    f = torch.zeros_like(w, dtype=torch.bool)  # N:M along C at each (o, kh, kw)
+    for o in range(16):
+        for kh in range(3):
+            for kw in range(3):
+                for g in range(0, 8, m):
+                    order = sorted(range(m), key=lambda i: (-abs(w[o, g + i, kh, kw].item()), i))
+                    for i in order[:n]:
+                        f[o, g + i, kh, kw] = True
+    wf_perm = (w * f)[perm]
+    bp = torch.zeros_like(f)  # N:M along permuted O at each (c, kh, kw)
+    for c in range(8):
+        for kh in range(3):
+            for kw in range(3):
+                for g in range(0, 16, m):
+                    order = sorted(range(m), key=lambda i: (-abs(wf_perm[g + i, c, kh, kw].item()), i))
+                    for i in order[:n]:
+                        bp[g + i, c, kh, kw] = True
+    b = torch.zeros_like(f)
+    b[perm] = bp
+    b &= f
+    expected = F.conv_transpose2d(dy, w * b, stride=stride, padding=1, output_padding=stride - 1)
+    assert_close(x.grad, expected, what="dX")
+    assert_close(compiled(x), F.conv2d(x, w * f, conv.bias, stride=stride, padding=1), what="Y")
+
+
+def test_grouped_conv_permutation_stays_inside_groups():
+    """Grouped conv: masks per group; every candidate and the chosen P permute within each group."""
+    conv = nn.Conv2d(16, 32, 3, padding=1, groups=2)
+    compiled = torch.compile(conv, backend=nmcompile.backend(inner="aot_eager", perm_candidates=30))
+    compiled(torch.randn(2, 16, 5, 5)).sum().backward()
+    perm = nmcompile.sparsity_state(compiled)["weight"]["perm"]
+    assert not torch.equal(perm, torch.arange(32))
+    assert sorted(perm[:16].tolist()) == list(range(16)) and sorted(perm[16:].tolist()) == list(range(16, 32))
+
+
+def test_conv_report_rows():
+    """Rows show kernel/stride/groups and implicit-GEMM FLOPs; dense convs say why."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.conv = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+            self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+            self.odd_groups = nn.Conv2d(32, 24, 1, groups=4)  # O/groups = 6
+            self.up = nn.ConvTranspose2d(24, 8, 2, stride=2)
+
+        def forward(self, x):
+            return self.up(self.odd_groups(self.dw(self.conv(self.stem(x)))))
+
+    report = nmcompile.explain(Net(), torch.randn(2, 3, 8, 8), inner="aot_eager")
+    rows = {r.name: r for r in report.rows}
+    conv = rows["conv.weight"]
+    assert conv.sparse and conv.conv == "k3x3 s2x2 p1x1 d1x1 g1" and conv.weight_shape == (32, 144)
+    dense = 2 * (2 * 4 * 4) * 32 * 144
+    assert conv.flops == {
+        "forward": (dense, dense // 2),
+        "input_grad": (dense, dense // 2),
+        "weight_grad": (dense, dense),
+    }
+    assert rows["stem.weight"].reason == "C=3 not divisible by m=4"
+    assert rows["dw.weight"].reason == "C/groups=1 not divisible by m=4"
+    assert rows["odd_groups.weight"].reason == "grouped conv: O/groups=6 not divisible by m=4"
+    assert rows["up.weight"].reason == "transposed convolution" and not rows["up.weight"].sparse
+    up_dense = 2 * (2 * 4 * 4) * 24 * (8 * 4)  # transposed: rows are input positions
+    assert rows["up.weight"].flops["forward"] == (up_dense, up_dense)
+    table = str(report)
+    assert "conv" in table.splitlines()[0] and "k3x3 s2x2" in table
+    assert "conv_fwd_conv" in {n.name for n in report.forward_graph.graph.nodes}
+    assert {"conv_bwd_perm", "conv_bwd_mask", "conv_bwd_input_grad"} <= {
+        n.name for n in report.backward_graph.graph.nodes
+    }
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(4, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )  # fmt: skip
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def test_small_cnn_trains_without_recompiles():
+    """An unchanged loop on a learnable task: loss falls; one training graph after the first step."""
+    torch.manual_seed(3)
+    templates = torch.randn(4, 4, 8, 8)
+    model = SmallCNN()
+    compiled = torch.compile(model, backend="nmsparse", options={"inner": "aot_eager", "perm_interval": 5})
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(40):
+        labels = torch.randint(0, 4, (32,))
+        x = templates[labels] + 0.5 * torch.randn(32, 4, 8, 8)
+        loss = F.cross_entropy(compiled(x), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step == 0:
+            counters.clear()
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
+    assert counters["stats"].get("unique_graphs", 0) == 0, "recompiled after the first step"
+    assert nmcompile.sparsity_state(model)["features.3.weight"]["step"] == 40
