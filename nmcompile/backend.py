@@ -137,16 +137,19 @@ def _compile_inner(gm: fx.GraphModule, inputs: list, config: SparsityConfig, rec
 class _Runner:
     """What the backend returns: runs the compiled graph with state inputs and counts steps."""
 
-    def __init__(self, compiled: Callable, states: list[tuple[LayerState, int]], perms: list[LayerState]) -> None:
+    def __init__(
+        self, compiled: Callable, states: list[tuple[LayerState, int]], input_states: list[LayerState]
+    ) -> None:
         self.compiled = compiled
         self.states = states  # (state, position of its weight among the inputs)
-        self.perms = perms  # states whose permutation is a graph input, in input order
+        self.input_states = input_states  # layers whose state tensors follow the user's inputs, in order
 
     def __call__(self, *args: Any) -> Any:
         training = [(state, args[i]) for state, i in self.states if state.is_training_forward()]
         for state, weight in training:
             state.begin_training_step(weight)
-        out = self.compiled(*args, *(state.perm for state in self.perms))
+        extra = [tensor for state in self.input_states for tensor in state.graph_inputs()]
+        out = self.compiled(*args, *extra)
         for state, _ in training:
             state.end_training_step()
         return out
@@ -180,20 +183,18 @@ def compile_graph(
     by_target: dict[int, LayerState] = {}
     for target in analysis.sparse:
         info = params[target.weight.name]  # type: ignore[union-attr]
-        spec = LayerSpec(
-            info.name, info.index, target.weight_shape[0], config.n, config.m,  # type: ignore[index]
-            target.backward, config.perm_candidates, config.perm_interval, config.seed, target.layout,
-            target.conv.groups if target.conv is not None else 1,
-        )  # fmt: skip
+        groups = target.conv.groups if target.conv is not None else 1
+        rows = target.weight_shape[0]  # type: ignore[index]
+        spec = LayerSpec(info.name, info.index, rows, target.backward, target.layout, groups, config)
         state = registry.get_or_create(info.param, spec, info.owner)
         states.append((state, placeholders.index(target.weight.name)))  # type: ignore[union-attr]
         by_target[id(target)] = state
-    perms = [by_target[id(s.target)] for s in state_inputs]
+    input_states = list({id(s.target): by_target[id(s.target)] for s in state_inputs}.values())
     examples = [s.example for s in state_inputs]
     # A hit in AOTAutograd's cache skips the inner compiler, so nothing would be recorded.
     with torch._functorch.config.patch(enable_autograd_cache=record is None):
         compiled = _compile_inner(rewritten, [*example_inputs, *examples], config, record)
-    return _Runner(compiled, states, perms)
+    return _Runner(compiled, states, input_states)
 
 
 class NMSparseBackend:

@@ -26,12 +26,15 @@ def role(layer: str, what: str) -> dict[str, str]:
 
 
 @torch.library.custom_op("nmsparse::nm_mask", mutates_args=())
-def nm_mask(a: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
+def nm_mask(a: torch.Tensor, n: int, m: int, dim: int, n_eff: torch.Tensor | None = None) -> torch.Tensor:
     """SPEC §2 N:M magnitude mask along ``dim``, by rank counting (M comparisons per entry, no sort).
 
     Entry ``i`` of a group is kept when fewer than ``n`` entries rank above it, where ``j`` ranks
     above ``i`` if ``|a_j| > |a_i|``, or ``|a_j| == |a_i|`` and ``j < i``; NaN ranks as +inf.
+    ``n_eff`` (a 0-d tensor) overrides ``n`` where a schedule changes N between steps (SPEC §8).
     """
+    if n_eff is not None:
+        n = int(n_eff)
     if a.shape[dim] % m:
         raise ValueError(f"nm_mask: dim {dim} of size {a.shape[dim]} is not divisible by m={m}")
     mag = a.detach().abs()
@@ -45,19 +48,38 @@ def nm_mask(a: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
 
 
 @nm_mask.register_fake
-def _(a: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
+def _(a: torch.Tensor, n: int, m: int, dim: int, n_eff: torch.Tensor | None = None) -> torch.Tensor:
     return torch.empty_like(a, dtype=torch.bool, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("nmsparse::transposable_mask", mutates_args=())
-def transposable_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """SPEC §4 transposable mask of ``w`` ``[O, K]`` (N:M along both dims)."""
-    return reference.transposable_mask(w, n, m)
+def transposable_mask(w: torch.Tensor, n: int, m: int, n_eff: torch.Tensor | None = None) -> torch.Tensor:
+    """SPEC §4 transposable mask of ``w`` ``[O, K]`` (N:M along both dims); ``n_eff`` as in ``nm_mask``."""
+    return reference.transposable_mask(w, int(n_eff) if n_eff is not None else n, m)
 
 
 @transposable_mask.register_fake
-def _(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
+def _(w: torch.Tensor, n: int, m: int, n_eff: torch.Tensor | None = None) -> torch.Tensor:
     return torch.empty_like(w, dtype=torch.bool, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("nmsparse::mvue_prune", mutates_args=())
+def mvue_prune(grad: torch.Tensor, step: torch.Tensor, key: int, rule: str) -> torch.Tensor:
+    """SPEC §7 ``rule`` on a 2-D gradient ``[T, O]``, blocks along ``T``; random numbers from the
+    counter-based stream ``(key, step)``, so the same step prunes the same way anywhere."""
+    return reference.mvue_prune_with(
+        grad, rule, 0, lambda count: reference.counter_uniforms(key, step, count, grad.device)
+    )
+
+
+@mvue_prune.register_fake
+def _(grad: torch.Tensor, step: torch.Tensor, key: int, rule: str) -> torch.Tensor:
+    return torch.empty_like(grad)
+
+
+def _effective_weight(weight: torch.Tensor, mask: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
+    """``W ⊙ mask``, or with mask decay ``W ⊙ (mask + (1 − mask)·α)`` (SPEC §8)."""
+    return torch.where(mask, weight, 0) if alpha is None else torch.where(mask, weight, weight * alpha)
 
 
 @torch.library.custom_op("nmsparse::sparse_linear", mutates_args=())
@@ -71,14 +93,20 @@ def sparse_linear(
     m: int,
     srste_lambda: float,
     layer: str,
+    n_eff: torch.Tensor | None = None,
+    alpha: torch.Tensor | None = None,
+    step: torch.Tensor | None = None,
+    grad_prune: str = "none",
+    prune_key: int = 0,
 ) -> torch.Tensor:
-    """``Y = X (W⊙F)ᵀ + b`` for ``W`` ``[O, K]``; the backward mode follows from ``perm`` (see
-    ``_sparse_backward``)."""
-    return F.linear(x, torch.where(fwd_mask, weight, 0), bias)
+    """``Y = X (W⊙F)ᵀ + b`` for ``W`` ``[O, K]`` (``W ⊙ (F + (1−F)α)`` with mask decay); the
+    backward follows from ``perm`` and the recipe arguments (see ``_sparse_backward``)."""
+    return F.linear(x, _effective_weight(weight, fwd_mask, alpha), bias)
 
 
 @sparse_linear.register_fake
-def _(x, weight, bias, fwd_mask, perm, n, m, srste_lambda, layer):
+def _(x, weight, bias, fwd_mask, perm, n, m, srste_lambda, layer, n_eff=None, alpha=None, step=None,
+      grad_prune="none", prune_key=0):  # fmt: skip
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -106,16 +134,21 @@ def sparse_conv(
     m: int,
     srste_lambda: float,
     layer: str,
+    n_eff: torch.Tensor | None = None,
+    alpha: torch.Tensor | None = None,
+    step: torch.Tensor | None = None,
+    grad_prune: str = "none",
+    prune_key: int = 0,
 ) -> torch.Tensor:
     """Convolution with ``W⊙F`` (``W`` ``[O, C/groups, *k]``, ``F`` N:M along ``C`` per position)."""
-    out = torch.ops.aten.convolution(
-        x, torch.where(fwd_mask, weight, 0), bias, stride, padding, dilation, False, [0] * len(stride), groups
-    )
+    weight = _effective_weight(weight, fwd_mask, alpha)
+    out = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups)
     return out.contiguous(memory_format=_conv_memory_format(x))
 
 
 @sparse_conv.register_fake
-def _(x, weight, bias, fwd_mask, perm, stride, padding, dilation, groups, n, m, srste_lambda, layer):
+def _(x, weight, bias, fwd_mask, perm, stride, padding, dilation, groups, n, m, srste_lambda, layer, n_eff=None,
+      alpha=None, step=None, grad_prune="none", prune_key=0):  # fmt: skip
     spatial = [
         (size + 2 * p - d * (k - 1) - 1) // s + 1
         for size, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation, strict=True)
@@ -131,30 +164,42 @@ def _sparse_backward(
     input_grad: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     weight_grad: Callable[[torch.Tensor], torch.Tensor],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """SPEC §4, §6 for a GEMM or convolution whose output channels lie along ``channel_dim`` of dY.
+    """SPEC §4, §6–§8 for a GEMM or convolution whose output channels lie along ``channel_dim`` of dY.
 
-    With ``perm`` (bimask): ``dX = input_grad(dY[P along channels], W[P] ⊙ Bp)``,
-    ``Bp = nm_mask(|W⊙F|[P], dim=0)`` (for a conv, at every ``(c, *k)``); without:
-    ``dX = input_grad(dY, W ⊙ F)`` (``F`` is the transposable mask in that mode).
-    ``dW = weight_grad(dY) + λ(1−F)⊙W`` (straight-through), ``db = Σ dY`` over all but channels.
+    - Input gradient with ``perm`` (bimask): ``dX = input_grad(dY[P along channels], W[P] ⊙ Bp)``,
+      ``Bp = nm_mask(|W⊙F|[P], dim=0) ∧ F[P]`` (for a conv, at every ``(c, *k)``); without:
+      ``dX = input_grad(dY, W ⊙ F)`` (``F`` is the transposable mask in that mode). With mask
+      decay the masked-out weights enter scaled by ``α`` instead of 0.
+    - Weight gradient, straight-through: ``dW = weight_grad(prune(dY)) + λ(1−F)⊙W``, ``prune`` the
+      MVUE rule on the token view ``[T, O]`` of dY (or none).
+    - ``db = Σ dY`` over all but channels (unpruned).
     """
-    _, weight, fwd_mask, perm = ctx.saved_tensors
+    _, weight, fwd_mask, perm, n_eff, alpha, step = ctx.saved_tensors
     layer = ctx.layer
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
         if perm is not None:
             with annotate(role(layer, "bwd_perm")):
-                w_perm = torch.where(fwd_mask, weight, 0).index_select(0, perm)
+                w_perm, f_perm = weight.index_select(0, perm), fwd_mask.index_select(0, perm)
+                kept = torch.where(f_perm, w_perm, 0)
             with annotate(role(layer, "bwd_mask")):
-                b_perm = torch.ops.nmsparse.nm_mask(w_perm, ctx.n, ctx.m, 0)
+                b_perm = torch.ops.nmsparse.nm_mask(kept, ctx.n, ctx.m, 0, n_eff) & f_perm
             with annotate(role(layer, "bwd_input_grad")):
-                dx = input_grad(dy.index_select(channel_dim, perm), torch.where(b_perm, w_perm, 0))
+                dx = input_grad(dy.index_select(channel_dim, perm), _effective_weight(w_perm, b_perm, alpha))
         else:
             with annotate(role(layer, "bwd_input_grad")):
-                dx = input_grad(dy, torch.where(fwd_mask, weight, 0))
+                dx = input_grad(dy, _effective_weight(weight, fwd_mask, alpha))
     if ctx.needs_input_grad[1]:
+        grad = dy
+        if ctx.grad_prune != "none":
+            with annotate(role(layer, "bwd_grad_prune")):
+                tokens = dy.movedim(channel_dim, -1)
+                pruned = torch.ops.nmsparse.mvue_prune(
+                    tokens.reshape(-1, tokens.shape[-1]), step, ctx.prune_key, ctx.grad_prune
+                )
+                grad = pruned.reshape(tokens.shape).movedim(-1, channel_dim)
         with annotate(role(layer, "bwd_weight_grad")):
-            dw = weight_grad(dy)
+            dw = weight_grad(grad)
         if ctx.srste_lambda:
             with annotate(role(layer, "bwd_srste")):
                 dw = dw + ctx.srste_lambda * torch.where(fwd_mask, 0, weight)
@@ -164,11 +209,16 @@ def _sparse_backward(
     return dx, dw, db
 
 
-def _setup_linear(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    x, weight, bias, fwd_mask, perm, n, m, srste_lambda, layer = inputs
-    ctx.save_for_backward(x, weight, fwd_mask, perm)
+def _save_common(ctx: Any, x, weight, bias, fwd_mask, perm, n, m, srste_lambda, layer, n_eff, alpha, step,
+                 grad_prune, prune_key) -> None:  # fmt: skip
+    ctx.save_for_backward(x, weight, fwd_mask, perm, n_eff, alpha, step)
     ctx.n, ctx.m, ctx.srste_lambda, ctx.layer = n, m, srste_lambda, layer
+    ctx.grad_prune, ctx.prune_key = grad_prune, prune_key
     ctx.has_bias = bias is not None
+
+
+def _setup_linear(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    _save_common(ctx, *inputs)
 
 
 def _linear_backward(ctx: Any, dy: torch.Tensor) -> tuple:
@@ -180,15 +230,13 @@ def _linear_backward(ctx: Any, dy: torch.Tensor) -> tuple:
         input_grad=lambda g, w: g @ w,
         weight_grad=lambda g: g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1]),
     )
-    return dx, dw, db, None, None, None, None, None, None
+    return dx, dw, db, *([None] * 11)
 
 
 def _setup_conv(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    x, weight, bias, fwd_mask, perm, stride, padding, dilation, groups, n, m, srste_lambda, layer = inputs
-    ctx.save_for_backward(x, weight, fwd_mask, perm)
-    ctx.n, ctx.m, ctx.srste_lambda, ctx.layer = n, m, srste_lambda, layer
+    x, weight, bias, fwd_mask, perm, stride, padding, dilation, groups, *rest = inputs
+    _save_common(ctx, x, weight, bias, fwd_mask, perm, *rest)
     ctx.conv = (stride, padding, dilation, False, [0] * len(stride), groups)
-    ctx.has_bias = bias is not None
 
 
 def _conv_backward(ctx: Any, dy: torch.Tensor) -> tuple:
@@ -204,7 +252,7 @@ def _conv_backward(ctx: Any, dy: torch.Tensor) -> tuple:
         input_grad=lambda g, w: grads(g, w, [True, False, False])[0],
         weight_grad=lambda g: grads(g, weight, [False, True, False])[1],
     )
-    return dx, dw, db, *([None] * 10)
+    return dx, dw, db, *([None] * 15)
 
 
 sparse_linear.register_autograd(_linear_backward, setup_context=_setup_linear)

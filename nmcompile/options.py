@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -14,6 +15,8 @@ except ImportError:  # pragma: no cover - older torch
 
 BACKWARD_MODES = ("bimask", "transposable", "dense")
 INNER_COMPILERS = ("inductor", "aot_eager")
+GRAD_PRUNE_RULES = ("none", "mvue12", "mvue24", "mvue24_approx")
+MASK_DECAYS = ("none", "linear", "exponential")
 
 
 class SparsityConfigError(ValueError, _PassThrough):  # type: ignore[misc]
@@ -32,20 +35,34 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class SparsityConfig:
-    """All options of the backend; every field is checked in ``__post_init__``."""
+    """All options of the backend; every field is checked in ``__post_init__``.
+
+    ``srste_lambda=None`` (the default) means ``2e-4``, or ``0`` when mask decay replaces SR-STE.
+    """
 
     n: int = 2
     m: int = 4
     backward: str = "bimask"
     perm_candidates: int = 100
     perm_interval: int = 100
-    srste_lambda: float = 2e-4
+    srste_lambda: float | None = None
     seed: int = 0
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     inner: str = "inductor"
+    grad_prune: str = "none"
+    mask_decay: str = "none"
+    mask_decay_rate: float = 2e-4
+    structure_decay: bool = False
+    dense_steps: int = 0
+    finetune_steps: int = 0
+    total_steps: int | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.m) or not 2 <= self.m <= 32:
@@ -58,16 +75,48 @@ class SparsityConfig:
             _fail("perm_candidates", self.perm_candidates, "an int >= 0")
         if not _is_int(self.perm_interval) or self.perm_interval < 1:
             _fail("perm_interval", self.perm_interval, "an int >= 1")
-        lam = self.srste_lambda
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0 or lam == float("inf"):
-            _fail("srste_lambda", lam, "a finite float >= 0")
-        object.__setattr__(self, "srste_lambda", float(lam))
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
             _fail("seed", self.seed, "an int in [0, 2**63)")
         for key in ("include", "exclude"):
             object.__setattr__(self, key, _patterns(key, getattr(self, key)))
         if self.inner not in INNER_COMPILERS:
             _fail("inner", self.inner, f"one of {INNER_COMPILERS}")
+        if self.grad_prune not in GRAD_PRUNE_RULES:
+            _fail("grad_prune", self.grad_prune, f"one of {GRAD_PRUNE_RULES}")
+        self._check_schedules()
+
+    def _check_schedules(self) -> None:
+        """SPEC §6, §8: decay options, and SR-STE resolved against mask decay."""
+        if self.mask_decay not in MASK_DECAYS:
+            _fail("mask_decay", self.mask_decay, f"one of {MASK_DECAYS}")
+        if not _is_finite_number(self.mask_decay_rate) or not self.mask_decay_rate > 0:
+            _fail("mask_decay_rate", self.mask_decay_rate, "a finite float > 0")
+        if not isinstance(self.structure_decay, bool):
+            _fail("structure_decay", self.structure_decay, "True or False")
+        for key in ("dense_steps", "finetune_steps"):
+            if not _is_int(getattr(self, key)) or getattr(self, key) < 0:
+                _fail(key, getattr(self, key), "an int >= 0")
+        if self.total_steps is not None and (not _is_int(self.total_steps) or self.total_steps < 1):
+            _fail("total_steps", self.total_steps, "None or an int >= 1")
+        decaying = self.structure_decay or self.mask_decay != "none"
+        if self.dense_steps and not decaying:
+            _fail("dense_steps", self.dense_steps, "0 unless mask_decay or structure_decay is on")
+        if self.finetune_steps and not self.structure_decay:
+            _fail("finetune_steps", self.finetune_steps, "0 unless structure_decay=True")
+        if self.structure_decay:
+            if self.total_steps is None:
+                _fail("total_steps", None, "an int: structure_decay=True needs total_steps")
+            span = self.total_steps - self.dense_steps - self.finetune_steps  # type: ignore[operator]
+            if span < 1:
+                _fail("total_steps", self.total_steps, "more than dense_steps + finetune_steps")
+        lam = self.srste_lambda
+        if lam is None:
+            lam = 0.0 if self.mask_decay != "none" else 2e-4
+        if not _is_finite_number(lam) or not lam >= 0:
+            _fail("srste_lambda", lam, "a finite float >= 0")
+        if lam > 0 and self.mask_decay != "none":
+            _fail("srste_lambda", lam, "0 (or unset) with mask_decay: mask decay replaces SR-STE (SPEC §6)")
+        object.__setattr__(self, "srste_lambda", float(lam))
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | SparsityConfig | None = None, **kwargs: Any) -> SparsityConfig:

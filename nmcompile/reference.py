@@ -8,8 +8,11 @@ eligible ``nn.Linear`` for a ``SparseLinear`` (same parameters) and routes ``mm`
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -142,27 +145,54 @@ def backward_mask(w: torch.Tensor, fmask: torch.Tensor, perm: torch.Tensor, n: i
     return b & fmask
 
 
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Per-step options of one sparse GEMM in the reference: SR-STE ``λ``, mask-decay ``α`` (``None``
+    without), and MVUE pruning of dY for dW (``rule`` ``"none"`` without; ``key``/``step`` seed it)."""
+
+    srste_lambda: float = 0.0
+    alpha: float | None = None
+    rule: str = "none"
+    key: int = 0
+    step: torch.Tensor | None = None
+
+    def weight(self, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``W ⊙ mask``, or ``W ⊙ (mask + (1 − mask)·α)`` with mask decay (SPEC §8)."""
+        return torch.where(mask, weight, 0) if self.alpha is None else torch.where(mask, weight, weight * self.alpha)
+
+    def prune(self, dy: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        """SPEC §7: the MVUE rule on the token view ``[T, O]`` of ``dy``, blocks along ``T``."""
+        if self.rule == "none":
+            return dy
+        tokens = dy.movedim(channel_dim, -1)
+        flat = tokens.reshape(-1, tokens.shape[-1])
+        pruned = mvue_prune_with(flat, self.rule, 0, lambda c: counter_uniforms(self.key, self.step, c, dy.device))
+        return pruned.reshape(tokens.shape).movedim(-1, channel_dim)
+
+    def srste(self, dw: torch.Tensor, weight: torch.Tensor, fmask: torch.Tensor) -> torch.Tensor:
+        return dw + self.srste_lambda * torch.where(fmask, 0, weight) if self.srste_lambda else dw
+
+
 class SparseGemm(torch.autograd.Function):
-    """``Y = X (W⊙F)ᵀ + b``; ``dX = dY (W⊙B)``; ``dW = dYᵀX + λ(1−F)⊙W`` (SPEC §3, §4, §6)."""
+    """``Y = X (W⊙F)ᵀ + b``; ``dX = dY (W⊙B)``; ``dW = prune(dY)ᵀX + λ(1−F)⊙W`` (SPEC §3–§8)."""
 
     @staticmethod
-    def forward(ctx: Any, x, weight, bias, fmask, bmask, srste_lambda: float):  # type: ignore[override]
+    def forward(ctx: Any, x, weight, bias, fmask, bmask, recipe: Recipe):  # type: ignore[override]
         ctx.save_for_backward(x, weight, fmask, bmask)
-        ctx.srste_lambda = srste_lambda
-        return F.linear(x, torch.where(fmask, weight, 0), bias)
+        ctx.recipe = recipe
+        return F.linear(x, recipe.weight(weight, fmask), bias)
 
     @staticmethod
     def backward(ctx: Any, dy):  # type: ignore[override]
         x, weight, fmask, bmask = ctx.saved_tensors
+        recipe: Recipe = ctx.recipe
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dx = dy @ torch.where(bmask, weight, 0) if need_x else None
+        dx = dy @ recipe.weight(weight, bmask) if need_x else None
         dw = None
         if need_w:
-            dw = dy2.t() @ x.reshape(-1, x.shape[-1])
-            if ctx.srste_lambda:
-                dw = dw + ctx.srste_lambda * torch.where(fmask, 0, weight)
-        db = dy2.sum(0) if need_b else None
+            pruned = recipe.prune(dy, -1)
+            dw = recipe.srste(pruned.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]), weight, fmask)
+        db = dy.reshape(-1, dy.shape[-1]).sum(0) if need_b else None
         return dx, dw, db, None, None, None
 
 
@@ -190,27 +220,26 @@ def conv_padding(padding: Any, kernel: Sequence[int], dilation: Sequence[int]) -
 
 
 class SparseConv(torch.autograd.Function):
-    """Convolution with ``W⊙F`` forward, ``W⊙B`` input gradient, straight-through ``dW`` + SR-STE."""
+    """Convolution with ``W⊙F`` forward, ``W⊙B`` input gradient, straight-through ``dW`` (SPEC §3–§8)."""
 
     @staticmethod
-    def forward(ctx: Any, x, weight, bias, fmask, bmask, srste_lambda: float, conv: tuple):  # type: ignore[override]
+    def forward(ctx: Any, x, weight, bias, fmask, bmask, recipe: Recipe, conv: tuple):  # type: ignore[override]
         ctx.save_for_backward(x, weight, fmask, bmask)
-        ctx.srste_lambda, ctx.conv = srste_lambda, conv
-        return _CONV[weight.dim() - 2](x, torch.where(fmask, weight, 0), bias, *conv)
+        ctx.recipe, ctx.conv = recipe, conv
+        return _CONV[weight.dim() - 2](x, recipe.weight(weight, fmask), bias, *conv)
 
     @staticmethod
     def backward(ctx: Any, dy):  # type: ignore[override]
         x, weight, fmask, bmask = ctx.saved_tensors
+        recipe: Recipe = ctx.recipe
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         d = weight.dim() - 2
         input_grad = getattr(torch.nn.grad, f"conv{d}d_input")
         weight_grad = getattr(torch.nn.grad, f"conv{d}d_weight")
-        dx = input_grad(x.shape, torch.where(bmask, weight, 0), dy, *ctx.conv) if need_x else None
+        dx = input_grad(x.shape, recipe.weight(weight, bmask), dy, *ctx.conv) if need_x else None
         dw = None
         if need_w:
-            dw = weight_grad(x, weight.shape, dy, *ctx.conv)
-            if ctx.srste_lambda:
-                dw = dw + ctx.srste_lambda * torch.where(fmask, 0, weight)
+            dw = recipe.srste(weight_grad(x, weight.shape, recipe.prune(dy, 1), *ctx.conv), weight, fmask)
         db = dy.sum([0, *range(2, dy.dim())]) if need_b else None
         return dx, dw, db, None, None, None, None
 
@@ -229,23 +258,26 @@ class _Rule:
     ) -> torch.Tensor:
         """The sparse ``F.linear(x, w, bias)`` for ``w`` as ``[O, K]``, or, given ``conv = (stride,
         padding, dilation, groups)``, the sparse convolution with ``w`` ``[O, C, *k]``. Counts steps."""
-        n, m = self.config.n, self.config.m
-        training = self.state.is_training_forward()
+        config, state = self.config, self.state
+        training = state.is_training_forward()
         if training:
-            self.state.begin_training_step(self.param)
+            state.begin_training_step(self.param)
+        n, m = state.mask_n(), config.m
         with torch.no_grad():
             if self.backward == "transposable":
                 fmask = bmask = transposable_mask(w, n, m)
             else:
                 fmask = nm_mask(w, n, m, dim=1)
-                bmask = backward_mask(w, fmask, self.state.perm, n, m) if self.backward == "bimask" else fmask
-        lam = self.config.srste_lambda
+                bmask = backward_mask(w, fmask, state.perm, n, m) if self.backward == "bimask" else fmask
+        recipe = Recipe(
+            config.srste_lambda, state.alpha(), config.grad_prune, prune_key(config.seed, state.spec.index), state.step
+        )
         if conv is None:
-            y = SparseGemm.apply(x, w, bias, fmask, bmask, lam)
+            y = SparseGemm.apply(x, w, bias, fmask, bmask, recipe)
         else:
-            y = SparseConv.apply(x, w, bias, fmask, bmask, lam, conv)
+            y = SparseConv.apply(x, w, bias, fmask, bmask, recipe, conv)
         if training:
-            self.state.end_training_step()
+            state.end_training_step()
         return y
 
 
@@ -388,10 +420,7 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
         backward = _eligible_backward(weight, rows, cols, groups, config, counts[id(weight)] > 1, name)
         if backward is None:
             return None
-        spec = LayerSpec(
-            name, index[id(weight)], rows, config.n, config.m, backward,
-            config.perm_candidates, config.perm_interval, config.seed, layout, groups,
-        )  # fmt: skip
+        spec = LayerSpec(name, index[id(weight)], rows, backward, layout, groups, config)
         return _Rule(registry.get_or_create(weight, spec, owner), weight, backward, config)
 
     for mod_name, module in list(model.named_modules()):
@@ -421,3 +450,164 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+# --- SPEC §8: schedules -------------------------------------------------------------------------
+
+
+def structure_sequence(n: int, m: int) -> list[int]:
+    """SPEC §8 structure decay: ``(m−1):m → m/2:m → m/4:m → … → n:m`` (1:8 gives 7, 4, 2, 1)."""
+    if n >= m:
+        return [m]
+    sequence = [m - 1]
+    value = m // 2
+    while value > n:
+        if value < sequence[-1]:
+            sequence.append(value)
+        value //= 2
+    if sequence[-1] != n:
+        sequence.append(n)
+    return sequence
+
+
+def effective_n(config: Any, step: int) -> int:
+    """N in force at training step ``step``: ``m`` (dense) before ``dense_steps``; with structure
+    decay, the sequence above over equal frames up to ``total_steps − finetune_steps``."""
+    if step < config.dense_steps and (config.structure_decay or config.mask_decay != "none"):
+        return config.m
+    if not config.structure_decay:
+        return config.n
+    sequence = structure_sequence(config.n, config.m)
+    span = config.total_steps - config.finetune_steps - config.dense_steps
+    frame = (step - config.dense_steps) * len(sequence) // span
+    return sequence[min(frame, len(sequence) - 1)]
+
+
+def decay_alpha(config: Any, step: int) -> float:
+    """SPEC §8 mask decay factor ``α(t)`` (``t`` counted from ``dense_steps``; 1 before it)."""
+    t = step - config.dense_steps
+    if t < 0:
+        return 1.0
+    if config.mask_decay == "linear":
+        return max(0.0, 1.0 - config.mask_decay_rate * t)
+    return math.exp(-config.mask_decay_rate * t)
+
+
+# --- SPEC §7: minimum-variance unbiased gradient pruning ----------------------------------------
+
+MVUE_RULES = {"mvue12": (1, 2, 1), "mvue24": (2, 4, 1), "mvue24_approx": (2, 4, 2)}  # n, m, uniforms/block
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
+    """``h · c mod 2³²`` for int64 ``h < 2³²`` without overflowing int64."""
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32) on int64 tensors holding values below 2³²."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = _mul32(h, 0x846CA68B)
+    return h ^ (h >> 16)
+
+
+def prune_key(seed: int, layer_index: int) -> int:
+    """The 32-bit key of a layer's MVUE random stream, from ``(seed, layer index)``."""
+    digest = hashlib.blake2b(f"mvue:{seed}:{layer_index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+def counter_uniforms(key: int, step: torch.Tensor, count: int, device: torch.device | None = None) -> torch.Tensor:
+    """``count`` uniforms in ``[0, 1)`` from a counter-based hash of ``(key, step, index)``.
+
+    Pure tensor arithmetic: the same numbers eagerly and inside a compiled graph, on any device,
+    with no generator state, so a resumed run or another rank draws them again (SPEC §5, §7).
+    """
+    step_seed = _mix32((step.to(device=device, dtype=torch.int64) & _M32) ^ key)
+    index = torch.arange(count, dtype=torch.int64, device=device)
+    h = _mix32(_mix32((index & _M32) ^ step_seed) ^ (index >> 32))
+    return (h >> 8).to(torch.float32) * (2.0**-24)
+
+
+def _cover(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index of the interval covering ``u`` when the ``p`` of each row are laid end to end."""
+    ends = torch.cumsum(p, dim=-1)
+    ends[..., -1] = torch.inf  # the last interval takes any rounding slack
+    return (ends <= u.unsqueeze(-1)).sum(-1).clamp(max=p.shape[-1] - 1)
+
+
+def _mvue12(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    mag = a.abs()
+    total = mag.sum(-1, keepdim=True)
+    p0 = torch.where(total > 0, mag[:, :1] / total, 0.0)
+    keep_first = u[:, :1] < p0
+    kept = torch.cat([keep_first, ~keep_first], dim=-1)
+    return torch.where(kept, torch.sign(a) * total, 0.0)
+
+
+def _mvue24(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    mag = a.abs()
+    total = mag.sum(-1, keepdim=True)
+    top, top_index = mag.max(-1, keepdim=True)
+    rest = total - top
+    dominant = top > rest
+    is_top = torch.zeros_like(mag, dtype=torch.bool).scatter_(-1, top_index, True)
+    p_dominant = torch.where(is_top, 1.0, torch.where(rest > 0, mag / torch.where(rest > 0, rest, 1.0), 1.0 / 3))
+    p_spread = torch.where(total > 0, 2 * mag / torch.where(total > 0, total, 1.0), 0.5)
+    p = torch.where(dominant, p_dominant, p_spread)
+    first, second = _cover(p, u[:, 0]), _cover(p, u[:, 0] + 1)
+    kept = torch.zeros_like(mag, dtype=torch.bool)
+    kept.scatter_(-1, first.unsqueeze(-1), True).scatter_(-1, second.unsqueeze(-1), True)
+    return torch.where(kept & (p > 0), a / torch.where(p > 0, p, 1.0), 0.0)
+
+
+def _mvue24_approx(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    mag = a.abs()
+    total = mag.sum(-1, keepdim=True)
+    p = torch.where(total > 0, mag / torch.where(total > 0, total, 1.0), 0.25)
+    first = _cover(p, u[:, 0])
+    is_first = torch.zeros_like(mag, dtype=torch.bool).scatter_(-1, first.unsqueeze(-1), True)
+    left = 1 - p.gather(-1, first.unsqueeze(-1))
+    q = torch.where(is_first, 0.0, torch.where(left > 0, p / torch.where(left > 0, left, 1.0), 1.0 / 3))
+    second = _cover(q, u[:, 1])
+    kept = is_first.clone().scatter_(-1, second.unsqueeze(-1), True)
+    ratio = torch.where(p < 1, p / torch.where(p < 1, 1 - p, 1.0), 0.0)  # p_j / (1 − p_j)
+    inclusion = p + p * (ratio.sum(-1, keepdim=True) - ratio)  # P(i first) + Σ_j P(j first, then i)
+    return torch.where(kept & (inclusion > 0), a / torch.where(inclusion > 0, inclusion, 1.0), 0.0)
+
+
+_MVUE = {"mvue12": _mvue12, "mvue24": _mvue24, "mvue24_approx": _mvue24_approx}
+
+
+def mvue_prune_with(grad: torch.Tensor, rule: str, dim: int, uniforms: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """SPEC §7 ``rule`` on blocks of ``m`` consecutive entries along ``dim`` (zero-padded at the end,
+    never dropped); ``uniforms(count)`` supplies the random numbers, ``k`` per block in block order."""
+    _, m, k = MVUE_RULES[rule]
+    moved = grad.movedim(dim, -1)
+    size = moved.shape[-1]
+    padded = F.pad(moved, (0, (-size) % m))
+    blocks = padded.reshape(-1, m)
+    u = uniforms(blocks.shape[0] * k).to(blocks.device).reshape(-1, k)
+    pruned = _MVUE[rule](blocks.float(), u).to(grad.dtype)
+    return pruned.reshape(padded.shape)[..., :size].movedim(-1, dim)
+
+
+def mvue_prune(
+    grad: torch.Tensor, n: int, m: int, dim: int = 0, generator: torch.Generator | None = None, approx: bool = False
+) -> torch.Tensor:
+    """Minimum-variance unbiased N:M pruning of ``grad`` (SPEC §7): ``1:2``, or ``2:4`` (optimal, or
+    ``approx=True`` for the two-draw rule), in blocks of ``m`` consecutive entries along ``dim``.
+
+    ``E[mvue_prune(g)] = g`` elementwise; each block keeps at most ``n`` nonzeros.
+    """
+    rule = {(1, 2): "mvue12", (2, 4): "mvue24_approx" if approx else "mvue24"}.get((n, m))
+    if rule is None or (approx and rule != "mvue24_approx"):
+        raise ValueError(f"mvue_prune supports 1:2 and 2:4 (approx only for 2:4), got {n}:{m} approx={approx}")
+    return mvue_prune_with(
+        grad,
+        rule,
+        dim,
+        lambda count: torch.rand(count, generator=generator, device=generator.device if generator else grad.device),
+    )

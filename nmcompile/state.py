@@ -1,21 +1,31 @@
-"""Per-layer sparsity state: permutation and step counter, keyed weakly by the weight parameter.
+"""Per-layer sparsity state: permutation, step counter and schedule, keyed weakly by the weight.
 
 The state lives outside the compiled graphs and enters them as tensor inputs, so changing it
 never recompiles. One registry maps each weight ``nn.Parameter`` to its ``LayerState``; graph
-breaks or recompiles that see the same parameter share one state (SPEC §5, §9).
+breaks or recompiles that see the same parameter share one state (SPEC §5, §8, §9).
+
+Checkpoints (SPEC §9): ``model.state_dict()`` carries each layer's state in the state dict's
+``_metadata`` (no extra keys, so any model loads the checkpoint, strict or not), and
+``load_state_dict`` brings it back, also when it runs before the first compiled forward.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import warnings
 import weakref
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from nmcompile import reference
+from nmcompile.options import SparsityConfig
+
+METADATA_KEY = "nmsparse"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,16 +33,25 @@ class LayerSpec:
     """What a layer's state depends on; a different spec for the same parameter resets the state."""
 
     name: str
-    index: int
-    rows: int
-    n: int
-    m: int
-    backward: str
-    perm_candidates: int
-    perm_interval: int
-    seed: int
+    index: int  # position of the weight in model.named_parameters(): seeds its random streams
+    rows: int  # O
+    backward: str  # the layer's own mode: "dense" where O % m rules out an N:M backward
     layout: str = "out_in"  # "in_out": the parameter is stored as [K, O] (used as x @ W)
     groups: int = 1  # grouped convolution: the permutation stays inside each group of O/groups rows
+    config: SparsityConfig = dataclasses.field(default_factory=SparsityConfig)
+
+    @property
+    def graph_inputs(self) -> tuple[str, ...]:
+        """The state tensors this layer's compiled graph takes, in order."""
+        return graph_input_kinds(self.backward, self.config)
+
+
+def graph_input_kinds(backward: str, config: SparsityConfig) -> tuple[str, ...]:
+    """State tensors a layer's graph takes, in order: ``perm`` (bimask), ``n_eff`` (structure
+    decay), ``alpha`` (mask decay), ``step`` (MVUE seeding)."""
+    kinds = [("perm", backward == "bimask"), ("n_eff", config.structure_decay),
+             ("alpha", config.mask_decay != "none"), ("step", config.grad_prune != "none")]  # fmt: skip
+    return tuple(kind for kind, used in kinds if used)
 
 
 def candidate_generator(seed: int, layer_index: int, step: int) -> torch.Generator:
@@ -44,23 +63,56 @@ def candidate_generator(seed: int, layer_index: int, step: int) -> torch.Generat
 def permutation_candidates(spec: LayerSpec, step: int) -> list[torch.Tensor]:
     """The ``perm_candidates`` random row permutations of a search step, drawn in order from
     ``candidate_generator``; with groups, one ``randperm`` per group, kept inside the group."""
-    generator = candidate_generator(spec.seed, spec.index, step)
+    generator = candidate_generator(spec.config.seed, spec.index, step)
     size = spec.rows // spec.groups
     return [
         torch.cat([torch.randperm(size, generator=generator) + g * size for g in range(spec.groups)])
-        for _ in range(spec.perm_candidates)
+        for _ in range(spec.config.perm_candidates)
     ]
 
 
 class LayerState:
-    """Mutable state of one sparsified weight: permutation ``perm`` (bimask) and step counter."""
+    """Mutable state of one sparsified weight: permutation ``perm`` (bimask) and step counter.
 
-    def __init__(self, spec: LayerSpec, device: torch.device, owner: torch.nn.Module | None) -> None:
+    Tensors are replaced, never changed in place, so a backward still pending from an earlier
+    forward sees the values that forward used.
+    """
+
+    def __init__(self, spec: LayerSpec, device: torch.device, owner: nn.Module | None) -> None:
         self.spec = spec
         self.perm = torch.arange(spec.rows, device=device)
         self.step = torch.zeros((), dtype=torch.int64)
         self.last_search_step: int | None = None
+        self.device = device
         self._owner = weakref.ref(owner) if owner is not None else None
+
+    def weight_matrix(self, param: torch.Tensor) -> torch.Tensor:
+        """The parameter as the ``[O, K]`` matrix ``W`` of SPEC §1 (detached)."""
+        w = param.detach()
+        return w.t() if self.spec.layout == "in_out" else w
+
+    def mask_n(self, step: int | None = None) -> int:
+        """N of the masks at ``step`` (default: now): the structure-decay schedule, else ``n``."""
+        config = self.spec.config
+        step = int(self.step) if step is None else step
+        return reference.effective_n(config, step) if config.structure_decay else config.n
+
+    def alpha(self, step: int | None = None) -> float | None:
+        """Mask-decay factor at ``step`` (default: now), ``None`` without mask decay."""
+        config = self.spec.config
+        if config.mask_decay == "none":
+            return None
+        return reference.decay_alpha(config, int(self.step) if step is None else step)
+
+    def graph_inputs(self) -> list[torch.Tensor]:
+        """This step's state tensors for the compiled graph, in ``spec.graph_inputs`` order."""
+        values = {
+            "perm": lambda: self.perm,
+            "n_eff": lambda: torch.tensor(self.mask_n(), dtype=torch.int64),
+            "alpha": lambda: torch.tensor(self.alpha(), dtype=torch.float32, device=self.device),
+            "step": lambda: self.step,
+        }
+        return [values[kind]() for kind in self.spec.graph_inputs]
 
     def is_training_forward(self) -> bool:
         """A training step is a forward with grad enabled while the owning module is in train mode."""
@@ -69,88 +121,178 @@ class LayerState:
         owner = self._owner() if self._owner is not None else None
         return owner.training if owner is not None else True
 
-    def weight_matrix(self, param: torch.Tensor) -> torch.Tensor:
-        """The parameter as the ``[O, K]`` matrix ``W`` of SPEC §1 (detached)."""
-        w = param.detach()
-        return w.t() if self.spec.layout == "in_out" else w
-
     def begin_training_step(self, param: torch.Tensor) -> None:
         """Run the permutation search if this step is a search step (every ``perm_interval``, from 0)."""
-        spec = self.spec
+        spec, config = self.spec, self.spec.config
         step = int(self.step)
-        if spec.backward != "bimask" or step % spec.perm_interval or self.last_search_step == step:
+        if spec.backward != "bimask" or step % config.perm_interval or self.last_search_step == step:
             return
         with torch.no_grad():
-            w = self.weight_matrix(param)
-            fmask = reference.nm_mask(w, spec.n, spec.m, dim=1)
+            n = self.mask_n(step)
+            fmask = reference.nm_mask(self.weight_matrix(param), n, config.m, dim=1)
             candidates = permutation_candidates(spec, step)
-            best, _ = reference.search_permutation(fmask, self.perm, candidates, spec.n, spec.m)
-            self.perm.copy_(best)
+            self.perm, _ = reference.search_permutation(fmask, self.perm, candidates, n, config.m)
         self.last_search_step = step
 
     def end_training_step(self) -> None:
         """Count one finished training forward."""
-        self.step += 1
+        self.step = self.step + 1
 
     def summary(self, param: torch.Tensor) -> dict[str, Any]:
-        """Read-only view: permutation, step, and the kept fraction of forward weights in the backward."""
-        spec = self.spec
+        """Read-only view: permutation, step, schedule, and the kept fraction of forward weights in
+        the backward (SPEC §5 score / count(F), for the current weight and N)."""
+        spec, config = self.spec, self.spec.config
+        n = self.mask_n()
         with torch.no_grad():
             w = self.weight_matrix(param)
             if spec.backward == "transposable":
-                fmask = reference.transposable_mask(w, spec.n, spec.m)
+                fmask = reference.transposable_mask(w, n, config.m)
             else:
-                fmask = reference.nm_mask(w, spec.n, spec.m, dim=1)
+                fmask = reference.nm_mask(w, n, config.m, dim=1)
             kept = fmask.sum().item()
-            if spec.backward == "bimask":
-                score = reference.permutation_score(fmask, self.perm, spec.n, spec.m)
-                kept_fraction = score / kept if kept else 1.0
-            else:
-                kept_fraction = 1.0
+            kept_fraction = 1.0
+            if spec.backward == "bimask" and kept:
+                kept_fraction = reference.permutation_score(fmask, self.perm, n, config.m) / kept
         return {
             "perm": self.perm.detach().clone(),
             "step": int(self.step),
             "kept_fraction": kept_fraction,
-            "n": spec.n,
-            "m": spec.m,
+            "n": config.n,
+            "m": config.m,
+            "n_effective": n,
+            "alpha": self.alpha(),
             "backward": spec.backward,
+            "grad_prune": config.grad_prune,
             "layer_index": spec.index,
             "last_search_step": self.last_search_step,
         }
 
+    def payload(self) -> dict[str, Any]:
+        """What a checkpoint keeps: everything else follows from the weight and the step."""
+        last = -1 if self.last_search_step is None else self.last_search_step
+        return {"perm": self.perm.detach().cpu().clone(), "step": int(self.step), "last_search_step": last}
+
+    def load_payload(self, payload: dict[str, Any]) -> None:
+        """Restore from ``payload()``; a permutation of another size is refused with a warning."""
+        perm = payload["perm"]
+        if perm.shape != (self.spec.rows,):
+            warnings.warn(
+                f"nmsparse: checkpoint permutation for {self.spec.name} has {perm.numel()} rows, the layer has "
+                f"{self.spec.rows}; keeping the current state",
+                stacklevel=3,
+            )
+            return
+        self.perm = perm.to(self.device).clone()
+        self.step = torch.tensor(int(payload["step"]), dtype=torch.int64)
+        last = int(payload["last_search_step"])
+        self.last_search_step = None if last < 0 else last
+
 
 class StateRegistry:
-    """Maps weight parameters (weakly, by identity) to their ``LayerState``."""
+    """Maps weight parameters (weakly, by identity) to their ``LayerState``.
 
-    def __init__(self) -> None:
+    A ``persistent`` registry (the default one) also makes states travel with the owning module's
+    ``state_dict()`` and come back from ``load_state_dict()``; a private one (``explain``) does not.
+    """
+
+    def __init__(self, persistent: bool = False) -> None:
+        self.persistent = persistent
         self._states: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._pending: WeakIdKeyDictionary = WeakIdKeyDictionary()  # param -> checkpoint payload
+        self._without_state: WeakIdKeyDictionary = WeakIdKeyDictionary()  # loaded from an old checkpoint
+        self._hooked: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._warned = False
 
-    def get_or_create(self, weight: torch.Tensor, spec: LayerSpec, owner: torch.nn.Module | None) -> LayerState:
+    def get_or_create(self, weight: torch.Tensor, spec: LayerSpec, owner: nn.Module | None) -> LayerState:
         """The state of ``weight``; a new one if none exists or its spec changed."""
         state = self._states.get(weight)
         if state is None or state.spec != spec:
             state = LayerState(spec, weight.device, owner)
             self._states[weight] = state
+            if weight in self._pending:
+                state.load_payload(self._pending.pop(weight))
+            elif weight in self._without_state:
+                self._warn_old_checkpoint([spec.name])
+            if self.persistent and owner is not None and owner not in self._hooked:
+                self._hooked[owner] = owner.register_state_dict_post_hook(functools.partial(_save_states, self))
         return state
 
     def get(self, weight: torch.Tensor) -> LayerState | None:
         """The state of ``weight`` or ``None``."""
         return self._states.get(weight)
 
+    def restore_from(self, root: nn.Module, metadata: Any) -> None:
+        """After ``root.load_state_dict``: restore (or hold until compile) every layer state that the
+        checkpoint's ``_metadata`` carries; warn once if it carries none for a sparse layer."""
+        metadata = metadata or {}
+        has_any = any(isinstance(entry, dict) and METADATA_KEY in entry for entry in metadata.values())
+        missing = []
+        for prefix, module in root.named_modules():
+            entries = (metadata.get(prefix) or {}).get(METADATA_KEY, {})
+            for name, param in module.named_parameters(recurse=False):
+                state = self._states.get(param)
+                if name in entries:
+                    if state is not None:
+                        state.load_payload(entries[name])
+                    else:
+                        self._pending[param] = entries[name]
+                elif state is not None:
+                    missing.append(state.spec.name)
+                elif not has_any:
+                    self._without_state[param] = True
+        if missing:
+            self._warn_old_checkpoint(missing)
+
+    def _warn_old_checkpoint(self, names: list[str]) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"nmsparse: the loaded checkpoint has no sparsity state for {', '.join(names)}; these layers start "
+                "from the identity permutation at step 0 (a checkpoint from before nmcompile, or from a dense run)",
+                stacklevel=4,
+            )
+
     def __len__(self) -> int:
         return len(self._states)
 
 
-DEFAULT_REGISTRY = StateRegistry()
+def _save_states(
+    registry: StateRegistry, module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict
+) -> None:
+    """``state_dict`` post-hook: put the module's layer states in its ``_metadata`` entry."""
+    entries = {}
+    for name, param in module.named_parameters(recurse=False):
+        state = registry.get(param)
+        if state is not None:
+            entries[name] = state.payload()
+    if entries:
+        local_metadata[METADATA_KEY] = entries
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+DEFAULT_REGISTRY = StateRegistry(persistent=True)
+_load_state_dict = nn.Module.load_state_dict
+
+
+@functools.wraps(_load_state_dict)
+def _load_state_dict_with_sparsity(self: nn.Module, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+    result = _load_state_dict(self, state_dict, strict=strict, assign=assign)
+    DEFAULT_REGISTRY.restore_from(self, getattr(state_dict, "_metadata", None))
+    return result
+
+
+# torch has no global load_state_dict hook, and torch.compile calls the backend only at the first
+# forward, usually after the checkpoint was loaded: so the loader itself brings the states back.
+nn.Module.load_state_dict = _load_state_dict_with_sparsity  # type: ignore[method-assign]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
     """The user's module behind a ``torch.compile`` wrapper (``OptimizedModule``)."""
     return getattr(model, "_orig_mod", model)
 
 
-def sparsity_state(model: torch.nn.Module, registry: StateRegistry = DEFAULT_REGISTRY) -> dict[str, dict[str, Any]]:
-    """Per sparsified weight (named as ``model.named_parameters()`` spells it): perm, step, kept_fraction."""
+def sparsity_state(model: nn.Module, registry: StateRegistry = DEFAULT_REGISTRY) -> dict[str, dict[str, Any]]:
+    """Per sparsified weight (named as ``model.named_parameters()`` spells it): perm, step,
+    kept_fraction, effective N and decay factor."""
     out: dict[str, dict[str, Any]] = {}
     for name, param in unwrap(model).named_parameters():
         state = registry.get(param)

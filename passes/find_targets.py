@@ -77,6 +77,7 @@ class GemmTarget:
     node: fx.Node
     op: str
     param_name: str | None = None
+    layer_index: int = 0  # the weight's position in named_parameters(): seeds its random streams
     weight: fx.Node | None = None  # the parameter placeholder
     operand: fx.Node | None = None  # the weight operand of the node: the placeholder or its transpose
     layout: str = ""  # "out_in" (W as [O, K]) or "in_out" (W stored as [K, O])
@@ -246,6 +247,7 @@ def _decide(
         return target
     value = values.get(placeholder, info.param)
     target.param_name, target.weight, target.operand = info.name, placeholder, w
+    target.layer_index = info.index
     if kind == "linear":
         target.layout = "out_in" if not transposed else ""
     else:
@@ -327,6 +329,7 @@ def _decide_conv(
     value = values.get(w, info.param)
     groups = extra["groups"]
     target.param_name, target.weight, target.operand, target.layout = info.name, w, w, "out_in"
+    target.layer_index = info.index
     target.conv = ConvInfo(tuple(value.shape[2:]), extra["stride"], extra["padding"], extra["dilation"], groups)
     rows, cols = value.shape[0], value.shape[1]
     k = 1

@@ -1,7 +1,8 @@
 """Rewrite pass: each sparse GEMM node becomes explicit mask, permutation and sparse-GEMM nodes.
 
 ``linear(x, W, b)`` turns into ``<layer>_fwd_mask = nmsparse.nm_mask(W)`` (or the transposable
-mask), a ``<layer>_perm`` graph input for Bi-Mask, and ``<layer>_fwd_gemm =
+mask), state inputs (``<layer>_perm`` for Bi-Mask; ``_n_eff``, ``_alpha``, ``_step`` for the
+recipes of SPEC §7–§8), and ``<layer>_fwd_gemm =
 nmsparse.sparse_linear(x, W, b, mask, perm, ...)`` whose autograd holds the backward masks;
 ``conv2d(x, W, b, ...)`` likewise into ``<layer>_fwd_conv = nmsparse.sparse_conv(...)``.
 The dynamo graph is copied first, never edited in place.
@@ -18,7 +19,8 @@ from torch import fx
 
 from nmcompile.ops import NAME_KEY
 from nmcompile.options import SparsityConfig
-from nmcompile.reference import conv_padding
+from nmcompile.reference import conv_padding, prune_key
+from nmcompile.state import graph_input_kinds
 
 from .find_targets import GemmTarget, TargetAnalysis, example_value, gemm_operands
 
@@ -28,7 +30,7 @@ class StateInput:
     """A graph input appended for layer state: which target it serves and what it holds."""
 
     target: GemmTarget
-    kind: str  # "perm"
+    kind: str  # "perm", "n_eff", "alpha" or "step" (see nmcompile.state.graph_input_kinds)
     name: str
     example: Any  # static-shape (fake) example value of the input
 
@@ -62,30 +64,28 @@ def _named(graph: fx.Graph, target: Any, args: tuple, name: str, annotate: bool 
 
 
 def _conv(
-    graph: fx.Graph, target: GemmTarget, x: Any, w: fx.Node, bias: Any, mask: fx.Node, perm: Any, config: SparsityConfig
-) -> fx.Node:
+    graph: fx.Graph, target: GemmTarget, x: Any, w: fx.Node, bias: Any, mask: fx.Node, perm: Any,
+    config: SparsityConfig, recipe: tuple,
+) -> fx.Node:  # fmt: skip
     """``nmsparse.sparse_conv`` with explicit padding; ``"same"`` that needs asymmetric padding
     becomes an ``F.pad`` of the input (``<layer>_same_pad``) first, as PyTorch itself does."""
     conv, layer = target.conv, target.layer
-    padding, pad = conv_padding(conv.padding, conv.kernel, conv.dilation)  # type: ignore[union-attr]
+    assert conv is not None
+    padding, pad = conv_padding(conv.padding, conv.kernel, conv.dilation)
     if pad is not None:
         x = _named(graph, F.pad, (x, pad), f"{layer}_same_pad")
-    args = (
-        x,
-        w,
-        bias,
-        mask,
-        perm,
-        list(conv.stride),
-        padding,
-        list(conv.dilation),
-        conv.groups,  # type: ignore[union-attr]
-        config.n,
-        config.m,
-        config.srste_lambda,
-        layer,
-    )
+    geometry = (list(conv.stride), padding, list(conv.dilation), conv.groups)
+    args = (x, w, bias, mask, perm, *geometry, config.n, config.m, config.srste_lambda, layer, *recipe)
     return _named(graph, torch.ops.nmsparse.sparse_conv.default, args, f"{layer}_fwd_conv", annotate=False)
+
+
+def _state_example(kind: str, target: GemmTarget, device: torch.device) -> torch.Tensor:
+    """An example value of a state input, as ``LayerState.graph_inputs`` makes them."""
+    if kind == "perm":
+        return torch.arange(target.weight_shape[0], device=device)  # type: ignore[index]
+    if kind == "alpha":
+        return torch.ones((), dtype=torch.float32, device=device)
+    return torch.zeros((), dtype=torch.int64)
 
 
 def insert_masks(
@@ -93,9 +93,9 @@ def insert_masks(
 ) -> tuple[fx.GraphModule, list[StateInput]]:
     """Rewrite the sparse targets of ``analysis`` in a copy of ``gm``.
 
-    Returns the new module and the state inputs appended after the original placeholders, in
-    order; the caller passes those tensors after the user's inputs. ``fake_mode`` makes their
-    example values (static shapes) so that AOTAutograd can trace them.
+    Returns the new module and the state inputs appended after the original placeholders, layer
+    by layer in ``graph_input_kinds`` order; the caller passes those tensors after the user's
+    inputs. ``fake_mode`` makes their example values (static shapes) so AOTAutograd can trace them.
     """
     new_gm, env = _copy(gm)
     graph = new_gm.graph
@@ -106,35 +106,39 @@ def insert_masks(
         layer = target.layer
         node, weight = env[target.node], env[target.weight]
         x, _, bias, _ = gemm_operands(node, target.op)  # current operands: earlier rewrites replaced some
-        perm = None
-        if target.backward == "bimask":
+        device = example_value(weight).device
+        inputs: dict[str, fx.Node] = {}
+        for kind in graph_input_kinds(target.backward, config):
             with graph.inserting_after(last_input):
-                perm = graph.placeholder(f"{layer}_perm")
-            perm._dynamo_source = None  # type: ignore[attr-defined]
-            rows = target.weight_shape[0]  # type: ignore[index]
-            example = torch.arange(rows, device=example_value(weight).device)
+                last_input = graph.placeholder(f"{layer}_{kind}")
+            last_input._dynamo_source = None  # type: ignore[attr-defined]
+            example = _state_example(kind, target, device)
             if fake_mode is not None:
                 example = fake_mode.from_tensor(example, static_shapes=True)
-            perm.meta["example_value"] = example
-            last_input = perm
-            states.append(StateInput(target, "perm", perm.name, example))
+            last_input.meta["example_value"] = example
+            inputs[kind] = last_input
+            states.append(StateInput(target, kind, last_input.name, example))
+        perm, n_eff = inputs.get("perm"), inputs.get("n_eff")
+        recipe = (
+            n_eff,
+            inputs.get("alpha"),
+            inputs.get("step"),
+            config.grad_prune,
+            prune_key(config.seed, target.layer_index),
+        )
         with graph.inserting_before(node):
             w = weight if target.layout == "out_in" else _named(graph, torch.t, (weight,), f"{layer}_weight_t")
             if target.backward == "transposable":
-                mask = _named(graph, torch.ops.nmsparse.transposable_mask.default, (w, n, m), f"{layer}_fwd_mask")
+                mask_op, mask_args = torch.ops.nmsparse.transposable_mask.default, (w, n, m, n_eff)
             else:
-                mask = _named(graph, torch.ops.nmsparse.nm_mask.default, (w, n, m, 1), f"{layer}_fwd_mask")
+                mask_op, mask_args = torch.ops.nmsparse.nm_mask.default, (w, n, m, 1, n_eff)
+            mask = _named(graph, mask_op, mask_args, f"{layer}_fwd_mask")
             if target.conv is not None:
-                out = _conv(graph, target, x, w, bias, mask, perm, config)
+                out = _conv(graph, target, x, w, bias, mask, perm, config, recipe)
             else:
                 fused_bias = None if target.add_bias else bias
-                out = _named(
-                    graph,
-                    torch.ops.nmsparse.sparse_linear.default,
-                    (x, w, fused_bias, mask, perm, n, m, config.srste_lambda, layer),
-                    f"{layer}_fwd_gemm",
-                    annotate=False,
-                )
+                args = (x, w, fused_bias, mask, perm, n, m, config.srste_lambda, layer, *recipe)
+                out = _named(graph, torch.ops.nmsparse.sparse_linear.default, args, f"{layer}_fwd_gemm", annotate=False)
                 if target.add_bias:
                     out = _named(graph, torch.add, (bias, out), f"{layer}_fwd_bias")
         node.replace_all_uses_with(out)

@@ -12,6 +12,18 @@ from torch import fx
 
 from nmcompile.ops import NAME_KEY
 
+_GEMM_SUFFIX = {
+    torch.ops.nmsparse.sparse_linear.default: "fwd_gemm",
+    torch.ops.nmsparse.sparse_conv.default: "fwd_conv",
+}
+
+
+def _argument(node: fx.Node, name: str) -> object:
+    """The value of the schema argument ``name`` of an op-overload node."""
+    names = [a.name for a in node.target._schema.arguments]  # type: ignore[union-attr]
+    index = names.index(name)
+    return node.args[index] if index < len(node.args) else node.kwargs[name]
+
 
 def name_nodes(gm: fx.GraphModule) -> fx.GraphModule:
     """Rename annotated ``call_function`` nodes of ``gm`` in place (unique suffixes where repeated).
@@ -23,10 +35,9 @@ def name_nodes(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op != "call_function":
             continue
         custom = node.meta.get("custom")
-        if node.target is torch.ops.nmsparse.sparse_linear.default:
-            node._rename(f"{node.args[-1]}_fwd_gemm")
-        elif node.target is torch.ops.nmsparse.sparse_conv.default:
-            node._rename(f"{node.args[-1]}_fwd_conv")
+        suffix = _GEMM_SUFFIX.get(node.target)
+        if suffix is not None:
+            node._rename(f"{_argument(node, 'layer')}_{suffix}")
         elif isinstance(custom, dict) and NAME_KEY in custom:
             node._rename(custom[NAME_KEY])
     gm.recompile()

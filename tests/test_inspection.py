@@ -31,7 +31,7 @@ def test_graph_nodes_say_what_they_are(inner):
     assert {"fc1_bwd_weight_grad", "fc1_bwd_bias_grad"} <= bwd
     assert "fc1_bwd_mask" not in bwd  # the input does not require grad: no dX GEMM for fc1
     masks = [n for n in report.backward_graph.graph.nodes if n.name == "fc2_bwd_mask"]
-    assert masks[0].target is torch.ops.nmsparse.nm_mask.default and masks[0].args[1:] == (2, 4, 0)
+    assert masks[0].target is torch.ops.nmsparse.nm_mask.default and masks[0].args[1:4] == (2, 4, 0)
 
 
 def test_table_rows_and_flops():

@@ -14,6 +14,7 @@ import torch
 
 import nmcompile  # noqa: F401  (registers the nmsparse:: custom ops)
 from nmcompile import reference
+from nmcompile.options import SparsityConfig
 from nmcompile.state import LayerSpec, LayerState, candidate_generator
 
 NM_PAIRS = [(1, 2), (2, 4), (1, 4), (3, 4), (2, 8), (5, 8), (1, 16)]
@@ -441,9 +442,8 @@ def _structured_weight() -> torch.Tensor:
 
 
 def _spec(backward: str) -> LayerSpec:
-    return LayerSpec(
-        name="w", index=0, rows=8, n=2, m=4, backward=backward, perm_candidates=10, perm_interval=3, seed=1
-    )
+    config = SparsityConfig(n=2, m=4, perm_candidates=10, perm_interval=3, seed=1)
+    return LayerSpec(name="w", index=0, rows=8, backward=backward, config=config)
 
 
 def test_layer_state_search_schedule_and_reproduction():

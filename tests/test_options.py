@@ -73,7 +73,7 @@ def test_bad_perm_interval(value):
         SparsityConfig(perm_interval=value)
 
 
-@pytest.mark.parametrize("value", [-1e-4, -1, math.nan, math.inf, -math.inf, "2e-4", None, True])
+@pytest.mark.parametrize("value", [-1e-4, -1, math.nan, math.inf, -math.inf, "2e-4", True])
 def test_bad_srste_lambda(value):
     """SPEC §6: srste_lambda is a finite float >= 0."""
     with pytest.raises(ValueError, match=_bad("srste_lambda", value)):
@@ -211,3 +211,55 @@ def test_name_filter_reason_include_exclude():
     assert reason is not None and repr("fc2") in reason
     reason = both.name_filter_reason(head)
     assert reason is not None and repr("encoder") in reason
+
+
+def test_srste_default_resolves_against_mask_decay():
+    """srste_lambda unset: 2e-4, or 0 with mask decay (SPEC §6); explicit > 0 with mask decay is an error."""
+    assert SparsityConfig().srste_lambda == 2e-4
+    assert SparsityConfig(mask_decay="linear").srste_lambda == 0.0
+    assert SparsityConfig(mask_decay="exponential", srste_lambda=0).srste_lambda == 0.0
+    with pytest.raises(ValueError, match=r"srste_lambda=0\.0002 .*mask decay replaces SR-STE"):
+        SparsityConfig(mask_decay="linear", srste_lambda=2e-4)
+
+
+def test_recipe_defaults():
+    c = SparsityConfig()
+    assert (c.grad_prune, c.mask_decay, c.mask_decay_rate, c.structure_decay) == ("none", "none", 2e-4, False)
+    assert (c.dense_steps, c.finetune_steps, c.total_steps) == (0, 0, None)
+
+
+@pytest.mark.parametrize(
+    ("options", "key"),
+    [
+        ({"grad_prune": "topk"}, "grad_prune"),
+        ({"grad_prune": "mvue48"}, "grad_prune"),
+        ({"mask_decay": "cosine"}, "mask_decay"),
+        ({"mask_decay": "linear", "mask_decay_rate": 0}, "mask_decay_rate"),
+        ({"mask_decay": "linear", "mask_decay_rate": math.inf}, "mask_decay_rate"),
+        ({"structure_decay": 1}, "structure_decay"),
+        ({"structure_decay": True}, "total_steps"),
+        ({"structure_decay": True, "total_steps": 10, "dense_steps": 5, "finetune_steps": 5}, "total_steps"),
+        ({"total_steps": 0}, "total_steps"),
+        ({"dense_steps": 10}, "dense_steps"),
+        ({"mask_decay": "linear", "dense_steps": -1}, "dense_steps"),
+        ({"mask_decay": "linear", "finetune_steps": 5}, "finetune_steps"),
+    ],
+)
+def test_bad_recipe_options(options, key):
+    """SPEC §7/§8 options: each bad value or combination is a ValueError naming the key."""
+    with pytest.raises(ValueError, match=f"nmsparse option {key}="):
+        SparsityConfig(**options)
+
+
+def test_valid_recipes():
+    c = SparsityConfig(
+        n=1,
+        m=8,
+        structure_decay=True,
+        total_steps=100,
+        dense_steps=10,
+        finetune_steps=10,
+        mask_decay="exponential",
+        grad_prune="mvue24",
+    )
+    assert c.structure_decay and c.total_steps == 100 and c.srste_lambda == 0.0
