@@ -170,14 +170,6 @@ def compile_graph(
     except (AssertionError, RuntimeError):
         fake_mode = torch._guards.detect_fake_mode(example_inputs)
     rewritten, state_inputs = insert_masks(gm, analysis, config, fake_mode)
-    directory = dump_dir()
-    record = None
-    if on_compile is not None or directory is not None:
-        names = [n.name for n in rewritten.graph.nodes if n.op == "placeholder"]
-        names = [_readable_input(name, params) for name in names]
-        record = CompileRecord(analysis, config, gm.meta.get("dynamo_compile_id"), directory, names)
-        if on_compile is not None:
-            on_compile(record)
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     states: list[tuple[LayerState, int]] = []
     by_target: dict[int, LayerState] = {}
@@ -190,6 +182,14 @@ def compile_graph(
         states.append((state, placeholders.index(target.weight.name)))  # type: ignore[union-attr]
         by_target[id(target)] = state
     input_states = list({id(s.target): by_target[id(s.target)] for s in state_inputs}.values())
+    directory = dump_dir()
+    record = None
+    if on_compile is not None or directory is not None:
+        names = [_readable_input(n.name, params) for n in rewritten.graph.nodes if n.op == "placeholder"]
+        compile_id = gm.meta.get("dynamo_compile_id")
+        record = CompileRecord(analysis, config, compile_id, directory, names, by_target)
+        if on_compile is not None:
+            on_compile(record)
     examples = [s.example for s in state_inputs]
     # A hit in AOTAutograd's cache skips the inner compiler, so nothing would be recorded.
     with torch._functorch.config.patch(enable_autograd_cache=record is None):

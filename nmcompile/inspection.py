@@ -23,6 +23,7 @@ from nmcompile.options import SparsityConfig
 
 if TYPE_CHECKING:
     from nmcompile.passes import GemmTarget, TargetAnalysis
+    from nmcompile.state import LayerState
 
 GRAPH_KINDS = ("forward", "backward", "inference")
 _dump_counter = itertools.count()
@@ -48,9 +49,17 @@ class LayerRow:
     backward: str
     reason: str
     flops: dict[str, tuple[int, int] | None]
+    now: str = "-"  # step, N:M in force and mask-decay factor when the row was made
+    n_effective: int | None = None
+    alpha: float | None = None
 
     @classmethod
-    def from_target(cls, target: GemmTarget, config: SparsityConfig) -> LayerRow:
+    def from_target(cls, target: GemmTarget, config: SparsityConfig, state: LayerState | None = None) -> LayerRow:
+        """A row for ``target``; ``state`` (if sparse) gives the step, N and decay factor in force."""
+        n, alpha, now = config.n, None, "-"
+        if state is not None:
+            n, alpha = state.mask_n(), state.alpha()
+            now = f"t={int(state.step)} {n}:{config.m}" + (f" α={alpha:.3g}" if alpha is not None else "")
         return cls(
             name=target.param_name or f"<{target.node.name}>",
             op=target.op,
@@ -61,7 +70,10 @@ class LayerRow:
             sparse=target.sparse,
             backward=target.backward if target.sparse else "-",
             reason=target.reason,
-            flops=target.flops(config.n, config.m),
+            flops=target.flops(n, config.m, alpha, config.grad_prune),
+            now=now,
+            n_effective=n if state is not None else None,
+            alpha=alpha,
         )
 
 
@@ -80,8 +92,9 @@ def _fmt_flops(pair: tuple[int, int] | None) -> str:
 
 
 def format_table(rows: list[LayerRow]) -> str:
-    """The report table: one line per GEMM-like node, FLOPs as ``dense→N:M-executable``; a ``conv``
-    column (kernel, stride, padding, dilation, groups) when there are convolutions."""
+    """The report table: one line per GEMM-like node, FLOPs as ``dense→N:M-executable``; ``now`` is
+    the step, the N:M in force and the mask-decay factor; a ``conv`` column (kernel, stride,
+    padding, dilation, groups) when there are convolutions."""
     with_conv = any(r.conv for r in rows)
     header = [
         "parameter",
@@ -91,6 +104,7 @@ def format_table(rows: list[LayerRow]) -> str:
         "N:M",
         "status",
         "backward",
+        "now",
         "fwd FLOPs",
         "dX FLOPs",
         "dW FLOPs",
@@ -108,6 +122,7 @@ def format_table(rows: list[LayerRow]) -> str:
             r.nm,
             "sparse" if r.sparse else "dense",
             r.backward,
+            r.now,
             _fmt_flops(r.flops["forward"]),
             _fmt_flops(r.flops["input_grad"]),
             _fmt_flops(r.flops["weight_grad"]),
@@ -138,8 +153,10 @@ class CompileRecord:
         compile_id: Any = None,
         directory: Path | None = None,
         input_names: list[str] | None = None,
+        states: dict[int, LayerState] | None = None,
     ) -> None:
-        self.rows = [LayerRow.from_target(t, config) for t in analysis.targets]
+        states = states or {}
+        self.rows = [LayerRow.from_target(t, config, states.get(id(t))) for t in analysis.targets]
         self.input_names = input_names or []
         self.config = config
         self.compile_id = str(compile_id) if compile_id is not None else None
@@ -256,17 +273,23 @@ def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Rep
     """Compile ``model`` on the side with ``options`` and report what the backend would rewrite.
 
     Runs one forward and one backward on ``example_inputs`` (``torch.autograd.grad``, so no
-    ``.grad`` is touched) with a private state registry; buffers are restored afterwards, so the
-    user's model, states and optimizer see nothing.
+    ``.grad`` is touched) with a private copy of the layer states (the report shows the user's
+    current step, N and decay factor); buffers are restored afterwards, so the user's model,
+    states and optimizer see nothing.
     """
     from nmcompile.backend import NMSparseBackend
-    from nmcompile.state import StateRegistry, unwrap
+    from nmcompile.state import DEFAULT_REGISTRY, StateRegistry, unwrap
 
     config = SparsityConfig.from_options(options)
     module = unwrap(model)
     records: list[CompileRecord] = []
+    registry = StateRegistry()  # private, starting from the user's current states
+    for param in module.parameters():
+        state = DEFAULT_REGISTRY.get(param)
+        if state is not None:
+            registry.hold(param, state.payload())
     saved = {name: b.detach().clone() for name, b in module.named_buffers()}
-    compiled = torch.compile(module, backend=NMSparseBackend(config, StateRegistry(), records.append))
+    compiled = torch.compile(module, backend=NMSparseBackend(config, registry, records.append))
     try:
         with torch.enable_grad():
             out = compiled(*example_inputs)

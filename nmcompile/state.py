@@ -86,6 +86,12 @@ class LayerState:
         self.device = device
         self._owner = weakref.ref(owner) if owner is not None else None
 
+    def reset(self) -> None:
+        """Back to the start: identity permutation, step 0."""
+        self.perm = torch.arange(self.spec.rows, device=self.device)
+        self.step = torch.zeros((), dtype=torch.int64)
+        self.last_search_step = None
+
     def weight_matrix(self, param: torch.Tensor) -> torch.Tensor:
         """The parameter as the ``[O, K]`` matrix ``W`` of SPEC §1 (detached)."""
         w = param.detach()
@@ -221,6 +227,10 @@ class StateRegistry:
         """The state of ``weight`` or ``None``."""
         return self._states.get(weight)
 
+    def hold(self, weight: torch.Tensor, payload: dict[str, Any]) -> None:
+        """Give ``weight``'s next new state this checkpoint ``payload`` (see ``LayerState.payload``)."""
+        self._pending[weight] = payload
+
     def restore_from(self, root: nn.Module, metadata: Any) -> None:
         """After ``root.load_state_dict``: restore (or hold until compile) every layer state that the
         checkpoint's ``_metadata`` carries; warn once if it carries none for a sparse layer."""
@@ -235,8 +245,9 @@ class StateRegistry:
                     if state is not None:
                         state.load_payload(entries[name])
                     else:
-                        self._pending[param] = entries[name]
+                        self.hold(param, entries[name])
                 elif state is not None:
+                    state.reset()
                     missing.append(state.spec.name)
                 elif not has_any:
                     self._without_state[param] = True

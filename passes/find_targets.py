@@ -98,18 +98,21 @@ class GemmTarget:
         name = self.param_name or self.node.name
         return identifier(name[: -len(".weight")] if name.endswith(".weight") else name)
 
-    def flops(self, n: int, m: int) -> dict[str, tuple[int, int] | None]:
-        """Dense vs N:M-executable FLOPs of the forward, input-gradient and weight-gradient GEMMs."""
+    def flops(
+        self, n: int, m: int, alpha: float | None = None, grad_prune: str = "none"
+    ) -> dict[str, tuple[int, int] | None]:
+        """Dense vs N:M-executable FLOPs of the forward, input-gradient and weight-gradient GEMMs, at
+        ``n`` (the N in force) and mask-decay factor ``alpha``: no GEMM is sparse while ``α > 0``."""
         if self.weight_shape is None or self.tokens is None:
             return {"forward": None, "input_grad": None, "weight_grad": None}
         O, K = self.weight_shape
         dense = 2 * self.tokens * O * K
-        sparse = dense * n // m
-        bwd_sparse = self.sparse and self.backward in ("bimask", "transposable")
+        masked = self.sparse and not alpha
+        bwd_sparse = masked and self.backward in ("bimask", "transposable")
         return {
-            "forward": (dense, sparse if self.sparse else dense),
-            "input_grad": (dense, sparse if bwd_sparse else dense),
-            "weight_grad": (dense, dense),
+            "forward": (dense, dense * n // m if masked else dense),
+            "input_grad": (dense, dense * n // m if bwd_sparse else dense),
+            "weight_grad": (dense, dense // 2 if self.sparse and grad_prune != "none" else dense),
         }
 
 
