@@ -4,6 +4,7 @@ from nmcompile import ops as _ops  # noqa: F401  (registers the nmsparse:: custo
 from nmcompile.backend import NMSparseBackend, backend, nmsparse
 from nmcompile.inspection import Report, explain
 from nmcompile.options import SparsityConfig, SparsityConfigError
+from nmcompile.reference import mvue_prune
 from nmcompile.state import sparsity_state
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "SparsityConfigError",
     "backend",
     "explain",
+    "mvue_prune",
     "nmsparse",
     "sparsity_state",
 ]

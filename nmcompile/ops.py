@@ -192,12 +192,11 @@ def _sparse_backward(
     if ctx.needs_input_grad[1]:
         grad = dy
         if ctx.grad_prune != "none":
+            tokens = dy.movedim(channel_dim, -1)
+            flat = tokens.reshape(-1, tokens.shape[-1])
             with annotate(role(layer, "bwd_grad_prune")):
-                tokens = dy.movedim(channel_dim, -1)
-                pruned = torch.ops.nmsparse.mvue_prune(
-                    tokens.reshape(-1, tokens.shape[-1]), step, ctx.prune_key, ctx.grad_prune
-                )
-                grad = pruned.reshape(tokens.shape).movedim(-1, channel_dim)
+                pruned = torch.ops.nmsparse.mvue_prune(flat, step, ctx.prune_key, ctx.grad_prune)
+            grad = pruned.reshape(tokens.shape).movedim(-1, channel_dim)
         with annotate(role(layer, "bwd_weight_grad")):
             dw = weight_grad(grad)
         if ctx.srste_lambda:

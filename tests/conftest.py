@@ -98,14 +98,44 @@ MODELS = {
 }
 
 
-def make_pair(kind: str, **options):
-    """(reference model, compiled model, plain compiled-side module, input shape) from one init."""
-    cls, shape = MODELS[kind]
-    base = cls()
+def train_and_compare(make_model, shape: tuple, steps: int = 5, channels_last: bool = False, **options) -> tuple:
+    """Train ``reference.sparsify`` and ``torch.compile(backend=nmsparse)`` copies of one model side
+    by side; outputs, input and parameter gradients must agree at every step, weights at the end.
+
+    SGD with momentum, not Adam: a parameter whose true gradient is zero (an attention key bias)
+    gets round-off-sized gradients that Adam would scale up to full-size, sign-random updates.
+    Returns ``(sparsity_state(reference), sparsity_state(compiled))``.
+    """
+    base = make_model()
     ref = reference.sparsify(copy.deepcopy(base), **options)
     mine = copy.deepcopy(base)
     compiled = torch.compile(mine, backend=nmcompile.backend(**options))
-    return ref, compiled, mine, shape
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    opt_mine = torch.optim.SGD(mine.parameters(), lr=0.05, momentum=0.9)
+    for step in range(steps):
+        x = torch.randn(shape)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        x_ref, x_mine = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_ref, y_mine = ref(x_ref), compiled(x_mine)
+        assert_close(y_mine, y_ref, what=f"step {step} output")
+        y_ref.square().mean().backward()
+        y_mine.square().mean().backward()
+        assert_close(x_mine.grad, x_ref.grad, what=f"step {step} input grad")
+        for (name, p_ref), p_mine in zip(ref.named_parameters(), mine.parameters(), strict=True):
+            assert_close(p_mine.grad, p_ref.grad, what=f"step {step} grad of {name}")
+        for opt in (opt_ref, opt_mine):
+            opt.step()
+            opt.zero_grad()
+    for (name, p_ref), p_mine in zip(ref.named_parameters(), mine.parameters(), strict=True):
+        assert_close(p_mine, p_ref, what=f"weights of {name} after {steps} steps")
+    state_ref, state_mine = nmcompile.sparsity_state(ref), nmcompile.sparsity_state(compiled)
+    assert state_mine.keys() == state_ref.keys() and state_mine
+    for name, s in state_mine.items():
+        assert s["step"] == state_ref[name]["step"] == steps, name
+        assert torch.equal(s["perm"], state_ref[name]["perm"]), name
+        assert s["backward"] == state_ref[name]["backward"], name
+    return state_ref, state_mine
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5, what: str = "") -> None:

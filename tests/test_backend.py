@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import MLP, MODELS, assert_close, make_pair
+from conftest import MLP, MODELS, assert_close, train_and_compare
 from torch import nn
 from torch._dynamo.utils import counters
 
@@ -16,52 +16,20 @@ import nmcompile
 from nmcompile import reference
 
 
-def _train_and_compare(kind: str, steps: int = 5, **options) -> tuple[dict, dict]:
-    """Train the reference and the compiled model side by side; outputs and all grads must agree.
-
-    SGD with momentum, not Adam: a parameter whose true gradient is zero (the attention key bias)
-    gets round-off-sized gradients that Adam would scale up to full-size, sign-random updates.
-    """
-    ref, compiled, mine, shape = make_pair(kind, **options)
-    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
-    opt_mine = torch.optim.SGD(mine.parameters(), lr=0.05, momentum=0.9)
-    for step in range(steps):
-        x = torch.randn(shape)
-        x_ref, x_mine = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y_ref, y_mine = ref(x_ref), compiled(x_mine)
-        assert_close(y_mine, y_ref, what=f"{kind} step {step} output")
-        (y_ref.square().mean()).backward()
-        (y_mine.square().mean()).backward()
-        assert_close(x_mine.grad, x_ref.grad, what=f"{kind} step {step} input grad")
-        for (name, p_ref), p_mine in zip(ref.named_parameters(), mine.parameters(), strict=True):
-            assert_close(p_mine.grad, p_ref.grad, what=f"{kind} step {step} grad of {name}")
-        opt_ref.step()
-        opt_mine.step()
-        opt_ref.zero_grad()
-        opt_mine.zero_grad()
-    for (name, p_ref), p_mine in zip(ref.named_parameters(), mine.parameters(), strict=True):
-        assert_close(p_mine, p_ref, what=f"{kind} weights of {name} after {steps} steps")
-    return nmcompile.sparsity_state(ref), nmcompile.sparsity_state(compiled)
-
-
 @pytest.mark.parametrize("nm", [(2, 4), (1, 4), (2, 8)], ids=lambda nm: f"{nm[0]}:{nm[1]}")
 @pytest.mark.parametrize("backward", ["bimask", "transposable", "dense"])
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_compiled_matches_reference(kind, backward, nm):
-    """5 optimizer steps: outputs, every gradient and the weights agree with the reference (fp32)."""
-    n, m = nm
-    state_ref, state_mine = _train_and_compare(kind, n=n, m=m, backward=backward, perm_interval=2, inner="aot_eager")
-    assert state_mine.keys() == state_ref.keys() and state_mine
-    for name, s in state_mine.items():
-        assert s["step"] == state_ref[name]["step"] == 5
-        assert torch.equal(s["perm"], state_ref[name]["perm"]), name
-        assert s["backward"] == state_ref[name]["backward"]
+    """5 optimizer steps: outputs, every gradient, the weights and the permutations agree (fp32)."""
+    cls, shape = MODELS[kind]
+    train_and_compare(cls, shape, n=nm[0], m=nm[1], backward=backward, perm_interval=2, inner="aot_eager")
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_compiled_matches_reference_inductor(kind):
     """The same agreement with the default inner compiler (Inductor) at the default options."""
-    _train_and_compare(kind, perm_interval=2)
+    cls, shape = MODELS[kind]
+    train_and_compare(cls, shape, perm_interval=2)
 
 
 def test_layouts_are_sparsified():

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close
+from conftest import assert_close, train_and_compare
 from torch import nn
 from torch._dynamo.utils import counters
 
 import nmcompile
-from nmcompile import reference
 
 
 class BasicBlock(nn.Module):
@@ -73,48 +70,18 @@ CONV_MODELS = {
 }
 
 
-def _train_and_compare(kind: str, channels_last: bool = False, steps: int = 5, **options) -> None:
-    cls, shape = CONV_MODELS[kind]
-    base = cls()
-    ref = reference.sparsify(copy.deepcopy(base), **options)
-    mine = copy.deepcopy(base)
-    compiled = torch.compile(mine, backend=nmcompile.backend(**options))
-    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
-    opt_mine = torch.optim.SGD(mine.parameters(), lr=0.05, momentum=0.9)
-    for step in range(steps):
-        x = torch.randn(shape)
-        if channels_last:
-            x = x.to(memory_format=torch.channels_last)
-        x_ref, x_mine = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y_ref, y_mine = ref(x_ref), compiled(x_mine)
-        assert_close(y_mine, y_ref, what=f"{kind} step {step} output")
-        y_ref.square().mean().backward()
-        y_mine.square().mean().backward()
-        assert_close(x_mine.grad, x_ref.grad, what=f"{kind} step {step} input grad")
-        for (name, p_ref), p_mine in zip(ref.named_parameters(), mine.parameters(), strict=True):
-            assert_close(p_mine.grad, p_ref.grad, what=f"{kind} step {step} grad of {name}")
-        for opt in (opt_ref, opt_mine):
-            opt.step()
-            opt.zero_grad()
-    for (name, p_ref), p_mine in zip(ref.named_parameters(), mine.parameters(), strict=True):
-        assert_close(p_mine, p_ref, what=f"{kind} weights of {name}")
-    state_ref, state_mine = nmcompile.sparsity_state(ref), nmcompile.sparsity_state(compiled)
-    assert state_mine.keys() == state_ref.keys() and state_mine
-    for name, s in state_mine.items():
-        assert s["step"] == steps and torch.equal(s["perm"], state_ref[name]["perm"]), name
-
-
 @pytest.mark.parametrize("nm", [(2, 4), (1, 4)], ids=lambda nm: f"{nm[0]}:{nm[1]}")
 @pytest.mark.parametrize("backward", ["bimask", "transposable", "dense"])
 @pytest.mark.parametrize("kind", list(CONV_MODELS))
 def test_conv_compiled_matches_reference(kind, backward, nm):
     """5 steps: outputs, all gradients, weights and permutations agree with the reference."""
-    _train_and_compare(kind, n=nm[0], m=nm[1], backward=backward, perm_interval=2, inner="aot_eager")
+    cls, shape = CONV_MODELS[kind]
+    train_and_compare(cls, shape, n=nm[0], m=nm[1], backward=backward, perm_interval=2, inner="aot_eager")
 
 
 def test_conv_channels_last_and_inductor():
     """Channels-last inputs through Inductor (the default inner compiler) agree as well."""
-    _train_and_compare("basic_block", channels_last=True, perm_interval=2)
+    train_and_compare(BasicBlock, CONV_MODELS["basic_block"][1], channels_last=True, perm_interval=2)
 
 
 @pytest.mark.parametrize("stride", [1, 2])

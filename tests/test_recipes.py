@@ -1,0 +1,305 @@
+"""Recipes of SPEC §7–§9: MVUE gradient pruning, mask decay, structure decay, checkpoints."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from conftest import MLP, assert_close, train_and_compare
+from test_conv import BasicBlock
+from torch import nn
+from torch._dynamo.utils import counters
+
+import nmcompile
+from nmcompile import reference
+
+SAMPLES = 20000
+
+
+def _gradient() -> torch.Tensor:
+    """``[T=16, 8]`` with hand-made 4-blocks along T: dominant, zeros, ties, one and two nonzeros."""
+    g = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    g[0:4, 0] = torch.tensor([10.0, 0.1, -0.2, 0.3])  # one dominant element
+    g[0:4, 1] = 0.0  # all zeros
+    g[0:4, 2] = torch.tensor([1.0, 1.0, 1.0, 1.0])  # ties
+    g[0:4, 3] = torch.tensor([2.0, -2.0, 2.0, -2.0])  # ties with signs
+    g[0:4, 4] = torch.tensor([0.0, 0.0, 5.0, 0.0])  # a single nonzero
+    g[0:4, 5] = torch.tensor([0.0, 3.0, 0.0, -1.0])  # two nonzeros
+    g[4:8, 6] = torch.tensor([1.0, 1.0, 1.0, 0.5])  # max equals the sum of the others: not dominant
+    g[8:12, 7] = torch.tensor([-4.0, 1.0, 1.0, 1.0])  # dominant by a little
+    return g
+
+
+def _samples(prune, g: torch.Tensor) -> torch.Tensor:
+    """``SAMPLES`` independent prunings of ``g`` along dim 0: ``[SAMPLES, *g.shape]``."""
+    out = prune(g.repeat(1, SAMPLES))  # columns are independent replicas; blocks run along dim 0
+    return out.reshape(g.shape[0], SAMPLES, g.shape[1]).transpose(0, 1)
+
+
+def _unbiased(samples: torch.Tensor, g: torch.Tensor) -> bool:
+    """Every element's sample mean within 5 standard errors of the input (exact where the variance
+    is 0). With 128 elements, a true unbiased rule fails this with probability < 1e-4."""
+    mean, std = samples.double().mean(0), samples.double().std(0)
+    bound = 5 * std / math.sqrt(samples.shape[0]) + 1e-5 * (1 + g.double().abs())
+    return bool(((mean - g.double()).abs() <= bound).all())
+
+
+def _topk(g: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The minimum-MSE (biased) alternative: keep the ``n`` largest of every ``m`` along dim 0."""
+    return torch.where(reference.nm_mask(g, n, m, dim=0), g, 0)
+
+
+@pytest.mark.parametrize(("rule", "n", "m", "approx"), [("mvue12", 1, 2, False), ("mvue24", 2, 4, False),
+                                                        ("mvue24_approx", 2, 4, True)])  # fmt: skip
+def test_mvue_is_unbiased_and_keeps_n_per_block(rule, n, m, approx):
+    """SPEC §7: E[prune(g)] = g elementwise (measured), while top-k of the same gradient is not;
+    each block keeps min(n, nonzeros) entries."""
+    g = _gradient()
+    generator = torch.Generator().manual_seed(1)
+    samples = _samples(lambda t: nmcompile.mvue_prune(t, n, m, dim=0, generator=generator, approx=approx), g)
+    assert _unbiased(samples, g)
+    assert not _unbiased(_samples(lambda t: _topk(t, n, m), g), g)
+    blocks = samples.reshape(SAMPLES, 16 // m, m, 8)
+    nonzero_in = (g.reshape(16 // m, m, 8) != 0).sum(1)
+    assert torch.equal((blocks != 0).sum(2), nonzero_in.clamp(max=n).expand(SAMPLES, -1, -1))
+
+
+def test_mvue24_variance_not_above_approx():
+    """SPEC §7: the optimal 2:4 rule has no more variance than the two-draw approximation."""
+    g = _gradient()
+    generator = torch.Generator().manual_seed(2)
+    optimal = _samples(lambda t: nmcompile.mvue_prune(t, 2, 4, generator=generator), g)
+    approx = _samples(lambda t: nmcompile.mvue_prune(t, 2, 4, generator=generator, approx=True), g)
+    assert optimal.var(0).sum() < approx.var(0).sum()
+
+
+def test_mvue_pads_instead_of_dropping():
+    """T % m != 0: zero padding for the pruning; shape kept, still unbiased, along any dim."""
+    g = torch.randn(5, 7, generator=torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(4)
+    out = nmcompile.mvue_prune(g, 2, 4, dim=1, generator=generator)
+    assert out.shape == g.shape
+    samples = _samples(lambda t: nmcompile.mvue_prune(t, 2, 4, dim=0, generator=generator), g.t().contiguous())
+    assert _unbiased(samples, g.t())
+    with pytest.raises(ValueError, match="1:2 and 2:4"):
+        nmcompile.mvue_prune(g, 1, 4)
+
+
+def test_counter_uniforms_are_uniform_and_step_dependent():
+    """The in-graph random stream: in [0, 1), mean ≈ 1/2, different per step and per key."""
+    u = reference.counter_uniforms(7, torch.tensor(3), 100_000)
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.005
+    assert not torch.equal(u[:100], reference.counter_uniforms(7, torch.tensor(4), 100))
+    assert not torch.equal(u[:100], reference.counter_uniforms(8, torch.tensor(3), 100))
+    assert torch.equal(u[:100], reference.counter_uniforms(7, torch.tensor(3), 100))
+
+
+@pytest.mark.parametrize("rule", ["mvue12", "mvue24", "mvue24_approx"])
+def test_mvue_compiled_matches_reference(rule):
+    """Fixed seed: compiled and reference agree on all (pruned) gradients and weights for 5 steps."""
+    train_and_compare(MLP, (10, 32), grad_prune=rule, perm_interval=2, inner="aot_eager")
+
+
+def test_all_recipes_together_compiled_matches_reference_on_convs():
+    """bimask + mvue24 + mask decay on a conv block (BatchNorm, stride-2 downsample)."""
+    options = {"grad_prune": "mvue24", "mask_decay": "linear", "mask_decay_rate": 0.2, "perm_interval": 2}
+    train_and_compare(BasicBlock, (2, 16, 8, 8), inner="aot_eager", **options)
+
+
+def test_weight_gradient_uses_the_pruned_dy_and_input_gradient_the_full_dy():
+    """dW = mvue(dY)ᵀX with the layer's stream at this step; dX = dY·(W⊙B) from the unpruned dY."""
+    layer = nn.Linear(16, 8, bias=False)
+    compiled = torch.compile(layer, backend=nmcompile.backend(inner="aot_eager", grad_prune="mvue24", seed=5,
+                                                              srste_lambda=0, backward="dense"))  # fmt: skip
+    pruned_per_step = []
+    for step in range(2):
+        x = torch.randn(10, 16, requires_grad=True)
+        dy = torch.randn(10, 8)
+        compiled(x).backward(dy)
+        key = reference.prune_key(5, 0)
+        pruned = reference.mvue_prune_with(
+            dy, "mvue24", 0, lambda c, s=step, k=key: reference.counter_uniforms(k, torch.tensor(s), c)
+        )
+        assert_close(layer.weight.grad, pruned.t() @ x.detach(), what=f"dW step {step}")
+        w = layer.weight.detach()
+        assert_close(x.grad, dy @ (w * reference.nm_mask(w, 2, 4, 1)), what="dX")
+        pruned_per_step.append(pruned)
+        layer.weight.grad = None
+    assert not torch.equal(pruned_per_step[0], pruned_per_step[1]), "the stream must change with the step"
+    report = nmcompile.explain(layer, torch.randn(10, 16).requires_grad_(), grad_prune="mvue24", inner="aot_eager")
+    prune_nodes = [n for n in report.backward_graph.graph.nodes if n.target is torch.ops.nmsparse.mvue_prune.default]
+    assert [n.name for n in prune_nodes] == ["weight_bwd_grad_prune"]
+
+
+@pytest.mark.parametrize("curve", ["linear", "exponential"])
+def test_mask_decay_forward_weights(curve):
+    """SPEC §8: at step t the forward uses W ⊙ (F + (1−F)·α(t)), α = 1 before dense_steps."""
+    layer = nn.Linear(16, 8)
+    options = {"mask_decay": curve, "mask_decay_rate": 0.25, "dense_steps": 2, "inner": "aot_eager"}
+    compiled = torch.compile(layer, backend=nmcompile.backend(**options))
+    x = torch.randn(4, 16)
+    w = layer.weight.detach()
+    f = reference.nm_mask(w, 2, 4, 1)
+    counters.clear()
+    for t in range(9):
+        expected_alpha = (
+            1.0 if t < 2 else (max(0.0, 1 - 0.25 * (t - 2)) if curve == "linear" else math.exp(-0.25 * (t - 2)))
+        )
+        y = compiled(x)
+        effective = w * (f + (~f) * expected_alpha)
+        assert_close(y, x @ effective.t() + layer.bias, what=f"Y at step {t}")
+        y.sum().backward()  # no optimizer: W stays, the schedule advances
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_mask_decay_input_gradient():
+    """With mask decay, dX = dY · (W ⊙ (B + (1−B)·α)) for Bi-Mask."""
+    layer = nn.Linear(16, 8, bias=False)
+    compiled = torch.compile(layer, backend=nmcompile.backend(mask_decay="linear", mask_decay_rate=0.3,
+                                                              inner="aot_eager"))  # fmt: skip
+    for _ in range(2):
+        compiled(torch.randn(3, 16)).sum().backward()
+    alpha = nmcompile.sparsity_state(layer)["weight"]["alpha"]
+    assert alpha == pytest.approx(0.4)
+    x = torch.randn(3, 16, requires_grad=True)
+    dy = torch.randn(3, 8)
+    compiled(x).backward(dy)
+    w = layer.weight.detach()
+    f = reference.nm_mask(w, 2, 4, 1)
+    b = reference.backward_mask(w, f, nmcompile.sparsity_state(layer)["weight"]["perm"], 2, 4)
+    assert_close(x.grad, dy @ (w * (b + (~b) * alpha)), what="dX")
+
+
+def test_structure_decay_walks_7_4_2_1_of_8():
+    """SPEC §8: target 1:8, frames of 8 steps between dense_steps=4 and total−finetune = 36."""
+    layer = nn.Linear(16, 16)
+    options = {"n": 1, "m": 8, "structure_decay": True, "total_steps": 40, "dense_steps": 4, "finetune_steps": 4,
+               "inner": "aot_eager"}  # fmt: skip
+    compiled = torch.compile(layer, backend=nmcompile.backend(**options))
+    x = torch.randn(4, 16)
+    w = layer.weight.detach()
+    counters.clear()
+    walk = []
+    for t in range(40):
+        n_t = 8 if t < 4 else [7, 4, 2, 1][min((t - 4) // 8, 3)]
+        y = compiled(x)
+        assert_close(y, x @ (w * reference.nm_mask(w, n_t, 8, 1)).t() + layer.bias, what=f"Y at step {t}")
+        walk.append(nmcompile.sparsity_state(layer)["weight"]["n_effective"])
+        y.sum().backward()
+    # walk[t] is read after step t's forward, so it shows N of step t + 1
+    assert walk[2:4] == [8, 7] and walk[10:12] == [7, 4] and walk[18:20] == [4, 2] and walk[26:28] == [2, 1]
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_report_shows_effective_nm_and_decay_factor():
+    """The table's `now` column follows the schedule; FLOPs count no N:M GEMM while α > 0."""
+    model = MLP()
+    options = {"mask_decay": "linear", "mask_decay_rate": 0.5, "inner": "aot_eager"}
+    compiled = torch.compile(model, backend=nmcompile.backend(**options))
+    x = torch.randn(4, 32)
+    row = next(r for r in nmcompile.explain(model, x, **options).rows if r.name == "fc1.weight")
+    assert (row.now, row.alpha) == ("t=0 2:4 α=1", 1.0)
+    assert row.flops["forward"][0] == row.flops["forward"][1]
+    for _ in range(2):
+        compiled(x).sum().backward()
+    row = next(r for r in nmcompile.explain(model, x, **options).rows if r.name == "fc1.weight")
+    assert (row.now, row.alpha) == ("t=2 2:4 α=0", 0.0)
+    assert row.flops["forward"][1] == row.flops["forward"][0] // 2
+    assert nmcompile.sparsity_state(model)["fc1.weight"]["step"] == 2, "explain must not advance the user's state"
+
+
+def test_checkpoint_restores_state_loaded_before_or_after_compile():
+    """state_dict() carries perm and step in _metadata (no extra keys); load_state_dict brings them
+    back whether the model was compiled before the load or only afterwards."""
+    options = {"inner": "aot_eager", "perm_interval": 2, "grad_prune": "mvue24"}
+    trained = MLP()
+    compiled = torch.compile(trained, backend=nmcompile.backend(**options))
+    for _ in range(3):
+        compiled(torch.randn(4, 32)).sum().backward()
+    checkpoint = trained.state_dict()
+    assert set(checkpoint) == set(MLP().state_dict())
+    assert nn.Module.load_state_dict(MLP(), checkpoint, strict=True) is not None  # a plain model loads it
+    expected = nmcompile.sparsity_state(trained)
+    late = MLP()
+    late.load_state_dict(checkpoint)  # before compile
+    torch.compile(late, backend=nmcompile.backend(**options))(torch.randn(4, 32))
+    early = MLP()
+    early_compiled = torch.compile(early, backend=nmcompile.backend(**options))
+    early_compiled(torch.randn(4, 32))
+    early.load_state_dict(checkpoint)  # after compile
+    for model, extra_steps in ((late, 1), (early, 0)):
+        got = nmcompile.sparsity_state(model)
+        for name, s in expected.items():
+            assert got[name]["step"] == s["step"] + extra_steps and torch.equal(got[name]["perm"], s["perm"])
+
+
+def test_old_checkpoint_warns_once_and_starts_fresh():
+    """A checkpoint without sparsity state loads; one warning; the layers restart at step 0."""
+    model = MLP()
+    compiled = torch.compile(model, backend=nmcompile.backend(inner="aot_eager", perm_interval=1))
+    for _ in range(2):
+        compiled(torch.randn(4, 32)).sum().backward()
+    plain = {k: v.clone() for k, v in MLP().state_dict().items()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.load_state_dict(plain)
+        model.load_state_dict(plain)
+    messages = [str(w.message) for w in caught if "nmsparse" in str(w.message)]
+    assert len(messages) == 1 and "no sparsity state" in messages[0]
+    state = nmcompile.sparsity_state(model)["fc1.weight"]
+    assert state["step"] == 0 and torch.equal(state["perm"], torch.arange(64))
+
+
+_RESUME = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    from conftest import MLP
+    torch.manual_seed(0)
+    torch.use_deterministic_algorithms(True)
+    OPTIONS = {{"inner": "aot_eager", "perm_interval": 4, "grad_prune": "mvue24", "mask_decay": "linear",
+               "mask_decay_rate": 0.05}}
+    model = MLP()
+    compiled = torch.compile(model, backend="nmsparse", options=OPTIONS)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    start, path = int(sys.argv[1]), sys.argv[2]
+    if start:
+        checkpoint = torch.load(path)
+        model.load_state_dict(checkpoint["model"])
+        opt.load_state_dict(checkpoint["opt"])
+    for step in range(start, 30):
+        data = torch.Generator().manual_seed(1000 + step)
+        x, target = torch.randn(16, 32, generator=data), torch.randn(16, 16, generator=data)
+        loss = torch.nn.functional.mse_loss(compiled(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        print(step, loss.item().hex())
+        if step == 14 and not start:
+            torch.save({{"model": model.state_dict(), "opt": opt.state_dict()}}, path)
+    """
+)
+
+
+def test_resume_in_a_new_process_is_bitwise_identical(tmp_path):
+    """Train 30 steps, checkpoint at 15 the ordinary way, resume in a fresh process: steps 16–30
+    give bitwise the same losses (bimask + mvue24 + mask decay)."""
+    script = tmp_path / "resume.py"
+    script.write_text(_RESUME.format(tests=str(__import__("pathlib").Path(__file__).parent)))
+    checkpoint = tmp_path / "ckpt.pt"
+
+    def run(start: int) -> dict[int, str]:
+        result = subprocess.run([sys.executable, str(script), str(start), str(checkpoint)], capture_output=True,
+                                text=True, timeout=600)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        return dict((int(a), b) for a, b in (line.split() for line in result.stdout.splitlines()))
+
+    full = run(0)
+    resumed = run(15)
+    assert sorted(resumed) == list(range(15, 30))
+    assert {step: full[step] for step in resumed} == resumed
