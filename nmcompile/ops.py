@@ -55,7 +55,7 @@ def _(a: torch.Tensor, n: int, m: int, dim: int, n_eff: torch.Tensor | None = No
 @torch.library.custom_op("nmsparse::transposable_mask", mutates_args=())
 def transposable_mask(w: torch.Tensor, n: int, m: int, n_eff: torch.Tensor | None = None) -> torch.Tensor:
     """SPEC §4 transposable mask of ``w`` ``[O, K]`` (N:M along both dims); ``n_eff`` as in ``nm_mask``."""
-    return reference.transposable_mask(w, int(n_eff) if n_eff is not None else n, m)
+    return reference.transposable_mask(w, int(n_eff) if n_eff is not None else n, m).contiguous()
 
 
 @transposable_mask.register_fake
@@ -67,14 +67,13 @@ def _(w: torch.Tensor, n: int, m: int, n_eff: torch.Tensor | None = None) -> tor
 def mvue_prune(grad: torch.Tensor, step: torch.Tensor, key: int, rule: str) -> torch.Tensor:
     """SPEC §7 ``rule`` on a 2-D gradient ``[T, O]``, blocks along ``T``; random numbers from the
     counter-based stream ``(key, step)``, so the same step prunes the same way anywhere."""
-    return reference.mvue_prune_with(
-        grad, rule, 0, lambda count: reference.counter_uniforms(key, step, count, grad.device)
-    )
+    uniforms = lambda count: reference.counter_uniforms(key, step, count, grad.device)  # noqa: E731
+    return reference.mvue_prune_with(grad, rule, 0, uniforms).contiguous()
 
 
 @mvue_prune.register_fake
 def _(grad: torch.Tensor, step: torch.Tensor, key: int, rule: str) -> torch.Tensor:
-    return torch.empty_like(grad)
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
 
 def _effective_weight(weight: torch.Tensor, mask: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:

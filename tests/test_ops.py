@@ -1,0 +1,66 @@
+"""torch.library.opcheck on every nmsparse custom op: schema, fake kernels (shapes and strides),
+autograd registration and AOT dispatch with dynamic shapes, on contiguous and strided inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nmcompile  # noqa: F401  (registers the ops)
+from nmcompile import reference
+
+ops = torch.ops.nmsparse
+
+
+def _w(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+
+
+MASK_CASES = [
+    (ops.nm_mask.default, (_w(8, 16), 2, 4, 1)),
+    (ops.nm_mask.default, (_w(16, 8).t(), 2, 4, 1)),  # non-contiguous
+    (ops.nm_mask.default, (_w(8, 16, 3, 3), 1, 4, 0)),
+    (ops.nm_mask.default, (_w(8, 16), 1, 8, 1, torch.tensor(3))),
+    (ops.transposable_mask.default, (_w(8, 16), 2, 4)),
+    (ops.transposable_mask.default, (_w(8, 16, 3, 3), 2, 4)),  # conv: per kernel position
+    (ops.transposable_mask.default, (_w(16, 16), 1, 8, torch.tensor(2))),
+]
+
+
+@pytest.mark.parametrize(("op", "args"), MASK_CASES)
+def test_mask_ops(op, args):
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("rule", ["mvue12", "mvue24", "mvue24_approx"])
+@pytest.mark.parametrize("grad", [_w(10, 6), _w(6, 10).t()], ids=["contiguous", "transposed"])
+def test_mvue_prune_op(rule, grad):
+    torch.library.opcheck(ops.mvue_prune.default, (grad, torch.tensor(3), 123, rule))
+
+
+def _linear_args(perm: bool, recipe: bool) -> tuple:
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    w = _w(8, 16).requires_grad_()
+    b = torch.randn(8, requires_grad=True)
+    mask = reference.nm_mask(w, 2, 4, 1)
+    extra = (None, torch.tensor(0.5), torch.tensor(2), "mvue24", 7) if recipe else ()
+    return (x, w, b, mask, torch.randperm(8) if perm else None, 2, 4, 2e-4, "fc", *extra)
+
+
+@pytest.mark.parametrize("perm", [True, False])
+@pytest.mark.parametrize("recipe", [True, False])
+def test_sparse_linear_op(perm, recipe):
+    torch.library.opcheck(ops.sparse_linear.default, _linear_args(perm, recipe))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("recipe", [True, False])
+def test_sparse_conv_op(channels_last, recipe):
+    x = torch.randn(2, 8, 6, 6)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = _w(8, 8, 3, 3).requires_grad_()
+    mask = reference.nm_mask(w, 2, 4, 1)
+    extra = (torch.tensor(2), torch.tensor(0.25), torch.tensor(1), "mvue12", 3) if recipe else ()
+    args = (x.requires_grad_(), w, None, mask, torch.randperm(8), [2, 2], [1, 1], [1, 1], 1, 2, 4, 0.0, "c", *extra)
+    torch.library.opcheck(ops.sparse_conv.default, args)
