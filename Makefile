@@ -10,7 +10,7 @@ STAMP := $(VENV)/.nmcompile-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,examples]"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(PY) examples/tiny_gpt.py --compare --steps 800 --eval-interval 200
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -20,6 +20,7 @@ from torch import fx
 
 from nmcompile.ops import NAME_KEY
 from nmcompile.options import SparsityConfig
+from nmcompile.passes.find_targets import size_hint
 
 if TYPE_CHECKING:
     from nmcompile.passes import GemmTarget, TargetAnalysis
@@ -64,7 +65,7 @@ class LayerRow:
             name=target.param_name or f"<{target.node.name}>",
             op=target.op,
             weight_shape=target.weight_shape,
-            input_shape=target.input_shape,
+            input_shape=tuple(map(size_hint, target.input_shape)) if target.input_shape is not None else None,
             conv=target.conv.describe() if target.conv is not None else "",
             nm=f"{config.n}:{config.m}" if target.sparse else "-",
             sparse=target.sparse,

@@ -143,7 +143,7 @@ def _shape(node: Any) -> tuple | None:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
-def _size_hint(value: Any) -> int | None:
+def size_hint(value: Any) -> int | None:
     """An int for a size, using the example hint of a symbolic size without installing a guard."""
     if isinstance(value, int):
         return value
@@ -265,7 +265,7 @@ def _decide(
         numel = 1
         for size in x_shape[:-1]:
             numel *= size
-        target.tokens = _size_hint(numel)
+        target.tokens = size_hint(numel)
     reason = _dense_reason(value, cols, info.name, placeholder, kind, extra, config)
     if reason:
         target.reason = reason
@@ -345,7 +345,7 @@ def _decide_conv(
         count = positions[0]
         for size in positions[2:]:
             count *= size
-        target.tokens = _size_hint(count)
+        target.tokens = size_hint(count)
     if "transpose" in target.op:
         target.reason = "transposed convolution"
         return target
