@@ -76,6 +76,16 @@ def _(grad: torch.Tensor, step: torch.Tensor, key: int, rule: str) -> torch.Tens
     return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
 
+def _compute_weight(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The (masked) weight in the GEMM's compute dtype, ``x``'s.
+
+    The dtypes differ only under autocast (dynamo's tracing of the user's dense code already
+    rejects a real mismatch): only activations and bias are cast on the way in, so that every
+    mask is chosen from the parameter's own values (SPEC §2), and the weight meets ``x`` here.
+    """
+    return weight.to(x.dtype)
+
+
 def _effective_weight(weight: torch.Tensor, mask: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
     """``W ⊙ mask``, or with mask decay ``W ⊙ (mask + (1 − mask)·α)`` (SPEC §8)."""
     return torch.where(mask, weight, 0) if alpha is None else torch.where(mask, weight, weight * alpha)
@@ -100,7 +110,7 @@ def sparse_linear(
 ) -> torch.Tensor:
     """``Y = X (W⊙F)ᵀ + b`` for ``W`` ``[O, K]`` (``W ⊙ (F + (1−F)α)`` with mask decay); the
     backward follows from ``perm`` and the recipe arguments (see ``_sparse_backward``)."""
-    return F.linear(x, _effective_weight(weight, fwd_mask, alpha), bias)
+    return F.linear(x, _compute_weight(_effective_weight(weight, fwd_mask, alpha), x), bias)
 
 
 @sparse_linear.register_fake
@@ -140,7 +150,7 @@ def sparse_conv(
     prune_key: int = 0,
 ) -> torch.Tensor:
     """Convolution with ``W⊙F`` (``W`` ``[O, C/groups, *k]``, ``F`` N:M along ``C`` per position)."""
-    weight = _effective_weight(weight, fwd_mask, alpha)
+    weight = _compute_weight(_effective_weight(weight, fwd_mask, alpha), x)
     out = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups)
     return out.contiguous(memory_format=_conv_memory_format(x))
 
@@ -184,10 +194,11 @@ def _sparse_backward(
             with annotate(role(layer, "bwd_mask")):
                 b_perm = torch.ops.nmsparse.nm_mask(kept, ctx.n, ctx.m, 0, n_eff) & f_perm
             with annotate(role(layer, "bwd_input_grad")):
-                dx = input_grad(dy.index_select(channel_dim, perm), _effective_weight(w_perm, b_perm, alpha))
+                w_eff = _effective_weight(w_perm, b_perm, alpha).to(dy.dtype)
+                dx = input_grad(dy.index_select(channel_dim, perm), w_eff)
         else:
             with annotate(role(layer, "bwd_input_grad")):
-                dx = input_grad(dy, _effective_weight(weight, fwd_mask, alpha))
+                dx = input_grad(dy, _effective_weight(weight, fwd_mask, alpha).to(dy.dtype))
     if ctx.needs_input_grad[1]:
         grad = dy
         if ctx.grad_prune != "none":
@@ -248,10 +259,42 @@ def _conv_backward(ctx: Any, dy: torch.Tensor) -> tuple:
         dy,
         1,
         input_grad=lambda g, w: grads(g, w, [True, False, False])[0],
-        weight_grad=lambda g: grads(g, weight, [False, True, False])[1],
+        weight_grad=lambda g: grads(g, weight.to(g.dtype), [False, True, False])[1],
     )
     return dx, dw, db, *([None] * 15)
 
 
 sparse_linear.register_autograd(_linear_backward, setup_context=_setup_linear)
 sparse_conv.register_autograd(_conv_backward, setup_context=_setup_conv)
+
+
+_LIBRARY = torch.library.Library("nmsparse", "IMPL")
+
+
+def _register_autocast(op: torch._ops.OpOverload, device_type: str) -> None:
+    """Under autocast, run ``op`` with ``x`` and the bias cast to the autocast dtype in force (bf16
+    or fp16) as ``F.linear``/``conv`` would; the weight keeps its dtype so masks come from the
+    parameter's own values, and meets the compute dtype in ``_compute_weight``.
+
+    ``torch.library.register_autocast`` fixes one target dtype and casts every input; this reads the
+    dtype at call time.
+    """
+    key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    key = getattr(torch._C.DispatchKey, key_name)
+
+    def kernel(*args: Any) -> Any:
+        dtype = torch.get_autocast_dtype(device_type)
+        cast = list(args)
+        for i in (0, 2):  # x and bias; the weight keeps its dtype for the masks
+            if isinstance(cast[i], torch.Tensor) and cast[i].is_floating_point():
+                cast[i] = cast[i].to(dtype)
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return op(*cast)
+
+    op.py_impl(key)(kernel)
+    _LIBRARY.impl(op.name().split("::")[1], lambda _keyset, *args: kernel(*args), key_name, with_keyset=True)
+
+
+for _op in (torch.ops.nmsparse.sparse_linear.default, torch.ops.nmsparse.sparse_conv.default):
+    for _device in ("cpu", "cuda"):
+        _register_autocast(_op, _device)

@@ -173,21 +173,32 @@ class Recipe:
         return dw + self.srste_lambda * torch.where(fmask, 0, weight) if self.srste_lambda else dw
 
 
+def autocast_inputs(x: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    """Under autocast, activations and bias cast to the autocast dtype, as ``F.linear`` does; the
+    weight keeps its own dtype (masks come from its values) and meets ``x``'s dtype in the GEMM."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return x, bias
+    dtype = torch.get_autocast_dtype(device)
+    return x.to(dtype), bias.to(dtype) if bias is not None else None
+
+
 class SparseGemm(torch.autograd.Function):
     """``Y = X (W⊙F)ᵀ + b``; ``dX = dY (W⊙B)``; ``dW = prune(dY)ᵀX + λ(1−F)⊙W`` (SPEC §3–§8)."""
 
     @staticmethod
     def forward(ctx: Any, x, weight, bias, fmask, bmask, recipe: Recipe):  # type: ignore[override]
+        x, bias = autocast_inputs(x, bias)
         ctx.save_for_backward(x, weight, fmask, bmask)
         ctx.recipe = recipe
-        return F.linear(x, recipe.weight(weight, fmask), bias)
+        return F.linear(x, recipe.weight(weight, fmask).to(x.dtype), bias)
 
     @staticmethod
     def backward(ctx: Any, dy):  # type: ignore[override]
         x, weight, fmask, bmask = ctx.saved_tensors
         recipe: Recipe = ctx.recipe
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx = dy @ recipe.weight(weight, bmask) if need_x else None
+        dx = dy @ recipe.weight(weight, bmask).to(dy.dtype) if need_x else None
         dw = None
         if need_w:
             pruned = recipe.prune(dy, -1)
@@ -224,9 +235,10 @@ class SparseConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x, weight, bias, fmask, bmask, recipe: Recipe, conv: tuple):  # type: ignore[override]
+        x, bias = autocast_inputs(x, bias)
         ctx.save_for_backward(x, weight, fmask, bmask)
         ctx.recipe, ctx.conv = recipe, conv
-        return _CONV[weight.dim() - 2](x, recipe.weight(weight, fmask), bias, *conv)
+        return _CONV[weight.dim() - 2](x, recipe.weight(weight, fmask).to(x.dtype), bias, *conv)
 
     @staticmethod
     def backward(ctx: Any, dy):  # type: ignore[override]
@@ -236,7 +248,7 @@ class SparseConv(torch.autograd.Function):
         d = weight.dim() - 2
         input_grad = getattr(torch.nn.grad, f"conv{d}d_input")
         weight_grad = getattr(torch.nn.grad, f"conv{d}d_weight")
-        dx = input_grad(x.shape, recipe.weight(weight, bmask), dy, *ctx.conv) if need_x else None
+        dx = input_grad(x.shape, recipe.weight(weight, bmask).to(dy.dtype), dy, *ctx.conv) if need_x else None
         dw = None
         if need_w:
             dw = recipe.srste(weight_grad(x, weight.shape, recipe.prune(dy, 1), *ctx.conv), weight, fmask)
