@@ -20,8 +20,9 @@ from torch import fx, nn
 
 from nmcompile.inspection import CompileRecord, dump_dir
 from nmcompile.options import SparsityConfig
-from nmcompile.passes import ParamInfo, find_targets, insert_masks, name_nodes
+from nmcompile.passes import ParamInfo, decompose_attention, find_targets, insert_masks, name_nodes
 from nmcompile.passes.find_targets import identifier
+from nmcompile.passes.insert_masks import copy_graph_module
 from nmcompile.state import DEFAULT_REGISTRY, LayerSpec, LayerState, StateRegistry
 
 _SOURCE = re.compile(r"^([LG])\['([^']+)'\]((?:\._modules\['[^']+'\])*)\._parameters\['([^']+)'\]$")
@@ -101,6 +102,15 @@ def _readable_input(placeholder: str, params: dict[str, ParamInfo]) -> str:
     return identifier(info.name) if info is not None else placeholder
 
 
+def _propagate_fake_values(gm: fx.GraphModule) -> None:
+    """Example values for nodes a pre-pass created, so that the report knows their shapes."""
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    inputs = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+    mode = next(t.fake_mode for t in inputs if isinstance(t, torch._subclasses.FakeTensor))
+    FakeTensorProp(gm, mode=mode).propagate_dont_convert_inputs(*inputs)
+
+
 def _record_and_name(record: CompileRecord | None, kind: str, gm: fx.GraphModule) -> None:
     name_nodes(gm)
     if record is not None:
@@ -164,11 +174,14 @@ def compile_graph(
 ) -> Callable:
     """Compile one dynamo graph with N:M sparse GEMMs; the body of every ``nmsparse`` backend call."""
     params = resolve_parameters(gm, example_inputs)
-    analysis = find_targets(gm, example_inputs, config, params)
     try:
         fake_mode = torch._guards.TracingContext.get().fake_mode
     except (AssertionError, RuntimeError):
         fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    gm, _ = copy_graph_module(gm)
+    if decompose_attention(gm):
+        _propagate_fake_values(gm)
+    analysis = find_targets(gm, example_inputs, config, params)
     rewritten, state_inputs = insert_masks(gm, analysis, config, fake_mode)
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     states: list[tuple[LayerState, int]] = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import inspect
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -296,12 +297,12 @@ class _Rule:
 class SparseLinear(nn.Module):
     """An ``nn.Linear`` replacement holding the same parameters, run through ``SparseGemm``."""
 
-    def __init__(self, linear: nn.Linear, rule: _Rule) -> None:
+    def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self.rule = rule
+        self.rule: _Rule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.rule(x, self.weight, self.bias)
@@ -314,14 +315,14 @@ class SparseLinear(nn.Module):
 class SparseConvNd(nn.Module):
     """An ``nn.Conv1d/2d/3d`` replacement holding the same parameters, run through ``SparseConv``."""
 
-    def __init__(self, conv: nn.modules.conv._ConvNd, rule: _Rule) -> None:
+    def __init__(self, conv: nn.modules.conv._ConvNd) -> None:
         super().__init__()
         self.weight, self.bias = conv.weight, conv.bias
         self.stride, self.dilation, self.groups = list(conv.stride), list(conv.dilation), conv.groups
         self.padding, self.padding_mode = conv.padding, conv.padding_mode
         self.kernel_size = conv.kernel_size
         self._reversed_padding_repeated_twice = conv._reversed_padding_repeated_twice
-        self.rule = rule
+        self.rule: _Rule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding_mode != "zeros":
@@ -342,9 +343,13 @@ _GEMM_FUNCS = {torch.mm, torch.Tensor.mm, torch.matmul, torch.Tensor.matmul, tor
 _TRANSPOSE_FUNCS = {torch.t, torch.Tensor.t, torch.transpose, torch.Tensor.transpose, torch.Tensor.T.__get__}
 
 
+_LINEAR_FUNCS = {F.linear, torch._C._nn.linear}
+
+
 class _GemmInterceptor(TorchFunctionMode):
-    """Routes ``mm``/``matmul``/``addmm`` whose right operand is an eligible weight ``W`` (``[in, out]``
-    layout) or its transpose ``W.t()`` (``[out, in]`` layout) through that weight's rule."""
+    """Routes GEMMs on eligible weights that no swapped module owns through their rules:
+    ``F.linear(x, W, b)`` (``[out, in]``), and ``mm``/``matmul``/``addmm``/``@`` whose right operand
+    is ``W`` (``[in, out]`` layout) or its transpose ``W.t()`` (``[out, in]`` layout)."""
 
     def __init__(self, candidates: dict[int, nn.Parameter], make_rule: Callable[[nn.Parameter, str], Any]) -> None:
         super().__init__()
@@ -357,23 +362,46 @@ class _GemmInterceptor(TorchFunctionMode):
         p = self.candidates.get(id(t))
         return p if p is t else None
 
+    def _rule(self, param: nn.Parameter, layout: str) -> Any:
+        key = (id(param), layout)
+        if key not in self.rules:
+            self.rules[key] = self.make_rule(param, layout)
+        return self.rules[key]
+
+    def _attention(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        """``nn.MultiheadAttention``: its projections are GEMMs on weights to route, but torch runs
+        the fused function without this mode; so run PyTorch's formula, decomposed, under it."""
+        from nmcompile.passes.decompose import mha_plan
+
+        arguments = inspect.signature(func).bind(*args, **kwargs).arguments
+        fn, inputs, _ = mha_plan(arguments, value=lambda t: t)
+        if fn is None:
+            return func(*args, **kwargs)
+        with self:
+            return fn(*inputs)
+
     def __torch_function__(self, func, types_, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
-        out = None
         if func in _TRANSPOSE_FUNCS and self._candidate(args[0]) is not None:
             out = func(*args, **kwargs)
             self.views[id(out)] = (out, args[0])
             return out
+        if func is F.multi_head_attention_forward:
+            return self._attention(func, args, kwargs)
+        if func in _LINEAR_FUNCS:
+            x, weight, bias = (*args, *[None] * 3)[:3]
+            weight, bias = kwargs.get("weight", weight), kwargs.get("bias", bias)
+            param = self._candidate(weight)
+            rule = self._rule(param, "out_in") if param is not None else None
+            if rule is not None:
+                return rule(kwargs.get("input", x), param, bias)
         if func in _GEMM_FUNCS and not kwargs:
             bias, a, b = (args[0], args[1], args[2]) if func is torch.addmm else (None, args[0], args[1])
             param, layout = self._candidate(b), "in_out"
             view = self.views.get(id(b))
             if param is None and view is not None and view[0] is b:
                 param, layout = view[1], "out_in"
-            key = (id(param), layout)
-            if param is not None and key not in self.rules:
-                self.rules[key] = self.make_rule(param, layout)
-            rule = self.rules.get(key)
+            rule = self._rule(param, layout) if param is not None else None
             if rule is not None:
                 out = rule(a, param if layout == "out_in" else param.t(), None)
                 return out if bias is None else bias + out
@@ -413,10 +441,11 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
     """Make ``model`` train with N:M sparse GEMMs in eager mode, in place; returns ``model``.
 
     ``nn.Linear`` and ``nn.Conv1d/2d/3d`` children are swapped for ``SparseLinear`` and
-    ``SparseConvNd`` (transposed convolutions stay dense); in other modules, an own 2-D weight
-    used as the right operand of ``mm``/``matmul``/``addmm``/``@`` (as ``W``: ``[in, out]``, or as
-    ``W.t()``: ``[out, in]``) is routed through the same rule. Options as ``SparsityConfig``.
-    Do not deep-copy a model after ``sparsify``: the routed forwards keep their rules.
+    ``SparseConvNd`` (transposed convolutions stay dense). Every other 2-D weight (``nn.MultiheadAttention``'s
+    projections, GPT-2's ``Conv1D``) is routed through the same rule while ``model``'s forward
+    runs: as the weight of ``F.linear``, or the right operand of ``mm``/``matmul``/``addmm``/``@``
+    (``W``: ``[in, out]``, ``W.t()``: ``[out, in]``). Options as ``SparsityConfig``.
+    Do not deep-copy a model after ``sparsify``: the routed forward keeps its rules.
     """
     from nmcompile.state import DEFAULT_REGISTRY, LayerSpec
 
@@ -435,26 +464,27 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
         spec = LayerSpec(name, index[id(weight)], rows, backward, layout, groups, config)
         return _Rule(registry.get_or_create(weight, spec, owner), weight, backward, config)
 
+    others: dict[int, tuple[str, nn.Parameter, nn.Module]] = {}  # 2-D weights no swapped module owns
     for mod_name, module in list(model.named_modules()):
         prefix = f"{mod_name}." if mod_name else ""
-        if type(module) is nn.Linear:
-            rule = rule_for(prefix + "weight", module.weight, "out_in", module)
+        swap = {nn.Linear: SparseLinear, nn.Conv1d: SparseConvNd, nn.Conv2d: SparseConvNd, nn.Conv3d: SparseConvNd}
+        if type(module) in swap:
+            new = swap[type(module)](module)  # owns the state: model.eval() reaches it
+            rule = rule_for(prefix + "weight", module.weight, "out_in", new, getattr(module, "groups", 1))
             if rule is not None:
-                _replace(model, mod_name, SparseLinear(module, rule))
+                new.rule = rule
+                _replace(model, mod_name, new)
             continue
-        if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-            rule = rule_for(prefix + "weight", module.weight, "out_in", module, module.groups)
-            if rule is not None:
-                _replace(model, mod_name, SparseConvNd(module, rule))
-            continue
-        names = {id(p): prefix + n for n, p in module.named_parameters(recurse=False) if p.dim() == 2}
-        if names:
-            candidates = {id(p): p for p in module.parameters(recurse=False) if id(p) in names}
+        for pname, p in module.named_parameters(recurse=False):
+            if p.dim() == 2 and id(p) not in others:
+                others[id(p)] = (prefix + pname, p, module)
+    if others:
 
-            def make_rule(p: nn.Parameter, layout: str, module=module, names=names) -> _Rule | None:
-                return rule_for(names[id(p)], p, layout, module)
+        def make_rule(p: nn.Parameter, layout: str) -> _Rule | None:
+            name, _, owner = others[id(p)]
+            return rule_for(name, p, layout, owner)
 
-            _route_gemms(module, _GemmInterceptor(candidates, make_rule))
+        _route_gemms(model, _GemmInterceptor({key: p for key, (_, p, _) in others.items()}, make_rule))
     return model
 
 

@@ -1,10 +1,12 @@
 """FX graph passes of the ``nmsparse`` backend, usable on any ``torch.fx.GraphModule``.
 
-Each module holds one pass with one entry function: ``find_targets`` (eligibility analysis,
-SPEC §10), ``insert_masks`` (rewrite GEMM nodes into mask, permutation and sparse-GEMM nodes),
-``name_nodes`` (readable node names in the graphs AOTAutograd produces).
+Each module holds one pass with one entry function: ``decompose_attention`` (fused attention ops
+into ``F.linear`` + SDPA), ``find_targets`` (eligibility analysis, SPEC §10), ``insert_masks``
+(rewrite GEMM nodes into mask, permutation and sparse-GEMM nodes), ``name_nodes`` (readable node
+names in the graphs AOTAutograd produces).
 """
 
+from .decompose import decompose_attention
 from .find_targets import GemmTarget, ParamInfo, TargetAnalysis, find_targets
 from .insert_masks import StateInput, insert_masks
 from .name_nodes import name_nodes
@@ -14,6 +16,7 @@ __all__ = [
     "ParamInfo",
     "StateInput",
     "TargetAnalysis",
+    "decompose_attention",
     "find_targets",
     "insert_masks",
     "name_nodes",

@@ -37,6 +37,11 @@ _FUNCTIONS = {
     torch.conv_transpose3d: "conv_transpose3d",
 }
 _METHODS = {"mm": "mm", "matmul": "matmul", "__matmul__": "matmul", "addmm": "addmm"}
+_FUSED_ATTENTION = {
+    F.multi_head_attention_forward: "multi_head_attention",
+    torch._transformer_encoder_layer_fwd: "transformer_encoder_layer",
+    torch._native_multi_head_attention: "native_multi_head_attention",
+}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_TRANSPOSE_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
 
@@ -152,7 +157,7 @@ def size_hint(value: Any) -> int | None:
 
 def _gemm_kind(node: fx.Node) -> str | None:
     if node.op == "call_function":
-        return _FUNCTIONS.get(node.target)  # type: ignore[arg-type]
+        return _FUNCTIONS.get(node.target) or _FUSED_ATTENTION.get(node.target)  # type: ignore[arg-type]
     if node.op == "call_method":
         return _METHODS.get(node.target)  # type: ignore[arg-type]
     return None
@@ -234,6 +239,9 @@ def _decide(
     node: fx.Node, kind: str, config: SparsityConfig, params: Mapping[str, ParamInfo], values: Mapping[fx.Node, Any]
 ) -> GemmTarget:
     target = GemmTarget(node=node, op=kind)
+    if kind in _FUSED_ATTENTION.values():
+        target.reason = node.meta.get("nmsparse_dense_reason", f"fused {kind}: its projections run dense inside it")
+        return target
     x, w, bias, extra = gemm_operands(node, kind)
     target.x, target.bias, target.input_shape = x, bias, _shape(x)
     if kind.startswith("conv"):

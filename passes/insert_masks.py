@@ -35,7 +35,7 @@ class StateInput:
     example: Any  # static-shape (fake) example value of the input
 
 
-def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
+def copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
     """A new ``GraphModule`` with a copy of ``gm``'s graph, dynamo sources and metadata kept."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -97,7 +97,7 @@ def insert_masks(
     by layer in ``graph_input_kinds`` order; the caller passes those tensors after the user's
     inputs. ``fake_mode`` makes their example values (static shapes) so AOTAutograd can trace them.
     """
-    new_gm, env = _copy(gm)
+    new_gm, env = copy_graph_module(gm)
     graph = new_gm.graph
     n, m = config.n, config.m
     states: list[StateInput] = []

@@ -1,0 +1,200 @@
+"""Decomposition pre-pass: fused attention ops that hide their projection GEMMs are rewritten into
+``F.linear`` + ``scaled_dot_product_attention`` so that ``find_targets`` can see the projections.
+
+Dynamo keeps ``F.multi_head_attention_forward`` (``nn.MultiheadAttention`` in training or with
+grad) and ``torch._transformer_encoder_layer_fwd`` (``nn.TransformerEncoderLayer``'s inference
+fast path) as single nodes. Self-attention with packed projections — what ``nn.MultiheadAttention``
+and ``nn.TransformerEncoderLayer`` use — is decomposed following PyTorch's own formulas; any
+other variant stays fused, and ``node.meta["nmsparse_dense_reason"]`` says why.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from .find_targets import example_value
+
+DENSE_REASON = "nmsparse_dense_reason"
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = masked out) as the additive float mask PyTorch's attention uses."""
+    return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
+
+
+def _mha(static: dict[str, Any]):
+    """``F.multi_head_attention_forward`` for batched self-attention with packed projections."""
+    heads, embed = static["num_heads"], static["embed_dim"]
+    dropout_p = static["dropout_p"] if static["training"] else 0.0
+    need_weights = static["need_weights"]
+    mask_bool, kpm_bool = static["attn_mask_bool"], static["kpm_bool"]
+    has_mask, has_kpm, has_in_bias = static["has_attn_mask"], static["has_kpm"], static["has_in_bias"]
+    use_causal_hint = static["is_causal"] and not has_kpm and not need_weights
+
+    def attention(query, in_w, in_b, out_w, out_b, attn_mask, key_padding_mask):
+        tgt, bsz = query.shape[0], query.shape[1]
+        head = embed // heads
+        proj = F.linear(query, in_w, in_b if has_in_bias else None)
+        q, k, v = proj.unflatten(-1, (3, embed)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+        mask = None
+        if has_mask and not use_causal_hint:
+            mask = _additive(attn_mask, q.dtype) if mask_bool else attn_mask
+            if mask.dim() == 2:
+                mask = mask.unsqueeze(0)
+        q = q.view(tgt, bsz * heads, head).transpose(0, 1)
+        k = k.view(k.shape[0], bsz * heads, head).transpose(0, 1)
+        v = v.view(v.shape[0], bsz * heads, head).transpose(0, 1)
+        src = k.shape[1]
+        if has_kpm:
+            kpm = _additive(key_padding_mask, q.dtype) if kpm_bool else key_padding_mask
+            kpm = kpm.view(bsz, 1, 1, src).expand(-1, heads, -1, -1).reshape(bsz * heads, 1, src)
+            mask = kpm if mask is None else mask + kpm
+        if need_weights:
+            scores = torch.bmm(q * math.sqrt(1.0 / float(head)), k.transpose(-2, -1))
+            if mask is not None:
+                scores = scores + mask
+            weights = torch.softmax(scores, dim=-1)
+            if dropout_p > 0.0:
+                weights = F.dropout(weights, p=dropout_p)
+            out = torch.bmm(weights, v).transpose(0, 1).contiguous().view(tgt * bsz, embed)
+            out = F.linear(out, out_w, out_b).view(tgt, bsz, -1)
+            weights = weights.view(bsz, heads, tgt, src)
+            return out, weights.mean(dim=1) if static["average_attn_weights"] else weights
+        if mask is not None:
+            mask = mask.unsqueeze(0) if mask.shape[0] == 1 and mask.dim() == 3 else mask.view(bsz, heads, -1, src)
+        q, k, v = q.view(bsz, heads, tgt, head), k.view(bsz, heads, src, head), v.view(bsz, heads, src, head)
+        out = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, use_causal_hint)
+        out = out.permute(2, 0, 1, 3).contiguous().view(bsz * tgt, embed)
+        return F.linear(out, out_w, out_b).view(tgt, bsz, -1), None
+
+    return attention
+
+
+def _encoder_layer(static: dict[str, Any]):
+    """``torch._transformer_encoder_layer_fwd`` (batch-first, no mask) as its unfused formula."""
+    embed, heads, eps = static["embed_dim"], static["num_heads"], static["eps"]
+    activation = F.gelu if static["use_gelu"] else F.relu
+
+    def layer(src, qkv_w, qkv_b, proj_w, proj_b, n1_w, n1_b, n2_w, n2_b, w1, b1, w2, b2):
+        def self_attention(h):
+            bsz, tgt = h.shape[0], h.shape[1]
+            q, k, v = F.linear(h, qkv_w, qkv_b).view(bsz, tgt, 3, heads, embed // heads).permute(2, 0, 3, 1, 4)
+            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(bsz, tgt, embed)
+            return F.linear(out, proj_w, proj_b)
+
+        def feed_forward(h):
+            return F.linear(activation(F.linear(h, w1, b1)), w2, b2)
+
+        x = src
+        if static["norm_first"]:
+            x = x + self_attention(F.layer_norm(x, (embed,), n1_w, n1_b, eps))
+            return x + feed_forward(F.layer_norm(x, (embed,), n2_w, n2_b, eps))
+        x = F.layer_norm(x + self_attention(x), (embed,), n1_w, n1_b, eps)
+        return F.layer_norm(x + feed_forward(x), (embed,), n2_w, n2_b, eps)
+
+    return layer
+
+
+def mha_plan(arguments: dict[str, Any], value: Any = example_value) -> tuple[Any, list[Any], str | None]:
+    """For ``F.multi_head_attention_forward``'s bound ``arguments``: the decomposed function and its
+    inputs, or ``(None, [], reason)`` when the call stays fused. ``value`` maps an argument to a
+    tensor with its shape and dtype (an example value for graph nodes, itself for real tensors)."""
+    a = dict(_MHA_SIGNATURE.bind(**arguments).arguments)
+    for name, parameter in _MHA_SIGNATURE.parameters.items():
+        a.setdefault(name, parameter.default)
+    query = value(a["query"])
+    checks = [
+        (a["query"] is a["key"] is a["value"], "not self-attention"),
+        (not a["use_separate_proj_weight"], "separate q/k/v projection weights"),
+        (a["bias_k"] is None and a["bias_v"] is None and not a["add_zero_attn"], "bias_k/bias_v/add_zero_attn"),
+        (a["static_k"] is None and a["static_v"] is None, "static_k/static_v"),
+        (isinstance(query, torch.Tensor) and query.dim() == 3, "unbatched input"),
+        (not (a["is_causal"] and a["attn_mask"] is None), "is_causal without attn_mask"),
+    ]
+    for ok, why in checks:
+        if not ok:
+            return None, [], f"multi_head_attention_forward with {why}: projections run dense inside the fused op"
+    mask = value(a["attn_mask"]) if a["attn_mask"] is not None else None
+    kpm = value(a["key_padding_mask"]) if a["key_padding_mask"] is not None else None
+    static = {
+        "num_heads": a["num_heads"], "embed_dim": a["embed_dim_to_check"], "dropout_p": a["dropout_p"],
+        "training": a["training"], "need_weights": a["need_weights"], "is_causal": a["is_causal"],
+        "average_attn_weights": a["average_attn_weights"], "has_in_bias": a["in_proj_bias"] is not None,
+        "has_attn_mask": mask is not None, "has_kpm": kpm is not None,
+        "attn_mask_bool": mask is not None and mask.dtype == torch.bool,
+        "kpm_bool": kpm is not None and kpm.dtype == torch.bool,
+    }  # fmt: skip
+    inputs = [a["query"], a["in_proj_weight"], a["in_proj_bias"], a["out_proj_weight"], a["out_proj_bias"],
+              a["attn_mask"], a["key_padding_mask"]]  # fmt: skip
+    return _mha(static), inputs, None
+
+
+def _mha_plan(node: fx.Node) -> tuple[Any, list[Any], str | None]:
+    return mha_plan(_MHA_SIGNATURE.bind(*node.args, **node.kwargs).arguments)
+
+
+def _encoder_plan(node: fx.Node) -> tuple[Any, list[Any], str | None]:
+    (src, embed, heads, qkv_w, qkv_b, proj_w, proj_b, use_gelu, norm_first, eps, n1_w, n1_b, n2_w, n2_b,
+     w1, b1, w2, b2, *rest) = node.args  # fmt: skip
+    mask = rest[0] if rest else node.kwargs.get("mask")
+    if mask is not None:
+        return None, [], "transformer encoder fast path with a mask: projections run dense inside the fused op"
+    static = {"embed_dim": embed, "num_heads": heads, "eps": eps, "use_gelu": use_gelu, "norm_first": norm_first}
+    return _encoder_layer(static), [src, qkv_w, qkv_b, proj_w, proj_b, n1_w, n1_b, n2_w, n2_b, w1, b1, w2, b2], None
+
+
+_PLANS = {F.multi_head_attention_forward: _mha_plan, torch._transformer_encoder_layer_fwd: _encoder_plan}
+FUSED_ATTENTION = (*_PLANS, torch._native_multi_head_attention)
+
+
+def _inline(graph: fx.Graph, node: fx.Node, fn: Any, inputs: list[Any]) -> None:
+    """Replace ``node`` with the symbolically traced graph of ``fn(*inputs)``."""
+    names = list(inspect.signature(fn).parameters)
+    concrete = {name: None for name, value in zip(names, inputs, strict=True) if value is None}
+    traced = fx.symbolic_trace(fn, concrete_args=concrete)
+    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    env = {p: value for p, value in zip(placeholders, inputs, strict=True) if p.name not in concrete}
+    with graph.inserting_before(node):
+        out = graph.graph_copy(traced.graph, env)
+    if isinstance(out, fx.Node):
+        node.replace_all_uses_with(out)
+    else:  # a tuple, read through getitem nodes; an entry may be None (no attention weights)
+        for reader in list(node.users):
+            value = out[reader.args[1]]
+            for use in list(reader.users):
+                use.args = fx.map_arg(use.args, lambda n, r=reader, v=value: v if n is r else n)
+                use.kwargs = fx.map_arg(use.kwargs, lambda n, r=reader, v=value: v if n is r else n)
+            graph.erase_node(reader)
+    graph.erase_node(node)
+
+
+def decompose_attention(gm: fx.GraphModule) -> bool:
+    """Decompose the supported fused attention nodes of ``gm`` in place; ``True`` if any changed.
+
+    Works on the (copied) dynamo graph before ``find_targets``; the new nodes have no example
+    values until the caller propagates them.
+    """
+    changed = False
+    for node in list(gm.graph.nodes):
+        plan = _PLANS.get(node.target) if node.op == "call_function" else None  # type: ignore[arg-type]
+        if node.op == "call_function" and node.target is torch._native_multi_head_attention:
+            node.meta[DENSE_REASON] = "native multi-head attention fast path: projections run dense inside it"
+        if plan is None:
+            continue
+        fn, inputs, reason = plan(node)
+        if fn is None:
+            node.meta[DENSE_REASON] = reason
+            continue
+        _inline(gm.graph, node, fn, inputs)
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
