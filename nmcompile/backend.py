@@ -70,6 +70,15 @@ def _source_root(source_name: str) -> tuple[nn.Module | None, str]:
     return (root if isinstance(root, nn.Module) else None), name
 
 
+def _real(placeholder: fx.Node, value: Any) -> Any:
+    """The real input behind a placeholder: DDP's graph splitting compiles each bucket with fake
+    example inputs, but dynamo's ``grapharg`` still holds the real tensor (e.g. the Parameter)."""
+    grapharg = placeholder.meta.get("grapharg")
+    if isinstance(value, torch._subclasses.FakeTensor) and grapharg is not None:
+        return grapharg.example
+    return value
+
+
 def resolve_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[str, ParamInfo]:
     """Placeholder name -> ``ParamInfo`` for every placeholder whose example input is a Parameter.
 
@@ -78,7 +87,8 @@ def resolve_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dic
     source's root object; otherwise the source text itself.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    pairs = [(ph, v) for ph, v in zip(placeholders, example_inputs, strict=False) if isinstance(v, nn.Parameter)]
+    pairs = [(ph, _real(ph, v)) for ph, v in zip(placeholders, example_inputs, strict=False)]
+    pairs = [(ph, v) for ph, v in pairs if isinstance(v, nn.Parameter)]
     if not pairs:
         return {}
     tables = [_parameter_table(root) for root in reversed(_compiled_roots())]
@@ -155,6 +165,11 @@ class _Runner:
         self.input_states = input_states  # layers whose state tensors follow the user's inputs, in order
 
     def __call__(self, *args: Any) -> Any:
+        fake_mode = next((a.fake_mode for a in args if isinstance(a, torch._subclasses.FakeTensor)), None)
+        if fake_mode is not None:  # DDP's graph splitting propagates fake inputs: no training step
+            extra = [tensor for state in self.input_states for tensor in state.graph_inputs()]
+            extra = [t if isinstance(t, torch._subclasses.FakeTensor) else fake_mode.from_tensor(t) for t in extra]
+            return self.compiled(*args, *extra)
         training = [(state, args[i]) for state, i in self.states if state.is_training_forward()]
         for state, weight in training:
             state.begin_training_step(weight)

@@ -60,7 +60,7 @@ class LayerRow:
         n, alpha, now = config.n, None, "-"
         if state is not None:
             n, alpha = state.mask_n(), state.alpha()
-            now = f"t={int(state.step)} {n}:{config.m}" + (f" α={alpha:.3g}" if alpha is not None else "")
+            now = f"t={state.step} {n}:{config.m}" + (f" α={alpha:.3g}" if alpha is not None else "")
         return cls(
             name=target.param_name or f"<{target.node.name}>",
             op=target.op,
@@ -235,15 +235,40 @@ def to_dot(records: list[CompileRecord]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def untraced_rows(module: torch.nn.Module, seen: set[str]) -> list[LayerRow]:
+    """Rows for the weights (2-D and up) of ``module`` that no compiled graph used as a GEMM operand,
+    with the reason by module kind: dynamo runs recurrent layers eagerly, embeddings are lookups."""
+    rows = []
+    for mod_name, sub in module.named_modules():
+        for pname, param in sub.named_parameters(recurse=False):
+            name = f"{mod_name}.{pname}" if mod_name else pname
+            if name in seen or param.dim() < 2:
+                continue
+            seen.add(name)
+            if isinstance(sub, torch.nn.RNNBase):
+                reason = (f"{type(sub).__name__}: dynamo does not trace recurrent layers into a graph "
+                          "(torch._dynamo.config.allow_rnn), so it runs eagerly and dense")  # fmt: skip
+            elif isinstance(sub, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+                reason = "embedding lookup, not a GEMM"
+            else:
+                reason = "not a GEMM operand in any compiled graph (or in code dynamo did not trace)"
+            flops = {"forward": None, "input_grad": None, "weight_grad": None}
+            rows.append(LayerRow(name, type(sub).__name__, tuple(param.shape[:2]), None, "", "-", False, "-", reason,
+                                 flops))  # fmt: skip
+    return rows
+
+
 class Report:
     """What ``explain`` returns: ``str(report)`` is the table; graphs and exports as attributes."""
 
-    def __init__(self, records: list[CompileRecord]) -> None:
+    def __init__(self, records: list[CompileRecord], untraced: list[LayerRow] | None = None) -> None:
         self.records = records
+        self.untraced = untraced or []
 
     @property
     def rows(self) -> list[LayerRow]:
-        return [row for record in self.records for row in record.rows]
+        """Every GEMM-like node of every compiled graph, then the weights no graph used."""
+        return [row for record in self.records for row in record.rows] + self.untraced
 
     def _graph(self, kind: str) -> fx.GraphModule | None:
         return next((r.graphs[kind] for r in self.records if kind in r.graphs), None)
@@ -265,7 +290,10 @@ class Report:
         return to_dot(self.records)
 
     def __str__(self) -> str:
-        return "\n\n".join(str(r) for r in self.records) if self.records else "(no graph compiled)"
+        parts = [str(r) for r in self.records] or ["(no graph compiled)"]
+        if self.untraced:
+            parts.append("not in any compiled graph:\n" + format_table(self.untraced))
+        return "\n\n".join(parts)
 
     __repr__ = __str__
 
@@ -305,4 +333,5 @@ def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Rep
             for name, buffer in module.named_buffers():
                 if name in saved:
                     buffer.copy_(saved[name])
-    return Report(records)
+    seen = {row.name for record in records for row in record.rows}
+    return Report(records, untraced_rows(module, seen))

@@ -283,7 +283,11 @@ class _Rule:
                 fmask = nm_mask(w, n, m, dim=1)
                 bmask = backward_mask(w, fmask, state.perm, n, m) if self.backward == "bimask" else fmask
         recipe = Recipe(
-            config.srste_lambda, state.alpha(), config.grad_prune, prune_key(config.seed, state.spec.index), state.step
+            config.srste_lambda,
+            state.alpha(),
+            config.grad_prune,
+            prune_key(config.seed, state.spec.index),
+            state.step_tensor(),
         )
         if conv is None:
             y = SparseGemm.apply(x, w, bias, fmask, bmask, recipe)

@@ -74,14 +74,14 @@ def permutation_candidates(spec: LayerSpec, step: int) -> list[torch.Tensor]:
 class LayerState:
     """Mutable state of one sparsified weight: permutation ``perm`` (bimask) and step counter.
 
-    Tensors are replaced, never changed in place, so a backward still pending from an earlier
-    forward sees the values that forward used.
+    The permutation is replaced, never changed in place, and the step enters graphs as a new tensor
+    each call, so a backward still pending from an earlier forward sees the values it used.
     """
 
     def __init__(self, spec: LayerSpec, device: torch.device, owner: nn.Module | None) -> None:
         self.spec = spec
         self.perm = torch.arange(spec.rows, device=device)
-        self.step = torch.zeros((), dtype=torch.int64)
+        self.step = 0  # finished training forwards
         self.last_search_step: int | None = None
         self.device = device
         self._owner = weakref.ref(owner) if owner is not None else None
@@ -89,7 +89,7 @@ class LayerState:
     def reset(self) -> None:
         """Back to the start: identity permutation, step 0."""
         self.perm = torch.arange(self.spec.rows, device=self.device)
-        self.step = torch.zeros((), dtype=torch.int64)
+        self.step = 0
         self.last_search_step = None
 
     def weight_matrix(self, param: torch.Tensor) -> torch.Tensor:
@@ -100,7 +100,7 @@ class LayerState:
     def mask_n(self, step: int | None = None) -> int:
         """N of the masks at ``step`` (default: now): the structure-decay schedule, else ``n``."""
         config = self.spec.config
-        step = int(self.step) if step is None else step
+        step = self.step if step is None else step
         return reference.effective_n(config, step) if config.structure_decay else config.n
 
     def alpha(self, step: int | None = None) -> float | None:
@@ -108,7 +108,7 @@ class LayerState:
         config = self.spec.config
         if config.mask_decay == "none":
             return None
-        return reference.decay_alpha(config, int(self.step) if step is None else step)
+        return reference.decay_alpha(config, self.step if step is None else step)
 
     def graph_inputs(self) -> list[torch.Tensor]:
         """This step's state tensors for the compiled graph, in ``spec.graph_inputs`` order."""
@@ -116,9 +116,13 @@ class LayerState:
             "perm": lambda: self.perm,
             "n_eff": lambda: torch.tensor(self.mask_n(), dtype=torch.int64),
             "alpha": lambda: torch.tensor(self.alpha(), dtype=torch.float32, device=self.device),
-            "step": lambda: self.step,
+            "step": self.step_tensor,
         }
         return [values[kind]() for kind in self.spec.graph_inputs]
+
+    def step_tensor(self) -> torch.Tensor:
+        """The step as a new 0-d tensor (a graph input seeding MVUE): made per call, never mutated."""
+        return torch.tensor(self.step, dtype=torch.int64)
 
     def is_training_forward(self) -> bool:
         """A training step is a forward with grad enabled while the owning module is in train mode."""
@@ -130,7 +134,7 @@ class LayerState:
     def begin_training_step(self, param: torch.Tensor) -> None:
         """Run the permutation search if this step is a search step (every ``perm_interval``, from 0)."""
         spec, config = self.spec, self.spec.config
-        step = int(self.step)
+        step = self.step
         if spec.backward != "bimask" or step % config.perm_interval or self.last_search_step == step:
             return
         with torch.no_grad():
@@ -142,7 +146,7 @@ class LayerState:
 
     def end_training_step(self) -> None:
         """Count one finished training forward."""
-        self.step = self.step + 1
+        self.step += 1
 
     def summary(self, param: torch.Tensor) -> dict[str, Any]:
         """Read-only view: permutation, step, schedule, and the kept fraction of forward weights in
@@ -161,7 +165,7 @@ class LayerState:
                 kept_fraction = reference.permutation_score(fmask, self.perm, n, config.m) / kept
         return {
             "perm": self.perm.detach().clone(),
-            "step": int(self.step),
+            "step": self.step,
             "kept_fraction": kept_fraction,
             "n": config.n,
             "m": config.m,
@@ -176,7 +180,7 @@ class LayerState:
     def payload(self) -> dict[str, Any]:
         """What a checkpoint keeps: everything else follows from the weight and the step."""
         last = -1 if self.last_search_step is None else self.last_search_step
-        return {"perm": self.perm.detach().cpu().clone(), "step": int(self.step), "last_search_step": last}
+        return {"perm": self.perm.detach().cpu().clone(), "step": self.step, "last_search_step": last}
 
     def load_payload(self, payload: dict[str, Any]) -> None:
         """Restore from ``payload()``; a permutation of another size is refused with a warning."""
@@ -189,7 +193,7 @@ class LayerState:
             )
             return
         self.perm = perm.to(self.device).clone()
-        self.step = torch.tensor(int(payload["step"]), dtype=torch.int64)
+        self.step = int(payload["step"])
         last = int(payload["last_search_step"])
         self.last_search_step = None if last < 0 else last
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx
-from torch.fx.experimental.symbolic_shapes import optimization_hint
+from torch.fx.experimental.symbolic_shapes import optimization_hint, statically_known_true
 
 from nmcompile.options import SparsityConfig
 
@@ -146,6 +146,14 @@ def example_value(node: Any) -> Any:
 def _shape(node: Any) -> tuple | None:
     value = example_value(node)
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def divisible(size: Any, m: int) -> bool:
+    """``size % m == 0``, proven: a symbolic size is decided from its sympy expression, without a
+    guard (``s0*8`` is divisible by 4, a bare ``s0`` is not provably so) (SPEC §10)."""
+    if isinstance(size, torch.SymInt):
+        return statically_known_true(size % m == 0)
+    return size % m == 0
 
 
 def size_hint(value: Any) -> int | None:
@@ -287,7 +295,7 @@ def _mark_sparse(target: GemmTarget, rows: int, config: SparsityConfig) -> None:
     """Sparse forward; the backward mode unless ``O % m`` rules out an N:M mask along ``O`` (SPEC §4)."""
     target.sparse = True
     target.backward = config.backward
-    if config.backward != "dense" and rows % config.m:
+    if config.backward != "dense" and not divisible(rows, config.m):
         target.backward = "dense"
         target.reason = (
             f"O={rows} not divisible by m={config.m}: no N:M mask along O, so the backward uses W⊙F (dense backward)"
@@ -307,10 +315,10 @@ def _dense_reason(
     k_name: str = "K",
 ) -> str | None:
     """Why a parameter GEMM stays dense (SPEC §10), or ``None`` if it can be sparsified."""
-    if not value.requires_grad:
-        return "frozen parameter (requires_grad=False)"
     if value.dtype not in FLOAT_DTYPES:
         return f"dtype {value.dtype} is not floating point"
+    if not value.requires_grad:
+        return "frozen parameter (requires_grad=False)"
     filtered = config.name_filter_reason(name)
     if filtered:
         return filtered
@@ -319,7 +327,7 @@ def _dense_reason(
         return f"tied: parameter used by {uses} nodes"
     if extra:
         return f"{kind} with extra arguments {sorted(extra)}"
-    if cols % config.m:
+    if not divisible(cols, config.m):
         return f"{k_name}={cols} not divisible by m={config.m}"
     return None
 
@@ -358,7 +366,7 @@ def _decide_conv(
         target.reason = "transposed convolution"
         return target
     reason = _dense_reason(value, cols, info.name, w, target.op, {}, config, k_name="C/groups" if groups > 1 else "C")
-    if reason is None and groups > 1 and (rows // groups) % config.m:
+    if reason is None and groups > 1 and not divisible(rows // groups, config.m):
         reason = f"grouped conv: O/groups={rows // groups} not divisible by m={config.m}"
     if reason:
         target.reason = reason

@@ -1,0 +1,76 @@
+"""Launched by tests/test_distributed.py: trains an MLP for 10 steps on 2 CPU processes (gloo)
+with DDP and nmsparse, and saves each rank's losses, weights and permutations."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import MLP
+
+import nmcompile
+
+STEPS, GLOBAL_BATCH = 10, 16
+
+
+def batches():
+    """The same global batches in every process."""
+    generator = torch.Generator().manual_seed(123)
+    return [(torch.randn(GLOBAL_BATCH, 32, generator=generator), torch.randn(GLOBAL_BATCH, 16, generator=generator))
+            for _ in range(STEPS)]  # fmt: skip
+
+
+def train(rank: int, world: int, order: str, options: dict, out: str) -> None:
+    """One rank: its share of every global batch; DDP averages the gradients."""
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("NMSPARSE_TEST_PORT", "29511"))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = MLP(32, 512, 16)
+    backend = nmcompile.backend(**options)
+    if world == 1:
+        runner = torch.compile(model, backend=backend)
+    elif order == "ddp_of_compiled":
+        runner = DistributedDataParallel(torch.compile(model, backend=backend))
+    elif order == "compiled_of_ddp":  # small buckets: DDP's graph splitting calls the backend per bucket
+        runner = torch.compile(DistributedDataParallel(model, bucket_cap_mb=1), backend=backend)
+    else:  # fsdp2
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model)
+        runner = torch.compile(model, backend=backend)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    share = GLOBAL_BATCH // world
+    losses = []
+    for x, y in batches():
+        x, y = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
+        loss = nn.functional.mse_loss(runner(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if world > 1:
+            dist.all_reduce(loss)
+            loss /= world
+        losses.append(loss.item())
+    perms = {k: v["perm"] for k, v in nmcompile.sparsity_state(model).items()}
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    result = {"losses": losses, "weights": model.state_dict(), "perms": perms, "graphs": graphs}
+    torch.save(result, f"{out}/{order}_rank{rank}_{world}.pt")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    order, out, world = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    options = {"inner": "aot_eager", "perm_interval": 3, **eval(sys.argv[4])}  # the test passes a dict literal
+    if world == 1:
+        train(0, 1, order, options, out)
+    else:
+        mp.spawn(train, args=(world, order, options, out), nprocs=world, join=True)
