@@ -23,19 +23,24 @@ from nmcompile.options import SparsityConfig
 from nmcompile.passes import ParamInfo, decompose_attention, find_targets, insert_masks, name_nodes
 from nmcompile.passes.find_targets import identifier
 from nmcompile.passes.insert_masks import copy_graph_module
-from nmcompile.state import DEFAULT_REGISTRY, LayerSpec, LayerState, StateRegistry
+from nmcompile.state import DEFAULT_REGISTRY, LayerSpec, LayerState, StateRegistry, unsharded_parameters
 
 _SOURCE = re.compile(r"^([LG])\['([^']+)'\]((?:\._modules\['[^']+'\])*)\._parameters\['([^']+)'\]$")
 _MODULE_STEP = re.compile(r"\._modules\['([^']+)'\]")
 
 
 def _parameter_table(root: nn.Module) -> dict[int, tuple[str, int, nn.Module]]:
-    """``id(param) -> (name, index in named_parameters(), owning module)`` for a root module."""
+    """``id(param) -> (name, index in named_parameters(), owning module)`` for a root module; under
+    FSDP2 the unsharded parameter the graph sees maps to its sharded parameter's entry."""
     table: dict[int, tuple[str, int, nn.Module]] = {}
     for mod_name, module in root.named_modules():
         for pname, param in module.named_parameters(recurse=False):
             if id(param) not in table:
                 table[id(param)] = (f"{mod_name}.{pname}" if mod_name else pname, len(table), module)
+    for sharded, unsharded in unsharded_parameters(root).items():
+        entry = table.get(sharded)
+        if entry is not None:
+            table.setdefault(id(unsharded), entry)
     return table
 
 

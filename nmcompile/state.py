@@ -19,6 +19,7 @@ import weakref
 from typing import Any
 
 import torch
+import torch.distributed.tensor
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -300,6 +301,20 @@ def _load_state_dict_with_sparsity(self: nn.Module, state_dict: Any, strict: boo
 nn.Module.load_state_dict = _load_state_dict_with_sparsity  # type: ignore[method-assign]
 
 
+def unsharded_parameters(root: nn.Module) -> dict[int, torch.Tensor]:
+    """FSDP2 (``fully_shard``): ``id(sharded parameter) -> unsharded parameter``, the one the
+    compiled GEMMs see and the layer state is keyed by. Empty without FSDP2."""
+    out: dict[int, torch.Tensor] = {}
+    for module in root.modules():
+        get_state = getattr(module, "_get_fsdp_state", None)
+        group = getattr(get_state(), "_fsdp_param_group", None) if get_state is not None else None
+        for fsdp_param in getattr(group, "fsdp_params", ()):
+            unsharded = getattr(fsdp_param, "_unsharded_param", None)
+            if unsharded is not None:
+                out[id(fsdp_param.sharded_param)] = unsharded
+    return out
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module behind a ``torch.compile`` wrapper (``OptimizedModule``)."""
     return getattr(model, "_orig_mod", model)
@@ -307,10 +322,14 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def sparsity_state(model: nn.Module, registry: StateRegistry = DEFAULT_REGISTRY) -> dict[str, dict[str, Any]]:
     """Per sparsified weight (named as ``model.named_parameters()`` spells it): perm, step,
-    kept_fraction, effective N and decay factor."""
+    kept_fraction, effective N and decay factor. Under FSDP2 it gathers each sharded weight
+    (``full_tensor``), a collective: call it on every rank."""
+    module = unwrap(model)
+    unsharded = unsharded_parameters(module)
     out: dict[str, dict[str, Any]] = {}
-    for name, param in unwrap(model).named_parameters():
-        state = registry.get(param)
+    for name, param in module.named_parameters():
+        state = registry.get(unsharded.get(id(param), param))
         if state is not None:
-            out[name] = state.summary(param)
+            full = param.full_tensor() if isinstance(param, torch.distributed.tensor.DTensor) else param
+            out[name] = state.summary(full)
     return out
