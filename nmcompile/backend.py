@@ -44,16 +44,24 @@ def _parameter_table(root: nn.Module) -> dict[int, tuple[str, int, nn.Module]]:
     return table
 
 
+_MODULE_CALLS = {nn.Module._wrapped_call_impl.__code__, nn.Module._call_impl.__code__}
+
+
 def _compiled_roots() -> list[nn.Module]:
-    """Modules wrapped by ``torch.compile`` that are being called on this thread's stack."""
+    """Modules wrapped by ``torch.compile`` that are being called on this thread's stack.
+
+    Only ``nn.Module`` call frames are looked into: reading ``f_locals`` of any other frame (the
+    user's training loop) would pin its locals in a snapshot for as long as that frame lives.
+    """
     from torch._dynamo.eval_frame import OptimizedModule
 
     roots: list[nn.Module] = []
     frame = sys._getframe()
     while frame is not None:
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, OptimizedModule) and all(owner._orig_mod is not r for r in roots):
-            roots.append(owner._orig_mod)
+        if frame.f_code in _MODULE_CALLS:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, OptimizedModule) and all(owner._orig_mod is not r for r in roots):
+                roots.append(owner._orig_mod)
         frame = frame.f_back
     return roots
 

@@ -46,7 +46,7 @@ def _mha(static: dict[str, Any]):
         mask = None
         if has_mask and not use_causal_hint:
             mask = _additive(attn_mask, q.dtype) if mask_bool else attn_mask
-            if mask.dim() == 2:
+            if static["attn_mask_dim"] == 2:
                 mask = mask.unsqueeze(0)
         q = q.view(tgt, bsz * heads, head).transpose(0, 1)
         k = k.view(k.shape[0], bsz * heads, head).transpose(0, 1)
@@ -68,7 +68,8 @@ def _mha(static: dict[str, Any]):
             weights = weights.view(bsz, heads, tgt, src)
             return out, weights.mean(dim=1) if static["average_attn_weights"] else weights
         if mask is not None:
-            mask = mask.unsqueeze(0) if mask.shape[0] == 1 and mask.dim() == 3 else mask.view(bsz, heads, -1, src)
+            one_batch = not has_kpm and (static["attn_mask_dim"] == 2 or static["attn_mask_rows"] == 1)
+            mask = mask.unsqueeze(0) if one_batch else mask.view(bsz, heads, -1, src)
         q, k, v = q.view(bsz, heads, tgt, head), k.view(bsz, heads, src, head), v.view(bsz, heads, src, head)
         out = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, use_causal_hint)
         out = out.permute(2, 0, 1, 3).contiguous().view(bsz * tgt, embed)
@@ -129,6 +130,8 @@ def mha_plan(arguments: dict[str, Any], value: Any = example_value) -> tuple[Any
         "average_attn_weights": a["average_attn_weights"], "has_in_bias": a["in_proj_bias"] is not None,
         "has_attn_mask": mask is not None, "has_kpm": kpm is not None,
         "attn_mask_bool": mask is not None and mask.dtype == torch.bool,
+        "attn_mask_dim": mask.dim() if mask is not None else 0,
+        "attn_mask_rows": mask.shape[0] if mask is not None else 0,
         "kpm_bool": kpm is not None and kpm.dtype == torch.bool,
     }  # fmt: skip
     inputs = [a["query"], a["in_proj_weight"], a["in_proj_bias"], a["out_proj_weight"], a["out_proj_bias"],

@@ -1,0 +1,62 @@
+"""Data-parallel training on 2 CPU processes (gloo), launched by the test: DDP both ways and FSDP2
+match a single process on the global batch; all ranks hold the same permutations (SPEC §5)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("_ddp_worker.py")
+
+
+def _run(order: str, out: Path, world: int, options: str = "{}", port: int = 29611) -> None:
+    env = {**os.environ, "NMSPARSE_TEST_PORT": str(port)}
+    result = subprocess.run([sys.executable, str(WORKER), order, str(out), str(world), options], capture_output=True,
+                            text=True, timeout=600, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _load(out: Path, order: str, rank: int, world: int) -> dict:
+    return torch.load(out / f"{order}_rank{rank}_{world}.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("ddp")
+    _run("single", out, 1)
+    return out, _load(out, "single", 0, 1)
+
+
+@pytest.mark.parametrize(("order", "port"), [("ddp_of_compiled", 29612), ("compiled_of_ddp", 29613),
+                                             ("fsdp2", 29614)])  # fmt: skip
+def test_data_parallel_matches_single_process(order, port, single):
+    """10 steps on 2 ranks, each half of every global batch: losses, weights and permutations equal
+    the single-process run (fp32); torch.compile(DDP(model)) compiles each DDP bucket separately."""
+    out, reference = single
+    _run(order, out, 2, port=port)
+    ranks = [_load(out, order, rank, 2) for rank in range(2)]
+    for rank in ranks:
+        assert max(abs(a - b) for a, b in zip(rank["losses"], reference["losses"], strict=True)) < 1e-5
+        assert sorted(rank["perms"]) == ["fc1.weight", "fc2.weight", "head.weight"]
+        for name, perm in reference["perms"].items():
+            assert torch.equal(rank["perms"][name], perm), name
+        if order != "fsdp2":  # FSDP2 saves sharded weights
+            for name, weight in reference["weights"].items():
+                assert (rank["weights"][name] - weight).abs().max() < 1e-5, name
+    if order == "compiled_of_ddp":
+        assert ranks[0]["compiles"] >= 2, "DDP's graph splitting should call the backend once per bucket"
+
+
+def test_mvue_under_ddp_keeps_ranks_in_step(tmp_path):
+    """MVUE draws the same random stream on every rank (seed, layer, step): ranks stay identical."""
+    _run("ddp_of_compiled", tmp_path, 2, '{"grad_prune": "mvue24"}', port=29615)
+    r0, r1 = (_load(tmp_path, "ddp_of_compiled", rank, 2) for rank in range(2))
+    assert r0["losses"] == r1["losses"]
+    for name in r0["perms"]:
+        assert torch.equal(r0["perms"][name], r1["perms"][name])
+        assert torch.equal(r0["weights"][name], r1["weights"][name])

@@ -1,0 +1,100 @@
+"""Property tests (hypothesis): mask invariants of SPEC §2, §4 and compiled/reference agreement on
+random MLP shapes × N:M × backward modes."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from conftest import train_and_compare
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import nmcompile  # noqa: F401  (registers the ops)
+from nmcompile import reference
+
+nm_pairs = st.integers(2, 8).flatmap(lambda m: st.tuples(st.integers(1, m), st.just(m)))
+
+
+@st.composite
+def matrices(draw, nm=nm_pairs):
+    """A weight with both dims multiples of m; values from a tiny integer range make many ties."""
+    n, m = draw(nm)
+    rows, cols = draw(st.integers(1, 4)) * m, draw(st.integers(1, 4)) * m
+    seed = draw(st.integers(0, 2**31))
+    generator = torch.Generator().manual_seed(seed)
+    if draw(st.booleans()):
+        w = torch.randint(-3, 4, (rows, cols), generator=generator).float()
+    else:
+        w = torch.randn(rows, cols, generator=generator)
+    return w, n, m
+
+
+@settings(max_examples=60, deadline=None)
+@given(matrices(), st.sampled_from([0, 1]))
+def test_nm_mask_keeps_exactly_n_of_the_largest(case, dim):
+    w, n, m = case
+    for mask in (reference.nm_mask(w, n, m, dim), torch.ops.nmsparse.nm_mask(w, n, m, dim)):
+        groups_mag = w.abs().movedim(dim, -1).reshape(-1, m)
+        groups_keep = mask.movedim(dim, -1).reshape(-1, m)
+        assert (groups_keep.sum(1) == n).all()
+        kept = torch.where(groups_keep, groups_mag, torch.inf).min(1).values
+        dropped = torch.where(groups_keep, -torch.inf, groups_mag).max(1).values
+        assert (kept >= dropped).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(matrices(), st.integers(0, 2**31))
+def test_bimask_backward_mask_is_within_forward_and_nm_along_o(case, seed):
+    w, n, m = case
+    perm = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(seed))
+    f = reference.nm_mask(w, n, m, 1)
+    b = reference.backward_mask(w, f, perm, n, m)
+    assert not (b & ~f).any()  # B ⊆ F
+    per_block = b[perm].reshape(-1, m, w.shape[1]).sum(1)
+    assert (per_block <= n).all()
+    assert b.sum() == reference.permutation_score(f, perm, n, m) or (w == 0).any()
+
+
+@settings(max_examples=40, deadline=None)
+@given(matrices(nm=st.integers(2, 6).flatmap(lambda m: st.tuples(st.integers(1, m), st.just(m)))))
+def test_transposable_mask_is_nm_both_ways(case):
+    w, n, m = case
+    t = reference.transposable_mask(w, n, m)
+    blocks = t.reshape(w.shape[0] // m, m, w.shape[1] // m, m).permute(0, 2, 1, 3)
+    rows, cols = blocks.sum(-1), blocks.sum(-2)
+    if m <= 4:
+        assert (rows == n).all() and (cols == n).all()
+    else:
+        assert (rows <= n).all() and (cols <= n).all()
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    nm=st.sampled_from([(2, 4), (1, 4), (1, 2), (2, 8)]),
+    widths=st.lists(st.integers(1, 3), min_size=2, max_size=3),
+    backward=st.sampled_from(["bimask", "transposable", "dense"]),
+    tokens=st.integers(1, 9),
+)
+def test_random_mlps_compile_and_match_the_reference(nm, widths, backward, tokens):
+    torch._dynamo.reset()
+    n, m = nm
+    sizes = [w * m * 2 for w in widths]
+
+    def make() -> nn.Module:
+        layers: list[nn.Module] = []
+        for d_in, d_out in itertools.pairwise(sizes):
+            layers += [nn.Linear(d_in, d_out), nn.Tanh()]
+        return nn.Sequential(*layers)
+
+    train_and_compare(make, (tokens, sizes[0]), steps=2, n=n, m=m, backward=backward, inner="aot_eager")
+
+
+def test_property_helpers_detect_violations():
+    """The checks above can fail: a mask that keeps a smaller entry is caught."""
+    w = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    wrong = torch.tensor([[True, False, True, False]])
+    kept = torch.where(wrong, w.abs(), torch.inf).min(1).values
+    dropped = torch.where(wrong, -torch.inf, w.abs()).max(1).values
+    assert not (kept >= dropped).all()

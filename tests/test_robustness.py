@@ -1,0 +1,251 @@
+"""Models and inputs from the wild (issue 8): graph breaks, dynamic shapes, mixed precision,
+standard torch.nn blocks, bad inputs, and no memory growth over many steps."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import math
+
+import pytest
+import torch
+from conftest import MLP, Block, assert_close, train_and_compare
+from nmcompile.passes.find_targets import divisible
+from torch import nn
+from torch._dynamo.utils import counters
+
+import nmcompile
+from nmcompile import reference
+from nmcompile.state import DEFAULT_REGISTRY
+
+
+def _backend(**options):
+    return nmcompile.backend(inner="aot_eager", **options)
+
+
+class Branchy(nn.Module):
+    """A print and a data-dependent branch: dynamo splits forward into several graphs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if h.sum() > 0:
+            h = h * 2
+        print(end="")
+        return self.c(torch.relu(self.b(h)))
+
+
+def test_graph_breaks_keep_one_state_per_layer():
+    """Several graphs, one state per weight (keyed by parameter), results equal the reference."""
+    counters.clear()
+    train_and_compare(Branchy, (4, 16), perm_interval=2, inner="aot_eager")
+    assert counters["stats"]["unique_graphs"] >= 3
+
+
+def test_dynamic_shapes_one_graph_and_reference_agreement():
+    """dynamic=True, changing batch and sequence length (token counts not divisible by 4 included,
+    so MVUE pads): one training graph; every shape matches the reference. (Sizes 0 and 1 are
+    their own symbolic pattern in dynamo and would compile once more.)"""
+    base = Block()
+    ref = reference.sparsify(copy.deepcopy(base), grad_prune="mvue24")
+    mine = copy.deepcopy(base)
+    compiled = torch.compile(mine, backend=_backend(grad_prune="mvue24"), dynamic=True)
+    counters.clear()
+    for batch, seq in [(2, 8), (3, 5), (3, 7), (4, 3), (2, 9)]:  # token counts 16, 15, 21, 12, 18
+        x = torch.randn(batch, seq, 32)
+        y_ref, y = ref(x), compiled(x)
+        assert_close(y, y_ref, what=f"output {batch}x{seq}")
+        y_ref.square().mean().backward()
+        y.square().mean().backward()
+        for (name, p_ref), p in zip(ref.named_parameters(), mine.parameters(), strict=True):
+            assert_close(p.grad, p_ref.grad, what=f"{name} {batch}x{seq}")
+            p.grad = p_ref.grad = None
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_symbolic_divisibility_is_decided_without_guards():
+    """SPEC §10: s0·8 is provably divisible by 4, s0 is not; no guard is installed either way."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    env = ShapeEnv()
+    s0 = env.create_symintnode(env.create_symbol(12, ConstantSource("s0")), hint=12)
+    assert divisible(s0 * 8, 4) and divisible(s0 * 2 + 4, 2) and not divisible(s0, 4)
+    assert divisible(12, 4) and not divisible(10, 4)
+    assert not env.guards
+
+
+@pytest.mark.parametrize("precision", ["autocast_bf16", "bf16", "fp16"])
+def test_mixed_precision_matches_reference(precision):
+    """Autocast (bf16) and bf16/fp16 parameters: masks from the parameter's own values; the compiled
+    model agrees with the reference within bf16 tolerance, through 3 optimizer steps."""
+    base = MLP()
+    ref, mine = reference.sparsify(copy.deepcopy(base), grad_prune="mvue24"), copy.deepcopy(base)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is not None:
+        ref.to(dtype)
+        mine.to(dtype)
+    compiled = torch.compile(mine, backend=_backend(grad_prune="mvue24"))
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (ref, mine)]
+    for _ in range(3):
+        x = torch.randn(8, 32, dtype=dtype or torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast_bf16"):
+            y_ref, y = ref(x), compiled(x)
+        assert y.dtype == y_ref.dtype == (dtype or torch.bfloat16)
+        assert_close(y.float(), y_ref.float(), rel=1e-2, what="output")
+        y_ref.float().square().mean().backward()
+        y.float().square().mean().backward()
+        for (name, p_ref), p in zip(ref.named_parameters(), mine.parameters(), strict=True):
+            assert p.grad.dtype == p.dtype
+            assert_close(p.grad.float(), p_ref.grad.float(), rel=1e-2, what=name)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    w = mine.fc1.weight.detach()
+    f = nmcompile.ops.nm_mask(w, 2, 4, 1)
+    assert torch.equal(f, reference.nm_mask(w, 2, 4, 1))  # from the parameter's own (low-precision) values
+
+
+@pytest.mark.parametrize("mode", ["train", "eval", "eval_no_grad"])
+def test_transformer_encoder_layer_including_attention_projections(mode):
+    """nn.TransformerEncoderLayer: the MultiheadAttention projections are sparse too, in training,
+    in eval, and on the fused inference fast path (eval + no_grad)."""
+    base = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+    ref, mine = reference.sparsify(copy.deepcopy(base)), copy.deepcopy(base)
+    compiled = torch.compile(mine, backend=_backend(perm_interval=1))
+    for _ in range(2):  # train a little so the masks and permutations are not trivial
+        x = torch.randn(2, 8, 32)
+        ref(x).square().mean().backward()
+        compiled(x).square().mean().backward()
+    for model in (ref, mine):
+        for p in model.parameters():
+            p.data -= 0.05 * p.grad
+            p.grad = None
+    if mode != "train":
+        ref.eval()
+        mine.eval()
+    x = torch.randn(2, 8, 32)
+    with torch.set_grad_enabled(mode != "eval_no_grad"):
+        assert_close(compiled(x), ref(x), what=mode)
+    state = nmcompile.sparsity_state(mine)
+    assert set(state) == {"self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight", "linear2.weight"}
+    assert all(s["step"] == 2 + (mode == "train") for s in state.values())
+
+
+def test_attention_decomposition_equals_pytorch_when_dense():
+    """The decomposed attention is PyTorch's formula: with every layer excluded, outputs and
+    attention weights equal eager nn.MultiheadAttention (masks, need_weights) and the fast path."""
+    mha = nn.MultiheadAttention(32, 4, batch_first=True)
+    q = torch.randn(2, 5, 32)
+    kpm = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    mask = torch.triu(torch.ones(5, 5, dtype=torch.bool), 1)
+    compiled = torch.compile(mha, backend=_backend(exclude=".*"))
+    for kwargs in ({}, {"key_padding_mask": kpm}, {"attn_mask": mask, "need_weights": False}):
+        out, weights = compiled(q, q, q, **kwargs)
+        ref_out, ref_weights = mha(q, q, q, **kwargs)
+        assert_close(out, ref_out, what=str(kwargs))
+        if ref_weights is not None:
+            assert_close(weights, ref_weights, what="attention weights")
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0, norm_first=True).eval()
+    with torch.no_grad():
+        assert_close(torch.compile(layer, backend=_backend(exclude=".*"))(q), layer(q), what="fast path")
+
+
+def test_lstm_is_reported_dense_and_tied_head_is_dense():
+    """nn.LSTM runs dense with a reason; an output head tied to the embedding stays dense (SPEC §10)."""
+
+    class LM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(40, 32)
+            self.lstm = nn.LSTM(32, 32, batch_first=True)
+            self.head = nn.Linear(32, 40, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, idx):
+            return self.head(self.lstm(self.emb(idx))[0])
+
+    model = LM()
+    report = nmcompile.explain(model, torch.randint(0, 40, (2, 6)), inner="aot_eager")
+    rows = {r.name: r for r in report.rows}
+    assert "recurrent" in rows["lstm.weight_ih_l0"].reason and not rows["lstm.weight_ih_l0"].sparse
+    assert not any(r.sparse for r in report.rows)
+    compiled = torch.compile(model, backend=_backend())
+    out = compiled(torch.randint(0, 40, (2, 6)))
+    out.sum().backward()
+    assert out.shape == (2, 6, 40) and nmcompile.sparsity_state(model) == {}
+
+
+def test_bad_inputs_have_documented_behaviour():
+    """Non-float weights, zero-size batches, NaN/Inf, and a layer whose shapes change."""
+
+    class IntWeight(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(8, 16, dtype=torch.int64), requires_grad=False)
+
+        def forward(self, x):
+            return x @ self.w.t()
+
+    rows = nmcompile.explain(IntWeight(), torch.ones(2, 16, dtype=torch.int64), inner="aot_eager").rows
+    assert rows[0].reason == "dtype torch.int64 is not floating point"
+
+    model = MLP()
+    compiled = torch.compile(model, backend=_backend())
+    empty = compiled(torch.randn(0, 32))
+    empty.sum().backward()  # zero-size batch: empty output; dW is the SR-STE term alone
+    assert empty.shape == (0, 16)
+    f = reference.nm_mask(model.fc1.weight.detach(), 2, 4, 1)
+    assert_close(model.fc1.weight.grad, 2e-4 * model.fc1.weight.detach() * ~f, what="dW on an empty batch")
+
+    with torch.no_grad():
+        model.fc1.weight[0, 0] = float("nan")
+    assert nmcompile.ops.nm_mask(model.fc1.weight, 2, 4, 1)[0, 0]  # NaN is never hidden by the mask
+    assert math.isnan(compiled(torch.randn(4, 32)).sum().item())  # the loss goes NaN, as dense
+    with torch.no_grad():
+        model.fc1.weight[0, 0] = 0.0
+    x = torch.randn(4, 32)
+    x[0, 0] = float("inf")
+    dense = copy.deepcopy(model)
+    assert torch.equal(compiled(x).isfinite(), reference.sparsify(dense)(x).isfinite())
+
+    model.fc2 = nn.Linear(64, 48)  # a layer changes shape: recompile, fresh state for the new weight
+    model.head = nn.Linear(48, 16)
+    compiled(torch.randn(4, 32)).sum().backward()
+    assert nmcompile.sparsity_state(model)["fc2.weight"]["perm"].shape == (48,)
+
+
+def _train(compiled, opt, x: torch.Tensor, steps: int) -> None:
+    for _ in range(steps):
+        compiled(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_no_memory_growth_over_1000_steps():
+    """1,000 training steps hold memory flat; states die with their parameters."""
+    states_before = len(DEFAULT_REGISTRY)
+    model = MLP(16, 32, 8)
+    compiled = torch.compile(model, backend=_backend(perm_interval=50))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(8, 16)
+    _train(compiled, opt, x, 100)
+    gc.collect()
+    objects, memory = len(gc.get_objects()), _rss()
+    _train(compiled, opt, x, 900)
+    gc.collect()
+    assert len(gc.get_objects()) - objects < 2000
+    assert _rss() - memory < 32 * 2**20
+    assert nmcompile.sparsity_state(model)["fc1.weight"]["step"] == 1000
+    del model, compiled, opt
+    torch._dynamo.reset()
+    gc.collect()
+    assert len(DEFAULT_REGISTRY) == states_before
