@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .find_targets import example_value
+from .find_targets import DENSE_REASON, example_value
 
-DENSE_REASON = "nmsparse_dense_reason"
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 
 
@@ -154,7 +153,6 @@ def _encoder_plan(node: fx.Node) -> tuple[Any, list[Any], str | None]:
 
 
 _PLANS = {F.multi_head_attention_forward: _mha_plan, torch._transformer_encoder_layer_fwd: _encoder_plan}
-FUSED_ATTENTION = (*_PLANS, torch._native_multi_head_attention)
 
 
 def _inline(graph: fx.Graph, node: fx.Node, fn: Any, inputs: list[Any]) -> None:

@@ -21,6 +21,7 @@ from torch.fx.experimental.symbolic_shapes import optimization_hint, statically_
 from nmcompile.options import SparsityConfig
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+DENSE_REASON = "nmsparse_dense_reason"  # node meta: why a fused op was left as it is
 
 _FUNCTIONS = {
     torch._C._nn.linear: "linear",
@@ -248,7 +249,7 @@ def _decide(
 ) -> GemmTarget:
     target = GemmTarget(node=node, op=kind)
     if kind in _FUSED_ATTENTION.values():
-        target.reason = node.meta.get("nmsparse_dense_reason", f"fused {kind}: its projections run dense inside it")
+        target.reason = node.meta.get(DENSE_REASON, f"fused {kind}: its projections run dense inside it")
         return target
     x, w, bias, extra = gemm_operands(node, kind)
     target.x, target.bias, target.input_shape = x, bias, _shape(x)
