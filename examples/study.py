@@ -130,10 +130,12 @@ def _claims(results: dict) -> list[str]:
 def _plots(results: dict, out: Path) -> list[str]:
     """Validation curves (mean over seeds) and Bi-Mask's kept fraction per layer over steps."""
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name, runs in results.items():
+    colors = plt.get_cmap("tab20").colors
+    for i, (name, runs) in enumerate(results.items()):
         steps = [s for s, _ in runs["gpt"][0]["curve"]]
-        means = [statistics.fmean(r["curve"][i][1] for r in runs["gpt"]) for i in range(len(steps))]
-        ax.plot(steps, means, label=name, linestyle="-" if "bimask" in name or name == "dense" else "--")
+        means = [statistics.fmean(r["curve"][k][1] for r in runs["gpt"]) for k in range(len(steps))]
+        style = "-" if "bimask" in name or name == "dense" else "--"
+        ax.plot(steps, means, label=name, linestyle=style, color=colors[(2 * i) % 20 + (2 * i) // 20])
     ax.set_xlabel("training step")
     ax.set_ylabel("validation loss (nats/char)")
     ax.set_title("tiny GPT on the Python stdlib: validation loss (mean over seeds)")
