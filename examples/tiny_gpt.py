@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs["nmsparse"] = train(Settings(**settings, sparsity=options, progress=not args.quiet), data)
     print("\nvalidation loss (nats/char):")
     for name, result in runs.items():
-        label = "dense" if name == "dense" else f"nmsparse {options}"
+        settings_text = ", ".join(f"{k}={v}" for k, v in options.items()) or "2:4 bimask (defaults)"
+        label = "dense (torch.compile, Inductor)" if name == "dense" else f"nmsparse {settings_text}"
         print(f"  {label:40s} {result['val_loss']:.4f}   ({result['steps_per_s']:.1f} steps/s)")
     if "nmsparse" in runs:
         print("\n" + str(runs["nmsparse"]["report"]))
