@@ -54,7 +54,13 @@ def test_bimask_backward_mask_is_within_forward_and_nm_along_o(case, seed):
     assert not (b & ~f).any()  # B ⊆ F
     per_block = b[perm].reshape(-1, m, w.shape[1]).sum(1)
     assert (per_block <= n).all()
-    assert b.sum() == reference.permutation_score(f, perm, n, m) or (w == 0).any()
+    # B keeps min(n, kept) per block (SPEC §5's score); zero-valued kept weights tie with pruned
+    # ones, so with zeros in W the count lies between the scores of F ∧ (W ≠ 0) and of F.
+    upper = reference.permutation_score(f, perm, n, m)
+    lower = reference.permutation_score(f & (w != 0), perm, n, m)
+    assert lower <= int(b.sum()) <= upper
+    if not (w == 0).any():
+        assert int(b.sum()) == upper
 
 
 @settings(max_examples=40, deadline=None)
