@@ -17,6 +17,7 @@ BACKWARD_MODES = ("bimask", "transposable", "dense")
 INNER_COMPILERS = ("inductor", "aot_eager")
 GRAD_PRUNE_RULES = ("none", "mvue12", "mvue24", "mvue24_approx")
 MASK_DECAYS = ("none", "linear", "exponential")
+KERNELS = ("auto", "triton", "portable")
 
 
 class SparsityConfigError(ValueError, _PassThrough):  # type: ignore[misc]
@@ -63,6 +64,7 @@ class SparsityConfig:
     dense_steps: int = 0
     finetune_steps: int = 0
     total_steps: int | None = None
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         if not _is_int(self.m) or not 2 <= self.m <= 32:
@@ -83,6 +85,8 @@ class SparsityConfig:
             _fail("inner", self.inner, f"one of {INNER_COMPILERS}")
         if self.grad_prune not in GRAD_PRUNE_RULES:
             _fail("grad_prune", self.grad_prune, f"one of {GRAD_PRUNE_RULES}")
+        if self.kernels not in KERNELS:
+            _fail("kernels", self.kernels, f"one of {KERNELS}")
         self._check_schedules()
 
     def _check_schedules(self) -> None:

@@ -226,6 +226,8 @@ def test_recipe_defaults():
     c = SparsityConfig()
     assert (c.grad_prune, c.mask_decay, c.mask_decay_rate, c.structure_decay) == ("none", "none", 2e-4, False)
     assert (c.dense_steps, c.finetune_steps, c.total_steps) == (0, 0, None)
+    assert c.kernels == "auto"
+    assert {SparsityConfig(kernels=k).kernels for k in ("auto", "triton", "portable")} == {"auto", "triton", "portable"}
 
 
 @pytest.mark.parametrize(
@@ -233,6 +235,8 @@ def test_recipe_defaults():
     [
         ({"grad_prune": "topk"}, "grad_prune"),
         ({"grad_prune": "mvue48"}, "grad_prune"),
+        ({"kernels": "cuda"}, "kernels"),
+        ({"kernels": None}, "kernels"),
         ({"mask_decay": "cosine"}, "mask_decay"),
         ({"mask_decay": "linear", "mask_decay_rate": 0}, "mask_decay_rate"),
         ({"mask_decay": "linear", "mask_decay_rate": math.inf}, "mask_decay_rate"),
