@@ -1,7 +1,7 @@
 """The ``nmsparse`` torch.compile backend: analyse, rewrite, compile, and run with layer state.
 
 Pipeline per dynamo graph (see ARCHITECTURE): resolve which placeholders are parameters and their
-names, ``find_targets``, ``insert_masks``, then AOTAutograd + the inner compiler (Inductor or
+names, ``find_targets``, ``insert_masks``, ``lower_kernels``, then AOTAutograd + the inner compiler (Inductor or
 eager), with ``name_nodes`` on the forward and backward graphs. The returned callable passes the
 layer state tensors after the user's inputs and counts training steps (SPEC §5, §8).
 """
@@ -20,7 +20,7 @@ from torch import fx, nn
 
 from nmcompile.inspection import CompileRecord, dump_dir
 from nmcompile.options import SparsityConfig
-from nmcompile.passes import ParamInfo, decompose_attention, find_targets, insert_masks, name_nodes
+from nmcompile.passes import ParamInfo, decompose_attention, find_targets, insert_masks, lower_kernels, name_nodes
 from nmcompile.passes.find_targets import identifier
 from nmcompile.passes.insert_masks import copy_graph_module
 from nmcompile.state import DEFAULT_REGISTRY, LayerSpec, LayerState, StateRegistry, unsharded_parameters
@@ -211,6 +211,7 @@ def compile_graph(
         _propagate_fake_values(gm)
     analysis = find_targets(gm, example_inputs, config, params)
     rewritten, state_inputs = insert_masks(gm, analysis, config, fake_mode)
+    rewritten, kernels = lower_kernels(rewritten, config)
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     states: list[tuple[LayerState, int]] = []
     by_target: dict[int, LayerState] = {}
@@ -228,7 +229,7 @@ def compile_graph(
     if on_compile is not None or directory is not None:
         names = [_readable_input(n.name, params) for n in rewritten.graph.nodes if n.op == "placeholder"]
         compile_id = gm.meta.get("dynamo_compile_id")
-        record = CompileRecord(analysis, config, compile_id, directory, names, by_target)
+        record = CompileRecord(analysis, config, compile_id, directory, names, by_target, kernels)
         if on_compile is not None:
             on_compile(record)
     examples = [s.example for s in state_inputs]

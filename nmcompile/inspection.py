@@ -23,7 +23,7 @@ from nmcompile.options import SparsityConfig
 from nmcompile.passes.find_targets import size_hint
 
 if TYPE_CHECKING:
-    from nmcompile.passes import GemmTarget, TargetAnalysis
+    from nmcompile.passes import GemmTarget, KernelChoice, TargetAnalysis
     from nmcompile.state import LayerState
 
 GRAPH_KINDS = ("forward", "backward", "inference")
@@ -53,10 +53,18 @@ class LayerRow:
     now: str = "-"  # step, N:M in force and mask-decay factor when the row was made
     n_effective: int | None = None
     alpha: float | None = None
+    kernel: str = "-"  # "triton", or "portable (why)" for a sparse GEMM; "-" when dense
 
     @classmethod
-    def from_target(cls, target: GemmTarget, config: SparsityConfig, state: LayerState | None = None) -> LayerRow:
-        """A row for ``target``; ``state`` (if sparse) gives the step, N and decay factor in force."""
+    def from_target(
+        cls,
+        target: GemmTarget,
+        config: SparsityConfig,
+        state: LayerState | None = None,
+        kernel: KernelChoice | None = None,
+    ) -> LayerRow:
+        """A row for ``target``; ``state`` (if sparse) gives the step, N and decay factor in force,
+        ``kernel`` the implementation ``lower_kernels`` chose."""
         n, alpha, now = config.n, None, "-"
         if state is not None:
             n, alpha = state.mask_n(), state.alpha()
@@ -75,7 +83,12 @@ class LayerRow:
             now=now,
             n_effective=n if state is not None else None,
             alpha=alpha,
+            kernel=_describe(kernel) if target.sparse and kernel is not None else "-",
         )
+
+
+def _describe(choice: KernelChoice) -> str:
+    return choice.kernel if not choice.reason else f"{choice.kernel} ({choice.reason})"
 
 
 def _fmt_flops(pair: tuple[int, int] | None) -> str:
@@ -94,7 +107,8 @@ def _fmt_flops(pair: tuple[int, int] | None) -> str:
 
 def format_table(rows: list[LayerRow]) -> str:
     """The report table: one line per GEMM-like node, FLOPs as ``dense→N:M-executable``; ``now`` is
-    the step, the N:M in force and the mask-decay factor; a ``conv`` column (kernel, stride,
+    the step, the N:M in force and the mask-decay factor; ``kernel`` the implementation each sparse
+    GEMM runs on (with the reason where it is the portable one); a ``conv`` column (kernel, stride,
     padding, dilation, groups) when there are convolutions."""
     with_conv = any(r.conv for r in rows)
     header = [
@@ -106,6 +120,7 @@ def format_table(rows: list[LayerRow]) -> str:
         "status",
         "backward",
         "now",
+        "kernel",
         "fwd FLOPs",
         "dX FLOPs",
         "dW FLOPs",
@@ -124,6 +139,7 @@ def format_table(rows: list[LayerRow]) -> str:
             "sparse" if r.sparse else "dense",
             r.backward,
             r.now,
+            r.kernel,
             _fmt_flops(r.flops["forward"]),
             _fmt_flops(r.flops["input_grad"]),
             _fmt_flops(r.flops["weight_grad"]),
@@ -155,9 +171,10 @@ class CompileRecord:
         directory: Path | None = None,
         input_names: list[str] | None = None,
         states: dict[int, LayerState] | None = None,
+        kernels: dict[str, KernelChoice] | None = None,
     ) -> None:
-        states = states or {}
-        self.rows = [LayerRow.from_target(t, config, states.get(id(t))) for t in analysis.targets]
+        states, kernels = states or {}, kernels or {}
+        self.rows = [LayerRow.from_target(t, config, states.get(id(t)), kernels.get(t.layer)) for t in analysis.targets]
         self.input_names = input_names or []
         self.config = config
         self.compile_id = str(compile_id) if compile_id is not None else None

@@ -140,9 +140,17 @@ class LayerState:
             return
         with torch.no_grad():
             n = self.mask_n(step)
-            fmask = reference.nm_mask(self.weight_matrix(param), n, config.m, dim=1)
             candidates = permutation_candidates(spec, step)
-            self.perm, _ = reference.search_permutation(fmask, self.perm, candidates, n, config.m)
+            w = self.weight_matrix(param)
+            triton_ok = type(w) is torch.Tensor and w.dim() == 2 and not config.m & (config.m - 1)
+            if w.is_cuda and config.kernels != "portable" and triton_ok:
+                from nmcompile import kernels  # one mask launch and one scoring launch for all candidates
+
+                fmask = kernels.nm_mask(w, n, config.m, dim=1)
+                self.perm, _ = kernels.search_permutation(fmask, self.perm, candidates, n, config.m)
+            else:
+                fmask = reference.nm_mask(w, n, config.m, dim=1)
+                self.perm, _ = reference.search_permutation(fmask, self.perm, candidates, n, config.m)
         self.last_search_step = step
 
     def end_training_step(self) -> None:

@@ -2,22 +2,26 @@
 
 Each module holds one pass with one entry function: ``decompose_attention`` (fused attention ops
 into ``F.linear`` + SDPA), ``find_targets`` (eligibility analysis, SPEC §10), ``insert_masks``
-(rewrite GEMM nodes into mask, permutation and sparse-GEMM nodes), ``name_nodes`` (readable node
+(rewrite GEMM nodes into mask, permutation and sparse-GEMM nodes), ``lower_kernels`` (sparse GEMMs
+onto the fused Triton kernels), ``name_nodes`` (readable node
 names in the graphs AOTAutograd produces).
 """
 
 from .decompose import decompose_attention
 from .find_targets import GemmTarget, ParamInfo, TargetAnalysis, find_targets
 from .insert_masks import StateInput, insert_masks
+from .lower_kernels import KernelChoice, lower_kernels
 from .name_nodes import name_nodes
 
 __all__ = [
     "GemmTarget",
+    "KernelChoice",
     "ParamInfo",
     "StateInput",
     "TargetAnalysis",
     "decompose_attention",
     "find_targets",
     "insert_masks",
+    "lower_kernels",
     "name_nodes",
 ]

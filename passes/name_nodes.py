@@ -12,9 +12,10 @@ from torch import fx
 
 from nmcompile.ops import NAME_KEY
 
-_GEMM_SUFFIX = {
-    torch.ops.nmsparse.sparse_linear.default: "fwd_gemm",
-    torch.ops.nmsparse.sparse_conv.default: "fwd_conv",
+_GEMM_SUFFIX = {  # by op name: the Triton ops are registered only once the lowering pass used them
+    "nmsparse::sparse_linear": "fwd_gemm",
+    "nmsparse::triton_linear": "fwd_gemm",
+    "nmsparse::sparse_conv": "fwd_conv",
 }
 
 
@@ -28,14 +29,15 @@ def _argument(node: fx.Node, name: str) -> object:
 def name_nodes(gm: fx.GraphModule) -> fx.GraphModule:
     """Rename annotated ``call_function`` nodes of ``gm`` in place (unique suffixes where repeated).
 
-    ``nmsparse.sparse_linear`` / ``sparse_conv`` nodes are named ``<layer>_fwd_gemm`` /
-    ``<layer>_fwd_conv`` from their ``layer`` argument.
+    ``nmsparse.sparse_linear`` / ``triton_linear`` / ``sparse_conv`` nodes are named
+    ``<layer>_fwd_gemm`` / ``<layer>_fwd_conv`` from their ``layer`` argument.
     """
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
         custom = node.meta.get("custom")
-        suffix = _GEMM_SUFFIX.get(node.target)
+        op_name = node.target.name() if isinstance(node.target, torch._ops.OpOverload) else None
+        suffix = _GEMM_SUFFIX.get(op_name)
         if suffix is not None:
             node._rename(f"{_argument(node, 'layer')}_{suffix}")
         elif isinstance(custom, dict) and NAME_KEY in custom:

@@ -1,1 +1,27 @@
-"""Triton N:M kernels (issue 5); the portable path lives in ``nmcompile.ops``."""
+"""Triton N:M kernels: the three training GEMMs with masks in registers, and standalone kernels.
+
+One kernel per module (Triton-tutorial style: tiling docstring, autotune configs, a launcher that
+checks shapes and dtypes): ``sparse_forward``, ``input_grad``, ``weight_grad`` (the GEMMs),
+``nm_mask``, ``perm_score`` and ``mvue`` (where no GEMM absorbs the work). ``ops`` registers the
+custom ops the lowering pass puts into compiled graphs. Under ``TRITON_INTERPRET=1`` (set before
+this package is imported) every kernel runs on the CPU, for tests.
+"""
+
+from .common import interpreting
+from .input_grad import sparse_input_grad
+from .mvue import mvue_prune
+from .nm_mask import nm_mask
+from .perm_score import permutation_scores, search_permutation
+from .sparse_forward import sparse_linear_forward
+from .weight_grad import sparse_weight_grad
+
+__all__ = [
+    "interpreting",
+    "mvue_prune",
+    "nm_mask",
+    "permutation_scores",
+    "search_permutation",
+    "sparse_input_grad",
+    "sparse_linear_forward",
+    "sparse_weight_grad",
+]

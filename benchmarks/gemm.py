@@ -1,0 +1,108 @@
+"""Per-GEMM timings of the FFN's first Linear (``T x d -> d_ff``): forward, input gradient, weight gradient.
+
+Every sparse row computes the masks its GEMM needs from ``W`` inside the timed call (``F`` for all
+three, Bi-Mask's ``B`` for the input gradient), as the Triton kernels do from their arguments; in
+a whole training step ``F`` is computed once, so the three rows of one implementation overcount it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+import nmcompile  # noqa: F401  (registers torch.ops.nmsparse)
+from benchmarks.common import Row, Size, measure, set_ratios
+from nmcompile import reference
+
+N, M = 2, 4
+SRSTE_LAMBDA = 2e-4
+OPS = ("forward", "input grad", "weight grad")
+GEMM_ROWS = ("dense", "reference", "portable", "triton")
+
+Gemms = dict[str, Callable[[], torch.Tensor]]
+
+
+def _dense(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Tensor) -> Gemms:
+    """The three dense GEMMs of ``Y = X Wᵀ``: the baseline."""
+    return {"forward": lambda: x @ w.t(), "input grad": lambda: dy @ w, "weight grad": lambda: dy.t() @ x}
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Tensor) -> Gemms:
+    """The GEMMs as ``nmcompile.reference`` runs them: SPEC masks (float64 sort), ``W⊙mask``, dense GEMM."""
+
+    def forward() -> torch.Tensor:
+        return x @ torch.where(reference.nm_mask(w, N, M, dim=1), w, 0).t()
+
+    def input_grad() -> torch.Tensor:
+        bmask = reference.backward_mask(w, reference.nm_mask(w, N, M, dim=1), perm, N, M)
+        return dy @ torch.where(bmask, w, 0)
+
+    def weight_grad() -> torch.Tensor:
+        return dy.t() @ x + SRSTE_LAMBDA * torch.where(reference.nm_mask(w, N, M, dim=1), 0, w)
+
+    return {"forward": forward, "input grad": input_grad, "weight grad": weight_grad}
+
+
+def _portable(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Tensor) -> Gemms:
+    """The GEMMs as the portable backend's graph computes them (``nmsparse::nm_mask``, permuted ``dY``), eagerly."""
+    nm_mask = torch.ops.nmsparse.nm_mask
+
+    def forward() -> torch.Tensor:
+        return x @ torch.where(nm_mask(w, N, M, 1), w, 0).t()
+
+    def input_grad() -> torch.Tensor:
+        fmask = nm_mask(w, N, M, 1)
+        w_perm, f_perm = w.index_select(0, perm), fmask.index_select(0, perm)
+        b_perm = nm_mask(torch.where(f_perm, w_perm, 0), N, M, 0) & f_perm
+        return dy.index_select(1, perm) @ torch.where(b_perm, w_perm, 0)
+
+    def weight_grad() -> torch.Tensor:
+        return dy.t() @ x + SRSTE_LAMBDA * torch.where(nm_mask(w, N, M, 1), 0, w)
+
+    return {"forward": forward, "input grad": input_grad, "weight grad": weight_grad}
+
+
+def _triton(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Tensor) -> Gemms:
+    """The fused Triton kernels of ``nmcompile.kernels``, imported here because they may not exist yet."""
+    from nmcompile.kernels import sparse_input_grad, sparse_linear_forward, sparse_weight_grad
+
+    return {
+        "forward": lambda: sparse_linear_forward(x, w, None, N, M),
+        "input grad": lambda: sparse_input_grad(dy, w, N, M, perm=perm),
+        "weight grad": lambda: sparse_weight_grad(dy, x, w, N, M, srste_lambda=SRSTE_LAMBDA),
+    }
+
+
+IMPLEMENTATIONS = {"dense": _dense, "reference": _reference, "portable": _portable, "triton": _triton}
+
+
+def gemm_rows(size: Size, device: torch.device) -> list[Row]:
+    """Time forward, input gradient and weight gradient of ``fc1`` for every implementation."""
+    generator = torch.Generator().manual_seed(2)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) * scale).to(device, size.dtype)
+
+    x, dy = randn(size.tokens, size.d_model), randn(size.tokens, size.d_ff)
+    w = randn(size.d_ff, size.d_model, scale=size.d_model**-0.5)
+    perm = torch.randperm(size.d_ff, generator=generator).to(device)
+    gemms: dict[str, Gemms] = {}
+    reasons: dict[str, str] = {}
+    for name, make in IMPLEMENTATIONS.items():
+        if name == "triton" and device.type != "cuda":
+            reasons[name] = "needs CUDA"
+            continue
+        try:
+            gemms[name] = make(x, w, dy, perm)
+        except ImportError as exc:
+            reasons[name] = f"not available: {exc}"
+    rows: list[Row] = []
+    with torch.no_grad():
+        for op in OPS:
+            group = [Row("gemm", "ffn.fc1", op, name, reason=reasons.get(name)) for name in GEMM_ROWS]
+            jobs = [(row, gemms[row.name][op]) for row in group if row.name in gemms]
+            measure(jobs, device, size, guarded=("triton",))
+            set_ratios(group, ("dense", "reference"))
+            rows += group
+    return rows

@@ -1,0 +1,174 @@
+"""Training-step benchmark: dense vs reference vs the nmsparse backend on an FFN block and a ResNet block.
+
+``python -m benchmarks.step [--device cpu|cuda] [--size tiny|small|full] [--json PATH] [--block ffn|resnet|all]``
+prints markdown tables (see ``docs/benchmarks.md``). A step is forward, backward with a fixed
+output gradient, SGD-with-momentum step and ``zero_grad(set_to_none=True)``; warm-up steps, where
+the compiles happen, are not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nmcompile
+from benchmarks.common import SIZES, Row, Size, environment, measure, set_ratios, table
+from benchmarks.gemm import gemm_rows
+from nmcompile import reference
+
+STEP_ROWS = (
+    "dense eager",
+    "dense inductor",
+    "reference eager",
+    "nmsparse portable",
+    "nmsparse triton",
+    "nmsparse sparse24",
+)
+GUARDED_ROWS = ("nmsparse triton", "nmsparse sparse24")  # their kernels are still being written
+BLOCKS = ("ffn", "resnet")
+
+
+class FFNBlock(nn.Module):
+    """Transformer FFN block on ``[tokens, d_model]``: ``x + fc2(gelu(fc1(norm(x))))``."""
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.fc2 = nn.Linear(d_ff, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block on NCHW: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + x)``, 3x3 convs without bias."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + x)
+
+
+def make_block(block: str, size: Size) -> tuple[nn.Module, tuple[int, ...]]:
+    """The initial block of that name and its input shape (the output has the same shape)."""
+    if block == "ffn":
+        return FFNBlock(size.d_model, size.d_ff), (size.tokens, size.d_model)
+    return BasicBlock(size.channels), (size.batch, size.channels, size.spatial, size.spatial)
+
+
+def _prepare(name: str, model: nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | str:
+    """What runs ``model``'s forward for the row ``name`` (``model`` is the row's own copy), or why it cannot run."""
+    if name == "dense eager":
+        return model
+    if name == "dense inductor":
+        return torch.compile(model)
+    if name == "reference eager":
+        return reference.sparsify(model, n=2, m=4)
+    kernels = name.removeprefix("nmsparse ")
+    if kernels == "triton" and device.type != "cuda":
+        return "needs CUDA"
+    if kernels == "sparse24" and (device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0)):
+        return "needs CUDA sm80+"
+    try:
+        backend = nmcompile.backend(n=2, m=4, kernels=kernels)
+    except ValueError as exc:
+        return f"not available: {exc}"
+    return torch.compile(model, backend=backend)
+
+
+def _training_step(
+    model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dy: torch.Tensor
+) -> Callable[[], None]:
+    """One step: ``run`` forward, backward of the fixed output gradient ``dy``, SGD momentum, zero_grad."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step() -> None:
+        run(x).backward(dy)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def step_rows(block: str, size: Size, device: torch.device) -> list[Row]:
+    """One row per implementation in ``STEP_ROWS``, each on a fresh copy of the same initial block and data."""
+    # The rows' compiled models live side by side (timing interleaves them); dynamo guards each cache
+    # entry on its backend, so no row reuses another's graph.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    base, shape = make_block(block, size)
+    base = base.to(device, size.dtype)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=generator).to(device, size.dtype)
+    # The gradient of a mean-type loss: weights drift slowly and stay finite over many steps.
+    dy = (torch.randn(shape, generator=generator) / x.numel()).to(device, size.dtype)
+    rows, jobs = [], []
+    for name in STEP_ROWS:
+        row = Row("step", block, None, name)
+        model = copy.deepcopy(base)
+        run = _prepare(name, model, device)
+        if isinstance(run, str):
+            row.reason = run
+        else:
+            jobs.append((row, _training_step(model, run, x, dy)))
+        rows.append(row)
+    print(f"[benchmarks.step] {block}: compiling and timing {len(jobs)} rows", file=sys.stderr, flush=True)
+    measure(jobs, device, size, guarded=GUARDED_ROWS)
+    set_ratios(rows, ("dense inductor", "reference eager"))
+    return rows
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line; the defaults follow the device (``small`` on CPU, ``full`` on CUDA)."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.step", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", choices=tuple(SIZES), help="default: small on CPU, full on CUDA")
+    parser.add_argument("--json", type=Path, help="also write every row, and the header, to this JSON file")
+    parser.add_argument("--block", choices=(*BLOCKS, "all"), default="all")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    args.size = args.size or ("full" if args.device == "cuda" else "small")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    """Run the benchmark, print the tables, optionally write JSON; returns the rows."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    device, size = torch.device(args.device), SIZES[args.size]
+    header = environment(device, args.size, size, shlex.join(["python", "-m", "benchmarks.step", *argv]))
+    blocks = BLOCKS if args.block == "all" else (args.block,)
+    steps = [row for block in blocks for row in step_rows(block, size, device)]
+    gemms = gemm_rows(size, device) if "ffn" in blocks else []
+    print("# nmcompile training-step benchmark\n")
+    print("\n".join(f"- {key}: {value}" for key, value in header.items()))
+    print("\n## Training step (forward + backward + SGD momentum step)\n")
+    print(table(steps, "block", ("dense inductor", "reference eager")))
+    if gemms:
+        print(f"\n## Per-GEMM: FFN fc1 ({size.tokens} x {size.d_model} -> {size.d_ff})\n")
+        print(table(gemms, "GEMM", ("dense", "reference")))
+    if args.json is not None:
+        rows = [dataclasses.asdict(row) for row in steps + gemms]
+        args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=2) + "\n")
+    return steps + gemms
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""Device functions shared by the kernels: N:M rank masks, the counter-based hash, MVUE rules.
+
+Each follows ``nmcompile.reference`` (SPEC §2, §4, §7) entry for entry, so a kernel's masks equal
+the reference's bit for bit: ranks come from exact comparisons of fp32 magnitudes (exact for fp16,
+bf16 and fp32 inputs), and the random numbers from the same 32-bit hash of ``(key, step, index)``.
+Groups always lie along the last axis of a 3-D register tile ``[rows, groups, M]``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+from nmcompile.reference import _M32, _mix32
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    """``TRITON_INTERPRET=1``: kernels run on the CPU through Triton's interpreter (tests only)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def autotune_configs(
+    space: list[dict[str, int]], warps: list[tuple[int, int]], grouped: tuple[str, ...]
+) -> list[triton.Config]:
+    """``space`` × (num_warps, num_stages) on a GPU; one small config under the interpreter, where
+    autotuning would only cost time: 16 per block, 32 for the ``grouped`` blocks (which hold whole
+    N:M groups, so they must be at least ``M`` <= 32)."""
+    if interpreting():
+        return [triton.Config({key: 32 if key in grouped else 16 for key in space[0]}, num_warps=1)]
+    return [triton.Config(tile, num_warps=w, num_stages=s) for tile in space for w, s in warps]
+
+
+def check_nm(n: int, m: int) -> None:
+    """The kernels take power-of-two ``m`` up to 32 (register tiles have power-of-two extents)."""
+    if m & (m - 1) or not 2 <= m <= 32 or not 1 <= n <= m:
+        raise ValueError(f"Triton N:M kernels need 1 <= n <= m and m a power of two in 2..32, got {n}:{m}")
+
+
+def check_tensor(name: str, t: torch.Tensor, dim: int, dtypes: tuple[torch.dtype, ...] = DTYPES) -> None:
+    """Shape and dtype checks of a launcher's input, with a message that names it."""
+    if t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} must be one of {dtypes}, got {t.dtype}")
+
+
+def step_seed(key: int, step: int) -> int:
+    """The per-step seed of ``reference.counter_uniforms``: ``mix32((step mod 2³²) ^ key)``."""
+    return int(_mix32(torch.tensor((step & _M32) ^ key, dtype=torch.int64)))
+
+
+def tl_dtype(dtype: torch.dtype) -> tl.dtype:
+    """The Triton element type of a torch floating dtype."""
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
+def dot_dtype(dtype: torch.dtype) -> tl.dtype:
+    """The element type ``tl.dot`` gets for inputs of ``dtype``: their own, except bf16 under the
+    interpreter, whose bf16 ``dot`` is wrong in Triton 3.9 (bf16 → fp32 is exact, so only the
+    summation order changes)."""
+    return tl.float32 if interpreting() and dtype == torch.bfloat16 else tl_dtype(dtype)
+
+
+def input_precision() -> str:
+    """fp32 ``tl.dot`` as torch's own matmul would run it: TF32 only where torch allows it."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+@triton.jit
+def magnitude(x):
+    """``|x|`` in fp32 with NaN as +inf, so NaN ranks as the largest magnitude (SPEC §2)."""
+    a = tl.abs(x.to(tl.float32))
+    return tl.where(a != a, float("inf"), a)
+
+
+@triton.jit
+def nm_keep(mag, n, M: tl.constexpr):
+    """Top-``n`` of each group of ``M`` along the last axis of ``mag`` ``[R, G, M]`` (fp32, no NaN).
+
+    Entry ``i`` is kept when fewer than ``n`` entries rank above it (``|a_j| > |a_i|``, or equal
+    with ``j < i``): ``M`` passes over the tile, one per ``j``, so nothing ``M×M`` is held at once.
+    """
+    idx = tl.arange(0, M)[None, None, :]
+    count = tl.zeros(mag.shape, dtype=tl.int32)
+    for j in tl.static_range(M):
+        mag_j = tl.max(tl.where(idx == j, mag, -1.0), axis=2)[:, :, None]
+        above = (mag_j > mag) | ((mag_j == mag) & (idx > j))
+        count += above.to(tl.int32)
+    return count < n
+
+
+@triton.jit
+def nm_keep_rows(w, n, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, M: tl.constexpr):
+    """N:M mask of a tile ``w`` ``[BLOCK_R, BLOCK_C]`` along its columns (the reduction dim K)."""
+    mag = tl.reshape(magnitude(w), (BLOCK_R, BLOCK_C // M, M))
+    return tl.reshape(nm_keep(mag, n, M), (BLOCK_R, BLOCK_C))
+
+
+@triton.jit
+def nm_keep_cols(w, n, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, M: tl.constexpr):
+    """N:M mask of a tile ``w`` ``[BLOCK_R, BLOCK_C]`` along its rows (groups of ``M`` rows)."""
+    mag = tl.permute(tl.reshape(magnitude(w), (BLOCK_R // M, M, BLOCK_C)), (0, 2, 1))
+    keep = tl.permute(nm_keep(mag, n, M), (0, 2, 1))
+    return tl.reshape(keep, (BLOCK_R, BLOCK_C))
+
+
+@triton.jit
+def mix32(h):
+    """The lowbias32 integer hash on uint32 (``reference._mix32``)."""
+    h = h ^ (h >> 16)
+    h = h * 0x7FEB352D
+    h = h ^ (h >> 15)
+    h = h * 0x846CA68B
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def uniforms(seed, index):
+    """``reference.counter_uniforms`` entry ``index`` (int64) of the stream with per-step ``seed``."""
+    low = (index & 0xFFFFFFFF).to(tl.uint32)
+    high = (index >> 32).to(tl.uint32)
+    h = mix32(mix32(low ^ seed.to(tl.uint32)) ^ high)
+    return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def _pick(x, idx, j):
+    """Entry ``j`` of each group (last axis), keeping a size-1 last axis."""
+    return tl.sum(tl.where(idx == j, x, 0.0), axis=2)[:, :, None]
+
+
+@triton.jit
+def _cover4(p0, p1, p2, u):
+    """``reference._cover`` for 4 entries: index of the interval holding ``u`` (ends summed in order)."""
+    e1 = p0 + p1
+    e2 = e1 + p2
+    return (p0 <= u).to(tl.int32) + (e1 <= u).to(tl.int32) + (e2 <= u).to(tl.int32)
+
+
+@triton.jit
+def mvue12(a, u):
+    """SPEC §7 1:2 on ``a`` ``[R, G, 2]`` (fp32), one uniform ``u`` ``[R, G, 1]`` per block."""
+    idx = tl.arange(0, 2)[None, None, :]
+    mag = tl.abs(a)
+    total = tl.sum(mag, axis=2)[:, :, None]
+    p0 = tl.where(total > 0, _pick(mag, idx, 0) / tl.where(total > 0, total, 1.0), 0.0)
+    keep_first = u < p0
+    kept = tl.where(idx == 0, keep_first, ~keep_first)
+    sign = tl.where(a > 0, 1.0, tl.where(a < 0, -1.0, 0.0))
+    return tl.where(kept, sign * total, 0.0)
+
+
+@triton.jit
+def mvue24(a, u):
+    """SPEC §7 optimal 2:4 on ``a`` ``[R, G, 4]`` (fp32): systematic sampling with inclusion
+    probabilities ``p`` (the dominant entry always kept), one uniform per block."""
+    idx = tl.arange(0, 4)[None, None, :]
+    mag = tl.abs(a)
+    total = tl.sum(mag, axis=2)[:, :, None]
+    top = tl.max(mag, axis=2)[:, :, None]
+    top_index = tl.argmax(mag, axis=2, tie_break_left=True)[:, :, None]
+    rest = total - top
+    dominant = top > rest
+    is_top = idx == top_index
+    p_dominant = tl.where(is_top, 1.0, tl.where(rest > 0, mag / tl.where(rest > 0, rest, 1.0), 1.0 / 3))
+    p_spread = tl.where(total > 0, 2 * mag / tl.where(total > 0, total, 1.0), 0.5)
+    p = tl.where(dominant, p_dominant, p_spread)
+    p0, p1, p2 = _pick(p, idx, 0), _pick(p, idx, 1), _pick(p, idx, 2)
+    first = _cover4(p0, p1, p2, u)
+    second = _cover4(p0, p1, p2, u + 1)
+    kept = (idx == first) | (idx == second)
+    return tl.where(kept & (p > 0), a / tl.where(p > 0, p, 1.0), 0.0)
+
+
+@triton.jit
+def mvue24_approx(a, u0, u1):
+    """SPEC §7 two-draw 2:4 on ``a`` ``[R, G, 4]`` (fp32): one draw by ``p``, one among the rest,
+    each kept entry divided by its inclusion probability; uniforms ``u0``, ``u1`` per block."""
+    idx = tl.arange(0, 4)[None, None, :]
+    mag = tl.abs(a)
+    total = tl.sum(mag, axis=2)[:, :, None]
+    p = tl.where(total > 0, mag / tl.where(total > 0, total, 1.0), 0.25)
+    first = _cover4(_pick(p, idx, 0), _pick(p, idx, 1), _pick(p, idx, 2), u0)
+    is_first = idx == first
+    left = 1 - tl.sum(tl.where(is_first, p, 0.0), axis=2)[:, :, None]
+    q = tl.where(is_first, 0.0, tl.where(left > 0, p / tl.where(left > 0, left, 1.0), 1.0 / 3))
+    second = _cover4(_pick(q, idx, 0), _pick(q, idx, 1), _pick(q, idx, 2), u1)
+    kept = is_first | (idx == second)
+    ratio = tl.where(p < 1, p / tl.where(p < 1, 1 - p, 1.0), 0.0)
+    inclusion = p + p * (tl.sum(ratio, axis=2)[:, :, None] - ratio)
+    return tl.where(kept & (inclusion > 0), a / tl.where(inclusion > 0, inclusion, 1.0), 0.0)
+
+
+@triton.jit
+def mvue_tile(g, seed, block_index, RULE: tl.constexpr):
+    """Prune ``g`` ``[R, G, MM]`` (fp32) by ``RULE`` (1: mvue12, 2: mvue24, 3: mvue24_approx);
+    ``block_index`` ``[R, G, 1]`` (int64) numbers the blocks as the reference stream does."""
+    if RULE == 1:
+        out = mvue12(g, uniforms(seed, block_index))
+    elif RULE == 2:
+        out = mvue24(g, uniforms(seed, block_index))
+    else:
+        out = mvue24_approx(g, uniforms(seed, 2 * block_index), uniforms(seed, 2 * block_index + 1))
+    return out
+
+
+MVUE_RULES = {"mvue12": (1, 2), "mvue24": (2, 4), "mvue24_approx": (3, 4)}  # rule id, block size
+
+
+@triton.jit
+def grouped_tile(pid, rows, cols, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, GROUP: tl.constexpr):
+    """Tile ``(a, b)`` of a 1-D launch in the Triton tutorial's grouped order (``GROUP`` row tiles
+    share column tiles while they sit in L2)."""
+    tiles_a = tl.cdiv(rows, BLOCK_A)
+    tiles_b = tl.cdiv(cols, BLOCK_B)
+    per_group = GROUP * tiles_b
+    first = (pid // per_group) * GROUP
+    size = min(tiles_a - first, GROUP)
+    return first + (pid % per_group) % size, (pid % per_group) // size
+
+
+def gemm_grid(rows: int, cols: int, block_a: str, block_b: str) -> Callable[[dict], tuple[int]]:
+    """The 1-D launch grid of ``grouped_tile`` for an output ``[rows, cols]``."""
+    return lambda meta: (triton.cdiv(rows, meta[block_a]) * triton.cdiv(cols, meta[block_b]),)

@@ -1,0 +1,96 @@
+"""Lowering pass: sparse GEMM nodes onto the fused Triton kernels where they apply.
+
+Runs on the graph ``insert_masks`` wrote, before AOTAutograd, so the partitioner sees the fused
+op's own autograd: the forward saves ``W`` and ``P`` (never a mask) and the backward graph holds
+one kernel per product (``<layer>_bwd_input_grad``, ``<layer>_bwd_weight_grad``). Each
+``<layer>_fwd_gemm = nmsparse.sparse_linear(x, W, b, <layer>_fwd_mask, P, ...)`` becomes
+``nmsparse.triton_linear(x, W, b, None, P, ...)`` (the mask node goes; the kernels rank ``F`` in
+registers), or keeps its mask where it is not N:M along ``K`` alone (``transposable``).
+Option ``kernels``: ``auto`` lowers on CUDA, ``triton`` also under ``TRITON_INTERPRET=1`` on the
+CPU (tests), ``portable`` never. Every sparse GEMM gets a ``KernelChoice`` saying what and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from typing import Any
+
+import torch
+from torch import fx
+
+from nmcompile.options import SparsityConfig
+
+from .find_targets import example_value
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelChoice:
+    """Which implementation a sparse GEMM runs on: ``"triton"`` or ``"portable"``, and why."""
+
+    kernel: str
+    reason: str
+
+
+def _triton_blocker(node: fx.Node, config: SparsityConfig) -> str | None:
+    """Why ``node`` (a ``sparse_linear``) cannot run on the Triton kernels, or ``None`` if it can."""
+    if config.kernels == "portable":
+        return "kernels='portable'"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    weight_node = node.args[1]
+    if isinstance(weight_node, fx.Node) and weight_node.target is torch.t:  # an [in, out] parameter
+        weight_node = weight_node.args[0]
+    weight, x = example_value(weight_node), example_value(node.args[0])
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    if weight is None or x is None:
+        return "operand shapes unknown"
+    if weight.device.type != "cuda" and not (config.kernels == "triton" and interpreting):
+        return "not on CUDA (kernels='triton' with TRITON_INTERPRET=1 runs the kernels on the CPU)"
+    if config.m & (config.m - 1):
+        return f"m={config.m} is not a power of two (register tiles need one)"
+    for what, t in (("weight", weight), ("input", x)):
+        if t.dtype not in _DTYPES:
+            return f"{what} dtype {t.dtype} (the kernels take fp32, fp16, bf16)"
+    return None
+
+
+def lower_kernels(gm: fx.GraphModule, config: SparsityConfig) -> tuple[fx.GraphModule, dict[str, KernelChoice]]:
+    """Lower ``gm``'s sparse GEMMs in place where ``config.kernels`` and the operands allow.
+
+    Returns ``gm`` and ``{layer: KernelChoice}`` for every sparse GEMM and convolution.
+    """
+    choices: dict[str, KernelChoice] = {}
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.target is torch.ops.nmsparse.sparse_conv.default:
+            choices[node.args[12]] = KernelChoice("portable", "convolution: ATen/cuDNN with the portable masks")
+            continue
+        if node.target is not torch.ops.nmsparse.sparse_linear.default:
+            continue
+        layer = node.args[8]
+        blocker = _triton_blocker(node, config)
+        if blocker is not None:
+            choices[layer] = KernelChoice("portable", blocker)
+            continue
+        import nmcompile.kernels.ops  # noqa: F401  (registers nmsparse::triton_*)
+
+        mask = node.args[3]
+        in_registers = mask.target is torch.ops.nmsparse.nm_mask.default
+        args: tuple[Any, ...] = (*node.args[:3], None if in_registers else mask, *node.args[4:])
+        with graph.inserting_before(node):
+            lowered = graph.call_function(torch.ops.nmsparse.triton_linear.default, args)
+        lowered.meta = dict(node.meta)
+        node.replace_all_uses_with(lowered)
+        name = node.name
+        graph.erase_node(node)
+        lowered._rename(name)
+        if in_registers and not mask.users:
+            graph.erase_node(mask)
+        choices[layer] = KernelChoice("triton", "")
+    graph.lint()
+    gm.recompile()
+    return gm, choices

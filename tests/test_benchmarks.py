@@ -1,0 +1,45 @@
+"""Smoke test of the training-step benchmark (``python -m benchmarks.step``) at its tiny size on CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from benchmarks import step
+from benchmarks.gemm import GEMM_ROWS, OPS
+
+UNMEASURED = {
+    "nmsparse triton": "needs CUDA",
+    "nmsparse sparse24": "needs CUDA sm80+",
+}
+
+
+def test_step_benchmark_tiny_cpu(tmp_path, capsys):
+    """Every row of both blocks is printed and written; measured rows have finite medians, the rest a reason."""
+    path = tmp_path / "bench.json"
+    step.main(["--device", "cpu", "--size", "tiny", "--json", str(path)])
+    out = capsys.readouterr().out
+    data = json.loads(path.read_text())
+    assert data["header"]["torch"] and "tiny" in data["header"]["size"]
+    rows = [r for r in data["rows"] if r["kind"] == "step"]
+    for block in step.BLOCKS:
+        by_name = {r["name"]: r for r in rows if r["block"] == block}
+        assert tuple(by_name) == step.STEP_ROWS
+        for name, row in by_name.items():
+            assert f"| {block} | {name} |" in out
+            if name in UNMEASURED:
+                assert row["reason"] == UNMEASURED[name] and row["median_ms"] is None
+            else:
+                assert row["reason"] is None and math.isfinite(row["median_ms"]) and row["median_ms"] > 0, row
+                assert row["peak_mem_mib"] is None  # CPU: not measured per row
+        assert by_name["dense inductor"]["ratios"]["dense inductor"] == 1.0
+        assert by_name["reference eager"]["ratios"]["reference eager"] == 1.0
+    gemms = [r for r in data["rows"] if r["kind"] == "gemm"]
+    assert [(r["op"], r["name"]) for r in gemms] == [(op, name) for op in OPS for name in GEMM_ROWS]
+    for row in gemms:
+        assert f"| {row['op']} | {row['name']} |" in out
+        if row["name"] == "triton":
+            assert row["reason"] == "needs CUDA" and row["median_ms"] is None
+        else:
+            assert math.isfinite(row["median_ms"]) and row["median_ms"] > 0, row
+            assert row["ratios"]["dense"] > 0 and row["ratios"]["reference"] > 0
