@@ -44,17 +44,16 @@ def _triton_blocker(node: fx.Node, config: SparsityConfig) -> str | None:
     weight_node = node.args[1]
     if isinstance(weight_node, fx.Node) and weight_node.target is torch.t:  # an [in, out] parameter
         weight_node = weight_node.args[0]
-    weight, x = example_value(weight_node), example_value(node.args[0])
+    weight = example_value(weight_node)  # x has the weight's dtype, or autocast's (checked at launch)
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
-    if weight is None or x is None:
-        return "operand shapes unknown"
+    if weight is None:
+        return "weight shape unknown"
     if weight.device.type != "cuda" and not (config.kernels == "triton" and interpreting):
         return "not on CUDA (kernels='triton' with TRITON_INTERPRET=1 runs the kernels on the CPU)"
     if config.m & (config.m - 1):
         return f"m={config.m} is not a power of two (register tiles need one)"
-    for what, t in (("weight", weight), ("input", x)):
-        if t.dtype not in _DTYPES:
-            return f"{what} dtype {t.dtype} (the kernels take fp32, fp16, bf16)"
+    if weight.dtype not in _DTYPES:
+        return f"weight dtype {weight.dtype} (the kernels take fp32, fp16, bf16)"
     return None
 
 

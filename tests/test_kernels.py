@@ -1,0 +1,254 @@
+"""Every Triton kernel against the reference (SPEC §2, §4–§7), on small and ragged shapes.
+
+Without CUDA the kernels run under ``TRITON_INTERPRET=1`` (set in conftest); masks must match the
+reference exactly, GEMMs within the dtype's tolerance. With CUDA the same tests run on the GPU, and
+``test_real_sizes_on_cuda`` adds sizes the interpreter would take minutes for.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nmcompile import kernels, reference
+from tests.conftest import assert_close
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# GEMM shapes (T, O, K, n, m): ragged T, O, K against the 16/32 tiles, several N:M.
+GEMMS = [(5, 8, 8, 2, 4), (37, 20, 40, 1, 4), (33, 24, 64, 3, 8), (17, 32, 32, 1, 2), (9, 32, 96, 5, 32)]
+
+
+# Tolerance relative to a result's scale: about two roundings in the dtype (fp32: summation order).
+EPS = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(device=DEVICE, dtype=dtype)
+
+
+def _perm(size: int, seed: int = 1) -> torch.Tensor:
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+# --- standalone kernels: exact -----------------------------------------------------------------
+
+
+MASKS = [((5, 8), 2, 4, 1), ((37, 40), 1, 4, 1), ((8, 13), 2, 4, 0), ((64, 96), 3, 8, 1), ((32, 33), 5, 32, 0)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("shape", "n", "m", "dim"), [*MASKS, ((16, 70), 1, 2, 1)])
+def test_nm_mask_exact(dtype, shape, n, m, dim):
+    """Ties (zeros, repeated values), NaN (ranks as +inf) and inf: the same mask as the reference."""
+    a = _randn(*shape, dtype=dtype)
+    a[0, :3] = 0
+    a[1, 1] = float("nan")
+    a[2, :2] = float("inf")
+    a[3] = 1.5
+    got = kernels.nm_mask(a, n, m, dim)
+    assert got.dtype == torch.bool and got.is_contiguous()
+    assert torch.equal(got.cpu(), reference.nm_mask(a.cpu(), n, m, dim))
+
+
+def test_nm_mask_counts():
+    """Exactly n kept per group, on a non-contiguous view too."""
+    a = _randn(24, 64).t()
+    mask = kernels.nm_mask(a, 3, 8, dim=0)
+    assert torch.equal(mask.reshape(8, 8, 24).sum(1).cpu(), torch.full((8, 24), 3))
+    assert torch.equal(mask.cpu(), reference.nm_mask(a.cpu(), 3, 8, 0))
+
+
+@pytest.mark.parametrize(("rows", "cols", "n", "m"), [(8, 12, 2, 4), (40, 24, 1, 4), (64, 72, 3, 8), (12, 5, 1, 2)])
+def test_permutation_scores_exact(rows, cols, n, m):
+    """One launch scores every candidate exactly as SPEC §5; the search keeps the same winner."""
+    fmask = torch.rand(rows, cols, generator=torch.Generator().manual_seed(rows)) > 0.4
+    candidates = [torch.randperm(rows, generator=torch.Generator().manual_seed(s)) for s in range(9)]
+    got = kernels.permutation_scores(fmask.to(DEVICE), torch.stack(candidates), n, m)
+    assert got.tolist() == [reference.permutation_score(fmask, c, n, m) for c in candidates]
+    current = torch.arange(rows)
+    best, score = kernels.search_permutation(fmask.to(DEVICE), current, candidates, n, m)
+    ref_best, ref_score = reference.search_permutation(fmask, current, candidates, n, m)
+    assert torch.equal(best.cpu(), ref_best) and score == ref_score
+
+
+def test_permutation_search_keeps_current_on_ties():
+    """A mask every permutation scores the same: the current permutation stays (SPEC §5)."""
+    fmask = torch.ones(8, 4, dtype=torch.bool, device=DEVICE)
+    current = _perm(8, seed=5).cpu()
+    best, score = kernels.search_permutation(fmask, current, [torch.arange(8), torch.arange(8).flip(0)], 2, 4)
+    assert torch.equal(best, current) and score == 2 * 2 * 4
+
+
+def test_permutation_scores_conv_mask():
+    """A conv mask ``[O, C, kh, kw]``: every ``(c, kh, kw)`` is a column."""
+    fmask = torch.rand(8, 3, 3, 3, generator=torch.Generator().manual_seed(0)) > 0.5
+    candidates = [torch.randperm(8, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    got = kernels.permutation_scores(fmask.to(DEVICE), torch.stack(candidates), 2, 4)
+    assert got.tolist() == [reference.permutation_score(fmask, c, 2, 4) for c in candidates]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rule", ["mvue12", "mvue24", "mvue24_approx"])
+@pytest.mark.parametrize(("tokens", "channels"), [(8, 5), (37, 19), (70, 33)])
+def test_mvue_prune_matches_portable_op(dtype, rule, tokens, channels):
+    """Same kept entries as the portable op for the same ``(key, step)`` (the counter hash), values
+    within one rounding; zero blocks and a dominant entry included; a ragged end is zero-padded."""
+    g = _randn(tokens, channels, dtype=dtype)
+    g[:4, 0] = 0
+    g[4:8, 1] = torch.tensor([10.0, 0.1, 0.1, 0.2], dtype=dtype)
+    key, step = reference.prune_key(3, 5), 123457
+    expected = torch.ops.nmsparse.mvue_prune(g.cpu(), torch.tensor(step), key, rule)
+    got = kernels.mvue_prune(g, step, key, rule).cpu()
+    assert torch.equal(got != 0, expected != 0)
+    assert_close(got.float(), expected.float(), rel=EPS[dtype])
+    n, m = (1, 2) if rule == "mvue12" else (2, 4)
+    padded = torch.nn.functional.pad((got != 0).t(), (0, (-tokens) % m))
+    assert int(padded.reshape(channels, -1, m).sum(-1).max()) <= n
+
+
+def test_mvue_prune_changes_with_step_and_key():
+    g = _randn(64, 8)
+    a, b, c = (kernels.mvue_prune(g, s, k, "mvue24") for s, k in ((0, 1), (1, 1), (0, 2)))
+    assert not torch.equal(a != 0, b != 0) and not torch.equal(a != 0, c != 0)
+    assert torch.equal(a, kernels.mvue_prune(g, 0, 1, "mvue24"))
+
+
+# --- the three GEMMs ----------------------------------------------------------------------------
+
+
+def _portable_forward(x, w, b, n, m, mask=None, alpha=None):
+    fmask = reference.nm_mask(w, n, m, 1) if mask is None else mask
+    b, alpha = (t.cpu() if t is not None else None for t in (b, alpha))
+    return torch.ops.nmsparse.sparse_linear(x.cpu(), w.cpu(), b, fmask.cpu(), None, n, m, 0.0, "t", None, alpha)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("T", "O", "K", "n", "m"), GEMMS)
+def test_forward(dtype, T, O, K, n, m):
+    """``X (W⊙F)ᵀ + b`` with ``F`` ranked in registers; also mask decay and a loaded mask."""
+    x, w, b = _randn(T, K, dtype=dtype), _randn(O, K, dtype=dtype, seed=1), _randn(O, dtype=dtype, seed=2)
+    alpha = torch.tensor(0.3, device=DEVICE)
+    other = ~reference.nm_mask(w.cpu(), n, m, 1)
+    decayed = kernels.sparse_linear_forward(x, w, None, n, m, alpha=alpha)
+    for got, expected in [
+        (kernels.sparse_linear_forward(x, w, b, n, m), _portable_forward(x, w, b, n, m)),
+        (decayed, _portable_forward(x, w, None, n, m, None, alpha)),
+        (kernels.sparse_linear_forward(x, w, b, n, m, mask=other.to(DEVICE)), _portable_forward(x, w, b, n, m, other)),
+    ]:
+        assert got.dtype == dtype and got.shape == (T, O)
+        assert_close(got.cpu().float(), expected.float(), rel=EPS[dtype])
+
+
+@pytest.mark.parametrize(("T", "O", "K", "n", "m"), GEMMS)
+def test_gemms_exact_on_integers(T, O, K, n, m):
+    """Small integers make every product and sum exact in fp32, so the in-register masks show up
+    bit for bit: forward, Bi-Mask input gradient and SR-STE weight gradient equal the reference."""
+    g = torch.Generator().manual_seed(T)
+    x, w, dy = (torch.randint(-8, 9, shape, generator=g).float() for shape in ((T, K), (O, K), (T, O)))
+    w += torch.rand(O, K, generator=g).mul(0.5).round().mul(0.25)  # distinct magnitudes and exact ties
+    perm = torch.randperm(O, generator=g)
+    fmask = reference.nm_mask(w, n, m, 1)
+    on = lambda t: t.to(DEVICE)  # noqa: E731
+    assert torch.equal(kernels.sparse_linear_forward(on(x), on(w), None, n, m).cpu(), x @ (w * fmask).t())
+    if O % m == 0:
+        bmask = reference.backward_mask(w, fmask, perm, n, m)
+        assert torch.equal(kernels.sparse_input_grad(on(dy), on(w), n, m, perm=on(perm)).cpu(), dy @ (w * bmask))
+    assert torch.equal(kernels.sparse_input_grad(on(dy), on(w), n, m).cpu(), dy @ (w * fmask))
+    lam = 0.5
+    got = kernels.sparse_weight_grad(on(dy), on(x), on(w), n, m, srste_lambda=lam).cpu()
+    assert torch.equal(got, dy.t() @ x + lam * (w * ~fmask))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("T", "O", "K", "n", "m"), [s for s in GEMMS if s[1] % s[4] == 0])
+def test_input_grad(dtype, T, O, K, n, m):
+    """Bi-Mask ``dY[:, P] (W[P] ⊙ Bp)`` (B = scatter(Bp) ∧ F), ``dense`` ``dY (W⊙F)``, a loaded
+    (transposable) mask, and mask decay, against the reference masks."""
+    dy, w = _randn(T, O, dtype=dtype), _randn(O, K, dtype=dtype, seed=1)
+    perm, alpha = _perm(O), torch.tensor(0.25, device=DEVICE)
+    wc, fmask = w.cpu().float(), reference.nm_mask(w.cpu(), n, m, 1)
+    bmask = reference.backward_mask(w.cpu(), fmask, perm.cpu(), n, m)
+    tmask = reference.transposable_mask(w.cpu(), n, m) if m <= 8 else fmask
+    cases = [
+        (kernels.sparse_input_grad(dy, w, n, m, perm=perm), wc * bmask),
+        (kernels.sparse_input_grad(dy, w, n, m), wc * fmask),
+        (kernels.sparse_input_grad(dy, w, n, m, mask=tmask.to(DEVICE)), wc * tmask),
+        (kernels.sparse_input_grad(dy, w, n, m, perm=perm, alpha=alpha), torch.where(bmask, wc, 0.25 * wc)),
+    ]
+    for got, effective in cases:
+        expected = dy.cpu().float() @ effective.to(dtype).float()
+        assert got.dtype == dtype and got.shape == (T, K)
+        assert_close(got.cpu().float(), expected, rel=EPS[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("T", "O", "K", "n", "m"), GEMMS)
+@pytest.mark.parametrize("rule", ["none", "mvue12", "mvue24", "mvue24_approx"])
+def test_weight_grad(dtype, T, O, K, n, m, rule):
+    """``prune(dY)ᵀ X + λ(1−F)⊙W``: MVUE fused in the load (same stream as the portable op), SR-STE
+    in the epilogue; the output in the weight's dtype."""
+    dy, x, w = _randn(T, O, dtype=dtype), _randn(T, K, dtype=dtype, seed=1), _randn(O, K, dtype=dtype, seed=2)
+    key, step, lam = 99, 7, 0.1
+    pruned = dy.cpu() if rule == "none" else torch.ops.nmsparse.mvue_prune(dy.cpu(), torch.tensor(step), key, rule)
+    fmask = reference.nm_mask(w.cpu(), n, m, 1)
+    expected = pruned.float().t() @ x.cpu().float() + lam * (w.cpu().float() * ~fmask)
+    got = kernels.sparse_weight_grad(dy, x, w, n, m, srste_lambda=lam, grad_prune=rule, step=step, key=key)
+    assert got.dtype == dtype and got.shape == (O, K)
+    assert_close(got.cpu().float(), expected, rel=EPS[dtype])
+    plain = kernels.sparse_weight_grad(dy, x, w, n, m, mask=~fmask.to(DEVICE), srste_lambda=lam).cpu().float()
+    assert_close(plain, dy.cpu().float().t() @ x.cpu().float() + lam * (w.cpu().float() * fmask), rel=EPS[dtype])
+
+
+def test_weight_grad_under_mixed_dtypes():
+    """Autocast: bf16 activations and gradient with an fp32 weight; F from the fp32 weight, dW fp32."""
+    dy, x, w = _randn(20, 8, dtype=torch.bfloat16), _randn(20, 16, dtype=torch.bfloat16, seed=1), _randn(8, 16, seed=2)
+    got = kernels.sparse_weight_grad(dy, x, w, 2, 4, srste_lambda=0.5)
+    expected = dy.cpu().float().t() @ x.cpu().float() + 0.5 * w.cpu() * ~reference.nm_mask(w.cpu(), 2, 4, 1)
+    assert got.dtype == torch.float32
+    assert_close(got.cpu(), expected, rel=EPS[torch.bfloat16])
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: kernels.nm_mask(torch.zeros(4, 6), 2, 4, 1), "not divisible by m=4"),
+        (lambda: kernels.nm_mask(torch.zeros(4, 6), 1, 3, 1), "m a power of two"),
+        (lambda: kernels.nm_mask(torch.zeros(4, 8, dtype=torch.float64), 2, 4, 1), "must be one of"),
+        (lambda: kernels.sparse_linear_forward(torch.zeros(3, 8), torch.zeros(4, 12), None, 2, 4), r"\[O, K=8\]"),
+        (lambda: kernels.sparse_linear_forward(torch.zeros(3, 8), torch.zeros(4, 8), torch.zeros(5), 2, 4), "bias"),
+        (lambda: kernels.sparse_input_grad(torch.zeros(3, 6), torch.zeros(6, 8), 2, 4, perm=torch.arange(6)), "perm"),
+        (lambda: kernels.sparse_weight_grad(torch.zeros(3, 4), torch.zeros(2, 8), torch.zeros(4, 8), 2, 4), "x "),
+        (
+            lambda: kernels.sparse_weight_grad(
+                torch.zeros(4, 4), torch.zeros(4, 8), torch.zeros(4, 8), 2, 4, grad_prune="topk"
+            ),
+            "grad_prune",
+        ),
+        (lambda: kernels.mvue_prune(torch.zeros(4, 4, 4), 0, 0, "mvue24"), "2-D"),
+        (lambda: kernels.permutation_scores(torch.ones(6, 4, dtype=torch.bool), torch.zeros(1, 6), 2, 4), "O % m"),
+    ],
+)
+def test_launchers_check_inputs(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: real-size kernels on the GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_real_sizes_on_cuda(dtype):
+    """Transformer-FFN sizes on the GPU: the three GEMMs against the portable ops' math."""
+    T, O, K, n, m = 2048, 4096, 1024, 2, 4
+    x, w, dy = _randn(T, K, dtype=dtype), _randn(O, K, dtype=dtype, seed=1), _randn(T, O, dtype=dtype, seed=2)
+    perm = _perm(O)
+    fmask = torch.ops.nmsparse.nm_mask(w, n, m, 1)
+    assert torch.equal(kernels.nm_mask(w, n, m, 1), fmask)
+    y = kernels.sparse_linear_forward(x, w, None, n, m)
+    assert_close(y.float(), (x.float() @ (w * fmask).float().t()), rel=2e-2)
+    bmask = reference.backward_mask(w, fmask, perm, n, m)
+    dx = kernels.sparse_input_grad(dy, w, n, m, perm=perm)
+    assert_close(dx.float(), dy.float() @ (w * bmask).float(), rel=2e-2)
+    dw = kernels.sparse_weight_grad(dy, x, w, n, m, grad_prune="mvue24", step=3, key=5)
+    pruned = torch.ops.nmsparse.mvue_prune(dy, torch.tensor(3), 5, "mvue24")
+    assert_close(dw.float(), (pruned.float().t() @ x.float()), rel=2e-2)

@@ -1,0 +1,180 @@
+"""The lowering pass: sparse GEMMs on the Triton kernels train exactly like the reference and the
+portable path, the graphs show the kernels and no saved mask, and the report names the kernel.
+
+Without CUDA, ``kernels="triton"`` runs the kernels through the interpreter (``TRITON_INTERPRET=1``
+from conftest); ``kernels="auto"`` stays portable there, with the reason in the report.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from nmcompile.passes import lower_kernels
+from torch import nn
+
+import nmcompile
+from tests.conftest import MLP, MODELS, assert_close, train_and_compare
+
+INTERPRETER = not torch.cuda.is_available()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"grad_prune": "mvue24"},
+        {"grad_prune": "mvue12", "n": 1, "m": 8},
+        {"grad_prune": "mvue24_approx", "srste_lambda": 0.01},
+        {"backward": "transposable"},
+        {"backward": "dense"},
+        {"mask_decay": "linear", "mask_decay_rate": 0.2},
+        {"structure_decay": True, "total_steps": 4, "perm_interval": 1},
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "bimask",
+)
+def test_triton_path_matches_reference(options):
+    """3 SGD steps of an MLP on the Triton kernels: outputs, every gradient and the weights agree
+    with the eager reference at every step (fp32 tolerance)."""
+    train_and_compare(MLP, (8, 32), steps=3, kernels="triton", inner="aot_eager", **options)
+
+
+@pytest.mark.parametrize("model", ["block", "inout"])
+def test_triton_path_other_layouts(model):
+    """Attention projections (3-D activations) and [in, out]/addmm weights lower too."""
+    make, shape = MODELS[model]
+    train_and_compare(make, shape, steps=2, kernels="triton", inner="aot_eager")
+
+
+def _trajectory(kernels: str, steps: int = 3, **options) -> tuple[list[float], list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = MLP()
+    compiled = torch.compile(model, backend=nmcompile.backend(kernels=kernels, **options))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for step in range(steps):
+        x = torch.randn(16, 32, generator=torch.Generator().manual_seed(step))
+        loss = compiled(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("options", [{"grad_prune": "mvue24"}, {"backward": "transposable"}])
+def test_lowered_trajectory_equals_portable_under_inductor(options):
+    """Inductor compiles around the opaque kernel ops: 3 SGD steps give the portable path's losses
+    and weights within fp32 tolerance (MVUE draws the same random numbers on both paths)."""
+    losses_p, weights_p = _trajectory("portable", **options)
+    torch._dynamo.reset()
+    losses_t, weights_t = _trajectory("triton", **options)
+    assert losses_t == pytest.approx(losses_p, rel=1e-6, abs=1e-7)
+    for a, b in zip(weights_t, weights_p, strict=True):
+        assert_close(a, b)
+
+
+def _report(model: nn.Module, x: torch.Tensor, **options) -> nmcompile.Report:
+    return nmcompile.explain(model, x, inner="aot_eager", **options)
+
+
+def test_graphs_hold_kernels_and_no_mask():
+    """Forward: ``<layer>_fwd_gemm = nmsparse.triton_linear(..., None, P, ...)`` and no mask node;
+    no bool tensor is saved for the backward; backward: one kernel per product, named."""
+    report = _report(MLP(), torch.randn(8, 32), kernels="triton")
+    fwd, bwd = report.forward_graph, report.backward_graph
+    gemms = {n.name: n for n in fwd.graph.nodes if n.target is torch.ops.nmsparse.triton_linear.default}
+    assert set(gemms) == {"fc1_fwd_gemm", "fc2_fwd_gemm", "head_fwd_gemm"}
+    assert all(n.args[3] is None for n in gemms.values())
+    assert not [n for n in fwd.graph.nodes if n.target is torch.ops.nmsparse.nm_mask.default]
+    saved = next(n for n in fwd.graph.nodes if n.op == "output").args[0]
+    assert all(n.meta["val"].dtype != torch.bool for n in saved if isinstance(n, torch.fx.Node))
+    names = {n.name: n.target for n in bwd.graph.nodes if n.op == "call_function"}
+    for layer in ("fc1", "fc2", "head"):
+        assert names[f"{layer}_bwd_weight_grad_1"] is torch.ops.nmsparse.triton_weight_grad.default
+    for layer in ("fc2", "head"):  # fc1's input needs no gradient
+        assert names[f"{layer}_bwd_input_grad"] is torch.ops.nmsparse.triton_input_grad.default
+    assert not [t for t in names.values() if t is torch.ops.nmsparse.nm_mask.default]
+
+
+def test_transposable_keeps_its_mask_node():
+    """A transposable mask is not N:M along K alone: the kernels load it."""
+    report = _report(MLP(), torch.randn(8, 32), kernels="triton", backward="transposable")
+    gemm = next(n for n in report.forward_graph.graph.nodes if n.name == "fc2_fwd_gemm")
+    assert gemm.target is torch.ops.nmsparse.triton_linear.default
+    assert gemm.args[3].target is torch.ops.nmsparse.transposable_mask.default
+
+
+def test_report_names_the_kernel():
+    x = torch.randn(8, 32)
+    rows = {r.name: r for r in _report(MLP(), x, kernels="triton").rows}
+    assert {r.kernel for r in rows.values()} == {"triton"}
+    assert "| kernel |" in str(_report(MLP(), x, kernels="triton")).splitlines()[0].replace("  ", "")
+    portable = {r.kernel for r in _report(MLP(), x, kernels="portable").rows}
+    assert portable == {"portable (kernels='portable')"}
+    auto = {r.kernel for r in _report(MLP(), x).rows}
+    expected = (
+        "triton"
+        if not INTERPRETER
+        else "portable (not on CUDA (kernels='triton' with TRITON_INTERPRET=1 runs the kernels on the CPU))"
+    )
+    assert auto == {expected}
+
+
+def test_report_kernel_reasons_for_unsupported_layers():
+    """Convolutions, m not a power of two (also for a GEMM fed by another sparse GEMM), float64, and
+    dense layers each get their own entry."""
+    conv = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Flatten(), nn.Linear(16 * 36, 8))
+    rows = {r.name: r for r in _report(conv, torch.randn(2, 8, 8, 8), kernels="triton").rows}
+    assert rows["0.weight"].kernel.startswith("portable (convolution")
+    assert rows["2.weight"].kernel == "triton"
+    odd = nn.Sequential(nn.Linear(48, 48), nn.Linear(48, 48), nn.Linear(5, 5))
+    rows = {r.name: r for r in _report(odd[:2], torch.randn(4, 48), kernels="triton", n=1, m=3).rows}
+    assert {r.kernel for r in rows.values()} == {"portable (m=3 is not a power of two (register tiles need one))"}
+    rows = _report(odd[2], torch.randn(4, 5), kernels="triton").rows
+    assert rows[0].kernel == "-" and not rows[0].sparse
+    doubles = _report(MLP().double(), torch.randn(8, 32, dtype=torch.float64), kernels="triton").rows
+    assert {r.kernel for r in doubles} == {"portable (weight dtype torch.float64 (the kernels take fp32, fp16, bf16))"}
+
+
+def test_triton_without_cuda_or_interpreter_stays_portable(monkeypatch):
+    """``kernels='triton'`` on CPU tensors without the interpreter: the portable path, with the reason."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    rows = _report(MLP(), torch.randn(8, 32), kernels="triton").rows
+    assert {r.kernel for r in rows} == {
+        "portable (not on CUDA (kernels='triton' with TRITON_INTERPRET=1 runs the kernels on the CPU))"
+    }
+
+
+def test_pass_leaves_other_graphs_alone():
+    """A graph without sparse GEMMs comes back unchanged, with no choices."""
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.ReLU()))
+    code = gm.code
+    out, choices = lower_kernels(gm, nmcompile.SparsityConfig(kernels="triton"))
+    assert out.code == code and choices == {}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_uses_triton_on_cuda_under_autocast():
+    """On a GPU, ``auto`` lowers; bf16 autocast training for 3 steps stays close to the portable path."""
+    base = MLP(256, 512, 256).cuda()
+    results = []
+    for kernels in ("portable", "auto"):
+        torch._dynamo.reset()
+        model = copy.deepcopy(base)
+        compiled = torch.compile(model, backend=nmcompile.backend(kernels=kernels, grad_prune="mvue24"))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses = []
+        for step in range(3):
+            x = torch.randn(1024, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(step))
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = compiled(x).float().square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        results.append(losses)
+    assert results[1] == pytest.approx(results[0], rel=2e-2)
+    rows = nmcompile.explain(base, torch.randn(64, 256, device="cuda")).rows
+    assert {r.kernel for r in rows} == {"triton"}
