@@ -93,12 +93,10 @@ def _fail(row: Row, exc: Exception, guard: bool) -> None:
 def measure(
     jobs: Sequence[tuple[Row, Callable[[], Any]]], device: torch.device, size: Size, guarded: Sequence[str] = ()
 ) -> None:
-    """Warm every job up (compiles happen here), then time them in ``size.rounds`` interleaved rounds.
-
-    Interleaving spreads the slow spells of a shared machine over all rows instead of hitting one;
-    a row's median is over all its samples. Rows named in ``guarded`` (kernels still being written)
-    get an exception as their reason instead of ending the run.
-    """
+    """Warm every job up (compiles happen here), then time them in ``size.rounds`` interleaved rounds."""
+    # Interleaving spreads the slow spells of a shared machine over all rows instead of one; a row's
+    # median is over all its samples. A row named in ``guarded`` (kernels still being written) gets
+    # its exception as its reason instead of ending the run.
     live: list[tuple[Row, Callable[[], Any], list[float]]] = []
     for row, fn in jobs:
         try:

@@ -1,9 +1,4 @@
-"""Per-GEMM timings of the FFN's first Linear (``T x d -> d_ff``): forward, input gradient, weight gradient.
-
-Every sparse row computes the masks its GEMM needs from ``W`` inside the timed call (``F`` for all
-three, Bi-Mask's ``B`` for the input gradient), as the Triton kernels do from their arguments; in
-a whole training step ``F`` is computed once, so the three rows of one implementation overcount it.
-"""
+"""Per-GEMM timings of the FFN's first Linear (``T x d -> d_ff``): forward, input gradient, weight gradient."""
 
 from __future__ import annotations
 
@@ -21,6 +16,10 @@ OPS = ("forward", "input grad", "weight grad")
 GEMM_ROWS = ("dense", "reference", "portable", "triton")
 
 Gemms = dict[str, Callable[[], torch.Tensor]]
+
+# Every sparse row derives the masks its GEMM needs from W inside the timed call (F for all three, Bi-Mask's
+# B for the input gradient), as the Triton kernels do from their arguments. A training step computes F
+# once, so the three rows of one implementation count it three times.
 
 
 def _dense(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Tensor) -> Gemms:

@@ -1,10 +1,4 @@
-"""Training-step benchmark: dense vs reference vs the nmsparse backend on an FFN block and a ResNet block.
-
-``python -m benchmarks.step [--device cpu|cuda] [--size tiny|small|full] [--json PATH] [--block ffn|resnet|all]``
-prints markdown tables (see ``docs/benchmarks.md``). A step is forward, backward with a fixed
-output gradient, SGD-with-momentum step and ``zero_grad(set_to_none=True)``; warm-up steps, where
-the compiles happen, are not timed.
-"""
+"""Training-step benchmark of dense, reference and nmsparse runs of an FFN and a ResNet block (docs/benchmarks.md)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Custom ops of the rewritten graphs (namespace ``nmsparse``) and the autograd of the sparse GEMM.
 
-``nm_mask`` and ``transposable_mask`` are opaque mask nodes. ``sparse_linear`` is the N:M GEMM
+``nm_mask`` is a composite op (aten ops Inductor fuses); ``transposable_mask`` an opaque mask node. ``sparse_linear`` is the N:M GEMM
 ``Y = X (W⊙F)ᵀ + b`` and ``sparse_conv`` its convolution twin; their backward is plain torch code
 traced by AOTAutograd, each step wrapped in ``fx.traceback.annotate`` so the backward graph shows
 it as its own, named node (``<layer>_bwd_perm``, ``<layer>_bwd_mask``, ...; see ``passes.name_nodes``).
@@ -25,16 +25,19 @@ def role(layer: str, what: str) -> dict[str, str]:
     return {NAME_KEY: f"{layer}_{what}"}
 
 
-@torch.library.custom_op("nmsparse::nm_mask", mutates_args=())
+_LIBRARY = torch.library.Library("nmsparse", "FRAGMENT")
+_LIBRARY.define("nm_mask(Tensor a, int n, int m, int dim, Tensor? n_eff=None) -> Tensor")
+
+
+@torch.library.impl(_LIBRARY, "nm_mask", "CompositeImplicitAutograd")
 def nm_mask(a: torch.Tensor, n: int, m: int, dim: int, n_eff: torch.Tensor | None = None) -> torch.Tensor:
     """SPEC §2 N:M magnitude mask along ``dim``, by rank counting (M comparisons per entry, no sort).
 
     Entry ``i`` of a group is kept when fewer than ``n`` entries rank above it, where ``j`` ranks
     above ``i`` if ``|a_j| > |a_i|``, or ``|a_j| == |a_i|`` and ``j < i``; NaN ranks as +inf.
     ``n_eff`` (a 0-d tensor) overrides ``n`` where a schedule changes N between steps (SPEC §8).
+    Composite (plain aten ops, no sort or ``topk``), so Inductor fuses it into one loop over ``W``.
     """
-    if n_eff is not None:
-        n = int(n_eff)
     if a.shape[dim] % m:
         raise ValueError(f"nm_mask: dim {dim} of size {a.shape[dim]} is not divisible by m={m}")
     mag = a.detach().abs()
@@ -42,14 +45,9 @@ def nm_mask(a: torch.Tensor, n: int, m: int, dim: int, n_eff: torch.Tensor | Non
     groups = mag.reshape(*mag.shape[:-1], mag.shape[-1] // m, m)
     mine, other = groups.unsqueeze(-1), groups.unsqueeze(-2)
     lower = torch.ones(m, m, dtype=torch.bool, device=a.device).tril(-1)  # [i, j]: j < i
-    above = (other > mine) | ((other == mine) & lower)
-    keep = above.sum(-1) < n
+    above = ((other > mine) | ((other == mine) & lower)).sum(-1)
+    keep = above < (n_eff.to(above.device) if n_eff is not None else n)
     return keep.reshape(mag.shape).movedim(-1, dim).contiguous()
-
-
-@nm_mask.register_fake
-def _(a: torch.Tensor, n: int, m: int, dim: int, n_eff: torch.Tensor | None = None) -> torch.Tensor:
-    return torch.empty_like(a, dtype=torch.bool, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("nmsparse::transposable_mask", mutates_args=())
@@ -266,9 +264,6 @@ def _conv_backward(ctx: Any, dy: torch.Tensor) -> tuple:
 
 sparse_linear.register_autograd(_linear_backward, setup_context=_setup_linear)
 sparse_conv.register_autograd(_conv_backward, setup_context=_setup_conv)
-
-
-_LIBRARY = torch.library.Library("nmsparse", "IMPL")
 
 
 def _register_autocast(op: torch._ops.OpOverload, device_type: str) -> None:

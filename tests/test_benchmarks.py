@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 
-from benchmarks import step
+import torch
+
+from benchmarks import gemm, step
 from benchmarks.gemm import GEMM_ROWS, OPS
 
 UNMEASURED = {
@@ -43,3 +45,14 @@ def test_step_benchmark_tiny_cpu(tmp_path, capsys):
         else:
             assert math.isfinite(row["median_ms"]) and row["median_ms"] > 0, row
             assert row["ratios"]["dense"] > 0 and row["ratios"]["reference"] > 0
+
+
+def test_gemm_rows_time_the_same_work():
+    """The reference and portable GEMM rows compute the same sparse results, which differ from dense."""
+    g = torch.Generator().manual_seed(0)
+    x, w, dy = torch.randn(8, 16, generator=g), torch.randn(32, 16, generator=g), torch.randn(8, 32, generator=g)
+    perm = torch.randperm(32, generator=g)
+    dense, ref, portable = (gemm.IMPLEMENTATIONS[name](x, w, dy, perm) for name in ("dense", "reference", "portable"))
+    for op in OPS:
+        torch.testing.assert_close(portable[op](), ref[op](), msg=op)
+        assert not torch.allclose(dense[op](), ref[op]()), op

@@ -24,8 +24,11 @@ def test_graph_nodes_say_what_they_are(inner):
     assert {"fc2_bwd_perm", "fc2_bwd_mask", "fc2_bwd_input_grad", "fc2_bwd_weight_grad", "fc2_bwd_srste"} <= bwd
     assert {"fc1_bwd_weight_grad", "fc1_bwd_bias_grad"} <= bwd
     assert "fc1_bwd_mask" not in bwd  # the input does not require grad: no dX GEMM for fc1
-    masks = [n for n in report.backward_graph.graph.nodes if n.name == "fc2_bwd_mask"]
-    assert masks[0].target is torch.ops.nmsparse.nm_mask.default and masks[0].args[1:4] == (2, 4, 0)
+    # The composite mask op decomposes into plain comparisons Inductor can fuse: no sort, no topk.
+    masks = [n for n in report.backward_graph.graph.nodes if n.name.startswith("fc2_bwd_mask")]
+    targets = {str(n.target) for n in masks}
+    assert {"aten.gt.Tensor", "aten.sum.dim_IntList", "aten.lt.Scalar"} <= targets
+    assert not any("sort" in t or "topk" in t for t in targets)
 
 
 def test_table_rows_and_flops():
