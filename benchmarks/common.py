@@ -95,7 +95,7 @@ def measure(
 ) -> None:
     """Warm every job up (compiles happen here), then time them in ``size.rounds`` interleaved rounds."""
     # Interleaving spreads the slow spells of a shared machine over all rows instead of one; a row's
-    # median is over all its samples. A row named in ``guarded`` (kernels still being written) gets
+    # median is over all its samples. A row named in ``guarded`` (GPU-only rows with new kernels) gets
     # its exception as its reason instead of ending the run.
     live: list[tuple[Row, Callable[[], Any], list[float]]] = []
     for row, fn in jobs:

@@ -63,7 +63,7 @@ def _portable(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Te
 
 
 def _triton(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Tensor) -> Gemms:
-    """The fused Triton kernels of ``nmcompile.kernels``, imported here because they may not exist yet."""
+    """The fused Triton kernels of ``nmcompile.kernels``, imported here: a failing import costs only these rows."""
     from nmcompile.kernels import sparse_input_grad, sparse_linear_forward, sparse_weight_grad
 
     return {
