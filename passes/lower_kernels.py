@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
 from typing import Any
 
 import torch
@@ -35,6 +34,13 @@ class KernelChoice:
     reason: str
 
 
+def _interpreting() -> bool:
+    """Whether the kernels run under Triton's CPU interpreter (imported only once triton is known)."""
+    from nmcompile.kernels.common import interpreting
+
+    return interpreting()
+
+
 def _triton_blocker(node: fx.Node, config: SparsityConfig) -> str | None:
     """Why ``node`` (a ``sparse_linear``) cannot run on the Triton kernels, or ``None`` if it can."""
     if config.kernels == "portable":
@@ -45,10 +51,9 @@ def _triton_blocker(node: fx.Node, config: SparsityConfig) -> str | None:
     if isinstance(weight_node, fx.Node) and weight_node.target is torch.t:  # an [in, out] parameter
         weight_node = weight_node.args[0]
     weight = example_value(weight_node)  # x has the weight's dtype, or autocast's (checked at launch)
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     if weight is None:
         return "weight shape unknown"
-    if weight.device.type != "cuda" and not (config.kernels == "triton" and interpreting):
+    if weight.device.type != "cuda" and not (config.kernels == "triton" and _interpreting()):
         return "not on CUDA (kernels='triton' with TRITON_INTERPRET=1 runs the kernels on the CPU)"
     if config.m & (config.m - 1):
         return f"m={config.m} is not a power of two (register tiles need one)"

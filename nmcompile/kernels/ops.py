@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.fx.traceback import annotate
 
-from nmcompile.ops import role
+from nmcompile.ops import _setup_linear, role
 
 from .input_grad import sparse_input_grad
 from .sparse_forward import sparse_linear_forward
@@ -101,13 +101,6 @@ def _(dy, x, weight, fwd_mask, n, m, srste_lambda, grad_prune, prune_key, n_eff=
     return weight.new_empty(weight.shape)
 
 
-def _setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    x, weight, bias, fwd_mask, perm, n, m, srste_lambda, layer, n_eff, alpha, step, grad_prune, prune_key = inputs
-    ctx.save_for_backward(x, weight, fwd_mask, perm, n_eff, alpha, step)
-    ctx.n, ctx.m, ctx.srste_lambda, ctx.layer = n, m, srste_lambda, layer
-    ctx.grad_prune, ctx.prune_key, ctx.has_bias = grad_prune, prune_key, bias is not None
-
-
 def _backward(ctx: Any, dy: torch.Tensor) -> tuple:
     """The three backward products of ``triton_linear``, each one kernel (SPEC §4, §6, §7)."""
     x, weight, fwd_mask, perm, n_eff, alpha, step = ctx.saved_tensors
@@ -129,4 +122,4 @@ def _backward(ctx: Any, dy: torch.Tensor) -> tuple:
     return dx, dw, db, *([None] * 11)
 
 
-triton_linear.register_autograd(_backward, setup_context=_setup)
+triton_linear.register_autograd(_backward, setup_context=_setup_linear)  # same inputs as sparse_linear
