@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from nmcompile import ops
 from nmcompile.inspection import CompileRecord, dump_dir
 from nmcompile.options import SparsityConfig
 from nmcompile.passes import ParamInfo, decompose_attention, find_targets, insert_masks, lower_kernels, name_nodes
@@ -140,10 +141,17 @@ def _record_and_name(record: CompileRecord | None, kind: str, gm: fx.GraphModule
         record.add_graph(kind, gm)
 
 
+def _decompositions(base: dict | None = None) -> dict:
+    """``base`` plus the composite mask op's own decomposition: AOTAutograd keeps ops of other
+    namespaces whole, and an unfused ``nm_mask`` runs eagerly as a dozen full-size temporaries."""
+    return {**(base or {}), torch.ops.nmsparse.nm_mask.default: ops.nm_mask}
+
+
 def _compile_inner(gm: fx.GraphModule, inputs: list, config: SparsityConfig, record: CompileRecord | None) -> Callable:
     """AOTAutograd + ``config.inner`` on the rewritten graph, naming nodes of each produced graph."""
     if config.inner == "inductor":
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+        from torch._inductor.decomposition import select_decomp_table
 
         def inner_compile(graph: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Any:
             kind = "inference" if kwargs.get("is_inference") else "forward"
@@ -151,7 +159,8 @@ def _compile_inner(gm: fx.GraphModule, inputs: list, config: SparsityConfig, rec
             _record_and_name(record, kind, graph)
             return compile_fx_inner(graph, example_inputs, **kwargs)
 
-        return compile_fx(gm, inputs, inner_compile=inner_compile)
+        decompositions = _decompositions(select_decomp_table())
+        return compile_fx(gm, inputs, inner_compile=inner_compile, decompositions=decompositions)
 
     from torch._dynamo.backends.common import aot_autograd
     from torch._dynamo.backends.debugging import boxed_nop
@@ -161,6 +170,7 @@ def _compile_inner(gm: fx.GraphModule, inputs: list, config: SparsityConfig, rec
         return boxed_nop(graph, list(example_inputs))
 
     return aot_autograd(
+        decompositions=_decompositions(),
         fw_compiler=functools.partial(eager, "forward"),
         bw_compiler=functools.partial(eager, "backward"),
         inference_compiler=functools.partial(eager, "inference"),

@@ -53,7 +53,7 @@ class LayerRow:
     now: str = "-"  # step, N:M in force and mask-decay factor when the row was made
     n_effective: int | None = None
     alpha: float | None = None
-    kernel: str = "-"  # "triton", or "portable (why)" for a sparse GEMM; "-" when dense
+    kernel: str = "-"  # "triton", "sparse24" or "portable", with a note in brackets; "-" when dense
 
     @classmethod
     def from_target(

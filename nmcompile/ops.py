@@ -39,16 +39,40 @@ def nm_mask(a: torch.Tensor, n: int, m: int, dim: int, n_eff: torch.Tensor | Non
     ``n_eff`` (a 0-d tensor) overrides ``n`` where a schedule changes N between steps (SPEC §8).
     Composite (plain aten ops, no sort or ``topk``), so Inductor fuses it into one loop over ``W``.
     """
+    # 0/1 floats to bool through uint8: Inductor's CPU code writes bool vectors ~30x slower.
+    return nm_keep(a, n, m, dim, n_eff).to(torch.uint8).view(torch.bool)
+
+
+def nm_keep(a: torch.Tensor, n: int, m: int, dim: int, n_eff: torch.Tensor | None = None) -> torch.Tensor:
+    """``nm_mask`` as 0/1 floats, for consumers that fuse it into their own loop (no bool stored)."""
     if a.shape[dim] % m:
         raise ValueError(f"nm_mask: dim {dim} of size {a.shape[dim]} is not divisible by m={m}")
+    dim %= a.dim()
     mag = a.detach().abs()
-    mag = torch.where(torch.isnan(mag), torch.inf, mag).movedim(dim, -1)
-    groups = mag.reshape(*mag.shape[:-1], mag.shape[-1] // m, m)
-    mine, other = groups.unsqueeze(-1), groups.unsqueeze(-2)
-    lower = torch.ones(m, m, dtype=torch.bool, device=a.device).tril(-1)  # [i, j]: j < i
-    above = ((other > mine) | ((other == mine) & lower)).sum(-1)
-    keep = above < (n_eff.to(above.device) if n_eff is not None else n)
-    return keep.reshape(mag.shape).movedim(-1, dim).contiguous()
+    mag = torch.where(torch.isnan(mag), torch.inf, mag)
+    # Groups on a new axis right after ``dim``: memory order, and so Inductor's vector loop, is kept.
+    groups = mag.reshape(*a.shape[:dim], a.shape[dim] // m, m, *a.shape[dim + 1 :])
+    limit = n_eff.to(a.device) if n_eff is not None else n
+    if m <= _UNROLL_M:
+        entries = groups.unbind(dim + 1)
+        keep = [torch.where(_count_above(entries, i) < limit, 1.0, 0.0) for i in range(m)]
+        return torch.stack(keep, dim + 1).reshape(a.shape)
+    mine, other = groups.unsqueeze(dim + 2), groups.unsqueeze(dim + 1)  # axes (i, j) at dim + 1, dim + 2
+    j = torch.arange(m, device=a.device).reshape(m, *([1] * (a.dim() - dim - 1)))
+    above = torch.where(j < j.unsqueeze(1), other >= mine, other > mine)
+    return torch.where(torch.where(above, 1.0, 0.0).sum(dim + 2) < limit, 1.0, 0.0).reshape(a.shape)
+
+
+_UNROLL_M = 8  # up to this M the M·(M−1) comparisons are written out one by one
+
+
+def _count_above(entries: tuple[torch.Tensor, ...], i: int) -> torch.Tensor:
+    """How many entries of each group rank above entry ``i`` (ties go to the lower index)."""
+    return sum(
+        torch.where(other >= entries[i] if j < i else other > entries[i], 1.0, 0.0)
+        for j, other in enumerate(entries)
+        if j != i
+    )
 
 
 @torch.library.custom_op("nmsparse::transposable_mask", mutates_args=())
@@ -191,7 +215,7 @@ def _sparse_backward(
                 w_perm, f_perm = weight.index_select(0, perm), fwd_mask.index_select(0, perm)
                 kept = torch.where(f_perm, w_perm, 0)
             with annotate(role(layer, "bwd_mask")):
-                b_perm = torch.ops.nmsparse.nm_mask(kept, ctx.n, ctx.m, 0, n_eff) & f_perm
+                b_perm = (nm_keep(kept, ctx.n, ctx.m, 0, n_eff) > 0) & f_perm
             with annotate(role(layer, "bwd_input_grad")):
                 w_eff = _effective_weight(w_perm, b_perm, alpha).to(dy.dtype)
                 dx = input_grad(dy.index_select(channel_dim, perm), w_eff)

@@ -17,7 +17,7 @@ BACKWARD_MODES = ("bimask", "transposable", "dense")
 INNER_COMPILERS = ("inductor", "aot_eager")
 GRAD_PRUNE_RULES = ("none", "mvue12", "mvue24", "mvue24_approx")
 MASK_DECAYS = ("none", "linear", "exponential")
-KERNELS = ("auto", "triton", "portable")
+KERNELS = ("auto", "triton", "portable", "sparse24")
 
 
 class SparsityConfigError(ValueError, _PassThrough):  # type: ignore[misc]

@@ -7,7 +7,9 @@ one kernel per product (``<layer>_bwd_input_grad``, ``<layer>_bwd_weight_grad``)
 ``nmsparse.triton_linear(x, W, b, None, P, ...)`` (the mask node goes; the kernels rank ``F`` in
 registers), or keeps its mask where it is not N:M along ``K`` alone (``transposable``).
 Option ``kernels``: ``auto`` lowers on CUDA, ``triton`` also under ``TRITON_INTERPRET=1`` on the
-CPU (tests), ``portable`` never. Every sparse GEMM gets a ``KernelChoice`` saying what and why.
+CPU (tests), ``portable`` never. ``sparse24`` lowers to ``nmsparse.sparse24_linear`` (2:4 sparse
+tensor cores) where the N:M pattern is 2:4, the compute dtype fp16/bf16 and the GPU sm80+, and
+falls back as ``auto`` elsewhere. Every sparse GEMM gets a ``KernelChoice`` saying what and why.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class KernelChoice:
     """Which implementation a sparse GEMM runs on: ``"triton"`` or ``"portable"``, and why."""
 
-    kernel: str
-    reason: str
+    kernel: str  # "triton", "sparse24" or "portable"
+    reason: str  # why not a faster path; for "sparse24", which of its GEMMs stay dense
 
 
 def _interpreting() -> bool:
@@ -41,16 +43,21 @@ def _interpreting() -> bool:
     return interpreting()
 
 
+def _weight(node: fx.Node) -> torch.Tensor | None:
+    """The example value of a ``sparse_linear`` node's weight (through ``.t()`` of an ``[in, out]`` one)."""
+    weight_node = node.args[1]
+    if isinstance(weight_node, fx.Node) and weight_node.target is torch.t:
+        weight_node = weight_node.args[0]
+    return example_value(weight_node)
+
+
 def _triton_blocker(node: fx.Node, config: SparsityConfig) -> str | None:
     """Why ``node`` (a ``sparse_linear``) cannot run on the Triton kernels, or ``None`` if it can."""
     if config.kernels == "portable":
         return "kernels='portable'"
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    weight_node = node.args[1]
-    if isinstance(weight_node, fx.Node) and weight_node.target is torch.t:  # an [in, out] parameter
-        weight_node = weight_node.args[0]
-    weight = example_value(weight_node)  # x has the weight's dtype, or autocast's (checked at launch)
+    weight = _weight(node)  # x has the weight's dtype, or autocast's (checked at launch)
     if weight is None:
         return "weight shape unknown"
     if weight.device.type != "cuda" and not (config.kernels == "triton" and _interpreting()):
@@ -60,6 +67,46 @@ def _triton_blocker(node: fx.Node, config: SparsityConfig) -> str | None:
     if weight.dtype not in _DTYPES:
         return f"weight dtype {weight.dtype} (the kernels take fp32, fp16, bf16)"
     return None
+
+
+def _sparse24_blocker(node: fx.Node, config: SparsityConfig) -> str | None:
+    """Why ``node`` cannot run on 2:4 sparse tensor cores under ``kernels='sparse24'``, or ``None``."""
+    from nmcompile.kernels import sparse24
+
+    if not sparse24.fits_24(config.n, config.m):
+        return f"{config.n}:{config.m} is not a 2:4 pattern (at most 2 kept in every 4)"
+    if config.mask_decay != "none":
+        return "mask decay keeps pruned weights (scaled by alpha), so W is not 2:4"
+    weight = _weight(node)
+    if weight is None:
+        return "weight shape unknown"
+    on_cuda = weight.device.type == "cuda"
+    dtype = torch.get_autocast_dtype("cuda") if on_cuda and torch.is_autocast_enabled("cuda") else weight.dtype
+    return sparse24.blocker(weight.device, dtype)
+
+
+def _dense_parts(config: SparsityConfig) -> str:
+    """Which GEMMs of a ``sparse24`` layer stay dense under ``config``, as a report note."""
+    dense = []
+    if config.backward == "dense":
+        dense.append("input gradient (backward='dense')")
+    if config.grad_prune == "none":
+        dense.append("weight gradient (grad_prune='none')")
+    return "dense: " + ", ".join(dense) if dense else ""
+
+
+def _choose(node: fx.Node, config: SparsityConfig) -> KernelChoice:
+    """The implementation of one ``sparse_linear``: 2:4 if asked for and possible, else Triton, else portable."""
+    not_24 = ""
+    if config.kernels == "sparse24":
+        why = _sparse24_blocker(node, config)
+        if why is None:
+            return KernelChoice("sparse24", _dense_parts(config))
+        not_24 = f"not 2:4: {why}"
+    why = _triton_blocker(node, config)
+    if why is None:
+        return KernelChoice("triton", not_24)
+    return KernelChoice("portable", f"{not_24}; {why}" if not_24 else why)
 
 
 def lower_kernels(gm: fx.GraphModule, config: SparsityConfig) -> tuple[fx.GraphModule, dict[str, KernelChoice]]:
@@ -76,17 +123,17 @@ def lower_kernels(gm: fx.GraphModule, config: SparsityConfig) -> tuple[fx.GraphM
         if node.target is not torch.ops.nmsparse.sparse_linear.default:
             continue
         layer = node.args[8]
-        blocker = _triton_blocker(node, config)
-        if blocker is not None:
-            choices[layer] = KernelChoice("portable", blocker)
+        choices[layer] = choice = _choose(node, config)
+        if choice.kernel == "portable":
             continue
-        import nmcompile.kernels.ops  # noqa: F401  (registers nmsparse::triton_*)
+        import nmcompile.kernels.ops  # noqa: F401  (registers nmsparse::triton_* and sparse24_*)
 
+        target = {"triton": torch.ops.nmsparse.triton_linear, "sparse24": torch.ops.nmsparse.sparse24_linear}
         mask = node.args[3]
         in_registers = mask.target is torch.ops.nmsparse.nm_mask.default
         args: tuple[Any, ...] = (*node.args[:3], None if in_registers else mask, *node.args[4:])
         with graph.inserting_before(node):
-            lowered = graph.call_function(torch.ops.nmsparse.triton_linear.default, args)
+            lowered = graph.call_function(target[choice.kernel].default, args)
         lowered.meta = dict(node.meta)
         node.replace_all_uses_with(lowered)
         name = node.name
@@ -94,7 +141,6 @@ def lower_kernels(gm: fx.GraphModule, config: SparsityConfig) -> tuple[fx.GraphM
         lowered._rename(name)
         if in_registers and not mask.users:
             graph.erase_node(mask)
-        choices[layer] = KernelChoice("triton", "")
     graph.lint()
     gm.recompile()
     return gm, choices

@@ -15,6 +15,7 @@ from nmcompile.ops import NAME_KEY
 _GEMM_SUFFIX = {  # by op name: the Triton ops are registered only once the lowering pass used them
     "nmsparse::sparse_linear": "fwd_gemm",
     "nmsparse::triton_linear": "fwd_gemm",
+    "nmsparse::sparse24_linear": "fwd_gemm",
     "nmsparse::sparse_conv": "fwd_conv",
 }
 
@@ -29,7 +30,7 @@ def _argument(node: fx.Node, name: str) -> object:
 def name_nodes(gm: fx.GraphModule) -> fx.GraphModule:
     """Rename annotated ``call_function`` nodes of ``gm`` in place (unique suffixes where repeated).
 
-    ``nmsparse.sparse_linear`` / ``triton_linear`` / ``sparse_conv`` nodes are named
+    ``nmsparse.sparse_linear`` / ``triton_linear`` / ``sparse24_linear`` / ``sparse_conv`` nodes are named
     ``<layer>_fwd_gemm`` / ``<layer>_fwd_conv`` from their ``layer`` argument.
     """
     for node in gm.graph.nodes:

@@ -227,7 +227,8 @@ def test_recipe_defaults():
     assert (c.grad_prune, c.mask_decay, c.mask_decay_rate, c.structure_decay) == ("none", "none", 2e-4, False)
     assert (c.dense_steps, c.finetune_steps, c.total_steps) == (0, 0, None)
     assert c.kernels == "auto"
-    assert {SparsityConfig(kernels=k).kernels for k in ("auto", "triton", "portable")} == {"auto", "triton", "portable"}
+    kernels = ("auto", "triton", "portable", "sparse24")
+    assert {SparsityConfig(kernels=k).kernels for k in kernels} == set(kernels)
 
 
 @pytest.mark.parametrize(

@@ -36,18 +36,19 @@ def mvue_kernel(
     tl.store(out_ptr + rows[None, :] * stride_ot + cols[:, None] * stride_oo, pruned.to(g.dtype), mask=inside)
 
 
-def mvue_prune(grad: torch.Tensor, step: int, key: int, rule: str) -> torch.Tensor:
+def mvue_prune(grad: torch.Tensor, step: int, key: int, rule: str, *, transpose: bool = False) -> torch.Tensor:
     """SPEC §7 ``rule`` on ``grad`` ``[T, O]`` (blocks along ``T``), stream ``(key, step)``: the
-    ``nmsparse::mvue_prune`` op in one launch."""
+    ``nmsparse::mvue_prune`` op in one launch. ``transpose`` returns the result as a contiguous
+    ``[O, T]`` (N:M along its last dim: the 2:4 path's weight-gradient operand)."""
     check_tensor("grad", grad, 2)
     if rule not in MVUE_RULES:
         raise ValueError(f"rule must be one of {sorted(MVUE_RULES)}, got {rule!r}")
     rule_id, mm = MVUE_RULES[rule]
-    out = torch.empty_like(grad, memory_format=torch.contiguous_format)
     T, O = grad.shape
+    out = grad.new_empty((O, T)).t() if transpose else torch.empty_like(grad, memory_format=torch.contiguous_format)
 
     def grid(meta: dict) -> tuple[int, int]:
         return triton.cdiv(O, meta["BLOCK_O"]), triton.cdiv(T, meta["BLOCK_T"])
 
     mvue_kernel[grid](grad, out, step_seed(key, step), T, O, *grad.stride(), *out.stride(), RULE=rule_id, MM=mm)
-    return out
+    return out.t() if transpose else out

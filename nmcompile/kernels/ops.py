@@ -1,9 +1,11 @@
-"""The Triton path's custom ops (namespace ``nmsparse``), the targets of ``passes.lower_kernels``.
+"""The Triton and 2:4 paths' custom ops (namespace ``nmsparse``), the targets of ``passes.lower_kernels``.
 
 ``triton_linear`` has the signature of ``nmsparse::sparse_linear`` with ``fwd_mask`` optional:
 ``None`` means the kernels rank ``F`` from ``W`` in registers, so AOTAutograd saves only ``W`` and
 ``P`` for the backward, never a mask. Its backward calls ``triton_input_grad`` and
 ``triton_weight_grad`` (MVUE and SR-STE fused), named ``<layer>_bwd_*`` like the portable graph's.
+``sparse24_linear`` has the same signature and saves the same tensors; its three GEMMs run on 2:4
+sparse tensor cores (``kernels.sparse24``) with operands the masked-operand and MVUE kernels write.
 The ops are opaque to Inductor (``custom_op``), which compiles everything around them.
 """
 
@@ -14,9 +16,12 @@ from typing import Any
 import torch
 from torch.fx.traceback import annotate
 
-from nmcompile.ops import _setup_linear, role
+from nmcompile.ops import _register_autocast, _setup_linear, role
 
+from . import sparse24
 from .input_grad import sparse_input_grad
+from .mvue import mvue_prune
+from .operand24 import forward_operand, input_grad_operand
 from .sparse_forward import sparse_linear_forward
 from .weight_grad import sparse_weight_grad
 
@@ -101,19 +106,19 @@ def _(dy, x, weight, fwd_mask, n, m, srste_lambda, grad_prune, prune_key, n_eff=
     return weight.new_empty(weight.shape)
 
 
-def _backward(ctx: Any, dy: torch.Tensor) -> tuple:
-    """The three backward products of ``triton_linear``, each one kernel (SPEC §4, §6, §7)."""
+def _gemm_backward(ctx: Any, dy: torch.Tensor, input_grad: Any, weight_grad: Any) -> tuple:
+    """The three backward products of a lowered linear, each one op (SPEC §4, §6, §7): ``input_grad``
+    and ``weight_grad`` are the path's ``nmsparse`` ops (their signatures differ only in ``alpha``)."""
     x, weight, fwd_mask, perm, n_eff, alpha, step = ctx.saved_tensors
     dy2d = dy.reshape(-1, dy.shape[-1])
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
         with annotate(role(ctx.layer, "bwd_input_grad")):
-            dx = torch.ops.nmsparse.triton_input_grad(dy2d, weight, fwd_mask, perm, ctx.n, ctx.m, n_eff, alpha)
-            dx = dx.reshape(x.shape)
+            dx = input_grad(dy2d, weight, fwd_mask, perm, ctx.n, ctx.m, n_eff, alpha).reshape(x.shape)
     if ctx.needs_input_grad[1]:
         with annotate(role(ctx.layer, "bwd_weight_grad")):
-            dw = torch.ops.nmsparse.triton_weight_grad(
-                dy2d, x.reshape(-1, x.shape[-1]), weight, fwd_mask, ctx.n, ctx.m, ctx.srste_lambda,
+            dw = weight_grad(
+                dy2d, x.reshape(-1, x.shape[-1]).to(dy.dtype), weight, fwd_mask, ctx.n, ctx.m, ctx.srste_lambda,
                 ctx.grad_prune, ctx.prune_key, n_eff, step,
             )  # fmt: skip
     if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -122,4 +127,116 @@ def _backward(ctx: Any, dy: torch.Tensor) -> tuple:
     return dx, dw, db, *([None] * 11)
 
 
-triton_linear.register_autograd(_backward, setup_context=_setup_linear)  # same inputs as sparse_linear
+def _triton_backward(ctx: Any, dy: torch.Tensor) -> tuple:
+    ops = torch.ops.nmsparse
+    return _gemm_backward(ctx, dy, ops.triton_input_grad, ops.triton_weight_grad)
+
+
+triton_linear.register_autograd(_triton_backward, setup_context=_setup_linear)  # same inputs as sparse_linear
+
+
+def _mm24(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with ``a`` 2:4 along its last dim: on sparse tensor cores where they take it; else
+    (the CPU tests, fp32) the same operands meet a dense GEMM."""
+    if sparse24.blocker(a.device, a.dtype) is None:
+        return sparse24.semi_structured_mm(a, b)
+    return a @ b
+
+
+@torch.library.custom_op("nmsparse::sparse24_linear", mutates_args=())
+def sparse24_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    fwd_mask: torch.Tensor | None,
+    perm: torch.Tensor | None,
+    n: int,
+    m: int,
+    srste_lambda: float,
+    layer: str,
+    n_eff: torch.Tensor | None = None,
+    alpha: torch.Tensor | None = None,
+    step: torch.Tensor | None = None,
+    grad_prune: str = "none",
+    prune_key: int = 0,
+) -> torch.Tensor:
+    """``nmsparse::sparse_linear`` as ``Yᵀ = (W ⊙ F) Xᵀ`` with ``W ⊙ F`` compressed 2:4 (no mask decay)."""
+    x2d = x.reshape(-1, x.shape[-1])
+    operand = forward_operand(weight, _n(n, n_eff), m, mask=fwd_mask, dtype=x.dtype)
+    y_t = _mm24(operand, x2d.t())
+    y = y_t.new_empty(y_t.shape[::-1])  # contiguous [T, O], as the fake says
+    torch.add(y_t.t(), bias.to(y.dtype), out=y) if bias is not None else y.copy_(y_t.t())
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@sparse24_linear.register_fake
+def _(x, weight, bias, fwd_mask, perm, n, m, srste_lambda, layer, n_eff=None, alpha=None, step=None,
+      grad_prune="none", prune_key=0):  # fmt: skip
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("nmsparse::sparse24_input_grad", mutates_args=())
+def sparse24_input_grad(
+    dy: torch.Tensor,
+    weight: torch.Tensor,
+    fwd_mask: torch.Tensor | None,
+    perm: torch.Tensor | None,
+    n: int,
+    m: int,
+    n_eff: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``dXᵀ = (W[P] ⊙ Bp)ᵀ dY[:, P]ᵀ`` with the operand compressed 2:4 along ``O`` (or the transposable
+    ``(W ⊙ mask)ᵀ``); without either (``backward='dense'``) ``dY (W ⊙ F)`` on a dense GEMM."""
+    n = _n(n, n_eff)
+    if perm is None and fwd_mask is None:
+        return dy @ forward_operand(weight, n, m, dtype=dy.dtype)
+    operand = input_grad_operand(weight, n, m, perm=perm, mask=None if perm is not None else fwd_mask, dtype=dy.dtype)
+    dy_perm = dy.index_select(1, perm) if perm is not None else dy
+    return _mm24(operand, dy_perm.t()).t().contiguous()
+
+
+@sparse24_input_grad.register_fake
+def _(dy, weight, fwd_mask, perm, n, m, n_eff=None):
+    return dy.new_empty((dy.shape[0], weight.shape[1]))
+
+
+@torch.library.custom_op("nmsparse::sparse24_weight_grad", mutates_args=())
+def sparse24_weight_grad(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    fwd_mask: torch.Tensor | None,
+    n: int,
+    m: int,
+    srste_lambda: float,
+    grad_prune: str,
+    prune_key: int,
+    n_eff: torch.Tensor | None = None,
+    step: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``dW = prune(dY)ᵀ X + λ (W − W ⊙ F)``: ``prune(dY)ᵀ`` compressed 2:4 along ``T`` (MVUE); with
+    ``grad_prune='none'`` a dense GEMM. In ``weight``'s dtype."""
+    if grad_prune == "none":
+        dw = dy.t() @ x
+    else:
+        dw = _mm24(mvue_prune(dy, int(step) if step is not None else 0, prune_key, grad_prune, transpose=True), x)
+    dw = dw.to(weight.dtype)
+    if srste_lambda:
+        dw = dw + srste_lambda * (weight - forward_operand(weight, _n(n, n_eff), m, mask=fwd_mask))
+    return dw
+
+
+@sparse24_weight_grad.register_fake
+def _(dy, x, weight, fwd_mask, n, m, srste_lambda, grad_prune, prune_key, n_eff=None, step=None):
+    return weight.new_empty(weight.shape)
+
+
+def _backward24(ctx: Any, dy: torch.Tensor) -> tuple:
+    ops = torch.ops.nmsparse
+    input_grad = lambda dy2d, w, f, perm, n, m, n_eff, _alpha: ops.sparse24_input_grad(dy2d, w, f, perm, n, m, n_eff)  # noqa: E731
+    return _gemm_backward(ctx, dy, input_grad, ops.sparse24_weight_grad)
+
+
+sparse24_linear.register_autograd(_backward24, setup_context=_setup_linear)
+for _device in ("cpu", "cuda"):
+    _register_autocast(torch.ops.nmsparse.sparse24_linear.default, _device)

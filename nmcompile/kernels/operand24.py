@@ -1,0 +1,108 @@
+"""Masked-operand kernel of the 2:4 path: the sparse operand of the forward or input-gradient GEMM
+in one pass over ``W``, in the layout PyTorch's semi-structured compression takes (N:M along the
+*last* dim, zeros in place), so ``kernels.sparse24`` can compress it as it is.
+
+- forward: ``W ⊙ F`` ``[O, K]``, ``F`` N:M along ``K`` (ranked in registers, or a loaded mask);
+- input gradient: ``(W[P] ⊙ Bp)ᵀ`` ``[K, O]``, ``Bp = nm_mask(|W⊙F|[P], along O) ∧ F[P]`` (SPEC §4),
+  or ``(W ⊙ mask)ᵀ`` for a loaded transposable mask.
+
+Tiling: a program owns ``[BLOCK_O, BLOCK_K]`` of ``W`` (rows gathered through ``P``), both extents
+multiples of ``M`` so the tile holds whole groups both ways, and stores it through the output's
+strides (transposed for the input gradient, by passing the ``[O, K]`` view of a ``[K, O]`` buffer).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import autotune_configs, check_nm, check_tensor, nm_keep_cols, nm_keep_rows
+
+CONFIGS = autotune_configs(
+    [{"BLOCK_O": 32, "BLOCK_K": 64}, {"BLOCK_O": 64, "BLOCK_K": 64}], [(4, 1)], ("BLOCK_O", "BLOCK_K")
+)
+
+
+@triton.autotune(configs=CONFIGS, key=["O", "K", "M", "PERMUTE", "LOAD_MASK"])
+@triton.jit
+def masked_operand_kernel(
+    w_ptr, perm_ptr, f_ptr, out_ptr, n, O, K, stride_wo, stride_wk, stride_fo, stride_fk, stride_oo, stride_ok,
+    M: tl.constexpr, PERMUTE: tl.constexpr, LOAD_MASK: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """``out[o, k] = W[src(o), k]`` where kept, else 0; ``src`` is ``P`` with ``PERMUTE``."""
+    o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    inside = (o[:, None] < O) & (ks[None, :] < K)
+    source = tl.load(perm_ptr + o, mask=o < O, other=0) if PERMUTE else o
+    w = tl.load(w_ptr + source[:, None] * stride_wo + ks[None, :] * stride_wk, mask=inside, other=0.0)
+    if LOAD_MASK:
+        keep = tl.load(f_ptr + source[:, None] * stride_fo + ks[None, :] * stride_fk, mask=inside, other=0) != 0
+    else:
+        keep = nm_keep_rows(w, n, BLOCK_O, BLOCK_K, M)
+    if PERMUTE:
+        keep = nm_keep_cols(tl.where(keep, w.to(tl.float32), 0.0), n, BLOCK_O, BLOCK_K, M) & keep
+    kept = tl.where(keep, w, tl.zeros_like(w))
+    tl.store(out_ptr + o[:, None] * stride_oo + ks[None, :] * stride_ok, kept.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def _launch(
+    weight: torch.Tensor, n: int, m: int, perm: torch.Tensor | None, mask: torch.Tensor | None, out_view: torch.Tensor
+) -> None:
+    """Fill ``out_view`` (an ``[O, K]`` view, maybe transposed) with the masked ``weight``."""
+    O, K = weight.shape
+    f = mask.view(torch.int8) if mask is not None else weight
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(O, meta["BLOCK_O"]), triton.cdiv(K, meta["BLOCK_K"])
+
+    masked_operand_kernel[grid](
+        weight, perm if perm is not None else weight, f, out_view, n, O, K,
+        *weight.stride(), *f.stride(), *out_view.stride(),
+        M=m, PERMUTE=perm is not None, LOAD_MASK=mask is not None,
+    )  # fmt: skip
+
+
+def _check(weight: torch.Tensor, n: int, m: int, mask: torch.Tensor | None, dtype: torch.dtype | None) -> torch.dtype:
+    """Launcher checks shared by both operands; returns the output dtype."""
+    check_nm(n, m)
+    check_tensor("weight", weight, 2)
+    if weight.shape[1] % m:
+        raise ValueError(f"weight {tuple(weight.shape)}: K must be divisible by m={m}")
+    if mask is not None and (mask.shape != weight.shape or mask.dtype != torch.bool):
+        raise ValueError(f"mask must be bool {tuple(weight.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+    out_dtype = dtype or weight.dtype
+    check_tensor("out", weight.new_empty(0, 0, dtype=out_dtype), 2)
+    return out_dtype
+
+
+def forward_operand(
+    weight: torch.Tensor, n: int, m: int, *, mask: torch.Tensor | None = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``W ⊙ F`` ``[O, K]`` (contiguous, in ``dtype``, default ``weight``'s), ``F`` the N:M mask
+    along ``K`` ranked from ``weight``, or ``mask`` where given."""
+    out = torch.empty(weight.shape, dtype=_check(weight, n, m, mask, dtype), device=weight.device)
+    _launch(weight, n, m, None, mask, out)
+    return out
+
+
+def input_grad_operand(
+    weight: torch.Tensor,
+    n: int,
+    m: int,
+    *,
+    perm: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``(W[P] ⊙ Bp)ᵀ`` ``[K, O]`` (contiguous, N:M along ``O``) with ``perm``; ``(W ⊙ mask)ᵀ``
+    with a transposable ``mask`` instead."""
+    out_dtype = _check(weight, n, m, mask, dtype)
+    O = weight.shape[0]
+    if (perm is None) == (mask is None):
+        raise ValueError("input_grad_operand takes exactly one of perm (Bi-Mask) and mask (transposable)")
+    if perm is not None and (perm.shape != (O,) or perm.dtype != torch.int64 or O % m):
+        raise ValueError(f"perm must be int64 [{O}] with O % m == 0, got {perm.dtype} {tuple(perm.shape)}")
+    out = torch.empty((weight.shape[1], O), dtype=out_dtype, device=weight.device)
+    _launch(weight, n, m, perm, mask, out.t())
+    return out

@@ -1,0 +1,256 @@
+"""The 2:4 sparse-tensor-core path (``kernels="sparse24"``).
+
+On the CPU (``TRITON_INTERPRET=1`` from conftest): the masked-operand and MVUE kernels write the
+three GEMMs' sparse operands exactly as the reference defines them, 2:4 along their last dim, and
+PyTorch's CUTLASS compression layout round-trips them; the ``sparse24`` ops train like the
+reference when their GEMMs run dense (the lowering is forced past its device check); and the
+lowering falls back with a reason. On a CUDA sm80+ GPU the compressed GEMMs are checked against
+dense ones and a bf16 model trains close to the portable path.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import torch
+from nmcompile.kernels import ops as kernel_ops
+from nmcompile.kernels import sparse24
+from nmcompile.kernels.mvue import mvue_prune
+from nmcompile.kernels.operand24 import forward_operand, input_grad_operand
+from torch.sparse._semi_structured_conversions import (
+    sparse_semi_structured_from_dense_cutlass,
+    sparse_semi_structured_to_dense_cutlass,
+)
+
+import nmcompile
+from nmcompile import reference
+from tests.conftest import MLP, assert_close, train_and_compare
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SM80 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (O, K, n, m): ragged O against the 16/32 tiles; every 2:4-compatible pattern the kernels take.
+SHAPES = [(20, 16, 2, 4), (36, 64, 1, 4), (64, 32, 2, 8), (8, 32, 1, 2)]
+
+
+def _randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(device=DEVICE, dtype=dtype)
+
+
+def _perm(size: int) -> torch.Tensor:
+    return torch.randperm(size, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+
+def _roundtrip(a: torch.Tensor) -> torch.Tensor:
+    """``a`` through CUTLASS's compressed layout (values + metadata) and back (fp16/bf16 only)."""
+    packed, meta = sparse_semi_structured_from_dense_cutlass(a)
+    assert packed.shape == (a.shape[0], a.shape[1] // 2)
+    return sparse_semi_structured_to_dense_cutlass(packed, meta)
+
+
+@pytest.mark.parametrize(
+    ("n", "m", "fits"),
+    [(1, 2, True), (2, 2, False), (2, 4, True), (1, 4, True), (3, 4, False), (2, 8, True), (3, 8, False),
+     (1, 32, True), (2, 32, True), (4, 32, False), (1, 3, False), (2, 6, False)],
+)  # fmt: skip
+def test_fits_24(n, m, fits):
+    """An N:M pattern is 2:4 when no aligned group of four can hold more than two kept entries."""
+    assert sparse24.fits_24(n, m) is fits
+
+
+def test_is_24():
+    a = torch.tensor([[1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0], [1.0, 0.0, 2.0, 3.0, 0.0, 0.0, 0.0, 0.0]])
+    assert sparse24.is_24(a[:1]) and not sparse24.is_24(a)
+    assert sparse24.is_24(torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 1.0]]))  # ragged end: padded with zeros
+    assert not sparse24.is_24(torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("O", "K", "n", "m"), SHAPES)
+def test_forward_operand_is_w_times_f(dtype, O, K, n, m):
+    """``W ⊙ F`` exactly as the reference's mask picks it, 2:4 along ``K``, NaN and ties included."""
+    w = _randn(O, K, dtype=dtype)
+    w[0, :4] = torch.tensor([1.0, 1.0, 1.0, float("nan")], dtype=dtype)
+    fmask = reference.nm_mask(w.cpu(), n, m, dim=1)
+    got = forward_operand(w, n, m).cpu()
+    assert got.dtype == dtype and got.is_contiguous()
+    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(torch.where(fmask, w.cpu(), 0)))
+    assert sparse24.is_24(torch.nan_to_num(got, nan=1.0))
+    given = forward_operand(w, n, m, mask=~fmask.to(DEVICE), dtype=torch.float32).cpu()
+    assert torch.equal(torch.nan_to_num(given), torch.nan_to_num(torch.where(~fmask, w.cpu(), 0).float()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("O", "K", "n", "m"), SHAPES)
+def test_input_grad_operand_is_permuted_backward_mask(dtype, O, K, n, m):
+    """``(W[P] ⊙ Bp)ᵀ`` with ``Bp`` the reference Bi-Mask in permuted order: 2:4 along ``O``."""
+    if O % m:
+        O = O + (-O) % m
+    w = _randn(O, K, dtype=dtype)
+    perm = _perm(O)
+    fmask = reference.nm_mask(w.cpu(), n, m, dim=1)
+    bmask = reference.backward_mask(w.cpu(), fmask, perm.cpu(), n, m)
+    got = input_grad_operand(w, n, m, perm=perm).cpu()
+    assert got.shape == (K, O) and got.is_contiguous()
+    assert torch.equal(got, torch.where(bmask, w.cpu(), 0)[perm.cpu()].t())
+    assert sparse24.is_24(got)
+
+
+def test_input_grad_operand_transposable_mask_and_checks():
+    w = _randn(16, 32)
+    tmask = reference.transposable_mask(w.cpu(), 2, 4).to(DEVICE)
+    got = input_grad_operand(w, 2, 4, mask=tmask).cpu()
+    assert torch.equal(got, torch.where(tmask.cpu(), w.cpu(), 0).t()) and sparse24.is_24(got)
+    with pytest.raises(ValueError, match="exactly one of perm"):
+        input_grad_operand(w, 2, 4)
+    with pytest.raises(ValueError, match="perm must be int64"):
+        input_grad_operand(w, 2, 4, perm=_perm(16).int())
+    with pytest.raises(ValueError, match="K must be divisible"):
+        forward_operand(_randn(8, 6), 2, 4)
+    with pytest.raises(ValueError, match="mask must be bool"):
+        forward_operand(w, 2, 4, mask=tmask.float())
+
+
+@pytest.mark.parametrize("rule", ["mvue12", "mvue24", "mvue24_approx"])
+def test_weight_grad_operand_is_transposed_mvue(rule):
+    """``mvue(dY)ᵀ`` ``[O, T]`` contiguous: the same pruned values as the untransposed kernel and the
+    portable op (one counter stream), 2:4 along ``T`` (a ragged ``T`` included)."""
+    dy = _randn(37, 24)
+    key, step = reference.prune_key(3, 5), 11
+    got = mvue_prune(dy, step, key, rule, transpose=True)
+    assert got.shape == (24, 37) and got.is_contiguous()
+    assert torch.equal(got, mvue_prune(dy, step, key, rule).t())
+    expected = torch.ops.nmsparse.mvue_prune(dy.cpu(), torch.tensor(step), key, rule)
+    assert torch.equal(got.cpu() != 0, expected.t() != 0)
+    assert sparse24.is_24(got.cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_operands_roundtrip_cutlass_layout(dtype):
+    """The three operands, as the kernels write them, survive CUTLASS's compression layout bit for bit
+    (the layout ``semi_structured_mm`` hands them to where cuSPARSELt is missing)."""
+    w, dy = _randn(64, 64, dtype=dtype), _randn(64, 64, dtype=dtype, seed=2)
+    operands = [
+        forward_operand(w, 2, 4),
+        input_grad_operand(w, 2, 4, perm=_perm(64)),
+        mvue_prune(dy, 0, 7, "mvue24", transpose=True),
+    ]
+    for operand in operands:
+        cpu = operand.cpu()
+        assert torch.equal(_roundtrip(cpu), cpu)
+
+
+def test_semi_structured_mm_checks():
+    a = torch.zeros(32, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="do not chain"):
+        sparse24.semi_structured_mm(a, torch.zeros(32, 8, dtype=torch.float16))
+    with pytest.raises(ValueError, match="fp16 or bf16"):
+        sparse24.semi_structured_mm(a.float(), torch.zeros(64, 8))
+    with pytest.raises(ValueError, match="not on CUDA"):
+        sparse24.semi_structured_mm(a, torch.zeros(64, 8, dtype=torch.float16))
+    assert sparse24.blocker(torch.device("cpu"), torch.float16) == "not on CUDA (2:4 tensor cores need sm80+)"
+
+
+def test_op_matches_portable_op():
+    """``sparse24_linear`` forward and all three gradients equal ``sparse_linear``'s (Bi-Mask, MVUE,
+    SR-STE), with the GEMMs dense where there are no sparse tensor cores."""
+    x, w, b, dy = _randn(12, 32), _randn(16, 32, seed=1), _randn(16, seed=2), _randn(12, 16, seed=3)
+    perm, step = _perm(16), torch.tensor(3)
+    results = []
+    for op, mask in ((torch.ops.nmsparse.sparse_linear, reference.nm_mask(w, 2, 4, 1)), (kernel_ops.sparse24_linear, None)):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = op(*leaves, mask, perm, 2, 4, 0.01, "t", None, None, step, "mvue24", 9)
+        y.backward(dy)
+        results.append([y.detach(), *(t.grad for t in leaves)])
+    for got, expected, what in zip(results[1], results[0], ("y", "dx", "dw", "db"), strict=True):
+        assert_close(got, expected, rel=2e-6, what=what)
+
+
+@pytest.fixture
+def cpu_sparse24(monkeypatch):
+    """Let the lowering choose ``sparse24`` on CPU tensors: every check but the device's (the ops then
+    run their GEMMs dense, so the graphs, autograd and operands are what is tested)."""
+
+    def blocker(node, config):
+        why = original(node, config)
+        return None if why is not None and why.startswith("not on CUDA") else why
+
+    lowering = sys.modules["nmcompile.passes.lower_kernels"]  # the package re-exports the function
+    original = lowering._sparse24_blocker
+    monkeypatch.setattr(lowering, "_sparse24_blocker", blocker)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"grad_prune": "mvue24"}, {"backward": "transposable", "grad_prune": "mvue12"}, {"backward": "dense"}, {}],
+    ids=["mvue24", "transposable", "dense-backward", "no-grad-prune"],
+)
+def test_sparse24_path_matches_reference(cpu_sparse24, options):
+    """3 SGD steps on the ``sparse24`` ops: outputs, gradients and weights agree with the reference."""
+    train_and_compare(MLP, (8, 32), steps=3, kernels="sparse24", inner="aot_eager", **options)
+
+
+def test_report_and_graph_of_sparse24(cpu_sparse24):
+    report = nmcompile.explain(MLP(), torch.randn(8, 32), kernels="sparse24", grad_prune="mvue24")
+    assert {r.kernel for r in report.rows} == {"sparse24"}
+    targets = {str(n.target) for n in report.forward_graph.graph.nodes}
+    assert "nmsparse.sparse24_linear.default" in targets and "fc1_fwd_mask" not in {
+        n.name for n in report.forward_graph.graph.nodes
+    }
+    rows = nmcompile.explain(MLP(), torch.randn(8, 32), kernels="sparse24").rows
+    assert {r.kernel for r in rows} == {"sparse24 (dense: weight gradient (grad_prune='none'))"}
+
+
+def test_sparse24_fallback_reasons():
+    """Where 2:4 is impossible the layer runs as ``auto`` would, and the report says why."""
+    x = torch.randn(8, 32)
+    kernels = {r.kernel for r in nmcompile.explain(MLP(), x, kernels="sparse24", n=3, m=4).rows}
+    auto = "not on CUDA (kernels='triton' with TRITON_INTERPRET=1 runs the kernels on the CPU)"
+    if DEVICE == "cpu":
+        assert kernels == {f"portable (not 2:4: 3:4 is not a 2:4 pattern (at most 2 kept in every 4); {auto})"}
+        decay = nmcompile.explain(MLP(), x, kernels="sparse24", mask_decay="linear", mask_decay_rate=0.2).rows
+        reason = "mask decay keeps pruned weights (scaled by alpha), so W is not 2:4"
+        assert {r.kernel for r in decay} == {f"portable (not 2:4: {reason}; {auto})"}
+        plain = {r.kernel for r in nmcompile.explain(MLP(), x, kernels="sparse24").rows}
+        assert plain == {f"portable (not 2:4: not on CUDA (2:4 tensor cores need sm80+); {auto})"}
+
+
+@pytest.mark.skipif(not SM80, reason="needs a CUDA GPU with 2:4 sparse tensor cores (sm80+)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "inner", "cols"), [(128, 256, 64), (100, 200, 30), (4096, 1024, 512)])
+def test_semi_structured_mm_on_cuda(dtype, rows, inner, cols):
+    """The compressed GEMM equals a dense GEMM of the same 2:4 operand (ragged shapes padded)."""
+    a = forward_operand(_randn(rows, inner + (-inner) % 4, dtype=dtype), 2, 4)
+    b = _randn(a.shape[1], cols, dtype=dtype, seed=5)
+    got = sparse24.semi_structured_mm(a, b)
+    expected = (a.float() @ b.float()).to(dtype)
+    assert got.shape == expected.shape
+    assert_close(got.float(), expected.float(), rel=2e-2 if dtype == torch.bfloat16 else 4e-3)
+
+
+@pytest.mark.skipif(not SM80, reason="needs a CUDA GPU with 2:4 sparse tensor cores (sm80+)")
+def test_sparse24_trains_like_portable_on_cuda():
+    """bf16 autocast training for 3 steps: ``sparse24`` stays close to the portable path."""
+    base = MLP(256, 512, 256).cuda()
+    results = []
+    for kernels in ("portable", "sparse24"):
+        torch._dynamo.reset()
+        model = copy.deepcopy(base)
+        compiled = torch.compile(model, backend=nmcompile.backend(kernels=kernels, grad_prune="mvue24"))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses = []
+        for step in range(3):
+            x = torch.randn(1024, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(step))
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = compiled(x).float().square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        results.append(losses)
+    assert results[1] == pytest.approx(results[0], rel=2e-2)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        rows = nmcompile.explain(base, torch.randn(64, 256, device="cuda"), kernels="sparse24", grad_prune="mvue24").rows
+    assert {r.kernel for r in rows} == {"sparse24"}
