@@ -15,10 +15,6 @@ import sys
 
 import pytest
 import torch
-from nmcompile.kernels import ops as kernel_ops
-from nmcompile.kernels import sparse24
-from nmcompile.kernels.mvue import mvue_prune
-from nmcompile.kernels.operand24 import forward_operand, input_grad_operand
 from torch.sparse._semi_structured_conversions import (
     sparse_semi_structured_from_dense_cutlass,
     sparse_semi_structured_to_dense_cutlass,
@@ -26,6 +22,10 @@ from torch.sparse._semi_structured_conversions import (
 
 import nmcompile
 from nmcompile import reference
+from nmcompile.kernels import ops as kernel_ops
+from nmcompile.kernels import sparse24
+from nmcompile.kernels.mvue import mvue_prune
+from nmcompile.kernels.operand24 import forward_operand, input_grad_operand
 from tests.conftest import MLP, assert_close, train_and_compare
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -159,7 +159,8 @@ def test_op_matches_portable_op():
     x, w, b, dy = _randn(12, 32), _randn(16, 32, seed=1), _randn(16, seed=2), _randn(12, 16, seed=3)
     perm, step = _perm(16), torch.tensor(3)
     results = []
-    for op, mask in ((torch.ops.nmsparse.sparse_linear, reference.nm_mask(w, 2, 4, 1)), (kernel_ops.sparse24_linear, None)):
+    portable = (torch.ops.nmsparse.sparse_linear, reference.nm_mask(w, 2, 4, 1))
+    for op, mask in (portable, (kernel_ops.sparse24_linear, None)):
         leaves = [t.clone().requires_grad_() for t in (x, w, b)]
         y = op(*leaves, mask, perm, 2, 4, 0.01, "t", None, None, step, "mvue24", 9)
         y.backward(dy)
@@ -252,5 +253,6 @@ def test_sparse24_trains_like_portable_on_cuda():
         results.append(losses)
     assert results[1] == pytest.approx(results[0], rel=2e-2)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        rows = nmcompile.explain(base, torch.randn(64, 256, device="cuda"), kernels="sparse24", grad_prune="mvue24").rows
+        x = torch.randn(64, 256, device="cuda")
+        rows = nmcompile.explain(base, x, kernels="sparse24", grad_prune="mvue24").rows
     assert {r.kernel for r in rows} == {"sparse24"}
