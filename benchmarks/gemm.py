@@ -13,7 +13,8 @@ from nmcompile import reference
 N, M = 2, 4
 SRSTE_LAMBDA = 2e-4
 OPS = ("forward", "input grad", "weight grad")
-GEMM_ROWS = ("dense", "reference", "portable", "triton")
+GEMM_ROWS = ("dense", "reference", "portable", "triton", "sparse24")
+GPU_ROWS = ("triton", "sparse24")  # new kernels on a GPU: a failure is reported, not fatal
 
 Gemms = dict[str, Callable[[], torch.Tensor]]
 
@@ -73,7 +74,37 @@ def _triton(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Tens
     }
 
 
-IMPLEMENTATIONS = {"dense": _dense, "reference": _reference, "portable": _portable, "triton": _triton}
+def _sparse24(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Tensor) -> Gemms:
+    """The 2:4 path's ops: masked operand written by a Triton kernel, compressed, sparse-tensor-core GEMM;
+    the weight gradient with MVUE 2:4 pruning of ``dY`` (the one sparse operand it has)."""
+    from nmcompile.kernels.ops import sparse24_input_grad, sparse24_linear, sparse24_weight_grad
+
+    step = torch.tensor(1)
+    return {
+        "forward": lambda: sparse24_linear(x, w, None, None, None, N, M, 0.0, "fc1"),
+        "input grad": lambda: sparse24_input_grad(dy, w, None, perm, N, M),
+        "weight grad": lambda: sparse24_weight_grad(dy, x, w, None, N, M, SRSTE_LAMBDA, "mvue24", 7, None, step),
+    }
+
+
+IMPLEMENTATIONS = {
+    "dense": _dense,
+    "reference": _reference,
+    "portable": _portable,
+    "triton": _triton,
+    "sparse24": _sparse24,
+}
+
+
+def _unavailable(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the GPU-only row ``name`` cannot run here, or ``None``."""
+    if name == "triton" and device.type != "cuda":
+        return "needs CUDA"
+    if name == "sparse24":
+        from nmcompile.kernels import sparse24
+
+        return sparse24.blocker(device, dtype)
+    return None
 
 
 def gemm_rows(size: Size, device: torch.device) -> list[Row]:
@@ -89,8 +120,9 @@ def gemm_rows(size: Size, device: torch.device) -> list[Row]:
     gemms: dict[str, Gemms] = {}
     reasons: dict[str, str] = {}
     for name, make in IMPLEMENTATIONS.items():
-        if name == "triton" and device.type != "cuda":
-            reasons[name] = "needs CUDA"
+        why = _unavailable(name, device, size.dtype)
+        if why is not None:
+            reasons[name] = why
             continue
         try:
             gemms[name] = make(x, w, dy, perm)
@@ -101,7 +133,7 @@ def gemm_rows(size: Size, device: torch.device) -> list[Row]:
         for op in OPS:
             group = [Row("gemm", "ffn.fc1", op, name, reason=reasons.get(name)) for name in GEMM_ROWS]
             jobs = [(row, gemms[row.name][op]) for row in group if row.name in gemms]
-            measure(jobs, device, size, guarded=("triton",))
+            measure(jobs, device, size, guarded=GPU_ROWS)
             set_ratios(group, ("dense", "reference"))
             rows += group
     return rows

@@ -79,8 +79,10 @@ def _prepare(name: str, model: nn.Module, device: torch.device) -> Callable[[tor
         return "needs CUDA"
     if kernels == "sparse24" and (device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0)):
         return "needs CUDA sm80+"
+    # The 2:4 row prunes dY with MVUE 2:4, so that its weight-gradient GEMM is 2:4 too.
+    recipe = {"grad_prune": "mvue24"} if kernels == "sparse24" else {}
     try:
-        backend = nmcompile.backend(n=2, m=4, kernels=kernels)
+        backend = nmcompile.backend(n=2, m=4, kernels=kernels, **recipe)
     except ValueError as exc:
         return f"not available: {exc}"
     return torch.compile(model, backend=backend)

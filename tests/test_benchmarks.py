@@ -9,6 +9,7 @@ import torch
 
 from benchmarks import gemm, step
 from benchmarks.gemm import GEMM_ROWS, OPS
+from nmcompile import reference
 
 UNMEASURED = {
     "nmsparse triton": "needs CUDA",
@@ -40,8 +41,9 @@ def test_step_benchmark_tiny_cpu(tmp_path, capsys):
     assert [(r["op"], r["name"]) for r in gemms] == [(op, name) for op in OPS for name in GEMM_ROWS]
     for row in gemms:
         assert f"| {row['op']} | {row['name']} |" in out
-        if row["name"] == "triton":
-            assert row["reason"] == "needs CUDA" and row["median_ms"] is None
+        if row["name"] in ("triton", "sparse24"):
+            reason = {"triton": "needs CUDA", "sparse24": "not on CUDA (2:4 tensor cores need sm80+)"}[row["name"]]
+            assert row["reason"] == reason and row["median_ms"] is None
         else:
             assert math.isfinite(row["median_ms"]) and row["median_ms"] > 0, row
             assert row["ratios"]["dense"] > 0 and row["ratios"]["reference"] > 0
@@ -56,3 +58,11 @@ def test_gemm_rows_time_the_same_work():
     for op in OPS:
         torch.testing.assert_close(portable[op](), ref[op](), msg=op)
         assert not torch.allclose(dense[op](), ref[op]()), op
+    # The 2:4 rows' ops (dense GEMMs off a GPU): the same forward and input gradient; the weight
+    # gradient is the reference's with dY pruned by MVUE 2:4 (step 1, key 7, as the row runs it).
+    sparse24 = gemm.IMPLEMENTATIONS["sparse24"](x, w, dy, perm)
+    for op in ("forward", "input grad"):
+        torch.testing.assert_close(sparse24[op](), ref[op](), msg=op)
+    pruned = torch.ops.nmsparse.mvue_prune(dy, torch.tensor(1), 7, "mvue24")
+    srste = gemm.SRSTE_LAMBDA * torch.where(reference.nm_mask(w, 2, 4, dim=1), 0, w)
+    torch.testing.assert_close(sparse24["weight grad"](), pruned.t() @ x + srste)
