@@ -217,8 +217,10 @@ def _sparse_backward(
             with annotate(role(layer, "bwd_mask")):
                 b_perm = (nm_keep(kept, ctx.n, ctx.m, 0, n_eff) > 0) & f_perm
             with annotate(role(layer, "bwd_input_grad")):
-                w_eff = _effective_weight(w_perm, b_perm, alpha).to(dy.dtype)
-                dx = input_grad(dy.index_select(channel_dim, perm), w_eff)
+                # dY[:, P]·(W[P]⊙Bp) = dY·(W[P]⊙Bp)[P⁻¹]: a dense GEMM takes the rows back to their
+                # places, which costs a row gather of W instead of a column gather of dY.
+                w_eff = _effective_weight(w_perm, b_perm, alpha).index_select(0, torch.argsort(perm))
+                dx = input_grad(dy, w_eff.to(dy.dtype))
         else:
             with annotate(role(layer, "bwd_input_grad")):
                 dx = input_grad(dy, _effective_weight(weight, fwd_mask, alpha).to(dy.dtype))
