@@ -8,6 +8,7 @@ from conftest); ``kernels="auto"`` stays portable there, with the reason in the 
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -178,3 +179,29 @@ def test_auto_uses_triton_on_cuda_under_autocast():
     assert results[1] == pytest.approx(results[0], rel=2e-2)
     rows = nmcompile.explain(base, torch.randn(64, 256, device="cuda")).rows
     assert {r.kernel for r in rows} == {"triton"}
+
+
+@pytest.mark.parametrize("kernels", ["triton", "sparse24"])
+def test_lowered_ops_follow_autocast(kernels, monkeypatch):
+    """Under bf16 autocast the lowered op computes in bf16 as ``sparse_linear`` does (x and bias cast,
+    the weight ranked in its own dtype): same output dtype, values and weight-gradient dtype."""
+    if kernels == "sparse24" and INTERPRETER:  # let the lowering choose 2:4 on the CPU (dense GEMMs)
+        lowering = sys.modules["nmcompile.passes.lower_kernels"]
+        monkeypatch.setattr(lowering, "_sparse24_blocker", lambda node, config: None)
+    torch.manual_seed(0)
+    base, x = MLP(), torch.randn(8, 32)
+    outputs = []
+    for name in ("portable", kernels):
+        torch._dynamo.reset()
+        model = copy.deepcopy(base)
+        compiled = torch.compile(model, backend=nmcompile.backend(kernels=name, inner="aot_eager"))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = compiled(x)
+        y.float().square().mean().backward()
+        outputs.append((y, [p.grad for p in model.parameters()]))
+    (y_ref, g_ref), (y, g) = outputs
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert_close(y.float(), y_ref.float(), rel=1.6e-2)
+    for got, expected in zip(g, g_ref, strict=True):
+        assert got.dtype == expected.dtype == torch.float32
+        assert_close(got, expected, rel=3e-2)

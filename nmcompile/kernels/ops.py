@@ -238,5 +238,6 @@ def _backward24(ctx: Any, dy: torch.Tensor) -> tuple:
 
 
 sparse24_linear.register_autograd(_backward24, setup_context=_setup_linear)
-for _device in ("cpu", "cuda"):
-    _register_autocast(torch.ops.nmsparse.sparse24_linear.default, _device)
+for _op in (torch.ops.nmsparse.triton_linear.default, torch.ops.nmsparse.sparse24_linear.default):
+    for _device in ("cpu", "cuda"):
+        _register_autocast(_op, _device)  # x and bias to the autocast dtype, as for sparse_linear
