@@ -45,8 +45,9 @@ def _reference(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.T
 
 
 def _portable(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Tensor) -> Gemms:
-    """The GEMMs as the portable backend's graph computes them (``nmsparse::nm_mask``, permuted ``dY``), eagerly."""
-    nm_mask = torch.ops.nmsparse.nm_mask
+    """The GEMMs as the portable backend's graphs compute them (``nmcompile.ops``' composite masks, the
+    input gradient's rows gathered back through ``P⁻¹``), each ``torch.compile``d as the backend's are."""
+    from nmcompile.ops import nm_keep, nm_mask
 
     def forward() -> torch.Tensor:
         return x @ torch.where(nm_mask(w, N, M, 1), w, 0).t()
@@ -54,13 +55,17 @@ def _portable(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Te
     def input_grad() -> torch.Tensor:
         fmask = nm_mask(w, N, M, 1)
         w_perm, f_perm = w.index_select(0, perm), fmask.index_select(0, perm)
-        b_perm = nm_mask(torch.where(f_perm, w_perm, 0), N, M, 0) & f_perm
-        return dy.index_select(1, perm) @ torch.where(b_perm, w_perm, 0)
+        b_perm = (nm_keep(torch.where(f_perm, w_perm, 0), N, M, 0) > 0) & f_perm
+        return dy @ torch.where(b_perm, w_perm, 0).index_select(0, torch.argsort(perm))
 
     def weight_grad() -> torch.Tensor:
         return dy.t() @ x + SRSTE_LAMBDA * torch.where(nm_mask(w, N, M, 1), 0, w)
 
-    return {"forward": forward, "input grad": input_grad, "weight grad": weight_grad}
+    return {
+        "forward": torch.compile(forward),
+        "input grad": torch.compile(input_grad),
+        "weight grad": torch.compile(weight_grad),
+    }
 
 
 def _triton(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Tensor) -> Gemms:
