@@ -39,24 +39,25 @@ def nm_mask(a: torch.Tensor, n: int, m: int, dim: int, n_eff: torch.Tensor | Non
     ``n_eff`` (a 0-d tensor) overrides ``n`` where a schedule changes N between steps (SPEC §8).
     Composite (plain aten ops, no sort or ``topk``), so Inductor fuses it into one loop over ``W``.
     """
-    # 0/1 floats to bool through uint8: Inductor's CPU code writes bool vectors ~30x slower.
-    return nm_keep(a, n, m, dim, n_eff).to(torch.uint8).view(torch.bool)
+    entries, limit = _groups(a, n, m, dim, n_eff)
+    dim %= a.dim()
+    if dim == a.dim() - 1 and entries is not None:
+        # Groups along the contiguous dim (the forward mask): Inductor's CPU loop over them is
+        # scalar code, where int32 counts and a bool stack are cheapest (selects become branches).
+        keep = [_count_above(entries, i, select=False) < limit for i in range(m)]
+        return torch.stack(keep, dim + 1).reshape(a.shape)
+    return nm_keep(a, n, m, dim, n_eff) > 0
 
 
 def nm_keep(a: torch.Tensor, n: int, m: int, dim: int, n_eff: torch.Tensor | None = None) -> torch.Tensor:
-    """``nm_mask`` as 0/1 floats, for consumers that fuse it into their own loop (no bool stored)."""
-    if a.shape[dim] % m:
-        raise ValueError(f"nm_mask: dim {dim} of size {a.shape[dim]} is not divisible by m={m}")
+    """``nm_mask`` as 0/1 floats, for consumers that fuse it into their own loop: Inductor's CPU
+    vector code loads and stores bool vectors 10–30x slower than floats."""
+    entries, limit = _groups(a, n, m, dim, n_eff)
     dim %= a.dim()
-    mag = a.detach().abs()
-    mag = torch.where(torch.isnan(mag), torch.inf, mag)
-    # Groups on a new axis right after ``dim``: memory order, and so Inductor's vector loop, is kept.
-    groups = mag.reshape(*a.shape[:dim], a.shape[dim] // m, m, *a.shape[dim + 1 :])
-    limit = n_eff.to(a.device) if n_eff is not None else n
-    if m <= _UNROLL_M:
-        entries = groups.unbind(dim + 1)
-        keep = [torch.where(_count_above(entries, i) < limit, 1.0, 0.0) for i in range(m)]
+    if entries is not None:
+        keep = [torch.where(_count_above(entries, i, select=True) < limit, 1.0, 0.0) for i in range(m)]
         return torch.stack(keep, dim + 1).reshape(a.shape)
+    groups = _magnitude(a).reshape(*a.shape[:dim], a.shape[dim] // m, m, *a.shape[dim + 1 :])
     mine, other = groups.unsqueeze(dim + 2), groups.unsqueeze(dim + 1)  # axes (i, j) at dim + 1, dim + 2
     j = torch.arange(m, device=a.device).reshape(m, *([1] * (a.dim() - dim - 1)))
     above = torch.where(j < j.unsqueeze(1), other >= mine, other > mine)
@@ -66,13 +67,32 @@ def nm_keep(a: torch.Tensor, n: int, m: int, dim: int, n_eff: torch.Tensor | Non
 _UNROLL_M = 8  # up to this M the M·(M−1) comparisons are written out one by one
 
 
-def _count_above(entries: tuple[torch.Tensor, ...], i: int) -> torch.Tensor:
-    """How many entries of each group rank above entry ``i`` (ties go to the lower index)."""
-    return sum(
-        torch.where(other >= entries[i] if j < i else other > entries[i], 1.0, 0.0)
-        for j, other in enumerate(entries)
-        if j != i
-    )
+def _magnitude(a: torch.Tensor) -> torch.Tensor:
+    """``|a|`` with NaN as +inf (SPEC §2), detached."""
+    mag = a.detach().abs()
+    return torch.where(torch.isnan(mag), torch.inf, mag)
+
+
+def _groups(
+    a: torch.Tensor, n: int, m: int, dim: int, n_eff: torch.Tensor | None
+) -> tuple[tuple[torch.Tensor, ...] | None, int | torch.Tensor]:
+    """The ``m`` entries of every group along ``dim`` as ``m`` tensors (``None`` past ``_UNROLL_M``),
+    and the count limit in force. The group axis sits right after ``dim``, keeping memory order."""
+    if a.shape[dim] % m:
+        raise ValueError(f"nm_mask: dim {dim} of size {a.shape[dim]} is not divisible by m={m}")
+    dim %= a.dim()
+    limit = n_eff.to(a.device) if n_eff is not None else n
+    if m > _UNROLL_M:
+        return None, limit
+    groups = _magnitude(a).reshape(*a.shape[:dim], a.shape[dim] // m, m, *a.shape[dim + 1 :])
+    return groups.unbind(dim + 1), limit
+
+
+def _count_above(entries: tuple[torch.Tensor, ...], i: int, select: bool) -> torch.Tensor:
+    """How many entries of each group rank above entry ``i`` (ties go to the lower index), as
+    0/1 float selections (``select``: fast in vector code) or int32 casts (fast in scalar code)."""
+    above = (other >= entries[i] if j < i else other > entries[i] for j, other in enumerate(entries) if j != i)
+    return sum(torch.where(c, 1.0, 0.0) if select else c.to(torch.int32) for c in above)
 
 
 @torch.library.custom_op("nmsparse::transposable_mask", mutates_args=())

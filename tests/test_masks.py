@@ -151,6 +151,26 @@ def test_custom_op_nm_mask_equals_reference(shape, dim, n, m, dtype):
         assert torch.equal(got, reference.nm_mask(a, n, m, dim)), kind
 
 
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 8), (3, 16)])
+@pytest.mark.parametrize("shape,dim", [((16, 32), 1), ((32, 16), 0), ((8, 16, 3), 1)])
+def test_nm_mask_and_keep_compile_with_consumers(shape, dim, n, m):
+    """Under Inductor, the composite masks fused into a consumer compile (Inductor 2.13's CPU vector
+    code rejects some bool forms) and equal the reference: ``nm_mask`` in a ``where``, ``nm_keep``
+    (its 0/1 float twin) in a product."""
+    from nmcompile.ops import nm_keep, nm_mask  # the Python composites: dynamo traces their aten ops
+
+    a = make_input("ties", shape, torch.float32, seed=3)
+    expected = reference.nm_mask(a, n, m, dim)
+
+    def fused(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mask = nm_mask(x, n, m, dim)
+        return mask, torch.where(mask, x, 0), x * nm_keep(x, n, m, dim)
+
+    mask, kept, product = torch.compile(fused, fullgraph=True)(a)
+    assert torch.equal(mask, expected)
+    assert torch.equal(kept, torch.where(expected, a, 0)) and torch.equal(product, torch.where(expected, a, 0))
+
+
 def test_nm_mask_hand_cases():
     """SPEC §2 on hand-written groups: ties to lower index, NaN and +inf tie (lower index wins), sign ignored."""
     nan, inf = math.nan, math.inf
