@@ -16,7 +16,7 @@ from nmcompile.passes import lower_kernels
 from torch import nn
 
 import nmcompile
-from tests.conftest import MLP, MODELS, assert_close, train_and_compare
+from tests.conftest import MLP, MODELS, assert_close, cuda_autocast_losses, train_and_compare
 
 INTERPRETER = not torch.cuda.is_available()
 
@@ -160,23 +160,8 @@ def test_pass_leaves_other_graphs_alone():
 def test_auto_uses_triton_on_cuda_under_autocast():
     """On a GPU, ``auto`` lowers; bf16 autocast training for 3 steps stays close to the portable path."""
     base = MLP(256, 512, 256).cuda()
-    results = []
-    for kernels in ("portable", "auto"):
-        torch._dynamo.reset()
-        model = copy.deepcopy(base)
-        compiled = torch.compile(model, backend=nmcompile.backend(kernels=kernels, grad_prune="mvue24"))
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        losses = []
-        for step in range(3):
-            x = torch.randn(1024, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(step))
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = compiled(x).float().square().mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-        results.append(losses)
-    assert results[1] == pytest.approx(results[0], rel=2e-2)
+    portable = cuda_autocast_losses(base, kernels="portable", grad_prune="mvue24")
+    assert cuda_autocast_losses(base, kernels="auto", grad_prune="mvue24") == pytest.approx(portable, rel=2e-2)
     rows = nmcompile.explain(base, torch.randn(64, 256, device="cuda")).rows
     assert {r.kernel for r in rows} == {"triton"}
 

@@ -10,7 +10,6 @@ dense ones and a bf16 model trains close to the portable path.
 
 from __future__ import annotations
 
-import copy
 import sys
 
 import pytest
@@ -26,7 +25,7 @@ from nmcompile.kernels import ops as kernel_ops
 from nmcompile.kernels import sparse24
 from nmcompile.kernels.mvue import mvue_prune
 from nmcompile.kernels.operand24 import forward_operand, input_grad_operand
-from tests.conftest import MLP, assert_close, train_and_compare
+from tests.conftest import MLP, assert_close, cuda_autocast_losses, train_and_compare
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SM80 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
@@ -235,23 +234,8 @@ def test_semi_structured_mm_on_cuda(dtype, rows, inner, cols):
 def test_sparse24_trains_like_portable_on_cuda():
     """bf16 autocast training for 3 steps: ``sparse24`` stays close to the portable path."""
     base = MLP(256, 512, 256).cuda()
-    results = []
-    for kernels in ("portable", "sparse24"):
-        torch._dynamo.reset()
-        model = copy.deepcopy(base)
-        compiled = torch.compile(model, backend=nmcompile.backend(kernels=kernels, grad_prune="mvue24"))
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        losses = []
-        for step in range(3):
-            x = torch.randn(1024, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(step))
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = compiled(x).float().square().mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-        results.append(losses)
-    assert results[1] == pytest.approx(results[0], rel=2e-2)
+    portable = cuda_autocast_losses(base, kernels="portable", grad_prune="mvue24")
+    assert cuda_autocast_losses(base, kernels="sparse24", grad_prune="mvue24") == pytest.approx(portable, rel=2e-2)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         x = torch.randn(64, 256, device="cuda")
         rows = nmcompile.explain(base, x, kernels="sparse24", grad_prune="mvue24").rows

@@ -50,6 +50,18 @@ def check_tensor(name: str, t: torch.Tensor, dim: int, dtypes: tuple[torch.dtype
         raise ValueError(f"{name} must be one of {dtypes}, got {t.dtype}")
 
 
+def check_perm(perm: torch.Tensor | None, rows: int, m: int) -> None:
+    """A Bi-Mask row permutation: int64 ``[rows]`` with ``rows`` divisible by ``m`` (or ``None``)."""
+    if perm is not None and (perm.shape != (rows,) or perm.dtype != torch.int64 or rows % m):
+        raise ValueError(f"perm must be int64 [{rows}] with O % m == 0, got {perm.dtype} {tuple(perm.shape)}")
+
+
+def check_mask(mask: torch.Tensor | None, weight: torch.Tensor) -> None:
+    """A loaded mask: bool, the weight's shape (or ``None``)."""
+    if mask is not None and (mask.shape != weight.shape or mask.dtype != torch.bool):
+        raise ValueError(f"mask must be bool {tuple(weight.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+
+
 def step_seed(key: int, step: int) -> int:
     """The per-step seed of ``reference.counter_uniforms``: ``mix32((step mod 2³²) ^ key)``."""
     return int(_mix32(torch.tensor((step & _M32) ^ key, dtype=torch.int64)))

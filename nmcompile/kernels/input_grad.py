@@ -17,7 +17,9 @@ import triton.language as tl
 
 from .common import (
     autotune_configs,
+    check_mask,
     check_nm,
+    check_perm,
     check_tensor,
     dot_dtype,
     gemm_grid,
@@ -96,10 +98,8 @@ def sparse_input_grad(
     K = weight.shape[1]
     if weight.shape[0] != O or K % m:
         raise ValueError(f"weight {tuple(weight.shape)} must be [O={O}, K] with K % m == 0 (m={m})")
-    if perm is not None and (perm.shape != (O,) or perm.dtype != torch.int64 or O % m):
-        raise ValueError(f"perm must be int64 [{O}] with O % m == 0, got {perm.dtype} {tuple(perm.shape)}")
-    if mask is not None and (mask.shape != weight.shape or mask.dtype != torch.bool):
-        raise ValueError(f"mask must be bool {tuple(weight.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+    check_perm(perm, O, m)
+    check_mask(mask, weight)
     dx = torch.empty((T, K), dtype=dy.dtype, device=dy.device)
     f = mask.view(torch.int8) if mask is not None else weight
     input_grad_kernel[gemm_grid(T, K, "BLOCK_T", "BLOCK_K")](

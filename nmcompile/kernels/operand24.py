@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotune_configs, check_nm, check_tensor, nm_keep_cols, nm_keep_rows
+from .common import autotune_configs, check_mask, check_nm, check_perm, check_tensor, nm_keep_cols, nm_keep_rows
 
 CONFIGS = autotune_configs(
     [{"BLOCK_O": 32, "BLOCK_K": 64}, {"BLOCK_O": 64, "BLOCK_K": 64}], [(4, 1)], ("BLOCK_O", "BLOCK_K")
@@ -69,8 +69,7 @@ def _check(weight: torch.Tensor, n: int, m: int, mask: torch.Tensor | None, dtyp
     check_tensor("weight", weight, 2)
     if weight.shape[1] % m:
         raise ValueError(f"weight {tuple(weight.shape)}: K must be divisible by m={m}")
-    if mask is not None and (mask.shape != weight.shape or mask.dtype != torch.bool):
-        raise ValueError(f"mask must be bool {tuple(weight.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+    check_mask(mask, weight)
     out_dtype = dtype or weight.dtype
     check_tensor("out", weight.new_empty(0, 0, dtype=out_dtype), 2)
     return out_dtype
@@ -101,8 +100,7 @@ def input_grad_operand(
     O = weight.shape[0]
     if (perm is None) == (mask is None):
         raise ValueError("input_grad_operand takes exactly one of perm (Bi-Mask) and mask (transposable)")
-    if perm is not None and (perm.shape != (O,) or perm.dtype != torch.int64 or O % m):
-        raise ValueError(f"perm must be int64 [{O}] with O % m == 0, got {perm.dtype} {tuple(perm.shape)}")
+    check_perm(perm, O, m)
     out = torch.empty((weight.shape[1], O), dtype=out_dtype, device=weight.device)
     _launch(weight, n, m, perm, mask, out.t())
     return out

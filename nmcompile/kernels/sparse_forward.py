@@ -16,6 +16,7 @@ import triton.language as tl
 
 from .common import (
     autotune_configs,
+    check_mask,
     check_nm,
     check_tensor,
     dot_dtype,
@@ -96,8 +97,7 @@ def sparse_linear_forward(
         raise ValueError(f"weight {tuple(weight.shape)} must be [O, K={K}] with K % m == 0 (m={m})")
     if bias is not None and (bias.shape != (O,) or bias.dtype not in (x.dtype, weight.dtype)):
         raise ValueError(f"bias must be [{O}] in x's or weight's dtype, got {tuple(bias.shape)} {bias.dtype}")
-    if mask is not None and (mask.shape != weight.shape or mask.dtype != torch.bool):
-        raise ValueError(f"mask must be bool {tuple(weight.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+    check_mask(mask, weight)
     y = torch.empty((T, O), dtype=x.dtype, device=x.device)
     f = mask.view(torch.int8) if mask is not None else weight
     sparse_forward_kernel[gemm_grid(T, O, "BLOCK_T", "BLOCK_O")](
