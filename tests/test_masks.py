@@ -151,8 +151,9 @@ def test_custom_op_nm_mask_equals_reference(shape, dim, n, m, dtype):
         assert torch.equal(got, reference.nm_mask(a, n, m, dim)), kind
 
 
-@pytest.mark.parametrize("n,m", [(2, 4), (1, 8), (3, 16)])
-@pytest.mark.parametrize("shape,dim", [((16, 32), 1), ((32, 16), 0), ((8, 16, 3), 1)])
+@pytest.mark.parametrize(
+    "shape,dim,n,m", [((16, 32), 1, 2, 4), ((32, 16), 0, 2, 4), ((8, 16, 3), 1, 1, 8), ((32, 16), 0, 3, 16)]
+)
 def test_nm_mask_and_keep_compile_with_consumers(shape, dim, n, m):
     """Under Inductor, the composite masks fused into a consumer compile (Inductor 2.13's CPU vector
     code rejects some bool forms) and equal the reference: ``nm_mask`` in a ``where``, ``nm_keep``

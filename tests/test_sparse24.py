@@ -193,27 +193,27 @@ def test_sparse24_path_matches_reference(cpu_sparse24, options):
 
 
 def test_report_and_graph_of_sparse24(cpu_sparse24):
-    report = nmcompile.explain(MLP(), torch.randn(8, 32), kernels="sparse24", grad_prune="mvue24")
+    report = nmcompile.explain(MLP(), torch.randn(8, 32), kernels="sparse24", grad_prune="mvue24", inner="aot_eager")
     assert {r.kernel for r in report.rows} == {"sparse24"}
     targets = {str(n.target) for n in report.forward_graph.graph.nodes}
     assert "nmsparse.sparse24_linear.default" in targets and "fc1_fwd_mask" not in {
         n.name for n in report.forward_graph.graph.nodes
     }
-    rows = nmcompile.explain(MLP(), torch.randn(8, 32), kernels="sparse24").rows
+    rows = nmcompile.explain(MLP(), torch.randn(8, 32), kernels="sparse24", inner="aot_eager").rows
     assert {r.kernel for r in rows} == {"sparse24 (dense: weight gradient (grad_prune='none'))"}
 
 
 def test_sparse24_fallback_reasons():
     """Where 2:4 is impossible the layer runs as ``auto`` would, and the report says why."""
-    x = torch.randn(8, 32)
-    kernels = {r.kernel for r in nmcompile.explain(MLP(), x, kernels="sparse24", n=3, m=4).rows}
+    x, options = torch.randn(8, 32), {"kernels": "sparse24", "inner": "aot_eager"}
+    kernels = {r.kernel for r in nmcompile.explain(MLP(), x, n=3, m=4, **options).rows}
     auto = "not on CUDA (kernels='triton' with TRITON_INTERPRET=1 runs the kernels on the CPU)"
     if DEVICE == "cpu":
         assert kernels == {f"portable (not 2:4: 3:4 is not a 2:4 pattern (at most 2 kept in every 4); {auto})"}
-        decay = nmcompile.explain(MLP(), x, kernels="sparse24", mask_decay="linear", mask_decay_rate=0.2).rows
+        decay = nmcompile.explain(MLP(), x, mask_decay="linear", mask_decay_rate=0.2, **options).rows
         reason = "mask decay keeps pruned weights (scaled by alpha), so W is not 2:4"
         assert {r.kernel for r in decay} == {f"portable (not 2:4: {reason}; {auto})"}
-        plain = {r.kernel for r in nmcompile.explain(MLP(), x, kernels="sparse24").rows}
+        plain = {r.kernel for r in nmcompile.explain(MLP(), x, **options).rows}
         assert plain == {f"portable (not 2:4: not on CUDA (2:4 tensor cores need sm80+); {auto})"}
 
 
