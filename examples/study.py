@@ -58,6 +58,11 @@ def _options(recipe: dict[str, Any] | None, steps: int) -> dict[str, Any] | None
     return {k: fill.get(v, v) if isinstance(v, str) else v for k, v in recipe.items()}
 
 
+def _with(options: dict[str, Any] | None, extra: dict[str, Any]) -> dict[str, Any] | None:
+    """A sparse recipe's options plus ``extra``; the dense baseline (``None``) stays as it is."""
+    return None if options is None else {**options, **extra}
+
+
 def sparse_gemms(options: dict[str, Any] | None) -> str:
     """Which of the three training GEMMs run N:M at the end of training (forward, dX, dW)."""
     if options is None:
@@ -70,20 +75,24 @@ def sparse_gemms(options: dict[str, Any] | None) -> str:
     return " + ".join(gemms)
 
 
-def run_grid(seeds: list[int], gpt: tiny_gpt.Settings, cnn: cnn_digits.Settings, recipes: list[str]) -> dict:
-    """Every recipe × seed on both tasks; returns raw results keyed by recipe name."""
+def run_grid(
+    seeds: list[int], gpt: tiny_gpt.Settings, cnn: cnn_digits.Settings, recipes: list[str], inner: str | None = None
+) -> dict:
+    """Every recipe × seed on both tasks; returns raw results keyed by recipe name. ``inner`` is the
+    sparse runs' inner compiler (the backend's default, Inductor, when ``None``)."""
+    extra = {"inner": inner} if inner else {}
     data = tiny_gpt.Data(gpt.corpus_chars)
     results: dict[str, Any] = {}
     for name in recipes:
         results[name] = {"gpt": [], "cnn": []}
         for seed in seeds:
             torch._dynamo.reset()
-            options = _options(RECIPES[name], gpt.steps)
+            options = _with(_options(RECIPES[name], gpt.steps), extra)
             run = tiny_gpt.train(tiny_gpt.Settings(**{**vars(gpt), "seed": seed, "sparsity": options}), data)
             run.pop("report", None)
             results[name]["gpt"].append(run)
             torch._dynamo.reset()
-            cnn_options = _options(RECIPES[name], cnn.epochs * 22)  # 22 full batches per epoch
+            cnn_options = _with(_options(RECIPES[name], cnn.epochs * 22), extra)  # 22 full batches per epoch
             cnn_run = cnn_digits.train(cnn_digits.Settings(**{**vars(cnn), "seed": seed, "sparsity": cnn_options}))
             cnn_run.pop("report", None)
             results[name]["cnn"].append(cnn_run)
@@ -205,6 +214,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs")
     parser.add_argument("--smoke", action="store_true", help="a tiny run to check the pipeline")
+    parser.add_argument("--inner", choices=["inductor", "aot_eager"], help="the sparse runs' inner compiler")
     args = parser.parse_args(argv)
     gpt = tiny_gpt.Settings(steps=args.steps, d_model=args.d_model, layers=args.layers, progress=False,
                             eval_interval=max(1, args.steps // 12))  # fmt: skip
@@ -214,7 +224,7 @@ def main(argv: list[str] | None = None) -> Path:
                                 eval_batches=1, corpus_chars=20_000, progress=False)  # fmt: skip
         cnn = cnn_digits.Settings(epochs=args.epochs, width=8, progress=False)
     start = time.perf_counter()
-    results = run_grid(args.seeds, gpt, cnn, args.recipes)
+    results = run_grid(args.seeds, gpt, cnn, args.recipes, args.inner)
     path = write_report(results, args.out, args, gpt, cnn, time.perf_counter() - start)
     print(f"wrote {path}")
     return path
