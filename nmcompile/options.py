@@ -28,6 +28,12 @@ class SparsityConfigError(ValueError, _PassThrough):  # type: ignore[misc]
         self.first_useful_frame = None  # read by dynamo when it re-raises ShortenTraceback errors
 
 
+def power_of_two(m: int) -> bool:
+    """Whether ``m`` is a power of two: what the Triton kernels' register tiles (and so the fused,
+    the 2:4 and the CUDA mask paths) need of M."""
+    return m > 0 and not m & (m - 1)
+
+
 def _fail(key: str, value: Any, allowed: str) -> None:
     raise SparsityConfigError(f"nmsparse option {key}={value!r} is invalid: allowed {allowed}")
 

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from nmcompile import reference
-from nmcompile.options import SparsityConfig
+from nmcompile.options import SparsityConfig, power_of_two
 
 METADATA_KEY = "nmsparse"
 
@@ -142,7 +142,7 @@ class LayerState:
             n = self.mask_n(step)
             candidates = permutation_candidates(spec, step)
             w = self.weight_matrix(param)
-            triton_ok = type(w) is torch.Tensor and w.dim() == 2 and not config.m & (config.m - 1)
+            triton_ok = type(w) is torch.Tensor and w.dim() == 2 and power_of_two(config.m)
             if w.is_cuda and config.kernels != "portable" and triton_ok:
                 from nmcompile import kernels  # one mask launch and one scoring launch for all candidates
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from nmcompile.options import SparsityConfig
+from nmcompile.options import SparsityConfig, power_of_two
 
 from .find_targets import example_value
 
@@ -62,7 +62,7 @@ def _triton_blocker(node: fx.Node, config: SparsityConfig) -> str | None:
         return "weight shape unknown"
     if weight.device.type != "cuda" and not (config.kernels == "triton" and _interpreting()):
         return "not on CUDA (kernels='triton' with TRITON_INTERPRET=1 runs the kernels on the CPU)"
-    if config.m & (config.m - 1):
+    if not power_of_two(config.m):
         return f"m={config.m} is not a power of two (register tiles need one)"
     if weight.dtype not in _DTYPES:
         return f"weight dtype {weight.dtype} (the kernels take fp32, fp16, bf16)"

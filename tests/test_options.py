@@ -268,3 +268,10 @@ def test_valid_recipes():
         grad_prune="mvue24",
     )
     assert c.structure_decay and c.total_steps == 100 and c.srste_lambda == 0.0
+
+
+def test_power_of_two():
+    """The one M test the kernel paths share (register tiles need power-of-two extents)."""
+    from nmcompile.options import power_of_two
+
+    assert [m for m in range(0, 33) if power_of_two(m)] == [1, 2, 4, 8, 16, 32]

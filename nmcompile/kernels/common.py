@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nmcompile.options import power_of_two
 from nmcompile.reference import _M32, _mix32
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -38,7 +39,7 @@ def autotune_configs(
 
 def check_nm(n: int, m: int) -> None:
     """The kernels take power-of-two ``m`` up to 32 (register tiles have power-of-two extents)."""
-    if m & (m - 1) or not 2 <= m <= 32 or not 1 <= n <= m:
+    if not power_of_two(m) or not 2 <= m <= 32 or not 1 <= n <= m:
         raise ValueError(f"Triton N:M kernels need 1 <= n <= m and m a power of two in 2..32, got {n}:{m}")
 
 

@@ -13,13 +13,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nmcompile.options import power_of_two
+
 DTYPES = (torch.float16, torch.bfloat16)
 _PAD_ROWS, _PAD_COLS, _PAD_N = 32, 64, 16  # A's rows and cols, B's cols: multiples both libraries take
 
 
 def fits_24(n: int, m: int) -> bool:
     """Whether every N:M mask is also 2:4 along the same dim (at most 2 kept per aligned 4)."""
-    if m & (m - 1) or not 1 <= n <= m:
+    if not power_of_two(m) or not 1 <= n <= m:
         return False
     return n <= 1 if m == 2 else m >= 4 and n <= 2
 
