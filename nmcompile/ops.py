@@ -39,25 +39,24 @@ def nm_mask(a: torch.Tensor, n: int, m: int, dim: int, n_eff: torch.Tensor | Non
     ``n_eff`` (a 0-d tensor) overrides ``n`` where a schedule changes N between steps (SPEC §8).
     Composite (plain aten ops, no sort or ``topk``), so Inductor fuses it into one loop over ``W``.
     """
-    entries, limit = _groups(a, n, m, dim, n_eff)
-    dim %= a.dim()
-    if dim == a.dim() - 1 and entries is not None:
+    if dim % a.dim() == a.dim() - 1 and m <= _UNROLL_M:
         # Groups along the contiguous dim (the forward mask): Inductor's CPU loop over them is
         # scalar code, where int32 counts and a bool stack are cheapest (selects become branches).
+        entries, limit = _groups(a, m, dim).unbind(-1), _limit(n, n_eff, a.device)
         keep = [_count_above(entries, i, select=False) < limit for i in range(m)]
-        return torch.stack(keep, dim + 1).reshape(a.shape)
+        return torch.stack(keep, -1).reshape(a.shape)
     return nm_keep(a, n, m, dim, n_eff) > 0
 
 
 def nm_keep(a: torch.Tensor, n: int, m: int, dim: int, n_eff: torch.Tensor | None = None) -> torch.Tensor:
     """``nm_mask`` as 0/1 floats, for consumers that fuse it into their own loop: Inductor's CPU
     vector code loads and stores bool vectors 10–30x slower than floats."""
-    entries, limit = _groups(a, n, m, dim, n_eff)
+    groups, limit = _groups(a, m, dim), _limit(n, n_eff, a.device)
     dim %= a.dim()
-    if entries is not None:
+    if m <= _UNROLL_M:
+        entries = groups.unbind(dim + 1)
         keep = [torch.where(_count_above(entries, i, select=True) < limit, 1.0, 0.0) for i in range(m)]
         return torch.stack(keep, dim + 1).reshape(a.shape)
-    groups = _magnitude(a).reshape(*a.shape[:dim], a.shape[dim] // m, m, *a.shape[dim + 1 :])
     mine, other = groups.unsqueeze(dim + 2), groups.unsqueeze(dim + 1)  # axes (i, j) at dim + 1, dim + 2
     j = torch.arange(m, device=a.device).reshape(m, *([1] * (a.dim() - dim - 1)))
     above = torch.where(j < j.unsqueeze(1), other >= mine, other > mine)
@@ -67,25 +66,20 @@ def nm_keep(a: torch.Tensor, n: int, m: int, dim: int, n_eff: torch.Tensor | Non
 _UNROLL_M = 8  # up to this M the M·(M−1) comparisons are written out one by one
 
 
-def _magnitude(a: torch.Tensor) -> torch.Tensor:
-    """``|a|`` with NaN as +inf (SPEC §2), detached."""
-    mag = a.detach().abs()
-    return torch.where(torch.isnan(mag), torch.inf, mag)
-
-
-def _groups(
-    a: torch.Tensor, n: int, m: int, dim: int, n_eff: torch.Tensor | None
-) -> tuple[tuple[torch.Tensor, ...] | None, int | torch.Tensor]:
-    """The ``m`` entries of every group along ``dim`` as ``m`` tensors (``None`` past ``_UNROLL_M``),
-    and the count limit in force. The group axis sits right after ``dim``, keeping memory order."""
+def _groups(a: torch.Tensor, m: int, dim: int) -> torch.Tensor:
+    """``|a|`` (NaN as +inf, SPEC §2, detached) with the groups of ``m`` along ``dim`` on a new axis
+    right after it, so memory order is kept."""
     if a.shape[dim] % m:
         raise ValueError(f"nm_mask: dim {dim} of size {a.shape[dim]} is not divisible by m={m}")
     dim %= a.dim()
-    limit = n_eff.to(a.device) if n_eff is not None else n
-    if m > _UNROLL_M:
-        return None, limit
-    groups = _magnitude(a).reshape(*a.shape[:dim], a.shape[dim] // m, m, *a.shape[dim + 1 :])
-    return groups.unbind(dim + 1), limit
+    mag = a.detach().abs()
+    mag = torch.where(torch.isnan(mag), torch.inf, mag)
+    return mag.reshape(*a.shape[:dim], a.shape[dim] // m, m, *a.shape[dim + 1 :])
+
+
+def _limit(n: int, n_eff: torch.Tensor | None, device: torch.device) -> int | torch.Tensor:
+    """The N in force: the schedule's ``n_eff`` as a tensor on ``device`` where given, else ``n``."""
+    return n_eff.to(device) if n_eff is not None else n
 
 
 def _count_above(entries: tuple[torch.Tensor, ...], i: int, select: bool) -> torch.Tensor:
@@ -157,8 +151,9 @@ def sparse_linear(
 
 
 @sparse_linear.register_fake
-def _(x, weight, bias, fwd_mask, perm, n, m, srste_lambda, layer, n_eff=None, alpha=None, step=None,
-      grad_prune="none", prune_key=0):  # fmt: skip
+def linear_fake(x, weight, bias, fwd_mask, perm, n, m, srste_lambda, layer, n_eff=None, alpha=None, step=None,
+                grad_prune="none", prune_key=0):  # fmt: skip
+    """Output metadata of ``sparse_linear`` and of its lowered twins, which share its signature."""
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.fx.traceback import annotate
 
-from nmcompile.ops import _register_autocast, _setup_linear, role
+from nmcompile.ops import _register_autocast, _setup_linear, linear_fake, role
 
 from . import sparse24
 from .input_grad import sparse_input_grad
@@ -29,6 +29,11 @@ from .weight_grad import sparse_weight_grad
 def _n(n: int, n_eff: torch.Tensor | None) -> int:
     """N in force: the schedule's ``n_eff`` (a CPU 0-d tensor, read without a device sync) or ``n``."""
     return int(n_eff) if n_eff is not None else n
+
+
+def _step(step: torch.Tensor | None) -> int:
+    """The training step seeding MVUE (a CPU 0-d tensor), 0 where the recipe has none."""
+    return int(step) if step is not None else 0
 
 
 @torch.library.custom_op("nmsparse::triton_linear", mutates_args=())
@@ -54,10 +59,7 @@ def triton_linear(
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-@triton_linear.register_fake
-def _(x, weight, bias, fwd_mask, perm, n, m, srste_lambda, layer, n_eff=None, alpha=None, step=None,
-      grad_prune="none", prune_key=0):  # fmt: skip
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+triton_linear.register_fake(linear_fake)
 
 
 @torch.library.custom_op("nmsparse::triton_input_grad", mutates_args=())
@@ -97,12 +99,12 @@ def triton_weight_grad(
     """``dW = prune(dY)ᵀ X + λ (1 − F) ⊙ W`` for ``dy`` ``[T, O]``, ``x`` ``[T, K]`` (SPEC §6, §7)."""
     return sparse_weight_grad(
         dy, x, weight, _n(n, n_eff), m, srste_lambda=srste_lambda, grad_prune=grad_prune,
-        step=int(step) if step is not None else 0, key=prune_key, mask=fwd_mask,
+        step=_step(step), key=prune_key, mask=fwd_mask,
     )  # fmt: skip
 
 
 @triton_weight_grad.register_fake
-def _(dy, x, weight, fwd_mask, n, m, srste_lambda, grad_prune, prune_key, n_eff=None, step=None):
+def _weight_grad_fake(dy, x, weight, fwd_mask, n, m, srste_lambda, grad_prune, prune_key, n_eff=None, step=None):
     return weight.new_empty(weight.shape)
 
 
@@ -165,14 +167,14 @@ def sparse24_linear(
     operand = forward_operand(weight, _n(n, n_eff), m, mask=fwd_mask, dtype=x.dtype)
     y_t = _mm24(operand, x2d.t())
     y = y_t.new_empty(y_t.shape[::-1])  # contiguous [T, O], as the fake says
-    torch.add(y_t.t(), bias.to(y.dtype), out=y) if bias is not None else y.copy_(y_t.t())
+    if bias is None:
+        y.copy_(y_t.t())
+    else:
+        torch.add(y_t.t(), bias.to(y.dtype), out=y)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-@sparse24_linear.register_fake
-def _(x, weight, bias, fwd_mask, perm, n, m, srste_lambda, layer, n_eff=None, alpha=None, step=None,
-      grad_prune="none", prune_key=0):  # fmt: skip
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+sparse24_linear.register_fake(linear_fake)
 
 
 @torch.library.custom_op("nmsparse::sparse24_input_grad", mutates_args=())
@@ -219,16 +221,14 @@ def sparse24_weight_grad(
     if grad_prune == "none":
         dw = dy.t() @ x
     else:
-        dw = _mm24(mvue_prune(dy, int(step) if step is not None else 0, prune_key, grad_prune, transpose=True), x)
+        dw = _mm24(mvue_prune(dy, _step(step), prune_key, grad_prune, transpose=True), x)
     dw = dw.to(weight.dtype)
     if srste_lambda:
         dw = dw + srste_lambda * (weight - forward_operand(weight, _n(n, n_eff), m, mask=fwd_mask))
     return dw
 
 
-@sparse24_weight_grad.register_fake
-def _(dy, x, weight, fwd_mask, n, m, srste_lambda, grad_prune, prune_key, n_eff=None, step=None):
-    return weight.new_empty(weight.shape)
+sparse24_weight_grad.register_fake(_weight_grad_fake)
 
 
 def _backward24(ctx: Any, dy: torch.Tensor) -> tuple:
