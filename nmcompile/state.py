@@ -143,14 +143,12 @@ class LayerState:
             candidates = permutation_candidates(spec, step)
             w = self.weight_matrix(param)
             triton_ok = type(w) is torch.Tensor and w.dim() == 2 and power_of_two(config.m)
+            search = reference
             if w.is_cuda and config.kernels != "portable" and triton_ok:
-                from nmcompile import kernels  # one mask launch and one scoring launch for all candidates
+                from nmcompile import kernels as search  # one mask launch, one scoring launch for all candidates
 
-                fmask = kernels.nm_mask(w, n, config.m, dim=1)
-                self.perm, _ = kernels.search_permutation(fmask, self.perm, candidates, n, config.m)
-            else:
-                fmask = reference.nm_mask(w, n, config.m, dim=1)
-                self.perm, _ = reference.search_permutation(fmask, self.perm, candidates, n, config.m)
+            fmask = search.nm_mask(w, n, config.m, dim=1)
+            self.perm, _ = search.search_permutation(fmask, self.perm, candidates, n, config.m)
         self.last_search_step = step
 
     def end_training_step(self) -> None:
