@@ -1,4 +1,4 @@
-"""Lowering pass: sparse GEMM nodes onto the fused Triton kernels where they apply.
+"""Lowering pass: sparse GEMM nodes onto the fused Triton kernels or 2:4 tensor cores where they apply.
 
 Runs on the graph ``insert_masks`` wrote, before AOTAutograd, so the partitioner sees the fused
 op's own autograd: the forward saves ``W`` and ``P`` (never a mask) and the backward graph holds
@@ -30,7 +30,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @dataclasses.dataclass(frozen=True)
 class KernelChoice:
-    """Which implementation a sparse GEMM runs on: ``"triton"`` or ``"portable"``, and why."""
+    """Which implementation a sparse GEMM runs on, and why not a faster one."""
 
     kernel: str  # "triton", "sparse24" or "portable"
     reason: str  # why not a faster path; for "sparse24", which of its GEMMs stay dense

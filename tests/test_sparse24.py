@@ -110,6 +110,8 @@ def test_input_grad_operand_transposable_mask_and_checks():
         forward_operand(_randn(8, 6), 2, 4)
     with pytest.raises(ValueError, match="mask must be bool"):
         forward_operand(w, 2, 4, mask=tmask.float())
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        forward_operand(w, 2, 4, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("rule", ["mvue12", "mvue24", "mvue24_approx"])

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotune_configs, check_mask, check_nm, check_perm, check_tensor, nm_keep_cols, nm_keep_rows
+from .common import DTYPES, autotune_configs, check_mask, check_nm, check_perm, check_tensor, nm_keep_cols, nm_keep_rows
 
 CONFIGS = autotune_configs(
     [{"BLOCK_O": 32, "BLOCK_K": 64}, {"BLOCK_O": 64, "BLOCK_K": 64}], [(4, 1)], ("BLOCK_O", "BLOCK_K")
@@ -71,7 +71,8 @@ def _check(weight: torch.Tensor, n: int, m: int, mask: torch.Tensor | None, dtyp
         raise ValueError(f"weight {tuple(weight.shape)}: K must be divisible by m={m}")
     check_mask(mask, weight)
     out_dtype = dtype or weight.dtype
-    check_tensor("out", weight.new_empty(0, 0, dtype=out_dtype), 2)
+    if out_dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {out_dtype}")
     return out_dtype
 
 
