@@ -60,6 +60,18 @@ class Row:
     reason: str | None = None
 
 
+def unavailable(kernels: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the GPU-only implementation ``kernels`` (``triton`` or ``sparse24``) cannot run on
+    ``device`` in ``dtype``, or ``None`` (also for every other implementation)."""
+    if kernels == "triton" and device.type != "cuda":
+        return "needs CUDA"
+    if kernels == "sparse24":
+        from nmcompile.kernels import sparse24
+
+        return sparse24.blocker(device, dtype)
+    return None
+
+
 def _samples(fn: Callable[[], Any], device: torch.device, seconds: float) -> list[float]:
     """Per-call milliseconds of a warmed-up ``fn`` over about ``seconds``: CPU blocks, or CUDA events."""
     if device.type != "cuda":

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 import nmcompile  # noqa: F401  (registers torch.ops.nmsparse)
-from benchmarks.common import Row, Size, measure, set_ratios
+from benchmarks.common import Row, Size, measure, set_ratios, unavailable
 from nmcompile import reference
 
 N, M = 2, 4
@@ -101,17 +101,6 @@ IMPLEMENTATIONS = {
 }
 
 
-def _unavailable(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why the GPU-only row ``name`` cannot run here, or ``None``."""
-    if name == "triton" and device.type != "cuda":
-        return "needs CUDA"
-    if name == "sparse24":
-        from nmcompile.kernels import sparse24
-
-        return sparse24.blocker(device, dtype)
-    return None
-
-
 def gemm_rows(size: Size, device: torch.device) -> list[Row]:
     """Time forward, input gradient and weight gradient of ``fc1`` for every implementation."""
     generator = torch.Generator().manual_seed(2)
@@ -125,7 +114,7 @@ def gemm_rows(size: Size, device: torch.device) -> list[Row]:
     gemms: dict[str, Gemms] = {}
     reasons: dict[str, str] = {}
     for name, make in IMPLEMENTATIONS.items():
-        why = _unavailable(name, device, size.dtype)
+        why = unavailable(name, device, size.dtype)
         if why is not None:
             reasons[name] = why
             continue

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nmcompile
-from benchmarks.common import SIZES, Row, Size, environment, measure, set_ratios, table
+from benchmarks.common import SIZES, Row, Size, environment, measure, set_ratios, table, unavailable
 from benchmarks.gemm import gemm_rows
 from nmcompile import reference
 
@@ -66,7 +66,9 @@ def make_block(block: str, size: Size) -> tuple[nn.Module, tuple[int, ...]]:
     return BasicBlock(size.channels), (size.batch, size.channels, size.spatial, size.spatial)
 
 
-def _prepare(name: str, model: nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | str:
+def _prepare(
+    name: str, model: nn.Module, device: torch.device, dtype: torch.dtype
+) -> Callable[[torch.Tensor], torch.Tensor] | str:
     """What runs ``model``'s forward for the row ``name`` (``model`` is the row's own copy), or why it cannot run."""
     if name == "dense eager":
         return model
@@ -75,10 +77,9 @@ def _prepare(name: str, model: nn.Module, device: torch.device) -> Callable[[tor
     if name == "reference eager":
         return reference.sparsify(model, n=2, m=4)
     kernels = name.removeprefix("nmsparse ")
-    if kernels == "triton" and device.type != "cuda":
-        return "needs CUDA"
-    if kernels == "sparse24" and (device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0)):
-        return "needs CUDA sm80+"
+    why = unavailable(kernels, device, dtype)
+    if why is not None:
+        return why
     # The 2:4 row prunes dY with MVUE 2:4, so that its weight-gradient GEMM is 2:4 too.
     recipe = {"grad_prune": "mvue24"} if kernels == "sparse24" else {}
     try:
@@ -118,7 +119,7 @@ def step_rows(block: str, size: Size, device: torch.device) -> list[Row]:
     for name in STEP_ROWS:
         row = Row("step", block, None, name)
         model = copy.deepcopy(base)
-        run = _prepare(name, model, device)
+        run = _prepare(name, model, device, size.dtype)
         if isinstance(run, str):
             row.reason = run
         else:

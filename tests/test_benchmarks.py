@@ -13,7 +13,7 @@ from nmcompile import reference
 
 UNMEASURED = {
     "nmsparse triton": "needs CUDA",
-    "nmsparse sparse24": "needs CUDA sm80+",
+    "nmsparse sparse24": "not on CUDA (2:4 tensor cores need sm80+)",
 }
 
 
