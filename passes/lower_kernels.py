@@ -64,9 +64,12 @@ def _triton_blocker(node: fx.Node, config: SparsityConfig) -> str | None:
         return "not on CUDA (kernels='triton' with TRITON_INTERPRET=1 runs the kernels on the CPU)"
     if not power_of_two(config.m):
         return f"m={config.m} is not a power of two (register tiles need one)"
-    if weight.dtype not in _DTYPES:
-        return f"weight dtype {weight.dtype} (the kernels take fp32, fp16, bf16)"
-    return None
+    return _dtype_blocker(weight)
+
+
+def _dtype_blocker(weight: torch.Tensor) -> str | None:
+    """Why the Triton kernels (the GEMMs and the 2:4 operand writer) cannot read ``weight``, or ``None``."""
+    return None if weight.dtype in _DTYPES else f"weight dtype {weight.dtype} (the kernels take fp32, fp16, bf16)"
 
 
 def _sparse24_blocker(node: fx.Node, config: SparsityConfig) -> str | None:
@@ -80,6 +83,8 @@ def _sparse24_blocker(node: fx.Node, config: SparsityConfig) -> str | None:
     weight = _weight(node)
     if weight is None:
         return "weight shape unknown"
+    if (why := _dtype_blocker(weight)) is not None:
+        return why
     on_cuda = weight.device.type == "cuda"
     dtype = torch.get_autocast_dtype("cuda") if on_cuda and torch.is_autocast_enabled("cuda") else weight.dtype
     return sparse24.blocker(weight.device, dtype)

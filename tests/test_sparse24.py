@@ -203,6 +203,11 @@ def test_report_and_graph_of_sparse24(cpu_sparse24):
     }
     rows = nmcompile.explain(MLP(), torch.randn(8, 32), kernels="sparse24", inner="aot_eager").rows
     assert {r.kernel for r in rows} == {"sparse24 (dense: weight gradient (grad_prune='none'))"}
+    x64 = torch.randn(8, 32, dtype=torch.float64)
+    doubles = nmcompile.explain(MLP().double(), x64, kernels="sparse24", inner="aot_eager").rows
+    auto = "not on CUDA (kernels='triton' with TRITON_INTERPRET=1 runs the kernels on the CPU)"
+    dtype = "weight dtype torch.float64 (the kernels take fp32, fp16, bf16)"
+    assert {r.kernel for r in doubles} == {f"portable (not 2:4: {dtype}; {auto if DEVICE == 'cpu' else dtype})"}
 
 
 def test_sparse24_fallback_reasons():
