@@ -147,11 +147,26 @@ def _decompositions(base: dict | None = None) -> dict:
     return {**(base or {}), torch.ops.nmsparse.nm_mask.default: ops.nm_mask}
 
 
+def _register_inductor_decomposition() -> None:
+    """Put ``_decompositions`` into Inductor's own table (once). Handing the table to ``compile_fx``
+    instead makes it part of the FX graph cache key, which cannot pickle it: no graph was cached."""
+    from torch._inductor import decomposition
+
+    op = torch.ops.nmsparse.nm_mask.default
+    if op not in decomposition.decompositions:
+        decomposition.decompositions.update(_decompositions())
+        decomposition.fast_random_decomps.cache_clear()
+
+
 def _compile_inner(gm: fx.GraphModule, inputs: list, config: SparsityConfig, record: CompileRecord | None) -> Callable:
-    """AOTAutograd + ``config.inner`` on the rewritten graph, naming nodes of each produced graph."""
+    """AOTAutograd + ``config.inner`` on the rewritten graph, naming nodes of each produced graph.
+
+    AOTAutograd's own cache stays off for these graphs: a hit would skip the graphs' naming and
+    recording, and its key does not cover our ops' autograd, so it could serve an older nmcompile's
+    backward. Inductor's FX graph cache, keyed on the produced graphs, still applies.
+    """
     if config.inner == "inductor":
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
-        from torch._inductor.decomposition import select_decomp_table
 
         def inner_compile(graph: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Any:
             kind = "inference" if kwargs.get("is_inference") else "forward"
@@ -159,8 +174,9 @@ def _compile_inner(gm: fx.GraphModule, inputs: list, config: SparsityConfig, rec
             _record_and_name(record, kind, graph)
             return compile_fx_inner(graph, example_inputs, **kwargs)
 
-        decompositions = _decompositions(select_decomp_table())
-        return compile_fx(gm, inputs, inner_compile=inner_compile, decompositions=decompositions)
+        _register_inductor_decomposition()
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            return compile_fx(gm, inputs, inner_compile=inner_compile)
 
     from torch._dynamo.backends.common import aot_autograd
     from torch._dynamo.backends.debugging import boxed_nop

@@ -270,3 +270,20 @@ def test_entry_point_works_without_import():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_inductor_caches_graphs_and_aot_cache_stays_off():
+    """A second compile of the same model hits Inductor's FX graph cache (forward and backward), with
+    the mask decomposed into aten ops, and still records its graphs; AOTAutograd's own cache, whose
+    key misses our ops' autograd and which would skip the recording, is never consulted."""
+    with torch._inductor.utils.fresh_cache():
+        counters.clear()
+        nmcompile.explain(nn.Linear(16, 8), torch.randn(4, 16, requires_grad=True))
+        assert counters["inductor"]["fxgraph_cache_miss"] == 2
+        report = nmcompile.explain(nn.Linear(16, 8), torch.randn(4, 16, requires_grad=True))
+        assert counters["inductor"]["fxgraph_cache_hit"] == 2
+    assert not {key for key in counters["aot_autograd"] if key.startswith("autograd_cache")}
+    for graph in (report.forward_graph, report.backward_graph):
+        targets = {str(node.target) for node in graph.graph.nodes}
+        assert "nmsparse.nm_mask.default" not in targets
+        assert "aten.ge.Tensor" in targets
