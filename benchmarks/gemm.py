@@ -45,21 +45,21 @@ def _reference(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.T
 
 
 def _portable(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Tensor) -> Gemms:
-    """The GEMMs as the portable backend's graphs compute them (``nmcompile.ops``' composite masks, the
-    input gradient's rows gathered back through ``P⁻¹``), each ``torch.compile``d as the backend's are."""
-    from nmcompile.ops import nm_keep, nm_mask
+    """The GEMMs as the portable backend's graphs compute them (``nmcompile.ops``' composite mask,
+    ``W ⊙ F`` and the backward's helpers on it), each ``torch.compile``d as the backend's are."""
+    from nmcompile.ops import input_grad_weight, masked_weight, nm_mask, srste_term
+
+    def masked() -> torch.Tensor:
+        return masked_weight(w, nm_mask(w, N, M, 1))
 
     def forward() -> torch.Tensor:
-        return x @ torch.where(nm_mask(w, N, M, 1), w, 0).t()
+        return x @ masked().t()
 
     def input_grad() -> torch.Tensor:
-        fmask = nm_mask(w, N, M, 1)
-        w_perm, f_perm = w.index_select(0, perm), fmask.index_select(0, perm)
-        b_perm = (nm_keep(torch.where(f_perm, w_perm, 0), N, M, 0) > 0) & f_perm
-        return dy @ torch.where(b_perm, w_perm, 0).index_select(0, torch.argsort(perm))
+        return dy @ input_grad_weight(w, masked(), perm, N, M)
 
     def weight_grad() -> torch.Tensor:
-        return dy.t() @ x + SRSTE_LAMBDA * torch.where(nm_mask(w, N, M, 1), 0, w)
+        return dy.t() @ x + SRSTE_LAMBDA * srste_term(w, masked())
 
     return {
         "forward": torch.compile(forward),

@@ -73,7 +73,7 @@ def _groups(a: torch.Tensor, m: int, dim: int) -> torch.Tensor:
         raise ValueError(f"nm_mask: dim {dim} of size {a.shape[dim]} is not divisible by m={m}")
     dim %= a.dim()
     mag = a.detach().abs()
-    mag = torch.where(torch.isnan(mag), torch.inf, mag)
+    mag = torch.where(mag >= 0, mag, torch.inf)  # only NaN fails; Inductor's CPU isnan is scalar code
     return mag.reshape(*a.shape[:dim], a.shape[dim] // m, m, *a.shape[dim + 1 :])
 
 
@@ -123,9 +123,55 @@ def _compute_weight(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return weight.to(x.dtype)
 
 
-def _effective_weight(weight: torch.Tensor, mask: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
-    """``W ⊙ mask``, or with mask decay ``W ⊙ (mask + (1 − mask)·α)`` (SPEC §8)."""
-    return torch.where(mask, weight, 0) if alpha is None else torch.where(mask, weight, weight * alpha)
+def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``W ⊙ mask``: what the graph hands the portable sparse ops in place of the bool mask.
+
+    Their backward reads the mask back as ``masked != 0`` (wrong only where ``W`` is 0, where every
+    formula gives the same value), so it loads floats, never bools (slow in Inductor's CPU code).
+    """
+    return torch.where(mask, weight, 0)
+
+
+def _decayed(weight: torch.Tensor, masked: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
+    """The GEMM's weight from ``W ⊙ mask``: itself, or with mask decay ``W ⊙ (mask + (1 − mask)·α)`` (SPEC §8)."""
+    return masked if alpha is None else torch.where(masked != 0, masked, weight * alpha)
+
+
+def input_grad_weight(
+    weight: torch.Tensor,
+    masked: torch.Tensor,
+    perm: torch.Tensor | None,
+    n: int,
+    m: int,
+    n_eff: torch.Tensor | None = None,
+    alpha: torch.Tensor | None = None,
+    layer: str = "",
+) -> torch.Tensor:
+    """The weight of the input-gradient GEMM ``dX = dY · W_B`` (SPEC §4, §8), ``masked`` = ``W ⊙ F``.
+
+    With ``perm`` (Bi-Mask): ``(W[P] ⊙ Bp)[P⁻¹]``, ``Bp = nm_mask(|W⊙F|[P], dim=0) ∧ F[P]`` (for a
+    conv at every ``(c, *k)``), which is ``W ⊙ B``: the GEMM takes the rows back to their places with
+    a row gather of the weight instead of a column gather of ``dY``. Without: ``W ⊙ F``. Mask decay
+    lets the masked-out weights in scaled by ``α``. The steps are annotated as ``<layer>_bwd_*`` nodes.
+    """
+    if perm is None:
+        with annotate(role(layer, "bwd_input_grad")):
+            return _decayed(weight, masked, alpha)
+    with annotate(role(layer, "bwd_perm")):
+        kept = masked.index_select(0, perm)
+    with annotate(role(layer, "bwd_mask")):
+        b_perm = nm_keep(kept, n, m, 0, n_eff) > 0
+    with annotate(role(layer, "bwd_input_grad")):
+        if alpha is None:
+            w_perm = torch.where(b_perm, kept, 0)
+        else:
+            w_perm = torch.where(b_perm & (kept != 0), kept, weight.index_select(0, perm) * alpha)
+        return w_perm.index_select(0, torch.argsort(perm))
+
+
+def srste_term(weight: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """SPEC §6's SR-STE direction ``(1 − F) ⊙ W`` from ``masked`` = ``W ⊙ F``."""
+    return torch.where(masked != 0, 0, weight)
 
 
 @torch.library.custom_op("nmsparse::sparse_linear", mutates_args=())
@@ -133,7 +179,7 @@ def sparse_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    fwd_mask: torch.Tensor,
+    masked: torch.Tensor,
     perm: torch.Tensor | None,
     n: int,
     m: int,
@@ -145,13 +191,13 @@ def sparse_linear(
     grad_prune: str = "none",
     prune_key: int = 0,
 ) -> torch.Tensor:
-    """``Y = X (W⊙F)ᵀ + b`` for ``W`` ``[O, K]`` (``W ⊙ (F + (1−F)α)`` with mask decay); the
-    backward follows from ``perm`` and the recipe arguments (see ``_sparse_backward``)."""
-    return F.linear(x, _compute_weight(_effective_weight(weight, fwd_mask, alpha), x), bias)
+    """``Y = X (W⊙F)ᵀ + b`` for ``W`` ``[O, K]``, ``masked`` = ``W⊙F`` (``W ⊙ (F + (1−F)α)`` with
+    mask decay); the backward follows from ``perm`` and the recipe arguments (see ``_sparse_backward``)."""
+    return F.linear(x, _compute_weight(_decayed(weight, masked, alpha), x), bias)
 
 
 @sparse_linear.register_fake
-def linear_fake(x, weight, bias, fwd_mask, perm, n, m, srste_lambda, layer, n_eff=None, alpha=None, step=None,
+def linear_fake(x, weight, bias, mask, perm, n, m, srste_lambda, layer, n_eff=None, alpha=None, step=None,
                 grad_prune="none", prune_key=0):  # fmt: skip
     """Output metadata of ``sparse_linear`` and of its lowered twins, which share its signature."""
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
@@ -171,7 +217,7 @@ def sparse_conv(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    fwd_mask: torch.Tensor,
+    masked: torch.Tensor,
     perm: torch.Tensor | None,
     stride: list[int],
     padding: list[int],
@@ -188,13 +234,13 @@ def sparse_conv(
     prune_key: int = 0,
 ) -> torch.Tensor:
     """Convolution with ``W⊙F`` (``W`` ``[O, C/groups, *k]``, ``F`` N:M along ``C`` per position)."""
-    weight = _compute_weight(_effective_weight(weight, fwd_mask, alpha), x)
+    weight = _compute_weight(_decayed(weight, masked, alpha), x)
     out = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups)
     return out.contiguous(memory_format=_conv_memory_format(x))
 
 
 @sparse_conv.register_fake
-def _(x, weight, bias, fwd_mask, perm, stride, padding, dilation, groups, n, m, srste_lambda, layer, n_eff=None,
+def _(x, weight, bias, masked, perm, stride, padding, dilation, groups, n, m, srste_lambda, layer, n_eff=None,
       alpha=None, step=None, grad_prune="none", prune_key=0):  # fmt: skip
     spatial = [
         (size + 2 * p - d * (k - 1) - 1) // s + 1
@@ -213,32 +259,19 @@ def _sparse_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """SPEC §4, §6–§8 for a GEMM or convolution whose output channels lie along ``channel_dim`` of dY.
 
-    - Input gradient with ``perm`` (bimask): ``dX = input_grad(dY[P along channels], W[P] ⊙ Bp)``,
-      ``Bp = nm_mask(|W⊙F|[P], dim=0) ∧ F[P]`` (for a conv, at every ``(c, *k)``); without:
-      ``dX = input_grad(dY, W ⊙ F)`` (``F`` is the transposable mask in that mode). With mask
-      decay the masked-out weights enter scaled by ``α`` instead of 0.
+    - Input gradient: ``dX = input_grad(dY, input_grad_weight(W, W⊙F, P, ...))``: ``W ⊙ B`` with
+      Bi-Mask's ``B``, else ``W ⊙ F`` (``F`` is the transposable mask in that mode).
     - Weight gradient, straight-through: ``dW = weight_grad(prune(dY)) + λ(1−F)⊙W``, ``prune`` the
       MVUE rule on the token view ``[T, O]`` of dY (or none).
     - ``db = Σ dY`` over all but channels (unpruned).
     """
-    _, weight, fwd_mask, perm, n_eff, alpha, step = ctx.saved_tensors
+    _, weight, masked, perm, n_eff, alpha, step = ctx.saved_tensors
     layer = ctx.layer
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
-        if perm is not None:
-            with annotate(role(layer, "bwd_perm")):
-                w_perm, f_perm = weight.index_select(0, perm), fwd_mask.index_select(0, perm)
-                kept = torch.where(f_perm, w_perm, 0)
-            with annotate(role(layer, "bwd_mask")):
-                b_perm = (nm_keep(kept, ctx.n, ctx.m, 0, n_eff) > 0) & f_perm
-            with annotate(role(layer, "bwd_input_grad")):
-                # dY[:, P]·(W[P]⊙Bp) = dY·(W[P]⊙Bp)[P⁻¹]: a dense GEMM takes the rows back to their
-                # places, which costs a row gather of W instead of a column gather of dY.
-                w_eff = _effective_weight(w_perm, b_perm, alpha).index_select(0, torch.argsort(perm))
-                dx = input_grad(dy, w_eff.to(dy.dtype))
-        else:
-            with annotate(role(layer, "bwd_input_grad")):
-                dx = input_grad(dy, _effective_weight(weight, fwd_mask, alpha).to(dy.dtype))
+        w_b = input_grad_weight(weight, masked, perm, ctx.n, ctx.m, n_eff, alpha, layer)
+        with annotate(role(layer, "bwd_input_grad")):
+            dx = input_grad(dy, w_b.to(dy.dtype))
     if ctx.needs_input_grad[1]:
         grad = dy
         if ctx.grad_prune != "none":
@@ -251,16 +284,16 @@ def _sparse_backward(
             dw = weight_grad(grad)
         if ctx.srste_lambda:
             with annotate(role(layer, "bwd_srste")):
-                dw = dw + ctx.srste_lambda * torch.where(fwd_mask, 0, weight)
+                dw = dw + ctx.srste_lambda * srste_term(weight, masked)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         with annotate(role(layer, "bwd_bias_grad")):
             db = dy.sum([d for d in range(dy.dim()) if d != channel_dim % dy.dim()])
     return dx, dw, db
 
 
-def _save_common(ctx: Any, x, weight, bias, fwd_mask, perm, n, m, srste_lambda, layer, n_eff, alpha, step,
+def _save_common(ctx: Any, x, weight, bias, masked, perm, n, m, srste_lambda, layer, n_eff, alpha, step,
                  grad_prune, prune_key) -> None:  # fmt: skip
-    ctx.save_for_backward(x, weight, fwd_mask, perm, n_eff, alpha, step)
+    ctx.save_for_backward(x, weight, masked, perm, n_eff, alpha, step)
     ctx.n, ctx.m, ctx.srste_lambda, ctx.layer = n, m, srste_lambda, layer
     ctx.grad_prune, ctx.prune_key = grad_prune, prune_key
     ctx.has_bias = bias is not None
@@ -283,8 +316,8 @@ def _linear_backward(ctx: Any, dy: torch.Tensor) -> tuple:
 
 
 def _setup_conv(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    x, weight, bias, fwd_mask, perm, stride, padding, dilation, groups, *rest = inputs
-    _save_common(ctx, x, weight, bias, fwd_mask, perm, *rest)
+    x, weight, bias, masked, perm, stride, padding, dilation, groups, *rest = inputs
+    _save_common(ctx, x, weight, bias, masked, perm, *rest)
     ctx.conv = (stride, padding, dilation, False, [0] * len(stride), groups)
 
 

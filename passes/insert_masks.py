@@ -1,9 +1,9 @@
 """Rewrite pass: each sparse GEMM node becomes explicit mask, permutation and sparse-GEMM nodes.
 
 ``linear(x, W, b)`` turns into ``<layer>_fwd_mask = nmsparse.nm_mask(W)`` (or the transposable
-mask), state inputs (``<layer>_perm`` for Bi-Mask; ``_n_eff``, ``_alpha``, ``_step`` for the
-recipes of SPEC §7–§8), and ``<layer>_fwd_gemm =
-nmsparse.sparse_linear(x, W, b, mask, perm, ...)`` whose autograd holds the backward masks;
+mask), ``<layer>_fwd_masked = W ⊙ mask``, state inputs (``<layer>_perm`` for Bi-Mask; ``_n_eff``,
+``_alpha``, ``_step`` for the recipes of SPEC §7–§8), and ``<layer>_fwd_gemm =
+nmsparse.sparse_linear(x, W, b, masked, perm, ...)`` whose autograd holds the backward masks;
 ``conv2d(x, W, b, ...)`` likewise into ``<layer>_fwd_conv = nmsparse.sparse_conv(...)``.
 The dynamo graph is copied first, never edited in place.
 """
@@ -16,8 +16,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch.utils.checkpoint import CheckpointPolicy
 
-from nmcompile.ops import NAME_KEY
+from nmcompile.ops import NAME_KEY, masked_weight
 from nmcompile.options import SparsityConfig
 from nmcompile.reference import conv_padding, prune_key
 from nmcompile.state import graph_input_kinds
@@ -64,7 +65,7 @@ def _named(graph: fx.Graph, target: Any, args: tuple, name: str, annotate: bool 
 
 
 def _conv(
-    graph: fx.Graph, target: GemmTarget, x: Any, w: fx.Node, bias: Any, mask: fx.Node, perm: Any,
+    graph: fx.Graph, target: GemmTarget, x: Any, w: fx.Node, bias: Any, masked: fx.Node, perm: Any,
     config: SparsityConfig, recipe: tuple,
 ) -> fx.Node:  # fmt: skip
     """``nmsparse.sparse_conv`` with explicit padding; ``"same"`` that needs asymmetric padding
@@ -75,7 +76,7 @@ def _conv(
     if pad is not None:
         x = _named(graph, F.pad, (x, pad), f"{layer}_same_pad")
     geometry = (list(conv.stride), padding, list(conv.dilation), conv.groups)
-    args = (x, w, bias, mask, perm, *geometry, config.n, config.m, config.srste_lambda, layer, *recipe)
+    args = (x, w, bias, masked, perm, *geometry, config.n, config.m, config.srste_lambda, layer, *recipe)
     return _named(graph, torch.ops.nmsparse.sparse_conv.default, args, f"{layer}_fwd_conv", annotate=False)
 
 
@@ -133,11 +134,15 @@ def insert_masks(
             else:
                 mask_op, mask_args = torch.ops.nmsparse.nm_mask.default, (w, n, m, 1, n_eff)
             mask = _named(graph, mask_op, mask_args, f"{layer}_fwd_mask")
+            masked = _named(graph, masked_weight, (w, mask), f"{layer}_fwd_masked")
+            # Saved for the backward, not recomputed there from the smaller bool mask: Inductor's
+            # CPU code loads bool vectors 10-30x slower than floats.
+            masked.meta["recompute"] = CheckpointPolicy.MUST_SAVE
             if target.conv is not None:
-                out = _conv(graph, target, x, w, bias, mask, perm, config, recipe)
+                out = _conv(graph, target, x, w, bias, masked, perm, config, recipe)
             else:
                 fused_bias = None if target.add_bias else bias
-                args = (x, w, fused_bias, mask, perm, n, m, config.srste_lambda, layer, *recipe)
+                args = (x, w, fused_bias, masked, perm, n, m, config.srste_lambda, layer, *recipe)
                 out = _named(graph, torch.ops.nmsparse.sparse_linear.default, args, f"{layer}_fwd_gemm", annotate=False)
                 if target.add_bias:
                     out = _named(graph, torch.add, (bias, out), f"{layer}_fwd_bias")

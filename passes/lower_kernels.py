@@ -3,9 +3,9 @@
 Runs on the graph ``insert_masks`` wrote, before AOTAutograd, so the partitioner sees the fused
 op's own autograd: the forward saves ``W`` and ``P`` (never a mask) and the backward graph holds
 one kernel per product (``<layer>_bwd_input_grad``, ``<layer>_bwd_weight_grad``). Each
-``<layer>_fwd_gemm = nmsparse.sparse_linear(x, W, b, <layer>_fwd_mask, P, ...)`` becomes
-``nmsparse.triton_linear(x, W, b, None, P, ...)`` (the mask node goes; the kernels rank ``F`` in
-registers), or keeps its mask where it is not N:M along ``K`` alone (``transposable``).
+``<layer>_fwd_gemm = nmsparse.sparse_linear(x, W, b, <layer>_fwd_masked, P, ...)`` becomes
+``nmsparse.triton_linear(x, W, b, None, P, ...)`` (the mask nodes go; the kernels rank ``F`` in
+registers), or takes the mask itself where it is not N:M along ``K`` alone (``transposable``).
 Option ``kernels``: ``auto`` lowers on CUDA, ``triton`` also under ``TRITON_INTERPRET=1`` on the
 CPU (tests), ``portable`` never. ``sparse24`` lowers to ``nmsparse.sparse24_linear`` (2:4 sparse
 tensor cores) where the N:M pattern is 2:4, the compute dtype fp16/bf16 and the GPU sm80+, and
@@ -134,7 +134,8 @@ def lower_kernels(gm: fx.GraphModule, config: SparsityConfig) -> tuple[fx.GraphM
         import nmcompile.kernels.ops  # noqa: F401  (registers nmsparse::triton_* and sparse24_*)
 
         target = {"triton": torch.ops.nmsparse.triton_linear, "sparse24": torch.ops.nmsparse.sparse24_linear}
-        mask = node.args[3]
+        masked = node.args[3]  # W ⊙ mask: the lowered ops take the mask itself, or rank it in registers
+        mask = masked.args[1]
         in_registers = mask.target is torch.ops.nmsparse.nm_mask.default
         args: tuple[Any, ...] = (*node.args[:3], None if in_registers else mask, *node.args[4:])
         with graph.inserting_before(node):
@@ -144,8 +145,9 @@ def lower_kernels(gm: fx.GraphModule, config: SparsityConfig) -> tuple[fx.GraphM
         name = node.name
         graph.erase_node(node)
         lowered._rename(name)
-        if in_registers and not mask.users:
-            graph.erase_node(mask)
+        for unused in (masked, mask):
+            if not unused.users:
+                graph.erase_node(unused)
     graph.lint()
     gm.recompile()
     return gm, choices

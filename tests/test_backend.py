@@ -287,3 +287,40 @@ def test_inductor_caches_graphs_and_aot_cache_stays_off():
         targets = {str(node.target) for node in graph.graph.nodes}
         assert "nmsparse.nm_mask.default" not in targets
         assert "aten.ge.Tensor" in targets
+
+
+@pytest.mark.parametrize("backward", ["bimask", "transposable"])
+def test_backward_reads_masked_weight_not_bool_mask(backward):
+    """The forward saves ``W ⊙ F`` (``<layer>_fwd_masked``) for the backward, which never loads a
+    bool mask (slow vector loads in Inductor's CPU code), even where recomputing from one is smaller."""
+    report = nmcompile.explain(MLP(), torch.randn(8, 32, requires_grad=True), backward=backward)
+    assert {"fc1_fwd_masked", "fc2_fwd_masked", "head_fwd_masked"} <= {n.name for n in report.forward_graph.graph.nodes}
+    saved = [n.meta["val"] for n in report.backward_graph.graph.nodes if n.op == "placeholder"]
+    assert [t.dtype for t in saved if t.dtype == torch.bool] == []
+    weights = [tuple(p.shape) for p in MLP().parameters() if p.dim() == 2]
+    assert sorted(tuple(t.shape) for t in saved if t.dim() == 2 and tuple(t.shape) in weights) == sorted(weights * 2)
+
+
+@pytest.mark.parametrize("alpha", [None, 0.25])
+@pytest.mark.parametrize("use_perm", [True, False])
+def test_masked_weight_stands_for_the_mask(alpha, use_perm):
+    """``sparse_linear`` gets ``W ⊙ F`` and reads ``F`` back as ``W ⊙ F != 0``: with kept and pruned
+    zeros (small integers, so fp32 is exact), Y, dX and dW equal the reference's formulas on the true
+    ``F`` and ``B`` bit for bit, with mask decay too."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randint(-2, 3, (8, 16), generator=gen).float()
+    w[0, :4] = 0.0  # a group of zeros: two of them kept
+    x = torch.randint(-3, 4, (6, 16), generator=gen).float()
+    dy = torch.randint(-3, 4, (6, 8), generator=gen).float()
+    fmask = reference.nm_mask(w, 2, 4, 1)
+    perm = torch.randperm(8, generator=gen) if use_perm else None
+    bmask = reference.backward_mask(w, fmask, perm, 2, 4) if use_perm else fmask
+    recipe = reference.Recipe(srste_lambda=0.5, alpha=alpha)
+    xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+    alpha_t = None if alpha is None else torch.tensor(alpha)
+    masked = nmcompile.ops.masked_weight(w, fmask)
+    y = torch.ops.nmsparse.sparse_linear(xl, wl, None, masked, perm, 2, 4, 0.5, "t", None, alpha_t)
+    y.backward(dy)
+    assert torch.equal(y, x @ recipe.weight(w, fmask).t())
+    assert torch.equal(xl.grad, dy @ recipe.weight(w, bmask))
+    assert torch.equal(wl.grad, recipe.srste(dy.t() @ x, w, fmask))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from nmcompile import kernels, reference
+from nmcompile.ops import masked_weight
 from tests.conftest import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -121,7 +122,8 @@ def test_mvue_prune_changes_with_step_and_key():
 def _portable_forward(x, w, b, n, m, mask=None, alpha=None):
     fmask = reference.nm_mask(w, n, m, 1) if mask is None else mask
     b, alpha = (t.cpu() if t is not None else None for t in (b, alpha))
-    return torch.ops.nmsparse.sparse_linear(x.cpu(), w.cpu(), b, fmask.cpu(), None, n, m, 0.0, "t", None, alpha)
+    masked = masked_weight(w.cpu(), fmask.cpu())
+    return torch.ops.nmsparse.sparse_linear(x.cpu(), w.cpu(), b, masked, None, n, m, 0.0, "t", None, alpha)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

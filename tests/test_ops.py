@@ -8,6 +8,7 @@ import torch
 
 import nmcompile  # noqa: F401  (registers the ops)
 from nmcompile import reference
+from nmcompile.ops import masked_weight
 
 ops = torch.ops.nmsparse
 
@@ -44,7 +45,7 @@ def _linear_args(perm: bool, recipe: bool) -> tuple:
     b = torch.randn(8, requires_grad=True)
     mask = reference.nm_mask(w, 2, 4, 1)
     extra = (None, torch.tensor(0.5), torch.tensor(2), "mvue24", 7) if recipe else ()
-    return (x, w, b, mask, torch.randperm(8) if perm else None, 2, 4, 2e-4, "fc", *extra)
+    return (x, w, b, masked_weight(w, mask).detach(), torch.randperm(8) if perm else None, 2, 4, 2e-4, "fc", *extra)
 
 
 @pytest.mark.parametrize("perm", [True, False])
@@ -62,5 +63,6 @@ def test_sparse_conv_op(channels_last, recipe):
     w = _w(8, 8, 3, 3).requires_grad_()
     mask = reference.nm_mask(w, 2, 4, 1)
     extra = (torch.tensor(2), torch.tensor(0.25), torch.tensor(1), "mvue12", 3) if recipe else ()
-    args = (x.requires_grad_(), w, None, mask, torch.randperm(8), [2, 2], [1, 1], [1, 1], 1, 2, 4, 0.0, "c", *extra)
+    masked = masked_weight(w, mask).detach()
+    args = (x.requires_grad_(), w, None, masked, torch.randperm(8), [2, 2], [1, 1], [1, 1], 1, 2, 4, 0.0, "c", *extra)
     torch.library.opcheck(ops.sparse_conv.default, args)

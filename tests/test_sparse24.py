@@ -25,6 +25,7 @@ from nmcompile.kernels import ops as kernel_ops
 from nmcompile.kernels import sparse24
 from nmcompile.kernels.mvue import mvue_prune
 from nmcompile.kernels.operand24 import forward_operand, input_grad_operand
+from nmcompile.ops import masked_weight
 from tests.conftest import MLP, assert_close, cuda_autocast_losses, train_and_compare
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -160,7 +161,7 @@ def test_op_matches_portable_op():
     x, w, b, dy = _randn(12, 32), _randn(16, 32, seed=1), _randn(16, seed=2), _randn(12, 16, seed=3)
     perm, step = _perm(16), torch.tensor(3)
     results = []
-    portable = (torch.ops.nmsparse.sparse_linear, reference.nm_mask(w, 2, 4, 1))
+    portable = (torch.ops.nmsparse.sparse_linear, masked_weight(w, reference.nm_mask(w, 2, 4, 1)))
     for op, mask in (portable, (kernel_ops.sparse24_linear, None)):
         leaves = [t.clone().requires_grad_() for t in (x, w, b)]
         y = op(*leaves, mask, perm, 2, 4, 0.01, "t", None, None, step, "mvue24", 9)
