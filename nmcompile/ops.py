@@ -154,19 +154,15 @@ def input_grad_weight(
     a row gather of the weight instead of a column gather of ``dY``. Without: ``W ⊙ F``. Mask decay
     lets the masked-out weights in scaled by ``α``. The steps are annotated as ``<layer>_bwd_*`` nodes.
     """
-    if perm is None:
+    if perm is not None:  # masked becomes W ⊙ B
+        with annotate(role(layer, "bwd_perm")):
+            kept = masked.index_select(0, perm)
+        with annotate(role(layer, "bwd_mask")):
+            b_perm = nm_keep(kept, n, m, 0, n_eff) > 0
         with annotate(role(layer, "bwd_input_grad")):
-            return _decayed(weight, masked, alpha)
-    with annotate(role(layer, "bwd_perm")):
-        kept = masked.index_select(0, perm)
-    with annotate(role(layer, "bwd_mask")):
-        b_perm = nm_keep(kept, n, m, 0, n_eff) > 0
+            masked = torch.where(b_perm, kept, 0).index_select(0, torch.argsort(perm))
     with annotate(role(layer, "bwd_input_grad")):
-        if alpha is None:
-            w_perm = torch.where(b_perm, kept, 0)
-        else:
-            w_perm = torch.where(b_perm & (kept != 0), kept, weight.index_select(0, perm) * alpha)
-        return w_perm.index_select(0, torch.argsort(perm))
+        return _decayed(weight, masked, alpha)
 
 
 def srste_term(weight: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
