@@ -45,12 +45,16 @@ def _reference(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.T
 
 
 def _portable(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Tensor) -> Gemms:
-    """The GEMMs as the portable backend's graphs compute them (``nmcompile.ops``' composite mask,
-    ``W ⊙ F`` and the backward's helpers on it), each ``torch.compile``d as the backend's are."""
+    """The GEMMs as the portable backend's graphs compute them (``W ⊙ F`` from the C mask kernel where
+    ``lower_kernels`` uses it, else from ``nmcompile.ops``' composite mask, and the backward's helpers
+    on it), each ``torch.compile``d as the backend's are."""
+    from nmcompile.kernels import cpu_mask
     from nmcompile.ops import input_grad_weight, masked_weight, nm_mask, srste_term
 
+    c_kernel = cpu_mask.blocker(w, M) is None
+
     def masked() -> torch.Tensor:
-        return masked_weight(w, nm_mask(w, N, M, 1))
+        return torch.ops.nmsparse.cpu_masked_weight(w, N) if c_kernel else masked_weight(w, nm_mask(w, N, M, 1))
 
     def forward() -> torch.Tensor:
         return x @ masked().t()

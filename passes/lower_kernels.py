@@ -10,6 +10,8 @@ Option ``kernels``: ``auto`` lowers on CUDA, ``triton`` also under ``TRITON_INTE
 CPU (tests), ``portable`` never. ``sparse24`` lowers to ``nmsparse.sparse24_linear`` (2:4 sparse
 tensor cores) where the N:M pattern is 2:4, the compute dtype fp16/bf16 and the GPU sm80+, and
 falls back as ``auto`` elsewhere. Every sparse GEMM gets a ``KernelChoice`` saying what and why.
+A linear GEMM that stays portable keeps its graph, except that on the CPU ``<layer>_fwd_masked``
+becomes ``nmsparse.cpu_masked_weight`` (the C mask kernel: fp32, M=4) where that kernel applies.
 """
 
 from __future__ import annotations
@@ -114,6 +116,28 @@ def _choose(node: fx.Node, config: SparsityConfig) -> KernelChoice:
     return KernelChoice("portable", f"{not_24}; {why}" if not_24 else why)
 
 
+def _cpu_forward_mask(graph: fx.Graph, masked: fx.Node, config: SparsityConfig) -> None:
+    """``<layer>_fwd_masked = W ⊙ nm_mask(W)`` onto the C kernel where it applies (CPU, fp32, M=4):
+    Inductor's CPU code for groups along the contiguous dim is scalar and 8x slower."""
+    mask = masked.args[1]
+    if mask.target is not torch.ops.nmsparse.nm_mask.default or mask.args[3] != 1 or len(mask.users) != 1:
+        return
+    from nmcompile.kernels import cpu_mask
+
+    weight, n, n_eff = mask.args[0], mask.args[1], mask.args[4]
+    value = example_value(weight)
+    if value is None or cpu_mask.blocker(value, config.m) is not None:
+        return
+    with graph.inserting_before(masked):
+        fused = graph.call_function(torch.ops.nmsparse.cpu_masked_weight.default, (weight, n, n_eff))
+    fused.meta = dict(masked.meta)
+    masked.replace_all_uses_with(fused)
+    name = masked.name
+    graph.erase_node(masked)
+    graph.erase_node(mask)
+    fused._rename(name)
+
+
 def lower_kernels(gm: fx.GraphModule, config: SparsityConfig) -> tuple[fx.GraphModule, dict[str, KernelChoice]]:
     """Lower ``gm``'s sparse GEMMs in place where ``config.kernels`` and the operands allow.
 
@@ -130,6 +154,7 @@ def lower_kernels(gm: fx.GraphModule, config: SparsityConfig) -> tuple[fx.GraphM
         layer = node.args[8]
         choices[layer] = choice = _choose(node, config)
         if choice.kernel == "portable":
+            _cpu_forward_mask(graph, node.args[3], config)
             continue
         import nmcompile.kernels.ops  # noqa: F401  (registers nmsparse::triton_* and sparse24_*)
 

@@ -16,10 +16,10 @@ def _names(gm: torch.fx.GraphModule) -> set[str]:
 
 @pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
 def test_graph_nodes_say_what_they_are(inner):
-    """Forward and backward graphs after AOTAutograd carry <layer>_fwd_mask, _bwd_perm, _bwd_mask, ..."""
+    """Forward and backward graphs after AOTAutograd carry <layer>_fwd_masked, _bwd_perm, _bwd_mask, ..."""
     report = nmcompile.explain(MLP(), torch.randn(4, 32), inner=inner)
     fwd, bwd = _names(report.forward_graph), _names(report.backward_graph)
-    assert {"fc1_weight", "fc1_perm", "fc1_fwd_mask", "fc1_fwd_gemm", "fc2_fwd_mask", "head_fwd_gemm"} <= fwd
+    assert {"fc1_weight", "fc1_perm", "fc1_fwd_masked", "fc1_fwd_gemm", "fc2_fwd_masked", "head_fwd_gemm"} <= fwd
     assert "head_perm" in fwd  # O=16 is divisible by 4: Bi-Mask backward, so a permutation input
     assert {"fc2_bwd_perm", "fc2_bwd_mask", "fc2_bwd_input_grad", "fc2_bwd_weight_grad", "fc2_bwd_srste"} <= bwd
     assert {"fc1_bwd_weight_grad", "fc1_bwd_bias_grad"} <= bwd
@@ -78,8 +78,8 @@ def test_networkx_and_dot_exports():
     """to_networkx has prefixed nodes with edges from inputs; to_dot is one cluster per graph."""
     report = nmcompile.explain(MLP(), torch.randn(4, 32), inner="aot_eager")
     g = report.to_networkx()
-    assert g.has_edge("0:forward:fc1_weight", "0:forward:fc1_fwd_mask")
-    assert g.nodes["0:forward:fc1_fwd_mask"]["nmsparse"] == "fc1_fwd_mask"
+    assert g.has_edge("0:forward:fc1_weight", "0:forward:fc1_fwd_masked")
+    assert g.nodes["0:forward:fc1_fwd_masked"]["nmsparse"] == "fc1_fwd_masked"
     assert g.nodes["0:backward:fc2_bwd_mask"]["kind"] == "backward"
     dot = report.to_dot()
     assert dot.startswith("digraph nmsparse {") and dot.rstrip().endswith("}")
@@ -113,5 +113,5 @@ def test_dump_dir_writes_graphs_and_table(tmp_path, monkeypatch):
     (directory,) = list(tmp_path.iterdir())
     assert {p.name for p in directory.iterdir()} == {"report.txt", "forward.py", "backward.py", "graphs.dot"}
     assert "fc1.weight" in (directory / "report.txt").read_text()
-    assert "fc1_fwd_mask" in (directory / "forward.py").read_text()
+    assert "fc1_fwd_masked" in (directory / "forward.py").read_text()
     assert "fc2_bwd_mask" in (directory / "backward.py").read_text()

@@ -1,0 +1,167 @@
+"""The C forward-mask kernel (``nmcompile/kernels/cpu_mask.py``) against SPEC §2 and the reference,
+and its place in the portable CPU graphs (``passes/lower_kernels.py``)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import MLP
+from torch import nn
+
+import nmcompile
+from nmcompile import reference
+from nmcompile.kernels import cpu_mask
+
+pytestmark = pytest.mark.skipif(
+    isinstance(cpu_mask._library(), str), reason=f"C mask kernel unavailable: {cpu_mask._library()}"
+)
+
+
+def _special(rows: int, cols: int) -> torch.Tensor:
+    """Gaussian weights with the cases SPEC §2 names: ties, NaN, ±0, ±inf, and an all-zero group."""
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows * cols))
+    w[0, :4] = torch.tensor([1.0, -1.0, 1.0, -1.0])  # ties: the lower indices win
+    w[1, :4] = torch.tensor([float("nan"), 0.5, float("nan"), 2.0])  # NaN ranks largest
+    w[2, :4] = torch.tensor([0.0, -0.0, 0.0, -0.0])
+    w[3, :4] = torch.tensor([float("-inf"), 3.0, float("inf"), float("nan")])
+    return w
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape", [(4, 4), (5, 12), (8, 64), (64, 36)], ids=str)
+def test_kernel_equals_reference_bit_for_bit(shape, n):
+    """``W ⊙ F`` equals ``where(reference.nm_mask(W), W, +0.0)`` in every bit (NaN payloads and the
+    sign of kept zeros included), for an even and an odd number of groups (the scalar tail)."""
+    w = _special(*shape)
+    expected = torch.where(reference.nm_mask(w, n, 4, 1), w, 0.0)
+    out = cpu_mask.nm4_masked_weight(w, n)
+    assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+    assert int((out != 0).sum()) <= n * w.numel() // 4
+
+
+def test_kernel_reads_strided_and_grad_weights():
+    """A transposed view (the ``[in, out]`` layout's ``W.t()``) and a weight that requires grad."""
+    w = _special(16, 8).t().requires_grad_()
+    out = cpu_mask.nm4_masked_weight(w, 2)
+    expected = torch.where(reference.nm_mask(w.detach(), 2, 4, 1), w.detach(), 0.0)
+    assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+    assert out.is_contiguous() and not out.requires_grad
+
+
+@pytest.mark.parametrize(
+    ("weight", "n", "message"),
+    [
+        (torch.zeros(4, 8, dtype=torch.float64), 2, "fp32 on the CPU"),
+        (torch.zeros(4, 6), 2, "divisible by 4"),
+        (torch.zeros(()), 2, "divisible by 4"),
+        (torch.zeros(4, 8), 0, "n must be in 1..4"),
+        (torch.zeros(4, 8), 5, "n must be in 1..4"),
+    ],
+)
+def test_launcher_rejects_bad_inputs(weight, n, message):
+    with pytest.raises(ValueError, match=message):
+        cpu_mask.nm4_masked_weight(weight, n)
+
+
+def test_blocker_reasons(monkeypatch):
+    """The lowering asks ``blocker`` first: every case that keeps the composite mask has its reason."""
+    assert cpu_mask.blocker(torch.zeros(4, 8), 4) is None
+    assert cpu_mask.blocker(torch.zeros(4, 8, device="meta"), 4) == "weight on meta"
+    assert cpu_mask.blocker(torch.zeros(4, 8, dtype=torch.bfloat16), 4) == (
+        "weight dtype torch.bfloat16 (the C kernel takes fp32)"
+    )
+    assert cpu_mask.blocker(torch.zeros(4, 8), 8) == "m=8 (the C kernel is written for m=4)"
+    monkeypatch.setattr(cpu_mask, "_compiler", lambda: None)
+    cpu_mask._library.cache_clear()
+    try:
+        assert cpu_mask.blocker(torch.zeros(4, 8), 4) == "no C compiler found ($CC, cc or gcc)"
+        with pytest.raises(RuntimeError, match="no C compiler"):
+            cpu_mask.nm4_masked_weight(torch.zeros(4, 8), 2)
+    finally:
+        monkeypatch.undo()
+        cpu_mask._library.cache_clear()
+    assert cpu_mask.blocker(torch.zeros(4, 8), 4) is None
+
+
+def test_build_is_cached_by_source_and_cpu(tmp_path, monkeypatch):
+    """A fresh cache directory gets one library named by the key; a second process-level build reuses it."""
+    monkeypatch.setattr(cpu_mask, "_cache_dir", lambda: tmp_path)
+    cpu_mask._library.cache_clear()
+    try:
+        first = cpu_mask._library()
+        built = sorted(tmp_path.iterdir())
+        assert len(built) == 1 and built[0].name.startswith("nm4_mask_") and built[0].suffix == ".so"
+        stamp = built[0].stat().st_mtime_ns
+        cpu_mask._library.cache_clear()
+        second = cpu_mask._library()
+        assert first._name == second._name == str(built[0]) and built[0].stat().st_mtime_ns == stamp
+    finally:
+        monkeypatch.undo()
+        cpu_mask._library.cache_clear()
+
+
+def _forward_targets(model: nn.Module, **options) -> dict[str, str]:
+    x = torch.randn(8, 32, dtype=next(model.parameters()).dtype)
+    report = nmcompile.explain(model, x, inner="aot_eager", **options)
+    return {node.name: str(node.target) for node in report.forward_graph.graph.nodes}
+
+
+@pytest.mark.parametrize("kernels", ["auto", "portable"])
+def test_portable_graph_uses_the_kernel(kernels):
+    """fp32 2:4 on the CPU: ``<layer>_fwd_masked`` is the C kernel and no ``<layer>_fwd_mask`` is left."""
+    targets = _forward_targets(MLP(), kernels=kernels)
+    for layer in ("fc1", "fc2", "head"):
+        assert targets[f"{layer}_fwd_masked"] == "nmsparse.cpu_masked_weight.default"
+        assert f"{layer}_fwd_mask" not in targets
+
+
+@pytest.mark.parametrize(
+    ("model", "options"),
+    [
+        (MLP(), {"n": 2, "m": 8}),  # the kernel is written for m=4
+        (MLP().double(), {}),  # fp32 only
+        (MLP(), {"backward": "transposable"}),  # F is not nm_mask along K alone
+    ],
+    ids=["m8", "fp64", "transposable"],
+)
+def test_other_layers_keep_the_composite_mask(model, options):
+    targets = _forward_targets(model, **options)
+    assert "nmsparse.cpu_masked_weight.default" not in targets.values()
+    assert "fc1_fwd_mask" in targets and "fc1_fwd_masked" in targets
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"structure_decay": True, "total_steps": 6, "n": 1, "inner": "aot_eager"},
+        {"mask_decay": "linear", "mask_decay_rate": 0.2, "inner": "aot_eager"},
+    ],
+    ids=["bimask-inductor", "structure_decay", "mask_decay"],
+)
+def test_training_matches_the_composite_mask(options, monkeypatch):
+    """4 SGD steps with the kernel and with the composite mask: identical losses and weights (N
+    changing between steps under structure decay; pruned weights scaled by alpha under mask decay)."""
+    base = MLP()
+    x = torch.randn(8, 32)
+    results = []
+    for blocked in (False, True):
+        if blocked:
+            monkeypatch.setattr(cpu_mask, "blocker", lambda weight, m: "blocked by the test")
+        torch._dynamo.reset()
+        model = copy.deepcopy(base)
+        compiled = torch.compile(model, backend=nmcompile.backend(**options))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses = []
+        for _ in range(4):
+            loss = compiled(x).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach())
+        results.append((torch.stack(losses), [p.detach().clone() for p in model.parameters()]))
+    (losses_c, params_c), (losses_t, params_t) = results
+    assert torch.equal(losses_c, losses_t)
+    assert all(torch.equal(a, b) for a, b in zip(params_c, params_t, strict=True))
