@@ -10,6 +10,7 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ STEP_ROWS = (
     "dense inductor",
     "reference eager",
     "nmsparse portable",
+    "nmsparse portable, composite mask",
     "nmsparse triton",
     "nmsparse sparse24",
 )
@@ -76,6 +78,8 @@ def _prepare(
         return torch.compile(model)
     if name == "reference eager":
         return reference.sparsify(model, n=2, m=4)
+    if name == "nmsparse portable, composite mask":
+        return _composite_mask(_prepare("nmsparse portable", model, device, dtype))
     kernels = name.removeprefix("nmsparse ")
     why = unavailable(kernels, device, dtype)
     if why is not None:
@@ -87,6 +91,22 @@ def _prepare(
     except ValueError as exc:
         return f"not available: {exc}"
     return torch.compile(model, backend=backend)
+
+
+def _composite_mask(
+    run: Callable[[torch.Tensor], torch.Tensor] | str,
+) -> Callable[[torch.Tensor], torch.Tensor] | str:
+    """``run`` compiled with the C forward-mask kernel turned off (the lowering asks its ``blocker``
+    at compile time), so the same run shows what the kernel saves against the composite mask."""
+    if isinstance(run, str):
+        return run
+    from nmcompile.kernels import cpu_mask
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with mock.patch.object(cpu_mask, "blocker", lambda weight, m: "off for this row"):
+            return run(x)
+
+    return forward
 
 
 def _training_step(

@@ -146,9 +146,16 @@ def test_training_matches_the_composite_mask(options, monkeypatch):
     changing between steps under structure decay; pruned weights scaled by alpha under mask decay)."""
     base = MLP()
     x = torch.randn(8, 32)
+    calls = []
+    launch = cpu_mask.nm4_masked_weight
+    monkeypatch.setattr(cpu_mask, "nm4_masked_weight", lambda w, n: calls.append(n) or launch(w, n))
     results = []
     for blocked in (False, True):
         if blocked:
+            assert len(calls) == 4 * 3  # every step, every layer
+            if "structure_decay" in options:
+                assert calls[::3] == [3, 3, 2, 2]  # n_eff read at each step: 3:4, then 2:4 (frames of 2 steps)
+            calls.clear()
             monkeypatch.setattr(cpu_mask, "blocker", lambda weight, m: "blocked by the test")
         torch._dynamo.reset()
         model = copy.deepcopy(base)
@@ -162,6 +169,23 @@ def test_training_matches_the_composite_mask(options, monkeypatch):
             opt.zero_grad()
             losses.append(loss.detach())
         results.append((torch.stack(losses), [p.detach().clone() for p in model.parameters()]))
+    assert calls == []
     (losses_c, params_c), (losses_t, params_t) = results
     assert torch.equal(losses_c, losses_t)
     assert all(torch.equal(a, b) for a, b in zip(params_c, params_t, strict=True))
+
+
+def test_benchmark_row_without_the_kernel(monkeypatch):
+    """``benchmarks.step``'s composite-mask row compiles without the kernel, its portable row with it."""
+    from benchmarks import step
+
+    calls = []
+    launch = cpu_mask.nm4_masked_weight
+    monkeypatch.setattr(cpu_mask, "nm4_masked_weight", lambda w, n: calls.append(n) or launch(w, n))
+    x = torch.randn(8, 32)
+    for name, expected in (("nmsparse portable, composite mask", 0), ("nmsparse portable", 2)):
+        torch._dynamo.reset()
+        model = step.FFNBlock(32, 64)
+        step._prepare(name, model, torch.device("cpu"), torch.float32)(x).sum().backward()
+        assert len(calls) == expected, name
+        calls.clear()
