@@ -85,6 +85,33 @@ def test_blocker_reasons(monkeypatch):
     assert cpu_mask.blocker(torch.zeros(4, 8), 4) is None
 
 
+def test_unwritable_cache_is_a_reason_not_a_crash(tmp_path, monkeypatch):
+    """A cache directory that cannot be made (here: below a file) leaves the composite mask, with why."""
+    blocker_file = tmp_path / "file"
+    blocker_file.write_text("")
+    monkeypatch.setattr(cpu_mask, "_cache_dir", lambda: blocker_file / "nmcompile")
+    cpu_mask._library.cache_clear()
+    try:
+        reason = cpu_mask.blocker(torch.zeros(4, 8), 4)
+        assert reason is not None and reason.startswith("the C mask kernel could not be built or loaded")
+    finally:
+        monkeypatch.undo()
+        cpu_mask._library.cache_clear()
+
+
+def test_broken_compiler_is_a_reason(tmp_path, monkeypatch):
+    """A compiler that fails gives its error as the reason."""
+    monkeypatch.setattr(cpu_mask, "_cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(cpu_mask, "_compiler", lambda: "false")
+    cpu_mask._library.cache_clear()
+    try:
+        assert cpu_mask.blocker(torch.zeros(4, 8), 4) == "the C mask kernel did not build: "
+        assert list(tmp_path.iterdir()) == []  # the temporary build directory is gone
+    finally:
+        monkeypatch.undo()
+        cpu_mask._library.cache_clear()
+
+
 def test_build_is_cached_by_source_and_cpu(tmp_path, monkeypatch):
     """A fresh cache directory gets one library named by the key; a second process-level build reuses it."""
     monkeypatch.setattr(cpu_mask, "_cache_dir", lambda: tmp_path)

@@ -105,16 +105,20 @@ def _library() -> ctypes.CDLL | str:
         return "no C compiler found ($CC, cc or gcc)"
     key = hashlib.sha256("\0".join((_SOURCE, compiler, *_FLAGS, _cpu_key())).encode()).hexdigest()[:20]
     path = _cache_dir() / f"nm4_mask_{key}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            source, built = Path(tmp) / "nm4_mask.c", Path(tmp) / path.name
-            source.write_text(_SOURCE)
-            done = subprocess.run([compiler, *_FLAGS, str(source), "-o", str(built)], capture_output=True, text=True)
-            if done.returncode:
-                return f"the C mask kernel did not build: {done.stderr.strip()[:300]}"
-            os.replace(built, path)  # atomic: a concurrent build of the same key writes the same file
-    library = ctypes.CDLL(str(path))
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+                source, built = Path(tmp) / "nm4_mask.c", Path(tmp) / path.name
+                source.write_text(_SOURCE)
+                command = [compiler, *_FLAGS, str(source), "-o", str(built)]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode:
+                    return f"the C mask kernel did not build: {done.stderr.strip()[:300]}"
+                os.replace(built, path)  # atomic: a concurrent build of the same key writes the same file
+        library = ctypes.CDLL(str(path))
+    except OSError as exc:  # a read-only cache directory, a noexec mount, ...
+        return f"the C mask kernel could not be built or loaded: {exc}"
     library.nm4_masked_weight_f32.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32)
     library.nm4_masked_weight_f32.restype = None
     return library
