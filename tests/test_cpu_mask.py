@@ -65,7 +65,16 @@ def test_launcher_rejects_bad_inputs(weight, n, message):
         cpu_mask.nm4_masked_weight(weight, n)
 
 
-def test_blocker_reasons(monkeypatch):
+@pytest.fixture
+def rebuild(monkeypatch):
+    """``monkeypatch`` for the build's helpers, with the library cache cleared around the test, so the
+    library is built again under the patches and, after the test, again without them."""
+    cpu_mask._library.cache_clear()
+    yield monkeypatch
+    cpu_mask._library.cache_clear()  # before monkeypatch's own teardown undoes the patches
+
+
+def test_blocker_reasons():
     """The lowering asks ``blocker`` first: every case that keeps the composite mask has its reason."""
     assert cpu_mask.blocker(torch.zeros(4, 8), 4) is None
     assert cpu_mask.blocker(torch.zeros(4, 8, device="meta"), 4) == "weight on meta"
@@ -73,60 +82,42 @@ def test_blocker_reasons(monkeypatch):
         "weight dtype torch.bfloat16 (the C kernel takes fp32)"
     )
     assert cpu_mask.blocker(torch.zeros(4, 8), 8) == "m=8 (the C kernel is written for m=4)"
-    monkeypatch.setattr(cpu_mask, "_compiler", lambda: None)
-    cpu_mask._library.cache_clear()
-    try:
-        assert cpu_mask.blocker(torch.zeros(4, 8), 4) == "no C compiler found ($CC, cc or gcc)"
-        with pytest.raises(RuntimeError, match="no C compiler"):
-            cpu_mask.nm4_masked_weight(torch.zeros(4, 8), 2)
-    finally:
-        monkeypatch.undo()
-        cpu_mask._library.cache_clear()
-    assert cpu_mask.blocker(torch.zeros(4, 8), 4) is None
 
 
-def test_unwritable_cache_is_a_reason_not_a_crash(tmp_path, monkeypatch):
+def test_no_compiler_is_a_reason(rebuild):
+    rebuild.setattr(cpu_mask, "_compiler", lambda: None)
+    assert cpu_mask.blocker(torch.zeros(4, 8), 4) == "no C compiler found ($CC, cc or gcc)"
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        cpu_mask.nm4_masked_weight(torch.zeros(4, 8), 2)
+
+
+def test_unwritable_cache_is_a_reason_not_a_crash(tmp_path, rebuild):
     """A cache directory that cannot be made (here: below a file) leaves the composite mask, with why."""
     blocker_file = tmp_path / "file"
     blocker_file.write_text("")
-    monkeypatch.setattr(cpu_mask, "_cache_dir", lambda: blocker_file / "nmcompile")
-    cpu_mask._library.cache_clear()
-    try:
-        reason = cpu_mask.blocker(torch.zeros(4, 8), 4)
-        assert reason is not None and reason.startswith("the C mask kernel could not be built or loaded")
-    finally:
-        monkeypatch.undo()
-        cpu_mask._library.cache_clear()
+    rebuild.setattr(cpu_mask, "_cache_dir", lambda: blocker_file / "nmcompile")
+    reason = cpu_mask.blocker(torch.zeros(4, 8), 4)
+    assert reason is not None and reason.startswith("the C mask kernel could not be built or loaded")
 
 
-def test_broken_compiler_is_a_reason(tmp_path, monkeypatch):
+def test_broken_compiler_is_a_reason(tmp_path, rebuild):
     """A compiler that fails gives its error as the reason."""
-    monkeypatch.setattr(cpu_mask, "_cache_dir", lambda: tmp_path)
-    monkeypatch.setattr(cpu_mask, "_compiler", lambda: "false")
-    cpu_mask._library.cache_clear()
-    try:
-        assert cpu_mask.blocker(torch.zeros(4, 8), 4) == "the C mask kernel did not build: "
-        assert list(tmp_path.iterdir()) == []  # the temporary build directory is gone
-    finally:
-        monkeypatch.undo()
-        cpu_mask._library.cache_clear()
+    rebuild.setattr(cpu_mask, "_cache_dir", lambda: tmp_path)
+    rebuild.setattr(cpu_mask, "_compiler", lambda: "false")
+    assert cpu_mask.blocker(torch.zeros(4, 8), 4) == "the C mask kernel did not build: "
+    assert list(tmp_path.iterdir()) == []  # the temporary build directory is gone
 
 
-def test_build_is_cached_by_source_and_cpu(tmp_path, monkeypatch):
+def test_build_is_cached_by_source_and_cpu(tmp_path, rebuild):
     """A fresh cache directory gets one library named by the key; a second process-level build reuses it."""
-    monkeypatch.setattr(cpu_mask, "_cache_dir", lambda: tmp_path)
+    rebuild.setattr(cpu_mask, "_cache_dir", lambda: tmp_path)
+    first = cpu_mask._library()
+    built = sorted(tmp_path.iterdir())
+    assert len(built) == 1 and built[0].name.startswith("nm4_mask_") and built[0].suffix == ".so"
+    stamp = built[0].stat().st_mtime_ns
     cpu_mask._library.cache_clear()
-    try:
-        first = cpu_mask._library()
-        built = sorted(tmp_path.iterdir())
-        assert len(built) == 1 and built[0].name.startswith("nm4_mask_") and built[0].suffix == ".so"
-        stamp = built[0].stat().st_mtime_ns
-        cpu_mask._library.cache_clear()
-        second = cpu_mask._library()
-        assert first._name == second._name == str(built[0]) and built[0].stat().st_mtime_ns == stamp
-    finally:
-        monkeypatch.undo()
-        cpu_mask._library.cache_clear()
+    second = cpu_mask._library()
+    assert first._name == second._name == str(built[0]) and built[0].stat().st_mtime_ns == stamp
 
 
 def _forward_targets(model: nn.Module, **options) -> dict[str, str]:
