@@ -128,14 +128,21 @@ def _cpu_forward_mask(graph: fx.Graph, masked: fx.Node, config: SparsityConfig) 
     value = example_value(weight)
     if value is None or cpu_mask.blocker(value, config.m) is not None:
         return
-    with graph.inserting_before(masked):
-        fused = graph.call_function(torch.ops.nmsparse.cpu_masked_weight.default, (weight, n, n_eff))
-    fused.meta = dict(masked.meta)
-    masked.replace_all_uses_with(fused)
-    name = masked.name
-    graph.erase_node(masked)
+    _replace(graph, masked, torch.ops.nmsparse.cpu_masked_weight.default, (weight, n, n_eff))
     graph.erase_node(mask)
-    fused._rename(name)
+
+
+def _replace(graph: fx.Graph, node: fx.Node, target: Any, args: tuple) -> fx.Node:
+    """A call of ``target`` in ``node``'s place, with its metadata and name (which readers of the graph
+    and ``name_nodes`` go by); ``node`` is erased."""
+    with graph.inserting_before(node):
+        new = graph.call_function(target, args)
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    name = node.name
+    graph.erase_node(node)
+    new._rename(name)
+    return new
 
 
 def lower_kernels(gm: fx.GraphModule, config: SparsityConfig) -> tuple[fx.GraphModule, dict[str, KernelChoice]]:
@@ -163,13 +170,7 @@ def lower_kernels(gm: fx.GraphModule, config: SparsityConfig) -> tuple[fx.GraphM
         mask = masked.args[1]
         in_registers = mask.target is torch.ops.nmsparse.nm_mask.default
         args: tuple[Any, ...] = (*node.args[:3], None if in_registers else mask, *node.args[4:])
-        with graph.inserting_before(node):
-            lowered = graph.call_function(target[choice.kernel].default, args)
-        lowered.meta = dict(node.meta)
-        node.replace_all_uses_with(lowered)
-        name = node.name
-        graph.erase_node(node)
-        lowered._rename(name)
+        _replace(graph, node, target[choice.kernel].default, args)
         for unused in (masked, mask):
             if not unused.users:
                 graph.erase_node(unused)
