@@ -11,7 +11,8 @@ CPU (tests), ``portable`` never. ``sparse24`` lowers to ``nmsparse.sparse24_line
 tensor cores) where the N:M pattern is 2:4, the compute dtype fp16/bf16 and the GPU sm80+, and
 falls back as ``auto`` elsewhere. Every sparse GEMM gets a ``KernelChoice`` saying what and why.
 A linear GEMM that stays portable keeps its graph, except that on the CPU ``<layer>_fwd_masked``
-becomes ``nmsparse.cpu_masked_weight`` (the C mask kernel: fp32, M=4) where that kernel applies.
+becomes ``nmsparse.cpu_masked_weight`` (the C mask kernel: fp32, M=4) where that kernel applies,
+and its ``KernelChoice`` reason ends in ``CPU_MASK_NOTE``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from nmcompile.options import SparsityConfig, power_of_two
 from .find_targets import example_value
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CPU_MASK_NOTE = "forward mask: C kernel"  # the report's note on a portable layer whose W ⊙ F the C kernel writes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,20 +118,22 @@ def _choose(node: fx.Node, config: SparsityConfig) -> KernelChoice:
     return KernelChoice("portable", f"{not_24}; {why}" if not_24 else why)
 
 
-def _cpu_forward_mask(graph: fx.Graph, masked: fx.Node, config: SparsityConfig) -> None:
+def _cpu_forward_mask(graph: fx.Graph, masked: fx.Node, config: SparsityConfig) -> bool:
     """``<layer>_fwd_masked = W ⊙ nm_mask(W)`` onto the C kernel where it applies (CPU, fp32, M=4):
-    Inductor's CPU code for groups along the contiguous dim is scalar and 8x slower."""
+    Inductor's CPU code for groups along the contiguous dim is scalar and 8x slower. Returns
+    whether it applied."""
     mask = masked.args[1]
     if mask.target is not torch.ops.nmsparse.nm_mask.default or mask.args[3] != 1 or len(mask.users) != 1:
-        return
+        return False
     from nmcompile.kernels import cpu_mask
 
     weight, n, n_eff = mask.args[0], mask.args[1], mask.args[4]
     value = example_value(weight)
     if value is None or cpu_mask.blocker(value, config.m) is not None:
-        return
+        return False
     _replace(graph, masked, torch.ops.nmsparse.cpu_masked_weight.default, (weight, n, n_eff))
     graph.erase_node(mask)
+    return True
 
 
 def _replace(graph: fx.Graph, node: fx.Node, target: Any, args: tuple) -> fx.Node:
@@ -161,7 +165,8 @@ def lower_kernels(gm: fx.GraphModule, config: SparsityConfig) -> tuple[fx.GraphM
         layer = node.args[8]
         choices[layer] = choice = _choose(node, config)
         if choice.kernel == "portable":
-            _cpu_forward_mask(graph, node.args[3], config)
+            if _cpu_forward_mask(graph, node.args[3], config):
+                choices[layer] = dataclasses.replace(choice, reason=f"{choice.reason}; {CPU_MASK_NOTE}")
             continue
         import nmcompile.kernels.ops  # noqa: F401  (registers nmsparse::triton_* and sparse24_*)
 

@@ -142,6 +142,16 @@ def train_and_compare(make_model, shape: tuple, steps: int = 5, channels_last: b
     return state_ref, state_mine
 
 
+def cpu_mask_note() -> str:
+    """The end of the report's ``kernel`` entry for a portable fp32 layer with m=4 on the CPU:
+    ``"; forward mask: C kernel"`` where the C mask kernel builds on this machine, else ``""``."""
+    from nmcompile.passes.lower_kernels import CPU_MASK_NOTE
+
+    from nmcompile.kernels import cpu_mask
+
+    return f"; {CPU_MASK_NOTE}" if cpu_mask.blocker(torch.zeros(4, 4), 4) is None else ""
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5, what: str = "") -> None:
     """``|a - e| <= rel * max(1, max|e|)`` elementwise: fp32 tolerance relative to the tensor's scale."""
     scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0

@@ -14,6 +14,7 @@ import nmcompile
 from nmcompile import reference
 from nmcompile.kernels import cpu_mask
 
+AUTO = "not on CUDA (kernels='triton' with TRITON_INTERPRET=1 runs the kernels on the CPU)"
 pytestmark = pytest.mark.skipif(
     isinstance(cpu_mask._library(), str), reason=f"C mask kernel unavailable: {cpu_mask._library()}"
 )
@@ -120,19 +121,22 @@ def test_build_is_cached_by_source_and_cpu(tmp_path, rebuild):
     assert first._name == second._name == str(built[0]) and built[0].stat().st_mtime_ns == stamp
 
 
-def _forward_targets(model: nn.Module, **options) -> dict[str, str]:
+def _forward_targets(model: nn.Module, **options) -> tuple[dict[str, str], set[str]]:
+    """The forward graph's ``{node name: target}`` and the report's ``kernel`` column."""
     x = torch.randn(8, 32, dtype=next(model.parameters()).dtype)
     report = nmcompile.explain(model, x, inner="aot_eager", **options)
-    return {node.name: str(node.target) for node in report.forward_graph.graph.nodes}
+    return {node.name: str(node.target) for node in report.forward_graph.graph.nodes}, {r.kernel for r in report.rows}
 
 
-@pytest.mark.parametrize("kernels", ["auto", "portable"])
-def test_portable_graph_uses_the_kernel(kernels):
-    """fp32 2:4 on the CPU: ``<layer>_fwd_masked`` is the C kernel and no ``<layer>_fwd_mask`` is left."""
-    targets = _forward_targets(MLP(), kernels=kernels)
+@pytest.mark.parametrize(("kernels", "why"), [("auto", AUTO), ("portable", "kernels='portable'")])
+def test_portable_graph_uses_the_kernel(kernels, why):
+    """fp32 2:4 on the CPU: ``<layer>_fwd_masked`` is the C kernel and no ``<layer>_fwd_mask`` is
+    left; the report's ``kernel`` column says so after the reason the GEMM is portable."""
+    targets, column = _forward_targets(MLP(), kernels=kernels)
     for layer in ("fc1", "fc2", "head"):
         assert targets[f"{layer}_fwd_masked"] == "nmsparse.cpu_masked_weight.default"
         assert f"{layer}_fwd_mask" not in targets
+    assert column == {f"portable ({why}; forward mask: C kernel)"}
 
 
 @pytest.mark.parametrize(
@@ -145,9 +149,10 @@ def test_portable_graph_uses_the_kernel(kernels):
     ids=["m8", "fp64", "transposable"],
 )
 def test_other_layers_keep_the_composite_mask(model, options):
-    targets = _forward_targets(model, **options)
+    targets, column = _forward_targets(model, **options)
     assert "nmsparse.cpu_masked_weight.default" not in targets.values()
     assert "fc1_fwd_mask" in targets and "fc1_fwd_masked" in targets
+    assert not any("C kernel" in kernel for kernel in column)
 
 
 @pytest.mark.parametrize(

@@ -16,9 +16,10 @@ from nmcompile.passes import lower_kernels
 from torch import nn
 
 import nmcompile
-from tests.conftest import MLP, MODELS, assert_close, cuda_autocast_losses, train_and_compare
+from tests.conftest import MLP, MODELS, assert_close, cpu_mask_note, cuda_autocast_losses, train_and_compare
 
 INTERPRETER = not torch.cuda.is_available()
+NOT_ON_CUDA = "not on CUDA (kernels='triton' with TRITON_INTERPRET=1 runs the kernels on the CPU)"
 
 
 @pytest.mark.parametrize(
@@ -113,14 +114,9 @@ def test_report_names_the_kernel():
     assert {r.kernel for r in rows.values()} == {"triton"}
     assert "| kernel |" in str(_report(MLP(), x, kernels="triton")).splitlines()[0].replace("  ", "")
     portable = {r.kernel for r in _report(MLP(), x, kernels="portable").rows}
-    assert portable == {"portable (kernels='portable')"}
-    auto = {r.kernel for r in _report(MLP(), x).rows}
-    expected = (
-        "triton"
-        if not INTERPRETER
-        else "portable (not on CUDA (kernels='triton' with TRITON_INTERPRET=1 runs the kernels on the CPU))"
-    )
-    assert auto == {expected}
+    assert portable == {f"portable (kernels='portable'{cpu_mask_note()})"}
+    auto = {r.kernel for r in _report(MLP(), x).rows}  # CPU weights: auto never lowers them
+    assert auto == {f"portable ({NOT_ON_CUDA}{cpu_mask_note()})"}
 
 
 def test_report_kernel_reasons_for_unsupported_layers():
@@ -143,9 +139,7 @@ def test_triton_without_cuda_or_interpreter_stays_portable(monkeypatch):
     """``kernels='triton'`` on CPU tensors without the interpreter: the portable path, with the reason."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     rows = _report(MLP(), torch.randn(8, 32), kernels="triton").rows
-    assert {r.kernel for r in rows} == {
-        "portable (not on CUDA (kernels='triton' with TRITON_INTERPRET=1 runs the kernels on the CPU))"
-    }
+    assert {r.kernel for r in rows} == {f"portable ({NOT_ON_CUDA}{cpu_mask_note()})"}
 
 
 def test_pass_leaves_other_graphs_alone():
