@@ -7,6 +7,8 @@ import datetime
 import os
 import platform
 import statistics
+import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -111,6 +113,7 @@ def measure(
     # its exception as its reason instead of ending the run.
     live: list[tuple[Row, Callable[[], Any], list[float]]] = []
     for row, fn in jobs:
+        start = time.perf_counter()
         try:
             for _ in range(size.warmup_steps):
                 fn()
@@ -118,6 +121,10 @@ def measure(
             live.append((row, fn, []))
         except Exception as exc:
             _fail(row, exc, row.name in guarded)
+        # Progress on stderr: a run cut off by a time limit still shows how far it got.
+        done = "warmed up" if row.reason is None else row.reason
+        seconds = time.perf_counter() - start
+        print(f"[benchmarks] {row.block} {row.op or 'step'} {row.name}: {done} in {seconds:.1f} s", file=sys.stderr)
     for _ in range(size.rounds):
         for row, fn, times in live:
             if row.reason is None:

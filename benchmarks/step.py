@@ -79,6 +79,8 @@ def _prepare(
     if name == "reference eager":
         return reference.sparsify(model, n=2, m=4)
     if name == "nmsparse portable, composite mask":
+        if device.type != "cpu":
+            return "CPU only (the C mask kernel this row turns off runs on the CPU)"
         return _composite_mask(_prepare("nmsparse portable", model, device, dtype))
     kernels = name.removeprefix("nmsparse ")
     why = unavailable(kernels, device, dtype)

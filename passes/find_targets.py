@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx
-from torch.fx.experimental.symbolic_shapes import optimization_hint, statically_known_true
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from nmcompile.options import SparsityConfig
 
@@ -158,10 +158,12 @@ def divisible(size: Any, m: int) -> bool:
 
 
 def size_hint(value: Any) -> int | None:
-    """An int for a size, using the example hint of a symbolic size without installing a guard."""
+    """An int for a size, using the example hint of a symbolic size without installing a guard
+    (``None`` for an unbacked one). Reads the node's hint itself: the helpers for it differ
+    between torch releases, and the GPU image's torch (2.11) lacks 2.13's ``optimization_hint``."""
     if isinstance(value, int):
         return value
-    return optimization_hint(value, fallback=None) if isinstance(value, torch.SymInt) else None
+    return value.node.hint if isinstance(value, torch.SymInt) else None
 
 
 def _gemm_kind(node: fx.Node) -> str | None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import subprocess
+from pathlib import Path
 
 import torch
 
@@ -66,3 +69,27 @@ def test_gemm_rows_time_the_same_work():
     pruned = torch.ops.nmsparse.mvue_prune(dy, torch.tensor(1), 7, "mvue24")
     srste = gemm.SRSTE_LAMBDA * torch.where(reference.nm_mask(w, 2, 4, dim=1), 0, w)
     torch.testing.assert_close(sparse24["weight grad"](), pruned.t() @ x + srste)
+
+
+def test_cpu_only_row_has_a_reason_elsewhere():
+    """Off the CPU the composite-mask row is not run (the kernel it turns off is CPU-only): it says
+    why before anything touches that device, and the other rows prepare as usual."""
+    model = torch.nn.Linear(8, 8)
+    why = step._prepare("nmsparse portable, composite mask", model, torch.device("cuda"), torch.bfloat16)
+    assert why == "CPU only (the C mask kernel this row turns off runs on the CPU)"
+    assert step._prepare("dense eager", model, torch.device("cuda"), torch.bfloat16) is model
+
+
+def test_gpu_checks_script_names_real_tests():
+    """``benchmarks/gpu_checks.sh`` parses, and every test it names exists and is a CUDA-only test
+    (one that skips here), so a rename cannot quietly drop a GPU check."""
+    root = Path(__file__).resolve().parent.parent
+    script = root / "benchmarks" / "gpu_checks.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    named = re.findall(r'"(tests/test_\w+\.py)::(test_\w+)"', script.read_text())
+    assert len(named) == 4
+    for path, name in named:
+        source = (root / path).read_text()
+        start = source.index(f"\ndef {name}(")
+        decorators = source[source.rindex("\n\n", 0, start) : start]
+        assert "skipif" in decorators and ("cuda" in name or "sm80" in decorators.lower()), (path, name)

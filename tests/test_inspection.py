@@ -115,3 +115,16 @@ def test_dump_dir_writes_graphs_and_table(tmp_path, monkeypatch):
     assert "fc1.weight" in (directory / "report.txt").read_text()
     assert "fc1_fwd_masked" in (directory / "forward.py").read_text()
     assert "fc2_bwd_mask" in (directory / "backward.py").read_text()
+
+
+def test_size_hint_reads_symbolic_sizes_without_a_guard():
+    """A backed size and an expression of it give their example values; an unbacked size has none."""
+    from nmcompile.passes.find_targets import size_hint
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    env = ShapeEnv()
+    tokens = env.create_symintnode(env.create_symbol(7, ConstantSource("t"), DimDynamic.DYNAMIC), hint=7)
+    assert (size_hint(5), size_hint(tokens), size_hint(tokens * 32 + 1)) == (5, 7, 225)
+    assert size_hint(env.create_unbacked_symint()) is None and size_hint("7") is None
+    assert not env.guards  # reading the hints installed no guard
