@@ -16,12 +16,20 @@ from nmcompile.passes import lower_kernels
 from torch import nn
 
 import nmcompile
-from tests.conftest import MLP, MODELS, assert_close, cpu_mask_note, cuda_autocast_losses, train_and_compare
+from tests.conftest import (
+    MLP,
+    MODELS,
+    assert_close,
+    cpu_mask_note,
+    cuda_autocast_losses,
+    interpreted,
+    train_and_compare,
+)
 
-INTERPRETER = not torch.cuda.is_available()
 NOT_ON_CUDA = "not on CUDA (kernels='triton' with TRITON_INTERPRET=1 runs the kernels on the CPU)"
 
 
+@interpreted
 @pytest.mark.parametrize(
     "options",
     [
@@ -42,6 +50,7 @@ def test_triton_path_matches_reference(options):
     train_and_compare(MLP, (8, 32), steps=3, kernels="triton", inner="aot_eager", **options)
 
 
+@interpreted
 @pytest.mark.parametrize("model", ["block", "inout"])
 def test_triton_path_other_layouts(model):
     """Attention projections (3-D activations) and [in, out]/addmm weights lower too."""
@@ -65,6 +74,7 @@ def _trajectory(kernels: str, steps: int = 3, **options) -> tuple[list[float], l
     return losses, [p.detach().clone() for p in model.parameters()]
 
 
+@interpreted
 @pytest.mark.parametrize("options", [{"grad_prune": "mvue24"}, {"backward": "transposable"}])
 def test_lowered_trajectory_equals_portable_under_inductor(options):
     """Inductor compiles around the opaque kernel ops: 3 SGD steps give the portable path's losses
@@ -81,6 +91,7 @@ def _report(model: nn.Module, x: torch.Tensor, **options) -> nmcompile.Report:
     return nmcompile.explain(model, x, inner="aot_eager", **options)
 
 
+@interpreted
 def test_graphs_hold_kernels_and_no_mask():
     """Forward: ``<layer>_fwd_gemm = nmsparse.triton_linear(..., None, P, ...)`` and no mask node;
     no bool tensor is saved for the backward; backward: one kernel per product, named."""
@@ -100,6 +111,7 @@ def test_graphs_hold_kernels_and_no_mask():
     assert not [t for t in names.values() if t is torch.ops.nmsparse.nm_mask.default]
 
 
+@interpreted
 def test_transposable_keeps_its_mask_node():
     """A transposable mask is not N:M along K alone: the kernels load it."""
     report = _report(MLP(), torch.randn(8, 32), kernels="triton", backward="transposable")
@@ -108,6 +120,7 @@ def test_transposable_keeps_its_mask_node():
     assert gemm.args[3].target is torch.ops.nmsparse.transposable_mask.default
 
 
+@interpreted
 def test_report_names_the_kernel():
     x = torch.randn(8, 32)
     rows = {r.name: r for r in _report(MLP(), x, kernels="triton").rows}
@@ -119,6 +132,7 @@ def test_report_names_the_kernel():
     assert auto == {f"portable ({NOT_ON_CUDA}{cpu_mask_note()})"}
 
 
+@interpreted
 def test_report_kernel_reasons_for_unsupported_layers():
     """Convolutions, m not a power of two (also for a GEMM fed by another sparse GEMM), float64, and
     dense layers each get their own entry."""
@@ -160,11 +174,12 @@ def test_auto_uses_triton_on_cuda_under_autocast():
     assert {r.kernel for r in rows} == {"triton"}
 
 
+@interpreted
 @pytest.mark.parametrize("kernels", ["triton", "sparse24"])
 def test_lowered_ops_follow_autocast(kernels, monkeypatch):
     """Under bf16 autocast the lowered op computes in bf16 as ``sparse_linear`` does (x and bias cast,
     the weight ranked in its own dtype): same output dtype, values and weight-gradient dtype."""
-    if kernels == "sparse24" and INTERPRETER:  # let the lowering choose 2:4 on the CPU (dense GEMMs)
+    if kernels == "sparse24":  # let the lowering choose 2:4 on the CPU (dense GEMMs)
         lowering = sys.modules["nmcompile.passes.lower_kernels"]
         monkeypatch.setattr(lowering, "_sparse24_blocker", lambda node, config: None)
     torch.manual_seed(0)

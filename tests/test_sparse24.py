@@ -26,7 +26,7 @@ from nmcompile.kernels import sparse24
 from nmcompile.kernels.mvue import mvue_prune
 from nmcompile.kernels.operand24 import forward_operand, input_grad_operand
 from nmcompile.ops import masked_weight
-from tests.conftest import MLP, assert_close, cpu_mask_note, cuda_autocast_losses, train_and_compare
+from tests.conftest import MLP, assert_close, cpu_mask_note, cuda_autocast_losses, interpreted, train_and_compare
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SM80 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
@@ -185,6 +185,7 @@ def cpu_sparse24(monkeypatch):
     monkeypatch.setattr(lowering, "_sparse24_blocker", blocker)
 
 
+@interpreted
 @pytest.mark.parametrize(
     "options",
     [{"grad_prune": "mvue24"}, {"backward": "transposable", "grad_prune": "mvue12"}, {"backward": "dense"}, {}],
@@ -195,6 +196,7 @@ def test_sparse24_path_matches_reference(cpu_sparse24, options):
     train_and_compare(MLP, (8, 32), steps=3, kernels="sparse24", inner="aot_eager", **options)
 
 
+@interpreted
 def test_report_and_graph_of_sparse24(cpu_sparse24):
     report = nmcompile.explain(MLP(), torch.randn(8, 32), kernels="sparse24", grad_prune="mvue24", inner="aot_eager")
     assert {r.kernel for r in report.rows} == {"sparse24"}
