@@ -14,12 +14,13 @@ if not torch.cuda.is_available():  # Triton kernels run on the CPU through the i
 
 import nmcompile
 from nmcompile import reference
+from nmcompile.kernels.common import interpreting
 
 # Tests that lower CPU tensors onto the Triton kernels need the interpreter, which is on only without
 # CUDA; on a GPU machine the CUDA tests cover the kernels instead.
-interpreted = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1", reason="Triton kernels on CPU tensors need TRITON_INTERPRET=1"
-)
+interpreted = pytest.mark.skipif(not interpreting(), reason="Triton kernels on CPU tensors need TRITON_INTERPRET=1")
+# The report's reason why a CPU weight's GEMM stays portable instead of running on Triton.
+NOT_ON_CUDA = "not on CUDA (kernels='triton' with TRITON_INTERPRET=1 runs the kernels on the CPU)"
 
 
 @pytest.fixture(autouse=True)

@@ -7,14 +7,13 @@ import copy
 
 import pytest
 import torch
-from conftest import MLP
+from conftest import MLP, NOT_ON_CUDA
 from torch import nn
 
 import nmcompile
 from nmcompile import reference
 from nmcompile.kernels import cpu_mask
 
-AUTO = "not on CUDA (kernels='triton' with TRITON_INTERPRET=1 runs the kernels on the CPU)"
 pytestmark = pytest.mark.skipif(
     isinstance(cpu_mask._library(), str), reason=f"C mask kernel unavailable: {cpu_mask._library()}"
 )
@@ -128,7 +127,7 @@ def _forward_targets(model: nn.Module, **options) -> tuple[dict[str, str], set[s
     return {node.name: str(node.target) for node in report.forward_graph.graph.nodes}, {r.kernel for r in report.rows}
 
 
-@pytest.mark.parametrize(("kernels", "why"), [("auto", AUTO), ("portable", "kernels='portable'")])
+@pytest.mark.parametrize(("kernels", "why"), [("auto", NOT_ON_CUDA), ("portable", "kernels='portable'")])
 def test_portable_graph_uses_the_kernel(kernels, why):
     """fp32 2:4 on the CPU: ``<layer>_fwd_masked`` is the C kernel and no ``<layer>_fwd_mask`` is
     left; the report's ``kernel`` column says so after the reason the GEMM is portable."""

@@ -19,14 +19,13 @@ import nmcompile
 from tests.conftest import (
     MLP,
     MODELS,
+    NOT_ON_CUDA,
     assert_close,
     cpu_mask_note,
     cuda_autocast_losses,
     interpreted,
     train_and_compare,
 )
-
-NOT_ON_CUDA = "not on CUDA (kernels='triton' with TRITON_INTERPRET=1 runs the kernels on the CPU)"
 
 
 @interpreted

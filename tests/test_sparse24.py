@@ -26,7 +26,15 @@ from nmcompile.kernels import sparse24
 from nmcompile.kernels.mvue import mvue_prune
 from nmcompile.kernels.operand24 import forward_operand, input_grad_operand
 from nmcompile.ops import masked_weight
-from tests.conftest import MLP, assert_close, cpu_mask_note, cuda_autocast_losses, interpreted, train_and_compare
+from tests.conftest import (
+    MLP,
+    NOT_ON_CUDA,
+    assert_close,
+    cpu_mask_note,
+    cuda_autocast_losses,
+    interpreted,
+    train_and_compare,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SM80 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
@@ -208,16 +216,15 @@ def test_report_and_graph_of_sparse24(cpu_sparse24):
     assert {r.kernel for r in rows} == {"sparse24 (dense: weight gradient (grad_prune='none'))"}
     x64 = torch.randn(8, 32, dtype=torch.float64)
     doubles = nmcompile.explain(MLP().double(), x64, kernels="sparse24", inner="aot_eager").rows
-    auto = "not on CUDA (kernels='triton' with TRITON_INTERPRET=1 runs the kernels on the CPU)"
     dtype = "weight dtype torch.float64 (the kernels take fp32, fp16, bf16)"
-    assert {r.kernel for r in doubles} == {f"portable (not 2:4: {dtype}; {auto if DEVICE == 'cpu' else dtype})"}
+    assert {r.kernel for r in doubles} == {f"portable (not 2:4: {dtype}; {NOT_ON_CUDA if DEVICE == 'cpu' else dtype})"}
 
 
 def test_sparse24_fallback_reasons():
     """Where 2:4 is impossible the layer runs as ``auto`` would, and the report says why."""
     x, options = torch.randn(8, 32), {"kernels": "sparse24", "inner": "aot_eager"}
     kernels = {r.kernel for r in nmcompile.explain(MLP(), x, n=3, m=4, **options).rows}
-    auto = "not on CUDA (kernels='triton' with TRITON_INTERPRET=1 runs the kernels on the CPU)"
+    auto = NOT_ON_CUDA
     if DEVICE == "cpu":
         # fp32 weights with m=4 on the CPU: the forward mask runs on the C kernel where it builds
         auto += cpu_mask_note()
