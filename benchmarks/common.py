@@ -63,11 +63,11 @@ class Row:
 
 
 def unavailable(kernels: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why the GPU-only implementation ``kernels`` (``triton`` or ``sparse24``) cannot run on
-    ``device`` in ``dtype``, or ``None`` (also for every other implementation)."""
+    """Why the GPU-only implementation ``kernels`` (``triton``, ``sparse24`` or ``sparse24 gemm``)
+    cannot run on ``device`` in ``dtype``, or ``None`` (also for every other implementation)."""
     if kernels == "triton" and device.type != "cuda":
         return "needs CUDA"
-    if kernels == "sparse24":
+    if kernels.startswith("sparse24"):
         from nmcompile.kernels import sparse24
 
         return sparse24.blocker(device, dtype)

@@ -13,8 +13,8 @@ from nmcompile import reference
 N, M = 2, 4
 SRSTE_LAMBDA = 2e-4
 OPS = ("forward", "input grad", "weight grad")
-GEMM_ROWS = ("dense", "reference", "portable", "triton", "sparse24")
-GPU_ROWS = ("triton", "sparse24")  # new kernels on a GPU: a failure is reported, not fatal
+GEMM_ROWS = ("dense", "reference", "portable", "triton", "sparse24", "sparse24 gemm")
+GPU_ROWS = ("triton", "sparse24", "sparse24 gemm")  # new kernels on a GPU: a failure is reported, not fatal
 
 Gemms = dict[str, Callable[[], torch.Tensor]]
 
@@ -96,12 +96,31 @@ def _sparse24(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Te
     }
 
 
+def _sparse24_gemm(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Tensor) -> Gemms:
+    """The 2:4 GEMMs alone: the ``sparse24`` rows' operands written, permuted and compressed before
+    timing, so that row minus this one is their mask, permutation, MVUE and compression overhead."""
+    from nmcompile.kernels import sparse24
+    from nmcompile.kernels.mvue import mvue_prune
+    from nmcompile.kernels.operand24 import forward_operand, input_grad_operand
+
+    forward = sparse24.compress(forward_operand(w, N, M))
+    input_grad = sparse24.compress(input_grad_operand(w, N, M, perm=perm))
+    weight_grad = sparse24.compress(mvue_prune(dy, 1, 7, "mvue24", transpose=True))
+    dy_perm = dy.index_select(1, perm)
+    return {
+        "forward": lambda: sparse24.compressed_mm(forward, x.t(), transpose_result=True),
+        "input grad": lambda: sparse24.compressed_mm(input_grad, dy_perm.t(), transpose_result=True),
+        "weight grad": lambda: sparse24.compressed_mm(weight_grad, x),
+    }
+
+
 IMPLEMENTATIONS = {
     "dense": _dense,
     "reference": _reference,
     "portable": _portable,
     "triton": _triton,
     "sparse24": _sparse24,
+    "sparse24 gemm": _sparse24_gemm,
 }
 
 

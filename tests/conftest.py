@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from torch import nn
+from torch.sparse._semi_structured_conversions import sparse_semi_structured_to_dense_cutlass
 
 if not torch.cuda.is_available():  # Triton kernels run on the CPU through the interpreter (set before import)
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -183,3 +184,49 @@ def cuda_autocast_losses(base: torch.nn.Module, steps: int = 3, **options) -> li
         opt.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def _storage_view(t: torch.Tensor, shape: tuple[int, int], column_major: bool) -> torch.Tensor:
+    """``t``'s memory read as a dense ``shape`` matrix, the way a library given its pointer reads it."""
+    strides = (1, shape[0]) if column_major else (shape[1], 1)
+    return torch.as_strided(t, shape, strides, t.storage_offset())
+
+
+def _cslt_compress(a):
+    """``torch._cslt_compress`` (cuSPARSELtOps.cpp): ``A`` read row-major from its pointer."""
+    return _storage_view(a, tuple(a.shape), column_major=False).clone()
+
+
+def _cslt_sparse_mm(compressed, b, bias=None, transpose_result=False):
+    """``torch._cslt_sparse_mm`` as cuSPARSELtOps.cpp reads its operands: ``B`` row-major when
+    contiguous, else column-major with leading dim ``K``; ``bias`` per row of ``A``; with
+    ``transpose_result`` the ``[M, N]`` result stored column-major, which is ``[N, M]`` contiguous."""
+    dense_b = _storage_view(b, tuple(b.shape), column_major=not b.is_contiguous())
+    out = compressed.float() @ dense_b.float() + (0 if bias is None else bias.float()[:, None])
+    out = out.to(compressed.dtype)
+    return out.t().contiguous() if transpose_result else out
+
+
+def _cutlass_addmm(bias, packed, meta, b):
+    """``torch._sparse_semi_structured_addmm`` (SparseSemiStructuredOps.cu): ``B`` row- or
+    column-major, nothing else; ``bias`` per row of ``A``; a row-major result."""
+    if 1 not in b.stride():
+        raise RuntimeError(f"Invalid strides for mat2 argument: {b.stride()}")
+    a = sparse_semi_structured_to_dense_cutlass(packed, meta)
+    return (a.float() @ b.float() + (0 if bias is None else bias.float()[:, None])).to(a.dtype)
+
+
+@pytest.fixture(params=["cusparselt", "cutlass"])
+def emulated_24_library(request, monkeypatch):
+    """``kernels.sparse24`` on CPU tensors against each library's operand contract, emulated from
+    PyTorch's C++ sources (``cuSPARSELtOps.cpp``, ``SparseSemiStructuredOps.cu``): the padding,
+    layouts, bias and transposed result are what is tested. Every 2:4 device check passes."""
+    from nmcompile.kernels import sparse24
+
+    monkeypatch.setattr(sparse24, "blocker", lambda device, dtype: None)
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: request.param == "cusparselt")
+    monkeypatch.setattr(torch, "_cslt_compress", _cslt_compress)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", _cslt_sparse_mm)
+    monkeypatch.setattr(torch, "_sparse_semi_structured_mm", lambda *args: _cutlass_addmm(None, *args))
+    monkeypatch.setattr(torch, "_sparse_semi_structured_addmm", _cutlass_addmm)
+    return request.param

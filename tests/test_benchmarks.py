@@ -44,8 +44,8 @@ def test_step_benchmark_tiny_cpu(tmp_path, capsys):
     assert [(r["op"], r["name"]) for r in gemms] == [(op, name) for op in OPS for name in GEMM_ROWS]
     for row in gemms:
         assert f"| {row['op']} | {row['name']} |" in out
-        if row["name"] in ("triton", "sparse24"):
-            reason = {"triton": "needs CUDA", "sparse24": "not on CUDA (2:4 tensor cores need sm80+)"}[row["name"]]
+        if row["name"] in gemm.GPU_ROWS:
+            reason = "needs CUDA" if row["name"] == "triton" else "not on CUDA (2:4 tensor cores need sm80+)"
             assert row["reason"] == reason and row["median_ms"] is None
         else:
             assert math.isfinite(row["median_ms"]) and row["median_ms"] > 0, row
@@ -69,6 +69,20 @@ def test_gemm_rows_time_the_same_work():
     pruned = torch.ops.nmsparse.mvue_prune(dy, torch.tensor(1), 7, "mvue24")
     srste = gemm.SRSTE_LAMBDA * torch.where(reference.nm_mask(w, 2, 4, dim=1), 0, w)
     torch.testing.assert_close(sparse24["weight grad"](), pruned.t() @ x + srste)
+
+
+def test_sparse24_gemm_row_times_the_sparse24_rows_gemms(emulated_24_library):
+    """The GEMM-only row (operands compressed before timing) computes what the ``sparse24`` rows'
+    GEMMs do, here against the emulated libraries: their difference is only the overhead."""
+    g = torch.Generator().manual_seed(0)
+    x, w, dy = (torch.randn(*shape, generator=g).bfloat16() for shape in ((8, 64), (32, 64), (8, 32)))
+    perm = torch.randperm(32, generator=g)
+    ops, gemm_only = (gemm.IMPLEMENTATIONS[name](x, w, dy, perm) for name in ("sparse24", "sparse24 gemm"))
+    for op in ("forward", "input grad"):
+        assert torch.equal(gemm_only[op](), ops[op]()), op
+    srste = gemm.SRSTE_LAMBDA * torch.where(reference.nm_mask(w, 2, 4, dim=1), 0, w)
+    assert torch.equal(gemm_only["weight grad"]() + srste, ops["weight grad"]())
+    assert not torch.equal(gemm_only["forward"](), x @ w.t())
 
 
 def test_cpu_only_row_has_a_reason_elsewhere():

@@ -163,6 +163,63 @@ def test_semi_structured_mm_checks():
     assert sparse24.blocker(torch.device("cpu"), torch.float16) == "not on CUDA (2:4 tensor cores need sm80+)"
 
 
+def _ints(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """Small integers (fp32): every product and sum below is exact in fp16 and bf16."""
+    return torch.randint(-2, 3, (rows, cols), generator=torch.Generator().manual_seed(seed)).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "inner", "cols"), [(32, 64, 16), (20, 40, 30)], ids=["tiles", "ragged"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
+@pytest.mark.parametrize("transpose_result", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_semi_structured_mm_wrapper(emulated_24_library, dtype, rows, inner, cols, layout, transpose_result, with_bias):
+    """``a @ b + bias`` exactly, in the layout asked for, for ``b`` row-major, column-major (``x.t()``)
+    or a strided slice, ragged shapes padded and cut."""
+    w, source = _ints(rows, inner, 0), _ints(inner + 8, cols + 8, 1).to(dtype)
+    a = torch.where(reference.nm_mask(w, 2, 4, 1), w, 0.0).to(dtype)
+    b = {
+        "contiguous": source[:inner, :cols].contiguous(),
+        "transposed": source[:inner, :cols].t().contiguous().t(),
+        "sliced": source[:inner, :cols],
+    }[layout]
+    bias = torch.arange(rows, dtype=torch.float32) - 3 if with_bias else None
+    got = sparse24.semi_structured_mm(a, b, bias=bias, transpose_result=transpose_result)
+    expected = (a.float() @ b.float() + (0 if bias is None else bias[:, None])).to(dtype)
+    if transpose_result:
+        expected = expected.t()
+        assert got.is_contiguous()
+    assert got.dtype == dtype and torch.equal(got, expected)
+
+
+def test_dense_operand_copies_only_what_the_libraries_cannot_read():
+    x = torch.randn(8, 12)
+    transposed = x.t()
+    assert sparse24.dense_operand(x) is x
+    assert sparse24.dense_operand(transposed) is transposed
+    for unreadable in (x[:, :6], x.t()[:6], torch.randn(65)[1:].view(8, 8)):  # strided, strided, misaligned
+        copied = sparse24.dense_operand(unreadable)
+        assert copied.is_contiguous() and copied.data_ptr() % 16 == 0 and torch.equal(copied, unreadable)
+        assert copied.data_ptr() != unreadable.data_ptr()
+
+
+def test_blocker_on_hopper_needs_cusparselt(monkeypatch):
+    """PyTorch's CUTLASS 2:4 GEMM runs on sm8x only: on sm90 the path needs cuSPARSELt."""
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, cusparselt, why in [
+        ((9, 0), False, "sm90 and no cuSPARSELt in this torch build (its CUTLASS 2:4 GEMM runs on sm8x only)"),
+        ((9, 0), True, None),
+        ((8, 6), False, None),
+        ((7, 5), True, "sm75 has no 2:4 sparse tensor cores (sm80+)"),
+        ((9, 0), True, None),
+    ]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda c=cusparselt: c)
+        assert sparse24.blocker(cuda, bf16) == why
+    assert sparse24.blocker(cuda, torch.float32).startswith("compute dtype torch.float32")
+
+
 def test_op_matches_portable_op():
     """``sparse24_linear`` forward and all three gradients equal ``sparse_linear``'s (Bi-Mask, MVUE,
     SR-STE), with the GEMMs dense where there are no sparse tensor cores."""
@@ -239,13 +296,20 @@ def test_sparse24_fallback_reasons():
 @pytest.mark.skipif(not SM80, reason="needs a CUDA GPU with 2:4 sparse tensor cores (sm80+)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(("rows", "inner", "cols"), [(128, 256, 64), (100, 200, 30), (4096, 1024, 512)])
-def test_semi_structured_mm_on_cuda(dtype, rows, inner, cols):
-    """The compressed GEMM equals a dense GEMM of the same 2:4 operand (ragged shapes padded)."""
+@pytest.mark.parametrize("variant", ["plain", "linear", "sliced"])
+def test_semi_structured_mm_on_cuda(dtype, rows, inner, cols, variant):
+    """The compressed GEMM equals a dense GEMM of the same 2:4 operand (ragged shapes padded): plain;
+    as the forward calls it (``b = x.t()``, bias, transposed result); and with a strided ``b``."""
     a = forward_operand(_randn(rows, inner + (-inner) % 4, dtype=dtype), 2, 4)
-    b = _randn(a.shape[1], cols, dtype=dtype, seed=5)
-    got = sparse24.semi_structured_mm(a, b)
-    expected = (a.float() @ b.float()).to(dtype)
-    assert got.shape == expected.shape
+    wide = _randn(cols + 8, a.shape[1] + 8, dtype=dtype, seed=5)
+    b = wide[:cols, : a.shape[1]].contiguous().t() if variant == "linear" else wide.t()[: a.shape[1], :cols]
+    if variant == "plain":
+        b = b.contiguous()
+    bias = _randn(rows, seed=6) if variant == "linear" else None
+    got = sparse24.semi_structured_mm(a, b, bias=bias, transpose_result=variant == "linear")
+    expected = a.float() @ b.float() + (bias[:, None] if bias is not None else 0)
+    expected = (expected.t() if variant == "linear" else expected).to(dtype)
+    assert got.shape == expected.shape and (variant != "linear" or got.is_contiguous())
     assert_close(got.float(), expected.float(), rel=2e-2 if dtype == torch.bfloat16 else 4e-3)
 
 

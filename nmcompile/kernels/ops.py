@@ -137,12 +137,17 @@ def _triton_backward(ctx: Any, dy: torch.Tensor) -> tuple:
 triton_linear.register_autograd(_triton_backward, setup_context=_setup_linear)  # same inputs as sparse_linear
 
 
-def _mm24(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` with ``a`` 2:4 along its last dim: on sparse tensor cores where they take it; else
-    (the CPU tests, fp32) the same operands meet a dense GEMM."""
+def _mm24(
+    a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None = None, transpose_result: bool = False
+) -> torch.Tensor:
+    """``sparse24.semi_structured_mm(a, b, ...)`` where 2:4 sparse tensor cores take ``a``; else (the
+    CPU tests, fp32) the same operands meet a dense GEMM, with the same result layout."""
     if sparse24.blocker(a.device, a.dtype) is None:
-        return sparse24.semi_structured_mm(a, b)
-    return a @ b
+        return sparse24.semi_structured_mm(a, b, bias=bias, transpose_result=transpose_result)
+    out = a @ b
+    if bias is not None:
+        out = out + bias.to(out.dtype)[:, None]
+    return out.t().contiguous() if transpose_result else out
 
 
 @torch.library.custom_op("nmsparse::sparse24_linear", mutates_args=())
@@ -165,12 +170,7 @@ def sparse24_linear(
     """``nmsparse::sparse_linear`` as ``Yᵀ = (W ⊙ F) Xᵀ`` with ``W ⊙ F`` compressed 2:4 (no mask decay)."""
     x2d = x.reshape(-1, x.shape[-1])
     operand = forward_operand(weight, _n(n, n_eff), m, mask=fwd_mask, dtype=x.dtype)
-    y_t = _mm24(operand, x2d.t())
-    y = y_t.new_empty(y_t.shape[::-1])  # contiguous [T, O], as the fake says
-    if bias is None:
-        y.copy_(y_t.t())
-    else:
-        torch.add(y_t.t(), bias.to(y.dtype), out=y)
+    y = _mm24(operand, x2d.t(), bias=bias, transpose_result=True)  # contiguous [T, O], as the fake says
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -194,7 +194,7 @@ def sparse24_input_grad(
         return dy @ forward_operand(weight, n, m, dtype=dy.dtype)
     operand = input_grad_operand(weight, n, m, perm=perm, mask=None if perm is not None else fwd_mask, dtype=dy.dtype)
     dy_perm = dy.index_select(1, perm) if perm is not None else dy
-    return _mm24(operand, dy_perm.t()).t().contiguous()
+    return _mm24(operand, dy_perm.t(), transpose_result=True)
 
 
 @sparse24_input_grad.register_fake

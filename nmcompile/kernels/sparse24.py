@@ -1,14 +1,17 @@
 """2:4 sparse-tensor-core GEMM ``A @ B`` for an ``A`` that is 2:4 along its last dim (zeros in place),
 on PyTorch's semi-structured support: cuSPARSELt (``torch._cslt_compress``/``_cslt_sparse_mm``)
 where the build has it, else CUTLASS (``sparse_semi_structured_from_dense_cutlass`` and
-``torch._sparse_semi_structured_mm``). fp16/bf16 on sm80+ (Ampere, Hopper).
+``torch._sparse_semi_structured_mm``, sm8x only). fp16/bf16 on sm80+ (Ampere, Hopper).
 
 Both libraries want ``A`` and ``B`` padded to tile multiples; zero rows and columns keep ``A`` 2:4,
-so the pads change nothing and are cut from the result. Any N:M pattern with at most two kept
+so the pads change nothing and are cut from the result. ``compress`` and ``compressed_mm`` split
+the work so that a benchmark can time the GEMM alone. Any N:M pattern with at most two kept
 entries in every aligned group of four is 2:4 (``fits_24``): 1:2, 2:4, 1:4, 2:8, ...
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +36,8 @@ def blocker(device: torch.device, dtype: torch.dtype) -> str | None:
     major, minor = torch.cuda.get_device_capability(device)
     if major < 8:
         return f"sm{major}{minor} has no 2:4 sparse tensor cores (sm80+)"
+    if major != 8 and not torch.backends.cusparselt.is_available():
+        return f"sm{major}{minor} and no cuSPARSELt in this torch build (its CUTLASS 2:4 GEMM runs on sm8x only)"
     if dtype not in DTYPES:
         return f"compute dtype {dtype} (2:4 tensor cores take fp16, bf16: use them or autocast)"
     return None
@@ -51,24 +56,77 @@ def _pad(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return F.pad(t, (0, pad_cols, 0, pad_rows)) if pad_rows or pad_cols else t
 
 
-def semi_structured_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` on 2:4 sparse tensor cores: ``a`` ``[R, C]`` 2:4 along ``C`` is compressed,
-    ``b`` ``[C, N]`` stays dense; result ``[R, N]`` in ``a``'s dtype."""
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
-        raise ValueError(f"semi_structured_mm: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not chain")
-    if a.dtype != b.dtype or a.dtype not in DTYPES:
-        raise ValueError(f"semi_structured_mm takes fp16 or bf16 operands of one dtype, got {a.dtype}, {b.dtype}")
+def dense_operand(b: torch.Tensor) -> torch.Tensor:
+    """``b`` where both libraries read it as it is: row-major or column-major (the transpose of a
+    contiguous tensor, as ``x.t()``) and 16-byte aligned; anything else is copied to a fresh tensor."""
+    readable = b.is_contiguous() or b.t().is_contiguous()
+    return b if readable and b.data_ptr() % 16 == 0 else b.clone(memory_format=torch.contiguous_format)
+
+
+@dataclasses.dataclass(frozen=True)
+class Compressed:
+    """A 2:4 operand ``[rows, cols]`` compressed, padded to the tiles, for the library that multiplies it:
+    cuSPARSELt (values and metadata in ``packed``) or CUTLASS (``meta`` apart)."""
+
+    rows: int
+    cols: int
+    dtype: torch.dtype
+    packed: torch.Tensor
+    meta: torch.Tensor | None
+
+
+def _check(rows: int, cols: int, dtype: torch.dtype, b: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """The dense operand and bias checks of both entry points, for a sparse ``[rows, cols]`` in ``dtype``."""
+    if b.dim() != 2 or b.shape[0] != cols:
+        raise ValueError(f"semi_structured_mm: shapes ({rows}, {cols}) @ {tuple(b.shape)} do not chain")
+    if b.dtype != dtype or dtype not in DTYPES:
+        raise ValueError(f"semi_structured_mm takes fp16 or bf16 operands of one dtype, got {dtype}, {b.dtype}")
+    if bias is not None and bias.shape != (rows,):
+        raise ValueError(f"semi_structured_mm: bias {tuple(bias.shape)} is not [{rows}] (one per row of a)")
+
+
+def compress(a: torch.Tensor) -> Compressed:
+    """``a`` ``[R, C]``, 2:4 along ``C``, fp16/bf16 on an sm80+ GPU, compressed for ``compressed_mm``."""
+    if a.dim() != 2 or a.dtype not in DTYPES:
+        raise ValueError(f"compress takes a 2-D fp16 or bf16 operand, got {a.dim()}-D {a.dtype}")
     why = blocker(a.device, a.dtype)
     if why is not None:
         raise ValueError(f"semi_structured_mm: {why}")
-    rows, n = a.shape[0], b.shape[1]
-    a_pad = _pad(a, _PAD_ROWS, _PAD_COLS)
-    b_pad = _pad(b, _PAD_COLS, _PAD_N).contiguous()
+    padded = _pad(a.contiguous(), _PAD_ROWS, _PAD_COLS)
     if torch.backends.cusparselt.is_available():
-        out = torch._cslt_sparse_mm(torch._cslt_compress(a_pad), b_pad)
-    else:
-        from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
+        return Compressed(*a.shape, a.dtype, torch._cslt_compress(padded), None)
+    from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
 
-        packed, meta = sparse_semi_structured_from_dense_cutlass(a_pad)
-        out = torch._sparse_semi_structured_mm(packed, meta, b_pad)
-    return out[:rows, :n]
+    return Compressed(*a.shape, a.dtype, *sparse_semi_structured_from_dense_cutlass(padded))
+
+
+def compressed_mm(
+    a: Compressed, b: torch.Tensor, *, bias: torch.Tensor | None = None, transpose_result: bool = False
+) -> torch.Tensor:
+    """``a @ b (+ bias[:, None])`` on 2:4 sparse tensor cores, ``b`` ``[C, N]`` dense, ``bias`` ``[R]``:
+    ``[R, N]`` in ``a``'s dtype, or with ``transpose_result`` its transpose ``[N, R]``, contiguous.
+    cuSPARSELt writes that transpose and adds the bias in its epilogue: a linear layer's ``[T, O]``
+    output costs no copy."""
+    _check(a.rows, a.cols, a.dtype, b, bias)
+    n = b.shape[1]
+    b_pad = _pad(dense_operand(b), _PAD_COLS, _PAD_N)
+    if bias is not None:
+        bias = F.pad(bias.to(a.dtype), (0, -a.rows % _PAD_ROWS)).contiguous()
+    if a.meta is None:
+        out = torch._cslt_sparse_mm(a.packed, b_pad, bias=bias, transpose_result=transpose_result)
+    else:
+        if bias is None:
+            out = torch._sparse_semi_structured_mm(a.packed, a.meta, b_pad)
+        else:
+            out = torch._sparse_semi_structured_addmm(bias, a.packed, a.meta, b_pad)
+        out = out.t() if transpose_result else out
+    return out[:n, : a.rows].contiguous() if transpose_result else out[: a.rows, :n]
+
+
+def semi_structured_mm(
+    a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None = None, transpose_result: bool = False
+) -> torch.Tensor:
+    """``compressed_mm(compress(a), b, ...)``: ``a`` ``[R, C]`` 2:4 along ``C`` times a dense ``b``."""
+    if a.dim() == 2:
+        _check(*a.shape, a.dtype, b, bias)
+    return compressed_mm(compress(a), b, bias=bias, transpose_result=transpose_result)
