@@ -9,7 +9,9 @@ registers), or takes the mask itself where it is not N:M along ``K`` alone (``tr
 Option ``kernels``: ``auto`` lowers on CUDA, ``triton`` also under ``TRITON_INTERPRET=1`` on the
 CPU (tests), ``portable`` never. ``sparse24`` lowers to ``nmsparse.sparse24_linear`` (2:4 sparse
 tensor cores) where the N:M pattern is 2:4, the compute dtype fp16/bf16 and the GPU sm80+, and
-falls back as ``auto`` elsewhere. Every sparse GEMM gets a ``KernelChoice`` saying what and why.
+falls back as ``auto`` elsewhere; ``auto`` takes it where both paths can run a layer and a timed
+step (``kernels.measure``) finds 2:4 faster. Every sparse GEMM gets a ``KernelChoice`` saying what
+and why.
 A linear GEMM that stays portable keeps its graph, except that on the CPU ``<layer>_fwd_masked``
 becomes ``nmsparse.cpu_masked_weight`` (the C mask kernel: fp32, M=4) where that kernel applies,
 and its ``KernelChoice`` reason ends in ``CPU_MASK_NOTE``.
@@ -26,7 +28,7 @@ from torch import fx
 
 from nmcompile.options import SparsityConfig, power_of_two
 
-from .find_targets import example_value
+from .find_targets import example_value, size_hint
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CPU_MASK_NOTE = "forward mask: C kernel"  # the report's note on a portable layer whose W ⊙ F the C kernel writes
@@ -89,9 +91,13 @@ def _sparse24_blocker(node: fx.Node, config: SparsityConfig) -> str | None:
         return "weight shape unknown"
     if (why := _dtype_blocker(weight)) is not None:
         return why
+    return sparse24.blocker(weight.device, _autocast_dtype(weight) or weight.dtype)
+
+
+def _autocast_dtype(weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype CUDA autocast computes ``weight``'s GEMM in, or ``None`` (not on CUDA, or no autocast)."""
     on_cuda = weight.device.type == "cuda"
-    dtype = torch.get_autocast_dtype("cuda") if on_cuda and torch.is_autocast_enabled("cuda") else weight.dtype
-    return sparse24.blocker(weight.device, dtype)
+    return torch.get_autocast_dtype("cuda") if on_cuda and torch.is_autocast_enabled("cuda") else None
 
 
 def _dense_parts(config: SparsityConfig) -> str:
@@ -104,17 +110,57 @@ def _dense_parts(config: SparsityConfig) -> str:
     return "dense: " + ", ".join(dense) if dense else ""
 
 
+def _linear_case(node: fx.Node, config: SparsityConfig) -> Any:
+    """The ``kernels.measure.LinearCase`` of one ``sparse_linear`` node, or ``None`` where ``x``'s
+    shape has no size hint (an unbacked size)."""
+    from nmcompile.kernels.measure import LinearCase
+
+    x, weight = example_value(node.args[0]), _weight(node)
+    x_shape = tuple(size_hint(size) for size in x.shape)
+    if None in x_shape:
+        return None
+    load_mask = node.args[3].args[1].target is not torch.ops.nmsparse.nm_mask.default  # transposable
+    out_in = tuple(example_value(node.args[1]).shape)  # [O, K], also where W is an [in, out] weight's .t()
+    return LinearCase(
+        x_shape, x.dtype, out_in, weight.dtype, weight.device, _autocast_dtype(weight),
+        config.n, config.m, node.args[2] is not None, load_mask,
+        node.args[4] is not None, node.args[9] is not None, node.args[11] is not None, node.args[7], config.grad_prune,
+    )  # fmt: skip
+
+
+def _measured(node: fx.Node, config: SparsityConfig) -> KernelChoice:
+    """``auto`` where both the Triton kernels and 2:4 tensor cores can run a layer: the one whose
+    timed training step (``kernels.measure``) is faster; Triton where the timing cannot be taken."""
+    from nmcompile.kernels import measure
+
+    case = _linear_case(node, config)
+    if case is None:
+        return KernelChoice("triton", "2:4 not measured: the token count has no size hint")
+    try:
+        ms = {kernels: measure.step_ms(kernels, case) for kernels in measure.CANDIDATES}
+    except Exception as exc:  # a report instead of a crash: the layer keeps the Triton kernels
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        return KernelChoice("triton", f"2:4 not measured: {type(exc).__name__}: {first_line}")
+    figures = f"a step measured {ms['sparse24']:.3g} ms on 2:4 tensor cores, {ms['triton']:.3g} ms on Triton"
+    if ms["sparse24"] < ms["triton"]:
+        return KernelChoice("sparse24", "; ".join(part for part in (_dense_parts(config), figures) if part))
+    return KernelChoice("triton", f"not 2:4: {figures}")
+
+
 def _choose(node: fx.Node, config: SparsityConfig) -> KernelChoice:
-    """The implementation of one ``sparse_linear``: 2:4 if asked for and possible, else Triton, else portable."""
-    not_24 = ""
-    if config.kernels == "sparse24":
+    """The implementation of one ``sparse_linear``: 2:4 if asked for and possible (under ``auto``,
+    if also measured faster), else Triton, else portable."""
+    not_24, auto_24 = "", False
+    if config.kernels in ("sparse24", "auto"):
         why = _sparse24_blocker(node, config)
-        if why is None:
+        if why is None and config.kernels == "sparse24":
             return KernelChoice("sparse24", _dense_parts(config))
-        not_24 = f"not 2:4: {why}"
+        if config.kernels == "sparse24":
+            not_24 = f"not 2:4: {why}"
+        auto_24 = why is None
     why = _triton_blocker(node, config)
     if why is None:
-        return KernelChoice("triton", not_24)
+        return _measured(node, config) if auto_24 else KernelChoice("triton", not_24)
     return KernelChoice("portable", f"{not_24}; {why}" if not_24 else why)
 
 

@@ -164,13 +164,19 @@ def test_pass_leaves_other_graphs_alone():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_auto_uses_triton_on_cuda_under_autocast():
-    """On a GPU, ``auto`` lowers; bf16 autocast training for 3 steps stays close to the portable path."""
+def test_auto_lowers_on_cuda_under_autocast():
+    """On a GPU, ``auto`` lowers: fp32 layers onto Triton; under bf16 autocast each layer onto the
+    path its timed step found faster (2:4 tensor cores on sm80+), and 3 training steps stay close
+    to the portable path."""
     base = MLP(256, 512, 256).cuda()
     portable = cuda_autocast_losses(base, kernels="portable", grad_prune="mvue24")
     assert cuda_autocast_losses(base, kernels="auto", grad_prune="mvue24") == pytest.approx(portable, rel=2e-2)
     rows = nmcompile.explain(base, torch.randn(64, 256, device="cuda")).rows
     assert {r.kernel for r in rows} == {"triton"}
+    if torch.cuda.get_device_capability() >= (8, 0):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            rows = nmcompile.explain(base, torch.randn(64, 256, device="cuda"), grad_prune="mvue24").rows
+        assert all(r.kernel.split(" ")[0] in ("triton", "sparse24") and "a step measured" in r.kernel for r in rows)
 
 
 @interpreted
