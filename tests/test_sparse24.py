@@ -23,8 +23,10 @@ import nmcompile
 from nmcompile import reference
 from nmcompile.kernels import ops as kernel_ops
 from nmcompile.kernels import sparse24
+from nmcompile.kernels.common import interpreting
 from nmcompile.kernels.mvue import mvue_prune
 from nmcompile.kernels.operand24 import forward_operand, input_grad_operand
+from nmcompile.kernels.srste import srste_add
 from nmcompile.ops import masked_weight
 from tests.conftest import (
     MLP,
@@ -135,6 +137,32 @@ def test_weight_grad_operand_is_transposed_mvue(rule):
     expected = torch.ops.nmsparse.mvue_prune(dy.cpu(), torch.tensor(step), key, rule)
     assert torch.equal(got.cpu() != 0, expected.t() != 0)
     assert sparse24.is_24(got.cpu())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("O", "K", "n", "m"), SHAPES)
+@pytest.mark.parametrize("loaded", [False, True], ids=["ranked", "loaded-mask"])
+def test_srste_add_is_one_rounding_of_the_reference(dtype, O, K, n, m, loaded):
+    """``G + λ (1 − F) ⊙ W`` summed in fp32 and rounded once to ``W``'s dtype, with ``F`` ranked from
+    ``W`` as the reference does (or a given mask), for a ``G`` in another dtype."""
+    w, g = _randn(O, K, dtype=dtype), _randn(O, K, dtype=torch.bfloat16, seed=4)
+    mask = reference.nm_mask(_randn(O, K, seed=5).cpu(), n, m, 1).to(DEVICE) if loaded else None
+    f = mask if loaded else reference.nm_mask(w.cpu(), n, m, 1).to(DEVICE)
+    got = srste_add(g, w, n, m, 0.25, mask=mask)
+    exact = g.float() + 0.25 * torch.where(f, 0.0, w.float())
+    assert got.dtype == dtype
+    if interpreting() and dtype != torch.bfloat16:  # numpy's fp32 arithmetic: bit for bit
+        assert torch.equal(got, exact.to(dtype))
+    else:  # the interpreter truncates fp32 -> bf16; a GPU may fuse λ·W + G into one FMA: one step of dtype
+        assert ((got.float() - exact).abs() <= exact.abs() * torch.finfo(dtype).eps).all()
+
+
+def test_srste_add_checks():
+    w = _randn(8, 16)
+    with pytest.raises(ValueError, match="one \\[O, K\\] shape"):
+        srste_add(_randn(8, 12), w, 2, 4, 0.1)
+    with pytest.raises(ValueError, match="mask must be bool"):
+        srste_add(_randn(8, 16), w, 2, 4, 0.1, mask=torch.ones(8, 16, device=DEVICE))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -2,7 +2,7 @@
 
 One kernel per module (Triton-tutorial style: tiling docstring, autotune configs, a launcher that
 checks shapes and dtypes): ``sparse_forward``, ``input_grad``, ``weight_grad`` (the GEMMs),
-``nm_mask``, ``perm_score``, ``mvue`` and ``operand24`` (where no GEMM absorbs the work); ``sparse24``
+``nm_mask``, ``perm_score``, ``mvue``, ``operand24`` and ``srste`` (where no GEMM absorbs the work); ``sparse24``
 wraps PyTorch's 2:4 compressed GEMM. ``ops`` registers the custom ops the lowering pass puts into
 compiled graphs; ``measure`` times them for ``auto``. Under ``TRITON_INTERPRET=1`` (set before this
 package is imported) every kernel runs on the CPU, for tests.

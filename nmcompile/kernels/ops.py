@@ -23,6 +23,7 @@ from .input_grad import sparse_input_grad
 from .mvue import mvue_prune
 from .operand24 import forward_operand, input_grad_operand
 from .sparse_forward import sparse_linear_forward
+from .srste import srste_add
 from .weight_grad import sparse_weight_grad
 
 
@@ -216,16 +217,15 @@ def sparse24_weight_grad(
     n_eff: torch.Tensor | None = None,
     step: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``dW = prune(dY)ᵀ X + λ (W − W ⊙ F)``: ``prune(dY)ᵀ`` compressed 2:4 along ``T`` (MVUE); with
-    ``grad_prune='none'`` a dense GEMM. In ``weight``'s dtype."""
+    """``dW = prune(dY)ᵀ X + λ (1 − F) ⊙ W``: ``prune(dY)ᵀ`` compressed 2:4 along ``T`` (MVUE); with
+    ``grad_prune='none'`` a dense GEMM. SR-STE in one pass (``kernels.srste``); in ``weight``'s dtype."""
     if grad_prune == "none":
         dw = dy.t() @ x
     else:
         dw = _mm24(mvue_prune(dy, _step(step), prune_key, grad_prune, transpose=True), x)
-    dw = dw.to(weight.dtype)
     if srste_lambda:
-        dw = dw + srste_lambda * (weight - forward_operand(weight, _n(n, n_eff), m, mask=fwd_mask))
-    return dw
+        return srste_add(dw, weight, _n(n, n_eff), m, srste_lambda, mask=fwd_mask)
+    return dw.to(weight.dtype)
 
 
 sparse24_weight_grad.register_fake(_weight_grad_fake)
