@@ -112,11 +112,11 @@ def _dense_parts(config: SparsityConfig) -> str:
 
 def _linear_case(node: fx.Node, config: SparsityConfig) -> Any:
     """The ``kernels.measure.LinearCase`` of one ``sparse_linear`` node, or ``None`` where ``x``'s
-    shape has no size hint (an unbacked size)."""
+    shape is unknown or has no size hint (an unbacked size)."""
     from nmcompile.kernels.measure import LinearCase
 
     x, weight = example_value(node.args[0]), _weight(node)
-    x_shape = tuple(size_hint(size) for size in x.shape)
+    x_shape = tuple(size_hint(size) for size in x.shape) if x is not None else (None,)
     if None in x_shape:
         return None
     load_mask = node.args[3].args[1].target is not torch.ops.nmsparse.nm_mask.default  # transposable
@@ -135,7 +135,7 @@ def _measured(node: fx.Node, config: SparsityConfig) -> KernelChoice:
 
     case = _linear_case(node, config)
     if case is None:
-        return KernelChoice("triton", "2:4 not measured: the token count has no size hint")
+        return KernelChoice("triton", "2:4 not measured: the input's shape is unknown or has no size hint")
     try:
         ms = {kernels: measure.step_ms(kernels, case) for kernels in measure.CANDIDATES}
     except Exception as exc:  # a report instead of a crash: the layer keeps the Triton kernels

@@ -79,7 +79,7 @@ def test_auto_keeps_triton_where_2_4_measures_slower(both_paths, monkeypatch):
 
 @interpreted
 def test_auto_without_a_timing_keeps_triton(both_paths, monkeypatch):
-    """A timing that fails, or a token count without a size hint: Triton, and the report says why."""
+    """A timing that fails, or an input shape without a size hint: Triton, and the report says why."""
 
     def fail(kernels, case):
         raise RuntimeError("cuSPARSELt: out of memory\nmore")
@@ -88,7 +88,8 @@ def test_auto_without_a_timing_keeps_triton(both_paths, monkeypatch):
     assert _kernels(torch.randn(8, 32)) == {"triton (2:4 not measured: RuntimeError: cuSPARSELt: out of memory)"}
     calls = _timed(monkeypatch, {"sparse24": 1.0, "triton": 2.0})
     monkeypatch.setattr(both_paths, "size_hint", lambda size: None)
-    assert _kernels(torch.randn(8, 32)) == {"triton (2:4 not measured: the token count has no size hint)"}
+    unknown = "triton (2:4 not measured: the input's shape is unknown or has no size hint)"
+    assert _kernels(torch.randn(8, 32)) == {unknown}
     assert calls == []
 
 
