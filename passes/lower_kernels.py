@@ -148,20 +148,20 @@ def _measured(node: fx.Node, config: SparsityConfig) -> KernelChoice:
 
 
 def _choose(node: fx.Node, config: SparsityConfig) -> KernelChoice:
-    """The implementation of one ``sparse_linear``: 2:4 if asked for and possible (under ``auto``,
-    if also measured faster), else Triton, else portable."""
-    not_24, auto_24 = "", False
-    if config.kernels in ("sparse24", "auto"):
+    """The implementation of one ``sparse_linear``: 2:4 if asked for and possible, else Triton, else
+    portable; under ``auto``, 2:4 where both can run it and 2:4 measures faster."""
+    not_24 = ""
+    if config.kernels == "sparse24":
         why = _sparse24_blocker(node, config)
-        if why is None and config.kernels == "sparse24":
+        if why is None:
             return KernelChoice("sparse24", _dense_parts(config))
-        if config.kernels == "sparse24":
-            not_24 = f"not 2:4: {why}"
-        auto_24 = why is None
+        not_24 = f"not 2:4: {why}"
     why = _triton_blocker(node, config)
-    if why is None:
-        return _measured(node, config) if auto_24 else KernelChoice("triton", not_24)
-    return KernelChoice("portable", f"{not_24}; {why}" if not_24 else why)
+    if why is not None:
+        return KernelChoice("portable", f"{not_24}; {why}" if not_24 else why)
+    if config.kernels == "auto" and _sparse24_blocker(node, config) is None:
+        return _measured(node, config)
+    return KernelChoice("triton", not_24)
 
 
 def _cpu_forward_mask(graph: fx.Graph, masked: fx.Node, config: SparsityConfig) -> bool:
