@@ -80,6 +80,8 @@ def _dtype_blocker(weight: torch.Tensor) -> str | None:
 
 def _sparse24_blocker(node: fx.Node, config: SparsityConfig) -> str | None:
     """Why ``node`` cannot run on 2:4 sparse tensor cores under ``kernels='sparse24'``, or ``None``."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (its kernels write the 2:4 operands)"
     from nmcompile.kernels import sparse24
 
     if not sparse24.fits_24(config.n, config.m):

@@ -15,7 +15,7 @@ import torch
 
 import nmcompile
 from nmcompile.kernels import measure
-from tests.conftest import MLP, interpreted, train_and_compare
+from tests.conftest import MLP, cpu_mask_note, interpreted, train_and_compare
 
 # (in, out) of MLP()'s three layers: fc1, fc2, head.
 SHAPES = {"fc1": (32, 64), "fc2": (64, 64), "head": (64, 16)}
@@ -135,3 +135,21 @@ def test_auto_times_real_steps_inside_the_compile(both_paths):
     train_and_compare(MLP, (8, 32), steps=2, kernels="auto", grad_prune="mvue24", inner="aot_eager")
     assert measure.step_ms.cache_info().misses == 6
     assert all("a step measured" in k for k in _kernels(torch.randn(8, 32), grad_prune="mvue24"))
+
+
+@pytest.mark.parametrize("kernels", ["auto", "sparse24"])
+def test_without_triton_every_layer_is_portable(kernels, monkeypatch):
+    """Where Triton is not installed the lowering neither lowers nor times anything: portable, with the reason."""
+    lowering = sys.modules["nmcompile.passes.lower_kernels"]
+    find_spec = lowering.importlib.util.find_spec
+
+    def without_triton(name):
+        return None if name == "triton" else find_spec(name)
+
+    monkeypatch.setattr(lowering.importlib.util, "find_spec", without_triton)
+    calls = _timed(monkeypatch, {"sparse24": 1.0, "triton": 2.0})
+    rows = nmcompile.explain(MLP(), torch.randn(8, 32), kernels=kernels, inner="aot_eager").rows
+    why = "triton is not installed"
+    if kernels == "sparse24":
+        why = f"not 2:4: {why} (its kernels write the 2:4 operands); {why}"
+    assert {r.kernel for r in rows} == {f"portable ({why}{cpu_mask_note()})"} and calls == []
