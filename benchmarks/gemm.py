@@ -12,6 +12,7 @@ from nmcompile import reference
 
 N, M = 2, 4
 SRSTE_LAMBDA = 2e-4
+PRUNE_STEP, PRUNE_KEY = 1, 7  # the MVUE stream (step, key) of both 2:4 weight-gradient rows
 OPS = ("forward", "input grad", "weight grad")
 GEMM_ROWS = ("dense", "reference", "portable", "triton", "sparse24", "sparse24 gemm")
 GPU_ROWS = ("triton", "sparse24", "sparse24 gemm")  # new kernels on a GPU: a failure is reported, not fatal
@@ -88,11 +89,15 @@ def _sparse24(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Te
     the weight gradient with MVUE 2:4 pruning of ``dY`` (the one sparse operand it has)."""
     from nmcompile.kernels.ops import sparse24_input_grad, sparse24_linear, sparse24_weight_grad
 
-    step = torch.tensor(1)
+    step = torch.tensor(PRUNE_STEP)
+
+    def weight_grad() -> torch.Tensor:
+        return sparse24_weight_grad(dy, x, w, None, N, M, SRSTE_LAMBDA, "mvue24", PRUNE_KEY, None, step)
+
     return {
         "forward": lambda: sparse24_linear(x, w, None, None, None, N, M, 0.0, "fc1"),
         "input grad": lambda: sparse24_input_grad(dy, w, None, perm, N, M),
-        "weight grad": lambda: sparse24_weight_grad(dy, x, w, None, N, M, SRSTE_LAMBDA, "mvue24", 7, None, step),
+        "weight grad": weight_grad,
     }
 
 
@@ -105,7 +110,7 @@ def _sparse24_gemm(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: tor
 
     forward = sparse24.compress(forward_operand(w, N, M))
     input_grad = sparse24.compress(input_grad_operand(w, N, M, perm=perm))
-    weight_grad = sparse24.compress(mvue_prune(dy, 1, 7, "mvue24", transpose=True))
+    weight_grad = sparse24.compress(mvue_prune(dy, PRUNE_STEP, PRUNE_KEY, "mvue24", transpose=True))
     dy_perm = dy.index_select(1, perm)
     return {
         "forward": lambda: sparse24.compressed_mm(forward, x.t(), transpose_result=True),
