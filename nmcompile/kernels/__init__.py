@@ -5,24 +5,31 @@ checks shapes and dtypes): ``sparse_forward``, ``input_grad``, ``weight_grad`` (
 ``nm_mask``, ``perm_score``, ``mvue``, ``operand24`` and ``srste`` (where no GEMM absorbs the work); ``sparse24``
 wraps PyTorch's 2:4 compressed GEMM. ``ops`` registers the custom ops the lowering pass puts into
 compiled graphs; ``measure`` times them for ``auto``. Under ``TRITON_INTERPRET=1`` (set before this
-package is imported) every kernel runs on the CPU, for tests.
+package is imported) every kernel runs on the CPU, for tests. ``cpu_mask`` (C, no Triton) is the
+exception: the portable CPU path imports it, so this package imports without Triton, and then
+exports nothing.
 """
 
-from .common import interpreting
-from .input_grad import sparse_input_grad
-from .mvue import mvue_prune
-from .nm_mask import nm_mask
-from .perm_score import permutation_scores, search_permutation
-from .sparse_forward import sparse_linear_forward
-from .weight_grad import sparse_weight_grad
+import importlib.util
 
-__all__ = [
-    "interpreting",
-    "mvue_prune",
-    "nm_mask",
-    "permutation_scores",
-    "search_permutation",
-    "sparse_input_grad",
-    "sparse_linear_forward",
-    "sparse_weight_grad",
-]
+__all__: list[str] = []
+
+if importlib.util.find_spec("triton") is not None:
+    from .common import interpreting
+    from .input_grad import sparse_input_grad
+    from .mvue import mvue_prune
+    from .nm_mask import nm_mask
+    from .perm_score import permutation_scores, search_permutation
+    from .sparse_forward import sparse_linear_forward
+    from .weight_grad import sparse_weight_grad
+
+    __all__ = [
+        "interpreting",
+        "mvue_prune",
+        "nm_mask",
+        "permutation_scores",
+        "search_permutation",
+        "sparse_input_grad",
+        "sparse_linear_forward",
+        "sparse_weight_grad",
+    ]
