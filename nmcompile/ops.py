@@ -151,16 +151,23 @@ def input_grad_weight(
 
     With ``perm`` (Bi-Mask): ``(W[P] ⊙ Bp)[P⁻¹]``, ``Bp = nm_mask(|W⊙F|[P], dim=0) ∧ F[P]`` (for a
     conv at every ``(c, *k)``), which is ``W ⊙ B``: the GEMM takes the rows back to their places with
-    a row gather of the weight instead of a column gather of ``dY``. Without: ``W ⊙ F``. Mask decay
+    a row gather of the weight instead of a column gather of ``dY``; on the CPU (fp32, M=4) one C
+    kernel does it all (``kernels.cpu_mask``). Without ``perm``: ``W ⊙ F``. Mask decay
     lets the masked-out weights in scaled by ``α``. The steps are annotated as ``<layer>_bwd_*`` nodes.
     """
     if perm is not None:  # masked becomes W ⊙ B
-        with annotate(role(layer, "bwd_perm")):
-            kept = masked.index_select(0, perm)
-        with annotate(role(layer, "bwd_mask")):
-            b_perm = nm_keep(kept, n, m, 0, n_eff) > 0
-        with annotate(role(layer, "bwd_input_grad")):
-            masked = torch.where(b_perm, kept, 0).index_select(0, torch.argsort(perm))
+        from nmcompile.kernels import cpu_mask
+
+        if cpu_mask.blocker(masked, m) is None:  # CPU, fp32, M=4: the C kernel, gather and scatter included
+            with annotate(role(layer, "bwd_mask")):
+                masked = torch.ops.nmsparse.cpu_bimask_weight(masked, perm, n, n_eff)
+        else:
+            with annotate(role(layer, "bwd_perm")):
+                kept = masked.index_select(0, perm)
+            with annotate(role(layer, "bwd_mask")):
+                b_perm = nm_keep(kept, n, m, 0, n_eff) > 0
+            with annotate(role(layer, "bwd_input_grad")):
+                masked = torch.where(b_perm, kept, 0).index_select(0, torch.argsort(perm))
     with annotate(role(layer, "bwd_input_grad")):
         return _decayed(weight, masked, alpha)
 

@@ -1,5 +1,6 @@
-"""The C forward-mask kernel (``nmcompile/kernels/cpu_mask.py``) against SPEC §2 and the reference,
-and its place in the portable CPU graphs (``passes/lower_kernels.py``)."""
+"""The C mask kernels (``nmcompile/kernels/cpu_mask.py``: forward, and Bi-Mask backward) against
+SPEC §2, §4 and the reference, and their place in the portable CPU graphs (``passes/lower_kernels.py``,
+``nmcompile.ops.input_grad_weight``)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,88 @@ def test_launcher_rejects_bad_inputs(weight, n, message):
         cpu_mask.nm4_masked_weight(weight, n)
 
 
+def _bimask_expected(masked: torch.Tensor, perm: torch.Tensor, n: int) -> torch.Tensor:
+    """SPEC §4 by definition: ``where(nm_mask((W⊙F)[P], dim=0), (W⊙F)[P], +0.0)`` put back in row order."""
+    permuted = masked.index_select(0, perm)
+    expected = torch.empty_like(masked)
+    expected[perm] = torch.where(reference.nm_mask(permuted, n, 4, 0), permuted, 0.0)
+    return expected
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape", [(4, 4), (8, 13), (16, 36), (32, 4, 3, 3), (256, 520)], ids=str)
+def test_bimask_kernel_equals_reference_bit_for_bit(shape, n):
+    """``W ⊙ B`` from ``W ⊙ F``: every bit as SPEC §4's formula, with ties, NaN, ±0 and ±inf inside one
+    permuted group of rows, columns that fill 8-wide vectors and a scalar tail (13, 36, 520), conv
+    weights (groups along ``O`` at every ``(c, kh, kw)``), and the multi-threaded size (256 x 520)."""
+    generator = torch.Generator().manual_seed(n * shape[0])
+    masked = torch.randn(shape, generator=generator).reshape(shape[0], -1)
+    masked[torch.rand(masked.shape, generator=generator) < 0.3] = 0.0  # pruned by F: zeros of W ⊙ F
+    perm = torch.randperm(shape[0], generator=generator)
+    group = perm[:4]  # one permuted group of rows, not adjacent in memory
+    masked[group, 0] = torch.tensor([1.0, -1.0, 1.0, -1.0])  # ties: the lower slot of the group wins
+    masked[group, 1] = torch.tensor([float("nan"), 0.5, float("nan"), 2.0])  # NaN ranks largest
+    masked[group, 2] = torch.tensor([0.0, -0.0, 0.0, -0.0])
+    masked[group, 3] = torch.tensor([float("-inf"), 3.0, float("inf"), float("nan")])
+    masked = masked.reshape(shape)
+    out = cpu_mask.nm4_bimask_weight(masked, perm, n)
+    assert torch.equal(out.view(torch.int32), _bimask_expected(masked, perm, n).view(torch.int32))
+    kept_per_group = (out.index_select(0, perm) != 0).reshape(shape[0] // 4, 4, -1).sum(1)
+    assert int(kept_per_group.max()) <= n
+
+
+def test_bimask_kernel_is_the_backward_mask_of_the_reference():
+    """On a real weight: ``W ⊙ B`` with ``B = reference.backward_mask(W, F, P)``, which is ``⊆ F``."""
+    w = torch.randn(64, 48, generator=torch.Generator().manual_seed(3))
+    f = reference.nm_mask(w, 2, 4, 1)
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(4))
+    out = cpu_mask.nm4_bimask_weight(torch.where(f, w, 0.0), perm, 2)
+    expected = torch.where(reference.backward_mask(w, f, perm, 2, 4), w, 0.0)
+    assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+
+
+def test_kernels_give_the_same_bits_on_one_and_two_threads():
+    """Above the size where the kernels go multi-threaded, the thread count changes nothing."""
+    w = _special(512, 512)
+    perm = torch.randperm(512, generator=torch.Generator().manual_seed(5))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            masked = cpu_mask.nm4_masked_weight(w, 2)
+            results.append((masked, cpu_mask.nm4_bimask_weight(masked, perm, 2)))
+    finally:
+        torch.set_num_threads(threads)
+    (fwd_1, bwd_1), (fwd_2, bwd_2) = results
+    expected = torch.where(reference.nm_mask(w, 2, 4, 1), w, 0.0)
+    assert torch.equal(fwd_1.view(torch.int32), expected.view(torch.int32))
+    assert torch.equal(fwd_1.view(torch.int32), fwd_2.view(torch.int32))
+    assert torch.equal(bwd_1.view(torch.int32), _bimask_expected(expected, perm, 2).view(torch.int32))
+    assert torch.equal(bwd_1.view(torch.int32), bwd_2.view(torch.int32))
+
+
+@pytest.mark.parametrize(
+    ("masked", "perm", "n", "message"),
+    [
+        (torch.zeros(4, 8, dtype=torch.float64), torch.arange(4), 2, "fp32 on the CPU"),
+        (torch.zeros(6, 8), torch.arange(6), 2, "O divisible by 4"),
+        (torch.zeros(8), torch.arange(8), 2, "O divisible by 4"),
+        (torch.zeros(4, 8), torch.arange(4, dtype=torch.int32), 2, "perm must be int64 \\[4\\]"),
+        (torch.zeros(4, 8), torch.arange(8), 2, "perm must be int64 \\[4\\]"),
+        (torch.zeros(4, 8), torch.tensor([0, 1, 2, 4]), 2, "not a permutation of 0..3"),
+        (torch.zeros(4, 8), torch.tensor([0, 1, 2, -1]), 2, "not a permutation of 0..3"),
+        (torch.zeros(4, 8), torch.tensor([0, 1, 1, 3]), 2, "not a permutation of 0..3"),
+        (torch.zeros(4, 8), torch.arange(4), 0, "n must be in 1..4"),
+        (torch.zeros(4, 8), torch.arange(4), 5, "n must be in 1..4"),
+    ],
+)
+def test_bimask_launcher_rejects_bad_inputs(masked, perm, n, message):
+    """Bad shapes, dtypes and permutations raise before the C code could read or write out of bounds."""
+    with pytest.raises(ValueError, match=message):
+        cpu_mask.nm4_bimask_weight(masked, perm, n)
+
+
 @pytest.fixture
 def rebuild(monkeypatch):
     """``monkeypatch`` for the build's helpers, with the library cache cleared around the test, so the
@@ -120,6 +203,18 @@ def test_build_is_cached_by_source_and_cpu(tmp_path, rebuild):
     assert first._name == second._name == str(built[0]) and built[0].stat().st_mtime_ns == stamp
 
 
+def test_without_openmp_the_kernels_build_single_threaded(tmp_path, rebuild):
+    """Where ``-fopenmp`` does not build or load, the library is built without it, and computes the same."""
+    rebuild.setattr(cpu_mask, "_cache_dir", lambda: tmp_path)
+    build = cpu_mask._build
+    rebuild.setattr(cpu_mask, "_build", lambda cc, flags: "no OpenMP" if "-fopenmp" in flags else build(cc, flags))
+    assert cpu_mask.blocker(torch.zeros(4, 8), 4) is None
+    assert len(list(tmp_path.iterdir())) == 1
+    w = _special(512, 512)
+    expected = torch.where(reference.nm_mask(w, 2, 4, 1), w, 0.0)
+    assert torch.equal(cpu_mask.nm4_masked_weight(w, 2).view(torch.int32), expected.view(torch.int32))
+
+
 def _forward_targets(model: nn.Module, **options) -> tuple[dict[str, str], set[str]]:
     """The forward graph's ``{node name: target}`` and the report's ``kernel`` column."""
     x = torch.randn(8, 32, dtype=next(model.parameters()).dtype)
@@ -164,21 +259,27 @@ def test_other_layers_keep_the_composite_mask(model, options):
     ids=["bimask", "structure_decay", "mask_decay"],
 )
 def test_training_matches_the_composite_mask(options, monkeypatch):
-    """4 SGD steps with the kernel and with the composite mask: identical losses and weights (N
+    """4 SGD steps with the kernels and with the composite masks: identical losses and weights (N
     changing between steps under structure decay; pruned weights scaled by alpha under mask decay).
     Under Inductor, ``test_backend``'s reference comparisons of fp32 2:4 models run the kernel."""
     base = MLP()
     x = torch.randn(8, 32)
-    calls = []
-    launch = cpu_mask.nm4_masked_weight
+    calls, backward_calls = [], []
+    launch, launch_backward = cpu_mask.nm4_masked_weight, cpu_mask.nm4_bimask_weight
     monkeypatch.setattr(cpu_mask, "nm4_masked_weight", lambda w, n: calls.append(n) or launch(w, n))
+    monkeypatch.setattr(
+        cpu_mask, "nm4_bimask_weight", lambda w, p, n: backward_calls.append(n) or launch_backward(w, p, n)
+    )
     results = []
     for blocked in (False, True):
         if blocked:
             assert len(calls) == 4 * 3  # every step, every layer
+            assert len(backward_calls) == 4 * 2  # every step, fc2 and head (fc1's input needs no gradient)
             if "structure_decay" in options:
                 assert calls[::3] == [3, 3, 2, 2]  # n_eff read at each step: 3:4, then 2:4 (frames of 2 steps)
+                assert backward_calls[::2] == [3, 3, 2, 2]
             calls.clear()
+            backward_calls.clear()
             monkeypatch.setattr(cpu_mask, "blocker", lambda weight, m: "blocked by the test")
         torch._dynamo.reset()
         model = copy.deepcopy(base)
@@ -192,7 +293,7 @@ def test_training_matches_the_composite_mask(options, monkeypatch):
             opt.zero_grad()
             losses.append(loss.detach())
         results.append((torch.stack(losses), [p.detach().clone() for p in model.parameters()]))
-    assert calls == []
+    assert calls == backward_calls == []
     (losses_c, params_c), (losses_t, params_t) = results
     assert torch.equal(losses_c, losses_t)
     assert all(torch.equal(a, b) for a, b in zip(params_c, params_t, strict=True))

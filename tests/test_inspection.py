@@ -8,6 +8,7 @@ from conftest import MLP
 from torch import nn
 
 import nmcompile
+from nmcompile.kernels import cpu_mask
 
 
 def _names(gm: torch.fx.GraphModule) -> set[str]:
@@ -15,18 +16,28 @@ def _names(gm: torch.fx.GraphModule) -> set[str]:
 
 
 @pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
-def test_graph_nodes_say_what_they_are(inner):
-    """Forward and backward graphs after AOTAutograd carry <layer>_fwd_masked, _bwd_perm, _bwd_mask, ..."""
+@pytest.mark.parametrize("c_kernel", [True, False], ids=["c_kernel", "composite"])
+def test_graph_nodes_say_what_they_are(inner, c_kernel, monkeypatch):
+    """Forward and backward graphs after AOTAutograd carry <layer>_fwd_masked, _bwd_perm, _bwd_mask, ...;
+    with the C mask kernels (CPU, fp32, M=4) the Bi-Mask backward weight is one ``_bwd_mask`` node."""
+    if not c_kernel:
+        monkeypatch.setattr(cpu_mask, "blocker", lambda weight, m: "off for this test")
+    elif (why := cpu_mask.blocker(torch.zeros(4, 4), 4)) is not None:
+        pytest.skip(f"C mask kernel unavailable: {why}")
     report = nmcompile.explain(MLP(), torch.randn(4, 32), inner=inner)
     fwd, bwd = _names(report.forward_graph), _names(report.backward_graph)
     assert {"fc1_weight", "fc1_perm", "fc1_fwd_masked", "fc1_fwd_gemm", "fc2_fwd_masked", "head_fwd_gemm"} <= fwd
     assert "head_perm" in fwd  # O=16 is divisible by 4: Bi-Mask backward, so a permutation input
-    assert {"fc2_bwd_perm", "fc2_bwd_mask", "fc2_bwd_input_grad", "fc2_bwd_weight_grad", "fc2_bwd_srste"} <= bwd
+    assert {"fc2_bwd_mask", "fc2_bwd_input_grad", "fc2_bwd_weight_grad", "fc2_bwd_srste"} <= bwd
     assert {"fc1_bwd_weight_grad", "fc1_bwd_bias_grad"} <= bwd
     assert "fc1_bwd_mask" not in bwd  # the input does not require grad: no dX GEMM for fc1
-    # The composite mask op decomposes into plain comparisons Inductor can fuse: no sort, no topk.
     masks = [n for n in report.backward_graph.graph.nodes if n.name.startswith("fc2_bwd_mask")]
     targets = {str(n.target) for n in masks}
+    if c_kernel:
+        assert targets == {"nmsparse.cpu_bimask_weight.default"} and "fc2_bwd_perm" not in bwd
+        return
+    # The composite mask op decomposes into plain comparisons Inductor can fuse: no sort, no topk.
+    assert "fc2_bwd_perm" in bwd
     assert {"aten.gt.Tensor", "aten.ge.Tensor", "aten.lt.Scalar", "aten.where.self"} <= targets
     assert not any("sort" in t or "topk" in t for t in targets)
 

@@ -28,6 +28,7 @@ M = 4  # the group size the kernel is written for
 
 _SOURCE = r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <math.h>
 typedef float f8 __attribute__((vector_size(32)));
 typedef int32_t i8 __attribute__((vector_size(32)));
@@ -39,27 +40,34 @@ static const i8 ROT3 = {3, 0, 1, 2, 7, 4, 5, 6};
 static const i8 LOW1 = {0, 0, 0, -1, 0, 0, 0, -1};
 static const i8 LOW2 = {0, 0, -1, -1, 0, 0, -1, -1};
 static const i8 LOW3 = {0, -1, -1, -1, 0, -1, -1, -1};
+#define PARALLEL_MIN 65536 /* weights below which one thread is faster than waking the team */
 
 static inline i8 above(f8 a, f8 b, i8 low) { return (b > a) | ((b == a) & low); }
 
 static inline float magnitude(float v) { float a = fabsf(v); return a == a ? a : INFINITY; }
 
-void nm4_masked_weight_f32(const float *restrict w, float *restrict out, int64_t groups, int32_t n) {
-  const i8 limit = {n, n, n, n, n, n, n, n};
+static inline f8 magnitudes(f8 v) {
   const i8 inf = (i8)((f8){INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY});
-  int64_t g = 0;
-  for (; g + 2 <= groups; g += 2) {
+  f8 a = (f8)((i8)v & 0x7fffffff);
+  i8 number = a == a;
+  return (f8)(((i8)a & number) | (inf & ~number));
+}
+
+/* forward: groups of 4 along the contiguous dim, two groups per vector */
+void nm4_masked_weight_f32(const float *restrict w, float *restrict out, int64_t groups, int32_t n, int32_t threads) {
+  const i8 limit = {n, n, n, n, n, n, n, n};
+  const int64_t pairs = groups / 2;
+  #pragma omp parallel for num_threads(threads) schedule(static) if (4 * groups >= PARALLEL_MIN)
+  for (int64_t p = 0; p < pairs; ++p) {
     f8 v;
-    __builtin_memcpy(&v, w + 4 * g, sizeof v);
-    f8 a = (f8)((i8)v & 0x7fffffff);
-    i8 number = a == a;
-    a = (f8)(((i8)a & number) | (inf & ~number));
+    __builtin_memcpy(&v, w + 8 * p, sizeof v);
+    f8 a = magnitudes(v);
     i8 count = -(above(a, __builtin_shuffle(a, ROT1), LOW1) + above(a, __builtin_shuffle(a, ROT2), LOW2)
                  + above(a, __builtin_shuffle(a, ROT3), LOW3));
     f8 kept = (f8)((i8)v & (count < limit));
-    __builtin_memcpy(out + 4 * g, &kept, sizeof kept);
+    __builtin_memcpy(out + 8 * p, &kept, sizeof kept);
   }
-  for (; g < groups; ++g) {
+  for (int64_t g = 2 * pairs; g < groups; ++g) {
     const float *x = w + 4 * g;
     float a[4] = {magnitude(x[0]), magnitude(x[1]), magnitude(x[2]), magnitude(x[3])};
     for (int i = 0; i < 4; ++i) {
@@ -68,6 +76,47 @@ void nm4_masked_weight_f32(const float *restrict w, float *restrict out, int64_t
       out[4 * g + i] = count < n ? x[i] : 0.0f;
     }
   }
+}
+
+/* Bi-Mask backward: the group of row slot j is rows perm[4g .. 4g+3], ranked column by column,
+   eight columns per vector; returns -1 (nothing written) if perm is not a permutation of 0..rows-1 */
+int32_t nm4_bimask_rows_f32(const float *restrict w, const int64_t *restrict perm, float *restrict out,
+                            int64_t rows, int64_t cols, int32_t n, int32_t threads) {
+  unsigned char *seen = calloc(rows ? rows : 1, 1);
+  if (!seen) return -2;
+  for (int64_t i = 0; i < rows; ++i) {
+    int64_t r = perm[i];
+    if (r < 0 || r >= rows || seen[r]) { free(seen); return -1; }
+    seen[r] = 1;
+  }
+  free(seen);
+  const i8 limit = {n, n, n, n, n, n, n, n};
+  #pragma omp parallel for num_threads(threads) schedule(static) if (rows * cols >= PARALLEL_MIN)
+  for (int64_t g = 0; g < rows / 4; ++g) {
+    const float *src[4];
+    float *dst[4];
+    for (int j = 0; j < 4; ++j) { src[j] = w + perm[4 * g + j] * cols; dst[j] = out + perm[4 * g + j] * cols; }
+    int64_t k = 0;
+    for (; k + 8 <= cols; k += 8) {
+      f8 v[4], a[4];
+      for (int j = 0; j < 4; ++j) { __builtin_memcpy(&v[j], src[j] + k, sizeof(f8)); a[j] = magnitudes(v[j]); }
+      for (int j = 0; j < 4; ++j) {
+        i8 count = {0};
+        for (int i = 0; i < 4; ++i) if (i != j) count -= i < j ? a[i] >= a[j] : a[i] > a[j];
+        f8 kept = (f8)((i8)v[j] & (count < limit));
+        __builtin_memcpy(dst[j] + k, &kept, sizeof kept);
+      }
+    }
+    for (; k < cols; ++k) {
+      float a[4] = {magnitude(src[0][k]), magnitude(src[1][k]), magnitude(src[2][k]), magnitude(src[3][k])};
+      for (int j = 0; j < 4; ++j) {
+        int count = 0;
+        for (int i = 0; i < 4; ++i) count += i < j ? a[i] >= a[j] : (i > j && a[i] > a[j]);
+        dst[j][k] = count < n ? src[j][k] : 0.0f;
+      }
+    }
+  }
+  return 0;
 }
 """
 
@@ -97,13 +146,9 @@ def _cache_dir() -> Path:
     return Path(cache_dir()) / "nmcompile"
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | str:
-    """The built kernel library, or why it could not be built (tried once per process)."""
-    compiler = _compiler()
-    if compiler is None:
-        return "no C compiler found ($CC, cc or gcc)"
-    key = hashlib.sha256("\0".join((_SOURCE, compiler, *_FLAGS, _cpu_key())).encode()).hexdigest()[:20]
+def _build(compiler: str, flags: tuple[str, ...]) -> ctypes.CDLL | str:
+    """The kernel library built with ``flags`` (cached on disk under a key of everything the build reads), or why not."""
+    key = hashlib.sha256("\0".join((_SOURCE, compiler, *flags, _cpu_key())).encode()).hexdigest()[:20]
     path = _cache_dir() / f"nm4_mask_{key}.so"
     try:
         if not path.exists():
@@ -111,21 +156,40 @@ def _library() -> ctypes.CDLL | str:
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
                 source, built = Path(tmp) / "nm4_mask.c", Path(tmp) / path.name
                 source.write_text(_SOURCE)
-                command = [compiler, *_FLAGS, str(source), "-o", str(built)]
-                done = subprocess.run(command, capture_output=True, text=True)
+                done = subprocess.run([compiler, *flags, str(source), "-o", str(built)], capture_output=True, text=True)
                 if done.returncode:
                     return f"the C mask kernel did not build: {done.stderr.strip()[:300]}"
                 os.replace(built, path)  # atomic: a concurrent build of the same key writes the same file
-        library = ctypes.CDLL(str(path))
-    except OSError as exc:  # a read-only cache directory, a noexec mount, ...
+        return ctypes.CDLL(str(path))
+    except OSError as exc:  # a read-only cache directory, a noexec mount, an OpenMP runtime that does not load, ...
         return f"the C mask kernel could not be built or loaded: {exc}"
-    library.nm4_masked_weight_f32.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32)
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | str:
+    """The built kernel library, or why it could not be built (tried once per process): with OpenMP,
+    which resolves to the runtime torch has loaded (one thread team for torch and these kernels),
+    else single-threaded."""
+    compiler = _compiler()
+    if compiler is None:
+        return "no C compiler found ($CC, cc or gcc)"
+    library = _build(compiler, (*_FLAGS, "-fopenmp"))
+    if isinstance(library, str):
+        library = _build(compiler, _FLAGS)
+        if isinstance(library, str):
+            return library
+    library.nm4_masked_weight_f32.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32)
     library.nm4_masked_weight_f32.restype = None
+    library.nm4_bimask_rows_f32.argtypes = (
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32
+    )  # fmt: skip
+    library.nm4_bimask_rows_f32.restype = ctypes.c_int32
     return library
 
 
 def blocker(weight: torch.Tensor, m: int) -> str | None:
-    """Why the kernel cannot compute ``weight``'s forward mask, or ``None`` when it can."""
+    """Why the kernels cannot compute ``weight``'s masks (forward, or Bi-Mask backward from its
+    ``W ⊙ F``), or ``None`` when they can."""
     if weight.device.type != "cpu":
         return f"weight on {weight.device.type}"
     if weight.dtype != torch.float32:
@@ -136,20 +200,50 @@ def blocker(weight: torch.Tensor, m: int) -> str | None:
     return library if isinstance(library, str) else None
 
 
-def nm4_masked_weight(weight: torch.Tensor, n: int) -> torch.Tensor:
-    """``W ⊙ nm_mask(W, n, 4, dim=-1)``: the kept entries as they are, the pruned ones ``+0.0``."""
+def _checked_library(weight: torch.Tensor, n: int) -> ctypes.CDLL:
+    """The library, after the checks both launchers share."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         raise ValueError(f"weight must be fp32 on the CPU, got {weight.dtype} on {weight.device}")
-    if weight.dim() == 0 or weight.shape[-1] % M:
-        raise ValueError(f"the last dim of weight must be divisible by {M}, got shape {tuple(weight.shape)}")
     if not 1 <= n <= M:
         raise ValueError(f"n must be in 1..{M}, got {n}")
     library = _library()
     if isinstance(library, str):
         raise RuntimeError(library)
+    return library
+
+
+def nm4_masked_weight(weight: torch.Tensor, n: int) -> torch.Tensor:
+    """``W ⊙ nm_mask(W, n, 4, dim=-1)``: the kept entries as they are, the pruned ones ``+0.0``."""
+    if weight.dim() == 0 or weight.shape[-1] % M:
+        raise ValueError(f"the last dim of weight must be divisible by {M}, got shape {tuple(weight.shape)}")
+    library = _checked_library(weight, n)
     weight = weight.detach().contiguous()
     out = torch.empty_like(weight)
-    library.nm4_masked_weight_f32(weight.data_ptr(), out.data_ptr(), weight.numel() // M, n)
+    library.nm4_masked_weight_f32(weight.data_ptr(), out.data_ptr(), weight.numel() // M, n, torch.get_num_threads())
+    return out
+
+
+def nm4_bimask_weight(masked: torch.Tensor, perm: torch.Tensor, n: int) -> torch.Tensor:
+    """Bi-Mask's input-gradient weight ``W ⊙ B`` from ``masked`` = ``W ⊙ F`` (SPEC §4): in each group
+    of rows ``P[4g:4g+4]``, at every column (every ``(c, *k)`` of a conv weight), the ``n`` largest
+    ``|W ⊙ F|`` kept, the rest ``+0.0``; in the original row order, as
+    ``where(nm_mask((W⊙F)[P], n, 4, dim=0), (W⊙F)[P], 0)[P⁻¹]``, without building the permuted copy."""
+    if masked.dim() < 2 or masked.shape[0] % M:
+        raise ValueError(f"masked must be [O, ...] with O divisible by {M}, got shape {tuple(masked.shape)}")
+    if perm.dtype != torch.int64 or perm.shape != masked.shape[:1] or perm.device.type != "cpu":
+        raise ValueError(f"perm must be int64 [{masked.shape[0]}] on the CPU, got {perm.dtype} {tuple(perm.shape)}")
+    library = _checked_library(masked, n)
+    masked, perm = masked.detach().contiguous(), perm.contiguous()
+    out = torch.empty_like(masked)
+    rows = masked.shape[0]
+    cols = masked.numel() // rows if rows else 0
+    status = library.nm4_bimask_rows_f32(
+        masked.data_ptr(), perm.data_ptr(), out.data_ptr(), rows, cols, n, torch.get_num_threads()
+    )
+    if status == -1:
+        raise ValueError(f"perm is not a permutation of 0..{rows - 1}")
+    if status:
+        raise MemoryError("nm4_bimask_rows_f32 could not allocate its permutation check")
     return out
 
 
@@ -170,3 +264,17 @@ def _no_gradient(ctx: object, grad: torch.Tensor) -> tuple[None, None, None]:
 
 
 cpu_masked_weight.register_autograd(_no_gradient)
+
+
+@torch.library.custom_op("nmsparse::cpu_bimask_weight", mutates_args=())
+def cpu_bimask_weight(
+    masked: torch.Tensor, perm: torch.Tensor, n: int, n_eff: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Graph node for ``<layer>_bwd_mask`` on the CPU path (inside the backward, never differentiated):
+    ``W ⊙ B`` from ``W ⊙ F`` and ``P``; ``n_eff`` overrides ``n`` (SPEC §8)."""
+    return nm4_bimask_weight(masked, perm, int(n_eff) if n_eff is not None else n)
+
+
+@cpu_bimask_weight.register_fake
+def _(masked: torch.Tensor, perm: torch.Tensor, n: int, n_eff: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.empty_like(masked, memory_format=torch.contiguous_format)
