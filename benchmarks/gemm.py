@@ -48,7 +48,7 @@ def _reference(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.T
 def _portable(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Tensor) -> Gemms:
     """The GEMMs as the portable backend's graphs compute them (``W ⊙ F`` from the C mask kernel where
     ``lower_kernels`` uses it, else from ``nmcompile.ops``' composite mask, and the backward's helpers
-    on it), each ``torch.compile``d as the backend's are."""
+    on it, which pick the C Bi-Mask kernel by the same rule), each ``torch.compile``d as the backend's are."""
     from nmcompile.kernels import cpu_mask
     from nmcompile.ops import input_grad_weight, masked_weight, nm_mask, srste_term
 

@@ -80,7 +80,7 @@ def _prepare(
         return reference.sparsify(model, n=2, m=4)
     if name == "nmsparse portable, composite mask":
         if device.type != "cpu":
-            return "CPU only (the C mask kernel this row turns off runs on the CPU)"
+            return "CPU only (the C mask kernels this row turns off run on the CPU)"
         return _composite_mask(_prepare("nmsparse portable", model, device, dtype))
     kernels = name.removeprefix("nmsparse ")
     why = unavailable(kernels, device, dtype)
@@ -98,8 +98,8 @@ def _prepare(
 def _composite_mask(
     run: Callable[[torch.Tensor], torch.Tensor] | str,
 ) -> Callable[[torch.Tensor], torch.Tensor] | str:
-    """``run`` compiled with the C forward-mask kernel turned off (the lowering asks its ``blocker``
-    at compile time), so the same run shows what the kernel saves against the composite mask."""
+    """``run`` compiled with the C mask kernels turned off (the lowering and the traced backward ask
+    their ``blocker`` at compile time), so the same run shows what they save against the composite masks."""
     if isinstance(run, str):
         return run
     from nmcompile.kernels import cpu_mask

@@ -300,16 +300,18 @@ def test_training_matches_the_composite_mask(options, monkeypatch):
 
 
 def test_benchmark_row_without_the_kernel(monkeypatch):
-    """``benchmarks.step``'s composite-mask row compiles without the kernel, its portable row with it."""
+    """``benchmarks.step``'s composite-mask row compiles without the kernels (forward and backward), its
+    portable row with them (both layers: fc1's input is LayerNorm's output, so it has a gradient)."""
     from benchmarks import step
 
     calls = []
-    launch = cpu_mask.nm4_masked_weight
-    monkeypatch.setattr(cpu_mask, "nm4_masked_weight", lambda w, n: calls.append(n) or launch(w, n))
+    launch, launch_backward = cpu_mask.nm4_masked_weight, cpu_mask.nm4_bimask_weight
+    monkeypatch.setattr(cpu_mask, "nm4_masked_weight", lambda w, n: calls.append("fwd") or launch(w, n))
+    monkeypatch.setattr(cpu_mask, "nm4_bimask_weight", lambda w, p, n: calls.append("bwd") or launch_backward(w, p, n))
     x = torch.randn(8, 32)
-    for name, expected in (("nmsparse portable, composite mask", 0), ("nmsparse portable", 2)):
+    for name, expected in (("nmsparse portable, composite mask", []), ("nmsparse portable", ["fwd"] * 2 + ["bwd"] * 2)):
         torch._dynamo.reset()
         model = step.FFNBlock(32, 64)
         step._prepare(name, model, torch.device("cpu"), torch.float32)(x).sum().backward()
-        assert len(calls) == expected, name
+        assert calls == expected, name
         calls.clear()
