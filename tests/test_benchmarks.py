@@ -87,11 +87,11 @@ def test_sparse24_gemm_row_times_the_sparse24_rows_gemms(emulated_24_library):
 
 
 def test_cpu_only_row_has_a_reason_elsewhere():
-    """Off the CPU the composite-mask row is not run (the kernel it turns off is CPU-only): it says
+    """Off the CPU the composite-mask row is not run (the kernels it turns off are CPU-only): it says
     why before anything touches that device, and the other rows prepare as usual."""
     model = torch.nn.Linear(8, 8)
     why = step._prepare("nmsparse portable, composite mask", model, torch.device("cuda"), torch.bfloat16)
-    assert why == "CPU only (the C mask kernel this row turns off runs on the CPU)"
+    assert why == "CPU only (the C mask kernels this row turns off run on the CPU)"
     assert step._prepare("dense eager", model, torch.device("cuda"), torch.bfloat16) is model
 
 
