@@ -50,6 +50,13 @@ static inline i8 above(f8 a, f8 b, i8 low) { return (b > a) | ((b == a) & low); 
 
 static inline float magnitude(float v) { float a = fabsf(v); return a == a ? a : INFINITY; }
 
+/* how many entries of a group of 4 magnitudes outrank entry i (ties to the lower index): the scalar tails' rank */
+static inline int outranked(const float a[4], int i) {
+  int count = 0;
+  for (int j = 0; j < 4; ++j) count += j < i ? a[j] >= a[i] : (j > i && a[j] > a[i]);
+  return count;
+}
+
 static inline f8 magnitudes(f8 v) {
   const i8 inf = (i8)((f8){INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY});
   f8 a = (f8)((i8)v & 0x7fffffff);
@@ -74,11 +81,7 @@ void nm4_masked_weight_f32(const float *restrict w, float *restrict out, int64_t
   for (int64_t g = 2 * pairs; g < groups; ++g) {
     const float *x = w + 4 * g;
     float a[4] = {magnitude(x[0]), magnitude(x[1]), magnitude(x[2]), magnitude(x[3])};
-    for (int i = 0; i < 4; ++i) {
-      int count = 0;
-      for (int j = 0; j < 4; ++j) count += j < i ? a[j] >= a[i] : (j > i && a[j] > a[i]);
-      out[4 * g + i] = count < n ? x[i] : 0.0f;
-    }
+    for (int i = 0; i < 4; ++i) out[4 * g + i] = outranked(a, i) < n ? x[i] : 0.0f;
   }
 }
 
@@ -113,11 +116,7 @@ int32_t nm4_bimask_rows_f32(const float *restrict w, const int64_t *restrict per
     }
     for (; k < cols; ++k) {
       float a[4] = {magnitude(src[0][k]), magnitude(src[1][k]), magnitude(src[2][k]), magnitude(src[3][k])};
-      for (int j = 0; j < 4; ++j) {
-        int count = 0;
-        for (int i = 0; i < 4; ++i) count += i < j ? a[i] >= a[j] : (i > j && a[i] > a[j]);
-        dst[j][k] = count < n ? src[j][k] : 0.0f;
-      }
+      for (int j = 0; j < 4; ++j) dst[j][k] = outranked(a, j) < n ? src[j][k] : 0.0f;
     }
   }
   return 0;
@@ -250,10 +249,15 @@ def nm4_bimask_weight(masked: torch.Tensor, perm: torch.Tensor, n: int) -> torch
     return out
 
 
+def _in_force(n: int, n_eff: torch.Tensor | None) -> int:
+    """The N a graph node applies: ``n_eff`` (structure decay's N of this step, SPEC §8) where given, else ``n``."""
+    return int(n_eff) if n_eff is not None else n
+
+
 @torch.library.custom_op("nmsparse::cpu_masked_weight", mutates_args=())
 def cpu_masked_weight(weight: torch.Tensor, n: int, n_eff: torch.Tensor | None = None) -> torch.Tensor:
     """Graph node for ``<layer>_fwd_masked`` on the CPU path; ``n_eff`` overrides ``n`` (SPEC §8)."""
-    return nm4_masked_weight(weight, int(n_eff) if n_eff is not None else n)
+    return nm4_masked_weight(weight, _in_force(n, n_eff))
 
 
 @cpu_masked_weight.register_fake
@@ -275,7 +279,7 @@ def cpu_bimask_weight(
 ) -> torch.Tensor:
     """Graph node for ``<layer>_bwd_mask`` on the CPU path (inside the backward, never differentiated):
     ``W ⊙ B`` from ``W ⊙ F`` and ``P``; ``n_eff`` overrides ``n`` (SPEC §8)."""
-    return nm4_bimask_weight(masked, perm, int(n_eff) if n_eff is not None else n)
+    return nm4_bimask_weight(masked, perm, _in_force(n, n_eff))
 
 
 @cpu_bimask_weight.register_fake
