@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import importlib.util
 import warnings
 import weakref
 from typing import Any
@@ -144,10 +143,12 @@ class LayerState:
             candidates = permutation_candidates(spec, step)
             w = self.weight_matrix(param)
             triton_ok = type(w) is torch.Tensor and w.dim() == 2 and power_of_two(config.m)
-            triton_ok &= importlib.util.find_spec("triton") is not None
             search = reference
             if w.is_cuda and config.kernels != "portable" and triton_ok:
-                from nmcompile import kernels as search  # one mask launch, one scoring launch for all candidates
+                from nmcompile import kernels
+
+                if kernels.triton_installed():
+                    search = kernels  # one mask launch, one scoring launch for all candidates
 
             fmask = search.nm_mask(w, n, config.m, dim=1)
             self.perm, _ = search.search_permutation(fmask, self.perm, candidates, n, config.m)

@@ -20,7 +20,6 @@ and its ``KernelChoice`` reason ends in ``CPU_MASK_NOTE``.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from typing import Any
 
 import torch
@@ -61,7 +60,9 @@ def _triton_blocker(node: fx.Node, config: SparsityConfig) -> str | None:
     """Why ``node`` (a ``sparse_linear``) cannot run on the Triton kernels, or ``None`` if it can."""
     if config.kernels == "portable":
         return "kernels='portable'"
-    if importlib.util.find_spec("triton") is None:
+    from nmcompile.kernels import triton_installed
+
+    if not triton_installed():
         return "triton is not installed"
     weight = _weight(node)  # x has the weight's dtype, or autocast's (checked at launch)
     if weight is None:
@@ -80,10 +81,10 @@ def _dtype_blocker(weight: torch.Tensor) -> str | None:
 
 def _sparse24_blocker(node: fx.Node, config: SparsityConfig) -> str | None:
     """Why ``node`` cannot run on 2:4 sparse tensor cores under ``kernels='sparse24'``, or ``None``."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (its kernels write the 2:4 operands)"
-    from nmcompile.kernels import sparse24
+    from nmcompile.kernels import sparse24, triton_installed
 
+    if not triton_installed():
+        return "triton is not installed (its kernels write the 2:4 operands)"
     if not sparse24.fits_24(config.n, config.m):
         return f"{config.n}:{config.m} is not a 2:4 pattern (at most 2 kept in every 4)"
     if config.mask_decay != "none":

@@ -14,7 +14,13 @@ import importlib.util
 
 __all__: list[str] = []
 
-if importlib.util.find_spec("triton") is not None:
+
+def triton_installed() -> bool:
+    """Whether Triton can be imported: what every kernel here but ``cpu_mask`` needs."""
+    return importlib.util.find_spec("triton") is not None
+
+
+if triton_installed():
     from .common import interpreting
     from .input_grad import sparse_input_grad
     from .mvue import mvue_prune
