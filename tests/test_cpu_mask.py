@@ -5,6 +5,7 @@ SPEC §2, §4 and the reference, and their place in the portable CPU graphs (``p
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -103,6 +104,21 @@ def test_bimask_kernel_is_the_backward_mask_of_the_reference():
     perm = torch.randperm(64, generator=torch.Generator().manual_seed(4))
     out = cpu_mask.nm4_bimask_weight(torch.where(f, w, 0.0), perm, 2)
     expected = torch.where(reference.backward_mask(w, f, perm, 2, 4), w, 0.0)
+    assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+
+
+def test_compiled_caller_of_the_backward_helper_has_one_graph():
+    """``torch.compile(fullgraph=True)`` of code calling ``ops.input_grad_weight`` (as the benchmark's
+    portable rows do) traces the kernel choice as a constant: no graph break, no Dynamo warning."""
+    from nmcompile.ops import input_grad_weight
+
+    w = torch.randn(64, 48, generator=torch.Generator().manual_seed(6))
+    masked = cpu_mask.nm4_masked_weight(w, 2)
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(7))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        out = torch.compile(lambda: input_grad_weight(w, masked, perm, 2, 4), fullgraph=True)()
+    expected = torch.where(reference.backward_mask(w, reference.nm_mask(w, 2, 4, 1), perm, 2, 4), w, 0.0)
     assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
 
 

@@ -198,6 +198,13 @@ def blocker(weight: torch.Tensor, m: int) -> str | None:
         return f"weight dtype {weight.dtype} (the C kernel takes fp32)"
     if m != M:
         return f"m={m} (the C kernel is written for m=4)"
+    return _build_error()
+
+
+@torch.compiler.assume_constant_result
+def _build_error() -> str | None:
+    """Why the library is not there, or ``None``: a constant to Dynamo, so that code it traces (a
+    ``torch.compile``d caller of ``ops.input_grad_weight``) asks without a graph break."""
     library = _library()
     return library if isinstance(library, str) else None
 
