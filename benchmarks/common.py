@@ -63,7 +63,7 @@ class Row:
 
 
 def unavailable(kernels: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why the GPU-only implementation ``kernels`` (``triton``, ``sparse24`` or ``sparse24 gemm``)
+    """Why the GPU-only implementation ``kernels`` (``triton``, or ``sparse24`` and its GEMM-only rows)
     cannot run on ``device`` in ``dtype``, or ``None`` (also for every other implementation)."""
     if kernels == "triton" and device.type != "cuda":
         return "needs CUDA"
@@ -96,12 +96,17 @@ def _peak_memory(fn: Callable[[], Any], device: torch.device) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+def failure(exc: Exception) -> str:
+    """A row's reason for the exception that stopped it: its type and first line."""
+    message = str(exc).strip().splitlines()
+    return f"failed: {type(exc).__name__}: {message[0] if message else ''}"
+
+
 def _fail(row: Row, exc: Exception, guard: bool) -> None:
     """With ``guard``, record ``exc`` as the row's reason so that the run goes on; without, re-raise it."""
     if not guard:
         raise exc
-    message = str(exc).strip().splitlines()
-    row.reason = f"failed: {type(exc).__name__}: {message[0] if message else ''}"
+    row.reason = failure(exc)
 
 
 def measure(

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Callable
 
 import torch
 
 import nmcompile  # noqa: F401  (registers torch.ops.nmsparse)
-from benchmarks.common import Row, Size, measure, set_ratios, unavailable
+from benchmarks.common import Row, Size, failure, measure, set_ratios, unavailable
 from nmcompile import reference
 
 N, M = 2, 4
 SRSTE_LAMBDA = 2e-4
 PRUNE_STEP, PRUNE_KEY = 1, 7  # the MVUE stream (step, key) of both 2:4 weight-gradient rows
 OPS = ("forward", "input grad", "weight grad")
-GEMM_ROWS = ("dense", "reference", "portable", "triton", "sparse24", "sparse24 gemm")
-GPU_ROWS = ("triton", "sparse24", "sparse24 gemm")  # new kernels on a GPU: a failure is reported, not fatal
+GEMM_ROWS = ("dense", "reference", "portable", "triton", "sparse24", "sparse24 gemm", "sparse24 gemm, best alg")
+GPU_ROWS = GEMM_ROWS[3:]  # new kernels on a GPU: a failure is reported, not fatal
 
 Gemms = dict[str, Callable[[], torch.Tensor]]
 
@@ -101,22 +103,29 @@ def _sparse24(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Te
     }
 
 
-def _sparse24_gemm(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Tensor) -> Gemms:
+def _sparse24_gemm(
+    x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Tensor, search: bool = False
+) -> Gemms:
     """The 2:4 GEMMs alone: the ``sparse24`` rows' operands written, permuted and compressed before
-    timing, so that row minus this one is their mask, permutation, MVUE and compression overhead."""
+    timing, so that row minus this one is their mask, permutation, MVUE and compression overhead.
+    With ``search``, each GEMM runs the cuSPARSELt algorithm ``search_alg`` times fastest for it,
+    instead of algorithm 0, which the ``sparse24`` ops run."""
     from nmcompile.kernels import sparse24
     from nmcompile.kernels.mvue import mvue_prune
     from nmcompile.kernels.operand24 import forward_operand, input_grad_operand
 
-    forward = sparse24.compress(forward_operand(w, N, M))
-    input_grad = sparse24.compress(input_grad_operand(w, N, M, perm=perm))
-    weight_grad = sparse24.compress(mvue_prune(dy, PRUNE_STEP, PRUNE_KEY, "mvue24", transpose=True))
-    dy_perm = dy.index_select(1, perm)
-    return {
-        "forward": lambda: sparse24.compressed_mm(forward, x.t(), transpose_result=True),
-        "input grad": lambda: sparse24.compressed_mm(input_grad, dy_perm.t(), transpose_result=True),
-        "weight grad": lambda: sparse24.compressed_mm(weight_grad, x),
+    operands = {  # op: (compressed sparse operand, dense operand, transpose_result)
+        "forward": (sparse24.compress(forward_operand(w, N, M)), x.t(), True),
+        "input grad": (sparse24.compress(input_grad_operand(w, N, M, perm=perm)), dy.index_select(1, perm).t(), True),
+        "weight grad": (sparse24.compress(mvue_prune(dy, PRUNE_STEP, PRUNE_KEY, "mvue24", transpose=True)), x, False),
     }
+    gemms: Gemms = {}
+    for op, (a, b, transpose) in operands.items():
+        alg_id = sparse24.search_alg(a, b, transpose_result=transpose) if search else 0
+        if search:
+            print(f"[benchmarks] ffn.fc1 {op} sparse24 gemm: alg_id {alg_id} measured fastest", file=sys.stderr)
+        gemms[op] = functools.partial(sparse24.compressed_mm, a, b, transpose_result=transpose, alg_id=alg_id)
+    return gemms
 
 
 IMPLEMENTATIONS = {
@@ -126,6 +135,7 @@ IMPLEMENTATIONS = {
     "triton": _triton,
     "sparse24": _sparse24,
     "sparse24 gemm": _sparse24_gemm,
+    "sparse24 gemm, best alg": functools.partial(_sparse24_gemm, search=True),
 }
 
 
@@ -143,13 +153,17 @@ def gemm_rows(size: Size, device: torch.device) -> list[Row]:
     reasons: dict[str, str] = {}
     for name, make in IMPLEMENTATIONS.items():
         why = unavailable(name, device, size.dtype)
-        if why is not None:
-            reasons[name] = why
-            continue
-        try:
-            gemms[name] = make(x, w, dy, perm)
-        except ImportError as exc:
-            reasons[name] = f"not available: {exc}"
+        if why is None:
+            try:
+                gemms[name] = make(x, w, dy, perm)
+                continue
+            except ImportError as exc:
+                why = f"not available: {exc}"
+            except Exception as exc:  # a GPU row's set-up (operands written, compressed) fails alone
+                if name not in GPU_ROWS:
+                    raise
+                why = failure(exc)
+        reasons[name] = why
     rows: list[Row] = []
     with torch.no_grad():
         for op in OPS:

@@ -44,6 +44,7 @@ CUDA_TESTS=(
     "tests/test_kernels.py::test_real_sizes_on_cuda"
     "tests/test_lowering.py::test_auto_lowers_on_cuda_under_autocast"
     "tests/test_sparse24.py::test_semi_structured_mm_on_cuda"
+    "tests/test_sparse24.py::test_searched_alg_gives_the_same_product_on_cuda"
     "tests/test_sparse24.py::test_sparse24_trains_like_portable_on_cuda"
 )
 stage cuda_tests 150 "$PY" -m pytest -q -p no:cacheprovider -rA "${CUDA_TESTS[@]}"

@@ -202,14 +202,40 @@ def _cslt_compress(a):
     return _storage_view(a, tuple(a.shape), column_major=False).clone()
 
 
-def _cslt_sparse_mm(compressed, b, bias=None, transpose_result=False):
+EMULATED_ALGS = 2  # the emulated cuSPARSELt's algorithm ids: 0 and 1 (the same product)
+
+
+def _cslt_sparse_mm(compressed, b, bias=None, transpose_result=False, alg_id=0):
     """``torch._cslt_sparse_mm`` as cuSPARSELtOps.cpp reads its operands: ``B`` row-major when
     contiguous, else column-major with leading dim ``K``; ``bias`` per row of ``A``; with
     ``transpose_result`` the ``[M, N]`` result stored column-major, which is ``[N, M]`` contiguous."""
+    if not 0 <= alg_id < EMULATED_ALGS:
+        raise RuntimeError(f"alg_id {alg_id} out of range")
     dense_b = _storage_view(b, tuple(b.shape), column_major=not b.is_contiguous())
     out = compressed.float() @ dense_b.float() + (0 if bias is None else bias.float()[:, None])
     out = out.to(compressed.dtype)
     return out.t().contiguous() if transpose_result else out
+
+
+def _cslt_sparse_mm_search(compressed, b, bias=None, transpose_result=False):
+    """``torch._cslt_sparse_mm_search``: runs every algorithm on the operands and returns the
+    fastest's id, here always the last."""
+    for alg_id in range(EMULATED_ALGS):
+        torch._cslt_sparse_mm(compressed, b, bias=bias, transpose_result=transpose_result, alg_id=alg_id)
+    return EMULATED_ALGS - 1
+
+
+def record_alg_ids(monkeypatch) -> list[int]:
+    """The ``alg_id`` of every ``torch._cslt_sparse_mm`` call from now on (under ``emulated_24_library``)."""
+    calls: list[int] = []
+    emulated = torch._cslt_sparse_mm
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs.get("alg_id", 0))
+        return emulated(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", recorded)
+    return calls
 
 
 def _cutlass_addmm(bias, packed, meta, b):
@@ -232,6 +258,7 @@ def emulated_24_library(request, monkeypatch):
     monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: request.param == "cusparselt")
     monkeypatch.setattr(torch, "_cslt_compress", _cslt_compress)
     monkeypatch.setattr(torch, "_cslt_sparse_mm", _cslt_sparse_mm)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", _cslt_sparse_mm_search)
     monkeypatch.setattr(torch, "_sparse_semi_structured_mm", lambda *args: _cutlass_addmm(None, *args))
     monkeypatch.setattr(torch, "_sparse_semi_structured_addmm", _cutlass_addmm)
     return request.param

@@ -11,9 +11,11 @@ from pathlib import Path
 import torch
 
 from benchmarks import gemm, step
+from benchmarks.common import SIZES
 from benchmarks.gemm import GEMM_ROWS, OPS
 from nmcompile import reference
 from nmcompile.kernels.srste import srste_add
+from tests.conftest import EMULATED_ALGS, record_alg_ids
 
 UNMEASURED = {
     "nmsparse triton": "needs CUDA",
@@ -86,6 +88,37 @@ def test_sparse24_gemm_row_times_the_sparse24_rows_gemms(emulated_24_library):
     assert not torch.equal(gemm_only["forward"](), x @ w.t())
 
 
+def test_best_alg_row_runs_the_searched_algorithms(emulated_24_library, monkeypatch):
+    """The ``best alg`` row times the GEMM-only row's products, each with the algorithm id the
+    library's search returned for it (CUTLASS: 0, its only one)."""
+    g = torch.Generator().manual_seed(0)
+    x, w, dy = (torch.randn(*shape, generator=g).bfloat16() for shape in ((8, 64), (32, 64), (8, 32)))
+    perm = torch.randperm(32, generator=g)
+    gemm_only = gemm.IMPLEMENTATIONS["sparse24 gemm"](x, w, dy, perm)
+    best = gemm.IMPLEMENTATIONS["sparse24 gemm, best alg"](x, w, dy, perm)
+    calls = record_alg_ids(monkeypatch)
+    for op in OPS:
+        assert torch.equal(best[op](), gemm_only[op]()), op
+    assert calls == ([EMULATED_ALGS - 1, 0] * 3 if emulated_24_library == "cusparselt" else [])
+
+
+def test_failed_gpu_row_set_up_is_a_reason(monkeypatch):
+    """A GPU row whose set-up raises (its operands are written and compressed before timing) gets
+    the error as its reason in every GEMM group, and the other rows are timed as usual."""
+
+    def broken(*args):
+        raise RuntimeError("CUDA error: misaligned address\nmore")
+
+    monkeypatch.setitem(gemm.IMPLEMENTATIONS, "sparse24 gemm", broken)
+    monkeypatch.setattr(gemm, "unavailable", lambda name, device, dtype: None if name == "sparse24 gemm" else "off")
+    monkeypatch.setattr(gemm, "measure", lambda jobs, *args, **kwargs: [setattr(r, "median_ms", 1.0) for r, _ in jobs])
+    rows = gemm.gemm_rows(SIZES["tiny"], torch.device("cpu"))
+    failed = [r for r in rows if r.name == "sparse24 gemm"]
+    assert [r.reason for r in failed] == ["failed: RuntimeError: CUDA error: misaligned address"] * 3
+    assert all(r.median_ms is None for r in failed)
+    assert all(r.reason == "off" and r.median_ms is None for r in rows if r.name != "sparse24 gemm")
+
+
 def test_cpu_only_row_has_a_reason_elsewhere():
     """Off the CPU the composite-mask row is not run (the kernels it turns off are CPU-only): it says
     why before anything touches that device, and the other rows prepare as usual."""
@@ -102,7 +135,7 @@ def test_gpu_checks_script_names_real_tests():
     script = root / "benchmarks" / "gpu_checks.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     named = re.findall(r'"(tests/test_\w+\.py)::(test_\w+)"', script.read_text())
-    assert len(named) == 4
+    assert len(named) == 5
     for path, name in named:
         source = (root / path).read_text()
         start = source.index(f"\ndef {name}(")

@@ -29,12 +29,14 @@ from nmcompile.kernels.operand24 import forward_operand, input_grad_operand
 from nmcompile.kernels.srste import srste_add
 from nmcompile.ops import masked_weight
 from tests.conftest import (
+    EMULATED_ALGS,
     MLP,
     NOT_ON_CUDA,
     assert_close,
     cpu_mask_note,
     cuda_autocast_losses,
     interpreted,
+    record_alg_ids,
     train_and_compare,
 )
 
@@ -220,6 +222,24 @@ def test_semi_structured_mm_wrapper(emulated_24_library, dtype, rows, inner, col
     assert got.dtype == dtype and torch.equal(got, expected)
 
 
+def test_search_alg_picks_the_library_algorithm(emulated_24_library, monkeypatch):
+    """``search_alg`` hands cuSPARSELt's search the operands ``compressed_mm`` would (padded), and
+    ``compressed_mm`` passes the id it found on; CUTLASS has one algorithm, 0, and refuses others."""
+    w, b = _ints(20, 40, 0), _ints(40, 30, 1).bfloat16()
+    a = sparse24.compress(torch.where(reference.nm_mask(w, 2, 4, 1), w, 0.0).bfloat16())
+    expected = sparse24.compressed_mm(a, b, transpose_result=True)
+    if emulated_24_library == "cutlass":
+        assert sparse24.search_alg(a, b, transpose_result=True) == 0
+        with pytest.raises(ValueError, match="CUTLASS \\(no cuSPARSELt\\) has only algorithm 0"):
+            sparse24.compressed_mm(a, b, alg_id=1)
+        return
+    calls = record_alg_ids(monkeypatch)
+    alg_id = sparse24.search_alg(a, b, transpose_result=True)
+    assert alg_id == EMULATED_ALGS - 1 and calls == list(range(EMULATED_ALGS))
+    assert torch.equal(sparse24.compressed_mm(a, b, transpose_result=True, alg_id=alg_id), expected)
+    assert calls[-1] == alg_id
+
+
 def test_dense_operand_copies_only_what_the_libraries_cannot_read():
     x = torch.randn(8, 12)
     transposed = x.t()
@@ -339,6 +359,18 @@ def test_semi_structured_mm_on_cuda(dtype, rows, inner, cols, variant):
     expected = (expected.t() if variant == "linear" else expected).to(dtype)
     assert got.shape == expected.shape and (variant != "linear" or got.is_contiguous())
     assert_close(got.float(), expected.float(), rel=2e-2 if dtype == torch.bfloat16 else 4e-3)
+
+
+@pytest.mark.skipif(not SM80, reason="needs a CUDA GPU with 2:4 sparse tensor cores (sm80+)")
+def test_searched_alg_gives_the_same_product_on_cuda():
+    """The algorithm cuSPARSELt's search picks for a forward-shaped product computes what algorithm 0
+    does (the algorithms differ in speed, not in the sums they form: at most by rounding)."""
+    a = sparse24.compress(forward_operand(_randn(1024, 512, dtype=torch.bfloat16), 2, 4))
+    b = _randn(256, 512, dtype=torch.bfloat16, seed=5).t()
+    alg_id = sparse24.search_alg(a, b, transpose_result=True)
+    assert alg_id >= 0
+    default = sparse24.compressed_mm(a, b, transpose_result=True)
+    assert_close(sparse24.compressed_mm(a, b, transpose_result=True, alg_id=alg_id).float(), default.float(), rel=1e-2)
 
 
 @pytest.mark.skipif(not SM80, reason="needs a CUDA GPU with 2:4 sparse tensor cores (sm80+)")

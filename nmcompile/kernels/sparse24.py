@@ -100,27 +100,53 @@ def compress(a: torch.Tensor) -> Compressed:
     return Compressed(*a.shape, a.dtype, *sparse_semi_structured_from_dense_cutlass(padded))
 
 
+def _dense_operands(
+    a: Compressed, b: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``b`` and ``bias`` checked against ``a`` and padded to the tiles, as both libraries take them."""
+    _check(a.rows, a.cols, a.dtype, b, bias)
+    b_pad = _pad(dense_operand(b), _PAD_COLS, _PAD_N)
+    if bias is not None:
+        bias = F.pad(bias.to(a.dtype), (0, -a.rows % _PAD_ROWS)).contiguous()
+    return b_pad, bias
+
+
 def compressed_mm(
-    a: Compressed, b: torch.Tensor, *, bias: torch.Tensor | None = None, transpose_result: bool = False
+    a: Compressed,
+    b: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    transpose_result: bool = False,
+    alg_id: int = 0,
 ) -> torch.Tensor:
     """``a @ b (+ bias[:, None])`` on 2:4 sparse tensor cores, ``b`` ``[C, N]`` dense, ``bias`` ``[R]``:
     ``[R, N]`` in ``a``'s dtype, or with ``transpose_result`` its transpose ``[N, R]``, contiguous.
     cuSPARSELt writes that transpose and adds the bias in its epilogue: a linear layer's ``[T, O]``
-    output costs no copy."""
-    _check(a.rows, a.cols, a.dtype, b, bias)
+    output costs no copy. ``alg_id`` picks cuSPARSELt's algorithm (``search_alg``); CUTLASS has one."""
+    b_pad, bias = _dense_operands(a, b, bias)
     n = b.shape[1]
-    b_pad = _pad(dense_operand(b), _PAD_COLS, _PAD_N)
-    if bias is not None:
-        bias = F.pad(bias.to(a.dtype), (0, -a.rows % _PAD_ROWS)).contiguous()
     if a.meta is None:
-        out = torch._cslt_sparse_mm(a.packed, b_pad, bias=bias, transpose_result=transpose_result)
+        out = torch._cslt_sparse_mm(a.packed, b_pad, bias=bias, transpose_result=transpose_result, alg_id=alg_id)
     else:
+        if alg_id:
+            raise ValueError(f"compressed_mm: alg_id={alg_id}, but CUTLASS (no cuSPARSELt) has only algorithm 0")
         if bias is None:
             out = torch._sparse_semi_structured_mm(a.packed, a.meta, b_pad)
         else:
             out = torch._sparse_semi_structured_addmm(bias, a.packed, a.meta, b_pad)
         out = out.t() if transpose_result else out
     return out[:n, : a.rows].contiguous() if transpose_result else out[: a.rows, :n]
+
+
+def search_alg(
+    a: Compressed, b: torch.Tensor, *, bias: torch.Tensor | None = None, transpose_result: bool = False
+) -> int:
+    """The ``alg_id`` of cuSPARSELt's fastest algorithm for ``compressed_mm(a, b, ...)``, which
+    ``torch._cslt_sparse_mm_search`` finds by timing each on these operands; 0 under CUTLASS."""
+    b_pad, bias = _dense_operands(a, b, bias)
+    if a.meta is not None:
+        return 0
+    return int(torch._cslt_sparse_mm_search(a.packed, b_pad, bias=bias, transpose_result=transpose_result))
 
 
 def semi_structured_mm(
