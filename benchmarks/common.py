@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import triton
 from torch.utils import benchmark
 
 
@@ -160,6 +159,15 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _triton_version() -> str:
+    """Triton's version, or why there is none: the CPU rows run without it."""
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    return triton.__version__
+
+
 def environment(device: torch.device, size_name: str, size: Size, command: str) -> dict[str, str]:
     """What a reader needs to compare two runs: device, versions, sizes, dtype, command and date."""
     if device.type == "cuda":
@@ -172,7 +180,7 @@ def environment(device: torch.device, size_name: str, size: Size, command: str) 
         # Other processes slow the timings down; a load average near the CPU count at start says so.
         "load average at start": f"{os.getloadavg()[0]:.2f} (1 min)",
         "torch": torch.__version__,
-        "triton": triton.__version__,
+        "triton": _triton_version(),
         "size": f"{size_name}: {size.describe()}",
         "dtype": str(size.dtype).removeprefix("torch."),
         "command": command,

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks of docs/benchmarks.md in one call of a lent CUDA machine (about 8 minutes on an H200).
+# The GPU checks of docs/benchmarks.md in one call of a lent CUDA machine (stage limits add up to 9 min
+# 10 s; not yet timed on a GPU).
 #
 # Runs in the repository root under the machine's own python3 (its torch and triton; nothing can be
 # installed there): installs nmcompile without dependencies, then, each stage with its own time

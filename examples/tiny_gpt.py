@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 import nmcompile
+from nmcompile.options import KERNELS
 
 CORPUS_CHARS = 2_000_000
 
@@ -175,7 +176,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parser() -> argparse.ArgumentParser:
+    """The command line: run settings, and one flag per backend option (unset: nmcompile's default)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = Settings()
     for name in ("steps", "batch", "context", "d_model", "layers", "heads", "eval_interval", "seed"):
@@ -203,7 +205,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     group.add_argument("--dense-steps", dest="dense_steps", type=int)
     group.add_argument("--finetune-steps", dest="finetune_steps", type=int)
     group.add_argument("--total-steps", dest="total_steps", type=int)
-    args = parser.parse_args(argv)
+    group.add_argument("--kernels", choices=KERNELS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parser().parse_args(argv)
     options = _options(args)
     settings = {n: getattr(args, n) for n in ("steps", "batch", "context", "d_model", "layers", "heads", "lr",
                                               "eval_interval", "seed", "corpus_chars")}  # fmt: skip

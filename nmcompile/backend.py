@@ -1,6 +1,6 @@
 """The ``nmsparse`` torch.compile backend: analyse, rewrite, compile, and run with layer state.
 
-Pipeline per dynamo graph (see ARCHITECTURE): resolve which placeholders are parameters and their
+Pipeline per dynamo graph (README, "Layout"): resolve which placeholders are parameters and their
 names, ``find_targets``, ``insert_masks``, ``lower_kernels``, then AOTAutograd + the inner compiler (Inductor or
 eager), with ``name_nodes`` on the forward and backward graphs. The returned callable passes the
 layer state tensors after the user's inputs and counts training steps (SPEC §5, §8).

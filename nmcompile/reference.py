@@ -1,9 +1,10 @@
 """The SPEC made executable in plain eager PyTorch: the test oracle and the benchmark baseline.
 
-Mask, permutation and gradient rules follow ``SPEC.md`` §2–§6 literally. ``sparsify`` swaps each
-eligible ``nn.Linear`` for a ``SparseLinear`` (same parameters) and routes ``mm``/``addmm``/
-``matmul`` calls on other eligible 2-D weights (e.g. GPT-2's ``Conv1D``) through the same
-``autograd.Function``, so the eager model trains exactly as the compiled one should.
+Mask, permutation, gradient, MVUE and schedule rules follow ``SPEC.md`` §2–§8 literally.
+``sparsify`` swaps each eligible ``nn.Linear`` and ``nn.Conv1d/2d/3d`` for its sparse twin (same
+parameters) and routes ``mm``/``addmm``/``matmul`` calls on other eligible 2-D weights (e.g.
+GPT-2's ``Conv1D``) through the same ``autograd.Function``, so the eager model trains exactly as
+the compiled one should.
 """
 
 from __future__ import annotations

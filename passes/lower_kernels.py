@@ -1,7 +1,8 @@
 """Lowering pass: sparse GEMM nodes onto the fused Triton kernels or 2:4 tensor cores where they apply.
 
 Runs on the graph ``insert_masks`` wrote, before AOTAutograd, so the partitioner sees the fused
-op's own autograd: the forward saves ``W`` and ``P`` (never a mask) and the backward graph holds
+op's own autograd: the forward saves ``W`` and ``P`` (a mask only where the op takes one,
+``transposable``) and the backward graph holds
 one kernel per product (``<layer>_bwd_input_grad``, ``<layer>_bwd_weight_grad``). Each
 ``<layer>_fwd_gemm = nmsparse.sparse_linear(x, W, b, <layer>_fwd_masked, P, ...)`` becomes
 ``nmsparse.triton_linear(x, W, b, None, P, ...)`` (the mask nodes go; the kernels rank ``F`` in

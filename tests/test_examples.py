@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import sys
 from pathlib import Path
+
+import nmcompile
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -46,6 +49,17 @@ def test_tiny_gpt_structure_decay_flags():
     runs = tiny.main([*TINY_GPT, "--n", "1", "--m", "8", "--structure-decay"])
     row = next(r for r in runs["nmsparse"]["report"].rows if r.name == "blocks.0.fc.weight")
     assert row.now == "t=4 1:8"
+
+
+def test_tiny_gpt_has_a_flag_for_every_option():
+    """Every backend option has a flag (the README says so), and ``--kernels`` reaches the backend."""
+    tiny = _load("tiny_gpt")
+    dests = {action.dest for action in tiny.parser()._actions}
+    fields = {f.name for f in dataclasses.fields(nmcompile.SparsityConfig)} - {"seed"}
+    assert fields <= dests and "seed_option" in dests
+    runs = tiny.main([*TINY_GPT, "--kernels", "portable"])
+    sparse = [row for row in runs["nmsparse"]["report"].rows if row.sparse]
+    assert sparse and all(row.kernel.startswith("portable (kernels='portable'") for row in sparse)
 
 
 def test_cnn_digits_runs(capsys):

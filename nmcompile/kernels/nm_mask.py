@@ -3,7 +3,7 @@
 Tiling: each program owns a ``[BLOCK_R, BLOCK_C]`` tile of the matrix whose *columns* hold the
 groups (``BLOCK_C`` a multiple of ``M``, so groups never straddle tiles); masks along rows use the
 transposed view, so both directions are one kernel with strided loads. Used where no GEMM can
-absorb the mask: the permutation search and masks feeding a library GEMM or convolution.
+absorb the mask: the permutation search on CUDA (``state.LayerState.begin_training_step``).
 """
 
 from __future__ import annotations
