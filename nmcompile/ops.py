@@ -290,7 +290,8 @@ def _sparse_backward(
                 dw = dw + ctx.srste_lambda * srste_term(weight, masked)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         with annotate(role(layer, "bwd_bias_grad")):
-            db = dy.sum([d for d in range(dy.dim()) if d != channel_dim % dy.dim()])
+            dims = [d for d in range(dy.dim()) if d != channel_dim % dy.dim()]
+            db = dy.sum(dims) if dims else dy  # an unbatched linear: sum([]) would sum everything
     return dx, dw, db
 
 

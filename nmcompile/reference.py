@@ -330,6 +330,9 @@ class SparseConvNd(nn.Module):
         self.rule: _Rule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unbatched = x.dim() == self.weight.dim() - 1  # one sample [C, *spatial], as F.conv*d takes it
+        if unbatched:
+            x = x.unsqueeze(0)
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = [0] * len(self.kernel_size)
@@ -337,7 +340,8 @@ class SparseConvNd(nn.Module):
             padding, pad = conv_padding(self.padding, self.kernel_size, self.dilation)
             if pad is not None:
                 x = F.pad(x, pad)
-        return self.rule(x, self.weight, self.bias, (self.stride, padding, self.dilation, self.groups))
+        y = self.rule(x, self.weight, self.bias, (self.stride, padding, self.dilation, self.groups))
+        return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:
         c = self.rule.config

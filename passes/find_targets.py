@@ -49,13 +49,15 @@ _CONV_TRANSPOSE_ARGS = ("input", "weight", "bias", "stride", "padding", "output_
 
 @dataclasses.dataclass(frozen=True)
 class ConvInfo:
-    """Geometry of a convolution node: kernel size, stride, padding (ints or a string), dilation."""
+    """Geometry of a convolution node: kernel size, stride, padding (ints or a string), dilation,
+    and whether the input is one unbatched sample (``[C, *spatial]``, as ``F.conv2d`` allows)."""
 
     kernel: tuple[int, ...]
     stride: tuple[int, ...]
     padding: Any
     dilation: tuple[int, ...]
     groups: int
+    unbatched: bool = False
 
     def describe(self) -> str:
         pad = self.padding if isinstance(self.padding, str) else "x".join(map(str, self.padding))
@@ -352,7 +354,9 @@ def _decide_conv(
     groups = extra["groups"]
     target.param_name, target.weight, target.operand, target.layout = info.name, w, w, "out_in"
     target.layer_index = info.index
-    target.conv = ConvInfo(tuple(value.shape[2:]), extra["stride"], extra["padding"], extra["dilation"], groups)
+    unbatched = target.input_shape is not None and len(target.input_shape) == value.dim() - 1
+    geometry = (extra["stride"], extra["padding"], extra["dilation"], groups, unbatched)
+    target.conv = ConvInfo(tuple(value.shape[2:]), *geometry)
     rows, cols = value.shape[0], value.shape[1]
     k = 1
     for size in value.shape[2:]:
@@ -361,8 +365,8 @@ def _decide_conv(
     # Rows of the implicit GEMM: batch × output positions (a transposed conv: input positions).
     positions = target.input_shape if "transpose" in target.op else _shape(target.node)
     if positions is not None:
-        count = positions[0]
-        for size in positions[2:]:
+        count = 1
+        for size in positions[1:] if unbatched else (positions[0], *positions[2:]):
             count *= size
         target.tokens = size_hint(count)
     if "transpose" in target.op:

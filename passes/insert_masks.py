@@ -69,15 +69,19 @@ def _conv(
     config: SparsityConfig, recipe: tuple,
 ) -> fx.Node:  # fmt: skip
     """``nmsparse.sparse_conv`` with explicit padding; ``"same"`` that needs asymmetric padding
-    becomes an ``F.pad`` of the input (``<layer>_same_pad``) first, as PyTorch itself does."""
+    becomes an ``F.pad`` of the input (``<layer>_same_pad``) first, as PyTorch itself does. An
+    unbatched input gets a batch of one around the op (``<layer>_batch``, ``<layer>_unbatch``)."""
     conv, layer = target.conv, target.layer
     assert conv is not None
+    if conv.unbatched:
+        x = _named(graph, torch.unsqueeze, (x, 0), f"{layer}_batch")
     padding, pad = conv_padding(conv.padding, conv.kernel, conv.dilation)
     if pad is not None:
         x = _named(graph, F.pad, (x, pad), f"{layer}_same_pad")
     geometry = (list(conv.stride), padding, list(conv.dilation), conv.groups)
     args = (x, w, bias, masked, perm, *geometry, config.n, config.m, config.srste_lambda, layer, *recipe)
-    return _named(graph, torch.ops.nmsparse.sparse_conv.default, args, f"{layer}_fwd_conv", annotate=False)
+    out = _named(graph, torch.ops.nmsparse.sparse_conv.default, args, f"{layer}_fwd_conv", annotate=False)
+    return _named(graph, torch.squeeze, (out, 0), f"{layer}_unbatch") if conv.unbatched else out
 
 
 def _state_example(kind: str, target: GemmTarget, device: torch.device) -> torch.Tensor:

@@ -32,6 +32,13 @@ def test_compiled_matches_reference_inductor(kind):
     train_and_compare(cls, shape, perm_interval=2)
 
 
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("grad_prune", ["none", "mvue24"])
+def test_unbatched_linear_input_matches_reference(grad_prune, inner):
+    """A 1-D input ``[K]`` (``F.linear`` takes it) trains like the reference, bias gradient included."""
+    train_and_compare(MLP, (32,), grad_prune=grad_prune, inner=inner)
+
+
 def test_layouts_are_sparsified():
     """``[in, out]``/addmm (GPT-2 Conv1D), ``x @ W.t()`` and ``F.linear`` weights are all rewritten."""
     report = nmcompile.explain(MODELS["inout"][0](), torch.randn(8, 32), inner="aot_eager")

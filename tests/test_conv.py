@@ -79,6 +79,18 @@ def test_conv_compiled_matches_reference(kind, backward, nm):
     train_and_compare(cls, shape, n=nm[0], m=nm[1], backward=backward, perm_interval=2, inner="aot_eager")
 
 
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+@pytest.mark.parametrize(("kind", "shape"), [("conv1d_stack", (8, 20)), ("conv3d", (8, 4, 6, 4))])
+def test_unbatched_conv_input_matches_reference(kind, shape, inner):
+    """An unbatched ``[C, *spatial]`` input, which ``F.conv*d`` takes, trains like the reference;
+    the graph puts a batch of one around the sparse op (``<layer>_batch``/``<layer>_unbatch``)."""
+    cls = CONV_MODELS[kind][0]
+    train_and_compare(cls, shape, perm_interval=2, inner=inner)
+    rows = nmcompile.explain(cls(), torch.randn(shape), inner="aot_eager").rows
+    batched = nmcompile.explain(cls(), torch.randn(1, *shape), inner="aot_eager").rows
+    assert [(r.sparse, r.flops) for r in rows] == [(r.sparse, r.flops) for r in batched] and rows[0].sparse
+
+
 def test_conv_channels_last_and_inductor():
     """Channels-last inputs through Inductor (the default inner compiler) agree as well."""
     train_and_compare(BasicBlock, CONV_MODELS["basic_block"][1], channels_last=True, perm_interval=2)
