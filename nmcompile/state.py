@@ -16,6 +16,7 @@ import functools
 import hashlib
 import warnings
 import weakref
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -218,6 +219,7 @@ class StateRegistry:
     def __init__(self, persistent: bool = False) -> None:
         self.persistent = persistent
         self._states: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._slots: WeakIdKeyDictionary = WeakIdKeyDictionary()  # owner -> {parameter name: state}
         self._pending: WeakIdKeyDictionary = WeakIdKeyDictionary()  # param -> checkpoint payload
         self._without_state: WeakIdKeyDictionary = WeakIdKeyDictionary()  # loaded from an old checkpoint
         self._hooked: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -229,12 +231,13 @@ class StateRegistry:
         if state is None or state.spec != spec:
             state = LayerState(spec, weight.device, owner)
             self._states[weight] = state
+            if owner is not None:
+                self._slots.setdefault(owner, {})[spec.name.rsplit(".", 1)[-1]] = state
             if weight in self._pending:
                 state.load_payload(self._pending.pop(weight))
             elif weight in self._without_state:
                 self._warn_old_checkpoint([spec.name])
-            if self.persistent and owner is not None and owner not in self._hooked:
-                self._hooked[owner] = owner.register_state_dict_post_hook(functools.partial(_save_states, self))
+            self._hook(owner)
         return state
 
     def get(self, weight: torch.Tensor) -> LayerState | None:
@@ -245,40 +248,71 @@ class StateRegistry:
         """Give ``weight``'s next new state this checkpoint ``payload`` (see ``LayerState.payload``)."""
         self._pending[weight] = payload
 
-    def restore_from(self, root: nn.Module, metadata: Any) -> None:
-        """After ``root.load_state_dict``: restore (or hold until compile) every layer state that the
-        checkpoint's ``_metadata`` carries; warn once if it carries none for a sparse layer."""
+    def checkpoint_entry(self, weight: torch.Tensor) -> dict[str, Any] | None:
+        """What a checkpoint saves for ``weight``: its state's payload, or the one it holds for it."""
+        state = self._states.get(weight)
+        return state.payload() if state is not None else self._pending.get(weight)
+
+    def _hook(self, owner: nn.Module | None) -> None:
+        """Make ``owner.state_dict()`` carry its layers' states (persistent registries, once per module)."""
+        if self.persistent and owner is not None and owner not in self._hooked:
+            self._hooked[owner] = owner.register_state_dict_post_hook(functools.partial(_save_states, self))
+
+    def _state_of(self, module: nn.Module, name: str, param: torch.Tensor) -> LayerState | None:
+        """``param``'s state; where ``load_state_dict(assign=True)`` put a new Parameter in a slot
+        that had one, the slot's state, which then follows the new Parameter (the compiled graphs
+        hold the state itself and get the new Parameter as their input)."""
+        state = self._states.get(param)
+        if state is None:
+            state = self._slots.get(module, {}).get(name)
+            if state is not None:
+                self._states[param] = state
+        return state
+
+    def restore_from(self, root: nn.Module, metadata: Any, loaded: Collection[str]) -> None:
+        """After ``root.load_state_dict``: for each weight whose key is in ``loaded``, restore (or
+        hold until compile) the layer state the checkpoint's ``_metadata`` carries. Where it carries
+        none, a layer restarts, with a warning when it had trained; weights not loaded keep theirs."""
         metadata = metadata or {}
         has_any = any(isinstance(entry, dict) and METADATA_KEY in entry for entry in metadata.values())
         missing = []
         for prefix, module in root.named_modules():
             entries = (metadata.get(prefix) or {}).get(METADATA_KEY, {})
             for name, param in module.named_parameters(recurse=False):
-                state = self._states.get(param)
+                if (f"{prefix}.{name}" if prefix else name) not in loaded:
+                    continue
+                state = self._state_of(module, name, param)
                 if name in entries:
                     if state is not None:
                         state.load_payload(entries[name])
                     else:
                         self.hold(param, entries[name])
+                        self._hook(module)
                 elif state is not None:
+                    if state.step:
+                        missing.append(state.spec.name)
                     state.reset()
-                    missing.append(state.spec.name)
                 elif not has_any:
                     self._without_state[param] = True
         if missing:
-            self._warn_old_checkpoint(missing)
+            self._warned = True
+            _warn_without_state(missing, stacklevel=4)  # the caller of load_state_dict
 
     def _warn_old_checkpoint(self, names: list[str]) -> None:
         if not self._warned:
             self._warned = True
-            warnings.warn(
-                f"nmsparse: the loaded checkpoint has no sparsity state for {', '.join(names)}; these layers start "
-                "from the identity permutation at step 0 (a checkpoint from before nmcompile, or from a dense run)",
-                stacklevel=4,
-            )
+            _warn_without_state(names, stacklevel=6)
 
     def __len__(self) -> int:
         return len(self._states)
+
+
+def _warn_without_state(names: list[str], stacklevel: int) -> None:
+    warnings.warn(
+        f"nmsparse: the loaded checkpoint has no sparsity state for {', '.join(names)}; these layers start "
+        "from the identity permutation at step 0 (a checkpoint from before nmcompile, or from a dense run)",
+        stacklevel=stacklevel,
+    )
 
 
 def _save_states(
@@ -287,9 +321,9 @@ def _save_states(
     """``state_dict`` post-hook: put the module's layer states in its ``_metadata`` entry."""
     entries = {}
     for name, param in module.named_parameters(recurse=False):
-        state = registry.get(param)
-        if state is not None:
-            entries[name] = state.payload()
+        entry = registry.checkpoint_entry(param)
+        if entry is not None:
+            entries[name] = entry
     if entries:
         local_metadata[METADATA_KEY] = entries
 
@@ -301,7 +335,7 @@ _load_state_dict = nn.Module.load_state_dict
 @functools.wraps(_load_state_dict)
 def _load_state_dict_with_sparsity(self: nn.Module, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
     result = _load_state_dict(self, state_dict, strict=strict, assign=assign)
-    DEFAULT_REGISTRY.restore_from(self, getattr(state_dict, "_metadata", None))
+    DEFAULT_REGISTRY.restore_from(self, getattr(state_dict, "_metadata", None), state_dict.keys())
     return result
 
 

@@ -255,6 +255,73 @@ def test_old_checkpoint_warns_once_and_starts_fresh():
     assert state["step"] == 0 and torch.equal(state["perm"], torch.arange(64))
 
 
+def _trained(steps: int, options: dict) -> tuple[nn.Module, dict]:
+    """An MLP after ``steps`` compiled training steps, and its checkpoint."""
+    model = MLP()
+    compiled = torch.compile(model, backend=nmcompile.backend(**options))
+    for _ in range(steps):
+        compiled(torch.randn(4, 32)).sum().backward()
+    return model, model.state_dict()
+
+
+def test_assign_load_after_compile_moves_the_state_to_the_new_parameters():
+    """``load_state_dict(..., assign=True)`` after the first compiled forward puts new Parameters in
+    the module; the compiled graph (not recompiled) and the next checkpoint follow the loaded state."""
+    options = {"inner": "aot_eager", "perm_interval": 2}
+    trained, checkpoint = _trained(5, options)
+    expected = nmcompile.sparsity_state(trained)
+    model = MLP()
+    compiled = torch.compile(model, backend=nmcompile.backend(**options))
+    compiled(torch.randn(4, 32)).sum().backward()
+    old = model.fc1.weight
+    model.load_state_dict(checkpoint, assign=True)
+    assert model.fc1.weight is not old
+    compiled(torch.randn(4, 32)).sum().backward()
+    got = nmcompile.sparsity_state(model)
+    assert got.keys() == expected.keys()
+    for name, s in expected.items():
+        assert got[name]["step"] == s["step"] + 1 == 6 and torch.equal(got[name]["perm"], s["perm"]), name
+    saved = model.state_dict()._metadata
+    assert all(saved[name.rsplit(".", 1)[0]]["nmsparse"]["weight"]["step"] == 6 for name in expected)
+
+
+def test_checkpoint_saved_again_before_the_first_forward_keeps_the_state():
+    """A state loaded but not yet used (no compiled forward since) is saved again as it was loaded."""
+    _, checkpoint = _trained(3, {"inner": "aot_eager", "perm_interval": 1})
+    resumed = MLP()
+    resumed.load_state_dict(checkpoint)
+    torch.compile(resumed, backend=nmcompile.backend(inner="aot_eager", perm_interval=1))
+    again = resumed.state_dict()._metadata
+    for module in ("fc1", "fc2"):
+        saved, original = again[module]["nmsparse"]["weight"], checkpoint._metadata[module]["nmsparse"]["weight"]
+        assert saved["step"] == original["step"] == 3 and torch.equal(saved["perm"], original["perm"])
+
+
+def test_partial_load_keeps_the_state_of_weights_it_does_not_load():
+    """A ``strict=False`` load of some keys resets only the layers whose weights it loads (and
+    warns each time a trained layer is reset); the others keep step, permutation and schedule."""
+    options = {"inner": "aot_eager", "perm_interval": 1, "mask_decay": "linear", "mask_decay_rate": 0.1}
+    model, _ = _trained(5, options)
+    before = nmcompile.sparsity_state(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.load_state_dict({"fc2.bias": torch.zeros(64)}, strict=False)
+        model.load_state_dict({"fc1.weight": model.fc1.weight.detach().clone()}, strict=False)
+    after = nmcompile.sparsity_state(model)
+    assert after["fc2.weight"]["step"] == 5 and after["fc2.weight"]["alpha"] == before["fc2.weight"]["alpha"] == 0.5
+    assert torch.equal(after["fc2.weight"]["perm"], before["fc2.weight"]["perm"])
+    assert after["fc1.weight"]["step"] == 0 and after["fc1.weight"]["alpha"] == 1.0
+    messages = [str(w.message) for w in caught if "nmsparse" in str(w.message)]
+    assert len(messages) == 1 and "no sparsity state for fc1.weight;" in messages[0]
+    compiled = torch.compile(model, backend=nmcompile.backend(**options))
+    for _ in range(2):
+        compiled(torch.randn(4, 32)).sum().backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.load_state_dict({"fc1.weight": model.fc1.weight.detach().clone()}, strict=False)
+    assert [str(w.message) for w in caught if "nmsparse" in str(w.message)] == messages  # warned again
+
+
 _RESUME = textwrap.dedent(
     """
     import sys, torch
