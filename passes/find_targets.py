@@ -245,7 +245,34 @@ def find_targets(
         kind = _gemm_kind(node)
         if kind is not None:
             targets.append(_decide(node, kind, config, params, values))
+        elif node.op == "call_function" and node.target is torch.ops.higher_order.tag_activation_checkpoint:
+            targets += _checkpointed(gm, node, config, params, values)
     return TargetAnalysis(targets)
+
+
+def _checkpointed(
+    gm: fx.GraphModule, node: fx.Node, config: SparsityConfig, params: Mapping[str, ParamInfo], values: Mapping
+) -> list[GemmTarget]:
+    """The GEMMs of an activation-checkpoint region (``torch.utils.checkpoint``, a subgraph that
+    the backward runs again): reported, with shapes and FLOPs, but left dense, since the rewrite
+    does not reach into subgraphs."""
+    body = getattr(gm, node.args[0].target)
+    inner = [n for n in body.graph.nodes if n.op == "placeholder"]
+    outer = dict(zip(inner, node.args[1:], strict=False))
+    inner_params = {
+        ph.name: params[arg.name] for ph, arg in outer.items() if isinstance(arg, fx.Node) and arg.name in params
+    }
+    inner_values = {ph: values.get(arg) for ph, arg in outer.items() if values.get(arg) is not None}
+    targets = []
+    for sub in body.graph.nodes:
+        kind = _gemm_kind(sub)
+        if kind is not None:
+            target = _decide(sub, kind, config, inner_params, inner_values)
+            if target.param_name is not None:
+                target.sparse, target.backward = False, "dense"
+                target.reason = "inside an activation-checkpoint region (torch.utils.checkpoint): left dense"
+            targets.append(target)
+    return targets
 
 
 def _decide(

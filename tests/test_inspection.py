@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from conftest import MLP
+import torch.utils.checkpoint
+from conftest import MLP, assert_close
 from torch import nn
 
 import nmcompile
+from nmcompile import reference
 from nmcompile.kernels import cpu_mask
 
 
@@ -139,3 +143,42 @@ def test_size_hint_reads_symbolic_sizes_without_a_guard():
     assert (size_hint(5), size_hint(tokens), size_hint(tokens * 32 + 1)) == (5, 7, 225)
     assert size_hint(env.create_unbacked_symint()) is None and size_hint("7") is None
     assert not env.guards  # reading the hints installed no guard
+
+
+class _Checkpointed(nn.Module):
+    """``fc1`` inside ``torch.utils.checkpoint``; ``fc2`` outside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.utils.checkpoint.checkpoint(lambda t: torch.relu(self.fc1(t)), x, use_reentrant=False)
+        return self.fc2(h)
+
+
+def test_gemm_in_an_activation_checkpoint_region_is_reported_dense():
+    """A layer inside ``torch.utils.checkpoint`` is a report row with its shapes and reason (not
+    "not a GEMM operand"), runs dense, and the layers outside train as usual: as the reference
+    with that layer excluded."""
+    torch.manual_seed(0)
+    base = _Checkpointed()
+    rows = {r.name: r for r in nmcompile.explain(base, torch.randn(4, 16), inner="aot_eager").rows}
+    row = rows["fc1.weight"]
+    assert not row.sparse and row.weight_shape == (32, 16) and row.flops["forward"] == (4096, 4096)
+    assert row.reason == "inside an activation-checkpoint region (torch.utils.checkpoint): left dense"
+    assert rows["fc2.weight"].sparse
+    ref = reference.sparsify(copy.deepcopy(base), exclude=[r"^fc1\."])
+    mine = copy.deepcopy(base)
+    compiled = torch.compile(mine, backend=nmcompile.backend(inner="aot_eager"))
+    for _ in range(3):
+        x = torch.randn(4, 16)
+        for model in (ref, compiled):
+            model(x).square().mean().backward()
+        for p, q in zip(ref.parameters(), mine.parameters(), strict=True):
+            assert_close(q.grad, p.grad)
+            with torch.no_grad():
+                p -= 0.1 * p.grad
+                q -= 0.1 * q.grad
+            p.grad = q.grad = None
+    assert set(nmcompile.sparsity_state(mine)) == {"fc2.weight"}
