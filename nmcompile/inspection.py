@@ -320,8 +320,8 @@ def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Rep
 
     Runs one forward and one backward on ``example_inputs`` (``torch.autograd.grad``, so no
     ``.grad`` is touched) with a private copy of the layer states (the report shows the user's
-    current step, N and decay factor); buffers are restored afterwards, so the user's model,
-    states and optimizer see nothing.
+    current step, N and decay factor); buffers and the random generators (dropout draws from them)
+    are restored afterwards, so the user's model, states, optimizer and later steps see nothing.
     """
     from nmcompile.backend import NMSparseBackend
     from nmcompile.state import DEFAULT_REGISTRY, StateRegistry, unwrap
@@ -336,8 +336,9 @@ def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Rep
             registry.hold(param, state.payload())
     saved = {name: b.detach().clone() for name, b in module.named_buffers()}
     compiled = torch.compile(module, backend=NMSparseBackend(config, registry, records.append))
+    cuda = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     try:
-        with torch.enable_grad():
+        with torch.random.fork_rng(devices=cuda), torch.enable_grad():
             out = compiled(*example_inputs)
             outputs = [
                 t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad

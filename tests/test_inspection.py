@@ -182,3 +182,14 @@ def test_gemm_in_an_activation_checkpoint_region_is_reported_dense():
                 q -= 0.1 * q.grad
             p.grad = q.grad = None
     assert set(nmcompile.sparsity_state(mine)) == {"fc2.weight"}
+
+
+def test_explain_leaves_the_random_generator_alone():
+    """explain's forward draws dropout masks from a forked generator: the user's next draws are
+    the ones they would have been without it."""
+    model = nn.Sequential(nn.Linear(32, 64), nn.Dropout(0.5), nn.Linear(64, 16))
+    torch.manual_seed(3)
+    expected = torch.rand(8)
+    torch.manual_seed(3)
+    nmcompile.explain(model, torch.randn(4, 32, generator=torch.Generator().manual_seed(0)), inner="aot_eager")
+    assert torch.equal(torch.rand(8), expected)
