@@ -30,14 +30,19 @@ _SOURCE = re.compile(r"^([LG])\['([^']+)'\]((?:\._modules\['[^']+'\])*)\._parame
 _MODULE_STEP = re.compile(r"\._modules\['([^']+)'\]")
 
 
-def _parameter_table(root: nn.Module) -> dict[int, tuple[str, int, nn.Module]]:
-    """``id(param) -> (name, index in named_parameters(), owning module)`` for a root module; under
+def _parameter_table(root: nn.Module) -> dict[int, tuple[str, int, nn.Module, tuple[str, ...]]]:
+    """``id(param) -> (name, index in named_parameters(), owning module, other names)`` for a root
+    module, the other names being those of modules that share the parameter (tied weights); under
     FSDP2 the unsharded parameter the graph sees maps to its sharded parameter's entry."""
-    table: dict[int, tuple[str, int, nn.Module]] = {}
+    table: dict[int, tuple[str, int, nn.Module, tuple[str, ...]]] = {}
     for mod_name, module in root.named_modules():
         for pname, param in module.named_parameters(recurse=False):
+            name = f"{mod_name}.{pname}" if mod_name else pname
             if id(param) not in table:
-                table[id(param)] = (f"{mod_name}.{pname}" if mod_name else pname, len(table), module)
+                table[id(param)] = (name, len(table), module, ())
+            else:
+                first, index, owner, others = table[id(param)]
+                table[id(param)] = (first, index, owner, (*others, name))
     for sharded, unsharded in unsharded_parameters(root).items():
         entry = table.get(sharded)
         if entry is not None:
@@ -114,9 +119,8 @@ def resolve_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dic
             source = grapharg.source.name if grapharg is not None else placeholder.name
             root, name = _source_root(source)
             table = _parameter_table(root) if root is not None else {}
-            found = table.get(id(param), (name, zlib.crc32(name.encode()), None))
-        name, index, owner = found
-        out[placeholder.name] = ParamInfo(name, index, param, owner)
+            found = table.get(id(param), (name, zlib.crc32(name.encode()), None, ()))
+        out[placeholder.name] = ParamInfo(found[0], found[1], param, found[2], found[3])
     return out
 
 

@@ -256,9 +256,13 @@ def untraced_rows(module: torch.nn.Module, seen: set[str]) -> list[LayerRow]:
     """Rows for the weights (2-D and up) of ``module`` that no compiled graph used as a GEMM operand,
     with the reason by module kind: dynamo runs recurrent layers eagerly, embeddings are lookups."""
     rows = []
+    visited: set[int] = set()  # a tied parameter has one row, under its first name
     for mod_name, sub in module.named_modules():
         for pname, param in sub.named_parameters(recurse=False):
             name = f"{mod_name}.{pname}" if mod_name else pname
+            if id(param) in visited:
+                continue
+            visited.add(id(param))
             if name in seen or param.dim() < 2:
                 continue
             seen.add(name)

@@ -70,12 +70,14 @@ class ConvInfo:
 @dataclasses.dataclass(frozen=True)
 class ParamInfo:
     """A graph input that is an ``nn.Parameter``: its name (as ``named_parameters()`` spells it),
-    its layer index (for seeding, SPEC §5), the tensor and the module that owns it (if known)."""
+    its layer index (for seeding, SPEC §5), the tensor, the module that owns it (if known), and
+    the names under which other modules share it (tied weights)."""
 
     name: str
     index: int
     param: torch.Tensor
     owner: torch.nn.Module | None
+    shared_as: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -314,7 +316,7 @@ def _decide(
         for size in x_shape[:-1]:
             numel *= size
         target.tokens = size_hint(numel)
-    reason = _dense_reason(value, cols, info.name, placeholder, kind, extra, config)
+    reason = _dense_reason(value, cols, info, placeholder, kind, extra, config)
     if reason:
         target.reason = reason
         return target
@@ -339,7 +341,7 @@ def _mark_sparse(target: GemmTarget, rows: int, config: SparsityConfig) -> None:
 def _dense_reason(
     value: torch.Tensor,
     cols: int,
-    name: str,
+    info: ParamInfo,
     placeholder: fx.Node,
     kind: str,
     extra: dict,
@@ -351,9 +353,11 @@ def _dense_reason(
         return f"dtype {value.dtype} is not floating point"
     if not value.requires_grad:
         return "frozen parameter (requires_grad=False)"
-    filtered = config.name_filter_reason(name)
+    filtered = config.name_filter_reason(info.name)
     if filtered:
         return filtered
+    if info.shared_as:  # tied by the modules, whichever graphs the uses fall into
+        return f"tied: parameter shared with {', '.join(info.shared_as)}"
     uses = len(_consumers(placeholder))
     if uses > 1:
         return f"tied: parameter used by {uses} nodes"
@@ -399,7 +403,7 @@ def _decide_conv(
     if "transpose" in target.op:
         target.reason = "transposed convolution"
         return target
-    reason = _dense_reason(value, cols, info.name, w, target.op, {}, config, k_name="C/groups" if groups > 1 else "C")
+    reason = _dense_reason(value, cols, info, w, target.op, {}, config, k_name="C/groups" if groups > 1 else "C")
     if reason is None and groups > 1 and not divisible(rows // groups, config.m):
         reason = f"grouped conv: O/groups={rows // groups} not divisible by m={config.m}"
     if reason:

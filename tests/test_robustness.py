@@ -183,6 +183,31 @@ def test_lstm_is_reported_dense_and_tied_head_is_dense():
     assert out.shape == (2, 6, 40) and nmcompile.sparsity_state(model) == {}
 
 
+@pytest.mark.parametrize("graph_break", [False, True])
+def test_tied_head_is_dense_across_a_graph_break(graph_break):
+    """A head sharing the embedding's weight stays dense also where a graph break puts the
+    embedding and the head in different graphs: ties are read from the modules, not one graph."""
+
+    class LM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(32, 16), nn.Linear(16, 16)
+            self.head = nn.Linear(16, 32, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, idx):
+            h = torch.relu(self.fc(self.emb(idx)))
+            if graph_break:
+                torch._dynamo.graph_break()
+            return self.head(h)
+
+    rows = nmcompile.explain(LM(), torch.randint(0, 32, (4, 8)), inner="aot_eager").rows
+    assert [(r.name, r.sparse, r.reason) for r in rows] == [
+        ("fc.weight", True, "2:4, backward=bimask"),
+        ("emb.weight", False, "tied: parameter shared with head.weight"),
+    ]
+
+
 def test_bad_inputs_have_documented_behaviour():
     """Non-float weights, zero-size batches, NaN/Inf, and a layer whose shapes change."""
 
