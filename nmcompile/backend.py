@@ -8,6 +8,7 @@ layer state tensors after the user's inputs and counts training steps (SPEC §5,
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import sys
@@ -54,7 +55,8 @@ _MODULE_CALLS = {nn.Module._wrapped_call_impl.__code__, nn.Module._call_impl.__c
 
 
 def _compiled_roots() -> list[nn.Module]:
-    """Modules wrapped by ``torch.compile`` that are being called on this thread's stack.
+    """Modules compiled by ``torch.compile`` (wrapped) or ``module.compile()`` (in place) that are
+    being called on this thread's stack, innermost first.
 
     Only ``nn.Module`` call frames are looked into: reading ``f_locals`` of any other frame (the
     user's training loop) would pin its locals in a snapshot for as long as that frame lives.
@@ -66,8 +68,12 @@ def _compiled_roots() -> list[nn.Module]:
     while frame is not None:
         if frame.f_code in _MODULE_CALLS:
             owner = frame.f_locals.get("self")
-            if isinstance(owner, OptimizedModule) and all(owner._orig_mod is not r for r in roots):
-                roots.append(owner._orig_mod)
+            if isinstance(owner, OptimizedModule):
+                owner = owner._orig_mod
+            elif getattr(owner, "_compiled_call_impl", None) is None:
+                owner = None
+            if owner is not None and all(owner is not r for r in roots):
+                roots.append(owner)
         frame = frame.f_back
     return roots
 
@@ -198,29 +204,55 @@ def _compile_inner(gm: fx.GraphModule, inputs: list, config: SparsityConfig, rec
 
 
 class _Runner:
-    """What the backend returns: runs the compiled graph with state inputs and counts steps."""
+    """What the backend returns: runs the compiled graph with state inputs and counts steps.
 
-    def __init__(
-        self, compiled: Callable, states: list[tuple[LayerState, int]], input_states: list[LayerState]
-    ) -> None:
+    Dynamo hands one compiled graph to every instance of a module class (it checks the weights'
+    shapes, not which Parameters they are), so each call finds the states of the weights it is
+    given; a weight seen for the first time gets its own (named from the compiled module it
+    belongs to). ``layers`` are the graph's sparse layers, in the order their state tensors follow
+    the user's inputs.
+    """
+
+    def __init__(self, compiled: Callable, layers: list[tuple[LayerSpec, int, LayerState]], registry: StateRegistry):
         self.compiled = compiled
-        self.states = states  # (state, position of its weight among the inputs)
-        self.input_states = input_states  # layers whose state tensors follow the user's inputs, in order
+        self.layers = layers  # (spec as compiled, position of the weight among the inputs, state compiled with)
+        self.registry = registry
+
+    def _state(self, spec: LayerSpec, weight: torch.Tensor, compiled_with: LayerState) -> LayerState:
+        """``weight``'s state; the one the graph was compiled with where the weight's state is for
+        other options (the same model compiled twice, with two configs)."""
+        state = self.registry.get(weight)
+        if state is None:
+            name, index, owner = _locate(weight, spec)
+            return self.registry.get_or_create(weight, dataclasses.replace(spec, name=name, index=index), owner)
+        same = state.spec is spec or (state.spec.config == spec.config and state.spec.backward == spec.backward)
+        return state if same else compiled_with
 
     def __call__(self, *args: Any) -> Any:
         fake_mode = next((a.fake_mode for a in args if isinstance(a, torch._subclasses.FakeTensor)), None)
         if fake_mode is not None:  # DDP's graph splitting propagates fake inputs: no training step
-            extra = [tensor for state in self.input_states for tensor in state.graph_inputs()]
+            extra = [tensor for _, _, state in self.layers for tensor in state.graph_inputs()]
             extra = [t if isinstance(t, torch._subclasses.FakeTensor) else fake_mode.from_tensor(t) for t in extra]
             return self.compiled(*args, *extra)
-        training = [(state, args[i]) for state, i in self.states if state.is_training_forward()]
+        states = [(self._state(spec, args[i], compiled_with), args[i]) for spec, i, compiled_with in self.layers]
+        training = [(state, weight) for state, weight in states if state.is_training_forward()]
         for state, weight in training:
             state.begin_training_step(weight)
-        extra = [tensor for state in self.input_states for tensor in state.graph_inputs()]
+        extra = [tensor for state, _ in states for tensor in state.graph_inputs()]
         out = self.compiled(*args, *extra)
         for state, _ in training:
             state.end_training_step()
         return out
+
+
+def _locate(weight: torch.Tensor, spec: LayerSpec) -> tuple[str, int, nn.Module | None]:
+    """Name, layer index and owning module of ``weight`` in the compiled modules being called, or
+    the compiled layer's name and index without an owner where none holds it."""
+    for root in reversed(_compiled_roots()):
+        entry = _parameter_table(root).get(id(weight))
+        if entry is not None:
+            return entry[0], entry[1], entry[2]
+    return spec.name, spec.index, None
 
 
 def compile_graph(
@@ -243,17 +275,16 @@ def compile_graph(
     rewritten, state_inputs = insert_masks(gm, analysis, config, fake_mode)
     rewritten, kernels = lower_kernels(rewritten, config)
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    states: list[tuple[LayerState, int]] = []
+    layers: list[tuple[LayerSpec, int, LayerState]] = []
     by_target: dict[int, LayerState] = {}
-    for target in analysis.sparse:
+    for target in analysis.sparse:  # the order insert_masks appended their state inputs in
         info = params[target.weight.name]  # type: ignore[union-attr]
         groups = target.conv.groups if target.conv is not None else 1
         rows = target.weight_shape[0]  # type: ignore[index]
         spec = LayerSpec(info.name, info.index, rows, target.backward, target.layout, groups, config)
         state = registry.get_or_create(info.param, spec, info.owner)
-        states.append((state, placeholders.index(target.weight.name)))  # type: ignore[union-attr]
+        layers.append((spec, placeholders.index(target.weight.name), state))  # type: ignore[union-attr]
         by_target[id(target)] = state
-    input_states = list({id(s.target): by_target[id(s.target)] for s in state_inputs}.values())
     directory = dump_dir()
     record = None
     if on_compile is not None or directory is not None:
@@ -266,7 +297,7 @@ def compile_graph(
     # A hit in AOTAutograd's cache skips the inner compiler, so nothing would be recorded.
     with torch._functorch.config.patch(enable_autograd_cache=record is None):
         compiled = _compile_inner(rewritten, [*example_inputs, *examples], config, record)
-    return _Runner(compiled, states, input_states)
+    return _Runner(compiled, layers, registry)
 
 
 class NMSparseBackend:

@@ -108,6 +108,74 @@ def test_permutation_search_score_seed_and_identity():
         assert torch.equal(s["perm"], state[name]["perm"])
 
 
+@pytest.mark.parametrize("shared_backend", [False, True])
+def test_two_instances_of_one_class_keep_their_own_states(shared_backend):
+    """Dynamo gives the second instance the first one's compiled graph (same code, same shapes;
+    two ``backend="nmsparse"`` compiles, or one backend object); each still trains on its own
+    layer states, exactly as its own reference does."""
+    torch._dynamo.reset()
+    counters.clear()
+    options = {"inner": "aot_eager", "perm_interval": 1, "mask_decay": "linear", "mask_decay_rate": 0.2}
+    backend = nmcompile.backend(**options)
+    pairs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        base = MLP()
+        mine = copy.deepcopy(base)
+        compiled = (
+            torch.compile(mine, backend=backend)
+            if shared_backend
+            else torch.compile(mine, backend="nmsparse", options=options)
+        )
+        pairs.append((reference.sparsify(base, **options), mine, compiled))
+    for _ in range(3):
+        x = torch.randn(4, 32)
+        for ref, mine, compiled in pairs:
+            assert_close(compiled(x), ref(x))
+            for model in (ref, compiled):
+                model(x).square().mean().backward()
+            with torch.no_grad():
+                for p, q in zip(ref.parameters(), mine.parameters(), strict=True):
+                    p -= 0.05 * p.grad
+                    q -= 0.05 * q.grad
+                    p.grad = q.grad = None
+    assert counters["stats"]["unique_graphs"] == 1
+    for ref, mine, _ in pairs:
+        got, expected = nmcompile.sparsity_state(mine), nmcompile.sparsity_state(ref)
+        assert got.keys() == expected.keys()
+        for name, state in got.items():
+            assert state["step"] == expected[name]["step"] == 6 and torch.equal(state["perm"], expected[name]["perm"])
+
+
+def test_blocks_compiled_in_place_count_their_own_steps():
+    """``block.compile()`` for each of several blocks of one class: one graph, a state per block,
+    each counting its own steps and following its own block's train/eval mode."""
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + torch.relu(self.fc(x))
+
+    blocks = nn.ModuleList(Residual() for _ in range(3))
+    for block in blocks:
+        block.compile(backend="nmsparse", options={"inner": "aot_eager"})
+
+    def step() -> None:
+        x = torch.randn(4, 16)
+        for block in blocks:
+            x = block(x)
+        x.sum().backward()
+
+    for _ in range(2):
+        step()
+    blocks[1].eval()
+    step()
+    assert [nmcompile.sparsity_state(b)["fc.weight"]["step"] for b in blocks] == [3, 2, 3]
+
+
 def test_twenty_steps_no_recompile_and_search_schedule():
     """20 steps with new data: one graph, no recompiles; P changes only at search steps 0, 5, 10, 15."""
     model = MLP()
