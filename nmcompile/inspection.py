@@ -334,10 +334,11 @@ def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Rep
     module = unwrap(model)
     records: list[CompileRecord] = []
     registry = StateRegistry()  # private, starting from the user's current states
-    for param in module.parameters():
-        state = DEFAULT_REGISTRY.get(param)
-        if state is not None:
-            registry.hold(param, state.payload())
+    for sub in module.modules():
+        for name, param in sub.named_parameters(recurse=False):
+            entry = DEFAULT_REGISTRY.checkpoint_entry(sub, name, param)
+            if entry is not None:
+                registry.hold(sub, name, entry)
     saved = {name: b.detach().clone() for name, b in module.named_buffers()}
     compiled = torch.compile(module, backend=NMSparseBackend(config, registry, records.append))
     cuda = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})

@@ -219,8 +219,11 @@ class StateRegistry:
     def __init__(self, persistent: bool = False) -> None:
         self.persistent = persistent
         self._states: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        # Both by owning module and parameter name, the slot a state belongs to: it outlives the
+        # Parameter object there (assign=True loads) and is shared by FSDP2's sharded and
+        # unsharded Parameters.
         self._slots: WeakIdKeyDictionary = WeakIdKeyDictionary()  # owner -> {parameter name: state}
-        self._pending: WeakIdKeyDictionary = WeakIdKeyDictionary()  # param -> checkpoint payload
+        self._pending: WeakIdKeyDictionary = WeakIdKeyDictionary()  # owner -> {parameter name: payload}
         self._without_state: WeakIdKeyDictionary = WeakIdKeyDictionary()  # loaded from an old checkpoint
         self._hooked: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._warned = False
@@ -231,10 +234,13 @@ class StateRegistry:
         if state is None or state.spec != spec:
             state = LayerState(spec, weight.device, owner)
             self._states[weight] = state
+            slot = spec.name.rsplit(".", 1)[-1]
+            payload = None
             if owner is not None:
-                self._slots.setdefault(owner, {})[spec.name.rsplit(".", 1)[-1]] = state
-            if weight in self._pending:
-                state.load_payload(self._pending.pop(weight))
+                self._slots.setdefault(owner, {})[slot] = state
+                payload = self._pending.get(owner, {}).pop(slot, None)
+            if payload is not None:
+                state.load_payload(payload)
             elif weight in self._without_state:
                 self._warn_old_checkpoint([spec.name])
             self._hook(owner)
@@ -244,19 +250,33 @@ class StateRegistry:
         """The state of ``weight`` or ``None``."""
         return self._states.get(weight)
 
-    def hold(self, weight: torch.Tensor, payload: dict[str, Any]) -> None:
-        """Give ``weight``'s next new state this checkpoint ``payload`` (see ``LayerState.payload``)."""
-        self._pending[weight] = payload
+    def hold(self, module: nn.Module, name: str, payload: dict[str, Any]) -> None:
+        """Give the next new state of ``module``'s parameter ``name`` this checkpoint ``payload``
+        (see ``LayerState.payload``); its ``state_dict()`` carries it until then."""
+        self._pending.setdefault(module, {})[name] = payload
+        self._hook(module)
 
-    def checkpoint_entry(self, weight: torch.Tensor) -> dict[str, Any] | None:
-        """What a checkpoint saves for ``weight``: its state's payload, or the one it holds for it."""
-        state = self._states.get(weight)
-        return state.payload() if state is not None else self._pending.get(weight)
+    def checkpoint_entry(self, module: nn.Module, name: str, param: torch.Tensor) -> dict[str, Any] | None:
+        """What a checkpoint saves for ``module``'s parameter ``name``: its state's payload (under
+        FSDP2, the state of the unsharded Parameter in that slot), or the payload held for it."""
+        state = self._states.get(param)
+        if state is None and isinstance(param, torch.distributed.tensor.DTensor):
+            state = self._slots.get(module, {}).get(name)
+        return state.payload() if state is not None else self._pending.get(module, {}).get(name)
 
     def _hook(self, owner: nn.Module | None) -> None:
         """Make ``owner.state_dict()`` carry its layers' states (persistent registries, once per module)."""
         if self.persistent and owner is not None and owner not in self._hooked:
-            self._hooked[owner] = owner.register_state_dict_post_hook(functools.partial(_save_states, self))
+            self._hooked[owner] = owner.register_state_dict_post_hook(_StateDictHook(owner))
+
+    def copy_states(self, original: nn.Module, copy: nn.Module) -> None:
+        """Hold, for ``copy`` (a deep copy of ``original``, its hook copied with it), what
+        ``original``'s checkpoint would save now."""
+        for name, param in original.named_parameters(recurse=False):
+            entry = self.checkpoint_entry(original, name, param)
+            if entry is not None:
+                self._pending.setdefault(copy, {})[name] = {**entry, "perm": entry["perm"].clone()}
+        self._hooked[copy] = True
 
     def _state_of(self, module: nn.Module, name: str, param: torch.Tensor) -> LayerState | None:
         """``param``'s state; where ``load_state_dict(assign=True)`` put a new Parameter in a slot
@@ -286,8 +306,7 @@ class StateRegistry:
                     if state is not None:
                         state.load_payload(entries[name])
                     else:
-                        self.hold(param, entries[name])
-                        self._hook(module)
+                        self.hold(module, name, entries[name])
                 elif state is not None:
                     if state.step:
                         missing.append(state.spec.name)
@@ -315,17 +334,37 @@ def _warn_without_state(names: list[str], stacklevel: int) -> None:
     )
 
 
-def _save_states(
-    registry: StateRegistry, module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict
-) -> None:
-    """``state_dict`` post-hook: put the module's layer states in its ``_metadata`` entry."""
-    entries = {}
-    for name, param in module.named_parameters(recurse=False):
-        entry = registry.checkpoint_entry(param)
-        if entry is not None:
-            entries[name] = entry
-    if entries:
-        local_metadata[METADATA_KEY] = entries
+class _StateDictHook:
+    """``state_dict`` post-hook of a module with sparse layers: puts their states (the default
+    registry's) in the module's ``_metadata`` entry.
+
+    It names no registry, so a model holding it still pickles (without the states: use
+    ``state_dict()``); a ``copy.deepcopy`` of the model holds the states the original has at
+    that moment for the copy, whose ``state_dict()`` and first compile then carry them.
+    """
+
+    def __init__(self, module: nn.Module | None = None) -> None:
+        self._module = weakref.ref(module) if module is not None else None
+
+    def __call__(self, module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        entries = {}
+        for name, param in module.named_parameters(recurse=False):
+            entry = DEFAULT_REGISTRY.checkpoint_entry(module, name, param)
+            if entry is not None:
+                entries[name] = entry
+        if entries:
+            local_metadata[METADATA_KEY] = entries
+
+    def __reduce__(self) -> tuple:
+        return (_StateDictHook, ())
+
+    def __deepcopy__(self, memo: dict) -> _StateDictHook:
+        original = self._module() if self._module is not None else None
+        copy = memo.get(id(original)) if original is not None else None
+        if copy is None:
+            return _StateDictHook()
+        DEFAULT_REGISTRY.copy_states(original, copy)
+        return _StateDictHook(copy)
 
 
 DEFAULT_REGISTRY = StateRegistry(persistent=True)

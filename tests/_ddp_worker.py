@@ -62,9 +62,27 @@ def train(rank: int, world: int, order: str, options: dict, out: str) -> None:
         losses.append(loss.item())
     perms = {k: v["perm"] for k, v in nmcompile.sparsity_state(model).items()}
     result = {"losses": losses, "weights": model.state_dict(), "perms": perms, "compiles": len(records)}
+    if order == "fsdp2":
+        result.update(_fsdp2_checkpoint(model, backend, x))
     torch.save(result, f"{out}/{order}_rank{rank}_{world}.pt")
     if world > 1:
         dist.destroy_process_group()
+
+
+def _fsdp2_checkpoint(model: nn.Module, backend: nmcompile.NMSparseBackend, x: torch.Tensor) -> dict:
+    """The layer steps an FSDP2 model's checkpoint carries, and the states of a fresh FSDP2 model
+    that loads it, after one more step."""
+    from torch.distributed.fsdp import fully_shard
+
+    checkpoint = model.state_dict()
+    saved = {f"{module}.{name}": entry["step"] for module, meta in checkpoint._metadata.items()
+             for name, entry in meta.get("nmsparse", {}).items()}  # fmt: skip
+    resumed = MLP(32, 512, 16)
+    fully_shard(resumed)
+    resumed.load_state_dict(checkpoint)
+    torch.compile(resumed, backend=backend)(x).sum().backward()
+    states = nmcompile.sparsity_state(resumed)
+    return {"saved_steps": saved, "resumed": {k: (v["step"], v["perm"]) for k, v in states.items()}}
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import io
 import math
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -320,6 +323,27 @@ def test_partial_load_keeps_the_state_of_weights_it_does_not_load():
         warnings.simplefilter("always")
         model.load_state_dict({"fc1.weight": model.fc1.weight.detach().clone()}, strict=False)
     assert [str(w.message) for w in caught if "nmsparse" in str(w.message)] == messages  # warned again
+
+
+def test_trained_model_pickles_and_its_deepcopy_keeps_the_states():
+    """After compiled training the whole model still pickles (``torch.save(model)``; states travel
+    with ``state_dict()``), and ``copy.deepcopy`` (a best-model snapshot) holds the states of that
+    moment: its checkpoint and its own compile carry them, while the original trains on."""
+    options = {"inner": "aot_eager", "perm_interval": 1}
+    model, _ = _trained(3, options)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    assert isinstance(pickle.loads(pickle.dumps(model)), MLP)
+    expected = nmcompile.sparsity_state(model)
+    snapshot = copy.deepcopy(model)
+    torch.compile(model, backend=nmcompile.backend(**options))(torch.randn(4, 32)).sum().backward()
+    saved = snapshot.state_dict()._metadata
+    for name, state in expected.items():
+        entry = saved[name.rsplit(".", 1)[0]]["nmsparse"]["weight"]
+        assert entry["step"] == state["step"] == 3 and torch.equal(entry["perm"], state["perm"]), name
+    torch.compile(snapshot, backend=nmcompile.backend(**options))(torch.randn(4, 32)).sum().backward()
+    assert {k: v["step"] for k, v in nmcompile.sparsity_state(snapshot).items()} == dict.fromkeys(expected, 4)
+    assert {k: v["step"] for k, v in nmcompile.sparsity_state(model).items()} == dict.fromkeys(expected, 4)
 
 
 _RESUME = textwrap.dedent(
