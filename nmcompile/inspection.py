@@ -9,6 +9,7 @@ every compile during ordinary ``torch.compile`` use.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import os
 from pathlib import Path
@@ -340,7 +341,12 @@ def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Rep
             if entry is not None:
                 registry.hold(sub, name, entry)
     saved = {name: b.detach().clone() for name, b in module.named_buffers()}
-    compiled = torch.compile(module, backend=NMSparseBackend(config, registry, records.append))
+    # Its own recompile region (torch 2.13): each call's compile would otherwise count against the
+    # recompile limit of the user's compiled model, which then falls back to dense eager.
+    isolate = {"isolate_recompiles": True}
+    if "isolate_recompiles" not in inspect.signature(torch.compile).parameters:  # older torch (the GPU image's 2.11)
+        isolate = {}
+    compiled = torch.compile(module, backend=NMSparseBackend(config, registry, records.append), **isolate)
     cuda = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=cuda), torch.enable_grad():

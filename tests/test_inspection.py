@@ -193,3 +193,19 @@ def test_explain_leaves_the_random_generator_alone():
     torch.manual_seed(3)
     nmcompile.explain(model, torch.randn(4, 32, generator=torch.Generator().manual_seed(0)), inner="aot_eager")
     assert torch.equal(torch.rand(8), expected)
+
+
+def test_many_explain_calls_leave_the_user_model_sparse():
+    """explain compiles in its own recompile region: ten calls (dynamo's limit is 8 entries a
+    region) neither empty the report nor push the user's compiled model, recompiling for a new
+    batch size afterwards, back to dense eager."""
+    torch._dynamo.reset()
+    model = MLP()
+    compiled = torch.compile(model, backend=nmcompile.backend(inner="aot_eager"))
+    x = torch.randn(4, 32)
+    compiled(x).sum().backward()
+    for _ in range(10):
+        rows = nmcompile.explain(compiled, x, inner="aot_eager").rows
+        assert sum(r.sparse for r in rows) == 3
+    compiled(torch.randn(3, 32)).sum().backward()
+    assert nmcompile.sparsity_state(model)["fc1.weight"]["step"] == 2
