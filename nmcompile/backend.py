@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import re
 import sys
+import weakref
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -217,16 +218,24 @@ class _Runner:
         self.compiled = compiled
         self.layers = layers  # (spec as compiled, position of the weight among the inputs, state compiled with)
         self.registry = registry
+        self._last: list[tuple[Callable[[], Any], LayerState] | None] = [None] * len(layers)  # per layer
 
-    def _state(self, spec: LayerSpec, weight: torch.Tensor, compiled_with: LayerState) -> LayerState:
-        """``weight``'s state; the one the graph was compiled with where the weight's state is for
-        other options (the same model compiled twice, with two configs)."""
+    def _state(self, k: int, weight: torch.Tensor) -> LayerState:
+        """Layer ``k``'s state for ``weight``: the last call's where the weight is the same (the
+        usual case, one check); else the registry's, or the one the graph was compiled with where
+        the registry's is for other options (the same model compiled twice, with two configs)."""
+        last = self._last[k]
+        if last is not None and last[0]() is weight:
+            return last[1]
+        spec, _, compiled_with = self.layers[k]
         state = self.registry.get(weight)
         if state is None:
             name, index, owner = _locate(weight, spec)
-            return self.registry.get_or_create(weight, dataclasses.replace(spec, name=name, index=index), owner)
-        same = state.spec is spec or (state.spec.config == spec.config and state.spec.backward == spec.backward)
-        return state if same else compiled_with
+            state = self.registry.get_or_create(weight, dataclasses.replace(spec, name=name, index=index), owner)
+        elif not (state.spec is spec or (state.spec.config == spec.config and state.spec.backward == spec.backward)):
+            state = compiled_with
+        self._last[k] = (weakref.ref(weight), state)
+        return state
 
     def __call__(self, *args: Any) -> Any:
         fake_mode = next((a.fake_mode for a in args if isinstance(a, torch._subclasses.FakeTensor)), None)
@@ -234,7 +243,7 @@ class _Runner:
             extra = [tensor for _, _, state in self.layers for tensor in state.graph_inputs()]
             extra = [t if isinstance(t, torch._subclasses.FakeTensor) else fake_mode.from_tensor(t) for t in extra]
             return self.compiled(*args, *extra)
-        states = [(self._state(spec, args[i], compiled_with), args[i]) for spec, i, compiled_with in self.layers]
+        states = [(self._state(k, args[i]), args[i]) for k, (_, i, _) in enumerate(self.layers)]
         training = [(state, weight) for state, weight in states if state.is_training_forward()]
         for state, weight in training:
             state.begin_training_step(weight)

@@ -281,7 +281,7 @@ class StateRegistry:
     def _state_of(self, module: nn.Module, name: str, param: torch.Tensor) -> LayerState | None:
         """``param``'s state; where ``load_state_dict(assign=True)`` put a new Parameter in a slot
         that had one, the slot's state, which then follows the new Parameter (the compiled graphs
-        hold the state itself and get the new Parameter as their input)."""
+        look states up by the Parameters they are given)."""
         state = self._states.get(param)
         if state is None:
             state = self._slots.get(module, {}).get(name)
