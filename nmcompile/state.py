@@ -219,12 +219,12 @@ class StateRegistry:
     def __init__(self, persistent: bool = False) -> None:
         self.persistent = persistent
         self._states: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        # Both by owning module and parameter name, the slot a state belongs to: it outlives the
-        # Parameter object there (assign=True loads) and is shared by FSDP2's sharded and
+        # These three by owning module and parameter name, the slot a state belongs to: it outlives
+        # the Parameter object there (assign=True loads) and is shared by FSDP2's sharded and
         # unsharded Parameters.
         self._slots: WeakIdKeyDictionary = WeakIdKeyDictionary()  # owner -> {parameter name: state}
         self._pending: WeakIdKeyDictionary = WeakIdKeyDictionary()  # owner -> {parameter name: payload}
-        self._without_state: WeakIdKeyDictionary = WeakIdKeyDictionary()  # loaded from an old checkpoint
+        self._without_state: WeakIdKeyDictionary = WeakIdKeyDictionary()  # owner -> {names an old checkpoint loaded}
         self._hooked: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._warned = False
 
@@ -241,7 +241,7 @@ class StateRegistry:
                 payload = self._pending.get(owner, {}).pop(slot, None)
             if payload is not None:
                 state.load_payload(payload)
-            elif weight in self._without_state:
+            elif owner is not None and slot in self._without_state.get(owner, ()):
                 self._warn_old_checkpoint([spec.name])
             self._hook(owner)
         return state
@@ -312,7 +312,7 @@ class StateRegistry:
                         missing.append(state.spec.name)
                     state.reset()
                 elif not has_any:
-                    self._without_state[param] = True
+                    self._without_state.setdefault(module, set()).add(name)
         if missing:
             self._warned = True
             _warn_without_state(missing, stacklevel=4)  # the caller of load_state_dict

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -70,8 +71,8 @@ def train(rank: int, world: int, order: str, options: dict, out: str) -> None:
 
 
 def _fsdp2_checkpoint(model: nn.Module, backend: nmcompile.NMSparseBackend, x: torch.Tensor) -> dict:
-    """The layer steps an FSDP2 model's checkpoint carries, and the states of a fresh FSDP2 model
-    that loads it, after one more step."""
+    """The layer steps an FSDP2 model's checkpoint carries, the states of a fresh FSDP2 model that
+    loads it, after one more step, and the warnings a load without states gives."""
     from torch.distributed.fsdp import fully_shard
 
     checkpoint = model.state_dict()
@@ -82,7 +83,15 @@ def _fsdp2_checkpoint(model: nn.Module, backend: nmcompile.NMSparseBackend, x: t
     resumed.load_state_dict(checkpoint)
     torch.compile(resumed, backend=backend)(x).sum().backward()
     states = nmcompile.sparsity_state(resumed)
-    return {"saved_steps": saved, "resumed": {k: (v["step"], v["perm"]) for k, v in states.items()}}
+    plain = MLP(32, 512, 16)  # a checkpoint without sparsity state (no _metadata) warns at the first forward
+    fully_shard(plain)
+    plain.load_state_dict(dict(checkpoint))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(plain, backend=backend)(x).sum().backward()
+    warned = [str(w.message) for w in caught if "no sparsity state" in str(w.message)]
+    return {"saved_steps": saved, "resumed": {k: (v["step"], v["perm"]) for k, v in states.items()},
+            "old_checkpoint_warnings": len(warned)}  # fmt: skip
 
 
 if __name__ == "__main__":

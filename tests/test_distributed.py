@@ -56,6 +56,7 @@ def test_data_parallel_matches_single_process(order, port, single):
             assert {name: step for name, (step, _) in rank["resumed"].items()} == dict.fromkeys(reference["perms"], 11)
             for name, (_, perm) in rank["resumed"].items():
                 assert torch.equal(perm, reference["perms"][name]), name
+            assert rank["old_checkpoint_warnings"] == 1
 
 
 def test_mvue_under_ddp_keeps_ranks_in_step(tmp_path):

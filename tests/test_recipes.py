@@ -258,6 +258,21 @@ def test_old_checkpoint_warns_once_and_starts_fresh():
     assert state["step"] == 0 and torch.equal(state["perm"], torch.arange(64))
 
 
+def test_old_checkpoint_loaded_before_compile_warns_at_the_first_forward(monkeypatch):
+    """Loaded into a fresh model before it is compiled, a checkpoint without sparsity state warns
+    once the layers get their states, naming them; they start at step 0."""
+    monkeypatch.setattr(nmcompile.state.DEFAULT_REGISTRY, "_warned", False)  # it warns once per process
+    model = MLP()
+    model.load_state_dict({k: v.clone() for k, v in MLP().state_dict().items()})
+    compiled = torch.compile(model, backend=nmcompile.backend(inner="aot_eager"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(torch.randn(4, 32)).sum().backward()
+    messages = [str(w.message) for w in caught if "nmsparse" in str(w.message)]
+    assert len(messages) == 1 and "no sparsity state for fc1.weight;" in messages[0]
+    assert nmcompile.sparsity_state(model)["fc1.weight"]["step"] == 1
+
+
 def _trained(steps: int, options: dict) -> tuple[nn.Module, dict]:
     """An MLP after ``steps`` compiled training steps, and its checkpoint."""
     model = MLP()
