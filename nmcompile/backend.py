@@ -79,6 +79,16 @@ def _compiled_roots() -> list[nn.Module]:
     return roots
 
 
+def _root_tables() -> list[dict[int, tuple[str, int, nn.Module, tuple[str, ...]]]]:
+    """``_parameter_table`` of each compiled module being called, outermost first (full names)."""
+    return [_parameter_table(root) for root in reversed(_compiled_roots())]
+
+
+def _lookup(tables: list[dict], param: torch.Tensor) -> tuple[str, int, nn.Module, tuple[str, ...]] | None:
+    """``param``'s entry in the first of ``tables`` that holds it, or ``None``."""
+    return next((t[id(param)] for t in tables if id(param) in t), None)
+
+
 def _source_root(source_name: str) -> tuple[nn.Module | None, str]:
     """The module a dynamo source like ``L['self']._modules['fc1']._parameters['weight']`` starts from."""
     match = _SOURCE.match(source_name)
@@ -117,10 +127,10 @@ def resolve_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dic
     pairs = [(ph, v) for ph, v in pairs if isinstance(v, nn.Parameter)]
     if not pairs:
         return {}
-    tables = [_parameter_table(root) for root in reversed(_compiled_roots())]
+    tables = _root_tables()
     out: dict[str, ParamInfo] = {}
     for placeholder, param in pairs:
-        found = next((t[id(param)] for t in tables if id(param) in t), None)
+        found = _lookup(tables, param)
         if found is None:
             grapharg = placeholder.meta.get("grapharg")
             source = grapharg.source.name if grapharg is not None else placeholder.name
@@ -257,11 +267,8 @@ class _Runner:
 def _locate(weight: torch.Tensor, spec: LayerSpec) -> tuple[str, int, nn.Module | None]:
     """Name, layer index and owning module of ``weight`` in the compiled modules being called, or
     the compiled layer's name and index without an owner where none holds it."""
-    for root in reversed(_compiled_roots()):
-        entry = _parameter_table(root).get(id(weight))
-        if entry is not None:
-            return entry[0], entry[1], entry[2]
-    return spec.name, spec.index, None
+    entry = _lookup(_root_tables(), weight)
+    return (entry[0], entry[1], entry[2]) if entry is not None else (spec.name, spec.index, None)
 
 
 def compile_graph(

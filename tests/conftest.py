@@ -150,6 +150,15 @@ def train_and_compare(make_model, shape: tuple, steps: int = 5, channels_last: b
     return state_ref, state_mine
 
 
+def sgd_step_both(ref: torch.nn.Module, mine: torch.nn.Module, lr: float) -> None:
+    """One plain SGD step on each of two models with matching parameters, then their grads cleared."""
+    with torch.no_grad():
+        for p, q in zip(ref.parameters(), mine.parameters(), strict=True):
+            p -= lr * p.grad
+            q -= lr * q.grad
+            p.grad = q.grad = None
+
+
 def c_mask_kernels() -> bool:
     """Whether the C mask kernels build on this machine, so fp32 m=4 CPU graphs use them."""
     from nmcompile.kernels import cpu_mask

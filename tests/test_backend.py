@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import MLP, MODELS, assert_close, c_mask_kernels, train_and_compare
+from conftest import MLP, MODELS, assert_close, c_mask_kernels, sgd_step_both, train_and_compare
 from torch import nn
 from torch._dynamo.utils import counters
 
@@ -134,11 +134,7 @@ def test_two_instances_of_one_class_keep_their_own_states(shared_backend):
             assert_close(compiled(x), ref(x))
             for model in (ref, compiled):
                 model(x).square().mean().backward()
-            with torch.no_grad():
-                for p, q in zip(ref.parameters(), mine.parameters(), strict=True):
-                    p -= 0.05 * p.grad
-                    q -= 0.05 * q.grad
-                    p.grad = q.grad = None
+            sgd_step_both(ref, mine, 0.05)
     assert counters["stats"]["unique_graphs"] == 1
     for ref, mine, _ in pairs:
         got, expected = nmcompile.sparsity_state(mine), nmcompile.sparsity_state(ref)
