@@ -32,7 +32,7 @@ METADATA_KEY = "nmsparse"
 
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
-    """What a layer's state depends on; a different spec for the same parameter resets the state."""
+    """How a layer uses its state: the compiled layer's name, index, shape and options."""
 
     name: str
     index: int  # position of the weight in model.named_parameters(): seeds its random streams
@@ -73,23 +73,57 @@ def permutation_candidates(spec: LayerSpec, step: int) -> list[torch.Tensor]:
     ]
 
 
+@dataclasses.dataclass
+class Progress:
+    """A weight's training progress: permutation, finished training forwards, last search step.
+    Every ``LayerState`` of one weight (compiles with other options) shares one."""
+
+    perm: torch.Tensor
+    step: int = 0
+    last_search_step: int | None = None
+
+
 class LayerState:
-    """Mutable state of one sparsified weight: permutation ``perm`` (bimask) and step counter.
+    """One sparsified weight's ``Progress`` as a compiled layer with ``spec`` uses it.
 
     The permutation is replaced, never changed in place, and the step enters graphs as a new tensor
     each call, so a backward still pending from an earlier forward sees the values it used.
     """
 
-    def __init__(self, spec: LayerSpec, device: torch.device, owner: nn.Module | None) -> None:
+    def __init__(
+        self, spec: LayerSpec, device: torch.device, owner: nn.Module | None, progress: Progress | None = None
+    ) -> None:
         self.spec = spec
-        self.perm = torch.arange(spec.rows, device=device)
-        self.step = 0  # finished training forwards
-        self.last_search_step: int | None = None
+        self.progress = progress if progress is not None else Progress(torch.arange(spec.rows, device=device))
         self.device = device
         self._owner = weakref.ref(owner) if owner is not None else None
 
+    @property
+    def perm(self) -> torch.Tensor:
+        return self.progress.perm
+
+    @perm.setter
+    def perm(self, value: torch.Tensor) -> None:
+        self.progress.perm = value
+
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.progress.step = value
+
+    @property
+    def last_search_step(self) -> int | None:
+        return self.progress.last_search_step
+
+    @last_search_step.setter
+    def last_search_step(self, value: int | None) -> None:
+        self.progress.last_search_step = value
+
     def reset(self) -> None:
-        """Back to the start: identity permutation, step 0."""
+        """Back to the start: identity permutation, step 0 (for every state sharing the progress)."""
         self.perm = torch.arange(self.spec.rows, device=self.device)
         self.step = 0
         self.last_search_step = None
@@ -130,8 +164,12 @@ class LayerState:
         """A training step is a forward with grad enabled while the owning module is in train mode."""
         if not torch.is_grad_enabled():
             return False
-        owner = self._owner() if self._owner is not None else None
+        owner = self.owner()
         return owner.training if owner is not None else True
+
+    def owner(self) -> nn.Module | None:
+        """The module that holds the weight, if it is still alive (``None`` where unknown)."""
+        return self._owner() if self._owner is not None else None
 
     def begin_training_step(self, param: torch.Tensor) -> None:
         """Run the permutation search if this step is a search step (every ``perm_interval``, from 0)."""
@@ -229,22 +267,28 @@ class StateRegistry:
         self._warned = False
 
     def get_or_create(self, weight: torch.Tensor, spec: LayerSpec, owner: nn.Module | None) -> LayerState:
-        """The state of ``weight``; a new one if none exists or its spec changed."""
+        """The state of ``weight`` as ``spec`` uses it. Where ``weight`` has a state already (compiled
+        with other options, or as part of another compiled module), the new one shares its progress,
+        name and layer index; a weight of another shape starts afresh."""
         state = self._states.get(weight)
-        if state is None or state.spec != spec:
-            state = LayerState(spec, weight.device, owner)
-            self._states[weight] = state
-            slot = spec.name.rsplit(".", 1)[-1]
-            payload = None
-            if owner is not None:
-                self._slots.setdefault(owner, {})[slot] = state
-                payload = self._pending.get(owner, {}).pop(slot, None)
+        shared = state is not None and state.spec.rows == spec.rows
+        if shared:
+            spec = dataclasses.replace(spec, name=state.spec.name, index=state.spec.index)
+            if state.spec == spec:
+                return state
+            owner = owner if owner is not None else state.owner()
+        new = LayerState(spec, weight.device, owner, state.progress if shared else None)
+        self._states[weight] = new
+        slot = spec.name.rsplit(".", 1)[-1]
+        if owner is not None:
+            self._slots.setdefault(owner, {})[slot] = new
+            payload = None if shared else self._pending.get(owner, {}).pop(slot, None)
             if payload is not None:
-                state.load_payload(payload)
-            elif owner is not None and slot in self._without_state.get(owner, ()):
+                new.load_payload(payload)
+            elif not shared and slot in self._without_state.get(owner, ()):
                 self._warn_old_checkpoint([spec.name])
-            self._hook(owner)
-        return state
+        self._hook(owner)
+        return new
 
     def get(self, weight: torch.Tensor) -> LayerState | None:
         """The state of ``weight`` or ``None``."""

@@ -172,6 +172,55 @@ def test_blocks_compiled_in_place_count_their_own_steps():
     assert [nmcompile.sparsity_state(b)["fc.weight"]["step"] for b in blocks] == [3, 2, 3]
 
 
+def _train_beside_another_compile(other: str) -> tuple[list[float], dict]:
+    """Losses and states of six SGD steps through one compiled MLP. After the third, a ``no_grad``
+    pass through a second nmsparse compile of the same weights (``other``: ``"options"`` compiles
+    the model with other options, ``"submodule"`` compiles ``fc2`` alone); the fifth step's new
+    batch size recompiles the training wrapper."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MLP()
+    options = {"inner": "aot_eager", "perm_interval": 2, "mask_decay": "linear", "mask_decay_rate": 0.1}
+    compiled = torch.compile(model, backend=nmcompile.backend(**options))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(1)
+    losses = []
+    for step in range(6):
+        x = torch.randn(8 if step < 4 else 12, 32, generator=generator)
+        loss = compiled(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step == 2 and other != "none":
+            second = (
+                torch.compile(model, backend=nmcompile.backend(**options, grad_prune="mvue24"))
+                if other == "options"
+                else torch.compile(model.fc2, backend=nmcompile.backend(**options))
+            )
+            with torch.no_grad():
+                second(x if other == "options" else torch.randn(8, 64))
+            assert {s["step"] for s in nmcompile.sparsity_state(model).values()} == {3}
+    return losses, nmcompile.sparsity_state(model)
+
+
+@pytest.mark.parametrize("other", ["options", "submodule"])
+def test_a_second_compile_of_the_same_weights_continues_their_states(other):
+    """A compile with other options, or of a submodule, shares each weight's progress (permutation,
+    step) and keeps the first compile's name and layer index: training goes on exactly as without
+    it, also after the training wrapper recompiles (the states used to restart at step 0)."""
+    expected_losses, expected = _train_beside_another_compile("none")
+    losses, got = _train_beside_another_compile(other)
+    assert losses == expected_losses
+    assert got.keys() == expected.keys() == {"fc1.weight", "fc2.weight", "head.weight"}
+    for name, state in got.items():
+        assert state["step"] == expected[name]["step"] == 6
+        assert state["layer_index"] == expected[name]["layer_index"]
+        assert torch.equal(state["perm"], expected[name]["perm"])
+    assert got["fc2.weight"]["layer_index"] == 2
+    assert not torch.equal(got["fc2.weight"]["perm"], torch.arange(64))
+
+
 def test_twenty_steps_no_recompile_and_search_schedule():
     """20 steps with new data: one graph, no recompiles; P changes only at search steps 0, 5, 10, 15."""
     model = MLP()
