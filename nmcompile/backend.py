@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from nmcompile import ops
 from nmcompile.inspection import CompileRecord, dump_dir
-from nmcompile.options import SparsityConfig
+from nmcompile.options import SparsityConfig, SparsityConfigError
 from nmcompile.passes import ParamInfo, decompose_attention, find_targets, insert_masks, lower_kernels, name_nodes
 from nmcompile.passes.find_targets import identifier
 from nmcompile.passes.insert_masks import copy_graph_module
@@ -179,8 +179,29 @@ def _register_inductor_decomposition() -> None:
         decomposition.fast_random_decomps.cache_clear()
 
 
-def _compile_inner(gm: fx.GraphModule, inputs: list, config: SparsityConfig, record: CompileRecord | None) -> Callable:
-    """AOTAutograd + ``config.inner`` on the rewritten graph, naming nodes of each produced graph.
+def _mode_patches(mode: str | None, config: SparsityConfig) -> dict[str, Any]:
+    """The Inductor settings of ``torch.compile``'s ``mode``, for the inner Inductor compile;
+    ``SparsityConfigError`` for an unknown mode, or any but the default with ``inner="aot_eager"``."""
+    if mode is None or mode == "default":
+        return {}
+    from torch._inductor import list_mode_options
+
+    modes = list_mode_options()
+    if mode not in modes:
+        raise SparsityConfigError(f"torch.compile mode={mode!r} is invalid for nmsparse: allowed {sorted(modes)}")
+    if config.inner != "inductor":
+        raise SparsityConfigError(
+            f"torch.compile mode={mode!r} sets up the inner Inductor compile; with inner={config.inner!r} "
+            "leave mode out"
+        )
+    return modes[mode]
+
+
+def _compile_inner(
+    gm: fx.GraphModule, inputs: list, config: SparsityConfig, record: CompileRecord | None, patches: dict[str, Any]
+) -> Callable:
+    """AOTAutograd + ``config.inner`` on the rewritten graph, naming nodes of each produced graph;
+    ``patches``: Inductor settings (from ``torch.compile``'s ``mode``).
 
     AOTAutograd's own cache stays off for these graphs: a hit would skip the graphs' naming and
     recording, and its key does not cover our ops' autograd, so it could serve an older nmcompile's
@@ -197,7 +218,7 @@ def _compile_inner(gm: fx.GraphModule, inputs: list, config: SparsityConfig, rec
 
         _register_inductor_decomposition()
         with torch._functorch.config.patch(enable_autograd_cache=False):
-            return compile_fx(gm, inputs, inner_compile=inner_compile)
+            return compile_fx(gm, inputs, inner_compile=inner_compile, config_patches=patches or None)
 
     from torch._dynamo.backends.common import aot_autograd
     from torch._dynamo.backends.debugging import boxed_nop
@@ -277,8 +298,11 @@ def compile_graph(
     config: SparsityConfig,
     registry: StateRegistry = DEFAULT_REGISTRY,
     on_compile: Callable[[CompileRecord], None] | None = None,
+    mode: str | None = None,
 ) -> Callable:
-    """Compile one dynamo graph with N:M sparse GEMMs; the body of every ``nmsparse`` backend call."""
+    """Compile one dynamo graph with N:M sparse GEMMs; the body of every ``nmsparse`` backend call.
+    ``mode`` is ``torch.compile``'s, passed on to the inner Inductor compile."""
+    patches = _mode_patches(mode, config)
     params = resolve_parameters(gm, example_inputs)
     try:
         fake_mode = torch._guards.TracingContext.get().fake_mode
@@ -312,7 +336,7 @@ def compile_graph(
     examples = [s.example for s in state_inputs]
     # A hit in AOTAutograd's cache skips the inner compiler, so nothing would be recorded.
     with torch._functorch.config.patch(enable_autograd_cache=record is None):
-        compiled = _compile_inner(rewritten, [*example_inputs, *examples], config, record)
+        compiled = _compile_inner(rewritten, [*example_inputs, *examples], config, record, patches)
     return _Runner(compiled, layers, registry)
 
 
@@ -331,8 +355,15 @@ class NMSparseBackend:
         self.registry = registry
         self.on_compile = on_compile
 
-    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        return compile_graph(gm, example_inputs, self.config, self.registry, self.on_compile)
+    def __call__(
+        self, gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None = None, options: Any = None
+    ) -> Callable:
+        if options is not None:
+            raise SparsityConfigError(
+                f"torch.compile options={options!r} with a nmcompile.backend(...) object: give the options "
+                'to nmcompile.backend(...), or use backend="nmsparse" with options={...}'
+            )
+        return compile_graph(gm, example_inputs, self.config, self.registry, self.on_compile, mode)
 
     def __repr__(self) -> str:
         return f"nmcompile.backend({self.config})"
@@ -343,7 +374,9 @@ def backend(**options: Any) -> NMSparseBackend:
     return NMSparseBackend(SparsityConfig.from_options(options))
 
 
-def nmsparse(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None) -> Callable:
+def nmsparse(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None, mode: str | None = None
+) -> Callable:
     """The registered ``"nmsparse"`` backend: ``torch.compile(model, backend="nmsparse", options={...})``."""
     config = SparsityConfig.from_options(options)
-    return compile_graph(gm, example_inputs, config)
+    return compile_graph(gm, example_inputs, config, mode=mode)

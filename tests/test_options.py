@@ -178,6 +178,61 @@ def test_string_backend_bad_option_raises_value_error_before_tracing(monkeypatch
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("string_backend", [True, False], ids=["string", "object"])
+def test_compile_mode_sets_up_the_inner_inductor_compile(monkeypatch, string_backend):
+    """``torch.compile(mode=...)`` reaches the inner Inductor compile, forward and backward, as that
+    mode's settings (reduce-overhead: CUDA graphs, which Inductor leaves out for CPU tensors); the
+    numbers stay those of the default mode."""
+    import torch._inductor.compile_fx as compile_fx
+
+    seen = []
+    original = compile_fx.compile_fx_inner
+
+    def recording(*args, **kwargs):
+        seen.append(torch._inductor.config.triton.cudagraphs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(compile_fx, "compile_fx_inner", recording)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16))
+    x = torch.randn(8, 32)
+    outputs, grads = [], []
+    for mode in ("default", "reduce-overhead"):
+        torch._dynamo.reset()
+        y = torch.compile(model, backend="nmsparse" if string_backend else nmcompile.backend(), mode=mode)(x)
+        y.square().sum().backward()
+        outputs.append(y.detach())
+        grads.append(model[0].weight.grad)
+        model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    assert seen == [False, False, True, True]
+    assert torch.equal(outputs[0], outputs[1])
+    assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize(
+    "backend,kwargs,message",
+    [
+        ("nmsparse", {"mode": "fastest"}, "mode='fastest' is invalid for nmsparse: allowed ['default', "),
+        ("object", {"mode": "bogus"}, "mode='bogus' is invalid"),
+        ("aot_eager", {"mode": "max-autotune"}, "with inner='aot_eager' leave mode out"),
+        ("object", {"options": {"n": 1}}, "options={'n': 1} with a nmcompile.backend(...) object"),
+    ],
+)
+def test_bad_compile_mode_or_options_raise_value_error(backend, kwargs, message):
+    """An unknown ``mode``, a mode with ``inner="aot_eager"``, or ``options=`` beside a backend object
+    (whose options are fixed) raise a ``SparsityConfigError`` at the first call, unwrapped."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    chosen = {"nmsparse": "nmsparse", "object": nmcompile.backend(), "aot_eager": nmcompile.backend(inner="aot_eager")}
+    torch._dynamo.reset()
+    compiled = torch.compile(torch.nn.Linear(8, 4), backend=chosen[backend], **kwargs)
+    with pytest.raises(SparsityConfigError, match=re.escape(message)) as info:
+        compiled(torch.randn(2, 8))
+    assert not isinstance(info.value, BackendCompilerFailed)
+    torch._dynamo.reset()
+
+
 def test_name_filter_reason_include_exclude():
     """SPEC §10: include/exclude use re.search on parameter names; None keeps, a reason names the pattern (repr)."""
     fc1 = "encoder.layers.0.fc1.weight"
