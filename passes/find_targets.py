@@ -194,6 +194,13 @@ def _is_transpose(node: fx.Node) -> bool:
     return False
 
 
+def _operand_placeholder(operand: Any) -> tuple[fx.Node | None, bool]:
+    """The placeholder behind a GEMM operand (itself or its transpose), and whether it is transposed."""
+    transposed = isinstance(operand, fx.Node) and _is_transpose(operand)
+    node = operand.args[0] if transposed else operand
+    return (node if isinstance(node, fx.Node) and node.op == "placeholder" else None), transposed
+
+
 def _consumers(placeholder: fx.Node) -> list[fx.Node]:
     """Nodes that use a parameter, looking through transposes."""
     out = []
@@ -243,10 +250,20 @@ def find_targets(
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     values = dict(zip(placeholders, example_inputs, strict=False))
     targets = []
+    depth = 0  # of torch.func transforms (vmap, grad, jvp) around the node
     for node in gm.graph.nodes:
         kind = _gemm_kind(node)
         if kind is not None:
-            targets.append(_decide(node, kind, config, params, values))
+            target = _decide(node, kind, config, params, values)
+            if depth and target.param_name is not None:
+                # The custom op's autograd would run per vmapped sample (SR-STE added B times).
+                target.sparse, target.backward = False, "dense"
+                target.reason = "inside a torch.func transform (vmap, grad, jvp): left dense"
+            targets.append(target)
+        elif node.op == "call_function" and getattr(node.target, "__name__", "").endswith("_increment_nesting"):
+            depth += 1
+        elif node.op == "call_function" and getattr(node.target, "__name__", "").endswith("_decrement_nesting"):
+            depth -= 1
         elif node.op == "call_function" and node.target is torch.ops.higher_order.tag_activation_checkpoint:
             targets += _checkpointed(gm, node, config, params, values)
     return TargetAnalysis(targets)
@@ -288,15 +305,16 @@ def _decide(
     target.x, target.bias, target.input_shape = x, bias, _shape(x)
     if kind.startswith("conv"):
         return _decide_conv(target, w, extra, config, params, values)
-    transposed = isinstance(w, fx.Node) and _is_transpose(w)
-    placeholder = w.args[0] if transposed else w
-    if not isinstance(placeholder, fx.Node) or placeholder.op != "placeholder":
-        left = x if isinstance(x, fx.Node) and x.op == "placeholder" and x.name in params else None
-        target.reason = "parameter is the left operand" if left is not None else "no parameter operand"
-        return target
-    info = params.get(placeholder.name)
+    placeholder, transposed = _operand_placeholder(w)
+    info = params.get(placeholder.name) if placeholder is not None else None
     if info is None:
-        target.reason = "weight is not an nn.Parameter (input or buffer)"
+        left, _ = _operand_placeholder(x)
+        if left is not None and left.name in params:
+            target.param_name, target.reason = params[left.name].name, "parameter is the left operand"
+        elif placeholder is None:
+            target.reason = "no parameter operand"
+        else:
+            target.reason = "weight is not an nn.Parameter (input or buffer)"
         return target
     value = values.get(placeholder, info.param)
     target.param_name, target.weight, target.operand = info.name, placeholder, w

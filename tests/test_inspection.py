@@ -181,6 +181,62 @@ def test_gemm_in_an_activation_checkpoint_region_is_reported_dense():
     assert set(nmcompile.sparsity_state(mine)) == {"fc2.weight"}
 
 
+class _Vmapped(nn.Module):
+    """``fc1`` applied per sample under ``torch.vmap``; ``fc2`` outside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(torch.vmap(self.fc1)(x)))
+
+
+def test_gemm_under_vmap_is_reported_dense():
+    """A layer inside ``torch.vmap`` is left dense with its reason: the sparse op's autograd would
+    run once per sample and add SR-STE's ``λ(1−F)⊙W`` to ``dW`` B times. It then trains exactly as
+    the reference with that layer excluded; ``fc2`` outside the transform stays sparse."""
+    torch.manual_seed(0)
+    base = _Vmapped()
+    rows = {r.name: r for r in nmcompile.explain(base, torch.randn(5, 4, 16), inner="aot_eager").rows}
+    assert not rows["fc1.weight"].sparse
+    assert rows["fc1.weight"].reason == "inside a torch.func transform (vmap, grad, jvp): left dense"
+    assert rows["fc2.weight"].sparse
+    ref = reference.sparsify(copy.deepcopy(base), exclude=[r"^fc1\."], srste_lambda=0.1)
+    mine = copy.deepcopy(base)
+    compiled = torch.compile(mine, backend=nmcompile.backend(inner="aot_eager", srste_lambda=0.1))
+    for _ in range(3):
+        x = torch.randn(5, 4, 16)
+        for model in (ref, compiled):
+            model(x).square().mean().backward()
+        for p, q in zip(ref.parameters(), mine.parameters(), strict=True):
+            assert_close(q.grad, p.grad)
+        sgd_step_both(ref, mine, 0.1)
+    assert set(nmcompile.sparsity_state(mine)) == {"fc2.weight"}
+
+
+class _LeftOperand(nn.Module):
+    """A parameter as the left operand of ``@`` and of ``torch.mm`` (``W @ xᵀ``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 16))
+        self.v = nn.Parameter(torch.randn(8, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.w @ x.t()).t() + torch.mm(self.v, torch.relu(x).t()).t()
+
+
+def test_left_operand_parameter_has_one_named_row():
+    """A parameter used as the left operand is one report row under its own name, with that reason
+    (it was an unnamed ``<matmul>`` row "not an nn.Parameter", plus a second "not a GEMM operand" row)."""
+    rows = nmcompile.explain(_LeftOperand(), torch.randn(4, 16), inner="aot_eager").rows
+    assert [(r.name, r.op, r.sparse, r.reason) for r in rows] == [
+        ("w", "matmul", False, "parameter is the left operand"),
+        ("v", "mm", False, "parameter is the left operand"),
+    ]
+
+
 def test_explain_leaves_the_random_generator_alone():
     """explain's forward draws dropout masks from a forked generator: the user's next draws are
     the ones they would have been without it."""
