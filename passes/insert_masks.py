@@ -115,7 +115,8 @@ def insert_masks(
         inputs: dict[str, fx.Node] = {}
         for kind in graph_input_kinds(target.backward, config):
             with graph.inserting_after(last_input):
-                last_input = graph.placeholder(f"{layer}_{kind}")
+                # graph.placeholder would snake-case the name (fcOut -> fc_out), unlike the layer's other nodes
+                last_input = graph.create_node("placeholder", f"{layer}_{kind}", name=f"{layer}_{kind}")
             last_input._dynamo_source = None  # type: ignore[attr-defined]
             example = _state_example(kind, target, device)
             if fake_mode is not None:

@@ -46,6 +46,24 @@ def test_graph_nodes_say_what_they_are(inner, c_kernel, monkeypatch):
     assert not any("sort" in t or "topk" in t for t in targets)
 
 
+def test_state_inputs_keep_the_layer_spelling():
+    """A layer named in camel case (``fcOut``) has its state inputs as ``fcOut_perm``,
+    ``fcOut_step``, beside ``fcOut_fwd_gemm``: FX's placeholder naming would give ``fc_out_perm``."""
+
+    class Camel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fcOut = nn.Linear(16, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fcOut(x)
+
+    report = nmcompile.explain(Camel(), torch.randn(4, 16), inner="aot_eager", grad_prune="mvue24")
+    fwd = _names(report.forward_graph)
+    assert {"fcOut_perm", "fcOut_step", "fcOut_fwd_gemm"} <= fwd
+    assert not {"fc_out_perm", "fc_out_step"} & fwd
+
+
 def test_table_rows_and_flops():
     """One row per GEMM-like node with shapes, decision, reason and dense→N:M FLOPs per GEMM."""
     report = nmcompile.explain(MLP(), torch.randn(4, 32), inner="aot_eager", n=1, m=4)
