@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import itertools
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -176,6 +177,7 @@ class CompileRecord:
     ) -> None:
         states, kernels = states or {}, kernels or {}
         self.rows = [LayerRow.from_target(t, config, states.get(id(t)), kernels.get(t.layer)) for t in analysis.targets]
+        self.other_uses = dict(analysis.other_uses)  # parameter name -> what used it, where no GEMM did
         self.input_names = input_names or []
         self.config = config
         self.compile_id = str(compile_id) if compile_id is not None else None
@@ -253,9 +255,10 @@ def to_dot(records: list[CompileRecord]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def untraced_rows(module: torch.nn.Module, seen: set[str]) -> list[LayerRow]:
+def untraced_rows(module: torch.nn.Module, seen: set[str], other_uses: Mapping[str, str]) -> list[LayerRow]:
     """Rows for the weights (2-D and up) of ``module`` that no compiled graph used as a GEMM operand,
-    with the reason by module kind: dynamo runs recurrent layers eagerly, embeddings are lookups."""
+    with the reason by module kind (dynamo runs recurrent layers eagerly, embeddings are lookups),
+    else what used them in a graph (``other_uses``, by name)."""
     rows = []
     visited: set[int] = set()  # a tied parameter has one row, under its first name
     for mod_name, sub in module.named_modules():
@@ -273,7 +276,8 @@ def untraced_rows(module: torch.nn.Module, seen: set[str]) -> list[LayerRow]:
             elif isinstance(sub, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
                 reason = "embedding lookup, not a GEMM"
             else:
-                reason = "not a GEMM operand in any compiled graph (or in code dynamo did not trace)"
+                unused = "not a GEMM operand in any compiled graph (or in code dynamo did not trace)"
+                reason = other_uses.get(name, unused)
             flops = {"forward": None, "input_grad": None, "weight_grad": None}
             rows.append(LayerRow(name, type(sub).__name__, tuple(param.shape[:2]), None, "", "-", False, "-", reason,
                                  flops))  # fmt: skip
@@ -363,4 +367,5 @@ def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Rep
                 if name in saved:
                     buffer.copy_(saved[name])
     seen = {row.name for record in records for row in record.rows}
-    return Report(records, untraced_rows(module, seen))
+    other_uses = {name: why for record in records for name, why in record.other_uses.items()}
+    return Report(records, untraced_rows(module, seen, other_uses))

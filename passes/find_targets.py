@@ -128,9 +128,11 @@ class GemmTarget:
 
 @dataclasses.dataclass
 class TargetAnalysis:
-    """Result of ``find_targets``: every GEMM-like node with its decision."""
+    """Result of ``find_targets``: every GEMM-like node with its decision, and for parameters no
+    such node takes, what uses them instead (by parameter name; the report's reason)."""
 
     targets: list[GemmTarget]
+    other_uses: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def sparse(self) -> list[GemmTarget]:
@@ -266,7 +268,33 @@ def find_targets(
             depth -= 1
         elif node.op == "call_function" and node.target is torch.ops.higher_order.tag_activation_checkpoint:
             targets += _checkpointed(gm, node, config, params, values)
-    return TargetAnalysis(targets)
+    named = {target.param_name for target in targets}
+    other_uses = {}
+    for placeholder in placeholders:
+        info = params.get(placeholder.name)
+        if info is not None and info.name not in named and (reason := _other_use(placeholder)) is not None:
+            other_uses[info.name] = reason
+    return TargetAnalysis(targets, other_uses)
+
+
+def _other_use(placeholder: fx.Node) -> str | None:
+    """Why a parameter that no GEMM above takes stays dense: the ops that use it instead, or the
+    subgraph (``torch.cond``, ...) it is passed into, which the rewrite does not reach into."""
+    users = _consumers(placeholder)
+    if not users:
+        return None
+    subgraph = next((u for u in users if isinstance(u.target, torch._ops.HigherOrderOperator)), None)
+    if subgraph is not None:
+        return f"passed into {_op_name(subgraph)} (a subgraph the rewrite does not reach into): left dense"
+    ops = ", ".join(sorted({_op_name(user) for user in users}))
+    return f"used by {ops}, not by a GEMM nmsparse rewrites (linear, matmul, mm, addmm, convolutions)"
+
+
+def _op_name(node: fx.Node) -> str:
+    """``bmm`` for ``torch.bmm``, ``cond`` for the higher-order op, a method's own name."""
+    if node.op == "call_method":
+        return str(node.target)
+    return getattr(node.target, "__name__", None) or getattr(node.target, "_name", None) or str(node.target)
 
 
 def _checkpointed(

@@ -255,6 +255,40 @@ def test_left_operand_parameter_has_one_named_row():
     ]
 
 
+class _OtherUses(nn.Module):
+    """Weights in the graph but in no GEMM the backend rewrites: ``einsum``, ``bmm``, a ``torch.cond``
+    branch, an elementwise scale; an embedding; a weight the forward never touches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w_einsum, self.w_bmm = nn.Parameter(torch.randn(8, 16)), nn.Parameter(torch.randn(2, 16, 8))
+        self.branch, self.scale = nn.Linear(16, 8), nn.Parameter(torch.randn(4, 8))
+        self.emb, self.unused = nn.Embedding(10, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        y = torch.einsum("bk,ok->bo", x, self.w_einsum) + torch.bmm(x.expand(2, 4, 16), self.w_bmm).sum(0)
+        y = y + torch.cond(x.sum() > 0, lambda t: self.branch(t), lambda t: -self.branch(t), (x,))
+        return y * self.scale + self.emb(idx)
+
+
+def test_weights_no_rewritten_gemm_takes_say_what_uses_them():
+    """SPEC §10, each with its reason: a weight in a compiled graph that no rewritten GEMM takes is
+    named with the ops that use it, or the subgraph it is passed into (it was "not a GEMM operand
+    in any compiled graph"); embeddings and weights no graph used keep their own reasons."""
+    rows = nmcompile.explain(_OtherUses(), torch.randn(4, 16), torch.arange(4), inner="aot_eager").rows
+    reasons = {r.name: r.reason for r in rows}
+    gemms = "not by a GEMM nmsparse rewrites (linear, matmul, mm, addmm, convolutions)"
+    assert reasons == {
+        "w_einsum": f"used by einsum, {gemms}",
+        "w_bmm": f"used by bmm, {gemms}",
+        "branch.weight": "passed into cond (a subgraph the rewrite does not reach into): left dense",
+        "scale": f"used by mul, {gemms}",
+        "emb.weight": "embedding lookup, not a GEMM",
+        "unused.weight": "not a GEMM operand in any compiled graph (or in code dynamo did not trace)",
+    }
+    assert not any(r.sparse for r in rows)
+
+
 def test_explain_leaves_the_random_generator_alone():
     """explain's forward draws dropout masks from a forked generator: the user's next draws are
     the ones they would have been without it."""
