@@ -175,6 +175,22 @@ class _Checkpointed(nn.Module):
         return self.fc2(h)
 
 
+def _trains_as_reference_without_fc1(base: nn.Module, shape: tuple, **options) -> None:
+    """Three SGD steps of ``base`` compiled give the gradients of the reference with ``fc1``
+    excluded, and only ``fc2`` has a sparsity state."""
+    ref = reference.sparsify(copy.deepcopy(base), exclude=[r"^fc1\."], **options)
+    mine = copy.deepcopy(base)
+    compiled = torch.compile(mine, backend=nmcompile.backend(inner="aot_eager", **options))
+    for _ in range(3):
+        x = torch.randn(*shape)
+        for model in (ref, compiled):
+            model(x).square().mean().backward()
+        for p, q in zip(ref.parameters(), mine.parameters(), strict=True):
+            assert_close(q.grad, p.grad)
+        sgd_step_both(ref, mine, 0.1)
+    assert set(nmcompile.sparsity_state(mine)) == {"fc2.weight"}
+
+
 def test_gemm_in_an_activation_checkpoint_region_is_reported_dense():
     """A layer inside ``torch.utils.checkpoint`` is a report row with its shapes and reason (not
     "not a GEMM operand"), runs dense, and the layers outside train as usual: as the reference
@@ -186,17 +202,7 @@ def test_gemm_in_an_activation_checkpoint_region_is_reported_dense():
     assert not row.sparse and row.weight_shape == (32, 16) and row.flops["forward"] == (4096, 4096)
     assert row.reason == "inside an activation-checkpoint region (torch.utils.checkpoint): left dense"
     assert rows["fc2.weight"].sparse
-    ref = reference.sparsify(copy.deepcopy(base), exclude=[r"^fc1\."])
-    mine = copy.deepcopy(base)
-    compiled = torch.compile(mine, backend=nmcompile.backend(inner="aot_eager"))
-    for _ in range(3):
-        x = torch.randn(4, 16)
-        for model in (ref, compiled):
-            model(x).square().mean().backward()
-        for p, q in zip(ref.parameters(), mine.parameters(), strict=True):
-            assert_close(q.grad, p.grad)
-        sgd_step_both(ref, mine, 0.1)
-    assert set(nmcompile.sparsity_state(mine)) == {"fc2.weight"}
+    _trains_as_reference_without_fc1(base, (4, 16))
 
 
 class _Vmapped(nn.Module):
@@ -220,17 +226,7 @@ def test_gemm_under_vmap_is_reported_dense():
     assert not rows["fc1.weight"].sparse
     assert rows["fc1.weight"].reason == "inside a torch.func transform (vmap, grad, jvp): left dense"
     assert rows["fc2.weight"].sparse
-    ref = reference.sparsify(copy.deepcopy(base), exclude=[r"^fc1\."], srste_lambda=0.1)
-    mine = copy.deepcopy(base)
-    compiled = torch.compile(mine, backend=nmcompile.backend(inner="aot_eager", srste_lambda=0.1))
-    for _ in range(3):
-        x = torch.randn(5, 4, 16)
-        for model in (ref, compiled):
-            model(x).square().mean().backward()
-        for p, q in zip(ref.parameters(), mine.parameters(), strict=True):
-            assert_close(q.grad, p.grad)
-        sgd_step_both(ref, mine, 0.1)
-    assert set(nmcompile.sparsity_state(mine)) == {"fc2.weight"}
+    _trains_as_reference_without_fc1(base, (5, 4, 16), srste_lambda=0.1)
 
 
 class _LeftOperand(nn.Module):
