@@ -163,6 +163,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
+    if args.json is not None and not args.json.parent.is_dir():  # before the run, not after it
+        parser.error(f"--json {args.json}: no directory {args.json.parent}")
     args.size = args.size or ("full" if args.device == "cuda" else "small")
     return args
 

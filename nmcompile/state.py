@@ -232,12 +232,13 @@ class LayerState:
         return {"perm": self.perm.detach().cpu().clone(), "step": self.step, "last_search_step": last}
 
     def load_payload(self, payload: dict[str, Any]) -> None:
-        """Restore from ``payload()``; a permutation of another size is refused with a warning."""
+        """Restore from ``payload()``; a permutation of another size, or one that is not a permutation
+        of the rows (within each group of a grouped convolution), is refused with a warning."""
         perm = payload["perm"]
-        if perm.shape != (self.spec.rows,):
+        problem = _perm_problem(perm, self.spec.rows, self.spec.groups)
+        if problem is not None:
             warnings.warn(
-                f"nmsparse: checkpoint permutation for {self.spec.name} has {perm.numel()} rows, the layer has "
-                f"{self.spec.rows}; keeping the current state",
+                f"nmsparse: checkpoint permutation for {self.spec.name} {problem}; keeping the current state",
                 stacklevel=3,
             )
             return
@@ -245,6 +246,21 @@ class LayerState:
         self.step = int(payload["step"])
         last = int(payload["last_search_step"])
         self.last_search_step = None if last < 0 else last
+
+
+def _perm_problem(perm: Any, rows: int, groups: int) -> str | None:
+    """What makes ``perm`` unfit as a layer's permutation of ``rows`` rows in ``groups`` groups
+    (the kernels index rows with it), or ``None``."""
+    if not isinstance(perm, torch.Tensor) or perm.dtype != torch.int64:
+        return f"is not an int64 tensor ({getattr(perm, 'dtype', type(perm).__name__)})"
+    if perm.shape != (rows,):
+        return f"has {perm.numel()} rows, the layer has {rows}"
+    if not torch.equal(perm.cpu().sort().values, torch.arange(rows)):
+        return f"is not a permutation of range({rows})"
+    size = rows // groups
+    if groups > 1 and not torch.equal(perm.cpu() // size, torch.arange(rows) // size):
+        return f"moves rows between the {groups} groups"
+    return None
 
 
 class StateRegistry:

@@ -8,6 +8,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks import gemm, step
@@ -141,3 +142,12 @@ def test_gpu_checks_script_names_real_tests():
         start = source.index(f"\ndef {name}(")
         decorators = source[source.rindex("\n\n", 0, start) : start]
         assert "skipif" in decorators and ("cuda" in name or "sm80" in decorators.lower()), (path, name)
+
+
+def test_json_path_in_a_missing_directory_is_an_argument_error(tmp_path, capsys):
+    """``--json`` into a directory that does not exist fails at parsing, before any row runs."""
+    with pytest.raises(SystemExit) as info:
+        step.parse_args(["--device", "cpu", "--json", str(tmp_path / "missing" / "out.json")])
+    assert info.value.code == 2
+    assert f"--json {tmp_path / 'missing' / 'out.json'}: no directory {tmp_path / 'missing'}" in capsys.readouterr().err
+    assert step.parse_args(["--device", "cpu", "--json", str(tmp_path / "out.json")]).size == "small"

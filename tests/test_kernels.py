@@ -229,6 +229,14 @@ def test_weight_grad_under_mixed_dtypes():
             "grad_prune",
         ),
         (lambda: kernels.mvue_prune(torch.zeros(4, 4, 4), 0, 0, "mvue24"), "2-D"),
+        (
+            lambda: kernels.sparse_linear_forward(torch.zeros(3, 8), torch.zeros(4, 8), None, 2, 4, alpha=0.5),
+            "alpha must be a 0-d float32 tensor on cpu, got 0.5",
+        ),
+        (
+            lambda: kernels.sparse_input_grad(torch.zeros(3, 4), torch.zeros(4, 8), 2, 4, alpha=torch.zeros(3)),
+            r"alpha must be .*, got 'torch.float32 \(3,\) on cpu'",
+        ),
         (lambda: kernels.permutation_scores(torch.ones(6, 4, dtype=torch.bool), torch.zeros(1, 6), 2, 4), "O % m"),
     ],
 )

@@ -6,6 +6,7 @@ import copy
 import io
 import math
 import pickle
+import re
 import subprocess
 import sys
 import textwrap
@@ -239,6 +240,50 @@ def test_checkpoint_restores_state_loaded_before_or_after_compile():
         got = nmcompile.sparsity_state(model)
         for name, s in expected.items():
             assert got[name]["step"] == s["step"] + extra_steps and torch.equal(got[name]["perm"], s["perm"])
+
+
+@pytest.mark.parametrize(
+    "perm,problem",
+    [
+        (torch.zeros(64, dtype=torch.int64), "is not a permutation of range(64)"),
+        (torch.arange(1, 65), "is not a permutation of range(64)"),
+        (torch.arange(32), "has 32 rows, the layer has 64"),
+        (torch.arange(64, dtype=torch.int32), "is not an int64 tensor (torch.int32)"),
+    ],
+    ids=["repeated", "out_of_range", "short", "int32"],
+)
+def test_checkpoint_with_a_bad_permutation_is_refused(perm, problem):
+    """The kernels index rows with ``P``: a checkpoint whose ``perm`` is no permutation of the
+    layer's rows is refused with a warning naming the problem, and the layer keeps its state."""
+    model = MLP()
+    compiled = torch.compile(model, backend=nmcompile.backend(inner="aot_eager", perm_interval=1))
+    for _ in range(2):
+        compiled(torch.randn(4, 32)).sum().backward()
+    before = nmcompile.sparsity_state(model)["fc1.weight"]
+    checkpoint = model.state_dict()
+    checkpoint._metadata["fc1"]["nmsparse"]["weight"] = {"perm": perm, "step": 9, "last_search_step": 9}
+    with pytest.warns(UserWarning, match=re.escape(f"permutation for fc1.weight {problem}; keeping the current")):
+        model.load_state_dict(checkpoint)
+    after = nmcompile.sparsity_state(model)["fc1.weight"]
+    assert after["step"] == before["step"] == 2 and torch.equal(after["perm"], before["perm"])
+
+
+def test_grouped_conv_checkpoint_permutation_stays_in_its_groups():
+    """A grouped convolution's permutation must keep each row inside its group (SPEC §5 per group)."""
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=2))
+    compiled = torch.compile(model, backend=nmcompile.backend(inner="aot_eager"))
+    compiled(torch.randn(1, 8, 6, 6)).sum().backward()
+    checkpoint = model.state_dict()
+    swapped = torch.tensor([4, 1, 2, 3, 0, 5, 6, 7])  # rows 0 and 4 trade groups
+    checkpoint._metadata["0"]["nmsparse"]["weight"] = {"perm": swapped, "step": 5, "last_search_step": 0}
+    with pytest.warns(UserWarning, match="moves rows between the 2 groups"):
+        model.load_state_dict(checkpoint)
+    assert nmcompile.sparsity_state(model)["0.weight"]["step"] == 1
+    within = torch.tensor([1, 0, 2, 3, 4, 5, 7, 6])
+    checkpoint._metadata["0"]["nmsparse"]["weight"] = {"perm": within, "step": 5, "last_search_step": 0}
+    model.load_state_dict(checkpoint)
+    state = nmcompile.sparsity_state(model)["0.weight"]
+    assert state["step"] == 5 and torch.equal(state["perm"], within)
 
 
 def test_old_checkpoint_warns_once_and_starts_fresh():

@@ -57,6 +57,16 @@ def check_perm(perm: torch.Tensor | None, rows: int, m: int) -> None:
         raise ValueError(f"perm must be int64 [{rows}] with O % m == 0, got {perm.dtype} {tuple(perm.shape)}")
 
 
+def check_alpha(alpha: torch.Tensor | None, weight: torch.Tensor) -> None:
+    """A mask-decay factor: a 0-d float32 tensor on the weight's device (or ``None``)."""
+    if alpha is not None and (
+        not isinstance(alpha, torch.Tensor) or alpha.shape != () or alpha.dtype != torch.float32
+        or alpha.device != weight.device
+    ):  # fmt: skip
+        got = f"{alpha.dtype} {tuple(alpha.shape)} on {alpha.device}" if isinstance(alpha, torch.Tensor) else alpha
+        raise ValueError(f"alpha must be a 0-d float32 tensor on {weight.device}, got {got!r}")
+
+
 def check_mask(mask: torch.Tensor | None, weight: torch.Tensor) -> None:
     """A loaded mask: bool, the weight's shape (or ``None``)."""
     if mask is not None and (mask.shape != weight.shape or mask.dtype != torch.bool):

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from .common import (
     autotune_configs,
+    check_alpha,
     check_mask,
     check_nm,
     check_perm,
@@ -100,6 +101,7 @@ def sparse_input_grad(
         raise ValueError(f"weight {tuple(weight.shape)} must be [O={O}, K] with K % m == 0 (m={m})")
     check_perm(perm, O, m)
     check_mask(mask, weight)
+    check_alpha(alpha, weight)
     dx = torch.empty((T, K), dtype=dy.dtype, device=dy.device)
     f = mask.view(torch.int8) if mask is not None else weight
     input_grad_kernel[gemm_grid(T, K, "BLOCK_T", "BLOCK_K")](

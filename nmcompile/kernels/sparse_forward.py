@@ -16,6 +16,7 @@ import triton.language as tl
 
 from .common import (
     autotune_configs,
+    check_alpha,
     check_mask,
     check_nm,
     check_tensor,
@@ -98,6 +99,7 @@ def sparse_linear_forward(
     if bias is not None and (bias.shape != (O,) or bias.dtype not in (x.dtype, weight.dtype)):
         raise ValueError(f"bias must be [{O}] in x's or weight's dtype, got {tuple(bias.shape)} {bias.dtype}")
     check_mask(mask, weight)
+    check_alpha(alpha, weight)
     y = torch.empty((T, O), dtype=x.dtype, device=x.device)
     f = mask.view(torch.int8) if mask is not None else weight
     sparse_forward_kernel[gemm_grid(T, O, "BLOCK_T", "BLOCK_O")](
