@@ -212,6 +212,45 @@ def test_weight_grad_under_mixed_dtypes():
     assert_close(got.cpu(), expected, rel=EPS[torch.bfloat16])
 
 
+def test_wide_index_is_chosen_where_an_offset_can_pass_int32():
+    """Offsets reach 2³¹ for a contiguous 131072 x 16384 activation, or a view whose rows lie 2³⁰
+    elements apart (shapes only: meta tensors); a tile past each edge counts too."""
+    from nmcompile.kernels.common import wide_index
+
+    def meta(shape, stride=None):
+        return torch.empty_strided(shape, stride or torch.empty(shape, device="meta").stride(), device="meta")
+
+    assert wide_index(meta((131072, 16384)))
+    assert wide_index(meta((8, 64)), meta((3, 32), (2**30 + 64, 1)))
+    assert not wide_index(meta((8192, 16384)), meta((16384, 4096)))
+    edge = (2**31 - 1 - (64 + 256)) // 64 - 256  # rows of a [R, 64] tensor whose last offset stays in int32
+    assert not wide_index(meta((edge, 64))) and wide_index(meta((edge + 1, 64)))
+
+
+def test_wide_offsets_give_the_same_results(monkeypatch):
+    """With ``INDEX_LIMIT`` at 0 every launch computes offsets in int64 (``WIDE``): forward, both
+    gradients and MVUE give bit for bit what the int32 path gives, permuted and transposed operands
+    included."""
+    from nmcompile.kernels import common
+
+    dy, w = _randn(20, 8), _randn(8, 16, seed=2)
+    xt = _randn(16, 20, seed=3).t()  # a column-major view
+
+    def run():
+        return [
+            kernels.sparse_linear_forward(xt, w, torch.ones(8, device=DEVICE), 2, 4),
+            kernels.sparse_input_grad(dy, w, 2, 4, perm=_perm(8), alpha=torch.tensor(0.3, device=DEVICE)),
+            kernels.sparse_weight_grad(dy, xt, w, 2, 4, srste_lambda=0.1, grad_prune="mvue24", step=3, key=5),
+            kernels.mvue_prune(dy.t().contiguous().t(), 4, 9, "mvue12", transpose=True),
+        ]
+
+    narrow = run()
+    monkeypatch.setattr(common, "INDEX_LIMIT", 0)
+    assert common.wide_index(dy)
+    for got, expected in zip(run(), narrow, strict=True):
+        assert torch.equal(got, expected)
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [

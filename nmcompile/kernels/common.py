@@ -57,6 +57,19 @@ def check_perm(perm: torch.Tensor | None, rows: int, m: int) -> None:
         raise ValueError(f"perm must be int64 [{rows}] with O % m == 0, got {perm.dtype} {tuple(perm.shape)}")
 
 
+INDEX_LIMIT = 2**31  # offsets from here on need int64 arithmetic in the kernels
+TILE_MARGIN = 256  # the largest block: masked lanes of a last tile compute offsets past the tensor
+
+
+def wide_index(*tensors: torch.Tensor) -> bool:
+    """Whether an offset into any of ``tensors`` (a tile past each edge included) can reach
+    ``INDEX_LIMIT``, so the kernels must compute offsets in int64 rather than int32."""
+    return any(
+        sum((size + TILE_MARGIN) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True)) >= INDEX_LIMIT
+        for t in tensors
+    )
+
+
 def check_alpha(alpha: torch.Tensor | None, weight: torch.Tensor) -> None:
     """A mask-decay factor: a 0-d float32 tensor on the weight's device (or ``None``)."""
     if alpha is not None and (

@@ -28,6 +28,7 @@ from .common import (
     input_precision,
     nm_keep_cols,
     nm_keep_rows,
+    wide_index,
 )
 
 CONFIGS = autotune_configs(
@@ -49,15 +50,18 @@ def input_grad_kernel(
     stride_dt, stride_do, stride_wo, stride_wk, stride_fo, stride_fk, stride_xt, stride_xk,
     M: tl.constexpr, PERMUTE: tl.constexpr, LOAD_MASK: tl.constexpr, HAS_ALPHA: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_O: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_O: tl.constexpr, GROUP: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
-    """One ``[BLOCK_T, BLOCK_K]`` tile of ``dX``."""
+    """One ``[BLOCK_T, BLOCK_K]`` tile of ``dX``; ``WIDE``: int64 offsets (an operand past 2³¹ elements)."""
     tile_t, tile_k = grouped_tile(tl.program_id(0), T, K, BLOCK_T, BLOCK_K, GROUP)
     rows = tile_t * BLOCK_T + tl.arange(0, BLOCK_T)
     ks = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    o_tile = tl.arange(0, BLOCK_O)
+    if WIDE:
+        rows, ks, o_tile = rows.to(tl.int64), ks.to(tl.int64), o_tile.to(tl.int64)
     acc = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     for o0 in range(0, O, BLOCK_O):
-        o = o0 + tl.arange(0, BLOCK_O)
+        o = o0 + o_tile
         source = tl.load(perm_ptr + o, mask=o < O, other=0) if PERMUTE else o
         w_inside = (o[:, None] < O) & (ks[None, :] < K)
         w = tl.load(w_ptr + source[:, None] * stride_wo + ks[None, :] * stride_wk, mask=w_inside, other=0.0)
@@ -108,6 +112,6 @@ def sparse_input_grad(
         dy, weight, perm if perm is not None else dy, f, alpha if alpha is not None else dy, dx, n, T, O, K,
         *dy.stride(), *weight.stride(), *f.stride(), *dx.stride(),
         M=m, PERMUTE=perm is not None, LOAD_MASK=mask is not None, HAS_ALPHA=alpha is not None,
-        DOT=dot_dtype(dy.dtype), PRECISION=input_precision(),
+        DOT=dot_dtype(dy.dtype), PRECISION=input_precision(), WIDE=wide_index(dy, weight, f, dx),
     )  # fmt: skip
     return dx

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import MVUE_RULES, autotune_configs, check_tensor, mvue_tile, step_seed
+from .common import MVUE_RULES, autotune_configs, check_tensor, mvue_tile, step_seed, wide_index
 
 CONFIGS = autotune_configs([{"BLOCK_O": 32, "BLOCK_T": 64}, {"BLOCK_O": 64, "BLOCK_T": 64}], [(4, 1)], ("BLOCK_T",))
 
@@ -21,11 +21,14 @@ CONFIGS = autotune_configs([{"BLOCK_O": 32, "BLOCK_T": 64}, {"BLOCK_O": 64, "BLO
 @triton.jit(do_not_specialize=["seed"])
 def mvue_kernel(
     g_ptr, out_ptr, seed, T, O, stride_gt, stride_go, stride_ot, stride_oo,
-    RULE: tl.constexpr, MM: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr,
+    RULE: tl.constexpr, MM: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
-    """``out = prune(g)``: blocks of ``MM`` consecutive rows (tokens) of each column of ``g``."""
+    """``out = prune(g)``: blocks of ``MM`` consecutive rows (tokens) of each column of ``g``;
+    ``WIDE``: int64 offsets (past 2³¹ elements)."""
     cols = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    if WIDE:
+        cols, rows = cols.to(tl.int64), rows.to(tl.int64)
     inside = (cols[:, None] < O) & (rows[None, :] < T)
     g = tl.load(g_ptr + rows[None, :] * stride_gt + cols[:, None] * stride_go, mask=inside, other=0.0)
     blocks = tl.reshape(g.to(tl.float32), (BLOCK_O, BLOCK_T // MM, MM))
@@ -50,5 +53,6 @@ def mvue_prune(grad: torch.Tensor, step: int, key: int, rule: str, *, transpose:
     def grid(meta: dict) -> tuple[int, int]:
         return triton.cdiv(O, meta["BLOCK_O"]), triton.cdiv(T, meta["BLOCK_T"])
 
-    mvue_kernel[grid](grad, out, step_seed(key, step), T, O, *grad.stride(), *out.stride(), RULE=rule_id, MM=mm)
+    seed, wide = step_seed(key, step), wide_index(grad, out)
+    mvue_kernel[grid](grad, out, seed, T, O, *grad.stride(), *out.stride(), RULE=rule_id, MM=mm, WIDE=wide)
     return out.t() if transpose else out

@@ -25,6 +25,7 @@ from .common import (
     grouped_tile,
     input_precision,
     nm_keep_rows,
+    wide_index,
 )
 
 CONFIGS = autotune_configs(
@@ -46,13 +47,15 @@ def sparse_forward_kernel(
     stride_xt, stride_xk, stride_wo, stride_wk, stride_fo, stride_fk, stride_yt, stride_yo,
     M: tl.constexpr, HAS_BIAS: tl.constexpr, LOAD_MASK: tl.constexpr, HAS_ALPHA: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP: tl.constexpr,
+    GROUP: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
-    """One ``[BLOCK_T, BLOCK_O]`` tile of ``Y``."""
+    """One ``[BLOCK_T, BLOCK_O]`` tile of ``Y``; ``WIDE``: int64 offsets (an operand past 2³¹ elements)."""
     tile_t, tile_o = grouped_tile(tl.program_id(0), T, O, BLOCK_T, BLOCK_O, GROUP)
     rows = tile_t * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tile_o * BLOCK_O + tl.arange(0, BLOCK_O)
     ks = tl.arange(0, BLOCK_K)
+    if WIDE:
+        rows, cols, ks = rows.to(tl.int64), cols.to(tl.int64), ks.to(tl.int64)
     acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + ks
@@ -106,6 +109,6 @@ def sparse_linear_forward(
         x, weight, bias if bias is not None else x, f, alpha if alpha is not None else x, y, n, T, O, K,
         *x.stride(), *weight.stride(), *f.stride(), *y.stride(),
         M=m, HAS_BIAS=bias is not None, LOAD_MASK=mask is not None, HAS_ALPHA=alpha is not None,
-        DOT=dot_dtype(x.dtype), PRECISION=input_precision(),
+        DOT=dot_dtype(x.dtype), PRECISION=input_precision(), WIDE=wide_index(x, weight, f, y),
     )  # fmt: skip
     return y

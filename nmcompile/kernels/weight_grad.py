@@ -26,6 +26,7 @@ from .common import (
     mvue_tile,
     nm_keep_rows,
     step_seed,
+    wide_index,
 )
 
 CONFIGS = autotune_configs(
@@ -47,16 +48,19 @@ def weight_grad_kernel(
     stride_dt, stride_do, stride_xt, stride_xk, stride_wo, stride_wk, stride_fo, stride_fk, stride_go, stride_gk,
     M: tl.constexpr, RULE: tl.constexpr, MM: tl.constexpr, SRSTE: tl.constexpr, LOAD_MASK: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_T: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_T: tl.constexpr, GROUP: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
-    """One ``[BLOCK_O, BLOCK_K]`` tile of ``dW``."""
+    """One ``[BLOCK_O, BLOCK_K]`` tile of ``dW``; ``WIDE``: int64 offsets (an operand past 2³¹ elements)."""
     tile_o, tile_k = grouped_tile(tl.program_id(0), O, K, BLOCK_O, BLOCK_K, GROUP)
     cols = tile_o * BLOCK_O + tl.arange(0, BLOCK_O)
     ks = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    t_tile = tl.arange(0, BLOCK_T)
+    if WIDE:
+        cols, ks, t_tile = cols.to(tl.int64), ks.to(tl.int64), t_tile.to(tl.int64)
     per_col = tl.cdiv(T, MM)
     acc = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
+        t = t0 + t_tile
         g = tl.load(dy_ptr + t[None, :] * stride_dt + cols[:, None] * stride_do,
                     mask=(cols[:, None] < O) & (t[None, :] < T), other=0.0)  # fmt: skip
         if RULE > 0:
@@ -116,6 +120,6 @@ def sparse_weight_grad(
         dy, x, weight, f, dw, n, float(srste_lambda), step_seed(key, step), T, O, K,
         *dy.stride(), *x.stride(), *weight.stride(), *f.stride(), *dw.stride(),
         M=m, RULE=rule, MM=mm, SRSTE=srste_lambda != 0, LOAD_MASK=mask is not None,
-        DOT=dot_dtype(dy.dtype), PRECISION=input_precision(),
+        DOT=dot_dtype(dy.dtype), PRECISION=input_precision(), WIDE=wide_index(dy, x, weight, f, dw),
     )  # fmt: skip
     return dw
