@@ -240,31 +240,32 @@ class _Runner:
 
     Dynamo hands one compiled graph to every instance of a module class (it checks the weights'
     shapes, not which Parameters they are), so each call finds the states of the weights it is
-    given; a weight seen for the first time gets its own (named from the compiled module it
-    belongs to). ``layers`` are the graph's sparse layers, in the order their state tensors follow
-    the user's inputs.
+    given: the compiled weight's own, else a state with these options that the weight already has
+    (from another compiled module holding it), else a new one, named from the compiled module it
+    belongs to and sharing the weight's progress. ``layers`` are the graph's sparse layers, in the
+    order their state tensors follow the user's inputs.
     """
 
-    def __init__(self, compiled: Callable, layers: list[tuple[LayerSpec, int, LayerState]], registry: StateRegistry):
+    def __init__(
+        self, compiled: Callable, layers: list[tuple[LayerSpec, int, LayerState, torch.Tensor]], registry: StateRegistry
+    ):
         self.compiled = compiled
-        self.layers = layers  # (spec as compiled, position of the weight among the inputs, state compiled with)
+        self.layers = [(spec, position, state) for spec, position, state, _ in layers]  # spec, weight's input, state
         self.registry = registry
-        self._last: list[tuple[Callable[[], Any], LayerState] | None] = [None] * len(layers)  # per layer
+        # Per layer, the last call's weight and state: the compiled weight's own to start with.
+        self._last = [(weakref.ref(weight), state) for _, _, state, weight in layers]
 
     def _state(self, k: int, weight: torch.Tensor) -> LayerState:
         """Layer ``k``'s state for ``weight``: the last call's where the weight is the same (the
-        usual case, one check); else the registry's, or the one the graph was compiled with where
-        the registry's is for other options (the same model compiled twice, with two configs)."""
+        usual case, one check), else the registry's for this layer's options."""
         last = self._last[k]
-        if last is not None and last[0]() is weight:
+        if last[0]() is weight:
             return last[1]
-        spec, _, compiled_with = self.layers[k]
-        state = self.registry.get(weight)
+        spec = self.layers[k][0]
+        state = self.registry.find(weight, spec)
         if state is None:
             name, index, owner = _locate(weight, spec)
             state = self.registry.get_or_create(weight, dataclasses.replace(spec, name=name, index=index), owner)
-        elif not (state.spec is spec or (state.spec.config == spec.config and state.spec.backward == spec.backward)):
-            state = compiled_with
         self._last[k] = (weakref.ref(weight), state)
         return state
 
@@ -315,7 +316,7 @@ def compile_graph(
     rewritten, state_inputs = insert_masks(gm, analysis, config, fake_mode)
     rewritten, kernels = lower_kernels(rewritten, config)
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    layers: list[tuple[LayerSpec, int, LayerState]] = []
+    layers: list[tuple[LayerSpec, int, LayerState, torch.Tensor]] = []
     by_target: dict[int, LayerState] = {}
     for target in analysis.sparse:  # the order insert_masks appended their state inputs in
         info = params[target.weight.name]  # type: ignore[union-attr]
@@ -323,7 +324,7 @@ def compile_graph(
         rows = target.weight_shape[0]  # type: ignore[index]
         spec = LayerSpec(info.name, info.index, rows, target.backward, target.layout, groups, config)
         state = registry.get_or_create(info.param, spec, info.owner)
-        layers.append((spec, placeholders.index(target.weight.name), state))  # type: ignore[union-attr]
+        layers.append((spec, placeholders.index(target.weight.name), state, info.param))  # type: ignore[union-attr]
         by_target[id(target)] = state
     directory = dump_dir()
     record = None

@@ -76,11 +76,13 @@ def permutation_candidates(spec: LayerSpec, step: int) -> list[torch.Tensor]:
 @dataclasses.dataclass
 class Progress:
     """A weight's training progress: permutation, finished training forwards, last search step.
-    Every ``LayerState`` of one weight (compiles with other options) shares one."""
+    Every ``LayerState`` of one weight (one per compile that uses it) shares one; ``trained_by``
+    is the one that ran the last training step."""
 
     perm: torch.Tensor
     step: int = 0
     last_search_step: int | None = None
+    trained_by: LayerState | None = None
 
 
 class LayerState:
@@ -196,6 +198,7 @@ class LayerState:
     def end_training_step(self) -> None:
         """Count one finished training forward."""
         self.step += 1
+        self.progress.trained_by = self
 
     def summary(self, param: torch.Tensor) -> dict[str, Any]:
         """Read-only view: permutation, step, schedule, and the kept fraction of forward weights in
@@ -264,7 +267,8 @@ def _perm_problem(perm: Any, rows: int, groups: int) -> str | None:
 
 
 class StateRegistry:
-    """Maps weight parameters (weakly, by identity) to their ``LayerState``.
+    """Maps weight parameters (weakly, by identity) to their ``LayerState``: one per compile spec
+    (each compile's own name, layer index and options), all sharing the weight's ``Progress``.
 
     A ``persistent`` registry (the default one) also makes states travel with the owning module's
     ``state_dict()`` and come back from ``load_state_dict()``; a private one (``explain``) does not.
@@ -272,7 +276,8 @@ class StateRegistry:
 
     def __init__(self, persistent: bool = False) -> None:
         self.persistent = persistent
-        self._states: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._states: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> its newest state
+        self._views: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> {spec: state}
         # These three by owning module and parameter name, the slot a state belongs to: it outlives
         # the Parameter object there (assign=True loads) and is shared by FSDP2's sharded and
         # unsharded Parameters.
@@ -283,32 +288,49 @@ class StateRegistry:
         self._warned = False
 
     def get_or_create(self, weight: torch.Tensor, spec: LayerSpec, owner: nn.Module | None) -> LayerState:
-        """The state of ``weight`` as ``spec`` uses it. Where ``weight`` has a state already (compiled
-        with other options, or as part of another compiled module), the new one shares its progress,
-        name and layer index; a weight of another shape starts afresh."""
-        state = self._states.get(weight)
-        shared = state is not None and state.spec.rows == spec.rows
-        if shared:
-            spec = dataclasses.replace(spec, name=state.spec.name, index=state.spec.index)
-            if state.spec == spec:
-                return state
-            owner = owner if owner is not None else state.owner()
-        new = LayerState(spec, weight.device, owner, state.progress if shared else None)
-        self._states[weight] = new
+        """The state of ``weight`` as ``spec`` uses it. Where ``weight`` has states for other specs
+        (compiled with other options, or as part of another compiled module), the new one shares
+        their progress; a weight of another shape starts afresh."""
+        views = self._views.setdefault(weight, {})
+        state = views.get(spec)
+        if state is not None:
+            return state
+        shared = next((v for v in views.values() if v.spec.rows == spec.rows), None)
+        if shared is not None and owner is None:
+            owner = shared.owner()
+        state = LayerState(spec, weight.device, owner, shared.progress if shared is not None else None)
+        views[spec] = state
+        self._states[weight] = state
         slot = spec.name.rsplit(".", 1)[-1]
         if owner is not None:
-            self._slots.setdefault(owner, {})[slot] = new
-            payload = None if shared else self._pending.get(owner, {}).pop(slot, None)
+            self._slots.setdefault(owner, {})[slot] = state
+            payload = None if shared is not None else self._pending.get(owner, {}).pop(slot, None)
             if payload is not None:
-                new.load_payload(payload)
-            elif not shared and slot in self._without_state.get(owner, ()):
+                state.load_payload(payload)
+            elif shared is None and slot in self._without_state.get(owner, ()):
                 self._warn_old_checkpoint([spec.name])
         self._hook(owner)
-        return new
+        return state
+
+    def find(self, weight: torch.Tensor, spec: LayerSpec) -> LayerState | None:
+        """``weight``'s state for ``spec``, else one for ``spec``'s options under another name and
+        layer index (another compiled module that holds it), else ``None``."""
+        views = self._views.get(weight)
+        if not views:
+            return None
+        state = views.get(spec)
+        if state is not None:
+            return state
+        options = dataclasses.replace(spec, name="", index=0)
+        return next((v for v in views.values() if dataclasses.replace(v.spec, name="", index=0) == options), None)
 
     def get(self, weight: torch.Tensor) -> LayerState | None:
-        """The state of ``weight`` or ``None``."""
-        return self._states.get(weight)
+        """The state of ``weight`` that ran its last training step (the newest where none has), or ``None``."""
+        state = self._states.get(weight)
+        if state is None:
+            return None
+        trained = state.progress.trained_by
+        return trained if trained is not None else state
 
     def hold(self, module: nn.Module, name: str, payload: dict[str, Any]) -> None:
         """Give the next new state of ``module``'s parameter ``name`` this checkpoint ``payload``
@@ -347,6 +369,7 @@ class StateRegistry:
             state = self._slots.get(module, {}).get(name)
             if state is not None:
                 self._states[param] = state
+                self._views[param] = {state.spec: state}
         return state
 
     def restore_from(self, root: nn.Module, metadata: Any, loaded: Collection[str]) -> None:

@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 
 import nmcompile
 from nmcompile import reference
+from nmcompile.state import LayerSpec, permutation_candidates
 
 
 @pytest.mark.parametrize("nm", [(2, 4), (1, 4), (2, 8)], ids=lambda nm: f"{nm[0]}:{nm[1]}")
@@ -143,6 +144,42 @@ def test_two_instances_of_one_class_keep_their_own_states(shared_backend):
             assert state["step"] == expected[name]["step"] == 6 and torch.equal(state["perm"], expected[name]["perm"])
 
 
+def test_instances_sharing_graphs_of_two_backends_keep_their_own_states():
+    """Two blocks of one class, each compiled with an evaluation backend (other options) and then a
+    training one: dynamo reuses each backend's graph for the second block, which still trains on
+    its own permutation and step (it used to fall back to the first block's state)."""
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.fc(x)
+
+    torch.manual_seed(0)
+    blocks = [Residual(), Residual()]
+    evaluate, train = nmcompile.backend(inner="aot_eager", backward="dense"), nmcompile.backend(inner="aot_eager")
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        for block in blocks:
+            torch.compile(block, backend=evaluate)(x)
+    compiled = [torch.compile(block, backend=train) for block in blocks]
+    for _ in range(3):
+        for model in compiled:
+            model(x).sum().backward()
+    candidates = permutation_candidates(LayerSpec("fc.weight", 0, 16, "bimask"), 0)  # the search at step 0
+    perms = []
+    for block in blocks:
+        state = nmcompile.sparsity_state(block)["fc.weight"]
+        assert (state["step"], state["backward"], state["layer_index"]) == (3, "bimask", 0)
+        fmask = reference.nm_mask(block.fc.weight.detach(), 2, 4, 1)
+        best, _ = reference.search_permutation(fmask, torch.arange(16), candidates, 2, 4)
+        assert torch.equal(state["perm"], best)
+        perms.append(best)
+    assert not torch.equal(*perms)
+
+
 def test_blocks_compiled_in_place_count_their_own_steps():
     """``block.compile()`` for each of several blocks of one class: one graph, a state per block,
     each counting its own steps and following its own block's train/eval mode."""
@@ -175,12 +212,16 @@ def test_blocks_compiled_in_place_count_their_own_steps():
 def _train_beside_another_compile(other: str) -> tuple[list[float], dict]:
     """Losses and states of six SGD steps through one compiled MLP. After the third, a ``no_grad``
     pass through a second nmsparse compile of the same weights (``other``: ``"options"`` compiles
-    the model with other options, ``"submodule"`` compiles ``fc2`` alone); the fifth step's new
-    batch size recompiles the training wrapper."""
+    the model with other options, ``"submodule"`` compiles ``fc2`` alone; ``"submodule_first"``
+    makes that pass before the model is compiled); the fifth step's new batch size recompiles the
+    training wrapper."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = MLP()
     options = {"inner": "aot_eager", "perm_interval": 2, "mask_decay": "linear", "mask_decay_rate": 0.1}
+    if other == "submodule_first":
+        with torch.no_grad():
+            torch.compile(model.fc2, backend=nmcompile.backend(**options))(torch.randn(8, 64))
     compiled = torch.compile(model, backend=nmcompile.backend(**options))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     generator = torch.Generator().manual_seed(1)
@@ -192,7 +233,7 @@ def _train_beside_another_compile(other: str) -> tuple[list[float], dict]:
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        if step == 2 and other != "none":
+        if step == 2 and other in ("options", "submodule"):
             second = (
                 torch.compile(model, backend=nmcompile.backend(**options, grad_prune="mvue24"))
                 if other == "options"
@@ -204,11 +245,12 @@ def _train_beside_another_compile(other: str) -> tuple[list[float], dict]:
     return losses, nmcompile.sparsity_state(model)
 
 
-@pytest.mark.parametrize("other", ["options", "submodule"])
+@pytest.mark.parametrize("other", ["options", "submodule", "submodule_first"])
 def test_a_second_compile_of_the_same_weights_continues_their_states(other):
-    """A compile with other options, or of a submodule, shares each weight's progress (permutation,
-    step) and keeps the first compile's name and layer index: training goes on exactly as without
-    it, also after the training wrapper recompiles (the states used to restart at step 0)."""
+    """A compile with other options, or of a submodule (before the model's or after), shares each
+    weight's progress (permutation, step) and keeps its own names and layer indices: the model
+    trains exactly as without it, also after its wrapper recompiles (the states used to restart at
+    step 0), and reports the model's layer indices."""
     expected_losses, expected = _train_beside_another_compile("none")
     losses, got = _train_beside_another_compile(other)
     assert losses == expected_losses
