@@ -52,7 +52,7 @@ def _parameter_table(root: nn.Module) -> dict[int, tuple[str, int, nn.Module, tu
     return table
 
 
-_MODULE_CALLS = {nn.Module._wrapped_call_impl.__code__, nn.Module._call_impl.__code__}
+_MODULE_CALLS = (nn.Module._wrapped_call_impl.__code__, nn.Module._call_impl.__code__)
 
 
 def _compiled_roots() -> list[nn.Module]:
@@ -67,7 +67,7 @@ def _compiled_roots() -> list[nn.Module]:
     roots: list[nn.Module] = []
     frame = sys._getframe()
     while frame is not None:
-        if frame.f_code in _MODULE_CALLS:
+        if any(frame.f_code is code for code in _MODULE_CALLS):  # identity: dynamo's resume code is unhashable
             owner = frame.f_locals.get("self")
             if isinstance(owner, OptimizedModule):
                 owner = owner._orig_mod

@@ -117,6 +117,7 @@ def insert_masks(
             with graph.inserting_after(last_input):
                 # graph.placeholder would snake-case the name (fcOut -> fc_out), unlike the layer's other nodes
                 last_input = graph.create_node("placeholder", f"{layer}_{kind}", name=f"{layer}_{kind}")
+            last_input.target = last_input.name  # the argument name: unique where two layers' names collide
             last_input._dynamo_source = None  # type: ignore[attr-defined]
             example = _state_example(kind, target, device)
             if fake_mode is not None:

@@ -40,6 +40,27 @@ def test_unbatched_linear_input_matches_reference(grad_prune, inner):
     train_and_compare(MLP, (32,), grad_prune=grad_prune, inner=inner)
 
 
+class _Colliding(nn.Module):
+    """``a.b`` and ``a_b``: two layers whose node-name prefixes are both ``a_b``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Module()
+        self.a.b = nn.Linear(16, 16)
+        self.a_b = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a_b(torch.relu(self.a.b(x)))
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_layers_whose_node_names_collide_train_as_the_reference(inner):
+    """Their state inputs get unique argument names (``a_b_perm``, ``a_b_perm_1``); two equal ones
+    made the generated forward a ``SyntaxError``."""
+    _, states = train_and_compare(_Colliding, (4, 16), steps=3, inner=inner, perm_interval=1)
+    assert set(states) == {"a.b.weight", "a_b.weight"}
+
+
 def test_layouts_are_sparsified():
     """``[in, out]``/addmm (GPT-2 Conv1D), ``x @ W.t()`` and ``F.linear`` weights are all rewritten."""
     report = nmcompile.explain(MODELS["inout"][0](), torch.randn(8, 32), inner="aot_eager")

@@ -229,6 +229,26 @@ def test_gemm_under_vmap_is_reported_dense():
     _trains_as_reference_without_fc1(base, (5, 4, 16), srste_lambda=0.1)
 
 
+class _VmappedBreak(_Vmapped):
+    """``fc1`` under ``torch.vmap`` with a graph break inside the vmapped function."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def inner(t: torch.Tensor) -> torch.Tensor:
+            y = self.fc1(t)
+            torch._dynamo.graph_break()
+            return torch.relu(y)
+
+        return self.fc2(torch.vmap(inner)(x))
+
+
+def test_graph_break_inside_vmap_runs():
+    """Dynamo resumes a graph break inside ``vmap`` with code objects that cannot be hashed (it used
+    to fail the compile with ``TypeError: unhashable type``); ``fc1`` runs eagerly and dense, and the
+    model trains as the reference with ``fc1`` excluded."""
+    torch.manual_seed(0)
+    _trains_as_reference_without_fc1(_VmappedBreak(), (5, 4, 16))
+
+
 class _LeftOperand(nn.Module):
     """A parameter as the left operand of ``@`` and of ``torch.mm`` (``W @ xᵀ``)."""
 
