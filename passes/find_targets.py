@@ -43,6 +43,8 @@ _FUSED_ATTENTION = {
     torch._transformer_encoder_layer_fwd: "transformer_encoder_layer",
     torch._native_multi_head_attention: "native_multi_head_attention",
 }
+_FUNCTORCH_REASON = "inside a torch.func transform (vmap, grad, jvp): left dense"
+_FUNCTORCH_WRAPS = {"_add_batch_dim", "_wrap_for_grad", "_make_dual"}  # a weight entering a transform
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_TRANSPOSE_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
 
@@ -260,7 +262,7 @@ def find_targets(
             if depth and target.param_name is not None:
                 # The custom op's autograd would run per vmapped sample (SR-STE added B times).
                 target.sparse, target.backward = False, "dense"
-                target.reason = "inside a torch.func transform (vmap, grad, jvp): left dense"
+                target.reason = _FUNCTORCH_REASON
             targets.append(target)
         elif node.op == "call_function" and getattr(node.target, "__name__", "").endswith("_increment_nesting"):
             depth += 1
@@ -286,7 +288,13 @@ def _other_use(placeholder: fx.Node) -> str | None:
     subgraph = next((u for u in users if isinstance(u.target, torch._ops.HigherOrderOperator)), None)
     if subgraph is not None:
         return f"passed into {_op_name(subgraph)} (a subgraph the rewrite does not reach into): left dense"
-    ops = ", ".join(sorted({_op_name(user) for user in users}))
+    names = {_op_name(user) for user in users}
+    if names & _FUNCTORCH_WRAPS:
+        return _FUNCTORCH_REASON
+    gemm = next((u for u in users if _gemm_kind(u) is not None), None)
+    if gemm is not None:
+        return f"the input (left) operand of {_gemm_kind(gemm)}, not its weight"
+    ops = ", ".join(sorted(names))
     return f"used by {ops}, not by a GEMM nmsparse rewrites (linear, matmul, mm, addmm, convolutions)"
 
 

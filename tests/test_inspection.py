@@ -305,6 +305,31 @@ def test_weights_no_rewritten_gemm_takes_say_what_uses_them():
     assert not any(r.sparse for r in rows)
 
 
+class _Transformed(nn.Module):
+    """A stacked weight under ``vmap`` (ensembling), a weight under ``torch.func.grad``, and a
+    parameter as the left operand of a parameter product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w, self.fc = nn.Parameter(torch.randn(3, 16, 16)), nn.Linear(16, 16)
+        self.a, self.b = nn.Parameter(torch.randn(16, 16)), nn.Parameter(torch.randn(16, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ensemble = torch.vmap(nn.functional.linear)(x.expand(3, 4, 16), self.w).sum(0)
+        g = torch.func.grad(lambda w: nn.functional.linear(x, w).square().sum())(self.fc.weight)
+        return ensemble + g.sum() + x @ (self.a @ self.b).t()
+
+
+def test_weights_entering_a_transform_or_a_left_operand_say_so():
+    """Weights that enter a ``torch.func`` transform as arguments are reported as inside it (not as
+    "used by _add_batch_dim"); a parameter that is a GEMM's left operand says so."""
+    rows = nmcompile.explain(_Transformed(), torch.randn(4, 16), inner="aot_eager").rows
+    reasons = {r.name: r.reason for r in rows if not r.name.startswith("<")}
+    assert reasons["w"] == reasons["fc.weight"] == "inside a torch.func transform (vmap, grad, jvp): left dense"
+    assert reasons["a"] == "the input (left) operand of matmul, not its weight"
+    assert reasons["b"] == "2:4, backward=bimask"
+
+
 def test_explain_leaves_the_random_generator_alone():
     """explain's forward draws dropout masks from a forked generator: the user's next draws are
     the ones they would have been without it."""
