@@ -173,6 +173,10 @@ class LayerState:
         """The module that holds the weight, if it is still alive (``None`` where unknown)."""
         return self._owner() if self._owner is not None else None
 
+    def set_owner(self, owner: nn.Module) -> None:
+        """``owner`` holds the weight now: its train/eval mode decides what counts as a step."""
+        self._owner = weakref.ref(owner)
+
     def begin_training_step(self, param: torch.Tensor) -> None:
         """Run the permutation search if this step is a search step (every ``perm_interval``, from 0)."""
         spec, config = self.spec, self.spec.config
@@ -294,6 +298,10 @@ class StateRegistry:
         views = self._views.setdefault(weight, {})
         state = views.get(spec)
         if state is not None:
+            if owner is not None and state.owner() is not owner:  # the module was swapped (reference.sparsify)
+                state.set_owner(owner)
+                self._slots.setdefault(owner, {})[spec.name.rsplit(".", 1)[-1]] = state
+                self._hook(owner)
             return state
         shared = next((v for v in views.values() if v.spec.rows == spec.rows), None)
         if shared is not None and owner is None:

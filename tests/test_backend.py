@@ -333,6 +333,22 @@ def test_eval_and_no_grad_count_nothing():
         assert_close(y, expected, what="eval output vs W ⊙ F by hand")
 
 
+def test_reference_on_a_compiled_model_follows_its_modules_mode():
+    """``reference.sparsify`` on a model already compiled with the same options takes over the
+    weights' states with its own modules as their owners, so ``eval()`` reaches them: an eval-mode
+    forward with grad enabled counts no step (it counted one, read from the replaced ``nn.Linear``)."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+    torch.compile(model, backend=nmcompile.backend(inner="aot_eager"))(torch.randn(4, 16)).sum().backward()
+    reference.sparsify(model, inner="aot_eager")
+    assert type(model[0]) is reference.SparseLinear
+    model.eval()
+    model(torch.randn(4, 16)).sum().backward()
+    assert {s["step"] for s in nmcompile.sparsity_state(model).values()} == {1}
+    model.train()
+    model(torch.randn(4, 16)).sum().backward()
+    assert {s["step"] for s in nmcompile.sparsity_state(model).values()} == {2}
+
+
 def test_unchanged_training_loop_learns():
     """AdamW, zero_grad, clipping, LR scheduler, eval/train switches: the loss falls on a learnable task."""
     torch.manual_seed(1)
