@@ -262,10 +262,11 @@ def _perm_problem(perm: Any, rows: int, groups: int) -> str | None:
         return f"is not an int64 tensor ({getattr(perm, 'dtype', type(perm).__name__)})"
     if perm.shape != (rows,):
         return f"has {perm.numel()} rows, the layer has {rows}"
-    if not torch.equal(perm.cpu().sort().values, torch.arange(rows)):
+    perm, rows_in_order = perm.cpu(), torch.arange(rows)
+    if not torch.equal(perm.sort().values, rows_in_order):
         return f"is not a permutation of range({rows})"
     size = rows // groups
-    if groups > 1 and not torch.equal(perm.cpu() // size, torch.arange(rows) // size):
+    if groups > 1 and not torch.equal(perm // size, rows_in_order // size):
         return f"moves rows between the {groups} groups"
     return None
 
@@ -296,11 +297,12 @@ class StateRegistry:
         (compiled with other options, or as part of another compiled module), the new one shares
         their progress; a weight of another shape starts afresh."""
         views = self._views.setdefault(weight, {})
+        slot = spec.name.rsplit(".", 1)[-1]
         state = views.get(spec)
         if state is not None:
             if owner is not None and state.owner() is not owner:  # the module was swapped (reference.sparsify)
                 state.set_owner(owner)
-                self._slots.setdefault(owner, {})[spec.name.rsplit(".", 1)[-1]] = state
+                self._slots.setdefault(owner, {})[slot] = state
                 self._hook(owner)
             return state
         shared = next((v for v in views.values() if v.spec.rows == spec.rows), None)
@@ -309,7 +311,6 @@ class StateRegistry:
         state = LayerState(spec, weight.device, owner, shared.progress if shared is not None else None)
         views[spec] = state
         self._states[weight] = state
-        slot = spec.name.rsplit(".", 1)[-1]
         if owner is not None:
             self._slots.setdefault(owner, {})[slot] = state
             payload = None if shared is not None else self._pending.get(owner, {}).pop(slot, None)

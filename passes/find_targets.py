@@ -257,6 +257,7 @@ def find_targets(
     depth = 0  # of torch.func transforms (vmap, grad, jvp) around the node
     for node in gm.graph.nodes:
         kind = _gemm_kind(node)
+        function = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
         if kind is not None:
             target = _decide(node, kind, config, params, values)
             if depth and target.param_name is not None:
@@ -264,9 +265,9 @@ def find_targets(
                 target.sparse, target.backward = False, "dense"
                 target.reason = _FUNCTORCH_REASON
             targets.append(target)
-        elif node.op == "call_function" and getattr(node.target, "__name__", "").endswith("_increment_nesting"):
+        elif function.endswith("_increment_nesting"):
             depth += 1
-        elif node.op == "call_function" and getattr(node.target, "__name__", "").endswith("_decrement_nesting"):
+        elif function.endswith("_decrement_nesting"):
             depth -= 1
         elif node.op == "call_function" and node.target is torch.ops.higher_order.tag_activation_checkpoint:
             targets += _checkpointed(gm, node, config, params, values)
@@ -291,9 +292,9 @@ def _other_use(placeholder: fx.Node) -> str | None:
     names = {_op_name(user) for user in users}
     if names & _FUNCTORCH_WRAPS:
         return _FUNCTORCH_REASON
-    gemm = next((u for u in users if _gemm_kind(u) is not None), None)
+    gemm = next((kind for kind in map(_gemm_kind, users) if kind is not None), None)
     if gemm is not None:
-        return f"the input (left) operand of {_gemm_kind(gemm)}, not its weight"
+        return f"the input (left) operand of {gemm}, not its weight"
     ops = ", ".join(sorted(names))
     return f"used by {ops}, not by a GEMM nmsparse rewrites (linear, matmul, mm, addmm, convolutions)"
 
