@@ -135,6 +135,11 @@ class LayerState:
         w = param.detach()
         return w.t() if self.spec.layout == "in_out" else w
 
+    def fits(self, param: torch.Tensor) -> bool:
+        """Whether ``param`` still has the rows this state was made for (not resized through
+        ``param.data`` since its last compile)."""
+        return self.weight_matrix(param).shape[0] == self.spec.rows
+
     def mask_n(self, step: int | None = None) -> int:
         """N of the masks at ``step`` (default: now): the structure-decay schedule, else ``n``."""
         config = self.spec.config
@@ -334,12 +339,14 @@ class StateRegistry:
         return next((v for v in views.values() if dataclasses.replace(v.spec, name="", index=0) == options), None)
 
     def get(self, weight: torch.Tensor) -> LayerState | None:
-        """The state of ``weight`` that ran its last training step (the newest where none has), or ``None``."""
+        """The state of ``weight`` that ran its last training step (the newest where none has), or
+        ``None``, also where ``weight`` was resized since (its next compile starts a new state)."""
         state = self._states.get(weight)
         if state is None:
             return None
         trained = state.progress.trained_by
-        return trained if trained is not None else state
+        state = trained if trained is not None else state
+        return state if state.fits(weight) else None
 
     def hold(self, module: nn.Module, name: str, payload: dict[str, Any]) -> None:
         """Give the next new state of ``module``'s parameter ``name`` this checkpoint ``payload``
@@ -353,7 +360,9 @@ class StateRegistry:
         state = self._states.get(param)
         if state is None and isinstance(param, torch.distributed.tensor.DTensor):
             state = self._slots.get(module, {}).get(name)
-        return state.payload() if state is not None else self._pending.get(module, {}).get(name)
+        if state is not None:
+            return state.payload() if state.fits(param) else None
+        return self._pending.get(module, {}).get(name)
 
     def _hook(self, owner: nn.Module | None) -> None:
         """Make ``owner.state_dict()`` carry its layers' states (persistent registries, once per module)."""

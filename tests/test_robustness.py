@@ -247,6 +247,28 @@ def test_bad_inputs_have_documented_behaviour():
     assert nmcompile.sparsity_state(model)["fc2.weight"]["perm"].shape == (48,)
 
 
+def test_a_weight_resized_through_data_has_no_state_until_its_next_compile():
+    """``param.data = `` a tensor with fewer rows leaves the old state behind: ``sparsity_state`` and
+    ``state_dict`` leave that weight out (they raised IndexError, or saved a permutation the new
+    shape refuses) until the next compiled forward gives it a fresh state."""
+    model = MLP()
+    compiled = torch.compile(model, backend=_backend())
+    compiled(torch.randn(4, 32)).sum().backward()
+    for p in model.parameters():
+        p.grad = None
+    model.fc1.weight.data = torch.randn(32, 32)
+    model.fc1.bias.data = torch.randn(32)
+    model.fc2.weight.data = torch.randn(64, 32)  # K only: its state stays
+    state = nmcompile.sparsity_state(model)
+    assert "fc1.weight" not in state and state["fc2.weight"]["step"] == 1
+    saved = model.state_dict()._metadata["fc1"]
+    assert nmcompile.state.METADATA_KEY not in saved
+    compiled(torch.randn(4, 32)).sum().backward()
+    state = nmcompile.sparsity_state(model)
+    assert state["fc1.weight"]["perm"].shape == (32,) and state["fc1.weight"]["step"] == 1
+    assert state["fc2.weight"]["step"] == 2
+
+
 _WITHOUT_TRITON = r"""
 import copy, sys
 sys.modules["triton"] = None  # as on a machine without Triton: importing it fails
