@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -258,20 +259,64 @@ class SparseConv(torch.autograd.Function):
         return dx, dw, db, None, None, None, None
 
 
+class _ForwardUses:
+    """The weights the sparsified model's current forward has run, to find one used twice (SPEC §10:
+    a parameter used by more than one GEMM stays dense, as the compiled backend keeps it)."""
+
+    def __init__(self, model: nn.Module, registry: Any) -> None:
+        self.registry = registry
+        self.seen: set[int] | None = None  # ids of the weights run in this forward; None outside one
+        self.shared: set[int] = set()
+        model.register_forward_pre_hook(self.begin)
+        model.register_forward_hook(self.end, always_call=True)
+
+    def begin(self, module: nn.Module, args: Any) -> None:
+        self.seen = set()
+
+    def end(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.seen = None
+
+    def is_dense(self, rule: _Rule) -> bool:
+        """Whether ``rule``'s weight runs dense: it is, from its second use in one forward on. That
+        forward's first use already ran sparse; its state is dropped, with a warning."""
+        key = id(rule.param)
+        if key in self.shared:
+            return True
+        if self.seen is None or key not in self.seen:
+            if self.seen is not None:
+                self.seen.add(key)
+            return False
+        self.shared.add(key)
+        rule.state.reset()
+        self.registry.discard(rule.param, rule.state)
+        warnings.warn(
+            f"nmcompile.reference: {rule.state.spec.name} is used by more than one GEMM in one forward; it "
+            "runs dense from here on, as the compiled backend keeps it (this forward's first use was sparse)",
+            stacklevel=6,  # the user's forward that calls the layer a second time
+        )
+        return True
+
+
 class _Rule:
     """How one eligible weight is sparsified in the reference: its state, masks and GEMM."""
 
-    def __init__(self, state: Any, param: nn.Parameter, backward: str, config: SparsityConfig) -> None:
+    def __init__(
+        self, state: Any, param: nn.Parameter, backward: str, config: SparsityConfig, uses: _ForwardUses
+    ) -> None:
         self.state = state
         self.param = param
         self.backward = backward
         self.config = config
+        self.uses = uses
 
     def __call__(
         self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, conv: tuple | None = None
     ) -> torch.Tensor:
         """The sparse ``F.linear(x, w, bias)`` for ``w`` as ``[O, K]``, or, given ``conv = (stride,
-        padding, dilation, groups)``, the sparse convolution with ``w`` ``[O, C, *k]``. Counts steps."""
+        padding, dilation, groups)``, the sparse convolution with ``w`` ``[O, C, *k]``. Counts steps.
+        A weight used twice in one forward runs the dense GEMM."""
+        if self.uses.is_dense(self):
+            return F.linear(x, w, bias) if conv is None else _CONV[w.dim() - 2](x, w, bias, *conv)
         config, state = self.config, self.state
         training = state.is_training_forward()
         if training:
@@ -464,6 +509,7 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
     counts: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
+    uses = _ForwardUses(model, registry)
 
     def rule_for(name: str, weight: nn.Parameter, layout: str, owner: nn.Module, groups: int = 1) -> _Rule | None:
         rows, cols = (weight.shape[1], weight.shape[0]) if layout == "in_out" else weight.shape[:2]
@@ -471,7 +517,7 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
         if backward is None:
             return None
         spec = LayerSpec(name, index[id(weight)], rows, backward, layout, groups, config)
-        return _Rule(registry.get_or_create(weight, spec, owner), weight, backward, config)
+        return _Rule(registry.get_or_create(weight, spec, owner), weight, backward, config, uses)
 
     others: dict[int, tuple[str, nn.Parameter, nn.Module]] = {}  # 2-D weights no swapped module owns
     for mod_name, module in list(model.named_modules()):

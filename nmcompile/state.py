@@ -348,6 +348,24 @@ class StateRegistry:
         state = trained if trained is not None else state
         return state if state.fits(weight) else None
 
+    def discard(self, weight: torch.Tensor, state: LayerState) -> None:
+        """Forget ``state``, one of ``weight``'s (the reference found the weight used twice in one
+        forward: it stays dense and has no state, as in a compiled graph)."""
+        views = self._views.get(weight, {})
+        views.pop(state.spec, None)
+        if self._states.get(weight) is state:
+            newest = next(reversed(views.values()), None)
+            if newest is None:
+                del self._states[weight]
+            else:
+                self._states[weight] = newest
+        if state.progress.trained_by is state:
+            state.progress.trained_by = None
+        slots = self._slots.get(state.owner(), {}) if state.owner() is not None else {}
+        slot = state.spec.name.rsplit(".", 1)[-1]
+        if slots.get(slot) is state:
+            del slots[slot]
+
     def hold(self, module: nn.Module, name: str, payload: dict[str, Any]) -> None:
         """Give the next new state of ``module``'s parameter ``name`` this checkpoint ``payload``
         (see ``LayerState.payload``); its ``state_dict()`` carries it until then."""

@@ -183,6 +183,47 @@ def test_lstm_is_reported_dense_and_tied_head_is_dense():
     assert out.shape == (2, 6, 40) and nmcompile.sparsity_state(model) == {}
 
 
+def test_reference_keeps_a_layer_called_twice_in_one_forward_dense():
+    """SPEC §10 in the reference: a Linear applied twice in one forward, or a raw weight two
+    ``F.linear`` calls use, runs dense from its second use on, with no state, as the compiled
+    backend keeps it; the first forward's first use was sparse (the warning says so). Calls of a
+    layer on its own, outside the model's forward, are separate steps and stay sparse."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.fc = nn.Linear(16, 16), nn.Linear(16, 16)
+            self.raw = nn.Parameter(torch.randn(16, 16) / 4)
+
+        def forward(self, x):
+            h = self.lin(torch.relu(self.lin(self.fc(x))))
+            return nn.functional.linear(torch.relu(nn.functional.linear(h, self.raw)), self.raw)
+
+    torch.manual_seed(0)
+    base = Twice()
+    ref, mine = reference.sparsify(copy.deepcopy(base)), copy.deepcopy(base)
+    compiled = torch.compile(mine, backend=_backend())
+    x = torch.randn(4, 16)
+    with pytest.warns(UserWarning, match="is used by more than one GEMM in one forward") as caught:
+        ref(x).sum().backward()
+    assert sorted(str(w.message).split()[1] for w in caught) == ["lin.weight", "raw"]
+    assert sorted(nmcompile.sparsity_state(ref)) == ["fc.weight"]
+    assert nmcompile.sparsity_state(ref)["fc.weight"]["step"] == 1
+    compiled(x).sum().backward()
+    assert sorted(nmcompile.sparsity_state(mine)) == ["fc.weight"]
+    for _ in range(2):
+        x = torch.randn(4, 16)
+        ref.zero_grad(), mine.zero_grad()
+        out_ref, out = ref(x), compiled(x)
+        out_ref.square().sum().backward(), out.square().sum().backward()
+        assert_close(out, out_ref, what="output")
+        for (name, p), q in zip(ref.named_parameters(), mine.parameters(), strict=True):
+            assert_close(q.grad, p.grad, what=name)
+    assert nmcompile.sparsity_state(ref)["fc.weight"]["step"] == 3
+    ref.fc(x), ref.fc(x)  # the layer alone: two steps, still sparse
+    assert nmcompile.sparsity_state(ref)["fc.weight"]["step"] == 5
+
+
 @pytest.mark.parametrize("graph_break", [False, True])
 def test_tied_head_is_dense_across_a_graph_break(graph_break):
     """A head sharing the embedding's weight stays dense also where a graph break puts the
