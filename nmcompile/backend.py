@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import re
 import sys
+import warnings
 import weakref
 import zlib
 from collections.abc import Callable, Sequence
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from nmcompile import ops
 from nmcompile.inspection import CompileRecord, dump_dir
@@ -246,10 +248,9 @@ class _Runner:
     order their state tensors follow the user's inputs.
     """
 
-    def __init__(
-        self, compiled: Callable, layers: list[tuple[LayerSpec, int, LayerState, torch.Tensor]], registry: StateRegistry
-    ):
+    def __init__(self, compiled: Callable, layers: Layers, registry: StateRegistry, variants: _Variants | None = None):
         self.compiled = compiled
+        self.variants = variants
         self.layers = [(spec, position, state) for spec, position, state, _ in layers]  # spec, weight's input, state
         self.registry = registry
         # Per layer, the last call's weight and state: the compiled weight's own to start with.
@@ -275,6 +276,9 @@ class _Runner:
             extra = [tensor for _, _, state in self.layers for tensor in state.graph_inputs()]
             extra = [t if isinstance(t, torch._subclasses.FakeTensor) else fake_mode.from_tensor(t) for t in extra]
             return self.compiled(*args, *extra)
+        variant = self.variants.runner(args) if self.variants is not None else None
+        if variant is not None:
+            return variant(*args)
         states = [(self._state(k, args[i]), args[i]) for k, (_, i, _) in enumerate(self.layers)]
         training = [(state, weight) for state, weight in states if state.is_training_forward()]
         for state, weight in training:
@@ -315,17 +319,7 @@ def compile_graph(
     analysis = find_targets(gm, example_inputs, config, params)
     rewritten, state_inputs = insert_masks(gm, analysis, config, fake_mode)
     rewritten, kernels = lower_kernels(rewritten, config)
-    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    layers: list[tuple[LayerSpec, int, LayerState, torch.Tensor]] = []
-    by_target: dict[int, LayerState] = {}
-    for target in analysis.sparse:  # the order insert_masks appended their state inputs in
-        info = params[target.weight.name]  # type: ignore[union-attr]
-        groups = target.conv.groups if target.conv is not None else 1
-        rows = target.weight_shape[0]  # type: ignore[index]
-        spec = LayerSpec(info.name, info.index, rows, target.backward, target.layout, groups, config)
-        state = registry.get_or_create(info.param, spec, info.owner)
-        layers.append((spec, placeholders.index(target.weight.name), state, info.param))  # type: ignore[union-attr]
-        by_target[id(target)] = state
+    layers, by_target = _layers(gm, analysis, params, config, registry)
     directory = dump_dir()
     record = None
     if on_compile is not None or directory is not None:
@@ -338,7 +332,102 @@ def compile_graph(
     # A hit in AOTAutograd's cache skips the inner compiler, so nothing would be recorded.
     with torch._functorch.config.patch(enable_autograd_cache=record is None):
         compiled = _compile_inner(rewritten, [*example_inputs, *examples], config, record, patches)
-    return _Runner(compiled, layers, registry)
+    return _Runner(compiled, layers, registry, _Variants(gm, example_inputs, config, registry, fake_mode, params))
+
+
+Layers = list[tuple[LayerSpec, int, LayerState, torch.Tensor]]
+
+
+def _layers(
+    gm: fx.GraphModule, analysis: Any, params: dict[str, ParamInfo], config: SparsityConfig, registry: StateRegistry
+) -> tuple[Layers, dict[int, LayerState]]:
+    """Per sparse target of ``analysis``, in the order insert_masks appended their state inputs:
+    its spec, its weight's input position, its state and weight; and the states by target."""
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    layers: Layers = []
+    by_target: dict[int, LayerState] = {}
+    for target in analysis.sparse:
+        info = params[target.weight.name]
+        groups = target.conv.groups if target.conv is not None else 1
+        rows = target.weight_shape[0]
+        spec = LayerSpec(info.name, info.index, rows, target.backward, target.layout, groups, config)
+        state = registry.get_or_create(info.param, spec, info.owner)
+        layers.append((spec, placeholders.index(target.weight.name), state, info.param))
+        by_target[id(target)] = state
+    return layers, by_target
+
+
+class _Variants:
+    """The graph rewritten for the weights of a call, where they are not the ones it was compiled
+    for and ``find_targets`` would decide otherwise for them.
+
+    Dynamo reuses a graph for every instance of a module class around a graph break, and after a
+    weight is tied (``b.weight = a.weight``), as its guards read shapes, not which Parameters
+    come. Where an ``include``/``exclude`` name filter or a tie makes another choice for a call's
+    weights, that call runs the graph rewritten for them, eagerly (the inner compiler never saw
+    it), with a warning the first time.
+    """
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        example_inputs: Sequence[Any],
+        config: SparsityConfig,
+        registry: StateRegistry,
+        fake_mode: Any,
+        params: dict[str, ParamInfo],
+    ) -> None:
+        self.gm, self.example_inputs, self.config = gm, example_inputs, config
+        self.registry, self.fake_mode = registry, fake_mode
+        placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        self.inputs = [(placeholders.index(name), name, info) for name, info in params.items()]
+        self.compiled_choice = tuple(self._choice(info) for _, _, info in self.inputs)
+        self._seen = WeakIdKeyDictionary()  # weight -> (its ParamInfo, its choice), found once
+        self._runners: dict[tuple, _Runner] = {}
+
+    def _choice(self, info: ParamInfo) -> tuple[bool, bool]:
+        """What ``find_targets`` reads from a weight's name and ties: the name filter admits it, tied."""
+        return self.config.name_filter_reason(info.name) is None, bool(info.shared_as)
+
+    def _entry(self, weight: torch.Tensor, compiled: ParamInfo) -> tuple[ParamInfo, tuple[bool, bool]]:
+        entry = self._seen.get(weight)
+        if entry is None:
+            found = _lookup(_root_tables(), weight) if weight is not compiled.param else None
+            info = compiled if found is None else ParamInfo(found[0], found[1], weight, found[2], found[3])
+            entry = self._seen[weight] = (info, self._choice(info))
+        return entry
+
+    def runner(self, args: Sequence[Any]) -> _Runner | None:
+        """The runner of the graph rewritten for ``args``' weights, or ``None`` where the compiled one fits."""
+        entries = [self._entry(args[position], info) for position, _, info in self.inputs]
+        choice = tuple(c for _, c in entries)
+        ids = [id(info.param) for info, _ in entries]
+        if choice == self.compiled_choice and len(set(ids)) == len(ids):
+            return None
+        infos = [  # a weight at two inputs is tied (made so after compiling: dynamo saw two)
+            dataclasses.replace(info, shared_as=(*info.shared_as, "another input of this graph"))
+            if ids.count(id(info.param)) > 1 else info
+            for info, _ in entries
+        ]  # fmt: skip
+        choice = tuple(map(self._choice, infos))
+        if choice == self.compiled_choice:
+            return None
+        runner = self._runners.get(choice)
+        if runner is None:
+            params = {name: info for (_, name, _), info in zip(self.inputs, infos, strict=True)}
+            analysis = find_targets(self.gm, self.example_inputs, self.config, params)
+            rewritten, _ = insert_masks(self.gm, analysis, self.config, self.fake_mode)
+            layers = _layers(self.gm, analysis, params, self.config, self.registry)[0]
+            runner = self._runners[choice] = _Runner(rewritten, layers, self.registry)
+            sparse = ", ".join(t.param_name for t in analysis.sparse) or "none"
+            warnings.warn(
+                "nmsparse: dynamo reuses a compiled graph for weights that include/exclude or a weight tie "
+                f"sparsify otherwise (sparse now: {sparse}); these calls run the graph rewritten for them "
+                "eagerly, not compiled. A graph break inside a repeated block, or a tie made after compiling, "
+                "causes this",
+                stacklevel=3,
+            )
+        return runner
 
 
 class NMSparseBackend:
@@ -368,6 +457,16 @@ class NMSparseBackend:
 
     def __repr__(self) -> str:
         return f"nmcompile.backend({self.config})"
+
+    def __deepcopy__(self, memo: dict) -> NMSparseBackend:
+        """Itself: a deep copy of a compiled model keeps this backend, so its states stay in the
+        registry ``sparsity_state`` and ``state_dict`` read, and dynamo reuses its graphs."""
+        return self
+
+    def __reduce__(self) -> tuple:
+        """Pickled as its options: ``torch.save`` of a compiled model loads with a backend on the
+        default registry (an ``explain`` registry or ``on_compile`` callback does not travel)."""
+        return (NMSparseBackend, (self.config,))
 
 
 def backend(**options: Any) -> NMSparseBackend:

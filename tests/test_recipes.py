@@ -406,6 +406,38 @@ def test_trained_model_pickles_and_its_deepcopy_keeps_the_states():
     assert {k: v["step"] for k, v in nmcompile.sparsity_state(model).items()} == dict.fromkeys(expected, 4)
 
 
+def test_a_deepcopy_or_pickle_of_the_compiled_wrapper_keeps_the_backend_and_its_states():
+    """``copy.deepcopy(torch.compile(model, backend=nmcompile.backend(...)))`` shares the backend, so
+    the copy's states are the ones ``sparsity_state``/``state_dict`` read and its graphs are reused
+    (a copied backend fails dynamo's backend check: each copy recompiled, the 9th ran dense);
+    ``torch.save`` of the wrapper pickles the backend as its options."""
+    torch._dynamo.reset()
+    counters.clear()
+    options = {"inner": "aot_eager", "perm_interval": 2}
+    backend = nmcompile.backend(**options)
+    assert copy.deepcopy(backend) is backend
+    model = MLP()
+    compiled = torch.compile(model, backend=backend)
+    for _ in range(2):
+        compiled(torch.randn(4, 32)).sum().backward()
+    copies = [copy.deepcopy(compiled) for _ in range(10)]
+    for c in copies:
+        c(torch.randn(4, 32)).sum().backward()
+    assert counters["stats"]["unique_graphs"] == 1
+    for c in copies:
+        assert {k: v["step"] for k, v in nmcompile.sparsity_state(c).items()} == dict.fromkeys(
+            ["fc1.weight", "fc2.weight", "head.weight"], 3
+        )
+        assert c._orig_mod.state_dict()._metadata["fc1"]["nmsparse"]["weight"]["step"] == 3
+    loaded = pickle.loads(pickle.dumps(compiled))  # a pickle carries no states: it starts afresh
+    ref = reference.sparsify(copy.deepcopy(loaded._orig_mod), perm_interval=2)
+    x = torch.randn(4, 32)
+    assert_close(loaded(x), ref(x), what="unpickled wrapper's output")
+    assert {k: v["step"] for k, v in nmcompile.sparsity_state(loaded).items()} == dict.fromkeys(
+        ["fc1.weight", "fc2.weight", "head.weight"], 1
+    )
+
+
 _RESUME = textwrap.dedent(
     """
     import sys, torch

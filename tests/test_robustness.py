@@ -183,6 +183,64 @@ def test_lstm_is_reported_dense_and_tied_head_is_dense():
     assert out.shape == (2, 6, 40) and nmcompile.sparsity_state(model) == {}
 
 
+class _BrokenBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        torch._dynamo.graph_break()  # dynamo compiles the rest once and reuses it for every block
+        return x + self.fc2(h)
+
+
+class _BrokenBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([_BrokenBlock() for _ in range(3)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize("option", [{"exclude": r"^blocks\.2\."}, {"include": r"^blocks\.2\."}])
+def test_name_filters_hold_where_dynamo_reuses_a_block_graph(option):
+    """A graph break inside a repeated block makes dynamo reuse the block's graphs for every
+    block, whatever its name: blocks the filter decides otherwise for run the graph rewritten for
+    them (eagerly, with a warning), so exactly the admitted layers are sparse, as the reference."""
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="dynamo reuses a compiled graph"):
+        ref_state, state = train_and_compare(_BrokenBlocks, (8, 32), steps=3, inner="aot_eager", **option)
+    admitted = [f"blocks.{i}.fc{j}.weight" for i in range(3) for j in (1, 2) if (i == 2) == ("include" in option)]
+    assert sorted(state) == sorted(ref_state) == admitted
+    assert {name: s["step"] for name, s in state.items()} == dict.fromkeys(admitted, 3)
+    assert all(torch.equal(state[name]["perm"], ref_state[name]["perm"]) for name in admitted)
+
+
+def test_a_tie_made_after_compiling_runs_dense():
+    """``b.weight = a.weight`` after the first compile: dynamo reuses the graph (its guards read
+    shapes), and the tied weight, now both GEMMs' weight, runs dense (SPEC §10) and counts no step."""
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    compiled = torch.compile(model, backend=_backend())
+    x = torch.randn(8, 32)
+    compiled(x).sum().backward()
+    model[2].weight = model[0].weight
+    model.zero_grad()
+    with pytest.warns(UserWarning, match=r"sparse now: none"):
+        out = compiled(x)
+    out.square().sum().backward()
+    dense = copy.deepcopy(model)
+    dense.zero_grad()
+    expected = dense(x)
+    expected.square().sum().backward()
+    assert_close(out, expected, what="output")
+    assert_close(model[0].weight.grad, dense[0].weight.grad, what="tied weight grad")
+    assert nmcompile.sparsity_state(model)["0.weight"]["step"] == 1
+
+
 def test_reference_keeps_a_layer_called_twice_in_one_forward_dense():
     """SPEC §10 in the reference: a Linear applied twice in one forward, or a raw weight two
     ``F.linear`` calls use, runs dense from its second use on, with no state, as the compiled
