@@ -153,6 +153,8 @@ def format_table(rows: list[LayerRow]) -> str:
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     out = [" | ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines]
     out.insert(1, "-+-".join("-" * w for w in widths))
+    if not rows:
+        out.append("(no GEMM-like node in this graph: nothing to sparsify)")
     return "\n".join(out)
 
 
@@ -308,6 +310,12 @@ class Report:
     def backward_graph(self) -> fx.GraphModule | None:
         """The rewritten backward graph after AOTAutograd (first graph if dynamo split the model)."""
         return self._graph("backward")
+
+    @property
+    def inference_graph(self) -> fx.GraphModule | None:
+        """The rewritten graph AOTAutograd makes where no output needs a gradient (a frozen model:
+        then there is no forward or backward graph)."""
+        return self._graph("inference")
 
     def to_networkx(self) -> nx.DiGraph:
         return to_networkx(self.records)

@@ -135,9 +135,11 @@ class SparsityConfig:
             if not kwargs:
                 return options
             options = dataclasses.asdict(options)
+        if options is not None and not isinstance(options, Mapping):
+            raise SparsityConfigError(
+                f"nmsparse options must be a mapping (option: value), got {type(options).__name__} {options!r}"
+            )
         merged = {**(options or {}), **kwargs}
-        if not isinstance(merged, dict):  # pragma: no cover - Mapping guarantees this
-            raise SparsityConfigError(f"nmsparse options must be a mapping, got {type(options).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         for key, value in merged.items():
             if key not in known:

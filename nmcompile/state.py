@@ -517,8 +517,16 @@ def unsharded_parameters(root: nn.Module) -> dict[int, torch.Tensor]:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module behind a ``torch.compile`` wrapper (``OptimizedModule``)."""
-    return getattr(model, "_orig_mod", model)
+    """The user's module behind a ``torch.compile`` wrapper (``OptimizedModule``); a ``TypeError``
+    for anything else (a compiled function: pass the modules it uses)."""
+    module = getattr(model, "_orig_mod", model)
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"nmsparse: expected an nn.Module or its torch.compile wrapper, got {type(module).__name__}; "
+            "for a compiled function, pass the module whose weights it uses (or set NMSPARSE_DUMP_DIR "
+            "for the reports of its compiles)"
+        )
+    return module
 
 
 def sparsity_state(model: nn.Module, registry: StateRegistry = DEFAULT_REGISTRY) -> dict[str, dict[str, Any]]:

@@ -137,6 +137,23 @@ def test_explain_rejects_bad_options():
         nmcompile.explain(MLP(), torch.randn(4, 32), backward="nope")
 
 
+def test_explain_and_state_on_odd_inputs():
+    """A function is a TypeError that says what to pass; a model without GEMMs gets a table that says
+    so; a frozen model's one graph is ``inference_graph`` (forward and backward are ``None``)."""
+    fn = torch.compile(lambda x: x * 2, backend="nmsparse")
+    for call in (lambda: nmcompile.explain(fn, torch.ones(2)), lambda: nmcompile.sparsity_state(fn)):
+        with pytest.raises(TypeError, match=r"expected an nn.Module .* got function; for a compiled function"):
+            call()
+    report = nmcompile.explain(nn.Sequential(nn.LayerNorm(8), nn.ReLU()), torch.randn(2, 8), inner="aot_eager")
+    assert report.rows == [] and str(report).endswith("(no GEMM-like node in this graph: nothing to sparsify)")
+    frozen = nn.Linear(8, 8).requires_grad_(False)
+    report = nmcompile.explain(frozen, torch.randn(2, 8), inner="aot_eager")
+    assert report.forward_graph is None and report.backward_graph is None
+    assert report.inference_graph is not None and report.rows[0].reason == "frozen parameter (requires_grad=False)"
+    targets = {n.target for n in report.inference_graph.graph.nodes if n.op == "call_function"}
+    assert torch.ops.aten.addmm.default in targets or torch.ops.aten.mm.default in targets
+
+
 def test_dump_dir_writes_graphs_and_table(tmp_path, monkeypatch):
     """NMSPARSE_DUMP_DIR: every compile writes report.txt, forward.py, backward.py and graphs.dot."""
     monkeypatch.setenv("NMSPARSE_DUMP_DIR", str(tmp_path))

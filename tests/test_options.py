@@ -121,6 +121,18 @@ def test_unknown_key_lists_known_options():
         SparsityConfig.from_options(backwards="dense")
 
 
+@pytest.mark.parametrize("options", ["n=2", [("n", 2)], 5])
+def test_options_that_are_not_a_mapping_are_a_clear_error(options):
+    """``options=`` must be a mapping: anything else is a SparsityConfigError naming its type, also
+    through ``torch.compile`` (it was a TypeError, wrapped in BackendCompilerFailed)."""
+    with pytest.raises(SparsityConfigError, match=f"must be a mapping .*got {type(options).__name__}"):
+        SparsityConfig.from_options(options)
+    torch._dynamo.reset()
+    compiled = torch.compile(torch.nn.Linear(8, 4), backend="nmsparse", options=options)
+    with pytest.raises(SparsityConfigError, match="must be a mapping"):
+        compiled(torch.randn(2, 8))
+
+
 def test_valid_edge_values():
     """Edge values inside the ranges are accepted: n=m=32, 1:2, zero SR-STE, no candidates, single-string include."""
     c = SparsityConfig(n=32, m=32)
