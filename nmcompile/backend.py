@@ -357,6 +357,26 @@ def _layers(
     return layers, by_target
 
 
+@dataclasses.dataclass(frozen=True)
+class _Known:
+    """A weight as ``find_targets`` sees it, holding no reference to it: name, index, ties, owner."""
+
+    name: str
+    index: int
+    shared_as: tuple[str, ...]
+    owner: weakref.ref | None
+
+    @staticmethod
+    def of(info: ParamInfo) -> _Known:
+        owner = weakref.ref(info.owner) if info.owner is not None else None
+        return _Known(info.name, info.index, info.shared_as, owner)
+
+    def info(self, weight: torch.Tensor, tied: bool = False) -> ParamInfo:
+        """``ParamInfo`` for ``weight``; ``tied``: it is also another input of the graph."""
+        shared_as = (*self.shared_as, "another input of this graph") if tied else self.shared_as
+        return ParamInfo(self.name, self.index, weight, self.owner() if self.owner else None, shared_as)
+
+
 class _Variants:
     """The graph rewritten for the weights of a call, where they are not the ones it was compiled
     for and ``find_targets`` would decide otherwise for them.
@@ -365,7 +385,7 @@ class _Variants:
     weight is tied (``b.weight = a.weight``), as its guards read shapes, not which Parameters
     come. Where an ``include``/``exclude`` name filter or a tie makes another choice for a call's
     weights, that call runs the graph rewritten for them, eagerly (the inner compiler never saw
-    it), with a warning the first time.
+    it), with a warning the first time. It holds weights and modules weakly, as ``_Runner`` does.
     """
 
     def __init__(
@@ -380,41 +400,42 @@ class _Variants:
         self.gm, self.example_inputs, self.config = gm, example_inputs, config
         self.registry, self.fake_mode = registry, fake_mode
         placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-        self.inputs = [(placeholders.index(name), name, info) for name, info in params.items()]
-        self.compiled_choice = tuple(self._choice(info) for _, _, info in self.inputs)
-        self._seen = WeakIdKeyDictionary()  # weight -> (its ParamInfo, its choice), found once
+        self.inputs = [(placeholders.index(name), name, _Known.of(info)) for name, info in params.items()]
+        self.compiled_choice = tuple(self._choice(known) for _, _, known in self.inputs)
+        self._seen = WeakIdKeyDictionary()  # weight -> its _Known, found once
         self._runners: dict[tuple, _Runner] = {}
+        self._fits = [weakref.ref(info.param) for info in params.values()]
 
-    def _choice(self, info: ParamInfo) -> tuple[bool, bool]:
+    def _choice(self, known: _Known, tied: bool = False) -> tuple[bool, bool]:
         """What ``find_targets`` reads from a weight's name and ties: the name filter admits it, tied."""
-        return self.config.name_filter_reason(info.name) is None, bool(info.shared_as)
+        return self.config.name_filter_reason(known.name) is None, tied or bool(known.shared_as)
 
-    def _entry(self, weight: torch.Tensor, compiled: ParamInfo) -> tuple[ParamInfo, tuple[bool, bool]]:
-        entry = self._seen.get(weight)
-        if entry is None:
-            found = _lookup(_root_tables(), weight) if weight is not compiled.param else None
-            info = compiled if found is None else ParamInfo(found[0], found[1], weight, found[2], found[3])
-            entry = self._seen[weight] = (info, self._choice(info))
-        return entry
+    def _known(self, weight: torch.Tensor, compiled: _Known) -> _Known:
+        known = self._seen.get(weight)
+        if known is None:
+            found = _lookup(_root_tables(), weight)
+            known = self._seen[weight] = (
+                compiled if found is None else _Known.of(ParamInfo(*found[:2], weight, *found[2:]))
+            )
+        return known
 
     def runner(self, args: Sequence[Any]) -> _Runner | None:
         """The runner of the graph rewritten for ``args``' weights, or ``None`` where the compiled one fits."""
-        entries = [self._entry(args[position], info) for position, _, info in self.inputs]
-        choice = tuple(c for _, c in entries)
-        ids = [id(info.param) for info, _ in entries]
-        if choice == self.compiled_choice and len(set(ids)) == len(ids):
-            return None
-        infos = [  # a weight at two inputs is tied (made so after compiling: dynamo saw two)
-            dataclasses.replace(info, shared_as=(*info.shared_as, "another input of this graph"))
-            if ids.count(id(info.param)) > 1 else info
-            for info, _ in entries
-        ]  # fmt: skip
-        choice = tuple(map(self._choice, infos))
+        weights = [args[position] for position, _, _ in self.inputs]
+        if all(ref() is w for ref, w in zip(self._fits, weights, strict=True)):
+            return None  # the weights of the last call the compiled graph fitted: the usual case
+        known = [self._known(w, k) for w, (_, _, k) in zip(weights, self.inputs, strict=True)]
+        ids = [id(w) for w in weights]
+        tied = [ids.count(i) > 1 for i in ids]  # a weight at two inputs: tied after compiling
+        choice = tuple(map(self._choice, known, tied))
         if choice == self.compiled_choice:
+            self._fits = [weakref.ref(w) for w in weights]
             return None
         runner = self._runners.get(choice)
         if runner is None:
-            params = {name: info for (_, name, _), info in zip(self.inputs, infos, strict=True)}
+            params = {
+                name: k.info(w, t) for (_, name, _), k, w, t in zip(self.inputs, known, weights, tied, strict=True)
+            }
             analysis = find_targets(self.gm, self.example_inputs, self.config, params)
             rewritten, _ = insert_masks(self.gm, analysis, self.config, self.fake_mode)
             layers = _layers(self.gm, analysis, params, self.config, self.registry)[0]
