@@ -332,7 +332,7 @@ def compile_graph(
     # A hit in AOTAutograd's cache skips the inner compiler, so nothing would be recorded.
     with torch._functorch.config.patch(enable_autograd_cache=record is None):
         compiled = _compile_inner(rewritten, [*example_inputs, *examples], config, record, patches)
-    return _Runner(compiled, layers, registry, _Variants(gm, example_inputs, config, registry, fake_mode, params))
+    return _Runner(compiled, layers, registry, _Variants(gm, config, registry, fake_mode, params))
 
 
 Layers = list[tuple[LayerSpec, int, LayerState, torch.Tensor]]
@@ -385,19 +385,19 @@ class _Variants:
     weight is tied (``b.weight = a.weight``), as its guards read shapes, not which Parameters
     come. Where an ``include``/``exclude`` name filter or a tie makes another choice for a call's
     weights, that call runs the graph rewritten for them, eagerly (the inner compiler never saw
-    it), with a warning the first time. It holds weights and modules weakly, as ``_Runner`` does.
+    it), with a warning the first time. It holds weights, modules and inputs weakly or not at all,
+    as ``_Runner`` does (dynamo's example inputs are the first call's real tensors).
     """
 
     def __init__(
         self,
         gm: fx.GraphModule,
-        example_inputs: Sequence[Any],
         config: SparsityConfig,
         registry: StateRegistry,
         fake_mode: Any,
         params: dict[str, ParamInfo],
     ) -> None:
-        self.gm, self.example_inputs, self.config = gm, example_inputs, config
+        self.gm, self.config = gm, config
         self.registry, self.fake_mode = registry, fake_mode
         placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         self.inputs = [(placeholders.index(name), name, _Known.of(info)) for name, info in params.items()]
@@ -436,7 +436,10 @@ class _Variants:
             params = {
                 name: k.info(w, t) for (_, name, _), k, w, t in zip(self.inputs, known, weights, tied, strict=True)
             }
-            analysis = find_targets(self.gm, self.example_inputs, self.config, params)
+            examples = [n.meta.get("example_value") for n in self.gm.graph.nodes if n.op == "placeholder"]
+            for (position, _, _), w in zip(self.inputs, weights, strict=True):
+                examples[position] = w  # find_targets reads weights' values only
+            analysis = find_targets(self.gm, examples, self.config, params)
             rewritten, _ = insert_masks(self.gm, analysis, self.config, self.fake_mode)
             layers = _layers(self.gm, analysis, params, self.config, self.registry)[0]
             runner = self._runners[choice] = _Runner(rewritten, layers, self.registry)

@@ -427,6 +427,19 @@ def _rss() -> int:
         return int(f.read().split()[1]) * 4096
 
 
+def test_a_deleted_model_and_its_first_input_are_freed_while_dynamo_keeps_the_graph():
+    """The compiled graph outlives the model in dynamo's cache (no ``torch._dynamo.reset()``); it
+    must not keep the weights, the model or the first call's input (its example inputs) alive."""
+    model = MLP(16, 32, 8)
+    compiled = torch.compile(model, backend=_backend())
+    x = torch.randn(8, 16)
+    compiled(x).sum().backward()
+    refs = [weakref.ref(model.fc1.weight), weakref.ref(model), weakref.ref(x)]
+    del model, compiled, x
+    gc.collect()
+    assert [ref() is None for ref in refs] == [True, True, True]
+
+
 def test_no_memory_growth_over_1000_steps():
     """1,000 training steps hold memory flat; states die with their parameters."""
     model = MLP(16, 32, 8)
