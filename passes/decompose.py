@@ -28,16 +28,39 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
 
 
+def _dropout(weights: torch.Tensor, p: Any) -> torch.Tensor:
+    """Attention-weight dropout with a dynamic ``p`` (a graph value under ``dynamic=True``)."""
+    return F.dropout(weights, p=p) if p > 0.0 else weights
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, p: Any, causal: bool) -> torch.Tensor:
+    """``scaled_dot_product_attention`` with a dynamic dropout ``p``."""
+    return F.scaled_dot_product_attention(q, k, v, mask, p, causal)
+
+
+def _layer_norm(x: torch.Tensor, shape: tuple, w: Any, b: Any, eps: Any) -> torch.Tensor:
+    """``layer_norm`` with a dynamic ``eps``."""
+    return F.layer_norm(x, shape, w, b, eps)
+
+
+# Where dynamo passes a float as a graph value (``dynamic=True``), tracing the formulas below keeps
+# these three as calls, which AOTAutograd then traces with the symbolic float.
+for _helper in (_dropout, _sdpa, _layer_norm):
+    torch.fx.wrap(_helper.__name__)
+
+
 def _mha(static: dict[str, Any]):
     """``F.multi_head_attention_forward`` for batched self-attention with packed projections."""
     heads, embed = static["num_heads"], static["embed_dim"]
-    dropout_p = static["dropout_p"] if static["training"] else 0.0
+    training = static["training"]
+    static_p = static["dropout_p"] if training and not isinstance(static["dropout_p"], fx.Node) else 0.0
     need_weights = static["need_weights"]
     mask_bool, kpm_bool = static["attn_mask_bool"], static["kpm_bool"]
     has_mask, has_kpm, has_in_bias = static["has_attn_mask"], static["has_kpm"], static["has_in_bias"]
     use_causal_hint = static["is_causal"] and not has_kpm and not need_weights
 
-    def attention(query, in_w, in_b, out_w, out_b, attn_mask, key_padding_mask):
+    def attention(query, in_w, in_b, out_w, out_b, attn_mask, key_padding_mask, node_p):
+        dropout_p = node_p if node_p is not None else static_p
         tgt, bsz = query.shape[0], query.shape[1]
         head = embed // heads
         proj = F.linear(query, in_w, in_b if has_in_bias else None)
@@ -60,7 +83,9 @@ def _mha(static: dict[str, Any]):
             if mask is not None:
                 scores = scores + mask
             weights = torch.softmax(scores, dim=-1)
-            if dropout_p > 0.0:
+            if node_p is not None:
+                weights = _dropout(weights, node_p)
+            elif dropout_p > 0.0:
                 weights = F.dropout(weights, p=dropout_p)
             out = torch.bmm(weights, v).transpose(0, 1).contiguous().view(tgt * bsz, embed)
             out = F.linear(out, out_w, out_b).view(tgt, bsz, -1)
@@ -70,7 +95,10 @@ def _mha(static: dict[str, Any]):
             one_batch = not has_kpm and (static["attn_mask_dim"] == 2 or static["attn_mask_rows"] == 1)
             mask = mask.unsqueeze(0) if one_batch else mask.view(bsz, heads, -1, src)
         q, k, v = q.view(bsz, heads, tgt, head), k.view(bsz, heads, src, head), v.view(bsz, heads, src, head)
-        out = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, use_causal_hint)
+        if node_p is not None:
+            out = _sdpa(q, k, v, mask, node_p, use_causal_hint)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, use_causal_hint)
         out = out.permute(2, 0, 1, 3).contiguous().view(bsz * tgt, embed)
         return F.linear(out, out_w, out_b).view(tgt, bsz, -1), None
 
@@ -79,10 +107,11 @@ def _mha(static: dict[str, Any]):
 
 def _encoder_layer(static: dict[str, Any]):
     """``torch._transformer_encoder_layer_fwd`` (batch-first, no mask) as its unfused formula."""
-    embed, heads, eps = static["embed_dim"], static["num_heads"], static["eps"]
+    embed, heads = static["embed_dim"], static["num_heads"]
     activation = F.gelu if static["use_gelu"] else F.relu
+    norm = _layer_norm if isinstance(static["eps"], fx.Node) else F.layer_norm
 
-    def layer(src, qkv_w, qkv_b, proj_w, proj_b, n1_w, n1_b, n2_w, n2_b, w1, b1, w2, b2):
+    def layer(src, qkv_w, qkv_b, proj_w, proj_b, n1_w, n1_b, n2_w, n2_b, w1, b1, w2, b2, eps):
         def self_attention(h):
             bsz, tgt = h.shape[0], h.shape[1]
             q, k, v = F.linear(h, qkv_w, qkv_b).view(bsz, tgt, 3, heads, embed // heads).permute(2, 0, 3, 1, 4)
@@ -94,10 +123,10 @@ def _encoder_layer(static: dict[str, Any]):
 
         x = src
         if static["norm_first"]:
-            x = x + self_attention(F.layer_norm(x, (embed,), n1_w, n1_b, eps))
-            return x + feed_forward(F.layer_norm(x, (embed,), n2_w, n2_b, eps))
-        x = F.layer_norm(x + self_attention(x), (embed,), n1_w, n1_b, eps)
-        return F.layer_norm(x + feed_forward(x), (embed,), n2_w, n2_b, eps)
+            x = x + self_attention(norm(x, (embed,), n1_w, n1_b, eps))
+            return x + feed_forward(norm(x, (embed,), n2_w, n2_b, eps))
+        x = norm(x + self_attention(x), (embed,), n1_w, n1_b, eps)
+        return norm(x + feed_forward(x), (embed,), n2_w, n2_b, eps)
 
     return layer
 
@@ -133,8 +162,9 @@ def mha_plan(arguments: dict[str, Any], value: Any = example_value) -> tuple[Any
         "attn_mask_rows": mask.shape[0] if mask is not None else 0,
         "kpm_bool": kpm is not None and kpm.dtype == torch.bool,
     }  # fmt: skip
+    node_p = a["dropout_p"] if a["training"] and isinstance(a["dropout_p"], fx.Node) else None
     inputs = [a["query"], a["in_proj_weight"], a["in_proj_bias"], a["out_proj_weight"], a["out_proj_bias"],
-              a["attn_mask"], a["key_padding_mask"]]  # fmt: skip
+              a["attn_mask"], a["key_padding_mask"], node_p]  # fmt: skip
     return _mha(static), inputs, None
 
 
@@ -149,7 +179,8 @@ def _encoder_plan(node: fx.Node) -> tuple[Any, list[Any], str | None]:
     if mask is not None:
         return None, [], "transformer encoder fast path with a mask: projections run dense inside the fused op"
     static = {"embed_dim": embed, "num_heads": heads, "eps": eps, "use_gelu": use_gelu, "norm_first": norm_first}
-    return _encoder_layer(static), [src, qkv_w, qkv_b, proj_w, proj_b, n1_w, n1_b, n2_w, n2_b, w1, b1, w2, b2], None
+    inputs = [src, qkv_w, qkv_b, proj_w, proj_b, n1_w, n1_b, n2_w, n2_b, w1, b1, w2, b2, eps]
+    return _encoder_layer(static), inputs, None
 
 
 _PLANS = {F.multi_head_attention_forward: _mha_plan, torch._transformer_encoder_layer_fwd: _encoder_plan}
@@ -158,7 +189,7 @@ _PLANS = {F.multi_head_attention_forward: _mha_plan, torch._transformer_encoder_
 def _inline(graph: fx.Graph, node: fx.Node, fn: Any, inputs: list[Any]) -> None:
     """Replace ``node`` with the symbolically traced graph of ``fn(*inputs)``."""
     names = list(inspect.signature(fn).parameters)
-    concrete = {name: None for name, value in zip(names, inputs, strict=True) if value is None}
+    concrete = {name: value for name, value in zip(names, inputs, strict=True) if not isinstance(value, fx.Node)}
     traced = fx.symbolic_trace(fn, concrete_args=concrete)
     placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
     env = {p: value for p, value in zip(placeholders, inputs, strict=True) if p.name not in concrete}

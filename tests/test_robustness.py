@@ -113,13 +113,16 @@ def test_mixed_precision_matches_reference(precision):
     assert torch.equal(f, reference.nm_mask(w, 2, 4, 1))  # from the parameter's own (low-precision) values
 
 
+@pytest.mark.parametrize("dynamic", [None, True], ids=["auto", "dynamic"])
 @pytest.mark.parametrize("mode", ["train", "eval", "eval_no_grad"])
-def test_transformer_encoder_layer_including_attention_projections(mode):
+def test_transformer_encoder_layer_including_attention_projections(mode, dynamic):
     """nn.TransformerEncoderLayer: the MultiheadAttention projections are sparse too, in training,
-    in eval, and on the fused inference fast path (eval + no_grad)."""
+    in eval, and on the fused inference fast path (eval + no_grad); also with ``dynamic=True``,
+    where dynamo passes the dropout probability and the LayerNorm eps as graph values."""
+    torch._dynamo.reset()
     base = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
     ref, mine = reference.sparsify(copy.deepcopy(base)), copy.deepcopy(base)
-    compiled = torch.compile(mine, backend=_backend(perm_interval=1))
+    compiled = torch.compile(mine, backend=_backend(perm_interval=1), dynamic=dynamic)
     for _ in range(2):  # train a little so the masks and permutations are not trivial
         x = torch.randn(2, 8, 32)
         ref(x).square().mean().backward()
@@ -137,6 +140,21 @@ def test_transformer_encoder_layer_including_attention_projections(mode):
     state = nmcompile.sparsity_state(mine)
     assert set(state) == {"self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight", "linear2.weight"}
     assert all(s["step"] == 2 + (mode == "train") for s in state.values())
+
+
+def test_attention_dropout_as_a_graph_value_is_applied():
+    """``dynamic=True``: the MultiheadAttention dropout probability enters the graph as a value; the
+    decomposed attention still applies it (p=1 zeroes the attention, leaving the output bias) and
+    the projections stay sparse."""
+    torch._dynamo.reset()
+    mha = nn.MultiheadAttention(16, 4, batch_first=True, dropout=1.0)
+    compiled = torch.compile(mha, backend=_backend(), dynamic=True)
+    x = torch.randn(2, 5, 16)
+    for need_weights in (True, False):
+        out, _ = compiled(x, x, x, need_weights=need_weights)
+        out.sum().backward()
+        assert_close(out, mha.out_proj.bias.detach().expand(2, 5, 16), what=f"need_weights={need_weights}")
+    assert sorted(nmcompile.sparsity_state(mha)) == ["in_proj_weight", "out_proj.weight"]
 
 
 def test_attention_decomposition_equals_pytorch_when_dense():
