@@ -375,26 +375,39 @@ class SparseConvNd(nn.Module):
         self.rule: _Rule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        unbatched = x.dim() == self.weight.dim() - 1  # one sample [C, *spatial], as F.conv*d takes it
-        if unbatched:
-            x = x.unsqueeze(0)
+        padding = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = [0] * len(self.kernel_size)
-        else:
-            padding, pad = conv_padding(self.padding, self.kernel_size, self.dilation)
-            if pad is not None:
-                x = F.pad(x, pad)
-        y = self.rule(x, self.weight, self.bias, (self.stride, padding, self.dilation, self.groups))
-        return y.squeeze(0) if unbatched else y
+            padding = 0
+        return _conv_call(self.rule, x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         c = self.rule.config
         return f"{tuple(self.weight.shape)}, {c.n}:{c.m}, backward={self.rule.backward}, groups={self.groups}"
 
 
+def _conv_call(rule: _Rule, x: torch.Tensor, weight: torch.Tensor, bias: Any, stride: Any, padding: Any,
+               dilation: Any, groups: int) -> torch.Tensor:  # fmt: skip
+    """``rule``'s sparse ``F.conv1d/2d/3d(x, weight, bias, stride, padding, dilation, groups)``: an
+    unbatched input (one sample ``[C, *spatial]``), int or per-dim sizes, ``"same"``/``"valid"``."""
+    dims = weight.dim() - 2
+    stride, dilation = ([v] * dims if isinstance(v, int) else list(v) for v in (stride, dilation))
+    unbatched = x.dim() == weight.dim() - 1
+    if unbatched:
+        x = x.unsqueeze(0)
+    padding, pad = conv_padding(padding, weight.shape[2:], dilation)
+    if pad is not None:
+        x = F.pad(x, pad)
+    y = rule(x, weight, bias, (stride, padding, dilation, groups))
+    return y.squeeze(0) if unbatched else y
+
+
 _GEMM_FUNCS = {torch.mm, torch.Tensor.mm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.addmm}
-_TRANSPOSE_FUNCS = {torch.t, torch.Tensor.t, torch.transpose, torch.Tensor.transpose, torch.Tensor.T.__get__}
+_TRANSPOSE_FUNCS = {torch.t, torch.Tensor.t, torch.transpose, torch.Tensor.transpose, torch.Tensor.T.__get__,
+                    torch.Tensor.mT.__get__}  # fmt: skip
+_PERMUTE_FUNCS = {torch.permute, torch.Tensor.permute}
+_CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_CONV_SIGNATURE = inspect.signature(lambda input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1: None)
 
 
 _LINEAR_FUNCS = {F.linear, torch._C._nn.linear}
@@ -402,25 +415,36 @@ _LINEAR_FUNCS = {F.linear, torch._C._nn.linear}
 
 class _GemmInterceptor(TorchFunctionMode):
     """Routes GEMMs on eligible weights that no swapped module owns through their rules:
-    ``F.linear(x, W, b)`` (``[out, in]``), and ``mm``/``matmul``/``addmm``/``@`` whose right operand
-    is ``W`` (``[in, out]`` layout) or its transpose ``W.t()`` (``[out, in]`` layout)."""
+    ``F.linear(x, W, b)`` (``[out, in]``), ``mm``/``matmul``/``addmm``/``@`` whose right operand
+    is ``W`` (``[in, out]`` layout) or its transpose (``W.t()``, ``W.T``, ``W.mT``, ``W.permute(1, 0)``:
+    ``[out, in]`` layout), and ``F.conv1d/2d/3d(x, W, ...)``."""
 
-    def __init__(self, candidates: dict[int, nn.Parameter], make_rule: Callable[[nn.Parameter, str], Any]) -> None:
+    def __init__(self, candidates: dict[int, nn.Parameter], make_rule: Callable[..., Any]) -> None:
         super().__init__()
         self.candidates = candidates
         self.make_rule = make_rule
-        self.rules: dict[tuple[int, str], Any] = {}
+        self.rules: dict[tuple[int, str, int], Any] = {}
         self.views: dict[int, tuple[torch.Tensor, nn.Parameter]] = {}
 
     def _candidate(self, t: Any) -> nn.Parameter | None:
         p = self.candidates.get(id(t))
         return p if p is t else None
 
-    def _rule(self, param: nn.Parameter, layout: str) -> Any:
-        key = (id(param), layout)
+    def _rule(self, param: nn.Parameter, layout: str, groups: int = 1) -> Any:
+        key = (id(param), layout, groups)
         if key not in self.rules:
-            self.rules[key] = self.make_rule(param, layout)
+            self.rules[key] = self.make_rule(param, layout, groups)
         return self.rules[key]
+
+    def _transposes(self, func: Callable, args: tuple, kwargs: dict) -> bool:
+        """Whether ``func(*args, **kwargs)`` is the transpose of a 2-D candidate weight."""
+        param = self._candidate(args[0]) if args else None
+        if param is None or param.dim() != 2:
+            return False
+        if func in _PERMUTE_FUNCS:
+            dims = kwargs.get("dims", args[1:] if len(args) != 2 or isinstance(args[1], int) else args[1])
+            return [d % 2 for d in dims] == [1, 0]
+        return func in _TRANSPOSE_FUNCS
 
     def _attention(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         """``nn.MultiheadAttention``: its projections are GEMMs on weights to route, but torch runs
@@ -436,10 +460,19 @@ class _GemmInterceptor(TorchFunctionMode):
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
-        if func in _TRANSPOSE_FUNCS and self._candidate(args[0]) is not None:
+        if (func in _TRANSPOSE_FUNCS or func in _PERMUTE_FUNCS) and self._transposes(func, args, kwargs):
             out = func(*args, **kwargs)
             self.views[id(out)] = (out, args[0])
             return out
+        if func in _CONV_FUNCS:
+            a = _CONV_SIGNATURE.bind(*args, **kwargs).arguments
+            param = self._candidate(a["weight"])
+            if param is not None and param.dim() == _CONV_FUNCS[func] + 2:
+                groups = a.get("groups", 1)
+                rule = self._rule(param, "out_in", groups)
+                if rule is not None:
+                    conv = [a.get(k, d) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1))]
+                    return _conv_call(rule, a["input"], param, a.get("bias"), *conv, groups)
         if func is F.multi_head_attention_forward:
             return self._attention(func, args, kwargs)
         if func in _LINEAR_FUNCS:
@@ -495,10 +528,12 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
     """Make ``model`` train with N:M sparse GEMMs in eager mode, in place; returns ``model``.
 
     ``nn.Linear`` and ``nn.Conv1d/2d/3d`` children are swapped for ``SparseLinear`` and
-    ``SparseConvNd`` (transposed convolutions stay dense). Every other 2-D weight (``nn.MultiheadAttention``'s
-    projections, GPT-2's ``Conv1D``) is routed through the same rule while ``model``'s forward
-    runs: as the weight of ``F.linear``, or the right operand of ``mm``/``matmul``/``addmm``/``@``
-    (``W``: ``[in, out]``, ``W.t()``: ``[out, in]``). Options as ``SparsityConfig``.
+    ``SparseConvNd`` (transposed convolutions stay dense; a model that is such a layer runs its
+    sparse forward in place). Every other weight (``nn.MultiheadAttention``'s projections, GPT-2's
+    ``Conv1D``, a raw convolution kernel) is routed through the same rule while ``model``'s forward
+    runs: as the weight of ``F.linear`` or ``F.conv1d/2d/3d``, or the right operand of
+    ``mm``/``matmul``/``addmm``/``@`` (``W``: ``[in, out]``; ``W.t()``, ``W.T``, ``W.mT``,
+    ``W.permute(1, 0)``: ``[out, in]``). Options as ``SparsityConfig``.
     Do not deep-copy a model after ``sparsify``: the routed forward keeps its rules.
     """
     from nmcompile.state import DEFAULT_REGISTRY, LayerSpec
@@ -523,21 +558,25 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
     for mod_name, module in list(model.named_modules()):
         prefix = f"{mod_name}." if mod_name else ""
         swap = {nn.Linear: SparseLinear, nn.Conv1d: SparseConvNd, nn.Conv2d: SparseConvNd, nn.Conv3d: SparseConvNd}
-        if type(module) in swap:
+        if type(module) in swap and id(module.weight) in index:  # not a computed weight (old weight_norm)
             new = swap[type(module)](module)  # owns the state: model.eval() reaches it
-            rule = rule_for(prefix + "weight", module.weight, "out_in", new, getattr(module, "groups", 1))
+            owner = new if mod_name else model  # the model is the layer: it keeps its class, runs new's forward
+            rule = rule_for(prefix + "weight", module.weight, "out_in", owner, getattr(module, "groups", 1))
             if rule is not None:
                 new.rule = rule
-                _replace(model, mod_name, new)
+                if mod_name:
+                    _replace(model, mod_name, new)
+                else:
+                    model.forward = new.forward
             continue
         for pname, p in module.named_parameters(recurse=False):
-            if p.dim() == 2 and id(p) not in others:
+            if 2 <= p.dim() <= 5 and id(p) not in others:  # matrices, and F.conv1d/2d/3d weights
                 others[id(p)] = (prefix + pname, p, module)
     if others:
 
-        def make_rule(p: nn.Parameter, layout: str) -> _Rule | None:
+        def make_rule(p: nn.Parameter, layout: str, groups: int) -> _Rule | None:
             name, _, owner = others[id(p)]
-            return rule_for(name, p, layout, owner)
+            return rule_for(name, p, layout, owner, groups)
 
         _route_gemms(model, _GemmInterceptor({key: p for key, (_, p, _) in others.items()}, make_rule))
     return model

@@ -72,6 +72,66 @@ def test_layouts_are_sparsified():
     }
 
 
+class _Spellings(nn.Module):
+    """Weights that no nn.Linear/nn.Conv owns, used through each spelling of a GEMM the backend
+    rewrites: ``W.mT``, ``W.permute(1, 0)``, ``F.conv1d`` and ``F.conv2d`` (stride, "same")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(16, 16) / 4)
+        self.b = nn.Parameter(torch.randn(16, 16) / 4)
+        self.k1 = nn.Parameter(torch.randn(8, 4, 3) / 4)
+        self.k2 = nn.Parameter(torch.randn(8, 4, 3, 3) / 4)
+
+    def forward(self, x):
+        h = torch.relu(x @ self.a.mT) @ self.b.permute(1, 0)
+        seq = h.view(-1, 4, 4)
+        y1 = nn.functional.conv1d(seq, self.k1, padding=1)
+        y2 = nn.functional.conv2d(seq.unsqueeze(1).expand(-1, 4, -1, -1), self.k2, stride=2, padding=1)
+        return y1.flatten(1).sum(1, keepdim=True) + y2.flatten(1)
+
+
+def test_reference_routes_every_spelling_the_backend_sparsifies():
+    """The oracle agrees with the backend on ``.mT``/``permute`` transposes and raw ``F.conv*d``
+    kernels (it ran them dense, so the comparison could not check them), and on a model that is
+    itself an ``nn.Linear`` or ``nn.Conv2d`` (it stayed dense, with an empty-named child)."""
+    ref_state, state = train_and_compare(_Spellings, (6, 16), steps=3, inner="aot_eager", perm_interval=1)
+    assert sorted(ref_state) == sorted(state) == ["a", "b", "k1", "k2"]
+    for make, shape in ((lambda: nn.Linear(16, 8), (4, 16)), (lambda: nn.Conv2d(8, 8, 3), (2, 8, 5, 5))):
+        torch._dynamo.reset()
+        ref_state, state = train_and_compare(make, shape, steps=2, inner="aot_eager")
+        assert list(ref_state) == list(state) == ["weight"] and ref_state["weight"]["step"] == 2
+    layer = nn.Linear(16, 8)
+    reference.sparsify(layer)
+    assert "" not in layer._modules and isinstance(layer, nn.Linear)
+    w = layer.weight.detach()
+    x = torch.randn(4, 16)
+    assert_close(layer(x), nn.functional.linear(x, torch.where(reference.nm_mask(w, 2, 4, 1), w, 0), layer.bias))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+def test_reference_leaves_a_computed_weight_dense():
+    """The hook-based ``torch.nn.utils.weight_norm`` computes ``weight`` from ``weight_v``/``weight_g``:
+    the reference leaves the layer dense, as the backend does (it raised KeyError)."""
+
+    def make() -> nn.Module:  # no deepcopy: weight_norm's computed weight refuses it
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 8))
+        torch.nn.utils.weight_norm(model[0])
+        return model
+
+    ref, mine = reference.sparsify(make()), make()
+    compiled = torch.compile(mine, backend=nmcompile.backend(inner="aot_eager"))
+    for _ in range(2):
+        x = torch.randn(4, 16)
+        out_ref, out = ref(x), compiled(x)
+        assert_close(out, out_ref, what="output")
+        out_ref.square().sum().backward(), out.square().sum().backward()
+        for (name, p), q in zip(ref.named_parameters(), mine.parameters(), strict=True):
+            assert_close(q.grad, p.grad, what=name)
+    assert list(nmcompile.sparsity_state(ref)) == list(nmcompile.sparsity_state(mine)) == ["2.weight"]
+
+
 def test_bimask_input_gradient_is_dy_times_w_masked_by_b():
     """SPEC §4: dX = dY · (W ⊙ B), B built independently from the permutation sparsity_state reports."""
     n, m = 2, 4
