@@ -140,7 +140,7 @@ def mha_plan(arguments: dict[str, Any], value: Any = example_value) -> tuple[Any
         a.setdefault(name, parameter.default)
     query = value(a["query"])
     checks = [
-        (a["query"] is a["key"] is a["value"], "not self-attention"),
+        (a["query"] is a["key"] is a["value"], "query, key and value that differ (not self-attention)"),
         (not a["use_separate_proj_weight"], "separate q/k/v projection weights"),
         (a["bias_k"] is None and a["bias_v"] is None and not a["add_zero_attn"], "bias_k/bias_v/add_zero_attn"),
         (a["static_k"] is None and a["static_v"] is None, "static_k/static_v"),

@@ -292,6 +292,10 @@ def _other_use(placeholder: fx.Node) -> str | None:
     names = {_op_name(user) for user in users}
     if names & _FUNCTORCH_WRAPS:
         return _FUNCTORCH_REASON
+    fused = next((u for u in users if u.op == "call_function" and u.target in _FUSED_ATTENTION), None)
+    if fused is not None:  # the attention op's own row says why it stays fused
+        kind = _FUSED_ATTENTION[fused.target]
+        return f"a weight of the fused {kind}: " + fused.meta.get(DENSE_REASON, "its projections run dense inside it")
     gemm = next((kind for kind in map(_gemm_kind, users) if kind is not None), None)
     if gemm is not None:
         return f"the input (left) operand of {gemm}, not its weight"

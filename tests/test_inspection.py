@@ -322,6 +322,29 @@ def test_weights_no_rewritten_gemm_takes_say_what_uses_them():
     assert not any(r.sparse for r in rows)
 
 
+def test_weights_of_a_fused_attention_say_why_it_stays_fused():
+    """Cross-attention (``kdim``/``vdim``: separate projections) stays fused; its weights' rows give
+    the fused op's reason (they said "the input (left) operand of multi_head_attention")."""
+
+    class Cross(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.MultiheadAttention(16, 4, kdim=8, vdim=8, batch_first=True)
+
+        def forward(self, q, kv):
+            return self.a(q, kv, kv)[0]
+
+    rows = nmcompile.explain(Cross(), torch.randn(2, 5, 16), torch.randn(2, 3, 8), inner="aot_eager").rows
+    why = "multi_head_attention_forward with query, key and value that differ (not self-attention): "
+    why += "projections run dense inside the fused op"
+    reasons = {r.name: r.reason for r in rows if r.name.startswith("a.")}
+    assert reasons == {
+        name: f"a weight of the fused multi_head_attention: {why}"
+        for name in ("a.q_proj_weight", "a.k_proj_weight", "a.v_proj_weight", "a.out_proj.weight")
+    }
+    assert [r.reason for r in rows if r.op == "multi_head_attention"] == [why]
+
+
 class _Transformed(nn.Module):
     """A stacked weight under ``vmap`` (ensembling), a weight under ``torch.func.grad``, and a
     parameter as the left operand of a parameter product."""
