@@ -401,40 +401,44 @@ class _Variants:
         self.registry, self.fake_mode = registry, fake_mode
         placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         self.inputs = [(placeholders.index(name), name, _Known.of(info)) for name, info in params.items()]
-        self.compiled_choice = tuple(self._choice(known) for _, _, known in self.inputs)
-        self._seen = WeakIdKeyDictionary()  # weight -> its _Known, found once
+        self.compiled_choice = tuple(self._choice(known, self._admitted(known)) for _, _, known in self.inputs)
+        self._seen = WeakIdKeyDictionary()  # weight -> (its _Known, whether the name filter admits it), found once
         self._runners: dict[tuple, _Runner] = {}
         self._fits = [weakref.ref(info.param) for info in params.values()]
 
-    def _choice(self, known: _Known, tied: bool = False) -> tuple[bool, bool]:
-        """What ``find_targets`` reads from a weight's name and ties: the name filter admits it, tied."""
-        return self.config.name_filter_reason(known.name) is None, tied or bool(known.shared_as)
+    def _admitted(self, known: _Known) -> bool:
+        return self.config.name_filter_reason(known.name) is None
 
-    def _known(self, weight: torch.Tensor, compiled: _Known) -> _Known:
-        known = self._seen.get(weight)
-        if known is None:
+    @staticmethod
+    def _choice(known: _Known, admitted: bool, tied: bool = False) -> tuple[bool, bool]:
+        """What ``find_targets`` reads from a weight's name and ties: the name filter admits it, tied."""
+        return admitted, tied or bool(known.shared_as)
+
+    def _known(self, weight: torch.Tensor, compiled: _Known) -> tuple[_Known, bool]:
+        entry = self._seen.get(weight)
+        if entry is None:
             found = _lookup(_root_tables(), weight)
-            known = self._seen[weight] = (
-                compiled if found is None else _Known.of(ParamInfo(*found[:2], weight, *found[2:]))
-            )
-        return known
+            known = compiled if found is None else _Known.of(ParamInfo(*found[:2], weight, *found[2:]))
+            entry = self._seen[weight] = (known, self._admitted(known))
+        return entry
 
     def runner(self, args: Sequence[Any]) -> _Runner | None:
         """The runner of the graph rewritten for ``args``' weights, or ``None`` where the compiled one fits."""
         weights = [args[position] for position, _, _ in self.inputs]
         if all(ref() is w for ref, w in zip(self._fits, weights, strict=True)):
             return None  # the weights of the last call the compiled graph fitted: the usual case
-        known = [self._known(w, k) for w, (_, _, k) in zip(weights, self.inputs, strict=True)]
+        entries = [self._known(w, k) for w, (_, _, k) in zip(weights, self.inputs, strict=True)]
         ids = [id(w) for w in weights]
         tied = [ids.count(i) > 1 for i in ids]  # a weight at two inputs: tied after compiling
-        choice = tuple(map(self._choice, known, tied))
+        choice = tuple(self._choice(k, admitted, t) for (k, admitted), t in zip(entries, tied, strict=True))
         if choice == self.compiled_choice:
             self._fits = [weakref.ref(w) for w in weights]
             return None
         runner = self._runners.get(choice)
         if runner is None:
             params = {
-                name: k.info(w, t) for (_, name, _), k, w, t in zip(self.inputs, known, weights, tied, strict=True)
+                name: k.info(w, t)
+                for (_, name, _), (k, _), w, t in zip(self.inputs, entries, weights, tied, strict=True)
             }
             examples = [n.meta.get("example_value") for n in self.gm.graph.nodes if n.op == "placeholder"]
             for (position, _, _), w in zip(self.inputs, weights, strict=True):

@@ -282,9 +282,10 @@ class _ForwardUses:
         key = id(rule.param)
         if key in self.shared:
             return True
-        if self.seen is None or key not in self.seen:
-            if self.seen is not None:
-                self.seen.add(key)
+        if self.seen is None:  # a call outside the model's forward (the layer on its own)
+            return False
+        if key not in self.seen:
+            self.seen.add(key)
             return False
         self.shared.add(key)
         rule.state.reset()

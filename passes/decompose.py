@@ -52,15 +52,13 @@ for _helper in (_dropout, _sdpa, _layer_norm):
 def _mha(static: dict[str, Any]):
     """``F.multi_head_attention_forward`` for batched self-attention with packed projections."""
     heads, embed = static["num_heads"], static["embed_dim"]
-    training = static["training"]
-    static_p = static["dropout_p"] if training and not isinstance(static["dropout_p"], fx.Node) else 0.0
+    dropout_p, dynamic_p = static["dropout_p"], static["dynamic_p"]  # dynamic_p: node_p carries it
     need_weights = static["need_weights"]
     mask_bool, kpm_bool = static["attn_mask_bool"], static["kpm_bool"]
     has_mask, has_kpm, has_in_bias = static["has_attn_mask"], static["has_kpm"], static["has_in_bias"]
     use_causal_hint = static["is_causal"] and not has_kpm and not need_weights
 
     def attention(query, in_w, in_b, out_w, out_b, attn_mask, key_padding_mask, node_p):
-        dropout_p = node_p if node_p is not None else static_p
         tgt, bsz = query.shape[0], query.shape[1]
         head = embed // heads
         proj = F.linear(query, in_w, in_b if has_in_bias else None)
@@ -83,7 +81,7 @@ def _mha(static: dict[str, Any]):
             if mask is not None:
                 scores = scores + mask
             weights = torch.softmax(scores, dim=-1)
-            if node_p is not None:
+            if dynamic_p:
                 weights = _dropout(weights, node_p)
             elif dropout_p > 0.0:
                 weights = F.dropout(weights, p=dropout_p)
@@ -95,10 +93,8 @@ def _mha(static: dict[str, Any]):
             one_batch = not has_kpm and (static["attn_mask_dim"] == 2 or static["attn_mask_rows"] == 1)
             mask = mask.unsqueeze(0) if one_batch else mask.view(bsz, heads, -1, src)
         q, k, v = q.view(bsz, heads, tgt, head), k.view(bsz, heads, src, head), v.view(bsz, heads, src, head)
-        if node_p is not None:
-            out = _sdpa(q, k, v, mask, node_p, use_causal_hint)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, use_causal_hint)
+        sdpa, p = (_sdpa, node_p) if dynamic_p else (F.scaled_dot_product_attention, dropout_p)
+        out = sdpa(q, k, v, mask, p, use_causal_hint)
         out = out.permute(2, 0, 1, 3).contiguous().view(bsz * tgt, embed)
         return F.linear(out, out_w, out_b).view(tgt, bsz, -1), None
 
@@ -152,9 +148,12 @@ def mha_plan(arguments: dict[str, Any], value: Any = example_value) -> tuple[Any
             return None, [], f"multi_head_attention_forward with {why}: projections run dense inside the fused op"
     mask = value(a["attn_mask"]) if a["attn_mask"] is not None else None
     kpm = value(a["key_padding_mask"]) if a["key_padding_mask"] is not None else None
+    # Under dynamic=True dynamo passes the dropout probability as a graph value: an input of the formula.
+    node_p = a["dropout_p"] if a["training"] and isinstance(a["dropout_p"], fx.Node) else None
     static = {
-        "num_heads": a["num_heads"], "embed_dim": a["embed_dim_to_check"], "dropout_p": a["dropout_p"],
-        "training": a["training"], "need_weights": a["need_weights"], "is_causal": a["is_causal"],
+        "num_heads": a["num_heads"], "embed_dim": a["embed_dim_to_check"],
+        "dropout_p": a["dropout_p"] if a["training"] and node_p is None else 0.0, "dynamic_p": node_p is not None,
+        "need_weights": a["need_weights"], "is_causal": a["is_causal"],
         "average_attn_weights": a["average_attn_weights"], "has_in_bias": a["in_proj_bias"] is not None,
         "has_attn_mask": mask is not None, "has_kpm": kpm is not None,
         "attn_mask_bool": mask is not None and mask.dtype == torch.bool,
@@ -162,7 +161,6 @@ def mha_plan(arguments: dict[str, Any], value: Any = example_value) -> tuple[Any
         "attn_mask_rows": mask.shape[0] if mask is not None else 0,
         "kpm_bool": kpm is not None and kpm.dtype == torch.bool,
     }  # fmt: skip
-    node_p = a["dropout_p"] if a["training"] and isinstance(a["dropout_p"], fx.Node) else None
     inputs = [a["query"], a["in_proj_weight"], a["in_proj_bias"], a["out_proj_weight"], a["out_proj_bias"],
               a["attn_mask"], a["key_padding_mask"], node_p]  # fmt: skip
     return _mha(static), inputs, None
