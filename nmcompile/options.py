@@ -34,6 +34,21 @@ def power_of_two(m: int) -> bool:
     return m > 0 and not m & (m - 1)
 
 
+def structure_sequence(n: int, m: int) -> list[int]:
+    """SPEC §8 structure decay: ``(m−1):m → m/2:m → m/4:m → … → n:m`` (1:8 gives 7, 4, 2, 1)."""
+    if n >= m:
+        return [m]
+    sequence = [m - 1]
+    value = m // 2
+    while value > n:
+        if value < sequence[-1]:
+            sequence.append(value)
+        value //= 2
+    if sequence[-1] != n:
+        sequence.append(n)
+    return sequence
+
+
 def _fail(key: str, value: Any, allowed: str) -> None:
     raise SparsityConfigError(f"nmsparse option {key}={value!r} is invalid: allowed {allowed}")
 
@@ -116,9 +131,14 @@ class SparsityConfig:
         if self.structure_decay:
             if self.total_steps is None:
                 _fail("total_steps", None, "an int: structure_decay=True needs total_steps")
+            stages = [f"{k}:{self.m}" for k in structure_sequence(self.n, self.m)]
             span = self.total_steps - self.dense_steps - self.finetune_steps  # type: ignore[operator]
-            if span < 1:
-                _fail("total_steps", self.total_steps, "more than dense_steps + finetune_steps")
+            if span < len(stages):  # equal frames of at least one step each: no N:M of the sequence skipped
+                _fail(
+                    "total_steps",
+                    self.total_steps,
+                    f"at least dense_steps + finetune_steps + {len(stages)} (a step for each of {' -> '.join(stages)})",
+                )
         lam = self.srste_lambda
         if lam is None:
             lam = 0.0 if self.mask_decay != "none" else 2e-4

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from nmcompile.options import SparsityConfig
+from nmcompile.options import SparsityConfig, structure_sequence
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -590,21 +590,6 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 # --- SPEC §8: schedules -------------------------------------------------------------------------
-
-
-def structure_sequence(n: int, m: int) -> list[int]:
-    """SPEC §8 structure decay: ``(m−1):m → m/2:m → m/4:m → … → n:m`` (1:8 gives 7, 4, 2, 1)."""
-    if n >= m:
-        return [m]
-    sequence = [m - 1]
-    value = m // 2
-    while value > n:
-        if value < sequence[-1]:
-            sequence.append(value)
-        value //= 2
-    if sequence[-1] != n:
-        sequence.append(n)
-    return sequence
 
 
 def effective_n(config: Any, step: int) -> int:

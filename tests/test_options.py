@@ -311,6 +311,15 @@ def test_recipe_defaults():
         ({"structure_decay": 1}, "structure_decay"),
         ({"structure_decay": True}, "total_steps"),
         ({"structure_decay": True, "total_steps": 10, "dense_steps": 5, "finetune_steps": 5}, "total_steps"),
+        (
+            {"structure_decay": True, "n": 1, "m": 8, "total_steps": 12, "dense_steps": 6, "finetune_steps": 3},
+            "total_steps",
+        ),
+        ({"structure_decay": True, "n": 1, "m": 32, "total_steps": 3}, "total_steps"),
+        ({"structure_decay": True, "total_steps": True}, "total_steps"),
+        ({"mask_decay": "linear", "dense_steps": True}, "dense_steps"),
+        ({"mask_decay": "linear", "mask_decay_rate": math.nan}, "mask_decay_rate"),
+        ({"mask_decay": "linear", "mask_decay_rate": True}, "mask_decay_rate"),
         ({"total_steps": 0}, "total_steps"),
         ({"dense_steps": 10}, "dense_steps"),
         ({"mask_decay": "linear", "dense_steps": -1}, "dense_steps"),
@@ -335,6 +344,18 @@ def test_valid_recipes():
         grad_prune="mvue24",
     )
     assert c.structure_decay and c.total_steps == 100 and c.srste_lambda == 0.0
+
+
+def test_structure_decay_needs_a_step_per_stage():
+    """SPEC §8's equal frames are at least one step each: the shortest schedule walks every N:M of the
+    sequence once (1:8: 7, 4, 2, 1), and the error says how many steps it needs."""
+    from nmcompile.reference import effective_n
+
+    c = SparsityConfig(n=1, m=8, structure_decay=True, total_steps=7, dense_steps=2, finetune_steps=1)
+    assert [effective_n(c, t) for t in range(8)] == [8, 8, 7, 4, 2, 1, 1, 1]
+    message = "at least dense_steps + finetune_steps + 4 (a step for each of 7:8 -> 4:8 -> 2:8 -> 1:8)"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SparsityConfig(n=1, m=8, structure_decay=True, total_steps=6, dense_steps=2, finetune_steps=1)
 
 
 def test_power_of_two():
