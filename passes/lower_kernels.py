@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from nmcompile.options import SparsityConfig, power_of_two
+from nmcompile.options import SparsityConfig, power_of_two, structure_sequence
 
 from .find_targets import example_value, size_hint
 
@@ -105,8 +105,16 @@ def _autocast_dtype(weight: torch.Tensor) -> torch.dtype | None:
 
 
 def _dense_parts(config: SparsityConfig) -> str:
-    """Which GEMMs of a ``sparse24`` layer stay dense under ``config``, as a report note."""
+    """Which GEMMs of a ``sparse24`` layer stay dense under ``config``, as a report note (structure
+    decay's stages whose N is not 2:4, such as 3:4, run the forward and input gradient dense)."""
+    from nmcompile.kernels.sparse24 import fits_24
+
     dense = []
+    walk = ([config.m] if config.dense_steps else []) + structure_sequence(config.n, config.m)
+    stages = "/".join(f"{n}:{config.m}" for n in walk if not fits_24(n, config.m))
+    if config.structure_decay and stages:
+        gemms = "forward" if config.backward == "dense" else "forward and input gradient"
+        dense.append(f"{gemms} at {stages} (structure decay)")
     if config.backward == "dense":
         dense.append("input gradient (backward='dense')")
     if config.grad_prune == "none":

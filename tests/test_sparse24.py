@@ -284,6 +284,34 @@ def test_op_matches_portable_op():
         assert_close(got, expected, rel=2e-6, what=what)
 
 
+def test_structure_decay_stages_above_24_run_dense_gemms(emulated_24_library, monkeypatch):
+    """Under structure decay the ``sparse24`` ops hand the 2:4 library only 2:4 operands: at N in force
+    4 or 3 of 4 the forward and input gradient run dense on ``W ⊙ F`` (only MVUE's ``dYᵀ`` is
+    compressed), at 2 all three; every result equals the portable op's at that N."""
+    operands = []
+    semi_structured_mm = sparse24.semi_structured_mm
+
+    def recorded(a, b, **kwargs):
+        operands.append(a)
+        return semi_structured_mm(a, b, **kwargs)
+
+    monkeypatch.setattr(sparse24, "semi_structured_mm", recorded)
+    half = [_randn(*shape, seed=seed, dtype=torch.float16) for seed, shape in enumerate(((12, 32), (16, 32), (16,)))]
+    dy, perm, step = _randn(12, 16, seed=3, dtype=torch.float16), _perm(16), torch.tensor(3)
+    for n_eff, compressed in ((4, 1), (3, 1), (2, 3)):
+        operands.clear()
+        results = []
+        for op, dtype in ((torch.ops.nmsparse.sparse_linear, torch.float32), (kernel_ops.sparse24_linear, None)):
+            x, w, b = (t.to(dtype or t.dtype, copy=True).requires_grad_() for t in half)
+            mask = masked_weight(w.detach(), reference.nm_mask(w.detach(), n_eff, 4, 1)) if dtype else None
+            y = op(x, w, b, mask, perm, 2, 4, 0.01, "t", torch.tensor(n_eff), None, step, "mvue24", 9)
+            y.backward(dy.to(y.dtype))
+            results.append([y.detach(), x.grad, w.grad, b.grad])
+        assert len(operands) == compressed and all(sparse24.is_24(a) for a in operands), n_eff
+        for got, expected, what in zip(results[1], results[0], ("y", "dx", "dw", "db"), strict=True):
+            assert_close(got.float(), expected, rel=2e-3, what=f"{what} at {n_eff}:4")  # fp16 results
+
+
 @pytest.fixture
 def cpu_sparse24(monkeypatch):
     """Let the lowering choose ``sparse24`` on CPU tensors: every check but the device's (the ops then
@@ -301,8 +329,14 @@ def cpu_sparse24(monkeypatch):
 @interpreted
 @pytest.mark.parametrize(
     "options",
-    [{"grad_prune": "mvue24"}, {"backward": "transposable", "grad_prune": "mvue12"}, {"backward": "dense"}, {}],
-    ids=["mvue24", "transposable", "dense-backward", "no-grad-prune"],
+    [
+        {"grad_prune": "mvue24"},
+        {"backward": "transposable", "grad_prune": "mvue12"},
+        {"backward": "dense"},
+        {},
+        {"structure_decay": True, "total_steps": 3, "dense_steps": 1, "grad_prune": "mvue24"},
+    ],
+    ids=["mvue24", "transposable", "dense-backward", "no-grad-prune", "structure-decay"],
 )
 def test_sparse24_path_matches_reference(cpu_sparse24, options):
     """3 SGD steps on the ``sparse24`` ops: outputs, gradients and weights agree with the reference."""
@@ -319,6 +353,9 @@ def test_report_and_graph_of_sparse24(cpu_sparse24):
     }
     rows = nmcompile.explain(MLP(), torch.randn(8, 32), kernels="sparse24", inner="aot_eager").rows
     assert {r.kernel for r in rows} == {"sparse24 (dense: weight gradient (grad_prune='none'))"}
+    decay = {"structure_decay": True, "total_steps": 10, "dense_steps": 2, "grad_prune": "mvue24"}
+    rows = nmcompile.explain(MLP(), torch.randn(8, 32), kernels="sparse24", inner="aot_eager", **decay).rows
+    assert {r.kernel for r in rows} == {"sparse24 (dense: forward and input gradient at 4:4/3:4 (structure decay))"}
     x64 = torch.randn(8, 32, dtype=torch.float64)
     doubles = nmcompile.explain(MLP().double(), x64, kernels="sparse24", inner="aot_eager").rows
     dtype = "weight dtype torch.float64 (the kernels take fp32, fp16, bf16)"

@@ -139,11 +139,17 @@ triton_linear.register_autograd(_triton_backward, setup_context=_setup_linear)  
 
 
 def _mm24(
-    a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None = None, transpose_result: bool = False
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    transpose_result: bool = False,
+    pattern: tuple[int, int] = (2, 4),
 ) -> torch.Tensor:
-    """``sparse24.semi_structured_mm(a, b, ...)`` where 2:4 sparse tensor cores take ``a``; else (the
-    CPU tests, fp32) the same operands meet a dense GEMM, with the same result layout."""
-    if sparse24.blocker(a.device, a.dtype) is None:
+    """``sparse24.semi_structured_mm(a, b, ...)`` where 2:4 sparse tensor cores take ``a``, whose N:M
+    ``pattern`` (along its last dim) is 2:4; else (the CPU tests, fp32, or structure decay's N in force
+    above 2:4) the same operands meet a dense GEMM, with the same result layout."""
+    if sparse24.fits_24(*pattern) and sparse24.blocker(a.device, a.dtype) is None:
         return sparse24.semi_structured_mm(a, b, bias=bias, transpose_result=transpose_result)
     out = a @ b
     if bias is not None:
@@ -168,10 +174,12 @@ def sparse24_linear(
     grad_prune: str = "none",
     prune_key: int = 0,
 ) -> torch.Tensor:
-    """``nmsparse::sparse_linear`` as ``Yᵀ = (W ⊙ F) Xᵀ`` with ``W ⊙ F`` compressed 2:4 (no mask decay)."""
+    """``nmsparse::sparse_linear`` as ``Yᵀ = (W ⊙ F) Xᵀ`` with ``W ⊙ F`` compressed 2:4 (no mask decay);
+    a dense GEMM on ``W ⊙ F`` while structure decay's N in force is not 2:4 (``_mm24``)."""
     x2d = x.reshape(-1, x.shape[-1])
-    operand = forward_operand(weight, _n(n, n_eff), m, mask=fwd_mask, dtype=x.dtype)
-    y = _mm24(operand, x2d.t(), bias=bias, transpose_result=True)  # contiguous [T, O], as the fake says
+    n = _n(n, n_eff)
+    operand = forward_operand(weight, n, m, mask=fwd_mask, dtype=x.dtype)
+    y = _mm24(operand, x2d.t(), bias=bias, transpose_result=True, pattern=(n, m))  # contiguous [T, O], as the fake
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -195,7 +203,7 @@ def sparse24_input_grad(
         return dy @ forward_operand(weight, n, m, dtype=dy.dtype)
     operand = input_grad_operand(weight, n, m, perm=perm, mask=None if perm is not None else fwd_mask, dtype=dy.dtype)
     dy_perm = dy.index_select(1, perm) if perm is not None else dy
-    return _mm24(operand, dy_perm.t(), transpose_result=True)
+    return _mm24(operand, dy_perm.t(), transpose_result=True, pattern=(n, m))
 
 
 @sparse24_input_grad.register_fake
