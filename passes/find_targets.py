@@ -417,9 +417,9 @@ def _dense_reason(
         return filtered
     if info.shared_as:  # tied by the modules, whichever graphs the uses fall into
         return f"tied: parameter shared with {', '.join(info.shared_as)}"
-    uses = len(_consumers(placeholder))
-    if uses > 1:
-        return f"tied: parameter used by {uses} nodes"
+    uses = _consumers(placeholder)
+    if len(uses) > 1:  # two GEMMs (a tie in one graph), or a GEMM and another op (a penalty on W)
+        return f"tied: parameter used by {len(uses)} nodes ({', '.join(sorted(map(_op_name, uses)))})"
     if extra:
         return f"{kind} with extra arguments {sorted(extra)}"
     if not divisible(cols, config.m):

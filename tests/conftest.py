@@ -110,16 +110,20 @@ MODELS = {
 }
 
 
-def train_and_compare(make_model, shape: tuple, steps: int = 5, channels_last: bool = False, **options) -> tuple:
-    """Train ``reference.sparsify`` and ``torch.compile(backend=nmsparse)`` copies of one model side
-    by side; outputs, input and parameter gradients must agree at every step, weights at the end.
+def train_and_compare(
+    make_model, shape: tuple, steps: int = 5, channels_last: bool = False, reference_options: dict | None = None,
+    **options,
+) -> tuple:  # fmt: skip
+    """Train ``reference.sparsify`` (with ``reference_options`` on top of ``options``) and
+    ``torch.compile(backend=nmsparse)`` copies of one model side by side; outputs, input and parameter
+    gradients must agree at every step, weights at the end.
 
     SGD with momentum, not Adam: a parameter whose true gradient is zero (an attention key bias)
     gets round-off-sized gradients that Adam would scale up to full-size, sign-random updates.
     Returns ``(sparsity_state(reference), sparsity_state(compiled))``.
     """
     base = make_model()
-    ref = reference.sparsify(copy.deepcopy(base), **options)
+    ref = reference.sparsify(copy.deepcopy(base), **{**options, **(reference_options or {})})
     mine = copy.deepcopy(base)
     compiled = torch.compile(mine, backend=nmcompile.backend(**options))
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)

@@ -325,6 +325,27 @@ def test_tied_head_is_dense_across_a_graph_break(graph_break):
     ]
 
 
+def test_weight_used_besides_its_gemm_is_dense_with_the_ops_named():
+    """SPEC §10: a parameter used by more than one node stays dense, also where the second node is not
+    a GEMM (a penalty on ``W`` in the forward); the reason names the nodes, and the model trains as
+    the reference with that layer excluded."""
+
+    class Penalised(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x))) + 1e-3 * self.a.weight.square().sum()
+
+    rows = nmcompile.explain(Penalised(), torch.randn(4, 16), inner="aot_eager").rows
+    assert [(r.name, r.sparse, r.reason) for r in rows] == [
+        ("a.weight", False, "tied: parameter used by 2 nodes (linear, square)"),
+        ("b.weight", True, "2:4, backward=bimask"),
+    ]
+    train_and_compare(Penalised, (4, 16), steps=2, inner="aot_eager", reference_options={"exclude": ("a",)})
+
+
 def test_bad_inputs_have_documented_behaviour():
     """Non-float weights, zero-size batches, NaN/Inf, and a layer whose shapes change."""
 
