@@ -516,7 +516,7 @@ def _eligible_backward(
 ) -> str | None:
     """The backward mode for a weight with ``rows`` = O and ``cols`` = K (per group), or ``None``
     if it stays dense (SPEC §10; a grouped conv needs ``O/groups`` divisible by ``m`` too)."""
-    if tied or not weight.requires_grad or weight.dtype not in FLOAT_DTYPES:
+    if tied or not weight.requires_grad or weight.dtype not in FLOAT_DTYPES or not weight.numel():
         return None
     if config.name_filter_reason(name) is not None or cols % config.m:
         return None

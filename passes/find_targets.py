@@ -410,6 +410,8 @@ def _dense_reason(
     """Why a parameter GEMM stays dense (SPEC §10), or ``None`` if it can be sparsified."""
     if value.dtype not in FLOAT_DTYPES:
         return f"dtype {value.dtype} is not floating point"
+    if 0 in value.shape:
+        return f"empty weight {list(value.shape)}: nothing to prune"
     if not value.requires_grad:
         return "frozen parameter (requires_grad=False)"
     filtered = config.name_filter_reason(info.name)

@@ -346,6 +346,27 @@ def test_weight_used_besides_its_gemm_is_dense_with_the_ops_named():
     train_and_compare(Penalised, (4, 16), steps=2, inner="aot_eager", reference_options={"exclude": ("a",)})
 
 
+def test_empty_weights_run_dense_with_a_reason():
+    """SPEC §10, never an exception: ``nn.Linear(0, 4)`` and ``nn.Linear(4, 0)`` (zero-size weights,
+    which plain PyTorch trains) run dense with a reason beside a sparse layer, as in the reference."""
+
+    class Empty(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.none_in, self.none_out = nn.Linear(8, 8), nn.Linear(0, 8), nn.Linear(8, 0)
+
+        def forward(self, x):
+            return self.fc(x) + self.none_in(x[:, :0]) + self.none_out(x).sum()
+
+    rows = nmcompile.explain(Empty(), torch.randn(4, 8), inner="aot_eager").rows
+    assert [(r.name, r.sparse, r.reason) for r in rows] == [
+        ("fc.weight", True, "2:4, backward=bimask"),
+        ("none_in.weight", False, "empty weight [8, 0]: nothing to prune"),
+        ("none_out.weight", False, "empty weight [0, 8]: nothing to prune"),
+    ]
+    train_and_compare(Empty, (4, 8), steps=2, inner="aot_eager")
+
+
 def test_bad_inputs_have_documented_behaviour():
     """Non-float weights, zero-size batches, NaN/Inf, and a layer whose shapes change."""
 
