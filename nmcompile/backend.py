@@ -498,8 +498,17 @@ class NMSparseBackend:
 
 
 def backend(**options: Any) -> NMSparseBackend:
-    """``torch.compile(model, backend=nmcompile.backend(n=2, m=4, ...))``; options checked here, now."""
-    return NMSparseBackend(SparsityConfig.from_options(options))
+    """``torch.compile(model, backend=nmcompile.backend(n=2, m=4, ...))``; options checked here, now.
+
+    Equal options give the same object: dynamo guards its graphs on the backend's identity, so a
+    new object per compile of one model class would recompile each time and, past
+    ``torch._dynamo.config.recompile_limit``, run the model eagerly, dense."""
+    return _shared_backend(SparsityConfig.from_options(options))
+
+
+@functools.cache
+def _shared_backend(config: SparsityConfig) -> NMSparseBackend:
+    return NMSparseBackend(config)
 
 
 def nmsparse(

@@ -225,6 +225,24 @@ def test_two_instances_of_one_class_keep_their_own_states(shared_backend):
             assert state["step"] == expected[name]["step"] == 6 and torch.equal(state["perm"], expected[name]["perm"])
 
 
+def test_equal_options_give_one_backend_past_the_recompile_limit():
+    """``nmcompile.backend`` with equal options returns one object, so dynamo, which guards graphs on
+    the backend's identity, reuses the graph for more models of one class than its recompile limit
+    (each had been a recompile, then an eager, dense run); each model still trains its own states."""
+    torch._dynamo.reset()
+    assert nmcompile.backend(inner="aot_eager", include=["fc.*"]) is nmcompile.backend(
+        include=("fc.*",), inner="aot_eager"
+    )
+    assert nmcompile.backend(inner="aot_eager") is not nmcompile.backend(inner="aot_eager", n=1)
+    models = [MLP() for _ in range(torch._dynamo.config.recompile_limit + 2)]
+    for model in models:
+        torch.compile(model, backend=nmcompile.backend(inner="aot_eager"))(torch.randn(4, 32)).sum().backward()
+    assert [sorted(nmcompile.sparsity_state(m)) for m in models] == [["fc1.weight", "fc2.weight", "head.weight"]] * len(
+        models
+    )
+    assert all(s["step"] == 1 for m in models for s in nmcompile.sparsity_state(m).values())
+
+
 def test_instances_sharing_graphs_of_two_backends_keep_their_own_states():
     """Two blocks of one class, each compiled with an evaluation backend (other options) and then a
     training one: dynamo reuses each backend's graph for the second block, which still trains on

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,6 +120,27 @@ def test_failed_gpu_row_set_up_is_a_reason(monkeypatch):
     assert [r.reason for r in failed] == ["failed: RuntimeError: CUDA error: misaligned address"] * 3
     assert all(r.median_ms is None for r in failed)
     assert all(r.reason == "off" and r.median_ms is None for r in rows if r.name != "sparse24 gemm")
+
+
+def test_composite_mask_row_compiles_its_own_graph(monkeypatch):
+    """The composite-mask row's model (same class as the portable row's, same options) gets a graph
+    of its own, compiled with the C mask kernels off: dynamo would otherwise reuse the portable
+    row's graph for it, and the two rows would time the same thing."""
+    from nmcompile.kernels import cpu_mask
+
+    backend_module = sys.modules["nmcompile.backend"]
+    compiled, compile_graph = [], backend_module.compile_graph
+
+    def recorded(gm, *args, **kwargs):
+        compiled.append(cpu_mask.blocker(torch.ones(4, 4), 4) == "off for this row")
+        return compile_graph(gm, *args, **kwargs)
+
+    monkeypatch.setattr(backend_module, "compile_graph", recorded)
+    torch._dynamo.reset()
+    base, shape = step.make_block("ffn", SIZES["tiny"])
+    for name in ("nmsparse portable", "nmsparse portable, composite mask"):
+        step._prepare(name, copy.deepcopy(base), torch.device("cpu"), torch.float32)(torch.randn(shape))
+    assert compiled == [False, True]
 
 
 def test_cpu_only_row_has_a_reason_elsewhere():
