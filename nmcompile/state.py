@@ -304,6 +304,9 @@ class StateRegistry:
         views = self._views.setdefault(weight, {})
         slot = spec.name.rsplit(".", 1)[-1]
         state = views.get(spec)
+        if state is None and not views and owner is not None and self.slot_state(owner, slot, weight) is not None:
+            views = self._views[weight]  # a new Parameter in a layer's place takes over the layer's state
+            state = views.get(spec)
         if state is not None:
             if owner is not None and state.owner() is not owner:  # the module was swapped (reference.sparsify)
                 state.set_owner(owner)
@@ -375,8 +378,9 @@ class StateRegistry:
     def checkpoint_entry(self, module: nn.Module, name: str, param: torch.Tensor) -> dict[str, Any] | None:
         """What a checkpoint saves for ``module``'s parameter ``name``: its state's payload (under
         FSDP2, the state of the unsharded Parameter in that slot), or the payload held for it."""
-        state = self._states.get(param)
-        if state is None and isinstance(param, torch.distributed.tensor.DTensor):
+        if not isinstance(param, torch.distributed.tensor.DTensor):
+            state = self.slot_state(module, name, param)
+        elif (state := self._states.get(param)) is None:  # the sharded Parameter: the slot's state
             state = self._slots.get(module, {}).get(name)
         if state is not None:
             return state.payload() if state.fits(param) else None
@@ -396,16 +400,19 @@ class StateRegistry:
                 self._pending.setdefault(copy, {})[name] = {**entry, "perm": entry["perm"].clone()}
         self._hooked[copy] = True
 
-    def _state_of(self, module: nn.Module, name: str, param: torch.Tensor) -> LayerState | None:
-        """``param``'s state; where ``load_state_dict(assign=True)`` put a new Parameter in a slot
-        that had one, the slot's state, which then follows the new Parameter (the compiled graphs
-        look states up by the Parameters they are given)."""
+    def slot_state(self, module: nn.Module, name: str, param: torch.Tensor) -> LayerState | None:
+        """``param``'s state; where a new Parameter has taken the place of ``module``'s parameter
+        ``name`` (``load_state_dict(assign=True)``, ``.to()`` under
+        ``torch.__future__.set_overwrite_module_params_on_conversion(True)``, ``layer.weight =
+        nn.Parameter(...)``) with that slot's rows and device, the slot's state, which then follows
+        the new Parameter (the compiled graphs look states up by the Parameters they are given)."""
         state = self._states.get(param)
         if state is None:
             state = self._slots.get(module, {}).get(name)
-            if state is not None:
-                self._states[param] = state
-                self._views[param] = {state.spec: state}
+            if state is None or not state.fits(param) or state.device != param.device:
+                return None
+            self._states[param] = state
+            self._views[param] = {state.spec: state}
         return state
 
     def restore_from(self, root: nn.Module, metadata: Any, loaded: Collection[str]) -> None:
@@ -420,7 +427,7 @@ class StateRegistry:
             for name, param in module.named_parameters(recurse=False):
                 if (f"{prefix}.{name}" if prefix else name) not in loaded:
                     continue
-                state = self._state_of(module, name, param)
+                state = self.slot_state(module, name, param)
                 if name in entries:
                     if state is not None:
                         state.load_payload(entries[name])
@@ -536,8 +543,12 @@ def sparsity_state(model: nn.Module, registry: StateRegistry = DEFAULT_REGISTRY)
     module = unwrap(model)
     unsharded = unsharded_parameters(module)
     out: dict[str, dict[str, Any]] = {}
+    owners = {id(p): (owner, slot) for owner in module.modules() for slot, p in owner.named_parameters(recurse=False)}
     for name, param in module.named_parameters():
-        state = registry.get(unsharded.get(id(param), param))
+        key = unsharded.get(id(param), param)
+        if registry.get(key) is None and key is param:  # a new Parameter in a layer's place, not yet run
+            registry.slot_state(*owners[id(param)], param)
+        state = registry.get(key)
         if state is not None:
             full = param.full_tensor() if isinstance(param, torch.distributed.tensor.DTensor) else param
             out[name] = state.summary(full)

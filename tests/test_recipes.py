@@ -348,6 +348,36 @@ def test_assign_load_after_compile_moves_the_state_to_the_new_parameters():
     assert all(saved[name.rsplit(".", 1)[0]]["nmsparse"]["weight"]["step"] == 6 for name in expected)
 
 
+def test_new_parameters_in_a_layers_place_keep_its_state():
+    """``.double()`` under ``set_overwrite_module_params_on_conversion(True)`` and ``layer.weight =
+    nn.Parameter(...)`` put new Parameters in the layers: the states (step, permutation) follow them,
+    in ``sparsity_state``, the next checkpoint and the next step; a weight of other rows starts afresh."""
+    options = {"inner": "aot_eager", "perm_interval": 1}
+    model, _ = _trained(3, options)
+    compiled = torch.compile(model, backend=nmcompile.backend(**options))
+    expected = nmcompile.sparsity_state(model)
+    flag = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        old = model.fc1.weight
+        model.double()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(flag)
+    assert model.fc1.weight is not old
+    got = nmcompile.sparsity_state(model)
+    assert {k: (s["step"], s["perm"].tolist()) for k, s in got.items()} == {
+        k: (s["step"], s["perm"].tolist()) for k, s in expected.items()
+    }
+    assert model.state_dict()._metadata["fc1"]["nmsparse"]["weight"]["step"] == 3
+    model.fc2.weight = nn.Parameter(model.fc2.weight.detach().clone())
+    compiled(torch.randn(4, 32, dtype=torch.float64)).sum().backward()
+    assert {k: s["step"] for k, s in nmcompile.sparsity_state(model).items()} == {k: 4 for k in expected}
+    model.head.weight = nn.Parameter(torch.randn(12, 64, dtype=torch.float64))  # other rows: a new state
+    model.head.bias = nn.Parameter(torch.zeros(12, dtype=torch.float64))
+    compiled(torch.randn(4, 32, dtype=torch.float64)).sum().backward()
+    assert nmcompile.sparsity_state(model)["head.weight"]["step"] == 1
+
+
 def test_checkpoint_saved_again_before_the_first_forward_keeps_the_state():
     """A state loaded but not yet used (no compiled forward since) is saved again as it was loaded."""
     _, checkpoint = _trained(3, {"inner": "aot_eager", "perm_interval": 1})
