@@ -561,6 +561,8 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
         swap = {nn.Linear: SparseLinear, nn.Conv1d: SparseConvNd, nn.Conv2d: SparseConvNd, nn.Conv3d: SparseConvNd}
         if type(module) in swap and id(module.weight) in index:  # not a computed weight (old weight_norm)
             new = swap[type(module)](module)  # owns the state: model.eval() reaches it
+            for key in _MODULE_STATE:  # the same dicts: the user's hook handles still remove their hooks
+                setattr(new, key, getattr(module, key))
             owner = new if mod_name else model  # the model is the layer: it keeps its class, runs new's forward
             rule = rule_for(prefix + "weight", module.weight, "out_in", owner, getattr(module, "groups", 1))
             if rule is not None:
@@ -581,6 +583,11 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
 
         _route_gemms(model, _GemmInterceptor({key: p for key, (_, p, _) in others.items()}, make_rule))
     return model
+
+
+# What a swapped-in layer takes from the module it replaces besides its parameters: training mode,
+# buffers and every hook (forward, backward, state_dict).
+_MODULE_STATE = tuple(key for key in vars(nn.Module()) if key not in ("_parameters", "_modules"))
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -300,6 +300,27 @@ def test_reference_keeps_a_layer_called_twice_in_one_forward_dense():
     assert nmcompile.sparsity_state(ref)["fc.weight"]["step"] == 5
 
 
+def test_reference_swapped_layers_keep_hooks_and_eval_mode():
+    """``reference.sparsify`` swaps ``nn.Linear`` for ``SparseLinear`` keeping the module's hooks (the
+    user's handle still removes them) and its eval mode: a model with a forward hook on a layer
+    trains as the compiled backend trains it, and an eval-mode forward with grad counts no step."""
+
+    class Hooked(MLP):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1.register_forward_hook(lambda module, args, out: 2 * out)
+
+    train_and_compare(Hooked, (4, 32), steps=2, inner="aot_eager")
+    model = MLP().eval()
+    handle = model.fc2.register_forward_pre_hook(lambda module, args: (args[0] + 1,))
+    reference.sparsify(model)
+    assert type(model.fc2) is reference.SparseLinear and not model.fc2.training
+    model(torch.randn(4, 32)).sum().backward()
+    assert {s["step"] for s in nmcompile.sparsity_state(model).values()} == {0}
+    handle.remove()
+    assert not model.fc2._forward_pre_hooks
+
+
 @pytest.mark.parametrize("graph_break", [False, True])
 def test_tied_head_is_dense_across_a_graph_break(graph_break):
     """A head sharing the embedding's weight stays dense also where a graph break puts the
