@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from nmcompile import ops
 from nmcompile.inspection import CompileRecord, dump_dir
@@ -28,7 +27,15 @@ from nmcompile.options import SparsityConfig, SparsityConfigError
 from nmcompile.passes import ParamInfo, decompose_attention, find_targets, insert_masks, lower_kernels, name_nodes
 from nmcompile.passes.find_targets import identifier
 from nmcompile.passes.insert_masks import copy_graph_module
-from nmcompile.state import DEFAULT_REGISTRY, LayerSpec, LayerState, StateRegistry, unsharded_parameters
+from nmcompile.state import (
+    DEFAULT_REGISTRY,
+    LayerSpec,
+    LayerState,
+    StateRegistry,
+    WeightKeyDictionary,
+    anchor,
+    unsharded_parameters,
+)
 
 _SOURCE = re.compile(r"^([LG])\['([^']+)'\]((?:\._modules\['[^']+'\])*)\._parameters\['([^']+)'\]$")
 _MODULE_STEP = re.compile(r"\._modules\['([^']+)'\]")
@@ -254,20 +261,20 @@ class _Runner:
         self.layers = [(spec, position, state) for spec, position, state, _ in layers]  # spec, weight's input, state
         self.registry = registry
         # Per layer, the last call's weight and state: the compiled weight's own to start with.
-        self._last = [(weakref.ref(weight), state) for _, _, state, weight in layers]
+        self._last = [(weakref.ref(anchor(weight)), state) for _, _, state, weight in layers]
 
     def _state(self, k: int, weight: torch.Tensor) -> LayerState:
         """Layer ``k``'s state for ``weight``: the last call's where the weight is the same (the
         usual case, one check), else the registry's for this layer's options."""
         last = self._last[k]
-        if last[0]() is weight:
+        if last[0]() is anchor(weight):
             return last[1]
         spec = self.layers[k][0]
         state = self.registry.find(weight, spec)
         if state is None:
             name, index, owner = _locate(weight, spec)
             state = self.registry.get_or_create(weight, dataclasses.replace(spec, name=name, index=index), owner)
-        self._last[k] = (weakref.ref(weight), state)
+        self._last[k] = (weakref.ref(anchor(weight)), state)
         return state
 
     def __call__(self, *args: Any) -> Any:
@@ -402,9 +409,9 @@ class _Variants:
         placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         self.inputs = [(placeholders.index(name), name, _Known.of(info)) for name, info in params.items()]
         self.compiled_choice = tuple(self._choice(known, self._admitted(known)) for _, _, known in self.inputs)
-        self._seen = WeakIdKeyDictionary()  # weight -> (its _Known, whether the name filter admits it), found once
+        self._seen = WeightKeyDictionary()  # weight -> (its _Known, whether the name filter admits it), found once
         self._runners: dict[tuple, _Runner] = {}
-        self._fits = [weakref.ref(info.param) for info in params.values()]
+        self._fits = [weakref.ref(anchor(info.param)) for info in params.values()]
 
     def _admitted(self, known: _Known) -> bool:
         return self.config.name_filter_reason(known.name) is None
@@ -425,14 +432,14 @@ class _Variants:
     def runner(self, args: Sequence[Any]) -> _Runner | None:
         """The runner of the graph rewritten for ``args``' weights, or ``None`` where the compiled one fits."""
         weights = [args[position] for position, _, _ in self.inputs]
-        if all(ref() is w for ref, w in zip(self._fits, weights, strict=True)):
+        if all(ref() is anchor(w) for ref, w in zip(self._fits, weights, strict=True)):
             return None  # the weights of the last call the compiled graph fitted: the usual case
         entries = [self._known(w, k) for w, (_, _, k) in zip(weights, self.inputs, strict=True)]
         ids = [id(w) for w in weights]
         tied = [ids.count(i) > 1 for i in ids]  # a weight at two inputs: tied after compiling
         choice = tuple(self._choice(k, admitted, t) for (k, admitted), t in zip(entries, tied, strict=True))
         if choice == self.compiled_choice:
-            self._fits = [weakref.ref(w) for w in weights]
+            self._fits = [weakref.ref(anchor(w)) for w in weights]
             return None
         runner = self._runners.get(choice)
         if runner is None:

@@ -276,8 +276,48 @@ def _perm_problem(perm: Any, rows: int, groups: int) -> str | None:
     return None
 
 
+_ANCHOR = "_nmsparse_anchor"
+
+
+def anchor(weight: torch.Tensor) -> torch.Tensor:
+    """What weak references to ``weight`` go to instead of ``weight``: a 0-element tensor in its
+    ``__dict__``, which dies with it. ``torch.utils.swap_tensors`` (``load_state_dict`` and ``.to()``
+    under ``torch.__future__.set_swap_module_params_on_conversion(True)``) refuses a tensor that has
+    weak references; it moves the ``__dict__``, so the anchor leaves with the old tensor, and the new
+    one in the layer's place takes the layer's state by its slot (``StateRegistry.slot_state``)."""
+    key = weight.__dict__.get(_ANCHOR)
+    if key is None:
+        key = weight.__dict__[_ANCHOR] = torch.empty(0)
+    return key
+
+
+class WeightKeyDictionary:
+    """A dict keyed by weights, weakly, through their ``anchor``."""
+
+    def __init__(self) -> None:
+        self._data = WeakIdKeyDictionary()
+
+    def get(self, weight: torch.Tensor, default: Any = None) -> Any:
+        return self._data.get(anchor(weight), default)
+
+    def setdefault(self, weight: torch.Tensor, default: Any) -> Any:
+        return self._data.setdefault(anchor(weight), default)
+
+    def __getitem__(self, weight: torch.Tensor) -> Any:
+        return self._data[anchor(weight)]
+
+    def __setitem__(self, weight: torch.Tensor, value: Any) -> None:
+        self._data[anchor(weight)] = value
+
+    def __delitem__(self, weight: torch.Tensor) -> None:
+        del self._data[anchor(weight)]
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
 class StateRegistry:
-    """Maps weight parameters (weakly, by identity) to their ``LayerState``: one per compile spec
+    """Maps weight parameters (weakly, by identity, through ``anchor``) to their ``LayerState``: one per compile spec
     (each compile's own name, layer index and options), all sharing the weight's ``Progress``.
 
     A ``persistent`` registry (the default one) also makes states travel with the owning module's
@@ -286,8 +326,8 @@ class StateRegistry:
 
     def __init__(self, persistent: bool = False) -> None:
         self.persistent = persistent
-        self._states: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> its newest state
-        self._views: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> {spec: state}
+        self._states = WeightKeyDictionary()  # weight -> its newest state
+        self._views = WeightKeyDictionary()  # weight -> {spec: state}
         # These three by owning module and parameter name, the slot a state belongs to: it outlives
         # the Parameter object there (assign=True loads) and is shared by FSDP2's sharded and
         # unsharded Parameters.

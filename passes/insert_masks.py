@@ -37,11 +37,14 @@ class StateInput:
 
 
 def copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
-    """A new ``GraphModule`` with a copy of ``gm``'s graph, dynamo sources and metadata kept."""
+    """A new ``GraphModule`` with a copy of ``gm``'s graph, dynamo sources and metadata kept, but
+    dynamo's ``grapharg`` (its weak reference to the real input, a Parameter, would outlive the
+    compile in the copy, and ``torch.utils.swap_tensors`` refuses a tensor with weak references)."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     graph.output(graph.graph_copy(gm.graph, env))
     for old, new in env.items():
+        new.meta.pop("grapharg", None)
         if hasattr(old, "_dynamo_source"):
             new._dynamo_source = old._dynamo_source  # type: ignore[attr-defined]
     new_gm = fx.GraphModule(gm, graph)

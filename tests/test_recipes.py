@@ -378,6 +378,30 @@ def test_new_parameters_in_a_layers_place_keep_its_state():
     assert nmcompile.sparsity_state(model)["head.weight"]["step"] == 1
 
 
+def test_swapped_parameters_keep_the_state_and_checkpoints_load():
+    """Under ``set_swap_module_params_on_conversion(True)`` torch swaps Parameters in place, which it
+    refuses for a tensor with weak references: after compiled training ``.double()`` and
+    ``load_state_dict`` work (no weak reference to a Parameter is kept), the states follow the
+    swapped weights, and the load restores the checkpoint's states."""
+    options = {"inner": "aot_eager", "perm_interval": 1}
+    model, checkpoint = _trained(3, options)
+    compiled = torch.compile(model, backend=nmcompile.backend(**options))
+    expected = {k: (s["step"], s["perm"].tolist()) for k, s in nmcompile.sparsity_state(model).items()}
+    flag = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        weight = model.fc1.weight
+        model.double()
+        assert model.fc1.weight is weight and weight.dtype == torch.float64
+        assert {k: (s["step"], s["perm"].tolist()) for k, s in nmcompile.sparsity_state(model).items()} == expected
+        compiled(torch.randn(4, 32, dtype=torch.float64)).sum().backward()
+        assert {k: s["step"] for k, s in nmcompile.sparsity_state(model).items()} == {k: 4 for k in expected}
+        model.load_state_dict(checkpoint)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(flag)
+    assert {k: (s["step"], s["perm"].tolist()) for k, s in nmcompile.sparsity_state(model).items()} == expected
+
+
 def test_checkpoint_saved_again_before_the_first_forward_keeps_the_state():
     """A state loaded but not yet used (no compiled forward since) is saved again as it was loaded."""
     _, checkpoint = _trained(3, {"inner": "aot_eager", "perm_interval": 1})
