@@ -332,10 +332,13 @@ class Report:
     __repr__ = __str__
 
 
-def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Report:
+def explain(
+    model: torch.nn.Module, *example_inputs: Any, kwargs: Mapping[str, Any] | None = None, **options: Any
+) -> Report:
     """Compile ``model`` on the side with ``options`` and report what the backend would rewrite.
 
-    Runs one forward and one backward on ``example_inputs`` (``torch.autograd.grad``, so no
+    Runs one forward, ``model(*example_inputs, **kwargs)`` (keyword inputs go in ``kwargs``, as in
+    ``torch.export``, since other keywords are options), and one backward (``torch.autograd.grad``, so no
     ``.grad`` is touched) with a private copy of the layer states (the report shows the user's
     current step, N and decay factor); buffers and the random generators (dropout draws from them)
     are restored afterwards, so the user's model, states, optimizer and later steps see nothing.
@@ -344,6 +347,8 @@ def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Rep
     from nmcompile.state import DEFAULT_REGISTRY, StateRegistry, unwrap
 
     config = SparsityConfig.from_options(options)
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise TypeError(f"nmcompile.explain: kwargs= takes the forward's keyword inputs as a mapping, got {kwargs!r}")
     module = unwrap(model)
     records: list[CompileRecord] = []
     registry = StateRegistry()  # private, starting from the user's current states
@@ -362,7 +367,7 @@ def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Rep
     cuda = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=cuda), torch.enable_grad():
-            out = compiled(*example_inputs)
+            out = compiled(*example_inputs, **(kwargs or {}))
             outputs = [
                 t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad
             ]

@@ -137,6 +137,26 @@ def test_explain_rejects_bad_options():
         nmcompile.explain(MLP(), torch.randn(4, 32), backward="nope")
 
 
+def test_explain_takes_keyword_inputs_in_kwargs():
+    """The forward's keyword inputs go in ``kwargs=`` (other keywords are options): a masked input
+    reaches the model, and a ``kwargs`` that is not a mapping is a TypeError."""
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x, mask=None):
+            return self.fc(x if mask is None else x * mask)
+
+    x, mask = torch.randn(4, 8), torch.zeros(4, 8)
+    report = nmcompile.explain(Masked(), x, kwargs={"mask": mask}, n=1, inner="aot_eager")
+    assert [(r.name, r.sparse, r.reason) for r in report.rows] == [("fc.weight", True, "1:4, backward=bimask")]
+    assert any(n.name == "l_mask_" for n in report.forward_graph.graph.nodes if n.op == "placeholder")
+    with pytest.raises(TypeError, match="kwargs= takes the forward's keyword inputs as a mapping"):
+        nmcompile.explain(Masked(), x, kwargs=[mask])
+
+
 def test_explain_and_state_on_odd_inputs():
     """A function is a TypeError that says what to pass; a model without GEMMs gets a table that says
     so; a frozen model's one graph is ``inference_graph`` (forward and backward are ``None``)."""
