@@ -284,11 +284,13 @@ def anchor(weight: torch.Tensor) -> torch.Tensor:
     ``__dict__``, which dies with it. ``torch.utils.swap_tensors`` (``load_state_dict`` and ``.to()``
     under ``torch.__future__.set_swap_module_params_on_conversion(True)``) refuses a tensor that has
     weak references; it moves the ``__dict__``, so the anchor leaves with the old tensor, and the new
-    one in the layer's place takes the layer's state by its slot (``StateRegistry.slot_state``)."""
-    key = weight.__dict__.get(_ANCHOR)
-    if key is None:
-        key = weight.__dict__[_ANCHOR] = torch.empty(0)
-    return key
+    one in the layer's place takes the layer's state by its slot (``StateRegistry.slot_state``).
+    It is stored with ``id(weight)``: a ``__dict__`` that came from another tensor (``copy.copy``,
+    unpickling, the other side of a swap) gets an anchor of its own."""
+    entry = weight.__dict__.get(_ANCHOR)
+    if entry is None or entry[0] != id(weight):
+        entry = weight.__dict__[_ANCHOR] = (id(weight), torch.empty(0))
+    return entry[1]
 
 
 class WeightKeyDictionary:

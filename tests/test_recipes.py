@@ -21,6 +21,7 @@ from torch._dynamo.utils import counters
 
 import nmcompile
 from nmcompile import reference
+from nmcompile.state import DEFAULT_REGISTRY
 
 SAMPLES = 20000
 
@@ -400,6 +401,8 @@ def test_swapped_parameters_keep_the_state_and_checkpoints_load():
     finally:
         torch.__future__.set_swap_module_params_on_conversion(flag)
     assert {k: (s["step"], s["perm"].tolist()) for k, s in nmcompile.sparsity_state(model).items()} == expected
+    shallow = copy.copy(model.fc1.weight)  # shares the __dict__ entries, not the state
+    assert DEFAULT_REGISTRY.get(shallow) is None and DEFAULT_REGISTRY.get(model.fc1.weight) is not None
 
 
 def test_checkpoint_saved_again_before_the_first_forward_keeps_the_state():
