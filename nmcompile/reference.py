@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import _WrappedHook
 from torch.overrides import TorchFunctionMode
 
 from nmcompile.options import SparsityConfig, structure_sequence
@@ -561,8 +562,7 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
         swap = {nn.Linear: SparseLinear, nn.Conv1d: SparseConvNd, nn.Conv2d: SparseConvNd, nn.Conv3d: SparseConvNd}
         if type(module) in swap and id(module.weight) in index:  # not a computed weight (old weight_norm)
             new = swap[type(module)](module)  # owns the state: model.eval() reaches it
-            for key in _MODULE_STATE:  # the same dicts: the user's hook handles still remove their hooks
-                setattr(new, key, getattr(module, key))
+            _take_module_state(module, new)
             owner = new if mod_name else model  # the model is the layer: it keeps its class, runs new's forward
             rule = rule_for(prefix + "weight", module.weight, "out_in", owner, getattr(module, "groups", 1))
             if rule is not None:
@@ -588,6 +588,19 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
 # What a swapped-in layer takes from the module it replaces besides its parameters: training mode,
 # buffers and every hook (forward, backward, state_dict).
 _MODULE_STATE = tuple(key for key in vars(nn.Module()) if key not in ("_parameters", "_modules"))
+
+
+def _take_module_state(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` the ``_MODULE_STATE`` of ``old``, the same dicts (the user's hook handles still
+    remove their hooks); a hook that torch called with ``old`` (``register_load_state_dict_pre_hook``
+    wraps it with a weak reference to its module) is called with ``new``."""
+    for key in _MODULE_STATE:
+        value = getattr(old, key)
+        if isinstance(value, dict):
+            for hook_id, hook in value.items():
+                if isinstance(hook, _WrappedHook) and hook.with_module and hook.module() is old:
+                    value[hook_id] = _WrappedHook(hook.hook, new)
+        setattr(new, key, value)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

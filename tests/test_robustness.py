@@ -313,12 +313,17 @@ def test_reference_swapped_layers_keep_hooks_and_eval_mode():
     train_and_compare(Hooked, (4, 32), steps=2, inner="aot_eager")
     model = MLP().eval()
     handle = model.fc2.register_forward_pre_hook(lambda module, args: (args[0] + 1,))
+    loads = []  # torch calls this hook with its module, held weakly: now the SparseLinear
+    model.fc2.register_load_state_dict_pre_hook(lambda module, *args: loads.append(type(module).__name__))
     reference.sparsify(model)
     assert type(model.fc2) is reference.SparseLinear and not model.fc2.training
     model(torch.randn(4, 32)).sum().backward()
     assert {s["step"] for s in nmcompile.sparsity_state(model).values()} == {0}
     handle.remove()
     assert not model.fc2._forward_pre_hooks
+    gc.collect()  # the replaced nn.Linear is gone
+    model.load_state_dict(model.state_dict())
+    assert loads == ["SparseLinear"]
 
 
 @pytest.mark.parametrize("graph_break", [False, True])
