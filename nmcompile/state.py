@@ -99,6 +99,7 @@ class LayerState:
         self.progress = progress if progress is not None else Progress(torch.arange(spec.rows, device=device))
         self.device = device
         self._owner = weakref.ref(owner) if owner is not None else None
+        self.holder: weakref.ref | None = None  # the anchor of the weight it serves (StateRegistry)
 
     @property
     def perm(self) -> torch.Tensor:
@@ -359,8 +360,7 @@ class StateRegistry:
         if shared is not None and owner is None:
             owner = shared.owner()
         state = LayerState(spec, weight.device, owner, shared.progress if shared is not None else None)
-        views[spec] = state
-        self._states[weight] = state
+        self._serve(weight, state)
         if owner is not None:
             self._slots.setdefault(owner, {})[slot] = state
             payload = None if shared is not None else self._pending.get(owner, {}).pop(slot, None)
@@ -442,20 +442,36 @@ class StateRegistry:
                 self._pending.setdefault(copy, {})[name] = {**entry, "perm": entry["perm"].clone()}
         self._hooked[copy] = True
 
-    def slot_state(self, module: nn.Module, name: str, param: torch.Tensor) -> LayerState | None:
+    def slot_state(self, module: nn.Module, name: str, param: torch.Tensor, loading: bool = False) -> LayerState | None:
         """``param``'s state; where a new Parameter has taken the place of ``module``'s parameter
-        ``name`` (``load_state_dict(assign=True)``, ``.to()`` under
-        ``torch.__future__.set_overwrite_module_params_on_conversion(True)``, ``layer.weight =
-        nn.Parameter(...)``) with that slot's rows and device, the slot's state, which then follows
-        the new Parameter (the compiled graphs look states up by the Parameters they are given)."""
+        ``name`` with that slot's rows and device, the slot's state, which then follows the new
+        Parameter (the compiled graphs look states up by the Parameters they are given), with a
+        checkpoint payload held for the slot loaded into it.
+
+        A load (``loading``: ``load_state_dict(assign=True)``) hands it over always; otherwise only
+        where the Parameter it served is gone (``.to()`` under ``torch.__future__``'s overwrite or
+        swap flag, ``layer.weight = nn.Parameter(...)``), not to one that stands in for it while it
+        lives (``torch.func.functional_call``). A Parameter that took another slot's state (tied
+        into two layers since) has none here."""
+        slot = self._slots.get(module, {}).get(name)
         state = self._states.get(param)
-        if state is None:
-            state = self._slots.get(module, {}).get(name)
-            if state is None or not state.fits(param) or state.device != param.device:
-                return None
-            self._states[param] = state
-            self._views[param] = {state.spec: state}
-        return state
+        if state is not None:
+            return state if slot is None or slot.progress is state.progress else None
+        if slot is None or not slot.fits(param) or slot.device != param.device:
+            return None
+        if not loading and slot.holder is not None and slot.holder() is not None:
+            return None
+        self._serve(param, slot)
+        payload = self._pending.get(module, {}).pop(name, None)
+        if payload is not None:
+            slot.load_payload(payload)
+        return slot
+
+    def _serve(self, weight: torch.Tensor, state: LayerState) -> None:
+        """Map ``weight`` to ``state`` and make it the weight ``state`` serves."""
+        self._views.setdefault(weight, {})[state.spec] = state
+        self._states[weight] = state
+        state.holder = weakref.ref(anchor(weight))
 
     def restore_from(self, root: nn.Module, metadata: Any, loaded: Collection[str]) -> None:
         """After ``root.load_state_dict``: for each weight whose key is in ``loaded``, restore (or
@@ -469,7 +485,7 @@ class StateRegistry:
             for name, param in module.named_parameters(recurse=False):
                 if (f"{prefix}.{name}" if prefix else name) not in loaded:
                     continue
-                state = self.slot_state(module, name, param)
+                state = self.slot_state(module, name, param, loading=True)
                 if name in entries:
                     if state is not None:
                         state.load_payload(entries[name])

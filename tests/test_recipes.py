@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -352,7 +353,8 @@ def test_assign_load_after_compile_moves_the_state_to_the_new_parameters():
 def test_new_parameters_in_a_layers_place_keep_its_state():
     """``.double()`` under ``set_overwrite_module_params_on_conversion(True)`` and ``layer.weight =
     nn.Parameter(...)`` put new Parameters in the layers: the states (step, permutation) follow them,
-    in ``sparsity_state``, the next checkpoint and the next step; a weight of other rows starts afresh."""
+    in ``sparsity_state``, the next checkpoint and the next step; a weight of other rows starts afresh,
+    and so does a stand-in while the weight it stands in for lives (``torch.func.functional_call``)."""
     options = {"inner": "aot_eager", "perm_interval": 1}
     model, _ = _trained(3, options)
     compiled = torch.compile(model, backend=nmcompile.backend(**options))
@@ -360,11 +362,11 @@ def test_new_parameters_in_a_layers_place_keep_its_state():
     flag = torch.__future__.get_overwrite_module_params_on_conversion()
     torch.__future__.set_overwrite_module_params_on_conversion(True)
     try:
-        old = model.fc1.weight
+        old = weakref.ref(model.fc1.weight)
         model.double()
     finally:
         torch.__future__.set_overwrite_module_params_on_conversion(flag)
-    assert model.fc1.weight is not old
+    assert old() is None  # a new Parameter, and the old one is gone
     got = nmcompile.sparsity_state(model)
     assert {k: (s["step"], s["perm"].tolist()) for k, s in got.items()} == {
         k: (s["step"], s["perm"].tolist()) for k, s in expected.items()
@@ -373,10 +375,57 @@ def test_new_parameters_in_a_layers_place_keep_its_state():
     model.fc2.weight = nn.Parameter(model.fc2.weight.detach().clone())
     compiled(torch.randn(4, 32, dtype=torch.float64)).sum().backward()
     assert {k: s["step"] for k, s in nmcompile.sparsity_state(model).items()} == {k: 4 for k in expected}
+    stand_ins = {name: nn.Parameter(p.detach().clone()) for name, p in model.named_parameters()}
+    torch.func.functional_call(compiled, stand_ins, (torch.randn(4, 32, dtype=torch.float64),)).sum().backward()
+    assert {k: s["step"] for k, s in nmcompile.sparsity_state(model).items()} == {k: 4 for k in expected}
     model.head.weight = nn.Parameter(torch.randn(12, 64, dtype=torch.float64))  # other rows: a new state
     model.head.bias = nn.Parameter(torch.zeros(12, dtype=torch.float64))
     compiled(torch.randn(4, 32, dtype=torch.float64)).sum().backward()
     assert nmcompile.sparsity_state(model)["head.weight"]["step"] == 1
+
+
+def test_a_new_parameter_tied_into_two_trained_layers_takes_one_state_at_most():
+    """``a.weight = b.weight = p`` after training: ``p`` takes over the state of the layer it is asked
+    for first (``a``), and never writes it into the other layer's checkpoint."""
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    model = Two()
+    compiled = torch.compile(model, backend=nmcompile.backend(inner="aot_eager", perm_interval=1, perm_candidates=16))
+    for _ in range(3):
+        compiled(torch.randn(4, 16)).sum().backward()
+    perms = {k: s["perm"] for k, s in nmcompile.sparsity_state(model).items()}
+    assert not torch.equal(perms["a.weight"], perms["b.weight"])
+    model.a.weight = model.b.weight = nn.Parameter(torch.randn(16, 16))
+    metadata = model.state_dict()._metadata
+    assert torch.equal(metadata["a"]["nmsparse"]["weight"]["perm"], perms["a.weight"])
+    assert "nmsparse" not in metadata["b"]
+    assert torch.equal(nmcompile.sparsity_state(model)["a.weight"]["perm"], perms["a.weight"])
+
+
+def test_an_assign_load_from_another_device_restores_the_checkpoint():
+    """A CUDA-trained model loading a CPU-mapped checkpoint with ``assign=True``, then ``.cuda()``
+    (emulated on the CPU: the states' device is another one during the load): the checkpoint's step
+    and permutation are held through the load and restored after the move."""
+    options = {"inner": "aot_eager", "perm_interval": 1, "perm_candidates": 4}
+    model, checkpoint = _trained(3, options)
+    expected = {k: (s["step"], s["perm"].tolist()) for k, s in nmcompile.sparsity_state(model).items()}
+    compiled = torch.compile(model, backend=nmcompile.backend(**options))
+    for _ in range(4):
+        compiled(torch.randn(4, 32)).sum().backward()
+    states = [DEFAULT_REGISTRY.get(p) for p in (model.fc1.weight, model.fc2.weight, model.head.weight)]
+    for state in states:
+        state.device = torch.device("meta")
+    model.load_state_dict(checkpoint, assign=True)
+    for state in states:
+        state.device = torch.device("cpu")
+    assert {k: (s["step"], s["perm"].tolist()) for k, s in nmcompile.sparsity_state(model).items()} == expected
 
 
 def test_swapped_parameters_keep_the_state_and_checkpoints_load():
