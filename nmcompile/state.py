@@ -361,7 +361,9 @@ class StateRegistry:
             owner = shared.owner()
         state = LayerState(spec, weight.device, owner, shared.progress if shared is not None else None)
         self._serve(weight, state)
-        if owner is not None:
+        current = self._slots.get(owner, {}).get(slot) if owner is not None else None
+        holder = current.holder() if current is not None and current.holder is not None else None
+        if owner is not None and (holder is None or holder is anchor(weight)):  # not a stand-in for a live weight
             self._slots.setdefault(owner, {})[slot] = state
             payload = None if shared is not None else self._pending.get(owner, {}).pop(slot, None)
             if payload is not None:
@@ -453,10 +455,12 @@ class StateRegistry:
         swap flag, ``layer.weight = nn.Parameter(...)``), not to one that stands in for it while it
         lives (``torch.func.functional_call``). A Parameter that took another slot's state (tied
         into two layers since) has none here."""
-        slot = self._slots.get(module, {}).get(name)
         state = self._states.get(param)
-        if state is not None:
-            return state if slot is None or slot.progress is state.progress else None
+        if state is not None:  # unless it is another slot's (a Parameter tied into a second layer since)
+            owner = state.owner()
+            mine = owner is None or (owner is module and state.spec.name.rsplit(".", 1)[-1] == name)
+            return state if mine else None
+        slot = self._slots.get(module, {}).get(name)
         if slot is None or not slot.fits(param) or slot.device != param.device:
             return None
         if not loading and slot.holder is not None and slot.holder() is not None:

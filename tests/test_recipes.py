@@ -378,6 +378,7 @@ def test_new_parameters_in_a_layers_place_keep_its_state():
     stand_ins = {name: nn.Parameter(p.detach().clone()) for name, p in model.named_parameters()}
     torch.func.functional_call(compiled, stand_ins, (torch.randn(4, 32, dtype=torch.float64),)).sum().backward()
     assert {k: s["step"] for k, s in nmcompile.sparsity_state(model).items()} == {k: 4 for k in expected}
+    assert model.state_dict()._metadata["fc1"]["nmsparse"]["weight"]["step"] == 4  # the slot stays the model's
     model.head.weight = nn.Parameter(torch.randn(12, 64, dtype=torch.float64))  # other rows: a new state
     model.head.bias = nn.Parameter(torch.zeros(12, dtype=torch.float64))
     compiled(torch.randn(4, 32, dtype=torch.float64)).sum().backward()
