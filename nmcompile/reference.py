@@ -564,8 +564,11 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
             new = swap[type(module)](module)  # owns the state: model.eval() reaches it
             _take_module_state(module, new)
             owner = new if mod_name else model  # the model is the layer: it keeps its class, runs new's forward
+            registry.rehome(module, owner)  # a checkpoint loaded before sparsify is held for the old module
             rule = rule_for(prefix + "weight", module.weight, "out_in", owner, getattr(module, "groups", 1))
-            if rule is not None:
+            if rule is None:
+                registry.rehome(owner, module)
+            else:
                 new.rule = rule
                 if mod_name:
                     _replace(model, mod_name, new)

@@ -413,6 +413,14 @@ class StateRegistry:
         if slots.get(slot) is state:
             del slots[slot]
 
+    def rehome(self, old: nn.Module, new: nn.Module) -> None:
+        """Give ``new``, which takes ``old``'s place and parameters (``reference.sparsify`` swapping a
+        layer), what the registry holds for ``old``'s slots: states, checkpoint payloads held since
+        a load, old-checkpoint marks and the ``state_dict`` hook (whose dict ``new`` shares)."""
+        for table in (self._slots, self._pending, self._without_state, self._hooked):
+            if old in table:
+                table[new] = table.pop(old)
+
     def hold(self, module: nn.Module, name: str, payload: dict[str, Any]) -> None:
         """Give the next new state of ``module``'s parameter ``name`` this checkpoint ``payload``
         (see ``LayerState.payload``); its ``state_dict()`` carries it until then."""

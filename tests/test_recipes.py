@@ -221,7 +221,8 @@ def test_report_shows_effective_nm_and_decay_factor():
 
 def test_checkpoint_restores_state_loaded_before_or_after_compile():
     """state_dict() carries perm and step in _metadata (no extra keys); load_state_dict brings them
-    back whether the model was compiled before the load or only afterwards."""
+    back whether the model was compiled before the load or only afterwards, or sparsified by the
+    reference only afterwards."""
     options = {"inner": "aot_eager", "perm_interval": 2, "grad_prune": "mvue24"}
     trained = MLP()
     compiled = torch.compile(trained, backend=nmcompile.backend(**options))
@@ -238,10 +239,14 @@ def test_checkpoint_restores_state_loaded_before_or_after_compile():
     early_compiled = torch.compile(early, backend=nmcompile.backend(**options))
     early_compiled(torch.randn(4, 32))
     early.load_state_dict(checkpoint)  # after compile
-    for model, extra_steps in ((late, 1), (early, 0)):
+    before_sparsify = MLP()
+    before_sparsify.load_state_dict(checkpoint)  # held for the nn.Linear layers that sparsify swaps out
+    reference.sparsify(before_sparsify, **options)
+    for model, extra_steps in ((late, 1), (early, 0), (before_sparsify, 0)):
         got = nmcompile.sparsity_state(model)
         for name, s in expected.items():
             assert got[name]["step"] == s["step"] + extra_steps and torch.equal(got[name]["perm"], s["perm"])
+    assert before_sparsify.state_dict()._metadata["fc1"]["nmsparse"]["weight"]["step"] == 3
 
 
 @pytest.mark.parametrize(
