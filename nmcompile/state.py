@@ -47,6 +47,11 @@ class LayerSpec:
         """The state tensors this layer's compiled graph takes, in order."""
         return graph_input_kinds(self.backward, self.config)
 
+    @property
+    def slot(self) -> str:
+        """The parameter's name in its owning module (``weight``): the slot its state belongs to."""
+        return self.name.rsplit(".", 1)[-1]
+
 
 def graph_input_kinds(backward: str, config: SparsityConfig) -> tuple[str, ...]:
     """State tensors a layer's graph takes, in order: ``perm`` (bimask), ``n_eff`` (structure
@@ -100,6 +105,10 @@ class LayerState:
         self.device = device
         self._owner = weakref.ref(owner) if owner is not None else None
         self.holder: weakref.ref | None = None  # the anchor of the weight it serves (StateRegistry)
+
+    def served(self) -> torch.Tensor | None:
+        """The anchor of the weight this state serves while that weight lives, else ``None``."""
+        return self.holder() if self.holder is not None else None
 
     @property
     def perm(self) -> torch.Tensor:
@@ -345,11 +354,10 @@ class StateRegistry:
         (compiled with other options, or as part of another compiled module), the new one shares
         their progress; a weight of another shape starts afresh."""
         views = self._views.setdefault(weight, {})
-        slot = spec.name.rsplit(".", 1)[-1]
+        slot = spec.slot
         state = views.get(spec)
         if state is None and not views and owner is not None and self.slot_state(owner, slot, weight) is not None:
-            views = self._views[weight]  # a new Parameter in a layer's place takes over the layer's state
-            state = views.get(spec)
+            state = views.get(spec)  # a new Parameter in a layer's place took over the layer's state
         if state is not None:
             if owner is not None and state.owner() is not owner:  # the module was swapped (reference.sparsify)
                 state.set_owner(owner)
@@ -362,7 +370,7 @@ class StateRegistry:
         state = LayerState(spec, weight.device, owner, shared.progress if shared is not None else None)
         self._serve(weight, state)
         current = self._slots.get(owner, {}).get(slot) if owner is not None else None
-        holder = current.holder() if current is not None and current.holder is not None else None
+        holder = current.served() if current is not None else None
         if owner is not None and (holder is None or holder is anchor(weight)):  # not a stand-in for a live weight
             self._slots.setdefault(owner, {})[slot] = state
             payload = None if shared is not None else self._pending.get(owner, {}).pop(slot, None)
@@ -409,9 +417,8 @@ class StateRegistry:
         if state.progress.trained_by is state:
             state.progress.trained_by = None
         slots = self._slots.get(state.owner(), {}) if state.owner() is not None else {}
-        slot = state.spec.name.rsplit(".", 1)[-1]
-        if slots.get(slot) is state:
-            del slots[slot]
+        if slots.get(state.spec.slot) is state:
+            del slots[state.spec.slot]
 
     def rehome(self, old: nn.Module, new: nn.Module) -> None:
         """Give ``new``, which takes ``old``'s place and parameters (``reference.sparsify`` swapping a
@@ -466,12 +473,12 @@ class StateRegistry:
         state = self._states.get(param)
         if state is not None:  # unless it is another slot's (a Parameter tied into a second layer since)
             owner = state.owner()
-            mine = owner is None or (owner is module and state.spec.name.rsplit(".", 1)[-1] == name)
+            mine = owner is None or (owner is module and state.spec.slot == name)
             return state if mine else None
         slot = self._slots.get(module, {}).get(name)
         if slot is None or not slot.fits(param) or slot.device != param.device:
             return None
-        if not loading and slot.holder is not None and slot.holder() is not None:
+        if not loading and slot.served() is not None:
             return None
         self._serve(param, slot)
         payload = self._pending.get(module, {}).pop(name, None)
@@ -616,9 +623,9 @@ def sparsity_state(model: nn.Module, registry: StateRegistry = DEFAULT_REGISTRY)
     owners = {id(p): (owner, slot) for owner in module.modules() for slot, p in owner.named_parameters(recurse=False)}
     for name, param in module.named_parameters():
         key = unsharded.get(id(param), param)
-        if registry.get(key) is None and key is param:  # a new Parameter in a layer's place, not yet run
-            registry.slot_state(*owners[id(param)], param)
         state = registry.get(key)
+        if state is None and key is param and registry.slot_state(*owners[id(param)], param) is not None:
+            state = registry.get(key)  # a new Parameter in a layer's place, not yet run
         if state is not None:
             full = param.full_tensor() if isinstance(param, torch.distributed.tensor.DTensor) else param
             out[name] = state.summary(full)

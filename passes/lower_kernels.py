@@ -110,11 +110,12 @@ def _dense_parts(config: SparsityConfig) -> str:
     from nmcompile.kernels.sparse24 import fits_24
 
     dense = []
-    walk = ([config.m] if config.dense_steps else []) + structure_sequence(config.n, config.m)
-    stages = "/".join(f"{n}:{config.m}" for n in walk if not fits_24(n, config.m))
-    if config.structure_decay and stages:
-        gemms = "forward" if config.backward == "dense" else "forward and input gradient"
-        dense.append(f"{gemms} at {stages} (structure decay)")
+    if config.structure_decay:
+        walk = ([config.m] if config.dense_steps else []) + structure_sequence(config.n, config.m)
+        stages = "/".join(f"{n}:{config.m}" for n in walk if not fits_24(n, config.m))
+        if stages:
+            gemms = "forward" if config.backward == "dense" else "forward and input gradient"
+            dense.append(f"{gemms} at {stages} (structure decay)")
     if config.backward == "dense":
         dense.append("input gradient (backward='dense')")
     if config.grad_prune == "none":
