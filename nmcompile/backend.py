@@ -287,6 +287,7 @@ class _Runner:
         if variant is not None:
             return variant(*args)
         states = [(self._state(k, args[i]), args[i]) for k, (_, i, _) in enumerate(self.layers)]
+        self.registry.warn_restarted()
         training = [(state, weight) for state, weight in states if state.is_training_forward()]
         for state, weight in training:
             state.begin_training_step(weight)
@@ -361,6 +362,7 @@ def _layers(
         state = registry.get_or_create(info.param, spec, info.owner)
         layers.append((spec, placeholders.index(target.weight.name), state, info.param))
         by_target[id(target)] = state
+    registry.warn_restarted()
     return layers, by_target
 
 

@@ -582,9 +582,12 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
 
         def make_rule(p: nn.Parameter, layout: str, groups: int) -> _Rule | None:
             name, _, owner = others[id(p)]
-            return rule_for(name, p, layout, owner, groups)
+            rule = rule_for(name, p, layout, owner, groups)
+            registry.warn_restarted()
+            return rule
 
         _route_gemms(model, _GemmInterceptor({key: p for key, (_, p, _) in others.items()}, make_rule))
+    registry.warn_restarted()
     return model
 
 

@@ -347,7 +347,7 @@ class StateRegistry:
         self._pending: WeakIdKeyDictionary = WeakIdKeyDictionary()  # owner -> {parameter name: payload}
         self._without_state: WeakIdKeyDictionary = WeakIdKeyDictionary()  # owner -> {names an old checkpoint loaded}
         self._hooked: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self._warned = False
+        self._restarted: list[str] = []  # layers that restarted from such a checkpoint, for warn_restarted
 
     def get_or_create(self, weight: torch.Tensor, spec: LayerSpec, owner: nn.Module | None) -> LayerState:
         """The state of ``weight`` as ``spec`` uses it. Where ``weight`` has states for other specs
@@ -377,7 +377,8 @@ class StateRegistry:
             if payload is not None:
                 state.load_payload(payload)
             elif shared is None and slot in self._without_state.get(owner, ()):
-                self._warn_old_checkpoint([spec.name])
+                self._without_state[owner].discard(slot)
+                self._restarted.append(spec.name)
         self._hook(owner)
         return state
 
@@ -517,13 +518,15 @@ class StateRegistry:
                 elif not has_any:
                     self._without_state.setdefault(module, set()).add(name)
         if missing:
-            self._warned = True
             _warn_without_state(missing, stacklevel=4)  # the caller of load_state_dict
 
-    def _warn_old_checkpoint(self, names: list[str]) -> None:
-        if not self._warned:
-            self._warned = True
-            _warn_without_state(names, stacklevel=6)
+    def warn_restarted(self) -> None:
+        """One warning naming every layer whose new state restarted, since the last call, from a
+        checkpoint loaded without sparsity state; the callers of ``get_or_create`` call it once
+        they have made the states of a graph (or a model), so the warning names them all."""
+        if self._restarted:
+            names, self._restarted = self._restarted, []
+            _warn_without_state(names, stacklevel=3)
 
     def __len__(self) -> int:
         return len(self._states)

@@ -310,19 +310,26 @@ def test_old_checkpoint_warns_once_and_starts_fresh():
     assert state["step"] == 0 and torch.equal(state["perm"], torch.arange(64))
 
 
-def test_old_checkpoint_loaded_before_compile_warns_at_the_first_forward(monkeypatch):
-    """Loaded into a fresh model before it is compiled, a checkpoint without sparsity state warns
-    once the layers get their states, naming them; they start at step 0."""
-    monkeypatch.setattr(nmcompile.state.DEFAULT_REGISTRY, "_warned", False)  # it warns once per process
-    model = MLP()
-    model.load_state_dict({k: v.clone() for k, v in MLP().state_dict().items()})
-    compiled = torch.compile(model, backend=nmcompile.backend(inner="aot_eager"))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        compiled(torch.randn(4, 32)).sum().backward()
-    messages = [str(w.message) for w in caught if "nmsparse" in str(w.message)]
-    assert len(messages) == 1 and "no sparsity state for fc1.weight;" in messages[0]
-    assert nmcompile.sparsity_state(model)["fc1.weight"]["step"] == 1
+@pytest.mark.parametrize("runner", ["compiled", "reference"])
+def test_old_checkpoint_loaded_before_compile_warns_at_the_first_forward(runner):
+    """Loaded into a fresh model before it is compiled (or sparsified), a checkpoint without
+    sparsity state warns once the layers get their states: one warning naming every layer that
+    restarts, and again for the next model loaded so; they start at step 0."""
+    for _ in range(2):
+        model = MLP()
+        model.load_state_dict({k: v.clone() for k, v in MLP().state_dict().items()})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if runner == "compiled":
+                run = torch.compile(model, backend=nmcompile.backend(inner="aot_eager"))
+            else:
+                run = reference.sparsify(model, n=2, m=4)
+            run(torch.randn(4, 32)).sum().backward()
+            run(torch.randn(4, 32)).sum().backward()
+        messages = [str(w.message) for w in caught if "nmsparse" in str(w.message)]
+        assert len(messages) == 1, messages
+        assert "no sparsity state for fc1.weight, fc2.weight, head.weight;" in messages[0]
+        assert [s["step"] for s in nmcompile.sparsity_state(model).values()] == [2, 2, 2]
 
 
 def _trained(steps: int, options: dict) -> tuple[nn.Module, dict]:
