@@ -37,8 +37,8 @@ from nmcompile.state import (
     unsharded_parameters,
 )
 
-_SOURCE = re.compile(r"^([LG])\['([^']+)'\]((?:\._modules\['[^']+'\])*)\._parameters\['([^']+)'\]$")
-_MODULE_STEP = re.compile(r"\._modules\['([^']+)'\]")
+_SOURCE_ROOT = re.compile(r"^([LG])\['([^']+)'\]")
+_SOURCE_STEP = re.compile(r"\.([A-Za-z_]\w*)|\[(-?\d+)\]|\['([^']*)'\]")
 
 
 def _parameter_table(root: nn.Module) -> dict[int, tuple[str, int, nn.Module, tuple[str, ...]]]:
@@ -98,21 +98,42 @@ def _lookup(tables: list[dict], param: torch.Tensor) -> tuple[str, int, nn.Modul
     return next((t[id(param)] for t in tables if id(param) in t), None)
 
 
-def _source_root(source_name: str) -> tuple[nn.Module | None, str]:
-    """The module a dynamo source like ``L['self']._modules['fc1']._parameters['weight']`` starts from."""
-    match = _SOURCE.match(source_name)
+def _source_modules(source_name: str) -> list[nn.Module]:
+    """The modules met along a dynamo source chain such as
+    ``L['self'].model._modules['fc1']._parameters['weight']``, outermost first, each compiled
+    wrapper standing for the module it wraps.
+
+    The chain is evaluated against the frame dynamo is compiling, one attribute or item at a time,
+    as dynamo's own guards read it; it stops where a step cannot be parsed or read.
+    """
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    match = _SOURCE_ROOT.match(source_name)
     if match is None:
-        return None, source_name
-    scope, key, path, pname = match.groups()
-    name = ".".join([*_MODULE_STEP.findall(path), pname])
+        return []
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
         tx = InstructionTranslator.current_tx()
-        root = (tx.f_locals if scope == "L" else tx.f_globals).get(key)
+        obj = (tx.f_locals if match[1] == "L" else tx.f_globals)[match[2]]
     except Exception:
-        root = None
-    return (root if isinstance(root, nn.Module) else None), name
+        return []
+    modules: list[nn.Module] = []
+    pos = match.end()
+    while True:
+        if isinstance(obj, nn.Module):
+            module = obj._orig_mod if isinstance(obj, OptimizedModule) else obj
+            if all(module is not m for m in modules):
+                modules.append(module)
+        step = _SOURCE_STEP.match(source_name, pos)
+        if step is None:
+            return modules
+        attr, index, key = step.groups()
+        try:
+            obj = getattr(obj, attr) if attr is not None else obj[int(index) if index is not None else key]
+        except Exception:
+            return modules
+        pos = step.end()
 
 
 def _real(placeholder: fx.Node, value: Any) -> Any:
@@ -128,8 +149,9 @@ def resolve_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dic
     """Placeholder name -> ``ParamInfo`` for every placeholder whose example input is a Parameter.
 
     Names are as ``model.named_parameters()`` spells them for the outermost compiled module on the
-    stack (so graph breaks inside submodules keep full names); otherwise relative to the dynamo
-    source's root object; otherwise the source text itself.
+    stack (so graph breaks inside submodules keep full names); otherwise relative to the outermost
+    module on the dynamo source's chain (a compiled function reaching ``self.model``, a compiled
+    wrapper called inside another compiled function); otherwise the source text itself.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     pairs = [(ph, _real(ph, v)) for ph, v in zip(placeholders, example_inputs, strict=False)]
@@ -143,9 +165,9 @@ def resolve_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dic
         if found is None:
             grapharg = placeholder.meta.get("grapharg")
             source = grapharg.source.name if grapharg is not None else placeholder.name
-            root, name = _source_root(source)
-            table = _parameter_table(root) if root is not None else {}
-            found = table.get(id(param), (name, zlib.crc32(name.encode()), None, ()))
+            found = _lookup([_parameter_table(m) for m in _source_modules(source)], param)
+            if found is None:
+                found = (source, zlib.crc32(source.encode()), None, ())
         out[placeholder.name] = ParamInfo(found[0], found[1], param, found[2], found[3])
     return out
 

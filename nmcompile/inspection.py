@@ -259,8 +259,8 @@ def to_dot(records: list[CompileRecord]) -> str:
 
 def untraced_rows(module: torch.nn.Module, seen: set[str], other_uses: Mapping[str, str]) -> list[LayerRow]:
     """Rows for the weights (2-D and up) of ``module`` that no compiled graph used as a GEMM operand,
-    with the reason by module kind (dynamo runs recurrent layers eagerly, embeddings are lookups),
-    else what used them in a graph (``other_uses``, by name)."""
+    with the reason: embeddings are lookups; else what used them in a graph (``other_uses``, by
+    name: a recurrent layer dynamo traced under ``allow_rnn``); else recurrent layers run eagerly."""
     rows = []
     visited: set[int] = set()  # a tied parameter has one row, under its first name
     for mod_name, sub in module.named_modules():
@@ -272,14 +272,15 @@ def untraced_rows(module: torch.nn.Module, seen: set[str], other_uses: Mapping[s
             if name in seen or param.dim() < 2:
                 continue
             seen.add(name)
-            if isinstance(sub, torch.nn.RNNBase):
+            if isinstance(sub, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+                reason = "embedding lookup, not a GEMM"
+            elif name in other_uses:
+                reason = other_uses[name]
+            elif isinstance(sub, torch.nn.RNNBase):
                 reason = (f"{type(sub).__name__}: dynamo does not trace recurrent layers into a graph "
                           "(torch._dynamo.config.allow_rnn), so it runs eagerly and dense")  # fmt: skip
-            elif isinstance(sub, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
-                reason = "embedding lookup, not a GEMM"
             else:
-                unused = "not a GEMM operand in any compiled graph (or in code dynamo did not trace)"
-                reason = other_uses.get(name, unused)
+                reason = "not a GEMM operand in any compiled graph (or in code dynamo did not trace)"
             flops = {"forward": None, "input_grad": None, "weight_grad": None}
             rows.append(LayerRow(name, type(sub).__name__, tuple(param.shape[:2]), None, "", "-", False, "-", reason,
                                  flops))  # fmt: skip
@@ -363,7 +364,10 @@ def explain(
     isolate = {"isolate_recompiles": True}
     if "isolate_recompiles" not in inspect.signature(torch.compile).parameters:  # older torch (the GPU image's 2.11)
         isolate = {}
-    compiled = torch.compile(module, backend=NMSparseBackend(config, registry, records.append), **isolate)
+    # A module compiled in place (``module.compile()``) is compiled the same way here: calling it
+    # would take the user's compiled call, and dynamo traces the two ways differently.
+    target = module._call_impl if module._compiled_call_impl is not None else module
+    compiled = torch.compile(target, backend=NMSparseBackend(config, registry, records.append), **isolate)
     cuda = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=cuda), torch.enable_grad():

@@ -190,6 +190,48 @@ def test_permutation_search_score_seed_and_identity():
         assert torch.equal(s["perm"], state[name]["perm"])
 
 
+class _Trainer:
+    """A training helper whose compiled method reaches the model through an attribute."""
+
+    def __init__(self, model: nn.Module, backend) -> None:
+        self.model = model
+        self.loss = torch.compile(self._loss, backend=backend)
+
+    def _loss(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).square().mean()
+
+
+@pytest.mark.parametrize("grad_prune", ["none", "mvue24"])
+@pytest.mark.parametrize("reach", ["attribute", "compiled_wrapper"])
+def test_model_reached_through_an_attribute_or_a_compiled_wrapper_trains_as_the_reference(reach, grad_prune):
+    """Dynamo names such parameters ``L['self'].model._modules['fc1']...`` or
+    ``G['c']._orig_mod._modules[...]``: names and layer indices still follow the model's
+    ``named_parameters()``, so ``exclude`` keeps ``fc2`` dense and every gradient (MVUE streams
+    included) equals the reference's. The source text and its hash were used before."""
+    torch._dynamo.reset()
+    options = {"exclude": r"^fc2\.", "perm_interval": 2, "grad_prune": grad_prune}
+    backend = nmcompile.backend(inner="aot_eager", **options)
+    torch.manual_seed(0)
+    base = MLP()
+    ref = reference.sparsify(copy.deepcopy(base), **options)
+    model = copy.deepcopy(base)
+    if reach == "attribute":
+        loss = _Trainer(model, backend).loss
+    else:
+        wrapped = torch.compile(model, backend=backend)
+        loss = torch.compile(lambda x: wrapped(x).square().mean(), backend=backend)
+    for step in range(4):
+        x = torch.randn(8, 32, generator=torch.Generator().manual_seed(step))
+        ref(x).square().mean().backward()
+        loss(x).backward()
+        for (name, p), q in zip(ref.named_parameters(), model.parameters(), strict=True):
+            assert_close(q.grad, p.grad, what=f"step {step} {name}")
+        sgd_step_both(ref, model, 0.1)
+    state = nmcompile.sparsity_state(model)
+    indices_and_steps = {name: (s["layer_index"], s["step"]) for name, s in state.items()}
+    assert indices_and_steps == {"fc1.weight": (0, 4), "head.weight": (4, 4)}
+
+
 @pytest.mark.parametrize("shared_backend", [False, True])
 def test_two_instances_of_one_class_keep_their_own_states(shared_backend):
     """Dynamo gives the second instance the first one's compiled graph (same code, same shapes;

@@ -415,3 +415,38 @@ def test_many_explain_calls_leave_the_user_model_sparse():
         assert sum(r.sparse for r in rows) == 3
     compiled(torch.randn(3, 32)).sum().backward()
     assert nmcompile.sparsity_state(model)["fc1.weight"]["step"] == 2
+
+
+def test_explain_on_a_module_compiled_in_place_reports_its_own_compile():
+    """``model.compile(...)`` routes ``model(...)`` through the user's compiled call: explain still
+    compiles with its own options (here 1:4), reports the graph, and leaves the user's state at its
+    step, which the user's next step then advances by one. It reported no graph and stepped the
+    user's states before."""
+    torch._dynamo.reset()
+    model = MLP()
+    model.compile(backend=nmcompile.backend(inner="aot_eager"))
+    x = torch.randn(4, 32)
+    model(x).sum().backward()
+    report = nmcompile.explain(model, x, n=1, inner="aot_eager")
+    assert report.forward_graph is not None
+    assert [(r.name, r.sparse, r.reason) for r in report.rows] == [
+        (name, True, "1:4, backward=bimask") for name in ("fc1.weight", "fc2.weight", "head.weight")
+    ]
+    assert model._compiled_call_impl is not None
+    assert nmcompile.sparsity_state(model)["fc1.weight"]["step"] == 1
+    model(x).sum().backward()
+    assert {s["step"] for s in nmcompile.sparsity_state(model).values()} == {2}
+
+
+def test_explain_on_a_torch_module_compiled_in_place_reports_that_nothing_compiles():
+    """Dynamo (torch 2.13) compiles nothing of ``nn.Sequential(...).compile()``: the model trains
+    dense, and explain, compiling it the same way, says so instead of showing a wrapper's graph."""
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
+    model.compile(backend=nmcompile.backend(inner="aot_eager"))
+    x = torch.randn(4, 32)
+    model(x).sum().backward()
+    assert nmcompile.sparsity_state(model) == {}
+    report = nmcompile.explain(model, x, inner="aot_eager")
+    assert report.records == [] and str(report).startswith("(no graph compiled)")
+    assert [(r.name, r.sparse) for r in report.rows] == [("0.weight", False), ("2.weight", False)]

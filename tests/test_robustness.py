@@ -201,6 +201,38 @@ def test_lstm_is_reported_dense_and_tied_head_is_dense():
     assert out.shape == (2, 6, 40) and nmcompile.sparsity_state(model) == {}
 
 
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(32, 32)
+        self.rnn = nn.LSTM(32, 32, batch_first=True)
+        self.fc = nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.fc(self.rnn(self.pre(x))[0])
+
+
+@pytest.mark.parametrize("allow_rnn", [False, True])
+def test_layers_around_an_lstm(allow_rnn):
+    """Dynamo (torch 2.13) compiles nothing of a forward that calls an LSTM: every layer trains
+    dense and the report says why. Under ``allow_rnn`` the layers around it are sparse and the
+    LSTM's weights are reported as used by ``lstm``."""
+    torch._dynamo.reset()
+    x = torch.randn(2, 4, 32)
+    with torch._dynamo.config.patch(allow_rnn=allow_rnn):
+        model = _Recurrent()
+        torch.compile(model, backend=_backend())(x).sum().backward()
+        rows = {r.name: (r.sparse, r.reason) for r in nmcompile.explain(model, x, inner="aot_eager").rows}
+    sparse = ["fc.weight", "pre.weight"] if allow_rnn else []
+    assert sorted(nmcompile.sparsity_state(model)) == sparse
+    assert sorted(name for name, (is_sparse, _) in rows.items() if is_sparse) == sparse
+    lstm = rows["rnn.weight_ih_l0"]
+    assert lstm[0] is False
+    assert lstm[1].startswith("used by lstm" if allow_rnn else "LSTM: dynamo does not trace")
+    if not allow_rnn:
+        assert rows["pre.weight"][1].startswith("not a GEMM operand in any compiled graph")
+
+
 class _BrokenBlock(nn.Module):
     def __init__(self) -> None:
         super().__init__()
