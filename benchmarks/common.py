@@ -42,7 +42,7 @@ class Size:
 
 SIZES = {
     "tiny": Size(64, 256, 64, 16, 8, 2, torch.float32, warmup_steps=2, min_run_time=0.06, rounds=2),
-    "small": Size(512, 2048, 1024, 64, 16, 8, torch.float32, warmup_steps=3, min_run_time=0.6, rounds=3),
+    "small": Size(512, 2048, 1024, 64, 16, 8, torch.float32, warmup_steps=3, min_run_time=1.0, rounds=5),
     "full": Size(4096, 16384, 8192, 256, 56, 32, torch.bfloat16, warmup_steps=3, min_run_time=1.5, rounds=3),
 }
 

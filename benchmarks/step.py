@@ -29,9 +29,11 @@ STEP_ROWS = (
     "reference eager",
     "nmsparse portable",
     "nmsparse portable, composite mask",
+    "nmsparse portable, search every step",
     "nmsparse triton",
     "nmsparse sparse24",
 )
+SEARCH_ROW = "nmsparse portable, search every step"  # minus "nmsparse portable": one permutation search
 GUARDED_ROWS = ("nmsparse triton", "nmsparse sparse24")  # GPU-only, new kernels: a failure is reported, not fatal
 BLOCKS = ("ffn", "resnet")
 
@@ -87,6 +89,8 @@ def _prepare(
         # (with the C kernels) dynamo would reuse for this row's model of the same class.
         own = NMSparseBackend(SparsityConfig(n=2, m=4, kernels="portable"))
         return _composite_mask(torch.compile(model, backend=own))
+    if name == SEARCH_ROW:
+        return torch.compile(model, backend=nmcompile.backend(n=2, m=4, kernels="portable", perm_interval=1))
     kernels = name.removeprefix("nmsparse ")
     why = unavailable(kernels, device, dtype)
     if why is not None:
@@ -158,6 +162,25 @@ def step_rows(block: str, size: Size, device: torch.device) -> list[Row]:
     return rows
 
 
+def search_costs(rows: list[Row]) -> list[str]:
+    """Per block, what a permutation search adds to a step (the search-every-step row minus the
+    portable row) and its share of a portable step at the default ``perm_interval``."""
+    interval = SparsityConfig().perm_interval
+    lines = []
+    for block in dict.fromkeys(row.block for row in rows):
+        medians = {row.name: row.median_ms for row in rows if row.block == block}
+        every, portable = medians.get(SEARCH_ROW), medians.get("nmsparse portable")
+        if every is None or portable is None:
+            continue
+        extra = every - portable
+        lines.append(
+            f"- {block}: a search step takes {extra:.2f} ms more than a step without one; at the default "
+            f"perm_interval={interval} that is {extra / interval:.3f} ms per step, "
+            f"{100 * extra / interval / portable:.2f}% of the portable step"
+        )
+    return lines
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """The command line; the defaults follow the device (``small`` on CPU, ``full`` on CUDA)."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.step", description=__doc__.splitlines()[0])
@@ -187,12 +210,17 @@ def main(argv: list[str] | None = None) -> list[Row]:
     print("\n".join(f"- {key}: {value}" for key, value in header.items()))
     print("\n## Training step (forward + backward + SGD momentum step)\n")
     print(table(steps, "block", ("dense inductor", "reference eager")))
+    searches = search_costs(steps)
+    if searches:
+        print("\nPermutation search, amortised (the medians above leave it out):\n")
+        print("\n".join(searches))
     if gemms:
         print(f"\n## Per-GEMM: FFN fc1 ({size.tokens} x {size.d_model} -> {size.d_ff})\n")
         print(table(gemms, "GEMM", ("dense", "reference")))
     if args.json is not None:
         rows = [dataclasses.asdict(row) for row in steps + gemms]
-        args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=2) + "\n")
+        record = {"header": header, "rows": rows, "search": searches}
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
     return steps + gemms
 
 

@@ -119,7 +119,8 @@ def permutation_score(fmask: torch.Tensor, perm: torch.Tensor, n: int, m: int) -
     """
     O = fmask.shape[0]
     _check_nm(O, n, m, "rows")
-    per_block = fmask.index_select(0, perm.to(fmask.device)).reshape(O // m, m, -1).sum(1)
+    counts = torch.uint8 if m < 256 else torch.int64  # byte counts: 3x faster, and search scores 100 candidates
+    per_block = fmask.index_select(0, perm.to(fmask.device)).reshape(O // m, m, -1).sum(1, dtype=counts)
     return int(per_block.clamp(max=n).sum())
 
 

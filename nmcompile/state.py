@@ -24,7 +24,7 @@ import torch.distributed.tensor
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from nmcompile import reference
+from nmcompile import ops, reference
 from nmcompile.options import SparsityConfig, power_of_two
 
 METADATA_KEY = "nmsparse"
@@ -202,16 +202,18 @@ class LayerState:
             n = self.mask_n(step)
             candidates = permutation_candidates(spec, step)
             w = self.weight_matrix(param)
-            triton_ok = type(w) is torch.Tensor and w.dim() == 2 and power_of_two(config.m)
-            search = reference
-            if w.is_cuda and config.kernels != "portable" and triton_ok:
+            plain = type(w) is torch.Tensor
+            # The composite mask op (M comparisons per entry) picks the reference's mask 4-6x faster
+            # than its sort on the CPU; other tensor types (DTensor) keep the reference.
+            mask, search = (ops.nm_mask if plain else reference.nm_mask), reference.search_permutation
+            if w.is_cuda and config.kernels != "portable" and plain and w.dim() == 2 and power_of_two(config.m):
                 from nmcompile import kernels
 
                 if kernels.triton_installed():
-                    search = kernels  # one mask launch, one scoring launch for all candidates
+                    mask, search = kernels.nm_mask, kernels.search_permutation  # one launch each
 
-            fmask = search.nm_mask(w, n, config.m, dim=1)
-            self.perm, _ = search.search_permutation(fmask, self.perm, candidates, n, config.m)
+            fmask = mask(w, n, config.m, 1)
+            self.perm, _ = search(fmask, self.perm, candidates, n, config.m)
         self.last_search_step = step
 
     def end_training_step(self) -> None:

@@ -190,6 +190,41 @@ def test_permutation_search_score_seed_and_identity():
         assert torch.equal(s["perm"], state[name]["perm"])
 
 
+def _search_weight(case: str) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(5)
+    if case == "conv":
+        return torch.randn(16, 8, 3, 3, generator=gen)
+    if case == "ties_and_nan":  # few distinct magnitudes: the mask's tie rule decides most groups
+        w = torch.randint(-2, 3, (64, 32), generator=gen).float()
+        w[3, 5] = w[40, 17] = float("nan")
+        return w
+    w = torch.randn(64, 32, generator=gen)
+    return w.t().contiguous() if case == "in_out" else w
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (1, 8)], ids=lambda nm: f"{nm[0]}:{nm[1]}")
+@pytest.mark.parametrize("case", ["out_in", "in_out", "conv", "ties_and_nan"])
+def test_layer_search_chooses_the_reference_permutation(case, nm):
+    """The layer's search builds ``F`` with the composite mask op (no sort) and picks exactly the
+    permutation ``reference.search_permutation`` picks over ``reference.nm_mask``, ties and NaN
+    included; a candidate beats the identity here, so the comparison is not vacuous."""
+    n, m = nm
+    param = _search_weight(case)
+    layout = "in_out" if case == "in_out" else "out_in"
+    rows = param.shape[1] if layout == "in_out" else param.shape[0]
+    config = nmcompile.SparsityConfig(n=n, m=m, perm_candidates=16)
+    spec = LayerSpec("fc.weight", 3, rows, "bimask", layout=layout, config=config)
+    state = nmcompile.state.LayerState(spec, torch.device("cpu"), None)
+    state.begin_training_step(param)
+    w = param.t() if layout == "in_out" else param
+    fmask = reference.nm_mask(w, n, m, dim=1)
+    assert torch.equal(nmcompile.ops.nm_mask(w, n, m, 1), fmask)
+    identity = torch.arange(rows)
+    expected, score = reference.search_permutation(fmask, identity, permutation_candidates(spec, 0), n, m)
+    assert torch.equal(state.perm, expected)
+    assert score > reference.permutation_score(fmask, identity, n, m)
+
+
 class _Trainer:
     """A training helper whose compiled method reaches the model through an attribute."""
 

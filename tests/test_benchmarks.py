@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from benchmarks import gemm, step
-from benchmarks.common import SIZES
+from benchmarks.common import SIZES, Row
 from benchmarks.gemm import GEMM_ROWS, OPS
 from nmcompile import reference
 from nmcompile.kernels.srste import srste_add
@@ -27,7 +27,8 @@ UNMEASURED = {
 
 
 def test_step_benchmark_tiny_cpu(tmp_path, capsys):
-    """Every row of both blocks is printed and written; measured rows have finite medians, the rest a reason."""
+    """Every row of both blocks is printed and written; measured rows have finite medians, the rest a
+    reason; each block gets its amortised search cost line."""
     path = tmp_path / "bench.json"
     step.main(["--device", "cpu", "--size", "tiny", "--json", str(path)])
     out = capsys.readouterr().out
@@ -46,6 +47,9 @@ def test_step_benchmark_tiny_cpu(tmp_path, capsys):
                 assert row["peak_mem_mib"] is None  # CPU: not measured per row
         assert by_name["dense inductor"]["ratios"]["dense inductor"] == 1.0
         assert by_name["reference eager"]["ratios"]["reference eager"] == 1.0
+    assert len(data["search"]) == len(step.BLOCKS)
+    for line, block in zip(data["search"], step.BLOCKS, strict=True):
+        assert line.startswith(f"- {block}: a search step takes ") and line in out
     gemms = [r for r in data["rows"] if r["kind"] == "gemm"]
     assert [(r["op"], r["name"]) for r in gemms] == [(op, name) for op in OPS for name in GEMM_ROWS]
     for row in gemms:
@@ -174,3 +178,17 @@ def test_json_path_in_a_missing_directory_is_an_argument_error(tmp_path, capsys)
     assert info.value.code == 2
     assert f"--json {tmp_path / 'missing' / 'out.json'}: no directory {tmp_path / 'missing'}" in capsys.readouterr().err
     assert step.parse_args(["--device", "cpu", "--json", str(tmp_path / "out.json")]).size == "small"
+
+
+def test_search_cost_is_the_search_row_minus_the_portable_row():
+    """A search step's extra time, and its share of a portable step at the default interval (100)."""
+    rows = [
+        Row("step", "ffn", None, "nmsparse portable", median_ms=10.0),
+        Row("step", "ffn", None, step.SEARCH_ROW, median_ms=30.0),
+        Row("step", "resnet", None, "nmsparse portable", median_ms=5.0),
+        Row("step", "resnet", None, step.SEARCH_ROW, reason="failed"),
+    ]
+    assert step.search_costs(rows) == [
+        "- ffn: a search step takes 20.00 ms more than a step without one; at the default "
+        "perm_interval=100 that is 0.200 ms per step, 2.00% of the portable step"
+    ]
