@@ -147,12 +147,15 @@ def test_composite_mask_row_compiles_its_own_graph(monkeypatch):
     assert compiled == [False, True]
 
 
-def test_cpu_only_row_has_a_reason_elsewhere():
-    """Off the CPU the composite-mask row is not run (the kernels it turns off are CPU-only): it says
-    why before anything touches that device, and the other rows prepare as usual."""
+def test_cpu_only_rows_have_a_reason_elsewhere():
+    """Off the CPU the composite-mask row (the kernels it turns off are CPU-only) and the search row
+    (the GPU run's time limit) are not run: they say why before anything touches that device, and
+    the other rows prepare as usual."""
     model = torch.nn.Linear(8, 8)
     why = step._prepare("nmsparse portable, composite mask", model, torch.device("cuda"), torch.bfloat16)
     assert why == "CPU only (the C mask kernels this row turns off run on the CPU)"
+    why = step._prepare(step.SEARCH_ROW, model, torch.device("cuda"), torch.bfloat16)
+    assert why.startswith("CPU only (keeps the GPU run in its time limit")
     assert step._prepare("dense eager", model, torch.device("cuda"), torch.bfloat16) is model
 
 
