@@ -5,13 +5,14 @@ from nmcompile.backend import NMSparseBackend, backend, nmsparse
 from nmcompile.inspection import Report, explain
 from nmcompile.options import SparsityConfig, SparsityConfigError
 from nmcompile.reference import mvue_prune
-from nmcompile.state import sparsity_state
+from nmcompile.state import SparsityStates, sparsity_state
 
 __all__ = [
     "NMSparseBackend",
     "Report",
     "SparsityConfig",
     "SparsityConfigError",
+    "SparsityStates",
     "backend",
     "explain",
     "mvue_prune",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
 import warnings
 import weakref
 from collections.abc import Collection
@@ -350,6 +351,7 @@ class StateRegistry:
         self._without_state: WeakIdKeyDictionary = WeakIdKeyDictionary()  # owner -> {names an old checkpoint loaded}
         self._hooked: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._restarted: list[str] = []  # layers that restarted from such a checkpoint, for warn_restarted
+        self._loaded_apart: WeakIdKeyDictionary = WeakIdKeyDictionary()  # owner -> {name: payload restored apart}
 
     def get_or_create(self, weight: torch.Tensor, spec: LayerSpec, owner: nn.Module | None) -> LayerState:
         """The state of ``weight`` as ``spec`` uses it. Where ``weight`` has states for other specs
@@ -508,6 +510,8 @@ class StateRegistry:
                 if (f"{prefix}.{name}" if prefix else name) not in loaded:
                     continue
                 state = self.slot_state(module, name, param, loading=True)
+                if self._restored_apart(module, name, state):
+                    continue
                 if name in entries:
                     if state is not None:
                         state.load_payload(entries[name])
@@ -521,6 +525,40 @@ class StateRegistry:
                     self._without_state.setdefault(module, set()).add(name)
         if missing:
             _warn_without_state(missing, stacklevel=4)  # the caller of load_state_dict
+
+    def restore_apart(self, root: nn.Module, payloads: dict[str, dict[str, Any]]) -> None:
+        """``SparsityStates.load_state_dict``: restore (or hold until compile) each payload, keyed by
+        ``root.named_parameters()`` names; a later ``load_state_dict`` of these weights keeps them
+        until they train (``_restored_apart``)."""
+        params: dict[str, tuple[nn.Module, str, torch.Tensor]] = {}
+        for prefix, module in root.named_modules():
+            for name, param in module.named_parameters(recurse=False):
+                params.setdefault(f"{prefix}.{name}" if prefix else name, (module, name, param))
+        unknown = sorted(set(payloads) - set(params))
+        if unknown:
+            warnings.warn(f"nmsparse: sparsity states for {', '.join(unknown)}, which the model does not have, "
+                          "are ignored", stacklevel=3)  # fmt: skip
+        for full, payload in payloads.items():
+            if full not in params:
+                continue
+            module, name, param = params[full]
+            state = self.slot_state(module, name, param, loading=True)
+            if state is None:
+                self.hold(module, name, payload)
+            else:
+                state.load_payload(payload)
+            self._loaded_apart.setdefault(module, {})[name] = payload
+
+    def _restored_apart(self, module: nn.Module, name: str, state: LayerState | None) -> bool:
+        """Whether ``restore_apart`` restored (or holds) the slot's state and it has not trained
+        since: a ``load_state_dict`` of the same checkpoint (DCP loads the model after or before
+        ``SparsityStates``, with ``_metadata`` from before the load or none) then keeps it."""
+        mark = self._loaded_apart.get(module, {}).get(name)
+        if mark is None:
+            return False
+        if state is not None:
+            return state.step == int(mark["step"])
+        return self._pending.get(module, {}).get(name) is mark
 
     def warn_restarted(self) -> None:
         """One warning naming every layer whose new state restarted, since the last call, from a
@@ -589,6 +627,41 @@ def _load_state_dict_with_sparsity(self: nn.Module, state_dict: Any, strict: boo
 # torch has no global load_state_dict hook, and torch.compile calls the backend only at the first
 # forward, usually after the checkpoint was loaded: so the loader itself brings the states back.
 nn.Module.load_state_dict = _load_state_dict_with_sparsity  # type: ignore[method-assign]
+
+
+class SparsityStates:
+    """The layer states of ``model`` on their own, as a ``torch.distributed.checkpoint`` ``Stateful``:
+    ``dcp.save({"model": model.state_dict(), "nmsparse": SparsityStates(model)}, ...)`` and the
+    same dict to ``dcp.load``. DCP drops the ``_metadata`` that ``model.state_dict()`` carries them in.
+
+    ``state_dict()`` is one entry of bytes (``torch.save`` of every payload): DCP loads only the keys
+    the loading side already holds, and a fresh model has no states before its first compile.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.module = unwrap(model)
+
+    def state_dict(self) -> dict[str, bytes]:
+        """``{"states": bytes}``: each sparsified weight's payload by its ``named_parameters()`` name."""
+        payloads: dict[str, dict[str, Any]] = {}
+        for prefix, module in self.module.named_modules():
+            for name, param in module.named_parameters(recurse=False):
+                entry = DEFAULT_REGISTRY.checkpoint_entry(module, name, param)
+                if entry is not None:
+                    payloads.setdefault(f"{prefix}.{name}" if prefix else name, entry)
+        buffer = io.BytesIO()
+        torch.save(payloads, buffer)
+        return {"states": buffer.getvalue()}
+
+    def load_state_dict(self, state_dict: dict[str, bytes]) -> None:
+        """Restore the states ``state_dict()`` wrote, or hold them until the layers compile."""
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("states"), bytes):
+            raise TypeError(
+                "nmsparse: SparsityStates.load_state_dict takes what SparsityStates.state_dict() returns "
+                f"({{'states': bytes}}), got {type(state_dict).__name__}"
+            )
+        payloads = torch.load(io.BytesIO(state_dict["states"]), weights_only=True)
+        DEFAULT_REGISTRY.restore_apart(self.module, payloads)
 
 
 def unsharded_parameters(root: nn.Module) -> dict[int, torch.Tensor]:

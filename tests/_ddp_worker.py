@@ -65,6 +65,7 @@ def train(rank: int, world: int, order: str, options: dict, out: str) -> None:
     result = {"losses": losses, "weights": model.state_dict(), "perms": perms, "compiles": len(records)}
     if order == "fsdp2":
         result.update(_fsdp2_checkpoint(model, backend, x))
+        result["via_dcp"] = _fsdp2_dcp(model, backend, x, f"{out}/dcp")
     torch.save(result, f"{out}/{order}_rank{rank}_{world}.pt")
     if world > 1:
         dist.destroy_process_group()
@@ -92,6 +93,20 @@ def _fsdp2_checkpoint(model: nn.Module, backend: nmcompile.NMSparseBackend, x: t
     warned = [str(w.message) for w in caught if "no sparsity state" in str(w.message)]
     return {"saved_steps": saved, "resumed": {k: (v["step"], v["perm"]) for k, v in states.items()},
             "old_checkpoint_warnings": len(warned)}  # fmt: skip
+
+
+def _fsdp2_dcp(model: nn.Module, backend: nmcompile.NMSparseBackend, x: torch.Tensor, path: str) -> dict:
+    """Steps and permutations of a fresh FSDP2 model resumed through ``dcp.save``/``dcp.load``, the
+    states beside the weights in ``SparsityStates``, after one more step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.fsdp import fully_shard
+
+    dcp.save({"model": model.state_dict(), "nmsparse": nmcompile.SparsityStates(model)}, checkpoint_id=path)
+    resumed = MLP(32, 512, 16)
+    fully_shard(resumed)
+    dcp.load({"model": resumed.state_dict(), "nmsparse": nmcompile.SparsityStates(resumed)}, checkpoint_id=path)
+    torch.compile(resumed, backend=backend)(x).sum().backward()
+    return {k: (v["step"], v["perm"]) for k, v in nmcompile.sparsity_state(resumed).items()}
 
 
 if __name__ == "__main__":

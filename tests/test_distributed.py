@@ -50,12 +50,13 @@ def test_data_parallel_matches_single_process(order, port, single):
                 assert (rank["weights"][name] - weight).abs().max() < 1e-5, name
     if order == "compiled_of_ddp":
         assert ranks[0]["compiles"] >= 2, "DDP's graph splitting should call the backend once per bucket"
-    if order == "fsdp2":  # the checkpoint carries the states, and a fresh FSDP2 model resumes from it
+    if order == "fsdp2":  # the checkpoint carries the states, and a fresh FSDP2 model resumes from it (DCP too)
         for rank in ranks:
             assert rank["saved_steps"] == dict.fromkeys(reference["perms"], 10)
-            assert {name: step for name, (step, _) in rank["resumed"].items()} == dict.fromkeys(reference["perms"], 11)
-            for name, (_, perm) in rank["resumed"].items():
-                assert torch.equal(perm, reference["perms"][name]), name
+            for resumed in (rank["resumed"], rank["via_dcp"]):  # from model.state_dict(), and through DCP
+                assert {name: step for name, (step, _) in resumed.items()} == dict.fromkeys(reference["perms"], 11)
+                for name, (_, perm) in resumed.items():
+                    assert torch.equal(perm, reference["perms"][name]), name
             assert rank["old_checkpoint_warnings"] == 1
 
 

@@ -605,3 +605,75 @@ def test_resume_in_a_new_process_is_bitwise_identical(tmp_path):
     resumed = run(15)
     assert sorted(resumed) == list(range(15, 30))
     assert {step: full[step] for step in resumed} == resumed
+
+
+class _ModelStateful:
+    """A trainer's DCP ``Stateful`` for the model, as torchtitan's: its load goes through
+    ``load_state_dict``, without the ``_metadata`` DCP dropped."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.model.load_state_dict(state_dict)
+
+
+def _train(model: nn.Module, steps: int, start: int = 0) -> nn.Module:
+    compiled = torch.compile(model, backend=nmcompile.backend(inner="aot_eager", perm_interval=2))
+    for step in range(start, start + steps):
+        compiled(torch.randn(4, 32, generator=torch.Generator().manual_seed(step))).sum().backward()
+    return compiled
+
+
+@pytest.mark.parametrize("target", ["fresh", "trained"])
+@pytest.mark.parametrize("key", ["nmsparse", "layers"])
+def test_dcp_carries_the_states_through_sparsity_states(tmp_path, key, target):
+    """``dcp.save``/``dcp.load`` drop ``_metadata``: ``SparsityStates`` beside the model carries the
+    states, into a fresh model (held until it compiles) or one already training (restored now).
+    DCP loads in sorted key order: ``nmsparse`` after ``model``, ``layers`` before it, and the
+    model's load then carries the loading model's states of before the load. Either way no
+    old-checkpoint warning, and training goes on as the saved model does."""
+    import torch.distributed.checkpoint as dcp
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    saved = MLP()
+    _train(saved, 3)
+    dcp.save({"model": saved.state_dict(), key: nmcompile.SparsityStates(saved)}, checkpoint_id=tmp_path)
+    loaded = MLP()
+    if target == "trained":
+        _train(loaded, 1, start=10)
+    parts = {"model": _ModelStateful(loaded), key: nmcompile.SparsityStates(loaded)}
+    for p in (*saved.parameters(), *loaded.parameters()):
+        p.grad = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dcp.load(parts, checkpoint_id=tmp_path)
+        _train(saved, 1, start=3)
+        _train(loaded, 1, start=3)
+    assert not [w for w in caught if "nmsparse" in str(w.message)]
+    expected, got = nmcompile.sparsity_state(saved), nmcompile.sparsity_state(loaded)
+    assert sorted(got) == sorted(expected) == ["fc1.weight", "fc2.weight", "head.weight"]
+    for name, state in expected.items():
+        assert got[name]["step"] == state["step"] == 4
+        assert torch.equal(got[name]["perm"], state["perm"]), name
+    for (name, p), q in zip(saved.named_parameters(), loaded.parameters(), strict=True):
+        assert torch.equal(q, p) and torch.equal(q.grad, p.grad), name
+
+
+def test_sparsity_states_for_weights_the_model_lacks_are_ignored_with_a_warning():
+    """A states entry of another model: its names are listed in a warning, nothing else changes; a
+    model's own state dict is a TypeError that says what to pass."""
+    torch._dynamo.reset()
+    saved = MLP()
+    _train(saved, 1)
+    states = nmcompile.SparsityStates(saved).state_dict()
+    other = nn.Sequential(nn.Linear(32, 64))
+    with pytest.warns(UserWarning, match=r"states for fc1\.weight, fc2\.weight, head\.weight, which the model"):
+        nmcompile.SparsityStates(other).load_state_dict(states)
+    assert nmcompile.sparsity_state(other) == {}
+    with pytest.raises(TypeError, match=r"takes what SparsityStates.state_dict\(\) returns"):
+        nmcompile.SparsityStates(saved).load_state_dict(saved.state_dict())
