@@ -159,13 +159,18 @@ def resolve_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dic
     if not pairs:
         return {}
     tables = _root_tables()
+    chain_tables: dict[int, dict[int, tuple[str, int, nn.Module, tuple[str, ...]]]] = {}
     out: dict[str, ParamInfo] = {}
     for placeholder, param in pairs:
         found = _lookup(tables, param)
         if found is None:
             grapharg = placeholder.meta.get("grapharg")
             source = grapharg.source.name if grapharg is not None else placeholder.name
-            found = _lookup([_parameter_table(m) for m in _source_modules(source)], param)
+            modules = _source_modules(source)
+            for module in modules:  # one table per module and compile, not per parameter
+                if id(module) not in chain_tables:
+                    chain_tables[id(module)] = _parameter_table(module)
+            found = _lookup([chain_tables[id(m)] for m in modules], param)
             if found is None:
                 found = (source, zlib.crc32(source.encode()), None, ())
         out[placeholder.name] = ParamInfo(found[0], found[1], param, found[2], found[3])

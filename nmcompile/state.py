@@ -7,6 +7,7 @@ breaks or recompiles that see the same parameter share one state (SPEC §5, §8,
 Checkpoints (SPEC §9): ``model.state_dict()`` carries each layer's state in the state dict's
 ``_metadata`` (no extra keys, so any model loads the checkpoint, strict or not), and
 ``load_state_dict`` brings it back, also when it runs before the first compiled forward.
+``SparsityStates`` carries the states on their own where ``_metadata`` is dropped (DCP).
 """
 
 from __future__ import annotations
