@@ -23,17 +23,17 @@ from nmcompile import reference
 from nmcompile.backend import NMSparseBackend
 from nmcompile.options import SparsityConfig
 
+SEARCH_ROW = "nmsparse portable, search every step"  # minus "nmsparse portable": one permutation search
 STEP_ROWS = (
     "dense eager",
     "dense inductor",
     "reference eager",
     "nmsparse portable",
     "nmsparse portable, composite mask",
-    "nmsparse portable, search every step",
+    SEARCH_ROW,
     "nmsparse triton",
     "nmsparse sparse24",
 )
-SEARCH_ROW = "nmsparse portable, search every step"  # minus "nmsparse portable": one permutation search
 GUARDED_ROWS = ("nmsparse triton", "nmsparse sparse24")  # GPU-only, new kernels: a failure is reported, not fatal
 BLOCKS = ("ffn", "resnet")
 

@@ -18,7 +18,7 @@ import hashlib
 import io
 import warnings
 import weakref
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import torch
@@ -531,10 +531,7 @@ class StateRegistry:
         """``SparsityStates.load_state_dict``: restore (or hold until compile) each payload, keyed by
         ``root.named_parameters()`` names; a later ``load_state_dict`` of these weights keeps them
         until they train (``_restored_apart``)."""
-        params: dict[str, tuple[nn.Module, str, torch.Tensor]] = {}
-        for prefix, module in root.named_modules():
-            for name, param in module.named_parameters(recurse=False):
-                params.setdefault(f"{prefix}.{name}" if prefix else name, (module, name, param))
+        params = {full: (module, name, param) for full, module, name, param in _named_slots(root)}
         unknown = sorted(set(payloads) - set(params))
         if unknown:
             warnings.warn(f"nmsparse: sparsity states for {', '.join(unknown)}, which the model does not have, "
@@ -630,6 +627,14 @@ def _load_state_dict_with_sparsity(self: nn.Module, state_dict: Any, strict: boo
 nn.Module.load_state_dict = _load_state_dict_with_sparsity  # type: ignore[method-assign]
 
 
+def _named_slots(root: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
+    """``(full name, owning module, name there, parameter)`` for every parameter slot of ``root``
+    (a tied weight once per slot), as checkpoints key the states."""
+    for prefix, module in root.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            yield (f"{prefix}.{name}" if prefix else name), module, name, param
+
+
 class SparsityStates:
     """The layer states of ``model`` on their own, as a ``torch.distributed.checkpoint`` ``Stateful``:
     ``dcp.save({"model": model.state_dict(), "nmsparse": SparsityStates(model)}, ...)`` and the
@@ -645,11 +650,10 @@ class SparsityStates:
     def state_dict(self) -> dict[str, bytes]:
         """``{"states": bytes}``: each sparsified weight's payload by its ``named_parameters()`` name."""
         payloads: dict[str, dict[str, Any]] = {}
-        for prefix, module in self.module.named_modules():
-            for name, param in module.named_parameters(recurse=False):
-                entry = DEFAULT_REGISTRY.checkpoint_entry(module, name, param)
-                if entry is not None:
-                    payloads.setdefault(f"{prefix}.{name}" if prefix else name, entry)
+        for full, module, name, param in _named_slots(self.module):
+            entry = DEFAULT_REGISTRY.checkpoint_entry(module, name, param)
+            if entry is not None:
+                payloads[full] = entry
         buffer = io.BytesIO()
         torch.save(payloads, buffer)
         return {"states": buffer.getvalue()}
