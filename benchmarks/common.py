@@ -62,9 +62,9 @@ class Row:
 
 
 def unavailable(kernels: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why the GPU-only implementation ``kernels`` (``triton``, or ``sparse24`` and its GEMM-only rows)
+    """Why the GPU-only implementation ``kernels`` (``triton`` or ``sparse24``, and their GEMM-only rows)
     cannot run on ``device`` in ``dtype``, or ``None`` (also for every other implementation)."""
-    if kernels == "triton" and device.type != "cuda":
+    if kernels.startswith("triton") and device.type != "cuda":
         return "needs CUDA"
     if kernels.startswith("sparse24"):
         from nmcompile.kernels import sparse24

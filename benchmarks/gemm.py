@@ -16,7 +16,16 @@ N, M = 2, 4
 SRSTE_LAMBDA = 2e-4
 PRUNE_STEP, PRUNE_KEY = 1, 7  # the MVUE stream (step, key) of both 2:4 weight-gradient rows
 OPS = ("forward", "input grad", "weight grad")
-GEMM_ROWS = ("dense", "reference", "portable", "triton", "sparse24", "sparse24 gemm", "sparse24 gemm, best alg")
+GEMM_ROWS = (
+    "dense",
+    "reference",
+    "portable",
+    "triton",
+    "triton fused",
+    "sparse24",
+    "sparse24 gemm",
+    "sparse24 gemm, best alg",
+)
 GPU_ROWS = GEMM_ROWS[3:]  # new kernels on a GPU: a failure is reported, not fatal
 
 Gemms = dict[str, Callable[[], torch.Tensor]]
@@ -76,7 +85,20 @@ def _portable(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Te
 
 
 def _triton(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Tensor) -> Gemms:
-    """The fused Triton kernels of ``nmcompile.kernels``, imported here: a failing import costs only these rows."""
+    """The Triton path's ops as a lowered layer calls them: from ``SPLIT_TOKENS`` tokens on, the masked
+    operand (or pruned ``dY``) from one Triton pass and a dense cuBLAS GEMM, below it the fused kernels."""
+    from nmcompile.kernels.ops import triton_input_grad, triton_linear, triton_weight_grad
+
+    return {
+        "forward": lambda: triton_linear(x, w, None, None, None, N, M, 0.0, "fc1"),
+        "input grad": lambda: triton_input_grad(dy, w, None, perm, N, M),
+        "weight grad": lambda: triton_weight_grad(dy, x, w, None, N, M, SRSTE_LAMBDA, "none", 0),
+    }
+
+
+def _triton_fused(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Tensor) -> Gemms:
+    """The fused Triton kernels of ``nmcompile.kernels`` (masks ranked inside each GEMM tile), imported
+    here: a failing import costs only these rows."""
     from nmcompile.kernels import sparse_input_grad, sparse_linear_forward, sparse_weight_grad
 
     return {
@@ -108,8 +130,8 @@ def _sparse24_gemm(
 ) -> Gemms:
     """The 2:4 GEMMs alone: the ``sparse24`` rows' operands written, permuted and compressed before
     timing, so that row minus this one is their mask, permutation, MVUE and compression overhead.
-    With ``search``, each GEMM runs the cuSPARSELt algorithm ``search_alg`` times fastest for it,
-    instead of algorithm 0, which the ``sparse24`` ops run."""
+    With ``search``, each GEMM runs the cuSPARSELt algorithm ``search_alg`` times fastest for it
+    (what the ``sparse24`` ops run, ``fastest_alg``), instead of algorithm 0."""
     from nmcompile.kernels import sparse24
     from nmcompile.kernels.mvue import mvue_prune
     from nmcompile.kernels.operand24 import forward_operand, input_grad_operand
@@ -133,6 +155,7 @@ IMPLEMENTATIONS = {
     "reference": _reference,
     "portable": _portable,
     "triton": _triton,
+    "triton fused": _triton_fused,
     "sparse24": _sparse24,
     "sparse24 gemm": _sparse24_gemm,
     "sparse24 gemm, best alg": functools.partial(_sparse24_gemm, search=True),

@@ -207,7 +207,6 @@ def main(argv: list[str] | None = None) -> list[Row]:
     header = environment(device, args.size, size, shlex.join(["python", "-m", "benchmarks.step", *argv]))
     blocks = BLOCKS if args.block == "all" else (args.block,)
     steps = [row for block in blocks for row in step_rows(block, size, device)]
-    gemms = gemm_rows(size, device) if "ffn" in blocks else []
     print("# nmcompile training-step benchmark\n")
     print("\n".join(f"- {key}: {value}" for key, value in header.items()))
     print("\n## Training step (forward + backward + SGD momentum step)\n")
@@ -216,6 +215,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if searches:
         print("\nPermutation search, amortised (the medians above leave it out):\n")
         print("\n".join(searches))
+    sys.stdout.flush()  # the step table stands even if a time limit ends the GEMM rows
+    gemms = gemm_rows(size, device) if "ffn" in blocks else []
     if gemms:
         print(f"\n## Per-GEMM: FFN fc1 ({size.tokens} x {size.d_model} -> {size.d_ff})\n")
         print(table(gemms, "GEMM", ("dense", "reference")))

@@ -55,7 +55,7 @@ def test_step_benchmark_tiny_cpu(tmp_path, capsys):
     for row in gemms:
         assert f"| {row['op']} | {row['name']} |" in out
         if row["name"] in gemm.GPU_ROWS:
-            reason = "needs CUDA" if row["name"] == "triton" else "not on CUDA (2:4 tensor cores need sm80+)"
+            reason = "needs CUDA" if row["name"].startswith("triton") else "not on CUDA (2:4 tensor cores need sm80+)"
             assert row["reason"] == reason and row["median_ms"] is None
         else:
             assert math.isfinite(row["median_ms"]) and row["median_ms"] > 0, row
@@ -160,18 +160,22 @@ def test_cpu_only_rows_have_a_reason_elsewhere():
 
 
 def test_gpu_checks_script_names_real_tests():
-    """``benchmarks/gpu_checks.sh`` parses, and every test it names exists and is a CUDA-only test
-    (one that skips here), so a rename cannot quietly drop a GPU check."""
+    """``benchmarks/gpu_checks.sh`` parses, every test it names exists, and it names every CUDA-only
+    test of the suite (one that skips here), so a rename or a new GPU test cannot be left out."""
     root = Path(__file__).resolve().parent.parent
     script = root / "benchmarks" / "gpu_checks.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
-    named = re.findall(r'"(tests/test_\w+\.py)::(test_\w+)"', script.read_text())
-    assert len(named) == 5
+    named = set(re.findall(r'"(tests/test_\w+\.py)::(test_\w+)"', script.read_text()))
+    cuda_only = set()
+    for path in sorted((root / "tests").glob("test_*.py")):
+        source = path.read_text()
+        for match in re.finditer(r"\ndef (test_\w+)\(", source):
+            decorators = source[source.rindex("\n\n", 0, match.start()) : match.start()]
+            if "skipif" in decorators and ("cuda" in match.group(1) or "sm80" in decorators.lower()):
+                cuda_only.add((f"tests/{path.name}", match.group(1)))
     for path, name in named:
-        source = (root / path).read_text()
-        start = source.index(f"\ndef {name}(")
-        decorators = source[source.rindex("\n\n", 0, start) : start]
-        assert "skipif" in decorators and ("cuda" in name or "sm80" in decorators.lower()), (path, name)
+        assert f"\ndef {name}(" in (root / path).read_text(), (path, name)
+    assert len(cuda_only) == 6 and cuda_only <= named, cuda_only - named
 
 
 def test_json_path_in_a_missing_directory_is_an_argument_error(tmp_path, capsys):

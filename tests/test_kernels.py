@@ -301,3 +301,25 @@ def test_real_sizes_on_cuda(dtype):
     dw = kernels.sparse_weight_grad(dy, x, w, n, m, grad_prune="mvue24", step=3, key=5)
     pruned = torch.ops.nmsparse.mvue_prune(dy, torch.tensor(3), 5, "mvue24")
     assert_close(dw.float(), (pruned.float().t() @ x.float()), rel=2e-2)
+    # The lowered ops at this many tokens: masked operand or pruned dY from one pass, cuBLAS GEMM.
+    from nmcompile.kernels import ops
+
+    assert T >= ops.SPLIT_TOKENS
+    y = ops.triton_linear(x, w, None, None, None, n, m, 0.0, "fc1")
+    assert_close(y.float(), (x.float() @ (w * fmask).float().t()), rel=2e-2)
+    assert_close(ops.triton_input_grad(dy, w, None, perm, n, m).float(), dy.float() @ (w * bmask).float(), rel=2e-2)
+    dw = ops.triton_weight_grad(dy, x, w, None, n, m, 0.0, "mvue24", 5, None, torch.tensor(3))
+    assert_close(dw.float(), (pruned.float().t() @ x.float()), rel=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the portable op's CUDA kernel")
+@pytest.mark.parametrize("rule", ["mvue12", "mvue24", "mvue24_approx"])
+def test_portable_mvue_op_on_cuda_prunes_as_on_the_cpu(rule):
+    """``nmsparse::mvue_prune`` on CUDA (the Triton MVUE kernel) keeps the entries the composite op
+    keeps on the CPU, values within one rounding, on a convolution's token view of ``dY``."""
+    dy = _randn(8, 64, 14, 14, dtype=torch.bfloat16)
+    tokens = dy.movedim(1, -1).reshape(-1, 64)
+    got = torch.ops.nmsparse.mvue_prune(tokens, torch.tensor(7), 11, rule).cpu()
+    expected = torch.ops.nmsparse.mvue_prune(tokens.cpu(), torch.tensor(7), 11, rule)
+    assert torch.equal(got != 0, expected != 0)
+    assert_close(got.float(), expected.float(), rel=EPS[torch.bfloat16])

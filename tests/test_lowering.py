@@ -43,9 +43,13 @@ from tests.conftest import (
     ],
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "bimask",
 )
-def test_triton_path_matches_reference(options):
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
+def test_triton_path_matches_reference(options, split, monkeypatch):
     """3 SGD steps of an MLP on the Triton kernels: outputs, every gradient and the weights agree
-    with the eager reference at every step (fp32 tolerance)."""
+    with the eager reference at every step (fp32 tolerance). ``split``: every GEMM as a large
+    batch runs it, masked operand (or pruned ``dY``) from a Triton pass, then a dense GEMM."""
+    if split:
+        monkeypatch.setattr("nmcompile.kernels.ops.SPLIT_TOKENS", 0)
     train_and_compare(MLP, (8, 32), steps=3, kernels="triton", inner="aot_eager", **options)
 
 

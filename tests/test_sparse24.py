@@ -25,7 +25,7 @@ from nmcompile.kernels import ops as kernel_ops
 from nmcompile.kernels import sparse24
 from nmcompile.kernels.common import interpreting
 from nmcompile.kernels.mvue import mvue_prune
-from nmcompile.kernels.operand24 import forward_operand, input_grad_operand
+from nmcompile.kernels.operand24 import backward_operand, forward_operand, input_grad_operand
 from nmcompile.kernels.srste import srste_add
 from nmcompile.ops import masked_weight
 from tests.conftest import (
@@ -108,6 +108,47 @@ def test_input_grad_operand_is_permuted_backward_mask(dtype, O, K, n, m):
     assert got.shape == (K, O) and got.is_contiguous()
     assert torch.equal(got, torch.where(bmask, w.cpu(), 0)[perm.cpu()].t())
     assert sparse24.is_24(got)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("O", "K", "n", "m"), [(16, 32, 2, 4), (24, 40, 1, 8), (8, 64, 3, 8)])
+@pytest.mark.parametrize("decay", [False, True])
+def test_backward_operand_is_w_times_b_in_place(dtype, O, K, n, m, decay):
+    """The Triton path's input-gradient operand: ``W ⊙ B`` with the reference Bi-Mask ``B``, rows in
+    ``W``'s order (``dY · (W ⊙ B)`` needs no gather); with mask decay ``α W`` where ``B`` prunes,
+    rounded once to ``W``'s dtype; from a given forward mask too; a fp32 output of a bf16 ``W``."""
+    w = _randn(O, K, dtype=dtype)
+    perm = _perm(O)
+    fmask = reference.nm_mask(w.cpu(), n, m, dim=1)
+    bmask = reference.backward_mask(w.cpu(), fmask, perm.cpu(), n, m)
+    alpha = torch.tensor(0.375, device=DEVICE) if decay else None
+    pruned = (w.cpu().float() * 0.375).to(dtype) if decay else torch.zeros_like(w.cpu())
+    expected = torch.where(bmask, w.cpu(), pruned)
+    # α W rounded to a 16-bit dtype: the interpreter's conversion may round the other way (one ulp).
+    ulp = {torch.float32: 0.0, torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype] if decay else 0.0
+
+    def same(got: torch.Tensor, want: torch.Tensor) -> None:
+        assert got.dtype == want.dtype and torch.equal(got != 0, want != 0)
+        torch.testing.assert_close(got.cpu(), want, rtol=ulp, atol=0)
+
+    got = backward_operand(w, n, m, perm=perm, alpha=alpha)
+    assert got.shape == (O, K)
+    same(got, expected)
+    same(backward_operand(w, n, m, perm=perm, mask=fmask.to(DEVICE), alpha=alpha), expected)
+    same(backward_operand(w, n, m, perm=perm, alpha=alpha, dtype=torch.float32), expected.float())
+    same(forward_operand(w, n, m, alpha=alpha), torch.where(fmask, w.cpu(), pruned))
+
+
+def test_backward_operand_checks():
+    w = _randn(16, 32)
+    with pytest.raises(ValueError, match="needs perm"):
+        backward_operand(w, 2, 4, perm=None)
+    with pytest.raises(ValueError, match="perm must be int64"):
+        backward_operand(w, 2, 4, perm=_perm(12))
+    with pytest.raises(ValueError, match="alpha must be a 0-d float32"):
+        backward_operand(w, 2, 4, perm=_perm(16), alpha=torch.tensor([0.5], device=DEVICE))
+    with pytest.raises(ValueError, match="alpha must be a 0-d float32"):
+        forward_operand(w, 2, 4, alpha=0.5)
 
 
 def test_input_grad_operand_transposable_mask_and_checks():
@@ -238,6 +279,26 @@ def test_search_alg_picks_the_library_algorithm(emulated_24_library, monkeypatch
     assert alg_id == EMULATED_ALGS - 1 and calls == list(range(EMULATED_ALGS))
     assert torch.equal(sparse24.compressed_mm(a, b, transpose_result=True, alg_id=alg_id), expected)
     assert calls[-1] == alg_id
+
+
+def test_semi_structured_mm_runs_the_fastest_alg_searched_once(emulated_24_library, monkeypatch):
+    """``semi_structured_mm`` runs the algorithm cuSPARSELt's search finds fastest (algorithm 0 ran the
+    H200's FFN GEMMs no faster than dense), searching once per problem: shape, ``b``'s layout, bias."""
+    monkeypatch.setattr(sparse24, "_FASTEST", {})
+    w, b = _ints(20, 40, 0), _ints(40, 30, 1).bfloat16()
+    a = torch.where(reference.nm_mask(w, 2, 4, 1), w, 0.0).bfloat16()
+    if emulated_24_library == "cutlass":  # one algorithm: nothing to search
+        assert torch.equal(sparse24.semi_structured_mm(a, b), (a.float() @ b.float()).bfloat16())
+        assert list(sparse24._FASTEST.values()) == [0]
+        return
+    calls = record_alg_ids(monkeypatch)
+    first = sparse24.semi_structured_mm(a, b, transpose_result=True)
+    assert calls == [*range(EMULATED_ALGS), EMULATED_ALGS - 1]  # the search, then the product
+    assert torch.equal(sparse24.semi_structured_mm(a, b, transpose_result=True), first)
+    assert calls[EMULATED_ALGS + 1 :] == [EMULATED_ALGS - 1]  # no second search
+    sparse24.semi_structured_mm(a, b.t().contiguous().t(), transpose_result=True)
+    sparse24.semi_structured_mm(a, b, bias=torch.ones(20), transpose_result=True)
+    assert len(calls) == 3 * (EMULATED_ALGS + 1) + 1 and len(sparse24._FASTEST) == 3
 
 
 def test_dense_operand_copies_only_what_the_libraries_cannot_read():

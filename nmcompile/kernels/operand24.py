@@ -1,14 +1,19 @@
-"""Masked-operand kernel of the 2:4 path: the sparse operand of the forward or input-gradient GEMM
-in one pass over ``W``, in the layout PyTorch's semi-structured compression takes (N:M along the
-*last* dim, zeros in place), so ``kernels.sparse24`` can compress it as it is.
+"""Masked-operand kernel: a GEMM's sparse weight operand in one pass over ``W``, written to memory.
+
+Two users. The 2:4 path compresses it (PyTorch's semi-structured layout: N:M along the *last* dim,
+zeros in place); the Triton path on large batches hands it to a dense cuBLAS GEMM, since ranking
+the mask inside every GEMM tile repeats it once per tile of tokens (``kernels.ops``).
 
 - forward: ``W ⊙ F`` ``[O, K]``, ``F`` N:M along ``K`` (ranked in registers, or a loaded mask);
 - input gradient: ``(W[P] ⊙ Bp)ᵀ`` ``[K, O]``, ``Bp = nm_mask(|W⊙F|[P], along O) ∧ F[P]`` (SPEC §4),
-  or ``(W ⊙ mask)ᵀ`` for a loaded transposable mask.
+  or ``(W ⊙ mask)ᵀ`` for a loaded transposable mask (2:4); ``W ⊙ B`` ``[O, K]`` with the rows back
+  in ``W``'s order, ``B[P] = Bp``, so that ``dX = dY · (W ⊙ B)`` needs no gather of ``dY`` (Triton).
 
+With mask decay the pruned entries are ``α W`` instead of zeros (the Triton path; 2:4 has no decay).
 Tiling: a program owns ``[BLOCK_O, BLOCK_K]`` of ``W`` (rows gathered through ``P``), both extents
 multiples of ``M`` so the tile holds whole groups both ways, and stores it through the output's
-strides (transposed for the input gradient, by passing the ``[O, K]`` view of a ``[K, O]`` buffer).
+strides (transposed for the 2:4 input gradient, by passing the ``[O, K]`` view of a ``[K, O]``
+buffer), at the gathered rows themselves with ``SCATTER``.
 """
 
 from __future__ import annotations
@@ -17,20 +22,33 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import DTYPES, autotune_configs, check_mask, check_nm, check_perm, check_tensor, nm_keep_cols, nm_keep_rows
+from .common import (
+    DTYPES,
+    autotune_configs,
+    check_alpha,
+    check_mask,
+    check_nm,
+    check_perm,
+    check_tensor,
+    nm_keep_cols,
+    nm_keep_rows,
+)
 
 CONFIGS = autotune_configs(
     [{"BLOCK_O": 32, "BLOCK_K": 64}, {"BLOCK_O": 64, "BLOCK_K": 64}], [(4, 1)], ("BLOCK_O", "BLOCK_K")
 )
 
 
-@triton.autotune(configs=CONFIGS, key=["O", "K", "M", "PERMUTE", "LOAD_MASK"])
+@triton.autotune(configs=CONFIGS, key=["O", "K", "M", "PERMUTE", "LOAD_MASK", "HAS_ALPHA", "SCATTER"])
 @triton.jit
 def masked_operand_kernel(
-    w_ptr, perm_ptr, f_ptr, out_ptr, n, O, K, stride_wo, stride_wk, stride_fo, stride_fk, stride_oo, stride_ok,
-    M: tl.constexpr, PERMUTE: tl.constexpr, LOAD_MASK: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+    w_ptr, perm_ptr, f_ptr, alpha_ptr, out_ptr, n, O, K,
+    stride_wo, stride_wk, stride_fo, stride_fk, stride_oo, stride_ok,
+    M: tl.constexpr, PERMUTE: tl.constexpr, LOAD_MASK: tl.constexpr, HAS_ALPHA: tl.constexpr,
+    SCATTER: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """``out[o, k] = W[src(o), k]`` where kept, else 0; ``src`` is ``P`` with ``PERMUTE``."""
+    """``out[o, k] = W[src(o), k]`` where kept, else 0 (``α W`` with ``HAS_ALPHA``); ``src`` is ``P``
+    with ``PERMUTE``; ``SCATTER`` stores row ``o`` at ``src(o)``."""
     o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     inside = (o[:, None] < O) & (ks[None, :] < K)
@@ -42,12 +60,24 @@ def masked_operand_kernel(
         keep = nm_keep_rows(w, n, BLOCK_O, BLOCK_K, M)
     if PERMUTE:
         keep = nm_keep_cols(tl.where(keep, w.to(tl.float32), 0.0), n, BLOCK_O, BLOCK_K, M) & keep
-    kept = tl.where(keep, w, tl.zeros_like(w))
-    tl.store(out_ptr + o[:, None] * stride_oo + ks[None, :] * stride_ok, kept.to(out_ptr.dtype.element_ty), mask=inside)
+    if HAS_ALPHA:  # as the fused kernels: α W in fp32, rounded to W's dtype, then to the output's
+        kept = tl.where(keep, w.to(tl.float32), w.to(tl.float32) * tl.load(alpha_ptr)).to(w_ptr.dtype.element_ty)
+    else:
+        kept = tl.where(keep, w, tl.zeros_like(w))
+    rows = source if SCATTER else o
+    tl.store(out_ptr + rows[:, None] * stride_oo + ks[None, :] * stride_ok, kept.to(out_ptr.dtype.element_ty),
+             mask=inside)  # fmt: skip
 
 
 def _launch(
-    weight: torch.Tensor, n: int, m: int, perm: torch.Tensor | None, mask: torch.Tensor | None, out_view: torch.Tensor
+    weight: torch.Tensor,
+    n: int,
+    m: int,
+    perm: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    out_view: torch.Tensor,
+    alpha: torch.Tensor | None = None,
+    scatter: bool = False,
 ) -> None:
     """Fill ``out_view`` (an ``[O, K]`` view, maybe transposed) with the masked ``weight``."""
     O, K = weight.shape
@@ -57,9 +87,9 @@ def _launch(
         return triton.cdiv(O, meta["BLOCK_O"]), triton.cdiv(K, meta["BLOCK_K"])
 
     masked_operand_kernel[grid](
-        weight, perm if perm is not None else weight, f, out_view, n, O, K,
+        weight, perm if perm is not None else weight, f, alpha if alpha is not None else weight, out_view, n, O, K,
         *weight.stride(), *f.stride(), *out_view.stride(),
-        M=m, PERMUTE=perm is not None, LOAD_MASK=mask is not None,
+        M=m, PERMUTE=perm is not None, LOAD_MASK=mask is not None, HAS_ALPHA=alpha is not None, SCATTER=scatter,
     )  # fmt: skip
 
 
@@ -77,12 +107,41 @@ def _check(weight: torch.Tensor, n: int, m: int, mask: torch.Tensor | None, dtyp
 
 
 def forward_operand(
-    weight: torch.Tensor, n: int, m: int, *, mask: torch.Tensor | None = None, dtype: torch.dtype | None = None
+    weight: torch.Tensor,
+    n: int,
+    m: int,
+    *,
+    mask: torch.Tensor | None = None,
+    alpha: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``W ⊙ F`` ``[O, K]`` (contiguous, in ``dtype``, default ``weight``'s), ``F`` the N:M mask
-    along ``K`` ranked from ``weight``, or ``mask`` where given."""
+    along ``K`` ranked from ``weight``, or ``mask`` where given; ``W ⊙ (F + (1−F)α)`` with ``alpha``."""
+    check_alpha(alpha, weight)
     out = torch.empty(weight.shape, dtype=_check(weight, n, m, mask, dtype), device=weight.device)
-    _launch(weight, n, m, None, mask, out)
+    _launch(weight, n, m, None, mask, out, alpha)
+    return out
+
+
+def backward_operand(
+    weight: torch.Tensor,
+    n: int,
+    m: int,
+    *,
+    perm: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    alpha: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Bi-Mask's ``W ⊙ B`` ``[O, K]`` (contiguous, rows in ``weight``'s order, ``B[P] = Bp``), so
+    ``dY · (W ⊙ B) = dY[:, P] · (W[P] ⊙ Bp)``; ``F`` ranked from ``weight`` or the given ``mask``."""
+    out_dtype = _check(weight, n, m, mask, dtype)
+    if perm is None:
+        raise ValueError("backward_operand needs perm (Bi-Mask); forward_operand serves the other modes")
+    check_perm(perm, weight.shape[0], m)
+    check_alpha(alpha, weight)
+    out = torch.empty(weight.shape, dtype=out_dtype, device=weight.device)
+    _launch(weight, n, m, perm, mask, out, alpha, scatter=True)
     return out
 
 

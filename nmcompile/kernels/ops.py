@@ -21,7 +21,7 @@ from nmcompile.ops import _register_autocast, _setup_linear, linear_fake, role
 from . import sparse24
 from .input_grad import sparse_input_grad
 from .mvue import mvue_prune
-from .operand24 import forward_operand, input_grad_operand
+from .operand24 import backward_operand, forward_operand, input_grad_operand
 from .sparse_forward import sparse_linear_forward
 from .srste import srste_add
 from .weight_grad import sparse_weight_grad
@@ -30,6 +30,18 @@ from .weight_grad import sparse_weight_grad
 def _n(n: int, n_eff: torch.Tensor | None) -> int:
     """N in force: the schedule's ``n_eff`` (a CPU 0-d tensor, read without a device sync) or ``n``."""
     return int(n_eff) if n_eff is not None else n
+
+
+SPLIT_TOKENS = 1024
+"""From this many tokens (rows of ``X`` and ``dY``) on, the Triton ops write the masked operand in one
+pass (``operand24``, ``mvue``) and run a dense cuBLAS GEMM on it, instead of the fused kernels, which
+rank ``F``/``Bp`` (or prune ``dY``) again in every tile of the other GEMM dim. H200, FFN fc1 at 8192
+tokens (docs/benchmarks.md): fused forward 3.98x dense, input gradient 48x, weight gradient 1.32x."""
+
+
+def _split(tokens: int) -> bool:
+    """Whether a GEMM with ``tokens`` rows runs as masked operand + dense GEMM (``SPLIT_TOKENS``)."""
+    return tokens >= SPLIT_TOKENS
 
 
 def _step(step: torch.Tensor | None) -> int:
@@ -56,7 +68,11 @@ def triton_linear(
 ) -> torch.Tensor:
     """``nmsparse::sparse_linear`` on the fused forward kernel (``F`` in registers unless given)."""
     x2d = x.reshape(-1, x.shape[-1])
-    y = sparse_linear_forward(x2d, weight, bias, _n(n, n_eff), m, mask=fwd_mask, alpha=alpha)
+    if _split(x2d.shape[0]):
+        operand = forward_operand(weight, _n(n, n_eff), m, mask=fwd_mask, alpha=alpha, dtype=x.dtype)
+        y = torch.nn.functional.linear(x2d, operand, bias.to(x.dtype) if bias is not None else None)
+    else:
+        y = sparse_linear_forward(x2d, weight, bias, _n(n, n_eff), m, mask=fwd_mask, alpha=alpha)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -75,7 +91,12 @@ def triton_input_grad(
     alpha: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``dX`` for ``dy`` ``[T, O]``: Bi-Mask with ``perm``, else ``dY · (W ⊙ F)`` (SPEC §4)."""
-    return sparse_input_grad(dy, weight, _n(n, n_eff), m, perm=perm, mask=fwd_mask, alpha=alpha)
+    n = _n(n, n_eff)
+    if not _split(dy.shape[0]):
+        return sparse_input_grad(dy, weight, n, m, perm=perm, mask=fwd_mask, alpha=alpha)
+    if perm is None:
+        return dy @ forward_operand(weight, n, m, mask=fwd_mask, alpha=alpha, dtype=dy.dtype)
+    return dy @ backward_operand(weight, n, m, perm=perm, mask=fwd_mask, alpha=alpha, dtype=dy.dtype)
 
 
 @triton_input_grad.register_fake
@@ -98,6 +119,9 @@ def triton_weight_grad(
     step: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``dW = prune(dY)ᵀ X + λ (1 − F) ⊙ W`` for ``dy`` ``[T, O]``, ``x`` ``[T, K]`` (SPEC §6, §7)."""
+    if _split(dy.shape[0]):
+        pruned = dy if grad_prune == "none" else mvue_prune(dy, _step(step), prune_key, grad_prune)
+        return _with_srste(pruned.t() @ x, weight, _n(n, n_eff), m, srste_lambda, fwd_mask)
     return sparse_weight_grad(
         dy, x, weight, _n(n, n_eff), m, srste_lambda=srste_lambda, grad_prune=grad_prune,
         step=_step(step), key=prune_key, mask=fwd_mask,
@@ -107,6 +131,15 @@ def triton_weight_grad(
 @triton_weight_grad.register_fake
 def _weight_grad_fake(dy, x, weight, fwd_mask, n, m, srste_lambda, grad_prune, prune_key, n_eff=None, step=None):
     return weight.new_empty(weight.shape)
+
+
+def _with_srste(
+    dw: torch.Tensor, weight: torch.Tensor, n: int, m: int, srste_lambda: float, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """``dw + λ (1 − F) ⊙ W`` in one pass (``kernels.srste``) where ``λ`` is set; in ``weight``'s dtype."""
+    if srste_lambda:
+        return srste_add(dw, weight, n, m, srste_lambda, mask=mask)
+    return dw.to(weight.dtype)
 
 
 def _gemm_backward(ctx: Any, dy: torch.Tensor, input_grad: Any, weight_grad: Any) -> tuple:
@@ -231,9 +264,7 @@ def sparse24_weight_grad(
         dw = dy.t() @ x
     else:
         dw = _mm24(mvue_prune(dy, _step(step), prune_key, grad_prune, transpose=True), x)
-    if srste_lambda:
-        return srste_add(dw, weight, _n(n, n_eff), m, srste_lambda, mask=fwd_mask)
-    return dw.to(weight.dtype)
+    return _with_srste(dw, weight, _n(n, n_eff), m, srste_lambda, fwd_mask)
 
 
 sparse24_weight_grad.register_fake(_weight_grad_fake)

@@ -149,10 +149,30 @@ def search_alg(
     return int(torch._cslt_sparse_mm_search(a.packed, b_pad, bias=bias, transpose_result=transpose_result))
 
 
+_FASTEST: dict[tuple, int] = {}
+"""``search_alg``'s answer per GEMM problem, as Triton's autotuner keeps its timings: one search per
+shape and layout in a process. On an H200 cuSPARSELt's algorithm 0 ran the FFN's 2:4 GEMMs no faster
+than dense (1.01x); the fastest one 1.5x faster (docs/benchmarks.md)."""
+
+
+def fastest_alg(
+    a: Compressed, b: torch.Tensor, *, bias: torch.Tensor | None = None, transpose_result: bool = False
+) -> int:
+    """``search_alg`` for this problem (library, shapes, dtype, ``b``'s layout, bias, result layout), searched once."""
+    key = (a.meta is None, a.rows, a.cols, b.shape[1], a.dtype, b.is_contiguous(), bias is not None)
+    key = (*key, transpose_result, b.device)
+    if key not in _FASTEST:
+        _FASTEST[key] = search_alg(a, b, bias=bias, transpose_result=transpose_result)
+    return _FASTEST[key]
+
+
 def semi_structured_mm(
     a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None = None, transpose_result: bool = False
 ) -> torch.Tensor:
-    """``compressed_mm(compress(a), b, ...)``: ``a`` ``[R, C]`` 2:4 along ``C`` times a dense ``b``."""
+    """``compressed_mm(compress(a), b, ...)`` on the fastest algorithm (``fastest_alg``): ``a``
+    ``[R, C]`` 2:4 along ``C`` times a dense ``b``."""
     if a.dim() == 2:
         _check(*a.shape, a.dtype, b, bias)
-    return compressed_mm(compress(a), b, bias=bias, transpose_result=transpose_result)
+    packed = compress(a)
+    alg_id = fastest_alg(packed, b, bias=bias, transpose_result=transpose_result)
+    return compressed_mm(packed, b, bias=bias, transpose_result=transpose_result, alg_id=alg_id)

@@ -1,0 +1,101 @@
+"""Where the 2:4 path's overhead goes: each piece of its three ops timed alone, at FFN fc1 size.
+
+``python -m benchmarks.parts24``: on CUDA (sm80+), bf16, 8192 tokens x 4096 -> 16384, the median of
+``triton.testing.do_bench`` for each masked-operand kernel, each ``dY`` pass, each compression and
+each GEMM (cuSPARSELt's fastest algorithm and algorithm 0) of ``kernels.ops.sparse24_*``, beside the
+dense GEMMs. The ``sparse24`` per-GEMM rows of ``benchmarks.step`` are the sums; this says which part costs.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+
+from benchmarks.common import SIZES
+
+PARTS = (
+    "forward: W ⊙ F (operand kernel)",
+    "forward: compress W ⊙ F",
+    "forward: sparse GEMM, fastest alg",
+    "forward: sparse GEMM, alg 0",
+    "forward: dense GEMM",
+    "input grad: (W[P] ⊙ Bp)ᵀ (operand kernel)",
+    "input grad: dY[:, P] (index_select)",
+    "input grad: compress",
+    "input grad: sparse GEMM, fastest alg",
+    "input grad: dense GEMM",
+    "weight grad: mvue24(dY)ᵀ (MVUE kernel)",
+    "weight grad: compress",
+    "weight grad: sparse GEMM, fastest alg",
+    "weight grad: dense GEMM",
+    "Triton path: W ⊙ B (operand kernel, rows in place)",
+    "Triton path: mvue24(dY) (MVUE kernel)",
+)
+
+
+def parts() -> dict[str, Callable[[], object]]:
+    """Each piece of the 2:4 ops on fc1's operands (set up once, before timing)."""
+    from nmcompile.kernels import sparse24
+    from nmcompile.kernels.mvue import mvue_prune
+    from nmcompile.kernels.operand24 import backward_operand, forward_operand, input_grad_operand
+
+    size, device = SIZES["full"], torch.device("cuda")
+    generator = torch.Generator().manual_seed(2)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) * scale).to(device, size.dtype)
+
+    x, dy = randn(size.tokens, size.d_model), randn(size.tokens, size.d_ff)
+    w = randn(size.d_ff, size.d_model, scale=size.d_model**-0.5)
+    perm = torch.randperm(size.d_ff, generator=generator).to(device)
+    fwd, bwd = forward_operand(w, 2, 4), input_grad_operand(w, 2, 4, perm=perm)
+    dy_perm, pruned = dy.index_select(1, perm), mvue_prune(dy, 1, 7, "mvue24", transpose=True)
+    packed = {"fwd": sparse24.compress(fwd), "bwd": sparse24.compress(bwd), "wgrad": sparse24.compress(pruned)}
+    problems = {"fwd": (x.t(), True), "bwd": (dy_perm.t(), True), "wgrad": (x, False)}
+    best = {k: sparse24.fastest_alg(packed[k], b, transpose_result=t) for k, (b, t) in problems.items()}
+
+    def mm(key: str, alg_id: int) -> Callable[[], object]:
+        b, transpose = problems[key]
+        return lambda: sparse24.compressed_mm(packed[key], b, transpose_result=transpose, alg_id=alg_id)
+
+    return dict(
+        zip(
+            PARTS,
+            (
+                lambda: forward_operand(w, 2, 4),
+                lambda: sparse24.compress(fwd),
+                mm("fwd", best["fwd"]),
+                mm("fwd", 0),
+                lambda: x @ w.t(),
+                lambda: input_grad_operand(w, 2, 4, perm=perm),
+                lambda: dy.index_select(1, perm),
+                lambda: sparse24.compress(bwd),
+                mm("bwd", best["bwd"]),
+                lambda: dy @ w,
+                lambda: mvue_prune(dy, 1, 7, "mvue24", transpose=True),
+                lambda: sparse24.compress(pruned),
+                mm("wgrad", best["wgrad"]),
+                lambda: dy.t() @ x,
+                lambda: backward_operand(w, 2, 4, perm=perm),
+                lambda: mvue_prune(dy, 1, 7, "mvue24"),
+            ),
+            strict=True,
+        )
+    )
+
+
+def main() -> None:
+    """Print a markdown table of the pieces' median times; needs an sm80+ GPU."""
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks.parts24 needs CUDA")
+    from triton.testing import do_bench
+
+    print("| part | median ms |\n|---|---|")
+    for name, fn in parts().items():
+        print(f"| {name} | {do_bench(fn, warmup=25, rep=200, return_mode='median'):.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
