@@ -301,14 +301,26 @@ def test_real_sizes_on_cuda(dtype):
     dw = kernels.sparse_weight_grad(dy, x, w, n, m, grad_prune="mvue24", step=3, key=5)
     pruned = torch.ops.nmsparse.mvue_prune(dy, torch.tensor(3), 5, "mvue24")
     assert_close(dw.float(), (pruned.float().t() @ x.float()), rel=2e-2)
-    # The lowered ops at this many tokens: masked operand or pruned dY from one pass, cuBLAS GEMM.
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the Triton ops on large batches")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_split_ops_at_real_sizes_on_cuda(dtype):
+    """The lowered Triton ops from ``SPLIT_TOKENS`` tokens on: masked operand (or pruned ``dY``) from
+    one Triton pass, then a cuBLAS GEMM, against the portable ops' math."""
     from nmcompile.kernels import ops
 
+    T, O, K, n, m = 2048, 4096, 1024, 2, 4
     assert T >= ops.SPLIT_TOKENS
+    x, w, dy = _randn(T, K, dtype=dtype), _randn(O, K, dtype=dtype, seed=1), _randn(T, O, dtype=dtype, seed=2)
+    perm = _perm(O)
+    fmask = torch.ops.nmsparse.nm_mask(w, n, m, 1)
     y = ops.triton_linear(x, w, None, None, None, n, m, 0.0, "fc1")
     assert_close(y.float(), (x.float() @ (w * fmask).float().t()), rel=2e-2)
+    bmask = reference.backward_mask(w, fmask, perm, n, m)
     assert_close(ops.triton_input_grad(dy, w, None, perm, n, m).float(), dy.float() @ (w * bmask).float(), rel=2e-2)
     dw = ops.triton_weight_grad(dy, x, w, None, n, m, 0.0, "mvue24", 5, None, torch.tensor(3))
+    pruned = torch.ops.nmsparse.mvue_prune(dy, torch.tensor(3), 5, "mvue24")
     assert_close(dw.float(), (pruned.float().t() @ x.float()), rel=2e-2)
 
 

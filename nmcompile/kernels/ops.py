@@ -32,11 +32,13 @@ def _n(n: int, n_eff: torch.Tensor | None) -> int:
     return int(n_eff) if n_eff is not None else n
 
 
-SPLIT_TOKENS = 1024
+SPLIT_TOKENS = 512
 """From this many tokens (rows of ``X`` and ``dY``) on, the Triton ops write the masked operand in one
 pass (``operand24``, ``mvue``) and run a dense cuBLAS GEMM on it, instead of the fused kernels, which
-rank ``F``/``Bp`` (or prune ``dY``) again in every tile of the other GEMM dim. H200, FFN fc1 at 8192
-tokens (docs/benchmarks.md): fused forward 3.98x dense, input gradient 48x, weight gradient 1.32x."""
+rank ``F``/``Bp`` (or prune ``dY``) again in every tile of the other GEMM dim. H200, torch 2.11, FFN fc1
+4096 -> 16384 in bf16 (docs/benchmarks.md): at 512 tokens fused / split / dense took 0.456 / 0.291 /
+0.098 ms (forward), 4.770 / 0.378 / 0.099 (input gradient), 0.283 / 0.266 / 0.116 (weight gradient);
+at 8192 tokens the fused kernels ran 3.98x, 48x and 1.32x dense. Below 512 tokens is not measured."""
 
 
 def _split(tokens: int) -> bool:
