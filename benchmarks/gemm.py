@@ -162,8 +162,9 @@ IMPLEMENTATIONS = {
 }
 
 
-def gemm_rows(size: Size, device: torch.device) -> list[Row]:
-    """Time forward, input gradient and weight gradient of ``fc1`` for every implementation."""
+def fc1_operands(size: Size, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x`` ``[T, d]``, ``w`` ``[d_ff, d]``, ``dy`` ``[T, d_ff]`` and a permutation of the ``d_ff``
+    rows: fc1's operands, the same for a given size in every GEMM benchmark."""
     generator = torch.Generator().manual_seed(2)
 
     def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
@@ -171,7 +172,12 @@ def gemm_rows(size: Size, device: torch.device) -> list[Row]:
 
     x, dy = randn(size.tokens, size.d_model), randn(size.tokens, size.d_ff)
     w = randn(size.d_ff, size.d_model, scale=size.d_model**-0.5)
-    perm = torch.randperm(size.d_ff, generator=generator).to(device)
+    return x, w, dy, torch.randperm(size.d_ff, generator=generator).to(device)
+
+
+def gemm_rows(size: Size, device: torch.device) -> list[Row]:
+    """Time forward, input gradient and weight gradient of ``fc1`` for every implementation."""
+    x, w, dy, perm = fc1_operands(size, device)
     gemms: dict[str, Gemms] = {}
     reasons: dict[str, str] = {}
     for name, make in IMPLEMENTATIONS.items():

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.common import SIZES
+from benchmarks.gemm import fc1_operands
 
 PARTS = (
     "forward: W ⊙ F (operand kernel)",
@@ -41,15 +42,7 @@ def parts() -> dict[str, Callable[[], object]]:
     from nmcompile.kernels.mvue import mvue_prune
     from nmcompile.kernels.operand24 import backward_operand, forward_operand, input_grad_operand
 
-    size, device = SIZES["full"], torch.device("cuda")
-    generator = torch.Generator().manual_seed(2)
-
-    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=generator) * scale).to(device, size.dtype)
-
-    x, dy = randn(size.tokens, size.d_model), randn(size.tokens, size.d_ff)
-    w = randn(size.d_ff, size.d_model, scale=size.d_model**-0.5)
-    perm = torch.randperm(size.d_ff, generator=generator).to(device)
+    x, w, dy, perm = fc1_operands(SIZES["full"], torch.device("cuda"))
     fwd, bwd = forward_operand(w, 2, 4), input_grad_operand(w, 2, 4, perm=perm)
     dy_perm, pruned = dy.index_select(1, perm), mvue_prune(dy, 1, 7, "mvue24", transpose=True)
     packed = {"fwd": sparse24.compress(fwd), "bwd": sparse24.compress(bwd), "wgrad": sparse24.compress(pruned)}

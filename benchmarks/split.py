@@ -15,7 +15,7 @@ from unittest import mock
 import torch
 
 from benchmarks.common import SIZES, Row, measure, set_ratios, table
-from benchmarks.gemm import OPS, _dense, _triton, _triton_fused
+from benchmarks.gemm import OPS, _dense, _triton, _triton_fused, fc1_operands
 
 ROWS = ("dense", "fused", "split")
 
@@ -23,14 +23,7 @@ ROWS = ("dense", "fused", "split")
 def split_rows(tokens: int, device: torch.device) -> list[Row]:
     """The three GEMMs of fc1 at ``tokens`` tokens, dense, fused and split."""
     size = dataclasses.replace(SIZES["full"], tokens=tokens, rounds=3, min_run_time=0.6)
-    generator = torch.Generator().manual_seed(2)
-
-    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=generator) * scale).to(device, size.dtype)
-
-    x, dy = randn(tokens, size.d_model), randn(tokens, size.d_ff)
-    w = randn(size.d_ff, size.d_model, scale=size.d_model**-0.5)
-    perm = torch.randperm(size.d_ff, generator=generator).to(device)
+    x, w, dy, perm = fc1_operands(size, device)
     gemms = {"dense": _dense(x, w, dy, perm), "fused": _triton_fused(x, w, dy, perm), "split": _triton(x, w, dy, perm)}
     rows: list[Row] = []
     with torch.no_grad(), mock.patch("nmcompile.kernels.ops.SPLIT_TOKENS", 0):

@@ -4,6 +4,8 @@
 ``None`` means the kernels rank ``F`` from ``W`` in registers, so AOTAutograd saves only ``W`` and
 ``P`` for the backward, never a mask. Its backward calls ``triton_input_grad`` and
 ``triton_weight_grad`` (MVUE and SR-STE fused), named ``<layer>_bwd_*`` like the portable graph's.
+From ``SPLIT_TOKENS`` tokens on, each of the three writes its masked operand (or pruned ``dY``) in one
+Triton pass and runs a cuBLAS GEMM instead: still no mask in memory, one operand-sized buffer.
 ``sparse24_linear`` has the same signature and saves the same tensors; its three GEMMs run on 2:4
 sparse tensor cores (``kernels.sparse24``) with operands the masked-operand and MVUE kernels write.
 The ops are opaque to Inductor (``custom_op``), which compiles everything around them.
@@ -68,7 +70,8 @@ def triton_linear(
     grad_prune: str = "none",
     prune_key: int = 0,
 ) -> torch.Tensor:
-    """``nmsparse::sparse_linear`` on the fused forward kernel (``F`` in registers unless given)."""
+    """``nmsparse::sparse_linear`` on the fused forward kernel (``F`` in registers unless given), or
+    from ``SPLIT_TOKENS`` tokens on as ``W ⊙ F`` from one Triton pass and a cuBLAS GEMM."""
     x2d = x.reshape(-1, x.shape[-1])
     if _split(x2d.shape[0]):
         operand = forward_operand(weight, _n(n, n_eff), m, mask=fwd_mask, alpha=alpha, dtype=x.dtype)
