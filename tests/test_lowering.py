@@ -79,9 +79,13 @@ def _trajectory(kernels: str, steps: int = 3, **options) -> tuple[list[float], l
 
 @interpreted
 @pytest.mark.parametrize("options", [{"grad_prune": "mvue24"}, {"backward": "transposable"}])
-def test_lowered_trajectory_equals_portable_under_inductor(options):
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
+def test_lowered_trajectory_equals_portable_under_inductor(options, split, monkeypatch):
     """Inductor compiles around the opaque kernel ops: 3 SGD steps give the portable path's losses
-    and weights within fp32 tolerance (MVUE draws the same random numbers on both paths)."""
+    and weights within fp32 tolerance (MVUE draws the same random numbers on both paths), with the
+    fused kernels and with the split ops."""
+    if split:
+        monkeypatch.setattr("nmcompile.kernels.ops.SPLIT_TOKENS", 0)
     losses_p, weights_p = _trajectory("portable", **options)
     torch._dynamo.reset()
     losses_t, weights_t = _trajectory("triton", **options)
@@ -184,10 +188,14 @@ def test_auto_lowers_on_cuda_under_autocast():
 
 
 @interpreted
-@pytest.mark.parametrize("kernels", ["triton", "sparse24"])
+@pytest.mark.parametrize("kernels", ["triton", "triton split", "sparse24"])
 def test_lowered_ops_follow_autocast(kernels, monkeypatch):
     """Under bf16 autocast the lowered op computes in bf16 as ``sparse_linear`` does (x and bias cast,
-    the weight ranked in its own dtype): same output dtype, values and weight-gradient dtype."""
+    the weight ranked in its own dtype): same output dtype, values and weight-gradient dtype; also on
+    the Triton ops' split path (masked operand and cuBLAS GEMM, as from ``SPLIT_TOKENS`` tokens on)."""
+    if kernels == "triton split":
+        monkeypatch.setattr("nmcompile.kernels.ops.SPLIT_TOKENS", 0)
+        kernels = "triton"
     if kernels == "sparse24":  # let the lowering choose 2:4 on the CPU (dense GEMMs)
         lowering = sys.modules["nmcompile.passes.lower_kernels"]
         monkeypatch.setattr(lowering, "_sparse24_blocker", lambda node, config: None)
