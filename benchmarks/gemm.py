@@ -125,6 +125,21 @@ def _sparse24(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Te
     }
 
 
+def sparse24_problems(
+    x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Tensor
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, bool]]:
+    """Per GEMM, what the ``sparse24`` ops hand the 2:4 library: the sparse operand as written (before
+    compression), the dense operand and ``transpose_result``."""
+    from nmcompile.kernels.mvue import mvue_prune
+    from nmcompile.kernels.operand24 import forward_operand, input_grad_operand
+
+    return {
+        "forward": (forward_operand(w, N, M), x.t(), True),
+        "input grad": (input_grad_operand(w, N, M, perm=perm), dy.index_select(1, perm).t(), True),
+        "weight grad": (mvue_prune(dy, PRUNE_STEP, PRUNE_KEY, "mvue24", transpose=True), x, False),
+    }
+
+
 def _sparse24_gemm(
     x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Tensor, search: bool = False
 ) -> Gemms:
@@ -133,16 +148,10 @@ def _sparse24_gemm(
     With ``search``, each GEMM runs the cuSPARSELt algorithm ``search_alg`` times fastest for it
     (what the ``sparse24`` ops run, ``fastest_alg``), instead of algorithm 0."""
     from nmcompile.kernels import sparse24
-    from nmcompile.kernels.mvue import mvue_prune
-    from nmcompile.kernels.operand24 import forward_operand, input_grad_operand
 
-    operands = {  # op: (compressed sparse operand, dense operand, transpose_result)
-        "forward": (sparse24.compress(forward_operand(w, N, M)), x.t(), True),
-        "input grad": (sparse24.compress(input_grad_operand(w, N, M, perm=perm)), dy.index_select(1, perm).t(), True),
-        "weight grad": (sparse24.compress(mvue_prune(dy, PRUNE_STEP, PRUNE_KEY, "mvue24", transpose=True)), x, False),
-    }
     gemms: Gemms = {}
-    for op, (a, b, transpose) in operands.items():
+    for op, (operand, b, transpose) in sparse24_problems(x, w, dy, perm).items():
+        a = sparse24.compress(operand)
         alg_id = sparse24.search_alg(a, b, transpose_result=transpose) if search else 0
         if search:
             print(f"[benchmarks] ffn.fc1 {op} sparse24 gemm: alg_id {alg_id} measured fastest", file=sys.stderr)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.common import SIZES
-from benchmarks.gemm import fc1_operands
+from benchmarks.gemm import PRUNE_KEY, PRUNE_STEP, M, N, fc1_operands, sparse24_problems
 
 PARTS = (
     "forward: W ⊙ F (operand kernel)",
@@ -43,36 +43,37 @@ def parts() -> dict[str, Callable[[], object]]:
     from nmcompile.kernels.operand24 import backward_operand, forward_operand, input_grad_operand
 
     x, w, dy, perm = fc1_operands(SIZES["full"], torch.device("cuda"))
-    fwd, bwd = forward_operand(w, 2, 4), input_grad_operand(w, 2, 4, perm=perm)
-    dy_perm, pruned = dy.index_select(1, perm), mvue_prune(dy, 1, 7, "mvue24", transpose=True)
-    packed = {"fwd": sparse24.compress(fwd), "bwd": sparse24.compress(bwd), "wgrad": sparse24.compress(pruned)}
-    problems = {"fwd": (x.t(), True), "bwd": (dy_perm.t(), True), "wgrad": (x, False)}
-    best = {k: sparse24.fastest_alg(packed[k], b, transpose_result=t) for k, (b, t) in problems.items()}
+    problems = sparse24_problems(x, w, dy, perm)
+    packed = {op: sparse24.compress(operand) for op, (operand, _, _) in problems.items()}
+    best = {op: sparse24.fastest_alg(packed[op], b, transpose_result=t) for op, (_, b, t) in problems.items()}
 
-    def mm(key: str, alg_id: int) -> Callable[[], object]:
-        b, transpose = problems[key]
-        return lambda: sparse24.compressed_mm(packed[key], b, transpose_result=transpose, alg_id=alg_id)
+    def compress(op: str) -> Callable[[], object]:
+        return lambda: sparse24.compress(problems[op][0])
+
+    def mm(op: str, alg_id: int) -> Callable[[], object]:
+        _, b, transpose = problems[op]
+        return lambda: sparse24.compressed_mm(packed[op], b, transpose_result=transpose, alg_id=alg_id)
 
     return dict(
         zip(
             PARTS,
             (
-                lambda: forward_operand(w, 2, 4),
-                lambda: sparse24.compress(fwd),
-                mm("fwd", best["fwd"]),
-                mm("fwd", 0),
+                lambda: forward_operand(w, N, M),
+                compress("forward"),
+                mm("forward", best["forward"]),
+                mm("forward", 0),
                 lambda: x @ w.t(),
-                lambda: input_grad_operand(w, 2, 4, perm=perm),
+                lambda: input_grad_operand(w, N, M, perm=perm),
                 lambda: dy.index_select(1, perm),
-                lambda: sparse24.compress(bwd),
-                mm("bwd", best["bwd"]),
+                compress("input grad"),
+                mm("input grad", best["input grad"]),
                 lambda: dy @ w,
-                lambda: mvue_prune(dy, 1, 7, "mvue24", transpose=True),
-                lambda: sparse24.compress(pruned),
-                mm("wgrad", best["wgrad"]),
+                lambda: mvue_prune(dy, PRUNE_STEP, PRUNE_KEY, "mvue24", transpose=True),
+                compress("weight grad"),
+                mm("weight grad", best["weight grad"]),
                 lambda: dy.t() @ x,
-                lambda: backward_operand(w, 2, 4, perm=perm),
-                lambda: mvue_prune(dy, 1, 7, "mvue24"),
+                lambda: backward_operand(w, N, M, perm=perm),
+                lambda: mvue_prune(dy, PRUNE_STEP, PRUNE_KEY, "mvue24"),
             ),
             strict=True,
         )

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch.fx.traceback import annotate
 
 from nmcompile import reference
-from nmcompile.kernels import triton_installed as _triton_installed
 
 NAME_KEY = "nmsparse"
 
@@ -107,10 +106,13 @@ def mvue_prune(grad: torch.Tensor, step: torch.Tensor, key: int, rule: str) -> t
     counter-based stream ``(key, step)``, so the same step prunes the same way anywhere. On CUDA,
     where Triton is installed, one launch of the Triton MVUE kernel (the same stream; values within
     one rounding): the composite's ~30 passes over a conv's gradient cost a step 100x (H200)."""
-    if grad.is_cuda and grad.dim() == 2 and _triton_installed():
-        from nmcompile.kernels.mvue import mvue_prune as mvue_kernel
+    if grad.is_cuda and grad.dim() == 2:
+        from nmcompile.kernels import triton_installed  # here, not at import: only CUDA needs the kernels
 
-        return mvue_kernel(grad, int(step), key, rule)
+        if triton_installed():
+            from nmcompile.kernels.mvue import mvue_prune as mvue_kernel
+
+            return mvue_kernel(grad, int(step), key, rule)
     uniforms = lambda count: reference.counter_uniforms(key, step, count, grad.device)  # noqa: E731
     return reference.mvue_prune_with(grad, rule, 0, uniforms).contiguous()
 

@@ -93,13 +93,21 @@ def _launch(
     )  # fmt: skip
 
 
-def _check(weight: torch.Tensor, n: int, m: int, mask: torch.Tensor | None, dtype: torch.dtype | None) -> torch.dtype:
-    """Launcher checks shared by both operands; returns the output dtype."""
+def _check(
+    weight: torch.Tensor,
+    n: int,
+    m: int,
+    mask: torch.Tensor | None,
+    dtype: torch.dtype | None,
+    alpha: torch.Tensor | None = None,
+) -> torch.dtype:
+    """Launcher checks shared by the operands; returns the output dtype."""
     check_nm(n, m)
     check_tensor("weight", weight, 2)
     if weight.shape[1] % m:
         raise ValueError(f"weight {tuple(weight.shape)}: K must be divisible by m={m}")
     check_mask(mask, weight)
+    check_alpha(alpha, weight)
     out_dtype = dtype or weight.dtype
     if out_dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {out_dtype}")
@@ -117,8 +125,7 @@ def forward_operand(
 ) -> torch.Tensor:
     """``W ⊙ F`` ``[O, K]`` (contiguous, in ``dtype``, default ``weight``'s), ``F`` the N:M mask
     along ``K`` ranked from ``weight``, or ``mask`` where given; ``W ⊙ (F + (1−F)α)`` with ``alpha``."""
-    check_alpha(alpha, weight)
-    out = torch.empty(weight.shape, dtype=_check(weight, n, m, mask, dtype), device=weight.device)
+    out = torch.empty(weight.shape, dtype=_check(weight, n, m, mask, dtype, alpha), device=weight.device)
     _launch(weight, n, m, None, mask, out, alpha)
     return out
 
@@ -135,11 +142,10 @@ def backward_operand(
 ) -> torch.Tensor:
     """Bi-Mask's ``W ⊙ B`` ``[O, K]`` (contiguous, rows in ``weight``'s order, ``B[P] = Bp``), so
     ``dY · (W ⊙ B) = dY[:, P] · (W[P] ⊙ Bp)``; ``F`` ranked from ``weight`` or the given ``mask``."""
-    out_dtype = _check(weight, n, m, mask, dtype)
+    out_dtype = _check(weight, n, m, mask, dtype, alpha)
     if perm is None:
         raise ValueError("backward_operand needs perm (Bi-Mask); forward_operand serves the other modes")
     check_perm(perm, weight.shape[0], m)
-    check_alpha(alpha, weight)
     out = torch.empty(weight.shape, dtype=out_dtype, device=weight.device)
     _launch(weight, n, m, perm, mask, out, alpha, scatter=True)
     return out

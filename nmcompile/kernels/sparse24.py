@@ -159,8 +159,10 @@ def fastest_alg(
     a: Compressed, b: torch.Tensor, *, bias: torch.Tensor | None = None, transpose_result: bool = False
 ) -> int:
     """``search_alg`` for this problem (library, shapes, dtype, ``b``'s layout, bias, result layout), searched once."""
-    key = (a.meta is None, a.rows, a.cols, b.shape[1], a.dtype, b.is_contiguous(), bias is not None)
-    key = (*key, transpose_result, b.device)
+    key = (
+        a.meta is None, a.rows, a.cols, b.shape[1], a.dtype, b.is_contiguous(), bias is not None, transpose_result,
+        b.device,
+    )  # fmt: skip
     if key not in _FASTEST:
         _FASTEST[key] = search_alg(a, b, bias=bias, transpose_result=transpose_result)
     return _FASTEST[key]
