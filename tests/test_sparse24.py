@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+import triton
 from torch.sparse._semi_structured_conversions import (
     sparse_semi_structured_from_dense_cutlass,
     sparse_semi_structured_to_dense_cutlass,
@@ -21,8 +22,8 @@ from torch.sparse._semi_structured_conversions import (
 
 import nmcompile
 from nmcompile import reference
+from nmcompile.kernels import operand24, sparse24
 from nmcompile.kernels import ops as kernel_ops
-from nmcompile.kernels import sparse24
 from nmcompile.kernels.common import interpreting
 from nmcompile.kernels.mvue import mvue_prune
 from nmcompile.kernels.operand24 import backward_operand, forward_operand, input_grad_operand
@@ -108,6 +109,14 @@ def test_input_grad_operand_is_permuted_backward_mask(dtype, O, K, n, m):
     assert got.shape == (K, O) and got.is_contiguous()
     assert torch.equal(got, torch.where(bmask, w.cpu(), 0)[perm.cpu()].t())
     assert sparse24.is_24(got)
+
+
+def test_operand_configs_hold_whole_row_groups():
+    """The operand kernel's GPU configs with few rows (K as wide as the threads) are pruned where a
+    group of ``M`` rows would not fit in ``BLOCK_O``; a config of 32 rows always stays (M <= 32)."""
+    configs = [triton.Config({"BLOCK_O": rows, "BLOCK_K": 1024}) for rows in (4, 8, 16, 32)]
+    for m, kept in ((2, [4, 8, 16, 32]), (4, [4, 8, 16, 32]), (8, [8, 16, 32]), (32, [32])):
+        assert [c.kwargs["BLOCK_O"] for c in operand24._whole_groups(configs, {}, M=m)] == kept
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -3,7 +3,8 @@
 Each follows ``nmcompile.reference`` (SPEC §2, §4, §7) entry for entry, so a kernel's masks equal
 the reference's bit for bit: ranks come from exact comparisons of fp32 magnitudes (exact for fp16,
 bf16 and fp32 inputs), and the random numbers from the same 32-bit hash of ``(key, step, index)``.
-Groups always lie along the last axis of a 3-D register tile ``[rows, groups, M]``.
+Mask groups lie along the last axis of a 3-D register tile ``[rows, groups, M]``; MVUE blocks are
+tuples of their entries, one tensor each, so the rules are entrywise (``mvue_parts``).
 """
 
 from __future__ import annotations
@@ -166,12 +167,6 @@ def uniforms(seed, index):
 
 
 @triton.jit
-def _pick(x, idx, j):
-    """Entry ``j`` of each group (last axis), keeping a size-1 last axis."""
-    return tl.sum(tl.where(idx == j, x, 0.0), axis=2)[:, :, None]
-
-
-@triton.jit
 def _cover4(p0, p1, p2, u):
     """``reference._cover`` for 4 entries: index of the interval holding ``u`` (ends summed in order)."""
     e1 = p0 + p1
@@ -180,69 +175,133 @@ def _cover4(p0, p1, p2, u):
 
 
 @triton.jit
+def _safe(x, ok):
+    """``x`` where ``ok``, else 1: a divisor that cannot be zero in the branch not taken."""
+    return tl.where(ok, x, 1.0)
+
+
+@triton.jit
+def _sign(x):
+    """``torch.sign`` in fp32: -1, 0 or 1."""
+    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
+
+
+@triton.jit
+def _choose4(i, x0, x1, x2, x3):
+    """``(x0, x1, x2, x3)[i]`` entrywise, for an int32 index tensor ``i``."""
+    return tl.where(i == 0, x0, tl.where(i == 1, x1, tl.where(i == 2, x2, x3)))
+
+
+@triton.jit
 def mvue12(a, u):
-    """SPEC §7 1:2 on ``a`` ``[R, G, 2]`` (fp32), one uniform ``u`` ``[R, G, 1]`` per block."""
-    idx = tl.arange(0, 2)[None, None, :]
-    mag = tl.abs(a)
-    total = tl.sum(mag, axis=2)[:, :, None]
-    p0 = tl.where(total > 0, _pick(mag, idx, 0) / tl.where(total > 0, total, 1.0), 0.0)
-    keep_first = u < p0
-    kept = tl.where(idx == 0, keep_first, ~keep_first)
-    sign = tl.where(a > 0, 1.0, tl.where(a < 0, -1.0, 0.0))
-    return tl.where(kept, sign * total, 0.0)
+    """SPEC §7 1:2 on a block ``a = (a0, a1)`` (fp32 tensors of one shape), uniform ``u`` per block."""
+    a0, a1 = a
+    total = tl.abs(a0) + tl.abs(a1)
+    keep_first = u < tl.where(total > 0, tl.abs(a0) / _safe(total, total > 0), 0.0)
+    return tl.where(keep_first, _sign(a0) * total, 0.0), tl.where(keep_first, 0.0, _sign(a1) * total)
+
+
+@triton.jit
+def _p24(mag, i, top_index, dominant, rest, total):
+    """Inclusion probability of entry ``i`` (magnitude ``mag``) under the optimal 2:4 rule."""
+    p_dominant = tl.where(top_index == i, 1.0, tl.where(rest > 0, mag / _safe(rest, rest > 0), 1.0 / 3))
+    return tl.where(dominant, p_dominant, tl.where(total > 0, 2 * mag / _safe(total, total > 0), 0.5))
+
+
+@triton.jit
+def _kept(a, p, i, first, second):
+    """Entry ``i`` divided by its inclusion probability ``p`` where drawn (``first``/``second``), else 0."""
+    return tl.where(((first == i) | (second == i)) & (p > 0), a / _safe(p, p > 0), 0.0)
 
 
 @triton.jit
 def mvue24(a, u):
-    """SPEC §7 optimal 2:4 on ``a`` ``[R, G, 4]`` (fp32): systematic sampling with inclusion
-    probabilities ``p`` (the dominant entry always kept), one uniform per block."""
-    idx = tl.arange(0, 4)[None, None, :]
-    mag = tl.abs(a)
-    total = tl.sum(mag, axis=2)[:, :, None]
-    top = tl.max(mag, axis=2)[:, :, None]
-    top_index = tl.argmax(mag, axis=2, tie_break_left=True)[:, :, None]
+    """SPEC §7 optimal 2:4 on a block ``a = (a0, .., a3)`` (fp32): systematic sampling with inclusion
+    probabilities ``p`` (the dominant entry always kept), one uniform ``u`` per block."""
+    a0, a1, a2, a3 = a
+    m0, m1, m2, m3 = tl.abs(a0), tl.abs(a1), tl.abs(a2), tl.abs(a3)
+    total = m0 + m1 + m2 + m3
+    top = tl.maximum(tl.maximum(m0, m1), tl.maximum(m2, m3))
+    top_index = tl.where(m0 == top, 0, tl.where(m1 == top, 1, tl.where(m2 == top, 2, 3)))  # the first maximum
     rest = total - top
     dominant = top > rest
-    is_top = idx == top_index
-    p_dominant = tl.where(is_top, 1.0, tl.where(rest > 0, mag / tl.where(rest > 0, rest, 1.0), 1.0 / 3))
-    p_spread = tl.where(total > 0, 2 * mag / tl.where(total > 0, total, 1.0), 0.5)
-    p = tl.where(dominant, p_dominant, p_spread)
-    p0, p1, p2 = _pick(p, idx, 0), _pick(p, idx, 1), _pick(p, idx, 2)
-    first = _cover4(p0, p1, p2, u)
-    second = _cover4(p0, p1, p2, u + 1)
-    kept = (idx == first) | (idx == second)
-    return tl.where(kept & (p > 0), a / tl.where(p > 0, p, 1.0), 0.0)
+    p0 = _p24(m0, 0, top_index, dominant, rest, total)
+    p1 = _p24(m1, 1, top_index, dominant, rest, total)
+    p2 = _p24(m2, 2, top_index, dominant, rest, total)
+    p3 = _p24(m3, 3, top_index, dominant, rest, total)
+    first, second = _cover4(p0, p1, p2, u), _cover4(p0, p1, p2, u + 1)
+    return (
+        _kept(a0, p0, 0, first, second),
+        _kept(a1, p1, 1, first, second),
+        _kept(a2, p2, 2, first, second),
+        _kept(a3, p3, 3, first, second),
+    )
+
+
+@triton.jit
+def _q(p, i, first, left):
+    """Entry ``i``'s probability in the second draw of the two-draw rule: ``p`` renormalised over
+    the entries ``first`` left (``left`` their mass), 0 for ``first`` itself."""
+    return tl.where(first == i, 0.0, tl.where(left > 0, p / _safe(left, left > 0), 1.0 / 3))
+
+
+@triton.jit
+def _ratio(p):
+    """``p / (1 − p)``, 0 at ``p = 1``."""
+    return tl.where(p < 1, p / _safe(1 - p, p < 1), 0.0)
 
 
 @triton.jit
 def mvue24_approx(a, u0, u1):
-    """SPEC §7 two-draw 2:4 on ``a`` ``[R, G, 4]`` (fp32): one draw by ``p``, one among the rest,
-    each kept entry divided by its inclusion probability; uniforms ``u0``, ``u1`` per block."""
-    idx = tl.arange(0, 4)[None, None, :]
-    mag = tl.abs(a)
-    total = tl.sum(mag, axis=2)[:, :, None]
-    p = tl.where(total > 0, mag / tl.where(total > 0, total, 1.0), 0.25)
-    first = _cover4(_pick(p, idx, 0), _pick(p, idx, 1), _pick(p, idx, 2), u0)
-    is_first = idx == first
-    left = 1 - tl.sum(tl.where(is_first, p, 0.0), axis=2)[:, :, None]
-    q = tl.where(is_first, 0.0, tl.where(left > 0, p / tl.where(left > 0, left, 1.0), 1.0 / 3))
-    second = _cover4(_pick(q, idx, 0), _pick(q, idx, 1), _pick(q, idx, 2), u1)
-    kept = is_first | (idx == second)
-    ratio = tl.where(p < 1, p / tl.where(p < 1, 1 - p, 1.0), 0.0)
-    inclusion = p + p * (tl.sum(ratio, axis=2)[:, :, None] - ratio)
-    return tl.where(kept & (inclusion > 0), a / tl.where(inclusion > 0, inclusion, 1.0), 0.0)
+    """SPEC §7 two-draw 2:4 on a block ``a = (a0, .., a3)`` (fp32): one draw by ``p``, one among the
+    rest, each kept entry divided by its inclusion probability; uniforms ``u0``, ``u1`` per block."""
+    a0, a1, a2, a3 = a
+    total = tl.abs(a0) + tl.abs(a1) + tl.abs(a2) + tl.abs(a3)
+    p0 = tl.where(total > 0, tl.abs(a0) / _safe(total, total > 0), 0.25)
+    p1 = tl.where(total > 0, tl.abs(a1) / _safe(total, total > 0), 0.25)
+    p2 = tl.where(total > 0, tl.abs(a2) / _safe(total, total > 0), 0.25)
+    p3 = tl.where(total > 0, tl.abs(a3) / _safe(total, total > 0), 0.25)
+    first = _cover4(p0, p1, p2, u0)
+    left = 1 - _choose4(first, p0, p1, p2, p3)
+    second = _cover4(_q(p0, 0, first, left), _q(p1, 1, first, left), _q(p2, 2, first, left), u1)
+    r0, r1, r2, r3 = _ratio(p0), _ratio(p1), _ratio(p2), _ratio(p3)
+    ratios = r0 + r1 + r2 + r3
+    return (
+        _kept(a0, p0 + p0 * (ratios - r0), 0, first, second),
+        _kept(a1, p1 + p1 * (ratios - r1), 1, first, second),
+        _kept(a2, p2 + p2 * (ratios - r2), 2, first, second),
+        _kept(a3, p3 + p3 * (ratios - r3), 3, first, second),
+    )  # inclusion probability: P(i first) + Σ_j P(j first, then i)
 
 
 @triton.jit
-def mvue_tile(g, seed, block_index, RULE: tl.constexpr):
-    """Prune ``g`` ``[R, G, MM]`` (fp32) by ``RULE`` (1: mvue12, 2: mvue24, 3: mvue24_approx);
-    ``block_index`` ``[R, G, 1]`` (int64) numbers the blocks as the reference stream does."""
+def mvue_parts(a, seed, block_index, RULE: tl.constexpr):
+    """Prune blocks given as a tuple of their ``MM`` entries ``a`` (fp32 tensors of one shape) by
+    ``RULE`` (1: mvue12, 2: mvue24, 3: mvue24_approx); ``block_index`` (int64, same shape) numbers
+    the blocks as the reference stream does. Entrywise, so a kernel that loads each entry of its
+    blocks as its own tile (``kernels.mvue``) needs no data exchange between threads."""
     if RULE == 1:
-        out = mvue12(g, uniforms(seed, block_index))
+        out = mvue12(a, uniforms(seed, block_index))
     elif RULE == 2:
-        out = mvue24(g, uniforms(seed, block_index))
+        out = mvue24(a, uniforms(seed, block_index))
     else:
-        out = mvue24_approx(g, uniforms(seed, 2 * block_index), uniforms(seed, 2 * block_index + 1))
+        out = mvue24_approx(a, uniforms(seed, 2 * block_index), uniforms(seed, 2 * block_index + 1))
+    return out
+
+
+@triton.jit
+def mvue_tile(g, seed, block_index, RULE: tl.constexpr, MM: tl.constexpr):
+    """``mvue_parts`` on a tile ``g`` ``[R, G, MM]`` (fp32) of whole blocks along its last axis,
+    ``block_index`` ``[R, G]``: the tile split into its ``MM`` entries and joined back."""
+    if MM == 2:
+        o0, o1 = mvue_parts(tl.split(g), seed, block_index, RULE)
+        out = tl.join(o0, o1)
+    else:
+        even, odd = tl.split(tl.reshape(g, (g.shape[0], g.shape[1], 2, 2)))  # entries (0, 2) and (1, 3)
+        a0, a2 = tl.split(even)
+        a1, a3 = tl.split(odd)
+        o0, o1, o2, o3 = mvue_parts((a0, a1, a2, a3), seed, block_index, RULE)
+        out = tl.reshape(tl.join(tl.join(o0, o2), tl.join(o1, o3)), (g.shape[0], g.shape[1], 4))
     return out
 
 

@@ -13,7 +13,10 @@ With mask decay the pruned entries are ``α W`` instead of zeros (the Triton pat
 Tiling: a program owns ``[BLOCK_O, BLOCK_K]`` of ``W`` (rows gathered through ``P``), both extents
 multiples of ``M`` so the tile holds whole groups both ways, and stores it through the output's
 strides (transposed for the 2:4 input gradient, by passing the ``[O, K]`` view of a ``[K, O]``
-buffer), at the gathered rows themselves with ``SCATTER``.
+buffer), at the gathered rows themselves with ``SCATTER``. On a GPU the configs include K tiles as
+wide as the program's threads (8 entries each), so each thread holds whole groups of rows and
+ranking ``Bp`` along ``O`` needs no data from other threads (``python -m benchmarks.ptx``: 0
+shuffles, against 8 per entry with the 64-wide tiles).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from .common import (
     check_nm,
     check_perm,
     check_tensor,
+    interpreting,
     nm_keep_cols,
     nm_keep_rows,
 )
@@ -37,9 +41,24 @@ from .common import (
 CONFIGS = autotune_configs(
     [{"BLOCK_O": 32, "BLOCK_K": 64}, {"BLOCK_O": 64, "BLOCK_K": 64}], [(4, 1)], ("BLOCK_O", "BLOCK_K")
 )
+if not interpreting():  # K tiles as wide as the threads (8 entries each): each thread holds whole row groups
+    CONFIGS += [
+        triton.Config({"BLOCK_O": rows, "BLOCK_K": 256 * warps}, num_warps=warps, num_stages=1)
+        for rows in (4, 8, 16)
+        for warps in (4, 8)
+    ]
 
 
-@triton.autotune(configs=CONFIGS, key=["O", "K", "M", "PERMUTE", "LOAD_MASK", "HAS_ALPHA", "SCATTER"])
+def _whole_groups(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The configs whose ``BLOCK_O`` holds whole groups of ``M`` rows (powers of two: ``M <= BLOCK_O``)."""
+    return [c for c in configs if c.kwargs["BLOCK_O"] >= kwargs["M"]]
+
+
+@triton.autotune(
+    configs=CONFIGS,
+    key=["O", "K", "M", "PERMUTE", "LOAD_MASK", "HAS_ALPHA", "SCATTER", "stride_ok"],
+    prune_configs_by={"early_config_prune": _whole_groups},
+)
 @triton.jit
 def masked_operand_kernel(
     w_ptr, perm_ptr, f_ptr, alpha_ptr, out_ptr, n, O, K,

@@ -66,8 +66,8 @@ def weight_grad_kernel(
         if RULE > 0:
             blocks = tl.reshape(g.to(tl.float32), (BLOCK_O, BLOCK_T // MM, MM))
             block = t0 // MM + tl.arange(0, BLOCK_T // MM)
-            index = cols.to(tl.int64)[:, None, None] * per_col + block[None, :, None]
-            g = tl.reshape(mvue_tile(blocks, seed, index, RULE), (BLOCK_O, BLOCK_T)).to(dy_ptr.dtype.element_ty)
+            index = cols.to(tl.int64)[:, None] * per_col + block[None, :]
+            g = tl.reshape(mvue_tile(blocks, seed, index, RULE, MM), (BLOCK_O, BLOCK_T)).to(dy_ptr.dtype.element_ty)
         x = tl.load(x_ptr + t[:, None] * stride_xt + ks[None, :] * stride_xk,
                     mask=(t[:, None] < T) & (ks[None, :] < K), other=0.0)  # fmt: skip
         acc = tl.dot(g.to(DOT), x.to(DOT), acc, input_precision=PRECISION)

@@ -1,0 +1,149 @@
+"""What the elementwise Triton kernels compile to on a GPU target, without a GPU.
+
+``python -m benchmarks.ptx [--arch 90]``: compiles every autotune config of the MVUE and masked-operand
+kernels for ``sm_<arch>`` (Triton's own compiler and ptxas, no device needed) with the arguments a
+training step passes (bf16, strides that are multiples of 16, the contiguous dim's stride 1, as
+Triton specializes them at launch), and counts in the PTX what moves data between threads (warp
+shuffles, barriers, shared-memory stores, per program; shuffles also per tile entry a thread owns)
+and the width of its global loads. These kernels are memory-bound passes, so data exchanged between threads is what
+keeps them from bandwidth. A count, not a time: ``benchmarks.parts24`` times the kernels on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One kernel as a step launches it: pointer element types, constexpr flags, the strides of the
+    contiguous dims (1 at launch, so Triton compiles them as constants), the tile's config keys."""
+
+    name: str
+    module: str
+    kernel: str
+    pointers: dict[str, str]
+    flags: dict[str, Any]
+    unit_strides: tuple[str, ...]
+    tile: tuple[str, ...]
+    entries_per_tile: int = 1
+
+
+MVUE_POINTERS = {"g_ptr": "bf16", "out_ptr": "bf16"}
+OPERAND_POINTERS = {"w_ptr": "bf16", "perm_ptr": "i64", "f_ptr": "bf16", "alpha_ptr": "fp32", "out_ptr": "bf16"}
+OPERAND_FLAGS = {"M": 4, "LOAD_MASK": False, "HAS_ALPHA": False}
+VARIANTS = (
+    Variant("mvue24", "mvue", "mvue_kernel", MVUE_POINTERS, {"RULE": 2, "MM": 4, "TRANSPOSE": False, "WIDE": False},
+            ("stride_go", "stride_oo"), ("BLOCK_G", "BLOCK_O"), 4),
+    Variant("mvue24, transposed", "mvue", "mvue_kernel", MVUE_POINTERS, {"RULE": 2, "MM": 4, "TRANSPOSE": True,
+            "WIDE": False}, ("stride_go", "stride_ot"), ("BLOCK_G", "BLOCK_O"), 4),
+    Variant("W ⊙ F", "operand24", "masked_operand_kernel", OPERAND_POINTERS,
+            {**OPERAND_FLAGS, "PERMUTE": False, "SCATTER": False}, ("stride_wk", "stride_fk", "stride_ok"),
+            ("BLOCK_O", "BLOCK_K")),
+    Variant("W ⊙ B (Bi-Mask)", "operand24", "masked_operand_kernel", OPERAND_POINTERS,
+            {**OPERAND_FLAGS, "PERMUTE": True, "SCATTER": True}, ("stride_wk", "stride_fk", "stride_ok"),
+            ("BLOCK_O", "BLOCK_K")),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Counts:
+    """PTX instruction counts of one compiled config: each thread runs each instruction once (no loops)."""
+
+    variant: str
+    config: str
+    entries: int
+    threads: int
+    shuffles: int
+    barriers: int
+    shared_stores: int
+    load_bits: int
+
+    @property
+    def shuffles_per_entry(self) -> float:
+        """Warp shuffles a thread runs per tile entry it owns."""
+        return self.shuffles * self.threads / self.entries
+
+
+def _count(ptx: str, pattern: str) -> int:
+    return len(re.findall(pattern, ptx))
+
+
+def _load_bits(ptx: str) -> int:
+    """The widest global load of the kernel, in bits (``ld.global.v4.b32``: 128)."""
+    widths = []
+    for op in re.findall(r"ld\.global\S*", ptx):
+        vector, bits = re.search(r"\.v(\d)\.", op), re.search(r"\.[bfsu](\d+)$", op)
+        widths.append((int(vector.group(1)) if vector else 1) * (int(bits.group(1)) if bits else 0))
+    return max(widths, default=0)
+
+
+def compile_counts(variant: Variant, arch: int) -> Iterator[Counts]:
+    """``variant`` compiled for ``sm_<arch>`` once per autotune config."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("benchmarks.ptx compiles for a GPU: unset TRITON_INTERPRET (its kernels have one config)")
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    autotuned = getattr(importlib.import_module(f"nmcompile.kernels.{variant.module}"), variant.kernel)
+    fn = autotuned.fn
+    for config in autotuned.configs:
+        constants = {**variant.flags, **config.kwargs, **dict.fromkeys(variant.unit_strides, 1)}
+        signature = {
+            p.name: "constexpr" if p.is_constexpr or p.name in constants else variant.pointers.get(p.name, "i32")
+            for p in fn.params
+        }
+        signature = {name: f"*{kind}" if name in variant.pointers else kind for name, kind in signature.items()}
+        aligned = [name for name, kind in signature.items() if kind != "constexpr" and name not in ("n", "seed")]
+        attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+        source = triton.compiler.ASTSource(fn, signature, constexprs=constants, attrs=attrs)
+        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        ptx = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"]
+        yield Counts(
+            variant.name,
+            " ".join(f"{k} {v}" for k, v in config.kwargs.items()) + f", {config.num_warps} warps",
+            math.prod(config.kwargs[key] for key in variant.tile) * variant.entries_per_tile,
+            32 * config.num_warps,
+            _count(ptx, r"shfl\.sync"),
+            _count(ptx, r"bar\.sync"),
+            _count(ptx, r"st\.shared"),
+            _load_bits(ptx),
+        )
+
+
+def table(rows: list[Counts]) -> str:
+    """Markdown table of ``rows``."""
+    lines = [
+        "| kernel | config | tile entries | shuffles | per entry | barriers | shared stores | widest load (bits) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.variant} | {r.config} | {r.entries} | {r.shuffles} | {r.shuffles_per_entry:.1f} | {r.barriers} "
+            f"| {r.shared_stores} | {r.load_bits} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[Counts]:
+    """Print the table for the chosen kernels."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ptx", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability as one number (default 90)")
+    parser.add_argument("--kernel", choices=[v.name for v in VARIANTS], action="append", help="default: all")
+    args = parser.parse_args(argv)
+    chosen = [v for v in VARIANTS if not args.kernel or v.name in args.kernel]
+    rows = [counts for variant in chosen for counts in compile_counts(variant, args.arch)]
+    print(f"sm_{args.arch}, PTX of each autotune config\n\n{table(rows)}", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
