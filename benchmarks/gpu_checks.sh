@@ -49,10 +49,10 @@ CUDA_TESTS=(
     "tests/test_kernels.py::test_permutation_scores_exact"
     "tests/test_kernels.py::test_portable_mvue_op_on_cuda_prunes_as_on_the_cpu"
     "tests/test_kernels.py::test_split_ops_at_real_sizes_on_cuda"
-    "tests/test_sparse24.py::test_backward_operand_is_w_times_b_in_place"
     "tests/test_sparse24.py::test_semi_structured_mm_on_cuda"
     "tests/test_sparse24.py::test_searched_alg_gives_the_same_product_on_cuda"
     "tests/test_sparse24.py::test_sparse24_trains_like_portable_on_cuda"
+    "tests/test_sparse24.py::test_backward_operand_is_w_times_b_in_place"
     "tests/test_kernels.py::test_real_sizes_on_cuda"
     "tests/test_lowering.py::test_auto_lowers_on_cuda_under_autocast"
 )

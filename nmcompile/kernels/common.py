@@ -290,19 +290,27 @@ def mvue_parts(a, seed, block_index, RULE: tl.constexpr):
 
 
 @triton.jit
+def join_entries(o, MM: tl.constexpr):
+    """A tuple of ``MM`` entries ``[R, G]`` of blocks joined into a tile ``[R, G, MM]``."""
+    if MM == 2:
+        out = tl.join(o[0], o[1])
+    else:
+        out = tl.reshape(tl.join(tl.join(o[0], o[2]), tl.join(o[1], o[3])), (o[0].shape[0], o[0].shape[1], 4))
+    return out
+
+
+@triton.jit
 def mvue_tile(g, seed, block_index, RULE: tl.constexpr, MM: tl.constexpr):
     """``mvue_parts`` on a tile ``g`` ``[R, G, MM]`` (fp32) of whole blocks along its last axis,
     ``block_index`` ``[R, G]``: the tile split into its ``MM`` entries and joined back."""
     if MM == 2:
-        o0, o1 = mvue_parts(tl.split(g), seed, block_index, RULE)
-        out = tl.join(o0, o1)
+        a = tl.split(g)
     else:
         even, odd = tl.split(tl.reshape(g, (g.shape[0], g.shape[1], 2, 2)))  # entries (0, 2) and (1, 3)
         a0, a2 = tl.split(even)
         a1, a3 = tl.split(odd)
-        o0, o1, o2, o3 = mvue_parts((a0, a1, a2, a3), seed, block_index, RULE)
-        out = tl.reshape(tl.join(tl.join(o0, o2), tl.join(o1, o3)), (g.shape[0], g.shape[1], 4))
-    return out
+        a = (a0, a1, a2, a3)
+    return join_entries(mvue_parts(a, seed, block_index, RULE), MM)
 
 
 MVUE_RULES = {"mvue12": (1, 2), "mvue24": (2, 4), "mvue24_approx": (3, 4)}  # rule id, block size

@@ -2,14 +2,14 @@
 
 Tiling: each program owns ``BLOCK_G`` blocks (of ``MM`` = 2 or 4 consecutive tokens) of
 ``BLOCK_O`` columns. It loads each entry of its blocks as a tile of its own, ``[BLOCK_G, BLOCK_O]``
-at tokens ``MM·g + j``, so every load and store runs along ``dY``'s contiguous dim and the rule is
+at tokens ``MM·g + j``: every load and store runs along ``dY``'s contiguous dim, and the rule is
 entrywise across the ``MM`` tiles, so no data moves between threads. (Reducing the ``MM`` axis of
-one ``[.., MM]`` tile, as before, compiled to 14 warp shuffles per entry for sm90, and ran at a
-sixth of an H200's bandwidth: 0.67 ms for a bf16 ``8192 x 16384``.) A ragged end is zero-padded by the masked
-loads, as the reference pads. The transposed result (``[O, T]`` contiguous, for the 2:4 path) is
-joined back into whole blocks and stored along ``T``. Random numbers come from the reference's
-counter hash of ``(key, step, block index)``, so this kernel, the fused weight-gradient kernel and
-the portable op prune a step identically.
+one ``[.., MM]`` tile, as before, compiled to 14 warp shuffles per entry for sm90 and ran at a
+sixth of an H200's bandwidth: 0.67 ms for a bf16 ``8192 x 16384``.) A ragged end is zero-padded
+by the masked loads, as the reference pads. The transposed result (``[O, T]`` contiguous, for the
+2:4 path) is joined back into whole blocks and stored along ``T``. Random numbers come from the
+reference's counter hash of ``(key, step, block index)``, so this kernel, the fused
+weight-gradient kernel and the portable op prune a step identically.
 """
 
 from __future__ import annotations
@@ -18,14 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import MVUE_RULES, autotune_configs, check_tensor, mvue_parts, step_seed, wide_index
+from .common import MVUE_RULES, autotune_configs, check_tensor, join_entries, mvue_parts, step_seed, wide_index
 
 CONFIGS = autotune_configs(
-    [{"BLOCK_G": 16, "BLOCK_O": 128}, {"BLOCK_G": 8, "BLOCK_O": 256}, {"BLOCK_G": 32, "BLOCK_O": 128},
-     {"BLOCK_G": 16, "BLOCK_O": 256}, {"BLOCK_G": 32, "BLOCK_O": 64}],
+    [{"BLOCK_G": 16, "BLOCK_O": 128}, {"BLOCK_G": 8, "BLOCK_O": 256}, {"BLOCK_G": 32, "BLOCK_O": 64}],
     [(4, 1), (8, 1)],
     (),
-)  # fmt: skip
+)
 
 
 @triton.jit
@@ -68,11 +67,7 @@ def mvue_kernel(
              _entry(g_ptr, groups, cols, 3, T, O, stride_gt, stride_go, MM))  # fmt: skip
     pruned = mvue_parts(a, seed, index, RULE)
     if TRANSPOSE:
-        if MM == 2:
-            blocks = tl.join(pruned[0], pruned[1])
-        else:
-            blocks = tl.reshape(tl.join(tl.join(pruned[0], pruned[2]), tl.join(pruned[1], pruned[3])),
-                                (BLOCK_G, BLOCK_O, MM))  # fmt: skip
+        blocks = join_entries(pruned, MM)
         tokens = tl.program_id(1) * (BLOCK_G * MM) + tl.arange(0, BLOCK_G * MM)
         if WIDE:
             tokens = tokens.to(tl.int64)

@@ -44,7 +44,7 @@ CONFIGS = autotune_configs(
 if not interpreting():  # K tiles as wide as the threads (8 entries each): each thread holds whole row groups
     CONFIGS += [
         triton.Config({"BLOCK_O": rows, "BLOCK_K": 256 * warps}, num_warps=warps, num_stages=1)
-        for rows in (4, 8, 16)
+        for rows in (4, 8)
         for warps in (4, 8)
     ]
 
