@@ -1,12 +1,14 @@
-"""What the elementwise Triton kernels compile to on a GPU target, without a GPU.
+"""What the memory-bound Triton kernels compile to on a GPU target, without a GPU.
 
-``python -m benchmarks.ptx [--arch 90]``: compiles every autotune config of the MVUE and masked-operand
-kernels for ``sm_<arch>`` (Triton's own compiler and ptxas, no device needed) with the arguments a
-training step passes (bf16, strides that are multiples of 16, the contiguous dim's stride 1, as
-Triton specializes them at launch), and counts in the PTX what moves data between threads (warp
-shuffles, barriers, shared-memory stores, per program; shuffles also per tile entry a thread owns)
-and the width of its global loads. These kernels are memory-bound passes, so data exchanged between threads is what
-keeps them from bandwidth. A count, not a time: ``benchmarks.parts24`` times the kernels on a GPU.
+``python -m benchmarks.ptx [--arch 90]``: compiles every autotune config of the MVUE and
+masked-operand kernels (and of the fused weight-gradient kernel, which prunes ``dY`` tiles with the
+same MVUE rules) for ``sm_<arch>`` (Triton's own compiler and ptxas, no device needed) with the
+arguments a training step passes (bf16, strides that are multiples of 16, the contiguous dim's
+stride 1, as Triton specializes them at launch), and counts in the PTX what moves data between
+threads (warp shuffles, barriers, shared-memory stores, per program; shuffles also per tile entry
+a thread owns) and the width of its global loads. These kernels are memory-bound passes, so data
+exchanged between threads is what keeps them from bandwidth. A count, not a time:
+``benchmarks.parts24`` times the kernels on a GPU.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import triton.language as tl
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,10 @@ VARIANTS = (
             ("stride_go", "stride_oo"), ("BLOCK_G", "BLOCK_O"), 4),
     Variant("mvue24, transposed", "mvue", "mvue_kernel", MVUE_POINTERS, {"RULE": 2, "MM": 4, "TRANSPOSE": True,
             "WIDE": False}, ("stride_go", "stride_ot"), ("BLOCK_G", "BLOCK_O"), 4),
+    Variant("fused weight grad, mvue24", "weight_grad", "weight_grad_kernel",
+            {"dy_ptr": "bf16", "x_ptr": "bf16", "w_ptr": "bf16", "f_ptr": "bf16", "dw_ptr": "bf16"},
+            {"M": 4, "RULE": 2, "MM": 4, "SRSTE": True, "LOAD_MASK": False, "DOT": tl.bfloat16, "PRECISION": "ieee",
+             "WIDE": False}, ("stride_do", "stride_xk", "stride_wk", "stride_fk", "stride_gk"), ("BLOCK_O", "BLOCK_T")),
     Variant("W ⊙ F", "operand24", "masked_operand_kernel", OPERAND_POINTERS,
             {**OPERAND_FLAGS, "PERMUTE": False, "SCATTER": False}, ("stride_wk", "stride_fk", "stride_ok"),
             ("BLOCK_O", "BLOCK_K")),
