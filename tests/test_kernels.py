@@ -303,6 +303,39 @@ def test_real_sizes_on_cuda(dtype):
     assert_close(dw.float(), (pruned.float().t() @ x.float()), rel=2e-2)
 
 
+@pytest.mark.parametrize("perm", [True, False], ids=["bimask", "dense"])
+def test_input_grad_op_is_split_at_any_batch_size(perm, monkeypatch):
+    """A lowered layer's input gradient runs masked operand + GEMM even at 8 tokens, far below
+    ``SPLIT_TOKENS`` (the fused kernel gains little from fewer tokens), with the reference's math;
+    the forward still runs fused there."""
+    from nmcompile.kernels import ops
+
+    T, O, K, n, m = 8, 16, 32, 2, 4
+    assert T < ops.SPLIT_TOKENS
+    w, dy, x = _randn(O, K, seed=1).to(DEVICE), _randn(T, O, seed=2).to(DEVICE), _randn(T, K, seed=3).to(DEVICE)
+    p = _perm(O).to(DEVICE) if perm else None
+    calls = []
+
+    def counted(name: str):
+        real = getattr(ops, name)
+
+        def run(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+
+        return run
+
+    for name in ("backward_operand", "forward_operand"):
+        monkeypatch.setattr(ops, name, counted(name))
+    dx = ops.triton_input_grad(dy, w, None, p, n, m)
+    assert calls == ["backward_operand" if perm else "forward_operand"]
+    fmask = reference.nm_mask(w.cpu(), n, m, dim=1)
+    mask = reference.backward_mask(w.cpu(), fmask, p.cpu(), n, m) if perm else fmask
+    assert_close(dx.cpu(), dy.cpu() @ (w.cpu() * mask))
+    ops.triton_linear(x, w, None, None, None, n, m, 0.0, "fc1")
+    assert calls == ["backward_operand" if perm else "forward_operand"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the Triton ops on large batches")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_split_ops_at_real_sizes_on_cuda(dtype):

@@ -4,8 +4,9 @@
 ``None`` means the kernels rank ``F`` from ``W`` in registers, so AOTAutograd saves only ``W`` and
 ``P`` for the backward, never a mask. Its backward calls ``triton_input_grad`` and
 ``triton_weight_grad`` (MVUE and SR-STE fused), named ``<layer>_bwd_*`` like the portable graph's.
-From ``SPLIT_TOKENS`` tokens on, each of the three writes its masked operand (or pruned ``dY``) in one
-Triton pass and runs a cuBLAS GEMM instead: still no mask in memory, one operand-sized buffer.
+From ``SPLIT_TOKENS`` tokens on (the input gradient at every size), each of the three writes its masked
+operand (or pruned ``dY``) in one Triton pass and runs a cuBLAS GEMM instead: still no mask in memory,
+one operand-sized buffer.
 ``sparse24_linear`` has the same signature and saves the same tensors; its three GEMMs run on 2:4
 sparse tensor cores (``kernels.sparse24``) with operands the masked-operand and MVUE kernels write.
 The ops are opaque to Inductor (``custom_op``), which compiles everything around them.
@@ -21,7 +22,6 @@ from torch.fx.traceback import annotate
 from nmcompile.ops import _register_autocast, _setup_linear, linear_fake, role
 
 from . import sparse24
-from .input_grad import sparse_input_grad
 from .mvue import mvue_prune
 from .operand24 import backward_operand, forward_operand, input_grad_operand
 from .sparse_forward import sparse_linear_forward
@@ -35,12 +35,16 @@ def _n(n: int, n_eff: torch.Tensor | None) -> int:
 
 
 SPLIT_TOKENS = 512
-"""From this many tokens (rows of ``X`` and ``dY``) on, the Triton ops write the masked operand in one
-pass (``operand24``, ``mvue``) and run a dense cuBLAS GEMM on it, instead of the fused kernels, which
-rank ``F``/``Bp`` (or prune ``dY``) again in every tile of the other GEMM dim. H200, torch 2.11, FFN fc1
-4096 -> 16384 in bf16 (docs/benchmarks.md): at 512 tokens fused / split / dense took 0.456 / 0.291 /
-0.098 ms (forward), 4.770 / 0.378 / 0.099 (input gradient), 0.283 / 0.266 / 0.116 (weight gradient);
-at 8192 tokens the fused kernels ran 3.98x, 48x and 1.32x dense. Below 512 tokens is not measured."""
+"""From this many tokens (rows of ``X`` and ``dY``) on, the forward and weight-gradient ops write the
+masked operand (or pruned ``dY``) in one pass (``operand24``, ``mvue``) and run a dense cuBLAS GEMM on
+it, instead of the fused kernels, which rank ``F`` (or prune ``dY``) again in every tile of the other
+GEMM dim. H200, torch 2.11, FFN fc1 4096 -> 16384 in bf16 (docs/benchmarks.md): at 512 tokens fused /
+split / dense took 0.456 / 0.291 / 0.098 ms (forward), 4.770 / 0.378 / 0.099 (input gradient),
+0.283 / 0.266 / 0.116 (weight gradient); at 8192 tokens the fused kernels ran 3.98x, 48x and 1.32x
+dense. Below 512 tokens is not measured. The input gradient is split at every size: its fused
+kernel's programs tile ``[T, K]`` and each walks all of ``O``, ranking ``W`` as it goes, so fewer
+tokens mean fewer programs doing the same walk (at 512 tokens 1 to 4 waves on 132 SMs: one wave
+should take a quarter of 4.77 ms or more, against 0.38 ms split). Reasoned, not measured."""
 
 
 def _split(tokens: int) -> bool:
@@ -95,10 +99,9 @@ def triton_input_grad(
     n_eff: torch.Tensor | None = None,
     alpha: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``dX`` for ``dy`` ``[T, O]``: Bi-Mask with ``perm``, else ``dY · (W ⊙ F)`` (SPEC §4)."""
+    """``dX`` for ``dy`` ``[T, O]``: Bi-Mask with ``perm``, else ``dY · (W ⊙ F)`` (SPEC §4), split at
+    every batch size (``SPLIT_TOKENS``: the fused kernel's grid shrinks with ``T``, its work does not)."""
     n = _n(n, n_eff)
-    if not _split(dy.shape[0]):
-        return sparse_input_grad(dy, weight, n, m, perm=perm, mask=fwd_mask, alpha=alpha)
     if perm is None:
         return dy @ forward_operand(weight, n, m, mask=fwd_mask, alpha=alpha, dtype=dy.dtype)
     return dy @ backward_operand(weight, n, m, perm=perm, mask=fwd_mask, alpha=alpha, dtype=dy.dtype)
