@@ -7,7 +7,7 @@
 # limit so that a slow one cannot take the rest with it:
 #   1. the CUDA-only tests (they skip in CI) and the kernel tests that matter most on CUDA tensors;
 #   2. python -m benchmarks.step --device cuda --size full, FFN block (step and per-GEMM rows);
-#   3. python -m benchmarks.split: fused Triton GEMMs against operand + cuBLAS at 512 and 2048 tokens;
+#   3. python -m benchmarks.split: fused Triton GEMMs against operand + cuBLAS at 128, 512 and 2048 tokens;
 #   4. python -m benchmarks.parts24: each piece of the 2:4 ops timed alone;
 #   5. the step benchmark for the ResNet block.
 # Logs and the FFN JSON go to $OUT (the device tool brings back 8 files), or to ./gpu-checks without it.
@@ -58,7 +58,7 @@ CUDA_TESTS=(
 )
 stage cuda_tests 200 "$PY" -m pytest -q -p no:cacheprovider -rA --timeout 120 "${CUDA_TESTS[@]}"
 stage bench_ffn 190 "$PY" -m benchmarks.step --device cuda --size full --block ffn --json "$OUT/ffn.json"
-stage split 60 "$PY" -m benchmarks.split --tokens 512 2048
+stage split 60 "$PY" -m benchmarks.split --tokens 128 512 2048
 stage parts24 40 "$PY" -m benchmarks.parts24
 stage bench_resnet 90 "$PY" -m benchmarks.step --device cuda --size full --block resnet
 
