@@ -9,14 +9,22 @@
 #   2. python -m benchmarks.step --device cuda --size full, FFN block (step and per-GEMM rows);
 #   3. python -m benchmarks.split: fused Triton GEMMs against operand + cuBLAS at 128, 512 and 2048 tokens;
 #   4. python -m benchmarks.parts24: each piece of the 2:4 ops timed alone;
-#   5. the step benchmark for the ResNet block.
-# Logs and the FFN JSON go to $OUT (the device tool brings back 8 files), or to ./gpu-checks without it.
-# Usage: bash benchmarks/gpu_checks.sh [python]
+#   5. the step benchmark for the ResNet block;
+#   and, only when named in STAGES: bench_graphs, the FFN step rows under torch.compile's
+#   mode="reduce-overhead" (CUDA graphs: do they hide the 2:4 ops' host time?).
+# STAGES (default "cuda_tests bench_ffn split parts24 bench_resnet") picks and orders the stages, so a
+# second device call can run what the first left out: STAGES="bench_graphs bench_resnet".
+# Logs and the FFN JSON go to $OUT (the device tool brings back 8 files: env.txt, stages.txt, the FFN
+# JSON and at most 5 stage logs), or to ./gpu-checks without it.
+# Usage: [STAGES="..."] bash benchmarks/gpu_checks.sh [python]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-python3}
+STAGES=${STAGES:-"cuda_tests bench_ffn split parts24 bench_resnet"}
 OUT=${OUT:-gpu-checks}
 mkdir -p "$OUT"
+for name in cuda_tests bench_ffn split parts24 bench_resnet bench_graphs; do rm -f "$OUT/$name.log"; done
+: >"$OUT/stages.txt"  # this run's stages only (./gpu-checks may hold an earlier run's)
 export PYTHONUNBUFFERED=1
 
 stage() {  # stage NAME SECONDS COMMAND...: run COMMAND under a time limit, log to $OUT/NAME.log
@@ -56,21 +64,32 @@ CUDA_TESTS=(
     "tests/test_kernels.py::test_real_sizes_on_cuda"
     "tests/test_lowering.py::test_auto_lowers_on_cuda_under_autocast"
 )
-stage cuda_tests 200 "$PY" -m pytest -q -p no:cacheprovider -rA --timeout 120 "${CUDA_TESTS[@]}"
-stage bench_ffn 190 "$PY" -m benchmarks.step --device cuda --size full --block ffn --json "$OUT/ffn.json"
-stage split 60 "$PY" -m benchmarks.split --tokens 128 512 2048
-stage parts24 40 "$PY" -m benchmarks.parts24
-stage bench_resnet 90 "$PY" -m benchmarks.step --device cuda --size full --block resnet
+for name in $STAGES; do
+    case $name in
+        cuda_tests) stage cuda_tests 200 "$PY" -m pytest -q -p no:cacheprovider -rA --timeout 120 "${CUDA_TESTS[@]}" ;;
+        bench_ffn) stage bench_ffn 190 "$PY" -m benchmarks.step --device cuda --size full --block ffn --json "$OUT/ffn.json" ;;
+        split) stage split 60 "$PY" -m benchmarks.split --tokens 128 512 2048 ;;
+        parts24) stage parts24 40 "$PY" -m benchmarks.parts24 ;;
+        bench_resnet) stage bench_resnet 90 "$PY" -m benchmarks.step --device cuda --size full --block resnet ;;
+        bench_graphs)
+            stage bench_graphs 150 "$PY" -m benchmarks.step --device cuda --size full --block ffn --mode reduce-overhead --no-gemm ;;
+        *) echo "unknown stage $name (STAGES=$STAGES)" | tee -a "$OUT/stages.txt" ;;
+    esac
+done
 
 echo
 cat "$OUT/stages.txt"
-echo "== cuda_tests"
-grep -E "passed|failed|skipped|error|PASSED|FAILED|ERROR|Timeout" "$OUT/cuda_tests.log" | tail -n 30
+if [[ -f "$OUT/cuda_tests.log" ]]; then
+    echo "== cuda_tests"
+    grep -E "passed|failed|skipped|error|PASSED|FAILED|ERROR|Timeout" "$OUT/cuda_tests.log" | tail -n 30
+fi
 for log in split parts24; do
+    [[ -f "$OUT/$log.log" ]] || continue
     echo "== $log"
     grep -E "^\|" "$OUT/$log.log"
 done
-for log in bench_ffn bench_resnet; do
+for log in bench_ffn bench_resnet bench_graphs; do
+    [[ -f "$OUT/$log.log" ]] || continue
     echo "== $log"
     sed -n '/^## Training step/,$p' "$OUT/$log.log"
 done

@@ -4,14 +4,21 @@
 ``triton.testing.do_bench`` for each masked-operand kernel, each ``dY`` pass, each compression and
 each GEMM (cuSPARSELt's fastest algorithm and algorithm 0) of ``kernels.ops.sparse24_*``, beside the
 dense GEMMs. The ``sparse24`` per-GEMM rows of ``benchmarks.step`` are the sums; this says which part costs.
+Two more columns split each median: the GPU time of the piece's kernels (``torch.profiler``) and the
+host's time per call when calls are queued back to back. A piece whose host time exceeds its kernels'
+is launch-bound (cuSPARSELt plans each call on the host): CUDA graphs (``benchmarks.step --mode
+reduce-overhead``) would hide that part, not the rest.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import SIZES
 from benchmarks.gemm import PRUNE_KEY, PRUNE_STEP, M, N, fc1_operands, sparse24_problems
@@ -80,15 +87,51 @@ def parts() -> dict[str, Callable[[], object]]:
     )
 
 
+def device_ms(events: list, calls: int, device_type: DeviceType = DeviceType.CUDA) -> float:
+    """Time per call of the profiled ``events`` that ran on ``device_type`` (kernels, copies, memsets)."""
+    return sum(e.time_range.elapsed_us() for e in events if e.device_type == device_type) / calls / 1e3
+
+
+def kernel_ms(fn: Callable[[], object], calls: int = 10) -> float:
+    """GPU time of ``fn``'s kernels per call, host time left out."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return device_ms(prof.events(), calls)
+
+
+def host_ms(fn: Callable[[], object], calls: int = 10) -> float:
+    """The host's time per call of ``fn`` with the calls queued back to back (no sync between them)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e3
+
+
+def _cell(measure: Callable[[Callable[[], object]], float], fn: Callable[[], object]) -> str:
+    """``measure(fn)`` as a table cell, or why it failed: one piece's error leaves the others' rows."""
+    try:
+        return f"{measure(fn):.3f}"
+    except Exception as exc:  # a profiler or library error on this machine
+        return f"failed: {type(exc).__name__}"
+
+
 def main() -> None:
-    """Print a markdown table of the pieces' median times; needs an sm80+ GPU."""
+    """Print a markdown table of the pieces' median times, kernel times and host times; needs an sm80+ GPU."""
     if not torch.cuda.is_available():
         sys.exit("benchmarks.parts24 needs CUDA")
     from triton.testing import do_bench
 
-    print("| part | median ms |\n|---|---|")
+    print("| part | median ms | GPU kernels ms | host ms per call |\n|---|---|---|---|")
     for name, fn in parts().items():
-        print(f"| {name} | {do_bench(fn, warmup=25, rep=200, return_mode='median'):.3f} |", flush=True)
+        median = do_bench(fn, warmup=25, rep=200, return_mode="median")
+        print(f"| {name} | {median:.3f} | {_cell(kernel_ms, fn)} | {_cell(host_ms, fn)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._inductor import list_mode_options
 
 import nmcompile
 from benchmarks.common import SIZES, Row, Size, environment, measure, set_ratios, table, unavailable
@@ -35,6 +36,7 @@ STEP_ROWS = (
     "nmsparse sparse24",
 )
 GUARDED_ROWS = ("nmsparse triton", "nmsparse sparse24")  # GPU-only, new kernels: a failure is reported, not fatal
+EAGER_ROWS = ("dense eager", "reference eager")
 BLOCKS = ("ffn", "resnet")
 
 
@@ -73,13 +75,17 @@ def make_block(block: str, size: Size) -> tuple[nn.Module, tuple[int, ...]]:
 
 
 def _prepare(
-    name: str, model: nn.Module, device: torch.device, dtype: torch.dtype
+    name: str, model: nn.Module, device: torch.device, dtype: torch.dtype, mode: str = "default"
 ) -> Callable[[torch.Tensor], torch.Tensor] | str:
-    """What runs ``model``'s forward for the row ``name`` (``model`` is the row's own copy), or why it cannot run."""
+    """What runs ``model``'s forward for the row ``name`` (``model`` is the row's own copy), or why it
+    cannot run; compiled rows use ``torch.compile``'s ``mode``, and other modes leave the eager rows out."""
+    if name in EAGER_ROWS and mode != "default":
+        return f"eager, so not run with --mode {mode}"
     if name == "dense eager":
         return model
+    compile_mode = {} if mode == "default" else {"mode": mode}
     if name == "dense inductor":
-        return torch.compile(model)
+        return torch.compile(model, **compile_mode)
     if name == "reference eager":
         return reference.sparsify(model, n=2, m=4)
     if name == "nmsparse portable, composite mask":
@@ -88,11 +94,12 @@ def _prepare(
         # A backend object of its own: nmcompile.backend(...) gives the portable row's, whose graphs
         # (with the C kernels) dynamo would reuse for this row's model of the same class.
         own = NMSparseBackend(SparsityConfig(n=2, m=4, kernels="portable"))
-        return _composite_mask(torch.compile(model, backend=own))
+        return _composite_mask(torch.compile(model, backend=own, **compile_mode))
     if name == SEARCH_ROW:
         if device.type != "cpu":
             return "CPU only (keeps the GPU run in its time limit; there a search is one mask and one scoring launch)"
-        return torch.compile(model, backend=nmcompile.backend(n=2, m=4, kernels="portable", perm_interval=1))
+        backend = nmcompile.backend(n=2, m=4, kernels="portable", perm_interval=1)
+        return torch.compile(model, backend=backend, **compile_mode)
     kernels = name.removeprefix("nmsparse ")
     why = unavailable(kernels, device, dtype)
     if why is not None:
@@ -103,7 +110,7 @@ def _prepare(
         backend = nmcompile.backend(n=2, m=4, kernels=kernels, **recipe)
     except ValueError as exc:
         return f"not available: {exc}"
-    return torch.compile(model, backend=backend)
+    return torch.compile(model, backend=backend, **compile_mode)
 
 
 def _composite_mask(
@@ -136,8 +143,9 @@ def _training_step(
     return step
 
 
-def step_rows(block: str, size: Size, device: torch.device) -> list[Row]:
-    """One row per implementation in ``STEP_ROWS``, each on a fresh copy of the same initial block and data."""
+def step_rows(block: str, size: Size, device: torch.device, mode: str = "default") -> list[Row]:
+    """One row per implementation in ``STEP_ROWS``, each on a fresh copy of the same initial block and
+    data; ``mode``: ``torch.compile``'s, for the compiled rows."""
     # The rows' compiled models live side by side (timing interleaves them); dynamo guards each cache
     # entry on its backend, so no row reuses another's graph.
     torch._dynamo.reset()
@@ -152,7 +160,7 @@ def step_rows(block: str, size: Size, device: torch.device) -> list[Row]:
     for name in STEP_ROWS:
         row = Row("step", block, None, name)
         model = copy.deepcopy(base)
-        run = _prepare(name, model, device, size.dtype)
+        run = _prepare(name, model, device, size.dtype, mode)
         if isinstance(run, str):
             row.reason = run
         else:
@@ -190,6 +198,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--size", choices=tuple(SIZES), help="default: small on CPU, full on CUDA")
     parser.add_argument("--json", type=Path, help="also write every row, and the header, to this JSON file")
     parser.add_argument("--block", choices=(*BLOCKS, "all"), default="all")
+    parser.add_argument(
+        "--mode",
+        choices=tuple(list_mode_options()),
+        default="default",
+        help="torch.compile's mode for the compiled rows (reduce-overhead: CUDA graphs); other than default, "
+        "the eager rows are left out",
+    )
+    parser.add_argument(
+        "--gemm", action=argparse.BooleanOptionalAction, default=True, help="the per-GEMM rows (FFN only)"
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
@@ -206,7 +224,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     device, size = torch.device(args.device), SIZES[args.size]
     header = environment(device, args.size, size, shlex.join(["python", "-m", "benchmarks.step", *argv]))
     blocks = BLOCKS if args.block == "all" else (args.block,)
-    steps = [row for block in blocks for row in step_rows(block, size, device)]
+    steps = [row for block in blocks for row in step_rows(block, size, device, args.mode)]
     print("# nmcompile training-step benchmark\n")
     print("\n".join(f"- {key}: {value}" for key, value in header.items()))
     print("\n## Training step (forward + backward + SGD momentum step)\n")
@@ -216,7 +234,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         print("\nPermutation search, amortised (the medians above leave it out):\n")
         print("\n".join(searches))
     sys.stdout.flush()  # the step table stands even if a time limit ends the GEMM rows
-    gemms = gemm_rows(size, device) if "ffn" in blocks else []
+    gemms = gemm_rows(size, device) if "ffn" in blocks and args.gemm else []
     if gemms:
         print(f"\n## Per-GEMM: FFN fc1 ({size.tokens} x {size.d_model} -> {size.d_ff})\n")
         print(table(gemms, "GEMM", ("dense", "reference")))

@@ -217,3 +217,55 @@ def test_mvue_kernel_compiles_to_no_data_exchange_between_threads():
     assert rows, done.stdout
     for _, config, _entries, shuffles, _per_entry, barriers, shared, load_bits in rows:
         assert (shuffles.strip(), barriers.strip(), shared.strip(), load_bits.strip()) == ("0", "0", "0", "128"), config
+
+
+def test_mode_reaches_every_compiled_row_and_leaves_eager_rows_out(monkeypatch):
+    """``--mode reduce-overhead`` (CUDA graphs on a GPU) compiles each compiled row with that mode and
+    reports the eager rows as not run; the default mode passes none, as before."""
+    calls = []
+
+    def fake_compile(model, **kwargs):
+        calls.append(kwargs.get("mode"))
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    base, _ = step.make_block("ffn", SIZES["tiny"])
+    for mode in ("reduce-overhead", "default"):
+        calls.clear()
+        device, dtype = torch.device("cpu"), torch.float32
+        runs = {name: step._prepare(name, copy.deepcopy(base), device, dtype, mode) for name in step.STEP_ROWS}
+        run = [name for name, prepared in runs.items() if not isinstance(prepared, str)]
+        eager_run = mode == "default"
+        assert run == [n for n in step.STEP_ROWS if n not in UNMEASURED and (eager_run or n not in step.EAGER_ROWS)]
+        assert calls == [None if mode == "default" else mode] * 4  # dense inductor and the three portable rows
+        if not eager_run:
+            assert all(runs[name] == f"eager, so not run with --mode {mode}" for name in step.EAGER_ROWS)
+
+
+def test_no_gemm_skips_the_per_gemm_rows(monkeypatch, capsys):
+    """``--no-gemm`` prints the step table only (a GPU stage that wants the step rows alone)."""
+    monkeypatch.setattr(step, "step_rows", lambda block, size, device, mode: [])
+    monkeypatch.setattr(step, "gemm_rows", lambda size, device: pytest.fail("per-GEMM rows ran"))
+    assert step.main(["--device", "cpu", "--size", "tiny", "--block", "ffn", "--no-gemm"]) == []
+    assert "## Per-GEMM" not in capsys.readouterr().out
+
+
+def test_parts24_device_time_sums_the_events_of_one_device():
+    """``parts24``'s kernel column: real profiler events of this torch have the fields it reads, and
+    only the asked device's events count (here the CPU's, the one device this machine profiles)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks import parts24
+
+    a = torch.randn(256, 256)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            a @ a
+    events = prof.events()
+    cpu_ms = parts24.device_ms(events, 3, DeviceType.CPU)
+    expected = sum(e.time_range.elapsed_us() for e in events if e.device_type == DeviceType.CPU) / 3e3
+    assert cpu_ms == pytest.approx(expected) and cpu_ms > 0
+    assert parts24.device_ms(events, 3) == 0.0  # no CUDA events on this machine
+    assert parts24._cell(lambda fn: fn(), lambda: 1.5) == "1.500"
+    assert parts24._cell(lambda fn: fn(), lambda: 1 / 0) == "failed: ZeroDivisionError"
