@@ -11,7 +11,7 @@
 #   4. python -m benchmarks.parts24: each piece of the 2:4 ops timed alone;
 #   5. the step benchmark for the ResNet block;
 #   and, only when named in STAGES: bench_graphs, the FFN step rows under torch.compile's
-#   mode="reduce-overhead" (CUDA graphs: do they hide the 2:4 ops' host time?).
+#   mode="reduce-overhead" (CUDA graphs around the sparse ops, which stay out of them).
 # STAGES (default "cuda_tests bench_ffn split parts24 bench_resnet") picks and orders the stages, so a
 # second device call can run what the first left out: STAGES="bench_graphs bench_resnet".
 # Logs and the FFN JSON go to $OUT (the device tool brings back 8 files: env.txt, stages.txt, the FFN

@@ -6,8 +6,8 @@ each GEMM (cuSPARSELt's fastest algorithm and algorithm 0) of ``kernels.ops.spar
 dense GEMMs. The ``sparse24`` per-GEMM rows of ``benchmarks.step`` are the sums; this says which part costs.
 Two more columns split each median: the GPU time of the piece's kernels (``torch.profiler``) and the
 host's time per call when calls are queued back to back. A piece whose host time exceeds its kernels'
-is launch-bound (cuSPARSELt plans each call on the host): CUDA graphs (``benchmarks.step --mode
-reduce-overhead``) would hide that part, not the rest.
+is launch-bound (cuSPARSELt plans each call on the host). Only capturing the ops in CUDA graphs
+would hide that, and they stay out of graphs for now (``nmcompile.ops.HOST_READ``).
 """
 
 from __future__ import annotations

@@ -26,6 +26,11 @@ def role(layer: str, what: str) -> dict[str, str]:
     return {NAME_KEY: f"{layer}_{what}"}
 
 
+HOST_READ = (torch.Tag.cudagraph_unsafe,)
+"""Tags of the ops that take the step or the N in force as a tensor and read it on the host: a CUDA
+graph (``mode="reduce-overhead"``) would replay the value it recorded, so Inductor keeps them out of
+its graphs and runs them each step, graphing the rest."""
+
 _LIBRARY = torch.library.Library("nmsparse", "FRAGMENT")
 _LIBRARY.define("nm_mask(Tensor a, int n, int m, int dim, Tensor? n_eff=None) -> Tensor")
 
@@ -89,7 +94,7 @@ def _count_above(entries: tuple[torch.Tensor, ...], i: int, select: bool) -> tor
     return sum(torch.where(c, 1.0, 0.0) if select else c.to(torch.int32) for c in above)
 
 
-@torch.library.custom_op("nmsparse::transposable_mask", mutates_args=())
+@torch.library.custom_op("nmsparse::transposable_mask", mutates_args=(), tags=HOST_READ)
 def transposable_mask(w: torch.Tensor, n: int, m: int, n_eff: torch.Tensor | None = None) -> torch.Tensor:
     """SPEC §4 transposable mask of ``w`` ``[O, K]`` (N:M along both dims); ``n_eff`` as in ``nm_mask``."""
     return reference.transposable_mask(w, int(n_eff) if n_eff is not None else n, m).contiguous()
@@ -100,7 +105,7 @@ def _(w: torch.Tensor, n: int, m: int, n_eff: torch.Tensor | None = None) -> tor
     return torch.empty_like(w, dtype=torch.bool, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("nmsparse::mvue_prune", mutates_args=())
+@torch.library.custom_op("nmsparse::mvue_prune", mutates_args=(), tags=HOST_READ)
 def mvue_prune(grad: torch.Tensor, step: torch.Tensor, key: int, rule: str) -> torch.Tensor:
     """SPEC §7 ``rule`` on a 2-D gradient ``[T, O]``, blocks along ``T``; random numbers from the
     counter-based stream ``(key, step)``, so the same step prunes the same way anywhere. On CUDA,
@@ -186,7 +191,7 @@ def srste_term(weight: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     return torch.where(masked != 0, 0, weight)
 
 
-@torch.library.custom_op("nmsparse::sparse_linear", mutates_args=())
+@torch.library.custom_op("nmsparse::sparse_linear", mutates_args=(), tags=HOST_READ)
 def sparse_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -224,7 +229,7 @@ def _conv_memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-@torch.library.custom_op("nmsparse::sparse_conv", mutates_args=())
+@torch.library.custom_op("nmsparse::sparse_conv", mutates_args=(), tags=HOST_READ)
 def sparse_conv(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -66,3 +66,20 @@ def test_sparse_conv_op(channels_last, recipe):
     masked = masked_weight(w, mask).detach()
     args = (x.requires_grad_(), w, None, masked, torch.randperm(8), [2, 2], [1, 1], [1, 1], 1, 2, 4, 0.0, "c", *extra)
     torch.library.opcheck(ops.sparse_conv.default, args)
+
+
+def test_ops_reading_step_or_n_on_the_host_stay_out_of_cuda_graphs():
+    """Every registered op with a ``step`` or ``n_eff`` tensor argument (read on the host: a CUDA
+    graph would replay the recorded value) carries ``cudagraph_unsafe``, so Inductor's graph
+    partitions run it each step; only ``nm_mask`` decomposes (its ``n_eff`` is copied to the
+    device) and needs none."""
+    import nmcompile.kernels.cpu_mask
+    import nmcompile.kernels.ops  # noqa: F401  (registers the Triton and 2:4 ops)
+
+    registered = torch._C._dispatch_get_all_op_names()
+    names = sorted(n.removeprefix("nmsparse::") for n in registered if n.startswith("nmsparse::"))
+    assert len(names) == 13 and "nm_mask" in names
+    for name in names:
+        op = getattr(ops, name).default
+        reads_host = bool({"step", "n_eff"} & {a.name for a in op._schema.arguments})
+        assert (torch.Tag.cudagraph_unsafe in op.tags) == (reads_host and name != "nm_mask"), name

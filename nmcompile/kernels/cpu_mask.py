@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from nmcompile.ops import HOST_READ
+
 M = 4  # the group size the kernel is written for
 
 _SOURCE = r"""
@@ -261,7 +263,7 @@ def _in_force(n: int, n_eff: torch.Tensor | None) -> int:
     return int(n_eff) if n_eff is not None else n
 
 
-@torch.library.custom_op("nmsparse::cpu_masked_weight", mutates_args=())
+@torch.library.custom_op("nmsparse::cpu_masked_weight", mutates_args=(), tags=HOST_READ)
 def cpu_masked_weight(weight: torch.Tensor, n: int, n_eff: torch.Tensor | None = None) -> torch.Tensor:
     """Graph node for ``<layer>_fwd_masked`` on the CPU path; ``n_eff`` overrides ``n`` (SPEC §8)."""
     return nm4_masked_weight(weight, _in_force(n, n_eff))
@@ -280,7 +282,7 @@ def _no_gradient(ctx: object, grad: torch.Tensor) -> tuple[None, None, None]:
 cpu_masked_weight.register_autograd(_no_gradient)
 
 
-@torch.library.custom_op("nmsparse::cpu_bimask_weight", mutates_args=())
+@torch.library.custom_op("nmsparse::cpu_bimask_weight", mutates_args=(), tags=HOST_READ)
 def cpu_bimask_weight(
     masked: torch.Tensor, perm: torch.Tensor, n: int, n_eff: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.fx.traceback import annotate
 
-from nmcompile.ops import _register_autocast, _setup_linear, linear_fake, role
+from nmcompile.ops import HOST_READ, _register_autocast, _setup_linear, linear_fake, role
 
 from . import sparse24
 from .mvue import mvue_prune
@@ -57,7 +57,7 @@ def _step(step: torch.Tensor | None) -> int:
     return int(step) if step is not None else 0
 
 
-@torch.library.custom_op("nmsparse::triton_linear", mutates_args=())
+@torch.library.custom_op("nmsparse::triton_linear", mutates_args=(), tags=HOST_READ)
 def triton_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -88,7 +88,7 @@ def triton_linear(
 triton_linear.register_fake(linear_fake)
 
 
-@torch.library.custom_op("nmsparse::triton_input_grad", mutates_args=())
+@torch.library.custom_op("nmsparse::triton_input_grad", mutates_args=(), tags=HOST_READ)
 def triton_input_grad(
     dy: torch.Tensor,
     weight: torch.Tensor,
@@ -112,7 +112,7 @@ def _(dy, weight, fwd_mask, perm, n, m, n_eff=None, alpha=None):
     return dy.new_empty((dy.shape[0], weight.shape[1]))
 
 
-@torch.library.custom_op("nmsparse::triton_weight_grad", mutates_args=())
+@torch.library.custom_op("nmsparse::triton_weight_grad", mutates_args=(), tags=HOST_READ)
 def triton_weight_grad(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -198,7 +198,7 @@ def _mm24(
     return out.t().contiguous() if transpose_result else out
 
 
-@torch.library.custom_op("nmsparse::sparse24_linear", mutates_args=())
+@torch.library.custom_op("nmsparse::sparse24_linear", mutates_args=(), tags=HOST_READ)
 def sparse24_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -227,7 +227,7 @@ def sparse24_linear(
 sparse24_linear.register_fake(linear_fake)
 
 
-@torch.library.custom_op("nmsparse::sparse24_input_grad", mutates_args=())
+@torch.library.custom_op("nmsparse::sparse24_input_grad", mutates_args=(), tags=HOST_READ)
 def sparse24_input_grad(
     dy: torch.Tensor,
     weight: torch.Tensor,
@@ -252,7 +252,7 @@ def _(dy, weight, fwd_mask, perm, n, m, n_eff=None):
     return dy.new_empty((dy.shape[0], weight.shape[1]))
 
 
-@torch.library.custom_op("nmsparse::sparse24_weight_grad", mutates_args=())
+@torch.library.custom_op("nmsparse::sparse24_weight_grad", mutates_args=(), tags=HOST_READ)
 def sparse24_weight_grad(
     dy: torch.Tensor,
     x: torch.Tensor,
