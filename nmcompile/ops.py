@@ -27,9 +27,11 @@ def role(layer: str, what: str) -> dict[str, str]:
 
 
 HOST_READ = (torch.Tag.cudagraph_unsafe,)
-"""Tags of the ops that take the step or the N in force as a tensor and read it on the host: a CUDA
-graph (``mode="reduce-overhead"``) would replay the value it recorded, so Inductor keeps them out of
-its graphs and runs them each step, graphing the rest."""
+"""Tags of the ops that take the step or the N in force as a CPU tensor: most read it on the host,
+where a CUDA graph (``mode="reduce-overhead"``) would replay the value it recorded, and the portable
+``sparse_linear``/``sparse_conv`` only carry it to their backward, but a CPU input inside a CUDA
+graph partition is itself unsafe (pytorch/pytorch#190233). So Inductor keeps them out of its graphs
+and runs them each step, graphing the rest."""
 
 _LIBRARY = torch.library.Library("nmsparse", "FRAGMENT")
 _LIBRARY.define("nm_mask(Tensor a, int n, int m, int dim, Tensor? n_eff=None) -> Tensor")

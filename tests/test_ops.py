@@ -69,8 +69,8 @@ def test_sparse_conv_op(channels_last, recipe):
 
 
 def test_ops_reading_step_or_n_on_the_host_stay_out_of_cuda_graphs():
-    """Every registered op with a ``step`` or ``n_eff`` tensor argument (read on the host: a CUDA
-    graph would replay the recorded value) carries ``cudagraph_unsafe``, so Inductor's graph
+    """Every registered op with a ``step`` or ``n_eff`` tensor argument (a CPU tensor, mostly read on
+    the host: a CUDA graph would replay the recorded value) carries ``cudagraph_unsafe``, so Inductor's graph
     partitions run it each step; only ``nm_mask`` decomposes (its ``n_eff`` is copied to the
     device) and needs none."""
     import nmcompile.kernels.cpu_mask
