@@ -1,7 +1,9 @@
 """2:4 sparse-tensor-core GEMM ``A @ B`` for an ``A`` that is 2:4 along its last dim (zeros in place),
-on PyTorch's semi-structured support: cuSPARSELt (``torch._cslt_compress``/``_cslt_sparse_mm``)
-where the build has it, else CUTLASS (``sparse_semi_structured_from_dense_cutlass`` and
-``torch._sparse_semi_structured_mm``, sm8x only). fp16/bf16 on sm80+ (Ampere, Hopper).
+on PyTorch's semi-structured support: cuSPARSELt (``torch._cslt_sparse_mm``) where the build has
+it, else CUTLASS (``torch._sparse_semi_structured_mm``, sm8x only). fp16/bf16 on sm80+ (Ampere,
+Hopper). The Triton kernel ``compress24`` compresses ``A`` in one pass: in CUTLASS's layout, and
+in cuSPARSELt's for shapes that are multiples of 128 once a check on the GPU at hand finds it
+equal to ``torch._cslt_compress``'s (which compresses everything else).
 
 Both libraries want ``A`` and ``B`` padded to tile multiples; zero rows and columns keep ``A`` 2:4,
 so the pads change nothing and are cut from the result. ``compress`` and ``compressed_mm`` split
@@ -12,6 +14,7 @@ entries in every aligned group of four is 2:4 (``fits_24``): 1:2, 2:4, 1:4, 2:8,
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -93,11 +96,69 @@ def compress(a: torch.Tensor) -> Compressed:
     if why is not None:
         raise ValueError(f"semi_structured_mm: {why}")
     padded = _pad(a.contiguous(), _PAD_ROWS, _PAD_COLS)
-    if torch.backends.cusparselt.is_available():
-        return Compressed(*a.shape, a.dtype, torch._cslt_compress(padded), None)
-    from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
+    if not torch.backends.cusparselt.is_available():
+        from nmcompile.kernels.compress24 import compress24
 
-    return Compressed(*a.shape, a.dtype, *sparse_semi_structured_from_dense_cutlass(padded))
+        return Compressed(*a.shape, a.dtype, *compress24(padded, "cutlass"))
+    numel = triton_compression_numel(*padded.shape, padded.dtype, padded.device)
+    if numel is None:
+        return Compressed(*a.shape, a.dtype, torch._cslt_compress(padded), None)
+    from nmcompile.kernels.compress24 import compress24
+
+    return Compressed(*a.shape, a.dtype, compress24(padded, "cusparselt", numel=numel)[0], None)
+
+
+_CHECKED: dict[tuple, int | None] = {}
+"""``triton_compression_numel``'s answer per operand shape, dtype and device: one check each in a process."""
+
+
+def triton_compression_numel(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> int | None:
+    """The size of the cuSPARSELt buffer ``compress24`` writes for a ``[rows, cols]`` operand here, or
+    ``None`` where ``torch._cslt_compress`` must do it: off CUDA, shapes that are not multiples of 128,
+    and where the layout check (``_layout_check``) fails."""
+    if device.type != "cuda" or rows % 128 or cols % 128:
+        return None
+    key = (rows, cols, dtype, device)
+    if key not in _CHECKED:
+        _CHECKED[key] = _layout_check(rows, cols, dtype, device)
+    return _CHECKED[key]
+
+
+def random_24(rows: int, cols: int, dtype: torch.dtype, device: torch.device | str, seed: int = 0) -> torch.Tensor:
+    """Exactly two nonzeros, of magnitude 0.5 to 1.5, at random places in every aligned group of four
+    along the rows: the layout check's probe (``cols`` a multiple of 4)."""
+    generator = torch.Generator(device).manual_seed(seed)
+    values = torch.rand(rows, cols, generator=generator, device=device) + 0.5
+    signs = torch.randint(0, 2, (rows, cols), generator=generator, device=device) * 2 - 1
+    kept = torch.rand(rows, cols // 4, 4, generator=generator, device=device).argsort(-1)[..., :2]
+    mask = torch.zeros(rows, cols // 4, 4, dtype=torch.bool, device=device).scatter_(-1, kept, True)
+    return torch.where(mask.view(rows, cols), values * signs, 0).to(dtype)
+
+
+def _layout_check(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> int | None:
+    """``compress24``'s cuSPARSELt layout (PyTorch's reverse-engineered one) checked against the
+    library's own: a random 2:4 ``[rows, cols]`` compressed both ways gives the same product with
+    algorithm 0. Returns the buffer's size where it does; warns and returns ``None`` where not."""
+    from nmcompile.kernels.compress24 import compress24
+
+    probe = random_24(rows, cols, dtype, device)
+    b = torch.randn(cols, 64, generator=torch.Generator(device).manual_seed(1), device=device).to(dtype)
+    theirs = torch._cslt_compress(probe)
+    try:
+        ours = compress24(probe, "cusparselt", numel=theirs.numel())[0]
+        agrees = torch.equal(torch._cslt_sparse_mm(ours, b), torch._cslt_sparse_mm(theirs, b))
+        detail = "they multiply differently"
+    except (RuntimeError, ValueError) as exc:
+        agrees, detail = False, f"{type(exc).__name__}: {exc}"
+    if agrees:
+        return theirs.numel()
+    warnings.warn(
+        f"nmcompile: the Triton 2:4 compression does not match torch._cslt_compress for [{rows}, {cols}] "
+        f"{dtype} on this GPU ({detail}); that shape is compressed by torch._cslt_compress (slower)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return None
 
 
 def _dense_operands(

@@ -1,0 +1,140 @@
+"""2:4 compression kernel: a dense fp16/bf16 ``A`` ``[R, C]`` with at most two nonzeros in every
+aligned group of four along ``C`` to the values and metadata the sparse tensor cores read, in one
+pass, in CUTLASS's layout or in cuSPARSELt's.
+
+``torch._cslt_compress`` took 1.4 to 3.1 ms per operand of the FFN block on an H200 (more than the
+2:4 GEMM saves, docs/benchmarks.md); this kernel reads ``A`` once and writes ``R x C/2`` values and
+``R x C/16`` 16-bit metadata words. Which two entries of a group it keeps, and their 4-bit code
+(``idx0 | idx1 << 2``, ``idx0 < idx1``), follow ``sparse_semi_structured_from_dense_cutlass``, also
+for groups with fewer or more than two nonzeros. A metadata word holds the codes of 16 columns of
+one row; where it goes:
+
+- ``CUTLASS``: ``ColumnMajorInterleaved<2>`` with the 32-row swizzle of PyTorch's
+  ``_calculate_meta_reordering_scatter_offsets``; values and metadata are separate tensors.
+- ``cuSPARSELt``: one buffer, the values then the metadata, in 128x64 blocks (column-major over
+  blocks), 32x32 tiles inside them (column-major), and the same swizzle inside a tile. This is
+  the layout PyTorch's ``_sparse_semi_structured_tile`` writes for cuSPARSELt
+  (``MetadataCuSparseLt``, which its authors reverse-engineered), so ``sparse24`` takes it only
+  after checking it against ``torch._cslt_compress`` on the GPU at hand (``sparse24.compress``).
+  It needs ``R`` and ``C`` to be multiples of 128.
+
+Tiling: each program owns ``BLOCK_R`` rows by ``BLOCK_C`` columns, loads them along ``C`` and
+splits the groups of four into their entries in registers (``tl.split``), so no data moves
+between threads before the scattered 16-bit metadata stores.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import autotune_configs, check_tensor, wide_index
+
+LAYOUTS = ("cutlass", "cusparselt")
+BLOCK = 128  # cuSPARSELt's metadata blocks: R and C must be multiples of it
+CONFIGS = autotune_configs(
+    [{"BLOCK_R": 32, "BLOCK_C": 128}, {"BLOCK_R": 16, "BLOCK_C": 256}, {"BLOCK_R": 64, "BLOCK_C": 64}],
+    [(4, 1), (8, 1)],
+    ("BLOCK_C",),
+)
+
+
+@triton.jit
+def _pick(i, e0, e1, e2, e3):
+    """Entry ``i`` (0..3) of each group."""
+    return tl.where(i == 0, e0, tl.where(i == 1, e1, tl.where(i == 2, e2, e3)))
+
+
+@triton.jit
+def _quads(x, BLOCK_R: tl.constexpr, GROUPS: tl.constexpr):
+    """The four entries of each aligned group of four along the last dim of ``x``."""
+    even, odd = tl.split(tl.reshape(x, [BLOCK_R, GROUPS, 2, 2]))
+    e0, e2 = tl.split(even)
+    e1, e3 = tl.split(odd)
+    return e0, e1, e2, e3
+
+
+@triton.autotune(configs=CONFIGS, key=["R", "C", "CUSPARSELT"])
+@triton.jit
+def compress24_kernel(
+    a_ptr, values_ptr, meta_ptr, R, C, stride_ar, stride_ac,
+    CUSPARSELT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
+):  # fmt: skip
+    """``values[r, 2g:2g+2]`` = the kept pair of group ``g`` of row ``r``; ``meta`` = their codes,
+    four groups to a 16-bit word, placed as the layout says; ``WIDE``: int64 offsets."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if WIDE:
+        rows, cols = rows.to(tl.int64), cols.to(tl.int64)
+    inside = (rows[:, None] < R) & (cols[None, :] < C)
+    x = tl.load(a_ptr + rows[:, None] * stride_ar + cols[None, :] * stride_ac, mask=inside, other=0.0)
+    e0, e1, e2, e3 = _quads(x, BLOCK_R, BLOCK_C // 4)
+    m0, m1, m3 = e0 != 0, e1 != 0, e3 != 0
+    # sparse_semi_structured_from_dense_cutlass's encoding, minimised for the <2 and >2 cases
+    both, second_only, neither = m0 & m1, ~m0 & m1, ~m0 & ~m1
+    idx0 = second_only.to(tl.int32) | (neither.to(tl.int32) << 1)
+    idx1 = (both | neither | m3).to(tl.int32) | ((second_only | ~m1).to(tl.int32) << 1)
+
+    half = tl.program_id(1) * (BLOCK_C // 2) + tl.arange(0, BLOCK_C // 2)
+    if WIDE:
+        half = half.to(tl.int64)
+    kept = tl.reshape(tl.join(_pick(idx0, e0, e1, e2, e3), _pick(idx1, e0, e1, e2, e3)), [BLOCK_R, BLOCK_C // 2])
+    tl.store(
+        values_ptr + rows[:, None] * (C // 2) + half[None, :], kept, mask=(rows[:, None] < R) & (half[None, :] < C // 2)
+    )
+
+    c0, c1, c2, c3 = _quads(idx0 | (idx1 << 2), BLOCK_R, BLOCK_C // 16)
+    word = (c0 | (c1 << 4) | (c2 << 8) | (c3 << 12)).to(tl.int16)
+    r = rows[:, None]
+    j = tl.program_id(1) * (BLOCK_C // 16) + tl.arange(0, BLOCK_C // 16)[None, :]
+    if WIDE:
+        j = j.to(tl.int64)
+    # inside 32 rows: row r goes to 4·(r % 8) + (r % 32) // 8; then 2x2 swaps between row and column pairs
+    swizzled = (r % 8) * 4 + (r % 32) // 8
+    top_right = ((swizzled % 2) == 0) & ((j % 2) == 1)
+    bottom_left = ((swizzled % 2) == 1) & ((j % 2) == 0)
+    shift = top_right.to(r.dtype) - bottom_left.to(r.dtype)
+    in_tile = (swizzled + shift) * 2 + (j % 2) - shift  # 64 words: 32 rows x 2 words
+    if CUSPARSELT:
+        offset = (r // 128) * 512 + (j // 4) * 512 * (R // 128) + ((r % 128) // 32) * 64 + ((j % 4) // 2) * 256
+    else:
+        offset = (j // 2) * R * 2 + (r // 32) * 64
+    tl.store(meta_ptr + offset + in_tile, word, mask=(r < R) & (j < C // 16))
+
+
+def compressed_numel(rows: int, cols: int) -> int:
+    """Elements of ``A``'s dtype that its values and metadata take (a cuSPARSELt buffer's least size)."""
+    return rows * cols // 2 + rows * cols // 16
+
+
+def compress24(a: torch.Tensor, layout: str, *, numel: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``a`` ``[R, C]`` (2:4 along ``C``, fp16/bf16) compressed in ``layout``: CUTLASS's
+    ``(values [R, C/2], meta int16 [R, C/16])`` (``R`` a multiple of 32, ``C`` of 64), or
+    cuSPARSELt's one buffer and ``None`` (``R``, ``C`` multiples of 128), of ``numel`` elements
+    (at least ``compressed_numel``; zeros past the metadata)."""
+    check_tensor("a", a, 2, (torch.float16, torch.bfloat16))
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    R, C = a.shape
+    multiple = (BLOCK, BLOCK) if layout == "cusparselt" else (32, 64)
+    if R % multiple[0] or C % multiple[1]:
+        raise ValueError(f"compress24({layout}) needs [R, C] multiples of {multiple}, got {(R, C)}")
+    need = compressed_numel(R, C)
+    if layout == "cusparselt":
+        numel = need if numel is None else numel
+        if numel < need:
+            raise ValueError(f"numel={numel} cannot hold {need} elements of values and metadata")
+        buffer = a.new_empty(numel)
+        buffer[need:].zero_()
+        values, meta = buffer[: R * C // 2].view(R, C // 2), buffer[R * C // 2 : need].view(torch.int16)
+    else:
+        values, meta = a.new_empty(R, C // 2), a.new_empty(R, C // 16, dtype=torch.int16)
+
+    def grid(meta_: dict) -> tuple[int, int]:
+        return triton.cdiv(R, meta_["BLOCK_R"]), triton.cdiv(C, meta_["BLOCK_C"])
+
+    compress24_kernel[grid](
+        a, values, meta, R, C, *a.stride(), CUSPARSELT=layout == "cusparselt", WIDE=wide_index(a, values)
+    )
+    return (buffer, None) if layout == "cusparselt" else (values, meta)

@@ -1,0 +1,221 @@
+"""The 2:4 compression kernel (``kernels.compress24``) against PyTorch's CUTLASS conversion and a
+lane-by-lane transcription of PyTorch's tile kernel (``tests/_tile24``), under the interpreter; its
+use in ``sparse24.compress``; and on CUDA against ``torch._cslt_compress``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _tile24 import codes, tile_kernel_meta
+from torch.sparse._semi_structured_conversions import (
+    sparse_semi_structured_from_dense_cutlass,
+    sparse_semi_structured_to_dense_cutlass,
+)
+
+from nmcompile.kernels import sparse24
+from nmcompile.kernels.compress24 import compress24, compressed_numel
+
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+def exact_24(rows: int, cols: int, dtype: torch.dtype, seed: int = 0, device: str = "cpu") -> torch.Tensor:
+    """Two nonzeros in every aligned group of four along the rows, at random places."""
+    return sparse24.random_24(rows, cols, dtype, device, seed)
+
+
+def any_zeros(rows: int, cols: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Each entry zero with probability 1/2: groups with 0 to 4 nonzeros, which the encoding also covers."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(rows, cols, generator=generator)
+    return torch.where(torch.rand(rows, cols, generator=generator) < 0.5, values, 0).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(32, 64), (64, 192), (96, 128)])
+@pytest.mark.parametrize("make", [exact_24, any_zeros])
+def test_cutlass_layout_is_torchs_conversion(dtype, shape, make):
+    """Values and metadata bit for bit as ``sparse_semi_structured_from_dense_cutlass``, what
+    ``torch._sparse_semi_structured_mm`` reads."""
+    a = make(*shape, dtype)
+    values, meta = compress24(a, "cutlass")
+    ref_values, ref_meta = sparse_semi_structured_from_dense_cutlass(a)
+    assert values.shape == ref_values.shape and meta.shape == ref_meta.shape and meta.dtype == torch.int16
+    assert torch.equal(values.view(torch.int16), ref_values.view(torch.int16))
+    assert torch.equal(meta, ref_meta)
+    if make is exact_24:
+        assert torch.equal(sparse_semi_structured_to_dense_cutlass(values, meta), a)
+
+
+@pytest.mark.parametrize("shape", [(32, 64), (64, 128), (96, 192)])
+def test_transcribed_tile_kernel_writes_torchs_cutlass_layout(shape):
+    """The oracle's check: the transcribed tile kernel, with ``MetadataCutlass``, writes the metadata
+    PyTorch's own CUTLASS conversion computes, so its shuffles and stores are read right."""
+    a = exact_24(*shape, torch.float16, seed=1)
+    ref_meta = sparse_semi_structured_from_dense_cutlass(a)[1]
+    assert torch.equal(tile_kernel_meta(codes(a), "cutlass"), ref_meta.view(-1).long() & 0xFFFF)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(128, 128), (256, 384), (384, 256)])
+def test_cusparselt_layout_is_pytorchs_tile_kernel_layout(dtype, shape):
+    """One buffer: the values as CUTLASS's, then the metadata where PyTorch's tile kernel puts it for
+    cuSPARSELt (``MetadataCuSparseLt``), then zeros up to ``numel``."""
+    rows, cols = shape
+    a = exact_24(rows, cols, dtype, seed=rows + cols)
+    need = compressed_numel(rows, cols)
+    buffer, meta = compress24(a, "cusparselt", numel=need + 40)
+    assert meta is None and buffer.shape == (need + 40,) and buffer.dtype == dtype
+    values = buffer[: rows * cols // 2].view(rows, cols // 2)
+    assert torch.equal(values, sparse_semi_structured_from_dense_cutlass(a)[0])
+    words = buffer[rows * cols // 2 : need].view(torch.int16).long() & 0xFFFF
+    assert torch.equal(words, tile_kernel_meta(codes(a), "cusparselt"))
+    assert not buffer[need:].view(torch.int16).any()
+
+
+def test_launcher_checks_its_operand():
+    """Clear errors for what the kernel cannot compress."""
+    a = exact_24(128, 128, torch.float16)
+    with pytest.raises(ValueError, match="must be one of"):
+        compress24(a.float(), "cutlass")
+    with pytest.raises(ValueError, match="2-D"):
+        compress24(a[0], "cutlass")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        compress24(a, "csr")
+    with pytest.raises(ValueError, match=r"multiples of \(128, 128\)"):
+        compress24(a[:96], "cusparselt")
+    with pytest.raises(ValueError, match=r"multiples of \(32, 64\)"):
+        compress24(a[:, :96], "cutlass")
+    with pytest.raises(ValueError, match="cannot hold"):
+        compress24(a, "cusparselt", numel=compressed_numel(128, 128) - 1)
+
+
+def test_compressed_numel_is_values_and_one_bit_per_entry():
+    assert compressed_numel(128, 256) == 128 * 128 + 128 * 256 // 16
+
+
+def _word_positions(rows: int, cols: int) -> torch.Tensor:
+    """Where the transcribed tile kernel puts the metadata word of each (row, 16 columns) for
+    cuSPARSELt, ``[R, C/16]``: every word given a distinct code pattern, and the buffer read back."""
+    words = rows * cols // 16
+    ids = torch.arange(words).view(rows, cols // 16, 1)
+    code = ((ids >> (4 * torch.arange(4))) & 0xF).view(rows, cols // 4)
+    positions = torch.empty(words, dtype=torch.long)
+    positions[tile_kernel_meta(code, "cusparselt")] = torch.arange(words)
+    return positions.view(rows, cols // 16)
+
+
+SPARE = 8  # elements the emulated library's buffer has past the metadata
+
+
+def _tile_layout_compress(a: torch.Tensor) -> torch.Tensor:
+    """An emulated ``torch._cslt_compress`` that writes the tile kernel's layout (built from the
+    oracle, not from ``compress24``)."""
+    rows, cols = a.shape
+    buffer = a.new_zeros(compressed_numel(rows, cols) + SPARE)
+    buffer[: rows * cols // 2] = sparse_semi_structured_from_dense_cutlass(a)[0].view(-1)
+    word = (codes(a).view(rows, cols // 16, 4) << (4 * torch.arange(4))).sum(-1)
+    meta = buffer[rows * cols // 2 : compressed_numel(rows, cols)].view(torch.int16)
+    meta[_word_positions(rows, cols).view(-1)] = word.view(-1).to(torch.int16)
+    return buffer
+
+
+def _tile_layout_mm(buffer: torch.Tensor, b: torch.Tensor, bias=None, transpose_result=False, alg_id=0):
+    """An emulated ``torch._cslt_sparse_mm`` reading the tile kernel's layout: ``A`` ``[R, K]``, ``b`` ``[K, N]``."""
+    cols = b.shape[0]
+    rows = (buffer.numel() - SPARE) * 16 // (9 * cols)
+    values = buffer[: rows * cols // 2].view(rows, cols // 4, 2)
+    word = buffer[rows * cols // 2 : compressed_numel(rows, cols)].view(torch.int16).long() & 0xFFFF
+    code = (word[_word_positions(rows, cols)].unsqueeze(-1) >> (4 * torch.arange(4))) & 0xF
+    code = code.view(rows, cols // 4, 1)
+    dense = torch.zeros(rows, cols // 4, 4, dtype=torch.float32)
+    dense.scatter_(-1, code & 3, values[..., :1].float())
+    dense.scatter_(-1, code >> 2, values[..., 1:].float())
+    out = (dense.view(rows, cols) @ b.float() + (0 if bias is None else bias.float()[:, None])).to(b.dtype)
+    return out.t().contiguous() if transpose_result else out
+
+
+@pytest.fixture
+def tile_layout_library(monkeypatch):
+    """cuSPARSELt emulated with the tile kernel's layout, every 2:4 device check passing; counts compressions."""
+    calls = []
+
+    def compress(a):
+        calls.append(tuple(a.shape))
+        return _tile_layout_compress(a)
+
+    monkeypatch.setattr(sparse24, "blocker", lambda device, dtype: None)
+    monkeypatch.setattr(sparse24, "_CHECKED", {})
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "_cslt_compress", compress)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", _tile_layout_mm)
+    return calls
+
+
+def test_emulated_library_multiplies_what_it_compresses(tile_layout_library):
+    """The emulation the next tests rely on: its compress and GEMM agree with a dense product."""
+    a, b = exact_24(128, 256, torch.float16), torch.randn(256, 16).half()
+    expected = (a.float() @ b.float()).half()
+    assert torch.equal(_tile_layout_mm(torch._cslt_compress(a), b), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layout_check_takes_a_library_with_that_layout(tile_layout_library, dtype, recwarn):
+    """Where the library's own compression multiplies as ``compress24``'s, the check returns the
+    library's buffer size (the one ``compress24`` then fills), quietly."""
+    numel = sparse24._layout_check(128, 256, dtype, torch.device("cpu"))
+    assert numel == compressed_numel(128, 256) + SPARE
+    assert tile_layout_library == [(128, 256)]
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+@pytest.mark.parametrize("emulated_24_library", ["cusparselt"], indirect=True)
+def test_layout_check_declines_another_layout_with_a_warning(emulated_24_library):
+    """Against a library with another layout (the row-major emulation), the check says no and why."""
+    with pytest.warns(RuntimeWarning, match=r"does not match torch._cslt_compress for \[128, 256\]"):
+        assert sparse24._layout_check(128, 256, torch.bfloat16, torch.device("cpu")) is None
+
+
+def test_compress_writes_the_checked_layout_once_per_shape(tile_layout_library, monkeypatch):
+    """``sparse24.compress`` on a shape that passed the check: ``compress24``'s buffer, of the library's
+    size; the check runs once per shape; the product is the dense one. Off CUDA nothing is checked."""
+    assert sparse24.triton_compression_numel(128, 256, torch.float16, torch.device("cpu")) is None
+    assert tile_layout_library == []
+
+    def on_any_device(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> int | None:
+        if (rows, cols, dtype) not in sparse24._CHECKED:
+            sparse24._CHECKED[rows, cols, dtype] = sparse24._layout_check(rows, cols, dtype, device)
+        return sparse24._CHECKED[rows, cols, dtype]
+
+    monkeypatch.setattr(sparse24, "triton_compression_numel", on_any_device)
+    a, b = exact_24(128, 256, torch.float16, seed=3), torch.randn(256, 24).half()
+    for _ in range(2):
+        packed = sparse24.compress(a)
+        assert packed.meta is None
+        assert torch.equal(packed.packed, compress24(a, "cusparselt", numel=compressed_numel(128, 256) + SPARE)[0])
+        assert torch.equal(sparse24.compressed_mm(packed, b), (a.float() @ b.float()).half())
+    assert tile_layout_library == [(128, 256)]  # the check's probe; the operands never went to the library
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(128, 128), (256, 512), (4096, 16384)])
+def test_compress24_multiplies_as_the_library_compression_on_cuda(dtype, shape):
+    """On the GPU: ``compress24``'s buffer gives the same product as ``torch._cslt_compress``'s
+    (cuSPARSELt), or its CUTLASS pair as PyTorch's conversion (sm8x); the check passes."""
+    if sparse24.blocker(torch.device("cuda"), dtype) is not None:
+        pytest.skip(sparse24.blocker(torch.device("cuda"), dtype))
+    rows, cols = shape
+    a = exact_24(rows, cols, dtype, device="cuda")
+    b = torch.randn(cols, 256, device="cuda").to(dtype)
+    if torch.backends.cusparselt.is_available():
+        theirs = torch._cslt_compress(a)
+        ours = compress24(a, "cusparselt", numel=theirs.numel())[0]
+        assert torch.equal(torch._cslt_sparse_mm(ours, b), torch._cslt_sparse_mm(theirs, b))
+        assert sparse24.triton_compression_numel(rows, cols, dtype, a.device) == theirs.numel()
+    else:
+        values, meta = compress24(a, "cutlass")
+        ref_values, ref_meta = sparse_semi_structured_from_dense_cutlass(a)
+        assert torch.equal(values, ref_values) and torch.equal(meta, ref_meta)
+        assert torch.equal(
+            torch._sparse_semi_structured_mm(values, meta, b), torch._sparse_semi_structured_mm(ref_values, ref_meta, b)
+        )
