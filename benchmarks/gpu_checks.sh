@@ -7,12 +7,12 @@
 # limit so that a slow one cannot take the rest with it:
 #   1. the CUDA-only tests (they skip in CI) and the kernel tests that matter most on CUDA tensors;
 #   2. python -m benchmarks.step --device cuda --size full, FFN block (step and per-GEMM rows);
-#   3. python -m benchmarks.split: fused Triton GEMMs against operand + cuBLAS at 128, 512 and 2048 tokens;
-#   4. python -m benchmarks.parts24: each piece of the 2:4 ops timed alone;
+#   3. python -m benchmarks.parts24: each piece of the 2:4 ops timed alone (Triton compression included);
+#   4. python -m benchmarks.split: fused Triton GEMMs against operand + cuBLAS at 128, 512 and 2048 tokens;
 #   5. the step benchmark for the ResNet block;
 #   and, only when named in STAGES: bench_graphs, the FFN step rows under torch.compile's
 #   mode="reduce-overhead" (CUDA graphs around the sparse ops, which stay out of them).
-# STAGES (default "cuda_tests bench_ffn split parts24 bench_resnet") picks and orders the stages, so a
+# STAGES (default "cuda_tests bench_ffn parts24 split bench_resnet") picks and orders the stages, so a
 # second device call can run what the first left out: STAGES="bench_graphs bench_resnet".
 # Logs and the FFN JSON go to $OUT (the device tool brings back 8 files: env.txt, stages.txt, the FFN
 # JSON and at most 5 stage logs), or to ./gpu-checks without it.
@@ -20,7 +20,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-python3}
-STAGES=${STAGES:-"cuda_tests bench_ffn split parts24 bench_resnet"}
+STAGES=${STAGES:-"cuda_tests bench_ffn parts24 split bench_resnet"}
 OUT=${OUT:-gpu-checks}
 mkdir -p "$OUT"
 for name in cuda_tests bench_ffn split parts24 bench_resnet bench_graphs; do rm -f "$OUT/$name.log"; done
@@ -57,6 +57,7 @@ CUDA_TESTS=(
     "tests/test_kernels.py::test_permutation_scores_exact"
     "tests/test_kernels.py::test_portable_mvue_op_on_cuda_prunes_as_on_the_cpu"
     "tests/test_kernels.py::test_split_ops_at_real_sizes_on_cuda"
+    "tests/test_compress24.py::test_compress24_multiplies_as_the_library_compression_on_cuda"
     "tests/test_sparse24.py::test_semi_structured_mm_on_cuda"
     "tests/test_sparse24.py::test_searched_alg_gives_the_same_product_on_cuda"
     "tests/test_sparse24.py::test_sparse24_trains_like_portable_on_cuda"
@@ -66,11 +67,11 @@ CUDA_TESTS=(
 )
 for name in $STAGES; do
     case $name in
-        cuda_tests) stage cuda_tests 200 "$PY" -m pytest -q -p no:cacheprovider -rA --timeout 120 "${CUDA_TESTS[@]}" ;;
+        cuda_tests) stage cuda_tests 210 "$PY" -m pytest -q -p no:cacheprovider -rA --timeout 120 "${CUDA_TESTS[@]}" ;;
         bench_ffn) stage bench_ffn 190 "$PY" -m benchmarks.step --device cuda --size full --block ffn --json "$OUT/ffn.json" ;;
         split) stage split 60 "$PY" -m benchmarks.split --tokens 128 512 2048 ;;
-        parts24) stage parts24 40 "$PY" -m benchmarks.parts24 ;;
-        bench_resnet) stage bench_resnet 90 "$PY" -m benchmarks.step --device cuda --size full --block resnet ;;
+        parts24) stage parts24 50 "$PY" -m benchmarks.parts24 ;;
+        bench_resnet) stage bench_resnet 70 "$PY" -m benchmarks.step --device cuda --size full --block resnet ;;
         bench_graphs)
             stage bench_graphs 150 "$PY" -m benchmarks.step --device cuda --size full --block ffn --mode reduce-overhead --no-gemm ;;
         *) echo "unknown stage $name (STAGES=$STAGES)" | tee -a "$OUT/stages.txt" ;;

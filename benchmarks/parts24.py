@@ -3,7 +3,9 @@
 ``python -m benchmarks.parts24``: on CUDA (sm80+), bf16, 8192 tokens x 4096 -> 16384, the median of
 ``triton.testing.do_bench`` for each masked-operand kernel, each ``dY`` pass, each compression and
 each GEMM (cuSPARSELt's fastest algorithm and algorithm 0) of ``kernels.ops.sparse24_*``, beside the
-dense GEMMs. The ``sparse24`` per-GEMM rows of ``benchmarks.step`` are the sums; this says which part costs.
+dense GEMMs. Each compression twice: as the ops run it (``sparse24.compress``: the Triton kernel
+``compress24`` where its layout check passed) and by ``torch._cslt_compress``. The ``sparse24``
+per-GEMM rows of ``benchmarks.step`` are the sums; this says which part costs.
 Two more columns split each median: the GPU time of the piece's kernels (``torch.profiler``) and the
 host's time per call when calls are queued back to back. A piece whose host time exceeds its kernels'
 is launch-bound (cuSPARSELt plans each call on the host). Only capturing the ops in CUDA graphs
@@ -25,17 +27,20 @@ from benchmarks.gemm import PRUNE_KEY, PRUNE_STEP, M, N, fc1_operands, sparse24_
 
 PARTS = (
     "forward: W ⊙ F (operand kernel)",
-    "forward: compress W ⊙ F",
+    "forward: compress W ⊙ F (sparse24.compress)",
+    "forward: compress W ⊙ F (torch._cslt_compress)",
     "forward: sparse GEMM, fastest alg",
     "forward: sparse GEMM, alg 0",
     "forward: dense GEMM",
     "input grad: (W[P] ⊙ Bp)ᵀ (operand kernel)",
     "input grad: dY[:, P] (index_select)",
-    "input grad: compress",
+    "input grad: compress (sparse24.compress)",
+    "input grad: compress (torch._cslt_compress)",
     "input grad: sparse GEMM, fastest alg",
     "input grad: dense GEMM",
     "weight grad: mvue24(dY)ᵀ (MVUE kernel)",
-    "weight grad: compress",
+    "weight grad: compress (sparse24.compress)",
+    "weight grad: compress (torch._cslt_compress)",
     "weight grad: sparse GEMM, fastest alg",
     "weight grad: dense GEMM",
     "Triton path: W ⊙ B (operand kernel, rows in place)",
@@ -57,6 +62,9 @@ def parts() -> dict[str, Callable[[], object]]:
     def compress(op: str) -> Callable[[], object]:
         return lambda: sparse24.compress(problems[op][0])
 
+    def library_compress(op: str) -> Callable[[], object]:
+        return lambda: torch._cslt_compress(problems[op][0].contiguous())
+
     def mm(op: str, alg_id: int) -> Callable[[], object]:
         _, b, transpose = problems[op]
         return lambda: sparse24.compressed_mm(packed[op], b, transpose_result=transpose, alg_id=alg_id)
@@ -67,16 +75,19 @@ def parts() -> dict[str, Callable[[], object]]:
             (
                 lambda: forward_operand(w, N, M),
                 compress("forward"),
+                library_compress("forward"),
                 mm("forward", best["forward"]),
                 mm("forward", 0),
                 lambda: x @ w.t(),
                 lambda: input_grad_operand(w, N, M, perm=perm),
                 lambda: dy.index_select(1, perm),
                 compress("input grad"),
+                library_compress("input grad"),
                 mm("input grad", best["input grad"]),
                 lambda: dy @ w,
                 lambda: mvue_prune(dy, PRUNE_STEP, PRUNE_KEY, "mvue24", transpose=True),
                 compress("weight grad"),
+                library_compress("weight grad"),
                 mm("weight grad", best["weight grad"]),
                 lambda: dy.t() @ x,
                 lambda: backward_operand(w, N, M, perm=perm),

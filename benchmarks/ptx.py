@@ -1,8 +1,8 @@
 """What the memory-bound Triton kernels compile to on a GPU target, without a GPU.
 
-``python -m benchmarks.ptx [--arch 90]``: compiles every autotune config of the MVUE and
-masked-operand kernels (and of the fused weight-gradient kernel, which prunes ``dY`` tiles with the
-same MVUE rules) for ``sm_<arch>`` (Triton's own compiler and ptxas, no device needed) with the
+``python -m benchmarks.ptx [--arch 90]``: compiles every autotune config of the MVUE,
+masked-operand and 2:4 compression kernels (and of the fused weight-gradient kernel, which prunes
+``dY`` tiles with the same MVUE rules) for ``sm_<arch>`` (Triton's own compiler and ptxas, no device needed) with the
 arguments a training step passes (bf16, strides that are multiples of 16, the contiguous dim's
 stride 1, as Triton specializes them at launch), and counts in the PTX what moves data between
 threads (warp shuffles, barriers, shared-memory stores, per program; shuffles also per tile entry
@@ -58,6 +58,12 @@ VARIANTS = (
     Variant("W ⊙ B (Bi-Mask)", "operand24", "masked_operand_kernel", OPERAND_POINTERS,
             {**OPERAND_FLAGS, "PERMUTE": True, "SCATTER": True}, ("stride_wk", "stride_fk", "stride_ok"),
             ("BLOCK_O", "BLOCK_K")),
+    Variant("compress24, cuSPARSELt", "compress24", "compress24_kernel",
+            {"a_ptr": "bf16", "values_ptr": "bf16", "meta_ptr": "i16"}, {"CUSPARSELT": True, "WIDE": False},
+            ("stride_ac",), ("BLOCK_R", "BLOCK_C")),
+    Variant("compress24, CUTLASS", "compress24", "compress24_kernel",
+            {"a_ptr": "bf16", "values_ptr": "bf16", "meta_ptr": "i16"}, {"CUSPARSELT": False, "WIDE": False},
+            ("stride_ac",), ("BLOCK_R", "BLOCK_C")),
 )  # fmt: skip
 
 
