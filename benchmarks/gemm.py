@@ -130,12 +130,13 @@ def sparse24_problems(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, bool]]:
     """Per GEMM, what the ``sparse24`` ops hand the 2:4 library: the sparse operand as written (before
     compression), the dense operand and ``transpose_result``."""
+    from nmcompile.kernels.gather_t import gather_t
     from nmcompile.kernels.mvue import mvue_prune
     from nmcompile.kernels.operand24 import forward_operand, input_grad_operand
 
     return {
         "forward": (forward_operand(w, N, M), x.t(), True),
-        "input grad": (input_grad_operand(w, N, M, perm=perm), dy.index_select(1, perm).t(), True),
+        "input grad": (input_grad_operand(w, N, M, perm=perm), gather_t(dy, perm), True),
         "weight grad": (mvue_prune(dy, PRUNE_STEP, PRUNE_KEY, "mvue24", transpose=True), x, False),
     }
 

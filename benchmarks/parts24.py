@@ -1,15 +1,16 @@
 """Where the 2:4 path's overhead goes: each piece of its three ops timed alone, at FFN fc1 size.
 
 ``python -m benchmarks.parts24``: on CUDA (sm80+), bf16, 8192 tokens x 4096 -> 16384, the median of
-``triton.testing.do_bench`` for each masked-operand kernel, each ``dY`` pass, each compression and
-each GEMM (cuSPARSELt's fastest algorithm and algorithm 0) of ``kernels.ops.sparse24_*``, beside the
-dense GEMMs. Each compression twice: as the ops run it (``sparse24.compress``: the Triton kernel
-``compress24`` where its layout check passed) and by ``torch._cslt_compress``. The ``sparse24``
-per-GEMM rows of ``benchmarks.step`` are the sums; this says which part costs.
-Two more columns split each median: the GPU time of the piece's kernels (``torch.profiler``) and the
-host's time per call when calls are queued back to back. A piece whose host time exceeds its kernels'
-is launch-bound (cuSPARSELt plans each call on the host). Only capturing the ops in CUDA graphs
-would hide that, and they stay out of graphs for now (``nmcompile.ops.HOST_READ``).
+``triton.testing.do_bench`` for each masked-operand kernel, each ``dY`` pass (``dY[:, P]`` also by
+``index_select``), each compression and each GEMM (cuSPARSELt's fastest algorithm and algorithm 0)
+of ``kernels.ops.sparse24_*``, beside the dense GEMMs. Each compression twice: as the ops run it
+(``sparse24.compress``: the Triton kernel ``compress24`` where its layout check passed) and by
+``torch._cslt_compress``. The ``sparse24`` per-GEMM rows of ``benchmarks.step`` are the sums; this
+says which part costs. Two more columns split each median: the GPU time of the piece's kernels
+(``torch.profiler``) and the host's time per call when calls are queued back to back. A piece whose
+host time exceeds its kernels' is launch-bound (cuSPARSELt plans each call on the host). Only
+capturing the ops in CUDA graphs would hide that, and they stay out of graphs for now
+(``nmcompile.ops.HOST_READ``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ PARTS = (
     "forward: sparse GEMM, alg 0",
     "forward: dense GEMM",
     "input grad: (W[P] ⊙ Bp)ᵀ (operand kernel)",
-    "input grad: dY[:, P] (index_select)",
+    "input grad: dY[:, P]ᵀ (gather_t kernel)",
+    "input grad: dY[:, P] (index_select, before gather_t)",
     "input grad: compress (sparse24.compress)",
     "input grad: compress (torch._cslt_compress)",
     "input grad: sparse GEMM, fastest alg",
@@ -51,6 +53,7 @@ PARTS = (
 def parts() -> dict[str, Callable[[], object]]:
     """Each piece of the 2:4 ops on fc1's operands (set up once, before timing)."""
     from nmcompile.kernels import sparse24
+    from nmcompile.kernels.gather_t import gather_t
     from nmcompile.kernels.mvue import mvue_prune
     from nmcompile.kernels.operand24 import backward_operand, forward_operand, input_grad_operand
 
@@ -80,6 +83,7 @@ def parts() -> dict[str, Callable[[], object]]:
                 mm("forward", 0),
                 lambda: x @ w.t(),
                 lambda: input_grad_operand(w, N, M, perm=perm),
+                lambda: gather_t(dy, perm),
                 lambda: dy.index_select(1, perm),
                 compress("input grad"),
                 library_compress("input grad"),

@@ -1,14 +1,14 @@
 """What the memory-bound Triton kernels compile to on a GPU target, without a GPU.
 
 ``python -m benchmarks.ptx [--arch 90]``: compiles every autotune config of the MVUE,
-masked-operand and 2:4 compression kernels (and of the fused weight-gradient kernel, which prunes
-``dY`` tiles with the same MVUE rules) for ``sm_<arch>`` (Triton's own compiler and ptxas, no device needed) with the
-arguments a training step passes (bf16, strides that are multiples of 16, the contiguous dim's
-stride 1, as Triton specializes them at launch), and counts in the PTX what moves data between
-threads (warp shuffles, barriers, shared-memory stores, per program; shuffles also per tile entry
-a thread owns) and the width of its global loads. These kernels are memory-bound passes, so data
-exchanged between threads is what keeps them from bandwidth. A count, not a time:
-``benchmarks.parts24`` times the kernels on a GPU.
+masked-operand, 2:4 compression and column-gather kernels (and of the fused weight-gradient kernel,
+which prunes ``dY`` tiles with the same MVUE rules) for ``sm_<arch>`` (Triton's own compiler and
+ptxas, no device needed) with the arguments a training step passes (bf16, strides that are
+multiples of 16, the contiguous dim's stride 1, as Triton specializes them at launch), and counts
+in the PTX what moves data between threads (warp shuffles, barriers, shared-memory stores, per
+program; shuffles also per tile entry a thread owns) and the width of its global loads and stores.
+These kernels are memory-bound passes, so data exchanged between threads and narrow accesses are
+what keep them from bandwidth. A count, not a time: ``benchmarks.parts24`` times the kernels on a GPU.
 """
 
 from __future__ import annotations
@@ -64,6 +64,9 @@ VARIANTS = (
     Variant("compress24, CUTLASS", "compress24", "compress24_kernel",
             {"a_ptr": "bf16", "values_ptr": "bf16", "meta_ptr": "i16"}, {"CUSPARSELT": False, "WIDE": False},
             ("stride_ac",), ("BLOCK_R", "BLOCK_C")),
+    Variant("gather_t (dY[:, P]ᵀ)", "gather_t", "gather_t_kernel",
+            {"a_ptr": "bf16", "row_of_ptr": "i64", "out_ptr": "bf16"}, {"WIDE": False}, ("stride_ao",),
+            ("BLOCK_T", "BLOCK_O")),
 )  # fmt: skip
 
 
@@ -79,6 +82,7 @@ class Counts:
     barriers: int
     shared_stores: int
     load_bits: int
+    store_bits: int
 
     @property
     def shuffles_per_entry(self) -> float:
@@ -90,11 +94,11 @@ def _count(ptx: str, pattern: str) -> int:
     return len(re.findall(pattern, ptx))
 
 
-def _load_bits(ptx: str) -> int:
-    """The widest global load of the kernel, in bits (``ld.global.v4.b32``: 128)."""
+def _widest(ptx: str, op: str) -> int:
+    """The widest global load (``op="ld"``) or store (``"st"``) of the kernel, in bits (``.v4.b32``: 128)."""
     widths = []
-    for op in re.findall(r"ld\.global\S*", ptx):
-        vector, bits = re.search(r"\.v(\d)\.", op), re.search(r"\.[bfsu](\d+)$", op)
+    for instruction in re.findall(rf"{op}\.global\S*", ptx):
+        vector, bits = re.search(r"\.v(\d)\.", instruction), re.search(r"\.[bfsu](\d+)$", instruction)
         widths.append((int(vector.group(1)) if vector else 1) * (int(bits.group(1)) if bits else 0))
     return max(widths, default=0)
 
@@ -129,20 +133,22 @@ def compile_counts(variant: Variant, arch: int) -> Iterator[Counts]:
             _count(ptx, r"shfl\.sync"),
             _count(ptx, r"bar\.sync"),
             _count(ptx, r"st\.shared"),
-            _load_bits(ptx),
+            _widest(ptx, "ld"),
+            _widest(ptx, "st"),
         )
 
 
 def table(rows: list[Counts]) -> str:
     """Markdown table of ``rows``."""
     lines = [
-        "| kernel | config | tile entries | shuffles | per entry | barriers | shared stores | widest load (bits) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| kernel | config | tile entries | shuffles | per entry | barriers | shared stores | widest load (bits) "
+        "| widest store (bits) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.variant} | {r.config} | {r.entries} | {r.shuffles} | {r.shuffles_per_entry:.1f} | {r.barriers} "
-            f"| {r.shared_stores} | {r.load_bits} |"
+            f"| {r.shared_stores} | {r.load_bits} | {r.store_bits} |"
         )
     return "\n".join(lines)
 

@@ -215,8 +215,27 @@ def test_mvue_kernel_compiles_to_no_data_exchange_between_threads():
     )  # fmt: skip
     rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| mvue24 |")]
     assert rows, done.stdout
-    for _, config, _entries, shuffles, _per_entry, barriers, shared, load_bits in rows:
+    for _, config, _entries, shuffles, _per_entry, barriers, shared, load_bits, _store_bits in rows:
         assert (shuffles.strip(), barriers.strip(), shared.strip(), load_bits.strip()) == ("0", "0", "0", "128"), config
+
+
+def test_compression_and_gather_kernels_compile_to_wide_accesses():
+    """The 2:4 path's two bandwidth kernels, compiled for sm90 as above: the compression loads 128
+    bits at a time and shuffles nothing; the column gather also stores 128 bits at a time (its
+    transposed tile goes out along ``T``, not one scattered entry per thread)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parent.parent
+    kernels = ["compress24, cuSPARSELt", "compress24, CUTLASS", "gather_t (dY[:, P]ᵀ)"]
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.ptx", *(arg for k in kernels for arg in ("--kernel", k))],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith(("| compress24", "| gather"))]
+    assert len(rows) == 18, done.stdout
+    for name, config, _entries, shuffles, _per_entry, _barriers, _shared, load_bits, store_bits in rows:
+        assert (shuffles.strip(), load_bits.strip()) == ("0", "128"), (name, config)
+        if name.startswith(" gather"):
+            assert store_bits.strip() == "128", config
 
 
 def test_mode_reaches_every_compiled_row_and_leaves_eager_rows_out(monkeypatch):

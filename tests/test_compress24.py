@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tile24 import codes, tile_kernel_meta
 from torch.sparse._semi_structured_conversions import (
     sparse_semi_structured_from_dense_cutlass,
     sparse_semi_structured_to_dense_cutlass,
@@ -14,6 +13,7 @@ from torch.sparse._semi_structured_conversions import (
 
 from nmcompile.kernels import sparse24
 from nmcompile.kernels.compress24 import compress24, compressed_numel
+from tests._tile24 import codes, tile_kernel_meta
 
 DTYPES = (torch.float16, torch.bfloat16)
 

@@ -25,6 +25,7 @@ from nmcompile import reference
 from nmcompile.kernels import operand24, sparse24
 from nmcompile.kernels import ops as kernel_ops
 from nmcompile.kernels.common import interpreting
+from nmcompile.kernels.gather_t import gather_t
 from nmcompile.kernels.mvue import mvue_prune
 from nmcompile.kernels.operand24 import backward_operand, forward_operand, input_grad_operand
 from nmcompile.kernels.srste import srste_add
@@ -189,6 +190,29 @@ def test_weight_grad_operand_is_transposed_mvue(rule):
     expected = torch.ops.nmsparse.mvue_prune(dy.cpu(), torch.tensor(step), key, rule)
     assert torch.equal(got.cpu() != 0, expected.t() != 0)
     assert sparse24.is_24(got.cpu())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("T", "O"), [(37, 20), (16, 16), (130, 72)])
+@pytest.mark.parametrize("strided", [False, True])
+def test_gather_t_is_the_transposed_column_gather(dtype, T, O, strided):
+    """``gather_t(dY, P)`` is ``dY[:, P]ᵀ`` exactly, contiguous ``[O, T]``, for ragged tiles and a
+    ``dY`` read through strides (every other column of a wider tensor)."""
+    dy = _randn(T, 2 * O if strided else O, dtype=dtype, seed=T)[:, ::2] if strided else _randn(T, O, dtype=dtype)
+    perm = _perm(O)
+    out = gather_t(dy, perm)
+    assert out.shape == (O, T) and out.is_contiguous()
+    assert torch.equal(out, dy[:, perm].t())
+
+
+def test_gather_t_checks():
+    dy = _randn(8, 12)
+    with pytest.raises(ValueError, match=r"perm must be int64 \[12\]"):
+        gather_t(dy, _perm(12).int())
+    with pytest.raises(ValueError, match=r"perm must be int64 \[12\]"):
+        gather_t(dy, _perm(8))
+    with pytest.raises(ValueError, match="a must be 2-D"):
+        gather_t(dy[0], _perm(12))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -22,6 +22,7 @@ from torch.fx.traceback import annotate
 from nmcompile.ops import HOST_READ, _register_autocast, _setup_linear, linear_fake, role
 
 from . import sparse24
+from .gather_t import gather_t
 from .mvue import mvue_prune
 from .operand24 import backward_operand, forward_operand, input_grad_operand
 from .sparse_forward import sparse_linear_forward
@@ -243,8 +244,8 @@ def sparse24_input_grad(
     if perm is None and fwd_mask is None:
         return dy @ forward_operand(weight, n, m, dtype=dy.dtype)
     operand = input_grad_operand(weight, n, m, perm=perm, mask=None if perm is not None else fwd_mask, dtype=dy.dtype)
-    dy_perm = dy.index_select(1, perm) if perm is not None else dy
-    return _mm24(operand, dy_perm.t(), transpose_result=True, pattern=(n, m))
+    dy_perm_t = gather_t(dy, perm) if perm is not None else dy.t()
+    return _mm24(operand, dy_perm_t, transpose_result=True, pattern=(n, m))
 
 
 @sparse24_input_grad.register_fake
