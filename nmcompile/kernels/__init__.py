@@ -2,8 +2,9 @@
 
 One kernel per module (Triton-tutorial style: tiling docstring, autotune configs, a launcher that
 checks shapes and dtypes): ``sparse_forward``, ``input_grad``, ``weight_grad`` (the GEMMs),
-``nm_mask``, ``perm_score``, ``mvue``, ``operand24`` and ``srste`` (where no GEMM absorbs the work); ``sparse24``
-wraps PyTorch's 2:4 compressed GEMM. ``ops`` registers the custom ops the lowering pass puts into
+``nm_mask``, ``perm_score``, ``mvue``, ``operand24`` and ``srste`` (where no GEMM absorbs the work),
+``compress24`` and ``gather_t`` (the 2:4 path's compression and ``dY[:, P]ᵀ``); ``sparse24`` wraps
+PyTorch's 2:4 compressed GEMM. ``ops`` registers the custom ops the lowering pass puts into
 compiled graphs; ``measure`` times them for ``auto``. Under ``TRITON_INTERPRET=1`` (set before this
 package is imported) every kernel runs on the CPU, for tests. ``cpu_mask`` (C, no Triton) is the
 exception: the portable CPU path imports it, so this package imports without Triton, and then
