@@ -23,6 +23,22 @@ def exact_24(rows: int, cols: int, dtype: torch.dtype, seed: int = 0, device: st
     return sparse24.random_24(rows, cols, dtype, device, seed)
 
 
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float32])
+def test_random_24_has_two_nonzeros_per_group_of_both_signs(dtype):
+    """The layout check's probe: exactly two nonzeros in every aligned group of four, magnitudes in
+    [0.5, 1.5], about as many negative as positive, all six placements, reproducible by seed."""
+    a = sparse24.random_24(256, 512, dtype, "cpu", seed=4)
+    assert a.dtype == dtype and a.shape == (256, 512)
+    kept = (a != 0).view(256, 128, 4)
+    assert bool((kept.sum(-1) == 2).all())
+    magnitudes = a[a != 0].abs().float()
+    assert 0.5 <= magnitudes.min() and magnitudes.max() <= 1.5
+    assert 0.45 < (a[a != 0] < 0).float().mean() < 0.55
+    assert len(torch.unique(kept.view(-1, 4), dim=0)) == 6
+    assert torch.equal(a, sparse24.random_24(256, 512, dtype, "cpu", seed=4))
+    assert not torch.equal(a, sparse24.random_24(256, 512, dtype, "cpu", seed=5))
+
+
 def any_zeros(rows: int, cols: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
     """Each entry zero with probability 1/2: groups with 0 to 4 nonzeros, which the encoding also covers."""
     generator = torch.Generator().manual_seed(seed)

@@ -124,15 +124,19 @@ def triton_compression_numel(rows: int, cols: int, dtype: torch.dtype, device: t
     return _CHECKED[key]
 
 
+_PAIRS = ((1, 1, 0, 0), (1, 0, 1, 0), (1, 0, 0, 1), (0, 1, 1, 0), (0, 1, 0, 1), (0, 0, 1, 1))  # 2 of 4
+
+
 def random_24(rows: int, cols: int, dtype: torch.dtype, device: torch.device | str, seed: int = 0) -> torch.Tensor:
     """Exactly two nonzeros, of magnitude 0.5 to 1.5, at random places in every aligned group of four
-    along the rows: the layout check's probe (``cols`` a multiple of 4)."""
+    along the rows: the layout check's probe (``cols`` a multiple of 4). About 6 bytes of scratch
+    per entry, so the probe of an FFN weight stays well under a GiB."""
     generator = torch.Generator(device).manual_seed(seed)
-    values = torch.rand(rows, cols, generator=generator, device=device) + 0.5
-    signs = torch.randint(0, 2, (rows, cols), generator=generator, device=device) * 2 - 1
-    kept = torch.rand(rows, cols // 4, 4, generator=generator, device=device).argsort(-1)[..., :2]
-    mask = torch.zeros(rows, cols // 4, 4, dtype=torch.bool, device=device).scatter_(-1, kept, True)
-    return torch.where(mask.view(rows, cols), values * signs, 0).to(dtype)
+    pair = torch.randint(0, len(_PAIRS), (rows, cols // 4), generator=generator, device=device, dtype=torch.uint8)
+    mask = torch.tensor(_PAIRS, dtype=torch.bool, device=device)[pair.int()].view(rows, cols)
+    values = torch.rand(rows, cols, generator=generator, device=device, dtype=dtype).add_(0.5)
+    negative = torch.rand(rows, cols, generator=generator, device=device, dtype=dtype) < 0.5
+    return torch.where(negative, -values, values).masked_fill_(~mask, 0)
 
 
 def _layout_check(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> int | None:
