@@ -88,6 +88,23 @@ def test_cusparselt_layout_is_pytorchs_tile_kernel_layout(dtype, shape):
     assert not buffer[need:].view(torch.int16).any()
 
 
+def test_wide_offsets_give_the_same_buffers(monkeypatch):
+    """With ``INDEX_LIMIT`` at 0 the kernel computes every offset in int64 (``WIDE``, for operands past
+    2³¹ entries): both layouts bit for bit as with int32 offsets, a strided operand included."""
+    from nmcompile.kernels import common
+
+    a = exact_24(128, 256, torch.bfloat16, seed=6)
+    strided = exact_24(128, 512, torch.bfloat16, seed=7)[:, ::2]
+
+    def run() -> list[torch.Tensor]:
+        return [*compress24(a, "cutlass"), compress24(a, "cusparselt")[0], *compress24(strided, "cutlass")]
+
+    narrow = run()
+    monkeypatch.setattr(common, "INDEX_LIMIT", 0)
+    for got, expected in zip(run(), narrow, strict=True):
+        assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
+
+
 def test_launcher_checks_its_operand():
     """Clear errors for what the kernel cannot compress."""
     a = exact_24(128, 128, torch.float16)

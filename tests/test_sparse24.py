@@ -205,6 +205,17 @@ def test_gather_t_is_the_transposed_column_gather(dtype, T, O, strided):
     assert torch.equal(out, dy[:, perm].t())
 
 
+def test_gather_t_wide_offsets_give_the_same_result(monkeypatch):
+    """``WIDE`` (int64 offsets, forced by ``INDEX_LIMIT`` at 0) gathers bit for bit as int32 offsets."""
+    from nmcompile.kernels import common
+
+    dy, perm = _randn(40, 24, dtype=torch.bfloat16, seed=8), _perm(24)
+    narrow = gather_t(dy, perm)
+    monkeypatch.setattr(common, "INDEX_LIMIT", 0)
+    assert common.wide_index(dy)
+    assert torch.equal(gather_t(dy, perm), narrow)
+
+
 def test_gather_t_checks():
     dy = _randn(8, 12)
     with pytest.raises(ValueError, match=r"perm must be int64 \[12\]"):
