@@ -181,6 +181,8 @@ def tile_layout_library(monkeypatch):
     monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: True)
     monkeypatch.setattr(torch, "_cslt_compress", compress)
     monkeypatch.setattr(torch, "_cslt_sparse_mm", _tile_layout_mm)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", lambda *args, **kwargs: 0)  # one algorithm
+    monkeypatch.setattr(sparse24, "_FASTEST", {})
     return calls
 
 
@@ -208,11 +210,8 @@ def test_layout_check_declines_another_layout_with_a_warning(emulated_24_library
         assert sparse24._layout_check(128, 256, torch.bfloat16, torch.device("cpu")) is None
 
 
-def test_compress_writes_the_checked_layout_once_per_shape(tile_layout_library, monkeypatch):
-    """``sparse24.compress`` on a shape that passed the check: ``compress24``'s buffer, of the library's
-    size; the check runs once per shape; the product is the dense one. Off CUDA nothing is checked."""
-    assert sparse24.triton_compression_numel(128, 256, torch.float16, torch.device("cpu")) is None
-    assert tile_layout_library == []
+def _check_on_any_device(monkeypatch) -> None:
+    """``sparse24.triton_compression_numel`` without its CUDA condition: CPU tensors take the check too."""
 
     def on_any_device(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> int | None:
         if (rows, cols, dtype) not in sparse24._CHECKED:
@@ -220,6 +219,14 @@ def test_compress_writes_the_checked_layout_once_per_shape(tile_layout_library, 
         return sparse24._CHECKED[rows, cols, dtype]
 
     monkeypatch.setattr(sparse24, "triton_compression_numel", on_any_device)
+
+
+def test_compress_writes_the_checked_layout_once_per_shape(tile_layout_library, monkeypatch):
+    """``sparse24.compress`` on a shape that passed the check: ``compress24``'s buffer, of the library's
+    size; the check runs once per shape; the product is the dense one. Off CUDA nothing is checked."""
+    assert sparse24.triton_compression_numel(128, 256, torch.float16, torch.device("cpu")) is None
+    assert tile_layout_library == []
+    _check_on_any_device(monkeypatch)
     a, b = exact_24(128, 256, torch.float16, seed=3), torch.randn(256, 24).half()
     for _ in range(2):
         packed = sparse24.compress(a)
@@ -227,6 +234,33 @@ def test_compress_writes_the_checked_layout_once_per_shape(tile_layout_library, 
         assert torch.equal(packed.packed, compress24(a, "cusparselt", numel=compressed_numel(128, 256) + SPARE)[0])
         assert torch.equal(sparse24.compressed_mm(packed, b), (a.float() @ b.float()).half())
     assert tile_layout_library == [(128, 256)]  # the check's probe; the operands never went to the library
+
+
+def test_sparse24_ops_compressed_by_the_kernel_give_the_librarys_results(tile_layout_library, monkeypatch):
+    """The three 2:4 ops (Bi-Mask, MVUE 2:4) at shapes of multiples of 128: with every operand
+    compressed by ``compress24`` (the check passed) the forward, input and weight gradients are bit
+    for bit those of the same ops with the library compressing, and the library compressed only the
+    check's probes."""
+    from nmcompile.kernels import ops as kernel_ops
+
+    generator = torch.Generator().manual_seed(11)
+    x, w, dy = (torch.randn(*shape, generator=generator).half() for shape in ((128, 256), (128, 256), (128, 128)))
+    perm, step = torch.randperm(128, generator=generator), torch.tensor(3)
+
+    def run() -> list[torch.Tensor]:
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = kernel_ops.sparse24_linear(xr, wr, None, None, perm, 2, 4, 0.01, "fc", None, None, step, "mvue24", 9)
+        y.backward(dy)
+        return [y.detach(), xr.grad, wr.grad]
+
+    by_library = run()
+    assert len(tile_layout_library) == 3  # forward, input-gradient and weight-gradient operands
+    tile_layout_library.clear()
+    _check_on_any_device(monkeypatch)
+    by_kernel = run()
+    assert sorted(tile_layout_library) == [(128, 128), (128, 256), (256, 128)]  # one probe per shape
+    for got, expected, what in zip(by_kernel, by_library, ("y", "dx", "dw"), strict=True):
+        assert torch.equal(got, expected), what
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
