@@ -114,7 +114,7 @@ def test_launcher_checks_its_operand():
         compress24(a[0], "cutlass")
     with pytest.raises(ValueError, match="layout must be one of"):
         compress24(a, "csr")
-    with pytest.raises(ValueError, match=r"multiples of \(128, 128\)"):
+    with pytest.raises(ValueError, match=r"cusparselt compression needs \[R, C\] multiples of \(128, 128\)"):
         compress24(a[:96], "cusparselt")
     with pytest.raises(ValueError, match=r"multiples of \(32, 64\)"):
         compress24(a[:, :96], "cutlass")

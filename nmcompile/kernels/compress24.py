@@ -55,39 +55,31 @@ def _quads(x, BLOCK_R: tl.constexpr, GROUPS: tl.constexpr):
     return e0, e1, e2, e3
 
 
-@triton.autotune(configs=CONFIGS, key=["R", "C", "CUSPARSELT"])
 @triton.jit
-def compress24_kernel(
-    a_ptr, values_ptr, meta_ptr, R, C, stride_ar, stride_ac,
-    CUSPARSELT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
+def store_groups(
+    values_ptr, meta_ptr, e0, e1, e2, e3, rows, group0, R, C,
+    CUSPARSELT: tl.constexpr, GROUPS: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
-    """``values[r, 2g:2g+2]`` = the kept pair of group ``g`` of row ``r``; ``meta`` = their codes,
-    four groups to a 16-bit word, placed as the layout says; ``WIDE``: int64 offsets."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    if WIDE:
-        rows, cols = rows.to(tl.int64), cols.to(tl.int64)
-    inside = (rows[:, None] < R) & (cols[None, :] < C)
-    x = tl.load(a_ptr + rows[:, None] * stride_ar + cols[None, :] * stride_ac, mask=inside, other=0.0)
-    e0, e1, e2, e3 = _quads(x, BLOCK_R, BLOCK_C // 4)
+    """Compress the groups ``group0 .. group0 + GROUPS`` of the rows ``rows`` of a 2:4 operand
+    ``[R, C]``, given as their four entries ``e0..e3`` (``[len(rows), GROUPS]`` tiles): the kept pair
+    of each group into ``values[r, 2g:2g+2]``, their codes, four groups to a 16-bit word, into
+    ``meta`` where the layout puts them. ``group0`` is a multiple of 4 (whole words)."""
     m0, m1, m3 = e0 != 0, e1 != 0, e3 != 0
     # sparse_semi_structured_from_dense_cutlass's encoding, minimised for the <2 and >2 cases
     both, second_only, neither = m0 & m1, ~m0 & m1, ~m0 & ~m1
     idx0 = second_only.to(tl.int32) | (neither.to(tl.int32) << 1)
     idx1 = (both | neither | m3).to(tl.int32) | ((second_only | ~m1).to(tl.int32) << 1)
 
-    half = tl.program_id(1) * (BLOCK_C // 2) + tl.arange(0, BLOCK_C // 2)
+    half = 2 * group0 + tl.arange(0, 2 * GROUPS)
     if WIDE:
         half = half.to(tl.int64)
-    kept = tl.reshape(tl.join(_pick(idx0, e0, e1, e2, e3), _pick(idx1, e0, e1, e2, e3)), [BLOCK_R, BLOCK_C // 2])
-    tl.store(
-        values_ptr + rows[:, None] * (C // 2) + half[None, :], kept, mask=(rows[:, None] < R) & (half[None, :] < C // 2)
-    )
-
-    c0, c1, c2, c3 = _quads(idx0 | (idx1 << 2), BLOCK_R, BLOCK_C // 16)
-    word = (c0 | (c1 << 4) | (c2 << 8) | (c3 << 12)).to(tl.int16)
+    kept = tl.reshape(tl.join(_pick(idx0, e0, e1, e2, e3), _pick(idx1, e0, e1, e2, e3)), [e0.shape[0], 2 * GROUPS])
     r = rows[:, None]
-    j = tl.program_id(1) * (BLOCK_C // 16) + tl.arange(0, BLOCK_C // 16)[None, :]
+    tl.store(values_ptr + r * (C // 2) + half[None, :], kept, mask=(r < R) & (half[None, :] < C // 2))
+
+    c0, c1, c2, c3 = _quads(idx0 | (idx1 << 2), e0.shape[0], GROUPS // 4)
+    word = (c0 | (c1 << 4) | (c2 << 8) | (c3 << 12)).to(tl.int16)
+    j = group0 // 4 + tl.arange(0, GROUPS // 4)[None, :]
     if WIDE:
         j = j.to(tl.int64)
     # inside 32 rows: row r goes to 4·(r % 8) + (r % 32) // 8; then 2x2 swaps between row and column pairs
@@ -103,9 +95,52 @@ def compress24_kernel(
     tl.store(meta_ptr + offset + in_tile, word, mask=(r < R) & (j < C // 16))
 
 
+@triton.autotune(configs=CONFIGS, key=["R", "C", "CUSPARSELT"])
+@triton.jit
+def compress24_kernel(
+    a_ptr, values_ptr, meta_ptr, R, C, stride_ar, stride_ac,
+    CUSPARSELT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
+):  # fmt: skip
+    """``a``'s tile of ``BLOCK_R`` rows and ``BLOCK_C`` columns compressed (``store_groups``);
+    ``WIDE``: int64 offsets."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if WIDE:
+        rows, cols = rows.to(tl.int64), cols.to(tl.int64)
+    inside = (rows[:, None] < R) & (cols[None, :] < C)
+    x = tl.load(a_ptr + rows[:, None] * stride_ar + cols[None, :] * stride_ac, mask=inside, other=0.0)
+    e0, e1, e2, e3 = _quads(x, BLOCK_R, BLOCK_C // 4)
+    store_groups(values_ptr, meta_ptr, e0, e1, e2, e3, rows, tl.program_id(1) * (BLOCK_C // 4), R, C,
+                 CUSPARSELT, BLOCK_C // 4, WIDE)  # fmt: skip
+
+
 def compressed_numel(rows: int, cols: int) -> int:
     """Elements of ``A``'s dtype that its values and metadata take (a cuSPARSELt buffer's least size)."""
     return rows * cols // 2 + rows * cols // 16
+
+
+def outputs(
+    rows: int, cols: int, like: torch.Tensor, layout: str, numel: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
+    """The values and metadata tensors a ``[rows, cols]`` compression in ``layout`` writes (of
+    ``like``'s dtype and device), and what it returns: CUTLASS's ``(values, meta)``, or cuSPARSELt's
+    one buffer of ``numel`` elements (zeros past the metadata) and ``None``. Checks the shape."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    multiple = (BLOCK, BLOCK) if layout == "cusparselt" else (32, 64)
+    if rows % multiple[0] or cols % multiple[1]:
+        raise ValueError(f"a {layout} compression needs [R, C] multiples of {multiple}, got {(rows, cols)}")
+    if layout == "cutlass":
+        values, meta = like.new_empty(rows, cols // 2), like.new_empty(rows, cols // 16, dtype=torch.int16)
+        return values, meta, (values, meta)
+    need = compressed_numel(rows, cols)
+    numel = need if numel is None else numel
+    if numel < need:
+        raise ValueError(f"numel={numel} cannot hold {need} elements of values and metadata")
+    buffer = like.new_empty(numel)
+    buffer[need:].zero_()
+    values, meta = buffer[: rows * cols // 2].view(rows, cols // 2), buffer[rows * cols // 2 : need].view(torch.int16)
+    return values, meta, (buffer, None)
 
 
 def compress24(a: torch.Tensor, layout: str, *, numel: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -114,22 +149,8 @@ def compress24(a: torch.Tensor, layout: str, *, numel: int | None = None) -> tup
     cuSPARSELt's one buffer and ``None`` (``R``, ``C`` multiples of 128), of ``numel`` elements
     (at least ``compressed_numel``; zeros past the metadata)."""
     check_tensor("a", a, 2, (torch.float16, torch.bfloat16))
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     R, C = a.shape
-    multiple = (BLOCK, BLOCK) if layout == "cusparselt" else (32, 64)
-    if R % multiple[0] or C % multiple[1]:
-        raise ValueError(f"compress24({layout}) needs [R, C] multiples of {multiple}, got {(R, C)}")
-    need = compressed_numel(R, C)
-    if layout == "cusparselt":
-        numel = need if numel is None else numel
-        if numel < need:
-            raise ValueError(f"numel={numel} cannot hold {need} elements of values and metadata")
-        buffer = a.new_empty(numel)
-        buffer[need:].zero_()
-        values, meta = buffer[: R * C // 2].view(R, C // 2), buffer[R * C // 2 : need].view(torch.int16)
-    else:
-        values, meta = a.new_empty(R, C // 2), a.new_empty(R, C // 16, dtype=torch.int16)
+    values, meta, result = outputs(R, C, a, layout, numel)
 
     def grid(meta_: dict) -> tuple[int, int]:
         return triton.cdiv(R, meta_["BLOCK_R"]), triton.cdiv(C, meta_["BLOCK_C"])
@@ -137,4 +158,4 @@ def compress24(a: torch.Tensor, layout: str, *, numel: int | None = None) -> tup
     compress24_kernel[grid](
         a, values, meta, R, C, *a.stride(), CUSPARSELT=layout == "cusparselt", WIDE=wide_index(a, values)
     )
-    return (buffer, None) if layout == "cusparselt" else (values, meta)
+    return result
