@@ -40,14 +40,17 @@ class Variant:
     entries_per_tile: int = 1
 
 
-MVUE_POINTERS = {"g_ptr": "bf16", "out_ptr": "bf16"}
+MVUE_POINTERS = {"g_ptr": "bf16", "out_ptr": "bf16", "meta_ptr": "bf16"}  # meta_ptr: out_ptr again, unused
 OPERAND_POINTERS = {"w_ptr": "bf16", "perm_ptr": "i64", "f_ptr": "bf16", "alpha_ptr": "fp32", "out_ptr": "bf16"}
 OPERAND_FLAGS = {"M": 4, "LOAD_MASK": False, "HAS_ALPHA": False}
 VARIANTS = (
-    Variant("mvue24", "mvue", "mvue_kernel", MVUE_POINTERS, {"RULE": 2, "MM": 4, "TRANSPOSE": False, "WIDE": False},
-            ("stride_go", "stride_oo"), ("BLOCK_G", "BLOCK_O"), 4),
+    Variant("mvue24", "mvue", "mvue_kernel", MVUE_POINTERS, {"RULE": 2, "MM": 4, "TRANSPOSE": False, "COMPRESS": 0,
+            "WIDE": False}, ("stride_go", "stride_oo"), ("BLOCK_G", "BLOCK_O"), 4),
     Variant("mvue24, transposed", "mvue", "mvue_kernel", MVUE_POINTERS, {"RULE": 2, "MM": 4, "TRANSPOSE": True,
-            "WIDE": False}, ("stride_go", "stride_ot"), ("BLOCK_G", "BLOCK_O"), 4),
+            "COMPRESS": 0, "WIDE": False}, ("stride_go", "stride_ot"), ("BLOCK_G", "BLOCK_O"), 4),
+    Variant("mvue24, compressed (cuSPARSELt)", "mvue", "mvue_kernel", {**MVUE_POINTERS, "meta_ptr": "i16"},
+            {"RULE": 2, "MM": 4, "TRANSPOSE": True, "COMPRESS": 2, "WIDE": False}, ("stride_go", "stride_ot"),
+            ("BLOCK_G", "BLOCK_O"), 4),
     Variant("fused weight grad, mvue24", "weight_grad", "weight_grad_kernel",
             {"dy_ptr": "bf16", "x_ptr": "bf16", "w_ptr": "bf16", "f_ptr": "bf16", "dw_ptr": "bf16"},
             {"M": 4, "RULE": 2, "MM": 4, "SRSTE": True, "LOAD_MASK": False, "DOT": tl.bfloat16, "PRECISION": "ieee",

@@ -89,20 +89,80 @@ def test_cusparselt_layout_is_pytorchs_tile_kernel_layout(dtype, shape):
 
 
 def test_wide_offsets_give_the_same_buffers(monkeypatch):
-    """With ``INDEX_LIMIT`` at 0 the kernel computes every offset in int64 (``WIDE``, for operands past
-    2³¹ entries): both layouts bit for bit as with int32 offsets, a strided operand included."""
+    """With ``INDEX_LIMIT`` at 0 the kernels compute every offset in int64 (``WIDE``, for operands past
+    2³¹ entries): both layouts bit for bit as with int32 offsets, a strided operand and the MVUE
+    kernel's compressed output included."""
     from nmcompile.kernels import common
+    from nmcompile.kernels.mvue import mvue_prune_compressed
 
     a = exact_24(128, 256, torch.bfloat16, seed=6)
     strided = exact_24(128, 512, torch.bfloat16, seed=7)[:, ::2]
 
     def run() -> list[torch.Tensor]:
-        return [*compress24(a, "cutlass"), compress24(a, "cusparselt")[0], *compress24(strided, "cutlass")]
+        return [
+            *compress24(a, "cutlass"),
+            compress24(a, "cusparselt")[0],
+            *compress24(strided, "cutlass"),
+            mvue_prune_compressed(a.t(), 2, 3, "mvue24", "cusparselt")[0],
+        ]
 
     narrow = run()
     monkeypatch.setattr(common, "INDEX_LIMIT", 0)
     for got, expected in zip(run(), narrow, strict=True):
         assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rule", ["mvue24", "mvue24_approx"])
+@pytest.mark.parametrize(("layout", "T", "O"), [("cusparselt", 256, 128), ("cutlass", 64, 96), ("cutlass", 128, 32)])
+def test_mvue_written_compressed_is_the_compressed_mvue(dtype, rule, layout, T, O):
+    """``mvue_prune_compressed``: the MVUE kernel's compressed ``prune(dY)ᵀ`` is ``compress24`` of its
+    dense ``prune(dY)ᵀ`` bit for bit (same stream), for a row-major and a column-major ``dY``."""
+    from nmcompile.kernels.mvue import mvue_prune, mvue_prune_compressed
+
+    generator = torch.Generator().manual_seed(T + O)
+    for dy in (torch.randn(T, O, generator=generator).to(dtype), torch.randn(O, T, generator=generator).to(dtype).t()):
+        expected = compress24(mvue_prune(dy, 5, 13, rule, transpose=True), layout, numel=compressed_numel(O, T) + 4)
+        got = mvue_prune_compressed(dy, 5, 13, rule, layout, numel=compressed_numel(O, T) + 4)
+        for a, b in zip(got, expected, strict=True):
+            assert (a is None and b is None) or torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+def test_mvue_written_compressed_checks():
+    from nmcompile.kernels.mvue import mvue_prune_compressed
+
+    dy = torch.randn(64, 32).half()
+    with pytest.raises(ValueError, match="blocks of 4 tokens"):
+        mvue_prune_compressed(dy, 0, 0, "mvue12", "cutlass")
+    with pytest.raises(ValueError, match="must be one of"):
+        mvue_prune_compressed(dy.float(), 0, 0, "mvue24", "cutlass")
+    with pytest.raises(ValueError, match=r"multiples of \(128, 128\)"):
+        mvue_prune_compressed(dy, 0, 0, "mvue24", "cusparselt")
+    with pytest.raises(ValueError, match="rule must be one of"):
+        mvue_prune_compressed(dy, 0, 0, "topk", "cutlass")
+
+
+@pytest.mark.parametrize("emulated_24_library", ["cutlass"], indirect=True)
+def test_weight_grad_gemm_takes_the_mvue_kernels_compressed_operand(emulated_24_library, monkeypatch):
+    """The 2:4 weight gradient ``prune(dY)ᵀ X`` with shapes the layout takes unpadded: the MVUE kernel
+    writes the operand compressed (no dense ``prune(dY)ᵀ``, no separate compression) and the product
+    is the one the dense operand, compressed, gives; other shapes take that dense way."""
+    from nmcompile.kernels import ops as kernel_ops
+    from nmcompile.kernels.mvue import mvue_prune
+
+    calls = []
+    compressed = kernel_ops.mvue_prune_compressed
+    monkeypatch.setattr(
+        kernel_ops, "mvue_prune_compressed", lambda *a, **k: calls.append(a[0].shape) or compressed(*a, **k)
+    )
+    generator = torch.Generator().manual_seed(2)
+    for T, O, fused in ((64, 32, True), (48, 32, False)):
+        dy, x = torch.randn(T, O, generator=generator).half(), torch.randn(T, 24, generator=generator).half()
+        got = kernel_ops._pruned_dy_t_mm(dy, x, 3, 7, "mvue24")
+        expected = sparse24.semi_structured_mm(mvue_prune(dy, 3, 7, "mvue24", transpose=True), x)
+        assert torch.equal(got, expected)
+        assert calls == ([(T, O)] if fused else []), (T, O)
+        calls.clear()
 
 
 def test_launcher_checks_its_operand():
@@ -238,9 +298,9 @@ def test_compress_writes_the_checked_layout_once_per_shape(tile_layout_library, 
 
 def test_sparse24_ops_compressed_by_the_kernel_give_the_librarys_results(tile_layout_library, monkeypatch):
     """The three 2:4 ops (Bi-Mask, MVUE 2:4) at shapes of multiples of 128: with every operand
-    compressed by ``compress24`` (the check passed) the forward, input and weight gradients are bit
-    for bit those of the same ops with the library compressing, and the library compressed only the
-    check's probes."""
+    compressed by ``compress24`` or written compressed by the MVUE kernel (the check passed) the
+    forward, input and weight gradients are bit for bit those of the same ops with the library
+    compressing, and the library compressed only the check's probes."""
     from nmcompile.kernels import ops as kernel_ops
 
     generator = torch.Generator().manual_seed(11)
@@ -257,8 +317,14 @@ def test_sparse24_ops_compressed_by_the_kernel_give_the_librarys_results(tile_la
     assert len(tile_layout_library) == 3  # forward, input-gradient and weight-gradient operands
     tile_layout_library.clear()
     _check_on_any_device(monkeypatch)
+    written_compressed = []
+    mvue_compressed = kernel_ops.mvue_prune_compressed
+    monkeypatch.setattr(
+        kernel_ops, "mvue_prune_compressed", lambda *a, **k: written_compressed.append(1) or mvue_compressed(*a, **k)
+    )
     by_kernel = run()
     assert sorted(tile_layout_library) == [(128, 128), (128, 256), (256, 128)]  # one probe per shape
+    assert written_compressed == [1]  # the weight gradient's prune(dY)ᵀ, by the MVUE kernel
     for got, expected, what in zip(by_kernel, by_library, ("y", "dx", "dw"), strict=True):
         assert torch.equal(got, expected), what
 

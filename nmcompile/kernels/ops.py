@@ -22,8 +22,9 @@ from torch.fx.traceback import annotate
 from nmcompile.ops import HOST_READ, _register_autocast, _setup_linear, linear_fake, role
 
 from . import sparse24
+from .common import MVUE_RULES
 from .gather_t import gather_t
-from .mvue import mvue_prune
+from .mvue import mvue_prune, mvue_prune_compressed
 from .operand24 import backward_operand, forward_operand, input_grad_operand
 from .sparse_forward import sparse_linear_forward
 from .srste import srste_add
@@ -272,8 +273,23 @@ def sparse24_weight_grad(
     if grad_prune == "none":
         dw = dy.t() @ x
     else:
-        dw = _mm24(mvue_prune(dy, _step(step), prune_key, grad_prune, transpose=True), x)
+        dw = _pruned_dy_t_mm(dy, x, _step(step), prune_key, grad_prune)
     return _with_srste(dw, weight, _n(n, n_eff), m, srste_lambda, fwd_mask)
+
+
+def _pruned_dy_t_mm(dy: torch.Tensor, x: torch.Tensor, step: int, key: int, rule: str) -> torch.Tensor:
+    """``prune(dY)ᵀ X`` (``dY`` ``[T, O]``): where the GEMM runs on 2:4 tensor cores and ``O``, ``T``
+    fit the library's layout unpadded, the MVUE kernel writes ``prune(dY)ᵀ`` compressed in one
+    pass (``mvue_prune_compressed``, blocks of 4); else it writes it dense for ``_mm24``."""
+    T, O = dy.shape
+    layout = None
+    if MVUE_RULES[rule][1] == 4 and sparse24.blocker(dy.device, dy.dtype) is None:
+        layout = sparse24.triton_layout(O, T, dy.dtype, dy.device)
+    if layout is None:
+        return _mm24(mvue_prune(dy, step, key, rule, transpose=True), x)
+    compressed = mvue_prune_compressed(dy, step, key, rule, layout[0], numel=layout[1])
+    packed = sparse24.Compressed(O, T, dy.dtype, *compressed)
+    return sparse24.fastest_mm(packed, x)
 
 
 sparse24_weight_grad.register_fake(_weight_grad_fake)

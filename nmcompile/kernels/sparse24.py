@@ -96,16 +96,23 @@ def compress(a: torch.Tensor) -> Compressed:
     if why is not None:
         raise ValueError(f"semi_structured_mm: {why}")
     padded = _pad(a.contiguous(), _PAD_ROWS, _PAD_COLS)
-    if not torch.backends.cusparselt.is_available():
-        from nmcompile.kernels.compress24 import compress24
-
-        return Compressed(*a.shape, a.dtype, *compress24(padded, "cutlass"))
-    numel = triton_compression_numel(*padded.shape, padded.dtype, padded.device)
-    if numel is None:
+    layout = triton_layout(*padded.shape, padded.dtype, padded.device)
+    if layout is None:
         return Compressed(*a.shape, a.dtype, torch._cslt_compress(padded), None)
     from nmcompile.kernels.compress24 import compress24
 
-    return Compressed(*a.shape, a.dtype, compress24(padded, "cusparselt", numel=numel)[0], None)
+    return Compressed(*a.shape, a.dtype, *compress24(padded, layout[0], numel=layout[1]))
+
+
+def triton_layout(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> tuple[str, int | None] | None:
+    """The layout (and, for cuSPARSELt, the buffer size) in which the Triton kernels write a
+    ``[rows, cols]`` 2:4 operand for this machine's library, or ``None`` where they cannot and
+    ``torch._cslt_compress`` compresses it: CUTLASS's for multiples of 32 and 64 where there is no
+    cuSPARSELt; cuSPARSELt's where ``triton_compression_numel`` says so."""
+    if not torch.backends.cusparselt.is_available():
+        return None if rows % 32 or cols % 64 else ("cutlass", None)
+    numel = triton_compression_numel(rows, cols, dtype, device)
+    return None if numel is None else ("cusparselt", numel)
 
 
 _CHECKED: dict[tuple, int | None] = {}
@@ -240,6 +247,13 @@ def semi_structured_mm(
     ``[R, C]`` 2:4 along ``C`` times a dense ``b``."""
     if a.dim() == 2:
         _check(*a.shape, a.dtype, b, bias)
-    packed = compress(a)
-    alg_id = fastest_alg(packed, b, bias=bias, transpose_result=transpose_result)
-    return compressed_mm(packed, b, bias=bias, transpose_result=transpose_result, alg_id=alg_id)
+    return fastest_mm(compress(a), b, bias=bias, transpose_result=transpose_result)
+
+
+def fastest_mm(
+    a: Compressed, b: torch.Tensor, *, bias: torch.Tensor | None = None, transpose_result: bool = False
+) -> torch.Tensor:
+    """``compressed_mm`` on the fastest algorithm (``fastest_alg``), for an operand compressed by
+    ``compress`` or written compressed by a kernel."""
+    alg_id = fastest_alg(a, b, bias=bias, transpose_result=transpose_result)
+    return compressed_mm(a, b, bias=bias, transpose_result=transpose_result, alg_id=alg_id)
