@@ -104,7 +104,7 @@ def _launch(grad: torch.Tensor, out: torch.Tensor, meta: torch.Tensor, step: int
         return triton.cdiv(O, meta_["BLOCK_O"]), triton.cdiv(triton.cdiv(T, mm), meta_["BLOCK_G"])
 
     mvue_kernel[grid](
-        grad, out, meta, step_seed(key, step), T, O, *grad.stride(), *out.stride()[-2:], RULE=rule_id, MM=mm,
+        grad, out, meta, step_seed(key, step), T, O, *grad.stride(), *out.stride(), RULE=rule_id, MM=mm,
         WIDE=wide_index(grad, out), **flags,
     )  # fmt: skip
 

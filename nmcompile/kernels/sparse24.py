@@ -3,7 +3,8 @@ on PyTorch's semi-structured support: cuSPARSELt (``torch._cslt_sparse_mm``) whe
 it, else CUTLASS (``torch._sparse_semi_structured_mm``, sm8x only). fp16/bf16 on sm80+ (Ampere,
 Hopper). The Triton kernel ``compress24`` compresses ``A`` in one pass: in CUTLASS's layout, and
 in cuSPARSELt's for shapes that are multiples of 128 once a check on the GPU at hand finds it
-equal to ``torch._cslt_compress``'s (which compresses everything else).
+equal to ``torch._cslt_compress``'s (which compresses everything else). The MVUE kernel writes the
+weight gradient's operand compressed itself where ``triton_layout`` allows (``kernels.ops``).
 
 Both libraries want ``A`` and ``B`` padded to tile multiples; zero rows and columns keep ``A`` 2:4,
 so the pads change nothing and are cut from the result. ``compress`` and ``compressed_mm`` split
@@ -97,7 +98,7 @@ def compress(a: torch.Tensor) -> Compressed:
         raise ValueError(f"semi_structured_mm: {why}")
     padded = _pad(a.contiguous(), _PAD_ROWS, _PAD_COLS)
     layout = triton_layout(*padded.shape, padded.dtype, padded.device)
-    if layout is None:
+    if layout is None:  # cuSPARSELt's layout unchecked here (padded shapes always fit CUTLASS's)
         return Compressed(*a.shape, a.dtype, torch._cslt_compress(padded), None)
     from nmcompile.kernels.compress24 import compress24
 
