@@ -112,10 +112,16 @@ def test_wide_offsets_give_the_same_buffers(monkeypatch):
         assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rule", ["mvue24", "mvue24_approx"])
-@pytest.mark.parametrize(("layout", "T", "O"), [("cusparselt", 256, 128), ("cutlass", 64, 96), ("cutlass", 128, 32)])
-def test_mvue_written_compressed_is_the_compressed_mvue(dtype, rule, layout, T, O):
+@pytest.mark.parametrize(
+    ("layout", "T", "O", "dtype"),
+    [
+        ("cusparselt", 128, 128, torch.bfloat16),
+        ("cutlass", 64, 96, torch.float16),
+        ("cutlass", 128, 32, torch.bfloat16),
+    ],
+)
+def test_mvue_written_compressed_is_the_compressed_mvue(rule, layout, T, O, dtype):
     """``mvue_prune_compressed``: the MVUE kernel's compressed ``prune(dY)ᵀ`` is ``compress24`` of its
     dense ``prune(dY)ᵀ`` bit for bit (same stream), for a row-major and a column-major ``dY``."""
     from nmcompile.kernels.mvue import mvue_prune, mvue_prune_compressed
