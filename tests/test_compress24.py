@@ -134,6 +134,42 @@ def test_mvue_written_compressed_is_the_compressed_mvue(rule, layout, T, O, dtyp
             assert (a is None and b is None) or torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
+@pytest.mark.parametrize("layout", ["cutlass", "cusparselt"])
+@pytest.mark.parametrize(("O", "K"), [(128, 256), (256, 128)])
+def test_masked_operands_written_compressed_are_the_compressed_operands(layout, O, K):
+    """``forward_operand_compressed`` and ``input_grad_operand_compressed``: the masked-operand
+    kernel's compressed ``W ⊙ F`` and ``(W[P] ⊙ Bp)ᵀ`` (or ``(W ⊙ mask)ᵀ``, transposable) are
+    ``compress24`` of its dense ones bit for bit, also from a loaded mask and in a cast dtype."""
+    from nmcompile import reference
+    from nmcompile.kernels.operand24 import (
+        forward_operand,
+        forward_operand_compressed,
+        input_grad_operand,
+        input_grad_operand_compressed,
+    )
+
+    generator = torch.Generator().manual_seed(O + K)
+    w = torch.randn(O, K, generator=generator).bfloat16()
+    perm, mask = torch.randperm(O, generator=generator), reference.nm_mask(w.float(), 2, 4, 1)
+    transposable = reference.transposable_mask(w.float(), 2, 4)
+    cases = [
+        (forward_operand(w, 2, 4), forward_operand_compressed(w, 2, 4, layout)),
+        (forward_operand(w, 2, 4, mask=mask), forward_operand_compressed(w, 2, 4, layout, mask=mask)),
+        (
+            forward_operand(w.float(), 2, 4, dtype=torch.float16),
+            forward_operand_compressed(w.float(), 2, 4, layout, dtype=torch.float16),
+        ),
+        (input_grad_operand(w, 2, 4, perm=perm), input_grad_operand_compressed(w, 2, 4, layout, perm=perm)),
+        (
+            input_grad_operand(w, 2, 4, mask=transposable),
+            input_grad_operand_compressed(w, 2, 4, layout, mask=transposable),
+        ),
+    ]
+    for dense, got in cases:
+        for a, b in zip(got, compress24(dense, layout), strict=True):
+            assert (a is None and b is None) or torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
 def test_mvue_written_compressed_checks():
     from nmcompile.kernels.mvue import mvue_prune_compressed
 
@@ -164,7 +200,8 @@ def test_weight_grad_gemm_takes_the_mvue_kernels_compressed_operand(emulated_24_
     generator = torch.Generator().manual_seed(2)
     for T, O, fused in ((64, 32, True), (48, 32, False)):
         dy, x = torch.randn(T, O, generator=generator).half(), torch.randn(T, 24, generator=generator).half()
-        got = kernel_ops._pruned_dy_t_mm(dy, x, 3, 7, "mvue24")
+        weight = torch.zeros(O, 24).half()  # only its dtype counts with srste_lambda=0
+        got = kernel_ops.sparse24_weight_grad(dy, x, weight, None, 2, 4, 0.0, "mvue24", 7, None, torch.tensor(3))
         expected = sparse24.semi_structured_mm(mvue_prune(dy, 3, 7, "mvue24", transpose=True), x)
         assert torch.equal(got, expected)
         assert calls == ([(T, O)] if fused else []), (T, O)
@@ -304,9 +341,9 @@ def test_compress_writes_the_checked_layout_once_per_shape(tile_layout_library, 
 
 def test_sparse24_ops_compressed_by_the_kernel_give_the_librarys_results(tile_layout_library, monkeypatch):
     """The three 2:4 ops (Bi-Mask, MVUE 2:4) at shapes of multiples of 128: with every operand
-    compressed by ``compress24`` or written compressed by the MVUE kernel (the check passed) the
-    forward, input and weight gradients are bit for bit those of the same ops with the library
-    compressing, and the library compressed only the check's probes."""
+    written compressed by its kernel (the check passed) the forward, input and weight gradients are
+    bit for bit those of the same ops with the library compressing, and the library compressed only
+    the check's probes."""
     from nmcompile.kernels import ops as kernel_ops
 
     generator = torch.Generator().manual_seed(11)
@@ -324,13 +361,18 @@ def test_sparse24_ops_compressed_by_the_kernel_give_the_librarys_results(tile_la
     tile_layout_library.clear()
     _check_on_any_device(monkeypatch)
     written_compressed = []
-    mvue_compressed = kernel_ops.mvue_prune_compressed
-    monkeypatch.setattr(
-        kernel_ops, "mvue_prune_compressed", lambda *a, **k: written_compressed.append(1) or mvue_compressed(*a, **k)
-    )
+    for name in ("forward_operand_compressed", "input_grad_operand_compressed", "mvue_prune_compressed"):
+        writer = getattr(kernel_ops, name)
+        monkeypatch.setattr(
+            kernel_ops, name, lambda *a, _n=name, _w=writer, **k: written_compressed.append(_n) or _w(*a, **k)
+        )
     by_kernel = run()
     assert sorted(tile_layout_library) == [(128, 128), (128, 256), (256, 128)]  # one probe per shape
-    assert written_compressed == [1]  # the weight gradient's prune(dY)ᵀ, by the MVUE kernel
+    assert written_compressed == [
+        "forward_operand_compressed",
+        "input_grad_operand_compressed",
+        "mvue_prune_compressed",
+    ]
     for got, expected, what in zip(by_kernel, by_library, ("y", "dx", "dw"), strict=True):
         assert torch.equal(got, expected), what
 

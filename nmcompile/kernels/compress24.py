@@ -47,7 +47,7 @@ def _pick(i, e0, e1, e2, e3):
 
 
 @triton.jit
-def _quads(x, BLOCK_R: tl.constexpr, GROUPS: tl.constexpr):
+def quads(x, BLOCK_R: tl.constexpr, GROUPS: tl.constexpr):
     """The four entries of each aligned group of four along the last dim of ``x``."""
     even, odd = tl.split(tl.reshape(x, [BLOCK_R, GROUPS, 2, 2]))
     e0, e2 = tl.split(even)
@@ -77,7 +77,7 @@ def store_groups(
     r = rows[:, None]
     tl.store(values_ptr + r * (C // 2) + half[None, :], kept, mask=(r < R) & (half[None, :] < C // 2))
 
-    c0, c1, c2, c3 = _quads(idx0 | (idx1 << 2), e0.shape[0], GROUPS // 4)
+    c0, c1, c2, c3 = quads(idx0 | (idx1 << 2), e0.shape[0], GROUPS // 4)
     word = (c0 | (c1 << 4) | (c2 << 8) | (c3 << 12)).to(tl.int16)
     j = group0 // 4 + tl.arange(0, GROUPS // 4)[None, :]
     if WIDE:
@@ -109,7 +109,7 @@ def compress24_kernel(
         rows, cols = rows.to(tl.int64), cols.to(tl.int64)
     inside = (rows[:, None] < R) & (cols[None, :] < C)
     x = tl.load(a_ptr + rows[:, None] * stride_ar + cols[None, :] * stride_ac, mask=inside, other=0.0)
-    e0, e1, e2, e3 = _quads(x, BLOCK_R, BLOCK_C // 4)
+    e0, e1, e2, e3 = quads(x, BLOCK_R, BLOCK_C // 4)
     store_groups(values_ptr, meta_ptr, e0, e1, e2, e3, rows, tl.program_id(1) * (BLOCK_C // 4), R, C,
                  CUSPARSELT, BLOCK_C // 4, WIDE)  # fmt: skip
 
@@ -120,24 +120,27 @@ def compressed_numel(rows: int, cols: int) -> int:
 
 
 def outputs(
-    rows: int, cols: int, like: torch.Tensor, layout: str, numel: int | None = None
+    rows: int, cols: int, dtype: torch.dtype, device: torch.device, layout: str, numel: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
-    """The values and metadata tensors a ``[rows, cols]`` compression in ``layout`` writes (of
-    ``like``'s dtype and device), and what it returns: CUTLASS's ``(values, meta)``, or cuSPARSELt's
-    one buffer of ``numel`` elements (zeros past the metadata) and ``None``. Checks the shape."""
+    """The values and metadata tensors a ``[rows, cols]`` compression in ``layout`` writes, and what
+    it returns: CUTLASS's ``(values, meta)``, or cuSPARSELt's one buffer of ``numel`` elements (zeros
+    past the metadata) and ``None``. Checks the layout, dtype and shape."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"2:4 compression takes fp16 or bf16, got {dtype}")
     multiple = (BLOCK, BLOCK) if layout == "cusparselt" else (32, 64)
     if rows % multiple[0] or cols % multiple[1]:
         raise ValueError(f"a {layout} compression needs [R, C] multiples of {multiple}, got {(rows, cols)}")
     if layout == "cutlass":
-        values, meta = like.new_empty(rows, cols // 2), like.new_empty(rows, cols // 16, dtype=torch.int16)
+        values = torch.empty(rows, cols // 2, dtype=dtype, device=device)
+        meta = torch.empty(rows, cols // 16, dtype=torch.int16, device=device)
         return values, meta, (values, meta)
     need = compressed_numel(rows, cols)
     numel = need if numel is None else numel
     if numel < need:
         raise ValueError(f"numel={numel} cannot hold {need} elements of values and metadata")
-    buffer = like.new_empty(numel)
+    buffer = torch.empty(numel, dtype=dtype, device=device)
     buffer[need:].zero_()
     values, meta = buffer[: rows * cols // 2].view(rows, cols // 2), buffer[rows * cols // 2 : need].view(torch.int16)
     return values, meta, (buffer, None)
@@ -150,7 +153,7 @@ def compress24(a: torch.Tensor, layout: str, *, numel: int | None = None) -> tup
     (at least ``compressed_numel``; zeros past the metadata)."""
     check_tensor("a", a, 2, (torch.float16, torch.bfloat16))
     R, C = a.shape
-    values, meta, result = outputs(R, C, a, layout, numel)
+    values, meta, result = outputs(R, C, a.dtype, a.device, layout, numel)
 
     def grid(meta_: dict) -> tuple[int, int]:
         return triton.cdiv(R, meta_["BLOCK_R"]), triton.cdiv(C, meta_["BLOCK_C"])

@@ -132,6 +132,6 @@ def mvue_prune_compressed(
     if _rule(rule)[1] != 4:
         raise ValueError(f"a compressed MVUE needs blocks of 4 tokens (mvue24, mvue24_approx), got {rule!r}")
     T, O = grad.shape
-    values, meta, result = outputs(O, T, grad, layout, numel)
+    values, meta, result = outputs(O, T, grad.dtype, grad.device, layout, numel)
     _launch(grad, values, meta, step, key, rule, TRANSPOSE=True, COMPRESS=1 if layout == "cutlass" else 2)
     return result

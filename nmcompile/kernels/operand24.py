@@ -37,6 +37,7 @@ from .common import (
     nm_keep_cols,
     nm_keep_rows,
 )
+from .compress24 import outputs, quads, store_groups
 
 CONFIGS = autotune_configs(
     [{"BLOCK_O": 32, "BLOCK_K": 64}, {"BLOCK_O": 64, "BLOCK_K": 64}], [(4, 1)], ("BLOCK_O", "BLOCK_K")
@@ -50,24 +51,29 @@ if not interpreting():  # K tiles as wide as the threads (8 entries each): each 
 
 
 def _whole_groups(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """The configs whose ``BLOCK_O`` holds whole groups of ``M`` rows (powers of two: ``M <= BLOCK_O``)."""
-    return [c for c in configs if c.kwargs["BLOCK_O"] >= kwargs["M"]]
+    """The configs whose ``BLOCK_O`` holds whole groups of ``M`` rows (powers of two: ``M <= BLOCK_O``),
+    and whole 16-row metadata words where the transposed operand is written compressed."""
+    least = max(kwargs["M"], 16 if kwargs["COMPRESS"] and kwargs["TRANSPOSED"] else 1)
+    return [c for c in configs if c.kwargs["BLOCK_O"] >= least]
 
 
 @triton.autotune(
     configs=CONFIGS,
-    key=["O", "K", "M", "PERMUTE", "LOAD_MASK", "HAS_ALPHA", "SCATTER", "stride_ok"],
+    key=["O", "K", "M", "PERMUTE", "LOAD_MASK", "HAS_ALPHA", "SCATTER", "COMPRESS", "TRANSPOSED", "stride_ok"],
     prune_configs_by={"early_config_prune": _whole_groups},
 )
 @triton.jit
 def masked_operand_kernel(
-    w_ptr, perm_ptr, f_ptr, alpha_ptr, out_ptr, n, O, K,
+    w_ptr, perm_ptr, f_ptr, alpha_ptr, out_ptr, meta_ptr, n, O, K,
     stride_wo, stride_wk, stride_fo, stride_fk, stride_oo, stride_ok,
     M: tl.constexpr, PERMUTE: tl.constexpr, LOAD_MASK: tl.constexpr, HAS_ALPHA: tl.constexpr,
-    SCATTER: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+    SCATTER: tl.constexpr, COMPRESS: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_O: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``out[o, k] = W[src(o), k]`` where kept, else 0 (``α W`` with ``HAS_ALPHA``); ``src`` is ``P``
-    with ``PERMUTE``; ``SCATTER`` stores row ``o`` at ``src(o)``."""
+    with ``PERMUTE``; ``SCATTER`` stores row ``o`` at ``src(o)``. ``COMPRESS`` (1: CUTLASS, 2:
+    cuSPARSELt): the operand, ``[O, K]`` or with ``TRANSPOSED`` ``[K, O]``, 2:4 along its last dim,
+    compressed into ``out`` (values) and ``meta`` instead."""
     o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     inside = (o[:, None] < O) & (ks[None, :] < K)
@@ -83,9 +89,18 @@ def masked_operand_kernel(
         kept = tl.where(keep, w.to(tl.float32), w.to(tl.float32) * tl.load(alpha_ptr)).to(w_ptr.dtype.element_ty)
     else:
         kept = tl.where(keep, w, tl.zeros_like(w))
-    rows = source if SCATTER else o
-    tl.store(out_ptr + rows[:, None] * stride_oo + ks[None, :] * stride_ok, kept.to(out_ptr.dtype.element_ty),
-             mask=inside)  # fmt: skip
+    kept = kept.to(out_ptr.dtype.element_ty)
+    if COMPRESS and TRANSPOSED:
+        e0, e1, e2, e3 = quads(tl.trans(kept), BLOCK_K, BLOCK_O // 4)
+        store_groups(out_ptr, meta_ptr, e0, e1, e2, e3, ks, tl.program_id(0) * (BLOCK_O // 4), K, O,
+                     COMPRESS == 2, BLOCK_O // 4, False)  # fmt: skip
+    elif COMPRESS:
+        e0, e1, e2, e3 = quads(kept, BLOCK_O, BLOCK_K // 4)
+        store_groups(out_ptr, meta_ptr, e0, e1, e2, e3, o, tl.program_id(1) * (BLOCK_K // 4), O, K,
+                     COMPRESS == 2, BLOCK_K // 4, False)  # fmt: skip
+    else:
+        rows = source if SCATTER else o
+        tl.store(out_ptr + rows[:, None] * stride_oo + ks[None, :] * stride_ok, kept, mask=inside)
 
 
 def _launch(
@@ -97,18 +112,22 @@ def _launch(
     out_view: torch.Tensor,
     alpha: torch.Tensor | None = None,
     scatter: bool = False,
+    compressed: tuple[str, torch.Tensor, bool] | None = None,
 ) -> None:
-    """Fill ``out_view`` (an ``[O, K]`` view, maybe transposed) with the masked ``weight``."""
+    """Fill ``out_view`` (an ``[O, K]`` view, maybe transposed) with the masked ``weight``; or, with
+    ``compressed`` = ``(layout, meta, transposed)``, its values (``out_view``) and ``meta``."""
     O, K = weight.shape
     f = mask.view(torch.int8) if mask is not None else weight
+    layout, meta, transposed = compressed or ("", out_view, False)
 
-    def grid(meta: dict) -> tuple[int, int]:
-        return triton.cdiv(O, meta["BLOCK_O"]), triton.cdiv(K, meta["BLOCK_K"])
+    def grid(meta_: dict) -> tuple[int, int]:
+        return triton.cdiv(O, meta_["BLOCK_O"]), triton.cdiv(K, meta_["BLOCK_K"])
 
     masked_operand_kernel[grid](
-        weight, perm if perm is not None else weight, f, alpha if alpha is not None else weight, out_view, n, O, K,
-        *weight.stride(), *f.stride(), *out_view.stride(),
+        weight, perm if perm is not None else weight, f, alpha if alpha is not None else weight, out_view, meta, n, O,
+        K, *weight.stride(), *f.stride(), *out_view.stride(),
         M=m, PERMUTE=perm is not None, LOAD_MASK=mask is not None, HAS_ALPHA=alpha is not None, SCATTER=scatter,
+        COMPRESS={"": 0, "cutlass": 1, "cusparselt": 2}[layout], TRANSPOSED=transposed,
     )  # fmt: skip
 
 
@@ -130,6 +149,22 @@ def _check(
     out_dtype = dtype or weight.dtype
     if out_dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {out_dtype}")
+    return out_dtype
+
+
+def _input_grad_check(
+    weight: torch.Tensor,
+    n: int,
+    m: int,
+    perm: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    dtype: torch.dtype | None,
+) -> torch.dtype:
+    """The input-gradient operand's checks (exactly one of ``perm`` and ``mask``); its dtype."""
+    out_dtype = _check(weight, n, m, mask, dtype)
+    if (perm is None) == (mask is None):
+        raise ValueError("input_grad_operand takes exactly one of perm (Bi-Mask) and mask (transposable)")
+    check_perm(perm, weight.shape[0], m)
     return out_dtype
 
 
@@ -181,11 +216,45 @@ def input_grad_operand(
 ) -> torch.Tensor:
     """``(W[P] ⊙ Bp)ᵀ`` ``[K, O]`` (contiguous, N:M along ``O``) with ``perm``; ``(W ⊙ mask)ᵀ``
     with a transposable ``mask`` instead."""
-    out_dtype = _check(weight, n, m, mask, dtype)
-    O = weight.shape[0]
-    if (perm is None) == (mask is None):
-        raise ValueError("input_grad_operand takes exactly one of perm (Bi-Mask) and mask (transposable)")
-    check_perm(perm, O, m)
-    out = torch.empty((weight.shape[1], O), dtype=out_dtype, device=weight.device)
+    out_dtype = _input_grad_check(weight, n, m, perm, mask, dtype)
+    out = torch.empty((weight.shape[1], weight.shape[0]), dtype=out_dtype, device=weight.device)
     _launch(weight, n, m, perm, mask, out.t())
     return out
+
+
+def forward_operand_compressed(
+    weight: torch.Tensor,
+    n: int,
+    m: int,
+    layout: str,
+    *,
+    numel: int | None = None,
+    mask: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``compress24.compress24(forward_operand(weight, n, m, mask=mask, dtype=dtype), layout,
+    numel=numel)`` in one pass over ``W``, without the dense operand in memory (2:4 ``n:m`` only)."""
+    out_dtype = _check(weight, n, m, mask, dtype)
+    values, meta, result = outputs(*weight.shape, out_dtype, weight.device, layout, numel)
+    _launch(weight, n, m, None, mask, values, compressed=(layout, meta, False))
+    return result
+
+
+def input_grad_operand_compressed(
+    weight: torch.Tensor,
+    n: int,
+    m: int,
+    layout: str,
+    *,
+    numel: int | None = None,
+    perm: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``compress24.compress24(input_grad_operand(weight, n, m, perm=perm, mask=mask, dtype=dtype),
+    layout, numel=numel)`` in one pass over ``W``, without the dense ``[K, O]`` in memory."""
+    out_dtype = _input_grad_check(weight, n, m, perm, mask, dtype)
+    O, K = weight.shape
+    values, meta, result = outputs(K, O, out_dtype, weight.device, layout, numel)
+    _launch(weight, n, m, perm, mask, values, compressed=(layout, meta, True))
+    return result

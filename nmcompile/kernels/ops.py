@@ -14,6 +14,7 @@ The ops are opaque to Inductor (``custom_op``), which compiles everything around
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,7 +26,13 @@ from . import sparse24
 from .common import MVUE_RULES
 from .gather_t import gather_t
 from .mvue import mvue_prune, mvue_prune_compressed
-from .operand24 import backward_operand, forward_operand, input_grad_operand
+from .operand24 import (
+    backward_operand,
+    forward_operand,
+    forward_operand_compressed,
+    input_grad_operand,
+    input_grad_operand_compressed,
+)
 from .sparse_forward import sparse_linear_forward
 from .srste import srste_add
 from .weight_grad import sparse_weight_grad
@@ -200,6 +207,29 @@ def _mm24(
     return out.t().contiguous() if transpose_result else out
 
 
+def _mm24_written(
+    operand: tuple[int, int, torch.dtype, torch.device, tuple[int, int]],
+    dense: Callable[[], torch.Tensor],
+    compressed: Callable[[str, int | None], tuple[torch.Tensor, torch.Tensor | None]] | None,
+    b: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    transpose_result: bool = False,
+) -> torch.Tensor:
+    """A 2:4 GEMM whose sparse operand (``operand``: rows, cols, dtype, device, N:M pattern) a kernel
+    writes: compressed in the same pass (``compressed(layout, numel)``) where the GEMM runs on 2:4
+    tensor cores and the shape fits the library's layout unpadded (``sparse24.triton_layout``), so
+    the dense operand never exists; else dense (``dense()``) for ``_mm24``."""
+    rows, cols, dtype, device, pattern = operand
+    layout = None
+    if compressed is not None and sparse24.fits_24(*pattern) and sparse24.blocker(device, dtype) is None:
+        layout = sparse24.triton_layout(rows, cols, dtype, device)
+    if layout is None:
+        return _mm24(dense(), b, bias=bias, transpose_result=transpose_result, pattern=pattern)
+    packed = sparse24.Compressed(rows, cols, dtype, *compressed(*layout))
+    return sparse24.fastest_mm(packed, b, bias=bias, transpose_result=transpose_result)
+
+
 @torch.library.custom_op("nmsparse::sparse24_linear", mutates_args=(), tags=HOST_READ)
 def sparse24_linear(
     x: torch.Tensor,
@@ -221,8 +251,16 @@ def sparse24_linear(
     a dense GEMM on ``W ⊙ F`` while structure decay's N in force is not 2:4 (``_mm24``)."""
     x2d = x.reshape(-1, x.shape[-1])
     n = _n(n, n_eff)
-    operand = forward_operand(weight, n, m, mask=fwd_mask, dtype=x.dtype)
-    y = _mm24(operand, x2d.t(), bias=bias, transpose_result=True, pattern=(n, m))  # contiguous [T, O], as the fake
+    y = _mm24_written(
+        (*weight.shape, x.dtype, x.device, (n, m)),
+        lambda: forward_operand(weight, n, m, mask=fwd_mask, dtype=x.dtype),
+        lambda layout, numel: forward_operand_compressed(
+            weight, n, m, layout, numel=numel, mask=fwd_mask, dtype=x.dtype
+        ),
+        x2d.t(),
+        bias=bias,
+        transpose_result=True,
+    )  # contiguous [T, O], as the fake
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -244,9 +282,16 @@ def sparse24_input_grad(
     n = _n(n, n_eff)
     if perm is None and fwd_mask is None:
         return dy @ forward_operand(weight, n, m, dtype=dy.dtype)
-    operand = input_grad_operand(weight, n, m, perm=perm, mask=None if perm is not None else fwd_mask, dtype=dy.dtype)
-    dy_perm_t = gather_t(dy, perm) if perm is not None else dy.t()
-    return _mm24(operand, dy_perm_t, transpose_result=True, pattern=(n, m))
+    mask = None if perm is not None else fwd_mask
+    return _mm24_written(
+        (weight.shape[1], weight.shape[0], dy.dtype, dy.device, (n, m)),
+        lambda: input_grad_operand(weight, n, m, perm=perm, mask=mask, dtype=dy.dtype),
+        lambda layout, numel: input_grad_operand_compressed(
+            weight, n, m, layout, numel=numel, perm=perm, mask=mask, dtype=dy.dtype
+        ),
+        gather_t(dy, perm) if perm is not None else dy.t(),
+        transpose_result=True,
+    )
 
 
 @sparse24_input_grad.register_fake
@@ -273,23 +318,16 @@ def sparse24_weight_grad(
     if grad_prune == "none":
         dw = dy.t() @ x
     else:
-        dw = _pruned_dy_t_mm(dy, x, _step(step), prune_key, grad_prune)
+        step_, (T, O) = _step(step), dy.shape
+        dw = _mm24_written(
+            (O, T, dy.dtype, dy.device, (2, 4)),
+            lambda: mvue_prune(dy, step_, prune_key, grad_prune, transpose=True),
+            (lambda layout, numel: mvue_prune_compressed(dy, step_, prune_key, grad_prune, layout, numel=numel))
+            if MVUE_RULES[grad_prune][1] == 4
+            else None,
+            x,
+        )
     return _with_srste(dw, weight, _n(n, n_eff), m, srste_lambda, fwd_mask)
-
-
-def _pruned_dy_t_mm(dy: torch.Tensor, x: torch.Tensor, step: int, key: int, rule: str) -> torch.Tensor:
-    """``prune(dY)ᵀ X`` (``dY`` ``[T, O]``): where the GEMM runs on 2:4 tensor cores and ``O``, ``T``
-    fit the library's layout unpadded, the MVUE kernel writes ``prune(dY)ᵀ`` compressed in one
-    pass (``mvue_prune_compressed``, blocks of 4); else it writes it dense for ``_mm24``."""
-    T, O = dy.shape
-    layout = None
-    if MVUE_RULES[rule][1] == 4 and sparse24.blocker(dy.device, dy.dtype) is None:
-        layout = sparse24.triton_layout(O, T, dy.dtype, dy.device)
-    if layout is None:
-        return _mm24(mvue_prune(dy, step, key, rule, transpose=True), x)
-    compressed = mvue_prune_compressed(dy, step, key, rule, layout[0], numel=layout[1])
-    packed = sparse24.Compressed(O, T, dy.dtype, *compressed)
-    return sparse24.fastest_mm(packed, x)
 
 
 sparse24_weight_grad.register_fake(_weight_grad_fake)
