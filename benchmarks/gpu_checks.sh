@@ -67,10 +67,10 @@ CUDA_TESTS=(
 )
 for name in $STAGES; do
     case $name in
-        cuda_tests) stage cuda_tests 210 "$PY" -m pytest -q -p no:cacheprovider -rA --timeout 120 "${CUDA_TESTS[@]}" ;;
+        cuda_tests) stage cuda_tests 200 "$PY" -m pytest -q -p no:cacheprovider -rA --timeout 120 "${CUDA_TESTS[@]}" ;;
         bench_ffn) stage bench_ffn 190 "$PY" -m benchmarks.step --device cuda --size full --block ffn --json "$OUT/ffn.json" ;;
         split) stage split 60 "$PY" -m benchmarks.split --tokens 128 512 2048 ;;
-        parts24) stage parts24 50 "$PY" -m benchmarks.parts24 ;;
+        parts24) stage parts24 60 "$PY" -m benchmarks.parts24 ;;
         bench_resnet) stage bench_resnet 70 "$PY" -m benchmarks.step --device cuda --size full --block resnet ;;
         bench_graphs)
             stage bench_graphs 150 "$PY" -m benchmarks.step --device cuda --size full --block ffn --mode reduce-overhead --no-gemm ;;

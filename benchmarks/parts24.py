@@ -5,7 +5,8 @@
 ``index_select``), each compression and each GEMM (cuSPARSELt's fastest algorithm and algorithm 0)
 of ``kernels.ops.sparse24_*``, beside the dense GEMMs. Each compression twice: as the ops run it
 (``sparse24.compress``: the Triton kernel ``compress24`` where its layout check passed) and by
-``torch._cslt_compress``. The ``sparse24`` per-GEMM rows of ``benchmarks.step`` are the sums; this
+``torch._cslt_compress``; and each operand as the ops write it where the check passed, compressed
+in its kernel's own pass. The ``sparse24`` per-GEMM rows of ``benchmarks.step`` are the sums; this
 says which part costs. Two more columns split each median: the GPU time of the piece's kernels
 (``torch.profiler``) and the host's time per call when calls are queued back to back. A piece whose
 host time exceeds its kernels' is launch-bound (cuSPARSELt plans each call on the host). Only
@@ -28,12 +29,14 @@ from benchmarks.gemm import PRUNE_KEY, PRUNE_STEP, M, N, fc1_operands, sparse24_
 
 PARTS = (
     "forward: W ⊙ F (operand kernel)",
+    "forward: W ⊙ F written compressed (operand kernel, as the op runs it where checked)",
     "forward: compress W ⊙ F (sparse24.compress)",
     "forward: compress W ⊙ F (torch._cslt_compress)",
     "forward: sparse GEMM, fastest alg",
     "forward: sparse GEMM, alg 0",
     "forward: dense GEMM",
     "input grad: (W[P] ⊙ Bp)ᵀ (operand kernel)",
+    "input grad: (W[P] ⊙ Bp)ᵀ written compressed (operand kernel, as the op runs it where checked)",
     "input grad: dY[:, P]ᵀ (gather_t kernel)",
     "input grad: dY[:, P] (index_select, before gather_t)",
     "input grad: compress (sparse24.compress)",
@@ -56,7 +59,13 @@ def parts() -> dict[str, Callable[[], object]]:
     from nmcompile.kernels import sparse24
     from nmcompile.kernels.gather_t import gather_t
     from nmcompile.kernels.mvue import mvue_prune, mvue_prune_compressed
-    from nmcompile.kernels.operand24 import backward_operand, forward_operand, input_grad_operand
+    from nmcompile.kernels.operand24 import (
+        backward_operand,
+        forward_operand,
+        forward_operand_compressed,
+        input_grad_operand,
+        input_grad_operand_compressed,
+    )
 
     x, w, dy, perm = fc1_operands(SIZES["full"], torch.device("cuda"))
     problems = sparse24_problems(x, w, dy, perm)
@@ -66,11 +75,15 @@ def parts() -> dict[str, Callable[[], object]]:
     def compress(op: str) -> Callable[[], object]:
         return lambda: sparse24.compress(problems[op][0])
 
-    def compressed_mvue() -> object:
-        layout = sparse24.triton_layout(dy.shape[1], dy.shape[0], dy.dtype, dy.device)
-        if layout is None:
-            raise RuntimeError("the layout check failed here")
-        return mvue_prune_compressed(dy, PRUNE_STEP, PRUNE_KEY, "mvue24", layout[0], numel=layout[1])
+    def written_compressed(rows: int, cols: int, write: Callable[..., object]) -> Callable[[], object]:
+        layout = sparse24.triton_layout(rows, cols, w.dtype, w.device)
+
+        def run() -> object:
+            if layout is None:
+                raise RuntimeError("the layout check failed here")
+            return write(layout[0], numel=layout[1])
+
+        return run
 
     def library_compress(op: str) -> Callable[[], object]:
         return lambda: torch._cslt_compress(problems[op][0].contiguous())
@@ -84,12 +97,16 @@ def parts() -> dict[str, Callable[[], object]]:
             PARTS,
             (
                 lambda: forward_operand(w, N, M),
+                written_compressed(*w.shape, lambda *a, **k: forward_operand_compressed(w, N, M, *a, **k)),
                 compress("forward"),
                 library_compress("forward"),
                 mm("forward", best["forward"]),
                 mm("forward", 0),
                 lambda: x @ w.t(),
                 lambda: input_grad_operand(w, N, M, perm=perm),
+                written_compressed(
+                    w.shape[1], w.shape[0], lambda *a, **k: input_grad_operand_compressed(w, N, M, *a, perm=perm, **k)
+                ),
                 lambda: gather_t(dy, perm),
                 lambda: dy.index_select(1, perm),
                 compress("input grad"),
@@ -97,7 +114,11 @@ def parts() -> dict[str, Callable[[], object]]:
                 mm("input grad", best["input grad"]),
                 lambda: dy @ w,
                 lambda: mvue_prune(dy, PRUNE_STEP, PRUNE_KEY, "mvue24", transpose=True),
-                compressed_mvue,
+                written_compressed(
+                    dy.shape[1],
+                    dy.shape[0],
+                    lambda *a, **k: mvue_prune_compressed(dy, PRUNE_STEP, PRUNE_KEY, "mvue24", *a, **k),
+                ),
                 compress("weight grad"),
                 library_compress("weight grad"),
                 mm("weight grad", best["weight grad"]),

@@ -41,8 +41,15 @@ class Variant:
 
 
 MVUE_POINTERS = {"g_ptr": "bf16", "out_ptr": "bf16", "meta_ptr": "bf16"}  # meta_ptr: out_ptr again, unused
-OPERAND_POINTERS = {"w_ptr": "bf16", "perm_ptr": "i64", "f_ptr": "bf16", "alpha_ptr": "fp32", "out_ptr": "bf16"}
-OPERAND_FLAGS = {"M": 4, "LOAD_MASK": False, "HAS_ALPHA": False}
+OPERAND_POINTERS = {
+    "w_ptr": "bf16",
+    "perm_ptr": "i64",
+    "f_ptr": "bf16",
+    "alpha_ptr": "fp32",
+    "out_ptr": "bf16",
+    "meta_ptr": "bf16",
+}
+OPERAND_FLAGS = {"M": 4, "LOAD_MASK": False, "HAS_ALPHA": False, "COMPRESS": 0, "TRANSPOSED": False}
 VARIANTS = (
     Variant("mvue24", "mvue", "mvue_kernel", MVUE_POINTERS, {"RULE": 2, "MM": 4, "TRANSPOSE": False, "COMPRESS": 0,
             "WIDE": False}, ("stride_go", "stride_oo"), ("BLOCK_G", "BLOCK_O"), 4),
@@ -61,6 +68,12 @@ VARIANTS = (
     Variant("W ⊙ B (Bi-Mask)", "operand24", "masked_operand_kernel", OPERAND_POINTERS,
             {**OPERAND_FLAGS, "PERMUTE": True, "SCATTER": True}, ("stride_wk", "stride_fk", "stride_ok"),
             ("BLOCK_O", "BLOCK_K")),
+    Variant("W ⊙ F, compressed (cuSPARSELt)", "operand24", "masked_operand_kernel",
+            {**OPERAND_POINTERS, "meta_ptr": "i16"}, {**OPERAND_FLAGS, "PERMUTE": False, "SCATTER": False,
+            "COMPRESS": 2}, ("stride_wk", "stride_fk", "stride_ok"), ("BLOCK_O", "BLOCK_K")),
+    Variant("(W[P] ⊙ Bp)ᵀ, compressed (cuSPARSELt)", "operand24", "masked_operand_kernel",
+            {**OPERAND_POINTERS, "meta_ptr": "i16"}, {**OPERAND_FLAGS, "PERMUTE": True, "SCATTER": False,
+            "COMPRESS": 2, "TRANSPOSED": True}, ("stride_wk", "stride_fk", "stride_ok"), ("BLOCK_O", "BLOCK_K")),
     Variant("compress24, cuSPARSELt", "compress24", "compress24_kernel",
             {"a_ptr": "bf16", "values_ptr": "bf16", "meta_ptr": "i16"}, {"CUSPARSELT": True, "WIDE": False},
             ("stride_ac",), ("BLOCK_R", "BLOCK_C")),
@@ -116,7 +129,10 @@ def compile_counts(variant: Variant, arch: int) -> Iterator[Counts]:
 
     autotuned = getattr(importlib.import_module(f"nmcompile.kernels.{variant.module}"), variant.kernel)
     fn = autotuned.fn
-    for config in autotuned.configs:
+    configs = autotuned.configs
+    if autotuned.early_config_prune:  # the configs a launch with these flags would try
+        configs = autotuned.early_config_prune(configs, {}, **variant.flags)
+    for config in configs:
         constants = {**variant.flags, **config.kwargs, **dict.fromkeys(variant.unit_strides, 1)}
         signature = {
             p.name: "constexpr" if p.is_constexpr or p.name in constants else variant.pointers.get(p.name, "i32")
