@@ -1,8 +1,10 @@
 """Masked-operand kernel: a GEMM's sparse weight operand in one pass over ``W``, written to memory.
 
 Two users. The 2:4 path compresses it (PyTorch's semi-structured layout: N:M along the *last* dim,
-zeros in place); the Triton path on large batches hands it to a dense cuBLAS GEMM, since ranking
-the mask inside every GEMM tile repeats it once per tile of tokens (``kernels.ops``).
+zeros in place), or has this kernel store it compressed (``COMPRESS``: ``compress24.store_groups``
+on the tile, or on its transpose with ``TRANSPOSED``) where the library's layout takes the shape;
+the Triton path on large batches hands it to a dense cuBLAS GEMM, since ranking the mask inside
+every GEMM tile repeats it once per tile of tokens (``kernels.ops``).
 
 - forward: ``W ⊙ F`` ``[O, K]``, ``F`` N:M along ``K`` (ranked in registers, or a loaded mask);
 - input gradient: ``(W[P] ⊙ Bp)ᵀ`` ``[K, O]``, ``Bp = nm_mask(|W⊙F|[P], along O) ∧ F[P]`` (SPEC §4),
