@@ -170,6 +170,18 @@ def test_masked_operands_written_compressed_are_the_compressed_operands(layout, 
             assert (a is None and b is None) or torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
+def test_masked_operands_written_compressed_need_a_24_pattern():
+    from nmcompile.kernels.operand24 import forward_operand_compressed, input_grad_operand_compressed
+
+    w = torch.randn(128, 128).half()
+    with pytest.raises(ValueError, match=r"N:M that is 2:4.*got 3:4"):
+        forward_operand_compressed(w, 3, 4, "cutlass")
+    with pytest.raises(ValueError, match=r"N:M that is 2:4.*got 4:8"):
+        input_grad_operand_compressed(w, 4, 8, "cutlass", perm=torch.arange(128))
+    with pytest.raises(ValueError, match="exactly one of perm"):
+        input_grad_operand_compressed(w, 2, 4, "cutlass")
+
+
 def test_mvue_written_compressed_checks():
     from nmcompile.kernels.mvue import mvue_prune_compressed
 

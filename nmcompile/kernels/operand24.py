@@ -40,6 +40,7 @@ from .common import (
     nm_keep_rows,
 )
 from .compress24 import outputs, quads, store_groups
+from .sparse24 import fits_24
 
 CONFIGS = autotune_configs(
     [{"BLOCK_O": 32, "BLOCK_K": 64}, {"BLOCK_O": 64, "BLOCK_K": 64}], [(4, 1)], ("BLOCK_O", "BLOCK_K")
@@ -224,6 +225,12 @@ def input_grad_operand(
     return out
 
 
+def _check_24(n: int, m: int) -> None:
+    """A compressed operand keeps at most two of every four entries: ``n:m`` must be 2:4-compatible."""
+    if not fits_24(n, m):
+        raise ValueError(f"a 2:4 compressed operand needs an N:M that is 2:4 (1:2, 2:4, 1:4, 2:8, ...), got {n}:{m}")
+
+
 def forward_operand_compressed(
     weight: torch.Tensor,
     n: int,
@@ -237,6 +244,7 @@ def forward_operand_compressed(
     """``compress24.compress24(forward_operand(weight, n, m, mask=mask, dtype=dtype), layout,
     numel=numel)`` in one pass over ``W``, without the dense operand in memory (2:4 ``n:m`` only)."""
     out_dtype = _check(weight, n, m, mask, dtype)
+    _check_24(n, m)
     values, meta, result = outputs(*weight.shape, out_dtype, weight.device, layout, numel)
     _launch(weight, n, m, None, mask, values, compressed=(layout, meta, False))
     return result
@@ -256,6 +264,7 @@ def input_grad_operand_compressed(
     """``compress24.compress24(input_grad_operand(weight, n, m, perm=perm, mask=mask, dtype=dtype),
     layout, numel=numel)`` in one pass over ``W``, without the dense ``[K, O]`` in memory."""
     out_dtype = _input_grad_check(weight, n, m, perm, mask, dtype)
+    _check_24(n, m)
     O, K = weight.shape
     values, meta, result = outputs(K, O, out_dtype, weight.device, layout, numel)
     _launch(weight, n, m, perm, mask, values, compressed=(layout, meta, True))
