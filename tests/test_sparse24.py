@@ -114,10 +114,16 @@ def test_input_grad_operand_is_permuted_backward_mask(dtype, O, K, n, m):
 
 def test_operand_configs_hold_whole_row_groups():
     """The operand kernel's GPU configs with few rows (K as wide as the threads) are pruned where a
-    group of ``M`` rows would not fit in ``BLOCK_O``; a config of 32 rows always stays (M <= 32)."""
+    group of ``M`` rows would not fit in ``BLOCK_O``, and, for the transposed operand written
+    compressed, where 16 rows (one metadata word) would not; a config of 32 rows always stays."""
     configs = [triton.Config({"BLOCK_O": rows, "BLOCK_K": 1024}) for rows in (4, 8, 16, 32)]
     for m, kept in ((2, [4, 8, 16, 32]), (4, [4, 8, 16, 32]), (8, [8, 16, 32]), (32, [32])):
-        assert [c.kwargs["BLOCK_O"] for c in operand24._whole_groups(configs, {}, M=m)] == kept
+        pruned = operand24._whole_groups(configs, {}, M=m, COMPRESS=0, TRANSPOSED=True)
+        assert [c.kwargs["BLOCK_O"] for c in pruned] == kept
+        pruned = operand24._whole_groups(configs, {}, M=m, COMPRESS=2, TRANSPOSED=False)
+        assert [c.kwargs["BLOCK_O"] for c in pruned] == kept
+        pruned = operand24._whole_groups(configs, {}, M=m, COMPRESS=1, TRANSPOSED=True)
+        assert [c.kwargs["BLOCK_O"] for c in pruned] == [b for b in kept if b >= 16]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
