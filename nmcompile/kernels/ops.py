@@ -189,25 +189,6 @@ triton_linear.register_autograd(_triton_backward, setup_context=_setup_linear)  
 
 
 def _mm24(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    transpose_result: bool = False,
-    pattern: tuple[int, int] = (2, 4),
-) -> torch.Tensor:
-    """``sparse24.semi_structured_mm(a, b, ...)`` where 2:4 sparse tensor cores take ``a``, whose N:M
-    ``pattern`` (along its last dim) is 2:4; else (the CPU tests, fp32, or structure decay's N in force
-    above 2:4) the same operands meet a dense GEMM, with the same result layout."""
-    if sparse24.fits_24(*pattern) and sparse24.blocker(a.device, a.dtype) is None:
-        return sparse24.semi_structured_mm(a, b, bias=bias, transpose_result=transpose_result)
-    out = a @ b
-    if bias is not None:
-        out = out + bias.to(out.dtype)[:, None]
-    return out.t().contiguous() if transpose_result else out
-
-
-def _mm24_written(
     operand: tuple[int, int, torch.dtype, torch.device, tuple[int, int]],
     dense: Callable[[], torch.Tensor],
     compressed: Callable[[str, int | None], tuple[torch.Tensor, torch.Tensor | None]] | None,
@@ -216,16 +197,22 @@ def _mm24_written(
     bias: torch.Tensor | None = None,
     transpose_result: bool = False,
 ) -> torch.Tensor:
-    """A 2:4 GEMM whose sparse operand (``operand``: rows, cols, dtype, device, N:M pattern) a kernel
-    writes: compressed in the same pass (``compressed(layout, numel)``) where the GEMM runs on 2:4
-    tensor cores and the shape fits the library's layout unpadded (``sparse24.triton_layout``), so
-    the dense operand never exists; else dense (``dense()``) for ``_mm24``."""
+    """``A @ b (+ bias[:, None])`` for a sparse operand ``A`` that a kernel writes (``operand``: rows,
+    cols, dtype, device, N:M pattern along its last dim). On 2:4 sparse tensor cores where they take
+    it: written compressed in the kernel's own pass (``compressed(layout, numel)``) where the shape
+    fits the library's layout unpadded (``sparse24.triton_layout``), so the dense operand never
+    exists, else written dense (``dense()``) for ``sparse24.semi_structured_mm``. Elsewhere (the CPU
+    tests, fp32, or structure decay's N in force above 2:4) ``dense()`` meets a dense GEMM, with the
+    same result layout."""
     rows, cols, dtype, device, pattern = operand
-    layout = None
-    if compressed is not None and sparse24.fits_24(*pattern) and sparse24.blocker(device, dtype) is None:
-        layout = sparse24.triton_layout(rows, cols, dtype, device)
+    if not sparse24.fits_24(*pattern) or sparse24.blocker(device, dtype) is not None:
+        out = dense() @ b
+        if bias is not None:
+            out = out + bias.to(out.dtype)[:, None]
+        return out.t().contiguous() if transpose_result else out
+    layout = sparse24.triton_layout(rows, cols, dtype, device) if compressed is not None else None
     if layout is None:
-        return _mm24(dense(), b, bias=bias, transpose_result=transpose_result, pattern=pattern)
+        return sparse24.semi_structured_mm(dense(), b, bias=bias, transpose_result=transpose_result)
     packed = sparse24.Compressed(rows, cols, dtype, *compressed(*layout))
     return sparse24.fastest_mm(packed, b, bias=bias, transpose_result=transpose_result)
 
@@ -251,7 +238,7 @@ def sparse24_linear(
     a dense GEMM on ``W ⊙ F`` while structure decay's N in force is not 2:4 (``_mm24``)."""
     x2d = x.reshape(-1, x.shape[-1])
     n = _n(n, n_eff)
-    y = _mm24_written(
+    y = _mm24(
         (*weight.shape, x.dtype, x.device, (n, m)),
         lambda: forward_operand(weight, n, m, mask=fwd_mask, dtype=x.dtype),
         lambda layout, numel: forward_operand_compressed(
@@ -283,7 +270,7 @@ def sparse24_input_grad(
     if perm is None and fwd_mask is None:
         return dy @ forward_operand(weight, n, m, dtype=dy.dtype)
     mask = None if perm is not None else fwd_mask
-    return _mm24_written(
+    return _mm24(
         (weight.shape[1], weight.shape[0], dy.dtype, dy.device, (n, m)),
         lambda: input_grad_operand(weight, n, m, perm=perm, mask=mask, dtype=dy.dtype),
         lambda layout, numel: input_grad_operand_compressed(
@@ -319,7 +306,7 @@ def sparse24_weight_grad(
         dw = dy.t() @ x
     else:
         step_, (T, O) = _step(step), dy.shape
-        dw = _mm24_written(
+        dw = _mm24(
             (O, T, dy.dtype, dy.device, (2, 4)),
             lambda: mvue_prune(dy, step_, prune_key, grad_prune, transpose=True),
             (lambda layout, numel: mvue_prune_compressed(dy, step_, prune_key, grad_prune, layout, numel=numel))
