@@ -23,7 +23,7 @@ PY=${1:-python3}
 STAGES=${STAGES:-"cuda_tests bench_ffn parts24 split bench_resnet"}
 OUT=${OUT:-gpu-checks}
 mkdir -p "$OUT"
-for name in cuda_tests bench_ffn split parts24 bench_resnet bench_graphs; do rm -f "$OUT/$name.log"; done
+for name in cuda_tests cslt_probe bench_ffn bench_steps split parts24 bench_resnet bench_graphs; do rm -f "$OUT/$name.log"; done
 : >"$OUT/stages.txt"  # this run's stages only (./gpu-checks may hold an earlier run's)
 export PYTHONUNBUFFERED=1
 
@@ -53,10 +53,9 @@ fi
 # The CUDA tests first (each under a per-test limit, pytest-timeout), then the benchmarks. On an H200
 # (2026-12-04) a first real-size test compiles and autotunes its kernels for over 45 s, the FFN stage
 # took 160 s and the ResNet one 51 s: the limits below leave room for that.
+# Each test runs in a pytest process of its own: a kernel fault ends a process's CUDA context, and
+# on the H200 (2026-12-04) one such fault turned every later test of the same process into an error.
 CUDA_TESTS=(
-    "tests/test_kernels.py::test_permutation_scores_exact"
-    "tests/test_kernels.py::test_portable_mvue_op_on_cuda_prunes_as_on_the_cpu"
-    "tests/test_kernels.py::test_split_ops_at_real_sizes_on_cuda"
     "tests/test_compress24.py::test_compress24_multiplies_as_the_library_compression_on_cuda"
     "tests/test_sparse24.py::test_semi_structured_mm_on_cuda"
     "tests/test_sparse24.py::test_searched_alg_gives_the_same_product_on_cuda"
@@ -64,10 +63,19 @@ CUDA_TESTS=(
     "tests/test_sparse24.py::test_backward_operand_is_w_times_b_in_place"
     "tests/test_kernels.py::test_real_sizes_on_cuda"
     "tests/test_lowering.py::test_auto_lowers_on_cuda_under_autocast"
+    "tests/test_kernels.py::test_split_ops_at_real_sizes_on_cuda"
+    "tests/test_kernels.py::test_permutation_scores_exact"
+    "tests/test_kernels.py::test_portable_mvue_op_on_cuda_prunes_as_on_the_cpu"
 )
+# shellcheck disable=SC2016  # expanded by the inner bash
+EACH_TEST='py=$1; shift; rc=0; for t in "$@"; do "$py" -m pytest -q -p no:cacheprovider -rA --timeout 120 "$t" || rc=1; done; exit $rc'
+
 for name in $STAGES; do
     case $name in
-        cuda_tests) stage cuda_tests 200 "$PY" -m pytest -q -p no:cacheprovider -rA --timeout 120 "${CUDA_TESTS[@]}" ;;
+        cuda_tests) stage cuda_tests 230 bash -c "$EACH_TEST" each_test "$PY" "${CUDA_TESTS[@]}" ;;
+        cslt_probe) stage cslt_probe 60 "$PY" -m benchmarks.cslt_probe --jobs 12 ;;
+        bench_steps)
+            stage bench_steps 120 "$PY" -m benchmarks.step --device cuda --size full --block ffn --no-gemm --json "$OUT/ffn.json" ;;
         bench_ffn) stage bench_ffn 190 "$PY" -m benchmarks.step --device cuda --size full --block ffn --json "$OUT/ffn.json" ;;
         split) stage split 60 "$PY" -m benchmarks.split --tokens 128 512 2048 ;;
         parts24) stage parts24 60 "$PY" -m benchmarks.parts24 ;;
@@ -82,14 +90,14 @@ echo
 cat "$OUT/stages.txt"
 if [[ -f "$OUT/cuda_tests.log" ]]; then
     echo "== cuda_tests"
-    grep -E "passed|failed|skipped|error|PASSED|FAILED|ERROR|Timeout" "$OUT/cuda_tests.log" | tail -n 30
+    grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped|error)|Timeout" "$OUT/cuda_tests.log" | tail -n 40
 fi
-for log in split parts24; do
+for log in cslt_probe split parts24; do
     [[ -f "$OUT/$log.log" ]] || continue
     echo "== $log"
     grep -E "^\|" "$OUT/$log.log"
 done
-for log in bench_ffn bench_resnet bench_graphs; do
+for log in bench_ffn bench_steps bench_resnet bench_graphs; do
     [[ -f "$OUT/$log.log" ]] || continue
     echo "== $log"
     sed -n '/^## Training step/,$p' "$OUT/$log.log"

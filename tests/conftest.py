@@ -224,6 +224,8 @@ def _cslt_sparse_mm(compressed, b, bias=None, transpose_result=False, alg_id=0):
     ``transpose_result`` the ``[M, N]`` result stored column-major, which is ``[N, M]`` contiguous."""
     if not 0 <= alg_id < EMULATED_ALGS:
         raise RuntimeError(f"alg_id {alg_id} out of range")
+    if compressed.dim() != 2:
+        raise RuntimeError("compressed_A.dim() == 2 INTERNAL ASSERT FAILED")  # the library's [M, S] buffer
     dense_b = _storage_view(b, tuple(b.shape), column_major=not b.is_contiguous())
     out = compressed.float() @ dense_b.float() + (0 if bias is None else bias.float()[:, None])
     out = out.to(compressed.dtype)

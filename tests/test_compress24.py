@@ -80,7 +80,8 @@ def test_cusparselt_layout_is_pytorchs_tile_kernel_layout(dtype, shape):
     a = exact_24(rows, cols, dtype, seed=rows + cols)
     need = compressed_numel(rows, cols)
     buffer, meta = compress24(a, "cusparselt", numel=need + 40)
-    assert meta is None and buffer.shape == (need + 40,) and buffer.dtype == dtype
+    assert meta is None and buffer.shape == (rows, -(-(need + 40) // rows)) and buffer.dtype == dtype
+    buffer = buffer.view(-1)
     values = buffer[: rows * cols // 2].view(rows, cols // 2)
     assert torch.equal(values, sparse_semi_structured_from_dense_cutlass(a)[0])
     words = buffer[rows * cols // 2 : need].view(torch.int16).long() & 0xFFFF
@@ -252,25 +253,31 @@ def _word_positions(rows: int, cols: int) -> torch.Tensor:
     return positions.view(rows, cols // 16)
 
 
-SPARE = 8  # elements the emulated library's buffer has past the metadata
+def _library_numel(rows: int, cols: int) -> int:
+    """The emulated library's buffer size: ``[rows, 9 cols / 16 + 1]``, one column past the metadata."""
+    return rows * (cols * 9 // 16 + 1)
 
 
 def _tile_layout_compress(a: torch.Tensor) -> torch.Tensor:
     """An emulated ``torch._cslt_compress`` that writes the tile kernel's layout (built from the
     oracle, not from ``compress24``)."""
     rows, cols = a.shape
-    buffer = a.new_zeros(compressed_numel(rows, cols) + SPARE)
+    out = a.new_zeros(rows, _library_numel(rows, cols) // rows)
+    buffer = out.view(-1)
     buffer[: rows * cols // 2] = sparse_semi_structured_from_dense_cutlass(a)[0].view(-1)
     word = (codes(a).view(rows, cols // 16, 4) << (4 * torch.arange(4))).sum(-1)
     meta = buffer[rows * cols // 2 : compressed_numel(rows, cols)].view(torch.int16)
     meta[_word_positions(rows, cols).view(-1)] = word.view(-1).to(torch.int16)
-    return buffer
+    return out
 
 
 def _tile_layout_mm(buffer: torch.Tensor, b: torch.Tensor, bias=None, transpose_result=False, alg_id=0):
-    """An emulated ``torch._cslt_sparse_mm`` reading the tile kernel's layout: ``A`` ``[R, K]``, ``b`` ``[K, N]``."""
+    """An emulated ``torch._cslt_sparse_mm`` reading the tile kernel's layout: ``A`` ``[R, K]`` compressed
+    into ``[R, S]``, ``b`` ``[K, N]``."""
     cols = b.shape[0]
-    rows = (buffer.numel() - SPARE) * 16 // (9 * cols)
+    assert buffer.dim() == 2, "compressed_A.dim() == 2"  # cuSPARSELtOps.cpp's TORCH_INTERNAL_ASSERT
+    rows = buffer.shape[0]
+    buffer = buffer.view(-1)
     values = buffer[: rows * cols // 2].view(rows, cols // 4, 2)
     word = buffer[rows * cols // 2 : compressed_numel(rows, cols)].view(torch.int16).long() & 0xFFFF
     code = (word[_word_positions(rows, cols)].unsqueeze(-1) >> (4 * torch.arange(4))) & 0xF
@@ -313,7 +320,7 @@ def test_layout_check_takes_a_library_with_that_layout(tile_layout_library, dtyp
     """Where the library's own compression multiplies as ``compress24``'s, the check returns the
     library's buffer size (the one ``compress24`` then fills), quietly."""
     numel = sparse24._layout_check(128, 256, dtype, torch.device("cpu"))
-    assert numel == compressed_numel(128, 256) + SPARE
+    assert numel == _library_numel(128, 256)
     assert tile_layout_library == [(128, 256)]
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
 
@@ -346,7 +353,7 @@ def test_compress_writes_the_checked_layout_once_per_shape(tile_layout_library, 
     for _ in range(2):
         packed = sparse24.compress(a)
         assert packed.meta is None
-        assert torch.equal(packed.packed, compress24(a, "cusparselt", numel=compressed_numel(128, 256) + SPARE)[0])
+        assert torch.equal(packed.packed, compress24(a, "cusparselt", numel=_library_numel(128, 256))[0])
         assert torch.equal(sparse24.compressed_mm(packed, b), (a.float() @ b.float()).half())
     assert tile_layout_library == [(128, 256)]  # the check's probe; the operands never went to the library
 

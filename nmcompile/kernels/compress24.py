@@ -123,8 +123,9 @@ def outputs(
     rows: int, cols: int, dtype: torch.dtype, device: torch.device, layout: str, numel: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
     """The values and metadata tensors a ``[rows, cols]`` compression in ``layout`` writes, and what
-    it returns: CUTLASS's ``(values, meta)``, or cuSPARSELt's one buffer of ``numel`` elements (zeros
-    past the metadata) and ``None``. Checks the layout, dtype and shape."""
+    it returns: CUTLASS's ``(values, meta)``, or cuSPARSELt's one buffer and ``None``: ``[R, S]`` with
+    ``S`` the fewest columns that hold ``numel`` elements (zeros past the metadata), the 2-D shape
+    ``torch._cslt_compress`` returns and ``torch._cslt_sparse_mm`` asserts. Checks the layout, dtype and shape."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if dtype not in (torch.float16, torch.bfloat16):
@@ -140,17 +141,18 @@ def outputs(
     numel = need if numel is None else numel
     if numel < need:
         raise ValueError(f"numel={numel} cannot hold {need} elements of values and metadata")
-    buffer = torch.empty(numel, dtype=dtype, device=device)
-    buffer[need:].zero_()
-    values, meta = buffer[: rows * cols // 2].view(rows, cols // 2), buffer[rows * cols // 2 : need].view(torch.int16)
+    buffer = torch.empty(rows, -(-numel // rows), dtype=dtype, device=device)  # [R, S], as the library's
+    flat = buffer.view(-1)
+    flat[need:].zero_()
+    values, meta = flat[: rows * cols // 2].view(rows, cols // 2), flat[rows * cols // 2 : need].view(torch.int16)
     return values, meta, (buffer, None)
 
 
 def compress24(a: torch.Tensor, layout: str, *, numel: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``a`` ``[R, C]`` (2:4 along ``C``, fp16/bf16) compressed in ``layout``: CUTLASS's
     ``(values [R, C/2], meta int16 [R, C/16])`` (``R`` a multiple of 32, ``C`` of 64), or
-    cuSPARSELt's one buffer and ``None`` (``R``, ``C`` multiples of 128), of ``numel`` elements
-    (at least ``compressed_numel``; zeros past the metadata)."""
+    cuSPARSELt's one buffer ``[R, S]`` and ``None`` (``R``, ``C`` multiples of 128), holding at least
+    ``numel`` elements (at least ``compressed_numel``; zeros past the metadata)."""
     check_tensor("a", a, 2, (torch.float16, torch.bfloat16))
     R, C = a.shape
     values, meta, result = outputs(R, C, a.dtype, a.device, layout, numel)

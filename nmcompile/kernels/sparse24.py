@@ -222,6 +222,11 @@ def search_alg(
     return int(torch._cslt_sparse_mm_search(a.packed, b_pad, bias=bias, transpose_result=transpose_result))
 
 
+SEARCH_MIN_MACS = 1 << 30
+"""``fastest_alg`` searches problems of at least this many multiply-adds; smaller ones run algorithm 0.
+A product of 2^30 multiply-adds takes a few microseconds on an sm90 GPU, where launching dominates
+and no algorithm choice repays the search's many timed runs."""
+
 _FASTEST: dict[tuple, int] = {}
 """``search_alg``'s answer per GEMM problem, as Triton's autotuner keeps its timings: one search per
 shape and layout in a process. On an H200 cuSPARSELt's algorithm 0 ran the FFN's 2:4 GEMMs no faster
@@ -231,7 +236,10 @@ than dense (1.01x); the fastest one 1.5x faster (docs/benchmarks.md)."""
 def fastest_alg(
     a: Compressed, b: torch.Tensor, *, bias: torch.Tensor | None = None, transpose_result: bool = False
 ) -> int:
-    """``search_alg`` for this problem (library, shapes, dtype, ``b``'s layout, bias, result layout), searched once."""
+    """``search_alg`` for this problem (library, shapes, dtype, ``b``'s layout, bias, result layout), searched
+    once; 0 for problems under ``SEARCH_MIN_MACS``."""
+    if a.rows * a.cols * b.shape[1] < SEARCH_MIN_MACS:
+        return 0
     key = (
         a.meta is None, a.rows, a.cols, b.shape[1], a.dtype, b.is_contiguous(), bias is not None, transpose_result,
         b.device,
