@@ -1,29 +1,34 @@
 #!/usr/bin/env bash
-# The GPU checks of docs/benchmarks.md in one call of a lent CUDA machine (stage limits add up to 9 min
-# 40 s: run it with timeout_s 600 as a session's first device call, the tests alone where less is left).
+# The GPU checks of docs/benchmarks.md in one call of a lent CUDA machine (the default stages' limits add
+# up to 8 min 40 s: run it with timeout_s 600 as a session's first device call).
 #
 # Runs in the repository root under the machine's own python3 (its torch and triton; nothing can be
-# installed there): installs nmcompile without dependencies, then, each stage with its own time
-# limit so that a slow one cannot take the rest with it:
-#   1. the CUDA-only tests (they skip in CI) and the kernel tests that matter most on CUDA tensors;
-#   2. python -m benchmarks.step --device cuda --size full, FFN block (step and per-GEMM rows);
-#   3. python -m benchmarks.parts24: each piece of the 2:4 ops timed alone (Triton compression included);
-#   4. python -m benchmarks.split: fused Triton GEMMs against operand + cuBLAS at 128, 512 and 2048 tokens;
-#   5. the step benchmark for the ResNet block;
-#   and, only when named in STAGES: bench_graphs, the FFN step rows under torch.compile's
-#   mode="reduce-overhead" (CUDA graphs around the sparse ops, which stay out of them).
-# STAGES (default "cuda_tests bench_ffn parts24 split bench_resnet") picks and orders the stages, so a
-# second device call can run what the first left out: STAGES="bench_graphs bench_resnet".
-# Logs and the FFN JSON go to $OUT (the device tool brings back 8 files: env.txt, stages.txt, the FFN
-# JSON and at most 5 stage logs), or to ./gpu-checks without it.
+# installed there): installs nmcompile without dependencies, then runs the stages named in STAGES, each
+# under its own time limit so that a slow one cannot take the rest with it:
+#   cslt_dump     python -m benchmarks.cslt_dump: the library's own 2:4 compression of known operands,
+#                 saved to $OUT/cslt_layout.pt for working out the GPU's cuSPARSELt layout on a CPU;
+#   cuda_tests    the CUDA-only tests (they skip in CI) and the kernel tests that matter most on CUDA
+#                 tensors, each test in a pytest process of its own;
+#   parts24       python -m benchmarks.parts24: each piece of the 2:4 ops timed alone;
+#   bench_resnet  the step benchmark for the ResNet block;
+#   split         python -m benchmarks.split: fused Triton GEMMs against operand + cuBLAS at 128, 512
+#                 and 2048 tokens;
+#   and, only when named: bench_ffn (the FFN step and per-GEMM rows, 190 s), bench_steps (the FFN
+#   step rows alone), cslt_probe (python -m benchmarks.cslt_probe: which cuSPARSELt products and
+#   searches this GPU runs) and bench_graphs (the FFN step rows under torch.compile's
+#   mode="reduce-overhead": CUDA graphs around the sparse ops, which stay out of them).
+# STAGES (default "cslt_dump cuda_tests parts24 bench_resnet split") picks and orders the stages, so
+# a second device call can run what the first left out: STAGES="bench_ffn bench_graphs".
+# Logs, the FFN JSON and the layout dump go to $OUT (the device tool brings back 8 files: env.txt,
+# stages.txt and at most 6 more), or to ./gpu-checks without it.
 # Usage: [STAGES="..."] bash benchmarks/gpu_checks.sh [python]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-python3}
-STAGES=${STAGES:-"cuda_tests bench_ffn parts24 split bench_resnet"}
+STAGES=${STAGES:-"cslt_dump cuda_tests parts24 bench_resnet split"}
 OUT=${OUT:-gpu-checks}
 mkdir -p "$OUT"
-for name in cuda_tests cslt_probe bench_ffn bench_steps split parts24 bench_resnet bench_graphs; do rm -f "$OUT/$name.log"; done
+for name in cslt_dump cuda_tests cslt_probe bench_ffn bench_steps split parts24 bench_resnet bench_graphs; do rm -f "$OUT/$name.log"; done
 : >"$OUT/stages.txt"  # this run's stages only (./gpu-checks may hold an earlier run's)
 export PYTHONUNBUFFERED=1
 
@@ -60,20 +65,21 @@ CUDA_TESTS=(
     "tests/test_sparse24.py::test_semi_structured_mm_on_cuda"
     "tests/test_sparse24.py::test_searched_alg_gives_the_same_product_on_cuda"
     "tests/test_sparse24.py::test_sparse24_trains_like_portable_on_cuda"
-    "tests/test_sparse24.py::test_backward_operand_is_w_times_b_in_place"
     "tests/test_kernels.py::test_real_sizes_on_cuda"
     "tests/test_lowering.py::test_auto_lowers_on_cuda_under_autocast"
     "tests/test_kernels.py::test_split_ops_at_real_sizes_on_cuda"
     "tests/test_kernels.py::test_permutation_scores_exact"
     "tests/test_kernels.py::test_portable_mvue_op_on_cuda_prunes_as_on_the_cpu"
+    "tests/test_sparse24.py::test_backward_operand_is_w_times_b_in_place"
 )
 # shellcheck disable=SC2016  # expanded by the inner bash
 EACH_TEST='py=$1; shift; rc=0; for t in "$@"; do "$py" -m pytest -q -p no:cacheprovider -rA --timeout 120 "$t" || rc=1; done; exit $rc'
 
 for name in $STAGES; do
     case $name in
-        cuda_tests) stage cuda_tests 230 bash -c "$EACH_TEST" each_test "$PY" "${CUDA_TESTS[@]}" ;;
+        cuda_tests) stage cuda_tests 300 bash -c "$EACH_TEST" each_test "$PY" "${CUDA_TESTS[@]}" ;;
         cslt_probe) stage cslt_probe 60 "$PY" -m benchmarks.cslt_probe --jobs 12 ;;
+        cslt_dump) stage cslt_dump 30 "$PY" -m benchmarks.cslt_dump "$OUT/cslt_layout.pt" ;;
         bench_steps)
             stage bench_steps 120 "$PY" -m benchmarks.step --device cuda --size full --block ffn --no-gemm --json "$OUT/ffn.json" ;;
         bench_ffn) stage bench_ffn 190 "$PY" -m benchmarks.step --device cuda --size full --block ffn --json "$OUT/ffn.json" ;;

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -288,3 +289,32 @@ def test_parts24_device_time_sums_the_events_of_one_device():
     assert parts24.device_ms(events, 3) == 0.0  # no CUDA events on this machine
     assert parts24._cell(lambda fn: fn(), lambda: 1.5) == "1.500"
     assert parts24._cell(lambda fn: fn(), lambda: 1 / 0) == "failed: ZeroDivisionError"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cslt_dump_fixed_operand_keeps_places_1_and_2_with_exact_integers(dtype):
+    """``cslt_dump``'s decodable operand: every group of four keeps places 1 and 2, and each kept
+    value is an integer 1..251 that the dtype holds exactly (so a buffer's values can be traced)."""
+    from benchmarks.cslt_dump import fixed_places
+
+    a = fixed_places(128, 256, dtype)
+    groups = a.float().view(128, 64, 4)
+    assert not groups[..., 0].any() and not groups[..., 3].any()
+    kept = groups[..., 1:3].reshape(-1)
+    assert torch.equal(kept, torch.arange(1, kept.numel() + 1).remainder(251).add(1).float())
+
+
+def test_cslt_probe_reports_a_failed_case_in_its_row():
+    """``cslt_probe`` runs each case (shape, dtype, ``b`` layout, bias, result layout) in a process of
+    its own, and a case that fails shows what it printed and the error that ended it."""
+    from benchmarks import cslt_probe
+
+    def fake_run(args, capture_output, text, timeout):
+        assert args[1] == "-c" and args[2] == cslt_probe.CASE and len(args) == 10
+        failed = args[-4:] == ["float16", "0", "0", "1"]
+        return subprocess.CompletedProcess(args, 1 if failed else 0, "alg 0: rel err 1e-03\n", "RuntimeError: boom\n")
+
+    with mock.patch.object(cslt_probe.subprocess, "run", fake_run):
+        case = (128, 256, 64, "float16", False, False, True)
+        assert cslt_probe.run_case(case) == (case, "alg 0: rel err 1e-03 -> FAILED after that: RuntimeError: boom")
+        assert cslt_probe.run_case((128, 256, 64, "bfloat16", False, False, True))[1] == "alg 0: rel err 1e-03"

@@ -334,9 +334,8 @@ def test_search_alg_picks_the_library_algorithm(emulated_24_library, monkeypatch
 def test_semi_structured_mm_runs_the_fastest_alg_searched_once(emulated_24_library, monkeypatch):
     """``semi_structured_mm`` runs the algorithm cuSPARSELt's search finds fastest (algorithm 0 ran the
     H200's FFN GEMMs no faster than dense), searching once per problem: shape, ``b``'s layout, bias;
-    problems under ``SEARCH_MIN_MACS`` run algorithm 0 unsearched."""
+    fp16 with a transposed result runs algorithm 0 unsearched (``search_fails``)."""
     monkeypatch.setattr(sparse24, "_FASTEST", {})
-    monkeypatch.setattr(sparse24, "SEARCH_MIN_MACS", 20 * 40 * 30)
     w, b = _ints(20, 40, 0), _ints(40, 30, 1).bfloat16()
     a = torch.where(reference.nm_mask(w, 2, 4, 1), w, 0.0).bfloat16()
     if emulated_24_library == "cutlass":  # one algorithm: nothing to search
@@ -351,8 +350,11 @@ def test_semi_structured_mm_runs_the_fastest_alg_searched_once(emulated_24_libra
     sparse24.semi_structured_mm(a, b.t().contiguous().t(), transpose_result=True)
     sparse24.semi_structured_mm(a, b, bias=torch.ones(20), transpose_result=True)
     assert len(calls) == 3 * (EMULATED_ALGS + 1) + 1 and len(sparse24._FASTEST) == 3
-    sparse24.semi_structured_mm(a, b[:, :29], transpose_result=True)  # one multiply-add short
-    assert calls[-1] == 0 and len(calls) == 3 * (EMULATED_ALGS + 1) + 2 and len(sparse24._FASTEST) == 3
+    half = sparse24.semi_structured_mm(a.half(), b.half(), transpose_result=True)
+    assert calls[-1] == 0 and len(calls) == 3 * (EMULATED_ALGS + 1) + 2 and len(sparse24._FASTEST) == 4
+    assert torch.equal(half, (a.float() @ b.float()).half().t())
+    sparse24.semi_structured_mm(a.half(), b.half())  # fp16, result not transposed: searched
+    assert calls[-EMULATED_ALGS - 1 :] == [*range(EMULATED_ALGS), EMULATED_ALGS - 1] and len(sparse24._FASTEST) == 5
 
 
 def test_dense_operand_copies_only_what_the_libraries_cannot_read():

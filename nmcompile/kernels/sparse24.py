@@ -215,17 +215,13 @@ def search_alg(
     a: Compressed, b: torch.Tensor, *, bias: torch.Tensor | None = None, transpose_result: bool = False
 ) -> int:
     """The ``alg_id`` of cuSPARSELt's fastest algorithm for ``compressed_mm(a, b, ...)``, which
-    ``torch._cslt_sparse_mm_search`` finds by timing each on these operands; 0 under CUTLASS."""
+    ``torch._cslt_sparse_mm_search`` finds by timing each on these operands; 0 under CUTLASS, and 0
+    unsearched where the search is known to fail (``search_fails``)."""
     b_pad, bias = _dense_operands(a, b, bias)
-    if a.meta is not None:
+    if a.meta is not None or search_fails(a.dtype, transpose_result):
         return 0
     return int(torch._cslt_sparse_mm_search(a.packed, b_pad, bias=bias, transpose_result=transpose_result))
 
-
-SEARCH_MIN_MACS = 1 << 30
-"""``fastest_alg`` searches problems of at least this many multiply-adds; smaller ones run algorithm 0.
-A product of 2^30 multiply-adds takes a few microseconds on an sm90 GPU, where launching dominates
-and no algorithm choice repays the search's many timed runs."""
 
 _FASTEST: dict[tuple, int] = {}
 """``search_alg``'s answer per GEMM problem, as Triton's autotuner keeps its timings: one search per
@@ -233,13 +229,20 @@ shape and layout in a process. On an H200 cuSPARSELt's algorithm 0 ran the FFN's
 than dense (1.01x); the fastest one 1.5x faster (docs/benchmarks.md)."""
 
 
+def search_fails(dtype: torch.dtype, transpose_result: bool) -> bool:
+    """Whether cuSPARSELt's search is known to fail on this problem: fp16 with a transposed result.
+    On an H200 (torch 2.11.0+cu130, 2026-12-04, ``python -m benchmarks.cslt_probe``) every such
+    search raised an internal error, at every shape, ``b`` layout and bias tried, and a later call
+    then met an illegal instruction that ended the process's CUDA context; algorithm 0 and bf16
+    searches all ran right. The 2:4 forward and input gradient multiply with a transposed result."""
+    return dtype == torch.float16 and transpose_result
+
+
 def fastest_alg(
     a: Compressed, b: torch.Tensor, *, bias: torch.Tensor | None = None, transpose_result: bool = False
 ) -> int:
     """``search_alg`` for this problem (library, shapes, dtype, ``b``'s layout, bias, result layout), searched
-    once; 0 for problems under ``SEARCH_MIN_MACS``."""
-    if a.rows * a.cols * b.shape[1] < SEARCH_MIN_MACS:
-        return 0
+    once."""
     key = (
         a.meta is None, a.rows, a.cols, b.shape[1], a.dtype, b.is_contiguous(), bias is not None, transpose_result,
         b.device,

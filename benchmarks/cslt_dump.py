@@ -1,0 +1,45 @@
+"""The GPU's own cuSPARSELt compression of known 2:4 operands, saved for study on a CPU.
+
+On an H200 (torch 2.11.0+cu130, 2026-12-04) cuSPARSELt did not read ``compress24``'s buffer (PyTorch's
+sm8x layout), so the ops compress with ``torch._cslt_compress`` there. This saves, per shape and
+dtype, a few random 2:4 operands (``sparse24.random_24``) and one whose every group keeps the same
+two places, with the library's buffers (``[R, S]``, read as int16), so that the sm90 layout can be
+worked out against ``tests/_tile24.py`` without a GPU.
+Usage: python -m benchmarks.cslt_dump OUT.pt
+"""
+
+import sys
+
+import torch
+
+from nmcompile.kernels.sparse24 import random_24
+
+SHAPES = ((128, 128), (128, 256), (256, 128), (256, 512), (384, 256))
+SEEDS = (0, 1, 2)
+
+
+def fixed_places(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """A 2:4 operand keeping places 1 and 2 of every group, each kept value its own small integer."""
+    values = torch.arange(1, rows * cols // 2 + 1, dtype=torch.float32).remainder_(251).add_(1)
+    dense = torch.zeros(rows, cols // 4, 4)
+    dense[..., 1:3] = values.view(rows, cols // 4, 2)
+    return dense.view(rows, cols).to(dtype)
+
+
+def main() -> None:
+    """Compresses each operand on the GPU and saves ``{(rows, cols, dtype name, seed or 'fixed'): (dense, buffer)}``."""
+    if len(sys.argv) != 2 or not torch.cuda.is_available():
+        sys.exit("usage (needs CUDA and cuSPARSELt): python -m benchmarks.cslt_dump OUT.pt")
+    saved = {}
+    for (rows, cols), dtype in ((s, d) for s in SHAPES for d in (torch.float16, torch.bfloat16)):
+        operands = {seed: random_24(rows, cols, dtype, "cuda", seed=seed) for seed in SEEDS}
+        operands["fixed"] = fixed_places(rows, cols, dtype).cuda()
+        for key, dense in operands.items():
+            buffer = torch._cslt_compress(dense)
+            saved[rows, cols, str(dtype).removeprefix("torch."), key] = (dense.cpu(), buffer.view(torch.int16).cpu())
+    torch.save({"torch": torch.__version__, "device": torch.cuda.get_device_name(), "operands": saved}, sys.argv[1])
+    print(f"saved {len(saved)} operands and their cuSPARSELt buffers to {sys.argv[1]}")
+
+
+if __name__ == "__main__":
+    main()
