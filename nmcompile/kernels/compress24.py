@@ -16,7 +16,8 @@ one row; where it goes:
   the layout PyTorch's ``_sparse_semi_structured_tile`` writes for cuSPARSELt
   (``MetadataCuSparseLt``, which its authors reverse-engineered), so ``sparse24`` takes it only
   after checking it against ``torch._cslt_compress`` on the GPU at hand (``sparse24.compress``).
-  It needs ``R`` and ``C`` to be multiples of 128.
+  The H200's cuSPARSELt (torch 2.11) reads another layout, so there the check declines it. It
+  needs ``R`` and ``C`` to be multiples of 128, and the buffer is ``[R, S]``, as the library's.
 
 Tiling: each program owns ``BLOCK_R`` rows by ``BLOCK_C`` columns, loads them along ``C`` and
 splits the groups of four into their entries in registers (``tl.split``), so no data moves

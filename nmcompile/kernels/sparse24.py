@@ -3,7 +3,8 @@ on PyTorch's semi-structured support: cuSPARSELt (``torch._cslt_sparse_mm``) whe
 it, else CUTLASS (``torch._sparse_semi_structured_mm``, sm8x only). fp16/bf16 on sm80+ (Ampere,
 Hopper). The Triton kernel ``compress24`` compresses ``A`` in one pass: in CUTLASS's layout, and
 in cuSPARSELt's for shapes that are multiples of 128 once a check on the GPU at hand finds it
-equal to ``torch._cslt_compress``'s (which compresses everything else). The MVUE kernel writes the
+equal to ``torch._cslt_compress``'s (which compresses everything else; on the H200, every
+shape, since its cuSPARSELt reads another layout). The MVUE kernel writes the
 weight gradient's operand compressed itself where ``triton_layout`` allows (``kernels.ops``).
 
 Both libraries want ``A`` and ``B`` padded to tile multiples; zero rows and columns keep ``A`` 2:4,
