@@ -430,3 +430,55 @@ def test_compress24_multiplies_as_the_library_compression_on_cuda(dtype, shape, 
         assert torch.equal(
             torch._sparse_semi_structured_mm(values, meta, b), torch._sparse_semi_structured_mm(ref_values, ref_meta, b)
         )
+
+
+def _emulated_dump(shapes, compress) -> dict:
+    """A ``cslt_dump`` file's contents with ``compress`` as the library's compression."""
+    from benchmarks.cslt_dump import fixed_places
+
+    operands = {}
+    for rows, cols in shapes:
+        for seed in (0, 1, 2):
+            dense = sparse24.random_24(rows, cols, torch.float16, "cpu", seed=seed)
+            operands[rows, cols, "float16", seed] = (dense, compress(dense).view(torch.int16))
+        fixed = fixed_places(rows, cols, torch.float16)
+        operands[rows, cols, "float16", "fixed"] = (fixed, compress(fixed).view(torch.int16))
+    return {"torch": torch.__version__, "device": "emulated", "operands": operands}
+
+
+def test_cslt_layout_finds_the_tile_kernel_layout_where_the_library_writes_it(capsys):
+    """``benchmarks.cslt_layout`` on buffers in PyTorch's sm8x layout (the transcribed tile kernel's,
+    not ``compress24``'s): every value and word located, values row-major, words at ``compress24``'s places."""
+    from benchmarks import cslt_layout
+
+    maps = cslt_layout.report(_emulated_dump([(128, 128), (256, 128)], _tile_layout_compress))
+    printed = capsys.readouterr().out
+    assert "[128, 128] float16: values matched 8192/8192 (row-major: True); words matched 1024/1024" in printed
+    assert "[256, 128] float16, places 1 and 2 kept: 2048 words of that code after the values (2048 expected)" in printed
+    assert "at offsets 0 to 2047 past them" in printed
+    assert printed.count("(PyTorch's sm8x places: True)") == 2
+    positions = _word_positions(256, 128).view(-1)  # buffer place of each row-major word
+    assert torch.equal(maps[256, 128, "float16"]["meta"][positions], torch.arange(256 * 128 // 16))
+
+
+def test_cslt_layout_recovers_another_layout():
+    """On a library that puts the metadata words in another order (a fixed random permutation of
+    the sm8x places), the maps give that order, and the report says they are not sm8x's."""
+    from benchmarks import cslt_layout
+
+    rows, cols = 128, 256
+    half, words = rows * cols // 2, rows * cols // 16
+    order = torch.randperm(words, generator=torch.Generator().manual_seed(4))
+
+    def shuffled(dense: torch.Tensor) -> torch.Tensor:
+        flat = _tile_layout_compress(dense).view(-1).clone()
+        flat[half : half + words] = flat[half : half + words][order]
+        return flat.view(rows, -1)
+
+    found = cslt_layout.report(_emulated_dump([(rows, cols)], shuffled))[rows, cols, "float16"]
+    tile = cslt_layout.layout_map(
+        [sparse24.random_24(rows, cols, torch.float16, "cpu", seed=s) for s in (0, 1, 2)],
+        [_tile_layout_compress(sparse24.random_24(rows, cols, torch.float16, "cpu", seed=s)) for s in (0, 1, 2)],
+    )["meta"]
+    assert torch.equal(found["meta"], tile[order]) and (found["meta"] >= 0).all()
+    assert torch.equal(found["values"], torch.arange(half))
