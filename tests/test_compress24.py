@@ -454,8 +454,8 @@ def test_cslt_layout_finds_the_tile_kernel_layout_where_the_library_writes_it(ca
     maps = cslt_layout.report(_emulated_dump([(128, 128), (256, 128)], _tile_layout_compress))
     printed = capsys.readouterr().out
     assert "[128, 128] float16: values matched 8192/8192 (row-major: True); words matched 1024/1024" in printed
-    assert "[256, 128] float16, places 1 and 2 kept: 2048 words of that code after the values (2048 expected)" in printed
-    assert "at offsets 0 to 2047 past them" in printed
+    fixed = "[256, 128] float16, places 1 and 2 kept: 2048 words of that code after the values (2048 expected)"
+    assert f"{fixed}, at offsets 0 to 2047 past them" in printed
     assert printed.count("(PyTorch's sm8x places: True)") == 2
     positions = _word_positions(256, 128).view(-1)  # buffer place of each row-major word
     assert torch.equal(maps[256, 128, "float16"]["meta"][positions], torch.arange(256 * 128 // 16))
