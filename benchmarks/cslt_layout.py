@@ -7,9 +7,11 @@ has fewer patterns, so some stay ambiguous); matching the tuples found in the li
 against the operands' own locates each slot and word in the buffer. A value slot is ``(r, j)``:
 the ``j``-th kept entry of row ``r`` (two per group of four, in column order); a metadata word is
 ``(r, w)``: the 4-bit codes (``idx0 | idx1 << 2``) of row ``r``'s groups ``4w .. 4w + 3``, the
-first in the low bits. Prints, per shape, how many positions matched and whether the values are
-row-major and the words sit where ``compress24`` puts them (PyTorch's sm8x layout), and where the
-operand that keeps places 1 and 2 everywhere has its (all equal) words; ``--save`` writes the maps
+first in the low bits. Prints, per shape, how many positions matched, whether the values are
+row-major, which of ``compress24``'s cuSPARSELt layouts (PyTorch's sm8x one, torchao's sm90 one)
+writes the library's buffers bit for bit, and where the operand that keeps places 1 and 2
+everywhere has its (all equal) words; a layout whose words mix codes of several rows, as sm90's
+does, matches no word; ``--save`` writes the maps
 (buffer position -> slot or word index, -1 where unmatched) for working out a closed form.
 """
 
@@ -64,12 +66,22 @@ def layout_map(dense: list[torch.Tensor], buffers: list[torch.Tensor]) -> dict[s
     return {"values": values, "meta": meta}
 
 
-def sm8x_map(dense: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The same maps for ``compress24``'s cuSPARSELt layout (PyTorch's sm8x one), from the kernel run
-    on the same operands (on a CPU under ``TRITON_INTERPRET=1``)."""
-    from nmcompile.kernels.compress24 import compress24
+def same_as_compress24(dense: list[torch.Tensor], buffers: list[torch.Tensor]) -> dict[str, bool]:
+    """Per cuSPARSELt layout of ``compress24`` (run on a CPU under ``TRITON_INTERPRET=1``), whether its
+    values and metadata are the library's, bit for bit, for every operand (shapes of multiples of 128)."""
+    from nmcompile.kernels.compress24 import LAYOUTS, compress24
 
-    return layout_map(dense, [compress24(d, "cusparselt")[0] for d in dense])
+    rows, cols = dense[0].shape
+    end = compressed_numel(rows, cols)
+    return {
+        layout: rows % 128 == 0
+        and cols % 128 == 0
+        and all(
+            torch.equal(compress24(d, layout)[0].reshape(-1).view(torch.int16)[:end], b.reshape(-1)[:end])
+            for d, b in zip(dense, buffers, strict=True)
+        )
+        for layout in LAYOUTS[1:]
+    }
 
 
 def report(dump: dict) -> dict[tuple, dict[str, torch.Tensor]]:
@@ -93,13 +105,11 @@ def report(dump: dict) -> dict[tuple, dict[str, torch.Tensor]]:
         found = layout_map([d for d, _ in pairs], [b for _, b in pairs])
         half = rows * cols // 2
         row_major = torch.equal(found["values"], torch.arange(half))
-        sm8x = (
-            rows % 128 == 0 and cols % 128 == 0 and torch.equal(found["meta"], sm8x_map([d for d, _ in pairs])["meta"])
-        )
+        same = same_as_compress24([d for d, _ in pairs], [b for _, b in pairs])
         print(
             f"[{rows}, {cols}] {dtype}: values matched {(found['values'] >= 0).sum()}/{half}"
-            f" (row-major: {row_major}); words matched {(found['meta'] >= 0).sum()}/{rows * cols // 16}"
-            f" (PyTorch's sm8x places: {sm8x})"
+            f" (row-major: {row_major}); words matched {(found['meta'] >= 0).sum()}/{rows * cols // 16};"
+            f" the buffers are compress24's in {', '.join(k for k, v in same.items() if v) or 'no layout'}"
         )
         maps[rows, cols, dtype] = found
     return maps

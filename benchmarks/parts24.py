@@ -176,12 +176,12 @@ def main() -> None:
         print(f"| {name} | {_cell(median_ms, fn)} | {_cell(kernel_ms, fn)} | {_cell(host_ms, fn)} |", flush=True)
     from nmcompile.kernels import sparse24
 
-    declined = [f"[{r}, {c}]" for (r, c, _, _), numel in sparse24._CHECKED.items() if numel is None]
-    if declined:
+    checked = {f"[{r}, {c}]": found[0] if found else None for (r, c, _, _), found in sparse24._CHECKED.items()}
+    print("\nLayout check: " + "; ".join(f"{shape}: {layout or 'declined'}" for shape, layout in checked.items()))
+    if None in checked.values():
         print(
-            f"\nThe layout check declined {', '.join(declined)} on this GPU: there the ops compress with "
-            "torch._cslt_compress, and the 'written compressed' rows time the kernels writing PyTorch's "
-            "sm8x cuSPARSELt layout, which this GPU's cuSPARSELt does not read."
+            "Where it declined the ops compress with torch._cslt_compress, and the 'written compressed' rows "
+            "time the kernels writing PyTorch's sm8x cuSPARSELt layout, which this GPU's cuSPARSELt does not read."
         )
 
 

@@ -1,8 +1,10 @@
 """An independent oracle of the 2:4 metadata layouts: PyTorch's ``_sparse_semi_structured_tile``
 CUDA kernel (``SparseSemiStructuredPack.h``, ``SparseSemiStructuredTile.cu``) transcribed lane by
 lane, warp shuffles included, with its two metadata stores (``MetadataCutlass``,
-``MetadataCuSparseLt``). Given the 4-bit codes of a 2:4 operand it returns the flat 16-bit
-metadata buffer that kernel writes. Slow (Python loops): small shapes only."""
+``MetadataCuSparseLt``); and torchao's sm90 sparsify kernel for cuSPARSELt's 16-bit operands
+(``sparse24_sm90_sparsify.cu``, ``MetadataCusparseLt16bits`` and ``store_metadata_reordered`` in
+``warp_tensor.h``). Given the 4-bit codes of a 2:4 operand each returns the flat 16-bit metadata
+buffer that kernel writes. Slow (Python loops): small shapes only."""
 
 from __future__ import annotations
 
@@ -80,6 +82,56 @@ def tile_kernel_meta(code: torch.Tensor, layout: str) -> torch.Tensor:
                     base = offset_of(bx * WARP_ROWS, tx * THREAD, by * WARP_COLS, ty * THREAD, rows) + 32 * half
                     at = base + 2 * ((1 - left) + 2 * bottom) * 4  # uint32 index into 16-bit words
                     out[at], out[at + 1] = word & 0xFFFF, word >> 16
+    if (out < 0).any():
+        raise AssertionError("the transcription left words unwritten")
+    return out
+
+
+SM90_BLOCK, SM90_WARPS = 64, 2  # MetadataCusparseLt16bits: kBlockSize0 = kBlockSize1, kNumWarpsPerCTA
+
+
+def sm90_kernel_meta(code: torch.Tensor) -> torch.Tensor:
+    """The flat int64 buffer of 16-bit metadata words torchao's sm90 kernel writes for cuSPARSELt
+    (fp16/bf16) for the codes ``code`` ``[R, C/4]``. Per 64x64 block: each 8-column byte (two codes,
+    the first in the low nibble) goes through shared memory; then each warp takes 32 columns, 16
+    rows at a time (``WarpTensor<uint8_t, 16, 4>``: lane ``l`` holds row ``l / 2``, bytes
+    ``2 (l % 2)`` and ``+ 1``), swaps nibbles with lane ``l ^ 16`` and bytes with lane ``l ^ 1``,
+    and stores 16 bits at byte ``(l % 2) 4 + ((l % 16) / 2) 8 + (l / 16) 2`` past ``idx``."""
+    rows, cols = code.shape[0], code.shape[1] * 4
+    out = torch.full((rows * cols // 16,), -1, dtype=torch.int64)
+    code = code.tolist()
+
+    def byte(r: int, chunk: int) -> int:  # sparsify_pack: codes of the groups 2 chunk, 2 chunk + 1
+        return code[r][2 * chunk] | (code[r][2 * chunk + 1] << 4)
+
+    for block_row in range(0, rows, SM90_BLOCK):
+        for block_col in range(0, cols, SM90_BLOCK):
+            for warp in range(SM90_WARPS):
+                warp_col = warp * 32
+                for it_row in range(0, SM90_BLOCK, 16):
+                    step0 = {}
+                    for lane in range(32):  # load_32bits: data[0], data[1] from shared memory
+                        r = block_row + it_row + lane // 2
+                        chunk = (block_col + warp_col) // 8 + 2 * (lane % 2)
+                        step0[lane] = byte(r, chunk) | (byte(r, chunk + 1) << 8)
+                    step1 = {}
+                    for lane, mine in step0.items():
+                        other = step0[lane ^ 16]
+                        if lane & 16:
+                            step1[lane] = (mine & 0xF0F0) | ((other >> 4) & 0x0F0F)
+                        else:
+                            step1[lane] = (mine & 0x0F0F) | ((other << 4) & 0xF0F0)
+                    current_col, current_row = block_col + warp_col, block_row + it_row
+                    idx = (current_col // 32) * 256 + (current_row % 8) * 8 + ((current_row % 64) // 16) * 64
+                    idx += (current_row // 64) * 8 * cols
+                    for lane, mine in step1.items():
+                        other = step1[lane ^ 1]
+                        if lane & 1:
+                            word = (mine & 0xFF00) | ((other >> 8) & 0x00FF)
+                        else:
+                            word = (mine & 0x00FF) | ((other << 8) & 0xFF00)
+                        at = idx + (lane % 2) * 4 + ((lane % 16) // 2) * 8 + (lane // 16) * 2  # bytes
+                        out[at // 2] = word
     if (out < 0).any():
         raise AssertionError("the transcription left words unwritten")
     return out

@@ -4,6 +4,7 @@ use in ``sparse24.compress``; and on CUDA against ``torch._cslt_compress``."""
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
@@ -15,7 +16,7 @@ from torch.sparse._semi_structured_conversions import (
 
 from nmcompile.kernels import sparse24
 from nmcompile.kernels.compress24 import compress24, compressed_numel
-from tests._tile24 import codes, tile_kernel_meta
+from tests._tile24 import codes, sm90_kernel_meta, tile_kernel_meta
 
 DTYPES = (torch.float16, torch.bfloat16)
 
@@ -91,9 +92,38 @@ def test_cusparselt_layout_is_pytorchs_tile_kernel_layout(dtype, shape):
     assert not buffer[need:].view(torch.int16).any()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(128, 128), (256, 384), (384, 256)])
+def test_cusparselt_sm90_layout_is_torchaos_sm90_kernel_layout(dtype, shape):
+    """cuSPARSELt's sm90 layout: the same row-major values, then the metadata where torchao's sm90
+    sparsify kernel puts it (transcribed lane by lane, ``tests/_tile24.py``), then zeros."""
+    rows, cols = shape
+    a = exact_24(rows, cols, dtype, seed=rows + cols + 1)
+    need = compressed_numel(rows, cols)
+    buffer = compress24(a, "cusparselt_sm90", numel=need + 40)[0].view(-1)
+    values = buffer[: rows * cols // 2].view(rows, cols // 2)
+    assert torch.equal(values, sparse_semi_structured_from_dense_cutlass(a)[0])
+    words = buffer[rows * cols // 2 : need].view(torch.int16).long() & 0xFFFF
+    assert torch.equal(words, sm90_kernel_meta(codes(a)))
+    assert not torch.equal(words, tile_kernel_meta(codes(a), "cusparselt"))
+    assert not buffer[need:].view(torch.int16).any()
+
+
+def test_sm90_transcription_places_every_code_once_in_its_16x32_tile():
+    """The sm90 oracle's own check: each group's code lands in exactly one nibble, and the 32 words
+    of each 16-row, 32-column tile hold exactly that tile's codes (as torchao's indexing says:
+    256 bytes per 64 rows of a 32-column strip, 64 per 16 rows)."""
+    rows, cols = 128, 128
+    positions = _nibble_positions(rows, cols, "cusparselt_sm90").view(rows, cols // 4)
+    assert torch.equal(positions.view(-1).sort().values, torch.arange(rows * cols // 4))
+    r, strip = torch.arange(rows)[:, None], (torch.arange(cols // 4) // 8)[None, :]
+    tile = (r // 64) * (cols // 32) * 4 + strip * 4 + (r % 64) // 16  # 128 nibbles (32 words) each
+    assert torch.equal(positions // 128, tile)
+
+
 def test_wide_offsets_give_the_same_buffers(monkeypatch):
     """With ``INDEX_LIMIT`` at 0 the kernels compute every offset in int64 (``WIDE``, for operands past
-    2³¹ entries): both layouts bit for bit as with int32 offsets, a strided operand and the MVUE
+    2³¹ entries): every layout bit for bit as with int32 offsets, a strided operand and the MVUE
     kernel's compressed output included."""
     from nmcompile.kernels import common
     from nmcompile.kernels.mvue import mvue_prune_compressed
@@ -105,8 +135,10 @@ def test_wide_offsets_give_the_same_buffers(monkeypatch):
         return [
             *compress24(a, "cutlass"),
             compress24(a, "cusparselt")[0],
+            compress24(a, "cusparselt_sm90")[0],
             *compress24(strided, "cutlass"),
             mvue_prune_compressed(a.t(), 2, 3, "mvue24", "cusparselt")[0],
+            mvue_prune_compressed(a.t(), 2, 3, "mvue24", "cusparselt_sm90")[0],
         ]
 
     narrow = run()
@@ -120,6 +152,7 @@ def test_wide_offsets_give_the_same_buffers(monkeypatch):
     ("layout", "T", "O", "dtype"),
     [
         ("cusparselt", 128, 128, torch.bfloat16),
+        ("cusparselt_sm90", 256, 128, torch.float16),
         ("cutlass", 64, 96, torch.float16),
         ("cutlass", 128, 32, torch.bfloat16),
     ],
@@ -137,7 +170,7 @@ def test_mvue_written_compressed_is_the_compressed_mvue(rule, layout, T, O, dtyp
             assert (a is None and b is None) or torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
-@pytest.mark.parametrize("layout", ["cutlass", "cusparselt"])
+@pytest.mark.parametrize("layout", ["cutlass", "cusparselt", "cusparselt_sm90"])
 @pytest.mark.parametrize(("O", "K"), [(128, 256), (256, 128)])
 def test_masked_operands_written_compressed_are_the_compressed_operands(layout, O, K):
     """``forward_operand_compressed`` and ``input_grad_operand_compressed``: the masked-operand
@@ -260,30 +293,53 @@ def _library_numel(rows: int, cols: int) -> int:
     return rows * (cols * 9 // 16 + 1)
 
 
-def _tile_layout_compress(a: torch.Tensor) -> torch.Tensor:
-    """An emulated ``torch._cslt_compress`` that writes the tile kernel's layout (built from the
-    oracle, not from ``compress24``)."""
+def _oracle_meta(code: torch.Tensor, layout: str) -> torch.Tensor:
+    """The transcribed kernel's metadata words for ``layout``: PyTorch's tile kernel (``cusparselt``)
+    or torchao's sm90 kernel (``cusparselt_sm90``)."""
+    return sm90_kernel_meta(code) if layout == "cusparselt_sm90" else tile_kernel_meta(code, "cusparselt")
+
+
+@functools.cache
+def _nibble_positions(rows: int, cols: int, layout: str) -> torch.Tensor:
+    """Where the transcribed kernel puts the code of each group (row-major, ``[R C/4]``), as an index
+    into the metadata's nibbles (word ``i``, nibble ``k``: ``4 i + k``): found bit by bit, each run
+    of the oracle given one bit of every group's number as its code."""
+    groups = rows * cols // 4
+    ids = torch.arange(groups)
+    number = torch.zeros(groups, dtype=torch.long)  # per nibble: the group whose code lands there
+    for bit in range(max(groups - 1, 1).bit_length()):
+        words = _oracle_meta(((ids >> bit) & 1).view(rows, cols // 4), layout)
+        number |= (((words[:, None] >> (4 * torch.arange(4))) & 0xF).view(-1)) << bit
+    positions = torch.empty(groups, dtype=torch.long)
+    positions[number] = torch.arange(groups)
+    return positions
+
+
+def _tile_layout_compress(a: torch.Tensor, layout: str = "cusparselt") -> torch.Tensor:
+    """An emulated ``torch._cslt_compress`` that writes ``layout`` (built from the oracles, not from
+    ``compress24``): row-major values, then the metadata, then one spare column."""
     rows, cols = a.shape
     out = a.new_zeros(rows, _library_numel(rows, cols) // rows)
     buffer = out.view(-1)
     buffer[: rows * cols // 2] = sparse_semi_structured_from_dense_cutlass(a)[0].view(-1)
-    word = (codes(a).view(rows, cols // 16, 4) << (4 * torch.arange(4))).sum(-1)
     meta = buffer[rows * cols // 2 : compressed_numel(rows, cols)].view(torch.int16)
-    meta[_word_positions(rows, cols).view(-1)] = word.view(-1).to(torch.int16)
+    meta.copy_(_oracle_meta(codes(a), layout).to(torch.int16))
     return out
 
 
-def _tile_layout_mm(buffer: torch.Tensor, b: torch.Tensor, bias=None, transpose_result=False, alg_id=0):
-    """An emulated ``torch._cslt_sparse_mm`` reading the tile kernel's layout: ``A`` ``[R, K]`` compressed
-    into ``[R, S]``, ``b`` ``[K, N]``."""
+def _tile_layout_mm(
+    buffer: torch.Tensor, b: torch.Tensor, bias=None, transpose_result=False, alg_id=0, layout="cusparselt"
+):
+    """An emulated ``torch._cslt_sparse_mm`` reading ``layout``: ``A`` ``[R, K]`` compressed into
+    ``[R, S]``, ``b`` ``[K, N]``."""
     cols = b.shape[0]
     assert buffer.dim() == 2, "compressed_A.dim() == 2"  # cuSPARSELtOps.cpp's TORCH_INTERNAL_ASSERT
     rows = buffer.shape[0]
     buffer = buffer.view(-1)
     values = buffer[: rows * cols // 2].view(rows, cols // 4, 2)
     word = buffer[rows * cols // 2 : compressed_numel(rows, cols)].view(torch.int16).long() & 0xFFFF
-    code = (word[_word_positions(rows, cols)].unsqueeze(-1) >> (4 * torch.arange(4))) & 0xF
-    code = code.view(rows, cols // 4, 1)
+    nibbles = ((word[:, None] >> (4 * torch.arange(4))) & 0xF).view(-1)
+    code = nibbles[_nibble_positions(rows, cols, layout)].view(rows, cols // 4, 1)
     dense = torch.zeros(rows, cols // 4, 4, dtype=torch.float32)
     dense.scatter_(-1, code & 3, values[..., :1].float())
     dense.scatter_(-1, code >> 2, values[..., 1:].float())
@@ -291,73 +347,78 @@ def _tile_layout_mm(buffer: torch.Tensor, b: torch.Tensor, bias=None, transpose_
     return out.t().contiguous() if transpose_result else out
 
 
-@pytest.fixture
-def tile_layout_library(monkeypatch):
-    """cuSPARSELt emulated with the tile kernel's layout, every 2:4 device check passing; counts compressions."""
+@pytest.fixture(params=["cusparselt", "cusparselt_sm90"])
+def tile_layout_library(request, monkeypatch):
+    """cuSPARSELt emulated with each transcribed kernel's layout (PyTorch's sm8x one, torchao's sm90
+    one), every 2:4 device check passing; counts compressions."""
     calls = []
 
     def compress(a):
         calls.append(tuple(a.shape))
-        return _tile_layout_compress(a)
+        return _tile_layout_compress(a, request.param)
 
     monkeypatch.setattr(sparse24, "blocker", lambda device, dtype: None)
     monkeypatch.setattr(sparse24, "_CHECKED", {})
     monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: True)
     monkeypatch.setattr(torch, "_cslt_compress", compress)
-    monkeypatch.setattr(torch, "_cslt_sparse_mm", _tile_layout_mm)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", functools.partial(_tile_layout_mm, layout=request.param))
     monkeypatch.setattr(torch, "_cslt_sparse_mm_search", lambda *args, **kwargs: 0)  # one algorithm
     monkeypatch.setattr(sparse24, "_FASTEST", {})
-    return calls
+    return request.param, calls
 
 
 def test_emulated_library_multiplies_what_it_compresses(tile_layout_library):
     """The emulation the next tests rely on: its compress and GEMM agree with a dense product."""
     a, b = exact_24(128, 256, torch.float16), torch.randn(256, 16).half()
     expected = (a.float() @ b.float()).half()
-    assert torch.equal(_tile_layout_mm(torch._cslt_compress(a), b), expected)
+    assert torch.equal(torch._cslt_sparse_mm(torch._cslt_compress(a), b), expected)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_layout_check_takes_a_library_with_that_layout(tile_layout_library, dtype, recwarn):
-    """Where the library's own compression multiplies as ``compress24``'s, the check returns the
-    library's buffer size (the one ``compress24`` then fills), quietly."""
-    numel = sparse24._layout_check(128, 256, dtype, torch.device("cpu"))
-    assert numel == _library_numel(128, 256)
-    assert tile_layout_library == [(128, 256)]
+    """Where the library's own compression multiplies as one of ``compress24``'s layouts, the check
+    returns that layout and the library's buffer size (the one ``compress24`` then fills), quietly:
+    PyTorch's sm8x layout is tried first off sm90, so a library of the sm90 layout costs two tries."""
+    layout, calls = tile_layout_library
+    assert sparse24._layout_check(128, 256, dtype, torch.device("cpu")) == (layout, _library_numel(128, 256))
+    assert calls == [(128, 256)]
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
 
 
 @pytest.mark.parametrize("emulated_24_library", ["cusparselt"], indirect=True)
 def test_layout_check_declines_another_layout_with_a_warning(emulated_24_library):
     """Against a library with another layout (the row-major emulation), the check says no and why."""
-    with pytest.warns(RuntimeWarning, match=r"does not match torch._cslt_compress for \[128, 256\]"):
+    with pytest.warns(RuntimeWarning, match=r"no layout of the Triton 2:4 compression matches torch._cslt_compress "
+                      r"for \[128, 256\].*PyTorch's sm8x one: they multiply differently; torchao's sm90 one: they "
+                      r"multiply differently"):  # fmt: skip
         assert sparse24._layout_check(128, 256, torch.bfloat16, torch.device("cpu")) is None
 
 
 def _check_on_any_device(monkeypatch) -> None:
-    """``sparse24.triton_compression_numel`` without its CUDA condition: CPU tensors take the check too."""
+    """``sparse24.checked_layout`` without its CUDA condition: CPU tensors take the check too."""
 
-    def on_any_device(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> int | None:
+    def on_any_device(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> tuple[str, int] | None:
         if (rows, cols, dtype) not in sparse24._CHECKED:
             sparse24._CHECKED[rows, cols, dtype] = sparse24._layout_check(rows, cols, dtype, device)
         return sparse24._CHECKED[rows, cols, dtype]
 
-    monkeypatch.setattr(sparse24, "triton_compression_numel", on_any_device)
+    monkeypatch.setattr(sparse24, "checked_layout", on_any_device)
 
 
 def test_compress_writes_the_checked_layout_once_per_shape(tile_layout_library, monkeypatch):
     """``sparse24.compress`` on a shape that passed the check: ``compress24``'s buffer, of the library's
     size; the check runs once per shape; the product is the dense one. Off CUDA nothing is checked."""
-    assert sparse24.triton_compression_numel(128, 256, torch.float16, torch.device("cpu")) is None
-    assert tile_layout_library == []
+    layout, calls = tile_layout_library
+    assert sparse24.checked_layout(128, 256, torch.float16, torch.device("cpu")) is None
+    assert calls == []
     _check_on_any_device(monkeypatch)
     a, b = exact_24(128, 256, torch.float16, seed=3), torch.randn(256, 24).half()
     for _ in range(2):
         packed = sparse24.compress(a)
         assert packed.meta is None
-        assert torch.equal(packed.packed, compress24(a, "cusparselt", numel=_library_numel(128, 256))[0])
+        assert torch.equal(packed.packed, compress24(a, layout, numel=_library_numel(128, 256))[0])
         assert torch.equal(sparse24.compressed_mm(packed, b), (a.float() @ b.float()).half())
-    assert tile_layout_library == [(128, 256)]  # the check's probe; the operands never went to the library
+    assert calls == [(128, 256)]  # the check's probe; the operands never went to the library
 
 
 def test_sparse24_ops_compressed_by_the_kernel_give_the_librarys_results(tile_layout_library, monkeypatch):
@@ -377,9 +438,10 @@ def test_sparse24_ops_compressed_by_the_kernel_give_the_librarys_results(tile_la
         y.backward(dy)
         return [y.detach(), xr.grad, wr.grad]
 
+    _, calls = tile_layout_library
     by_library = run()
-    assert len(tile_layout_library) == 3  # forward, input-gradient and weight-gradient operands
-    tile_layout_library.clear()
+    assert len(calls) == 3  # forward, input-gradient and weight-gradient operands
+    calls.clear()
     _check_on_any_device(monkeypatch)
     written_compressed = []
     for name in ("forward_operand_compressed", "input_grad_operand_compressed", "mvue_prune_compressed"):
@@ -388,7 +450,7 @@ def test_sparse24_ops_compressed_by_the_kernel_give_the_librarys_results(tile_la
             kernel_ops, name, lambda *a, _n=name, _w=writer, **k: written_compressed.append(_n) or _w(*a, **k)
         )
     by_kernel = run()
-    assert sorted(tile_layout_library) == [(128, 128), (128, 256), (256, 128)]  # one probe per shape
+    assert sorted(calls) == [(128, 128), (128, 256), (256, 128)]  # one probe per shape
     assert written_compressed == [
         "forward_operand_compressed",
         "input_grad_operand_compressed",
@@ -402,11 +464,11 @@ def test_sparse24_ops_compressed_by_the_kernel_give_the_librarys_results(tile_la
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(128, 128), (256, 512), (4096, 16384)])
 def test_compress24_multiplies_as_the_library_compression_on_cuda(dtype, shape, monkeypatch):
-    """On the GPU, with cuSPARSELt: the layout check takes ``compress24``'s buffer exactly where it
-    gives the same product as ``torch._cslt_compress``'s (else it warns), and ``sparse24.compress``
-    multiplies as the library's own compression either way. The H200's cuSPARSELt (torch 2.11,
-    2026-12-04) reads another layout than PyTorch's sm8x one, so there the check declines. Without
-    cuSPARSELt (sm8x): the CUTLASS pair is PyTorch's conversion and multiplies as it."""
+    """On the GPU, with cuSPARSELt: the layout check takes the first of ``compress24``'s cuSPARSELt
+    layouts (sm90's first on sm90) whose buffer gives the same product as ``torch._cslt_compress``'s,
+    or warns where none does, and ``sparse24.compress`` multiplies as the library's own compression
+    either way. The H200's cuSPARSELt (torch 2.11, 2026-12-04) did not read PyTorch's sm8x layout.
+    Without cuSPARSELt (sm8x): the CUTLASS pair is PyTorch's conversion and multiplies as it."""
     if sparse24.blocker(torch.device("cuda"), dtype) is not None:
         pytest.skip(sparse24.blocker(torch.device("cuda"), dtype))
     rows, cols = shape
@@ -415,14 +477,18 @@ def test_compress24_multiplies_as_the_library_compression_on_cuda(dtype, shape, 
     if torch.backends.cusparselt.is_available():
         monkeypatch.setattr(sparse24, "_CHECKED", {})
         theirs = torch._cslt_compress(a)
-        ours = compress24(a, "cusparselt", numel=theirs.numel())[0]
-        same = torch.equal(torch._cslt_sparse_mm(ours, b), torch._cslt_sparse_mm(theirs, b))
+        expected = torch._cslt_sparse_mm(theirs, b)
+        matching = [
+            layout
+            for layout in sparse24._candidates(a.device)
+            if torch.equal(torch._cslt_sparse_mm(compress24(a, layout, numel=theirs.numel())[0], b), expected)
+        ]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            numel = sparse24.triton_compression_numel(rows, cols, dtype, a.device)
-        assert numel == (theirs.numel() if same else None)
-        assert [w.category for w in caught] == ([] if same else [RuntimeWarning])
-        assert torch.equal(sparse24.compressed_mm(sparse24.compress(a), b), torch._cslt_sparse_mm(theirs, b))
+            found = sparse24.checked_layout(rows, cols, dtype, a.device)
+        assert found == ((matching[0], theirs.numel()) if matching else None)
+        assert [w.category for w in caught] == ([] if matching else [RuntimeWarning])
+        assert torch.equal(sparse24.compressed_mm(sparse24.compress(a), b), expected)
     else:
         values, meta = compress24(a, "cutlass")
         ref_values, ref_meta = sparse_semi_structured_from_dense_cutlass(a)
@@ -453,17 +519,17 @@ def test_cslt_layout_finds_the_tile_kernel_layout_where_the_library_writes_it(ca
 
     maps = cslt_layout.report(_emulated_dump([(128, 128), (256, 128)], _tile_layout_compress))
     printed = capsys.readouterr().out
-    assert "[128, 128] float16: values matched 8192/8192 (row-major: True); words matched 1024/1024" in printed
+    assert "[128, 128] float16: values matched 8192/8192 (row-major: True); words matched 1024/1024;" in printed
     fixed = "[256, 128] float16, places 1 and 2 kept: 2048 words of that code after the values (2048 expected)"
     assert f"{fixed}, at offsets 0 to 2047 past them" in printed
-    assert printed.count("(PyTorch's sm8x places: True)") == 2
+    assert printed.count("the buffers are compress24's in cusparselt\n") == 2
     positions = _word_positions(256, 128).view(-1)  # buffer place of each row-major word
     assert torch.equal(maps[256, 128, "float16"]["meta"][positions], torch.arange(256 * 128 // 16))
 
 
-def test_cslt_layout_recovers_another_layout():
+def test_cslt_layout_recovers_another_layout(capsys):
     """On a library that puts the metadata words in another order (a fixed random permutation of
-    the sm8x places), the maps give that order, and the report says they are not sm8x's."""
+    the sm8x places), the maps give that order, and the report says no layout of ours writes it."""
     from benchmarks import cslt_layout
 
     rows, cols = 128, 256
@@ -482,3 +548,16 @@ def test_cslt_layout_recovers_another_layout():
     )["meta"]
     assert torch.equal(found["meta"], tile[order]) and (found["meta"] >= 0).all()
     assert torch.equal(found["values"], torch.arange(half))
+    assert "the buffers are compress24's in no layout" in capsys.readouterr().out
+
+
+def test_cslt_layout_recognises_the_sm90_layout(capsys):
+    """On buffers in torchao's sm90 layout (the transcribed kernel's): the values are located, the
+    words are not (each mixes codes of two rows), and the report names ``compress24``'s sm90 layout."""
+    from benchmarks import cslt_layout
+
+    found = cslt_layout.report(
+        _emulated_dump([(128, 128)], functools.partial(_tile_layout_compress, layout="cusparselt_sm90"))
+    )[128, 128, "float16"]
+    assert torch.equal(found["values"], torch.arange(128 * 64))
+    assert "the buffers are compress24's in cusparselt_sm90\n" in capsys.readouterr().out

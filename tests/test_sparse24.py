@@ -115,7 +115,9 @@ def test_input_grad_operand_is_permuted_backward_mask(dtype, O, K, n, m):
 def test_operand_configs_hold_whole_row_groups():
     """The operand kernel's GPU configs with few rows (K as wide as the threads) are pruned where a
     group of ``M`` rows would not fit in ``BLOCK_O``, and, for the transposed operand written
-    compressed, where 16 rows (one metadata word) would not; a config of 32 rows always stays."""
+    compressed, where 16 rows (one metadata word) would not; in cuSPARSELt's sm90 layout (``COMPRESS``
+    3), where 16 rows (``W ⊙ F``) or 32 (the transposed operand) would not. A config of 32 rows
+    always stays."""
     configs = [triton.Config({"BLOCK_O": rows, "BLOCK_K": 1024}) for rows in (4, 8, 16, 32)]
     for m, kept in ((2, [4, 8, 16, 32]), (4, [4, 8, 16, 32]), (8, [8, 16, 32]), (32, [32])):
         pruned = operand24._whole_groups(configs, {}, M=m, COMPRESS=0, TRANSPOSED=True)
@@ -124,6 +126,10 @@ def test_operand_configs_hold_whole_row_groups():
         assert [c.kwargs["BLOCK_O"] for c in pruned] == kept
         pruned = operand24._whole_groups(configs, {}, M=m, COMPRESS=1, TRANSPOSED=True)
         assert [c.kwargs["BLOCK_O"] for c in pruned] == [b for b in kept if b >= 16]
+        pruned = operand24._whole_groups(configs, {}, M=m, COMPRESS=3, TRANSPOSED=False)
+        assert [c.kwargs["BLOCK_O"] for c in pruned] == [b for b in kept if b >= 16]
+        pruned = operand24._whole_groups(configs, {}, M=m, COMPRESS=3, TRANSPOSED=True)
+        assert [c.kwargs["BLOCK_O"] for c in pruned] == [32]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from .common import autotune_configs, check_tensor, wide_index
 
-LAYOUTS = ("cutlass", "cusparselt")
+LAYOUTS = ("cutlass", "cusparselt", "cusparselt_sm90")
 BLOCK = 128  # cuSPARSELt's metadata blocks: R and C must be multiples of it
 CONFIGS = autotune_configs(
     [{"BLOCK_R": 32, "BLOCK_C": 128}, {"BLOCK_R": 16, "BLOCK_C": 256}, {"BLOCK_R": 64, "BLOCK_C": 64}],
@@ -57,14 +57,59 @@ def quads(x, BLOCK_R: tl.constexpr, GROUPS: tl.constexpr):
 
 
 @triton.jit
+def _store_words(meta_ptr, code, r, group0, R, C, LAYOUT: tl.constexpr, GROUPS: tl.constexpr, WIDE: tl.constexpr):
+    """The codes ``code`` (``[len(r), GROUPS]``), four groups to a word (the first in the low bits),
+    in CUTLASS's layout (``LAYOUT`` 0) or PyTorch's sm8x one for cuSPARSELt (1): 32x32 tiles of
+    64 words, swizzled as PyTorch's ``_calculate_meta_reordering_scatter_offsets``."""
+    c0, c1, c2, c3 = quads(code, code.shape[0], GROUPS // 4)
+    word = (c0 | (c1 << 4) | (c2 << 8) | (c3 << 12)).to(tl.int16)
+    j = group0 // 4 + tl.arange(0, GROUPS // 4)[None, :]
+    if WIDE:
+        j = j.to(tl.int64)
+    # inside 32 rows: row r goes to 4·(r % 8) + (r % 32) // 8; then 2x2 swaps between row and column pairs
+    swizzled = (r % 8) * 4 + (r % 32) // 8
+    top_right = ((swizzled % 2) == 0) & ((j % 2) == 1)
+    bottom_left = ((swizzled % 2) == 1) & ((j % 2) == 0)
+    shift = top_right.to(r.dtype) - bottom_left.to(r.dtype)
+    in_tile = (swizzled + shift) * 2 + (j % 2) - shift  # 64 words: 32 rows x 2 words
+    if LAYOUT == 1:
+        offset = (r // 128) * 512 + (j // 4) * 512 * (R // 128) + ((r % 128) // 32) * 64 + ((j % 4) // 2) * 256
+    else:
+        offset = (j // 2) * R * 2 + (r // 32) * 64
+    tl.store(meta_ptr + offset + in_tile, word, mask=(r < R) & (j < C // 16))
+
+
+@triton.jit
+def _store_sm90(meta_ptr, code, rows, group0, R, C, GROUPS: tl.constexpr):
+    """The codes ``code`` (``[len(rows), GROUPS]``) in cuSPARSELt's sm90 layout: per 16 rows and 32
+    columns, 32 words in a row; word ``4 i + k`` holds the codes of group ``k`` and ``4 + k`` of
+    rows ``i`` and ``i + 8``, in nibbles ``[row i, group k; row i + 8, group k; row i, group 4 + k;
+    row i + 8, group 4 + k]``. ``rows`` starts at a multiple of 16, ``group0`` of 8."""
+    c = tl.reshape(code, [code.shape[0] // 16, 2, 8, GROUPS // 8, 2, 4])
+    h = tl.arange(0, 2)[None, :, None, None, None, None]
+    jj = tl.arange(0, 2)[None, None, None, None, :, None]
+    word = tl.sum(tl.sum(c << (4 * (h + 2 * jj)), axis=4), axis=1)  # disjoint nibbles: the sum is an OR
+    row16 = tl.min(rows, axis=0) + 16 * tl.arange(0, code.shape[0] // 16).to(rows.dtype)
+    strip = group0 // 8 + tl.arange(0, GROUPS // 8).to(rows.dtype)
+    base = (row16 // 64) * 4 * C + ((row16 % 64) // 16) * 32
+    offset = (
+        base[:, None, None, None] + strip[None, None, :, None] * 128
+        + 4 * tl.arange(0, 8)[None, :, None, None] + tl.arange(0, 4)[None, None, None, :]
+    )  # fmt: skip
+    inside = (row16 < R)[:, None, None, None] & (strip * 32 < C)[None, None, :, None]
+    tl.store(meta_ptr + offset, word.to(tl.int16), mask=inside)
+
+
+@triton.jit
 def store_groups(
     values_ptr, meta_ptr, e0, e1, e2, e3, rows, group0, R, C,
-    CUSPARSELT: tl.constexpr, GROUPS: tl.constexpr, WIDE: tl.constexpr,
+    LAYOUT: tl.constexpr, GROUPS: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
     """Compress the groups ``group0 .. group0 + GROUPS`` of the rows ``rows`` of a 2:4 operand
     ``[R, C]``, given as their four entries ``e0..e3`` (``[len(rows), GROUPS]`` tiles): the kept pair
     of each group into ``values[r, 2g:2g+2]``, their codes, four groups to a 16-bit word, into
-    ``meta`` where the layout puts them. ``group0`` is a multiple of 4 (whole words)."""
+    ``meta`` where the layout (``LAYOUTS.index``) puts them. ``group0`` is a multiple of 4 (whole
+    words); for ``cusparselt_sm90`` a multiple of 8, with ``rows`` whole 16-row runs."""
     m0, m1, m3 = e0 != 0, e1 != 0, e3 != 0
     # sparse_semi_structured_from_dense_cutlass's encoding, minimised for the <2 and >2 cases
     both, second_only, neither = m0 & m1, ~m0 & m1, ~m0 & ~m1
@@ -78,29 +123,17 @@ def store_groups(
     r = rows[:, None]
     tl.store(values_ptr + r * (C // 2) + half[None, :], kept, mask=(r < R) & (half[None, :] < C // 2))
 
-    c0, c1, c2, c3 = quads(idx0 | (idx1 << 2), e0.shape[0], GROUPS // 4)
-    word = (c0 | (c1 << 4) | (c2 << 8) | (c3 << 12)).to(tl.int16)
-    j = group0 // 4 + tl.arange(0, GROUPS // 4)[None, :]
-    if WIDE:
-        j = j.to(tl.int64)
-    # inside 32 rows: row r goes to 4·(r % 8) + (r % 32) // 8; then 2x2 swaps between row and column pairs
-    swizzled = (r % 8) * 4 + (r % 32) // 8
-    top_right = ((swizzled % 2) == 0) & ((j % 2) == 1)
-    bottom_left = ((swizzled % 2) == 1) & ((j % 2) == 0)
-    shift = top_right.to(r.dtype) - bottom_left.to(r.dtype)
-    in_tile = (swizzled + shift) * 2 + (j % 2) - shift  # 64 words: 32 rows x 2 words
-    if CUSPARSELT:
-        offset = (r // 128) * 512 + (j // 4) * 512 * (R // 128) + ((r % 128) // 32) * 64 + ((j % 4) // 2) * 256
+    if LAYOUT == 2:
+        _store_sm90(meta_ptr, idx0 | (idx1 << 2), rows, group0, R, C, GROUPS)
     else:
-        offset = (j // 2) * R * 2 + (r // 32) * 64
-    tl.store(meta_ptr + offset + in_tile, word, mask=(r < R) & (j < C // 16))
+        _store_words(meta_ptr, idx0 | (idx1 << 2), r, group0, R, C, LAYOUT, GROUPS, WIDE)
 
 
-@triton.autotune(configs=CONFIGS, key=["R", "C", "CUSPARSELT"])
+@triton.autotune(configs=CONFIGS, key=["R", "C", "LAYOUT"])
 @triton.jit
 def compress24_kernel(
     a_ptr, values_ptr, meta_ptr, R, C, stride_ar, stride_ac,
-    CUSPARSELT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
+    LAYOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
     """``a``'s tile of ``BLOCK_R`` rows and ``BLOCK_C`` columns compressed (``store_groups``);
     ``WIDE``: int64 offsets."""
@@ -112,7 +145,7 @@ def compress24_kernel(
     x = tl.load(a_ptr + rows[:, None] * stride_ar + cols[None, :] * stride_ac, mask=inside, other=0.0)
     e0, e1, e2, e3 = quads(x, BLOCK_R, BLOCK_C // 4)
     store_groups(values_ptr, meta_ptr, e0, e1, e2, e3, rows, tl.program_id(1) * (BLOCK_C // 4), R, C,
-                 CUSPARSELT, BLOCK_C // 4, WIDE)  # fmt: skip
+                 LAYOUT, BLOCK_C // 4, WIDE)  # fmt: skip
 
 
 def compressed_numel(rows: int, cols: int) -> int:
@@ -131,7 +164,7 @@ def outputs(
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"2:4 compression takes fp16 or bf16, got {dtype}")
-    multiple = (BLOCK, BLOCK) if layout == "cusparselt" else (32, 64)
+    multiple = (32, 64) if layout == "cutlass" else (BLOCK, BLOCK)
     if rows % multiple[0] or cols % multiple[1]:
         raise ValueError(f"a {layout} compression needs [R, C] multiples of {multiple}, got {(rows, cols)}")
     if layout == "cutlass":
@@ -162,6 +195,6 @@ def compress24(a: torch.Tensor, layout: str, *, numel: int | None = None) -> tup
         return triton.cdiv(R, meta_["BLOCK_R"]), triton.cdiv(C, meta_["BLOCK_C"])
 
     compress24_kernel[grid](
-        a, values, meta, R, C, *a.stride(), CUSPARSELT=layout == "cusparselt", WIDE=wide_index(a, values)
+        a, values, meta, R, C, *a.stride(), LAYOUT=LAYOUTS.index(layout), WIDE=wide_index(a, values)
     )
     return result

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .common import MVUE_RULES, autotune_configs, check_tensor, join_entries, mvue_parts, step_seed, wide_index
-from .compress24 import outputs, store_groups
+from .compress24 import LAYOUTS, outputs, store_groups
 
 CONFIGS = autotune_configs(
     [{"BLOCK_G": 16, "BLOCK_O": 128}, {"BLOCK_G": 8, "BLOCK_O": 256}, {"BLOCK_G": 32, "BLOCK_O": 64}],
@@ -52,8 +52,8 @@ def mvue_kernel(
     BLOCK_O: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
     """``out = prune(g)``: blocks of ``MM`` consecutive rows (tokens) of each column of ``g``;
-    ``TRANSPOSE``: ``out`` is contiguous along ``T``; ``COMPRESS`` (``MM`` = 4; 1: CUTLASS, 2:
-    cuSPARSELt): ``prune(g)ᵀ`` compressed 2:4 into ``out`` (values) and ``meta``, its blocks the
+    ``TRANSPOSE``: ``out`` is contiguous along ``T``; ``COMPRESS`` (``MM`` = 4; 1 + the layout's index in
+    ``compress24.LAYOUTS``): ``prune(g)ᵀ`` compressed 2:4 into ``out`` (values) and ``meta``, its blocks the
     groups; ``WIDE``: int64 offsets (past 2³¹ elements)."""
     groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
     cols = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -73,7 +73,7 @@ def mvue_kernel(
         kind = out_ptr.dtype.element_ty
         store_groups(out_ptr, meta_ptr, tl.trans(pruned[0]).to(kind), tl.trans(pruned[1]).to(kind),
                      tl.trans(pruned[2]).to(kind), tl.trans(pruned[3]).to(kind), cols, tl.program_id(1) * BLOCK_G,
-                     O, T, COMPRESS == 2, BLOCK_G, WIDE)  # fmt: skip
+                     O, T, COMPRESS - 1, BLOCK_G, WIDE)  # fmt: skip
     elif TRANSPOSE:
         blocks = join_entries(pruned, MM)
         tokens = tl.program_id(1) * (BLOCK_G * MM) + tl.arange(0, BLOCK_G * MM)
@@ -133,5 +133,5 @@ def mvue_prune_compressed(
         raise ValueError(f"a compressed MVUE needs blocks of 4 tokens (mvue24, mvue24_approx), got {rule!r}")
     T, O = grad.shape
     values, meta, result = outputs(O, T, grad.dtype, grad.device, layout, numel)
-    _launch(grad, values, meta, step, key, rule, TRANSPOSE=True, COMPRESS=1 if layout == "cutlass" else 2)
+    _launch(grad, values, meta, step, key, rule, TRANSPOSE=True, COMPRESS=1 + LAYOUTS.index(layout))
     return result

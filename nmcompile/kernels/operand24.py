@@ -39,7 +39,7 @@ from .common import (
     nm_keep_cols,
     nm_keep_rows,
 )
-from .compress24 import outputs, quads, store_groups
+from .compress24 import LAYOUTS, outputs, quads, store_groups
 from .sparse24 import fits_24
 
 CONFIGS = autotune_configs(
@@ -54,10 +54,16 @@ if not interpreting():  # K tiles as wide as the threads (8 entries each): each 
 
 
 def _whole_groups(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """The configs whose ``BLOCK_O`` holds whole groups of ``M`` rows (powers of two: ``M <= BLOCK_O``),
-    and whole 16-row metadata words where the transposed operand is written compressed."""
-    least = max(kwargs["M"], 16 if kwargs["COMPRESS"] and kwargs["TRANSPOSED"] else 1)
-    return [c for c in configs if c.kwargs["BLOCK_O"] >= least]
+    """The configs whose ``BLOCK_O`` holds whole groups of ``M`` rows (powers of two: ``M <= BLOCK_O``)
+    and, where the operand is written compressed, what its layout stores at once: for the transposed
+    operand (rows of ``W`` are its columns) whole 16-row metadata words, 32 rows in cuSPARSELt's
+    sm90 layout; for ``W ⊙ F`` there, whole 16-row runs."""
+    sm90 = kwargs["COMPRESS"] == 1 + LAYOUTS.index("cusparselt_sm90")
+    if kwargs["COMPRESS"] and kwargs["TRANSPOSED"]:
+        least = 32 if sm90 else 16
+    else:
+        least = 16 if sm90 else 1
+    return [c for c in configs if c.kwargs["BLOCK_O"] >= max(kwargs["M"], least)]
 
 
 @triton.autotune(
@@ -74,9 +80,9 @@ def masked_operand_kernel(
     BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``out[o, k] = W[src(o), k]`` where kept, else 0 (``α W`` with ``HAS_ALPHA``); ``src`` is ``P``
-    with ``PERMUTE``; ``SCATTER`` stores row ``o`` at ``src(o)``. ``COMPRESS`` (1: CUTLASS, 2:
-    cuSPARSELt): the operand, ``[O, K]`` or with ``TRANSPOSED`` ``[K, O]``, 2:4 along its last dim,
-    compressed into ``out`` (values) and ``meta`` instead."""
+    with ``PERMUTE``; ``SCATTER`` stores row ``o`` at ``src(o)``. ``COMPRESS`` (1 + the index of the
+    layout in ``compress24.LAYOUTS``): the operand, ``[O, K]`` or with ``TRANSPOSED`` ``[K, O]``, 2:4
+    along its last dim, compressed into ``out`` (values) and ``meta`` instead."""
     o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     inside = (o[:, None] < O) & (ks[None, :] < K)
@@ -96,11 +102,11 @@ def masked_operand_kernel(
     if COMPRESS and TRANSPOSED:
         e0, e1, e2, e3 = quads(tl.trans(kept), BLOCK_K, BLOCK_O // 4)
         store_groups(out_ptr, meta_ptr, e0, e1, e2, e3, ks, tl.program_id(0) * (BLOCK_O // 4), K, O,
-                     COMPRESS == 2, BLOCK_O // 4, False)  # fmt: skip
+                     COMPRESS - 1, BLOCK_O // 4, False)  # fmt: skip
     elif COMPRESS:
         e0, e1, e2, e3 = quads(kept, BLOCK_O, BLOCK_K // 4)
         store_groups(out_ptr, meta_ptr, e0, e1, e2, e3, o, tl.program_id(1) * (BLOCK_K // 4), O, K,
-                     COMPRESS == 2, BLOCK_K // 4, False)  # fmt: skip
+                     COMPRESS - 1, BLOCK_K // 4, False)  # fmt: skip
     else:
         rows = source if SCATTER else o
         tl.store(out_ptr + rows[:, None] * stride_oo + ks[None, :] * stride_ok, kept, mask=inside)
@@ -130,7 +136,7 @@ def _launch(
         weight, perm if perm is not None else weight, f, alpha if alpha is not None else weight, out_view, meta, n, O,
         K, *weight.stride(), *f.stride(), *out_view.stride(),
         M=m, PERMUTE=perm is not None, LOAD_MASK=mask is not None, HAS_ALPHA=alpha is not None, SCATTER=scatter,
-        COMPRESS={"": 0, "cutlass": 1, "cusparselt": 2}[layout], TRANSPOSED=transposed,
+        COMPRESS=1 + LAYOUTS.index(layout) if layout else 0, TRANSPOSED=transposed,
     )  # fmt: skip
 
 

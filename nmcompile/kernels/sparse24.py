@@ -2,10 +2,10 @@
 on PyTorch's semi-structured support: cuSPARSELt (``torch._cslt_sparse_mm``) where the build has
 it, else CUTLASS (``torch._sparse_semi_structured_mm``, sm8x only). fp16/bf16 on sm80+ (Ampere,
 Hopper). The Triton kernel ``compress24`` compresses ``A`` in one pass: in CUTLASS's layout, and
-in cuSPARSELt's for shapes that are multiples of 128 once a check on the GPU at hand finds it
-equal to ``torch._cslt_compress``'s (which compresses everything else; on the H200, every
-shape, since its cuSPARSELt reads another layout). The MVUE kernel writes the
-weight gradient's operand compressed itself where ``triton_layout`` allows (``kernels.ops``).
+for cuSPARSELt, for shapes that are multiples of 128, in whichever of its two cuSPARSELt layouts
+(PyTorch's sm8x one, torchao's sm90 one) a check on the GPU at hand finds equal to
+``torch._cslt_compress``'s (which compresses everything else). The masked-operand and MVUE
+kernels write their operands compressed themselves where ``triton_layout`` allows (``kernels.ops``).
 
 Both libraries want ``A`` and ``B`` padded to tile multiples; zero rows and columns keep ``A`` 2:4,
 so the pads change nothing and are cut from the result. ``compress`` and ``compressed_mm`` split
@@ -99,7 +99,7 @@ def compress(a: torch.Tensor) -> Compressed:
         raise ValueError(f"semi_structured_mm: {why}")
     padded = _pad(a.contiguous(), _PAD_ROWS, _PAD_COLS)
     layout = triton_layout(*padded.shape, padded.dtype, padded.device)
-    if layout is None:  # cuSPARSELt's layout unchecked here (padded shapes always fit CUTLASS's)
+    if layout is None:  # no cuSPARSELt layout checked here (padded shapes always fit CUTLASS's)
         return Compressed(*a.shape, a.dtype, torch._cslt_compress(padded), None)
     from nmcompile.kernels.compress24 import compress24
 
@@ -110,21 +110,20 @@ def triton_layout(rows: int, cols: int, dtype: torch.dtype, device: torch.device
     """The layout (and, for cuSPARSELt, the buffer size) in which the Triton kernels write a
     ``[rows, cols]`` 2:4 operand for this machine's library, or ``None`` where they cannot and
     ``torch._cslt_compress`` compresses it: CUTLASS's for multiples of 32 and 64 where there is no
-    cuSPARSELt; cuSPARSELt's where ``triton_compression_numel`` says so."""
+    cuSPARSELt; with cuSPARSELt, the one ``checked_layout`` finds."""
     if not torch.backends.cusparselt.is_available():
         return None if rows % 32 or cols % 64 else ("cutlass", None)
-    numel = triton_compression_numel(rows, cols, dtype, device)
-    return None if numel is None else ("cusparselt", numel)
+    return checked_layout(rows, cols, dtype, device)
 
 
-_CHECKED: dict[tuple, int | None] = {}
-"""``triton_compression_numel``'s answer per operand shape, dtype and device: one check each in a process."""
+_CHECKED: dict[tuple, tuple[str, int] | None] = {}
+"""``checked_layout``'s answer per operand shape, dtype and device: one check each in a process."""
 
 
-def triton_compression_numel(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> int | None:
-    """The size of the cuSPARSELt buffer ``compress24`` writes for a ``[rows, cols]`` operand here, or
-    ``None`` where ``torch._cslt_compress`` must do it: off CUDA, shapes that are not multiples of 128,
-    and where the layout check (``_layout_check``) fails."""
+def checked_layout(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> tuple[str, int] | None:
+    """The cuSPARSELt layout in which ``compress24`` writes a ``[rows, cols]`` operand for the library
+    here, and the library's buffer size, or ``None`` where ``torch._cslt_compress`` must do it: off
+    CUDA, shapes that are not multiples of 128, and where the layout check (``_layout_check``) fails."""
     if device.type != "cuda" or rows % 128 or cols % 128:
         return None
     key = (rows, cols, dtype, device)
@@ -148,26 +147,40 @@ def random_24(rows: int, cols: int, dtype: torch.dtype, device: torch.device | s
     return torch.where(negative, -values, values).masked_fill_(~mask, 0)
 
 
-def _layout_check(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> int | None:
-    """``compress24``'s cuSPARSELt layout (PyTorch's reverse-engineered one) checked against the
-    library's own: a random 2:4 ``[rows, cols]`` compressed both ways gives the same product with
-    algorithm 0. Returns the buffer's size where it does; warns and returns ``None`` where not."""
+CUSPARSELT_LAYOUTS = {"cusparselt": "PyTorch's sm8x one", "cusparselt_sm90": "torchao's sm90 one"}
+"""``compress24``'s cuSPARSELt layouts, as the warning of a failed check names them. Neither is
+documented: PyTorch's ``_sparse_semi_structured_tile`` writes the first (its authors test it on
+sm8x), torchao's ``sparse24_sm90_sparsify`` the second (for 16-bit operands)."""
+
+
+def _candidates(device: torch.device) -> tuple[str, ...]:
+    """The cuSPARSELt layouts to check, the likelier first: sm90's on a compute capability 9 GPU."""
+    sm90 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    return ("cusparselt_sm90", "cusparselt") if sm90 else ("cusparselt", "cusparselt_sm90")
+
+
+def _layout_check(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> tuple[str, int] | None:
+    """``compress24``'s cuSPARSELt layouts checked against the library's own, the likelier first: a
+    random 2:4 ``[rows, cols]`` compressed both ways gives the same product with algorithm 0.
+    Returns the first layout that does and the buffer's size; warns and returns ``None`` if none does."""
     from nmcompile.kernels.compress24 import compress24
 
     probe = random_24(rows, cols, dtype, device)
     b = torch.randn(cols, 64, generator=torch.Generator(device).manual_seed(1), device=device).to(dtype)
     theirs = torch._cslt_compress(probe)
-    try:
-        ours = compress24(probe, "cusparselt", numel=theirs.numel())[0]
-        agrees = torch.equal(torch._cslt_sparse_mm(ours, b), torch._cslt_sparse_mm(theirs, b))
-        detail = "they multiply differently"
-    except (RuntimeError, ValueError) as exc:
-        agrees, detail = False, f"{type(exc).__name__}: {exc}"
-    if agrees:
-        return theirs.numel()
+    expected = torch._cslt_sparse_mm(theirs, b)
+    details = []
+    for layout in _candidates(device):
+        try:
+            ours = compress24(probe, layout, numel=theirs.numel())[0]
+            if torch.equal(torch._cslt_sparse_mm(ours, b), expected):
+                return layout, theirs.numel()
+            details.append(f"{CUSPARSELT_LAYOUTS[layout]}: they multiply differently")
+        except (RuntimeError, ValueError) as exc:
+            details.append(f"{CUSPARSELT_LAYOUTS[layout]}: {type(exc).__name__}: {exc}")
     warnings.warn(
-        f"nmcompile: the Triton 2:4 compression does not match torch._cslt_compress for [{rows}, {cols}] "
-        f"{dtype} on this GPU ({detail}); that shape is compressed by torch._cslt_compress (slower)",
+        f"nmcompile: no layout of the Triton 2:4 compression matches torch._cslt_compress for [{rows}, {cols}] "
+        f"{dtype} on this GPU ({'; '.join(details)}); that shape is compressed by torch._cslt_compress (slower)",
         RuntimeWarning,
         stacklevel=3,
     )
