@@ -1,6 +1,6 @@
 """2:4 compression kernel: a dense fp16/bf16 ``A`` ``[R, C]`` with at most two nonzeros in every
 aligned group of four along ``C`` to the values and metadata the sparse tensor cores read, in one
-pass, in CUTLASS's layout or in cuSPARSELt's.
+pass, in CUTLASS's layout or in one of cuSPARSELt's.
 
 ``torch._cslt_compress`` took 1.4 to 3.1 ms per operand of the FFN block on an H200 (more than the
 2:4 GEMM saves, docs/benchmarks.md); this kernel reads ``A`` once and writes ``R x C/2`` values and
@@ -11,17 +11,24 @@ one row; where it goes:
 
 - ``CUTLASS``: ``ColumnMajorInterleaved<2>`` with the 32-row swizzle of PyTorch's
   ``_calculate_meta_reordering_scatter_offsets``; values and metadata are separate tensors.
-- ``cuSPARSELt``: one buffer, the values then the metadata, in 128x64 blocks (column-major over
-  blocks), 32x32 tiles inside them (column-major), and the same swizzle inside a tile. This is
-  the layout PyTorch's ``_sparse_semi_structured_tile`` writes for cuSPARSELt
-  (``MetadataCuSparseLt``, which its authors reverse-engineered), so ``sparse24`` takes it only
-  after checking it against ``torch._cslt_compress`` on the GPU at hand (``sparse24.compress``).
-  The H200's cuSPARSELt (torch 2.11) reads another layout, so there the check declines it. It
-  needs ``R`` and ``C`` to be multiples of 128, and the buffer is ``[R, S]``, as the library's.
+- ``cuSPARSELt`` (``cusparselt``): one buffer, the values then the metadata, in 128x64 blocks
+  (column-major over blocks), 32x32 tiles inside them (column-major), and the same swizzle inside
+  a tile. This is the layout PyTorch's ``_sparse_semi_structured_tile`` writes for cuSPARSELt
+  (``MetadataCuSparseLt``, which its authors reverse-engineered and test on sm8x). The H200's
+  cuSPARSELt (torch 2.11) did not read it.
+- ``cuSPARSELt`` on sm90 (``cusparselt_sm90``): the same buffer, the metadata in the layout
+  torchao's ``sparse24_sm90_sparsify`` writes for 16-bit operands: per 64 rows, per 32-column
+  strip, 256 bytes, 64 per 16 rows; in those, word ``4 i + k`` holds the codes of groups ``k``
+  and ``4 + k`` of rows ``i`` and ``i + 8``.
+
+``sparse24`` takes a cuSPARSELt layout only after checking it against ``torch._cslt_compress`` on
+the GPU at hand (``sparse24.compress``). Both need ``R`` and ``C`` to be multiples of 128, and
+the buffer is ``[R, S]``, as the library's.
 
 Tiling: each program owns ``BLOCK_R`` rows by ``BLOCK_C`` columns, loads them along ``C`` and
 splits the groups of four into their entries in registers (``tl.split``), so no data moves
-between threads before the scattered 16-bit metadata stores.
+between threads before the scattered 16-bit metadata stores; the sm90 layout's words gather four
+codes from two rows and two words each, a few shuffles per program (``python -m benchmarks.ptx``).
 """
 
 from __future__ import annotations
