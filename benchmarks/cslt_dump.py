@@ -1,10 +1,11 @@
 """The GPU's own cuSPARSELt compression of known 2:4 operands, saved for study on a CPU.
 
-On an H200 (torch 2.11.0+cu130, 2026-12-04) cuSPARSELt did not read ``compress24``'s buffer (PyTorch's
-sm8x layout), so the ops compress with ``torch._cslt_compress`` there. This saves, per shape and
-dtype, a few random 2:4 operands (``sparse24.random_24``) and one whose every group keeps the same
-two places, with the library's buffers (``[R, S]``, read as int16), so that the sm90 layout can be
-worked out against ``tests/_tile24.py`` without a GPU.
+On an H200 (torch 2.11.0+cu130, 2026-12-04) cuSPARSELt did not read ``compress24``'s buffer in
+PyTorch's sm8x layout, so the ops compress with ``torch._cslt_compress`` there. This saves, per
+shape and dtype, a few random 2:4 operands (``sparse24.random_24``) and one whose every group keeps
+the same two places, with the library's buffers (``[R, S]``, read as int16), so that
+``benchmarks.cslt_layout`` can say on a CPU which of ``compress24``'s layouts (sm8x, sm90) the GPU
+reads, or else where each value and metadata word sits.
 Usage: python -m benchmarks.cslt_dump OUT.pt
 """
 

@@ -11,8 +11,8 @@ first in the low bits. Prints, per shape, how many positions matched, whether th
 row-major, which of ``compress24``'s cuSPARSELt layouts (PyTorch's sm8x one, torchao's sm90 one)
 writes the library's buffers bit for bit, and where the operand that keeps places 1 and 2
 everywhere has its (all equal) words; a layout whose words mix codes of several rows, as sm90's
-does, matches no word; ``--save`` writes the maps
-(buffer position -> slot or word index, -1 where unmatched) for working out a closed form.
+does, matches no word. ``--save`` writes the maps (buffer position -> slot or word index, -1
+where unmatched) for working out a closed form.
 """
 
 from __future__ import annotations
@@ -102,10 +102,11 @@ def report(dump: dict) -> dict[tuple, dict[str, torch.Tensor]]:
         )
     maps = {}
     for (rows, cols, dtype), pairs in sorted(by_shape.items()):
-        found = layout_map([d for d, _ in pairs], [b for _, b in pairs])
+        dense, buffers = [d for d, _ in pairs], [b for _, b in pairs]
+        found = layout_map(dense, buffers)
         half = rows * cols // 2
         row_major = torch.equal(found["values"], torch.arange(half))
-        same = same_as_compress24([d for d, _ in pairs], [b for _, b in pairs])
+        same = same_as_compress24(dense, buffers)
         print(
             f"[{rows}, {cols}] {dtype}: values matched {(found['values'] >= 0).sum()}/{half}"
             f" (row-major: {row_major}); words matched {(found['meta'] >= 0).sum()}/{rows * cols // 16};"

@@ -55,7 +55,7 @@ if ! "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . >/tm
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-# The CUDA tests first (each under a per-test limit, pytest-timeout), then the benchmarks. On an H200
+# The CUDA tests run each under a per-test limit (pytest-timeout). On an H200
 # (2026-12-04) a first real-size test compiles and autotunes its kernels for over 45 s, the FFN stage
 # took 160 s and the ResNet one 51 s: the limits below leave room for that.
 # Each test runs in a pytest process of its own: a kernel fault ends a process's CUDA context, and

@@ -157,7 +157,7 @@ def _cell(measure: Callable[[Callable[[], object]], float], fn: Callable[[], obj
     """``measure(fn)`` as a table cell, or why it failed: one piece's error leaves the others' rows."""
     try:
         return f"{measure(fn):.3f}"
-    except Exception as exc:  # a profiler or library error on this machine, a failed layout check
+    except Exception as exc:  # a profiler or library error on this machine
         return f"failed: {type(exc).__name__}"
 
 

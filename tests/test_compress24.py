@@ -277,17 +277,6 @@ def test_compressed_numel_is_values_and_one_bit_per_entry():
     assert compressed_numel(128, 256) == 128 * 128 + 128 * 256 // 16
 
 
-def _word_positions(rows: int, cols: int) -> torch.Tensor:
-    """Where the transcribed tile kernel puts the metadata word of each (row, 16 columns) for
-    cuSPARSELt, ``[R, C/16]``: every word given a distinct code pattern, and the buffer read back."""
-    words = rows * cols // 16
-    ids = torch.arange(words).view(rows, cols // 16, 1)
-    code = ((ids >> (4 * torch.arange(4))) & 0xF).view(rows, cols // 4)
-    positions = torch.empty(words, dtype=torch.long)
-    positions[tile_kernel_meta(code, "cusparselt")] = torch.arange(words)
-    return positions.view(rows, cols // 16)
-
-
 def _library_numel(rows: int, cols: int) -> int:
     """The emulated library's buffer size: ``[rows, 9 cols / 16 + 1]``, one column past the metadata."""
     return rows * (cols * 9 // 16 + 1)
@@ -523,7 +512,7 @@ def test_cslt_layout_finds_the_tile_kernel_layout_where_the_library_writes_it(ca
     fixed = "[256, 128] float16, places 1 and 2 kept: 2048 words of that code after the values (2048 expected)"
     assert f"{fixed}, at offsets 0 to 2047 past them" in printed
     assert printed.count("the buffers are compress24's in cusparselt\n") == 2
-    positions = _word_positions(256, 128).view(-1)  # buffer place of each row-major word
+    positions = _nibble_positions(256, 128, "cusparselt")[::4] // 4  # buffer place of each row-major word
     assert torch.equal(maps[256, 128, "float16"]["meta"][positions], torch.arange(256 * 128 // 16))
 
 
@@ -542,10 +531,8 @@ def test_cslt_layout_recovers_another_layout(capsys):
         return flat.view(rows, -1)
 
     found = cslt_layout.report(_emulated_dump([(rows, cols)], shuffled))[rows, cols, "float16"]
-    tile = cslt_layout.layout_map(
-        [sparse24.random_24(rows, cols, torch.float16, "cpu", seed=s) for s in (0, 1, 2)],
-        [_tile_layout_compress(sparse24.random_24(rows, cols, torch.float16, "cpu", seed=s)) for s in (0, 1, 2)],
-    )["meta"]
+    dense = [sparse24.random_24(rows, cols, torch.float16, "cpu", seed=s) for s in (0, 1, 2)]
+    tile = cslt_layout.layout_map(dense, [_tile_layout_compress(d) for d in dense])["meta"]
     assert torch.equal(found["meta"], tile[order]) and (found["meta"] >= 0).all()
     assert torch.equal(found["values"], torch.arange(half))
     assert "the buffers are compress24's in no layout" in capsys.readouterr().out
