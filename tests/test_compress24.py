@@ -367,31 +367,46 @@ def test_emulated_library_multiplies_what_it_compresses(tile_layout_library):
 def test_layout_check_takes_a_library_with_that_layout(tile_layout_library, dtype, recwarn):
     """Where the library's own compression multiplies as one of ``compress24``'s layouts, the check
     returns that layout and the library's buffer size (the one ``compress24`` then fills), quietly:
-    PyTorch's sm8x layout is tried first off sm90, so a library of the sm90 layout costs two tries."""
+    PyTorch's sm8x layout is tried first off sm90, so a library of the sm90 layout costs two tries,
+    and the answer says why the first failed."""
     layout, calls = tile_layout_library
-    assert sparse24._layout_check(128, 256, dtype, torch.device("cpu")) == (layout, _library_numel(128, 256))
+    tried = "" if layout == "cusparselt" else "PyTorch's sm8x one: they multiply differently"
+    assert sparse24._layout_check(128, 256, dtype, torch.device("cpu")) == ((layout, _library_numel(128, 256)), tried)
     assert calls == [(128, 256)]
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
 
 
 @pytest.mark.parametrize("emulated_24_library", ["cusparselt"], indirect=True)
-def test_layout_check_declines_another_layout_with_a_warning(emulated_24_library):
+def test_layout_check_declines_another_layout_saying_why(emulated_24_library):
     """Against a library with another layout (the row-major emulation), the check says no and why."""
-    with pytest.warns(RuntimeWarning, match=r"no layout of the Triton 2:4 compression matches torch._cslt_compress "
-                      r"for \[128, 256\].*PyTorch's sm8x one: they multiply differently; torchao's sm90 one: they "
-                      r"multiply differently"):  # fmt: skip
-        assert sparse24._layout_check(128, 256, torch.bfloat16, torch.device("cpu")) is None
+    assert sparse24._layout_check(128, 256, torch.bfloat16, torch.device("cpu")) == (
+        None,
+        "PyTorch's sm8x one: they multiply differently; torchao's sm90 one: they multiply differently",
+    )
+
+
+@pytest.mark.parametrize("emulated_24_library", ["cusparselt"], indirect=True)
+def test_failed_checks_warn_once_per_device(emulated_24_library, monkeypatch):
+    """Each shape is checked once; the first that fails on a device warns, naming the shape and why,
+    and the next shapes that fail there stay quiet (the same library fails them for the same reason)."""
+    monkeypatch.setattr(sparse24, "_CHECKED", {})
+    cpu = torch.device("cpu")
+    with pytest.warns(RuntimeWarning) as caught:
+        for rows, cols in ((128, 256), (256, 128), (128, 256), (384, 128)):
+            assert sparse24._check_once(rows, cols, torch.bfloat16, cpu) is None
+    assert len(caught) == 1
+    assert str(caught[0].message) == (
+        "nmcompile: no layout of the Triton 2:4 compression matches torch._cslt_compress for [128, 256] "
+        "torch.bfloat16 on cpu (PyTorch's sm8x one: they multiply differently; torchao's sm90 one: they multiply "
+        "differently); that shape, and any other that fails this check on cpu (not warned again), is compressed "
+        "by torch._cslt_compress (slower)"
+    )
+    assert sparse24._CHECKED == {(r, c, torch.bfloat16, cpu): None for r, c in ((128, 256), (256, 128), (384, 128))}
 
 
 def _check_on_any_device(monkeypatch) -> None:
     """``sparse24.checked_layout`` without its CUDA condition: CPU tensors take the check too."""
-
-    def on_any_device(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> tuple[str, int] | None:
-        if (rows, cols, dtype) not in sparse24._CHECKED:
-            sparse24._CHECKED[rows, cols, dtype] = sparse24._layout_check(rows, cols, dtype, device)
-        return sparse24._CHECKED[rows, cols, dtype]
-
-    monkeypatch.setattr(sparse24, "checked_layout", on_any_device)
+    monkeypatch.setattr(sparse24, "checked_layout", sparse24._check_once)
 
 
 def test_compress_writes_the_checked_layout_once_per_shape(tile_layout_library, monkeypatch):

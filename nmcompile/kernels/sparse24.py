@@ -126,9 +126,25 @@ def checked_layout(rows: int, cols: int, dtype: torch.dtype, device: torch.devic
     CUDA, shapes that are not multiples of 128, and where the layout check (``_layout_check``) fails."""
     if device.type != "cuda" or rows % 128 or cols % 128:
         return None
+    return _check_once(rows, cols, dtype, device)
+
+
+def _check_once(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> tuple[str, int] | None:
+    """``_layout_check``'s answer, checked once per shape, dtype and device in a process. The first
+    shape that fails on a device warns, saying why; later ones there stay quiet, since a library that
+    reads none of the layouts at one shape is the same library at the next (``_CHECKED`` has them all)."""
     key = (rows, cols, dtype, device)
     if key not in _CHECKED:
-        _CHECKED[key] = _layout_check(rows, cols, dtype, device)
+        found, why = _layout_check(rows, cols, dtype, device)
+        if found is None and not any(k[3] == device and v is None for k, v in _CHECKED.items()):
+            warnings.warn(
+                f"nmcompile: no layout of the Triton 2:4 compression matches torch._cslt_compress for [{rows}, "
+                f"{cols}] {dtype} on {device} ({why}); that shape, and any other that fails this check on "
+                f"{device} (not warned again), is compressed by torch._cslt_compress (slower)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        _CHECKED[key] = found
     return _CHECKED[key]
 
 
@@ -159,10 +175,11 @@ def _candidates(device: torch.device) -> tuple[str, ...]:
     return ("cusparselt_sm90", "cusparselt") if sm90 else ("cusparselt", "cusparselt_sm90")
 
 
-def _layout_check(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> tuple[str, int] | None:
+def _layout_check(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> tuple[tuple[str, int] | None, str]:
     """``compress24``'s cuSPARSELt layouts checked against the library's own, the likelier first: a
     random 2:4 ``[rows, cols]`` compressed both ways gives the same product with algorithm 0.
-    Returns the first layout that does and the buffer's size; warns and returns ``None`` if none does."""
+    Returns the first layout that does and the buffer's size, or ``None``; and why each layout
+    tried before it failed ("" if none did)."""
     from nmcompile.kernels.compress24 import compress24
 
     probe = random_24(rows, cols, dtype, device)
@@ -174,17 +191,11 @@ def _layout_check(rows: int, cols: int, dtype: torch.dtype, device: torch.device
         try:
             ours = compress24(probe, layout, numel=theirs.numel())[0]
             if torch.equal(torch._cslt_sparse_mm(ours, b), expected):
-                return layout, theirs.numel()
+                return (layout, theirs.numel()), "; ".join(details)
             details.append(f"{CUSPARSELT_LAYOUTS[layout]}: they multiply differently")
         except (RuntimeError, ValueError) as exc:
             details.append(f"{CUSPARSELT_LAYOUTS[layout]}: {type(exc).__name__}: {exc}")
-    warnings.warn(
-        f"nmcompile: no layout of the Triton 2:4 compression matches torch._cslt_compress for [{rows}, {cols}] "
-        f"{dtype} on this GPU ({'; '.join(details)}); that shape is compressed by torch._cslt_compress (slower)",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-    return None
+    return None, "; ".join(details)
 
 
 def _dense_operands(
