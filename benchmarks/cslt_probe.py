@@ -3,7 +3,7 @@ process's CUDA context, so one bad case cannot take the others with it).
 
 For every shape, dtype and operand layout (``b`` row- or column-major, bias or none, result
 transposed or not) a case compresses a random 2:4 ``A`` with ``torch._cslt_compress``, multiplies it
-with algorithm 0, then runs ``torch._cslt_sparse_mm_search`` and multiplies with the algorithm it
+with algorithm 0, then runs cuSPARSELt's search (``sparse24.library_search``) and multiplies with the algorithm it
 picked; each product is checked against the fp32 dense one. Prints one table row per case.
 Usage: python -m benchmarks.cslt_probe [--jobs 4]
 """
@@ -19,7 +19,7 @@ DTYPES = ("float16", "bfloat16")
 
 CASE = """
 import sys, torch
-from nmcompile.kernels.sparse24 import random_24
+from nmcompile.kernels.sparse24 import library_search, random_24
 m, k, n, dtype, col_major, with_bias, transpose = sys.argv[1:]
 m, k, n, dtype = int(m), int(k), int(n), getattr(torch, dtype)
 col_major, with_bias, transpose = col_major == "1", with_bias == "1", transpose == "1"
@@ -39,7 +39,7 @@ def check(step, **kwargs):
 packed = torch._cslt_compress(a)
 print(f"compressed: {tuple(packed.shape)}", flush=True)
 check("alg 0")
-alg = int(torch._cslt_sparse_mm_search(packed, b, bias=bias, transpose_result=transpose))
+alg = library_search(packed, b, bias, transpose)
 torch.cuda.synchronize()
 print(f"search: alg {alg}", flush=True)
 check(f"alg {alg}", alg_id=alg)

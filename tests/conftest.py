@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import types
 
 import pytest
 import torch
@@ -240,6 +241,18 @@ def _cslt_sparse_mm_search(compressed, b, bias=None, transpose_result=False):
     return EMULATED_ALGS - 1
 
 
+def _mm_search(compressed, b, bias, alpha, out_dtype, transpose_result, /):
+    """``torch._C._cusparselt.mm_search`` (pybind: positional only): the same search, returning the
+    algorithm's id, the split-K factor and mode, and the number of algorithms."""
+    assert alpha is None and out_dtype is None
+    return _cslt_sparse_mm_search(compressed, b, bias=bias, transpose_result=transpose_result), 1, -1, EMULATED_ALGS
+
+
+def _deprecated_search(*args, **kwargs):
+    """``torch._cslt_sparse_mm_search`` where the build has ``mm_search``: not to be called."""
+    raise AssertionError("torch._cslt_sparse_mm_search called although torch._C._cusparselt.mm_search exists")
+
+
 def record_alg_ids(monkeypatch) -> list[int]:
     """The ``alg_id`` of every ``torch._cslt_sparse_mm`` call from now on (under ``emulated_24_library``)."""
     calls: list[int] = []
@@ -266,14 +279,16 @@ def _cutlass_addmm(bias, packed, meta, b):
 def emulated_24_library(request, monkeypatch):
     """``kernels.sparse24`` on CPU tensors against each library's operand contract, emulated from
     PyTorch's C++ sources (``cuSPARSELtOps.cpp``, ``SparseSemiStructuredOps.cu``): the padding,
-    layouts, bias and transposed result are what is tested. Every 2:4 device check passes."""
+    layouts, bias and transposed result are what is tested. Every 2:4 device check passes. The
+    search is ``torch._C._cusparselt.mm_search``; the deprecated entry point fails if called."""
     from nmcompile.kernels import sparse24
 
     monkeypatch.setattr(sparse24, "blocker", lambda device, dtype: None)
     monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: request.param == "cusparselt")
     monkeypatch.setattr(torch, "_cslt_compress", _cslt_compress)
     monkeypatch.setattr(torch, "_cslt_sparse_mm", _cslt_sparse_mm)
-    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", _cslt_sparse_mm_search)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", _deprecated_search)
+    monkeypatch.setattr(torch._C, "_cusparselt", types.SimpleNamespace(mm_search=_mm_search), raising=False)
     monkeypatch.setattr(torch, "_sparse_semi_structured_mm", lambda *args: _cutlass_addmm(None, *args))
     monkeypatch.setattr(torch, "_sparse_semi_structured_addmm", _cutlass_addmm)
     return request.param

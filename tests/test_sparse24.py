@@ -11,6 +11,7 @@ dense ones and a bf16 model trains close to the portable path.
 from __future__ import annotations
 
 import sys
+import types
 
 import pytest
 import torch
@@ -335,6 +336,25 @@ def test_search_alg_picks_the_library_algorithm(emulated_24_library, monkeypatch
     assert alg_id == EMULATED_ALGS - 1 and calls == list(range(EMULATED_ALGS))
     assert torch.equal(sparse24.compressed_mm(a, b, transpose_result=True, alg_id=alg_id), expected)
     assert calls[-1] == alg_id
+
+
+@pytest.mark.parametrize("emulated_24_library", ["cusparselt"], indirect=True)
+def test_search_without_mm_search_takes_the_deprecated_entry_point(emulated_24_library, monkeypatch):
+    """A build whose ``torch._C._cusparselt`` has no ``mm_search`` searches with
+    ``torch._cslt_sparse_mm_search``, on the same operands, to the same id."""
+    w, b = _ints(20, 40, 0), _ints(40, 30, 1).bfloat16()
+    a = sparse24.compress(torch.where(reference.nm_mask(w, 2, 4, 1), w, 0.0).bfloat16())
+    searched, emulated = [], torch._C._cusparselt.mm_search
+
+    def deprecated(packed, b_pad, bias=None, transpose_result=False):
+        searched.append((packed, tuple(b_pad.shape), bias, transpose_result))
+        return emulated(packed, b_pad, bias, None, None, transpose_result)[0]
+
+    with_mm_search = sparse24.search_alg(a, b, transpose_result=True)
+    monkeypatch.setattr(torch._C, "_cusparselt", types.SimpleNamespace(getVersionInt=lambda: 600))
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", deprecated)
+    assert sparse24.search_alg(a, b, transpose_result=True) == with_mm_search == EMULATED_ALGS - 1
+    assert len(searched) == 1 and searched[0][0] is a.packed and searched[0][1:] == ((64, 32), None, True)
 
 
 def test_semi_structured_mm_runs_the_fastest_alg_searched_once(emulated_24_library, monkeypatch):

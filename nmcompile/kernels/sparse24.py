@@ -239,13 +239,25 @@ def compressed_mm(
 def search_alg(
     a: Compressed, b: torch.Tensor, *, bias: torch.Tensor | None = None, transpose_result: bool = False
 ) -> int:
-    """The ``alg_id`` of cuSPARSELt's fastest algorithm for ``compressed_mm(a, b, ...)``, which
-    ``torch._cslt_sparse_mm_search`` finds by timing each on these operands; 0 under CUTLASS, and 0
+    """The ``alg_id`` of cuSPARSELt's fastest algorithm for ``compressed_mm(a, b, ...)``, which its
+    search (``library_search``) finds by timing each on these operands; 0 under CUTLASS, and 0
     unsearched where the search is known to fail (``search_fails``)."""
     b_pad, bias = _dense_operands(a, b, bias)
     if a.meta is not None or search_fails(a.dtype, transpose_result):
         return 0
-    return int(torch._cslt_sparse_mm_search(a.packed, b_pad, bias=bias, transpose_result=transpose_result))
+    return library_search(a.packed, b_pad, bias, transpose_result)
+
+
+def library_search(packed: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, transpose_result: bool) -> int:
+    """cuSPARSELt's search for ``torch._cslt_sparse_mm(packed, b, bias=bias, transpose_result=...)``:
+    the fastest algorithm's id. Through ``torch._C._cusparselt.mm_search`` where the build has it
+    (positional arguments; it returns the id first, then its split-K settings, which the GEMMs here
+    leave at their defaults), else the ``torch._cslt_sparse_mm_search`` it deprecates (torch 2.11
+    warns on each process's first call)."""
+    mm_search = getattr(getattr(torch._C, "_cusparselt", None), "mm_search", None)
+    if mm_search is None:
+        return int(torch._cslt_sparse_mm_search(packed, b, bias=bias, transpose_result=transpose_result))
+    return int(mm_search(packed, b, bias, None, None, transpose_result)[0])
 
 
 _FASTEST: dict[tuple, int] = {}
