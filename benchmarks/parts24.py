@@ -17,6 +17,7 @@ capturing the ops in CUDA graphs would hide that, and they stay out of graphs fo
 
 from __future__ import annotations
 
+import importlib
 import sys
 import time
 from collections.abc import Callable
@@ -53,6 +54,27 @@ PARTS = (
     "Triton path: W ⊙ B (operand kernel, rows in place)",
     "Triton path: mvue24(dY) (MVUE kernel)",
 )
+
+
+TUNED = (
+    ("operand24", "masked_operand_kernel"),
+    ("mvue", "mvue_kernel"),
+    ("gather_t", "gather_t_kernel"),
+    ("compress24", "compress24_kernel"),
+)
+"""The autotuned Triton kernels of the 2:4 ops and the Triton path's passes (module, kernel)."""
+
+
+def chosen_configs() -> list[str]:
+    """The config the autotuner chose for each distinct launch of those kernels so far, one line
+    each: which row of ``python -m benchmarks.ptx`` (registers, spills, shuffles) a timing belongs to."""
+    lines = []
+    for module, name in TUNED:
+        kernel = getattr(importlib.import_module(f"nmcompile.kernels.{module}"), name)
+        for key, config in kernel.cache.items():
+            args = ", ".join(f"{k}={v}" for k, v in zip(kernel.keys, key, strict=False))
+            lines.append(f"- {name}({args}): {config}")
+    return lines
 
 
 def parts() -> dict[str, Callable[[], object]]:
@@ -177,6 +199,7 @@ def main() -> None:
     from nmcompile.kernels import sparse24
 
     checked = {f"[{r}, {c}]": found[0] if found else None for (r, c, _, _), found in sparse24._CHECKED.items()}
+    print("\nAutotuned configs:\n" + "\n".join(chosen_configs()))
     print("\nLayout check: " + "; ".join(f"{shape}: {layout or 'declined'}" for shape, layout in checked.items()))
     if None in checked.values():
         print(

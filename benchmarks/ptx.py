@@ -6,9 +6,11 @@ which prunes ``dY`` tiles with the same MVUE rules) for ``sm_<arch>`` (Triton's 
 ptxas, no device needed) with the arguments a training step passes (bf16, strides that are
 multiples of 16, the contiguous dim's stride 1, as Triton specializes them at launch), and counts
 in the PTX what moves data between threads (warp shuffles, barriers, shared-memory stores, per
-program; shuffles also per tile entry a thread owns) and the width of its global loads and stores.
-These kernels are memory-bound passes, so data exchanged between threads and narrow accesses are
-what keep them from bandwidth. A count, not a time: ``benchmarks.parts24`` times the kernels on a GPU.
+program; shuffles also per tile entry a thread owns) and the width of its global loads and stores;
+in the machine code (``cuobjdump`` on the cubin), the registers per thread and the local-memory
+stores (``STL``: spilled registers, or an array the compiler put in local memory). These kernels
+are memory-bound passes, so data exchanged between threads, narrow accesses and spills are what
+keep them from bandwidth. A count, not a time: ``benchmarks.parts24`` times the kernels on a GPU.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import importlib
 import math
 import os
 import re
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -111,6 +115,8 @@ class Counts:
     shared_stores: int
     load_bits: int
     store_bits: int
+    registers: int
+    local_stores: int
 
     @property
     def shuffles_per_entry(self) -> float:
@@ -129,6 +135,20 @@ def _widest(ptx: str, op: str) -> int:
         vector, bits = re.search(r"\.v(\d)\.", instruction), re.search(r"\.[bfsu](\d+)$", instruction)
         widths.append((int(vector.group(1)) if vector else 1) * (int(bits.group(1)) if bits else 0))
     return max(widths, default=0)
+
+
+def machine_code(cubin: bytes) -> tuple[int, int]:
+    """Registers per thread and local-memory stores (``STL`` instructions: spills) of a compiled
+    kernel, read with the ``cuobjdump`` that ships with Triton."""
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        tool = knobs.nvidia.cuobjdump.path
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"REG:(\d+)", usage).group(1)), _count(sass, r"\bSTL\b")
 
 
 def compile_counts(variant: Variant, arch: int) -> Iterator[Counts]:
@@ -155,7 +175,8 @@ def compile_counts(variant: Variant, arch: int) -> Iterator[Counts]:
         attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
         source = triton.compiler.ASTSource(fn, signature, constexprs=constants, attrs=attrs)
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-        ptx = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"]
+        asm = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).asm
+        ptx = asm["ptx"]
         yield Counts(
             variant.name,
             " ".join(f"{k} {v}" for k, v in config.kwargs.items()) + f", {config.num_warps} warps",
@@ -166,6 +187,7 @@ def compile_counts(variant: Variant, arch: int) -> Iterator[Counts]:
             _count(ptx, r"st\.shared"),
             _widest(ptx, "ld"),
             _widest(ptx, "st"),
+            *machine_code(asm["cubin"]),
         )
 
 
@@ -173,13 +195,13 @@ def table(rows: list[Counts]) -> str:
     """Markdown table of ``rows``."""
     lines = [
         "| kernel | config | tile entries | shuffles | per entry | barriers | shared stores | widest load (bits) "
-        "| widest store (bits) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| widest store (bits) | registers | local stores |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.variant} | {r.config} | {r.entries} | {r.shuffles} | {r.shuffles_per_entry:.1f} | {r.barriers} "
-            f"| {r.shared_stores} | {r.load_bits} | {r.store_bits} |"
+            f"| {r.shared_stores} | {r.load_bits} | {r.store_bits} | {r.registers} | {r.local_stores} |"
         )
     return "\n".join(lines)
 

@@ -203,40 +203,42 @@ def test_search_cost_is_the_search_row_minus_the_portable_row():
     ]
 
 
-def test_mvue_kernel_compiles_to_no_data_exchange_between_threads():
-    """``python -m benchmarks.ptx`` compiles the MVUE kernel for sm90 without a GPU (a process of its
-    own: the suite's kernels are the interpreter's): every config loads 128 bits at a time and has
-    no warp shuffle, barrier or shared-memory store, so it can run at memory bandwidth. The kernel
-    it replaced ran 14 shuffles per entry."""
+def _ptx_table(kernels: list[str]) -> list[dict[str, str]]:
+    """``python -m benchmarks.ptx`` for ``kernels``, in a process of its own (the suite's kernels are
+    the interpreter's): one dict per config, keyed by the table's headers."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.ptx", "--kernel", "mvue24"],
+        [sys.executable, "-m", "benchmarks.ptx", *(arg for k in kernels for arg in ("--kernel", k))],
         cwd=root, env=env, capture_output=True, text=True, timeout=600, check=True,
     )  # fmt: skip
-    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| mvue24 |")]
-    assert rows, done.stdout
-    for _, config, _entries, shuffles, _per_entry, barriers, shared, load_bits, _store_bits in rows:
-        assert (shuffles.strip(), barriers.strip(), shared.strip(), load_bits.strip()) == ("0", "0", "0", "128"), config
+    lines = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ")]
+    headers = [cell.strip() for cell in lines[0]]
+    return [dict(zip(headers, (cell.strip() for cell in line), strict=True)) for line in lines[1:]]
+
+
+def test_mvue_kernel_compiles_to_no_data_exchange_between_threads():
+    """``python -m benchmarks.ptx`` compiles the MVUE kernel for sm90 without a GPU: every config
+    loads 128 bits at a time and has no warp shuffle, barrier, shared-memory store or register
+    spill, so it can run at memory bandwidth. The kernel it replaced ran 14 shuffles per entry."""
+    rows = _ptx_table(["mvue24"])
+    assert len(rows) == 6 and {row["kernel"] for row in rows} == {"mvue24"}
+    for row in rows:
+        got = [row[key] for key in ("shuffles", "barriers", "shared stores", "widest load (bits)", "local stores")]
+        assert got == ["0", "0", "0", "128", "0"], row["config"]
+        assert 0 < int(row["registers"]) <= 255, row["config"]
 
 
 def test_compression_and_gather_kernels_compile_to_wide_accesses():
     """The 2:4 path's two bandwidth kernels, compiled for sm90 as above: the compression loads 128
     bits at a time and shuffles nothing; the column gather also stores 128 bits at a time (its
-    transposed tile goes out along ``T``, not one scattered entry per thread)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parent.parent
-    kernels = ["compress24, cuSPARSELt", "compress24, CUTLASS", "gather_t (dY[:, P]ᵀ)"]
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.ptx", *(arg for k in kernels for arg in ("--kernel", k))],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600, check=True,
-    )  # fmt: skip
-    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith(("| compress24", "| gather"))]
-    assert len(rows) == 18, done.stdout
-    for name, config, _entries, shuffles, _per_entry, _barriers, _shared, load_bits, store_bits in rows:
-        assert (shuffles.strip(), load_bits.strip()) == ("0", "128"), (name, config)
-        if name.startswith(" gather"):
-            assert store_bits.strip() == "128", config
+    transposed tile goes out along ``T``, not one scattered entry per thread); none spills."""
+    rows = _ptx_table(["compress24, cuSPARSELt", "compress24, CUTLASS", "gather_t (dY[:, P]ᵀ)"])
+    assert len(rows) == 18
+    for row in rows:
+        assert (row["shuffles"], row["widest load (bits)"], row["local stores"]) == ("0", "128", "0"), row
+        if row["kernel"].startswith("gather"):
+            assert row["widest store (bits)"] == "128", row["config"]
 
 
 def test_mode_reaches_every_compiled_row_and_leaves_eager_rows_out(monkeypatch):
@@ -289,6 +291,22 @@ def test_parts24_device_time_sums_the_events_of_one_device():
     assert parts24.device_ms(events, 3) == 0.0  # no CUDA events on this machine
     assert parts24._cell(lambda fn: fn(), lambda: 1.5) == "1.500"
     assert parts24._cell(lambda fn: fn(), lambda: 1 / 0) == "failed: ZeroDivisionError"
+
+
+def test_parts24_names_the_config_autotuned_per_launch(monkeypatch):
+    """Under its table ``parts24`` lists each autotuned launch: the kernel, its key's values by name
+    (the extra dtype entries Triton appends are left out) and the config it chose."""
+    import triton
+
+    from benchmarks import parts24
+    from nmcompile.kernels import compress24, gather_t, mvue, operand24
+
+    for kernel in (operand24.masked_operand_kernel, mvue.mvue_kernel, gather_t.gather_t_kernel):
+        monkeypatch.setattr(kernel, "cache", {})
+    config = triton.Config({"BLOCK_R": 32, "BLOCK_C": 128}, num_warps=8)
+    monkeypatch.setattr(compress24.compress24_kernel, "cache", {(4096, 16384, 2, "torch.bfloat16"): config})
+    assert compress24.compress24_kernel.keys == ["R", "C", "LAYOUT"]
+    assert parts24.chosen_configs() == [f"- compress24_kernel(R=4096, C=16384, LAYOUT=2): {config}"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
