@@ -117,11 +117,17 @@ class Counts:
     store_bits: int
     registers: int
     local_stores: int
+    instructions: int
 
     @property
     def shuffles_per_entry(self) -> float:
         """Warp shuffles a thread runs per tile entry it owns."""
         return self.shuffles * self.threads / self.entries
+
+    @property
+    def instructions_per_entry(self) -> float:
+        """Machine instructions a thread runs per tile entry it owns (the kernels without a loop)."""
+        return self.instructions * self.threads / self.entries
 
 
 def _count(ptx: str, pattern: str) -> int:
@@ -137,9 +143,10 @@ def _widest(ptx: str, op: str) -> int:
     return max(widths, default=0)
 
 
-def machine_code(cubin: bytes) -> tuple[int, int]:
-    """Registers per thread and local-memory stores (``STL`` instructions: spills) of a compiled
-    kernel, read with the ``cuobjdump`` that ships with Triton."""
+def machine_code(cubin: bytes) -> tuple[int, int, int]:
+    """Registers per thread, local-memory stores (``STL`` instructions: spills) and machine
+    instructions (``NOP`` padding left out) of a compiled kernel, read with the ``cuobjdump`` that
+    ships with Triton."""
     from triton import knobs
 
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -148,7 +155,13 @@ def machine_code(cubin: bytes) -> tuple[int, int]:
         tool = knobs.nvidia.cuobjdump.path
         usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    return int(re.search(r"REG:(\d+)", usage).group(1)), _count(sass, r"\bSTL\b")
+    opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
+    registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    return (
+        registers,
+        opcodes.count("STL") + sum(op.startswith("STL.") for op in opcodes),
+        sum(op != "NOP" for op in opcodes),
+    )
 
 
 def compile_counts(variant: Variant, arch: int) -> Iterator[Counts]:
@@ -195,13 +208,14 @@ def table(rows: list[Counts]) -> str:
     """Markdown table of ``rows``."""
     lines = [
         "| kernel | config | tile entries | shuffles | per entry | barriers | shared stores | widest load (bits) "
-        "| widest store (bits) | registers | local stores |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| widest store (bits) | registers | local stores | instructions | per entry |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.variant} | {r.config} | {r.entries} | {r.shuffles} | {r.shuffles_per_entry:.1f} | {r.barriers} "
-            f"| {r.shared_stores} | {r.load_bits} | {r.store_bits} | {r.registers} | {r.local_stores} |"
+            f"| {r.shared_stores} | {r.load_bits} | {r.store_bits} | {r.registers} | {r.local_stores} "
+            f"| {r.instructions} | {r.instructions_per_entry:.1f} |"
         )
     return "\n".join(lines)
 

@@ -53,6 +53,20 @@ def test_nm_mask_exact(dtype, shape, n, m, dim):
     assert torch.equal(got.cpu(), reference.nm_mask(a.cpu(), n, m, dim))
 
 
+@pytest.mark.parametrize("dim", [1, 0])
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_nm_mask_every_tie_pattern_of_groups_of_four(n, dim):
+    """Groups of 4 rank from their 6 pairwise comparisons (``common._keep4``): every group drawn
+    from 0, ±1, -2, inf and NaN (6⁴ of them: all ties, sign flips, NaN against inf) gives the
+    reference's mask, along either dim."""
+    values = torch.tensor([0.0, 1.0, -1.0, -2.0, float("inf"), float("nan")])
+    groups = torch.cartesian_prod(*[torch.arange(6)] * 4)
+    a = values[groups]
+    a = a if dim == 1 else a.t().contiguous()
+    got = kernels.nm_mask(a.to(DEVICE), n, 4, dim)
+    assert torch.equal(got.cpu(), reference.nm_mask(a, n, 4, dim))
+
+
 def test_nm_mask_counts():
     """Exactly n kept per group, on a non-contiguous view too."""
     a = _randn(24, 64).t()

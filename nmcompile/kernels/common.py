@@ -121,15 +121,39 @@ def nm_keep(mag, n, M: tl.constexpr):
     """Top-``n`` of each group of ``M`` along the last axis of ``mag`` ``[R, G, M]`` (fp32, no NaN).
 
     Entry ``i`` is kept when fewer than ``n`` entries rank above it (``|a_j| > |a_i|``, or equal
-    with ``j < i``): ``M`` passes over the tile, one per ``j``, so nothing ``M×M`` is held at once.
+    with ``j < i``): ``M`` passes over the tile, one per ``j``, so nothing ``M×M`` is held at once;
+    for ``M = 4`` (2:4, the common case) from the 6 comparisons of the group's pairs (``_keep4``).
     """
-    idx = tl.arange(0, M)[None, None, :]
-    count = tl.zeros(mag.shape, dtype=tl.int32)
-    for j in tl.static_range(M):
-        mag_j = tl.max(tl.where(idx == j, mag, -1.0), axis=2)[:, :, None]
-        above = (mag_j > mag) | ((mag_j == mag) & (idx > j))
-        count += above.to(tl.int32)
-    return count < n
+    if M == 4:
+        keep = _keep4(mag, n)
+    else:
+        idx = tl.arange(0, M)[None, None, :]
+        count = tl.zeros(mag.shape, dtype=tl.int32)
+        for j in tl.static_range(M):
+            mag_j = tl.max(tl.where(idx == j, mag, -1.0), axis=2)[:, :, None]
+            above = (mag_j > mag) | ((mag_j == mag) & (idx > j))
+            count += above.to(tl.int32)
+        keep = count < n
+    return keep
+
+
+@triton.jit
+def _keep4(mag, n):
+    """``nm_keep`` for groups of 4: each pair compared once (``g_ij``: ``a_i`` ranks above ``a_j``,
+    ties to the lower index), and each entry's count of entries above it summed from the 6. The
+    loop above spends 4 passes of a select, a 4-way max and two comparisons per entry on the same."""
+    R: tl.constexpr = mag.shape[0]
+    G: tl.constexpr = mag.shape[1]
+    even, odd = tl.split(tl.reshape(mag, (R, G, 2, 2)))
+    a0, a2 = tl.split(even)
+    a1, a3 = tl.split(odd)
+    g01, g02, g03 = (a0 >= a1).to(tl.int32), (a0 >= a2).to(tl.int32), (a0 >= a3).to(tl.int32)
+    g12, g13, g23 = (a1 >= a2).to(tl.int32), (a1 >= a3).to(tl.int32), (a2 >= a3).to(tl.int32)
+    k0 = 3 - g01 - g02 - g03 < n
+    k1 = g01 + 2 - g12 - g13 < n
+    k2 = g02 + g12 + 1 - g23 < n
+    k3 = g03 + g13 + g23 < n
+    return tl.reshape(tl.join(tl.join(k0, k2), tl.join(k1, k3)), (R, G, 4))
 
 
 @triton.jit
