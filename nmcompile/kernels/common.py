@@ -227,15 +227,37 @@ def mvue12(a, u):
 
 @triton.jit
 def _p24(mag, i, top_index, dominant, rest, total):
-    """Inclusion probability of entry ``i`` (magnitude ``mag``) under the optimal 2:4 rule."""
-    p_dominant = tl.where(top_index == i, 1.0, tl.where(rest > 0, mag / _safe(rest, rest > 0), 1.0 / 3))
-    return tl.where(dominant, p_dominant, tl.where(total > 0, 2 * mag / _safe(total, total > 0), 0.5))
+    """Inclusion probability of entry ``i`` (magnitude ``mag``) under the optimal 2:4 rule: the
+    dominant entry 1, the others ``mag / rest``; without one ``2 mag / total``. One division for
+    both cases (the same operands, so the same result as dividing in each)."""
+    den = tl.where(dominant, rest, total)
+    ok = den > 0
+    p = tl.where(dominant, mag, 2 * mag) / _safe(den, ok)
+    p = tl.where(ok, p, tl.where(dominant, 1.0 / 3, 0.5))
+    return tl.where(dominant & (top_index == i), 1.0, p)
 
 
 @triton.jit
-def _kept(a, p, i, first, second):
-    """Entry ``i`` divided by its inclusion probability ``p`` where drawn (``first``/``second``), else 0."""
-    return tl.where(((first == i) | (second == i)) & (p > 0), a / _safe(p, p > 0), 0.0)
+def _divided(a, p):
+    """``a / p``, 0 where ``p`` is 0."""
+    return tl.where(p > 0, a / _safe(p, p > 0), 0.0)
+
+
+@triton.jit
+def _kept4(a, p, first, second):
+    """A block ``a = (a0, .., a3)`` with its two drawn entries (indices ``first``, ``second``) divided
+    by their inclusion probabilities ``p = (p0, .., p3)`` and the others 0: two divisions per
+    block, of the drawn entries picked out first, instead of one per entry."""
+    a0, a1, a2, a3 = a
+    p0, p1, p2, p3 = p
+    at_first = _divided(_choose4(first, a0, a1, a2, a3), _choose4(first, p0, p1, p2, p3))
+    at_second = _divided(_choose4(second, a0, a1, a2, a3), _choose4(second, p0, p1, p2, p3))
+    return (
+        tl.where(first == 0, at_first, tl.where(second == 0, at_second, 0.0)),
+        tl.where(first == 1, at_first, tl.where(second == 1, at_second, 0.0)),
+        tl.where(first == 2, at_first, tl.where(second == 2, at_second, 0.0)),
+        tl.where(first == 3, at_first, tl.where(second == 3, at_second, 0.0)),
+    )
 
 
 @triton.jit
@@ -254,12 +276,7 @@ def mvue24(a, u):
     p2 = _p24(m2, 2, top_index, dominant, rest, total)
     p3 = _p24(m3, 3, top_index, dominant, rest, total)
     first, second = _cover4(p0, p1, p2, u), _cover4(p0, p1, p2, u + 1)
-    return (
-        _kept(a0, p0, 0, first, second),
-        _kept(a1, p1, 1, first, second),
-        _kept(a2, p2, 2, first, second),
-        _kept(a3, p3, 3, first, second),
-    )
+    return _kept4(a, (p0, p1, p2, p3), first, second)
 
 
 @triton.jit
@@ -290,12 +307,8 @@ def mvue24_approx(a, u0, u1):
     second = _cover4(_q(p0, 0, first, left), _q(p1, 1, first, left), _q(p2, 2, first, left), u1)
     r0, r1, r2, r3 = _ratio(p0), _ratio(p1), _ratio(p2), _ratio(p3)
     ratios = r0 + r1 + r2 + r3
-    return (
-        _kept(a0, p0 + p0 * (ratios - r0), 0, first, second),
-        _kept(a1, p1 + p1 * (ratios - r1), 1, first, second),
-        _kept(a2, p2 + p2 * (ratios - r2), 2, first, second),
-        _kept(a3, p3 + p3 * (ratios - r3), 3, first, second),
-    )  # inclusion probability: P(i first) + Σ_j P(j first, then i)
+    inclusion = (p0 + p0 * (ratios - r0), p1 + p1 * (ratios - r1), p2 + p2 * (ratios - r2), p3 + p3 * (ratios - r3))
+    return _kept4(a, inclusion, first, second)  # inclusion probability: P(i first) + Σ_j P(j first, then i)
 
 
 @triton.jit
