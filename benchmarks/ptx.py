@@ -207,8 +207,9 @@ def compile_counts(variant: Variant, arch: int) -> Iterator[Counts]:
 def table(rows: list[Counts]) -> str:
     """Markdown table of ``rows``."""
     lines = [
-        "| kernel | config | tile entries | shuffles | per entry | barriers | shared stores | widest load (bits) "
-        "| widest store (bits) | registers | local stores | instructions | per entry |",
+        "| kernel | config | tile entries | shuffles | shuffles per entry | barriers | shared stores "
+        "| widest load (bits) | widest store (bits) | registers | local stores | instructions "
+        "| instructions per entry |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -227,6 +227,20 @@ def test_mvue_kernel_compiles_to_no_data_exchange_between_threads():
         got = [row[key] for key in ("shuffles", "barriers", "shared stores", "widest load (bits)", "local stores")]
         assert got == ["0", "0", "0", "128", "0"], row["config"]
         assert 0 < int(row["registers"]) <= 255, row["config"]
+        assert float(row["instructions per entry"]) < 48, row  # 53 with a division per entry and probability
+
+
+def test_bimask_operands_rank_without_data_exchange():
+    """The Bi-Mask operand kernels, compiled for sm90 (Triton 3.9): ranking ``Bp`` across rows
+    moves no data by warp shuffles in any config (the 64-wide tiles ran 8 per entry before groups
+    of 4 were ranked by pairs), nothing spills, and ``W ⊙ B`` runs under 47 machine instructions
+    per entry (47.7 to 91.4 before)."""
+    rows = _ptx_table(["W ⊙ B (Bi-Mask)", "(W[P] ⊙ Bp)ᵀ, compressed (cuSPARSELt)"])
+    assert len(rows) == 8
+    for row in rows:
+        assert (row["shuffles"], row["local stores"]) == ("0", "0"), row
+        if row["kernel"] == "W ⊙ B (Bi-Mask)":
+            assert float(row["instructions per entry"]) < 47, row
 
 
 def test_compression_and_gather_kernels_compile_to_wide_accesses():
