@@ -1,16 +1,18 @@
-"""What the memory-bound Triton kernels compile to on a GPU target, without a GPU.
+"""What the Triton kernels compile to on a GPU target, without a GPU.
 
-``python -m benchmarks.ptx [--arch 90]``: compiles every autotune config of the MVUE,
-masked-operand, 2:4 compression and column-gather kernels (and of the fused weight-gradient kernel,
-which prunes ``dY`` tiles with the same MVUE rules) for ``sm_<arch>`` (Triton's own compiler and
-ptxas, no device needed) with the arguments a training step passes (bf16, strides that are
-multiples of 16, the contiguous dim's stride 1, as Triton specializes them at launch), and counts
-in the PTX what moves data between threads (warp shuffles, barriers, shared-memory stores, per
-program; shuffles also per tile entry a thread owns) and the width of its global loads and stores;
-in the machine code (``cuobjdump`` on the cubin), the registers per thread and the local-memory
-stores (``STL``: spilled registers, or an array the compiler put in local memory). These kernels
-are memory-bound passes, so data exchanged between threads, narrow accesses and spills are what
-keep them from bandwidth. A count, not a time: ``benchmarks.parts24`` times the kernels on a GPU.
+``python -m benchmarks.ptx [--arch 90]``: compiles every autotune config of every Triton kernel
+(MVUE, masked operands, 2:4 compression, column gather, SR-STE, mask, permutation scores, and the
+fused GEMM kernels, which rank and prune inside their tiles) for ``sm_<arch>`` (Triton's own
+compiler and ptxas, no device needed) with the arguments a training step passes (bf16, strides
+that are multiples of 16, the contiguous dim's stride 1, as Triton specializes them at launch),
+and counts in the PTX what moves data between threads (warp shuffles, barriers, shared-memory
+stores, per program; shuffles also per tile entry a thread owns) and the width of its global loads
+and stores; in the machine code (``cuobjdump`` on the cubin), the registers per thread, the
+local-memory stores (``STL``: spilled registers, or an array the compiler put in local memory)
+and the instructions, also per tile entry a thread owns (for the kernels without a loop; the GEMM
+kernels loop, so theirs is code size). The elementwise kernels are memory-bound passes, so data
+exchanged between threads, narrow accesses, spills and instructions are what keep them from
+bandwidth. A count, not a time: ``benchmarks.parts24`` times the kernels on a GPU.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ import triton.language as tl
 @dataclass(frozen=True)
 class Variant:
     """One kernel as a step launches it: pointer element types, constexpr flags, the strides of the
-    contiguous dims (1 at launch, so Triton compiles them as constants), the tile's config keys."""
+    contiguous dims (1 at launch, so Triton compiles them as constants), the tile's config keys,
+    and the types of scalar arguments other than int32."""
 
     name: str
     module: str
@@ -42,6 +45,7 @@ class Variant:
     unit_strides: tuple[str, ...]
     tile: tuple[str, ...]
     entries_per_tile: int = 1
+    scalars: tuple[tuple[str, str], ...] = ()
 
 
 MVUE_POINTERS = {"g_ptr": "bf16", "out_ptr": "bf16", "meta_ptr": "bf16"}  # meta_ptr: out_ptr again, unused
@@ -99,6 +103,24 @@ VARIANTS = (
     Variant("gather_t (dY[:, P]ᵀ)", "gather_t", "gather_t_kernel",
             {"a_ptr": "bf16", "row_of_ptr": "i64", "out_ptr": "bf16"}, {"WIDE": False}, ("stride_ao",),
             ("BLOCK_T", "BLOCK_O")),
+    Variant("SR-STE weight grad", "srste", "srste_kernel",
+            {"g_ptr": "bf16", "w_ptr": "bf16", "f_ptr": "bf16", "out_ptr": "bf16"}, {"M": 4, "LOAD_MASK": False},
+            ("stride_gk", "stride_wk", "stride_fk", "stride_ok"), ("BLOCK_O", "BLOCK_K"), scalars=(("lam", "fp32"),)),
+    Variant("nm_mask", "nm_mask", "nm_mask_kernel", {"a_ptr": "bf16", "out_ptr": "i8"}, {"M": 4},
+            ("stride_ac", "stride_oc"), ("BLOCK_R", "BLOCK_C")),
+    Variant("permutation scores", "perm_score", "perm_score_kernel",
+            {"f_ptr": "i8", "perm_ptr": "i64", "score_ptr": "i32"}, {"M": 4}, ("stride_fc",), ("BLOCK_B", "BLOCK_C"),
+            4),
+    Variant("fused forward", "sparse_forward", "sparse_forward_kernel",
+            {"x_ptr": "bf16", "w_ptr": "bf16", "b_ptr": "bf16", "f_ptr": "bf16", "alpha_ptr": "fp32", "y_ptr": "bf16"},
+            {"M": 4, "HAS_BIAS": True, "LOAD_MASK": False, "HAS_ALPHA": False, "DOT": tl.bfloat16,
+             "PRECISION": "ieee", "WIDE": False}, ("stride_xk", "stride_wk", "stride_fk", "stride_yo"),
+            ("BLOCK_T", "BLOCK_O")),
+    Variant("fused input grad, Bi-Mask", "input_grad", "input_grad_kernel",
+            {"dy_ptr": "bf16", "w_ptr": "bf16", "perm_ptr": "i64", "f_ptr": "bf16", "alpha_ptr": "fp32",
+             "dx_ptr": "bf16"}, {"M": 4, "PERMUTE": True, "LOAD_MASK": False, "HAS_ALPHA": False,
+            "DOT": tl.bfloat16, "PRECISION": "ieee", "WIDE": False}, ("stride_do", "stride_wk", "stride_fk",
+            "stride_xk"), ("BLOCK_T", "BLOCK_K")),
 )  # fmt: skip
 
 
@@ -179,12 +201,17 @@ def compile_counts(variant: Variant, arch: int) -> Iterator[Counts]:
         configs = autotuned.early_config_prune(configs, {}, **variant.flags)
     for config in configs:
         constants = {**variant.flags, **config.kwargs, **dict.fromkeys(variant.unit_strides, 1)}
+        scalars = dict(variant.scalars)
         signature = {
-            p.name: "constexpr" if p.is_constexpr or p.name in constants else variant.pointers.get(p.name, "i32")
+            p.name: "constexpr"
+            if p.is_constexpr or p.name in constants
+            else variant.pointers.get(p.name, scalars.get(p.name, "i32"))
             for p in fn.params
         }
         signature = {name: f"*{kind}" if name in variant.pointers else kind for name, kind in signature.items()}
-        aligned = [name for name, kind in signature.items() if kind != "constexpr" and name not in ("n", "seed")]
+        aligned = [
+            name for name, kind in signature.items() if kind != "constexpr" and name not in ("n", "seed", *scalars)
+        ]
         attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
         source = triton.compiler.ASTSource(fn, signature, constexprs=constants, attrs=attrs)
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}

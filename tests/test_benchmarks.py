@@ -203,25 +203,54 @@ def test_search_cost_is_the_search_row_minus_the_portable_row():
     ]
 
 
-def _ptx_table(kernels: list[str]) -> list[dict[str, str]]:
-    """``python -m benchmarks.ptx`` for ``kernels``, in a process of its own (the suite's kernels are
-    the interpreter's): one dict per config, keyed by the table's headers."""
+@pytest.fixture(scope="module")
+def ptx_table() -> list[dict[str, str]]:
+    """``python -m benchmarks.ptx`` for every kernel, in a process of its own (the suite's kernels
+    are the interpreter's): one dict per config, keyed by the table's headers."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.ptx", *(arg for k in kernels for arg in ("--kernel", k))],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600, check=True,
+        [sys.executable, "-m", "benchmarks.ptx"], cwd=root, env=env, capture_output=True, text=True, timeout=900,
+        check=True,
     )  # fmt: skip
     lines = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ")]
     headers = [cell.strip() for cell in lines[0]]
     return [dict(zip(headers, (cell.strip() for cell in line), strict=True)) for line in lines[1:]]
 
 
-def test_mvue_kernel_compiles_to_no_data_exchange_between_threads():
+def _rows(table: list[dict[str, str]], *kernels: str) -> list[dict[str, str]]:
+    return [row for row in table if row["kernel"] in kernels]
+
+
+def test_every_triton_kernel_compiles_for_sm90(ptx_table):
+    """Every autotuned Triton kernel of ``nmcompile.kernels`` is in ``benchmarks.ptx`` and each of its
+    configs compiles for sm90 (the suite's runs are the interpreter's, which compiles nothing)."""
+    import importlib
+    import pkgutil
+
+    import triton
+
+    import nmcompile.kernels
+    from benchmarks import ptx
+
+    kernels = {
+        (info.name, name)
+        for info in pkgutil.iter_modules(nmcompile.kernels.__path__)
+        for name, value in vars(importlib.import_module(f"nmcompile.kernels.{info.name}")).items()
+        if isinstance(value, triton.runtime.Autotuner)
+    }
+    assert len(kernels) == 10
+    assert kernels == {(v.module, v.kernel) for v in ptx.VARIANTS}
+    compiled = {row["kernel"] for row in ptx_table}
+    assert compiled == {v.name for v in ptx.VARIANTS}
+    assert all(int(row["instructions"]) > 0 for row in ptx_table)
+
+
+def test_mvue_kernel_compiles_to_no_data_exchange_between_threads(ptx_table):
     """``python -m benchmarks.ptx`` compiles the MVUE kernel for sm90 without a GPU: every config
     loads 128 bits at a time and has no warp shuffle, barrier, shared-memory store or register
     spill, so it can run at memory bandwidth. The kernel it replaced ran 14 shuffles per entry."""
-    rows = _ptx_table(["mvue24"])
+    rows = _rows(ptx_table, "mvue24")
     assert len(rows) == 6 and {row["kernel"] for row in rows} == {"mvue24"}
     for row in rows:
         got = [row[key] for key in ("shuffles", "barriers", "shared stores", "widest load (bits)", "local stores")]
@@ -230,12 +259,12 @@ def test_mvue_kernel_compiles_to_no_data_exchange_between_threads():
         assert float(row["instructions per entry"]) < 48, row  # 53 with a division per entry and probability
 
 
-def test_bimask_operands_rank_without_data_exchange():
+def test_bimask_operands_rank_without_data_exchange(ptx_table):
     """The Bi-Mask operand kernels, compiled for sm90 (Triton 3.9): ranking ``Bp`` across rows
     moves no data by warp shuffles in any config (the 64-wide tiles ran 8 per entry before groups
     of 4 were ranked by pairs), nothing spills, and ``W ⊙ B`` runs under 47 machine instructions
     per entry (47.7 to 91.4 before)."""
-    rows = _ptx_table(["W ⊙ B (Bi-Mask)", "(W[P] ⊙ Bp)ᵀ, compressed (cuSPARSELt)"])
+    rows = _rows(ptx_table, "W ⊙ B (Bi-Mask)", "(W[P] ⊙ Bp)ᵀ, compressed (cuSPARSELt)")
     assert len(rows) == 8
     for row in rows:
         assert (row["shuffles"], row["local stores"]) == ("0", "0"), row
@@ -243,11 +272,11 @@ def test_bimask_operands_rank_without_data_exchange():
             assert float(row["instructions per entry"]) < 47, row
 
 
-def test_compression_and_gather_kernels_compile_to_wide_accesses():
+def test_compression_and_gather_kernels_compile_to_wide_accesses(ptx_table):
     """The 2:4 path's two bandwidth kernels, compiled for sm90 as above: the compression loads 128
     bits at a time and shuffles nothing; the column gather also stores 128 bits at a time (its
     transposed tile goes out along ``T``, not one scattered entry per thread); none spills."""
-    rows = _ptx_table(["compress24, cuSPARSELt", "compress24, CUTLASS", "gather_t (dY[:, P]ᵀ)"])
+    rows = _rows(ptx_table, "compress24, cuSPARSELt", "compress24, CUTLASS", "gather_t (dY[:, P]ᵀ)")
     assert len(rows) == 18
     for row in rows:
         assert (row["shuffles"], row["widest load (bits)"], row["local stores"]) == ("0", "128", "0"), row
