@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of docs/benchmarks.md in one call of a lent CUDA machine (the default stages' limits add
-# up to 8 min 40 s: run it with timeout_s 600 as a session's first device call).
+# up to 9 min: run it with timeout_s 600 as a session's first device call).
 #
 # Runs in the repository root under the machine's own python3 (its torch and triton; nothing can be
 # installed there): installs nmcompile without dependencies, then runs the stages named in STAGES, each
@@ -13,19 +13,20 @@
 #   bench_resnet  the step benchmark for the ResNet block;
 #   split         python -m benchmarks.split: fused Triton GEMMs against operand + cuBLAS at 128, 512
 #                 and 2048 tokens;
-#   and, only when named: bench_ffn (the FFN step and per-GEMM rows, 190 s), bench_steps (the FFN
-#   step rows alone), cslt_probe (python -m benchmarks.cslt_probe: which cuSPARSELt products and
-#   searches this GPU runs) and bench_graphs (the FFN step rows under torch.compile's
-#   mode="reduce-overhead": CUDA graphs around the sparse ops, which stay out of them).
-# STAGES (default "cslt_dump cuda_tests parts24 bench_resnet split") picks and orders the stages, so
-# a second device call can run what the first left out: STAGES="bench_ffn bench_graphs".
+#   bench_steps   the step benchmark's FFN rows (no per-GEMM rows);
+#   and, only when named: bench_ffn (the FFN step and per-GEMM rows, 190 s), cslt_probe (python -m
+#   benchmarks.cslt_probe: which cuSPARSELt products and searches this GPU runs) and bench_graphs
+#   (the FFN step rows under torch.compile's mode="reduce-overhead": CUDA graphs around the sparse
+#   ops, which stay out of them).
+# STAGES (default "cuda_tests parts24 bench_steps cslt_dump") picks and orders the stages, so a
+# second device call can run what the first left out: STAGES="bench_resnet split bench_graphs".
 # Logs, the FFN JSON and the layout dump go to $OUT (the device tool brings back 8 files: env.txt,
 # stages.txt and at most 6 more), or to ./gpu-checks without it.
 # Usage: [STAGES="..."] bash benchmarks/gpu_checks.sh [python]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-python3}
-STAGES=${STAGES:-"cslt_dump cuda_tests parts24 bench_resnet split"}
+STAGES=${STAGES:-"cuda_tests parts24 bench_steps cslt_dump"}
 OUT=${OUT:-gpu-checks}
 mkdir -p "$OUT"
 for name in cslt_dump cuda_tests cslt_probe bench_ffn bench_steps split parts24 bench_resnet bench_graphs; do rm -f "$OUT/$name.log"; done
@@ -60,16 +61,19 @@ fi
 # took 160 s and the ResNet one 51 s: the limits below leave room for that.
 # Each test runs in a pytest process of its own: a kernel fault ends a process's CUDA context, and
 # on the H200 (2026-12-04) one such fault turned every later test of the same process into an error.
+# The quick ones first (run 4's stage ran out in test_real_sizes_on_cuda, over 100 s on its own).
 CUDA_TESTS=(
+    "tests/test_kernels.py::test_nm_mask_every_tie_pattern_of_groups_of_four"
     "tests/test_compress24.py::test_compress24_multiplies_as_the_library_compression_on_cuda"
+    "tests/test_kernels.py::test_mvue_prune_matches_portable_op"
     "tests/test_sparse24.py::test_semi_structured_mm_on_cuda"
     "tests/test_sparse24.py::test_searched_alg_gives_the_same_product_on_cuda"
-    "tests/test_sparse24.py::test_sparse24_trains_like_portable_on_cuda"
-    "tests/test_kernels.py::test_real_sizes_on_cuda"
-    "tests/test_lowering.py::test_auto_lowers_on_cuda_under_autocast"
     "tests/test_kernels.py::test_split_ops_at_real_sizes_on_cuda"
     "tests/test_kernels.py::test_permutation_scores_exact"
     "tests/test_kernels.py::test_portable_mvue_op_on_cuda_prunes_as_on_the_cpu"
+    "tests/test_sparse24.py::test_sparse24_trains_like_portable_on_cuda"
+    "tests/test_kernels.py::test_real_sizes_on_cuda"
+    "tests/test_lowering.py::test_auto_lowers_on_cuda_under_autocast"
     "tests/test_sparse24.py::test_backward_operand_is_w_times_b_in_place"
 )
 # shellcheck disable=SC2016  # expanded by the inner bash
@@ -77,7 +81,7 @@ EACH_TEST='py=$1; shift; rc=0; for t in "$@"; do "$py" -m pytest -q -p no:cachep
 
 for name in $STAGES; do
     case $name in
-        cuda_tests) stage cuda_tests 300 bash -c "$EACH_TEST" each_test "$PY" "${CUDA_TESTS[@]}" ;;
+        cuda_tests) stage cuda_tests 330 bash -c "$EACH_TEST" each_test "$PY" "${CUDA_TESTS[@]}" ;;
         cslt_probe) stage cslt_probe 60 "$PY" -m benchmarks.cslt_probe --jobs 12 ;;
         cslt_dump) stage cslt_dump 30 "$PY" -m benchmarks.cslt_dump "$OUT/cslt_layout.pt" ;;
         bench_steps)
