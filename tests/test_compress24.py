@@ -5,6 +5,7 @@ use in ``sparse24.compress``; and on CUDA against ``torch._cslt_compress``."""
 from __future__ import annotations
 
 import functools
+import types
 import warnings
 
 import pytest
@@ -352,6 +353,8 @@ def tile_layout_library(request, monkeypatch):
     monkeypatch.setattr(torch, "_cslt_compress", compress)
     monkeypatch.setattr(torch, "_cslt_sparse_mm", functools.partial(_tile_layout_mm, layout=request.param))
     monkeypatch.setattr(torch, "_cslt_sparse_mm_search", lambda *args, **kwargs: 0)  # one algorithm
+    one_algorithm = types.SimpleNamespace(mm_search=lambda *args: (0, 1, -1, 1))  # alg_id, split-K, mode, count
+    monkeypatch.setattr(torch._C, "_cusparselt", one_algorithm, raising=False)  # a CUDA build's real one
     monkeypatch.setattr(sparse24, "_FASTEST", {})
     return request.param, calls
 
