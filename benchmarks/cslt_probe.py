@@ -3,8 +3,9 @@ process's CUDA context, so one bad case cannot take the others with it).
 
 For every shape, dtype and operand layout (``b`` row- or column-major, bias or none, result
 transposed or not) a case compresses a random 2:4 ``A`` with ``torch._cslt_compress``, multiplies it
-with algorithm 0, then runs cuSPARSELt's search (``sparse24.library_search``) and multiplies with the algorithm it
-picked; each product is checked against the fp32 dense one. Prints one table row per case.
+with algorithm 0, then runs cuSPARSELt's search (``sparse24.library_search``) and multiplies with
+the algorithm it picked; each product is checked against the fp32 dense one. Prints one table row
+per case.
 Usage: python -m benchmarks.cslt_probe [--jobs 4]
 """
 
