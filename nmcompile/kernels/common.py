@@ -142,18 +142,14 @@ def _keep4(mag, n):
     """``nm_keep`` for groups of 4: each pair compared once (``g_ij``: ``a_i`` ranks above ``a_j``,
     ties to the lower index), and each entry's count of entries above it summed from the 6. The
     loop above spends 4 passes of a select, a 4-way max and two comparisons per entry on the same."""
-    R: tl.constexpr = mag.shape[0]
-    G: tl.constexpr = mag.shape[1]
-    even, odd = tl.split(tl.reshape(mag, (R, G, 2, 2)))
-    a0, a2 = tl.split(even)
-    a1, a3 = tl.split(odd)
+    a0, a1, a2, a3 = split_entries(mag, 4)
     g01, g02, g03 = (a0 >= a1).to(tl.int32), (a0 >= a2).to(tl.int32), (a0 >= a3).to(tl.int32)
     g12, g13, g23 = (a1 >= a2).to(tl.int32), (a1 >= a3).to(tl.int32), (a2 >= a3).to(tl.int32)
     k0 = 3 - g01 - g02 - g03 < n
     k1 = g01 + 2 - g12 - g13 < n
     k2 = g02 + g12 + 1 - g23 < n
     k3 = g03 + g13 + g23 < n
-    return tl.reshape(tl.join(tl.join(k0, k2), tl.join(k1, k3)), (R, G, 4))
+    return join_entries((k0, k1, k2, k3), 4)
 
 
 @triton.jit
@@ -327,6 +323,20 @@ def mvue_parts(a, seed, block_index, RULE: tl.constexpr):
 
 
 @triton.jit
+def split_entries(g, MM: tl.constexpr):
+    """A tile ``[R, G, MM]`` of blocks (``MM`` 2 or 4) split into its ``MM`` entries ``[R, G]``, in
+    registers: ``join_entries`` undone."""
+    if MM == 2:
+        a = tl.split(g)
+    else:
+        even, odd = tl.split(tl.reshape(g, (g.shape[0], g.shape[1], 2, 2)))  # entries (0, 2) and (1, 3)
+        a0, a2 = tl.split(even)
+        a1, a3 = tl.split(odd)
+        a = (a0, a1, a2, a3)
+    return a
+
+
+@triton.jit
 def join_entries(o, MM: tl.constexpr):
     """A tuple of ``MM`` entries ``[R, G]`` of blocks joined into a tile ``[R, G, MM]``."""
     if MM == 2:
@@ -340,14 +350,7 @@ def join_entries(o, MM: tl.constexpr):
 def mvue_tile(g, seed, block_index, RULE: tl.constexpr, MM: tl.constexpr):
     """``mvue_parts`` on a tile ``g`` ``[R, G, MM]`` (fp32) of whole blocks along its last axis,
     ``block_index`` ``[R, G]``: the tile split into its ``MM`` entries and joined back."""
-    if MM == 2:
-        a = tl.split(g)
-    else:
-        even, odd = tl.split(tl.reshape(g, (g.shape[0], g.shape[1], 2, 2)))  # entries (0, 2) and (1, 3)
-        a0, a2 = tl.split(even)
-        a1, a3 = tl.split(odd)
-        a = (a0, a1, a2, a3)
-    return join_entries(mvue_parts(a, seed, block_index, RULE), MM)
+    return join_entries(mvue_parts(split_entries(g, MM), seed, block_index, RULE), MM)
 
 
 MVUE_RULES = {"mvue12": (1, 2), "mvue24": (2, 4), "mvue24_approx": (3, 4)}  # rule id, block size

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotune_configs, check_tensor, wide_index
+from .common import autotune_configs, check_tensor, split_entries, wide_index
 
 LAYOUTS = ("cutlass", "cusparselt", "cusparselt_sm90")
 BLOCK = 128  # cuSPARSELt's metadata blocks: R and C must be multiples of it
@@ -57,10 +57,7 @@ def _pick(i, e0, e1, e2, e3):
 @triton.jit
 def quads(x, BLOCK_R: tl.constexpr, GROUPS: tl.constexpr):
     """The four entries of each aligned group of four along the last dim of ``x``."""
-    even, odd = tl.split(tl.reshape(x, [BLOCK_R, GROUPS, 2, 2]))
-    e0, e2 = tl.split(even)
-    e1, e3 = tl.split(odd)
-    return e0, e1, e2, e3
+    return split_entries(tl.reshape(x, [BLOCK_R, GROUPS, 4]), 4)
 
 
 @triton.jit

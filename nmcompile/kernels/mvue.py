@@ -114,7 +114,6 @@ def mvue_prune(grad: torch.Tensor, step: int, key: int, rule: str, *, transpose:
     ``nmsparse::mvue_prune`` op in one launch. ``transpose`` returns the result as a contiguous
     ``[O, T]`` (N:M along its last dim: the 2:4 path's weight-gradient operand)."""
     check_tensor("grad", grad, 2)
-    _rule(rule)
     T, O = grad.shape
     out = grad.new_empty((O, T)).t() if transpose else torch.empty_like(grad, memory_format=torch.contiguous_format)
     _launch(grad, out, out, step, key, rule, TRANSPOSE=transpose, COMPRESS=0)
