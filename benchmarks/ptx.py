@@ -18,6 +18,7 @@ bandwidth. A count, not a time: ``benchmarks.parts24`` times the kernels on a GP
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import math
 import os
@@ -57,7 +58,7 @@ OPERAND_POINTERS = {
     "out_ptr": "bf16",
     "meta_ptr": "bf16",
 }
-OPERAND_FLAGS = {"M": 4, "LOAD_MASK": False, "HAS_ALPHA": False, "COMPRESS": 0, "TRANSPOSED": False}
+OPERAND_FLAGS = {"n": 2, "M": 4, "LOAD_MASK": False, "HAS_ALPHA": False, "COMPRESS": 0, "TRANSPOSED": False}
 VARIANTS = (
     Variant("mvue24", "mvue", "mvue_kernel", MVUE_POINTERS, {"RULE": 2, "MM": 4, "TRANSPOSE": False, "COMPRESS": 0,
             "WIDE": False}, ("stride_go", "stride_oo"), ("BLOCK_G", "BLOCK_O"), 4),
@@ -71,8 +72,9 @@ VARIANTS = (
             ("BLOCK_G", "BLOCK_O"), 4),
     Variant("fused weight grad, mvue24", "weight_grad", "weight_grad_kernel",
             {"dy_ptr": "bf16", "x_ptr": "bf16", "w_ptr": "bf16", "f_ptr": "bf16", "dw_ptr": "bf16"},
-            {"M": 4, "RULE": 2, "MM": 4, "SRSTE": True, "LOAD_MASK": False, "DOT": tl.bfloat16, "PRECISION": "ieee",
-             "WIDE": False}, ("stride_do", "stride_xk", "stride_wk", "stride_fk", "stride_gk"), ("BLOCK_O", "BLOCK_T")),
+            {"n": 2, "M": 4, "RULE": 2, "MM": 4, "SRSTE": True, "LOAD_MASK": False, "DOT": tl.bfloat16,
+             "PRECISION": "ieee", "WIDE": False}, ("stride_do", "stride_xk", "stride_wk", "stride_fk", "stride_gk"),
+            ("BLOCK_O", "BLOCK_T")),
     Variant("W ⊙ F", "operand24", "masked_operand_kernel", OPERAND_POINTERS,
             {**OPERAND_FLAGS, "PERMUTE": False, "SCATTER": False}, ("stride_wk", "stride_fk", "stride_ok"),
             ("BLOCK_O", "BLOCK_K")),
@@ -104,21 +106,22 @@ VARIANTS = (
             {"a_ptr": "bf16", "row_of_ptr": "i64", "out_ptr": "bf16"}, {"WIDE": False}, ("stride_ao",),
             ("BLOCK_T", "BLOCK_O")),
     Variant("SR-STE weight grad", "srste", "srste_kernel",
-            {"g_ptr": "bf16", "w_ptr": "bf16", "f_ptr": "bf16", "out_ptr": "bf16"}, {"M": 4, "LOAD_MASK": False},
+            {"g_ptr": "bf16", "w_ptr": "bf16", "f_ptr": "bf16", "out_ptr": "bf16"},
+            {"n": 2, "M": 4, "LOAD_MASK": False},
             ("stride_gk", "stride_wk", "stride_fk", "stride_ok"), ("BLOCK_O", "BLOCK_K"), scalars=(("lam", "fp32"),)),
-    Variant("nm_mask", "nm_mask", "nm_mask_kernel", {"a_ptr": "bf16", "out_ptr": "i8"}, {"M": 4},
+    Variant("nm_mask", "nm_mask", "nm_mask_kernel", {"a_ptr": "bf16", "out_ptr": "i8"}, {"n": 2, "M": 4},
             ("stride_ac", "stride_oc"), ("BLOCK_R", "BLOCK_C")),
     Variant("permutation scores", "perm_score", "perm_score_kernel",
             {"f_ptr": "i8", "perm_ptr": "i64", "score_ptr": "i32"}, {"M": 4}, ("stride_fc",), ("BLOCK_B", "BLOCK_C"),
             4),
     Variant("fused forward", "sparse_forward", "sparse_forward_kernel",
             {"x_ptr": "bf16", "w_ptr": "bf16", "b_ptr": "bf16", "f_ptr": "bf16", "alpha_ptr": "fp32", "y_ptr": "bf16"},
-            {"M": 4, "HAS_BIAS": True, "LOAD_MASK": False, "HAS_ALPHA": False, "DOT": tl.bfloat16,
+            {"n": 2, "M": 4, "HAS_BIAS": True, "LOAD_MASK": False, "HAS_ALPHA": False, "DOT": tl.bfloat16,
              "PRECISION": "ieee", "WIDE": False}, ("stride_xk", "stride_wk", "stride_fk", "stride_yo"),
             ("BLOCK_T", "BLOCK_O")),
     Variant("fused input grad, Bi-Mask", "input_grad", "input_grad_kernel",
             {"dy_ptr": "bf16", "w_ptr": "bf16", "perm_ptr": "i64", "f_ptr": "bf16", "alpha_ptr": "fp32",
-             "dx_ptr": "bf16"}, {"M": 4, "PERMUTE": True, "LOAD_MASK": False, "HAS_ALPHA": False,
+             "dx_ptr": "bf16"}, {"n": 2, "M": 4, "PERMUTE": True, "LOAD_MASK": False, "HAS_ALPHA": False,
             "DOT": tl.bfloat16, "PRECISION": "ieee", "WIDE": False}, ("stride_do", "stride_wk", "stride_fk",
             "stride_xk"), ("BLOCK_T", "BLOCK_K")),
 )  # fmt: skip
@@ -248,15 +251,37 @@ def table(rows: list[Counts]) -> str:
     return "\n".join(lines)
 
 
+def nm_pair(text: str) -> tuple[int, int]:
+    """``"N:M"`` as the Triton kernels take it (``common.check_nm``), for ``--nm``."""
+    from nmcompile.kernels.common import check_nm
+
+    try:
+        n, m = (int(part) for part in text.split(":"))
+        check_nm(n, m)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected N:M with 1 <= N <= M, M a power of two in 2..32: {error}") from None
+    return n, m
+
+
 def main(argv: list[str] | None = None) -> list[Counts]:
     """Print the table for the chosen kernels."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ptx", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability as one number (default 90)")
     parser.add_argument("--kernel", choices=[v.name for v in VARIANTS], action="append", help="default: all")
+    parser.add_argument(
+        "--nm", type=nm_pair, default=(2, 4), metavar="N:M",
+        help="the N:M the ranking kernels compile for (default 2:4); for another, the kernels that "
+        "write 2:4-compressed operands are left out",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    chosen = [v for v in VARIANTS if not args.kernel or v.name in args.kernel]
+    n, m = args.nm
+    chosen = [
+        dataclasses.replace(v, flags={**v.flags, "n": n, "M": m}) if "n" in v.flags else v
+        for v in VARIANTS
+        if (not args.kernel or v.name in args.kernel) and ((n, m) == (2, 4) or not v.flags.get("COMPRESS"))
+    ]
     rows = [counts for variant in chosen for counts in compile_counts(variant, args.arch)]
-    print(f"sm_{args.arch}, PTX of each autotune config\n\n{table(rows)}", flush=True)
+    print(f"sm_{args.arch}, {n}:{m}, PTX of each autotune config\n\n{table(rows)}", flush=True)
     return rows
 
 

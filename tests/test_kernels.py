@@ -67,6 +67,22 @@ def test_nm_mask_every_tie_pattern_of_groups_of_four(n, dim):
     assert torch.equal(got.cpu(), reference.nm_mask(a, n, 4, dim))
 
 
+@pytest.mark.parametrize("dim", [1, 0])
+@pytest.mark.parametrize(
+    ("n", "m"), [(1, 2), (2, 2), *[(n, 8) for n in range(1, 9)], (3, 16), (9, 16), (5, 32), (31, 32)]
+)
+def test_nm_mask_tie_heavy_groups_of_other_sizes(n, m, dim):
+    """Other groups rank in ``min(n, m - n)`` passes (``common._keep_by_passes``: the top ``n``, or
+    the bottom ``m - n`` and the rest kept): 64 rows of groups drawn from 0, ±1, -2, inf and NaN,
+    so most entries tie, give the reference's mask for every ``n`` of 2:8 and both sides of
+    ``m / 2`` of the larger groups, along either dim."""
+    values = torch.tensor([0.0, 1.0, -1.0, -2.0, float("inf"), float("nan")])
+    a = values[torch.randint(0, 6, (64, 4 * m), generator=torch.Generator().manual_seed(m))]
+    a = a if dim == 1 else a.t().contiguous()
+    got = kernels.nm_mask(a.to(DEVICE), n, m, dim)
+    assert torch.equal(got.cpu(), reference.nm_mask(a, n, m, dim))
+
+
 def test_nm_mask_counts():
     """Exactly n kept per group, on a non-contiguous view too."""
     a = _randn(24, 64).t()

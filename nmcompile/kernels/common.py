@@ -117,31 +117,51 @@ def magnitude(x):
 
 
 @triton.jit
-def nm_keep(mag, n, M: tl.constexpr):
+def nm_keep(mag, n: tl.constexpr, M: tl.constexpr):
     """Top-``n`` of each group of ``M`` along the last axis of ``mag`` ``[R, G, M]`` (fp32, no NaN).
 
     Entry ``i`` is kept when fewer than ``n`` entries rank above it (``|a_j| > |a_i|``, or equal
-    with ``j < i``): ``M`` passes over the tile, one per ``j``, so nothing ``M×M`` is held at once;
-    for ``M = 4`` (2:4, the common case) from the 6 comparisons of the group's pairs (``_keep4``).
+    with ``j < i``): for ``M = 4`` (2:4, the common case) from the 6 comparisons of the group's
+    pairs (``_keep4``), else in ``min(n, M - n)`` passes (``_keep_by_passes``), so nothing ``M×M``
+    is held at once. ``n`` is a compile-time constant: one kernel per N in force, fully unrolled.
     """
     if M == 4:
         keep = _keep4(mag, n)
     else:
-        idx = tl.arange(0, M)[None, None, :]
-        count = tl.zeros(mag.shape, dtype=tl.int32)
-        for j in tl.static_range(M):
-            mag_j = tl.max(tl.where(idx == j, mag, -1.0), axis=2)[:, :, None]
-            above = (mag_j > mag) | ((mag_j == mag) & (idx > j))
-            count += above.to(tl.int32)
-        keep = count < n
+        keep = _keep_by_passes(mag, n, M)
     return keep
 
 
 @triton.jit
-def _keep4(mag, n):
+def _keep_by_passes(mag, n: tl.constexpr, M: tl.constexpr):
+    """``nm_keep`` by choosing, pass after pass, the first entry of the ranking not chosen yet (two
+    reductions over the group a pass, where ranking each entry against every other takes ``M``):
+    the top ``n`` for ``n <= M / 2``, else the bottom ``M - n`` (``-mag``, ties to the higher index),
+    whose complement is kept."""
+    FLIP: tl.constexpr = n > M // 2
+    idx = tl.arange(0, M)[None, None, :]
+    if FLIP:
+        key = -mag
+        order = M - 1 - idx
+    else:
+        key = mag
+        order = idx
+    chosen = tl.zeros(mag.shape, dtype=tl.int1)
+    for _ in tl.static_range(M - n if FLIP else n):
+        candidate = tl.where(chosen, -float("inf"), key)
+        top = tl.max(candidate, axis=2)[:, :, None]
+        first = tl.min(tl.where((candidate == top) & ~chosen, order, M), axis=2)[:, :, None]
+        chosen = chosen | (order == first)
+    if FLIP:
+        chosen = ~chosen
+    return chosen
+
+
+@triton.jit
+def _keep4(mag, n: tl.constexpr):
     """``nm_keep`` for groups of 4: each pair compared once (``g_ij``: ``a_i`` ranks above ``a_j``,
-    ties to the lower index), and each entry's count of entries above it summed from the 6. The
-    loop above spends 4 passes of a select, a 4-way max and two comparisons per entry on the same."""
+    ties to the lower index), and each entry's count of entries above it summed from the 6: fewer
+    instructions than ``_keep_by_passes`` for any ``n``, and no reduction across the group."""
     a0, a1, a2, a3 = split_entries(mag, 4)
     g01, g02, g03 = (a0 >= a1).to(tl.int32), (a0 >= a2).to(tl.int32), (a0 >= a3).to(tl.int32)
     g12, g13, g23 = (a1 >= a2).to(tl.int32), (a1 >= a3).to(tl.int32), (a2 >= a3).to(tl.int32)
@@ -153,14 +173,14 @@ def _keep4(mag, n):
 
 
 @triton.jit
-def nm_keep_rows(w, n, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, M: tl.constexpr):
+def nm_keep_rows(w, n: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, M: tl.constexpr):
     """N:M mask of a tile ``w`` ``[BLOCK_R, BLOCK_C]`` along its columns (the reduction dim K)."""
     mag = tl.reshape(magnitude(w), (BLOCK_R, BLOCK_C // M, M))
     return tl.reshape(nm_keep(mag, n, M), (BLOCK_R, BLOCK_C))
 
 
 @triton.jit
-def nm_keep_cols(w, n, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, M: tl.constexpr):
+def nm_keep_cols(w, n: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, M: tl.constexpr):
     """N:M mask of a tile ``w`` ``[BLOCK_R, BLOCK_C]`` along its rows (groups of ``M`` rows)."""
     mag = tl.permute(tl.reshape(magnitude(w), (BLOCK_R // M, M, BLOCK_C)), (0, 2, 1))
     keep = tl.permute(nm_keep(mag, n, M), (0, 2, 1))

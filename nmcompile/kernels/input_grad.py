@@ -46,7 +46,7 @@ CONFIGS = autotune_configs(
 @triton.autotune(configs=CONFIGS, key=["T", "O", "K", "M", "PERMUTE", "LOAD_MASK"])
 @triton.jit
 def input_grad_kernel(
-    dy_ptr, w_ptr, perm_ptr, f_ptr, alpha_ptr, dx_ptr, n, T, O, K,
+    dy_ptr, w_ptr, perm_ptr, f_ptr, alpha_ptr, dx_ptr, n: tl.constexpr, T, O, K,
     stride_dt, stride_do, stride_wo, stride_wk, stride_fo, stride_fk, stride_xt, stride_xk,
     M: tl.constexpr, PERMUTE: tl.constexpr, LOAD_MASK: tl.constexpr, HAS_ALPHA: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,

@@ -20,7 +20,7 @@ CONFIGS = autotune_configs([{"BLOCK_R": 32, "BLOCK_C": 64}, {"BLOCK_R": 64, "BLO
 @triton.autotune(configs=CONFIGS, key=["R", "C", "M"])
 @triton.jit
 def nm_mask_kernel(
-    a_ptr, out_ptr, n, R, C, stride_ar, stride_ac, stride_or, stride_oc,
+    a_ptr, out_ptr, n: tl.constexpr, R, C, stride_ar, stride_ac, stride_or, stride_oc,
     M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """``out[r, c]`` = entry ``(r, c)`` is among the top ``n`` of its group of ``M`` columns."""

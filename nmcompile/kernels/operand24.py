@@ -73,7 +73,7 @@ def _whole_groups(configs: list[triton.Config], named_args: dict, **kwargs) -> l
 )
 @triton.jit
 def masked_operand_kernel(
-    w_ptr, perm_ptr, f_ptr, alpha_ptr, out_ptr, meta_ptr, n, O, K,
+    w_ptr, perm_ptr, f_ptr, alpha_ptr, out_ptr, meta_ptr, n: tl.constexpr, O, K,
     stride_wo, stride_wk, stride_fo, stride_fk, stride_oo, stride_ok,
     M: tl.constexpr, PERMUTE: tl.constexpr, LOAD_MASK: tl.constexpr, HAS_ALPHA: tl.constexpr,
     SCATTER: tl.constexpr, COMPRESS: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_O: tl.constexpr,

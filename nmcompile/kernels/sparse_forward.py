@@ -43,7 +43,7 @@ CONFIGS = autotune_configs(
 @triton.autotune(configs=CONFIGS, key=["T", "O", "K", "M", "LOAD_MASK"])
 @triton.jit
 def sparse_forward_kernel(
-    x_ptr, w_ptr, b_ptr, f_ptr, alpha_ptr, y_ptr, n, T, O, K,
+    x_ptr, w_ptr, b_ptr, f_ptr, alpha_ptr, y_ptr, n: tl.constexpr, T, O, K,
     stride_xt, stride_xk, stride_wo, stride_wk, stride_fo, stride_fk, stride_yt, stride_yo,
     M: tl.constexpr, HAS_BIAS: tl.constexpr, LOAD_MASK: tl.constexpr, HAS_ALPHA: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,

@@ -23,7 +23,7 @@ CONFIGS = autotune_configs(
 @triton.autotune(configs=CONFIGS, key=["O", "K", "M", "LOAD_MASK"])
 @triton.jit
 def srste_kernel(
-    g_ptr, w_ptr, f_ptr, out_ptr, n, lam, O, K,
+    g_ptr, w_ptr, f_ptr, out_ptr, n: tl.constexpr, lam, O, K,
     stride_go, stride_gk, stride_wo, stride_wk, stride_fo, stride_fk, stride_oo, stride_ok,
     M: tl.constexpr, LOAD_MASK: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip

@@ -44,7 +44,7 @@ CONFIGS = autotune_configs(
 @triton.autotune(configs=CONFIGS, key=["T", "O", "K", "M", "RULE", "LOAD_MASK"])
 @triton.jit(do_not_specialize=["seed"])
 def weight_grad_kernel(
-    dy_ptr, x_ptr, w_ptr, f_ptr, dw_ptr, n, lam, seed, T, O, K,
+    dy_ptr, x_ptr, w_ptr, f_ptr, dw_ptr, n: tl.constexpr, lam, seed, T, O, K,
     stride_dt, stride_do, stride_xt, stride_xk, stride_wo, stride_wk, stride_fo, stride_fk, stride_go, stride_gk,
     M: tl.constexpr, RULE: tl.constexpr, MM: tl.constexpr, SRSTE: tl.constexpr, LOAD_MASK: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
