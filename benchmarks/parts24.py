@@ -12,7 +12,8 @@ says which part costs. Two more columns split each median: the GPU time of the p
 (``torch.profiler``) and the host's time per call when calls are queued back to back. A piece whose
 host time exceeds its kernels' is launch-bound (cuSPARSELt plans each call on the host). Only
 capturing the ops in CUDA graphs would hide that, and they stay out of graphs for now
-(``nmcompile.ops.HOST_READ``).
+(``nmcompile.ops.HOST_READ``). The last rows time the Triton path's passes: ``W ⊙ B`` and MVUE at
+2:4, and both masked weights at 2:8 (groups of 8 rank in passes, ``common._keep_by_passes``).
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ PARTS = (
     "weight grad: dense GEMM",
     "Triton path: W ⊙ B (operand kernel, rows in place)",
     "Triton path: mvue24(dY) (MVUE kernel)",
+    "Triton path, 2:8: W ⊙ F (operand kernel)",
+    "Triton path, 2:8: W ⊙ B (operand kernel, rows in place)",
 )
 
 
@@ -142,6 +145,8 @@ def parts() -> dict[str, Callable[[], object]]:
                 lambda: dy.t() @ x,
                 lambda: backward_operand(w, N, M, perm=perm),
                 lambda: mvue_prune(dy, PRUNE_STEP, PRUNE_KEY, "mvue24"),
+                lambda: forward_operand(w, 2, 8),
+                lambda: backward_operand(w, 2, 8, perm=perm),
             ),
             strict=True,
         )
