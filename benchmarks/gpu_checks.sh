@@ -78,11 +78,13 @@ CUDA_TESTS=(
     "tests/test_sparse24.py::test_backward_operand_is_w_times_b_in_place"
 )
 # shellcheck disable=SC2016  # expanded by the inner bash
-EACH_TEST='py=$1; shift; rc=0; for t in "$@"; do "$py" -m pytest -q -p no:cacheprovider -rA --timeout 120 "$t" || rc=1; done; exit $rc'
+EACH_TEST='py=$1; limit=$2; shift 2; rc=0; for t in "$@"; do "$py" -m pytest -q -p no:cacheprovider -rA $limit "$t" || rc=1; done; exit $rc'
+# The per-test limit where pytest-timeout is installed (the GPU image has it; a CPU dry run may not).
+PER_TEST=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120")
 
 for name in $STAGES; do
     case $name in
-        cuda_tests) stage cuda_tests 330 bash -c "$EACH_TEST" each_test "$PY" "${CUDA_TESTS[@]}" ;;
+        cuda_tests) stage cuda_tests 330 bash -c "$EACH_TEST" each_test "$PY" "$PER_TEST" "${CUDA_TESTS[@]}" ;;
         cslt_probe) stage cslt_probe 60 "$PY" -m benchmarks.cslt_probe --jobs 12 ;;
         cslt_dump) stage cslt_dump 30 "$PY" -m benchmarks.cslt_dump "$OUT/cslt_layout.pt" ;;
         bench_steps)
