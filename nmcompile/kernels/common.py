@@ -160,8 +160,8 @@ def _keep_by_passes(mag, n: tl.constexpr, M: tl.constexpr):
 @triton.jit
 def _keep4(mag, n: tl.constexpr):
     """``nm_keep`` for groups of 4: each pair compared once (``g_ij``: ``a_i`` ranks above ``a_j``,
-    ties to the lower index), and each entry's count of entries above it summed from the 6: fewer
-    instructions than ``_keep_by_passes`` for any ``n``, and no reduction across the group."""
+    ties to the lower index), and each entry's count of entries above it summed from the 6, with
+    no reduction across the group (no warp shuffles)."""
     a0, a1, a2, a3 = split_entries(mag, 4)
     g01, g02, g03 = (a0 >= a1).to(tl.int32), (a0 >= a2).to(tl.int32), (a0 >= a3).to(tl.int32)
     g12, g13, g23 = (a1 >= a2).to(tl.int32), (a1 >= a3).to(tl.int32), (a2 >= a3).to(tl.int32)
