@@ -505,6 +505,11 @@ class NMSparseBackend:
         registry: StateRegistry = DEFAULT_REGISTRY,
         on_compile: Callable[[CompileRecord], None] | None = None,
     ) -> None:
+        if not isinstance(config, SparsityConfig):
+            raise SparsityConfigError(
+                f"NMSparseBackend takes a SparsityConfig, got {type(config).__name__} {config!r}: "
+                "use nmcompile.backend(**options), or SparsityConfig.from_options(options)"
+            )
         self.config = config
         self.registry = registry
         self.on_compile = on_compile
@@ -528,9 +533,10 @@ class NMSparseBackend:
         return self
 
     def __reduce__(self) -> tuple:
-        """Pickled as its options: ``torch.save`` of a compiled model loads with a backend on the
-        default registry (an ``explain`` registry or ``on_compile`` callback does not travel)."""
-        return (NMSparseBackend, (self.config,))
+        """Pickled as its options: ``torch.save`` of a compiled model loads with the shared backend
+        of those options, as ``nmcompile.backend(...)`` gives, on the default registry (an
+        ``explain`` registry or ``on_compile`` callback does not travel)."""
+        return (_shared_backend, (self.config,))
 
 
 def backend(**options: Any) -> NMSparseBackend:

@@ -319,9 +319,11 @@ class Report:
         return self._graph("inference")
 
     def to_networkx(self) -> nx.DiGraph:
+        """The recorded graphs as one ``networkx.DiGraph``, for queries over nodes and edges."""
         return to_networkx(self.records)
 
     def to_dot(self) -> str:
+        """The recorded graphs as Graphviz DOT text, the nmsparse nodes filled, to render."""
         return to_dot(self.records)
 
     def __str__(self) -> str:

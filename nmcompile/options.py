@@ -58,7 +58,18 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+class _DefaultLambda(float):
+    """The SR-STE λ a config chose itself (``srste_lambda`` unset): a float that remembers it was
+    not given, so a config rebuilt with another ``mask_decay`` (``from_options``,
+    ``dataclasses.replace``) chooses again instead of reading it as the user's value."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +151,9 @@ class SparsityConfig:
                     f"at least dense_steps + finetune_steps + {len(stages)} (a step for each of {' -> '.join(stages)})",
                 )
         lam = self.srste_lambda
-        if lam is None:
-            lam = 0.0 if self.mask_decay != "none" else 2e-4
+        if lam is None or isinstance(lam, _DefaultLambda):
+            object.__setattr__(self, "srste_lambda", _DefaultLambda(0.0 if self.mask_decay != "none" else 2e-4))
+            return
         if not _is_finite_number(lam) or not lam >= 0:
             _fail("srste_lambda", lam, "a finite float >= 0")
         if lam > 0 and self.mask_decay != "none":

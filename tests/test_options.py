@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import re
@@ -73,7 +74,7 @@ def test_bad_perm_interval(value):
         SparsityConfig(perm_interval=value)
 
 
-@pytest.mark.parametrize("value", [-1e-4, -1, math.nan, math.inf, -math.inf, "2e-4", True])
+@pytest.mark.parametrize("value", [-1e-4, -1, math.nan, math.inf, -math.inf, 10**400, "2e-4", True])
 def test_bad_srste_lambda(value):
     """SPEC §6: srste_lambda is a finite float >= 0."""
     with pytest.raises(ValueError, match=_bad("srste_lambda", value)):
@@ -166,6 +167,14 @@ def test_backend_factory_validates_at_construction():
     with pytest.raises(ValueError, match=_bad("backward", "bogus")):
         nmcompile.backend(backward="bogus")
     assert nmcompile.backend(n=1, m=4).config == SparsityConfig(n=1, m=4)
+
+
+def test_backend_class_takes_only_a_config():
+    """``NMSparseBackend(config)`` built directly checks that it was given a ``SparsityConfig``
+    (a mapping there used to fail only inside the first compile, as an AttributeError)."""
+    with pytest.raises(SparsityConfigError, match=r"NMSparseBackend takes a SparsityConfig, got dict \{'n': 2\}"):
+        nmcompile.NMSparseBackend({"n": 2})
+    assert nmcompile.NMSparseBackend(SparsityConfig(n=1)).config == SparsityConfig(n=1)
 
 
 def test_string_backend_bad_option_raises_value_error_before_tracing(monkeypatch):
@@ -289,6 +298,17 @@ def test_srste_default_resolves_against_mask_decay():
         SparsityConfig(mask_decay="linear", srste_lambda=2e-4)
 
 
+def test_a_rebuilt_config_resolves_an_unset_srste_lambda_again():
+    """A config rebuilt with another mask_decay (``from_options`` with keywords,
+    ``dataclasses.replace``) chooses the unset λ again; a λ the user gave is kept, and checked."""
+    for rebuild in (SparsityConfig.from_options, dataclasses.replace):
+        assert rebuild(SparsityConfig(), mask_decay="linear").srste_lambda == 0.0
+        assert rebuild(SparsityConfig(mask_decay="linear"), mask_decay="none").srste_lambda == 2e-4
+        assert rebuild(SparsityConfig(srste_lambda=0), mask_decay="none").srste_lambda == 0.0
+        with pytest.raises(ValueError, match=r"srste_lambda=0\.001 .*mask decay replaces SR-STE"):
+            rebuild(SparsityConfig(srste_lambda=1e-3), mask_decay="linear")
+
+
 def test_recipe_defaults():
     c = SparsityConfig()
     assert (c.grad_prune, c.mask_decay, c.mask_decay_rate, c.structure_decay) == ("none", "none", 2e-4, False)
@@ -308,6 +328,7 @@ def test_recipe_defaults():
         ({"mask_decay": "cosine"}, "mask_decay"),
         ({"mask_decay": "linear", "mask_decay_rate": 0}, "mask_decay_rate"),
         ({"mask_decay": "linear", "mask_decay_rate": math.inf}, "mask_decay_rate"),
+        ({"mask_decay": "linear", "mask_decay_rate": 10**400}, "mask_decay_rate"),
         ({"structure_decay": 1}, "structure_decay"),
         ({"structure_decay": True}, "total_steps"),
         ({"structure_decay": True, "total_steps": 10, "dense_steps": 5, "finetune_steps": 5}, "total_steps"),

@@ -535,6 +535,7 @@ def test_a_deepcopy_or_pickle_of_the_compiled_wrapper_keeps_the_backend_and_its_
     options = {"inner": "aot_eager", "perm_interval": 2}
     backend = nmcompile.backend(**options)
     assert copy.deepcopy(backend) is backend
+    assert pickle.loads(pickle.dumps(backend)) is backend  # the shared backend of its options
     model = MLP()
     compiled = torch.compile(model, backend=backend)
     for _ in range(2):
