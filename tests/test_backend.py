@@ -40,6 +40,33 @@ def test_unbatched_linear_input_matches_reference(grad_prune, inner):
     train_and_compare(MLP, (32,), grad_prune=grad_prune, inner=inner)
 
 
+def test_no_candidates_keep_the_identity_permutation():
+    """``perm_candidates=0``: each search scores only the current permutation, so it stays the
+    identity, and training matches the reference searching the same way (SPEC §5)."""
+    _, states = train_and_compare(MLP, (8, 32), steps=3, perm_candidates=0, perm_interval=1, inner="aot_eager")
+    for name, state in states.items():
+        assert torch.equal(state["perm"], torch.arange(state["perm"].numel())), name
+
+
+def test_n_equal_to_m_trains_as_the_dense_model():
+    """``n == m`` (SPEC §2 allows it): every mask keeps every weight and the SR-STE term is 0, so
+    outputs, gradients and weights are the dense model's."""
+    dense = MLP()
+    model = copy.deepcopy(dense)
+    compiled = torch.compile(model, backend=nmcompile.backend(n=4, m=4, inner="aot_eager", perm_interval=1))
+    for step in range(3):
+        x = torch.randn(8, 32)
+        y_dense, y = dense(x), compiled(x)
+        assert_close(y, y_dense, what=f"step {step} output")
+        y_dense.square().mean().backward()
+        y.square().mean().backward()
+        for (name, p_dense), p in zip(dense.named_parameters(), model.parameters(), strict=True):
+            assert_close(p.grad, p_dense.grad, what=f"step {step} grad of {name}")
+        sgd_step_both(dense, model, lr=0.05)
+    for (name, p_dense), p in zip(dense.named_parameters(), model.parameters(), strict=True):
+        assert_close(p, p_dense, what=f"weights of {name}")
+
+
 class _Colliding(nn.Module):
     """``a.b`` and ``a_b``: two layers whose node-name prefixes are both ``a_b``."""
 
