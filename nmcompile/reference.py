@@ -82,15 +82,23 @@ def transposable_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
     O, K = w.shape
     _check_nm(O, n, m, "rows")
     _check_nm(K, n, m, "columns")
-    # Finite stand-in for inf/NaN so that block sums stay ordered and never become NaN.
-    mag = magnitude(w).clamp(max=torch.finfo(torch.float64).max / (4 * m * m))
-    blocks = mag.reshape(O // m, m, K // m, m).permute(0, 2, 1, 3).reshape(-1, m * m)
+
+    def blocks(a: torch.Tensor) -> torch.Tensor:
+        return a.reshape(O // m, m, K // m, m).permute(0, 2, 1, 3).reshape(-1, m * m)
+
+    mag = magnitude(w)
     if m <= 4:
-        patterns = transposable_patterns(n, m).to(w.device)
-        best = (blocks @ patterns.double().T).argmax(dim=1)
-        keep = patterns[best]
+        # Ranked by how many inf/NaN a pattern keeps, then by the sum of the finite |w| it keeps
+        # (capped so that sums stay finite): a NaN cannot drown the finite entries beside it.
+        patterns = transposable_patterns(n, m).to(w.device).double()
+        infinite = torch.isinf(mag)
+        finite = torch.where(infinite, 0.0, mag).clamp(max=torch.finfo(torch.float64).max / (4 * m * m))
+        kept_infinite = blocks(infinite.double()) @ patterns.T
+        kept_finite = blocks(finite) @ patterns.T
+        most = kept_infinite == kept_infinite.amax(dim=1, keepdim=True)
+        keep = patterns.bool()[torch.where(most, kept_finite, -torch.inf).argmax(dim=1)]
     else:
-        keep = _greedy_transposable(blocks, n, m)
+        keep = _greedy_transposable(blocks(mag), n, m)
     return keep.reshape(O // m, K // m, m, m).permute(0, 2, 1, 3).reshape(O, K)
 
 

@@ -274,6 +274,23 @@ def test_transposable_mask_is_optimal_for_small_m(n, m, shape):
             assert kept_sum == pytest.approx(best, rel=1e-12, abs=1e-12)
 
 
+@pytest.mark.parametrize(("n", "m"), [(1, 2), (1, 4), (2, 4), (3, 4)])
+def test_transposable_mask_keeps_a_nan_and_the_best_finite_rest(n, m):
+    """SPEC §2, §4: an inf or NaN ranks largest, so it is kept; among the patterns that keep it the
+    mask keeps the largest sum of the finite |w| (a NaN used to make every such pattern tie)."""
+    generator = torch.Generator().manual_seed(m + n)
+    patterns = reference.transposable_patterns(n, m)
+    for trial in range(40):
+        w = torch.randn(m, m, generator=generator, dtype=torch.float64)
+        at = int(torch.randint(m * m, (1,), generator=generator))
+        w.view(-1)[at] = (math.nan, math.inf, -math.inf)[trial % 3]
+        keep = reference.transposable_mask(w, n, m).flatten()
+        finite = w.abs().flatten().nan_to_num(posinf=0.0)
+        best = max(float(finite[p].sum()) for p in patterns if p[at])
+        assert bool(keep[at]) and float(finite[keep].sum()) == pytest.approx(best, rel=1e-12), (trial, at)
+        assert torch.equal(torch.ops.nmsparse.transposable_mask(w, n, m).flatten(), keep)
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
 def test_transposable_mask_greedy_for_m8(n):
     """SPEC §4 (greedy, m > 4): at most n kept per row and per column of each 8×8 block; the block maximum is kept."""
