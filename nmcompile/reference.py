@@ -704,11 +704,20 @@ def _mvue12(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.where(kept, torch.sign(a) * total, 0.0)
 
 
+def _sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The total of each block of 4 and, for each entry, the sum of the other three, both from the
+    pair sums ``x0 + x1``, ``x2 + x3``: summed, not the total less the entry, which cancels when the
+    entry dominates (a biased MVUE). The kernels (``common._sums4``) add in the same order."""
+    x0, x1, x2, x3 = x.unbind(-1)
+    s01, s23 = x0 + x1, x2 + x3
+    return (s01 + s23).unsqueeze(-1), torch.stack([x1 + s23, x0 + s23, s01 + x3, s01 + x2], dim=-1)
+
+
 def _mvue24(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     mag = a.abs()
-    total = mag.sum(-1, keepdim=True)
+    total, others = _sums(mag)
     top, top_index = mag.max(-1, keepdim=True)
-    rest = total - top
+    rest = others.gather(-1, top_index)
     dominant = top > rest
     is_top = torch.zeros_like(mag, dtype=torch.bool).scatter_(-1, top_index, True)
     p_dominant = torch.where(is_top, 1.0, torch.where(rest > 0, mag / torch.where(rest > 0, rest, 1.0), 1.0 / 3))
@@ -722,16 +731,16 @@ def _mvue24(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def _mvue24_approx(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     mag = a.abs()
-    total = mag.sum(-1, keepdim=True)
+    total, others = _sums(mag)  # others_j = (1 − p_j) · total, without the cancellation of 1 − p_j
     p = torch.where(total > 0, mag / torch.where(total > 0, total, 1.0), 0.25)
     first = _cover(p, u[:, 0])
     is_first = torch.zeros_like(mag, dtype=torch.bool).scatter_(-1, first.unsqueeze(-1), True)
-    left = 1 - p.gather(-1, first.unsqueeze(-1))
-    q = torch.where(is_first, 0.0, torch.where(left > 0, p / torch.where(left > 0, left, 1.0), 1.0 / 3))
+    left = others.gather(-1, first.unsqueeze(-1))
+    q = torch.where(is_first, 0.0, torch.where(left > 0, mag / torch.where(left > 0, left, 1.0), 1.0 / 3))
     second = _cover(q, u[:, 1])
     kept = is_first.clone().scatter_(-1, second.unsqueeze(-1), True)
-    ratio = torch.where(p < 1, p / torch.where(p < 1, 1 - p, 1.0), 0.0)  # p_j / (1 − p_j)
-    inclusion = p + p * (ratio.sum(-1, keepdim=True) - ratio)  # P(i first) + Σ_j P(j first, then i)
+    ratio = torch.where(others > 0, mag / torch.where(others > 0, others, 1.0), 0.0)  # p_j / (1 − p_j)
+    inclusion = p + p * _sums(ratio)[1]  # P(i first) + Σ_j P(j first, then i)
     return torch.where(kept & (inclusion > 0), a / torch.where(inclusion > 0, inclusion, 1.0), 0.0)
 
 

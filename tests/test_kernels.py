@@ -12,7 +12,7 @@ import torch
 
 from nmcompile import kernels, reference
 from nmcompile.ops import masked_weight
-from tests.conftest import assert_close
+from tests.conftest import DOMINANT_BLOCKS, assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -137,6 +137,19 @@ def test_mvue_prune_matches_portable_op(dtype, rule, tokens, channels):
     n, m = (1, 2) if rule == "mvue12" else (2, 4)
     padded = torch.nn.functional.pad((got != 0).t(), (0, (-tokens) % m))
     assert int(padded.reshape(channels, -1, m).sum(-1).max()) <= n
+
+
+@pytest.mark.parametrize("rule", ["mvue24", "mvue24_approx"])
+def test_mvue_prune_where_one_entry_dwarfs_the_rest(rule):
+    """Blocks where an fp32 total less the largest entry cancels: the kernel keeps the entries the
+    portable op keeps, each within 1e-6 of its value (both sum the other entries instead; the
+    portable op's values are checked exactly in ``test_recipes``)."""
+    g = torch.tensor(DOMINANT_BLOCKS).t().repeat(1, 16).to(DEVICE)
+    key, step = reference.prune_key(1, 2), 77
+    expected = torch.ops.nmsparse.mvue_prune(g.cpu(), torch.tensor(step), key, rule)
+    got = kernels.mvue_prune(g, step, key, rule).cpu()
+    assert torch.equal(got != 0, expected != 0)
+    assert torch.allclose(got, expected, rtol=1e-6, atol=0)
 
 
 def test_mvue_prune_changes_with_step_and_key():

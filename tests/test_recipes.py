@@ -15,7 +15,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import MLP, assert_close, train_and_compare
+from conftest import DOMINANT_BLOCKS, MLP, assert_close, train_and_compare
 from test_conv import BasicBlock
 from torch import nn
 from torch._dynamo.utils import counters
@@ -82,6 +82,32 @@ def test_mvue24_variance_not_above_approx():
     optimal = _samples(lambda t: nmcompile.mvue_prune(t, 2, 4, generator=generator), g)
     approx = _samples(lambda t: nmcompile.mvue_prune(t, 2, 4, generator=generator, approx=True), g)
     assert optimal.var(0).sum() < approx.var(0).sum()
+
+
+@pytest.mark.parametrize("approx", [False, True])
+def test_mvue24_keeps_exact_values_where_one_entry_dwarfs_the_rest(approx):
+    """SPEC §7: each kept entry is ``a_i / π_i`` with the rule's inclusion probability ``π_i``
+    (here in float64), to fp32 rounding, also where the largest entry dwarfs the others. Taking
+    their sum as the fp32 total less that entry made the small entries of ``(1000, 1e-3, 0, 0)``
+    2.3% too small, and ``(300, 0.01, -0.02, 0)``'s 300 come out as 300.03 (approx): biased."""
+    blocks = torch.tensor(DOMINANT_BLOCKS)
+    mag = blocks.double().abs()
+    top = mag.amax(1, keepdim=True)
+    if approx:
+        p = mag / mag.sum(1, keepdim=True)
+        ratio = torch.where(p < 1, p / (1 - p), 0.0)
+        inclusion = p + p * (ratio.sum(1, keepdim=True) - ratio)
+    else:
+        inclusion = torch.where(mag == top, 1.0, mag / (mag.sum(1, keepdim=True) - top))
+    draws = 200
+    expected = (blocks.double() / inclusion).t().repeat(1, draws)
+    out = nmcompile.mvue_prune(
+        blocks.t().repeat(1, draws), 2, 4, generator=torch.Generator().manual_seed(5), approx=approx
+    )
+    kept = out != 0
+    assert bool((kept.sum(0) == 2).all())  # every block has at least 2 nonzeros
+    assert torch.allclose(out[kept].double(), expected[kept], rtol=1e-6, atol=0)
+    assert bool(kept[1:, 1::3].any(1).all())  # every small entry of the second block drawn at least once
 
 
 def test_mvue_pads_instead_of_dropping():

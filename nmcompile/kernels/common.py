@@ -227,6 +227,14 @@ def _sign(x):
 
 
 @triton.jit
+def _sums4(x0, x1, x2, x3):
+    """``reference._sums``: the total of 4 entries and, for each, the sum of the other three, from
+    the pair sums (summed: the total less the entry cancels when the entry dominates)."""
+    s01, s23 = x0 + x1, x2 + x3
+    return s01 + s23, (x1 + s23, x0 + s23, s01 + x3, s01 + x2)
+
+
+@triton.jit
 def _choose4(i, x0, x1, x2, x3):
     """``(x0, x1, x2, x3)[i]`` entrywise, for an int32 index tensor ``i``."""
     return tl.where(i == 0, x0, tl.where(i == 1, x1, tl.where(i == 2, x2, x3)))
@@ -282,10 +290,10 @@ def mvue24(a, u):
     probabilities ``p`` (the dominant entry always kept), one uniform ``u`` per block."""
     a0, a1, a2, a3 = a
     m0, m1, m2, m3 = tl.abs(a0), tl.abs(a1), tl.abs(a2), tl.abs(a3)
-    total = m0 + m1 + m2 + m3
+    total, (o0, o1, o2, o3) = _sums4(m0, m1, m2, m3)
     top = tl.maximum(tl.maximum(m0, m1), tl.maximum(m2, m3))
     top_index = tl.where(m0 == top, 0, tl.where(m1 == top, 1, tl.where(m2 == top, 2, 3)))  # the first maximum
-    rest = total - top
+    rest = _choose4(top_index, o0, o1, o2, o3)
     dominant = top > rest
     p0 = _p24(m0, 0, top_index, dominant, rest, total)
     p1 = _p24(m1, 1, top_index, dominant, rest, total)
@@ -296,16 +304,16 @@ def mvue24(a, u):
 
 
 @triton.jit
-def _q(p, i, first, left):
-    """Entry ``i``'s probability in the second draw of the two-draw rule: ``p`` renormalised over
-    the entries ``first`` left (``left`` their mass), 0 for ``first`` itself."""
-    return tl.where(first == i, 0.0, tl.where(left > 0, p / _safe(left, left > 0), 1.0 / 3))
+def _q(mag, i, first, left):
+    """Entry ``i``'s probability in the second draw of the two-draw rule: its magnitude over that of
+    the entries ``first`` left (``left``), 0 for ``first`` itself."""
+    return tl.where(first == i, 0.0, tl.where(left > 0, mag / _safe(left, left > 0), 1.0 / 3))
 
 
 @triton.jit
-def _ratio(p):
-    """``p / (1 − p)``, 0 at ``p = 1``."""
-    return tl.where(p < 1, p / _safe(1 - p, p < 1), 0.0)
+def _ratio(mag, others):
+    """``p / (1 − p)`` as ``mag / others`` (the magnitude of the other three), 0 where ``p = 1``."""
+    return tl.where(others > 0, mag / _safe(others, others > 0), 0.0)
 
 
 @triton.jit
@@ -313,17 +321,17 @@ def mvue24_approx(a, u0, u1):
     """SPEC §7 two-draw 2:4 on a block ``a = (a0, .., a3)`` (fp32): one draw by ``p``, one among the
     rest, each kept entry divided by its inclusion probability; uniforms ``u0``, ``u1`` per block."""
     a0, a1, a2, a3 = a
-    total = tl.abs(a0) + tl.abs(a1) + tl.abs(a2) + tl.abs(a3)
-    p0 = tl.where(total > 0, tl.abs(a0) / _safe(total, total > 0), 0.25)
-    p1 = tl.where(total > 0, tl.abs(a1) / _safe(total, total > 0), 0.25)
-    p2 = tl.where(total > 0, tl.abs(a2) / _safe(total, total > 0), 0.25)
-    p3 = tl.where(total > 0, tl.abs(a3) / _safe(total, total > 0), 0.25)
+    m0, m1, m2, m3 = tl.abs(a0), tl.abs(a1), tl.abs(a2), tl.abs(a3)
+    total, (o0, o1, o2, o3) = _sums4(m0, m1, m2, m3)  # o_i = (1 − p_i) · total, without cancellation
+    p0 = tl.where(total > 0, m0 / _safe(total, total > 0), 0.25)
+    p1 = tl.where(total > 0, m1 / _safe(total, total > 0), 0.25)
+    p2 = tl.where(total > 0, m2 / _safe(total, total > 0), 0.25)
+    p3 = tl.where(total > 0, m3 / _safe(total, total > 0), 0.25)
     first = _cover4(p0, p1, p2, u0)
-    left = 1 - _choose4(first, p0, p1, p2, p3)
-    second = _cover4(_q(p0, 0, first, left), _q(p1, 1, first, left), _q(p2, 2, first, left), u1)
-    r0, r1, r2, r3 = _ratio(p0), _ratio(p1), _ratio(p2), _ratio(p3)
-    ratios = r0 + r1 + r2 + r3
-    inclusion = (p0 + p0 * (ratios - r0), p1 + p1 * (ratios - r1), p2 + p2 * (ratios - r2), p3 + p3 * (ratios - r3))
+    left = _choose4(first, o0, o1, o2, o3)
+    second = _cover4(_q(m0, 0, first, left), _q(m1, 1, first, left), _q(m2, 2, first, left), u1)
+    _, (s0, s1, s2, s3) = _sums4(_ratio(m0, o0), _ratio(m1, o1), _ratio(m2, o2), _ratio(m3, o3))
+    inclusion = (p0 + p0 * s0, p1 + p1 * s1, p2 + p2 * s2, p3 + p3 * s3)
     return _kept4(a, inclusion, first, second)  # inclusion probability: P(i first) + Σ_j P(j first, then i)
 
 
