@@ -552,9 +552,10 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
     config = SparsityConfig.from_options(options)
     registry = DEFAULT_REGISTRY if registry is None else registry
     index = {id(p): i for i, (_, p) in enumerate(model.named_parameters())}
-    counts: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        counts[id(p)] = counts.get(id(p), 0) + 1
+    counts: dict[int, int] = {}  # modules holding each parameter: a module under two names is one
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            counts[id(p)] = counts.get(id(p), 0) + 1
     uses = _ForwardUses(model, registry)
 
     def rule_for(name: str, weight: nn.Parameter, layout: str, owner: nn.Module, groups: int = 1) -> _Rule | None:
@@ -566,7 +567,13 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
         return _Rule(registry.get_or_create(weight, spec, owner), weight, backward, config, uses)
 
     others: dict[int, tuple[str, nn.Parameter, nn.Module]] = {}  # 2-D weights no swapped module owns
-    for mod_name, module in list(model.named_modules()):
+    placed: dict[int, nn.Module] = {}  # id of each module seen -> the module in its place, for its other names
+    for mod_name, module in list(model.named_modules(remove_duplicate=False)):
+        if id(module) in placed:  # a module under a second name: whatever replaced it goes there too
+            if placed[id(module)] is not module:
+                _replace(model, mod_name, placed[id(module)])
+            continue
+        placed[id(module)] = module
         prefix = f"{mod_name}." if mod_name else ""
         swap = {nn.Linear: SparseLinear, nn.Conv1d: SparseConvNd, nn.Conv2d: SparseConvNd, nn.Conv3d: SparseConvNd}
         if type(module) in swap and id(module.weight) in index:  # not a computed weight (old weight_norm)
@@ -581,6 +588,7 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
                 new.rule = rule
                 if mod_name:
                     _replace(model, mod_name, new)
+                    placed[id(module)] = new
                 else:
                     model.forward = new.forward
             continue

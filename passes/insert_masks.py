@@ -109,7 +109,8 @@ def insert_masks(
     graph = new_gm.graph
     n, m = config.n, config.m
     states: list[StateInput] = []
-    last_input = [node for node in graph.nodes if node.op == "placeholder"][-1]
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    last_input = placeholders[-1] if placeholders else None  # none: a graph of no inputs, no targets
     for target in analysis.sparse:
         layer = target.layer
         node, weight = env[target.node], env[target.weight]

@@ -269,6 +269,50 @@ def test_name_filters_hold_where_dynamo_reuses_a_block_graph(option):
     assert all(torch.equal(state[name]["perm"], ref_state[name]["perm"]) for name in admitted)
 
 
+class _ItemBreak(nn.Module):
+    """A Python float from ``.item()``, then a graph break: from the second call dynamo hands the
+    backend, besides the two layers' graphs, one with no inputs and no nodes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 16)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        scale = h.abs().mean().item()
+        torch._dynamo.graph_break()
+        return self.b(h / (scale + 1))
+
+
+def test_a_graph_of_no_inputs_compiles():
+    """A graph with no placeholders (``graph(): return ()``) compiles instead of failing the
+    sparsifying pass, and both layers train sparse like the reference (SPEC §10: no exception)."""
+    torch._dynamo.reset()
+    _, state = train_and_compare(_ItemBreak, (8, 32), steps=3, inner="aot_eager")
+    assert sorted(state) == ["a.weight", "b.weight"]
+
+
+class _Aliased(nn.Module):
+    """One ``nn.Linear`` registered under two names (``alias`` and ``a``), called once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 16)
+        self.alias = self.a
+
+    def forward(self, x):
+        return self.b(torch.relu(self.alias(x)))
+
+
+def test_a_module_under_two_names_is_not_a_tie():
+    """SPEC §10: a tie is a parameter two modules share, or one graph uses twice. A module
+    registered under a second name is neither: the backend and the reference both sparsify it
+    (the reference counted its two registrations as a tie, and left it dense)."""
+    torch._dynamo.reset()
+    ref_state, state = train_and_compare(_Aliased, (8, 32), steps=3, inner="aot_eager")
+    assert sorted(state) == sorted(ref_state) == ["a.weight", "b.weight"]
+
+
 def test_a_tie_made_after_compiling_runs_dense():
     """``b.weight = a.weight`` after the first compile: dynamo reuses the graph (its guards read
     shapes), and the tied weight, now both GEMMs' weight, runs dense (SPEC §10) and counts no step."""
