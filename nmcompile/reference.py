@@ -489,21 +489,29 @@ class _GemmInterceptor(TorchFunctionMode):
         if func in _LINEAR_FUNCS:
             x, weight, bias = (*args, *[None] * 3)[:3]
             weight, bias = kwargs.get("weight", weight), kwargs.get("bias", bias)
-            param = self._candidate(weight)
-            rule = self._rule(param, "out_in") if param is not None else None
+            param, layout = self._operand(weight, "out_in")
+            rule = self._rule(param, layout) if param is not None else None
             if rule is not None:
-                return rule(kwargs.get("input", x), param, bias)
+                return rule(kwargs.get("input", x), param if layout == "out_in" else param.t(), bias)
         if func in _GEMM_FUNCS and not kwargs:
             bias, a, b = (args[0], args[1], args[2]) if func is torch.addmm else (None, args[0], args[1])
-            param, layout = self._candidate(b), "in_out"
-            view = self.views.get(id(b))
-            if param is None and view is not None and view[0] is b:
-                param, layout = view[1], "out_in"
+            param, layout = self._operand(b, "in_out")
             rule = self._rule(param, layout) if param is not None else None
             if rule is not None:
                 out = rule(a, param if layout == "out_in" else param.t(), None)
                 return out if bias is None else bias + out
         return func(*args, **kwargs)
+
+    def _operand(self, operand: Any, layout: str) -> tuple[nn.Parameter | None, str]:
+        """The candidate parameter behind a GEMM's weight operand and its layout: ``layout`` where
+        the operand is the parameter, the other one where it is the parameter's transpose."""
+        param = self._candidate(operand)
+        if param is not None:
+            return param, layout
+        view = self.views.get(id(operand))
+        if view is not None and view[0] is operand:
+            return view[1], "in_out" if layout == "out_in" else "out_in"
+        return None, layout
 
 
 def _route_gemms(module: nn.Module, mode: _GemmInterceptor) -> None:
@@ -542,7 +550,7 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
     ``SparseConvNd`` (transposed convolutions stay dense; a model that is such a layer runs its
     sparse forward in place). Every other weight (``nn.MultiheadAttention``'s projections, GPT-2's
     ``Conv1D``, a raw convolution kernel) is routed through the same rule while ``model``'s forward
-    runs: as the weight of ``F.linear`` or ``F.conv1d/2d/3d``, or the right operand of
+    runs: as the weight of ``F.linear`` (``W.t()`` there: ``[in, out]``) or ``F.conv1d/2d/3d``, or the right operand of
     ``mm``/``matmul``/``addmm``/``@`` (``W``: ``[in, out]``; ``W.t()``, ``W.T``, ``W.mT``,
     ``W.permute(1, 0)``: ``[out, in]``). Options as ``SparsityConfig``.
     Do not deep-copy a model after ``sparsify``: the routed forward keeps its rules.

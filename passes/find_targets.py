@@ -360,11 +360,8 @@ def _decide(
     value = values.get(placeholder, info.param)
     target.param_name, target.weight, target.operand = info.name, placeholder, w
     target.layer_index = info.index
-    if kind == "linear":
-        target.layout = "out_in" if not transposed else ""
-    else:
-        target.layout = "out_in" if transposed else "in_out"
-    if value.dim() != 2 or not target.layout:
+    target.layout = "out_in" if transposed == (kind != "linear") else "in_out"  # F.linear(x, W.t()): W is [in, out]
+    if value.dim() != 2:
         target.reason = "weight is not a 2-D [out, in] or [in, out] operand"
         return target
     rows, cols = value.shape if target.layout == "out_in" else value.shape[::-1]

@@ -118,6 +118,29 @@ class _Spellings(nn.Module):
         return y1.flatten(1).sum(1, keepdim=True) + y2.flatten(1)
 
 
+class _LinearOfTransposed(nn.Module):
+    """``F.linear(x, W.t())`` with ``W`` stored as ``[in, out]``, as ``x @ W`` would use it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(32, 16) / 6)
+        self.bias = nn.Parameter(torch.randn(16) / 6)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.w.t(), self.bias)
+
+
+def test_linear_of_a_transposed_weight_is_sparse_along_its_in_dim():
+    """``F.linear(x, W.t())`` is the GEMM ``x @ W``: the backend and the reference both sparsify
+    ``W`` as an ``[in, out]`` weight, N:M along ``in`` (it stayed dense, with a reason that called
+    the 2-D weight not 2-D)."""
+    torch._dynamo.reset()
+    ref_state, state = train_and_compare(_LinearOfTransposed, (8, 32), steps=3, inner="aot_eager", perm_interval=1)
+    assert sorted(ref_state) == sorted(state) == ["w"]
+    row = {r.name: r for r in nmcompile.explain(_LinearOfTransposed(), torch.randn(8, 32), inner="aot_eager").rows}["w"]
+    assert row.sparse and row.weight_shape == (16, 32), row  # [O, K]: the groups run along W's 32 rows
+
+
 def test_reference_routes_every_spelling_the_backend_sparsifies():
     """The oracle agrees with the backend on ``.mT``/``permute`` transposes and raw ``F.conv*d``
     kernels (it ran them dense, so the comparison could not check them), and on a model that is
