@@ -343,6 +343,7 @@ def compile_graph(
     """Compile one dynamo graph with N:M sparse GEMMs; the body of every ``nmsparse`` backend call.
     ``mode`` is ``torch.compile``'s, passed on to the inner Inductor compile."""
     patches = _mode_patches(mode, config)
+    _warn_if_include_admits_nothing(config)
     params = resolve_parameters(gm, example_inputs)
     try:
         fake_mode = torch._guards.TracingContext.get().fake_mode
@@ -368,6 +369,20 @@ def compile_graph(
     with torch._functorch.config.patch(enable_autograd_cache=record is None):
         compiled = _compile_inner(rewritten, [*example_inputs, *examples], config, record, patches)
     return _Runner(compiled, layers, registry, _Variants(gm, config, registry, fake_mode, params))
+
+
+def _warn_if_include_admits_nothing(config: SparsityConfig) -> None:
+    """Warn where ``include`` admits no parameter of the compiled model: a typo there would train
+    the whole model dense, with nothing said outside ``explain``."""
+    if not config.include:
+        return
+    names = [entry[0] for table in _root_tables() for entry in table.values()]
+    if names and not any(re.search(pattern, name) for pattern in config.include for name in names):
+        warnings.warn(
+            f"nmsparse include={list(config.include)} matches no parameter of the compiled model "
+            f"(its parameters are named as {names[0]!r}): every layer stays dense",
+            stacklevel=2,
+        )
 
 
 Layers = list[tuple[LayerSpec, int, LayerState, torch.Tensor]]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -654,11 +656,28 @@ def test_head_keeps_forward_mask_with_dense_backward():
 
 
 def test_include_selects_layers():
-    """``include`` keeps only matching names sparse."""
-    report = nmcompile.explain(MLP(), torch.randn(4, 32), include=[r"^fc2\."], inner="aot_eager")
+    """``include`` keeps only matching names sparse, and says nothing of names it does not match."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = nmcompile.explain(MLP(), torch.randn(4, 32), include=[r"^fc2\."], inner="aot_eager")
+    assert not [w for w in caught if "matches no parameter" in str(w.message)]
     sparse = {r.name for r in report.rows if r.sparse}
     assert sparse == {"fc2.weight"}
     assert "not matched by include" in next(r.reason for r in report.rows if r.name == "fc1.weight")
+
+
+def test_an_include_that_matches_no_parameter_warns():
+    """An ``include`` that admits no parameter of the compiled model (a typo) warns that every
+    layer stays dense, naming how the model spells its parameters."""
+    torch._dynamo.reset()
+    model = MLP()
+    pattern = r"^fc9\."
+    message = (
+        f"include={[pattern]} matches no parameter of the compiled model (its parameters are named as 'fc1.weight')"
+    )
+    with pytest.warns(UserWarning, match=re.escape(message + ": every layer stays dense")):
+        torch.compile(model, backend=nmcompile.backend(include=pattern, inner="aot_eager"))(torch.randn(4, 32))
+    assert nmcompile.sparsity_state(model) == {}
 
 
 def test_entry_point_works_without_import():
