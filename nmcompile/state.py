@@ -618,7 +618,10 @@ _load_state_dict = nn.Module.load_state_dict
 @functools.wraps(_load_state_dict)
 def _load_state_dict_with_sparsity(self: nn.Module, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
     result = _load_state_dict(self, state_dict, strict=strict, assign=assign)
-    DEFAULT_REGISTRY.restore_from(self, getattr(state_dict, "_metadata", None), state_dict.keys())
+    # The weights it loaded: every slot but the missing ones, as torch counts them after the load
+    # pre-hooks (a hook may rename the caller's keys, as consume_prefix_in_state_dict_if_present).
+    loaded = {full for full, *_ in _named_slots(self)} - set(result.missing_keys)
+    DEFAULT_REGISTRY.restore_from(self, getattr(state_dict, "_metadata", None), loaded)
     return result
 
 

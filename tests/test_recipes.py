@@ -275,6 +275,44 @@ def test_checkpoint_restores_state_loaded_before_or_after_compile():
     assert before_sparsify.state_dict()._metadata["fc1"]["nmsparse"]["weight"]["step"] == 3
 
 
+class _Wrapped(nn.Module):
+    """``module.``-prefixed parameter names, as a DDP-wrapped model saves them."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.module = inner
+
+    def forward(self, x):
+        return self.module(x)
+
+
+def test_checkpoint_keys_renamed_by_a_load_pre_hook_restore_the_states():
+    """A load pre-hook that renames the checkpoint's keys (``consume_prefix_in_state_dict_if_present``
+    on a DDP checkpoint) loads the states with the weights: the loaded weights are the ones torch
+    counts after the hooks, not the caller's keys (the states were dropped, with no warning)."""
+    from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+    options = {"inner": "aot_eager", "perm_interval": 2}
+    trained = _Wrapped(MLP())
+    compiled = torch.compile(trained, backend=nmcompile.backend(**options))
+    for _ in range(3):
+        compiled(torch.randn(4, 32)).sum().backward()
+    expected = {name.removeprefix("module."): s for name, s in nmcompile.sparsity_state(trained).items()}
+    model = MLP()
+    model.register_load_state_dict_pre_hook(
+        lambda module, state_dict, prefix, *args: consume_prefix_in_state_dict_if_present(state_dict, "module.")
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.load_state_dict(trained.state_dict())
+    assert not [w for w in caught if "nmsparse" in str(w.message)]  # no layer restarts
+    torch.compile(model, backend=nmcompile.backend(**options))(torch.randn(4, 32))
+    got = nmcompile.sparsity_state(model)
+    assert sorted(got) == sorted(expected) and len(got) == 3
+    for name, s in expected.items():
+        assert got[name]["step"] == s["step"] + 1 == 4 and torch.equal(got[name]["perm"], s["perm"]), name
+
+
 @pytest.mark.parametrize(
     "perm,problem",
     [
