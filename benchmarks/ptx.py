@@ -58,7 +58,15 @@ OPERAND_POINTERS = {
     "out_ptr": "bf16",
     "meta_ptr": "bf16",
 }
-OPERAND_FLAGS = {"n": 2, "M": 4, "LOAD_MASK": False, "HAS_ALPHA": False, "COMPRESS": 0, "TRANSPOSED": False}
+OPERAND_FLAGS = {
+    "n": 2,
+    "M": 4,
+    "LOAD_MASK": False,
+    "HAS_ALPHA": False,
+    "COMPRESS": 0,
+    "TRANSPOSED": False,
+    "WIDE": False,
+}
 # The COMPRESS flag of the cuSPARSELt layouts (1 + compress24.LAYOUTS.index(layout); CUTLASS is 1)
 CUSPARSELT_CODES = (("cuSPARSELt", 2), ("cuSPARSELt sm90", 3))
 VARIANTS = (
@@ -95,9 +103,9 @@ VARIANTS = (
             ("BLOCK_T", "BLOCK_O")),
     Variant("SR-STE weight grad", "srste", "srste_kernel",
             {"g_ptr": "bf16", "w_ptr": "bf16", "f_ptr": "bf16", "out_ptr": "bf16"},
-            {"n": 2, "M": 4, "LOAD_MASK": False},
+            {"n": 2, "M": 4, "LOAD_MASK": False, "WIDE": False},
             ("stride_gk", "stride_wk", "stride_fk", "stride_ok"), ("BLOCK_O", "BLOCK_K"), scalars=(("lam", "fp32"),)),
-    Variant("nm_mask", "nm_mask", "nm_mask_kernel", {"a_ptr": "bf16", "out_ptr": "i8"}, {"n": 2, "M": 4},
+    Variant("nm_mask", "nm_mask", "nm_mask_kernel", {"a_ptr": "bf16", "out_ptr": "i8"}, {"n": 2, "M": 4, "WIDE": False},
             ("stride_ac", "stride_oc"), ("BLOCK_R", "BLOCK_C")),
     Variant("permutation scores", "perm_score", "perm_score_kernel",
             {"f_ptr": "i8", "perm_ptr": "i64", "score_ptr": "i32"}, {"M": 4}, ("stride_fc",), ("BLOCK_B", "BLOCK_C"),

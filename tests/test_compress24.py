@@ -125,12 +125,14 @@ def test_sm90_transcription_places_every_code_once_in_its_16x32_tile():
 def test_wide_offsets_give_the_same_buffers(monkeypatch):
     """With ``INDEX_LIMIT`` at 0 the kernels compute every offset in int64 (``WIDE``, for operands past
     2³¹ entries): every layout bit for bit as with int32 offsets, a strided operand and the MVUE
-    kernel's compressed output included."""
+    and masked-operand kernels' compressed outputs included."""
     from nmcompile.kernels import common
     from nmcompile.kernels.mvue import mvue_prune_compressed
+    from nmcompile.kernels.operand24 import forward_operand_compressed, input_grad_operand_compressed
 
     a = exact_24(128, 256, torch.bfloat16, seed=6)
     strided = exact_24(128, 512, torch.bfloat16, seed=7)[:, ::2]
+    perm = torch.randperm(128, generator=torch.Generator().manual_seed(8))
 
     def run() -> list[torch.Tensor]:
         return [
@@ -140,6 +142,8 @@ def test_wide_offsets_give_the_same_buffers(monkeypatch):
             *compress24(strided, "cutlass"),
             mvue_prune_compressed(a.t(), 2, 3, "mvue24", "cusparselt")[0],
             mvue_prune_compressed(a.t(), 2, 3, "mvue24", "cusparselt_sm90")[0],
+            forward_operand_compressed(strided, 2, 4, "cusparselt_sm90")[0],
+            input_grad_operand_compressed(a, 2, 4, "cusparselt", perm=perm)[0],
         ]
 
     narrow = run()

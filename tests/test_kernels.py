@@ -270,21 +270,50 @@ def test_wide_index_is_chosen_where_an_offset_can_pass_int32():
     assert not wide_index(meta((edge, 64))) and wide_index(meta((edge + 1, 64)))
 
 
+def test_strided_perm_and_bias_give_what_their_contiguous_copies_give():
+    """A ``perm`` or ``bias`` that is a strided view: the kernels read both as contiguous, so the
+    launchers hand them over contiguous (they were read with the wrong stride: errors up to 4)."""
+    from nmcompile.kernels.operand24 import backward_operand, input_grad_operand
+
+    dy, w, x = _randn(12, 16), _randn(16, 32, seed=2), _randn(12, 32, seed=3)
+    perm = _perm(16)
+    strided_perm = torch.stack([perm, perm.flip(0)], 1)[:, 0]
+    bias = _randn(16, 2, seed=4)[:, 0]
+    assert strided_perm.stride() == bias.stride() == (2,)
+    for call in (
+        lambda p: kernels.sparse_input_grad(dy, w, 2, 4, perm=p),
+        lambda p: backward_operand(w, 2, 4, perm=p),
+        lambda p: input_grad_operand(w, 2, 4, perm=p),
+    ):
+        assert torch.equal(call(strided_perm), call(perm))
+    expected = kernels.sparse_linear_forward(x, w, bias.contiguous(), 2, 4)
+    assert torch.equal(kernels.sparse_linear_forward(x, w, bias, 2, 4), expected)
+
+
 def test_wide_offsets_give_the_same_results(monkeypatch):
     """With ``INDEX_LIMIT`` at 0 every launch computes offsets in int64 (``WIDE``): forward, both
-    gradients and MVUE give bit for bit what the int32 path gives, permuted and transposed operands
-    included."""
+    gradients, MVUE, the masked operands, SR-STE and the mask kernel give bit for bit what the int32
+    path gives, permuted and transposed operands included."""
     from nmcompile.kernels import common
+    from nmcompile.kernels.operand24 import backward_operand, forward_operand, input_grad_operand
+    from nmcompile.kernels.srste import srste_add
 
     dy, w = _randn(20, 8), _randn(8, 16, seed=2)
     xt = _randn(16, 20, seed=3).t()  # a column-major view
+    alpha = torch.tensor(0.3, device=DEVICE)
 
     def run():
         return [
             kernels.sparse_linear_forward(xt, w, torch.ones(8, device=DEVICE), 2, 4),
-            kernels.sparse_input_grad(dy, w, 2, 4, perm=_perm(8), alpha=torch.tensor(0.3, device=DEVICE)),
+            kernels.sparse_input_grad(dy, w, 2, 4, perm=_perm(8), alpha=alpha),
             kernels.sparse_weight_grad(dy, xt, w, 2, 4, srste_lambda=0.1, grad_prune="mvue24", step=3, key=5),
             kernels.mvue_prune(dy.t().contiguous().t(), 4, 9, "mvue12", transpose=True),
+            forward_operand(w.t().contiguous().t(), 2, 4, alpha=alpha),
+            backward_operand(w, 2, 4, perm=_perm(8)),
+            input_grad_operand(w, 2, 4, perm=_perm(8)),
+            srste_add(w, xt[:8], 2, 4, 0.1),
+            kernels.nm_mask(xt, 1, 4, 0),
+            kernels.nm_mask(xt, 2, 4, 1),
         ]
 
     narrow = run()

@@ -229,6 +229,17 @@ def test_gather_t_wide_offsets_give_the_same_result(monkeypatch):
     assert torch.equal(gather_t(dy, perm), narrow)
 
 
+def test_gather_t_with_a_perm_that_is_no_permutation_writes_only_its_result():
+    """Values of ``perm`` are not checked (that would sync the device every call): a repeated one
+    gives wrong rows, each still a column of ``dY``, and no write outside the result (it wrote
+    through uninitialised row indices: a segfault under the interpreter)."""
+    dy = _randn(5, 8)
+    out = gather_t(dy, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3], device=DEVICE))
+    assert out.shape == (8, 5)
+    columns = dy.t()
+    assert all(bool((columns == row).all(1).any()) for row in out)
+
+
 def test_gather_t_checks():
     dy = _randn(8, 12)
     with pytest.raises(ValueError, match=r"perm must be int64 \[12\]"):

@@ -53,7 +53,10 @@ def check_tensor(name: str, t: torch.Tensor, dim: int, dtypes: tuple[torch.dtype
 
 
 def check_perm(perm: torch.Tensor | None, rows: int, m: int) -> None:
-    """A Bi-Mask row permutation: int64 ``[rows]`` with ``rows`` divisible by ``m`` (or ``None``)."""
+    """A Bi-Mask row permutation: int64 ``[rows]`` with ``rows`` divisible by ``m`` (or ``None``).
+    Its values index rows unchecked (a check would read ``perm`` back to the host at every call):
+    it must be a permutation of ``range(rows)``, as the backend's own are (drawn by ``randperm``;
+    a checkpoint's are checked when it loads). The kernels take it contiguous."""
     if perm is not None and (perm.shape != (rows,) or perm.dtype != torch.int64 or rows % m):
         raise ValueError(f"perm must be int64 [{rows}] with O % m == 0, got {perm.dtype} {tuple(perm.shape)}")
 

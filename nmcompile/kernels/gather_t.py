@@ -42,13 +42,15 @@ def gather_t_kernel(
 
 def gather_t(a: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """``a[:, perm].t()`` contiguous (``[O, T]``) for ``a`` ``[T, O]`` and a permutation ``perm`` of
-    ``0..O-1`` (int64, on ``a``'s device): row ``j`` of the result is column ``perm[j]`` of ``a``."""
+    ``0..O-1`` (int64, on ``a``'s device): row ``j`` of the result is column ``perm[j]`` of ``a``.
+    Values are not checked (that would read ``perm`` back to the host at every call); one that is
+    no permutation gives wrong rows, never a write outside the result."""
     check_tensor("a", a, 2, DTYPES)
     T, O = a.shape
     if perm.shape != (O,) or perm.dtype != torch.int64 or perm.device != a.device:
         got = f"{perm.dtype} {tuple(perm.shape)} on {perm.device}"
         raise ValueError(f"perm must be int64 [{O}] on {a.device}, got {got}")
-    row_of = torch.empty_like(perm).scatter_(0, perm, torch.arange(O, device=perm.device))
+    row_of = torch.argsort(perm)  # P's inverse; a permutation of the rows even where perm is none
     out = a.new_empty((O, T))
 
     def grid(meta: dict) -> tuple[int, int]:

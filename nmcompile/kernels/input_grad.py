@@ -109,7 +109,8 @@ def sparse_input_grad(
     dx = torch.empty((T, K), dtype=dy.dtype, device=dy.device)
     f = mask.view(torch.int8) if mask is not None else weight
     input_grad_kernel[gemm_grid(T, K, "BLOCK_T", "BLOCK_K")](
-        dy, weight, perm if perm is not None else dy, f, alpha if alpha is not None else dy, dx, n, T, O, K,
+        dy, weight, perm.contiguous() if perm is not None else dy, f, alpha if alpha is not None else dy, dx, n,
+        T, O, K,
         *dy.stride(), *weight.stride(), *f.stride(), *dx.stride(),
         M=m, PERMUTE=perm is not None, LOAD_MASK=mask is not None, HAS_ALPHA=alpha is not None,
         DOT=dot_dtype(dy.dtype), PRECISION=input_precision(), WIDE=wide_index(dy, weight, f, dx),

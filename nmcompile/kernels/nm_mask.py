@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotune_configs, check_nm, check_tensor, nm_keep_rows
+from .common import autotune_configs, check_nm, check_tensor, nm_keep_rows, wide_index
 
 CONFIGS = autotune_configs([{"BLOCK_R": 32, "BLOCK_C": 64}, {"BLOCK_R": 64, "BLOCK_C": 128}], [(4, 1)], ("BLOCK_C",))
 
@@ -21,11 +21,14 @@ CONFIGS = autotune_configs([{"BLOCK_R": 32, "BLOCK_C": 64}, {"BLOCK_R": 64, "BLO
 @triton.jit
 def nm_mask_kernel(
     a_ptr, out_ptr, n: tl.constexpr, R, C, stride_ar, stride_ac, stride_or, stride_oc,
-    M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
-    """``out[r, c]`` = entry ``(r, c)`` is among the top ``n`` of its group of ``M`` columns."""
+    """``out[r, c]`` = entry ``(r, c)`` is among the top ``n`` of its group of ``M`` columns;
+    ``WIDE``: int64 offsets (an operand past 2³¹ elements)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if WIDE:
+        rows, cols = rows.to(tl.int64), cols.to(tl.int64)
     inside = (rows[:, None] < R) & (cols[None, :] < C)
     a = tl.load(a_ptr + rows[:, None] * stride_ar + cols[None, :] * stride_ac, mask=inside, other=0.0)
     keep = nm_keep_rows(a, n, BLOCK_R, BLOCK_C, M)
@@ -47,5 +50,5 @@ def nm_mask(a: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
     def grid(meta: dict) -> tuple[int, int]:
         return triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(C, meta["BLOCK_C"])
 
-    nm_mask_kernel[grid](view, out_view, n, R, C, *view.stride(), *out_view.stride(), M=m)
+    nm_mask_kernel[grid](view, out_view, n, R, C, *view.stride(), *out_view.stride(), M=m, WIDE=wide_index(a, out))
     return out.view(torch.bool)

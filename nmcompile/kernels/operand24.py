@@ -38,6 +38,7 @@ from .common import (
     interpreting,
     nm_keep_cols,
     nm_keep_rows,
+    wide_index,
 )
 from .compress24 import LAYOUTS, outputs, quads, store_groups
 from .sparse24 import fits_24
@@ -77,14 +78,17 @@ def masked_operand_kernel(
     stride_wo, stride_wk, stride_fo, stride_fk, stride_oo, stride_ok,
     M: tl.constexpr, PERMUTE: tl.constexpr, LOAD_MASK: tl.constexpr, HAS_ALPHA: tl.constexpr,
     SCATTER: tl.constexpr, COMPRESS: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_O: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
     """``out[o, k] = W[src(o), k]`` where kept, else 0 (``α W`` with ``HAS_ALPHA``); ``src`` is ``P``
     with ``PERMUTE``; ``SCATTER`` stores row ``o`` at ``src(o)``. ``COMPRESS`` (1 + the index of the
     layout in ``compress24.LAYOUTS``): the operand, ``[O, K]`` or with ``TRANSPOSED`` ``[K, O]``, 2:4
-    along its last dim, compressed into ``out`` (values) and ``meta`` instead."""
+    along its last dim, compressed into ``out`` (values) and ``meta`` instead. ``WIDE``: int64
+    offsets (an operand past 2³¹ elements)."""
     o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    if WIDE:
+        o, ks = o.to(tl.int64), ks.to(tl.int64)
     inside = (o[:, None] < O) & (ks[None, :] < K)
     source = tl.load(perm_ptr + o, mask=o < O, other=0) if PERMUTE else o
     w = tl.load(w_ptr + source[:, None] * stride_wo + ks[None, :] * stride_wk, mask=inside, other=0.0)
@@ -102,11 +106,11 @@ def masked_operand_kernel(
     if COMPRESS and TRANSPOSED:
         e0, e1, e2, e3 = quads(tl.trans(kept), BLOCK_K, BLOCK_O // 4)
         store_groups(out_ptr, meta_ptr, e0, e1, e2, e3, ks, tl.program_id(0) * (BLOCK_O // 4), K, O,
-                     COMPRESS - 1, BLOCK_O // 4, False)  # fmt: skip
+                     COMPRESS - 1, BLOCK_O // 4, WIDE)  # fmt: skip
     elif COMPRESS:
         e0, e1, e2, e3 = quads(kept, BLOCK_O, BLOCK_K // 4)
         store_groups(out_ptr, meta_ptr, e0, e1, e2, e3, o, tl.program_id(1) * (BLOCK_K // 4), O, K,
-                     COMPRESS - 1, BLOCK_K // 4, False)  # fmt: skip
+                     COMPRESS - 1, BLOCK_K // 4, WIDE)  # fmt: skip
     else:
         rows = source if SCATTER else o
         tl.store(out_ptr + rows[:, None] * stride_oo + ks[None, :] * stride_ok, kept, mask=inside)
@@ -133,10 +137,11 @@ def _launch(
         return triton.cdiv(O, meta_["BLOCK_O"]), triton.cdiv(K, meta_["BLOCK_K"])
 
     masked_operand_kernel[grid](
-        weight, perm if perm is not None else weight, f, alpha if alpha is not None else weight, out_view, meta, n, O,
-        K, *weight.stride(), *f.stride(), *out_view.stride(),
+        weight, perm.contiguous() if perm is not None else weight, f, alpha if alpha is not None else weight,
+        out_view, meta, n, O, K, *weight.stride(), *f.stride(), *out_view.stride(),
         M=m, PERMUTE=perm is not None, LOAD_MASK=mask is not None, HAS_ALPHA=alpha is not None, SCATTER=scatter,
         COMPRESS=1 + LAYOUTS.index(layout) if layout else 0, TRANSPOSED=transposed,
+        WIDE=wide_index(weight, f, out_view, meta),
     )  # fmt: skip
 
 

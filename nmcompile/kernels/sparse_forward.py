@@ -106,7 +106,7 @@ def sparse_linear_forward(
     y = torch.empty((T, O), dtype=x.dtype, device=x.device)
     f = mask.view(torch.int8) if mask is not None else weight
     sparse_forward_kernel[gemm_grid(T, O, "BLOCK_T", "BLOCK_O")](
-        x, weight, bias if bias is not None else x, f, alpha if alpha is not None else x, y, n, T, O, K,
+        x, weight, bias.contiguous() if bias is not None else x, f, alpha if alpha is not None else x, y, n, T, O, K,
         *x.stride(), *weight.stride(), *f.stride(), *y.stride(),
         M=m, HAS_BIAS=bias is not None, LOAD_MASK=mask is not None, HAS_ALPHA=alpha is not None,
         DOT=dot_dtype(x.dtype), PRECISION=input_precision(), WIDE=wide_index(x, weight, f, y),

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotune_configs, check_mask, check_nm, check_tensor, nm_keep_rows
+from .common import autotune_configs, check_mask, check_nm, check_tensor, nm_keep_rows, wide_index
 
 CONFIGS = autotune_configs(
     [{"BLOCK_O": 32, "BLOCK_K": 64}, {"BLOCK_O": 64, "BLOCK_K": 128}], [(4, 1), (8, 1)], ("BLOCK_K",)
@@ -25,11 +25,14 @@ CONFIGS = autotune_configs(
 def srste_kernel(
     g_ptr, w_ptr, f_ptr, out_ptr, n: tl.constexpr, lam, O, K,
     stride_go, stride_gk, stride_wo, stride_wk, stride_fo, stride_fk, stride_oo, stride_ok,
-    M: tl.constexpr, LOAD_MASK: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+    M: tl.constexpr, LOAD_MASK: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
-    """``out = G + lam · W`` where ``F`` prunes ``W``, else ``G``, on one ``[BLOCK_O, BLOCK_K]`` tile."""
+    """``out = G + lam · W`` where ``F`` prunes ``W``, else ``G``, on one ``[BLOCK_O, BLOCK_K]`` tile;
+    ``WIDE``: int64 offsets (an operand past 2³¹ elements)."""
     o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    if WIDE:
+        o, ks = o.to(tl.int64), ks.to(tl.int64)
     inside = (o[:, None] < O) & (ks[None, :] < K)
     w = tl.load(w_ptr + o[:, None] * stride_wo + ks[None, :] * stride_wk, mask=inside, other=0.0).to(tl.float32)
     if LOAD_MASK:
@@ -61,6 +64,6 @@ def srste_add(
 
     srste_kernel[grid](
         grad, weight, f, out, n, float(lam), O, K, *grad.stride(), *weight.stride(), *f.stride(), *out.stride(),
-        M=m, LOAD_MASK=mask is not None,
+        M=m, LOAD_MASK=mask is not None, WIDE=wide_index(grad, weight, f, out),
     )  # fmt: skip
     return out
