@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import itertools
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -89,6 +90,27 @@ class LayerRow:
         )
 
 
+def _new_directory(parent: Path, name: str) -> Path:
+    """A new directory ``parent/name``, or ``name_2``, ``name_3``, ... where an earlier run left one
+    (same process id: a container's PID 1), so no dump writes into another's."""
+    parent.mkdir(parents=True, exist_ok=True)
+    path, count = parent / name, 1
+    while True:
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            count += 1
+            path = parent / f"{name}_{count}"
+
+
+def _warn_unwritable(directory: Path, err: OSError) -> None:
+    warnings.warn(
+        f"nmsparse: cannot write the NMSPARSE_DUMP_DIR dump under {directory} ({err}); compiling without it",
+        stacklevel=3,
+    )
+
+
 def _describe(choice: KernelChoice) -> str:
     return choice.kernel if not choice.reason else f"{choice.kernel} ({choice.reason})"
 
@@ -98,10 +120,13 @@ def _fmt_flops(pair: tuple[int, int] | None) -> str:
         return "?"
 
     def short(v: float) -> str:
-        for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-            if v >= scale:
-                return f"{v / scale:.3g}{unit}"
-        return f"{v:.0f}"
+        """Three significant digits in the smallest unit that keeps them under 1000 once rounded
+        (999,936 is ``1M``, not ``1e+03K``)."""
+        for unit, scale in (("", 1.0), ("K", 1e3), ("M", 1e6), ("G", 1e9)):
+            text = f"{v / scale:.3g}"
+            if float(text) < 1000:
+                return text + unit
+        return f"{v / 1e12:.3g}T"
 
     dense, nm = pair
     return short(dense) if dense == nm else f"{short(dense)}→{short(nm)}"
@@ -187,9 +212,11 @@ class CompileRecord:
         self.directory: Path | None = None
         if directory is not None:
             tag = (self.compile_id or "graph").replace("/", "_")
-            self.directory = directory / f"{os.getpid()}_{next(_dump_counter)}_{tag}"
-            self.directory.mkdir(parents=True, exist_ok=True)
-            (self.directory / "report.txt").write_text(format_table(self.rows) + "\n")
+            try:
+                self.directory = _new_directory(directory, f"{os.getpid()}_{next(_dump_counter)}_{tag}")
+            except OSError as err:
+                _warn_unwritable(directory, err)
+            self._dump("report.txt", format_table(self.rows) + "\n")
 
     def add_graph(self, kind: str, gm: fx.GraphModule) -> None:
         """Keep a copy of a graph AOTAutograd produced (``forward``/``backward``/``inference``).
@@ -206,8 +233,19 @@ class CompileRecord:
             gm.recompile()
         self.graphs[kind] = gm
         if self.directory is not None:
-            (self.directory / f"{kind}.py").write_text(self.graphs[kind].print_readable(print_output=False))
-            (self.directory / "graphs.dot").write_text(to_dot([self]))
+            self._dump(f"{kind}.py", gm.print_readable(print_output=False))
+            self._dump("graphs.dot", to_dot([self]))
+
+    def _dump(self, name: str, text: str) -> None:
+        """Write one file of the dump; where that fails, warn and dump no more of this compile: a
+        debugging aid that cannot be written must not stop training."""
+        if self.directory is None:
+            return
+        try:
+            (self.directory / name).write_text(text)
+        except OSError as err:
+            _warn_unwritable(self.directory.parent, err)
+            self.directory = None
 
     def __str__(self) -> str:
         return format_table(self.rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -65,7 +66,8 @@ def test_state_inputs_keep_the_layer_spelling():
 
 
 def test_table_rows_and_flops():
-    """One row per GEMM-like node with shapes, decision, reason and dense→N:M FLOPs per GEMM."""
+    """One row per GEMM-like node with shapes, decision, reason and dense→N:M FLOPs per GEMM; no
+    input-gradient FLOPs for the first layer, whose input needs no gradient (no dX GEMM runs)."""
     report = nmcompile.explain(MLP(), torch.randn(4, 32), inner="aot_eager", n=1, m=4)
     rows = {r.name: r for r in report.rows}
     fc1 = rows["fc1.weight"]
@@ -79,9 +81,14 @@ def test_table_rows_and_flops():
     dense = 2 * 4 * 64 * 32
     assert fc1.flops == {
         "forward": (dense, dense // 4),
-        "input_grad": (dense, dense // 4),
+        "input_grad": (0, 0),
         "weight_grad": (dense, dense),
     }
+    fc2 = rows["fc2.weight"]
+    dense = 2 * 4 * fc2.weight_shape[0] * fc2.weight_shape[1]
+    assert fc2.flops["input_grad"] == (dense, dense // 4)
+    x = torch.randn(4, 32, requires_grad=True)
+    assert nmcompile.explain(MLP(), x, inner="aot_eager", n=1, m=4).rows[0].flops["input_grad"] == (16384, 4096)
     table = str(report)
     header = table.splitlines()[0]
     for column in ("parameter", "op", "W [O,K]", "N:M", "status", "backward", "fwd FLOPs", "dX FLOPs", "why"):
@@ -185,6 +192,50 @@ def test_dump_dir_writes_graphs_and_table(tmp_path, monkeypatch):
     assert "fc1.weight" in (directory / "report.txt").read_text()
     assert "fc1_fwd_masked" in (directory / "forward.py").read_text()
     assert "fc2_bwd_mask" in (directory / "backward.py").read_text()
+
+
+def test_dump_dir_that_cannot_be_written_warns_and_training_goes_on(tmp_path, monkeypatch):
+    """A dump directory that cannot be made (under a regular file) warns and compiles without the
+    dump: the model trains sparse (the OSError failed the compile, and the training loop)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("NMSPARSE_DUMP_DIR", str(blocker / "dump"))
+    model = MLP()
+    compiled = torch.compile(model, backend="nmsparse", options={"inner": "aot_eager"})
+    with pytest.warns(UserWarning, match="cannot write the NMSPARSE_DUMP_DIR dump under .*; compiling without it"):
+        compiled(torch.randn(4, 32)).sum().backward()
+    assert {name: s["step"] for name, s in nmcompile.sparsity_state(model).items()} == dict.fromkeys(
+        ["fc1.weight", "fc2.weight", "head.weight"], 1
+    )
+
+
+def test_dumps_of_two_runs_with_one_process_id_stay_apart(tmp_path, monkeypatch):
+    """Two runs whose compiles get the same directory name (a container's PID 1, counters and
+    compile ids from 0 again) write two directories, each whole (the second wrote into the first's)."""
+    from nmcompile import inspection
+
+    monkeypatch.setenv("NMSPARSE_DUMP_DIR", str(tmp_path))
+    for _ in range(2):
+        torch._dynamo.reset()
+        monkeypatch.setattr(inspection, "_dump_counter", itertools.count())
+        compiled = torch.compile(MLP(), backend="nmsparse", options={"inner": "aot_eager"})
+        compiled(torch.randn(4, 32)).sum().backward()
+    first, second = sorted(tmp_path.iterdir(), key=lambda p: len(p.name))
+    assert second.name == first.name + "_2"
+    for directory in (first, second):
+        assert {p.name for p in directory.iterdir()} == {"report.txt", "forward.py", "backward.py", "graphs.dot"}
+
+
+@pytest.mark.parametrize(
+    ("flops", "text"),
+    [((999_936, 499_968), "1M→500K"), ((999, 999), "999"), ((1500, 750), "1.5K→750"), ((0, 0), "0"),
+     ((2_500_000_000, 1_250_000_000), "2.5G→1.25G"), ((999_500, 999_500), "1M"), (None, "?")],
+)  # fmt: skip
+def test_flops_are_written_in_the_unit_that_keeps_them_under_1000(flops, text):
+    """Three significant digits, in the smallest unit that keeps them under 1000 after rounding."""
+    from nmcompile.inspection import _fmt_flops
+
+    assert _fmt_flops(flops) == text
 
 
 def test_size_hint_reads_symbolic_sizes_without_a_guard():
