@@ -104,20 +104,25 @@ def _autocast_dtype(weight: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype("cuda") if on_cuda and torch.is_autocast_enabled("cuda") else None
 
 
-def _dense_parts(config: SparsityConfig) -> str:
-    """Which GEMMs of a ``sparse24`` layer stay dense under ``config``, as a report note (structure
-    decay's stages whose N is not 2:4, such as 3:4, run the forward and input gradient dense)."""
+def _dense_parts(node: fx.Node, config: SparsityConfig) -> str:
+    """Which GEMMs of the ``sparse24`` layer ``node`` stay dense under ``config``, as a report note
+    (structure decay's stages whose N is not 2:4, such as 3:4, run the forward and input gradient
+    dense; a layer whose ``O`` the N:M does not divide has a dense backward whatever ``backward``)."""
     from nmcompile.kernels.sparse24 import fits_24
 
+    transposable = node.args[3].args[1].target is torch.ops.nmsparse.transposable_mask.default
+    dense_backward = node.args[4] is None and not transposable  # no P, no transposable mask: W ⊙ F
     dense = []
     if config.structure_decay:
         walk = ([config.m] if config.dense_steps else []) + structure_sequence(config.n, config.m)
         stages = "/".join(f"{n}:{config.m}" for n in walk if not fits_24(n, config.m))
         if stages:
-            gemms = "forward" if config.backward == "dense" else "forward and input gradient"
+            gemms = "forward" if dense_backward else "forward and input gradient"
             dense.append(f"{gemms} at {stages} (structure decay)")
     if config.backward == "dense":
         dense.append("input gradient (backward='dense')")
+    elif dense_backward:
+        dense.append(f"input gradient (O not divisible by m={config.m}: the backward uses W ⊙ F)")
     if config.grad_prune == "none":
         dense.append("weight gradient (grad_prune='none')")
     return "dense: " + ", ".join(dense) if dense else ""
@@ -156,7 +161,7 @@ def _measured(node: fx.Node, config: SparsityConfig) -> KernelChoice:
         return KernelChoice("triton", f"2:4 not measured: {type(exc).__name__}: {first_line}")
     figures = f"a step measured {ms['sparse24']:.3g} ms on 2:4 tensor cores, {ms['triton']:.3g} ms on Triton"
     if ms["sparse24"] < ms["triton"]:
-        return KernelChoice("sparse24", "; ".join(part for part in (_dense_parts(config), figures) if part))
+        return KernelChoice("sparse24", "; ".join(part for part in (_dense_parts(node, config), figures) if part))
     return KernelChoice("triton", f"not 2:4: {figures}")
 
 
@@ -167,7 +172,7 @@ def _choose(node: fx.Node, config: SparsityConfig) -> KernelChoice:
     if config.kernels == "sparse24":
         why = _sparse24_blocker(node, config)
         if why is None:
-            return KernelChoice("sparse24", _dense_parts(config))
+            return KernelChoice("sparse24", _dense_parts(node, config))
         not_24 = f"not 2:4: {why}"
     why = _triton_blocker(node, config)
     if why is not None:

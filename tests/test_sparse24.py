@@ -16,6 +16,7 @@ import types
 import pytest
 import torch
 import triton
+from torch import nn
 from torch.sparse._semi_structured_conversions import (
     sparse_semi_structured_from_dense_cutlass,
     sparse_semi_structured_to_dense_cutlass,
@@ -514,6 +515,27 @@ def test_report_and_graph_of_sparse24(cpu_sparse24):
     doubles = nmcompile.explain(MLP().double(), x64, kernels="sparse24", inner="aot_eager").rows
     dtype = "weight dtype torch.float64 (the kernels take fp32, fp16, bf16)"
     assert {r.kernel for r in doubles} == {f"portable (not 2:4: {dtype}; {NOT_ON_CUDA if DEVICE == 'cpu' else dtype})"}
+
+
+@interpreted
+def test_report_names_the_dense_input_gradient_of_a_layer_o_does_not_divide(cpu_sparse24):
+    """A layer whose ``O`` (10) is not divisible by m has a dense backward whatever ``backward``
+    says: its ``kernel`` column names the dense input gradient (it read a plain ``sparse24``)."""
+
+    class Narrow(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 10)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    for backward in ("bimask", "transposable"):
+        options = {"kernels": "sparse24", "grad_prune": "mvue24", "backward": backward, "inner": "aot_eager"}
+        rows = {r.name: r for r in nmcompile.explain(Narrow(), torch.randn(8, 16), **options).rows}
+        assert (rows["a.weight"].backward, rows["a.weight"].kernel) == (backward, "sparse24")
+        note = "input gradient (O not divisible by m=4: the backward uses W ⊙ F)"
+        assert (rows["b.weight"].backward, rows["b.weight"].kernel) == ("dense", f"sparse24 (dense: {note})")
 
 
 def test_sparse24_fallback_reasons():
