@@ -95,13 +95,27 @@ def _sparse24_blocker(node: fx.Node, config: SparsityConfig) -> str | None:
         return "weight shape unknown"
     if (why := _dtype_blocker(weight)) is not None:
         return why
-    return sparse24.blocker(weight.device, _autocast_dtype(weight) or weight.dtype)
+    return sparse24.blocker(weight.device, _autocast_dtype(node, weight) or weight.dtype)
 
 
-def _autocast_dtype(weight: torch.Tensor) -> torch.dtype | None:
-    """The dtype CUDA autocast computes ``weight``'s GEMM in, or ``None`` (not on CUDA, or no autocast)."""
-    on_cuda = weight.device.type == "cuda"
-    return torch.get_autocast_dtype("cuda") if on_cuda and torch.is_autocast_enabled("cuda") else None
+def _autocast_dtype(node: fx.Node, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype CUDA autocast computes ``node``'s GEMM in, or ``None`` (not on CUDA, or no autocast):
+    that of the innermost ``torch.autocast`` region of the graph open at ``node`` (a region inside
+    the compiled forward, which dynamo records as enter and exit nodes), else of the one around
+    the compile."""
+    if weight.device.type != "cuda":
+        return None
+    closed: set[fx.Node] = set()
+    before = node.prev
+    while before.op != "root":
+        if before.target is torch.amp.autocast_mode._exit_autocast:
+            closed.add(before.args[0])
+        elif before.target is torch.amp.autocast_mode._enter_autocast and before not in closed:
+            device, dtype, enabled = before.args[:3]
+            if device == "cuda":
+                return (dtype or torch.get_autocast_dtype("cuda")) if enabled else None
+        before = before.prev
+    return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
 
 
 def _dense_parts(node: fx.Node, config: SparsityConfig) -> str:
@@ -140,7 +154,7 @@ def _linear_case(node: fx.Node, config: SparsityConfig) -> Any:
     load_mask = node.args[3].args[1].target is not torch.ops.nmsparse.nm_mask.default  # transposable
     out_in = tuple(example_value(node.args[1]).shape)  # [O, K], also where W is an [in, out] weight's .t()
     return LinearCase(
-        x_shape, x.dtype, out_in, weight.dtype, weight.device, _autocast_dtype(weight),
+        x_shape, x.dtype, out_in, weight.dtype, weight.device, _autocast_dtype(node, weight),
         config.n, config.m, node.args[2] is not None, load_mask,
         node.args[4] is not None, node.args[9] is not None, node.args[11] is not None, node.args[7], config.grad_prune,
     )  # fmt: skip

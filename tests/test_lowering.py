@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import copy
 import sys
+import types
 
 import pytest
 import torch
 from nmcompile.passes import lower_kernels
-from torch import nn
+from torch import fx, nn
 
 import nmcompile
 from tests.conftest import (
@@ -216,3 +217,40 @@ def test_lowered_ops_follow_autocast(kernels, monkeypatch):
     for got, expected in zip(g, g_ref, strict=True):
         assert got.dtype == expected.dtype == torch.float32
         assert_close(got, expected, rel=3e-2)
+
+
+def test_cuda_autocast_in_force_is_read_from_the_graphs_own_regions():
+    """The 2:4 choice reads the CUDA autocast dtype a GEMM runs in from the innermost
+    ``torch.autocast`` region of the graph open at it (a region inside the compiled forward), not
+    only the one around the compile: it called a bf16 GEMM fp32, and so not 2:4."""
+    from nmcompile.passes.lower_kernels import _autocast_dtype
+
+    enter, exit_ = torch.amp.autocast_mode._enter_autocast, torch.amp.autocast_mode._exit_autocast
+    graph = fx.Graph()
+    nodes = {"x": graph.placeholder("x")}
+
+    def relu(name: str, of: str) -> None:
+        nodes[name] = graph.call_function(torch.relu, (nodes[of],))
+
+    outer = graph.call_function(enter, ("cuda", torch.bfloat16, True, None))
+    relu("bf16", "x")
+    inner = graph.call_function(enter, ("cuda", None, False, None))
+    relu("disabled", "bf16")
+    graph.call_function(exit_, (inner,))
+    relu("bf16 again", "disabled")
+    cpu = graph.call_function(enter, ("cpu", torch.float16, True, None))
+    relu("inside a CPU region", "bf16 again")
+    graph.call_function(exit_, (cpu,))
+    graph.call_function(exit_, (outer,))
+    relu("outside", "inside a CPU region")
+    graph.output(nodes["outside"])
+    on_cuda = types.SimpleNamespace(device=torch.device("cuda"))
+    got = {name: _autocast_dtype(node, on_cuda) for name, node in nodes.items() if name != "x"}
+    assert got == {
+        "bf16": torch.bfloat16,
+        "disabled": None,
+        "bf16 again": torch.bfloat16,
+        "inside a CPU region": torch.bfloat16,
+        "outside": None,
+    }
+    assert _autocast_dtype(nodes["bf16"], torch.zeros(1)) is None  # a CPU weight: no CUDA autocast
