@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import os
@@ -59,6 +60,17 @@ class Row:
     ratios: dict[str, float] = dataclasses.field(default_factory=dict)  # baseline row name -> median / its median
     peak_mem_mib: float | None = None  # CUDA only
     reason: str | None = None
+
+
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: an int >= 1 (a count of tokens, jobs, ...), else a usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return value
 
 
 def unavailable(kernels: str, device: torch.device, dtype: torch.dtype) -> str | None:

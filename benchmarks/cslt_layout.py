@@ -18,6 +18,7 @@ where unmatched) for working out a closed form.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -122,6 +123,8 @@ def main() -> None:
     parser.add_argument("dump")
     parser.add_argument("--save")
     args = parser.parse_args()
+    if not Path(args.dump).is_file():
+        parser.error(f"{args.dump}: no such file (the cslt_dump output to read)")
     maps = report(torch.load(args.dump))
     if args.save:
         torch.save(maps, args.save)

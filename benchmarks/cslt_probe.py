@@ -15,6 +15,10 @@ import itertools
 import subprocess
 import sys
 
+import torch
+
+from benchmarks.common import positive_int
+
 SHAPES = ((128, 256, 64), (512, 256, 1024), (4096, 1024, 512))  # m, k, n
 DTYPES = ("float16", "bfloat16")
 
@@ -65,8 +69,10 @@ def run_case(case: tuple) -> tuple[tuple, str]:
 def main() -> None:
     """Runs every case, ``--jobs`` at a time, and prints the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=4)
+    parser.add_argument("--jobs", type=positive_int, default=4)
     jobs = parser.parse_args().jobs
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks.cslt_probe needs CUDA and cuSPARSELt")
     cases = [
         (*shape, dtype, col_major, bias, transpose)
         for shape, dtype in itertools.product(SHAPES, DTYPES)

@@ -247,6 +247,9 @@ def table(rows: list[Counts]) -> str:
     return "\n".join(lines)
 
 
+ARCHS = (75, 80, 86, 89, 90, 100, 103, 120, 121)  # the targets Triton 3.9's ptxas and cuobjdump took here
+
+
 def nm_pair(text: str) -> tuple[int, int]:
     """``"N:M"`` as the Triton kernels take it (``common.check_nm``), for ``--nm``."""
     from nmcompile.kernels.common import check_nm
@@ -262,7 +265,10 @@ def nm_pair(text: str) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> list[Counts]:
     """Print the table for the chosen kernels."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ptx", description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, default=90, help="compute capability as one number (default 90)")
+    parser.add_argument(
+        "--arch", type=int, default=90, choices=ARCHS, metavar="ARCH",
+        help=f"compute capability as one number, one of {', '.join(map(str, ARCHS))} (default 90)",
+    )  # fmt: skip
     parser.add_argument("--kernel", choices=[v.name for v in VARIANTS], action="append", help="default: all")
     parser.add_argument(
         "--nm", type=nm_pair, default=(2, 4), metavar="N:M",

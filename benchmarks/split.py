@@ -14,7 +14,7 @@ from unittest import mock
 
 import torch
 
-from benchmarks.common import SIZES, Row, measure, set_ratios, table
+from benchmarks.common import SIZES, Row, measure, positive_int, set_ratios, table
 from benchmarks.gemm import OPS, _dense, _triton, _triton_fused, fc1_operands
 
 ROWS = ("dense", "fused", "split")
@@ -38,7 +38,7 @@ def split_rows(tokens: int, device: torch.device) -> list[Row]:
 def main(argv: list[str] | None = None) -> list[Row]:
     """Print one table per token count; needs CUDA."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.split", description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--tokens", type=positive_int, nargs="+", default=[256, 1024, 4096])
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks.split needs CUDA (the fused kernels run on the CPU only under the interpreter)")

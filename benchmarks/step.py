@@ -6,6 +6,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -183,6 +184,9 @@ def search_costs(rows: list[Row]) -> list[str]:
         if every is None or portable is None:
             continue
         extra = every - portable
+        if extra <= 0:  # the two medians' noise is larger than the search
+            lines.append(f"- {block}: no search cost measured (a search step took {-extra:.2f} ms less: timing noise)")
+            continue
         lines.append(
             f"- {block}: a search step takes {extra:.2f} ms more than a step without one; at the default "
             f"perm_interval={interval} that is {extra / interval:.3f} ms per step, "
@@ -213,6 +217,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--device cuda: CUDA is not available")
     if args.json is not None and not args.json.parent.is_dir():  # before the run, not after it
         parser.error(f"--json {args.json}: no directory {args.json.parent}")
+    if args.json is not None and (args.json.is_dir() or not os.access(args.json.parent, os.W_OK)):
+        parser.error(f"--json {args.json}: not a file that can be written")
     args.size = args.size or ("full" if args.device == "cuda" else "small")
     return args
 

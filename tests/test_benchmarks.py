@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import math
 import os
@@ -187,6 +188,28 @@ def test_json_path_in_a_missing_directory_is_an_argument_error(tmp_path, capsys)
     assert info.value.code == 2
     assert f"--json {tmp_path / 'missing' / 'out.json'}: no directory {tmp_path / 'missing'}" in capsys.readouterr().err
     assert step.parse_args(["--device", "cpu", "--json", str(tmp_path / "out.json")]).size == "small"
+    with pytest.raises(SystemExit) as info:  # a directory: the run would end in IsADirectoryError
+        step.parse_args(["--device", "cpu", "--json", str(tmp_path)])
+    assert info.value.code == 2 and f"--json {tmp_path}: not a file that can be written" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "message"),
+    [
+        ("split", ["--tokens", "256", "0"], "argument --tokens: expected an int >= 1, got '0'"),
+        ("cslt_probe", ["--jobs", "-2"], "argument --jobs: expected an int >= 1, got '-2'"),
+        ("cslt_layout", ["/no/such/dump.pt"], "/no/such/dump.pt: no such file"),
+        ("ptx", ["--arch", "70"], "argument --arch: invalid choice: 70"),
+    ],
+)
+def test_benchmark_scripts_reject_bad_arguments_before_running(module, argv, message, monkeypatch, capsys):
+    """Each script's bad argument is a usage error (exit 2) naming it, before any work or CUDA check
+    (they were tracebacks from the work: a thread pool of 0, ``torch.load``, ``ptxas``)."""
+    main = importlib.import_module(f"benchmarks.{module}").main
+    monkeypatch.setattr(sys, "argv", [module, *argv])
+    with pytest.raises(SystemExit) as info:
+        main(argv) if module in ("split", "ptx") else main()
+    assert info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_search_cost_is_the_search_row_minus_the_portable_row():
@@ -200,6 +223,13 @@ def test_search_cost_is_the_search_row_minus_the_portable_row():
     assert step.search_costs(rows) == [
         "- ffn: a search step takes 20.00 ms more than a step without one; at the default "
         "perm_interval=100 that is 0.200 ms per step, 2.00% of the portable step"
+    ]
+    noisy = [
+        Row("step", "ffn", None, "nmsparse portable", median_ms=10.0),
+        Row("step", "ffn", None, step.SEARCH_ROW, median_ms=9.5),
+    ]
+    assert step.search_costs(noisy) == [
+        "- ffn: no search cost measured (a search step took 0.50 ms less: timing noise)"
     ]
 
 
