@@ -111,6 +111,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     options = {k: getattr(args, k) for k in ("n", "m", "backward", "grad_prune", "mask_decay", "inner")
                if getattr(args, k) is not None}  # fmt: skip
+    for name in ("epochs", "width"):  # a bad value failed after training (no epoch) or inside dynamo
+        if getattr(args, name) < 1:
+            parser.error(f"argument --{name}: must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**32:
+        parser.error(f"argument --seed: must be in [0, 2**32) (scikit-learn's random_state), got {args.seed}")
+    try:
+        nmcompile.SparsityConfig.from_options(options)
+    except nmcompile.SparsityConfigError as err:
+        parser.error(str(err))
     settings = Settings(epochs=args.epochs, width=args.width, seed=args.seed,
                         sparsity=None if args.dense else options, progress=not args.quiet)  # fmt: skip
     result = train(settings)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+
+import nmcompile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cnn_digits
@@ -48,6 +52,14 @@ RECIPES: dict[str, dict[str, Any] | None] = {
     },
     "1:8 bimask + mask decay": {"n": 1, "m": 8, "mask_decay": "linear", "mask_decay_rate": "{half_rate}"},
 }
+
+# The grid's size and where it writes: the full study (into docs/), and ``--smoke``'s tiny run (into a
+# temporary directory, so it never overwrites the study's results); a flag given on the command line wins.
+FULL = {"seeds": [0, 1, 2], "steps": 600, "epochs": 12, "d_model": 128, "layers": 2, "recipes": list(RECIPES),
+        "out": Path(__file__).resolve().parents[1] / "docs"}  # fmt: skip
+SMOKE = {"seeds": [0], "steps": 8, "epochs": 1, "d_model": 32, "layers": 1,
+         "recipes": ["dense", "2:4 bimask", "2:4 transposable"],
+         "out": Path(tempfile.gettempdir()) / "nmcompile-study-smoke"}  # fmt: skip
 
 
 def _options(recipe: dict[str, Any] | None, steps: int) -> dict[str, Any] | None:
@@ -168,14 +180,15 @@ def _plots(results: dict, out: Path) -> list[str]:
 
 
 def write_report(results: dict, out: Path, args: argparse.Namespace, gpt: tiny_gpt.Settings,
-                 cnn: cnn_digits.Settings, seconds: float) -> Path:  # fmt: skip
+                 cnn: cnn_digits.Settings, seconds: float, argv: list[str]) -> Path:  # fmt: skip
+    """Write ``study.json``, the plots and ``results.md``, which opens with ``argv`` as a shell command."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(json.dumps(results, indent=1))
     plots = _plots(results, out)
     lines = [
         "# Accuracy study: the papers' comparisons at small scale",
         "",
-        f"Measured with `python examples/study.py {' '.join(sys.argv[1:])}` on {platform.machine()} CPU "
+        f"Measured with `{shlex.join(['python', 'examples/study.py', *argv])}` on {platform.machine()} CPU "
         f"({torch.get_num_threads()} threads), torch {torch.__version__}, seeds {args.seeds}; "
         f"{seconds / 60:.1f} minutes in all. Raw numbers: `study.json`.",
         "",
@@ -204,28 +217,54 @@ def write_report(results: dict, out: Path, args: argparse.Namespace, gpt: tiny_g
     return path
 
 
-def main(argv: list[str] | None = None) -> Path:
+def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, tiny_gpt.Settings, cnn_digits.Settings]:
+    """The command line, its unset size flags filled from ``SMOKE`` or ``FULL``, checked before any work
+    (a bad value failed after the runs or inside dynamo); returns the arguments and both tasks' settings."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--d-model", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs")
+    parser.add_argument("--seeds", type=int, nargs="+", help=f"default {FULL['seeds']}; --smoke: {SMOKE['seeds']}")
+    for name in ("steps", "d_model", "layers", "epochs"):  # GPT steps and size, digits epochs
+        sizes = f"default {FULL[name]}; --smoke: {SMOKE[name]}"
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, help=sizes)
+    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), help=f"default all; --smoke: {SMOKE['recipes']}")
+    parser.add_argument("--out", type=Path, help=f"default {FULL['out']}; --smoke: {SMOKE['out']}")
     parser.add_argument("--smoke", action="store_true", help="a tiny run to check the pipeline")
     parser.add_argument("--inner", choices=["inductor", "aot_eager"], help="the sparse runs' inner compiler")
     args = parser.parse_args(argv)
+    for name, value in (SMOKE if args.smoke else FULL).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in ("steps", "d_model", "layers", "epochs"):
+        if getattr(args, name) < 1:
+            parser.error(f"argument --{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    heads = tiny_gpt.Settings.heads
+    if args.d_model % heads:
+        parser.error(f"argument --d-model: must be a multiple of {heads} (the GPT's heads), got {args.d_model}")
+    for seed in args.seeds:
+        if not 0 <= seed < 2**32:
+            parser.error(f"argument --seeds: each must be in [0, 2**32) (scikit-learn's random_state), got {seed}")
+    extra = {"inner": args.inner} if args.inner else {}
+    for name in args.recipes:  # the GPT's steps fill the recipes' placeholders (the CNN's 22 per epoch always fit)
+        try:
+            nmcompile.SparsityConfig.from_options(_with(_options(RECIPES[name], args.steps), extra))
+        except nmcompile.SparsityConfigError as err:
+            parser.error(f"argument --recipes: {name!r} cannot run with --steps {args.steps}: {err}")
     gpt = tiny_gpt.Settings(steps=args.steps, d_model=args.d_model, layers=args.layers, progress=False,
                             eval_interval=max(1, args.steps // 12))  # fmt: skip
     cnn = cnn_digits.Settings(epochs=args.epochs, progress=False)
     if args.smoke:
-        gpt = tiny_gpt.Settings(steps=args.steps, batch=4, context=16, d_model=32, layers=1, eval_interval=2,
-                                eval_batches=1, corpus_chars=20_000, progress=False)  # fmt: skip
+        gpt = tiny_gpt.Settings(steps=args.steps, batch=4, context=16, d_model=args.d_model, layers=args.layers,
+                                eval_interval=2, eval_batches=1, corpus_chars=20_000, progress=False)  # fmt: skip
         cnn = cnn_digits.Settings(epochs=args.epochs, width=8, progress=False)
+    return args, gpt, cnn
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Run the study the command line asks for and write its report; returns the path of ``results.md``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, gpt, cnn = parse(argv)
     start = time.perf_counter()
     results = run_grid(args.seeds, gpt, cnn, args.recipes, args.inner)
-    path = write_report(results, args.out, args, gpt, cnn, time.perf_counter() - start)
+    path = write_report(results, args.out, args, gpt, cnn, time.perf_counter() - start, argv)
     print(f"wrote {path}")
     return path
 

@@ -176,6 +176,39 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def min_corpus_chars(context: int) -> int:
+    """The fewest corpus characters whose held-out 10 % (as ``Data`` splits it) holds one batch window."""
+    need = context + 2  # a start before len - context - 1, then context + 1 tokens
+    chars = max(1, 10 * need - 20)
+    while chars - int(0.9 * chars) < need:
+        chars += 1
+    return chars
+
+
+def check_args(cli: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """Exit with a usage error naming the flag of any bad value before any work starts (they failed deep in
+    training or dynamo); returns the backend options, checked by ``SparsityConfig``."""
+    for name in ("steps", "batch", "context", "d_model", "layers", "heads", "eval_interval"):
+        if getattr(args, name) < 1:
+            cli.error(f"argument --{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    if args.d_model % args.heads:
+        cli.error(f"argument --heads: must divide --d-model {args.d_model}, got {args.heads}")
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        cli.error(f"argument --lr: must be a finite float > 0, got {args.lr}")
+    if not 0 <= args.seed < 2**63:
+        cli.error(f"argument --seed: must be in [0, 2**63), got {args.seed}")
+    least = min_corpus_chars(args.context)
+    if args.corpus_chars < least:
+        cli.error(f"argument --corpus-chars: must be >= {least} for --context {args.context} (10 % is held out), "
+                  f"got {args.corpus_chars}")  # fmt: skip
+    options = _options(args)
+    try:
+        nmcompile.SparsityConfig.from_options(options)
+    except nmcompile.SparsityConfigError as err:
+        cli.error(str(err))
+    return options
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line: run settings, and one flag per backend option (unset: nmcompile's default)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -210,8 +243,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parser().parse_args(argv)
-    options = _options(args)
+    cli = parser()
+    args = cli.parse_args(argv)
+    options = check_args(cli, args)
     settings = {n: getattr(args, n) for n in ("steps", "batch", "context", "d_model", "layers", "heads", "lr",
                                               "eval_interval", "seed", "corpus_chars")}  # fmt: skip
     data = Data(args.corpus_chars)

@@ -1,12 +1,15 @@
-"""Tiny-size smoke tests of every example: they run end to end and report what they promise."""
+"""Tiny-size smoke tests of every example: they run end to end, report what they promise, and reject bad flags."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import math
+import shlex
 import sys
 from pathlib import Path
+
+import pytest
 
 import nmcompile
 
@@ -69,13 +72,76 @@ def test_cnn_digits_runs(capsys):
 
 
 def test_study_smoke(tmp_path):
-    """The study writes results.md with every requested row, the claims section and both plots."""
+    """The study writes results.md with every requested row, the claims section, both plots, and the command
+    line shell-quoted."""
     recipes = ["dense", "2:4 bimask", "2:4 transposable"]
-    path = _load("study").main(["--smoke", "--steps", "4", "--epochs", "1", "--seeds", "0", "--out", str(tmp_path),
-                                "--inner", "aot_eager", "--recipes", *recipes])  # fmt: skip
+    argv = ["--smoke", "--steps", "4", "--epochs", "1", "--seeds", "0", "--out", str(tmp_path), "--inner", "aot_eager",
+            "--recipes", *recipes]  # fmt: skip
+    path = _load("study").main(argv)
     text = path.read_text()
+    command = text.split("Measured with `", 1)[1].split("`", 1)[0]
+    assert "--recipes dense '2:4 bimask' '2:4 transposable'" in command  # re-runs as shown in a shell
+    assert shlex.split(command)[2:] == argv
     for name in recipes:
         assert f"| {name} |" in text
     assert "Bi-Mask matches or beats transposable masks at 2:4" in text
     assert (tmp_path / "study_val_curves.png").stat().st_size > 0
     assert (tmp_path / "study_kept_fraction.png").stat().st_size > 0
+
+
+def test_study_smoke_is_tiny():
+    """``--smoke`` alone is a tiny run (few steps, one seed, few recipes); explicit flags still win."""
+    study = _load("study")
+    args, gpt, cnn = study.parse(["--smoke"])
+    assert args.seeds == [0] and len(args.recipes) <= 3 and gpt.steps <= 10 and cnn.epochs == 1
+    assert (gpt.d_model, gpt.layers, gpt.corpus_chars, cnn.width) == (32, 1, 20_000, 8)
+    explicit = ["--steps", "20", "--epochs", "2", "--seeds", "3", "4", "--recipes", "dense"]
+    args, gpt, cnn = study.parse(["--smoke", *explicit])
+    assert (args.seeds, args.recipes, gpt.steps, cnn.epochs) == ([3, 4], ["dense"], 20, 2)
+    args, gpt, cnn = study.parse([])
+    assert args.seeds == [0, 1, 2] and args.recipes == list(study.RECIPES) and (gpt.steps, cnn.epochs) == (600, 12)
+    assert args.out == EXAMPLES.parent / "docs" and study.parse(["--smoke"])[0].out != args.out  # smoke keeps docs/
+
+
+TINY_BASE = ["--batch", "2", "--context", "8", "--d-model", "16", "--layers", "1", "--heads", "2",
+             "--corpus-chars", "20000", "--quiet", "--inner", "aot_eager"]  # fmt: skip
+BAD_FLAGS = [
+    ("tiny_gpt", ["--steps", "0"], "argument --steps: must be >= 1"),
+    ("tiny_gpt", ["--steps", "1", "--eval-interval", "0"], "argument --eval-interval: must be >= 1"),
+    ("tiny_gpt", ["--corpus-chars", "5"], "argument --corpus-chars: must be >= 91 for --context 8"),
+    ("tiny_gpt", ["--batch", "0"], "argument --batch: must be >= 1"),
+    ("tiny_gpt", ["--context", "0"], "argument --context: must be >= 1"),
+    ("tiny_gpt", ["--d-model", "0"], "argument --d-model: must be >= 1"),
+    ("tiny_gpt", ["--layers", "0"], "argument --layers: must be >= 1"),
+    ("tiny_gpt", ["--heads", "3"], "argument --heads: must divide --d-model 16"),
+    ("tiny_gpt", ["--lr", "nan"], "argument --lr: must be a finite float > 0"),
+    ("tiny_gpt", ["--seed", "-1"], "argument --seed: must be in [0, 2**63)"),
+    ("tiny_gpt", ["--n", "5"], "nmsparse option n=5 is invalid"),
+    ("tiny_gpt", ["--perm-interval", "0"], "nmsparse option perm_interval=0 is invalid"),
+    ("tiny_gpt", ["--include", "("], "nmsparse option include='(' is invalid"),
+    ("tiny_gpt", ["--n", "1", "--m", "8", "--structure-decay", "--steps", "3"], "nmsparse option total_steps=3"),
+    ("cnn_digits", ["--epochs", "0"], "argument --epochs: must be >= 1"),
+    ("cnn_digits", ["--epochs", "-1"], "argument --epochs: must be >= 1"),
+    ("cnn_digits", ["--width", "0"], "argument --width: must be >= 1"),
+    ("cnn_digits", ["--seed", "-1"], "argument --seed: must be in [0, 2**32)"),
+    ("cnn_digits", ["--n", "5"], "nmsparse option n=5 is invalid"),
+    ("cnn_digits", ["--m", "64"], "nmsparse option m=64 is invalid"),
+    ("study", ["--steps", "0"], "argument --steps: must be >= 1"),
+    ("study", ["--epochs", "0"], "argument --epochs: must be >= 1"),
+    ("study", ["--smoke", "--d-model", "30"], "argument --d-model: must be a multiple of 4"),
+    ("study", ["--layers", "0"], "argument --layers: must be >= 1"),
+    ("study", ["--seeds", "0", "-1"], "argument --seeds: each must be in [0, 2**32)"),
+    ("study", ["--steps", "3"], "argument --recipes: '1:8 bimask + structure decay' cannot run with --steps 3"),
+]
+
+
+@pytest.mark.parametrize(("script", "argv", "message"), BAD_FLAGS)
+def test_bad_flags_are_usage_errors(script, argv, message, capsys, tmp_path):
+    """A bad value is a one-line usage error naming the flag (exit code 2) before any work starts."""
+    base = {"tiny_gpt": TINY_BASE, "cnn_digits": ["--quiet"], "study": ["--out", str(tmp_path)]}[script]
+    with pytest.raises(SystemExit) as exit_info:
+        _load(script).main([*base, *argv])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and f"error: {message}" in captured.err
+    assert not any(tmp_path.iterdir())
