@@ -27,6 +27,12 @@ def fixed_places(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     return dense.view(rows, cols).to(dtype)
 
 
+def payload(operands: dict, device: str) -> dict:
+    """What the dump file holds: plain strings beside the operands, so ``torch.load``'s default
+    ``weights_only=True`` reads it (``torch.__version__`` itself is a ``TorchVersion`` it refuses)."""
+    return {"torch": str(torch.__version__), "device": device, "operands": operands}
+
+
 def main() -> None:
     """Compresses each operand on the GPU and saves ``{(rows, cols, dtype name, seed or 'fixed'): (dense, buffer)}``."""
     if len(sys.argv) != 2 or not torch.cuda.is_available():
@@ -38,7 +44,7 @@ def main() -> None:
         for key, dense in operands.items():
             buffer = torch._cslt_compress(dense)
             saved[rows, cols, str(dtype).removeprefix("torch."), key] = (dense.cpu(), buffer.view(torch.int16).cpu())
-    torch.save({"torch": torch.__version__, "device": torch.cuda.get_device_name(), "operands": saved}, sys.argv[1])
+    torch.save(payload(saved, torch.cuda.get_device_name()), sys.argv[1])
     print(f"saved {len(saved)} operands and their cuSPARSELt buffers to {sys.argv[1]}")
 
 

@@ -18,7 +18,7 @@
 #   benchmarks.cslt_probe: which cuSPARSELt products and searches this GPU runs) and bench_graphs
 #   (the FFN step rows under torch.compile's mode="reduce-overhead": CUDA graphs around the sparse
 #   ops, which stay out of them).
-# STAGES (default "cuda_tests parts24 bench_steps cslt_dump") picks and orders the stages, so a
+# STAGES (default "cslt_dump cuda_tests parts24 bench_steps") picks and orders the stages, so a
 # second device call can run what the first left out: STAGES="bench_resnet split bench_graphs".
 # Logs, the FFN JSON and the layout dump go to $OUT (the device tool brings back 8 files: env.txt,
 # stages.txt and at most 6 more), or to ./gpu-checks without it.
@@ -26,7 +26,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-python3}
-STAGES=${STAGES:-"cuda_tests parts24 bench_steps cslt_dump"}
+STAGES=${STAGES:-"cslt_dump cuda_tests parts24 bench_steps"}
 OUT=${OUT:-gpu-checks}
 mkdir -p "$OUT"
 for name in cslt_dump cuda_tests cslt_probe bench_ffn bench_steps split parts24 bench_resnet bench_graphs; do rm -f "$OUT/$name.log"; done
@@ -61,37 +61,38 @@ fi
 # took 160 s and the ResNet one 51 s: the limits below leave room for that.
 # Each test runs in a pytest process of its own: a kernel fault ends a process's CUDA context, and
 # on the H200 (2026-12-04) one such fault turned every later test of the same process into an error.
-# The quick ones first (run 4's stage ran out in test_real_sizes_on_cuda, over 100 s on its own).
+# The tests that never ran on a GPU first, then the 2:4 library ones, then the many-compile kernel
+# tests (run 4's stage ran out in test_real_sizes_on_cuda, over 100 s on its own, before the last two).
 CUDA_TESTS=(
-    "tests/test_kernels.py::test_nm_mask_every_tie_pattern_of_groups_of_four"
-    "tests/test_kernels.py::test_nm_mask_tie_heavy_groups_of_other_sizes"
+    "tests/test_sparse24.py::test_backward_operand_is_w_times_b_in_place"
+    "tests/test_lowering.py::test_auto_lowers_on_cuda_under_autocast"
     "tests/test_compress24.py::test_compress24_multiplies_as_the_library_compression_on_cuda"
-    "tests/test_kernels.py::test_mvue_prune_matches_portable_op"
     "tests/test_sparse24.py::test_semi_structured_mm_on_cuda"
     "tests/test_sparse24.py::test_searched_alg_gives_the_same_product_on_cuda"
+    "tests/test_sparse24.py::test_sparse24_trains_like_portable_on_cuda"
+    "tests/test_kernels.py::test_real_sizes_on_cuda"
+    "tests/test_kernels.py::test_mvue_prune_matches_portable_op"
+    "tests/test_kernels.py::test_nm_mask_every_tie_pattern_of_groups_of_four"
+    "tests/test_kernels.py::test_nm_mask_tie_heavy_groups_of_other_sizes"
     "tests/test_kernels.py::test_split_ops_at_real_sizes_on_cuda"
     "tests/test_kernels.py::test_permutation_scores_exact"
     "tests/test_kernels.py::test_portable_mvue_op_on_cuda_prunes_as_on_the_cpu"
-    "tests/test_sparse24.py::test_sparse24_trains_like_portable_on_cuda"
-    "tests/test_kernels.py::test_real_sizes_on_cuda"
-    "tests/test_lowering.py::test_auto_lowers_on_cuda_under_autocast"
-    "tests/test_sparse24.py::test_backward_operand_is_w_times_b_in_place"
 )
 # shellcheck disable=SC2016  # expanded by the inner bash
 EACH_TEST='py=$1; limit=$2; shift 2; rc=0; for t in "$@"; do "$py" -m pytest -q -p no:cacheprovider -rA $limit "$t" || rc=1; done; exit $rc'
 # The per-test limit where pytest-timeout is installed (the GPU image has it; a CPU dry run may not).
-PER_TEST=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120")
+PER_TEST=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 200")
 
 for name in $STAGES; do
     case $name in
-        cuda_tests) stage cuda_tests 330 bash -c "$EACH_TEST" each_test "$PY" "$PER_TEST" "${CUDA_TESTS[@]}" ;;
+        cuda_tests) stage cuda_tests 320 bash -c "$EACH_TEST" each_test "$PY" "$PER_TEST" "${CUDA_TESTS[@]}" ;;
         cslt_probe) stage cslt_probe 60 "$PY" -m benchmarks.cslt_probe --jobs 12 ;;
         cslt_dump) stage cslt_dump 30 "$PY" -m benchmarks.cslt_dump "$OUT/cslt_layout.pt" ;;
         bench_steps)
             stage bench_steps 120 "$PY" -m benchmarks.step --device cuda --size full --block ffn --no-gemm --json "$OUT/ffn.json" ;;
         bench_ffn) stage bench_ffn 190 "$PY" -m benchmarks.step --device cuda --size full --block ffn --json "$OUT/ffn.json" ;;
         split) stage split 60 "$PY" -m benchmarks.split --tokens 128 512 2048 ;;
-        parts24) stage parts24 75 "$PY" -m benchmarks.parts24 ;;
+        parts24) stage parts24 85 "$PY" -m benchmarks.parts24 ;;
         bench_resnet) stage bench_resnet 70 "$PY" -m benchmarks.step --device cuda --size full --block resnet ;;
         bench_graphs)
             stage bench_graphs 150 "$PY" -m benchmarks.step --device cuda --size full --block ffn --mode reduce-overhead --no-gemm ;;

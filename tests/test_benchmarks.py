@@ -422,6 +422,19 @@ def test_cslt_dump_fixed_operand_keeps_places_1_and_2_with_exact_integers(dtype)
     assert torch.equal(kept, torch.arange(1, kept.numel() + 1).remainder(251).add(1).float())
 
 
+def test_cslt_dump_file_loads_under_torch_load_defaults(tmp_path):
+    """The dump file reads back with ``torch.load``'s default ``weights_only=True``, as
+    ``cslt_layout`` reads it (with ``torch.__version__`` itself in it, a ``TorchVersion``, it did not)."""
+    from benchmarks.cslt_dump import fixed_places, payload
+
+    dense = fixed_places(32, 64, torch.float16)
+    operands = {(32, 64, "float16", "fixed"): (dense, torch.zeros(32, 40, dtype=torch.int16))}
+    torch.save(payload(operands, "a GPU"), tmp_path / "dump.pt")
+    loaded = torch.load(tmp_path / "dump.pt")
+    assert loaded["torch"] == torch.__version__ and loaded["device"] == "a GPU"
+    assert torch.equal(loaded["operands"][32, 64, "float16", "fixed"][0], dense)
+
+
 def test_cslt_probe_reports_a_failed_case_in_its_row():
     """``cslt_probe`` runs each case (shape, dtype, ``b`` layout, bias, result layout) in a process of
     its own, and a case that fails shows what it printed and the error that ended it."""
