@@ -46,13 +46,18 @@ def load_corpus(max_chars: int = CORPUS_CHARS) -> str:
     return "".join(parts)[:max_chars]
 
 
+def train_tokens(count: int) -> int:
+    """How many of ``count`` corpus tokens train; the other tenth is held out for validation."""
+    return int(0.9 * count)
+
+
 class Data:
     """Byte-level (ASCII, others as ``?``) train/validation token streams with fixed batching."""
 
     def __init__(self, max_chars: int = CORPUS_CHARS) -> None:
         text = load_corpus(max_chars).encode("ascii", errors="replace")
         tokens = torch.frombuffer(bytearray(text), dtype=torch.uint8).long().clamp(max=127)
-        split = int(0.9 * len(tokens))
+        split = train_tokens(len(tokens))
         self.train, self.val = tokens[:split], tokens[split:]
         self.vocab = 128
 
@@ -179,8 +184,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 def min_corpus_chars(context: int) -> int:
     """The fewest corpus characters whose held-out 10 % (as ``Data`` splits it) holds one batch window."""
     need = context + 2  # a start before len - context - 1, then context + 1 tokens
-    chars = max(1, 10 * need - 20)
-    while chars - int(0.9 * chars) < need:
+    chars = need
+    while chars - train_tokens(chars) < need:
         chars += 1
     return chars
 

@@ -103,17 +103,15 @@ def test_study_smoke_is_tiny():
     assert args.out == EXAMPLES.parent / "docs" and study.parse(["--smoke"])[0].out != args.out  # smoke keeps docs/
 
 
-TINY_BASE = ["--batch", "2", "--context", "8", "--d-model", "16", "--layers", "1", "--heads", "2",
-             "--corpus-chars", "20000", "--quiet", "--inner", "aot_eager"]  # fmt: skip
 BAD_FLAGS = [
     ("tiny_gpt", ["--steps", "0"], "argument --steps: must be >= 1"),
     ("tiny_gpt", ["--steps", "1", "--eval-interval", "0"], "argument --eval-interval: must be >= 1"),
-    ("tiny_gpt", ["--corpus-chars", "5"], "argument --corpus-chars: must be >= 91 for --context 8"),
+    ("tiny_gpt", ["--corpus-chars", "5"], "argument --corpus-chars: must be >= 171 for --context 16"),
     ("tiny_gpt", ["--batch", "0"], "argument --batch: must be >= 1"),
     ("tiny_gpt", ["--context", "0"], "argument --context: must be >= 1"),
     ("tiny_gpt", ["--d-model", "0"], "argument --d-model: must be >= 1"),
     ("tiny_gpt", ["--layers", "0"], "argument --layers: must be >= 1"),
-    ("tiny_gpt", ["--heads", "3"], "argument --heads: must divide --d-model 16"),
+    ("tiny_gpt", ["--heads", "3"], "argument --heads: must divide --d-model 32"),
     ("tiny_gpt", ["--lr", "nan"], "argument --lr: must be a finite float > 0"),
     ("tiny_gpt", ["--seed", "-1"], "argument --seed: must be in [0, 2**63)"),
     ("tiny_gpt", ["--n", "5"], "nmsparse option n=5 is invalid"),
@@ -138,7 +136,7 @@ BAD_FLAGS = [
 @pytest.mark.parametrize(("script", "argv", "message"), BAD_FLAGS)
 def test_bad_flags_are_usage_errors(script, argv, message, capsys, tmp_path):
     """A bad value is a one-line usage error naming the flag (exit code 2) before any work starts."""
-    base = {"tiny_gpt": TINY_BASE, "cnn_digits": ["--quiet"], "study": ["--out", str(tmp_path)]}[script]
+    base = {"tiny_gpt": TINY_GPT, "cnn_digits": ["--quiet"], "study": ["--out", str(tmp_path)]}[script]
     with pytest.raises(SystemExit) as exit_info:
         _load(script).main([*base, *argv])
     assert exit_info.value.code == 2
