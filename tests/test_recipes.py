@@ -580,6 +580,7 @@ def test_trained_model_pickles_and_its_deepcopy_keeps_the_states():
     expected = nmcompile.sparsity_state(model)
     snapshot = copy.deepcopy(model)
     torch.compile(model, backend=nmcompile.backend(**options))(torch.randn(4, 32)).sum().backward()
+    assert nmcompile.sparsity_state(snapshot) == {}  # held for its first compiled forward (README)
     saved = snapshot.state_dict()._metadata
     for name, state in expected.items():
         entry = saved[name.rsplit(".", 1)[0]]["nmsparse"]["weight"]
