@@ -98,6 +98,23 @@ def _lookup(tables: list[dict], param: torch.Tensor) -> tuple[str, int, nn.Modul
     return next((t[id(param)] for t in tables if id(param) in t), None)
 
 
+class _CallTables:
+    """``_root_tables()`` for one compile or one call of a compiled graph: built at its first
+    lookup, then shared by the rest (each build walks every parameter of the model, so a build per
+    weight made the first call of a graph reused by many blocks quadratic in the blocks)."""
+
+    def __init__(self) -> None:
+        self._tables: list[dict[int, tuple[str, int, nn.Module, tuple[str, ...]]]] | None = None
+
+    def tables(self) -> list[dict[int, tuple[str, int, nn.Module, tuple[str, ...]]]]:
+        if self._tables is None:
+            self._tables = _root_tables()
+        return self._tables
+
+    def lookup(self, param: torch.Tensor) -> tuple[str, int, nn.Module, tuple[str, ...]] | None:
+        return _lookup(self.tables(), param)
+
+
 def _source_modules(source_name: str) -> list[nn.Module]:
     """The modules met along a dynamo source chain such as
     ``L['self'].model._modules['fc1']._parameters['weight']``, outermost first, each compiled
@@ -145,7 +162,9 @@ def _real(placeholder: fx.Node, value: Any) -> Any:
     return value
 
 
-def resolve_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[str, ParamInfo]:
+def resolve_parameters(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], roots: _CallTables | None = None
+) -> dict[str, ParamInfo]:
     """Placeholder name -> ``ParamInfo`` for every placeholder whose example input is a Parameter.
 
     Names are as ``model.named_parameters()`` spells them for the outermost compiled module on the
@@ -158,7 +177,7 @@ def resolve_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dic
     pairs = [(ph, v) for ph, v in pairs if isinstance(v, nn.Parameter)]
     if not pairs:
         return {}
-    tables = _root_tables()
+    tables = (roots or _CallTables()).tables()
     chain_tables: dict[int, dict[int, tuple[str, int, nn.Module, tuple[str, ...]]]] = {}
     out: dict[str, ParamInfo] = {}
     for placeholder, param in pairs:
@@ -290,7 +309,7 @@ class _Runner:
         # Per layer, the last call's weight and state: the compiled weight's own to start with.
         self._last = [(weakref.ref(anchor(weight)), state) for _, _, state, weight in layers]
 
-    def _state(self, k: int, weight: torch.Tensor) -> LayerState:
+    def _state(self, k: int, weight: torch.Tensor, roots: _CallTables) -> LayerState:
         """Layer ``k``'s state for ``weight``: the last call's where the weight is the same (the
         usual case, one check), else the registry's for this layer's options."""
         last = self._last[k]
@@ -299,7 +318,7 @@ class _Runner:
         spec = self.layers[k][0]
         state = self.registry.find(weight, spec)
         if state is None:
-            name, index, owner = _locate(weight, spec)
+            name, index, owner = _locate(weight, spec, roots)
             state = self.registry.get_or_create(weight, dataclasses.replace(spec, name=name, index=index), owner)
         self._last[k] = (weakref.ref(anchor(weight)), state)
         return state
@@ -310,10 +329,11 @@ class _Runner:
             extra = [tensor for _, _, state in self.layers for tensor in state.graph_inputs()]
             extra = [t if isinstance(t, torch._subclasses.FakeTensor) else fake_mode.from_tensor(t) for t in extra]
             return self.compiled(*args, *extra)
-        variant = self.variants.runner(args) if self.variants is not None else None
+        roots = _CallTables()
+        variant = self.variants.runner(args, roots) if self.variants is not None else None
         if variant is not None:
             return variant(*args)
-        states = [(self._state(k, args[i]), args[i]) for k, (_, i, _) in enumerate(self.layers)]
+        states = [(self._state(k, args[i], roots), args[i]) for k, (_, i, _) in enumerate(self.layers)]
         self.registry.warn_restarted()
         training = [(state, weight) for state, weight in states if state.is_training_forward()]
         for state, weight in training:
@@ -325,10 +345,10 @@ class _Runner:
         return out
 
 
-def _locate(weight: torch.Tensor, spec: LayerSpec) -> tuple[str, int, nn.Module | None]:
+def _locate(weight: torch.Tensor, spec: LayerSpec, roots: _CallTables) -> tuple[str, int, nn.Module | None]:
     """Name, layer index and owning module of ``weight`` in the compiled modules being called, or
     the compiled layer's name and index without an owner where none holds it."""
-    entry = _lookup(_root_tables(), weight)
+    entry = roots.lookup(weight)
     return (entry[0], entry[1], entry[2]) if entry is not None else (spec.name, spec.index, None)
 
 
@@ -343,8 +363,9 @@ def compile_graph(
     """Compile one dynamo graph with N:M sparse GEMMs; the body of every ``nmsparse`` backend call.
     ``mode`` is ``torch.compile``'s, passed on to the inner Inductor compile."""
     patches = _mode_patches(mode, config)
-    _warn_if_include_admits_nothing(config)
-    params = resolve_parameters(gm, example_inputs)
+    roots = _CallTables()
+    _warn_if_include_admits_nothing(config, roots)
+    params = resolve_parameters(gm, example_inputs, roots)
     try:
         fake_mode = torch._guards.TracingContext.get().fake_mode
     except (AssertionError, RuntimeError):
@@ -371,12 +392,12 @@ def compile_graph(
     return _Runner(compiled, layers, registry, _Variants(gm, config, registry, fake_mode, params))
 
 
-def _warn_if_include_admits_nothing(config: SparsityConfig) -> None:
+def _warn_if_include_admits_nothing(config: SparsityConfig, roots: _CallTables) -> None:
     """Warn where ``include`` admits no parameter of the compiled model: a typo there would train
     the whole model dense, with nothing said outside ``explain``."""
     if not config.include:
         return
-    names = [entry[0] for table in _root_tables() for entry in table.values()]
+    names = [entry[0] for table in roots.tables() for entry in table.values()]
     if names and not any(re.search(pattern, name) for pattern in config.include for name in names):
         warnings.warn(
             f"nmsparse include={list(config.include)} matches no parameter of the compiled model "
@@ -465,20 +486,20 @@ class _Variants:
         """What ``find_targets`` reads from a weight's name and ties: the name filter admits it, tied."""
         return admitted, tied or bool(known.shared_as)
 
-    def _known(self, weight: torch.Tensor, compiled: _Known) -> tuple[_Known, bool]:
+    def _known(self, weight: torch.Tensor, compiled: _Known, roots: _CallTables) -> tuple[_Known, bool]:
         entry = self._seen.get(weight)
         if entry is None:
-            found = _lookup(_root_tables(), weight)
+            found = roots.lookup(weight)
             known = compiled if found is None else _Known.of(ParamInfo(*found[:2], weight, *found[2:]))
             entry = self._seen[weight] = (known, self._admitted(known))
         return entry
 
-    def runner(self, args: Sequence[Any]) -> _Runner | None:
+    def runner(self, args: Sequence[Any], roots: _CallTables) -> _Runner | None:
         """The runner of the graph rewritten for ``args``' weights, or ``None`` where the compiled one fits."""
         weights = [args[position] for position, _, _ in self.inputs]
         if all(ref() is anchor(w) for ref, w in zip(self._fits, weights, strict=True)):
             return None  # the weights of the last call the compiled graph fitted: the usual case
-        entries = [self._known(w, k) for w, (_, _, k) in zip(weights, self.inputs, strict=True)]
+        entries = [self._known(w, k, roots) for w, (_, _, k) in zip(weights, self.inputs, strict=True)]
         ids = [id(w) for w in weights]
         tied = [ids.count(i) > 1 for i in ids]  # a weight at two inputs: tied after compiling
         choice = tuple(self._choice(k, admitted, t) for (k, admitted), t in zip(entries, tied, strict=True))
