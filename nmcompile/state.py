@@ -170,10 +170,19 @@ class LayerState:
         values = {
             "perm": lambda: self.perm,
             "n_eff": lambda: torch.tensor(self.mask_n(), dtype=torch.int64),
-            "alpha": lambda: torch.tensor(self.alpha(), dtype=torch.float32, device=self.device),
+            "alpha": self.alpha_tensor,
             "step": self.step_tensor,
         }
         return [values[kind]() for kind in self.spec.graph_inputs]
+
+    def alpha_tensor(self) -> torch.Tensor:
+        """The mask-decay factor as a new 0-d fp32 tensor on the weight's device. On CUDA it comes
+        from pinned memory without blocking: a copy from pageable memory waits for the stream, which
+        would hold every step of a mask-decay run until the GPU finished the step before it."""
+        value = torch.tensor(self.alpha(), dtype=torch.float32)
+        if self.device.type == "cuda":
+            return value.pin_memory().to(self.device, non_blocking=True)
+        return value.to(self.device)
 
     def step_tensor(self) -> torch.Tensor:
         """The step as a new 0-d tensor (a graph input seeding MVUE): made per call, never mutated."""

@@ -207,6 +207,37 @@ def test_mask_decay_input_gradient():
     assert_close(x.grad, dy @ (w * (b + (~b) * alpha)), what="dX")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernels", ["portable", "triton"])
+def test_mask_decay_steps_on_cuda_do_not_synchronise(kernels):
+    """A mask-decay step hands its α to the graph without waiting for the GPU (a copy from pageable
+    memory synchronises the stream, so every step would wait for the one before): CUDA's sync debug
+    mode raises on any synchronising call in the steps after compiling and the step-0 search."""
+    torch.manual_seed(0)
+    model = MLP(64, 128, 64).cuda()
+    options = {"mask_decay": "linear", "mask_decay_rate": 0.1, "perm_interval": 1000, "kernels": kernels}
+    compiled = torch.compile(model, backend=nmcompile.backend(**options))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(32, 64, device="cuda")
+
+    def step() -> None:
+        optimizer.zero_grad()
+        compiled(x).square().mean().backward()
+        optimizer.step()
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    state = nmcompile.sparsity_state(model)["fc1.weight"]
+    assert state["step"] == 5 and state["alpha"] == pytest.approx(0.5)
+
+
 def test_structure_decay_walks_7_4_2_1_of_8():
     """SPEC §8: target 1:8, frames of 8 steps between dense_steps=4 and total−finetune = 36."""
     layer = nn.Linear(16, 16)
