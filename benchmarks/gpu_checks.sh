@@ -65,7 +65,7 @@ fi
 # tests (run 4's stage ran out in test_real_sizes_on_cuda, over 100 s on its own, before the last two).
 CUDA_TESTS=(
     "tests/test_sparse24.py::test_backward_operand_is_w_times_b_in_place"
-    "tests/test_recipes.py::test_mask_decay_steps_on_cuda_do_not_synchronise"
+    "tests/test_recipes.py::test_decay_steps_on_cuda_do_not_synchronise"
     "tests/test_lowering.py::test_auto_lowers_on_cuda_under_autocast"
     "tests/test_compress24.py::test_compress24_multiplies_as_the_library_compression_on_cuda"
     "tests/test_sparse24.py::test_semi_structured_mm_on_cuda"
