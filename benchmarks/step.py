@@ -26,6 +26,7 @@ from nmcompile.backend import NMSparseBackend
 from nmcompile.options import SparsityConfig
 
 SEARCH_ROW = "nmsparse portable, search every step"  # minus "nmsparse portable": one permutation search
+MVUE_ROW = "nmsparse portable, mvue24"  # minus "nmsparse portable": the MVUE pruning of dY
 STEP_ROWS = (
     "dense eager",
     "dense inductor",
@@ -33,6 +34,7 @@ STEP_ROWS = (
     "nmsparse portable",
     "nmsparse portable, composite mask",
     SEARCH_ROW,
+    MVUE_ROW,
     "nmsparse triton",
     "nmsparse sparse24",
 )
@@ -100,6 +102,11 @@ def _prepare(
         if device.type != "cpu":
             return "CPU only (keeps the GPU run in its time limit; there a search is one mask and one scoring launch)"
         backend = nmcompile.backend(n=2, m=4, kernels="portable", perm_interval=1)
+        return torch.compile(model, backend=backend, **compile_mode)
+    if name == MVUE_ROW:
+        if device.type != "cpu":
+            return "CPU only (keeps the GPU run in its time limit; there the rule is one Triton kernel, in parts24)"
+        backend = nmcompile.backend(n=2, m=4, kernels="portable", grad_prune="mvue24")
         return torch.compile(model, backend=backend, **compile_mode)
     kernels = name.removeprefix("nmsparse ")
     why = unavailable(kernels, device, dtype)

@@ -704,60 +704,84 @@ def counter_uniforms(key: int, step: torch.Tensor, count: int, device: torch.dev
     return (h >> 8).to(torch.float32) * (2.0**-24)
 
 
-def _cover(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Index of the interval covering ``u`` when the ``p`` of each row are laid end to end."""
-    ends = torch.cumsum(p, dim=-1)
-    ends[..., -1] = torch.inf  # the last interval takes any rounding slack
-    return (ends <= u.unsqueeze(-1)).sum(-1).clamp(max=p.shape[-1] - 1)
+Columns = tuple[torch.Tensor, ...]  # a block's entries, one tensor each (entry i of every block)
 
 
-def _mvue12(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    mag = a.abs()
-    total = mag.sum(-1, keepdim=True)
-    p0 = torch.where(total > 0, mag[:, :1] / total, 0.0)
-    keep_first = u[:, :1] < p0
-    kept = torch.cat([keep_first, ~keep_first], dim=-1)
-    return torch.where(kept, torch.sign(a) * total, 0.0)
+def _cover(p: Columns, u: torch.Tensor) -> torch.Tensor:
+    """Index of the interval covering ``u`` when a block's ``p`` are laid end to end; the ends are
+    summed in order in fp32 (as the kernels do) and the last interval takes any rounding slack."""
+    index, end = torch.zeros_like(u, dtype=torch.int64), torch.zeros_like(u)
+    for p_i in p[:-1]:
+        end = end + p_i
+        index += end <= u
+    return index
 
 
-def _sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _choose(index: torch.Tensor, x: Columns) -> torch.Tensor:
+    """``x[index]`` per block."""
+    out = x[-1]
+    for i in range(len(x) - 2, -1, -1):
+        out = torch.where(index == i, x[i], out)
+    return out
+
+
+def _divided(a: torch.Tensor, p: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``a / p`` where ``kept`` and ``p > 0``, else 0."""
+    return torch.where(kept & (p > 0), _ratio(a, p, 0.0), 0.0)
+
+
+def _mvue12(a: Columns, u: Columns) -> Columns:
+    mag = [x.abs() for x in a]
+    total = mag[0] + mag[1]
+    keep_first = u[0] < torch.where(total > 0, mag[0] / torch.where(total > 0, total, 1.0), 0.0)
+    return (
+        torch.where(keep_first, torch.sign(a[0]) * total, 0.0),
+        torch.where(keep_first, 0.0, torch.sign(a[1]) * total),
+    )
+
+
+def _sums(x: Columns) -> tuple[torch.Tensor, Columns]:
     """The total of each block of 4 and, for each entry, the sum of the other three, both from the
     pair sums ``x0 + x1``, ``x2 + x3``: summed, not the total less the entry, which cancels when the
     entry dominates (a biased MVUE). The kernels (``common._sums4``) add in the same order."""
-    x0, x1, x2, x3 = x.unbind(-1)
+    x0, x1, x2, x3 = x
     s01, s23 = x0 + x1, x2 + x3
-    return (s01 + s23).unsqueeze(-1), torch.stack([x1 + s23, x0 + s23, s01 + x3, s01 + x2], dim=-1)
+    return s01 + s23, (x1 + s23, x0 + s23, s01 + x3, s01 + x2)
 
 
-def _mvue24(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    mag = a.abs()
+def _ratio(x: torch.Tensor, y: torch.Tensor, otherwise: float) -> torch.Tensor:
+    """``x / y``, ``otherwise`` where ``y`` is 0."""
+    return torch.where(y > 0, x / torch.where(y > 0, y, 1.0), otherwise)
+
+
+def _mvue24(a: Columns, u: Columns) -> Columns:
+    mag = [x.abs() for x in a]
     total, others = _sums(mag)
-    top, top_index = mag.max(-1, keepdim=True)
-    rest = others.gather(-1, top_index)
+    top = torch.maximum(torch.maximum(mag[0], mag[1]), torch.maximum(mag[2], mag[3]))
+    top_index = torch.full_like(top, 3, dtype=torch.int64)
+    for i in (2, 1, 0):  # the first maximum (which one does not matter: a tie is never dominant)
+        top_index = torch.where(mag[i] == top, i, top_index)
+    rest = _choose(top_index, others)
     dominant = top > rest
-    is_top = torch.zeros_like(mag, dtype=torch.bool).scatter_(-1, top_index, True)
-    p_dominant = torch.where(is_top, 1.0, torch.where(rest > 0, mag / torch.where(rest > 0, rest, 1.0), 1.0 / 3))
-    p_spread = torch.where(total > 0, 2 * mag / torch.where(total > 0, total, 1.0), 0.5)
-    p = torch.where(dominant, p_dominant, p_spread)
-    first, second = _cover(p, u[:, 0]), _cover(p, u[:, 0] + 1)
-    kept = torch.zeros_like(mag, dtype=torch.bool)
-    kept.scatter_(-1, first.unsqueeze(-1), True).scatter_(-1, second.unsqueeze(-1), True)
-    return torch.where(kept & (p > 0), a / torch.where(p > 0, p, 1.0), 0.0)
+    p = [
+        torch.where(dominant, torch.where(top_index == i, 1.0, _ratio(m, rest, 1 / 3)), _ratio(2 * m, total, 0.5))
+        for i, m in enumerate(mag)
+    ]
+    first, second = _cover(p, u[0]), _cover(p, u[0] + 1)
+    return tuple(_divided(a[i], p[i], (first == i) | (second == i)) for i in range(4))
 
 
-def _mvue24_approx(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    mag = a.abs()
-    total, others = _sums(mag)  # others_j = (1 − p_j) · total, without the cancellation of 1 − p_j
-    p = torch.where(total > 0, mag / torch.where(total > 0, total, 1.0), 0.25)
-    first = _cover(p, u[:, 0])
-    is_first = torch.zeros_like(mag, dtype=torch.bool).scatter_(-1, first.unsqueeze(-1), True)
-    left = others.gather(-1, first.unsqueeze(-1))
-    q = torch.where(is_first, 0.0, torch.where(left > 0, mag / torch.where(left > 0, left, 1.0), 1.0 / 3))
-    second = _cover(q, u[:, 1])
-    kept = is_first.clone().scatter_(-1, second.unsqueeze(-1), True)
-    ratio = torch.where(others > 0, mag / torch.where(others > 0, others, 1.0), 0.0)  # p_j / (1 − p_j)
-    inclusion = p + p * _sums(ratio)[1]  # P(i first) + Σ_j P(j first, then i)
-    return torch.where(kept & (inclusion > 0), a / torch.where(inclusion > 0, inclusion, 1.0), 0.0)
+def _mvue24_approx(a: Columns, u: Columns) -> Columns:
+    mag = [x.abs() for x in a]
+    total, others = _sums(mag)  # others_i = (1 − p_i) · total, without the cancellation of 1 − p_i
+    p = [_ratio(m, total, 0.25) for m in mag]
+    first = _cover(p, u[0])
+    left = _choose(first, others)
+    second = _cover([torch.where(first == i, 0.0, _ratio(m, left, 1 / 3)) for i, m in enumerate(mag)], u[1])
+    # P(i first) + Σ_j P(j first, then i), with p_j / (1 − p_j) as mag_j / others_j
+    beside = _sums([_ratio(m, o, 0.0) for m, o in zip(mag, others, strict=True)])[1]
+    inclusion = [p_i + p_i * s_i for p_i, s_i in zip(p, beside, strict=True)]
+    return tuple(_divided(a[i], inclusion[i], (first == i) | (second == i)) for i in range(4))
 
 
 _MVUE = {"mvue12": _mvue12, "mvue24": _mvue24, "mvue24_approx": _mvue24_approx}
@@ -765,15 +789,20 @@ _MVUE = {"mvue12": _mvue12, "mvue24": _mvue24, "mvue24_approx": _mvue24_approx}
 
 def mvue_prune_with(grad: torch.Tensor, rule: str, dim: int, uniforms: Callable[[int], torch.Tensor]) -> torch.Tensor:
     """SPEC §7 ``rule`` on blocks of ``m`` consecutive entries along ``dim`` (zero-padded at the end,
-    never dropped); ``uniforms(count)`` supplies the random numbers, ``k`` per block in block order."""
+    never dropped); ``uniforms(count)`` supplies the random numbers, ``k`` per block in block order
+    (the blocks of ``grad.movedim(dim, -1)`` in memory order).
+
+    The rules run on the blocks' entries as ``m`` strided views (entry ``i`` of every block), so
+    every step is elementwise over whole tensors: no per-block reductions, gathers or scatters.
+    """
     _, m, k = MVUE_RULES[rule]
-    moved = grad.movedim(dim, -1)
-    size = moved.shape[-1]
-    padded = F.pad(moved, (0, (-size) % m))
-    blocks = padded.reshape(-1, m)
-    u = uniforms(blocks.shape[0] * k).to(blocks.device).reshape(-1, k)
-    pruned = _MVUE[rule](blocks.float(), u).to(grad.dtype)
-    return pruned.reshape(padded.shape)[..., :size].movedim(-1, dim)
+    moved = grad.movedim(dim, 0)
+    size, rest = moved.shape[0], moved.shape[1:]
+    blocks = F.pad(moved, (0, 0) * len(rest) + (0, -size % m)).reshape(-1, m, *rest)  # no branch on a symbolic size
+    u = uniforms(blocks.numel() // m * k).to(grad.device).reshape(*rest, blocks.shape[0], k).movedim(-2, 0)
+    pruned = _MVUE[rule](tuple(x.float() for x in blocks.unbind(1)), u.unbind(-1))
+    out = torch.stack([x.to(grad.dtype) for x in pruned], dim=1).reshape(-1, *rest)
+    return out[:size].movedim(0, dim)
 
 
 def mvue_prune(

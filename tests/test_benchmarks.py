@@ -151,14 +151,15 @@ def test_composite_mask_row_compiles_its_own_graph(monkeypatch):
 
 
 def test_cpu_only_rows_have_a_reason_elsewhere():
-    """Off the CPU the composite-mask row (the kernels it turns off are CPU-only) and the search row
-    (the GPU run's time limit) are not run: they say why before anything touches that device, and
+    """Off the CPU the composite-mask row (the kernels it turns off are CPU-only), the search row and
+    the MVUE row (the GPU run's time limit) are not run: they say why before anything touches that device, and
     the other rows prepare as usual."""
     model = torch.nn.Linear(8, 8)
     why = step._prepare("nmsparse portable, composite mask", model, torch.device("cuda"), torch.bfloat16)
     assert why == "CPU only (the C mask kernels this row turns off run on the CPU)"
-    why = step._prepare(step.SEARCH_ROW, model, torch.device("cuda"), torch.bfloat16)
-    assert why.startswith("CPU only (keeps the GPU run in its time limit")
+    for row in (step.SEARCH_ROW, step.MVUE_ROW):
+        why = step._prepare(row, model, torch.device("cuda"), torch.bfloat16)
+        assert why.startswith("CPU only (keeps the GPU run in its time limit"), row
     assert step._prepare("dense eager", model, torch.device("cuda"), torch.bfloat16) is model
 
 
@@ -359,7 +360,7 @@ def test_mode_reaches_every_compiled_row_and_leaves_eager_rows_out(monkeypatch):
         run = [name for name, prepared in runs.items() if not isinstance(prepared, str)]
         eager_run = mode == "default"
         assert run == [n for n in step.STEP_ROWS if n not in UNMEASURED and (eager_run or n not in step.EAGER_ROWS)]
-        assert calls == [None if mode == "default" else mode] * 4  # dense inductor and the three portable rows
+        assert calls == [None if mode == "default" else mode] * 5  # dense inductor and the four portable rows
         if not eager_run:
             assert all(runs[name] == f"eager, so not run with --mode {mode}" for name in step.EAGER_ROWS)
 
