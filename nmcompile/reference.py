@@ -704,10 +704,10 @@ def counter_uniforms(key: int, step: torch.Tensor, count: int, device: torch.dev
     return (h >> 8).to(torch.float32) * (2.0**-24)
 
 
-Columns = tuple[torch.Tensor, ...]  # a block's entries, one tensor each (entry i of every block)
+_Columns = tuple[torch.Tensor, ...]  # a block's entries, one tensor each (entry i of every block)
 
 
-def _cover(p: Columns, u: torch.Tensor) -> torch.Tensor:
+def _cover(p: _Columns, u: torch.Tensor) -> torch.Tensor:
     """Index of the interval covering ``u`` when a block's ``p`` are laid end to end; the ends are
     summed in order in fp32 (as the kernels do) and the last interval takes any rounding slack."""
     index, end = torch.zeros_like(u, dtype=torch.int64), torch.zeros_like(u)
@@ -717,7 +717,7 @@ def _cover(p: Columns, u: torch.Tensor) -> torch.Tensor:
     return index
 
 
-def _choose(index: torch.Tensor, x: Columns) -> torch.Tensor:
+def _choose(index: torch.Tensor, x: _Columns) -> torch.Tensor:
     """``x[index]`` per block."""
     out = x[-1]
     for i in range(len(x) - 2, -1, -1):
@@ -725,22 +725,27 @@ def _choose(index: torch.Tensor, x: Columns) -> torch.Tensor:
     return out
 
 
+def _ratio(x: torch.Tensor, y: torch.Tensor, otherwise: float) -> torch.Tensor:
+    """``x / y``, ``otherwise`` where ``y`` is 0."""
+    return torch.where(y > 0, x / torch.where(y > 0, y, 1.0), otherwise)
+
+
 def _divided(a: torch.Tensor, p: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """``a / p`` where ``kept`` and ``p > 0``, else 0."""
-    return torch.where(kept & (p > 0), _ratio(a, p, 0.0), 0.0)
+    return torch.where(kept, _ratio(a, p, 0.0), 0.0)
 
 
-def _mvue12(a: Columns, u: Columns) -> Columns:
+def _mvue12(a: _Columns, u: _Columns) -> _Columns:
     mag = [x.abs() for x in a]
     total = mag[0] + mag[1]
-    keep_first = u[0] < torch.where(total > 0, mag[0] / torch.where(total > 0, total, 1.0), 0.0)
+    keep_first = u[0] < _ratio(mag[0], total, 0.0)
     return (
         torch.where(keep_first, torch.sign(a[0]) * total, 0.0),
         torch.where(keep_first, 0.0, torch.sign(a[1]) * total),
     )
 
 
-def _sums(x: Columns) -> tuple[torch.Tensor, Columns]:
+def _sums(x: _Columns) -> tuple[torch.Tensor, _Columns]:
     """The total of each block of 4 and, for each entry, the sum of the other three, both from the
     pair sums ``x0 + x1``, ``x2 + x3``: summed, not the total less the entry, which cancels when the
     entry dominates (a biased MVUE). The kernels (``common._sums4``) add in the same order."""
@@ -749,12 +754,7 @@ def _sums(x: Columns) -> tuple[torch.Tensor, Columns]:
     return s01 + s23, (x1 + s23, x0 + s23, s01 + x3, s01 + x2)
 
 
-def _ratio(x: torch.Tensor, y: torch.Tensor, otherwise: float) -> torch.Tensor:
-    """``x / y``, ``otherwise`` where ``y`` is 0."""
-    return torch.where(y > 0, x / torch.where(y > 0, y, 1.0), otherwise)
-
-
-def _mvue24(a: Columns, u: Columns) -> Columns:
+def _mvue24(a: _Columns, u: _Columns) -> _Columns:
     mag = [x.abs() for x in a]
     total, others = _sums(mag)
     top = torch.maximum(torch.maximum(mag[0], mag[1]), torch.maximum(mag[2], mag[3]))
@@ -771,7 +771,7 @@ def _mvue24(a: Columns, u: Columns) -> Columns:
     return tuple(_divided(a[i], p[i], (first == i) | (second == i)) for i in range(4))
 
 
-def _mvue24_approx(a: Columns, u: Columns) -> Columns:
+def _mvue24_approx(a: _Columns, u: _Columns) -> _Columns:
     mag = [x.abs() for x in a]
     total, others = _sums(mag)  # others_i = (1 − p_i) · total, without the cancellation of 1 − p_i
     p = [_ratio(m, total, 0.25) for m in mag]
