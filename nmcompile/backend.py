@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import re
 import sys
 import warnings
 import weakref
 import zlib
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -256,12 +258,7 @@ def _compile_inner(
     gm: fx.GraphModule, inputs: list, config: SparsityConfig, record: CompileRecord | None, patches: dict[str, Any]
 ) -> Callable:
     """AOTAutograd + ``config.inner`` on the rewritten graph, naming nodes of each produced graph;
-    ``patches``: Inductor settings (from ``torch.compile``'s ``mode``).
-
-    AOTAutograd's own cache stays off for these graphs: a hit would skip the graphs' naming and
-    recording, and its key does not cover our ops' autograd, so it could serve an older nmcompile's
-    backward. Inductor's FX graph cache, keyed on the produced graphs, still applies.
-    """
+    ``patches``: Inductor settings (from ``torch.compile``'s ``mode``)."""
     if config.inner == "inductor":
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
@@ -272,8 +269,7 @@ def _compile_inner(
             return compile_fx_inner(graph, example_inputs, **kwargs)
 
         _register_inductor_decomposition()
-        with torch._functorch.config.patch(enable_autograd_cache=False):
-            return compile_fx(gm, inputs, inner_compile=inner_compile, config_patches=patches or None)
+        return compile_fx(gm, inputs, inner_compile=inner_compile, config_patches=patches or None)
 
     from torch._dynamo.backends.common import aot_autograd
     from torch._dynamo.backends.debugging import boxed_nop
@@ -386,10 +382,30 @@ def compile_graph(
         if on_compile is not None:
             on_compile(record)
     examples = [s.example for s in state_inputs]
-    # A hit in AOTAutograd's cache skips the inner compiler, so nothing would be recorded.
-    with torch._functorch.config.patch(enable_autograd_cache=record is None):
+    # A hit in AOTAutograd's cache skips the inner compiler, so a recorded compile (explain, dumps)
+    # leaves it off. The backward it caches is traced from our ops' autograd, which the graph does
+    # not show: the key tag's hash of our sources keeps another nmcompile's entries out.
+    tag = "|".join(t for t in (torch.compiler.config.cache_key_tag, _source_tag()) if t)
+    with (
+        torch._functorch.config.patch(enable_autograd_cache=record is None),
+        torch.compiler.config.patch(cache_key_tag=tag),
+    ):
         compiled = _compile_inner(rewritten, [*example_inputs, *examples], config, record, patches)
     return _Runner(compiled, layers, registry, _Variants(gm, config, registry, fake_mode, params))
+
+
+@functools.cache
+def _source_tag() -> str:
+    """``nmcompile-<hash>`` of the package's Python sources (passes and kernels included): the part
+    of torch.compile's cache key that tells this nmcompile's compiles from another's."""
+    import nmcompile
+    from nmcompile import passes
+
+    digest = hashlib.sha256()
+    for root in sorted({Path(nmcompile.__file__).parent, Path(passes.__file__).parent}):
+        for path in sorted(root.rglob("*.py")):
+            digest.update(f"{path.relative_to(root)}\0".encode() + path.read_bytes())
+    return f"nmcompile-{digest.hexdigest()[:16]}"
 
 
 def _warn_if_include_admits_nothing(config: SparsityConfig, roots: _CallTables) -> None:

@@ -156,6 +156,8 @@ def insert_masks(
                 out = _named(graph, torch.ops.nmsparse.sparse_linear.default, args, f"{layer}_fwd_gemm", annotate=False)
                 if target.add_bias:
                     out = _named(graph, torch.add, (bias, out), f"{layer}_fwd_bias")
+        if "example_value" in node.meta:  # the same output: user code's method calls on it stay cacheable
+            out.meta["example_value"] = node.meta["example_value"]
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         operand = env[target.operand]

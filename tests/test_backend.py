@@ -695,10 +695,54 @@ def test_entry_point_works_without_import():
     assert result.stdout.strip().endswith("ok")
 
 
+def test_aot_cache_serves_a_second_compile_of_the_same_nmcompile_only(monkeypatch):
+    """Outside ``explain`` and dumps, a second compile of the same model (a restarted job) takes its
+    forward and backward from AOTAutograd's cache and trains exactly as the first; the key carries a
+    hash of nmcompile's sources (our ops' autograd, traced into the cached backward, is not in the
+    graph), so an entry written by another nmcompile is not served. Tensor methods called on a
+    sparse GEMM's output (``.relu()``, ``.view()``) keep the graph cacheable."""
+    backend_module = sys.modules["nmcompile.backend"]  # the module (``nmcompile.backend`` is the function)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(self.fc1(x).relu()).view(-1)
+
+    def train() -> list[torch.Tensor]:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = Net()
+        compiled = torch.compile(model, backend=nmcompile.backend(grad_prune="mvue24", perm_interval=1))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(2):
+            optimizer.zero_grad()
+            compiled(torch.randn(8, 32)).square().mean().backward()
+            optimizer.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    def aot_cache() -> tuple[int, int]:
+        return counters["aot_autograd"]["autograd_cache_miss"], counters["aot_autograd"]["autograd_cache_hit"]
+
+    with torch._inductor.utils.fresh_cache():
+        counters.clear()
+        first = train()
+        assert aot_cache() == (1, 0)
+        second = train()
+        assert aot_cache() == (1, 1)
+        assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+        monkeypatch.setattr(backend_module, "_source_tag", lambda: "nmcompile-another-version")
+        train()
+        assert aot_cache() == (2, 1)
+    torch._dynamo.reset()
+
+
 def test_inductor_caches_graphs_and_aot_cache_stays_off():
     """A second compile of the same model hits Inductor's FX graph cache (forward and backward), with
-    the mask decomposed into aten ops, and still records its graphs; AOTAutograd's own cache, whose
-    key misses our ops' autograd and which would skip the recording, is never consulted."""
+    the mask decomposed into aten ops, and still records its graphs; AOTAutograd's own cache, a hit
+    in which would skip the recording, is never consulted by a recorded compile (``explain``)."""
     with torch._inductor.utils.fresh_cache():
         counters.clear()
         nmcompile.explain(nn.Linear(16, 8), torch.randn(4, 16, requires_grad=True))

@@ -179,7 +179,7 @@ def test_gpu_checks_script_names_real_tests():
                 cuda_only.add((f"tests/{path.name}", match.group(1)))
     for path, name in named:
         assert f"\ndef {name}(" in (root / path).read_text(), (path, name)
-    assert len(cuda_only) == 8 and cuda_only <= named, cuda_only - named
+    assert len(cuda_only) == 9 and cuda_only <= named, cuda_only - named
 
 
 def test_json_path_in_a_missing_directory_is_an_argument_error(tmp_path, capsys):
