@@ -218,13 +218,14 @@ def test_compile_mode_sets_up_the_inner_inductor_compile(monkeypatch, string_bac
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16))
     x = torch.randn(8, 32)
     outputs, grads = [], []
-    for mode in ("default", "reduce-overhead"):
-        torch._dynamo.reset()
-        y = torch.compile(model, backend="nmsparse" if string_backend else nmcompile.backend(), mode=mode)(x)
-        y.square().sum().backward()
-        outputs.append(y.detach())
-        grads.append(model[0].weight.grad)
-        model.zero_grad(set_to_none=True)
+    with torch._inductor.utils.fresh_cache():  # compiled, not served from an earlier test's cache entry
+        for mode in ("default", "reduce-overhead"):
+            torch._dynamo.reset()
+            y = torch.compile(model, backend="nmsparse" if string_backend else nmcompile.backend(), mode=mode)(x)
+            y.square().sum().backward()
+            outputs.append(y.detach())
+            grads.append(model[0].weight.grad)
+            model.zero_grad(set_to_none=True)
     torch._dynamo.reset()
     assert seen == [False, False, True, True]
     assert torch.equal(outputs[0], outputs[1])
