@@ -269,6 +269,26 @@ def test_name_filters_hold_where_dynamo_reuses_a_block_graph(option):
     assert all(torch.equal(state[name]["perm"], ref_state[name]["perm"]) for name in admitted)
 
 
+def test_a_reused_block_graph_walks_the_model_once_per_call(monkeypatch):
+    """A graph reused by every block meets new weights at each block's first call: each call
+    builds the model's parameter table once, however many weights it looks up (a build per lookup
+    made that first step quadratic in the blocks)."""
+    backend_module = sys.modules["nmcompile.backend"]
+    torch._dynamo.reset()
+    compiled = torch.compile(_BrokenBlocks(), backend=_backend())
+    compiled(torch.randn(8, 32)).sum().backward()
+    builds, calls = [], []
+    monkeypatch.setattr(
+        backend_module, "_root_tables", lambda original=backend_module._root_tables: builds.append(1) or original()
+    )
+    call = backend_module._Runner.__call__
+    monkeypatch.setattr(backend_module._Runner, "__call__", lambda self, *args: calls.append(1) or call(self, *args))
+    model = _BrokenBlocks()  # new weights for the same graphs
+    torch.compile(model, backend=_backend())(torch.randn(8, 32)).sum().backward()
+    assert 6 <= len(calls) and 0 < len(builds) <= len(calls)
+    assert sorted(nmcompile.sparsity_state(model)) == [f"blocks.{i}.fc{j}.weight" for i in range(3) for j in (1, 2)]
+
+
 class _ItemBreak(nn.Module):
     """A Python float from ``.item()``, then a graph break: from the second call dynamo hands the
     backend, besides the two layers' graphs, one with no inputs and no nodes."""
