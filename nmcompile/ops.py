@@ -120,8 +120,14 @@ def mvue_prune(grad: torch.Tensor, step: torch.Tensor, key: int, rule: str) -> t
             from nmcompile.kernels.mvue import mvue_prune as mvue_kernel
 
             return mvue_kernel(grad, int(step), key, rule)
+    return _mvue_composite(grad, step, key, rule).contiguous()
+
+
+def _mvue_composite(grad: torch.Tensor, step: torch.Tensor, key: int, rule: str) -> torch.Tensor:
+    """SPEC §7 ``rule`` on ``grad`` ``[T, O]``, blocks along ``T``, as torch ops (the reference's),
+    with the counter-based random stream ``(key, step)``."""
     uniforms = lambda count: reference.counter_uniforms(key, step, count, grad.device)  # noqa: E731
-    return reference.mvue_prune_with(grad, rule, 0, uniforms).contiguous()
+    return reference.mvue_prune_with(grad, rule, 0, uniforms)
 
 
 @mvue_prune.register_fake
@@ -274,8 +280,7 @@ def _prune_tokens(grad: torch.Tensor, step: torch.Tensor, key: int, rule: str) -
     itself: the inner compiler fuses its elementwise steps (run eagerly inside the op they took
     5-9x the weight-gradient GEMM); elsewhere the op (on CUDA, one launch of the Triton kernel)."""
     if grad.device.type == "cpu":
-        uniforms = lambda count: reference.counter_uniforms(key, step, count, grad.device)  # noqa: E731
-        return reference.mvue_prune_with(grad, rule, 0, uniforms)
+        return _mvue_composite(grad, step, key, rule)
     return torch.ops.nmsparse.mvue_prune(grad, step, key, rule)
 
 
