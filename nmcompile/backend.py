@@ -43,11 +43,15 @@ _SOURCE_ROOT = re.compile(r"^([LG])\['([^']+)'\]")
 _SOURCE_STEP = re.compile(r"\.([A-Za-z_]\w*)|\[(-?\d+)\]|\['([^']*)'\]")
 
 
-def _parameter_table(root: nn.Module) -> dict[int, tuple[str, int, nn.Module, tuple[str, ...]]]:
+_Entry = tuple[str, int, nn.Module, tuple[str, ...]]  # name, index in named_parameters(), owner, other names
+_Table = dict[int, _Entry]  # id(param) -> its entry
+
+
+def _parameter_table(root: nn.Module) -> _Table:
     """``id(param) -> (name, index in named_parameters(), owning module, other names)`` for a root
     module, the other names being those of modules that share the parameter (tied weights); under
     FSDP2 the unsharded parameter the graph sees maps to its sharded parameter's entry."""
-    table: dict[int, tuple[str, int, nn.Module, tuple[str, ...]]] = {}
+    table: _Table = {}
     for mod_name, module in root.named_modules():
         for pname, param in module.named_parameters(recurse=False):
             name = f"{mod_name}.{pname}" if mod_name else pname
@@ -90,12 +94,12 @@ def _compiled_roots() -> list[nn.Module]:
     return roots
 
 
-def _root_tables() -> list[dict[int, tuple[str, int, nn.Module, tuple[str, ...]]]]:
+def _root_tables() -> list[_Table]:
     """``_parameter_table`` of each compiled module being called, outermost first (full names)."""
     return [_parameter_table(root) for root in reversed(_compiled_roots())]
 
 
-def _lookup(tables: list[dict], param: torch.Tensor) -> tuple[str, int, nn.Module, tuple[str, ...]] | None:
+def _lookup(tables: list[_Table], param: torch.Tensor) -> _Entry | None:
     """``param``'s entry in the first of ``tables`` that holds it, or ``None``."""
     return next((t[id(param)] for t in tables if id(param) in t), None)
 
@@ -106,14 +110,14 @@ class _CallTables:
     weight made the first call of a graph reused by many blocks quadratic in the blocks)."""
 
     def __init__(self) -> None:
-        self._tables: list[dict[int, tuple[str, int, nn.Module, tuple[str, ...]]]] | None = None
+        self._tables: list[_Table] | None = None
 
-    def tables(self) -> list[dict[int, tuple[str, int, nn.Module, tuple[str, ...]]]]:
+    def tables(self) -> list[_Table]:
         if self._tables is None:
             self._tables = _root_tables()
         return self._tables
 
-    def lookup(self, param: torch.Tensor) -> tuple[str, int, nn.Module, tuple[str, ...]] | None:
+    def lookup(self, param: torch.Tensor) -> _Entry | None:
         return _lookup(self.tables(), param)
 
 
@@ -180,7 +184,7 @@ def resolve_parameters(
     if not pairs:
         return {}
     tables = (roots or _CallTables()).tables()
-    chain_tables: dict[int, dict[int, tuple[str, int, nn.Module, tuple[str, ...]]]] = {}
+    chain_tables: dict[int, _Table] = {}
     out: dict[str, ParamInfo] = {}
     for placeholder, param in pairs:
         found = _lookup(tables, param)
