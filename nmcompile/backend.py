@@ -441,7 +441,7 @@ def _layers(
         info = params[target.weight.name]
         groups = target.conv.groups if target.conv is not None else 1
         rows = target.weight_shape[0]
-        spec = LayerSpec(info.name, info.index, rows, target.backward, target.layout, groups, config)
+        spec = LayerSpec(info.name, info.index, rows, target.backward, target.layout, groups, config, info.param.dtype)
         state = registry.get_or_create(info.param, spec, info.owner)
         layers.append((spec, placeholders.index(target.weight.name), state, info.param))
         by_target[id(target)] = state

@@ -43,6 +43,7 @@ class LayerSpec:
     layout: str = "out_in"  # "in_out": the parameter is stored as [K, O] (used as x @ W)
     groups: int = 1  # grouped convolution: the permutation stays inside each group of O/groups rows
     config: SparsityConfig = dataclasses.field(default_factory=SparsityConfig)
+    dtype: torch.dtype = torch.float32  # the weight's, as compiled: sets the mask-decay factor's dtype
 
     @property
     def graph_inputs(self) -> tuple[str, ...]:
@@ -53,6 +54,13 @@ class LayerSpec:
     def slot(self) -> str:
         """The parameter's name in its owning module (``weight``): the slot its state belongs to."""
         return self.name.rsplit(".", 1)[-1]
+
+
+def alpha_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the mask-decay factor a layer's graph takes: float64 for a float64 weight, so α
+    is not rounded where the reference multiplies by the exact Python float; else float32, as the
+    Triton kernels read it (bf16/fp16 products are computed in fp32)."""
+    return torch.float64 if weight_dtype == torch.float64 else torch.float32
 
 
 def graph_input_kinds(backward: str, config: SparsityConfig) -> tuple[str, ...]:
@@ -176,10 +184,10 @@ class LayerState:
         return [values[kind]() for kind in self.spec.graph_inputs]
 
     def alpha_tensor(self) -> torch.Tensor:
-        """The mask-decay factor as a new 0-d fp32 tensor on the weight's device. On CUDA it comes
+        """The mask-decay factor as a new 0-d tensor (``alpha_dtype``) on the weight's device. On CUDA it comes
         from pinned memory without blocking: a copy from pageable memory waits for the stream, which
         would hold every step of a mask-decay run until the GPU finished the step before it."""
-        value = torch.tensor(self.alpha(), dtype=torch.float32)
+        value = torch.tensor(self.alpha(), dtype=alpha_dtype(self.spec.dtype))
         if self.device.type == "cuda":
             return value.pin_memory().to(self.device, non_blocking=True)
         return value.to(self.device)

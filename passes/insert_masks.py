@@ -21,7 +21,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 from nmcompile.ops import NAME_KEY, masked_weight
 from nmcompile.options import SparsityConfig
 from nmcompile.reference import conv_padding, prune_key
-from nmcompile.state import graph_input_kinds
+from nmcompile.state import alpha_dtype, graph_input_kinds
 
 from .find_targets import GemmTarget, TargetAnalysis, example_value, gemm_operands
 
@@ -87,12 +87,12 @@ def _conv(
     return _named(graph, torch.squeeze, (out, 0), f"{layer}_unbatch") if conv.unbatched else out
 
 
-def _state_example(kind: str, target: GemmTarget, device: torch.device) -> torch.Tensor:
-    """An example value of a state input, as ``LayerState.graph_inputs`` makes them."""
+def _state_example(kind: str, target: GemmTarget, weight: torch.Tensor) -> torch.Tensor:
+    """An example value of a state input, as ``LayerState.graph_inputs`` makes them for ``weight``."""
     if kind == "perm":
-        return torch.arange(target.weight_shape[0], device=device)  # type: ignore[index]
+        return torch.arange(target.weight_shape[0], device=weight.device)  # type: ignore[index]
     if kind == "alpha":
-        return torch.ones((), dtype=torch.float32, device=device)
+        return torch.ones((), dtype=alpha_dtype(weight.dtype), device=weight.device)
     return torch.zeros((), dtype=torch.int64)
 
 
@@ -115,7 +115,7 @@ def insert_masks(
         layer = target.layer
         node, weight = env[target.node], env[target.weight]
         x, _, bias, _ = gemm_operands(node, target.op)  # current operands: earlier rewrites replaced some
-        device = example_value(weight).device
+        weight_value = example_value(weight)
         inputs: dict[str, fx.Node] = {}
         for kind in graph_input_kinds(target.backward, config):
             with graph.inserting_after(last_input):
@@ -123,7 +123,7 @@ def insert_masks(
                 last_input = graph.create_node("placeholder", f"{layer}_{kind}", name=f"{layer}_{kind}")
             last_input.target = last_input.name  # the argument name: unique where two layers' names collide
             last_input._dynamo_source = None  # type: ignore[attr-defined]
-            example = _state_example(kind, target, device)
+            example = _state_example(kind, target, weight_value)
             if fake_mode is not None:
                 example = fake_mode.from_tensor(example, static_shapes=True)
             last_input.meta["example_value"] = example

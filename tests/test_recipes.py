@@ -16,7 +16,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import DOMINANT_BLOCKS, MLP, assert_close, train_and_compare
+from conftest import DOMINANT_BLOCKS, MLP, assert_close, sgd_step_both, train_and_compare
 from test_conv import BasicBlock
 from torch import nn
 from torch._dynamo.utils import counters
@@ -191,6 +191,29 @@ def test_mask_decay_forward_weights(curve):
         assert_close(y, x @ effective.t() + layer.bias, what=f"Y at step {t}")
         y.sum().backward()  # no optimizer: W stays, the schedule advances
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_mask_decay_float64_keeps_alpha_exact(inner):
+    """A float64 layer takes α as float64: the forward and dX match the reference, which multiplies
+    by the exact Python float, to float64 round-off (α = 0.9, 0.8, … rounded to fp32 were off by
+    up to 2e-8 relative)."""
+    torch.manual_seed(0)
+    base = MLP(16, 32, 8).double()
+    options = {"mask_decay": "linear", "mask_decay_rate": 0.1, "inner": inner}
+    ref = reference.sparsify(copy.deepcopy(base), **options)
+    mine = copy.deepcopy(base)
+    compiled = torch.compile(mine, backend=nmcompile.backend(**options))
+    for step in range(4):
+        x = torch.randn(6, 16, dtype=torch.float64)
+        x_ref, x_mine = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_ref, y_mine = ref(x_ref), compiled(x_mine)
+        torch.testing.assert_close(y_mine, y_ref, rtol=1e-13, atol=1e-14, msg=f"step {step} output")
+        y_ref.square().sum().backward()
+        y_mine.square().sum().backward()
+        torch.testing.assert_close(x_mine.grad, x_ref.grad, rtol=1e-13, atol=1e-14, msg=f"step {step} dX")
+        sgd_step_both(ref, mine, 0.1)
+    assert nmcompile.sparsity_state(compiled)["fc1.weight"]["alpha"] == pytest.approx(1 - 0.1 * 4, abs=1e-15)
 
 
 def test_mask_decay_input_gradient():
