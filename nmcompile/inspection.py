@@ -161,7 +161,7 @@ def format_table(rows: list[LayerRow]) -> str:
             r.name,
             r.op,
             "x".join(map(str, r.weight_shape)) if r.weight_shape else "-",
-            "x".join(map(str, r.input_shape)) if r.input_shape else "?",
+            "x".join("?" if size is None else str(size) for size in r.input_shape) if r.input_shape else "?",
             r.nm,
             "sparse" if r.sparse else "dense",
             r.backward,

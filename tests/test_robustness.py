@@ -70,6 +70,40 @@ def test_dynamic_shapes_one_graph_and_reference_agreement():
     assert counters["stats"]["unique_graphs"] == 1
 
 
+class _MoE(nn.Module):
+    """Top-1 routing by boolean masks, each expert's output scaled by its gate: each expert sees a
+    data-dependent number of tokens."""
+
+    def __init__(self, d: int = 32, experts: int = 2) -> None:
+        super().__init__()
+        self.router = nn.Linear(d, experts)
+        self.experts = nn.ModuleList(nn.Linear(d, d) for _ in range(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gates = self.router(x).softmax(-1)
+        choice = gates.argmax(-1)
+        out = torch.zeros_like(x)
+        for i, expert in enumerate(self.experts):
+            chosen = choice == i
+            out[chosen] = expert(x[chosen]) * gates[chosen, i, None]
+        return out
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_moe_experts_with_data_dependent_token_counts(inner):
+    """With dynamo's capture_dynamic_output_shape_ops (README), boolean-mask routing stays in the
+    graph: the experts' token counts are unbacked sizes, MVUE pads them, and training matches the
+    reference; the report prints the unknown size as ``?``."""
+    torch.manual_seed(0)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        train_and_compare(_MoE, (16, 32), steps=3, grad_prune="mvue24", inner=inner)
+        report = nmcompile.explain(_MoE(), torch.randn(16, 32), grad_prune="mvue24")
+    rows = {row.name: row for row in report.rows}
+    assert rows["experts.0.weight"].sparse and rows["experts.1.weight"].sparse
+    assert rows["experts.0.weight"].input_shape == (None, 32)
+    assert "| ?x32 " in str(report) and "None" not in str(report)
+
+
 def test_symbolic_divisibility_is_decided_without_guards():
     """SPEC §10: s0·8 is provably divisible by 4, s0 is not; no guard is installed either way."""
     from torch._dynamo.source import ConstantSource
