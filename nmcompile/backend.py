@@ -335,13 +335,11 @@ class _Runner:
             return variant(*args)
         states = [(self._state(k, args[i], roots), args[i]) for k, (_, i, _) in enumerate(self.layers)]
         self.registry.warn_restarted()
-        training = [(state, weight) for state, weight in states if state.is_training_forward()]
-        for state, weight in training:
-            state.begin_training_step(weight)
-        extra = [tensor for state, _ in states for tensor in state.graph_inputs()]
+        forwards = [(state, state.enter_forward(weight)) for state, weight in states]
+        extra = [tensor for state, forward in forwards for tensor in state.graph_inputs(forward)]
         out = self.compiled(*args, *extra)
-        for state, _ in training:
-            state.end_training_step()
+        for state, forward in forwards:
+            state.exit_forward(forward)
         return out
 
 

@@ -329,29 +329,26 @@ class _Rule:
         if self.uses.is_dense(self):
             return F.linear(x, w, bias) if conv is None else _CONV[w.dim() - 2](x, w, bias, *conv)
         config, state = self.config, self.state
-        training = state.is_training_forward()
-        if training:
-            state.begin_training_step(self.param)
-        n, m = state.mask_n(), config.m
+        forward = state.enter_forward(self.param)
+        n, m = state.mask_n(forward.step), config.m
         with torch.no_grad():
             if self.backward == "transposable":
                 fmask = bmask = transposable_mask(w, n, m)
             else:
                 fmask = nm_mask(w, n, m, dim=1)
-                bmask = backward_mask(w, fmask, state.perm, n, m) if self.backward == "bimask" else fmask
+                bmask = backward_mask(w, fmask, forward.perm, n, m) if self.backward == "bimask" else fmask
         recipe = Recipe(
             config.srste_lambda,
-            state.alpha(),
+            state.alpha(forward.step),
             config.grad_prune,
             prune_key(config.seed, state.spec.index),
-            state.step_tensor(),
+            state.step_tensor(forward.step),
         )
         if conv is None:
             y = SparseGemm.apply(x, w, bias, fmask, bmask, recipe)
         else:
             y = SparseConv.apply(x, w, bias, fmask, bmask, recipe, conv)
-        if training:
-            state.end_training_step()
+        state.exit_forward(forward)
         return y
 
 

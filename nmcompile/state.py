@@ -98,6 +98,26 @@ class Progress:
     step: int = 0
     last_search_step: int | None = None
     trained_by: LayerState | None = None
+    last_forward: Forward | None = None  # the last training forward, which a checkpoint may recompute
+
+
+@dataclasses.dataclass(frozen=True)
+class Forward:
+    """One forward through a layer: what it is and the step and permutation it runs with.
+
+    ``kind`` is "train" (a training step: it searches, then counts), "recompute" (a non-reentrant
+    activation checkpoint rerunning the layer's last training forward inside the backward: that
+    forward's step and permutation, nothing counted) or "use" (eval mode or no grad).
+    """
+
+    kind: str
+    step: int
+    perm: torch.Tensor
+
+
+def in_backward() -> bool:
+    """Whether autograd is running a backward on this thread: a forward now is a checkpoint's recompute."""
+    return torch._C._current_graph_task_id() != -1
 
 
 class LayerState:
@@ -149,6 +169,7 @@ class LayerState:
         self.perm = torch.arange(self.spec.rows, device=self.device)
         self.step = 0
         self.last_search_step = None
+        self.progress.last_forward = None
 
     def weight_matrix(self, param: torch.Tensor) -> torch.Tensor:
         """The parameter as the ``[O, K]`` matrix ``W`` of SPEC §1 (detached)."""
@@ -173,28 +194,31 @@ class LayerState:
             return None
         return reference.decay_alpha(config, self.step if step is None else step)
 
-    def graph_inputs(self) -> list[torch.Tensor]:
-        """This step's state tensors for the compiled graph, in ``spec.graph_inputs`` order."""
+    def graph_inputs(self, forward: Forward | None = None) -> list[torch.Tensor]:
+        """The state tensors of ``forward`` (default: a use now) for the compiled graph, in
+        ``spec.graph_inputs`` order."""
+        forward = forward if forward is not None else Forward("use", self.step, self.perm)
         values = {
-            "perm": lambda: self.perm,
-            "n_eff": lambda: torch.tensor(self.mask_n(), dtype=torch.int64),
-            "alpha": self.alpha_tensor,
-            "step": self.step_tensor,
+            "perm": lambda: forward.perm,
+            "n_eff": lambda: torch.tensor(self.mask_n(forward.step), dtype=torch.int64),
+            "alpha": lambda: self.alpha_tensor(forward.step),
+            "step": lambda: self.step_tensor(forward.step),
         }
         return [values[kind]() for kind in self.spec.graph_inputs]
 
-    def alpha_tensor(self) -> torch.Tensor:
-        """The mask-decay factor as a new 0-d tensor (``alpha_dtype``) on the weight's device. On CUDA it comes
-        from pinned memory without blocking: a copy from pageable memory waits for the stream, which
-        would hold every step of a mask-decay run until the GPU finished the step before it."""
-        value = torch.tensor(self.alpha(), dtype=alpha_dtype(self.spec.dtype))
+    def alpha_tensor(self, step: int) -> torch.Tensor:
+        """The mask-decay factor at ``step`` as a new 0-d tensor (``alpha_dtype``) on the weight's
+        device. On CUDA it comes from pinned memory without blocking: a copy from pageable memory waits
+        for the stream, which would hold every step of a mask-decay run until the GPU finished the step
+        before it."""
+        value = torch.tensor(self.alpha(step), dtype=alpha_dtype(self.spec.dtype))
         if self.device.type == "cuda":
             return value.pin_memory().to(self.device, non_blocking=True)
         return value.to(self.device)
 
-    def step_tensor(self) -> torch.Tensor:
-        """The step as a new 0-d tensor (a graph input seeding MVUE): made per call, never mutated."""
-        return torch.tensor(self.step, dtype=torch.int64)
+    def step_tensor(self, step: int) -> torch.Tensor:
+        """``step`` as a new 0-d tensor (a graph input seeding MVUE): made per call, never mutated."""
+        return torch.tensor(step, dtype=torch.int64)
 
     def is_training_forward(self) -> bool:
         """A training step is a forward with grad enabled while the owning module is in train mode."""
@@ -210,6 +234,28 @@ class LayerState:
     def set_owner(self, owner: nn.Module) -> None:
         """``owner`` holds the weight now: its train/eval mode decides what counts as a step."""
         self._owner = weakref.ref(owner)
+
+    def enter_forward(self, param: torch.Tensor) -> Forward:
+        """Start a forward through this layer with weight ``param``: a training forward searches
+        (``begin_training_step``); a training forward inside a backward, after a training forward
+        outside one, is a non-reentrant checkpoint's recompute of that forward (a reentrant
+        checkpoint's first forward runs without grad, so its recompute is the training step).
+        A forward outside training, outside a backward, forgets the last training forward."""
+        progress = self.progress
+        if not self.is_training_forward():
+            if not in_backward():
+                progress.last_forward = None
+            return Forward("use", self.step, self.perm)
+        if progress.last_forward is not None and in_backward():
+            return dataclasses.replace(progress.last_forward, kind="recompute")
+        self.begin_training_step(param)
+        return Forward("train", self.step, self.perm)
+
+    def exit_forward(self, forward: Forward) -> None:
+        """Finish ``forward``: a training forward counts a step and is remembered for a recompute."""
+        if forward.kind == "train":
+            self.progress.last_forward = forward
+            self.end_training_step()
 
     def begin_training_step(self, param: torch.Tensor) -> None:
         """Run the permutation search if this step is a search step (every ``perm_interval``, from 0)."""
@@ -289,6 +335,7 @@ class LayerState:
         self.step = int(payload["step"])
         last = int(payload["last_search_step"])
         self.last_search_step = None if last < 0 else last
+        self.progress.last_forward = None
 
 
 def _perm_problem(perm: Any, rows: int, groups: int) -> str | None:
