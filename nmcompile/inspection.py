@@ -334,7 +334,7 @@ class Report:
 
     @property
     def rows(self) -> list[LayerRow]:
-        """Every GEMM-like node of every compiled graph, then the weights no graph used."""
+        """Every GEMM-like node of every compiled graph, then the weights no graph used as a GEMM weight."""
         return [row for record in self.records for row in record.rows] + self.untraced
 
     def _graph(self, kind: str) -> fx.GraphModule | None:
@@ -367,7 +367,7 @@ class Report:
     def __str__(self) -> str:
         parts = [str(r) for r in self.records] or ["(no graph compiled)"]
         if self.untraced:
-            parts.append("not in any compiled graph:\n" + format_table(self.untraced))
+            parts.append("weights no compiled graph uses as a GEMM weight:\n" + format_table(self.untraced))
         return "\n\n".join(parts)
 
     __repr__ = __str__

@@ -393,6 +393,21 @@ def test_weights_no_rewritten_gemm_takes_say_what_uses_them():
     assert not any(r.sparse for r in rows)
 
 
+def test_weights_used_by_other_ops_are_listed_under_a_heading_that_fits_them():
+    """A ``weight_norm``'s parts are in the compiled graph, used by ``_weight_norm``: the report
+    lists them under "weights no compiled graph uses as a GEMM weight" (it said "not in any
+    compiled graph")."""
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(16, 8)), nn.Linear(8, 8))
+    report = nmcompile.explain(model, torch.randn(4, 16), inner="aot_eager")
+    heading, _, table = str(report).rpartition("weights no compiled graph uses as a GEMM weight:\n")
+    assert heading and "not in any compiled graph" not in str(report)
+    listed = {line.split("|")[0].strip(): line.split("|")[-1].strip() for line in table.splitlines()[2:]}
+    gemms = "not by a GEMM nmsparse rewrites (linear, matmul, mm, addmm, convolutions)"
+    parts = ("0.parametrizations.weight.original0", "0.parametrizations.weight.original1")  # g [8, 1], v [8, 16]
+    assert listed == dict.fromkeys(parts, f"used by _weight_norm, {gemms}")
+    assert {r.name for r in report.rows if r.sparse} == {"1.weight"}
+
+
 def test_weights_of_a_fused_attention_say_why_it_stays_fused():
     """Cross-attention (``kdim``/``vdim``: separate projections) stays fused; its weights' rows give
     the fused op's reason (they said "the input (left) operand of multi_head_attention")."""
