@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import logging
 import re
 import sys
 import warnings
@@ -361,6 +362,7 @@ def compile_graph(
     """Compile one dynamo graph with N:M sparse GEMMs; the body of every ``nmsparse`` backend call.
     ``mode`` is ``torch.compile``'s, passed on to the inner Inductor compile."""
     patches = _mode_patches(mode, config)
+    _watch_recompile_limit().frames.add(getattr(gm.meta.get("dynamo_compile_id"), "frame_id", None))
     roots = _CallTables()
     _warn_if_include_admits_nothing(config, roots)
     params = resolve_parameters(gm, example_inputs, roots)
@@ -394,6 +396,40 @@ def compile_graph(
     ):
         compiled = _compile_inner(rewritten, [*example_inputs, *examples], config, record, patches)
     return _Runner(compiled, layers, registry, _Variants(gm, config, registry, fake_mode, params))
+
+
+class _RecompileLimitWatch(logging.Filter):
+    """Turns dynamo's "hit config.recompile_limit" log line for a frame this backend compiled into
+    a warning that says what it means here: dynamo runs that code eagerly from then on, so its
+    layers train dense and their steps stop. Dynamo calls no backend then, so its log is the only
+    sign; the filter only reads records and lets every one through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames: set[int | None] = set()  # dynamo's frame ids of the code nmsparse compiled
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("torch._dynamo hit config."):
+            compile_id = torch._guards.CompileContext.current_compile_id()
+            if compile_id is not None and compile_id.frame_id in self.frames:
+                limit, value, function = record.args[:3]  # type: ignore[index]
+                warnings.warn(
+                    f"nmsparse: dynamo hit its {limit} ({value}) for {function}, which nmsparse compiled: "
+                    "dynamo runs it eagerly from now on, so its layers train dense and their steps stop "
+                    "(sparsity_state). Every option set, train/eval/no_grad mode and static shape counts; "
+                    "pass isolate_recompiles=True to torch.compile, call torch._dynamo.reset() between "
+                    "runs, or raise torch._dynamo.config.recompile_limit (README, 'Recompiles')",
+                    stacklevel=2,
+                )
+        return True
+
+
+@functools.cache
+def _watch_recompile_limit() -> _RecompileLimitWatch:
+    """The one ``_RecompileLimitWatch``, on the logger of dynamo's frame conversion."""
+    watch = _RecompileLimitWatch()
+    logging.getLogger("torch._dynamo.convert_frame").addFilter(watch)
+    return watch
 
 
 @functools.cache
