@@ -5,7 +5,7 @@ from nmcompile.backend import NMSparseBackend, backend, nmsparse
 from nmcompile.inspection import Report, explain
 from nmcompile.options import SparsityConfig, SparsityConfigError
 from nmcompile.reference import mvue_prune
-from nmcompile.state import SparsityStates, sparsity_state
+from nmcompile.state import SparsityStates, forward_weights, sparsity_state
 
 __all__ = [
     "NMSparseBackend",
@@ -15,6 +15,7 @@ __all__ = [
     "SparsityStates",
     "backend",
     "explain",
+    "forward_weights",
     "mvue_prune",
     "nmsparse",
     "sparsity_state",

@@ -293,10 +293,7 @@ class LayerState:
         n = self.mask_n()
         with torch.no_grad():
             w = self.weight_matrix(param)
-            if spec.backward == "transposable":
-                fmask = reference.transposable_mask(w, n, config.m)
-            else:
-                fmask = reference.nm_mask(w, n, config.m, dim=1)
+            fmask = self.forward_mask(w)
             kept = fmask.sum().item()
             kept_fraction = 1.0
             if spec.backward == "bimask" and kept:
@@ -314,6 +311,23 @@ class LayerState:
             "layer_index": spec.index,
             "last_search_step": self.last_search_step,
         }
+
+    def forward_mask(self, w: torch.Tensor) -> torch.Tensor:
+        """The forward mask ``F`` of ``w`` (``weight_matrix``) now: N:M along the reduction dim at
+        the N in force, or the transposable mask."""
+        n, m = self.mask_n(), self.spec.config.m
+        if self.spec.backward == "transposable":
+            return reference.transposable_mask(w, n, m)
+        return reference.nm_mask(w, n, m, dim=1)
+
+    def forward_weight(self, param: torch.Tensor) -> torch.Tensor:
+        """The weight this layer's forward uses now, a new tensor in ``param``'s layout: ``W ⊙ F``,
+        with mask decay ``W ⊙ (F + (1−F)·α)`` (SPEC §8)."""
+        with torch.no_grad():
+            w = self.weight_matrix(param)
+            alpha = self.alpha()
+            used = torch.where(self.forward_mask(w), w, 0 if alpha is None else w * alpha)
+            return used.t().contiguous() if self.spec.layout == "in_out" else used
 
     def payload(self) -> dict[str, Any]:
         """What a checkpoint keeps: everything else follows from the weight and the step."""
@@ -767,9 +781,22 @@ def sparsity_state(model: nn.Module, registry: StateRegistry = DEFAULT_REGISTRY)
     """Per sparsified weight (named as ``model.named_parameters()`` spells it): perm, step,
     kept_fraction, effective N and decay factor. Under FSDP2 it gathers each sharded weight
     (``full_tensor``), a collective: call it on every rank."""
+    return {name: state.summary(param) for name, param, state in _sparsified(model, registry)}
+
+
+def forward_weights(model: nn.Module, registry: StateRegistry = DEFAULT_REGISTRY) -> dict[str, torch.Tensor]:
+    """Per sparsified weight (named as ``sparsity_state`` names it): the weight its forward uses now,
+    ``W ⊙ F`` (``W ⊙ (F + (1−F)·α)`` while a mask decays), as a new tensor of the parameter's shape.
+    ``state_dict()`` keeps the dense parameters, from which the masks are chosen each step; loading
+    these over them gives a plain model the compiled model's eval forward, to deploy or export.
+    Under FSDP2 it gathers each sharded weight (a collective: call it on every rank)."""
+    return {name: state.forward_weight(param) for name, param, state in _sparsified(model, registry)}
+
+
+def _sparsified(model: nn.Module, registry: StateRegistry) -> Iterator[tuple[str, torch.Tensor, LayerState]]:
+    """``model``'s sparsified weights: name, full (FSDP2-gathered) parameter and the state in force."""
     module = unwrap(model)
     unsharded = unsharded_parameters(module)
-    out: dict[str, dict[str, Any]] = {}
     owners = {id(p): (owner, slot) for owner in module.modules() for slot, p in owner.named_parameters(recurse=False)}
     for name, param in module.named_parameters():
         key = unsharded.get(id(param), param)
@@ -778,5 +805,4 @@ def sparsity_state(model: nn.Module, registry: StateRegistry = DEFAULT_REGISTRY)
             state = registry.get(key)  # a new Parameter in a layer's place, not yet run
         if state is not None:
             full = param.full_tensor() if isinstance(param, torch.distributed.tensor.DTensor) else param
-            out[name] = state.summary(full)
-    return out
+            yield name, full, state

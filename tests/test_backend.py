@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 from conftest import MLP, MODELS, assert_close, c_mask_kernels, sgd_step_both, train_and_compare
+from test_conv import BasicBlock
 from torch import nn
 from torch._dynamo.utils import counters
 
@@ -794,3 +795,52 @@ def test_masked_weight_stands_for_the_mask(alpha, use_perm):
     assert torch.equal(y, x @ recipe.weight(w, fmask).t())
     assert torch.equal(xl.grad, dy @ recipe.weight(w, bmask))
     assert torch.equal(wl.grad, recipe.srste(dy.t() @ x, w, fmask))
+
+
+FORWARD_WEIGHT_CASES = {
+    "mlp": (MLP, (8, 32), {}),
+    "inout": (MODELS["inout"][0], (8, 32), {"backward": "transposable"}),
+    "mask_decay": (MLP, (8, 32), {"mask_decay": "linear", "mask_decay_rate": 0.3}),
+    "structure_decay": (MLP, (8, 32), {"structure_decay": True, "total_steps": 8}),
+    "conv": (BasicBlock, (2, 16, 8, 8), {}),
+}
+
+
+@pytest.mark.parametrize("case", FORWARD_WEIGHT_CASES)
+def test_forward_weights_give_a_plain_model_the_compiled_eval_forward(case):
+    """After training, ``forward_weights`` loaded over a plain model's dense ``state_dict`` make it
+    compute what the compiled model computes in eval (``state_dict`` itself keeps dense weights):
+    2:4 weights keep 2 of each 4 along the reduction dim; with mask decay the pruned ones are
+    scaled by α, not zero."""
+    make, shape, options = FORWARD_WEIGHT_CASES[case]
+    torch.manual_seed(0)
+    model = make()
+    compiled = torch.compile(model, backend=nmcompile.backend(inner="aot_eager", **options))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(3):
+        compiled(torch.randn(shape)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    weights = nmcompile.forward_weights(compiled)
+    state = nmcompile.sparsity_state(compiled)
+    assert weights.keys() == state.keys() and weights
+    plain = copy.deepcopy(make())
+    plain.load_state_dict({**model.state_dict(), **weights})
+    model.eval()
+    plain.eval()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        assert_close(plain(x), compiled(x), rel=1e-6, what=case)
+    for name, w in weights.items():
+        param = dict(model.named_parameters())[name]
+        assert w.shape == param.shape and w.dtype == param.dtype
+        matrix = w.t() if case == "inout" and "c_" in name else w
+        kept = (matrix != 0).unflatten(1, (-1, 4)).sum(2)
+        n = state[name]["n_effective"]
+        if case == "mask_decay":
+            assert (kept == 4).all(), name  # α(3) = 0.1: pruned weights scaled, not cut
+            assert_close(w[w != param], param[w != param] * 0.1, what=name)
+        else:
+            assert (kept == n).all(), name
+            assert_close(w[w != 0], param[w != 0], rel=0, what=name)
+    assert {s["step"] for s in nmcompile.sparsity_state(compiled).values()} == {3}
