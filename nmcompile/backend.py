@@ -307,20 +307,27 @@ class _Runner:
         self.variants = variants
         self.layers = [(spec, position, state) for spec, position, state, _ in layers]  # spec, weight's input, state
         self.registry = registry
-        # Per layer, the last call's weight and state: the compiled weight's own to start with.
+        # Per layer, the last call's weight and state (the compiled weight's own to start with), and
+        # the state of every weight it was called with: one per block where dynamo hands this graph
+        # every instance of a block class.
         self._last = [(weakref.ref(anchor(weight)), state) for _, _, state, weight in layers]
+        self._known = [WeightKeyDictionary() for _ in layers]
 
     def _state(self, k: int, weight: torch.Tensor, roots: _CallTables) -> LayerState:
         """Layer ``k``'s state for ``weight``: the last call's where the weight is the same (the
-        usual case, one check), else the registry's for this layer's options."""
+        usual case, one check), else the one found at an earlier call with this weight, else the
+        registry's for this layer's options (looked up once per weight)."""
         last = self._last[k]
         if last[0]() is anchor(weight):
             return last[1]
-        spec = self.layers[k][0]
-        state = self.registry.find(weight, spec)
+        state = self._known[k].get(weight)
         if state is None:
-            name, index, owner = _locate(weight, spec, roots)
-            state = self.registry.get_or_create(weight, dataclasses.replace(spec, name=name, index=index), owner)
+            spec = self.layers[k][0]
+            state = self.registry.find(weight, spec)
+            if state is None:
+                name, index, owner = _locate(weight, spec, roots)
+                state = self.registry.get_or_create(weight, dataclasses.replace(spec, name=name, index=index), owner)
+            self._known[k][weight] = state
         self._last[k] = (weakref.ref(anchor(weight)), state)
         return state
 
@@ -531,6 +538,7 @@ class _Variants:
         self._seen = WeightKeyDictionary()  # weight -> (its _Known, whether the name filter admits it), found once
         self._runners: dict[tuple, _Runner] = {}
         self._fits = [weakref.ref(anchor(info.param)) for info in params.values()]
+        self._fitting = WeightKeyDictionary()  # first weight -> all weights of a call the compiled graph fits
 
     def _admitted(self, known: _Known) -> bool:
         return self.config.name_filter_reason(known.name) is None
@@ -553,12 +561,16 @@ class _Variants:
         weights = [args[position] for position, _, _ in self.inputs]
         if all(ref() is anchor(w) for ref, w in zip(self._fits, weights, strict=True)):
             return None  # the weights of the last call the compiled graph fitted: the usual case
+        fitted = self._fitting.get(weights[0])  # another block's weights it fitted at an earlier call
+        if fitted is not None and all(ref() is anchor(w) for ref, w in zip(fitted, weights, strict=True)):
+            self._fits = fitted
+            return None
         entries = [self._known(w, k, roots) for w, (_, _, k) in zip(weights, self.inputs, strict=True)]
         ids = [id(w) for w in weights]
         tied = [ids.count(i) > 1 for i in ids]  # a weight at two inputs: tied after compiling
         choice = tuple(self._choice(k, admitted, t) for (k, admitted), t in zip(entries, tied, strict=True))
         if choice == self.compiled_choice:
-            self._fits = [weakref.ref(anchor(w)) for w in weights]
+            self._fits = self._fitting[weights[0]] = [weakref.ref(anchor(w)) for w in weights]
             return None
         runner = self._runners.get(choice)
         if runner is None:
