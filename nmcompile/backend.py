@@ -369,7 +369,7 @@ def compile_graph(
     """Compile one dynamo graph with N:M sparse GEMMs; the body of every ``nmsparse`` backend call.
     ``mode`` is ``torch.compile``'s, passed on to the inner Inductor compile."""
     patches = _mode_patches(mode, config)
-    _watch_recompile_limit().frames.add(getattr(gm.meta.get("dynamo_compile_id"), "frame_id", None))
+    _watch_recompile_limit().functions.add(_compiled_function())
     roots = _CallTables()
     _warn_if_include_admits_nothing(config, roots)
     params = resolve_parameters(gm, example_inputs, roots)
@@ -406,29 +406,46 @@ def compile_graph(
 
 
 class _RecompileLimitWatch(logging.Filter):
-    """Turns dynamo's "hit config.recompile_limit" log line for a frame this backend compiled into
-    a warning that says what it means here: dynamo runs that code eagerly from then on, so its
+    """Turns dynamo's "hit config.recompile_limit" log line for a function this backend has compiled
+    into a warning that says what it means here: dynamo runs that code eagerly from then on, so its
     layers train dense and their steps stop. Dynamo calls no backend then, so its log is the only
-    sign; the filter only reads records and lets every one through."""
+    sign. The log names the function, not the backend, so a function that nmsparse and another
+    backend both compiled (two runs in one process) warns at the other's limit too, which the
+    message allows for. The filter only reads records and lets every one through."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.frames: set[int | None] = set()  # dynamo's frame ids of the code nmsparse compiled
+        self.functions: set[str | None] = set()  # the functions nmsparse compiled, as dynamo's log names them
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if str(record.msg).startswith("torch._dynamo hit config."):
-            compile_id = torch._guards.CompileContext.current_compile_id()
-            if compile_id is not None and compile_id.frame_id in self.frames:
-                limit, value, function = record.args[:3]  # type: ignore[index]
+        if str(record.msg).startswith("torch._dynamo hit config.") and len(record.args or ()) >= 3:
+            limit, value, function = record.args[:3]  # type: ignore[index]
+            if function in self.functions:
                 warnings.warn(
-                    f"nmsparse: dynamo hit its {limit} ({value}) for {function}, which nmsparse compiled: "
-                    "dynamo runs it eagerly from now on, so its layers train dense and their steps stop "
-                    "(sparsity_state). Every option set, train/eval/no_grad mode and static shape counts; "
+                    f"nmsparse: dynamo hit its {limit} ({value}) for {function}, a function nmsparse has "
+                    "compiled: dynamo runs it eagerly from now on, so an nmsparse model there trains dense and "
+                    "its layers' steps stop (sparsity_state). Every option set, train/eval/no_grad mode and "
+                    "static shape counts; "
                     "pass isolate_recompiles=True to torch.compile, call torch._dynamo.reset() between "
                     "runs, or raise torch._dynamo.config.recompile_limit (README, 'Recompiles')",
                     stacklevel=2,
                 )
         return True
+
+
+def _compiled_function() -> str | None:
+    """The function dynamo is compiling, named as its recompile-limit log line names it (``None``
+    where dynamo's tracer is not at hand)."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    try:
+        tx = InstructionTranslator.current_tx()
+    except AttributeError:  # called outside dynamo's tracing (a graph compiled by hand)
+        return None
+    if tx is None:
+        return None
+    code = tx.output.root_tx.f_code
+    return f"'{code.co_name}' ({code.co_filename}:{code.co_firstlineno})"
 
 
 @functools.cache

@@ -107,22 +107,31 @@ def test_moe_experts_with_data_dependent_token_counts(inner):
 
 def test_hitting_dynamos_recompile_limit_warns_that_the_layers_train_dense():
     """Past recompile_limit dynamo runs a frame eagerly and calls no backend: nmsparse turns dynamo's
-    log line into a warning for the frames it compiled (steps stop at the compiled calls), and
-    stays quiet for a frame another backend compiled."""
-    model, other = MLP(16, 32, 16), Branchy()  # classes of their own: built-in containers share one frame
+    log line into a warning for the functions it compiled (steps stop at the compiled calls), and
+    stays quiet for a function only another backend compiled."""
+
+    class Other(nn.Module):  # code of its own: dynamo's frame ids are per code object
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x)
+
+    model, other = MLP(16, 32, 16), Other()  # built-in containers would share wrap_inline's frame
     compiled = torch.compile(model, backend=_backend(), dynamic=False)
     plain = torch.compile(other, backend="aot_eager", dynamic=False)
     with torch._dynamo.config.patch(recompile_limit=2), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for batch in (4, 5, 6, 7):
             plain(torch.randn(batch, 16)).sum().backward()
-        assert not [w for w in caught if "nmsparse" in str(w.message)]
+        assert not [str(w.message) for w in caught if "nmsparse" in str(w.message)]
         for batch in (4, 5, 6, 7):
             compiled(torch.randn(batch, 16)).sum().backward()
     ours = [str(w.message) for w in caught if "nmsparse" in str(w.message)]
     assert len(ours) == 1  # at batch 6: dynamo then skips the frame for good, with no second log line
     assert ours[0].startswith("nmsparse: dynamo hit its recompile_limit (2) for 'forward' (")
-    assert "its layers train dense and their steps stop" in ours[0]
+    assert "an nmsparse model there trains dense and its layers' steps stop" in ours[0]
     assert {v["step"] for v in nmcompile.sparsity_state(model).values()} == {2}
 
 
