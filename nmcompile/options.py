@@ -17,6 +17,7 @@ BACKWARD_MODES = ("bimask", "transposable", "dense")
 INNER_COMPILERS = ("inductor", "aot_eager")
 GRAD_PRUNE_RULES = ("none", "mvue12", "mvue24", "mvue24_approx")
 MASK_DECAYS = ("none", "linear", "exponential")
+MASK_DECAY_RATE = 2e-4  # the default mask_decay_rate (SPEC §8)
 KERNELS = ("auto", "triton", "portable", "sparse24")
 
 
@@ -91,7 +92,7 @@ class SparsityConfig:
     inner: str = "inductor"
     grad_prune: str = "none"
     mask_decay: str = "none"
-    mask_decay_rate: float = 2e-4
+    mask_decay_rate: float = MASK_DECAY_RATE
     structure_decay: bool = False
     dense_steps: int = 0
     finetune_steps: int = 0
@@ -134,6 +135,14 @@ class SparsityConfig:
                 _fail(key, getattr(self, key), "an int >= 0")
         if self.total_steps is not None and (not _is_int(self.total_steps) or self.total_steps < 1):
             _fail("total_steps", self.total_steps, "None or an int >= 1")
+        if self.total_steps is not None and not self.structure_decay:
+            _fail("total_steps", self.total_steps, "None unless structure_decay=True (nothing else reads it)")
+        if self.mask_decay_rate != MASK_DECAY_RATE and self.mask_decay == "none":
+            _fail(
+                "mask_decay_rate",
+                self.mask_decay_rate,
+                f"{MASK_DECAY_RATE} unless mask_decay is on (nothing else reads it)",
+            )
         decaying = self.structure_decay or self.mask_decay != "none"
         if self.dense_steps and not decaying:
             _fail("dense_steps", self.dense_steps, "0 unless mask_decay or structure_decay is on")

@@ -343,6 +343,8 @@ def test_recipe_defaults():
         ({"mask_decay": "linear", "mask_decay_rate": math.nan}, "mask_decay_rate"),
         ({"mask_decay": "linear", "mask_decay_rate": True}, "mask_decay_rate"),
         ({"total_steps": 0}, "total_steps"),
+        ({"total_steps": 100}, "total_steps"),  # read by structure decay only
+        ({"mask_decay": "none", "mask_decay_rate": 0.1}, "mask_decay_rate"),  # read by mask decay only
         ({"dense_steps": 10}, "dense_steps"),
         ({"mask_decay": "linear", "dense_steps": -1}, "dense_steps"),
         ({"mask_decay": "linear", "finetune_steps": 5}, "finetune_steps"),
