@@ -264,7 +264,7 @@ MVUE_OPCOUNT_THRESHOLD = 30
 value used more than once may inline before it is written out. On the CPU the MVUE rule is inlined as
 aten ops (``ops._prune_tokens``), and Inductor's CPU default (50) let its values inline into every use:
 a 3-layer MLP's first step compiled in 51 s, 12 s without MVUE (and 413 s at 64). At 30, Inductor's
-GPU default, it compiles in 19 s and the FFN benchmark's MVUE step runs in 82 ms, not 97
+GPU default, it compiles in 19 s and the FFN benchmark's MVUE step runs in 79 ms, not 97
 (python -m benchmarks.step --device cpu, 2-core AMD EPYC, torch 2.13.0+cpu, docs/benchmarks.md)."""
 
 
