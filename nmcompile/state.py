@@ -325,8 +325,7 @@ class LayerState:
         with mask decay ``W ⊙ (F + (1−F)·α)`` (SPEC §8)."""
         with torch.no_grad():
             w = self.weight_matrix(param)
-            alpha = self.alpha()
-            used = torch.where(self.forward_mask(w), w, 0 if alpha is None else w * alpha)
+            used = reference.Recipe(alpha=self.alpha()).weight(w, self.forward_mask(w))
             return used.t().contiguous() if self.spec.layout == "in_out" else used
 
     def payload(self) -> dict[str, Any]:
