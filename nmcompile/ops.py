@@ -49,7 +49,7 @@ def nm_mask(a: torch.Tensor, n: int, m: int, dim: int, n_eff: torch.Tensor | Non
     if dim % a.dim() == a.dim() - 1 and m <= _UNROLL_M:
         # Groups along the contiguous dim (the forward mask): Inductor's CPU loop over them is
         # scalar code, where int32 counts and a bool stack are cheapest (selects become branches).
-        entries, limit = _groups(a, m, dim).unbind(-1), _limit(n, n_eff, a.device)
+        entries, limit = _groups(a, m, dim).unbind(-1), _limit(n, n_eff)
         keep = [_count_above(entries, i, select=False) < limit for i in range(m)]
         return torch.stack(keep, -1).reshape(a.shape)
     return nm_keep(a, n, m, dim, n_eff) > 0
@@ -58,7 +58,7 @@ def nm_mask(a: torch.Tensor, n: int, m: int, dim: int, n_eff: torch.Tensor | Non
 def nm_keep(a: torch.Tensor, n: int, m: int, dim: int, n_eff: torch.Tensor | None = None) -> torch.Tensor:
     """``nm_mask`` as 0/1 floats, for consumers that fuse it into their own loop: Inductor's CPU
     vector code loads and stores bool vectors 10–30x slower than floats."""
-    groups, limit = _groups(a, m, dim), _limit(n, n_eff, a.device)
+    groups, limit = _groups(a, m, dim), _limit(n, n_eff)
     dim %= a.dim()
     if m <= _UNROLL_M:
         entries = groups.unbind(dim + 1)
@@ -84,9 +84,11 @@ def _groups(a: torch.Tensor, m: int, dim: int) -> torch.Tensor:
     return mag.reshape(*a.shape[:dim], a.shape[dim] // m, m, *a.shape[dim + 1 :])
 
 
-def _limit(n: int, n_eff: torch.Tensor | None, device: torch.device) -> int | torch.Tensor:
-    """The N in force: the schedule's ``n_eff`` as a tensor on ``device`` where given, else ``n``."""
-    return n_eff.to(device) if n_eff is not None else n
+def _limit(n: int, n_eff: torch.Tensor | None) -> int | torch.Tensor:
+    """The N in force: the schedule's ``n_eff`` where given, else ``n``. ``n_eff`` stays a 0-d CPU
+    tensor, which eager and Inductor read as a scalar beside CUDA tensors: a copy to the GPU from
+    pageable memory (``.to(device)``) would make each structure-decay step wait for the one before."""
+    return n_eff if n_eff is not None else n
 
 
 def _count_above(entries: tuple[torch.Tensor, ...], i: int, select: bool) -> torch.Tensor:

@@ -71,8 +71,9 @@ def test_sparse_conv_op(channels_last, recipe):
 def test_ops_reading_step_or_n_on_the_host_stay_out_of_cuda_graphs():
     """Every registered op with a ``step`` or ``n_eff`` tensor argument (a CPU tensor, mostly read on
     the host: a CUDA graph would replay the recorded value) carries ``cudagraph_unsafe``, so Inductor's graph
-    partitions run it each step; only ``nm_mask`` decomposes (its ``n_eff`` is copied to the
-    device) and needs none."""
+    partitions run it each step; only ``nm_mask`` decomposes and needs none (Inductor reads its
+    0-d CPU ``n_eff`` as a kernel's scalar argument, and under CUDA graphs copies it to the device
+    in a partition of its own)."""
     import nmcompile.kernels.cpu_mask
     import nmcompile.kernels.ops  # noqa: F401  (registers the Triton and 2:4 ops)
 
