@@ -10,6 +10,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import nmcompile
+from nmcompile import reference
 
 
 class BasicBlock(nn.Module):
@@ -32,7 +33,7 @@ class Conv1dStack(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.a = nn.Conv1d(8, 16, 3, padding=1)
-        self.b = nn.Conv1d(16, 16, 4, padding="same", dilation=2)  # asymmetric "same"
+        self.b = nn.Conv1d(16, 16, 4, padding="same", dilation=3)  # asymmetric "same": 4 left, 5 right
         self.c = nn.Conv1d(16, 8, 3, stride=2, padding=1, padding_mode="reflect")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,6 +133,33 @@ def test_conv_input_gradient_is_conv_transpose_of_dy_with_w_masked_by_b(stride):
     expected = F.conv_transpose2d(dy, w * b, stride=stride, padding=1, output_padding=stride - 1)
     assert_close(x.grad, expected, what="dX")
     assert_close(compiled(x), F.conv2d(x, w * f, conv.bias, stride=stride, padding=1), what="Y")
+
+
+@pytest.mark.parametrize(
+    ("dims", "kernel", "dilation"),
+    [(1, 4, 1), (1, 2, 3), (2, (2, 4), (3, 1)), (2, (4, 3), 1)],
+    ids=["k4", "k2-d3", "2d-k2x4-d3x1", "2d-k4x3"],
+)
+def test_asymmetric_same_padding_matches_torch(dims, kernel, dilation):
+    """``padding="same"`` with an odd total ``dilation·(k−1)`` pads one more on the right, as PyTorch
+    does: Y, dX and dW equal ``F.conv*d(..., padding="same")`` on ``W ⊙ F`` (straight-through, no SR-STE)."""
+    torch.manual_seed(0)
+    conv = getattr(nn, f"Conv{dims}d")(8, 8, kernel, padding="same", dilation=dilation)
+    options = {"inner": "aot_eager", "backward": "dense", "srste_lambda": 0.0}
+    compiled = torch.compile(conv, backend=nmcompile.backend(**options))
+    x = torch.randn(2, 8, *([9] * dims), requires_grad=True)
+    y = compiled(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    w = conv.weight.detach()
+    wf = (w * reference.nm_mask(w, 2, 4, dim=1)).requires_grad_()
+    x_ref = x.detach().requires_grad_()
+    y_ref = getattr(F, f"conv{dims}d")(x_ref, wf, conv.bias.detach(), padding="same", dilation=dilation)
+    y_ref.backward(dy)
+    assert y.shape == x.shape
+    assert_close(y, y_ref, what="Y")
+    assert_close(x.grad, x_ref.grad, what="dX")
+    assert_close(conv.weight.grad, wf.grad, what="dW")
 
 
 def test_grouped_conv_permutation_stays_inside_groups():

@@ -202,6 +202,21 @@ def test_nm_mask_hand_cases():
     assert torch.equal(torch.ops.nmsparse.nm_mask(b, 1, 2, 1), expected_b)
 
 
+@pytest.mark.parametrize(("n", "m"), [(16, 32), (1, 32), (5, 17), (31, 32)])
+def test_nm_mask_ties_in_groups_wider_than_16(n, m):
+    """SPEC §2's ties to the lower index hold in groups of up to 32 (the widest ``m`` allowed), where
+    an unstable sort on the CPU reorders equal entries: all-equal groups keep their first ``n``, and
+    tie-heavy groups match the loops."""
+    equal = torch.full((3, 2 * m), -1.5)
+    first = torch.zeros(2 * m, dtype=torch.bool)
+    first[:n], first[m : m + n] = True, True
+    assert torch.equal(reference.nm_mask(equal, n, m, 1), first.expand(3, -1))
+    assert torch.equal(torch.ops.nmsparse.nm_mask(equal, n, m, 1), first.expand(3, -1))
+    ties = make_input("ties", (4, 2 * m), torch.float32, seed=m)
+    assert torch.equal(reference.nm_mask(ties, n, m, 1), brute_nm_mask(ties, n, m, 1))
+    assert torch.equal(torch.ops.nmsparse.nm_mask(ties, n, m, 1), brute_nm_mask(ties, n, m, 1))
+
+
 def test_nm_mask_non_contiguous_input():
     """SPEC §2 holds for a transposed (non-contiguous) view: same mask as on a contiguous copy."""
     a = make_input("ties", (12, 8), torch.float32, seed=3).t()
