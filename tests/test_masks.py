@@ -526,6 +526,27 @@ def test_layer_state_search_schedule_and_reproduction():
     assert torch.equal(torch.random.get_rng_state(), rng_before)
 
 
+def test_layer_state_search_scores_with_the_n_in_force():
+    """SPEC §5 under structure decay (SPEC §8): each step's search masks and scores with that step's
+    N (3:4, 2:4, then 1:4 over frames of one step), not the target's."""
+    weight = torch.randn(16, 16, generator=torch.Generator().manual_seed(5))
+    config = SparsityConfig(n=1, m=4, perm_candidates=20, perm_interval=1, seed=2, structure_decay=True,
+                            total_steps=3)  # fmt: skip
+    spec = LayerSpec(name="w", index=0, rows=16, backward="bimask", config=config)
+    state = LayerState(spec, torch.device("cpu"), None)
+    expected = torch.arange(16)
+    for step, n in enumerate([3, 2, 1]):
+        state.begin_training_step(weight)
+        generator = candidate_generator(2, 0, step)
+        candidates = [torch.randperm(16, generator=generator) for _ in range(20)]
+        at_target, _ = reference.search_permutation(reference.nm_mask(weight, 1, 4, 1), expected, candidates, 1, 4)
+        expected, _ = reference.search_permutation(reference.nm_mask(weight, n, 4, 1), expected, candidates, n, 4)
+        assert torch.equal(state.perm, expected), step
+        if step == 0:
+            assert not torch.equal(at_target, expected)  # scoring at the target's N would choose otherwise
+        state.end_training_step()
+
+
 def test_layer_state_search_runs_once_per_step():
     """SPEC §5: calling begin_training_step twice in one search step does not search again."""
     weight = _structured_weight()
