@@ -152,6 +152,19 @@ def test_mvue_prune_where_one_entry_dwarfs_the_rest(rule):
     assert torch.allclose(got, expected, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("rule", ["mvue12", "mvue24", "mvue24_approx"])
+def test_mvue_prune_keeps_a_lone_nonzero_as_is(rule):
+    """A block whose only nonzero sits at any position keeps it unchanged at every step, as the
+    portable op does (``test_recipes``): its inclusion probability is 1."""
+    m = 2 if rule == "mvue12" else 4
+    lone = torch.zeros(m, 2 * m)
+    for i in range(m):
+        lone[i, 2 * i], lone[i, 2 * i + 1] = 5.0, -0.75
+    g = lone.repeat(1, 8).to(DEVICE)
+    for step in range(4):
+        assert torch.equal(kernels.mvue_prune(g, step, reference.prune_key(1, 2), rule), g), step
+
+
 def test_mvue_prune_changes_with_step_and_key():
     g = _randn(64, 8)
     a, b, c = (kernels.mvue_prune(g, s, k, "mvue24") for s, k in ((0, 1), (1, 1), (0, 2)))

@@ -111,6 +111,19 @@ def test_mvue24_keeps_exact_values_where_one_entry_dwarfs_the_rest(approx):
     assert bool(kept[1:, 1::3].any(1).all())  # every small entry of the second block drawn at least once
 
 
+@pytest.mark.parametrize(("rule", "n", "m", "approx"), [("mvue12", 1, 2, False), ("mvue24", 2, 4, False),
+                                                        ("mvue24_approx", 2, 4, True)])  # fmt: skip
+def test_mvue_keeps_a_lone_nonzero_as_is(rule, n, m, approx):
+    """SPEC §7: a block whose only nonzero sits at any position keeps it unchanged in every draw (it
+    is dominant with nothing beside it, so its inclusion probability is 1), and the zeros stay 0."""
+    lone = torch.zeros(m, 2 * m)
+    for i in range(m):
+        lone[i, 2 * i], lone[i, 2 * i + 1] = 5.0, -0.75
+    g = lone.repeat(1, 250)
+    out = nmcompile.mvue_prune(g, n, m, dim=0, generator=torch.Generator().manual_seed(8), approx=approx)
+    assert torch.equal(out, g)
+
+
 def test_mvue_pads_instead_of_dropping():
     """T % m != 0: zero padding for the pruning; shape kept, still unbiased, along any dim."""
     g = torch.randn(5, 7, generator=torch.Generator().manual_seed(3))
