@@ -162,6 +162,29 @@ def test_asymmetric_same_padding_matches_torch(dims, kernel, dilation):
     assert_close(conv.weight.grad, wf.grad, what="dW")
 
 
+class Indivisible(nn.Module):
+    """Layers SPEC §10 keeps dense or half-sparse at 2:4: a grouped conv with O/groups = 2, a linear
+    with O = 6 (the forward is sparse along K = 100, the input gradient dense) and one with K = 6."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 4, 3, padding=1, groups=2)
+        self.fc1 = nn.Linear(100, 6)
+        self.fc2 = nn.Linear(6, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(torch.relu(self.conv(x)).flatten(1))))
+
+
+def test_indivisible_layers_stay_dense_alike_in_reference_and_backend():
+    """Only ``fc1`` is sparsified, with a dense input gradient (its O is not divisible by 4), in the
+    reference as in the backend, and both train alike."""
+    torch.manual_seed(0)
+    state_ref, state_mine = train_and_compare(Indivisible, (2, 8, 5, 5), inner="aot_eager")
+    assert state_ref.keys() == state_mine.keys() == {"fc1.weight"}
+    assert state_ref["fc1.weight"]["backward"] == "dense"
+
+
 def test_grouped_conv_permutation_stays_inside_groups():
     """Grouped conv: masks per group; every candidate and the chosen P permute within each group."""
     conv = nn.Conv2d(16, 32, 3, padding=1, groups=2)

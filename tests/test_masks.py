@@ -306,6 +306,18 @@ def test_transposable_mask_keeps_a_nan_and_the_best_finite_rest(n, m):
         assert torch.equal(torch.ops.nmsparse.transposable_mask(w, n, m).flatten(), keep)
 
 
+def test_transposable_mask_of_float64_magnitudes_near_the_maximum():
+    """Pattern sums of fp64 magnitudes near ``finfo.max`` are capped so they stay finite: a block
+    whose best pattern keeps four 1e300 entries keeps them, where uncapped sums of the 1e308 entries
+    overflow to inf and every pattern keeping both would tie (the first, keeping none of the 1e300)."""
+    w = torch.zeros(4, 4, dtype=torch.float64)
+    w[0, 0] = w[1, 1] = 1e308
+    w[0, 2] = w[1, 3] = w[2, 0] = w[3, 1] = 1e300
+    expected = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1]], dtype=torch.bool)
+    assert torch.equal(reference.transposable_mask(w, 2, 4), expected)
+    assert torch.equal(torch.ops.nmsparse.transposable_mask(w, 2, 4), expected)
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
 def test_transposable_mask_greedy_for_m8(n):
     """SPEC §4 (greedy, m > 4): at most n kept per row and per column of each 8×8 block; the block maximum is kept."""

@@ -15,8 +15,8 @@ from nmcompile.options import SparsityConfig, SparsityConfigError
 
 
 def _bad(key: str, value: object) -> str:
-    """A ``match`` pattern requiring the message to name ``key`` and the bad ``value``."""
-    return re.escape(f"{key}={value!r}")
+    """A ``match`` pattern requiring the message to say that option ``key`` has the bad ``value``."""
+    return re.escape(f"option {key}={value!r} is invalid")
 
 
 def test_defaults():
@@ -380,6 +380,22 @@ def test_structure_decay_needs_a_step_per_stage():
     message = "at least dense_steps + finetune_steps + 4 (a step for each of 7:8 -> 4:8 -> 2:8 -> 1:8)"
     with pytest.raises(ValueError, match=re.escape(message)):
         SparsityConfig(n=1, m=8, structure_decay=True, total_steps=6, dense_steps=2, finetune_steps=1)
+
+
+@pytest.mark.parametrize(
+    ("n", "m", "walk"),
+    [(1, 8, [7, 4, 2, 1]), (2, 4, [3, 2]), (1, 4, [3, 2, 1]), (3, 4, [3]), (4, 4, [4]), (3, 8, [7, 4, 3]),
+     (1, 32, [31, 16, 8, 4, 2, 1]), (5, 6, [5]), (1, 6, [5, 3, 1])],
+)  # fmt: skip
+def test_structure_sequence_walks_from_m_minus_1_halving_to_n(n, m, walk):
+    """SPEC §8: ``(m−1):m → m/2:m → m/4:m → … → n:m``; a target of ``m−1`` or ``m`` (dense) is
+    the whole walk, and a dense target never runs sparser than itself."""
+    from nmcompile.options import structure_sequence
+    from nmcompile.reference import effective_n
+
+    assert structure_sequence(n, m) == walk
+    c = SparsityConfig(n=n, m=m, structure_decay=True, total_steps=len(walk))
+    assert [effective_n(c, t) for t in range(len(walk) + 1)] == [*walk, n]
 
 
 def test_power_of_two():

@@ -514,7 +514,7 @@ def test_grouped_conv_checkpoint_permutation_stays_in_its_groups():
     checkpoint._metadata["0"]["nmsparse"]["weight"] = {"perm": within, "step": 5, "last_search_step": 0}
     model.load_state_dict(checkpoint)
     state = nmcompile.sparsity_state(model)["0.weight"]
-    assert state["step"] == 5 and torch.equal(state["perm"], within)
+    assert state["step"] == 5 and torch.equal(state["perm"], within) and state["last_search_step"] == 0
 
 
 def test_old_checkpoint_warns_once_and_starts_fresh():
