@@ -145,6 +145,25 @@ def test_counter_uniforms_are_uniform_and_step_dependent():
     assert torch.equal(u[:100], reference.counter_uniforms(7, torch.tensor(3), 100))
 
 
+def _lowbias32(x: int) -> int:
+    """Chris Wellons' lowbias32 integer hash, in Python integers: an oracle for the tensor version."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@pytest.mark.parametrize(("key", "step"), [(0, 0), (7, 3), (0xFFFFFFFF, 2**33 + 5), (reference.prune_key(0, 1), 99)])
+def test_counter_uniforms_are_the_documented_hash(key, step):
+    """The MVUE stream is ``lowbias32(lowbias32((i mod 2³²) ^ s) ^ (i >> 32)) >> 8`` over 2²⁴ with
+    ``s = lowbias32((step mod 2³²) ^ key)``: pinned by an independent computation, so that the kernels,
+    a resumed run and another version of nmcompile draw the same numbers."""
+    seed = _lowbias32((step & 0xFFFFFFFF) ^ key)
+    expected = [(_lowbias32(_lowbias32(i ^ seed)) >> 8) * 2.0**-24 for i in range(64)]
+    assert reference.counter_uniforms(key, torch.tensor(step), 64).tolist() == expected
+
+
 @pytest.mark.parametrize("rule", ["mvue12", "mvue24", "mvue24_approx"])
 def test_mvue_compiled_matches_reference(rule):
     """Fixed seed: compiled and reference agree on all (pruned) gradients and weights for 5 steps."""
