@@ -572,10 +572,11 @@ def test_layer_state_search_runs_once_per_step():
     assert state.last_search_step == 0
 
 
-def test_layer_state_dense_never_searches():
-    """SPEC §4/§5: only bimask holds a searched permutation; backward="dense" keeps the identity."""
+@pytest.mark.parametrize("backward", ["dense", "transposable"])
+def test_layer_state_without_bimask_never_searches(backward):
+    """SPEC §4/§5: only bimask holds a searched permutation; "dense" and "transposable" keep the identity."""
     weight = _structured_weight()
-    state = LayerState(_spec("dense"), torch.device("cpu"), None)
+    state = LayerState(_spec(backward), torch.device("cpu"), None)
     for _ in range(10):
         state.begin_training_step(weight)
         state.end_training_step()
