@@ -10,6 +10,7 @@ import subprocess
 import sys
 import warnings
 import weakref
+import zlib
 from pathlib import Path
 
 import pytest
@@ -453,6 +454,25 @@ class _Aliased(nn.Module):
 
     def forward(self, x):
         return self.b(torch.relu(self.alias(x)))
+
+
+def test_a_weight_given_as_an_argument_trains_sparse_and_counts_its_steps():
+    """README: a weight that reaches a compiled function only as an argument has no owning module, so
+    every grad-enabled forward is a training step (a search each step here) and a no-grad one is not;
+    its name is the argument's source and its layer index that name's CRC-32."""
+    torch.manual_seed(0)
+    model = nn.Linear(16, 8)
+    backend = nmcompile.backend(inner="aot_eager", perm_interval=1)
+    fn = torch.compile(lambda x, w: torch.nn.functional.linear(x, w), backend=backend)
+    for _ in range(3):
+        fn(torch.randn(4, 16), model.weight).sum().backward()
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        y = fn(x, model.weight)
+    state = nmcompile.sparsity_state(model)["weight"]
+    assert (state["step"], state["last_search_step"], state["layer_index"]) == (3, 2, zlib.crc32(b"L['w']"))
+    w = model.weight.detach()
+    assert_close(y, x @ (w * reference.nm_mask(w, 2, 4, dim=1)).t(), what="no-grad forward")
 
 
 def test_a_module_under_two_names_is_not_a_tie():
