@@ -909,6 +909,31 @@ def test_dcp_carries_the_states_through_sparsity_states(tmp_path, key, target):
         assert torch.equal(q, p) and torch.equal(q.grad, p.grad), name
 
 
+def test_sparsity_states_win_over_load_state_dict_until_the_layers_train():
+    """README: states restored by ``SparsityStates`` win over a ``load_state_dict`` of the same
+    weights until they train; after a training step an ordinary checkpoint's states load again."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MLP()
+    _train(model, 2)
+    early = copy.deepcopy(model.state_dict())
+    early_state = nmcompile.sparsity_state(model)["fc1.weight"]
+    _train(model, 2, start=2)
+    states = nmcompile.SparsityStates(model).state_dict()
+    later_perm = nmcompile.sparsity_state(model)["fc1.weight"]["perm"]
+    assert not torch.equal(later_perm, early_state["perm"])  # the two checkpoints differ
+    loaded = MLP()
+    _train(loaded, 1, start=10)
+    nmcompile.SparsityStates(loaded).load_state_dict(states)
+    loaded.load_state_dict(early)
+    state = nmcompile.sparsity_state(loaded)["fc1.weight"]
+    assert state["step"] == 4 and torch.equal(state["perm"], later_perm)
+    _train(loaded, 1, start=4)
+    loaded.load_state_dict(early)
+    state = nmcompile.sparsity_state(loaded)["fc1.weight"]
+    assert state["step"] == 2 and torch.equal(state["perm"], early_state["perm"])
+
+
 def test_sparsity_states_for_weights_the_model_lacks_are_ignored_with_a_warning():
     """A states entry of another model: its names are listed in a warning, nothing else changes; a
     model's own state dict is a TypeError that says what to pass."""
