@@ -16,9 +16,14 @@ import nmcompile
 from nmcompile import reference
 from nmcompile.kernels import cpu_mask
 
-pytestmark = pytest.mark.skipif(
-    isinstance(cpu_mask._library(), str), reason=f"C mask kernel unavailable: {cpu_mask._library()}"
-)
+pytestmark = pytest.mark.skipif(cpu_mask._compiler() is None, reason="no C compiler found ($CC, cc or gcc)")
+
+
+def test_the_kernels_build_where_a_compiler_is_found():
+    """With a C compiler the kernels build and load: a build error must fail here, not skip this
+    module and leave every CPU graph on the slower rank comparisons unnoticed."""
+    library = cpu_mask._library()
+    assert not isinstance(library, str), library
 
 
 def _special(rows: int, cols: int) -> torch.Tensor:
