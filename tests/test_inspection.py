@@ -89,6 +89,9 @@ def test_table_rows_and_flops():
     assert fc2.flops["input_grad"] == (dense, dense // 4)
     x = torch.randn(4, 32, requires_grad=True)
     assert nmcompile.explain(MLP(), x, inner="aot_eager", n=1, m=4).rows[0].flops["input_grad"] == (16384, 4096)
+    for backward, executable in (("transposable", 4096), ("dense", 16384)):  # a transposable dX is N:M too
+        row = nmcompile.explain(MLP(), x, inner="aot_eager", n=1, m=4, backward=backward).rows[0]
+        assert row.flops["input_grad"] == (16384, executable), backward
     table = str(report)
     header = table.splitlines()[0]
     for column in ("parameter", "op", "W [O,K]", "N:M", "status", "backward", "fwd FLOPs", "dX FLOPs", "why"):
