@@ -116,6 +116,15 @@ MODELS = {
 DOMINANT_BLOCKS = ((1000.0, 1e-3, 0.0, 0.0), (1e4, 1e-3, 2e-3, 3e-3), (300.0, 0.01, -0.02, 0.0))
 
 
+def lone_nonzero_blocks(m: int) -> torch.Tensor:
+    """``[m, 2m]`` MVUE test gradient (blocks along dim 0): column pairs ``2i, 2i + 1`` hold a block
+    whose only nonzero (5 and −0.75) sits at position ``i``, so every position is covered."""
+    lone = torch.zeros(m, 2 * m)
+    for i in range(m):
+        lone[i, 2 * i], lone[i, 2 * i + 1] = 5.0, -0.75
+    return lone
+
+
 def train_and_compare(
     make_model, shape: tuple, steps: int = 5, channels_last: bool = False, reference_options: dict | None = None,
     **options,

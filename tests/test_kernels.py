@@ -12,7 +12,7 @@ import torch
 
 from nmcompile import kernels, reference
 from nmcompile.ops import masked_weight
-from tests.conftest import DOMINANT_BLOCKS, assert_close
+from tests.conftest import DOMINANT_BLOCKS, assert_close, lone_nonzero_blocks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -157,10 +157,7 @@ def test_mvue_prune_keeps_a_lone_nonzero_as_is(rule):
     """A block whose only nonzero sits at any position keeps it unchanged at every step, as the
     portable op does (``test_recipes``): its inclusion probability is 1."""
     m = 2 if rule == "mvue12" else 4
-    lone = torch.zeros(m, 2 * m)
-    for i in range(m):
-        lone[i, 2 * i], lone[i, 2 * i + 1] = 5.0, -0.75
-    g = lone.repeat(1, 8).to(DEVICE)
+    g = lone_nonzero_blocks(m).repeat(1, 8).to(DEVICE)
     for step in range(4):
         assert torch.equal(kernels.mvue_prune(g, step, reference.prune_key(1, 2), rule), g), step
 

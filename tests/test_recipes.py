@@ -16,7 +16,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import DOMINANT_BLOCKS, MLP, assert_close, sgd_step_both, train_and_compare
+from conftest import DOMINANT_BLOCKS, MLP, assert_close, lone_nonzero_blocks, sgd_step_both, train_and_compare
 from test_conv import BasicBlock
 from torch import nn
 from torch._dynamo.utils import counters
@@ -116,10 +116,7 @@ def test_mvue24_keeps_exact_values_where_one_entry_dwarfs_the_rest(approx):
 def test_mvue_keeps_a_lone_nonzero_as_is(rule, n, m, approx):
     """SPEC §7: a block whose only nonzero sits at any position keeps it unchanged in every draw (it
     is dominant with nothing beside it, so its inclusion probability is 1), and the zeros stay 0."""
-    lone = torch.zeros(m, 2 * m)
-    for i in range(m):
-        lone[i, 2 * i], lone[i, 2 * i + 1] = 5.0, -0.75
-    g = lone.repeat(1, 250)
+    g = lone_nonzero_blocks(m).repeat(1, 250)
     out = nmcompile.mvue_prune(g, n, m, dim=0, generator=torch.Generator().manual_seed(8), approx=approx)
     assert torch.equal(out, g)
 
