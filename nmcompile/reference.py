@@ -395,6 +395,21 @@ class SparseConvNd(nn.Module):
         return f"{tuple(self.weight.shape)}, {c.n}:{c.m}, backward={self.rule.backward}, groups={self.groups}"
 
 
+def swaps_dims(name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
+    """Whether ``W.<name>(*args, **kwargs)`` swaps the dims of a 2-D ``W``: ``t``, ``T``, ``mT``,
+    ``transpose(0, 1)``, ``permute(1, 0)``, with negative dims or keywords. A GEMM through one uses
+    ``W`` as ``[out, in]``; the backend's target search and the reference ask this one function."""
+    if name in ("t", "T", "mT"):
+        return True
+    if name == "transpose":
+        dims = [args[i] if len(args) > i else kwargs.get(key) for i, key in enumerate(("dim0", "dim1"))]
+        return all(type(d) is int for d in dims) and sorted(d % 2 for d in dims) == [0, 1]
+    if name == "permute":
+        dims = kwargs.get("dims", args[0] if len(args) == 1 and type(args[0]) is not int else args)
+        return all(type(d) is int for d in dims) and [d % 2 for d in dims] == [1, 0]
+    return False
+
+
 def _conv_call(rule: _Rule, x: torch.Tensor, weight: torch.Tensor, bias: Any, stride: Any, padding: Any,
                dilation: Any, groups: int) -> torch.Tensor:  # fmt: skip
     """``rule``'s sparse ``F.conv1d/2d/3d(x, weight, bias, stride, padding, dilation, groups)``: an
@@ -412,9 +427,9 @@ def _conv_call(rule: _Rule, x: torch.Tensor, weight: torch.Tensor, bias: Any, st
 
 
 _GEMM_FUNCS = {torch.mm, torch.Tensor.mm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.addmm}
-_TRANSPOSE_FUNCS = {torch.t, torch.Tensor.t, torch.transpose, torch.Tensor.transpose, torch.Tensor.T.__get__,
-                    torch.Tensor.mT.__get__}  # fmt: skip
-_PERMUTE_FUNCS = {torch.permute, torch.Tensor.permute}
+_TRANSPOSE_FUNCS = {torch.t: "t", torch.Tensor.t: "t", torch.transpose: "transpose",
+                    torch.Tensor.transpose: "transpose", torch.permute: "permute", torch.Tensor.permute: "permute",
+                    torch.Tensor.T.__get__: "T", torch.Tensor.mT.__get__: "mT"}  # fmt: skip
 _CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _CONV_SIGNATURE = inspect.signature(lambda input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1: None)
 
@@ -448,12 +463,7 @@ class _GemmInterceptor(TorchFunctionMode):
     def _transposes(self, func: Callable, args: tuple, kwargs: dict) -> bool:
         """Whether ``func(*args, **kwargs)`` is the transpose of a 2-D candidate weight."""
         param = self._candidate(args[0]) if args else None
-        if param is None or param.dim() != 2:
-            return False
-        if func in _PERMUTE_FUNCS:
-            dims = kwargs.get("dims", args[1:] if len(args) != 2 or isinstance(args[1], int) else args[1])
-            return [d % 2 for d in dims] == [1, 0]
-        return func in _TRANSPOSE_FUNCS
+        return param is not None and param.dim() == 2 and swaps_dims(_TRANSPOSE_FUNCS[func], args[1:], kwargs)
 
     def _attention(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         """``nn.MultiheadAttention``: its projections are GEMMs on weights to route, but torch runs
@@ -469,7 +479,7 @@ class _GemmInterceptor(TorchFunctionMode):
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
-        if (func in _TRANSPOSE_FUNCS or func in _PERMUTE_FUNCS) and self._transposes(func, args, kwargs):
+        if func in _TRANSPOSE_FUNCS and self._transposes(func, args, kwargs):
             out = func(*args, **kwargs)
             self.views[id(out)] = (out, args[0])
             return out

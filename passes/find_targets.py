@@ -19,6 +19,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from nmcompile.options import SparsityConfig
+from nmcompile.reference import swaps_dims
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DENSE_REASON = "nmsparse_dense_reason"  # node meta: why a fused op was left as it is
@@ -186,19 +187,13 @@ def _gemm_kind(node: fx.Node) -> str | None:
 
 
 def _is_transpose(node: fx.Node) -> bool:
-    """``W.t()``, ``W.T``, ``W.transpose(0, 1)``, ``W.permute(1, 0)`` of a 2-D tensor."""
-    args = node.args
+    """``W.t()``, ``W.T``, ``W.transpose(0, 1)``, ``W.permute(1, 0)`` of a 2-D tensor (``swaps_dims``)."""
     if node.op == "call_function" and node.target is getattr:
-        return args[1] in ("T", "mT")
+        return node.args[1] in ("T", "mT")
+    if node.op not in ("call_method", "call_function"):
+        return False
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
-    if name == "t":
-        return True
-    if name == "transpose":
-        return sorted(a % 2 for a in args[1:3] if isinstance(a, int)) == [0, 1]
-    if name == "permute":
-        dims = args[1] if len(args) == 2 else args[1:]
-        return tuple(dims) == (1, 0)
-    return False
+    return isinstance(name, str) and swaps_dims(name, node.args[1:], dict(node.kwargs))
 
 
 def _operand_placeholder(operand: Any) -> tuple[fx.Node | None, bool]:

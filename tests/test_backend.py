@@ -162,6 +162,48 @@ def test_reference_routes_every_spelling_the_backend_sparsifies():
     assert_close(layer(x), nn.functional.linear(x, torch.where(reference.nm_mask(w, 2, 4, 1), w, 0), layer.bias))
 
 
+_TRANSPOSES = {
+    "permute(-1, 0)": lambda w: w.permute(-1, 0),
+    "permute(dims=(1, -2))": lambda w: torch.permute(w, dims=(1, -2)),
+    "transpose(dim0=0, dim1=1)": lambda w: w.transpose(dim0=0, dim1=1),
+    "transpose(-1, -2)": lambda w: w.transpose(-1, -2),
+    "permute(0, 1)": lambda w: w.permute(0, 1),
+    "transpose(1, 1)": lambda w: w.transpose(1, 1),
+}
+
+
+class _Transposed(nn.Module):
+    """``x @ f(W)`` for one spelling ``f`` of a transpose (or of a view that is not one)."""
+
+    def __init__(self, spelling: str) -> None:
+        super().__init__()
+        self.spelling = spelling
+        self.w = nn.Parameter(torch.randn(16, 16) / 4)
+
+    def forward(self, x):
+        return x @ _TRANSPOSES[self.spelling](self.w)
+
+
+@pytest.mark.parametrize("spelling", list(_TRANSPOSES))
+def test_backend_and_reference_agree_on_what_transposes_a_weight(spelling):
+    """Negative dims and keywords spell a transpose too: the backend took only ``permute(1, 0)``
+    and positional ``transpose`` for one (the reference any ``transpose``, ``transpose(1, 1)``
+    included), so the two disagreed. An identity view leaves ``W`` dense in both, with a reason."""
+    torch._dynamo.reset()
+    transposes = spelling not in ("permute(0, 1)", "transpose(1, 1)")
+    if transposes:
+        ref_state, state = train_and_compare(lambda: _Transposed(spelling), (6, 16), steps=2, inner="aot_eager")
+        assert list(ref_state) == list(state) == ["w"] and state["w"]["step"] == 2
+    else:
+        model, x = reference.sparsify(_Transposed(spelling)), torch.randn(6, 16)
+        assert not nmcompile.sparsity_state(model)
+        assert torch.equal(model(x), x @ _TRANSPOSES[spelling](model.w))
+    row = {r.name: r for r in nmcompile.explain(_Transposed(spelling), torch.randn(6, 16), inner="aot_eager").rows}["w"]
+    assert row.sparse == transposes, row
+    if not transposes:
+        assert row.reason.startswith(f"used by {spelling[: spelling.index('(')]}, not by a GEMM"), row
+
+
 @pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
 def test_reference_leaves_a_computed_weight_dense():
     """The hook-based ``torch.nn.utils.weight_norm`` computes ``weight`` from ``weight_v``/``weight_g``:
