@@ -84,6 +84,12 @@ def _groups(a: torch.Tensor, m: int, dim: int) -> torch.Tensor:
     return mag.reshape(*a.shape[:dim], a.shape[dim] // m, m, *a.shape[dim + 1 :])
 
 
+def n_in_force(n: int, n_eff: torch.Tensor | None) -> int:
+    """The N a graph node applies, as a number: ``n_eff`` (structure decay's N of this step, SPEC §8;
+    a 0-d CPU tensor, read without a device sync) where given, else ``n``."""
+    return int(n_eff) if n_eff is not None else n
+
+
 def _limit(n: int, n_eff: torch.Tensor | None) -> int | torch.Tensor:
     """The N in force: the schedule's ``n_eff`` where given, else ``n``. ``n_eff`` stays a 0-d CPU
     tensor, which eager and Inductor read as a scalar beside CUDA tensors: a copy to the GPU from
@@ -101,7 +107,7 @@ def _count_above(entries: tuple[torch.Tensor, ...], i: int, select: bool) -> tor
 @torch.library.custom_op("nmsparse::transposable_mask", mutates_args=(), tags=HOST_READ)
 def transposable_mask(w: torch.Tensor, n: int, m: int, n_eff: torch.Tensor | None = None) -> torch.Tensor:
     """SPEC §4 transposable mask of ``w`` ``[O, K]`` (N:M along both dims); ``n_eff`` as in ``nm_mask``."""
-    return reference.transposable_mask(w, int(n_eff) if n_eff is not None else n, m).contiguous()
+    return reference.transposable_mask(w, n_in_force(n, n_eff), m).contiguous()
 
 
 @transposable_mask.register_fake

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from nmcompile.ops import HOST_READ
+from nmcompile.ops import HOST_READ, n_in_force
 
 M = 4  # the group size the kernel is written for
 
@@ -258,15 +258,10 @@ def nm4_bimask_weight(masked: torch.Tensor, perm: torch.Tensor, n: int) -> torch
     return out
 
 
-def _in_force(n: int, n_eff: torch.Tensor | None) -> int:
-    """The N a graph node applies: ``n_eff`` (structure decay's N of this step, SPEC §8) where given, else ``n``."""
-    return int(n_eff) if n_eff is not None else n
-
-
 @torch.library.custom_op("nmsparse::cpu_masked_weight", mutates_args=(), tags=HOST_READ)
 def cpu_masked_weight(weight: torch.Tensor, n: int, n_eff: torch.Tensor | None = None) -> torch.Tensor:
     """Graph node for ``<layer>_fwd_masked`` on the CPU path; ``n_eff`` overrides ``n`` (SPEC §8)."""
-    return nm4_masked_weight(weight, _in_force(n, n_eff))
+    return nm4_masked_weight(weight, n_in_force(n, n_eff))
 
 
 @cpu_masked_weight.register_fake
@@ -288,7 +283,7 @@ def cpu_bimask_weight(
 ) -> torch.Tensor:
     """Graph node for ``<layer>_bwd_mask`` on the CPU path (inside the backward, never differentiated):
     ``W ⊙ B`` from ``W ⊙ F`` and ``P``; ``n_eff`` overrides ``n`` (SPEC §8)."""
-    return nm4_bimask_weight(masked, perm, _in_force(n, n_eff))
+    return nm4_bimask_weight(masked, perm, n_in_force(n, n_eff))
 
 
 @cpu_bimask_weight.register_fake

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.fx.traceback import annotate
 
-from nmcompile.ops import HOST_READ, _register_autocast, _setup_linear, linear_fake, role
+from nmcompile.ops import HOST_READ, _register_autocast, _setup_linear, linear_fake, n_in_force, role
 
 from . import sparse24
 from .common import MVUE_RULES
@@ -36,12 +36,6 @@ from .operand24 import (
 from .sparse_forward import sparse_linear_forward
 from .srste import srste_add
 from .weight_grad import sparse_weight_grad
-
-
-def _n(n: int, n_eff: torch.Tensor | None) -> int:
-    """N in force: the schedule's ``n_eff`` (a CPU 0-d tensor, read without a device sync) or ``n``."""
-    return int(n_eff) if n_eff is not None else n
-
 
 SPLIT_TOKENS = 512
 """From this many tokens (rows of ``X`` and ``dY``) on, the forward and weight-gradient ops write the
@@ -87,10 +81,10 @@ def triton_linear(
     from ``SPLIT_TOKENS`` tokens on as ``W ⊙ F`` from one Triton pass and a cuBLAS GEMM."""
     x2d = x.reshape(-1, x.shape[-1])
     if _split(x2d.shape[0]):
-        operand = forward_operand(weight, _n(n, n_eff), m, mask=fwd_mask, alpha=alpha, dtype=x.dtype)
+        operand = forward_operand(weight, n_in_force(n, n_eff), m, mask=fwd_mask, alpha=alpha, dtype=x.dtype)
         y = torch.nn.functional.linear(x2d, operand, bias.to(x.dtype) if bias is not None else None)
     else:
-        y = sparse_linear_forward(x2d, weight, bias, _n(n, n_eff), m, mask=fwd_mask, alpha=alpha)
+        y = sparse_linear_forward(x2d, weight, bias, n_in_force(n, n_eff), m, mask=fwd_mask, alpha=alpha)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -110,7 +104,7 @@ def triton_input_grad(
 ) -> torch.Tensor:
     """``dX`` for ``dy`` ``[T, O]``: Bi-Mask with ``perm``, else ``dY · (W ⊙ F)`` (SPEC §4), split at
     every batch size (``SPLIT_TOKENS``: the fused kernel's grid shrinks with ``T``, its work does not)."""
-    n = _n(n, n_eff)
+    n = n_in_force(n, n_eff)
     if perm is None:
         return dy @ forward_operand(weight, n, m, mask=fwd_mask, alpha=alpha, dtype=dy.dtype)
     return dy @ backward_operand(weight, n, m, perm=perm, mask=fwd_mask, alpha=alpha, dtype=dy.dtype)
@@ -138,9 +132,9 @@ def triton_weight_grad(
     """``dW = prune(dY)ᵀ X + λ (1 − F) ⊙ W`` for ``dy`` ``[T, O]``, ``x`` ``[T, K]`` (SPEC §6, §7)."""
     if _split(dy.shape[0]):
         pruned = dy if grad_prune == "none" else mvue_prune(dy, _step(step), prune_key, grad_prune)
-        return _with_srste(pruned.t() @ x, weight, _n(n, n_eff), m, srste_lambda, fwd_mask)
+        return _with_srste(pruned.t() @ x, weight, n_in_force(n, n_eff), m, srste_lambda, fwd_mask)
     return sparse_weight_grad(
-        dy, x, weight, _n(n, n_eff), m, srste_lambda=srste_lambda, grad_prune=grad_prune,
+        dy, x, weight, n_in_force(n, n_eff), m, srste_lambda=srste_lambda, grad_prune=grad_prune,
         step=_step(step), key=prune_key, mask=fwd_mask,
     )  # fmt: skip
 
@@ -237,7 +231,7 @@ def sparse24_linear(
     """``nmsparse::sparse_linear`` as ``Yᵀ = (W ⊙ F) Xᵀ`` with ``W ⊙ F`` compressed 2:4 (no mask decay);
     a dense GEMM on ``W ⊙ F`` while structure decay's N in force is not 2:4 (``_mm24``)."""
     x2d = x.reshape(-1, x.shape[-1])
-    n = _n(n, n_eff)
+    n = n_in_force(n, n_eff)
     y = _mm24(
         (*weight.shape, x.dtype, x.device, (n, m)),
         lambda: forward_operand(weight, n, m, mask=fwd_mask, dtype=x.dtype),
@@ -266,7 +260,7 @@ def sparse24_input_grad(
 ) -> torch.Tensor:
     """``dXᵀ = (W[P] ⊙ Bp)ᵀ dY[:, P]ᵀ`` with the operand compressed 2:4 along ``O`` (or the transposable
     ``(W ⊙ mask)ᵀ``); without either (``backward='dense'``) ``dY (W ⊙ F)`` on a dense GEMM."""
-    n = _n(n, n_eff)
+    n = n_in_force(n, n_eff)
     if perm is None and fwd_mask is None:
         return dy @ forward_operand(weight, n, m, dtype=dy.dtype)
     mask = None if perm is not None else fwd_mask
@@ -314,7 +308,7 @@ def sparse24_weight_grad(
             else None,
             x,
         )
-    return _with_srste(dw, weight, _n(n, n_eff), m, srste_lambda, fwd_mask)
+    return _with_srste(dw, weight, n_in_force(n, n_eff), m, srste_lambda, fwd_mask)
 
 
 sparse24_weight_grad.register_fake(_weight_grad_fake)
