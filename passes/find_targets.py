@@ -298,7 +298,7 @@ def _other_use(placeholder: fx.Node) -> str | None:
     if gemm is not None:
         return f"the input (left) operand of {gemm}, not its weight"
     ops = ", ".join(sorted(names))
-    return f"used by {ops}, not by a GEMM nmsparse rewrites (linear, matmul, mm, addmm, convolutions)"
+    return f"used by {ops}, not by a GEMM nmsparse rewrites (linear, matmul, mm, addmm, conv1d/2d/3d)"
 
 
 def _op_name(node: fx.Node) -> str:

@@ -384,7 +384,7 @@ def test_weights_no_rewritten_gemm_takes_say_what_uses_them():
     in any compiled graph"); embeddings and weights no graph used keep their own reasons."""
     rows = nmcompile.explain(_OtherUses(), torch.randn(4, 16), torch.arange(4), inner="aot_eager").rows
     reasons = {r.name: r.reason for r in rows}
-    gemms = "not by a GEMM nmsparse rewrites (linear, matmul, mm, addmm, convolutions)"
+    gemms = "not by a GEMM nmsparse rewrites (linear, matmul, mm, addmm, conv1d/2d/3d)"
     assert reasons == {
         "w_einsum": f"used by einsum, {gemms}",
         "w_bmm": f"used by bmm, {gemms}",
@@ -405,7 +405,7 @@ def test_weights_used_by_other_ops_are_listed_under_a_heading_that_fits_them():
     heading, _, table = str(report).rpartition("weights no compiled graph uses as a GEMM weight:\n")
     assert heading and "not in any compiled graph" not in str(report)
     listed = {line.split("|")[0].strip(): line.split("|")[-1].strip() for line in table.splitlines()[2:]}
-    gemms = "not by a GEMM nmsparse rewrites (linear, matmul, mm, addmm, convolutions)"
+    gemms = "not by a GEMM nmsparse rewrites (linear, matmul, mm, addmm, conv1d/2d/3d)"
     parts = ("0.parametrizations.weight.original0", "0.parametrizations.weight.original1")  # g [8, 1], v [8, 16]
     assert listed == dict.fromkeys(parts, f"used by _weight_norm, {gemms}")
     assert {r.name for r in report.rows if r.sparse} == {"1.weight"}
