@@ -10,13 +10,14 @@ import warnings
 
 import pytest
 import torch
+import triton
 from torch.sparse._semi_structured_conversions import (
     sparse_semi_structured_from_dense_cutlass,
     sparse_semi_structured_to_dense_cutlass,
 )
 
 from nmcompile.kernels import sparse24
-from nmcompile.kernels.compress24 import compress24, compressed_numel
+from nmcompile.kernels.compress24 import compress24, compress24_kernel, compressed_numel
 from tests._tile24 import codes, sm90_kernel_meta, tile_kernel_meta
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -108,6 +109,28 @@ def test_cusparselt_sm90_layout_is_torchaos_sm90_kernel_layout(dtype, shape):
     assert torch.equal(words, sm90_kernel_meta(codes(a)))
     assert not torch.equal(words, tile_kernel_meta(codes(a), "cusparselt"))
     assert not buffer[need:].view(torch.int16).any()
+
+
+@pytest.mark.parametrize("tile", [(32, 128), (16, 256), (64, 64)], ids=lambda t: f"{t[0]}x{t[1]}")
+def test_every_gpu_tile_writes_the_layouts(tile, monkeypatch):
+    """The interpreter's one 16 x 32 tile divides every shape the launcher takes, so the stores of
+    lanes past ``R`` or ``C`` never ran in the tests above. Each GPU tile, run as the only config:
+    CUTLASS's layout for 32 x 192, cuSPARSELt's and its sm90 layout for 128 x 128, bit for bit, and
+    nothing written past them (a store without its bound crashed the interpreter)."""
+    config = triton.Config({"BLOCK_R": tile[0], "BLOCK_C": tile[1]}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(compress24_kernel, "configs", [config])
+    a = any_zeros(32, 192, torch.float16)
+    values, meta = compress24(a, "cutlass")
+    ref_values, ref_meta = sparse_semi_structured_from_dense_cutlass(a)
+    assert torch.equal(values.view(torch.int16), ref_values.view(torch.int16)) and torch.equal(meta, ref_meta)
+    b = exact_24(128, 128, torch.float16, seed=3)
+    need = compressed_numel(128, 128)
+    oracles = {"cusparselt": lambda c: tile_kernel_meta(c, "cusparselt"), "cusparselt_sm90": sm90_kernel_meta}
+    for layout, oracle in oracles.items():
+        buffer = compress24(b, layout, numel=need + 40)[0].view(-1)
+        assert torch.equal(buffer[: 128 * 64].view(128, 64), sparse_semi_structured_from_dense_cutlass(b)[0])
+        assert torch.equal(buffer[128 * 64 : need].view(torch.int16).long() & 0xFFFF, oracle(codes(b)))
+        assert not buffer[need:].view(torch.int16).any()
 
 
 def test_sm90_transcription_places_every_code_once_in_its_16x32_tile():

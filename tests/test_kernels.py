@@ -53,6 +53,13 @@ def test_nm_mask_exact(dtype, shape, n, m, dim):
     assert torch.equal(got.cpu(), reference.nm_mask(a.cpu(), n, m, dim))
 
 
+@pytest.mark.parametrize("dim", [-1, -2])
+def test_nm_mask_negative_dim(dim):
+    """``dim`` -1 and -2, which the launcher accepts, mean dims 1 and 0, as in the reference."""
+    a = _randn(8, 12)
+    assert torch.equal(kernels.nm_mask(a, 2, 4, dim).cpu(), reference.nm_mask(a.cpu(), 2, 4, dim))
+
+
 @pytest.mark.parametrize("dim", [1, 0])
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_nm_mask_every_tie_pattern_of_groups_of_four(n, dim):
@@ -137,6 +144,18 @@ def test_mvue_prune_matches_portable_op(dtype, rule, tokens, channels):
     n, m = (1, 2) if rule == "mvue12" else (2, 4)
     padded = torch.nn.functional.pad((got != 0).t(), (0, (-tokens) % m))
     assert int(padded.reshape(channels, -1, m).sum(-1).max()) <= n
+
+
+@pytest.mark.parametrize(("rule", "tokens"), [("mvue24", 65), ("mvue12", 33), ("mvue24_approx", 129)])
+def test_mvue_prune_last_ragged_block_past_a_whole_tile_of_blocks(rule, tokens):
+    """``T`` one token past a multiple of 64 (of 32 for blocks of 2): the ragged last block starts a
+    new tile of blocks, and is pruned and written like the others (the grid had left it out)."""
+    g = _randn(tokens, 6)
+    key, step = reference.prune_key(3, 5), 11
+    expected = torch.ops.nmsparse.mvue_prune(g.cpu(), torch.tensor(step), key, rule)
+    got = kernels.mvue_prune(g, step, key, rule).cpu()
+    assert torch.equal(got != 0, expected != 0)
+    assert_close(got, expected, rel=EPS[torch.float32])
 
 
 @pytest.mark.parametrize("rule", ["mvue24", "mvue24_approx"])
@@ -280,6 +299,53 @@ def test_wide_index_is_chosen_where_an_offset_can_pass_int32():
     assert not wide_index(meta((edge, 64))) and wide_index(meta((edge + 1, 64)))
 
 
+def _nan_padded(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``t`` as a view into a buffer that goes on past it along ``dim`` with NaN: a kernel that reads
+    past ``t`` (a load without its bound) gives NaN, where whatever memory lay there could hide it."""
+    shape = list(t.shape)
+    shape[dim] += 300  # more than the largest tile
+    view = torch.full(shape, float("nan"), dtype=t.dtype, device=t.device).narrow(dim, 0, t.shape[dim])
+    view.copy_(t)
+    return view
+
+
+def test_kernels_read_nothing_past_their_operands():
+    """Operands whose rows or columns go on with NaN past ``T``, ``O`` or ``K`` give what their
+    contiguous copies give: forward (``x``, ``W`` past ``K`` = 8, a ragged K tile), Bi-Mask and dense
+    input gradients (``W`` past ``O`` = 8), weight gradient (``dY``, ``x`` past ``T`` = 5)."""
+    T, O, K = 5, 8, 8
+    x, w, dy = _randn(T, K), _randn(O, K, seed=1), _randn(T, O, seed=2)
+    forward = kernels.sparse_linear_forward(x, w, None, 2, 4)
+    assert_close(forward.cpu(), x.cpu() @ (w.cpu() * reference.nm_mask(w.cpu(), 2, 4, 1)).t())
+    assert torch.equal(kernels.sparse_linear_forward(_nan_padded(x, 1), w, None, 2, 4), forward)
+    assert torch.equal(kernels.sparse_linear_forward(x, _nan_padded(w, 1), None, 2, 4), forward)
+    for perm in (_perm(O), None):
+        expected = kernels.sparse_input_grad(dy, w, 2, 4, perm=perm)
+        assert torch.equal(kernels.sparse_input_grad(dy, _nan_padded(w, 0), 2, 4, perm=perm), expected)
+    expected = kernels.sparse_weight_grad(dy, x, w, 2, 4, srste_lambda=0.1)
+    assert torch.equal(kernels.sparse_weight_grad(dy, _nan_padded(x, 0), w, 2, 4, srste_lambda=0.1), expected)
+    assert torch.equal(kernels.sparse_weight_grad(_nan_padded(dy, 0), x, w, 2, 4, srste_lambda=0.1), expected)
+
+
+def test_forward_takes_int64_offsets_where_only_its_output_needs_them(monkeypatch):
+    """``WIDE`` counts the output ``Y`` ``[T, O]`` too: small ``x`` and ``W`` can give a ``Y`` past 2³¹
+    elements (T = 131072, O = 16384, K = 64). Checked with ``INDEX_LIMIT`` between the offsets of the
+    inputs (about 2.8e3) and of the output (about 2.1e4), by the ``WIDE`` the kernel is launched with."""
+    from nmcompile.kernels import common, sparse_forward
+
+    monkeypatch.setattr(common, "INDEX_LIMIT", 10_000)
+    launched = []
+    real = sparse_forward.sparse_forward_kernel.run
+
+    def spy(*args, **kwargs):
+        launched.append(kwargs["WIDE"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sparse_forward.sparse_forward_kernel, "run", spy)
+    kernels.sparse_linear_forward(_randn(64, 8), _randn(64, 8, seed=1), None, 2, 4)
+    assert launched == [True]
+
+
 def test_strided_perm_and_bias_give_what_their_contiguous_copies_give():
     """A ``perm`` or ``bias`` that is a strided view: the kernels read both as contiguous, so the
     launchers hand them over contiguous (they were read with the wrong stride: errors up to 4)."""
@@ -359,6 +425,13 @@ def test_wide_offsets_give_the_same_results(monkeypatch):
             r"alpha must be .*, got 'torch.float32 \(3,\) on cpu'",
         ),
         (lambda: kernels.permutation_scores(torch.ones(6, 4, dtype=torch.bool), torch.zeros(1, 6), 2, 4), "O % m"),
+        (lambda: kernels.sparse_linear_forward(torch.zeros(3, 6), torch.zeros(4, 6), None, 2, 4), "K % m == 0"),
+        (lambda: kernels.sparse_input_grad(torch.zeros(3, 4), torch.zeros(6, 8), 2, 4), r"\[O=4, K\]"),
+        (lambda: kernels.sparse_weight_grad(torch.zeros(3, 4), torch.zeros(3, 6), torch.zeros(4, 6), 2, 4), "K % m"),
+        (
+            lambda: kernels.sparse_weight_grad(torch.zeros(3, 4), torch.zeros(3, 8).half(), torch.zeros(4, 8), 2, 4),
+            "in dy's dtype",
+        ),
     ],
 )
 def test_launchers_check_inputs(call, message):

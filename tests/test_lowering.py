@@ -40,6 +40,7 @@ from tests.conftest import (
         {"backward": "transposable"},
         {"backward": "dense"},
         {"mask_decay": "linear", "mask_decay_rate": 0.2},
+        {"backward": "dense", "mask_decay": "linear", "mask_decay_rate": 0.2},
         {"structure_decay": True, "total_steps": 4, "perm_interval": 1},
     ],
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "bimask",

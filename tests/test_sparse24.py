@@ -132,6 +132,7 @@ def test_operand_configs_hold_whole_row_groups():
         assert [c.kwargs["BLOCK_O"] for c in pruned] == [b for b in kept if b >= 16]
         pruned = operand24._whole_groups(configs, {}, M=m, COMPRESS=3, TRANSPOSED=True)
         assert [c.kwargs["BLOCK_O"] for c in pruned] == [32]
+    assert {"M", "COMPRESS", "TRANSPOSED"} <= set(operand24.masked_operand_kernel.keys)  # a choice per pruning
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -163,6 +164,25 @@ def test_backward_operand_is_w_times_b_in_place(dtype, O, K, n, m, decay):
     same(forward_operand(w, n, m, alpha=alpha), torch.where(fmask, w.cpu(), pruned))
 
 
+def test_compressed_input_grad_operand_takes_int64_offsets_for_large_values(monkeypatch):
+    """``WIDE`` counts the compressed values: for ``W`` ``[O, K]`` with small ``K`` the values
+    ``[K, O / 2]`` have larger offsets than ``W``. Checked with ``INDEX_LIMIT`` between the two (about
+    4.1e4 and 1.5e5, tile margins included), by the ``WIDE`` the kernel is launched with."""
+    from nmcompile.kernels import common
+
+    monkeypatch.setattr(common, "INDEX_LIMIT", 100_000)
+    launched = []
+    real = operand24.masked_operand_kernel.run
+
+    def spy(*args, **kwargs):
+        launched.append(kwargs["WIDE"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(operand24.masked_operand_kernel, "run", spy)
+    operand24.input_grad_operand_compressed(_randn(1024, 32, dtype=torch.float16), 2, 4, "cutlass", perm=_perm(1024))
+    assert launched == [True]
+
+
 def test_backward_operand_checks():
     w = _randn(16, 32)
     with pytest.raises(ValueError, match="needs perm"):
@@ -182,6 +202,8 @@ def test_input_grad_operand_transposable_mask_and_checks():
     assert torch.equal(got, torch.where(tmask.cpu(), w.cpu(), 0).t()) and sparse24.is_24(got)
     with pytest.raises(ValueError, match="exactly one of perm"):
         input_grad_operand(w, 2, 4)
+    with pytest.raises(ValueError, match="exactly one of perm"):
+        input_grad_operand(w, 2, 4, perm=_perm(16), mask=tmask)
     with pytest.raises(ValueError, match="perm must be int64"):
         input_grad_operand(w, 2, 4, perm=_perm(16).int())
     with pytest.raises(ValueError, match="K must be divisible"):
