@@ -17,7 +17,7 @@ from torch.sparse._semi_structured_conversions import (
 )
 
 from nmcompile.kernels import sparse24
-from nmcompile.kernels.compress24 import compress24, compress24_kernel, compressed_numel
+from nmcompile.kernels.compress24 import TILES, compress24, compress24_kernel, compressed_numel
 from tests._tile24 import codes, sm90_kernel_meta, tile_kernel_meta
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -111,14 +111,13 @@ def test_cusparselt_sm90_layout_is_torchaos_sm90_kernel_layout(dtype, shape):
     assert not buffer[need:].view(torch.int16).any()
 
 
-@pytest.mark.parametrize("tile", [(32, 128), (16, 256), (64, 64)], ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize("tile", TILES, ids=lambda t: f"{t['BLOCK_R']}x{t['BLOCK_C']}")
 def test_every_gpu_tile_writes_the_layouts(tile, monkeypatch):
     """The interpreter's one 16 x 32 tile divides every shape the launcher takes, so the stores of
     lanes past ``R`` or ``C`` never ran in the tests above. Each GPU tile, run as the only config:
     CUTLASS's layout for 32 x 192, cuSPARSELt's and its sm90 layout for 128 x 128, bit for bit, and
     nothing written past them (a store without its bound crashed the interpreter)."""
-    config = triton.Config({"BLOCK_R": tile[0], "BLOCK_C": tile[1]}, num_warps=4, num_stages=1)
-    monkeypatch.setattr(compress24_kernel, "configs", [config])
+    monkeypatch.setattr(compress24_kernel, "configs", [triton.Config(tile)])
     a = any_zeros(32, 192, torch.float16)
     values, meta = compress24(a, "cutlass")
     ref_values, ref_meta = sparse_semi_structured_from_dense_cutlass(a)

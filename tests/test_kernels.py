@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 
 from nmcompile import kernels, reference
 from nmcompile.ops import masked_weight
@@ -397,6 +398,119 @@ def test_wide_offsets_give_the_same_results(monkeypatch):
     assert common.wide_index(dy)
     for got, expected in zip(run(), narrow, strict=True):
         assert torch.equal(got, expected)
+
+
+def _ints(*shape: int, seed: int = 0) -> torch.Tensor:
+    """Small integers (plus exact quarters, for distinct magnitudes): every GEMM sum exact in fp32."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(-8, 9, shape, generator=g).float() + torch.rand(shape, generator=g).mul(4).round().mul(0.25)
+    return t.to(DEVICE)
+
+
+def _exact(buffers: tuple[torch.Tensor, torch.Tensor | None]) -> list[tuple[torch.Tensor, bool]]:
+    """A compressed result's buffers (values, metadata where apart) as exact ``_tile_cases`` entries."""
+    return [(t, True) for t in buffers if t is not None]
+
+
+def _tile_cases(module: str, tile: dict) -> list[tuple[torch.Tensor, bool]]:
+    """Each launch of ``module``'s kernel that the test below runs, as ``(result, exact)``, on shapes
+    ragged against every GPU tile (T 37 or 70, O 20 or 24, K 40); GEMMs on small integers."""
+    from nmcompile.kernels import operand24
+    from nmcompile.kernels.gather_t import gather_t
+    from nmcompile.kernels.mvue import mvue_prune_compressed
+    from nmcompile.kernels.srste import srste_add
+
+    x, w, dy, perm = _ints(37, 40), _ints(24, 40, seed=1), _ints(37, 24, seed=2), _perm(24)
+    alpha = torch.tensor(0.25, device=DEVICE)
+    if module == "nm_mask":
+        return [(kernels.nm_mask(x, 2, 4, 1), True), (kernels.nm_mask(_randn(40, 37), 3, 8, 0), True)]
+    if module == "perm_score":
+        fmask = torch.rand(40, 24, generator=torch.Generator().manual_seed(0)).to(DEVICE) > 0.4
+        candidates = torch.stack([torch.randperm(40, generator=torch.Generator().manual_seed(s)) for s in range(9)])
+        return [(kernels.permutation_scores(fmask, candidates.to(DEVICE), 2, 4), True)]
+    if module == "mvue":
+        g = _randn(70, 33)
+        out = [(kernels.mvue_prune(g, 3, 5, rule), True) for rule in ("mvue12", "mvue24", "mvue24_approx")]
+        out.append((kernels.mvue_prune(g, 3, 5, "mvue24", transpose=True), True))
+        for layout, (T, O) in (("cutlass", (192, 96)), ("cusparselt", (128, 128))):
+            out += _exact(mvue_prune_compressed(_randn(T, O).half(), 3, 5, "mvue24", layout))
+        return out
+    if module == "sparse_forward":
+        b = _ints(24, seed=3)
+        return [
+            (kernels.sparse_linear_forward(x, w, b, 2, 4), True),
+            (kernels.sparse_linear_forward(x, w, None, 3, 8, alpha=alpha), True),
+        ]
+    if module == "input_grad":
+        return [
+            (kernels.sparse_input_grad(dy, w, 2, 4, perm=perm), True),
+            (kernels.sparse_input_grad(dy, w, 2, 4, alpha=alpha), True),
+        ]
+    if module == "weight_grad":
+        return [
+            (kernels.sparse_weight_grad(dy, x, w, 2, 4, srste_lambda=0.5), True),
+            (kernels.sparse_weight_grad(dy, x, w, 2, 4, grad_prune="mvue24", step=3, key=5), False),
+        ]
+    if module == "srste":
+        return [(srste_add(_ints(24, 40, seed=4), w, 2, 4, 0.5), True)]
+    if module == "gather_t":
+        return [(gather_t(_randn(70, 24), perm), True)]
+    out = [
+        (operand24.forward_operand(w, 2, 4, alpha=alpha), True),
+        (operand24.backward_operand(w, 2, 4, perm=perm), True),
+        (operand24.input_grad_operand(w, 2, 4, perm=perm), True),
+    ]
+    config = [triton.Config(tile)]
+    for layout, (O, K) in (("cutlass", (128, 192)), ("cusparselt", (128, 128)), ("cusparselt_sm90", (128, 128))):
+        w16, compress = _randn(O, K).half(), 1 + operand24.LAYOUTS.index(layout)
+        if operand24._whole_groups(config, {}, M=4, COMPRESS=compress, TRANSPOSED=False):  # as a GPU prunes
+            out += _exact(operand24.forward_operand_compressed(w16, 2, 4, layout))
+        if operand24._whole_groups(config, {}, M=4, COMPRESS=compress, TRANSPOSED=True):
+            out += _exact(operand24.input_grad_operand_compressed(w16, 2, 4, layout, perm=_perm(O)))
+    return out
+
+
+def _gpu_tiles() -> list[tuple[str, str, dict]]:
+    """``(module, kernel, tile)`` for every tile a kernel tries on a GPU (compress24's: test_compress24)."""
+    import importlib
+
+    kernels_of = {
+        "nm_mask": "nm_mask_kernel", "perm_score": "perm_score_kernel", "mvue": "mvue_kernel",
+        "sparse_forward": "sparse_forward_kernel", "input_grad": "input_grad_kernel",
+        "weight_grad": "weight_grad_kernel", "srste": "srste_kernel", "gather_t": "gather_t_kernel",
+        "operand24": "masked_operand_kernel",
+    }  # fmt: skip
+    out = []
+    for module, kernel in kernels_of.items():
+        mod = importlib.import_module(f"nmcompile.kernels.{module}")
+        tiles = mod.TILES + [tile for tile, _ in getattr(mod, "THREAD_TILES", [])]
+        out += [(module, kernel, tile) for tile in tiles]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("module", "kernel", "tile"),
+    _gpu_tiles(),
+    ids=lambda v: "x".join(map(str, v.values())) if isinstance(v, dict) else v,
+)
+def test_every_gpu_tile_gives_the_interpreter_tiles_results(module, kernel, tile, monkeypatch):
+    """The interpreter runs one small tile, so the bounds of tiles past ``T``, ``O`` or ``K`` at the
+    sizes a GPU picks never ran: each GPU tile, as the kernel's only config, gives what the small tile
+    gives (checked against the reference above), bit for bit; an MVUE-pruned weight gradient, whose
+    sums a tile orders, within fp32 round-off."""
+    import importlib
+
+    expected = _tile_cases(module, tile)
+    monkeypatch.setattr(
+        getattr(importlib.import_module(f"nmcompile.kernels.{module}"), kernel), "configs", [triton.Config(tile)]
+    )
+    got = _tile_cases(module, tile)
+    assert len(got) == len(expected) > 0
+    for (result, exact), (want, _) in zip(got, expected, strict=True):
+        if exact:
+            assert torch.equal(result, want)
+        else:
+            assert_close(result.cpu(), want.cpu(), rel=EPS[torch.float32])
 
 
 @pytest.mark.parametrize(

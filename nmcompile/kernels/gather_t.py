@@ -16,8 +16,10 @@ import triton.language as tl
 
 from .common import DTYPES, autotune_configs, check_tensor, wide_index
 
+TILES = [{"BLOCK_T": 64, "BLOCK_O": 64}, {"BLOCK_T": 128, "BLOCK_O": 32}, {"BLOCK_T": 32, "BLOCK_O": 128}]
+"""The tiles ``CONFIGS`` tries on a GPU (the interpreter runs one small tile); the tests run each."""
 CONFIGS = autotune_configs(
-    [{"BLOCK_T": 64, "BLOCK_O": 64}, {"BLOCK_T": 128, "BLOCK_O": 32}, {"BLOCK_T": 32, "BLOCK_O": 128}],
+    TILES,
     [(4, 1), (8, 1)],
     (),
 )

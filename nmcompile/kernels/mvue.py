@@ -21,8 +21,10 @@ import triton.language as tl
 from .common import MVUE_RULES, autotune_configs, check_tensor, join_entries, mvue_parts, step_seed, wide_index
 from .compress24 import LAYOUTS, outputs, store_groups
 
+TILES = [{"BLOCK_G": 16, "BLOCK_O": 128}, {"BLOCK_G": 8, "BLOCK_O": 256}, {"BLOCK_G": 32, "BLOCK_O": 64}]
+"""The tiles ``CONFIGS`` tries on a GPU (the interpreter runs one small tile); the tests run each."""
 CONFIGS = autotune_configs(
-    [{"BLOCK_G": 16, "BLOCK_O": 128}, {"BLOCK_G": 8, "BLOCK_O": 256}, {"BLOCK_G": 32, "BLOCK_O": 64}],
+    TILES,
     [(4, 1), (8, 1)],
     (),
 )

@@ -14,7 +14,9 @@ import triton.language as tl
 
 from .common import autotune_configs, check_nm, check_tensor, nm_keep_rows, wide_index
 
-CONFIGS = autotune_configs([{"BLOCK_R": 32, "BLOCK_C": 64}, {"BLOCK_R": 64, "BLOCK_C": 128}], [(4, 1)], ("BLOCK_C",))
+TILES = [{"BLOCK_R": 32, "BLOCK_C": 64}, {"BLOCK_R": 64, "BLOCK_C": 128}]
+"""The tiles ``CONFIGS`` tries on a GPU (the interpreter runs one small tile); the tests run each."""
+CONFIGS = autotune_configs(TILES, [(4, 1)], ("BLOCK_C",))
 
 
 @triton.autotune(configs=CONFIGS, key=["R", "C", "M"])

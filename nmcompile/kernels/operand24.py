@@ -43,15 +43,14 @@ from .common import (
 from .compress24 import LAYOUTS, outputs, quads, store_groups
 from .sparse24 import fits_24
 
-CONFIGS = autotune_configs(
-    [{"BLOCK_O": 32, "BLOCK_K": 64}, {"BLOCK_O": 64, "BLOCK_K": 64}], [(4, 1)], ("BLOCK_O", "BLOCK_K")
-)
-if not interpreting():  # K tiles as wide as the threads (8 entries each): each thread holds whole row groups
-    CONFIGS += [
-        triton.Config({"BLOCK_O": rows, "BLOCK_K": 256 * warps}, num_warps=warps, num_stages=1)
-        for rows in (4, 8)
-        for warps in (4, 8)
-    ]
+TILES = [{"BLOCK_O": 32, "BLOCK_K": 64}, {"BLOCK_O": 64, "BLOCK_K": 64}]
+"""The tiles ``CONFIGS`` tries on a GPU (the interpreter runs one small tile); the tests run each."""
+THREAD_TILES = [({"BLOCK_O": rows, "BLOCK_K": 256 * warps}, warps) for rows in (4, 8) for warps in (4, 8)]
+"""GPU tiles with their ``num_warps``: K tiles as wide as the threads (8 entries each), so that each
+thread holds whole row groups."""
+CONFIGS = autotune_configs(TILES, [(4, 1)], ("BLOCK_O", "BLOCK_K"))
+if not interpreting():
+    CONFIGS += [triton.Config(tile, num_warps=warps, num_stages=1) for tile, warps in THREAD_TILES]
 
 
 def _whole_groups(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:

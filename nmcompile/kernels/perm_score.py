@@ -14,7 +14,9 @@ import triton.language as tl
 
 from .common import autotune_configs, check_nm
 
-CONFIGS = autotune_configs([{"BLOCK_B": 16, "BLOCK_C": 64}, {"BLOCK_B": 32, "BLOCK_C": 128}], [(4, 1)], ())
+TILES = [{"BLOCK_B": 16, "BLOCK_C": 64}, {"BLOCK_B": 32, "BLOCK_C": 128}]
+"""The tiles ``CONFIGS`` tries on a GPU (the interpreter runs one small tile); the tests run each."""
+CONFIGS = autotune_configs(TILES, [(4, 1)], ())
 
 
 @triton.autotune(configs=CONFIGS, key=["O", "C", "M"], reset_to_zero=["score_ptr"])  # timed runs add too

@@ -28,13 +28,15 @@ from .common import (
     wide_index,
 )
 
+TILES = [
+    {"BLOCK_T": 128, "BLOCK_O": 128, "BLOCK_K": 64, "GROUP": 8},
+    {"BLOCK_T": 128, "BLOCK_O": 64, "BLOCK_K": 32, "GROUP": 8},
+    {"BLOCK_T": 64, "BLOCK_O": 128, "BLOCK_K": 32, "GROUP": 8},
+    {"BLOCK_T": 64, "BLOCK_O": 64, "BLOCK_K": 64, "GROUP": 8},
+]
+"""The tiles ``CONFIGS`` tries on a GPU (the interpreter runs one small tile); the tests run each."""
 CONFIGS = autotune_configs(
-    [
-        {"BLOCK_T": 128, "BLOCK_O": 128, "BLOCK_K": 64, "GROUP": 8},
-        {"BLOCK_T": 128, "BLOCK_O": 64, "BLOCK_K": 32, "GROUP": 8},
-        {"BLOCK_T": 64, "BLOCK_O": 128, "BLOCK_K": 32, "GROUP": 8},
-        {"BLOCK_T": 64, "BLOCK_O": 64, "BLOCK_K": 64, "GROUP": 8},
-    ],
+    TILES,
     [(4, 3), (8, 4)],
     grouped=("BLOCK_K",),
 )

@@ -15,9 +15,9 @@ import triton.language as tl
 
 from .common import autotune_configs, check_mask, check_nm, check_tensor, nm_keep_rows, wide_index
 
-CONFIGS = autotune_configs(
-    [{"BLOCK_O": 32, "BLOCK_K": 64}, {"BLOCK_O": 64, "BLOCK_K": 128}], [(4, 1), (8, 1)], ("BLOCK_K",)
-)
+TILES = [{"BLOCK_O": 32, "BLOCK_K": 64}, {"BLOCK_O": 64, "BLOCK_K": 128}]
+"""The tiles ``CONFIGS`` tries on a GPU (the interpreter runs one small tile); the tests run each."""
+CONFIGS = autotune_configs(TILES, [(4, 1), (8, 1)], ("BLOCK_K",))
 
 
 @triton.autotune(configs=CONFIGS, key=["O", "K", "M", "LOAD_MASK"])
