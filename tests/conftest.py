@@ -116,6 +116,24 @@ MODELS = {
 DOMINANT_BLOCKS = ((1000.0, 1e-3, 0.0, 0.0), (1e4, 1e-3, 2e-3, 3e-3), (300.0, 0.01, -0.02, 0.0))
 
 
+def launched_wide(monkeypatch, autotuned, index_limit: int, call) -> list[bool]:
+    """The ``WIDE`` flag of each launch of ``autotuned`` (a kernel) that ``call()`` makes with the
+    kernels' ``INDEX_LIMIT`` (2³¹) set to ``index_limit``: where int64 offsets start, on small shapes."""
+    from nmcompile.kernels import common
+
+    monkeypatch.setattr(common, "INDEX_LIMIT", index_limit)
+    launched = []
+    real = autotuned.run
+
+    def spy(*args, **kwargs):
+        launched.append(kwargs["WIDE"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(autotuned, "run", spy)
+    call()
+    return launched
+
+
 def lone_nonzero_blocks(m: int) -> torch.Tensor:
     """``[m, 2m]`` MVUE test gradient (blocks along dim 0): column pairs ``2i, 2i + 1`` hold a block
     whose only nonzero (5 and −0.75) sits at position ``i``, so every position is covered."""

@@ -13,7 +13,7 @@ import triton
 
 from nmcompile import kernels, reference
 from nmcompile.ops import masked_weight
-from tests.conftest import DOMINANT_BLOCKS, assert_close, lone_nonzero_blocks
+from tests.conftest import DOMINANT_BLOCKS, assert_close, launched_wide, lone_nonzero_blocks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -332,19 +332,10 @@ def test_forward_takes_int64_offsets_where_only_its_output_needs_them(monkeypatc
     """``WIDE`` counts the output ``Y`` ``[T, O]`` too: small ``x`` and ``W`` can give a ``Y`` past 2³¹
     elements (T = 131072, O = 16384, K = 64). Checked with ``INDEX_LIMIT`` between the offsets of the
     inputs (about 2.8e3) and of the output (about 2.1e4), by the ``WIDE`` the kernel is launched with."""
-    from nmcompile.kernels import common, sparse_forward
+    from nmcompile.kernels import sparse_forward
 
-    monkeypatch.setattr(common, "INDEX_LIMIT", 10_000)
-    launched = []
-    real = sparse_forward.sparse_forward_kernel.run
-
-    def spy(*args, **kwargs):
-        launched.append(kwargs["WIDE"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(sparse_forward.sparse_forward_kernel, "run", spy)
-    kernels.sparse_linear_forward(_randn(64, 8), _randn(64, 8, seed=1), None, 2, 4)
-    assert launched == [True]
+    call = lambda: kernels.sparse_linear_forward(_randn(64, 8), _randn(64, 8, seed=1), None, 2, 4)  # noqa: E731
+    assert launched_wide(monkeypatch, sparse_forward.sparse_forward_kernel, 10_000, call) == [True]
 
 
 def test_strided_perm_and_bias_give_what_their_contiguous_copies_give():

@@ -40,6 +40,7 @@ from tests.conftest import (
     cpu_mask_note,
     cuda_autocast_losses,
     interpreted,
+    launched_wide,
     record_alg_ids,
     train_and_compare,
 )
@@ -168,19 +169,9 @@ def test_compressed_input_grad_operand_takes_int64_offsets_for_large_values(monk
     """``WIDE`` counts the compressed values: for ``W`` ``[O, K]`` with small ``K`` the values
     ``[K, O / 2]`` have larger offsets than ``W``. Checked with ``INDEX_LIMIT`` between the two (about
     4.1e4 and 1.5e5, tile margins included), by the ``WIDE`` the kernel is launched with."""
-    from nmcompile.kernels import common
-
-    monkeypatch.setattr(common, "INDEX_LIMIT", 100_000)
-    launched = []
-    real = operand24.masked_operand_kernel.run
-
-    def spy(*args, **kwargs):
-        launched.append(kwargs["WIDE"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(operand24.masked_operand_kernel, "run", spy)
-    operand24.input_grad_operand_compressed(_randn(1024, 32, dtype=torch.float16), 2, 4, "cutlass", perm=_perm(1024))
-    assert launched == [True]
+    w, perm = _randn(1024, 32, dtype=torch.float16), _perm(1024)
+    call = lambda: operand24.input_grad_operand_compressed(w, 2, 4, "cutlass", perm=perm)  # noqa: E731
+    assert launched_wide(monkeypatch, operand24.masked_operand_kernel, 100_000, call) == [True]
 
 
 def test_backward_operand_checks():
