@@ -404,8 +404,9 @@ def _exact(buffers: tuple[torch.Tensor, torch.Tensor | None]) -> list[tuple[torc
 
 
 def _tile_cases(module: str, tile: dict) -> list[tuple[torch.Tensor, bool]]:
-    """Each launch of ``module``'s kernel that the test below runs, as ``(result, exact)``, on shapes
-    ragged against every GPU tile (T 37 or 70, O 20 or 24, K 40); GEMMs on small integers."""
+    """Each launch of ``module``'s kernel that the test below runs, as ``(result, exact)``: on shapes
+    ragged against every GPU tile (T 37 or 70, O 24 or 33, K 40; GEMMs on small integers), and the
+    compressed outputs on shapes the layouts take (multiples of 32 x 64 or 128 x 128)."""
     from nmcompile.kernels import operand24
     from nmcompile.kernels.gather_t import gather_t
     from nmcompile.kernels.mvue import mvue_prune_compressed
