@@ -195,6 +195,15 @@ def test_grouped_conv_permutation_stays_inside_groups():
     assert sorted(perm[:16].tolist()) == list(range(16)) and sorted(perm[16:].tolist()) == list(range(16, 32))
 
 
+def test_conv_report_says_a_sparse_convolution_runs_portable_under_triton():
+    """``kernels="triton"`` has no convolution kernel: the report's kernel column says the sparse
+    convolution runs portable, and why."""
+    report = nmcompile.explain(nn.Conv2d(16, 32, 3, padding=1), torch.randn(2, 16, 6, 6), inner="aot_eager",
+                               kernels="triton")  # fmt: skip
+    row = {r.name: r for r in report.rows}["weight"]
+    assert row.sparse and row.kernel == "portable (convolution: ATen/cuDNN with the portable masks)", row
+
+
 def test_conv_report_rows():
     """Rows show kernel/stride/groups and implicit-GEMM FLOPs; dense convs say why."""
 

@@ -404,6 +404,15 @@ def test_structure_decay_walks_7_4_2_1_of_8():
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def test_structure_decay_with_the_transposable_mask_follows_the_reference():
+    """Structure decay with ``backward="transposable"``: N walks 3, 2 of 4, and the compiled layers
+    follow the reference at every step, so the transposable mask takes the N in force too (it was
+    given only the target N, and no test combined the two options)."""
+    train_and_compare(
+        MLP, (8, 32), steps=4, backward="transposable", structure_decay=True, total_steps=4, inner="aot_eager"
+    )
+
+
 def test_report_shows_effective_nm_and_decay_factor():
     """The table's `now` column follows the schedule; FLOPs count no N:M GEMM while α > 0."""
     model = MLP()

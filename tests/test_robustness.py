@@ -267,13 +267,17 @@ def test_attention_dropout_as_a_graph_value_is_applied():
 
 def test_attention_decomposition_equals_pytorch_when_dense():
     """The decomposed attention is PyTorch's formula: with every layer excluded, outputs and
-    attention weights equal eager nn.MultiheadAttention (masks, need_weights) and the fast path."""
+    attention weights equal eager nn.MultiheadAttention (masks, need_weights, ``is_causal`` with a
+    key padding mask) and the fast path."""
     mha = nn.MultiheadAttention(32, 4, batch_first=True)
     q = torch.randn(2, 5, 32)
     kpm = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
     mask = torch.triu(torch.ones(5, 5, dtype=torch.bool), 1)
+    almost_causal = mask.clone()
+    almost_causal[4, 1] = True  # with a key padding mask, PyTorch applies the mask it is given, not the hint
     compiled = torch.compile(mha, backend=_backend(exclude=".*"))
-    for kwargs in ({}, {"key_padding_mask": kpm}, {"attn_mask": mask, "need_weights": False}):
+    causal_kpm = {"attn_mask": almost_causal, "key_padding_mask": kpm, "need_weights": False, "is_causal": True}
+    for kwargs in ({}, {"key_padding_mask": kpm}, {"attn_mask": mask, "need_weights": False}, causal_kpm):
         out, weights = compiled(q, q, q, **kwargs)
         ref_out, ref_weights = mha(q, q, q, **kwargs)
         assert_close(out, ref_out, what=str(kwargs))
