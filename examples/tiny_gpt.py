@@ -9,10 +9,12 @@ trains both and prints the two validation losses and the sparse model's explain 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import sysconfig
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +120,20 @@ class Settings:
     corpus_chars: int = CORPUS_CHARS
     sparsity: dict[str, Any] | None = dataclasses.field(default_factory=dict)
     progress: bool = True
+    deterministic: bool = True
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(enabled)`` for the block, the caller's setting restored after.
+    On: a run repeats bit for bit. Off: Inductor's CPU embedding backward adds in thread order, and the
+    sparse model's top-N mask choices grow those last-bit differences into different runs."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 @torch.no_grad()
@@ -135,7 +151,12 @@ def evaluate(model: nn.Module, compiled: nn.Module, data: Data, s: Settings) -> 
 
 def train(s: Settings, data: Data | None = None) -> dict[str, Any]:
     """Train one model; returns final validation loss, curves, kept fractions, timing, report."""
-    data = data or Data(s.corpus_chars)
+    with deterministic_algorithms(s.deterministic):
+        return _train(s, data or Data(s.corpus_chars))
+
+
+def _train(s: Settings, data: Data) -> dict[str, Any]:
+    """``train`` under the determinism setting already in force."""
     torch.manual_seed(s.seed)
     model = TinyGPT(data.vocab, s.d_model, s.layers, s.heads, s.context)
     if s.sparsity is None:
@@ -225,6 +246,12 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--dense", action="store_true", help="train the dense baseline (plain torch.compile)")
     parser.add_argument("--compare", action="store_true", help="train dense and sparse, print both")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.deterministic,
+        help="torch.use_deterministic_algorithms during training, so a run repeats bit for bit",
+    )
     group = parser.add_argument_group("nmsparse options (see README)")
     group.add_argument("--n", type=int)
     group.add_argument("--m", type=int)
@@ -252,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = cli.parse_args(argv)
     options = check_args(cli, args)
     settings = {n: getattr(args, n) for n in ("steps", "batch", "context", "d_model", "layers", "heads", "lr",
-                                              "eval_interval", "seed", "corpus_chars")}  # fmt: skip
+                                              "eval_interval", "seed", "corpus_chars", "deterministic")}  # fmt: skip
     data = Data(args.corpus_chars)
     print(f"corpus: {len(data.train) + len(data.val):,} characters of the Python standard library "
           f"({len(data.val):,} held out)")  # fmt: skip

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import nmcompile
 
@@ -63,6 +64,25 @@ def test_tiny_gpt_has_a_flag_for_every_option():
     runs = tiny.main([*TINY_GPT, "--kernels", "portable"])
     sparse = [row for row in runs["nmsparse"]["report"].rows if row.sparse]
     assert sparse and all(row.kernel.startswith("portable (kernels='portable'") for row in sparse)
+
+
+@pytest.mark.parametrize(("flags", "inside"), [([], True), (["--no-deterministic"], False)])
+def test_tiny_gpt_trains_under_deterministic_algorithms_by_default(monkeypatch, flags, inside):
+    """Training runs under ``torch.use_deterministic_algorithms`` unless ``--no-deterministic``; the
+    caller's setting (here a warn-only one) is back afterwards."""
+    tiny = _load("tiny_gpt")
+    seen = []
+    train = tiny._train
+    monkeypatch.setattr(tiny, "_train", lambda s, data: seen.append(torch.are_deterministic_algorithms_enabled())
+                        or train(s, data))  # fmt: skip
+    torch.use_deterministic_algorithms(not inside, warn_only=True)
+    try:
+        tiny.main([*TINY_GPT, "--compare", *flags])
+        after = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert seen == [inside, inside]
+    assert after == (not inside, True)
 
 
 def test_cnn_digits_runs(capsys):

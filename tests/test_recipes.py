@@ -858,6 +858,55 @@ def test_resume_in_a_new_process_is_bitwise_identical(tmp_path):
     assert {step: full[step] for step in resumed} == resumed
 
 
+class _EmbedMLP(nn.Module):
+    """A token embedding, whose backward Inductor's CPU code adds up in thread order, then two Linears."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok, self.fc, self.head = nn.Embedding(64, 32), nn.Linear(32, 64), nn.Linear(64, 64)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.nn.functional.gelu(self.fc(self.tok(idx))))
+
+
+def _train_embed_mlp() -> tuple[list[str], dict[str, torch.Tensor], dict]:
+    """12 AdamW steps under the default inner compiler (Inductor): losses in hex, weights, states."""
+    torch.manual_seed(0)
+    model = _EmbedMLP()
+    compiled = torch.compile(model, backend="nmsparse", options={"grad_prune": "mvue24", "perm_interval": 2})
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    data = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(12):
+        idx = torch.randint(0, 64, (64, 32), generator=data)
+        loss = torch.nn.functional.cross_entropy(compiled(idx).flatten(0, 1), idx.roll(1, 1).flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item().hex())
+    return losses, {k: v.clone() for k, v in model.state_dict().items()}, nmcompile.sparsity_state(model)
+
+
+def test_deterministic_algorithms_make_two_runs_bitwise_identical():
+    """Under ``torch.use_deterministic_algorithms(True)`` two Inductor-compiled sparse runs (Bi-Mask,
+    permutation search, MVUE) agree bit for bit: the backend adds no nondeterminism of its own. Without
+    it, Inductor's CPU embedding backward (atomic adds) lets runs drift apart (README, Reproducibility)."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        (losses_a, weights_a, states_a), (losses_b, weights_b, states_b) = _train_embed_mlp(), _train_embed_mlp()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    assert losses_a == losses_b
+    assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert states_a.keys() == {"fc.weight", "head.weight"}
+    for name, state in states_a.items():
+        assert state["step"] == 12 and state["last_search_step"] == 10
+        assert not torch.equal(state["perm"], torch.arange(64)), "the search moved no row: nothing compared"
+        assert torch.equal(state["perm"], states_b[name]["perm"])
+        assert state["kept_fraction"] == states_b[name]["kept_fraction"]
+
+
 class _ModelStateful:
     """A trainer's DCP ``Stateful`` for the model, as torchtitan's: its load goes through
     ``load_state_dict``, without the ``_metadata`` DCP dropped."""
