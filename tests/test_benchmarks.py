@@ -21,7 +21,7 @@ from benchmarks.common import SIZES, Row
 from benchmarks.gemm import GEMM_ROWS, OPS
 from nmcompile import reference
 from nmcompile.kernels.srste import srste_add
-from tests.conftest import EMULATED_ALGS, record_alg_ids
+from tests.conftest import EMULATED_ALGS, interpreted, record_alg_ids
 
 UNMEASURED = {
     "nmsparse triton": "needs CUDA",
@@ -65,6 +65,7 @@ def test_step_benchmark_tiny_cpu(tmp_path, capsys):
             assert row["ratios"]["dense"] > 0 and row["ratios"]["reference"] > 0
 
 
+@interpreted
 def test_gemm_rows_time_the_same_work():
     """The reference and portable GEMM rows compute the same sparse results, which differ from dense."""
     g = torch.Generator().manual_seed(0)

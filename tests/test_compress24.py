@@ -19,6 +19,7 @@ from torch.sparse._semi_structured_conversions import (
 from nmcompile.kernels import sparse24
 from nmcompile.kernels.compress24 import TILES, compress24, compress24_kernel, compressed_numel
 from tests._tile24 import codes, sm90_kernel_meta, tile_kernel_meta
+from tests.conftest import interpreted
 
 DTYPES = (torch.float16, torch.bfloat16)
 
@@ -54,6 +55,7 @@ def any_zeros(rows: int, cols: int, dtype: torch.dtype, seed: int = 0) -> torch.
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(32, 64), (64, 192), (96, 128)])
 @pytest.mark.parametrize("make", [exact_24, any_zeros])
+@interpreted
 def test_cutlass_layout_is_torchs_conversion(dtype, shape, make):
     """Values and metadata bit for bit as ``sparse_semi_structured_from_dense_cutlass``, what
     ``torch._sparse_semi_structured_mm`` reads."""
@@ -78,6 +80,7 @@ def test_transcribed_tile_kernel_writes_torchs_cutlass_layout(shape):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(128, 128), (256, 384), (384, 256)])
+@interpreted
 def test_cusparselt_layout_is_pytorchs_tile_kernel_layout(dtype, shape):
     """One buffer: the values as CUTLASS's, then the metadata where PyTorch's tile kernel puts it for
     cuSPARSELt (``MetadataCuSparseLt``), then zeros up to ``numel``."""
@@ -96,6 +99,7 @@ def test_cusparselt_layout_is_pytorchs_tile_kernel_layout(dtype, shape):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(128, 128), (256, 384), (384, 256)])
+@interpreted
 def test_cusparselt_sm90_layout_is_torchaos_sm90_kernel_layout(dtype, shape):
     """cuSPARSELt's sm90 layout: the same row-major values, then the metadata where torchao's sm90
     sparsify kernel puts it (transcribed lane by lane, ``tests/_tile24.py``), then zeros."""
@@ -112,6 +116,7 @@ def test_cusparselt_sm90_layout_is_torchaos_sm90_kernel_layout(dtype, shape):
 
 
 @pytest.mark.parametrize("tile", TILES, ids=lambda t: f"{t['BLOCK_R']}x{t['BLOCK_C']}")
+@interpreted
 def test_every_gpu_tile_writes_the_layouts(tile, monkeypatch):
     """The interpreter's one 16 x 32 tile divides every shape the launcher takes, so the stores of
     lanes past ``R`` or ``C`` never ran in the tests above. Each GPU tile, run as the only config:
@@ -144,6 +149,7 @@ def test_sm90_transcription_places_every_code_once_in_its_16x32_tile():
     assert torch.equal(positions // 128, tile)
 
 
+@interpreted
 def test_wide_offsets_give_the_same_buffers(monkeypatch):
     """With ``INDEX_LIMIT`` at 0 the kernels compute every offset in int64 (``WIDE``, for operands past
     2³¹ entries): every layout bit for bit as with int32 offsets, a strided operand and the MVUE
@@ -184,6 +190,7 @@ def test_wide_offsets_give_the_same_buffers(monkeypatch):
         ("cutlass", 128, 32, torch.bfloat16),
     ],
 )
+@interpreted
 def test_mvue_written_compressed_is_the_compressed_mvue(rule, layout, T, O, dtype):
     """``mvue_prune_compressed``: the MVUE kernel's compressed ``prune(dY)ᵀ`` is ``compress24`` of its
     dense ``prune(dY)ᵀ`` bit for bit (same stream), for a row-major and a column-major ``dY``."""
@@ -199,6 +206,7 @@ def test_mvue_written_compressed_is_the_compressed_mvue(rule, layout, T, O, dtyp
 
 @pytest.mark.parametrize("layout", ["cutlass", "cusparselt", "cusparselt_sm90"])
 @pytest.mark.parametrize(("O", "K"), [(128, 256), (256, 128)])
+@interpreted
 def test_masked_operands_written_compressed_are_the_compressed_operands(layout, O, K):
     """``forward_operand_compressed`` and ``input_grad_operand_compressed``: the masked-operand
     kernel's compressed ``W ⊙ F`` and ``(W[P] ⊙ Bp)ᵀ`` (or ``(W ⊙ mask)ᵀ``, transposable) are
@@ -260,6 +268,7 @@ def test_mvue_written_compressed_checks():
 
 
 @pytest.mark.parametrize("emulated_24_library", ["cutlass"], indirect=True)
+@interpreted
 def test_weight_grad_gemm_takes_the_mvue_kernels_compressed_operand(emulated_24_library, monkeypatch):
     """The 2:4 weight gradient ``prune(dY)ᵀ X`` with shapes the layout takes unpadded: the MVUE kernel
     writes the operand compressed (no dense ``prune(dY)ᵀ``, no separate compression) and the product
@@ -393,6 +402,7 @@ def test_emulated_library_multiplies_what_it_compresses(tile_layout_library):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@interpreted
 def test_layout_check_takes_a_library_with_that_layout(tile_layout_library, dtype, recwarn):
     """Where the library's own compression multiplies as one of ``compress24``'s layouts, the check
     returns that layout and the library's buffer size (the one ``compress24`` then fills), quietly:
@@ -406,6 +416,7 @@ def test_layout_check_takes_a_library_with_that_layout(tile_layout_library, dtyp
 
 
 @pytest.mark.parametrize("emulated_24_library", ["cusparselt"], indirect=True)
+@interpreted
 def test_layout_check_declines_another_layout_saying_why(emulated_24_library):
     """Against a library with another layout (the row-major emulation), the check says no and why."""
     assert sparse24._layout_check(128, 256, torch.bfloat16, torch.device("cpu")) == (
@@ -415,6 +426,7 @@ def test_layout_check_declines_another_layout_saying_why(emulated_24_library):
 
 
 @pytest.mark.parametrize("emulated_24_library", ["cusparselt"], indirect=True)
+@interpreted
 def test_failed_checks_warn_once_per_device(emulated_24_library, monkeypatch):
     """Each shape is checked once; the first that fails on a device warns, naming the shape and why,
     and the next shapes that fail there stay quiet (the same library fails them for the same reason)."""
@@ -438,6 +450,7 @@ def _check_on_any_device(monkeypatch) -> None:
     monkeypatch.setattr(sparse24, "checked_layout", sparse24._check_once)
 
 
+@interpreted
 def test_compress_writes_the_checked_layout_once_per_shape(tile_layout_library, monkeypatch):
     """``sparse24.compress`` on a shape that passed the check: ``compress24``'s buffer, of the library's
     size; the check runs once per shape; the product is the dense one. Off CUDA nothing is checked."""
@@ -454,6 +467,7 @@ def test_compress_writes_the_checked_layout_once_per_shape(tile_layout_library, 
     assert calls == [(128, 256)]  # the check's probe; the operands never went to the library
 
 
+@interpreted
 def test_sparse24_ops_compressed_by_the_kernel_give_the_librarys_results(tile_layout_library, monkeypatch):
     """The three 2:4 ops (Bi-Mask, MVUE 2:4) at shapes of multiples of 128: with every operand
     written compressed by its kernel (the check passed) the forward, input and weight gradients are
@@ -545,6 +559,7 @@ def _emulated_dump(shapes, compress) -> dict:
     return {"torch": torch.__version__, "device": "emulated", "operands": operands}
 
 
+@interpreted
 def test_cslt_layout_finds_the_tile_kernel_layout_where_the_library_writes_it(capsys):
     """``benchmarks.cslt_layout`` on buffers in PyTorch's sm8x layout (the transcribed tile kernel's,
     not ``compress24``'s): every value and word located, values row-major, words at ``compress24``'s places."""
@@ -560,6 +575,7 @@ def test_cslt_layout_finds_the_tile_kernel_layout_where_the_library_writes_it(ca
     assert torch.equal(maps[256, 128, "float16"]["meta"][positions], torch.arange(256 * 128 // 16))
 
 
+@interpreted
 def test_cslt_layout_recovers_another_layout(capsys):
     """On a library that puts the metadata words in another order (a fixed random permutation of
     the sm8x places), the maps give that order, and the report says no layout of ours writes it."""
@@ -582,6 +598,7 @@ def test_cslt_layout_recovers_another_layout(capsys):
     assert "the buffers are compress24's in no layout" in capsys.readouterr().out
 
 
+@interpreted
 def test_cslt_layout_recognises_the_sm90_layout(capsys):
     """On buffers in torchao's sm90 layout (the transcribed kernel's): the values are located, the
     words are not (each mixes codes of two rows), and the report names ``compress24``'s sm90 layout."""

@@ -869,16 +869,16 @@ class _EmbedMLP(nn.Module):
         return self.head(torch.nn.functional.gelu(self.fc(self.tok(idx))))
 
 
-def _train_embed_mlp() -> tuple[list[str], dict[str, torch.Tensor], dict]:
+def _train_embed_mlp(device: str) -> tuple[list[str], dict[str, torch.Tensor], dict]:
     """12 AdamW steps under the default inner compiler (Inductor): losses in hex, weights, states."""
     torch.manual_seed(0)
-    model = _EmbedMLP()
+    model = _EmbedMLP().to(device)
     compiled = torch.compile(model, backend="nmsparse", options={"grad_prune": "mvue24", "perm_interval": 2})
     opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
     data = torch.Generator().manual_seed(1)
     losses = []
     for _ in range(12):
-        idx = torch.randint(0, 64, (64, 32), generator=data)
+        idx = torch.randint(0, 64, (64, 32), generator=data).to(device)
         loss = torch.nn.functional.cross_entropy(compiled(idx).flatten(0, 1), idx.roll(1, 1).flatten())
         opt.zero_grad()
         loss.backward()
@@ -887,14 +887,23 @@ def _train_embed_mlp() -> tuple[list[str], dict[str, torch.Tensor], dict]:
     return losses, {k: v.clone() for k, v in model.state_dict().items()}, nmcompile.sparsity_state(model)
 
 
-def test_deterministic_algorithms_make_two_runs_bitwise_identical():
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
+def test_deterministic_algorithms_make_two_runs_bitwise_identical(device, monkeypatch):
     """Under ``torch.use_deterministic_algorithms(True)`` two Inductor-compiled sparse runs (Bi-Mask,
-    permutation search, MVUE) agree bit for bit: the backend adds no nondeterminism of its own. Without
-    it, Inductor's CPU embedding backward (atomic adds) lets runs drift apart (README, Reproducibility)."""
+    permutation search, MVUE; the Triton kernels on CUDA) agree bit for bit: the backend adds no
+    nondeterminism of its own. Without it, Inductor's CPU embedding backward (atomic adds) lets runs
+    drift apart (README, Reproducibility)."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS asks for
     before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        (losses_a, weights_a, states_a), (losses_b, weights_b, states_b) = _train_embed_mlp(), _train_embed_mlp()
+        (losses_a, weights_a, states_a), (losses_b, weights_b, states_b) = (
+            _train_embed_mlp(device),
+            _train_embed_mlp(device),
+        )
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
     assert losses_a == losses_b
@@ -902,7 +911,7 @@ def test_deterministic_algorithms_make_two_runs_bitwise_identical():
     assert states_a.keys() == {"fc.weight", "head.weight"}
     for name, state in states_a.items():
         assert state["step"] == 12 and state["last_search_step"] == 10
-        assert not torch.equal(state["perm"], torch.arange(64)), "the search moved no row: nothing compared"
+        assert not torch.equal(state["perm"].cpu(), torch.arange(64)), "the search moved no row: nothing compared"
         assert torch.equal(state["perm"], states_b[name]["perm"])
         assert state["kept_fraction"] == states_b[name]["kept_fraction"]
 
