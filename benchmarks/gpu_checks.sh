@@ -10,6 +10,8 @@
 #   cuda_tests    the CUDA-only tests (they skip in CI) and the kernel tests that matter most on CUDA
 #                 tensors, each test in a pytest process of its own;
 #   parts24       python -m benchmarks.parts24: each piece of the 2:4 ops timed alone;
+#   late_tests    tests written after the last GPU run whose tensors go to CUDA there: every GPU tile of
+#                 every kernel, reads past the operands, two runs bitwise identical;
 #   bench_resnet  the step benchmark for the ResNet block;
 #   split         python -m benchmarks.split: fused Triton GEMMs against operand + cuBLAS at 128, 512
 #                 and 2048 tokens;
@@ -19,7 +21,7 @@
 #   (the FFN step rows under torch.compile's mode="reduce-overhead": CUDA graphs around the sparse
 #   ops, which stay out of them).
 # STAGES (default "cslt_dump cuda_tests parts24 bench_steps") picks and orders the stages, so a
-# second device call can run what the first left out: STAGES="bench_resnet split bench_graphs".
+# second device call can run what the first left out: STAGES="late_tests bench_resnet split bench_graphs".
 # Logs, the FFN JSON and the layout dump go to $OUT (the device tool brings back 8 files: env.txt,
 # stages.txt and at most 6 more), or to ./gpu-checks without it.
 # Usage: [STAGES="..."] bash benchmarks/gpu_checks.sh [python]
@@ -29,7 +31,7 @@ PY=${1:-python3}
 STAGES=${STAGES:-"cslt_dump cuda_tests parts24 bench_steps"}
 OUT=${OUT:-gpu-checks}
 mkdir -p "$OUT"
-for name in cslt_dump cuda_tests cslt_probe bench_ffn bench_steps split parts24 bench_resnet bench_graphs; do rm -f "$OUT/$name.log"; done
+for name in cslt_dump cuda_tests late_tests cslt_probe bench_ffn bench_steps split parts24 bench_resnet bench_graphs; do rm -f "$OUT/$name.log"; done
 : >"$OUT/stages.txt"  # this run's stages only (./gpu-checks may hold an earlier run's)
 export PYTHONUNBUFFERED=1
 
@@ -79,6 +81,14 @@ CUDA_TESTS=(
     "tests/test_kernels.py::test_permutation_scores_exact"
     "tests/test_kernels.py::test_portable_mvue_op_on_cuda_prunes_as_on_the_cpu"
 )
+# Written after run 4 (2026-12-04), never run on a GPU: each GPU tile as a kernel's only config against
+# the autotuned launch (30 compiles), operands as views into NaN-padded buffers, and two runs under
+# torch.use_deterministic_algorithms, bit for bit.
+LATE_TESTS=(
+    "tests/test_kernels.py::test_every_gpu_tile_gives_the_interpreter_tiles_results"
+    "tests/test_kernels.py::test_kernels_read_nothing_past_their_operands"
+    "tests/test_recipes.py::test_deterministic_algorithms_make_two_runs_bitwise_identical"
+)
 # shellcheck disable=SC2016  # expanded by the inner bash
 EACH_TEST='py=$1; limit=$2; shift 2; rc=0; for t in "$@"; do "$py" -m pytest -q -p no:cacheprovider -rA $limit "$t" || rc=1; done; exit $rc'
 # The per-test limit where pytest-timeout is installed (the GPU image has it; a CPU dry run may not).
@@ -87,6 +97,7 @@ PER_TEST=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 200")
 for name in $STAGES; do
     case $name in
         cuda_tests) stage cuda_tests 320 bash -c "$EACH_TEST" each_test "$PY" "$PER_TEST" "${CUDA_TESTS[@]}" ;;
+        late_tests) stage late_tests 150 bash -c "$EACH_TEST" each_test "$PY" "$PER_TEST" "${LATE_TESTS[@]}" ;;
         cslt_probe) stage cslt_probe 60 "$PY" -m benchmarks.cslt_probe --jobs 12 ;;
         cslt_dump) stage cslt_dump 30 "$PY" -m benchmarks.cslt_dump "$OUT/cslt_layout.pt" ;;
         bench_steps)
@@ -103,10 +114,11 @@ done
 
 echo
 cat "$OUT/stages.txt"
-if [[ -f "$OUT/cuda_tests.log" ]]; then
-    echo "== cuda_tests"
-    grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped|error)|Timeout" "$OUT/cuda_tests.log" | tail -n 40
-fi
+for log in cuda_tests late_tests; do
+    [[ -f "$OUT/$log.log" ]] || continue
+    echo "== $log"
+    grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped|error)|Timeout" "$OUT/$log.log" | tail -n 40
+done
 for log in cslt_probe split parts24; do
     [[ -f "$OUT/$log.log" ]] || continue
     echo "== $log"
