@@ -15,13 +15,13 @@ from unittest import mock
 
 import pytest
 import torch
+from conftest import EMULATED_ALGS, interpreted, record_alg_ids
 
 from benchmarks import gemm, step
 from benchmarks.common import SIZES, Row
 from benchmarks.gemm import GEMM_ROWS, OPS
 from nmcompile import reference
 from nmcompile.kernels.srste import srste_add
-from tests.conftest import EMULATED_ALGS, interpreted, record_alg_ids
 
 UNMEASURED = {
     "nmsparse triton": "needs CUDA",

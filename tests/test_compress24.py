@@ -11,6 +11,8 @@ import warnings
 import pytest
 import torch
 import triton
+from _tile24 import codes, sm90_kernel_meta, tile_kernel_meta
+from conftest import interpreted
 from torch.sparse._semi_structured_conversions import (
     sparse_semi_structured_from_dense_cutlass,
     sparse_semi_structured_to_dense_cutlass,
@@ -18,8 +20,6 @@ from torch.sparse._semi_structured_conversions import (
 
 from nmcompile.kernels import sparse24
 from nmcompile.kernels.compress24 import TILES, compress24, compress24_kernel, compressed_numel
-from tests._tile24 import codes, sm90_kernel_meta, tile_kernel_meta
-from tests.conftest import interpreted
 
 DTYPES = (torch.float16, torch.bfloat16)
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
+from conftest import DOMINANT_BLOCKS, assert_close, launched_wide, lone_nonzero_blocks
 
 from nmcompile import kernels, reference
 from nmcompile.ops import masked_weight
-from tests.conftest import DOMINANT_BLOCKS, assert_close, launched_wide, lone_nonzero_blocks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

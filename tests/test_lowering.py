@@ -13,11 +13,7 @@ import types
 
 import pytest
 import torch
-from nmcompile.passes import lower_kernels
-from torch import fx, nn
-
-import nmcompile
-from tests.conftest import (
+from conftest import (
     MLP,
     MODELS,
     NOT_ON_CUDA,
@@ -27,6 +23,10 @@ from tests.conftest import (
     interpreted,
     train_and_compare,
 )
+from nmcompile.passes import lower_kernels
+from torch import fx, nn
+
+import nmcompile
 
 
 @interpreted

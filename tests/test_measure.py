@@ -13,10 +13,10 @@ import sys
 
 import pytest
 import torch
+from conftest import MLP, cpu_mask_note, interpreted, train_and_compare
 
 import nmcompile
 from nmcompile.kernels import measure
-from tests.conftest import MLP, cpu_mask_note, interpreted, train_and_compare
 
 # (in, out) of MLP()'s three layers: fc1, fc2, head.
 SHAPES = {"fc1": (32, 64), "fc2": (64, 64), "head": (64, 16)}

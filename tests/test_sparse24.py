@@ -16,6 +16,18 @@ import types
 import pytest
 import torch
 import triton
+from conftest import (
+    EMULATED_ALGS,
+    MLP,
+    NOT_ON_CUDA,
+    assert_close,
+    cpu_mask_note,
+    cuda_autocast_losses,
+    interpreted,
+    launched_wide,
+    record_alg_ids,
+    train_and_compare,
+)
 from torch import nn
 from torch.sparse._semi_structured_conversions import (
     sparse_semi_structured_from_dense_cutlass,
@@ -32,18 +44,6 @@ from nmcompile.kernels.mvue import mvue_prune
 from nmcompile.kernels.operand24 import backward_operand, forward_operand, input_grad_operand
 from nmcompile.kernels.srste import srste_add
 from nmcompile.ops import masked_weight
-from tests.conftest import (
-    EMULATED_ALGS,
-    MLP,
-    NOT_ON_CUDA,
-    assert_close,
-    cpu_mask_note,
-    cuda_autocast_losses,
-    interpreted,
-    launched_wide,
-    record_alg_ids,
-    train_and_compare,
-)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SM80 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
