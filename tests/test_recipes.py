@@ -869,12 +869,14 @@ class _EmbedMLP(nn.Module):
         return self.head(torch.nn.functional.gelu(self.fc(self.tok(idx))))
 
 
-def _train_embed_mlp(device: str) -> tuple[list[str], dict[str, torch.Tensor], dict]:
-    """12 AdamW steps under the default inner compiler (Inductor): losses in hex, weights, states."""
+def _train_embed_mlp(device: str, global_seed: int) -> tuple[list[str], dict[str, torch.Tensor], dict]:
+    """12 AdamW steps under the default inner compiler (Inductor): losses in hex, weights, states. The
+    global generators are seeded with ``global_seed`` after the model is made: nothing should read them."""
     torch.manual_seed(0)
     model = _EmbedMLP().to(device)
     compiled = torch.compile(model, backend="nmsparse", options={"grad_prune": "mvue24", "perm_interval": 2})
     opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    torch.manual_seed(global_seed)
     data = torch.Generator().manual_seed(1)
     losses = []
     for _ in range(12):
@@ -893,16 +895,17 @@ def _train_embed_mlp(device: str) -> tuple[list[str], dict[str, torch.Tensor], d
 )
 def test_deterministic_algorithms_make_two_runs_bitwise_identical(device, monkeypatch):
     """Under ``torch.use_deterministic_algorithms(True)`` two Inductor-compiled sparse runs (Bi-Mask,
-    permutation search, MVUE; the Triton kernels on CUDA) agree bit for bit: the backend adds no
-    nondeterminism of its own. Without it, Inductor's CPU embedding backward (atomic adds) lets runs
-    drift apart (README, Reproducibility)."""
+    permutation search, MVUE; the Triton kernels on CUDA) agree bit for bit, also with the global
+    generators seeded differently: the backend adds no nondeterminism and draws no global random
+    numbers. Without the mode, Inductor's CPU embedding backward (atomic adds) lets runs drift apart
+    (README, Reproducibility)."""
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS asks for
     before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         (losses_a, weights_a, states_a), (losses_b, weights_b, states_b) = (
-            _train_embed_mlp(device),
-            _train_embed_mlp(device),
+            _train_embed_mlp(device, global_seed=1),
+            _train_embed_mlp(device, global_seed=2),
         )
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
