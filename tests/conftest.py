@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import types
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -132,6 +134,18 @@ def launched_wide(monkeypatch, autotuned, index_limit: int, call) -> list[bool]:
     monkeypatch.setattr(autotuned, "run", spy)
     call()
     return launched
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool, warn_only: bool = False) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(enabled, warn_only=warn_only)`` for the block; the setting
+    found (warn-only included) is back afterwards, whatever the block raised."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def lone_nonzero_blocks(m: int) -> torch.Tensor:

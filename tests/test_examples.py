@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import deterministic_algorithms
 
 import nmcompile
 
@@ -75,13 +76,9 @@ def test_tiny_gpt_trains_under_deterministic_algorithms_by_default(monkeypatch, 
     train = tiny._train
     monkeypatch.setattr(tiny, "_train", lambda s, data: seen.append(torch.are_deterministic_algorithms_enabled())
                         or train(s, data))  # fmt: skip
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(not inside, warn_only=True)
-    try:
+    with deterministic_algorithms(not inside, warn_only=True):
         tiny.main([*TINY_GPT, "--compare", *flags])
         after = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
     assert seen == [inside, inside]
     assert after == (not inside, True)
 

@@ -16,7 +16,15 @@ import weakref
 
 import pytest
 import torch
-from conftest import DOMINANT_BLOCKS, MLP, assert_close, lone_nonzero_blocks, sgd_step_both, train_and_compare
+from conftest import (
+    DOMINANT_BLOCKS,
+    MLP,
+    assert_close,
+    deterministic_algorithms,
+    lone_nonzero_blocks,
+    sgd_step_both,
+    train_and_compare,
+)
 from test_conv import BasicBlock
 from torch import nn
 from torch._dynamo.utils import counters
@@ -900,15 +908,9 @@ def test_deterministic_algorithms_make_two_runs_bitwise_identical(device, monkey
     numbers. Without the mode, Inductor's CPU embedding backward (atomic adds) lets runs drift apart
     (README, Reproducibility)."""
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS asks for
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        (losses_a, weights_a, states_a), (losses_b, weights_b, states_b) = (
-            _train_embed_mlp(device, global_seed=1),
-            _train_embed_mlp(device, global_seed=2),
-        )
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    with deterministic_algorithms(True):
+        losses_a, weights_a, states_a = _train_embed_mlp(device, global_seed=1)
+        losses_b, weights_b, states_b = _train_embed_mlp(device, global_seed=2)
     assert losses_a == losses_b
     assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     assert states_a.keys() == {"fc.weight", "head.weight"}
