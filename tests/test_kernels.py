@@ -7,6 +7,8 @@ reference exactly, GEMMs within the dtype's tolerance. With CUDA the same tests 
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import triton
@@ -464,8 +466,6 @@ def _tile_cases(module: str, tile: dict) -> list[tuple[torch.Tensor, bool]]:
 
 def _gpu_tiles() -> list[tuple[str, str, dict]]:
     """``(module, kernel, tile)`` for every tile a kernel tries on a GPU (compress24's: test_compress24)."""
-    import importlib
-
     kernels_of = {
         "nm_mask": "nm_mask_kernel", "perm_score": "perm_score_kernel", "mvue": "mvue_kernel",
         "sparse_forward": "sparse_forward_kernel", "input_grad": "input_grad_kernel",
@@ -490,8 +490,6 @@ def test_every_gpu_tile_gives_the_interpreter_tiles_results(module, kernel, tile
     sizes a GPU picks never ran: each GPU tile, as the kernel's only config, gives what the small tile
     gives (checked against the reference above), bit for bit; an MVUE-pruned weight gradient, whose
     sums a tile orders, within fp32 round-off."""
-    import importlib
-
     expected = _tile_cases(module, tile)
     monkeypatch.setattr(
         getattr(importlib.import_module(f"nmcompile.kernels.{module}"), kernel), "configs", [triton.Config(tile)]
