@@ -11,7 +11,8 @@
 #                 tensors, each test in a pytest process of its own;
 #   parts24       python -m benchmarks.parts24: each piece of the 2:4 ops timed alone;
 #   late_tests    tests written after the last GPU run whose tensors go to CUDA there: every GPU tile of
-#                 every kernel, reads past the operands, two runs bitwise identical;
+#                 every kernel, reads past the operands, two runs bitwise identical, the GEMMs'
+#                 fixed tile under deterministic mode;
 #   bench_resnet  the step benchmark for the ResNet block;
 #   split         python -m benchmarks.split: fused Triton GEMMs against operand + cuBLAS at 128, 512
 #                 and 2048 tokens;
@@ -88,6 +89,7 @@ LATE_TESTS=(
     "tests/test_kernels.py::test_every_gpu_tile_gives_the_interpreter_tiles_results"
     "tests/test_kernels.py::test_kernels_read_nothing_past_their_operands"
     "tests/test_recipes.py::test_deterministic_algorithms_make_two_runs_bitwise_identical"
+    "tests/test_kernels.py::test_gemms_run_their_first_config_untimed_under_deterministic_algorithms"
 )
 # shellcheck disable=SC2016  # expanded by the inner bash
 EACH_TEST='py=$1; limit=$2; shift 2; rc=0; for t in "$@"; do "$py" -m pytest -q -p no:cacheprovider -rA $limit "$t" || rc=1; done; exit $rc'

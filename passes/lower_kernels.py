@@ -11,7 +11,8 @@ Option ``kernels``: ``auto`` lowers on CUDA, ``triton`` also under ``TRITON_INTE
 CPU (tests), ``portable`` never. ``sparse24`` lowers to ``nmsparse.sparse24_linear`` (2:4 sparse
 tensor cores) where the N:M pattern is 2:4, the compute dtype fp16/bf16 and the GPU sm80+, and
 falls back as ``auto`` elsewhere; ``auto`` takes it where both paths can run a layer and a timed
-step (``kernels.measure``) finds 2:4 faster. Every sparse GEMM gets a ``KernelChoice`` saying what
+step (``kernels.measure``) finds 2:4 faster, and is not timed under
+``torch.use_deterministic_algorithms``, where it keeps Triton. Every sparse GEMM gets a ``KernelChoice`` saying what
 and why.
 A linear GEMM that stays portable keeps its graph, except that on the CPU ``<layer>_fwd_masked``
 becomes ``nmsparse.cpu_masked_weight`` (the C mask kernel: fp32, M=4) where that kernel applies,
@@ -32,6 +33,7 @@ from .find_targets import example_value, size_hint
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CPU_MASK_NOTE = "forward mask: C kernel"  # the report's note on a portable layer whose W ⊙ F the C kernel writes
+DETERMINISTIC_NOTE = "torch.use_deterministic_algorithms is on (kernels='sparse24' names 2:4)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,9 +164,13 @@ def _linear_case(node: fx.Node, config: SparsityConfig) -> Any:
 
 def _measured(node: fx.Node, config: SparsityConfig) -> KernelChoice:
     """``auto`` where both the Triton kernels and 2:4 tensor cores can run a layer: the one whose
-    timed training step (``kernels.measure``) is faster; Triton where the timing cannot be taken."""
+    timed training step (``kernels.measure``) is faster; Triton where the timing cannot be taken, or
+    must not be: under ``torch.use_deterministic_algorithms`` two processes could time differently,
+    pick differently and round differently."""
     from nmcompile.kernels import measure
 
+    if torch.are_deterministic_algorithms_enabled():
+        return KernelChoice("triton", f"2:4 not measured: {DETERMINISTIC_NOTE}")
     case = _linear_case(node, config)
     if case is None:
         return KernelChoice("triton", "2:4 not measured: the input's shape is unknown or has no size hint")

@@ -12,7 +12,7 @@ import importlib
 import pytest
 import torch
 import triton
-from conftest import DOMINANT_BLOCKS, assert_close, launched_wide, lone_nonzero_blocks
+from conftest import DOMINANT_BLOCKS, assert_close, deterministic_algorithms, launched_wide, lone_nonzero_blocks
 
 from nmcompile import kernels, reference
 from nmcompile.ops import masked_weight
@@ -501,6 +501,34 @@ def test_every_gpu_tile_gives_the_interpreter_tiles_results(module, kernel, tile
             assert torch.equal(result, want)
         else:
             assert_close(result.cpu(), want.cpu(), rel=EPS[torch.float32])
+
+
+@pytest.mark.parametrize("module", ["sparse_forward", "input_grad", "weight_grad"])
+def test_gemms_run_their_first_config_untimed_under_deterministic_algorithms(module, monkeypatch):
+    """Each GEMM tile sums in its own order, so a tile picked by timing could round differently in
+    the next process: under ``torch.use_deterministic_algorithms`` a GEMM kernel runs its first
+    config and times none; outside it the autotuner picks, as before."""
+    mod = importlib.import_module(f"nmcompile.kernels.{module}")
+    autotuner = getattr(mod, f"{module}_kernel")
+    first, second = mod.TILES[0], mod.TILES[1]
+    monkeypatch.setattr(autotuner, "configs", [triton.Config(first)])
+    expected = _tile_cases(module, first)
+    monkeypatch.setattr(autotuner, "configs", [triton.Config(first), triton.Config(second)])
+    timed, tiles, run = [], [], autotuner.fn.run
+    monkeypatch.setattr(autotuner, "run", lambda *args, **kwargs: timed.append(kwargs))
+
+    def record(*args, **kwargs):
+        tiles.append({key: kwargs[key] for key in first})
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(autotuner.fn, "run", record)
+    with deterministic_algorithms(True):
+        got = _tile_cases(module, first)
+    assert timed == [] and tiles == [first] * len(expected)
+    for (result, _), (want, _) in zip(got, expected, strict=True):
+        assert torch.equal(result, want)
+    _tile_cases(module, first)
+    assert len(timed) == len(expected) and len(tiles) == len(expected)
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from conftest import MLP, cpu_mask_note, interpreted, train_and_compare
+from conftest import MLP, cpu_mask_note, deterministic_algorithms, interpreted, train_and_compare
 
 import nmcompile
 from nmcompile.kernels import measure
@@ -92,6 +92,23 @@ def test_auto_without_a_timing_keeps_triton(both_paths, monkeypatch):
     unknown = "triton (2:4 not measured: the input's shape is unknown or has no size hint)"
     assert _kernels(torch.randn(8, 32)) == {unknown}
     assert calls == []
+
+
+@interpreted
+def test_auto_times_nothing_under_deterministic_algorithms(both_paths, monkeypatch):
+    """Two processes could time the paths differently and round differently: under
+    ``torch.use_deterministic_algorithms`` ``auto`` keeps Triton untimed and says why; the mode at
+    compile time decides."""
+    calls = _timed(monkeypatch, {"sparse24": 1.0, "triton": 2.0})
+    with deterministic_algorithms(True):
+        kernels = _kernels(torch.randn(8, 32), grad_prune="mvue24")
+    why = "2:4 not measured: torch.use_deterministic_algorithms is on (kernels='sparse24' names 2:4)"
+    assert kernels == {f"triton ({why})"}
+    assert calls == []
+    assert _kernels(torch.randn(8, 32), grad_prune="mvue24") == {
+        "sparse24 (a step measured 1 ms on 2:4 tensor cores, 2 ms on Triton)"
+    }
+    assert len(calls) == 6
 
 
 def test_auto_measures_nothing_where_2_4_cannot_run(monkeypatch):

@@ -23,6 +23,7 @@ from conftest import (
     assert_close,
     cpu_mask_note,
     cuda_autocast_losses,
+    deterministic_algorithms,
     interpreted,
     launched_wide,
     record_alg_ids,
@@ -406,6 +407,23 @@ def test_semi_structured_mm_runs_the_fastest_alg_searched_once(emulated_24_libra
     assert torch.equal(half, (a.float() @ b.float()).half().t())
     sparse24.semi_structured_mm(a.half(), b.half())  # fp16, result not transposed: searched
     assert calls[-EMULATED_ALGS - 1 :] == [*range(EMULATED_ALGS), EMULATED_ALGS - 1] and len(sparse24._FASTEST) == 5
+
+
+@pytest.mark.parametrize("emulated_24_library", ["cusparselt"], indirect=True)
+def test_deterministic_algorithms_run_algorithm_0_unsearched(emulated_24_library, monkeypatch):
+    """Under ``torch.use_deterministic_algorithms`` cuSPARSELt runs algorithm 0, neither searched nor
+    cached (a search by timing could pick another, which sums in another order, in the next
+    process); outside it the search comes back."""
+    monkeypatch.setattr(sparse24, "_FASTEST", {})
+    w, b = _ints(20, 40, 0), _ints(40, 30, 1).bfloat16()
+    a = torch.where(reference.nm_mask(w, 2, 4, 1), w, 0.0).bfloat16()
+    calls = record_alg_ids(monkeypatch)
+    with deterministic_algorithms(True):
+        got = sparse24.semi_structured_mm(a, b, transpose_result=True)
+    assert calls == [0] and sparse24._FASTEST == {}
+    assert torch.equal(got, (a.float() @ b.float()).bfloat16().t())
+    sparse24.semi_structured_mm(a, b, transpose_result=True)
+    assert calls[1:] == [*range(EMULATED_ALGS), EMULATED_ALGS - 1]
 
 
 def test_dense_operand_copies_only_what_the_libraries_cannot_read():

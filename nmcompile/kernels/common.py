@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.autotuner import Autotuner
 
 from nmcompile.options import power_of_two
 from nmcompile.reference import _M32, _mix32
@@ -110,6 +111,25 @@ def dot_dtype(dtype: torch.dtype) -> tl.dtype:
 def input_precision() -> str:
     """fp32 ``tl.dot`` as torch's own matmul would run it: TF32 only where torch allows it."""
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def gemm_launcher(kernel: Autotuner) -> Autotuner | FirstConfig:
+    """How a GEMM kernel is launched: autotuned by timing its configs, except under
+    ``torch.use_deterministic_algorithms``, where it runs its first config untimed. Its tiles sum
+    the products in different orders, and timings can pick another tile in the next process, so
+    two runs would round differently (Inductor's deterministic mode skips autotuning likewise)."""
+    return FirstConfig(kernel) if torch.are_deterministic_algorithms_enabled() else kernel
+
+
+class FirstConfig:
+    """``kernel[grid](...)`` on ``kernel.configs[0]``, the other configs never timed."""
+
+    def __init__(self, kernel: Autotuner) -> None:
+        self.kernel = kernel
+
+    def __getitem__(self, grid: Callable[[dict], tuple[int]]) -> Callable[..., object]:
+        config = self.kernel.configs[0]
+        return lambda *args, **kwargs: self.kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
 
 
 @triton.jit

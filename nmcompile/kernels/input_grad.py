@@ -24,6 +24,7 @@ from .common import (
     check_tensor,
     dot_dtype,
     gemm_grid,
+    gemm_launcher,
     grouped_tile,
     input_precision,
     nm_keep_cols,
@@ -110,7 +111,7 @@ def sparse_input_grad(
     check_alpha(alpha, weight)
     dx = torch.empty((T, K), dtype=dy.dtype, device=dy.device)
     f = mask.view(torch.int8) if mask is not None else weight
-    input_grad_kernel[gemm_grid(T, K, "BLOCK_T", "BLOCK_K")](
+    gemm_launcher(input_grad_kernel)[gemm_grid(T, K, "BLOCK_T", "BLOCK_K")](
         dy, weight, perm.contiguous() if perm is not None else dy, f, alpha if alpha is not None else dy, dx, n,
         T, O, K,
         *dy.stride(), *weight.stride(), *f.stride(), *dx.stride(),

@@ -278,7 +278,12 @@ def search_fails(dtype: torch.dtype, transpose_result: bool) -> bool:
 def fastest_alg(
     a: Compressed, b: torch.Tensor, *, bias: torch.Tensor | None = None, transpose_result: bool = False
 ) -> int:
-    """``search_alg`` for this problem (library, shapes, dtype, ``b``'s layout, bias, result layout), searched once."""
+    """``search_alg`` for this problem (library, shapes, dtype, ``b``'s layout, bias, result layout),
+    searched once; 0, unsearched, under ``torch.use_deterministic_algorithms``: cuSPARSELt's
+    algorithms split and order the sums differently, and a search by timing can pick another in the
+    next process."""
+    if torch.are_deterministic_algorithms_enabled():
+        return 0
     key = (
         a.meta is None, a.rows, a.cols, b.shape[1], a.dtype, b.is_contiguous(), bias is not None, transpose_result,
         b.device,

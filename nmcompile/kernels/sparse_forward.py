@@ -22,6 +22,7 @@ from .common import (
     check_tensor,
     dot_dtype,
     gemm_grid,
+    gemm_launcher,
     grouped_tile,
     input_precision,
     nm_keep_rows,
@@ -107,7 +108,7 @@ def sparse_linear_forward(
     check_alpha(alpha, weight)
     y = torch.empty((T, O), dtype=x.dtype, device=x.device)
     f = mask.view(torch.int8) if mask is not None else weight
-    sparse_forward_kernel[gemm_grid(T, O, "BLOCK_T", "BLOCK_O")](
+    gemm_launcher(sparse_forward_kernel)[gemm_grid(T, O, "BLOCK_T", "BLOCK_O")](
         x, weight, bias.contiguous() if bias is not None else x, f, alpha if alpha is not None else x, y, n, T, O, K,
         *x.stride(), *weight.stride(), *f.stride(), *y.stride(),
         M=m, HAS_BIAS=bias is not None, LOAD_MASK=mask is not None, HAS_ALPHA=alpha is not None,

@@ -21,6 +21,7 @@ from .common import (
     check_tensor,
     dot_dtype,
     gemm_grid,
+    gemm_launcher,
     grouped_tile,
     input_precision,
     mvue_tile,
@@ -118,7 +119,7 @@ def sparse_weight_grad(
     rule, mm = MVUE_RULES.get(grad_prune, (0, 4))
     dw = torch.empty((O, K), dtype=weight.dtype, device=weight.device)
     f = mask.view(torch.int8) if mask is not None else weight
-    weight_grad_kernel[gemm_grid(O, K, "BLOCK_O", "BLOCK_K")](
+    gemm_launcher(weight_grad_kernel)[gemm_grid(O, K, "BLOCK_O", "BLOCK_K")](
         dy, x, weight, f, dw, n, float(srste_lambda), step_seed(key, step), T, O, K,
         *dy.stride(), *x.stride(), *weight.stride(), *f.stride(), *dw.stride(),
         M=m, RULE=rule, MM=mm, SRSTE=srste_lambda != 0, LOAD_MASK=mask is not None,
