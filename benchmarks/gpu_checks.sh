@@ -11,8 +11,8 @@
 #                 tensors, each test in a pytest process of its own;
 #   parts24       python -m benchmarks.parts24: each piece of the 2:4 ops timed alone;
 #   late_tests    tests written after the last GPU run whose tensors go to CUDA there: every GPU tile of
-#                 every kernel, reads past the operands, two runs bitwise identical, the GEMMs'
-#                 fixed tile under deterministic mode;
+#                 every kernel, reads past the operands, two runs bitwise identical (in one process
+#                 and in two), the GEMMs' fixed tile under deterministic mode;
 #   bench_resnet  the step benchmark for the ResNet block;
 #   split         python -m benchmarks.split: fused Triton GEMMs against operand + cuBLAS at 128, 512
 #                 and 2048 tokens;
@@ -90,6 +90,7 @@ LATE_TESTS=(
     "tests/test_kernels.py::test_kernels_read_nothing_past_their_operands"
     "tests/test_recipes.py::test_deterministic_algorithms_make_two_runs_bitwise_identical"
     "tests/test_kernels.py::test_gemms_run_their_first_config_untimed_under_deterministic_algorithms"
+    "tests/test_recipes.py::test_resume_in_a_new_process_is_bitwise_identical"
 )
 # shellcheck disable=SC2016  # expanded by the inner bash
 EACH_TEST='py=$1; limit=$2; shift 2; rc=0; for t in "$@"; do "$py" -m pytest -q -p no:cacheprovider -rA $limit "$t" || rc=1; done; exit $rc'
@@ -99,7 +100,7 @@ PER_TEST=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 200")
 for name in $STAGES; do
     case $name in
         cuda_tests) stage cuda_tests 320 bash -c "$EACH_TEST" each_test "$PY" "$PER_TEST" "${CUDA_TESTS[@]}" ;;
-        late_tests) stage late_tests 150 bash -c "$EACH_TEST" each_test "$PY" "$PER_TEST" "${LATE_TESTS[@]}" ;;
+        late_tests) stage late_tests 210 bash -c "$EACH_TEST" each_test "$PY" "$PER_TEST" "${LATE_TESTS[@]}" ;;
         cslt_probe) stage cslt_probe 60 "$PY" -m benchmarks.cslt_probe --jobs 12 ;;
         cslt_dump) stage cslt_dump 30 "$PY" -m benchmarks.cslt_dump "$OUT/cslt_layout.pt" ;;
         bench_steps)

@@ -6,6 +6,7 @@ import copy
 import io
 import math
 import operator
+import os
 import pickle
 import re
 import subprocess
@@ -825,17 +826,17 @@ _RESUME = textwrap.dedent(
     torch.use_deterministic_algorithms(True)
     OPTIONS = {{"inner": "aot_eager", "perm_interval": 4, "grad_prune": "mvue24", "mask_decay": "linear",
                "mask_decay_rate": 0.05}}
-    model = MLP()
+    start, path, device = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    model = MLP().to(device)
     compiled = torch.compile(model, backend="nmsparse", options=OPTIONS)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    start, path = int(sys.argv[1]), sys.argv[2]
     if start:
         checkpoint = torch.load(path)
         model.load_state_dict(checkpoint["model"])
         opt.load_state_dict(checkpoint["opt"])
     for step in range(start, 30):
         data = torch.Generator().manual_seed(1000 + step)
-        x, target = torch.randn(16, 32, generator=data), torch.randn(16, 16, generator=data)
+        x, target = torch.randn(16, 32, generator=data).to(device), torch.randn(16, 16, generator=data).to(device)
         loss = torch.nn.functional.mse_loss(compiled(x), target)
         opt.zero_grad()
         loss.backward()
@@ -847,16 +848,22 @@ _RESUME = textwrap.dedent(
 )
 
 
-def test_resume_in_a_new_process_is_bitwise_identical(tmp_path):
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
+def test_resume_in_a_new_process_is_bitwise_identical(tmp_path, device):
     """Train 30 steps, checkpoint at 15 the ordinary way, resume in a fresh process: steps 16–30
-    give bitwise the same losses (bimask + mvue24 + mask decay)."""
+    give bitwise the same losses (bimask + mvue24 + mask decay). On CUDA each process compiles the
+    Triton kernels afresh, so this also checks that deterministic mode leaves no choice to timing."""
     script = tmp_path / "resume.py"
     script.write_text(_RESUME.format(tests=str(__import__("pathlib").Path(__file__).parent)))
     checkpoint = tmp_path / "ckpt.pt"
 
     def run(start: int) -> dict[int, str]:
-        result = subprocess.run([sys.executable, str(script), str(start), str(checkpoint)], capture_output=True,
-                                text=True, timeout=600)  # fmt: skip
+        env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}  # what deterministic cuBLAS asks for
+        result = subprocess.run([sys.executable, str(script), str(start), str(checkpoint), device],
+                                capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
         return dict((int(a), b) for a, b in (line.split() for line in result.stdout.splitlines()))
 
