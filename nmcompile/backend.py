@@ -324,12 +324,13 @@ class _Runner:
     def __init__(self, compiled: Callable, layers: Layers, registry: StateRegistry, variants: _Variants | None = None):
         self.compiled = compiled
         self.variants = variants
-        self.layers = [(spec, position, state) for spec, position, state, _ in layers]  # spec, weight's input, state
+        self.layers = [(spec, position, state) for spec, position, state, _, _ in layers]  # spec, weight's input, state
+        self.grad_modes = [grad for *_, grad in layers]
         self.registry = registry
         # Per layer, the last call's weight and state (the compiled weight's own to start with), and
         # the state of every weight it was called with: one per block where dynamo hands this graph
         # every instance of a block class.
-        self._last = [(weakref.ref(anchor(weight)), state) for _, _, state, weight in layers]
+        self._last = [(weakref.ref(anchor(weight)), state) for _, _, state, weight, _ in layers]
         self._known = [WeightKeyDictionary() for _ in layers]
 
     def _state(self, k: int, weight: torch.Tensor, roots: _CallTables) -> LayerState:
@@ -362,7 +363,8 @@ class _Runner:
             return variant(*args)
         states = [(self._state(k, args[i], roots), args[i]) for k, (_, i, _) in enumerate(self.layers)]
         self.registry.warn_restarted()
-        forwards = [(state, state.enter_forward(weight)) for state, weight in states]
+        grads = self.grad_modes
+        forwards = [(state, state.enter_forward(w, grad)) for (state, w), grad in zip(states, grads, strict=True)]
         extra = [tensor for state, forward in forwards for tensor in state.graph_inputs(forward)]
         out = self.compiled(*args, *extra)
         for state, forward in forwards:
@@ -503,15 +505,17 @@ def _warn_if_include_admits_nothing(config: SparsityConfig, roots: _CallTables) 
         )
 
 
-Layers = list[tuple[LayerSpec, int, LayerState, torch.Tensor]]
+Layers = list[tuple[LayerSpec, int, LayerState, torch.Tensor, bool | None]]
 
 
 def _layers(
     gm: fx.GraphModule, analysis: Any, params: dict[str, ParamInfo], config: SparsityConfig, registry: StateRegistry
 ) -> tuple[Layers, dict[int, LayerState]]:
     """Per sparse target of ``analysis``, in the order insert_masks appended their state inputs:
-    its spec, its weight's input position, its state and weight; and the states by target."""
+    its spec, its weight's input position, its state and weight, and the grad mode the graph sets
+    around its GEMM (``_grad_modes``); and the states by target."""
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    grad_modes = _grad_modes(gm)
     layers: Layers = []
     by_target: dict[int, LayerState] = {}
     for target in analysis.sparse:
@@ -520,10 +524,25 @@ def _layers(
         rows = target.weight_shape[0]
         spec = LayerSpec(info.name, info.index, rows, target.backward, target.layout, groups, config, info.param.dtype)
         state = registry.get_or_create(info.param, spec, info.owner)
-        layers.append((spec, placeholders.index(target.weight.name), state, info.param))
+        layers.append((spec, placeholders.index(target.weight.name), state, info.param, grad_modes.get(target.node)))
         by_target[id(target)] = state
     registry.warn_restarted()
     return layers, by_target
+
+
+def _grad_modes(gm: fx.GraphModule) -> dict[fx.Node, bool]:
+    """The grad mode each node runs in where the graph sets it: dynamo records a ``torch.no_grad()``
+    or ``torch.enable_grad()`` block inside a forward as ``torch._C._set_grad_enabled`` calls. Nodes
+    before the first such call run in the caller's mode and are left out. A layer under
+    ``no_grad()`` in a training forward (a teacher branch) trains no step, as in the reference."""
+    modes: dict[fx.Node, bool] = {}
+    mode = None
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch._C._set_grad_enabled:
+            mode = bool(node.args[0])
+        elif mode is not None:
+            modes[node] = mode
+    return modes
 
 
 @dataclasses.dataclass(frozen=True)

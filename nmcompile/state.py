@@ -220,9 +220,10 @@ class LayerState:
         """``step`` as a new 0-d tensor (a graph input seeding MVUE): made per call, never mutated."""
         return torch.tensor(step, dtype=torch.int64)
 
-    def is_training_forward(self) -> bool:
-        """A training step is a forward with grad enabled while the owning module is in train mode."""
-        if not torch.is_grad_enabled():
+    def is_training_forward(self, grad: bool | None = None) -> bool:
+        """A training step is a forward with grad enabled while the owning module is in train mode;
+        ``grad``: the grad mode a compiled graph sets around the layer (``None``: the current one)."""
+        if not (torch.is_grad_enabled() if grad is None else grad):
             return False
         owner = self.owner()
         return owner.training if owner is not None else True
@@ -235,14 +236,15 @@ class LayerState:
         """``owner`` holds the weight now: its train/eval mode decides what counts as a step."""
         self._owner = weakref.ref(owner)
 
-    def enter_forward(self, param: torch.Tensor) -> Forward:
-        """Start a forward through this layer with weight ``param``: a training forward searches
+    def enter_forward(self, param: torch.Tensor, grad: bool | None = None) -> Forward:
+        """Start a forward through this layer with weight ``param`` (``grad``: as for
+        ``is_training_forward``): a training forward searches
         (``begin_training_step``); a training forward inside a backward, after a training forward
         outside one, is a non-reentrant checkpoint's recompute of that forward (a reentrant
         checkpoint's first forward runs without grad, so its recompute is the training step).
         A forward outside training, outside a backward, forgets the last training forward."""
         progress = self.progress
-        if not self.is_training_forward():
+        if not self.is_training_forward(grad):
             if not in_backward():
                 progress.last_forward = None
             return Forward("use", self.step, self.perm)

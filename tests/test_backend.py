@@ -583,6 +583,46 @@ def test_eval_and_no_grad_count_nothing():
         assert_close(y, expected, what="eval output vs W ⊙ F by hand")
 
 
+class _TeacherStudent(nn.Module):
+    """A teacher branch under ``no_grad()`` inside a training forward (as BYOL/DINO targets), and a
+    layer under ``enable_grad()``, which trains even when the caller's mode is ``no_grad``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.student, self.teacher, self.probe = nn.Linear(16, 8), nn.Linear(16, 8), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t = self.teacher(x)
+        with torch.enable_grad():
+            p = self.probe(x)
+        return self.student(x) - t + p
+
+
+def test_grad_mode_blocks_inside_a_forward_decide_each_layers_steps():
+    """The grad mode a layer runs in decides its steps, also where the forward sets it: the teacher
+    under ``no_grad()`` counts none and keeps α = 1, as in the reference (it counted every step, its
+    mask decaying); the layer under ``enable_grad()`` counts a step in a forward called under
+    ``no_grad``. Dynamo keeps the blocks in one graph (``torch._C._set_grad_enabled`` nodes)."""
+    options = dict(inner="aot_eager", mask_decay="linear", mask_decay_rate=0.25, srste_lambda=0.0)
+    model = _TeacherStudent()
+    ref_model = reference.sparsify(copy.deepcopy(model), **options)
+    compiled = torch.compile(model, backend=nmcompile.backend(**options))
+    counters.clear()
+    for step in range(4):
+        x = torch.randn(4, 16)
+        expected, got = ref_model(x), compiled(x)
+        assert_close(got, expected, what=f"output at step {step}")
+        expected.sum().backward()
+        got.sum().backward()
+    with torch.no_grad():
+        assert_close(compiled(x), ref_model(x), what="output under no_grad")
+    assert counters["stats"]["unique_graphs"] == 2  # one per grad mode of the caller, no graph break
+    states = {k: (v["step"], v["alpha"]) for k, v in nmcompile.sparsity_state(compiled).items()}
+    assert states == {"student.weight": (4, 0.0), "teacher.weight": (0, 1.0), "probe.weight": (5, 0.0)}
+    assert states == {k: (v["step"], v["alpha"]) for k, v in nmcompile.sparsity_state(ref_model).items()}
+
+
 def test_reference_on_a_compiled_model_follows_its_modules_mode():
     """``reference.sparsify`` on a model already compiled with the same options takes over the
     weights' states with its own modules as their owners, so ``eval()`` reaches them: an eval-mode
