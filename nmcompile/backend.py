@@ -210,12 +210,20 @@ def _readable_input(placeholder: str, params: dict[str, ParamInfo]) -> str:
 
 
 def _propagate_fake_values(gm: fx.GraphModule) -> None:
-    """Example values for nodes a pre-pass created, so that the report knows their shapes."""
+    """Example values for nodes a pre-pass created, so that the report knows their shapes and which
+    need a gradient: ``FakeTensorProp``'s ``val`` is detached, so the value itself goes into
+    ``example_value`` too, as dynamo records its own nodes' (run in the grad mode of the trace)."""
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    class Prop(FakeTensorProp):
+        def run_node(self, n: fx.Node) -> Any:
+            result = super().run_node(n)
+            n.meta.setdefault("example_value", result)
+            return result
 
     inputs = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
     mode = next(t.fake_mode for t in inputs if isinstance(t, torch._subclasses.FakeTensor))
-    FakeTensorProp(gm, mode=mode).propagate_dont_convert_inputs(*inputs)
+    Prop(gm, mode=mode).propagate_dont_convert_inputs(*inputs)
 
 
 def _record_and_name(record: CompileRecord | None, kind: str, gm: fx.GraphModule) -> None:

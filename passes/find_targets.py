@@ -101,6 +101,7 @@ class GemmTarget:
     input_shape: tuple | None = None
     tokens: int | None = None  # rows of the (implicit) GEMM: tokens, or batch × output positions
     input_grad: bool = True  # whether the input needs a gradient: else no dX GEMM runs (a first layer)
+    weight_grad: bool = True  # whether the weight needs a gradient: else no dW GEMM runs (frozen, or under no_grad)
     conv: ConvInfo | None = None
     sparse: bool = False
     backward: str = "dense"
@@ -118,7 +119,7 @@ class GemmTarget:
         """Dense vs N:M-executable FLOPs of the forward, input-gradient and weight-gradient GEMMs, at
         ``n`` (the N in force) and mask-decay factor ``alpha``: while ``α > 0`` the forward and
         input-gradient GEMMs are not sparse (the weight gradient is, with ``grad_prune``); 0 for
-        an input gradient that is not computed."""
+        a gradient that is not computed."""
         if self.weight_shape is None or self.tokens is None:
             return {"forward": None, "input_grad": None, "weight_grad": None}
         O, K = self.weight_shape
@@ -128,7 +129,9 @@ class GemmTarget:
         return {
             "forward": (dense, dense * n // m if masked else dense),
             "input_grad": ((dense, dense * n // m if bwd_sparse else dense) if self.input_grad else (0, 0)),
-            "weight_grad": (dense, dense // 2 if self.sparse and grad_prune != "none" else dense),
+            "weight_grad": (
+                (dense, dense // 2 if self.sparse and grad_prune != "none" else dense) if self.weight_grad else (0, 0)
+            ),
         }
 
 
@@ -342,7 +345,9 @@ def _decide(
         return target
     x, w, bias, extra = gemm_operands(node, kind)
     target.x, target.bias, target.input_shape = x, bias, _shape(x)
-    target.input_grad = getattr(example_value(x), "requires_grad", True)
+    in_autograd = getattr(example_value(node), "requires_grad", True)  # run with grad on, of an operand needing one
+    target.input_grad = in_autograd and getattr(example_value(x), "requires_grad", True)
+    target.weight_grad = in_autograd and getattr(example_value(w), "requires_grad", True)
     if kind.startswith("conv"):
         return _decide_conv(target, w, extra, config, params, values)
     placeholder, transposed = _operand_placeholder(w)

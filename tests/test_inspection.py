@@ -99,6 +99,38 @@ def test_table_rows_and_flops():
     assert "16.4K→4.1K" in table and "head.weight" in table
 
 
+class _GradBranches(nn.Module):
+    """A frozen first layer, a layer under ``no_grad()``, and self-attention (decomposed by the backend)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen, self.teacher = nn.Linear(16, 16).requires_grad_(False), nn.Linear(16, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.frozen(x)
+        with torch.no_grad():
+            t = self.teacher(h)
+        return self.attn(h, h, h, need_weights=False)[0] + t
+
+
+def test_flops_count_only_the_gradient_gemms_that_run():
+    """A gradient GEMM that does not run counts 0: the frozen weight's dW, both of the layer under
+    ``no_grad()`` (its input needs a gradient, but nothing is recorded there); the attention's
+    ``out_proj``, whose input the backend's decomposition made, gets its dX (it had 0: the values
+    propagated for new nodes were detached). As the backward graph shows."""
+    report = nmcompile.explain(_GradBranches(), torch.randn(2, 4, 16, requires_grad=True), inner="aot_eager")
+    rows = {r.name: r for r in report.rows}
+    dense = 2 * 8 * 16 * 16
+    assert rows["frozen.weight"].flops == {"forward": (dense,) * 2, "input_grad": (dense,) * 2, "weight_grad": (0, 0)}
+    assert rows["teacher.weight"].flops == {"forward": (dense, dense // 2), "input_grad": (0, 0), "weight_grad": (0, 0)}
+    out_proj = rows["attn.out_proj.weight"]
+    assert out_proj.sparse and out_proj.flops["input_grad"] == (dense, dense // 2)
+    assert out_proj.flops["weight_grad"] == (dense, dense)
+    backward = {n.name for n in report.backward_graph.graph.nodes}
+    assert "attn_out_proj_bwd_input_grad" in backward and not any(name.startswith("teacher") for name in backward)
+
+
 def test_table_lists_activation_matmuls_as_dense():
     """GEMMs without a parameter operand are rows too, dense, with the reason."""
 
