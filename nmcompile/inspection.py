@@ -298,8 +298,10 @@ def to_dot(records: list[CompileRecord]) -> str:
 def untraced_rows(module: torch.nn.Module, seen: set[str], other_uses: Mapping[str, str]) -> list[LayerRow]:
     """Rows for the weights (2-D and up) of ``module`` that no compiled graph used as a GEMM operand,
     with the reason: embeddings are lookups; else what used them in a graph (``other_uses``, by
-    name: a recurrent layer dynamo traced under ``allow_rnn``); else recurrent layers run eagerly."""
+    name: a recurrent layer dynamo traced under ``allow_rnn``); else recurrent layers run eagerly,
+    and so do modules with a backward hook, and maybe the code calling them."""
     rows = []
+    hooked = [name or "the model" for name, sub in module.named_modules() if _has_backward_hook(sub)]
     visited: set[int] = set()  # a tied parameter has one row, under its first name
     for mod_name, sub in module.named_modules():
         for pname, param in sub.named_parameters(recurse=False):
@@ -317,12 +319,24 @@ def untraced_rows(module: torch.nn.Module, seen: set[str], other_uses: Mapping[s
             elif isinstance(sub, torch.nn.RNNBase):
                 reason = (f"{type(sub).__name__}: dynamo does not trace recurrent layers into a graph "
                           "(torch._dynamo.config.allow_rnn), so it runs eagerly and dense")  # fmt: skip
+            elif _has_backward_hook(sub):
+                reason = "its module has a backward hook: dynamo (torch 2.13) does not trace it; it runs eagerly, dense"
             else:
                 reason = "not a GEMM operand in any compiled graph (or in code dynamo did not trace)"
+                if hooked:
+                    reason += (
+                        f"; a backward hook (on {', '.join(hooked)}) can keep dynamo out of the code calling its module"
+                    )
             flops = {"forward": None, "input_grad": None, "weight_grad": None}
             rows.append(LayerRow(name, type(sub).__name__, tuple(param.shape[:2]), None, "", "-", False, "-", reason,
                                  flops))  # fmt: skip
     return rows
+
+
+def _has_backward_hook(module: torch.nn.Module) -> bool:
+    """Whether ``module`` has a backward hook (``register_full_backward_hook`` and its pre-hook or
+    legacy forms), which dynamo does not trace: the module runs eagerly."""
+    return bool(module._backward_hooks or module._backward_pre_hooks)
 
 
 class Report:

@@ -131,6 +131,26 @@ def test_flops_count_only_the_gradient_gemms_that_run():
     assert "attn_out_proj_bwd_input_grad" in backward and not any(name.startswith("teacher") for name in backward)
 
 
+@pytest.mark.parametrize("hook", ["register_full_backward_hook", "register_full_backward_pre_hook"])
+def test_weights_of_modules_with_backward_hooks_say_why_they_run_dense(hook):
+    """Dynamo (torch 2.13) runs a module with a backward hook eagerly: its weight's row says so;
+    in an ``nn.Sequential`` no graph is compiled at all, and the other rows name the hooked module."""
+    model = MLP()
+    getattr(model.fc2, hook)(lambda *args: None)
+    rows = {r.name: r for r in nmcompile.explain(model, torch.randn(4, 32), inner="aot_eager").rows}
+    assert not rows["fc2.weight"].sparse and rows["fc2.weight"].reason.startswith("its module has a backward hook")
+    assert rows["fc1.weight"].sparse and rows["head.weight"].sparse
+    sequential = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    getattr(sequential[0], hook)(lambda *args: None)
+    report = nmcompile.explain(sequential, torch.randn(4, 16), inner="aot_eager")
+    assert report.records == [] and not any(r.sparse for r in report.rows)
+    assert {r.name: r.reason for r in report.rows} == {
+        "0.weight": "its module has a backward hook: dynamo (torch 2.13) does not trace it; it runs eagerly, dense",
+        "2.weight": "not a GEMM operand in any compiled graph (or in code dynamo did not trace); a backward hook "
+        "(on 0) can keep dynamo out of the code calling its module",
+    }
+
+
 def test_table_lists_activation_matmuls_as_dense():
     """GEMMs without a parameter operand are rows too, dense, with the reason."""
 
