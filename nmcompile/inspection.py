@@ -30,6 +30,12 @@ if TYPE_CHECKING:
     from nmcompile.state import LayerState
 
 GRAPH_KINDS = ("forward", "backward", "inference")
+# Why no graph was compiled for a model compiled in place (``model.compile``) whose forward is torch.nn's
+# own: dynamo skips torch.nn's frames there, with any backend (torch 2.13), and calls no backend.
+IN_PLACE_NOTE = (
+    "{} compiled in place (model.compile) runs torch.nn's own forward, which dynamo (torch 2.13) does not "
+    "compile: it trains dense; use torch.compile(model, backend=...)"
+)
 _dump_counter = itertools.count()
 
 
@@ -439,4 +445,8 @@ def explain(
                     buffer.copy_(saved[name])
     seen = {row.name for record in records for row in record.rows}
     other_uses = {name: why for record in records for name, why in record.other_uses.items()}
-    return Report(records, untraced_rows(module, seen, other_uses))
+    rows = untraced_rows(module, seen, other_uses)
+    if not records and target is not module and type(module).forward.__module__.startswith("torch.nn."):
+        why = IN_PLACE_NOTE.format(type(module).__name__)
+        rows = [dataclasses.replace(row, reason=why) for row in rows]
+    return Report(records, rows)

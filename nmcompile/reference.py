@@ -326,8 +326,10 @@ class _Rule:
         """The sparse ``F.linear(x, w, bias)`` for ``w`` as ``[O, K]``, or, given ``conv = (stride,
         padding, dilation, groups)``, the sparse convolution with ``w`` ``[O, C, *k]``. Counts steps.
         A weight used twice in one forward runs the dense GEMM, as does one that dynamo traces (a
-        ``torch.cond`` branch, which torch traces even in eager mode, and the backend leaves dense)."""
-        if torch.compiler.is_compiling() or self.uses.is_dense(self):
+        ``torch.cond`` branch, which torch traces even in eager mode, and the backend leaves dense)
+        and a frozen one (SPEC §10; the backend recompiles a layer frozen mid-training dense), which
+        counts no step."""
+        if torch.compiler.is_compiling() or not w.requires_grad or self.uses.is_dense(self):
             return F.linear(x, w, bias) if conv is None else _CONV[w.dim() - 2](x, w, bias, *conv)
         config, state = self.config, self.state
         forward = state.enter_forward(self.param)

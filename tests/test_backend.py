@@ -623,6 +623,29 @@ def test_grad_mode_blocks_inside_a_forward_decide_each_layers_steps():
     assert states == {k: (v["step"], v["alpha"]) for k, v in nmcompile.sparsity_state(ref_model).items()}
 
 
+def test_a_layer_frozen_mid_training_runs_dense_as_in_the_reference():
+    """SPEC §10 leaves frozen weights dense: freezing a layer that trained sparse makes dynamo
+    recompile it dense (README), and the reference now does the same at the call (it kept the layer
+    sparse and counted its steps); unfrozen, both go on from the steps counted before."""
+    options = dict(inner="aot_eager", perm_interval=1, perm_candidates=8)
+    model = MLP()
+    ref_model = reference.sparsify(copy.deepcopy(model), **options)
+    compiled = torch.compile(model, backend=nmcompile.backend(**options))
+    for step, frozen in enumerate([False, True, True, False, False]):
+        for m in (model, ref_model):
+            m.fc2.requires_grad_(not frozen)
+        x = torch.randn(4, 32)
+        expected, got = ref_model(x), compiled(x)
+        assert_close(got, expected, what=f"output at step {step}")
+        expected.sum().backward()
+        got.sum().backward()
+    steps = {k: v["step"] for k, v in nmcompile.sparsity_state(compiled).items()}
+    assert steps == {"fc1.weight": 5, "fc2.weight": 3, "head.weight": 5}
+    assert steps == {k: v["step"] for k, v in nmcompile.sparsity_state(ref_model).items()}
+    ref_perm = nmcompile.sparsity_state(ref_model)["fc2.weight"]["perm"]
+    assert torch.equal(nmcompile.sparsity_state(compiled)["fc2.weight"]["perm"], ref_perm)
+
+
 def test_reference_on_a_compiled_model_follows_its_modules_mode():
     """``reference.sparsify`` on a model already compiled with the same options takes over the
     weights' states with its own modules as their owners, so ``eval()`` reaches them: an eval-mode

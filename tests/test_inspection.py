@@ -13,6 +13,7 @@ from torch import nn
 
 import nmcompile
 from nmcompile import reference
+from nmcompile.inspection import IN_PLACE_NOTE
 from nmcompile.kernels import cpu_mask
 
 
@@ -149,6 +150,22 @@ def test_weights_of_modules_with_backward_hooks_say_why_they_run_dense(hook):
         "2.weight": "not a GEMM operand in any compiled graph (or in code dynamo did not trace); a backward hook "
         "(on 0) can keep dynamo out of the code calling its module",
     }
+
+
+def test_explain_says_why_an_in_place_compiled_sequential_trains_dense():
+    """``model.compile()`` on a model whose forward is torch.nn's own (``nn.Sequential``) compiles
+    nothing in torch 2.13, with any backend, so it trains dense and no backend can warn. ``explain``
+    compiles as the model is compiled, finds no graph, and says why; the same model not compiled
+    in place is sparsified."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    x = torch.randn(4, 16)
+    assert all(r.sparse for r in nmcompile.explain(model, x, inner="aot_eager").rows)
+    model.compile(backend=nmcompile.backend(inner="aot_eager"))
+    model(x).sum().backward()
+    assert nmcompile.sparsity_state(model) == {}
+    report = nmcompile.explain(model, x, inner="aot_eager")
+    assert report.records == [] and [r.name for r in report.rows] == ["0.weight", "2.weight"]
+    assert {r.reason for r in report.rows} == {IN_PLACE_NOTE.format("Sequential")}
 
 
 def test_table_lists_activation_matmuls_as_dense():
