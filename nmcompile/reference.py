@@ -563,7 +563,10 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
     runs: as the weight of ``F.linear`` (``W.t()`` there: ``[in, out]``) or ``F.conv1d/2d/3d``, or the right operand of
     ``mm``/``matmul``/``addmm``/``@`` (``W``: ``[in, out]``; ``W.t()``, ``W.T``, ``W.mT``,
     ``W.permute(1, 0)``: ``[out, in]``). Options as ``SparsityConfig``.
-    Do not deep-copy a model after ``sparsify``: the routed forward keeps its rules.
+    Do not deep-copy (or pickle) a model after ``sparsify``: the routed forward keeps its rules.
+    A ``torch.func.functional_call`` stand-in for a weight runs on the weight's own state here, and
+    counts its steps; the backend gives a stand-in Parameter a state of its own and runs a
+    plain-tensor stand-in dense (README, "Checkpoints": other new Parameters in a layer's place).
     """
     from nmcompile.state import DEFAULT_REGISTRY, LayerSpec
 
