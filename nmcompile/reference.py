@@ -657,9 +657,10 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def effective_n(config: Any, step: int) -> int:
-    """N in force at training step ``step``: ``m`` (dense) before ``dense_steps``; with structure
-    decay, the sequence above over equal frames up to ``total_steps − finetune_steps``."""
-    if step < config.dense_steps and (config.structure_decay or config.mask_decay != "none"):
+    """N in force at training step ``step``: with structure decay, ``m`` (dense) before
+    ``dense_steps``, then the sequence above over equal frames up to ``total_steps −
+    finetune_steps``; else ``n`` (mask decay's masks keep it: ``α = 1`` makes them dense)."""
+    if step < config.dense_steps and config.structure_decay:
         return config.m
     if not config.structure_decay:
         return config.n

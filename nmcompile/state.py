@@ -601,8 +601,10 @@ class StateRegistry:
                     if state.step:
                         missing.append(state.spec.name)
                     state.reset()
-                elif not has_any:
-                    self._without_state.setdefault(module, set()).add(name)
+                else:  # an older checkpoint's state held for the slot goes: these weights have none
+                    self._pending.get(module, {}).pop(name, None)
+                    if not has_any:
+                        self._without_state.setdefault(module, set()).add(name)
         if missing:
             _warn_without_state(missing, stacklevel=4)  # the caller of load_state_dict
 
@@ -629,13 +631,19 @@ class StateRegistry:
     def _restored_apart(self, module: nn.Module, name: str, state: LayerState | None) -> bool:
         """Whether ``restore_apart`` restored (or holds) the slot's state and it has not trained
         since: a ``load_state_dict`` of the same checkpoint (DCP loads the model after or before
-        ``SparsityStates``, with ``_metadata`` from before the load or none) then keeps it."""
-        mark = self._loaded_apart.get(module, {}).get(name)
+        ``SparsityStates``, with ``_metadata`` from before the load or none) then keeps it. A state
+        that has trained since loses the mark, so a later load wins even where it rolls the step
+        back to the restored one."""
+        marks = self._loaded_apart.get(module, {})
+        mark = marks.get(name)
         if mark is None:
             return False
-        if state is not None:
-            return state.step == int(mark["step"])
-        return self._pending.get(module, {}).get(name) is mark
+        if state is not None and state.step == int(mark["step"]):
+            return True
+        if state is None and self._pending.get(module, {}).get(name) is mark:
+            return True
+        del marks[name]
+        return False
 
     def warn_restarted(self) -> None:
         """One warning naming every layer whose new state restarted, since the last call, from a

@@ -377,6 +377,9 @@ def test_structure_decay_needs_a_step_per_stage():
 
     c = SparsityConfig(n=1, m=8, structure_decay=True, total_steps=7, dense_steps=2, finetune_steps=1)
     assert [effective_n(c, t) for t in range(8)] == [8, 8, 7, 4, 2, 1, 1, 1]
+    # Mask decay's masks keep N through dense_steps (α = 1 makes them dense), as sparsity_state says.
+    decay = SparsityConfig(n=1, m=8, mask_decay="linear", dense_steps=2)
+    assert [effective_n(decay, t) for t in range(4)] == [1, 1, 1, 1]
     message = "at least dense_steps + finetune_steps + 4 (a step for each of 7:8 -> 4:8 -> 2:8 -> 1:8)"
     with pytest.raises(ValueError, match=re.escape(message)):
         SparsityConfig(n=1, m=8, structure_decay=True, total_steps=6, dense_steps=2, finetune_steps=1)

@@ -590,6 +590,25 @@ def test_old_checkpoint_loaded_before_compile_warns_at_the_first_forward(runner)
         assert [s["step"] for s in nmcompile.sparsity_state(model).values()] == [2, 2, 2]
 
 
+def test_a_later_checkpoint_without_states_drops_one_held_for_the_first_forward():
+    """Two loads before the first compiled forward, a trained checkpoint and then one without
+    sparsity state: the last load wins, as after a forward. ``state_dict()`` holds no state, and
+    the layers restart at step 0 with the old-checkpoint warning (the held state of the first load
+    was saved and used, silently)."""
+    _, checkpoint = _trained(3, {"inner": "aot_eager", "perm_interval": 1})
+    model = MLP()
+    model.load_state_dict(checkpoint)
+    model.load_state_dict({k: v.clone() for k, v in MLP().state_dict().items()})
+    assert not any("nmsparse" in entry for entry in model.state_dict()._metadata.values())  # nothing held
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        torch.compile(model, backend=nmcompile.backend(inner="aot_eager", perm_interval=1))(torch.randn(4, 32))
+    messages = [str(w.message) for w in caught if "nmsparse" in str(w.message)]
+    assert len(messages) == 1 and "no sparsity state for fc1.weight, fc2.weight, head.weight;" in messages[0]
+    for state in nmcompile.sparsity_state(model).values():
+        assert state["step"] == 0 and torch.equal(state["perm"], torch.arange(len(state["perm"])))
+
+
 def _trained(steps: int, options: dict) -> tuple[nn.Module, dict]:
     """An MLP after ``steps`` compiled training steps, and its checkpoint."""
     model = MLP()
@@ -1008,6 +1027,10 @@ def test_sparsity_states_win_over_load_state_dict_until_the_layers_train():
     loaded.load_state_dict(early)
     state = nmcompile.sparsity_state(loaded)["fc1.weight"]
     assert state["step"] == 2 and torch.equal(state["perm"], early_state["perm"])
+    _train(loaded, 2, start=2)  # back at the step SparsityStates restored: the load wins all the same
+    assert nmcompile.sparsity_state(loaded)["fc1.weight"]["step"] == 4
+    loaded.load_state_dict(early)
+    assert nmcompile.sparsity_state(loaded)["fc1.weight"]["step"] == 2
 
 
 def test_sparsity_states_for_weights_the_model_lacks_are_ignored_with_a_warning():
