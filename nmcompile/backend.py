@@ -290,7 +290,12 @@ def _compile_inner(
     gm: fx.GraphModule, inputs: list, config: SparsityConfig, record: CompileRecord | None, patches: dict[str, Any]
 ) -> Callable:
     """AOTAutograd + ``config.inner`` on the rewritten graph, naming nodes of each produced graph;
-    ``patches``: Inductor settings (``torch.compile``'s ``mode``, ``_fusion_patches``)."""
+    ``patches``: Inductor settings (``torch.compile``'s ``mode``, ``_fusion_patches``).
+
+    Where Inductor cannot compile the graph (its own error, as on some dynamic-shape convolution
+    backwards of torch 2.13), the graph runs through AOTAutograd alone, as ``inner="aot_eager"``
+    would, with a warning: still sparse, only not fused. The backward is compiled with the forward
+    (not at the first backward, AOTAutograd's default), so that its failure is caught here too."""
     if config.inner == "inductor":
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
@@ -301,7 +306,17 @@ def _compile_inner(
             return compile_fx_inner(graph, example_inputs, **kwargs)
 
         _register_inductor_decomposition()
-        return compile_fx(gm, inputs, inner_compile=inner_compile, config_patches=patches or None)
+        try:
+            with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
+                return compile_fx(copy_graph_module(gm)[0], inputs, inner_compile=inner_compile,
+                                  config_patches=patches or None)  # fmt: skip
+        except Exception as exc:  # a warning instead of a crash: the same graph without Inductor
+            summary = (str(exc).strip().splitlines() or [""])[-1][:200]  # the cause, last
+            warnings.warn(
+                f"nmsparse: Inductor could not compile a graph ({type(exc).__name__}: {summary}); it runs "
+                "through AOTAutograd without Inductor (as inner='aot_eager'): still sparse, not fused",
+                stacklevel=2,
+            )
 
     from torch._dynamo.backends.common import aot_autograd
     from torch._dynamo.backends.debugging import boxed_nop

@@ -646,6 +646,39 @@ def test_a_layer_frozen_mid_training_runs_dense_as_in_the_reference():
     assert torch.equal(nmcompile.sparsity_state(compiled)["fc2.weight"]["perm"], ref_perm)
 
 
+def test_a_graph_inductor_cannot_compile_runs_without_it(monkeypatch):
+    """Where Inductor fails on a graph (torch 2.13 does on some dynamic-shape convolution
+    backwards), the graph runs through AOTAutograd alone, with one warning, and trains as the
+    reference does. The backward compiles with the forward, so its failure is caught at the first
+    forward, before any backward runs; ``explain`` records the graphs that run."""
+    from torch._inductor import compile_fx
+
+    real = compile_fx.compile_fx_inner
+
+    def fails_on_backward(graph, example_inputs, **kwargs):
+        if kwargs.get("is_backward"):
+            raise RuntimeError("lowering failed\nValueRangeError: Invalid ranges [0:-1]")
+        return real(graph, example_inputs, **kwargs)
+
+    monkeypatch.setattr(compile_fx, "compile_fx_inner", fails_on_backward)
+    expected = [
+        "nmsparse: Inductor could not compile a graph (RuntimeError: ValueRangeError: Invalid ranges [0:-1]); it "
+        "runs through AOTAutograd without Inductor (as inner='aot_eager'): still sparse, not fused"
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(MLP(), backend=nmcompile.backend(perm_interval=2))(torch.randn(4, 32))
+    assert [str(w.message) for w in caught if "nmsparse" in str(w.message)] == expected
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_and_compare(MLP, (4, 32), steps=3, grad_prune="mvue24", perm_interval=2)
+    assert [str(w.message) for w in caught if "nmsparse" in str(w.message)] == expected
+    report = nmcompile.explain(MLP(), torch.randn(4, 32))
+    backward = {n.name for n in report.backward_graph.graph.nodes}
+    assert "fc2_bwd_input_grad" in backward and report.forward_graph is not None
+
+
 def test_reference_on_a_compiled_model_follows_its_modules_mode():
     """``reference.sparsify`` on a model already compiled with the same options takes over the
     weights' states with its own modules as their owners, so ``eval()`` reaches them: an eval-mode
