@@ -347,8 +347,8 @@ class _Runner:
     def __init__(self, compiled: Callable, layers: Layers, registry: StateRegistry, variants: _Variants | None = None):
         self.compiled = compiled
         self.variants = variants
-        self.layers = [(spec, position, state) for spec, position, state, _, _ in layers]  # spec, weight's input, state
-        self.grad_modes = [grad for *_, grad in layers]
+        # spec, weight's input, state, and the grad mode the graph sets around the layer (None: the caller's)
+        self.layers = [(spec, position, state, grad) for spec, position, state, _, grad in layers]
         self.registry = registry
         # Per layer, the last call's weight and state (the compiled weight's own to start with), and
         # the state of every weight it was called with: one per block where dynamo hands this graph
@@ -377,17 +377,16 @@ class _Runner:
     def __call__(self, *args: Any) -> Any:
         fake_mode = next((a.fake_mode for a in args if isinstance(a, torch._subclasses.FakeTensor)), None)
         if fake_mode is not None:  # DDP's graph splitting propagates fake inputs: no training step
-            extra = [tensor for _, _, state in self.layers for tensor in state.graph_inputs()]
+            extra = [tensor for _, _, state, _ in self.layers for tensor in state.graph_inputs()]
             extra = [t if isinstance(t, torch._subclasses.FakeTensor) else fake_mode.from_tensor(t) for t in extra]
             return self.compiled(*args, *extra)
         roots = _CallTables()
         variant = self.variants.runner(args, roots) if self.variants is not None else None
         if variant is not None:
             return variant(*args)
-        states = [(self._state(k, args[i], roots), args[i]) for k, (_, i, _) in enumerate(self.layers)]
+        states = [(self._state(k, args[i], roots), args[i], grad) for k, (_, i, _, grad) in enumerate(self.layers)]
         self.registry.warn_restarted()
-        grads = self.grad_modes
-        forwards = [(state, state.enter_forward(w, grad)) for (state, w), grad in zip(states, grads, strict=True)]
+        forwards = [(state, state.enter_forward(weight, grad)) for state, weight, grad in states]
         extra = [tensor for state, forward in forwards for tensor in state.graph_inputs(forward)]
         out = self.compiled(*args, *extra)
         for state, forward in forwards:
