@@ -83,14 +83,15 @@ CUDA_TESTS=(
     "tests/test_kernels.py::test_portable_mvue_op_on_cuda_prunes_as_on_the_cpu"
 )
 # Written after run 4 (2026-12-04), never run on a GPU: each GPU tile as a kernel's only config against
-# the autotuned launch (30 compiles), operands as views into NaN-padded buffers, and two runs under
-# torch.use_deterministic_algorithms, bit for bit.
+# the autotuned launch (30 compiles), operands as views into NaN-padded buffers, two runs under
+# torch.use_deterministic_algorithms, bit for bit, and the MVUE 2:4 rules at interval ends and on NaN.
 LATE_TESTS=(
     "tests/test_kernels.py::test_every_gpu_tile_gives_the_interpreter_tiles_results"
     "tests/test_kernels.py::test_kernels_read_nothing_past_their_operands"
     "tests/test_recipes.py::test_deterministic_algorithms_make_two_runs_bitwise_identical"
     "tests/test_kernels.py::test_gemms_run_their_first_config_untimed_under_deterministic_algorithms"
     "tests/test_recipes.py::test_resume_in_a_new_process_is_bitwise_identical"
+    "tests/test_kernels.py::test_mvue24_rules_match_the_reference_at_uniforms_beside_every_interval_end"
 )
 # shellcheck disable=SC2016  # expanded by the inner bash
 EACH_TEST='py=$1; limit=$2; shift 2; rc=0; for t in "$@"; do "$py" -m pytest -q -p no:cacheprovider -rA $limit "$t" || rc=1; done; exit $rc'

@@ -721,14 +721,37 @@ def counter_uniforms(key: int, step: torch.Tensor, count: int, device: torch.dev
 _Columns = tuple[torch.Tensor, ...]  # a block's entries, one tensor each (entry i of every block)
 
 
-def _cover(p: _Columns, u: torch.Tensor) -> torch.Tensor:
-    """Index of the interval covering ``u`` when a block's ``p`` are laid end to end; the ends are
-    summed in order in fp32 (as the kernels do) and the last interval takes any rounding slack."""
+NEAR_TIE = (
+    1 - 2**-18
+)  # SPEC §7's 2:4 rule samples a block as dominant once its largest entry passes this share of the rest
+
+
+def _first_equal(x: _Columns, value: torch.Tensor) -> torch.Tensor:
+    """Index of the first of the 4 entries ``x`` equal to ``value`` (3 where none is)."""
+    index = torch.full_like(value, 3, dtype=torch.int64)
+    for i in (2, 1, 0):
+        index = torch.where(x[i] == value, i, index)
+    return index
+
+
+def _last_positive(p: _Columns, otherwise: torch.Tensor) -> torch.Tensor:
+    """Index of the last entry with ``p > 0`` (``otherwise`` where none is)."""
+    index = otherwise
+    for i, p_i in enumerate(p):
+        index = torch.where(p_i > 0, i, index)
+    return index
+
+
+def _cover(p: _Columns, u: torch.Tensor, last: torch.Tensor, second_unit: bool = False) -> torch.Tensor:
+    """Index of the interval holding ``u`` (``u + 1`` with ``second_unit``) when a block's ``p``
+    are laid end to end, the ends summed in order in fp32 (as the kernels do). ``end − 1 ≤ u``
+    stands for ``end ≤ u + 1`` (exact, where ``u + 1`` would round); a point past the rounded ends
+    falls in ``last`` (the last entry with ``p > 0``), never in an entry of probability 0."""
     index, end = torch.zeros_like(u, dtype=torch.int64), torch.zeros_like(u)
     for p_i in p[:-1]:
         end = end + p_i
-        index += end <= u
-    return index
+        index += (end - 1 if second_unit else end) <= u
+    return torch.minimum(index, last)
 
 
 def _choose(index: torch.Tensor, x: _Columns) -> torch.Tensor:
@@ -769,19 +792,27 @@ def _sums(x: _Columns) -> tuple[torch.Tensor, _Columns]:
 
 
 def _mvue24(a: _Columns, u: _Columns) -> _Columns:
+    """SPEC §7 optimal 2:4. A block whose largest entry is within 2⁻¹⁸ of the sum of the others
+    (``NEAR_TIE``) is sampled as dominant: still unbiased, its variance off the optimum by about
+    2⁻¹⁸, and with that margin fp32 rounding of the interval ends can neither keep one entry twice
+    nor drop the dominant one (at an exact tie both cases keep the same)."""
     mag = [x.abs() for x in a]
     total, others = _sums(mag)
     top = torch.maximum(torch.maximum(mag[0], mag[1]), torch.maximum(mag[2], mag[3]))
-    top_index = torch.full_like(top, 3, dtype=torch.int64)
-    for i in (2, 1, 0):  # the first maximum (which one does not matter: a tie is never dominant)
-        top_index = torch.where(mag[i] == top, i, top_index)
+    top_index = _first_equal(mag, top)  # the first maximum (which one does not matter: a tie is never dominant)
     rest = _choose(top_index, others)
-    dominant = top > rest
+    dominant = top > rest * NEAR_TIE
+    kept_whole = [dominant & (top_index == i) for i in range(4)]
     p = [
-        torch.where(dominant, torch.where(top_index == i, 1.0, _ratio(m, rest, 1 / 3)), _ratio(2 * m, total, 0.5))
+        torch.where(kept_whole[i], 1.0, torch.where(dominant, _ratio(m, rest, 1 / 3), _ratio(2 * m, total, 0.5)))
         for i, m in enumerate(mag)
     ]
-    first, second = _cover(p, u[0]), _cover(p, u[0] + 1)
+    laid = [
+        torch.where(w, 0.0, p_i) for w, p_i in zip(kept_whole, p, strict=True)
+    ]  # the others of a dominant one: one unit
+    last = _last_positive(laid, top_index)
+    first = _cover(laid, u[0], last)
+    second = torch.where(dominant, top_index, _cover(laid, u[0], last, second_unit=True))
     return tuple(_divided(a[i], p[i], (first == i) | (second == i)) for i in range(4))
 
 
@@ -789,9 +820,10 @@ def _mvue24_approx(a: _Columns, u: _Columns) -> _Columns:
     mag = [x.abs() for x in a]
     total, others = _sums(mag)  # others_i = (1 − p_i) · total, without the cancellation of 1 − p_i
     p = [_ratio(m, total, 0.25) for m in mag]
-    first = _cover(p, u[0])
+    first = _cover(p, u[0], _last_positive(p, torch.zeros_like(u[0], dtype=torch.int64)))
     left = _choose(first, others)
-    second = _cover([torch.where(first == i, 0.0, _ratio(m, left, 1 / 3)) for i, m in enumerate(mag)], u[1])
+    q = [torch.where(first == i, 0.0, _ratio(m, left, 1 / 3)) for i, m in enumerate(mag)]
+    second = _cover(q, u[1], _last_positive(q, first))
     # P(i first) + Σ_j P(j first, then i), with p_j / (1 − p_j) as mag_j / others_j
     beside = _sums([_ratio(m, o, 0.0) for m, o in zip(mag, others, strict=True)])[1]
     inclusion = [p_i + p_i * s_i for p_i, s_i in zip(p, beside, strict=True)]

@@ -118,6 +118,69 @@ MODELS = {
 DOMINANT_BLOCKS = ((1000.0, 1e-3, 0.0, 0.0), (1e4, 1e-3, 2e-3, 3e-3), (300.0, 0.01, -0.02, 0.0))
 
 
+# 2:4 blocks on which the fp32 ends of the old systematic sampling left a gap or an overlap at some
+# uniform: the largest entry's probability rounded above 1 (one entry kept), a zero last entry took
+# the slack (one kept), a last dominant entry was dropped, and the two-draw rule's second draw fell
+# on a zero last entry (one kept).
+ROUNDING_BLOCKS = (
+    (0.005998578388243914, 0.004599669948220253, 0.00012723528197966516, 0.001271673128940165),
+    (-5.517500176210888e-05, 0.00033199938479810953, -0.00014549971092492342, 0.0),
+    (0.0005005800630897284, 0.0, 0.040941569954156876, -0.06432504206895828),
+    (-188.73031616210938, 107.06975555419922, -43.010986328125, 0.0),
+)
+
+
+def boundary_draws(rule: str, count: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+    """MVUE 2:4 blocks with uniforms next to every end of their sampling intervals (SPEC §7, in
+    float64), where rounding decides which entry a uniform falls in: ``(a [4, B], u [2, B])``, column
+    ``j`` one block with its two uniforms. The blocks are ``ROUNDING_BLOCKS`` and ``count`` random
+    ones: near-ties of the largest entry with the sum of the rest, dominant entries, zeros, signs."""
+    g = torch.Generator().manual_seed(11)
+    rand = torch.rand(count, 4, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(
+        -3, 4, (count, 1), generator=g
+    )
+    third = count // 3
+    rand[:third, 0] = rand[:third, 1:].sum(1) * (1 + torch.randint(-4, 5, (third,), generator=g) * 2.0**-24)
+    rand[third : 2 * third, 0] *= 30
+    rand[torch.rand(count, 4, generator=g) < 0.15] = 0
+    rand *= torch.where(torch.rand(count, 4, generator=g) < 0.5, -1.0, 1.0)
+    rand = rand[:, torch.randperm(4, generator=g)]
+    blocks = torch.cat([torch.tensor(ROUNDING_BLOCKS), rand.float()]).double()
+    mag = blocks.abs()
+    total = mag.sum(1, keepdim=True)
+    top = mag.amax(1, keepdim=True)
+    near = torch.arange(-8, 9, dtype=torch.float64) * 2.0**-24
+
+    def grid(u: torch.Tensor) -> torch.Tensor:
+        """``u`` as a uniform can be: a whole multiple of 2⁻²⁴ in ``[0, 1)``."""
+        return (u.clamp(0, 1 - 2.0**-24) * 2**24).floor() * 2.0**-24
+
+    def points(p: torch.Tensor) -> torch.Tensor:
+        """Uniforms around every interval end of ``p`` laid end to end, and around it less 1."""
+        ends = p.cumsum(1)[:, :3]
+        u = torch.cat([ends, ends - 1], 1)[:, :, None] + near
+        return grid(torch.cat([u.flatten(1), torch.tensor([[0.0, 1.0]]).expand(len(p), 2)], 1))
+
+    if rule == "mvue24":  # both layouts: a near-tie is sampled as dominant (reference.NEAR_TIE)
+        dominant = top > total - top
+        p = torch.where(dominant, torch.where(mag == top, 1.0, mag / (total - top)), 2 * mag / total).nan_to_num(0.0)
+        others = torch.where(mag == top, 0.0, mag / (total - top)).nan_to_num(0.0)
+        u0 = torch.cat([points(p), points(others)], 1)
+        u = torch.stack([u0, torch.zeros_like(u0)])
+    else:
+        first = points((mag / total).nan_to_num(0.0))
+        u = [torch.stack([first, torch.full_like(first, x)]) for x in (0.0, 0.5, 1 - 2.0**-24)]
+        for f in range(4):  # a first draw inside entry f's interval, the second around the ends of the rest
+            p = (mag / total).nan_to_num(0.0)
+            middle = p.cumsum(1)[:, f] - p[:, f] / 2
+            q = torch.where(torch.arange(4) == f, 0.0, mag / (total - mag[:, f : f + 1])).nan_to_num(0.0)
+            second = points(q)
+            u.append(torch.stack([grid(middle)[:, None].expand_as(second), second]))
+        u = torch.cat(u, 2)
+    a = blocks.float()[:, :, None].expand(-1, -1, u.shape[2])
+    return a.permute(1, 0, 2).reshape(4, -1).contiguous(), u.float().reshape(2, -1).contiguous()
+
+
 def launched_wide(monkeypatch, autotuned, index_limit: int, call) -> list[bool]:
     """The ``WIDE`` flag of each launch of ``autotuned`` (a kernel) that ``call()`` makes with the
     kernels' ``INDEX_LIMIT`` (2³¹) set to ``index_limit``: where int64 offsets start, on small shapes."""

@@ -12,9 +12,19 @@ import importlib
 import pytest
 import torch
 import triton
-from conftest import DOMINANT_BLOCKS, assert_close, deterministic_algorithms, launched_wide, lone_nonzero_blocks
+import triton.language as tl
+from conftest import (
+    DOMINANT_BLOCKS,
+    assert_close,
+    boundary_draws,
+    deterministic_algorithms,
+    launched_wide,
+    lone_nonzero_blocks,
+)
 
 from nmcompile import kernels, reference
+from nmcompile.kernels import common
+from nmcompile.kernels.common import interpreting
 from nmcompile.ops import masked_weight
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -182,6 +192,47 @@ def test_mvue_prune_keeps_a_lone_nonzero_as_is(rule):
     g = lone_nonzero_blocks(m).repeat(1, 8).to(DEVICE)
     for step in range(4):
         assert torch.equal(kernels.mvue_prune(g, step, reference.prune_key(1, 2), rule), g), step
+
+
+@triton.jit
+def _rule_on_draws(a_ptr, u_ptr, out_ptr, count, RULE: tl.constexpr, BLOCK: tl.constexpr):
+    """``common``'s 2:4 rule ``RULE`` (2: mvue24, 3: mvue24_approx) on given blocks and uniforms:
+    ``a`` and ``out`` ``[4, count]``, ``u`` ``[2, count]``, column ``j`` one block."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < count
+    a = (
+        tl.load(a_ptr + offs, mask=ok, other=0.0),
+        tl.load(a_ptr + count + offs, mask=ok, other=0.0),
+        tl.load(a_ptr + 2 * count + offs, mask=ok, other=0.0),
+        tl.load(a_ptr + 3 * count + offs, mask=ok, other=0.0),
+    )
+    u0 = tl.load(u_ptr + offs, mask=ok, other=0.0)
+    if RULE == 2:
+        out = common.mvue24(a, u0)
+    else:
+        out = common.mvue24_approx(a, u0, tl.load(u_ptr + count + offs, mask=ok, other=0.0))
+    tl.store(out_ptr + offs, out[0], mask=ok)
+    tl.store(out_ptr + count + offs, out[1], mask=ok)
+    tl.store(out_ptr + 2 * count + offs, out[2], mask=ok)
+    tl.store(out_ptr + 3 * count + offs, out[3], mask=ok)
+
+
+@pytest.mark.parametrize("rule", ["mvue24", "mvue24_approx"])
+def test_mvue24_rules_match_the_reference_at_uniforms_beside_every_interval_end(rule):
+    """The kernels' 2:4 rules keep the entries the reference keeps, with bit-equal values, at the
+    uniforms where rounding decides (``test_recipes`` checks the reference against SPEC §7 there),
+    and in NaN blocks alike (so a NaN gradient reaches both the same)."""
+    a, u = boundary_draws(rule, count=60 if interpreting() else 300)
+    a[:, -64:] = torch.where(torch.arange(4)[:, None] == torch.arange(64) % 4, float("nan"), a[:, -64:])
+    k = 1 if rule == "mvue24" else 2
+    expected = reference.mvue_prune_with(a, rule, 0, lambda count: u[:k].t().reshape(-1))
+    got = torch.empty(a.shape, device=DEVICE)
+    count = a.shape[1]
+    _rule_on_draws[(triton.cdiv(count, 4096),)](
+        a.to(DEVICE), u.to(DEVICE), got, count, RULE=2 if rule == "mvue24" else 3, BLOCK=4096
+    )
+    assert torch.equal(got.cpu().isnan(), expected.isnan())
+    assert torch.equal(got.cpu().nan_to_num(), expected.nan_to_num())
 
 
 def test_mvue_prune_changes_with_step_and_key():

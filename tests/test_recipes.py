@@ -21,6 +21,7 @@ from conftest import (
     DOMINANT_BLOCKS,
     MLP,
     assert_close,
+    boundary_draws,
     deterministic_algorithms,
     lone_nonzero_blocks,
     sgd_step_both,
@@ -118,6 +119,47 @@ def test_mvue24_keeps_exact_values_where_one_entry_dwarfs_the_rest(approx):
     assert bool((kept.sum(0) == 2).all())  # every block has at least 2 nonzeros
     assert torch.allclose(out[kept].double(), expected[kept], rtol=1e-6, atol=0)
     assert bool(kept[1:, 1::3].any(1).all())  # every small entry of the second block drawn at least once
+
+
+@pytest.mark.parametrize("rule", ["mvue24", "mvue24_approx"])
+def test_mvue24_draws_two_entries_at_uniforms_beside_every_interval_end(rule):
+    """SPEC §7: every draw keeps exactly two entries (all nonzeros where a block has fewer), the
+    dominant entry among them as is, and each kept entry is ``a_i / π_i``, also for the uniforms
+    next to the ends of the sampling intervals. Ends summed in fp32 used to leave gaps and overlaps
+    there: each of ``ROUNDING_BLOCKS`` kept one entry or dropped its dominant one at some uniform."""
+    a, u = boundary_draws(rule)
+    out = reference.mvue_prune_with(a, rule, 0, lambda count: u[: count // a.shape[1]].t().reshape(-1))
+    kept = out != 0
+    assert torch.equal(kept.sum(0), (a != 0).sum(0).clamp(max=2))
+    mag = a.double().abs()
+    total, top = mag.sum(0), mag.amax(0)
+    if rule == "mvue24":
+        dominant = top > total - top
+        inclusion = torch.where(dominant, torch.where(mag == top, 1.0, mag / (total - top)), 2 * mag / total)
+        clear = (top > 1.001 * (total - top)) & (mag == top)
+        assert torch.equal(out[clear], a[clear])
+    else:
+        p = mag / total
+        ratio = torch.where(p < 1, p / (1 - p), 0.0)
+        inclusion = p + p * (ratio.sum(0) - ratio)
+    assert torch.allclose(out[kept].double(), (a.double() / inclusion)[kept], rtol=1e-5, atol=0)
+
+
+def test_mvue24_samples_a_near_tie_as_dominant():
+    """``reference.NEAR_TIE``: a largest entry within 2⁻¹⁸ of the sum of the others is kept as is
+    in every draw, the others as ``±rest`` (the dominant case of SPEC §7); one 1/16 below that sum
+    is sampled by the non-dominant case, kept with probability 2 · 1 / 2.0625, each as ``±S/2``."""
+    near = torch.tensor([1.0, 0.5, 0.25, 0.25 + 2**-21])
+    far = torch.tensor([1.0, 0.5, 0.25, 0.25 + 2**-4])
+    out = nmcompile.mvue_prune(
+        torch.stack([near, far], 1).repeat(1, 2000), 2, 4, generator=torch.Generator().manual_seed(4)
+    )
+    near_out, far_out = out[:, 0::2], out[:, 1::2]
+    assert bool((near_out[0] == 1.0).all())
+    assert set(near_out[1:][near_out[1:] != 0].tolist()) == {1.0 + 2**-21}
+    dropped = int((far_out[0] == 0).sum())
+    assert 20 <= dropped <= 105  # expected 2000 · 0.0625 / 2.0625 = 60.6
+    assert set(far_out[far_out != 0].tolist()) == {1.03125}
 
 
 @pytest.mark.parametrize(("rule", "n", "m", "approx"), [("mvue12", 1, 2, False), ("mvue24", 2, 4, False),

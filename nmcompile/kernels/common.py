@@ -230,11 +230,18 @@ def uniforms(seed, index):
 
 
 @triton.jit
-def _cover4(p0, p1, p2, u):
-    """``reference._cover`` for 4 entries: index of the interval holding ``u`` (ends summed in order)."""
+def _cover4(p0, p1, p2, p3, u, otherwise, SECOND_UNIT: tl.constexpr):
+    """``reference._cover`` for 4 entries: index of the interval holding ``u`` (``u + 1`` with
+    ``SECOND_UNIT``, as ``end − 1 ≤ u``) when ``p`` are laid end to end (ends summed in order); a
+    point past the rounded ends falls in the last entry with ``p > 0`` (``otherwise`` if none)."""
     e1 = p0 + p1
     e2 = e1 + p2
-    return (p0 <= u).to(tl.int32) + (e1 <= u).to(tl.int32) + (e2 <= u).to(tl.int32)
+    if SECOND_UNIT:
+        index = (p0 - 1 <= u).to(tl.int32) + (e1 - 1 <= u).to(tl.int32) + (e2 - 1 <= u).to(tl.int32)
+    else:
+        index = (p0 <= u).to(tl.int32) + (e1 <= u).to(tl.int32) + (e2 <= u).to(tl.int32)
+    last = tl.where(p3 > 0, 3, tl.where(p2 > 0, 2, tl.where(p1 > 0, 1, tl.where(p0 > 0, 0, otherwise))))
+    return tl.minimum(index, last)
 
 
 @triton.jit
@@ -270,6 +277,12 @@ def mvue12(a, u):
     total = tl.abs(a0) + tl.abs(a1)
     keep_first = u < tl.where(total > 0, tl.abs(a0) / _safe(total, total > 0), 0.0)
     return tl.where(keep_first, _sign(a0) * total, 0.0), tl.where(keep_first, 0.0, _sign(a1) * total)
+
+
+@triton.jit
+def _max_nan(x, y):
+    """``torch.maximum``: NaN if either is (``tl.maximum`` on a GPU returns the other operand)."""
+    return tl.maximum(x, y, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -314,15 +327,20 @@ def mvue24(a, u):
     a0, a1, a2, a3 = a
     m0, m1, m2, m3 = tl.abs(a0), tl.abs(a1), tl.abs(a2), tl.abs(a3)
     total, (o0, o1, o2, o3) = _sums4(m0, m1, m2, m3)
-    top = tl.maximum(tl.maximum(m0, m1), tl.maximum(m2, m3))
+    top = _max_nan(_max_nan(m0, m1), _max_nan(m2, m3))
     top_index = tl.where(m0 == top, 0, tl.where(m1 == top, 1, tl.where(m2 == top, 2, 3)))  # the first maximum
     rest = _choose4(top_index, o0, o1, o2, o3)
-    dominant = top > rest
+    dominant = top > rest * 0.999996185302734375  # reference.NEAR_TIE, 1 − 2⁻¹⁸
     p0 = _p24(m0, 0, top_index, dominant, rest, total)
     p1 = _p24(m1, 1, top_index, dominant, rest, total)
     p2 = _p24(m2, 2, top_index, dominant, rest, total)
     p3 = _p24(m3, 3, top_index, dominant, rest, total)
-    first, second = _cover4(p0, p1, p2, u), _cover4(p0, p1, p2, u + 1)
+    l0 = tl.where(dominant & (top_index == 0), 0.0, p0)  # the others of a dominant entry: one unit
+    l1 = tl.where(dominant & (top_index == 1), 0.0, p1)
+    l2 = tl.where(dominant & (top_index == 2), 0.0, p2)
+    l3 = tl.where(dominant & (top_index == 3), 0.0, p3)
+    first = _cover4(l0, l1, l2, l3, u, top_index, False)
+    second = tl.where(dominant, top_index, _cover4(l0, l1, l2, l3, u, top_index, True))
     return _kept4(a, (p0, p1, p2, p3), first, second)
 
 
@@ -350,9 +368,10 @@ def mvue24_approx(a, u0, u1):
     p1 = tl.where(total > 0, m1 / _safe(total, total > 0), 0.25)
     p2 = tl.where(total > 0, m2 / _safe(total, total > 0), 0.25)
     p3 = tl.where(total > 0, m3 / _safe(total, total > 0), 0.25)
-    first = _cover4(p0, p1, p2, u0)
+    first = _cover4(p0, p1, p2, p3, u0, 0, False)
     left = _choose4(first, o0, o1, o2, o3)
-    second = _cover4(_q(m0, 0, first, left), _q(m1, 1, first, left), _q(m2, 2, first, left), u1)
+    q0, q1, q2, q3 = _q(m0, 0, first, left), _q(m1, 1, first, left), _q(m2, 2, first, left), _q(m3, 3, first, left)
+    second = _cover4(q0, q1, q2, q3, u1, first, False)
     _, (s0, s1, s2, s3) = _sums4(_ratio(m0, o0), _ratio(m1, o1), _ratio(m2, o2), _ratio(m3, o3))
     inclusion = (p0 + p0 * s0, p1 + p1 * s1, p2 + p2 * s2, p3 + p3 * s3)
     return _kept4(a, inclusion, first, second)  # inclusion probability: P(i first) + Σ_j P(j first, then i)
