@@ -721,17 +721,8 @@ def counter_uniforms(key: int, step: torch.Tensor, count: int, device: torch.dev
 _Columns = tuple[torch.Tensor, ...]  # a block's entries, one tensor each (entry i of every block)
 
 
-NEAR_TIE = (
-    1 - 2**-18
-)  # SPEC §7's 2:4 rule samples a block as dominant once its largest entry passes this share of the rest
-
-
-def _first_equal(x: _Columns, value: torch.Tensor) -> torch.Tensor:
-    """Index of the first of the 4 entries ``x`` equal to ``value`` (3 where none is)."""
-    index = torch.full_like(value, 3, dtype=torch.int64)
-    for i in (2, 1, 0):
-        index = torch.where(x[i] == value, i, index)
-    return index
+# ``mvue24`` samples a block as dominant once its largest entry passes this share of the others' sum.
+NEAR_TIE = 1 - 2**-18
 
 
 def _last_positive(p: _Columns, otherwise: torch.Tensor) -> torch.Tensor:
@@ -799,7 +790,9 @@ def _mvue24(a: _Columns, u: _Columns) -> _Columns:
     mag = [x.abs() for x in a]
     total, others = _sums(mag)
     top = torch.maximum(torch.maximum(mag[0], mag[1]), torch.maximum(mag[2], mag[3]))
-    top_index = _first_equal(mag, top)  # the first maximum (which one does not matter: a tie is never dominant)
+    top_index = torch.full_like(top, 3, dtype=torch.int64)
+    for i in (2, 1, 0):  # the first maximum (which one does not matter: either way the rule is unbiased)
+        top_index = torch.where(mag[i] == top, i, top_index)
     rest = _choose(top_index, others)
     dominant = top > rest * NEAR_TIE
     kept_whole = [dominant & (top_index == i) for i in range(4)]
@@ -807,9 +800,8 @@ def _mvue24(a: _Columns, u: _Columns) -> _Columns:
         torch.where(kept_whole[i], 1.0, torch.where(dominant, _ratio(m, rest, 1 / 3), _ratio(2 * m, total, 0.5)))
         for i, m in enumerate(mag)
     ]
-    laid = [
-        torch.where(w, 0.0, p_i) for w, p_i in zip(kept_whole, p, strict=True)
-    ]  # the others of a dominant one: one unit
+    # Laid end to end: a dominant entry's others fill one unit (it is kept at the second point).
+    laid = [torch.where(w, 0.0, p_i) for w, p_i in zip(kept_whole, p, strict=True)]
     last = _last_positive(laid, top_index)
     first = _cover(laid, u[0], last)
     second = torch.where(dominant, top_index, _cover(laid, u[0], last, second_unit=True))
@@ -857,7 +849,7 @@ def mvue_prune(
     """Minimum-variance unbiased N:M pruning of ``grad`` (SPEC §7): ``1:2``, or ``2:4`` (optimal, or
     ``approx=True`` for the two-draw rule), in blocks of ``m`` consecutive entries along ``dim``.
 
-    ``E[mvue_prune(g)] = g`` elementwise; each block keeps at most ``n`` nonzeros.
+    ``E[mvue_prune(g)] = g`` elementwise; each block keeps ``n`` entries (all its nonzeros where it has fewer).
     """
     rule = {(1, 2): "mvue12", (2, 4): "mvue24_approx" if approx else "mvue24"}.get((n, m))
     if rule is None or (approx and rule != "mvue24_approx"):

@@ -323,7 +323,8 @@ def _kept4(a, p, first, second):
 @triton.jit
 def mvue24(a, u):
     """SPEC §7 optimal 2:4 on a block ``a = (a0, .., a3)`` (fp32): systematic sampling with inclusion
-    probabilities ``p`` (the dominant entry always kept), one uniform ``u`` per block."""
+    probabilities ``p`` (the dominant entry always kept; a block within 2⁻¹⁸ of a tie sampled as
+    dominant, as ``reference._mvue24`` says why), one uniform ``u`` per block."""
     a0, a1, a2, a3 = a
     m0, m1, m2, m3 = tl.abs(a0), tl.abs(a1), tl.abs(a2), tl.abs(a3)
     total, (o0, o1, o2, o3) = _sums4(m0, m1, m2, m3)
