@@ -168,10 +168,10 @@ def boundary_draws(rule: str, count: int = 300) -> tuple[torch.Tensor, torch.Ten
         u0 = torch.cat([points(p), points(others)], 1)
         u = torch.stack([u0, torch.zeros_like(u0)])
     else:
-        first = points((mag / total).nan_to_num(0.0))
+        p = (mag / total).nan_to_num(0.0)
+        first = points(p)
         u = [torch.stack([first, torch.full_like(first, x)]) for x in (0.0, 0.5, 1 - 2.0**-24)]
         for f in range(4):  # a first draw inside entry f's interval, the second around the ends of the rest
-            p = (mag / total).nan_to_num(0.0)
             middle = p.cumsum(1)[:, f] - p[:, f] / 2
             q = torch.where(torch.arange(4) == f, 0.0, mag / (total - mag[:, f : f + 1])).nan_to_num(0.0)
             second = points(q)

@@ -24,7 +24,6 @@ from conftest import (
 
 from nmcompile import kernels, reference
 from nmcompile.kernels import common
-from nmcompile.kernels.common import interpreting
 from nmcompile.ops import masked_weight
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -222,7 +221,7 @@ def test_mvue24_rules_match_the_reference_at_uniforms_beside_every_interval_end(
     """The kernels' 2:4 rules keep the entries the reference keeps, with bit-equal values, at the
     uniforms where rounding decides (``test_recipes`` checks the reference against SPEC §7 there),
     and in NaN blocks alike (so a NaN gradient reaches both the same)."""
-    a, u = boundary_draws(rule, count=60 if interpreting() else 300)
+    a, u = boundary_draws(rule, count=60 if common.interpreting() else 300)
     a[:, -64:] = torch.where(torch.arange(4)[:, None] == torch.arange(64) % 4, float("nan"), a[:, -64:])
     k = 1 if rule == "mvue24" else 2
     expected = reference.mvue_prune_with(a, rule, 0, lambda count: u[:k].t().reshape(-1))
