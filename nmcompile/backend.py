@@ -227,9 +227,10 @@ def _propagate_fake_values(gm: fx.GraphModule) -> None:
 
 
 def _record_and_name(record: CompileRecord | None, kind: str, gm: fx.GraphModule) -> None:
+    before = [node.name for node in gm.graph.nodes]
     name_nodes(gm)
     if record is not None:
-        record.add_graph(kind, gm)
+        record.add_graph(kind, gm, dict(zip(before, (node.name for node in gm.graph.nodes), strict=True)))
 
 
 def _decompositions(base: dict | None = None) -> dict:

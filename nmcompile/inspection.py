@@ -215,6 +215,7 @@ class CompileRecord:
         self.config = config
         self.compile_id = str(compile_id) if compile_id is not None else None
         self.graphs: dict[str, fx.GraphModule] = {}
+        self._forward_names: dict[str, str] = {}  # joint-graph name -> name in the forward's copy
         self.directory: Path | None = None
         if directory is not None:
             tag = (self.compile_id or "graph").replace("/", "_")
@@ -224,19 +225,34 @@ class CompileRecord:
                 _warn_unwritable(directory, err)
             self._dump("report.txt", format_table(self.rows) + "\n")
 
-    def add_graph(self, kind: str, gm: fx.GraphModule) -> None:
-        """Keep a copy of a graph AOTAutograd produced (``forward``/``backward``/``inference``).
+    def add_graph(self, kind: str, gm: fx.GraphModule, renamed: dict[str, str] | None = None) -> None:
+        """Keep a copy of a graph AOTAutograd produced (``forward``/``backward``/``inference``);
+        ``renamed`` maps the names AOTAutograd gave its nodes to those the naming pass gave them.
 
         In the copy of a forward or inference graph, placeholders are renamed after what they
-        carry (``fc1_weight``, ``fc1_perm``, ...) when they line up with the graph's inputs.
+        carry (``fc1_weight``, ``fc1_perm``, ...) when they line up with the graph's inputs. In the
+        copy of a backward graph, the tensors the forward saved for it take their forward names
+        (``fc1_weight``, ``fc1_fwd_masked``): both graphs come from one joint graph, whose names the
+        backward's inputs still carry.
         """
         gm = _copy_graph_module(gm)
+        names = dict(renamed or {})
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        if kind != "backward" and len(placeholders) == len(self.input_names):
-            for node, name in zip(placeholders, self.input_names, strict=True):
+        if kind == "backward":
+            targets = [(node, self._forward_names.get(node.name)) for node in placeholders]
+        elif len(placeholders) == len(self.input_names):
+            targets = list(zip(placeholders, self.input_names, strict=True))
+        else:
+            targets = []
+        for node, name in targets:  # the naming pass renames no placeholder: theirs are the joint graph's
+            if name is not None:
+                joint_name = node.name
                 node._rename(name)
                 node.target = node.name
-            gm.recompile()
+                names[joint_name] = node.name
+        gm.recompile()
+        if kind == "forward":
+            self._forward_names = names
         self.graphs[kind] = gm
         if self.directory is not None:
             self._dump(f"{kind}.py", gm.print_readable(print_output=False))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 
 import pytest
 import torch
@@ -24,8 +25,9 @@ def _names(gm: torch.fx.GraphModule) -> set[str]:
 @pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("c_kernel", [True, False], ids=["c_kernel", "composite"])
 def test_graph_nodes_say_what_they_are(inner, c_kernel, monkeypatch):
-    """Forward and backward graphs after AOTAutograd carry <layer>_fwd_masked, _bwd_perm, _bwd_mask, ...;
-    with the C mask kernels (CPU, fp32, M=4) the Bi-Mask backward weight is one ``_bwd_mask`` node."""
+    """Forward and backward graphs after AOTAutograd carry <layer>_fwd_masked, _bwd_perm, _bwd_mask,
+    ..., and the backward's inputs the names of the forward outputs they are; with the C mask
+    kernels (CPU, fp32, M=4) the Bi-Mask backward weight is one ``_bwd_mask`` node."""
     if not c_kernel:
         monkeypatch.setattr(cpu_mask, "blocker", lambda weight, m: "off for this test")
     elif (why := cpu_mask.blocker(torch.zeros(4, 4), 4)) is not None:
@@ -37,6 +39,12 @@ def test_graph_nodes_say_what_they_are(inner, c_kernel, monkeypatch):
     assert {"fc2_bwd_mask", "fc2_bwd_input_grad", "fc2_bwd_weight_grad", "fc2_bwd_srste"} <= bwd
     assert {"fc1_bwd_weight_grad", "fc1_bwd_bias_grad"} <= bwd
     assert "fc1_bwd_mask" not in bwd  # the input does not require grad: no dX GEMM for fc1
+    # The backward's inputs carry the names of the forward outputs they are, suffixed where the
+    # backward has a node of that name too (SR-STE's ``fc1_bwd_srste`` is partly computed forward).
+    saved = {n.name for n in report.backward_graph.graph.find_nodes(op="placeholder") if "tangents" not in n.name}
+    outputs = {str(a) for a in report.forward_graph.graph.output_node().args[0]}
+    assert {"fc2_weight", "fc2_perm"} <= saved
+    assert {name if name in outputs else re.sub(r"_\d+$", "", name) for name in saved} <= outputs
     masks = [n for n in report.backward_graph.graph.nodes if n.name.startswith("fc2_bwd_mask")]
     targets = {str(n.target) for n in masks}
     if c_kernel:
