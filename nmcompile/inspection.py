@@ -274,8 +274,9 @@ class CompileRecord:
 
 
 def _node_label(node: fx.Node) -> str:
+    """The node's name, and below it what it calls where that says more (not a placeholder's own name)."""
     target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-    return f"{node.name}\\n{target}"
+    return node.name if target == node.name else f"{node.name}\\n{target}"
 
 
 def to_networkx(records: list[CompileRecord]) -> nx.DiGraph:

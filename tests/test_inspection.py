@@ -205,6 +205,8 @@ def test_networkx_and_dot_exports():
     assert dot.startswith("digraph nmsparse {") and dot.rstrip().endswith("}")
     assert 'subgraph "cluster_0_forward"' in dot and 'subgraph "cluster_0_backward"' in dot
     assert dot.count("->") == g.number_of_edges()
+    assert '[label="fc1_weight"' in dot  # a placeholder's label is its name once
+    assert '[label="fc1_fwd_masked\\n' in dot  # an op's label: its name, then what it calls
 
 
 def test_explain_leaves_the_model_untouched():
