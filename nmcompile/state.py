@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import pickle
 import warnings
 import weakref
 from collections.abc import Collection, Iterator
@@ -755,8 +756,21 @@ class SparsityStates:
                 "nmsparse: SparsityStates.load_state_dict takes what SparsityStates.state_dict() returns "
                 f"({{'states': bytes}}), got {type(state_dict).__name__}"
             )
-        payloads = torch.load(io.BytesIO(state_dict["states"]), weights_only=True)
+        try:
+            payloads = torch.load(io.BytesIO(state_dict["states"]), weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+            raise _not_states(f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(payloads, dict):
+            raise _not_states(f"a {type(payloads).__name__}")
         DEFAULT_REGISTRY.restore_apart(self.module, payloads)
+
+
+def _not_states(found: str) -> ValueError:
+    """The error for ``SparsityStates`` bytes that are not what its ``state_dict()`` wrote."""
+    return ValueError(
+        "nmsparse: SparsityStates.load_state_dict: the 'states' bytes are not what "
+        f"SparsityStates.state_dict() writes (a torch.save of a dict); found {found:.200}"
+    )
 
 
 def unsharded_parameters(root: nn.Module) -> dict[int, torch.Tensor]:

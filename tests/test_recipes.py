@@ -1077,7 +1077,7 @@ def test_sparsity_states_win_over_load_state_dict_until_the_layers_train():
 
 def test_sparsity_states_for_weights_the_model_lacks_are_ignored_with_a_warning():
     """A states entry of another model: its names are listed in a warning, nothing else changes; a
-    model's own state dict is a TypeError that says what to pass."""
+    model's own state dict is a TypeError that says what to pass, and corrupt bytes a ValueError."""
     torch._dynamo.reset()
     saved = MLP()
     _train(saved, 1)
@@ -1088,3 +1088,8 @@ def test_sparsity_states_for_weights_the_model_lacks_are_ignored_with_a_warning(
     assert nmcompile.sparsity_state(other) == {}
     with pytest.raises(TypeError, match=r"takes what SparsityStates.state_dict\(\) returns"):
         nmcompile.SparsityStates(saved).load_state_dict(saved.state_dict())
+    other_bytes = io.BytesIO()
+    torch.save([1, 2], other_bytes)
+    for corrupt in (b"garbage", states["states"][:100], other_bytes.getvalue()):  # not a pickle, cut short, a list
+        with pytest.raises(ValueError, match=r"the 'states' bytes are not what SparsityStates.state_dict\(\) writes"):
+            nmcompile.SparsityStates(saved).load_state_dict({"states": corrupt})
