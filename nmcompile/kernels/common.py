@@ -230,17 +230,22 @@ def uniforms(seed, index):
 
 
 @triton.jit
-def _cover4(p0, p1, p2, p3, u, otherwise, SECOND_UNIT: tl.constexpr):
+def _last_positive4(p0, p1, p2, p3, otherwise):
+    """``reference._last_positive`` for 4 entries: index of the last with ``p > 0`` (else ``otherwise``)."""
+    return tl.where(p3 > 0, 3, tl.where(p2 > 0, 2, tl.where(p1 > 0, 1, tl.where(p0 > 0, 0, otherwise))))
+
+
+@triton.jit
+def _cover4(p0, p1, p2, u, last, SECOND_UNIT: tl.constexpr):
     """``reference._cover`` for 4 entries: index of the interval holding ``u`` (``u + 1`` with
     ``SECOND_UNIT``, as ``end − 1 ≤ u``) when ``p`` are laid end to end (ends summed in order); a
-    point past the rounded ends falls in the last entry with ``p > 0`` (``otherwise`` if none)."""
+    point past the rounded ends falls in ``last`` (the last entry with ``p > 0``)."""
     e1 = p0 + p1
     e2 = e1 + p2
     if SECOND_UNIT:
         index = (p0 - 1 <= u).to(tl.int32) + (e1 - 1 <= u).to(tl.int32) + (e2 - 1 <= u).to(tl.int32)
     else:
         index = (p0 <= u).to(tl.int32) + (e1 <= u).to(tl.int32) + (e2 <= u).to(tl.int32)
-    last = tl.where(p3 > 0, 3, tl.where(p2 > 0, 2, tl.where(p1 > 0, 1, tl.where(p0 > 0, 0, otherwise))))
     return tl.minimum(index, last)
 
 
@@ -340,8 +345,9 @@ def mvue24(a, u):
     l1 = tl.where(dominant & (top_index == 1), 0.0, p1)
     l2 = tl.where(dominant & (top_index == 2), 0.0, p2)
     l3 = tl.where(dominant & (top_index == 3), 0.0, p3)
-    first = _cover4(l0, l1, l2, l3, u, top_index, False)
-    second = tl.where(dominant, top_index, _cover4(l0, l1, l2, l3, u, top_index, True))
+    last = _last_positive4(l0, l1, l2, l3, top_index)
+    first = _cover4(l0, l1, l2, u, last, False)
+    second = tl.where(dominant, top_index, _cover4(l0, l1, l2, u, last, True))
     return _kept4(a, (p0, p1, p2, p3), first, second)
 
 
@@ -369,10 +375,10 @@ def mvue24_approx(a, u0, u1):
     p1 = tl.where(total > 0, m1 / _safe(total, total > 0), 0.25)
     p2 = tl.where(total > 0, m2 / _safe(total, total > 0), 0.25)
     p3 = tl.where(total > 0, m3 / _safe(total, total > 0), 0.25)
-    first = _cover4(p0, p1, p2, p3, u0, 0, False)
+    first = _cover4(p0, p1, p2, u0, _last_positive4(p0, p1, p2, p3, 0), False)
     left = _choose4(first, o0, o1, o2, o3)
     q0, q1, q2, q3 = _q(m0, 0, first, left), _q(m1, 1, first, left), _q(m2, 2, first, left), _q(m3, 3, first, left)
-    second = _cover4(q0, q1, q2, q3, u1, first, False)
+    second = _cover4(q0, q1, q2, u1, _last_positive4(q0, q1, q2, q3, first), False)
     _, (s0, s1, s2, s3) = _sums4(_ratio(m0, o0), _ratio(m1, o1), _ratio(m2, o2), _ratio(m3, o3))
     inclusion = (p0 + p0 * s0, p1 + p1 * s1, p2 + p2 * s2, p3 + p3 * s3)
     return _kept4(a, inclusion, first, second)  # inclusion probability: P(i first) + Σ_j P(j first, then i)
