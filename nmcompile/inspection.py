@@ -63,6 +63,8 @@ class LayerRow:
     n_effective: int | None = None
     alpha: float | None = None
     kernel: str = "-"  # "triton", "sparse24" or "portable", with a note in brackets; "-" when dense
+    input_dims: tuple[str, ...] | None = None  # x's sizes as traced: "s0" for a dynamic one, "?" unbacked
+    dynamic: tuple[tuple[str, int], ...] = ()  # the dynamic sizes in this GEMM, at the values first seen
 
     @classmethod
     def from_target(
@@ -93,7 +95,15 @@ class LayerRow:
             n_effective=n if state is not None else None,
             alpha=alpha,
             kernel=_describe(kernel) if target.sparse and kernel is not None else "-",
+            input_dims=tuple(_dim(size) for size in target.input_shape) if target.input_shape is not None else None,
+            dynamic=tuple(target.dynamic.items()),
         )
+
+
+def _dim(size: Any) -> str:
+    """A size as the report prints it: a number, a dynamic size's expression (``s0``, ``2*s0``), or
+    ``?`` for an unbacked one (data-dependent: no value was seen when tracing)."""
+    return "?" if size_hint(size) is None else str(size)
 
 
 def _new_directory(parent: Path, name: str) -> Path:
@@ -167,7 +177,7 @@ def format_table(rows: list[LayerRow]) -> str:
             r.name,
             r.op,
             "x".join(map(str, r.weight_shape)) if r.weight_shape else "-",
-            "x".join("?" if size is None else str(size) for size in r.input_shape) if r.input_shape else "?",
+            "x".join(r.input_dims) if r.input_dims else "?",
             r.nm,
             "sparse" if r.sparse else "dense",
             r.backward,
@@ -186,6 +196,10 @@ def format_table(rows: list[LayerRow]) -> str:
     out.insert(1, "-+-".join("-" * w for w in widths))
     if not rows:
         out.append("(no GEMM-like node in this graph: nothing to sparsify)")
+    dynamic = dict(pair for r in rows for pair in r.dynamic)
+    if dynamic:
+        seen = ", ".join(f"{name}={value}" for name, value in sorted(dynamic.items()))
+        out.append(f"dynamic sizes, as first seen: {seen}; the shapes and FLOPs above are at those values")
     return "\n".join(out)
 
 

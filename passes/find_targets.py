@@ -103,6 +103,7 @@ class GemmTarget:
     input_grad: bool = True  # whether the input needs a gradient: else no dX GEMM runs (a first layer)
     weight_grad: bool = True  # whether the weight needs a gradient: else no dW GEMM runs (frozen, or under no_grad)
     conv: ConvInfo | None = None
+    dynamic: dict[str, int] = dataclasses.field(default_factory=dict)  # symbolic sizes: value first seen
     sparse: bool = False
     backward: str = "dense"
     reason: str = ""
@@ -179,6 +180,20 @@ def size_hint(value: Any) -> int | None:
     if isinstance(value, int):
         return value
     return value.node.hint if isinstance(value, torch.SymInt) else None
+
+
+def _dynamic_sizes(*nodes: Any) -> dict[str, int]:
+    """The symbols (dynamic sizes) in the shapes of ``nodes``, each with the value it had when the
+    graph was traced; unbacked ones (data-dependent, no such value) are left out."""
+    found: dict[str, int] = {}
+    for node in nodes:
+        value = example_value(node)
+        for size in value.shape if isinstance(value, torch.Tensor) else ():
+            if isinstance(size, torch.SymInt):
+                env = size.node.shape_env  # torch 2.13 renamed var_to_val; the GPU image's 2.11 has only it
+                values = env.backed_var_to_val if hasattr(env, "backed_var_to_val") else env.var_to_val
+                found |= {str(s): int(values[s]) for s in size.node.expr.free_symbols if s in values}
+    return dict(sorted(found.items()))
 
 
 def _gemm_kind(node: fx.Node) -> str | None:
@@ -345,6 +360,7 @@ def _decide(
         return target
     x, w, bias, extra = gemm_operands(node, kind)
     target.x, target.bias, target.input_shape = x, bias, _shape(x)
+    target.dynamic = _dynamic_sizes(x, w, node)
     in_autograd = getattr(example_value(node), "requires_grad", True)  # run with grad on, of an operand needing one
     target.input_grad = in_autograd and getattr(example_value(x), "requires_grad", True)
     target.weight_grad = in_autograd and getattr(example_value(w), "requires_grad", True)
@@ -356,10 +372,13 @@ def _decide(
         left, _ = _operand_placeholder(x)
         if left is not None and left.name in params:
             target.param_name, target.reason = params[left.name].name, "parameter is the left operand"
+            target.input_grad, target.weight_grad = target.weight_grad, target.input_grad
+            target.input_shape = _shape(w)
         elif placeholder is None:
             target.reason = "no parameter operand"
         else:
             target.reason = "weight is not an nn.Parameter (input or buffer)"
+        _dense_gemm_size(target, _shape(x), _shape(w), left is not None and left.name in params)
         return target
     value = values.get(placeholder, info.param)
     target.param_name, target.weight, target.operand = info.name, placeholder, w
@@ -383,6 +402,27 @@ def _decide(
     target.add_bias = kind == "addmm"
     _mark_sparse(target, rows, config)
     return target
+
+
+def _dense_gemm_size(target: GemmTarget, x_shape: tuple | None, w_shape: tuple | None, left: bool) -> None:
+    """``weight_shape`` and ``tokens`` of a GEMM-like node that takes no parameter as its weight, for
+    its FLOPs. ``K`` is ``x``'s last size; ``O`` the output's last one (1 for a vector ``w``), or, for
+    a parameter as the left operand (``W @ x``), its rows; ``tokens`` the rest of the output."""
+    out = _shape(target.node)
+    if x_shape is None or w_shape is None or out is None or not x_shape or (left and len(x_shape) != 2):
+        return
+    x_sizes, w_sizes, out_sizes = (tuple(map(size_hint, shape)) for shape in (x_shape, w_shape, out))
+    if None in x_sizes + w_sizes + out_sizes:
+        return
+    numel = 1
+    for size in out_sizes:
+        numel *= size
+    if left:
+        rows, k = x_sizes
+    else:
+        rows, k = (out_sizes[-1] if len(w_sizes) > 1 else 1), x_sizes[-1]
+    target.weight_shape = (rows, k)
+    target.tokens = numel // rows if rows else 0
 
 
 def _mark_sparse(target: GemmTarget, rows: int, config: SparsityConfig) -> None:

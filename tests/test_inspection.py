@@ -192,6 +192,46 @@ def test_table_lists_activation_matmuls_as_dense():
     assert [(r.name.startswith("<"), r.sparse, r.reason) for r in rows if r.op == "matmul"] == [
         (True, False, "weight is not an nn.Parameter (input or buffer)")
     ]
+    dense = 2 * (2 * 8) * 8 * 16  # [2, 8, 16] @ [2, 16, 8]: per batch a [8, 16] "weight"; x needs no gradient
+    assert (rows[1].weight_shape, rows[1].flops) == (
+        (8, 16),
+        {"forward": (dense, dense), "input_grad": (dense, dense), "weight_grad": (0, 0)},
+    )
+
+
+class _BufferWeights(nn.Module):
+    """GEMMs whose weight is a buffer (``x @ B``, ``F.linear(x, B)``, ``B.t()`` as ``mm``'s weight)
+    or a vector, beside a sparse layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 32)
+        self.register_buffer("proj", torch.randn(32, 8))
+        self.register_buffer("out", torch.randn(4, 8))
+        self.register_buffer("vec", torch.randn(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x) @ self.proj
+        z = nn.functional.linear(y, self.out)
+        return torch.mm(z, self.out) @ self.out.t() @ self.vec
+
+
+def test_dense_rows_without_a_parameter_weight_count_their_flops():
+    """A GEMM with a buffer or an activation as its weight reports ``W [O,K]`` and FLOPs from its
+    shapes (they were ``?``): ``K`` is the input's last size, ``O`` the output's (1 for a vector)."""
+    rows = nmcompile.explain(_BufferWeights(), torch.randn(5, 16), inner="aot_eager").rows
+    assert [(r.op, r.weight_shape) for r in rows] == [
+        ("linear", (32, 16)),
+        ("matmul", (8, 32)),
+        ("linear", (4, 8)),
+        ("mm", (8, 4)),
+        ("matmul", (4, 8)),
+        ("matmul", (1, 4)),
+    ]
+    for row in rows[1:]:
+        dense = 2 * 5 * row.weight_shape[0] * row.weight_shape[1]
+        assert row.flops == {"forward": (dense, dense), "input_grad": (dense, dense), "weight_grad": (0, 0)}
+    assert "?" not in str(nmcompile.explain(_BufferWeights(), torch.randn(5, 16), inner="aot_eager"))
 
 
 def test_networkx_and_dot_exports():
@@ -320,6 +360,40 @@ def test_flops_are_written_in_the_unit_that_keeps_them_under_1000(flops, text):
     assert _fmt_flops(flops) == text
 
 
+def test_report_under_dynamic_shapes_names_the_dynamic_sizes():
+    """Under ``dynamic=True`` one compile serves every batch size: the table writes a dynamic size
+    by its symbol and ends with a line giving the value each had when traced, at which the FLOPs
+    are counted; a static compile's table has no such line."""
+
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = nn.Linear(16, 16)
+
+        def forward(self, x):
+            q = self.q(x)
+            return q @ q.transpose(-1, -2)
+
+    records = []
+    backend = nmcompile.NMSparseBackend(nmcompile.SparsityConfig(inner="aot_eager"), on_compile=records.append)
+    model = torch.compile(Attn(), backend=backend, dynamic=True)
+    for batch in (2, 3):
+        model(torch.randn(batch, 5, 16)).sum().backward()
+    (record,) = records
+    q, scores = record.rows
+    by_value = {value: name for name, value in q.dynamic}
+    assert sorted(by_value) == [2, 5] and scores.dynamic == q.dynamic
+    assert q.input_dims == (by_value[2], by_value[5], "16") and q.input_shape == (2, 5, 16)
+    assert q.flops["forward"] == (2 * 10 * 16 * 16, 10 * 16 * 16)
+    assert scores.weight_shape == (5, 16) and scores.flops["forward"] == (2 * 10 * 5 * 16,) * 2
+    table = str(record)
+    assert f"| {by_value[2]}x{by_value[5]}x16 " in table
+    seen = ", ".join(f"{name}={value}" for name, value in sorted(q.dynamic))
+    assert table.endswith(f"dynamic sizes, as first seen: {seen}; the shapes and FLOPs above are at those values")
+    static = str(nmcompile.explain(Attn(), torch.randn(2, 5, 16), inner="aot_eager"))
+    assert "dynamic sizes" not in static and "| 2x5x16 " in static
+
+
 def test_size_hint_reads_symbolic_sizes_without_a_guard():
     """A backed size and an expression of it give their example values; an unbacked size has none."""
     from nmcompile.passes.find_targets import size_hint
@@ -439,6 +513,10 @@ def test_left_operand_parameter_has_one_named_row():
         ("w", "matmul", False, "parameter is the left operand"),
         ("v", "mm", False, "parameter is the left operand"),
     ]
+    dense = 2 * 8 * 16 * 4  # W [8, 16] @ xᵀ [16, 4]; x needs no gradient: no dX GEMM
+    for row, right in zip(rows, [(16, 4), (16, 4)], strict=True):
+        assert (row.weight_shape, row.input_shape) == ((8, 16), right)
+        assert row.flops == {"forward": (dense, dense), "input_grad": (0, 0), "weight_grad": (dense, dense)}
 
 
 class _OtherUses(nn.Module):
