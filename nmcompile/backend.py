@@ -454,8 +454,10 @@ class _RecompileLimitWatch(logging.Filter):
     into a warning that says what it means here: dynamo runs that code eagerly from then on, so its
     layers train dense and their steps stop. Dynamo calls no backend then, so its log is the only
     sign. The log names the function, not the backend, so a function that nmsparse and another
-    backend both compiled (two runs in one process) warns at the other's limit too, which the
-    message allows for. The filter only reads records and lets every one through."""
+    backend both compiled warns at the other's limit too: rightly, since dynamo then stops
+    compiling that code for every backend (an nmsparse model's new shapes and modes run eagerly,
+    dense; its graphs already compiled still run). The filter only reads records and lets every
+    one through."""
 
     def __init__(self) -> None:
         super().__init__()

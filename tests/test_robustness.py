@@ -137,6 +137,26 @@ def test_hitting_dynamos_recompile_limit_warns_that_the_layers_train_dense():
     assert {v["step"] for v in nmcompile.sparsity_state(model).values()} == {2}
 
 
+def test_another_backend_hitting_the_recompile_limit_on_shared_code_warns():
+    """Another backend's compiles of the same code (a second instance of the model class) hitting
+    the limit warn too: dynamo then stops compiling that code for every backend, so the nmsparse
+    model's new shape runs eagerly (its step stays), while its compiled shape still steps."""
+    model, twin = MLP(16, 32, 16), MLP(16, 32, 16)
+    compiled = torch.compile(model, backend=_backend(), dynamic=False)
+    plain = torch.compile(twin, backend="aot_eager", dynamic=False)
+    with torch._dynamo.config.patch(recompile_limit=2), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(torch.randn(4, 16)).sum().backward()
+        for batch in (4, 5, 6):
+            plain(torch.randn(batch, 16)).sum().backward()
+        ours = [str(w.message) for w in caught if "nmsparse" in str(w.message)]
+        assert len(ours) == 1 and ours[0].startswith("nmsparse: dynamo hit its recompile_limit (2) for 'forward' (")
+        compiled(torch.randn(5, 16)).sum().backward()
+        assert {v["step"] for v in nmcompile.sparsity_state(model).values()} == {1}
+        compiled(torch.randn(4, 16)).sum().backward()
+    assert {v["step"] for v in nmcompile.sparsity_state(model).values()} == {2}
+
+
 class _Cond(nn.Module):
     """A ``torch.cond`` on the data picks one of two layers."""
 
