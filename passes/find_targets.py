@@ -480,13 +480,11 @@ def _decide_conv(
 ) -> GemmTarget:
     """SPEC §1/§10 for a convolution: ``W`` ``[O, C/groups, *k]``, N:M along ``C`` per kernel position."""
     info = params.get(w.name) if isinstance(w, fx.Node) and w.op == "placeholder" else None
-    if info is None:
+    value = values.get(w, info.param) if info is not None else example_value(w)
+    if info is None and not isinstance(value, torch.Tensor):
         target.reason = "weight is not an nn.Parameter"
         return target
-    value = values.get(w, info.param)
     groups = extra["groups"]
-    target.param_name, target.weight, target.operand, target.layout = info.name, w, w, "out_in"
-    target.layer_index = info.index
     unbatched = target.input_shape is not None and len(target.input_shape) == value.dim() - 1
     geometry = (extra["stride"], extra["padding"], extra["dilation"], groups, unbatched)
     target.conv = ConvInfo(tuple(value.shape[2:]), *geometry)
@@ -494,7 +492,8 @@ def _decide_conv(
     k = 1
     for size in value.shape[2:]:
         k *= size
-    target.weight_shape = (rows, cols * k)
+    shape = (size_hint(rows), size_hint(cols * k))  # a weight that is no parameter may have dynamic sizes
+    target.weight_shape = shape if None not in shape else None
     # Rows of the implicit GEMM: batch × output positions (a transposed conv: input positions).
     positions = target.input_shape if "transpose" in target.op else _shape(target.node)
     if positions is not None:
@@ -502,6 +501,11 @@ def _decide_conv(
         for size in positions[1:] if unbatched else (positions[0], *positions[2:]):
             count *= size
         target.tokens = size_hint(count)
+    if info is None:
+        target.reason = "weight is not an nn.Parameter"
+        return target
+    target.param_name, target.weight, target.operand, target.layout = info.name, w, w, "out_in"
+    target.layer_index = info.index
     if "transpose" in target.op:
         target.reason = "transposed convolution"
         return target

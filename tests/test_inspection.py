@@ -234,6 +234,25 @@ def test_dense_rows_without_a_parameter_weight_count_their_flops():
     assert "?" not in str(nmcompile.explain(_BufferWeights(), torch.randn(5, 16), inner="aot_eager"))
 
 
+def test_convolution_with_a_buffer_kernel_counts_its_flops():
+    """A convolution whose kernel is a buffer is a dense row with its geometry and implicit-GEMM
+    FLOPs, as a parameter kernel's row has them."""
+
+    class Blur(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("kernel", torch.ones(4, 1, 3, 3) / 9)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.conv2d(x, self.kernel, stride=2, padding=1, groups=4)
+
+    (row,) = nmcompile.explain(Blur(), torch.randn(2, 4, 8, 8, requires_grad=True), inner="aot_eager").rows
+    dense = 2 * (2 * 4 * 4) * 4 * 9  # batch × 4x4 output positions, O = 4, K = C/groups · 3·3
+    assert (row.weight_shape, row.conv) == ((4, 9), "k3x3 s2x2 p1x1 d1x1 g4")
+    assert row.reason == "weight is not an nn.Parameter"
+    assert row.flops == {"forward": (dense, dense), "input_grad": (dense, dense), "weight_grad": (0, 0)}
+
+
 def test_networkx_and_dot_exports():
     """to_networkx has prefixed nodes with edges from inputs; to_dot is one cluster per graph."""
     report = nmcompile.explain(MLP(), torch.randn(4, 32), inner="aot_eager")
