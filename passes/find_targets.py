@@ -370,15 +370,16 @@ def _decide(
     info = params.get(placeholder.name) if placeholder is not None else None
     if info is None:
         left, _ = _operand_placeholder(x)
-        if left is not None and left.name in params:
-            target.param_name, target.reason = params[left.name].name, "parameter is the left operand"
+        left_param = params.get(left.name) if left is not None else None
+        if left_param is not None:
+            target.param_name, target.reason = left_param.name, "parameter is the left operand"
             target.input_grad, target.weight_grad = target.weight_grad, target.input_grad
             target.input_shape = _shape(w)
         elif placeholder is None:
             target.reason = "no parameter operand"
         else:
             target.reason = "weight is not an nn.Parameter (input or buffer)"
-        _dense_gemm_size(target, _shape(x), _shape(w), left is not None and left.name in params)
+        _dense_gemm_size(target, _shape(x), _shape(w), left_param is not None)
         return target
     value = values.get(placeholder, info.param)
     target.param_name, target.weight, target.operand = info.name, placeholder, w
