@@ -86,17 +86,17 @@ def _mha(static: dict[str, Any]):
             elif dropout_p > 0.0:
                 weights = F.dropout(weights, p=dropout_p)
             out = torch.bmm(weights, v).transpose(0, 1).contiguous().view(tgt * bsz, embed)
-            out = F.linear(out, out_w, out_b).view(tgt, bsz, -1)
+            out = F.linear(out, out_w, out_b).view(tgt, bsz, embed)
             weights = weights.view(bsz, heads, tgt, src)
             return out, weights.mean(dim=1) if static["average_attn_weights"] else weights
         if mask is not None:
             one_batch = not has_kpm and (static["attn_mask_dim"] == 2 or static["attn_mask_rows"] == 1)
-            mask = mask.unsqueeze(0) if one_batch else mask.view(bsz, heads, -1, src)
+            mask = mask.unsqueeze(0) if one_batch else mask.view(bsz, heads, mask.shape[-2], src)
         q, k, v = q.view(bsz, heads, tgt, head), k.view(bsz, heads, src, head), v.view(bsz, heads, src, head)
         sdpa, p = (_sdpa, node_p) if dynamic_p else (F.scaled_dot_product_attention, dropout_p)
         out = sdpa(q, k, v, mask, p, use_causal_hint)
         out = out.permute(2, 0, 1, 3).contiguous().view(bsz * tgt, embed)
-        return F.linear(out, out_w, out_b).view(tgt, bsz, -1), None
+        return F.linear(out, out_w, out_b).view(tgt, bsz, embed), None
 
     return attention
 

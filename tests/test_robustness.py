@@ -664,6 +664,40 @@ def test_empty_weights_run_dense_with_a_reason():
     train_and_compare(Empty, (4, 8), steps=2, inner="aot_eager")
 
 
+class _Attention(nn.Module):
+    """Self-attention through ``nn.MultiheadAttention`` (with or without the weights) or a whole
+    ``nn.TransformerEncoderLayer``, batch first."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "encoder_layer":
+            self.attn = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        else:
+            self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "encoder_layer":
+            return self.attn(x)
+        return self.attn(x, x, x, need_weights=self.kind == "weights")[0]
+
+
+@pytest.mark.parametrize("kind", ["plain", "weights", "encoder_layer"])
+@pytest.mark.parametrize("shape", [(0, 6, 32), (2, 0, 32)])
+def test_empty_batch_or_sequence_through_attention(kind, shape):
+    """README "Bad inputs": a zero-size batch gives an empty output, through the backend's
+    attention decomposition too (its reshapes named no size as -1 there); so does an empty
+    sequence. The layers are sparse and step; every gradient is finite. (With a padding mask torch
+    itself cannot reshape an empty batch, eagerly too.)"""
+    model = _Attention(kind)
+    out = torch.compile(model, backend=_backend())(torch.randn(*shape))
+    out.sum().backward()
+    assert out.shape == shape
+    states = nmcompile.sparsity_state(model)
+    assert len(states) == (4 if kind == "encoder_layer" else 2) and {v["step"] for v in states.values()} == {1}
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+
+
 def test_bad_inputs_have_documented_behaviour():
     """Non-float weights, zero-size batches, NaN/Inf, and a layer whose shapes change."""
 
