@@ -433,7 +433,9 @@ def compile_graph(
     if on_compile is not None or directory is not None:
         names = [_readable_input(n.name, params) for n in rewritten.graph.nodes if n.op == "placeholder"]
         compile_id = gm.meta.get("dynamo_compile_id")
-        record = CompileRecord(analysis, config, compile_id, directory, names, by_target, kernels)
+        trace = torch._guards.CompileContext.current_trace_id()
+        attempt = trace.attempt if trace is not None else 0
+        record = CompileRecord(analysis, config, compile_id, directory, names, by_target, kernels, attempt)
         if on_compile is not None:
             on_compile(record)
     examples = [s.example for s in state_inputs]

@@ -221,6 +221,7 @@ class CompileRecord:
         input_names: list[str] | None = None,
         states: dict[int, LayerState] | None = None,
         kernels: dict[str, KernelChoice] | None = None,
+        attempt: int = 0,
     ) -> None:
         states, kernels = states or {}, kernels or {}
         self.rows = [LayerRow.from_target(t, config, states.get(id(t)), kernels.get(t.layer)) for t in analysis.targets]
@@ -228,16 +229,24 @@ class CompileRecord:
         self.input_names = input_names or []
         self.config = config
         self.compile_id = str(compile_id) if compile_id is not None else None
+        self.attempt = attempt  # dynamo's restarts of this compile's analysis before it (it drops their graphs)
         self.graphs: dict[str, fx.GraphModule] = {}
         self._forward_names: dict[str, str] = {}  # joint-graph name -> name in the forward's copy
         self.directory: Path | None = None
         if directory is not None:
-            tag = (self.compile_id or "graph").replace("/", "_")
+            tag = (self.trace_id or "graph").replace("/", "_")
             try:
                 self.directory = _new_directory(directory, f"{os.getpid()}_{next(_dump_counter)}_{tag}")
             except OSError as err:
                 _warn_unwritable(directory, err)
             self._dump("report.txt", format_table(self.rows) + "\n")
+
+    @property
+    def trace_id(self) -> str | None:
+        """The compile id as dynamo's logs write it: ``0/1``, or ``0/1_1`` for its first restart."""
+        if self.compile_id is None:
+            return None
+        return f"{self.compile_id}_{self.attempt}" if self.attempt else self.compile_id
 
     def add_graph(self, kind: str, gm: fx.GraphModule, renamed: dict[str, str] | None = None) -> None:
         """Keep a copy of a graph AOTAutograd produced (``forward``/``backward``/``inference``);
@@ -320,7 +329,7 @@ def to_dot(records: list[CompileRecord]) -> str:
     for i, record in enumerate(records):
         for kind, gm in record.graphs.items():
             lines.append(f'  subgraph "cluster_{i}_{kind}" {{')
-            lines.append(f'    label="{kind} (compile {record.compile_id or i})";')
+            lines.append(f'    label="{kind} (compile {record.trace_id or i})";')
             for node in gm.graph.nodes:
                 custom = node.meta.get("custom") or {}
                 style = ", style=filled, fillcolor=lightblue" if NAME_KEY in custom else ""
@@ -374,6 +383,13 @@ def _has_backward_hook(module: torch.nn.Module) -> bool:
     """Whether ``module`` has a backward hook (``register_full_backward_hook`` and its pre-hook or
     legacy forms), which dynamo does not trace: the module runs eagerly."""
     return bool(module._backward_hooks or module._backward_pre_hooks)
+
+
+def _kept_attempts(records: list[CompileRecord]) -> list[CompileRecord]:
+    """``records`` less those of an analysis dynamo restarted (a float attribute it turns into an
+    input, say): it drops that attempt's graph, and the next attempt of the compile replaces it."""
+    last = {r.compile_id: r.attempt for r in records if r.compile_id is not None}
+    return [r for r in records if r.compile_id is None or r.attempt == last[r.compile_id]]
 
 
 class Report:
@@ -474,6 +490,7 @@ def explain(
             for name, buffer in module.named_buffers():
                 if name in saved:
                     buffer.copy_(saved[name])
+    records = _kept_attempts(records)
     seen = {row.name for record in records for row in record.rows}
     other_uses = {name: why for record in records for name, why in record.other_uses.items()}
     rows = untraced_rows(module, seen, other_uses)

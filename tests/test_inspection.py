@@ -413,6 +413,29 @@ def test_report_under_dynamic_shapes_names_the_dynamic_sizes():
     assert "dynamic sizes" not in static and "| 2x5x16 " in static
 
 
+def test_explain_keeps_one_record_when_dynamo_restarts_its_analysis():
+    """A float attribute that differs from an earlier compile of the same code (dropout's ``p``)
+    makes dynamo restart its analysis with the float as an input: the backend is called for each
+    attempt, and the report keeps the last, so each layer is one row (it listed both)."""
+
+    class Net(nn.Module):  # code of its own: dynamo remembers the floats it saw per code object
+        def __init__(self, p: float) -> None:
+            super().__init__()
+            self.fc1, self.drop, self.fc2 = nn.Linear(16, 32), nn.Dropout(p), nn.Linear(32, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(self.drop(self.fc1(x)))
+
+    x = torch.randn(4, 16)
+    first = nmcompile.explain(Net(0.1), x, inner="aot_eager")
+    second = nmcompile.explain(Net(0.2), x, inner="aot_eager")
+    assert [r.attempt for r in first.records] == [0] and [r.attempt for r in second.records] == [1]
+    (record,) = second.records
+    assert record.trace_id == f"{record.compile_id}_1" and record.graphs.keys() == {"forward", "backward"}
+    assert [r.name for r in second.rows] == ["fc1.weight", "fc2.weight"]
+    assert str(second).count("fc1.weight") == 1
+
+
 def test_size_hint_reads_symbolic_sizes_without_a_guard():
     """A backed size and an expression of it give their example values; an unbacked size has none."""
     from nmcompile.passes.find_targets import size_hint
