@@ -214,18 +214,49 @@ def _is_transpose(node: fx.Node) -> bool:
     return isinstance(name, str) and swaps_dims(name, node.args[1:], dict(node.kwargs))
 
 
+_CASTS = {"to", "type", "type_as", "float", "double", "half", "bfloat16", "contiguous", "cpu", "cuda"}
+
+
+def _is_noop_cast(node: Any) -> bool:
+    """A cast that returns its tensor itself, as eager PyTorch does when nothing changes: ``W.to(x.dtype)``,
+    ``W.type_as(x)``, ``W.float()``, ``W.contiguous()`` of a weight already so (same dtype, device
+    and strides, no ``copy=True``). Eagerly the GEMM then gets the Parameter, as the reference sees it."""
+    if not isinstance(node, fx.Node) or node.op != "call_method" or node.target not in _CASTS:
+        return False
+    source, out = example_value(node.args[0]), example_value(node)
+    if not isinstance(source, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return False
+    layout = [(t.dtype, t.device, t.shape, t.stride()) for t in (source, out)]
+    return layout[0] == layout[1] and not node.kwargs.get("copy", False) and True not in node.args[1:]
+
+
+def _through_casts(node: Any) -> Any:
+    """``node`` less the no-op casts applied to it (``_is_noop_cast``)."""
+    while _is_noop_cast(node):
+        node = node.args[0]
+    return node
+
+
 def _operand_placeholder(operand: Any) -> tuple[fx.Node | None, bool]:
-    """The placeholder behind a GEMM operand (itself or its transpose), and whether it is transposed."""
-    transposed = isinstance(operand, fx.Node) and _is_transpose(operand)
-    node = operand.args[0] if transposed else operand
+    """The placeholder behind a GEMM operand (itself or its transpose, through no-op casts either
+    side of it), and whether it is transposed."""
+    node = _through_casts(operand)
+    transposed = isinstance(node, fx.Node) and _is_transpose(node)
+    node = _through_casts(node.args[0]) if transposed else node
     return (node if isinstance(node, fx.Node) and node.op == "placeholder" else None), transposed
 
 
-def _consumers(placeholder: fx.Node) -> list[fx.Node]:
-    """Nodes that use a parameter, looking through transposes."""
+def _consumers(node: fx.Node, transposed: bool = False) -> list[fx.Node]:
+    """Nodes that use a parameter, looking through no-op casts and one transpose, as
+    ``_operand_placeholder`` looks back through them."""
     out = []
-    for user in placeholder.users:
-        out.extend(user.users if _is_transpose(user) else [user])
+    for user in node.users:
+        if _is_noop_cast(user):
+            out.extend(_consumers(user, transposed))
+        elif not transposed and _is_transpose(user):
+            out.extend(_consumers(user, True))
+        else:
+            out.append(user)
     return out
 
 
@@ -480,8 +511,9 @@ def _decide_conv(
     values: Mapping[fx.Node, Any],
 ) -> GemmTarget:
     """SPEC §1/§10 for a convolution: ``W`` ``[O, C/groups, *k]``, N:M along ``C`` per kernel position."""
-    info = params.get(w.name) if isinstance(w, fx.Node) and w.op == "placeholder" else None
-    value = values.get(w, info.param) if info is not None else example_value(w)
+    source = _through_casts(w)
+    info = params.get(source.name) if isinstance(source, fx.Node) and source.op == "placeholder" else None
+    value = values.get(source, info.param) if info is not None else example_value(w)
     if info is None and not isinstance(value, torch.Tensor):
         target.reason = "weight is not an nn.Parameter"
         return target
@@ -505,12 +537,12 @@ def _decide_conv(
     if info is None:
         target.reason = "weight is not an nn.Parameter"
         return target
-    target.param_name, target.weight, target.operand, target.layout = info.name, w, w, "out_in"
+    target.param_name, target.weight, target.operand, target.layout = info.name, source, w, "out_in"
     target.layer_index = info.index
     if "transpose" in target.op:
         target.reason = "transposed convolution"
         return target
-    reason = _dense_reason(value, cols, info, w, target.op, {}, config, k_name="C/groups" if groups > 1 else "C")
+    reason = _dense_reason(value, cols, info, source, target.op, {}, config, k_name="C/groups" if groups > 1 else "C")
     if reason is None and groups > 1 and not divisible(rows // groups, config.m):
         reason = f"grouped conv: O/groups={rows // groups} not divisible by m={config.m}"
     if reason:

@@ -160,9 +160,11 @@ def insert_masks(
             out.meta["example_value"] = node.meta["example_value"]
         node.replace_all_uses_with(out)
         graph.erase_node(node)
-        operand = env[target.operand]
-        if operand is not weight and not operand.users:
+        operand = env[target.operand]  # the weight, or its transpose and no-op casts, now unused
+        while operand is not weight and not operand.users:
+            source = operand.args[0]
             graph.erase_node(operand)
+            operand = source
     graph.lint()
     new_gm.recompile()
     return new_gm, states

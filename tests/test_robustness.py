@@ -664,6 +664,48 @@ def test_empty_weights_run_dense_with_a_reason():
     train_and_compare(Empty, (4, 8), steps=2, inner="aot_eager")
 
 
+class _CastWeights(nn.Module):
+    """Weights passed through casts: ``how`` names the expression each GEMM's weight goes through."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.fc, self.mm = nn.Parameter(torch.randn(32, 16) / 4), nn.Parameter(torch.randn(16, 32) / 6)
+        self.conv = nn.Parameter(torch.randn(8, 16, 3) / 7)
+        self.head = nn.Linear(32, 8)  # sparse whatever the casts do
+
+    def _cast(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return {
+            "to": lambda: w.to(x.dtype),
+            "type_as": lambda: w.type_as(x),
+            "float": lambda: w.float().contiguous(),
+            "device": lambda: w.to(x.device, memory_format=torch.contiguous_format),
+            "copy": lambda: w.to(x.dtype, copy=True),
+            "double": lambda: w.double().to(x.dtype),
+        }[self.how]()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(nn.functional.linear(x, self._cast(self.fc, x)))
+        h = torch.mm(h, self._cast(self.mm, h).t().to(h.dtype))
+        h = nn.functional.conv1d(h.unsqueeze(-1).expand(-1, -1, 4), self._cast(self.conv, h), padding=1)
+        return self.head(h.flatten(1))
+
+
+@pytest.mark.parametrize(
+    ("how", "sparse"),
+    [("to", True), ("type_as", True), ("float", True), ("device", True), ("copy", False), ("double", False)],
+)
+def test_weights_through_casts_that_change_nothing_are_sparse(how, sparse):
+    """``W.to(x.dtype)``, ``W.type_as(x)``, ``W.float().contiguous()``, ``W.to(device)`` of a weight
+    already so return the Parameter itself eagerly, so the reference sparsifies the GEMM; the backend
+    looks through them (it left such a weight dense, "used by to"), in front of a transpose too.
+    A copy (``copy=True``, a round trip through float64) is another tensor: dense in both."""
+    train_and_compare(lambda: _CastWeights(how), (4, 16), steps=3, inner="aot_eager")
+    rows = {r.name: r for r in nmcompile.explain(_CastWeights(how), torch.randn(4, 16), inner="aot_eager").rows}
+    assert [rows[name].sparse for name in ("fc", "mm", "conv", "head.weight")] == [sparse, sparse, sparse, True]
+    assert sparse or rows["fc"].reason.startswith(f"used by {'double' if how == 'double' else 'to'}")
+
+
 class _Attention(nn.Module):
     """Self-attention through ``nn.MultiheadAttention`` (with or without the weights) or a whole
     ``nn.TransformerEncoderLayer``, batch first."""
