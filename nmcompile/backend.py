@@ -287,6 +287,20 @@ def _fusion_patches(config: SparsityConfig) -> dict[str, Any]:
     return {"realize_opcount_threshold": MVUE_OPCOUNT_THRESHOLD}
 
 
+def _donate_no_buffers() -> None:
+    """Let the backward being compiled donate none of the tensors the forward saves, so that
+    ``backward(retain_graph=True)`` runs, at any call. A donating backward refuses it; AOTAutograd
+    gives up donation only where the first backward retains the graph and compiles lazily then,
+    which ours does not (``_compile_inner``). Called while the forward compiles: the donated
+    indices are the compile's ``fw_metadata``, in the tracing context, which Inductor's backward
+    compile and the runtime check both read. (``torch._functorch.config.donated_buffer=False``
+    leaves them unset, which that check takes for donation.) A no-op where torch lacks them."""
+    context = torch._guards.TracingContext.try_get()
+    metadata = getattr(context, "fw_metadata", None)
+    if metadata is not None and hasattr(metadata, "bw_donated_idxs"):
+        metadata.bw_donated_idxs = []
+
+
 def _compile_inner(
     gm: fx.GraphModule, inputs: list, config: SparsityConfig, record: CompileRecord | None, patches: dict[str, Any]
 ) -> Callable:
@@ -296,7 +310,8 @@ def _compile_inner(
     Where Inductor cannot compile the graph (its own error, as on some dynamic-shape convolution
     backwards of torch 2.13), the graph runs through AOTAutograd alone, as ``inner="aot_eager"``
     would, with a warning: still sparse, only not fused. The backward is compiled with the forward
-    (not at the first backward, AOTAutograd's default), so that its failure is caught here too."""
+    (not at the first backward, AOTAutograd's default), so that its failure is caught here too.
+    Its backward donates no buffer (``_donate_no_buffers``)."""
     if config.inner == "inductor":
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
@@ -304,6 +319,8 @@ def _compile_inner(
             kind = "inference" if kwargs.get("is_inference") else "forward"
             kind = "backward" if kwargs.get("is_backward") else kind
             _record_and_name(record, kind, graph)
+            if kind == "forward":
+                _donate_no_buffers()
             return compile_fx_inner(graph, example_inputs, **kwargs)
 
         _register_inductor_decomposition()
@@ -324,6 +341,8 @@ def _compile_inner(
 
     def eager(kind: str, graph: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         _record_and_name(record, kind, graph)
+        if kind == "forward":
+            _donate_no_buffers()
         return boxed_nop(graph, list(example_inputs))
 
     return aot_autograd(
@@ -444,7 +463,9 @@ def compile_graph(
     # not show: the key tag's hash of our sources keeps another nmcompile's entries out.
     tag = "|".join(t for t in (torch.compiler.config.cache_key_tag, _source_tag()) if t)
     with (
-        torch._functorch.config.patch(enable_autograd_cache=record is None),
+        torch._functorch.config.patch(
+            enable_autograd_cache=record is None and torch._functorch.config.enable_autograd_cache
+        ),
         torch.compiler.config.patch(cache_key_tag=tag),
     ):
         compiled = _compile_inner(rewritten, [*example_inputs, *examples], config, record, patches)

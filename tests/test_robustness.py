@@ -664,6 +664,29 @@ def test_empty_weights_run_dense_with_a_reason():
     train_and_compare(Empty, (4, 8), steps=2, inner="aot_eager")
 
 
+@pytest.mark.parametrize(("inner", "first"), [("aot_eager", False), ("inductor", True), ("inductor", False)])
+def test_backward_with_retain_graph_runs_as_the_reference(inner, first):
+    """Two losses on one output, the first ``backward(retain_graph=True)`` (a GAN or multi-loss
+    loop), at the first call or after an ordinary step: gradients equal the reference's. It failed
+    with Inductor at the first call (its backward, compiled with the forward, donated buffers), and
+    after an ordinary step with both (as dense ``torch.compile(backend="aot_eager")`` does)."""
+    torch.manual_seed(0)
+    base = MLP()
+    ref = reference.sparsify(copy.deepcopy(base))
+    mine = copy.deepcopy(base)
+    compiled = torch.compile(mine, backend=nmcompile.backend(inner=inner))
+    for retain in (first, not first, True):
+        x = torch.randn(4, 32)
+        for model in (ref, compiled):
+            out = model(x)
+            out.square().mean().backward(retain_graph=retain)
+            if retain:
+                out.abs().mean().backward()
+        for (name, p_ref), p_mine in zip(ref.named_parameters(), mine.parameters(), strict=True):
+            assert_close(p_mine.grad, p_ref.grad, rel=1e-5 if inner == "inductor" else 0, what=f"grad of {name}")
+        sgd_step_both(ref, mine, lr=0.05)
+
+
 class _CastWeights(nn.Module):
     """Weights passed through casts: ``how`` names the expression each GEMM's weight goes through."""
 
