@@ -646,6 +646,39 @@ def test_a_layer_frozen_mid_training_runs_dense_as_in_the_reference():
     assert torch.equal(nmcompile.sparsity_state(compiled)["fc2.weight"]["perm"], ref_perm)
 
 
+def test_a_layer_frozen_before_sparsify_and_unfrozen_later_trains_as_the_reference():
+    """Gradual unfreezing: ``fc1`` frozen when the reference is made and the model compiled, then
+    unfrozen. Both run it dense while frozen, with no state, then sparse from its first trainable
+    step, with equal outputs and steps (the reference kept it a dense ``nn.Linear`` for good);
+    ``head`` stays frozen and stateless in both."""
+    options = dict(inner="aot_eager", perm_interval=2)
+    model = MLP()
+    for layer in (model.fc1, model.head):
+        layer.requires_grad_(False)
+    ref_model = reference.sparsify(copy.deepcopy(model), **options)
+    compiled = torch.compile(model, backend=nmcompile.backend(**options))
+    for step in range(5):
+        if step == 2:
+            model.fc1.requires_grad_(True), ref_model.fc1.requires_grad_(True)
+        x = torch.randn(4, 32)
+        expected, got = ref_model(x), compiled(x)
+        assert_close(got, expected, what=f"output at step {step}")
+        expected.square().sum().backward()
+        got.square().sum().backward()
+        with torch.no_grad():
+            for p_ref, p_mine in zip(ref_model.parameters(), model.parameters(), strict=True):
+                assert (p_ref.grad is None) == (p_mine.grad is None) == (not p_mine.requires_grad)
+                if p_mine.grad is not None:
+                    assert_close(p_mine.grad, p_ref.grad, what=f"gradient at step {step}")
+                    p_ref -= 0.05 * p_ref.grad
+                    p_mine -= 0.05 * p_mine.grad
+                    p_ref.grad = p_mine.grad = None
+        states = {k: v["step"] for k, v in nmcompile.sparsity_state(compiled).items()}
+        assert states == {k: v["step"] for k, v in nmcompile.sparsity_state(ref_model).items()}
+    assert states == {"fc1.weight": 3, "fc2.weight": 5}
+
+
+@torch._functorch.config.patch(enable_autograd_cache=False)  # a cache hit would compile nothing
 def test_a_graph_inductor_cannot_compile_runs_without_it(monkeypatch):
     """Where Inductor fails on a graph (torch 2.13 does on some dynamic-shape convolution
     backwards), the graph runs through AOTAutograd alone, with one warning, and trains as the
@@ -661,7 +694,6 @@ def test_a_graph_inductor_cannot_compile_runs_without_it(monkeypatch):
         return real(graph, example_inputs, **kwargs)
 
     monkeypatch.setattr(compile_fx, "compile_fx_inner", fails_on_backward)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)  # a hit compiles nothing
     expected = [
         "nmsparse: Inductor could not compile a graph (RuntimeError: ValueRangeError: Invalid ranges [0:-1]); it "
         "runs through AOTAutograd without Inductor (as inner='aot_eager'): still sparse, not fused"
