@@ -309,16 +309,27 @@ class _ForwardUses:
 
 
 class _Rule:
-    """How one eligible weight is sparsified in the reference: its state, masks and GEMM."""
+    """How one eligible weight is sparsified in the reference: its state, masks and GEMM. The
+    state is made by ``make_state`` when first needed: at once for a trainable weight, at its first
+    sparse call for one frozen when ``sparsify`` ran (the backend makes it at the first compile
+    that finds the weight trainable)."""
 
     def __init__(
-        self, state: Any, param: nn.Parameter, backward: str, config: SparsityConfig, uses: _ForwardUses
-    ) -> None:
-        self.state = state
+        self, make_state: Callable[[], Any], param: nn.Parameter, backward: str, config: SparsityConfig,
+        uses: _ForwardUses,
+    ) -> None:  # fmt: skip
+        self._make_state = make_state
+        self._state: Any = None
         self.param = param
         self.backward = backward
         self.config = config
         self.uses = uses
+
+    @property
+    def state(self) -> Any:
+        if self._state is None:
+            self._state = self._make_state()
+        return self._state
 
     def __call__(
         self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, conv: tuple | None = None
@@ -544,7 +555,7 @@ def _eligible_backward(
 ) -> str | None:
     """The backward mode for a weight with ``rows`` = O and ``cols`` = K (per group), or ``None``
     if it stays dense (SPEC §10; a grouped conv needs ``O/groups`` divisible by ``m`` too)."""
-    if tied or not weight.requires_grad or weight.dtype not in FLOAT_DTYPES or not weight.numel():
+    if tied or weight.dtype not in FLOAT_DTYPES or not weight.numel():  # a frozen weight: dense at the call
         return None
     if config.name_filter_reason(name) is not None or cols % config.m:
         return None
@@ -585,7 +596,10 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
         if backward is None:
             return None
         spec = LayerSpec(name, index[id(weight)], rows, backward, layout, groups, config)
-        return _Rule(registry.get_or_create(weight, spec, owner), weight, backward, config, uses)
+        rule = _Rule(lambda: registry.get_or_create(weight, spec, owner), weight, backward, config, uses)
+        if weight.requires_grad:
+            rule.state  # noqa: B018 -- made now, so sparsity_state and state_dict have it from the start
+        return rule
 
     others: dict[int, tuple[str, nn.Parameter, nn.Module]] = {}  # 2-D weights no swapped module owns
     placed: dict[int, nn.Module] = {}  # id of each module seen -> the module in its place, for its other names
