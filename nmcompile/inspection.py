@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import itertools
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -374,8 +375,8 @@ def untraced_rows(module: torch.nn.Module, seen: set[str], other_uses: Mapping[s
                         f"; a backward hook (on {', '.join(hooked)}) can keep dynamo out of the code calling its module"
                     )
             flops = {"forward": None, "input_grad": None, "weight_grad": None}
-            rows.append(LayerRow(name, type(sub).__name__, tuple(param.shape[:2]), None, "", "-", False, "-", reason,
-                                 flops))  # fmt: skip
+            matrix = (param.shape[0], math.prod(param.shape[1:]))  # as a convolution's GEMM: O × the other dims
+            rows.append(LayerRow(name, type(sub).__name__, matrix, None, "", "-", False, "-", reason, flops))
     return rows
 
 

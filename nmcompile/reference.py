@@ -341,7 +341,8 @@ class _Rule:
         and a frozen one (SPEC §10; the backend recompiles a layer frozen mid-training dense), which
         counts no step."""
         if torch.compiler.is_compiling() or not w.requires_grad or self.uses.is_dense(self):
-            return F.linear(x, w, bias) if conv is None else _CONV[w.dim() - 2](x, w, bias, *conv)
+            with torch._C.DisableTorchFunction():  # routed here already: not again by _GemmInterceptor
+                return F.linear(x, w, bias) if conv is None else _CONV[w.dim() - 2](x, w, bias, *conv)
         config, state = self.config, self.state
         forward = state.enter_forward(self.param)
         n, m = state.mask_n(forward.step), config.m
@@ -451,7 +452,8 @@ _LINEAR_FUNCS = {F.linear, torch._C._nn.linear}
 
 
 class _GemmInterceptor(TorchFunctionMode):
-    """Routes GEMMs on eligible weights that no swapped module owns through their rules:
+    """Routes GEMMs on eligible weights through their rules (a swapped module's weight used outside
+    the module, through the module's):
     ``F.linear(x, W, b)`` (``[out, in]``), ``mm``/``matmul``/``addmm``/``@`` whose right operand
     is ``W`` (``[in, out]`` layout) or its transpose (``W.t()``, ``W.T``, ``W.mT``, ``W.permute(1, 0)``:
     ``[out, in]`` layout), and ``F.conv1d/2d/3d(x, W, ...)``."""
@@ -573,7 +575,8 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
     ``Conv1D``, a raw convolution kernel) is routed through the same rule while ``model``'s forward
     runs: as the weight of ``F.linear`` (``W.t()`` there: ``[in, out]``) or ``F.conv1d/2d/3d``, or the right operand of
     ``mm``/``matmul``/``addmm``/``@`` (``W``: ``[in, out]``; ``W.t()``, ``W.T``, ``W.mT``,
-    ``W.permute(1, 0)``: ``[out, in]``). Options as ``SparsityConfig``.
+    ``W.permute(1, 0)``: ``[out, in]``), as is a swapped module's weight used outside the module,
+    through the module's rule. Options as ``SparsityConfig``.
     Do not deep-copy (or pickle) a model after ``sparsify``: the routed forward keeps its rules.
     A ``torch.func.functional_call`` stand-in for a weight runs on the weight's own state here, and
     counts its steps; the backend gives a stand-in Parameter a state of its own and runs a
@@ -602,6 +605,7 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
         return rule
 
     others: dict[int, tuple[str, nn.Parameter, nn.Module]] = {}  # 2-D weights no swapped module owns
+    swapped: dict[int, tuple[nn.Parameter, _Rule, int]] = {}  # swapped modules' weights, rules and groups
     placed: dict[int, nn.Module] = {}  # id of each module seen -> the module in its place, for its other names
     for mod_name, module in list(model.named_modules(remove_duplicate=False)):
         if id(module) in placed:  # a module under a second name: whatever replaced it goes there too
@@ -621,6 +625,7 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
                 registry.rehome(owner, module)
             else:
                 new.rule = rule
+                swapped[id(module.weight)] = (module.weight, rule, getattr(module, "groups", 1))
                 if mod_name:
                     _replace(model, mod_name, new)
                     placed[id(module)] = new
@@ -630,15 +635,22 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
         for pname, p in module.named_parameters(recurse=False):
             if 2 <= p.dim() <= 5 and id(p) not in others:  # matrices, and F.conv1d/2d/3d weights
                 others[id(p)] = (prefix + pname, p, module)
-    if others:
+    if others or swapped:
 
         def make_rule(p: nn.Parameter, layout: str, groups: int) -> _Rule | None:
+            """A weight's rule for a GEMM of ``layout`` and ``groups``; a swapped module's weight used
+            outside the module (``F.linear(x, fc.weight)``) shares the module's rule where the GEMM is
+            the module's own kind, and runs dense otherwise."""
+            if id(p) in swapped:
+                _, rule, own_groups = swapped[id(p)]
+                return rule if (layout, groups) == ("out_in", own_groups) else None
             name, _, owner = others[id(p)]
             rule = rule_for(name, p, layout, owner, groups)
             registry.warn_restarted()
             return rule
 
-        _route_gemms(model, _GemmInterceptor({key: p for key, (_, p, _) in others.items()}, make_rule))
+        candidates = {key: p for key, (_, p, _) in others.items()} | {key: p for key, (p, _, _) in swapped.items()}
+        _route_gemms(model, _GemmInterceptor(candidates, make_rule))
     registry.warn_restarted()
     return model
 

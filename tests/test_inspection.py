@@ -593,6 +593,8 @@ def test_weights_no_rewritten_gemm_takes_say_what_uses_them():
         "unused.weight": "not a GEMM operand in any compiled graph (or in code dynamo did not trace)",
     }
     assert not any(r.sparse for r in rows)
+    shapes = {r.name: r.weight_shape for r in rows if r.name in ("w_bmm", "scale", "unused.weight")}
+    assert shapes == {"w_bmm": (2, 128), "scale": (4, 8), "unused.weight": (8, 8)}  # O × the other dims
 
 
 def test_weights_used_by_other_ops_are_listed_under_a_heading_that_fits_them():

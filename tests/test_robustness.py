@@ -729,6 +729,27 @@ def test_weights_through_casts_that_change_nothing_are_sparse(how, sparse):
     assert sparse or rows["fc"].reason.startswith(f"used by {'double' if how == 'double' else 'to'}")
 
 
+class _WeightsOfModules(nn.Module):
+    """``nn.Linear`` and ``nn.Conv1d`` whose weights the parent's forward uses itself, without calling
+    the modules (``F.linear(x, self.fc.weight)``), the linear one through a transpose."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.conv, self.head = nn.Linear(16, 32), nn.Conv1d(32, 8, 3, padding=1), nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(x @ self.fc.weight.t() + self.fc.bias)
+        h = nn.functional.conv1d(h.unsqueeze(-1).expand(-1, -1, 4), self.conv.weight, self.conv.bias, padding=1)
+        return self.head(h.flatten(1))
+
+
+def test_weights_of_modules_used_outside_them_train_as_the_reference():
+    """The backend sparsifies a GEMM on a module's weight whether or not the module is called; the
+    reference now does too (it swapped the module and left its weight's other GEMMs dense)."""
+    state_ref, _ = train_and_compare(_WeightsOfModules, (4, 16), steps=3, inner="aot_eager")
+    assert set(state_ref) == {"fc.weight", "conv.weight", "head.weight"}
+
+
 class _Attention(nn.Module):
     """Self-attention through ``nn.MultiheadAttention`` (with or without the weights) or a whole
     ``nn.TransformerEncoderLayer``, batch first."""
