@@ -259,9 +259,13 @@ class SparseConv(torch.autograd.Function):
         recipe: Recipe = ctx.recipe
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         d = weight.dim() - 2
-        input_grad = getattr(torch.nn.grad, f"conv{d}d_input")
         weight_grad = getattr(torch.nn.grad, f"conv{d}d_weight")
-        dx = input_grad(x.shape, recipe.weight(weight, bmask).to(dy.dtype), dy, *ctx.conv) if need_x else None
+        dx = None
+        if need_x:  # ``x`` itself, not a stand-in of its shape: the kernel then follows its memory format
+            stride, padding, dilation, groups = ctx.conv
+            wb = recipe.weight(weight, bmask).to(dy.dtype)
+            args = (stride, padding, dilation, False, [0] * d, groups, [True, False, False])
+            dx = torch.ops.aten.convolution_backward(dy, x, wb, None, *args)[0]
         dw = None
         if need_w:
             dw = recipe.srste(weight_grad(x, weight.shape, recipe.prune(dy, 1), *ctx.conv), weight, fmask)
