@@ -176,19 +176,20 @@ def test_explain_says_why_an_in_place_compiled_sequential_trains_dense():
     assert {r.reason for r in report.rows} == {IN_PLACE_NOTE.format("Sequential")}
 
 
+class _Scores(nn.Module):
+    """Attention-like scores ``q @ xᵀ``: a sparse projection, then a GEMM of two activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q(x) @ x.transpose(-1, -2)
+
+
 def test_table_lists_activation_matmuls_as_dense():
     """GEMMs without a parameter operand are rows too, dense, with the reason."""
-
-    class Attn(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.q = nn.Linear(16, 16)
-
-        def forward(self, x):
-            q = self.q(x)
-            return q @ x.transpose(-1, -2)
-
-    rows = nmcompile.explain(Attn(), torch.randn(2, 8, 16), inner="aot_eager").rows
+    rows = nmcompile.explain(_Scores(), torch.randn(2, 8, 16), inner="aot_eager").rows
     assert [(r.name.startswith("<"), r.sparse, r.reason) for r in rows if r.op == "matmul"] == [
         (True, False, "weight is not an nn.Parameter (input or buffer)")
     ]
@@ -383,19 +384,9 @@ def test_report_under_dynamic_shapes_names_the_dynamic_sizes():
     """Under ``dynamic=True`` one compile serves every batch size: the table writes a dynamic size
     by its symbol and ends with a line giving the value each had when traced, at which the FLOPs
     are counted; a static compile's table has no such line."""
-
-    class Attn(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.q = nn.Linear(16, 16)
-
-        def forward(self, x):
-            q = self.q(x)
-            return q @ q.transpose(-1, -2)
-
     records = []
     backend = nmcompile.NMSparseBackend(nmcompile.SparsityConfig(inner="aot_eager"), on_compile=records.append)
-    model = torch.compile(Attn(), backend=backend, dynamic=True)
+    model = torch.compile(_Scores(), backend=backend, dynamic=True)
     for batch in (2, 3):
         model(torch.randn(batch, 5, 16)).sum().backward()
     (record,) = records
@@ -409,7 +400,7 @@ def test_report_under_dynamic_shapes_names_the_dynamic_sizes():
     assert f"| {by_value[2]}x{by_value[5]}x16 " in table
     seen = ", ".join(f"{name}={value}" for name, value in sorted(q.dynamic))
     assert table.endswith(f"dynamic sizes, as first seen: {seen}; the shapes and FLOPs above are at those values")
-    static = str(nmcompile.explain(Attn(), torch.randn(2, 5, 16), inner="aot_eager"))
+    static = str(nmcompile.explain(_Scores(), torch.randn(2, 5, 16), inner="aot_eager"))
     assert "dynamic sizes" not in static and "| 2x5x16 " in static
 
 
