@@ -314,16 +314,16 @@ class _ForwardUses:
 
 class _Rule:
     """How one eligible weight is sparsified in the reference: its state, masks and GEMM. The
-    state is made by ``make_state`` when first needed: at once for a trainable weight, at its first
-    sparse call for one frozen when ``sparsify`` ran (the backend makes it at the first compile
-    that finds the weight trainable)."""
+    state is made by ``make_state``: at once for a trainable weight (so ``sparsity_state`` and
+    ``state_dict`` have it from the start), at its first sparse call for one frozen when
+    ``sparsify`` ran (the backend makes it at the first compile that finds the weight trainable)."""
 
     def __init__(
         self, make_state: Callable[[], Any], param: nn.Parameter, backward: str, config: SparsityConfig,
         uses: _ForwardUses,
     ) -> None:  # fmt: skip
         self._make_state = make_state
-        self._state: Any = None
+        self._state: Any = make_state() if param.requires_grad else None
         self.param = param
         self.backward = backward
         self.config = config
@@ -603,10 +603,7 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
         if backward is None:
             return None
         spec = LayerSpec(name, index[id(weight)], rows, backward, layout, groups, config)
-        rule = _Rule(lambda: registry.get_or_create(weight, spec, owner), weight, backward, config, uses)
-        if weight.requires_grad:
-            rule.state  # noqa: B018 -- made now, so sparsity_state and state_dict have it from the start
-        return rule
+        return _Rule(lambda: registry.get_or_create(weight, spec, owner), weight, backward, config, uses)
 
     others: dict[int, tuple[str, nn.Parameter, nn.Module]] = {}  # 2-D weights no swapped module owns
     swapped: dict[int, tuple[nn.Parameter, _Rule, int]] = {}  # swapped modules' weights, rules and groups
