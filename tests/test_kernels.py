@@ -220,9 +220,12 @@ def _rule_on_draws(a_ptr, u_ptr, out_ptr, count, RULE: tl.constexpr, BLOCK: tl.c
 def test_mvue24_rules_match_the_reference_at_uniforms_beside_every_interval_end(rule):
     """The kernels' 2:4 rules keep the entries the reference keeps, with bit-equal values, at the
     uniforms where rounding decides (``test_recipes`` checks the reference against SPEC §7 there),
-    and in NaN blocks alike (so a NaN gradient reaches both the same)."""
+    and in NaN, inf and fp32-overflowing blocks alike (so such a gradient reaches both the same)."""
     a, u = boundary_draws(rule, count=60 if common.interpreting() else 300)
-    a[:, -64:] = torch.where(torch.arange(4)[:, None] == torch.arange(64) % 4, float("nan"), a[:, -64:])
+    position = torch.arange(4)[:, None] == torch.arange(64) % 4
+    a[:, -64:] = torch.where(position, float("nan"), a[:, -64:])
+    a[:, -128:-64] = torch.where(position, float("inf"), a[:, -128:-64])
+    a[:, -192:-128] = a[:, -192:-128].sign() * 1e38
     k = 1 if rule == "mvue24" else 2
     expected = reference.mvue_prune_with(a, rule, 0, lambda count: u[:k].t().reshape(-1))
     got = torch.empty(a.shape, device=DEVICE)
@@ -230,7 +233,7 @@ def test_mvue24_rules_match_the_reference_at_uniforms_beside_every_interval_end(
     _rule_on_draws[(triton.cdiv(count, 4096),)](
         a.to(DEVICE), u.to(DEVICE), got, count, RULE=2 if rule == "mvue24" else 3, BLOCK=4096
     )
-    assert torch.equal(got.cpu().isnan(), expected.isnan())
+    assert torch.equal(got.cpu().isnan(), expected.isnan()) and torch.equal(got.cpu().isinf(), expected.isinf())
     assert torch.equal(got.cpu().nan_to_num(), expected.nan_to_num())
 
 

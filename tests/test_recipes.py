@@ -145,6 +145,38 @@ def test_mvue24_draws_two_entries_at_uniforms_beside_every_interval_end(rule):
     assert torch.allclose(out[kept].double(), (a.double() / inclusion)[kept], rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("rule", ["mvue24", "mvue24_approx", "mvue12"])
+def test_mvue_rules_on_non_finite_and_overflowing_blocks(rule):
+    """README, as the rules stand: under the 2:4 rules a NaN entry is kept in some draws and dropped
+    in others; ``mvue24`` always keeps an inf entry, ``mvue24_approx`` never (its block is zero);
+    ``mvue12`` puts a non-finite value in every such block. A block whose magnitudes sum past
+    fp32's range is zero under the 2:4 rules and holds one ±inf under ``mvue12``."""
+    size, draws = (2 if rule == "mvue12" else 4), 400
+    blocks = {
+        "nan": torch.tensor([float("nan"), 1.0, 2.0, 3.0][:size]),
+        "inf": torch.tensor([float("inf"), 1.0, 2.0, 3.0][:size]),
+        "overflow": torch.full((size,), 2e38),
+    }
+    generator = torch.Generator().manual_seed(0)
+    non_finite = {}
+    for name, block in blocks.items():
+        out = reference.mvue_prune_with(
+            block.repeat(draws), rule, 0, lambda count: torch.rand(count, generator=generator)
+        ).view(draws, size)
+        non_finite[name] = (~out.isfinite()).any(1).float().mean().item()
+        if name != "nan":
+            assert (~out.isfinite()).sum(1).le(1).all()  # one non-finite value at most
+        if rule != "mvue12" and name == "overflow":
+            assert (out == 0).all()
+        if rule == "mvue24_approx" and name == "inf":
+            assert (out == 0).all()
+    if rule == "mvue12":
+        assert non_finite == {"nan": 1.0, "inf": 1.0, "overflow": 1.0}
+    else:
+        assert 0.3 < non_finite["nan"] < 0.7 and non_finite["overflow"] == 0.0
+        assert non_finite["inf"] == (1.0 if rule == "mvue24" else 0.0)
+
+
 def test_mvue24_samples_a_near_tie_as_dominant():
     """``reference.NEAR_TIE``: a largest entry within 2⁻¹⁸ of the sum of the others is kept as is
     in every draw, the others as ``±rest`` (the dominant case of SPEC §7); one 1/16 below that sum
