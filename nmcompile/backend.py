@@ -309,7 +309,8 @@ def _compile_inner(
 
     Where Inductor cannot compile the graph (its own error, as on some dynamic-shape convolution
     backwards of torch 2.13), the graph runs through AOTAutograd alone, as ``inner="aot_eager"``
-    would, with a warning: still sparse, only not fused. The backward is compiled with the forward
+    would, with a warning: still sparse, only not fused (dynamo's requests to restart its analysis
+    pass through: they are no failure). The backward is compiled with the forward
     (not at the first backward, AOTAutograd's default), so that its failure is caught here too.
     Its backward donates no buffer (``_donate_no_buffers``)."""
     if config.inner == "inductor":
@@ -328,6 +329,8 @@ def _compile_inner(
             with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
                 return compile_fx(copy_graph_module(gm)[0], inputs, inner_compile=inner_compile,
                                   config_patches=patches or None)  # fmt: skip
+        except torch._dynamo.exc.RestartAnalysis:  # dynamo's request to trace again (a float made an input)
+            raise
         except Exception as exc:  # a warning instead of a crash: the same graph without Inductor
             summary = (str(exc).strip().splitlines() or [""])[-1][:200]  # the cause, last
             warnings.warn(

@@ -713,6 +713,32 @@ def test_a_graph_inductor_cannot_compile_runs_without_it(monkeypatch):
     assert "fc2_bwd_input_grad" in backward and report.forward_graph is not None
 
 
+def test_dynamos_restart_of_an_analysis_reaches_inductor_not_the_fallback():
+    """A float made an input (LayerNorm's ``eps`` under ``dynamic=True``) makes dynamo restart its
+    analysis from inside the backend; that request passes through, and the second attempt compiles
+    with Inductor (the fallback took it for an Inductor failure and ran the graph unfused)."""
+
+    class Normed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.norm = nn.Linear(16, 16), nn.LayerNorm(16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(self.fc(x))
+
+    records = []
+    backend = nmcompile.NMSparseBackend(nmcompile.SparsityConfig(), on_compile=records.append)
+    model = Normed()
+    ref = reference.sparsify(copy.deepcopy(model))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x = torch.randn(8, 16)
+        out = torch.compile(model, backend=backend, dynamic=True)(x)
+    assert not [str(w.message) for w in caught if "nmsparse" in str(w.message)]
+    assert [r.attempt for r in records] == [0, 1] and records[1].graphs.keys() == {"forward", "backward"}
+    assert_close(out, ref(x), what="output")
+
+
 def test_reference_on_a_compiled_model_follows_its_modules_mode():
     """``reference.sparsify`` on a model already compiled with the same options takes over the
     weights' states with its own modules as their owners, so ``eval()`` reaches them: an eval-mode
