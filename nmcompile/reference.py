@@ -526,7 +526,7 @@ class _GemmInterceptor(TorchFunctionMode):
             rule = self._rule(param, layout) if param is not None else None
             if rule is not None:
                 out = rule(a, param if layout == "out_in" else param.t(), None)
-                return out if bias is None else bias + out
+                return out if bias is None else add_bias(bias, out)
         return func(*args, **kwargs)
 
     def _operand(self, operand: Any, layout: str) -> tuple[nn.Parameter | None, str]:
@@ -539,6 +539,12 @@ class _GemmInterceptor(TorchFunctionMode):
         if view is not None and view[0] is operand:
             return view[1], "in_out" if layout == "out_in" else "out_in"
         return None, layout
+
+
+def add_bias(bias: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``addmm``'s bias added to the sparse GEMM's output in that output's dtype: under autocast
+    the sum stays in the autocast dtype, as dense ``addmm`` returns it (an fp32 bias promoted it)."""
+    return bias.to(out.dtype) + out
 
 
 def _route_gemms(module: nn.Module, mode: _GemmInterceptor) -> None:

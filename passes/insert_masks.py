@@ -20,7 +20,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from nmcompile.ops import NAME_KEY, masked_weight
 from nmcompile.options import SparsityConfig
-from nmcompile.reference import conv_padding, prune_key
+from nmcompile.reference import add_bias, conv_padding, prune_key
 from nmcompile.state import alpha_dtype, graph_input_kinds
 
 from .find_targets import GemmTarget, TargetAnalysis, example_value, gemm_operands
@@ -155,7 +155,7 @@ def insert_masks(
                 args = (x, w, fused_bias, masked, perm, n, m, config.srste_lambda, layer, *recipe)
                 out = _named(graph, torch.ops.nmsparse.sparse_linear.default, args, f"{layer}_fwd_gemm", annotate=False)
                 if target.add_bias:
-                    out = _named(graph, torch.add, (bias, out), f"{layer}_fwd_bias")
+                    out = _named(graph, add_bias, (bias, out), f"{layer}_fwd_bias")
         if "example_value" in node.meta:  # the same output: user code's method calls on it stay cacheable
             out.meta["example_value"] = node.meta["example_value"]
         node.replace_all_uses_with(out)
