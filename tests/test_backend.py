@@ -659,7 +659,8 @@ def test_a_layer_frozen_before_sparsify_and_unfrozen_later_trains_as_the_referen
     compiled = torch.compile(model, backend=nmcompile.backend(**options))
     for step in range(5):
         if step == 2:
-            model.fc1.requires_grad_(True), ref_model.fc1.requires_grad_(True)
+            model.fc1.requires_grad_(True)
+            ref_model.fc1.requires_grad_(True)
         x = torch.randn(4, 32)
         expected, got = ref_model(x), compiled(x)
         assert_close(got, expected, what=f"output at step {step}")
@@ -675,6 +676,7 @@ def test_a_layer_frozen_before_sparsify_and_unfrozen_later_trains_as_the_referen
                     p_ref.grad = p_mine.grad = None
         states = {k: v["step"] for k, v in nmcompile.sparsity_state(compiled).items()}
         assert states == {k: v["step"] for k, v in nmcompile.sparsity_state(ref_model).items()}
+        assert ("fc1.weight" in states) == (step >= 2)
     assert states == {"fc1.weight": 3, "fc2.weight": 5}
 
 
