@@ -226,7 +226,11 @@ def _propagate_fake_values(gm: fx.GraphModule) -> None:
     Prop(gm, mode=mode).propagate_dont_convert_inputs(*inputs)
 
 
-def _record_and_name(record: CompileRecord | None, kind: str, gm: fx.GraphModule) -> None:
+def _before_inner_compile(record: CompileRecord | None, kind: str, gm: fx.GraphModule) -> None:
+    """What each graph AOTAutograd hands the inner compiler gets first, on either path: readable
+    node names, its copy in ``record``, and for a forward, a backward that donates no buffer."""
+    if kind == "forward":
+        _donate_no_buffers()
     before = [node.name for node in gm.graph.nodes]
     name_nodes(gm)
     if record is not None:
@@ -319,9 +323,7 @@ def _compile_inner(
         def inner_compile(graph: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Any:
             kind = "inference" if kwargs.get("is_inference") else "forward"
             kind = "backward" if kwargs.get("is_backward") else kind
-            _record_and_name(record, kind, graph)
-            if kind == "forward":
-                _donate_no_buffers()
+            _before_inner_compile(record, kind, graph)
             return compile_fx_inner(graph, example_inputs, **kwargs)
 
         _register_inductor_decomposition()
@@ -343,9 +345,7 @@ def _compile_inner(
     from torch._dynamo.backends.debugging import boxed_nop
 
     def eager(kind: str, graph: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        _record_and_name(record, kind, graph)
-        if kind == "forward":
-            _donate_no_buffers()
+        _before_inner_compile(record, kind, graph)
         return boxed_nop(graph, list(example_inputs))
 
     return aot_autograd(

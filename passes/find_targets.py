@@ -8,6 +8,7 @@ dense) becomes one ``GemmTarget`` row of the report.
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 import re
 from collections.abc import Mapping, Sequence
@@ -446,15 +447,12 @@ def _dense_gemm_size(target: GemmTarget, x_shape: tuple | None, w_shape: tuple |
     x_sizes, w_sizes, out_sizes = (tuple(map(size_hint, shape)) for shape in (x_shape, w_shape, out))
     if None in x_sizes + w_sizes + out_sizes:
         return
-    numel = 1
-    for size in out_sizes:
-        numel *= size
     if left:
         rows, k = x_sizes
     else:
         rows, k = (out_sizes[-1] if len(w_sizes) > 1 else 1), x_sizes[-1]
     target.weight_shape = (rows, k)
-    target.tokens = numel // rows if rows else 0
+    target.tokens = math.prod(out_sizes) // rows if rows else 0
 
 
 def _mark_sparse(target: GemmTarget, rows: int, config: SparsityConfig) -> None:
