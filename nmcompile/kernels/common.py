@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 from triton.runtime.autotuner import Autotuner
 
+from nmcompile import reference
 from nmcompile.options import power_of_two
 from nmcompile.reference import _M32, _mix32
 
@@ -62,6 +63,7 @@ def check_perm(perm: torch.Tensor | None, rows: int, m: int) -> None:
         raise ValueError(f"perm must be int64 [{rows}] with O % m == 0, got {perm.dtype} {tuple(perm.shape)}")
 
 
+NEAR_TIE: tl.constexpr = tl.constexpr(reference.NEAR_TIE)  # the reference's margin, read by mvue24 below
 INDEX_LIMIT = 2**31  # offsets from here on need int64 arithmetic in the kernels
 TILE_MARGIN = 256  # the largest block: masked lanes of a last tile compute offsets past the tensor
 
@@ -336,7 +338,7 @@ def mvue24(a, u):
     top = _max_nan(_max_nan(m0, m1), _max_nan(m2, m3))
     top_index = tl.where(m0 == top, 0, tl.where(m1 == top, 1, tl.where(m2 == top, 2, 3)))  # the first maximum
     rest = _choose4(top_index, o0, o1, o2, o3)
-    dominant = top > rest * 0.999996185302734375  # reference.NEAR_TIE, 1 − 2⁻¹⁸
+    dominant = top > rest * NEAR_TIE
     p0 = _p24(m0, 0, top_index, dominant, rest, total)
     p1 = _p24(m1, 1, top_index, dominant, rest, total)
     p2 = _p24(m2, 2, top_index, dominant, rest, total)
