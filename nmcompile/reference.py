@@ -279,36 +279,42 @@ class _ForwardUses:
 
     def __init__(self, model: nn.Module, registry: Any) -> None:
         self.registry = registry
-        self.seen: set[int] | None = None  # ids of the weights run in this forward; None outside one
+        self.seen: dict[int, _Rule | None] | None = None  # weight id -> its first GEMM's rule, in this forward
         self.shared: set[int] = set()
         model.register_forward_pre_hook(self.begin)
         model.register_forward_hook(self.end, always_call=True)
 
     def begin(self, module: nn.Module, args: Any) -> None:
-        self.seen = set()
+        self.seen = {}
 
     def end(self, module: nn.Module, args: Any, output: Any) -> None:
         self.seen = None
 
-    def is_dense(self, rule: _Rule) -> bool:
-        """Whether ``rule``'s weight runs dense: it is, from its second use in one forward on. That
-        forward's first use already ran sparse; its state is dropped, with a warning."""
-        key = id(rule.param)
+    def is_dense(self, param: nn.Parameter, rule: _Rule | None) -> bool:
+        """Whether a GEMM on ``param`` through ``rule`` (``None``: one that runs dense, as a use of
+        another layout that is not eligible) runs dense: every GEMM on it does from its second one in
+        one forward on. That forward's first use may have run sparse; its state is dropped, with a
+        warning, as is this one's (the two may be of different layouts, with a state each)."""
+        key = id(param)
         if key in self.shared:
             return True
         if self.seen is None:  # a call outside the model's forward (the layer on its own)
             return False
         if key not in self.seen:
-            self.seen.add(key)
+            self.seen[key] = rule
             return False
         self.shared.add(key)
-        rule.state.reset()
-        self.registry.discard(rule.param, rule.state)
-        warnings.warn(
-            f"nmcompile.reference: {rule.state.spec.name} is used by more than one GEMM in one forward; it "
-            "runs dense from here on, as the compiled backend keeps it (this forward's first use was sparse)",
-            stacklevel=6,  # the user's forward that calls the layer a second time
-        )
+        rules = {id(r): r for r in (self.seen[key], rule) if r is not None and r.has_state}
+        for r in rules.values():
+            r.state.reset()
+            self.registry.discard(r.param, r.state)
+        if rules:
+            name = next(iter(rules.values())).state.spec.name
+            warnings.warn(
+                f"nmcompile.reference: {name} is used by more than one GEMM in one forward; it runs dense "
+                "from here on, as the compiled backend keeps it (this forward's first use was sparse)",
+                stacklevel=6,  # the user's forward that calls the layer a second time
+            )
         return True
 
 
@@ -330,6 +336,11 @@ class _Rule:
         self.uses = uses
 
     @property
+    def has_state(self) -> bool:
+        """Whether the state exists (a rule of a weight frozen since ``sparsify`` makes it late)."""
+        return self._state is not None
+
+    @property
     def state(self) -> Any:
         if self._state is None:
             self._state = self._make_state()
@@ -344,7 +355,7 @@ class _Rule:
         ``torch.cond`` branch, which torch traces even in eager mode, and the backend leaves dense)
         and a frozen one (SPEC §10; the backend recompiles a layer frozen mid-training dense), which
         counts no step."""
-        if torch.compiler.is_compiling() or not w.requires_grad or self.uses.is_dense(self):
+        if torch.compiler.is_compiling() or not w.requires_grad or self.uses.is_dense(self.param, self):
             with torch._C.DisableTorchFunction():  # routed here already: not again by _GemmInterceptor
                 return F.linear(x, w, bias) if conv is None else _CONV[w.dim() - 2](x, w, bias, *conv)
         config, state = self.config, self.state
@@ -462,10 +473,11 @@ class _GemmInterceptor(TorchFunctionMode):
     is ``W`` (``[in, out]`` layout) or its transpose (``W.t()``, ``W.T``, ``W.mT``, ``W.permute(1, 0)``:
     ``[out, in]`` layout), and ``F.conv1d/2d/3d(x, W, ...)``."""
 
-    def __init__(self, candidates: dict[int, nn.Parameter], make_rule: Callable[..., Any]) -> None:
+    def __init__(self, candidates: dict[int, nn.Parameter], make_rule: Callable[..., Any], uses: _ForwardUses) -> None:
         super().__init__()
         self.candidates = candidates
         self.make_rule = make_rule
+        self.uses = uses
         self.rules: dict[tuple[int, str, int], Any] = {}
         self.views: dict[int, tuple[torch.Tensor, nn.Parameter]] = {}
 
@@ -474,10 +486,16 @@ class _GemmInterceptor(TorchFunctionMode):
         return p if p is t else None
 
     def _rule(self, param: nn.Parameter, layout: str, groups: int = 1) -> Any:
+        """``param``'s rule for a GEMM of ``layout`` and ``groups``; ``None`` where that GEMM is not
+        eligible: it runs dense, and counts as a use of ``param`` (SPEC §10: a weight with two
+        GEMMs is dense in both)."""
         key = (id(param), layout, groups)
         if key not in self.rules:
             self.rules[key] = self.make_rule(param, layout, groups)
-        return self.rules[key]
+        rule = self.rules[key]
+        if rule is None and param.requires_grad:
+            self.uses.is_dense(param, None)
+        return rule
 
     def _transposes(self, func: Callable, args: tuple, kwargs: dict) -> bool:
         """Whether ``func(*args, **kwargs)`` is the transpose of a 2-D candidate weight."""
@@ -613,6 +631,7 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
 
     others: dict[int, tuple[str, nn.Parameter, nn.Module]] = {}  # 2-D weights no swapped module owns
     swapped: dict[int, tuple[nn.Parameter, _Rule, int]] = {}  # swapped modules' weights, rules and groups
+    owners: dict[int, tuple[str, nn.Module]] = {}  # a swapped module's weight -> its name, the module in its place
     placed: dict[int, nn.Module] = {}  # id of each module seen -> the module in its place, for its other names
     for mod_name, module in list(model.named_modules(remove_duplicate=False)):
         if id(module) in placed:  # a module under a second name: whatever replaced it goes there too
@@ -633,6 +652,7 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
             else:
                 new.rule = rule
                 swapped[id(module.weight)] = (module.weight, rule, getattr(module, "groups", 1))
+                owners[id(module.weight)] = (prefix + "weight", owner)
                 if mod_name:
                     _replace(model, mod_name, new)
                     placed[id(module)] = new
@@ -647,17 +667,20 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
         def make_rule(p: nn.Parameter, layout: str, groups: int) -> _Rule | None:
             """A weight's rule for a GEMM of ``layout`` and ``groups``; a swapped module's weight used
             outside the module (``F.linear(x, fc.weight)``) shares the module's rule where the GEMM is
-            the module's own kind, and runs dense otherwise."""
+            the module's own kind, and has a rule (and state) of its own otherwise (``x @ fc.weight``)."""
             if id(p) in swapped:
                 _, rule, own_groups = swapped[id(p)]
-                return rule if (layout, groups) == ("out_in", own_groups) else None
-            name, _, owner = others[id(p)]
+                if (layout, groups) == ("out_in", own_groups):
+                    return rule
+                name, owner = owners[id(p)]
+            else:
+                name, _, owner = others[id(p)]
             rule = rule_for(name, p, layout, owner, groups)
             registry.warn_restarted()
             return rule
 
         candidates = {key: p for key, (_, p, _) in others.items()} | {key: p for key, (p, _, _) in swapped.items()}
-        _route_gemms(model, _GemmInterceptor(candidates, make_rule))
+        _route_gemms(model, _GemmInterceptor(candidates, make_rule, uses))
     registry.warn_restarted()
     return model
 

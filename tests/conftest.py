@@ -222,11 +222,13 @@ def lone_nonzero_blocks(m: int) -> torch.Tensor:
 
 def train_and_compare(
     make_model, shape: tuple, steps: int = 5, channels_last: bool = False, reference_options: dict | None = None,
-    **options,
+    settle: bool = False, **options,
 ) -> tuple:  # fmt: skip
     """Train ``reference.sparsify`` (with ``reference_options`` on top of ``options``) and
     ``torch.compile(backend=nmsparse)`` copies of one model side by side; outputs, input and parameter
-    gradients must agree at every step, weights at the end.
+    gradients must agree at every step, weights at the end. ``settle``: one forward and backward of
+    each first, neither compared nor stepped (a weight's first use in the reference's first forward
+    runs sparse before its second use shows that it is tied).
 
     SGD with momentum, not Adam: a parameter whose true gradient is zero (an attention key bias)
     gets round-off-sized gradients that Adam would scale up to full-size, sign-random updates.
@@ -238,6 +240,10 @@ def train_and_compare(
     compiled = torch.compile(mine, backend=nmcompile.backend(**options))
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
     opt_mine = torch.optim.SGD(mine.parameters(), lr=0.05, momentum=0.9)
+    if settle:
+        x = torch.randn(shape)
+        ref(x).sum().backward(), compiled(x).sum().backward()
+        ref.zero_grad(), mine.zero_grad()
     for step in range(steps):
         x = torch.randn(shape)
         if channels_last:
@@ -258,7 +264,7 @@ def train_and_compare(
     state_ref, state_mine = nmcompile.sparsity_state(ref), nmcompile.sparsity_state(compiled)
     assert state_mine.keys() == state_ref.keys() and state_mine
     for name, s in state_mine.items():
-        assert s["step"] == state_ref[name]["step"] == steps, name
+        assert s["step"] == state_ref[name]["step"] == steps + settle, name
         assert torch.equal(s["perm"], state_ref[name]["perm"]), name
         assert s["backward"] == state_ref[name]["backward"], name
     return state_ref, state_mine

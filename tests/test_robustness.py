@@ -575,6 +575,51 @@ def test_reference_keeps_a_layer_called_twice_in_one_forward_dense():
     assert nmcompile.sparsity_state(ref)["fc.weight"]["step"] == 5
 
 
+class _TwoLayouts(nn.Module):
+    """A weight used as ``[out, in]`` and as ``[in, out]`` (``h @ W``): a raw one in both, a tied
+    autoencoder's ``nn.Linear`` (called, then its weight as the decoder; ``hidden`` 30 leaves the
+    decoder's K indivisible by 4), or a Linear's weight used only as ``[in, out]``."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind, hidden = kind, 30 if kind == "tied_indivisible" else 32
+        if kind == "raw":
+            self.raw = nn.Parameter(torch.randn(32, 16) / 4)
+        else:
+            self.fc = nn.Linear(32, 16, bias=False) if kind == "other_layout_only" else nn.Linear(16, hidden)
+        self.head = nn.Linear(32 if kind == "other_layout_only" else 16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "raw":
+            return self.head(torch.relu(nn.functional.linear(x, self.raw)) @ self.raw)
+        if self.kind == "other_layout_only":
+            return self.head(x @ self.fc.weight)
+        return self.head(torch.relu(self.fc(x)) @ self.fc.weight)
+
+
+@pytest.mark.parametrize(
+    ("kind", "dropped"),
+    [("raw", "raw"), ("tied", "fc.weight"), ("tied_indivisible", "fc.weight"), ("other_layout_only", None)],
+)
+def test_reference_weight_in_two_layouts_is_dense_as_the_backend_keeps_it(kind, dropped):
+    """SPEC §10 across layouts: a weight in two GEMMs, one using it as ``[in, out]``, is dense in
+    both (the backend: "tied"). The reference kept the first GEMM's state and step (a raw weight),
+    or did not count the ``[in, out]`` use of a swapped layer's weight at all, eligible or not (a
+    tied autoencoder's encoder stayed sparse); it now drops both, with a warning (the first forward's
+    first use ran sparse: not compared). Used only as
+    ``[in, out]``, a Linear's weight is sparse with a state of that layout, as in the backend (the
+    reference ran it dense)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state_ref, _ = train_and_compare(lambda: _TwoLayouts(kind), (4, 16), 3, settle=True, inner="aot_eager")
+    names = [str(w.message).split()[1] for w in caught if "more than one GEMM" in str(w.message)]
+    assert names == ([] if dropped is None else [dropped])
+    if dropped is None:
+        assert sorted(state_ref) == ["fc.weight", "head.weight"] and state_ref["fc.weight"]["perm"].shape == (32,)
+    else:
+        assert sorted(state_ref) == ["head.weight"]
+
+
 def test_reference_swapped_layers_keep_hooks_and_eval_mode():
     """``reference.sparsify`` swaps ``nn.Linear`` for ``SparseLinear`` keeping the module's hooks (the
     user's handle still removes them) and its eval mode: a model with a forward hook on a layer
