@@ -15,6 +15,8 @@ import hashlib
 import inspect
 import itertools
 import math
+import os
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -313,9 +315,22 @@ class _ForwardUses:
             warnings.warn(
                 f"nmcompile.reference: {name} is used by more than one GEMM in one forward; it runs dense "
                 "from here on, as the compiled backend keeps it (this forward's first use was sparse)",
-                stacklevel=6,  # the user's forward that calls the layer a second time
+                stacklevel=_user_stacklevel(),  # the user's forward that makes the second call
             )
         return True
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that names, in a warning its caller raises, the first frame outside
+    nmcompile and torch: the user's line whose call it is about, however many torch frames
+    (module calls, torch-function dispatch) lie between."""
+    import nmcompile.passes
+
+    internal = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules["nmcompile"], nmcompile.passes))
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class _Rule:

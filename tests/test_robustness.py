@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import inspect
 import math
 import subprocess
 import sys
@@ -606,14 +607,17 @@ def test_reference_weight_in_two_layouts_is_dense_as_the_backend_keeps_it(kind, 
     both (the backend: "tied"). The reference kept the first GEMM's state and step (a raw weight),
     or did not count the ``[in, out]`` use of a swapped layer's weight at all, eligible or not (a
     tied autoencoder's encoder stayed sparse); it now drops both, with a warning (the first forward's
-    first use ran sparse: not compared). Used only as
+    first use ran sparse: not compared), which names the forward's line. Used only as
     ``[in, out]``, a Linear's weight is sparse with a state of that layout, as in the backend (the
     reference ran it dense)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         state_ref, _ = train_and_compare(lambda: _TwoLayouts(kind), (4, 16), 3, settle=True, inner="aot_eager")
-    names = [str(w.message).split()[1] for w in caught if "more than one GEMM" in str(w.message)]
-    assert names == ([] if dropped is None else [dropped])
+    tied = [w for w in caught if "more than one GEMM" in str(w.message)]
+    assert [str(w.message).split()[1] for w in tied] == ([] if dropped is None else [dropped])
+    forward = inspect.getsourcelines(_TwoLayouts.forward)
+    lines = range(forward[1], forward[1] + len(forward[0]))
+    assert all(w.filename == __file__ and w.lineno in lines for w in tied)  # the user's line, not torch's
     if dropped is None:
         assert sorted(state_ref) == ["fc.weight", "head.weight"] and state_ref["fc.weight"]["perm"].shape == (32,)
     else:
