@@ -470,7 +470,9 @@ def _conv_call(rule: _Rule, x: torch.Tensor, weight: torch.Tensor, bias: Any, st
     return y.squeeze(0) if unbatched else y
 
 
-_GEMM_FUNCS = {torch.mm, torch.Tensor.mm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.addmm}
+_MM, _MATMUL, _ADDMM = ("input", "mat2"), ("input", "other"), ("input", "mat1", "mat2")
+_GEMM_FUNCS = {torch.mm: _MM, torch.Tensor.mm: _MM, torch.matmul: _MATMUL, torch.Tensor.matmul: _MATMUL,
+               torch.Tensor.__matmul__: _MATMUL, torch.addmm: _ADDMM, torch.Tensor.addmm: _ADDMM}  # fmt: skip
 _TRANSPOSE_FUNCS = {torch.t: "t", torch.Tensor.t: "t", torch.transpose: "transpose",
                     torch.Tensor.transpose: "transpose", torch.permute: "permute", torch.Tensor.permute: "permute",
                     torch.Tensor.T.__get__: "T", torch.Tensor.mT.__get__: "mT"}  # fmt: skip
@@ -553,10 +555,19 @@ class _GemmInterceptor(TorchFunctionMode):
             rule = self._rule(param, layout) if param is not None else None
             if rule is not None:
                 return rule(kwargs.get("input", x), param if layout == "out_in" else param.t(), bias)
-        if func in _GEMM_FUNCS and not kwargs:
-            bias, a, b = (args[0], args[1], args[2]) if func is torch.addmm else (None, args[0], args[1])
+        if func in _GEMM_FUNCS:
+            return self._gemm(func, args, kwargs)
+        return func(*args, **kwargs)
+
+    def _gemm(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        """``mm``/``matmul``/``addmm``/``@``, operands given by position or keyword, through the rule of
+        a 2-D candidate right operand; dense with ``beta``/``alpha`` or another weight."""
+        names = _GEMM_FUNCS[func]
+        given = dict(zip(names, args, strict=False)) | kwargs
+        if len(args) <= len(names) and given.keys() == set(names):
+            bias, a, b = (given["input"] if len(names) == 3 else None, given[names[-2]], given[names[-1]])
             param, layout = self._operand(b, "in_out")
-            rule = self._rule(param, layout) if param is not None else None
+            rule = self._rule(param, layout) if param is not None and param.dim() == 2 else None
             if rule is not None:
                 out = rule(a, param if layout == "out_in" else param.t(), None)
                 return out if bias is None else add_bias(bias, out)

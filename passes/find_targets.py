@@ -47,6 +47,12 @@ _FUSED_ATTENTION = {
 }
 _FUNCTORCH_REASON = "inside a torch.func transform (vmap, grad, jvp): left dense"
 _FUNCTORCH_WRAPS = {"_add_batch_dim", "_wrap_for_grad", "_make_dual"}  # a weight entering a transform
+_GEMM_ARGS = {
+    "linear": ("input", "weight", "bias"),
+    "mm": ("input", "mat2"),
+    "matmul": ("input", "other"),
+    "addmm": ("input", "mat1", "mat2"),
+}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_TRANSPOSE_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
 
@@ -276,16 +282,12 @@ def gemm_operands(node: fx.Node, kind: str) -> tuple[Any, Any, Any, dict]:
             value = given[key]
             given[key] = tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
         return given.pop("input"), given.pop("weight"), given.pop("bias"), given
-    if kind == "linear":
-        x = args[0] if args else kwargs.pop("input", None)
-        w = args[1] if len(args) > 1 else kwargs.pop("weight", None)
-        bias = args[2] if len(args) > 2 else kwargs.pop("bias", None)
-        return x, w, bias, kwargs
+    names = _GEMM_ARGS[kind]
+    given = dict(zip(names, args, strict=False))
+    given |= {key: kwargs.pop(key) for key in names if key in kwargs}  # F.linear(x, weight=W), torch.mm(x, mat2=W)
     if kind == "addmm":
-        bias, x, w = ([*args, None, None, None])[:3]
-        return x, w, bias, kwargs
-    x, w = ([*args, None, None])[:2]
-    return x, w, None, kwargs
+        return given.get("mat1"), given.get("mat2"), given.get("input"), kwargs
+    return given.get("input"), given.get(names[1]), given.get("bias"), kwargs
 
 
 def find_targets(

@@ -782,6 +782,54 @@ def test_weights_through_casts_that_change_nothing_are_sparse(how, sparse):
     assert sparse or rows["fc"].reason.startswith(f"used by {'double' if how == 'double' else 'to'}")
 
 
+class _GemmForms(nn.Module):
+    """Raw weights as the right operand of ``mm``/``matmul``/``addmm`` given by keyword, of the method
+    ``b.addmm(x, W)``, and a stacked 3-D weight as ``matmul``'s right operand."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.w = nn.Parameter(torch.randn(4, 16, 32) / 4 if form == "stacked" else torch.randn(16, 32) / 4)
+        self.b = nn.Parameter(torch.randn(32) / 4)
+        self.head = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = {
+            "mm_keyword": lambda: torch.mm(x, mat2=self.w) + self.b,
+            "matmul_keyword": lambda: torch.matmul(input=x, other=self.w) + self.b,
+            "addmm_keyword": lambda: torch.addmm(self.b, mat2=self.w, mat1=x),
+            "addmm_method": lambda: self.b.addmm(x, self.w),
+            "addmm_method_keyword": lambda: self.b.addmm(mat1=x, mat2=self.w),
+            "addmm_alpha": lambda: torch.addmm(self.b, x, self.w, alpha=2),
+            "stacked": lambda: torch.matmul(x.expand(4, -1, -1), self.w).sum(0) + self.b,
+        }[self.form]()
+        return self.head(torch.relu(h))
+
+
+@pytest.mark.parametrize(
+    ("form", "reason"),
+    [
+        ("mm_keyword", None),
+        ("matmul_keyword", None),
+        ("addmm_keyword", None),
+        ("addmm_method", None),
+        ("addmm_method_keyword", None),
+        ("addmm_alpha", "addmm with extra arguments ['alpha']"),
+        ("stacked", "weight is not a 2-D [out, in] or [in, out] operand"),
+    ],
+)
+def test_gemm_operands_by_keyword_or_method_train_as_the_reference(form, reason):
+    """SPEC §1: ``W`` as the right operand of ``mm``/``matmul``/``addmm`` is eligible however it is
+    passed. Both left it dense given by keyword (the backend's report called it the left operand);
+    the reference left ``b.addmm(x, W)`` dense where the backend sparsified it, and raised on a 3-D
+    weight as ``matmul``'s right operand (dense in the backend, as eager runs it)."""
+    train_and_compare(lambda: _GemmForms(form), (4, 16), steps=3, inner="aot_eager")
+    row = next(
+        r for r in nmcompile.explain(_GemmForms(form), torch.randn(4, 16), inner="aot_eager").rows if r.name == "w"
+    )
+    assert (row.sparse, row.reason) == (True, "2:4, backward=bimask") if reason is None else (False, reason)
+
+
 class _WeightsOfModules(nn.Module):
     """``nn.Linear`` and ``nn.Conv1d`` whose weights the parent's forward uses itself, without calling
     the modules (``F.linear(x, self.fc.weight)``), the linear one through a transpose."""
