@@ -17,6 +17,7 @@ import itertools
 import math
 import os
 import sys
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -276,13 +277,14 @@ class SparseConv(torch.autograd.Function):
 
 
 class _ForwardUses:
-    """The weights the sparsified model's current forward has run, to find one used twice (SPEC §10:
-    a parameter used by more than one GEMM stays dense, as the compiled backend keeps it)."""
+    """The weights the sparsified model's current forward has used, to find one used twice (SPEC §10:
+    a parameter used by more than one node stays dense, as the compiled backend keeps it)."""
 
     def __init__(self, model: nn.Module, registry: Any) -> None:
         self.registry = registry
-        self.seen: dict[int, _Rule | None] | None = None  # weight id -> its first GEMM's rule, in this forward
+        self.seen: dict[int, _Rule | None] | None = None  # weight id -> its first use's rule, in this forward
         self.shared: set[int] = set()
+        self.dropped: set[int] = set()  # ids of the rules whose states were dropped
         model.register_forward_pre_hook(self.begin)
         model.register_forward_hook(self.end, always_call=True)
 
@@ -293,12 +295,12 @@ class _ForwardUses:
         self.seen = None
 
     def is_dense(self, param: nn.Parameter, rule: _Rule | None) -> bool:
-        """Whether a GEMM on ``param`` through ``rule`` (``None``: one that runs dense, as a use of
-        another layout that is not eligible) runs dense: every GEMM on it does from its second one in
-        one forward on. That forward's first use may have run sparse; its state is dropped, with a
-        warning, as is this one's (the two may be of different layouts, with a state each)."""
+        """Whether a use of ``param`` through ``rule`` (``None``: a dense GEMM or another op) runs
+        dense: every GEMM on it does from its second use in one forward on, and its rules' states
+        are dropped (a rule per layout), with a warning. That forward's first use may have run sparse."""
         key = id(param)
         if key in self.shared:
+            self._drop(param, [rule], "")
             return True
         if self.seen is None:  # a call outside the model's forward (the layer on its own)
             return False
@@ -306,18 +308,23 @@ class _ForwardUses:
             self.seen[key] = rule
             return False
         self.shared.add(key)
-        rules = {id(r): r for r in (self.seen[key], rule) if r is not None and r.has_state}
-        for r in rules.values():
-            r.state.reset()
-            self.registry.discard(r.param, r.state)
-        if rules:
-            name = next(iter(rules.values())).state.spec.name
-            warnings.warn(
-                f"nmcompile.reference: {name} is used by more than one GEMM in one forward; it runs dense "
-                "from here on, as the compiled backend keeps it (this forward's first use was sparse)",
-                stacklevel=_user_stacklevel(),  # the user's forward that makes the second call
-            )
+        first = self.seen[key]
+        self._drop(param, [first, rule], "; this forward's first use of it ran sparse" if first is not None else "")
         return True
+
+    def _drop(self, param: nn.Parameter, rules: list[_Rule | None], note: str) -> None:
+        """Reset and forget the states of ``rules``, warning once with the weight's name."""
+        fresh = {id(r): r for r in rules if r is not None and r.has_state and id(r) not in self.dropped}
+        for r in fresh.values():
+            r.state.reset()
+            self.registry.discard(param, r.state)
+            self.dropped.add(id(r))
+        if fresh:
+            warnings.warn(
+                f"nmcompile.reference: {next(iter(fresh.values())).state.spec.name} is used by more than one "
+                f"op in one forward; its GEMMs run dense from here on, as the compiled backend keeps them{note}",
+                stacklevel=_user_stacklevel(),  # the user's line that makes the second use
+            )
 
 
 def _user_stacklevel() -> int:
@@ -369,10 +376,13 @@ class _Rule:
         A weight used twice in one forward runs the dense GEMM, as does one that dynamo traces (a
         ``torch.cond`` branch, which torch traces even in eager mode, and the backend leaves dense)
         and a frozen one (SPEC §10; the backend recompiles a layer frozen mid-training dense), which
-        counts no step."""
+        counts no step. Its own ops on ``w`` are not the user's: ``_GemmInterceptor`` sees none of them."""
+        with torch._C.DisableTorchFunction():
+            return self._run(x, w, bias, conv)
+
+    def _run(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, conv: tuple | None) -> torch.Tensor:
         if torch.compiler.is_compiling() or not w.requires_grad or self.uses.is_dense(self.param, self):
-            with torch._C.DisableTorchFunction():  # routed here already: not again by _GemmInterceptor
-                return F.linear(x, w, bias) if conv is None else _CONV[w.dim() - 2](x, w, bias, *conv)
+            return F.linear(x, w, bias) if conv is None else _CONV[w.dim() - 2](x, w, bias, *conv)
         config, state = self.config, self.state
         forward = state.enter_forward(self.param)
         n, m = state.mask_n(forward.step), config.m
@@ -481,6 +491,12 @@ _CONV_SIGNATURE = inspect.signature(lambda input, weight, bias=None, stride=1, p
 
 
 _LINEAR_FUNCS = {F.linear, torch._C._nn.linear}
+# Queries of a tensor's metadata, which no graph holds as a node (dynamo reads them as constants).
+_METADATA = {torch.Tensor.dim, torch.Tensor.ndimension, torch.Tensor.size, torch.Tensor.stride, torch.Tensor.numel,
+             torch.Tensor.nelement, torch.Tensor.is_contiguous, torch.Tensor.storage_offset, torch.Tensor.data_ptr,
+             torch.Tensor.element_size, torch.Tensor.get_device, torch.Tensor.is_floating_point,
+             torch.Tensor.is_complex, torch.Tensor.__len__, torch.Tensor.__hash__, torch.Tensor.__format__,
+             torch.Tensor.__repr__}  # fmt: skip
 
 
 class _GemmInterceptor(TorchFunctionMode):
@@ -504,15 +520,11 @@ class _GemmInterceptor(TorchFunctionMode):
 
     def _rule(self, param: nn.Parameter, layout: str, groups: int = 1) -> Any:
         """``param``'s rule for a GEMM of ``layout`` and ``groups``; ``None`` where that GEMM is not
-        eligible: it runs dense, and counts as a use of ``param`` (SPEC §10: a weight with two
-        GEMMs is dense in both)."""
+        eligible (it runs dense, through ``_other_op``)."""
         key = (id(param), layout, groups)
         if key not in self.rules:
             self.rules[key] = self.make_rule(param, layout, groups)
-        rule = self.rules[key]
-        if rule is None and param.requires_grad:
-            self.uses.is_dense(param, None)
-        return rule
+        return self.rules[key]
 
     def _transposes(self, func: Callable, args: tuple, kwargs: dict) -> bool:
         """Whether ``func(*args, **kwargs)`` is the transpose of a 2-D candidate weight."""
@@ -527,7 +539,7 @@ class _GemmInterceptor(TorchFunctionMode):
         arguments = inspect.signature(func).bind(*args, **kwargs).arguments
         fn, inputs, _ = mha_plan(arguments, value=lambda t: t)
         if fn is None:
-            return func(*args, **kwargs)
+            return self._other_op(func, args, kwargs)
         with self:
             return fn(*inputs)
 
@@ -557,7 +569,27 @@ class _GemmInterceptor(TorchFunctionMode):
                 return rule(kwargs.get("input", x), param if layout == "out_in" else param.t(), bias)
         if func in _GEMM_FUNCS:
             return self._gemm(func, args, kwargs)
-        return func(*args, **kwargs)
+        return self._other_op(func, args, kwargs)
+
+    def _other_op(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        """Run ``func`` as it is. Where it takes a candidate weight (or a transpose of one), that is
+        a use of the weight besides its GEMM (SPEC §10: used by more than one node, the weight is
+        dense), as the graph the backend reads has it: a dense GEMM, ``W.square()`` in a penalty,
+        ``F.embedding`` of a weight that a head reuses. Not a use: a query of its size, dtype or
+        other metadata, and a cast that returns the weight itself (which the backend looks
+        through), as in neither the graph nor eager PyTorch is it another tensor."""
+        out = func(*args, **kwargs)
+        if func in _METADATA or isinstance(getattr(func, "__self__", None), types.GetSetDescriptorType):
+            return out
+        used = {}
+        for value in itertools.chain(args, kwargs.values()):
+            for item in value if isinstance(value, (list, tuple)) else (value,):
+                param, _ = self._operand(item, "out_in")
+                if param is not None and param.requires_grad and out is not param:
+                    used[id(param)] = param
+        for param in used.values():
+            self.uses.is_dense(param, None)
+        return out
 
     def _gemm(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         """``mm``/``matmul``/``addmm``/``@``, operands given by position or keyword, through the rule of
@@ -571,7 +603,7 @@ class _GemmInterceptor(TorchFunctionMode):
             if rule is not None:
                 out = rule(a, param if layout == "out_in" else param.t(), None)
                 return out if bias is None else add_bias(bias, out)
-        return func(*args, **kwargs)
+        return self._other_op(func, args, kwargs)
 
     def _operand(self, operand: Any, layout: str) -> tuple[nn.Parameter | None, str]:
         """The candidate parameter behind a GEMM's weight operand and its layout: ``layout`` where

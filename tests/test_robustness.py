@@ -556,7 +556,7 @@ def test_reference_keeps_a_layer_called_twice_in_one_forward_dense():
     ref, mine = reference.sparsify(copy.deepcopy(base)), copy.deepcopy(base)
     compiled = torch.compile(mine, backend=_backend())
     x = torch.randn(4, 16)
-    with pytest.warns(UserWarning, match="is used by more than one GEMM in one forward") as caught:
+    with pytest.warns(UserWarning, match="is used by more than one op in one forward") as caught:
         ref(x).sum().backward()
     assert sorted(str(w.message).split()[1] for w in caught) == ["lin.weight", "raw"]
     assert sorted(nmcompile.sparsity_state(ref)) == ["fc.weight"]
@@ -613,7 +613,7 @@ def test_reference_weight_in_two_layouts_is_dense_as_the_backend_keeps_it(kind, 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         state_ref, _ = train_and_compare(lambda: _TwoLayouts(kind), (4, 16), 3, settle=True, inner="aot_eager")
-    tied = [w for w in caught if "more than one GEMM" in str(w.message)]
+    tied = [w for w in caught if "more than one op" in str(w.message)]
     assert [str(w.message).split()[1] for w in tied] == ([] if dropped is None else [dropped])
     forward = inspect.getsourcelines(_TwoLayouts.forward)
     lines = range(forward[1], forward[1] + len(forward[0]))
@@ -622,6 +622,56 @@ def test_reference_weight_in_two_layouts_is_dense_as_the_backend_keeps_it(kind, 
         assert sorted(state_ref) == ["fc.weight", "head.weight"] and state_ref["fc.weight"]["perm"].shape == (32,)
     else:
         assert sorted(state_ref) == ["head.weight"]
+
+
+class _OtherUses(nn.Module):
+    """A weight used by a GEMM and by another op in one forward: a penalty on it after its layer
+    runs or before, the weight of an ``nn.Embedding`` that the head reuses (GPT's tie); or only
+    queries of its metadata and a cast that changes nothing, which are no use."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.emb, self.fc = nn.Embedding(8, 16), nn.Linear(16, 16)
+        self.head = nn.Linear(8 if kind == "embedding_tie" else 16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.fc.weight
+        if self.kind == "penalty_first":
+            penalty = w.square().sum()
+        h = self.emb((x.detach().abs() * 3).long().clamp(max=7)).sum(1) + x
+        if self.kind == "metadata":
+            assert w.shape[0] == w.size(1) == 16 and w.dim() == 2 and w.dtype == x.dtype and w.requires_grad
+            h = nn.functional.linear(h, w.to(x.dtype).contiguous(), self.fc.bias)
+        else:
+            h = self.fc(h)
+        if self.kind == "penalty_after":
+            penalty = w.square().sum()
+        out = nn.functional.linear(torch.relu(h), self.emb.weight) if self.kind == "embedding_tie" else h
+        out = self.head(torch.relu(out))
+        return out + penalty / 100 if self.kind.startswith("penalty") else out
+
+
+@pytest.mark.parametrize(
+    ("kind", "dense"),
+    [
+        ("penalty_after", "fc.weight"),
+        ("penalty_first", "fc.weight"),
+        ("embedding_tie", "emb.weight"),
+        ("metadata", None),
+    ],
+)
+def test_reference_weight_used_by_another_op_is_dense_as_the_backend_keeps_it(kind, dense):
+    """SPEC §10: a weight that the forward also uses in another op is tied: the backend leaves its
+    GEMM dense ("used by 2 nodes"), and now the reference does too, dropping the layer's state with
+    a warning (it counted GEMM uses only, and trained these sparse). Its shape, dtype or size, and a
+    cast that returns it, are no use in either: the layer stays sparse."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state_ref, _ = train_and_compare(lambda: _OtherUses(kind), (4, 16), 3, settle=True, inner="aot_eager")
+    tied = [str(w.message).split()[1] for w in caught if "more than one op" in str(w.message)]
+    assert tied == ([] if dense is None else [dense])
+    assert sorted(state_ref) == sorted({"fc.weight", "head.weight"} - {dense})
 
 
 def test_reference_swapped_layers_keep_hooks_and_eval_mode():
