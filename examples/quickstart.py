@@ -18,7 +18,7 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 10))
 
 
-def main(steps: int = 60, inner: str = "inductor") -> list[float]:
+def train(steps: int = 60, inner: str = "inductor") -> list[float]:
     """Train for ``steps`` steps and return the losses."""
     torch.manual_seed(0)
     teacher = make_model()
@@ -50,9 +50,16 @@ def main(steps: int = 60, inner: str = "inductor") -> list[float]:
     return losses
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> list[float]:
+    """Parse the flags (a usage error naming a bad one before any work starts), train, return the losses."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--inner", default="inductor", choices=["inductor", "aot_eager"])
-    args = parser.parse_args()
-    main(args.steps, args.inner)
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"argument --steps: must be >= 1, got {args.steps}")
+    return train(args.steps, args.inner)
+
+
+if __name__ == "__main__":
+    main()

@@ -33,7 +33,7 @@ TINY_GPT = ["--steps", "4", "--eval-interval", "2", "--batch", "4", "--context",
 
 def test_quickstart_runs():
     """examples/quickstart.py: finite, falling loss."""
-    losses = _load("quickstart").main(steps=12, inner="aot_eager")
+    losses = _load("quickstart").main(["--steps", "12", "--inner", "aot_eager"])
     assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0]
 
@@ -136,6 +136,9 @@ BAD_FLAGS = [
     ("tiny_gpt", ["--perm-interval", "0"], "nmsparse option perm_interval=0 is invalid"),
     ("tiny_gpt", ["--include", "("], "nmsparse option include='(' is invalid"),
     ("tiny_gpt", ["--n", "1", "--m", "8", "--structure-decay", "--steps", "3"], "nmsparse option total_steps=3"),
+    ("quickstart", ["--steps", "0"], "argument --steps: must be >= 1"),
+    ("quickstart", ["--steps", "-1"], "argument --steps: must be >= 1"),
+    ("quickstart", ["--inner", "eager"], "argument --inner: invalid choice: 'eager'"),
     ("cnn_digits", ["--epochs", "0"], "argument --epochs: must be >= 1"),
     ("cnn_digits", ["--epochs", "-1"], "argument --epochs: must be >= 1"),
     ("cnn_digits", ["--width", "0"], "argument --width: must be >= 1"),
@@ -154,7 +157,9 @@ BAD_FLAGS = [
 @pytest.mark.parametrize(("script", "argv", "message"), BAD_FLAGS)
 def test_bad_flags_are_usage_errors(script, argv, message, capsys, tmp_path):
     """A bad value is a one-line usage error naming the flag (exit code 2) before any work starts."""
-    base = {"tiny_gpt": TINY_GPT, "cnn_digits": ["--quiet"], "study": ["--out", str(tmp_path)]}[script]
+    base = {"tiny_gpt": TINY_GPT, "cnn_digits": ["--quiet"], "study": ["--out", str(tmp_path)], "quickstart": []}[
+        script
+    ]
     with pytest.raises(SystemExit) as exit_info:
         _load(script).main([*base, *argv])
     assert exit_info.value.code == 2
