@@ -576,8 +576,8 @@ class _GemmInterceptor(TorchFunctionMode):
         a use of the weight besides its GEMM (SPEC §10: used by more than one node, the weight is
         dense), as the graph the backend reads has it: a dense GEMM, ``W.square()`` in a penalty,
         ``F.embedding`` of a weight that a head reuses. Not a use: a query of its size, dtype or
-        other metadata, and a cast that returns the weight itself (which the backend looks
-        through), as in neither the graph nor eager PyTorch is it another tensor."""
+        other metadata, and a cast that returns its tensor itself (the weight or its transpose,
+        which the backend looks through), as in neither the graph nor eager PyTorch is it another tensor."""
         out = func(*args, **kwargs)
         if func in _METADATA or isinstance(getattr(func, "__self__", None), types.GetSetDescriptorType):
             return out
@@ -585,7 +585,7 @@ class _GemmInterceptor(TorchFunctionMode):
         for value in itertools.chain(args, kwargs.values()):
             for item in value if isinstance(value, (list, tuple)) else (value,):
                 param, _ = self._operand(item, "out_in")
-                if param is not None and param.requires_grad and out is not param:
+                if param is not None and param.requires_grad and out is not item:
                     used[id(param)] = param
         for param in used.values():
             self.uses.is_dense(param, None)
