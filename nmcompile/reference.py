@@ -504,7 +504,8 @@ class _GemmInterceptor(TorchFunctionMode):
     the module, through the module's):
     ``F.linear(x, W, b)`` (``[out, in]``), ``mm``/``matmul``/``addmm``/``@`` whose right operand
     is ``W`` (``[in, out]`` layout) or its transpose (``W.t()``, ``W.T``, ``W.mT``, ``W.permute(1, 0)``:
-    ``[out, in]`` layout), and ``F.conv1d/2d/3d(x, W, ...)``."""
+    ``[out, in]`` layout), and ``F.conv1d/2d/3d(x, W, ...)``. Counts every other op on a weight as
+    a use of it (``_other_op``)."""
 
     def __init__(self, candidates: dict[int, nn.Parameter], make_rule: Callable[..., Any], uses: _ForwardUses) -> None:
         super().__init__()
@@ -688,8 +689,8 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
         return _Rule(lambda: registry.get_or_create(weight, spec, owner), weight, backward, config, uses)
 
     others: dict[int, tuple[str, nn.Parameter, nn.Module]] = {}  # 2-D weights no swapped module owns
-    swapped: dict[int, tuple[nn.Parameter, _Rule, int]] = {}  # swapped modules' weights, rules and groups
-    owners: dict[int, tuple[str, nn.Module]] = {}  # a swapped module's weight -> its name, the module in its place
+    # a swapped module's weight -> the weight, its rule, groups, name, and the module in its place
+    swapped: dict[int, tuple[nn.Parameter, _Rule, int, str, nn.Module]] = {}
     placed: dict[int, nn.Module] = {}  # id of each module seen -> the module in its place, for its other names
     for mod_name, module in list(model.named_modules(remove_duplicate=False)):
         if id(module) in placed:  # a module under a second name: whatever replaced it goes there too
@@ -709,8 +710,13 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
                 registry.rehome(owner, module)
             else:
                 new.rule = rule
-                swapped[id(module.weight)] = (module.weight, rule, getattr(module, "groups", 1))
-                owners[id(module.weight)] = (prefix + "weight", owner)
+                swapped[id(module.weight)] = (
+                    module.weight,
+                    rule,
+                    getattr(module, "groups", 1),
+                    prefix + "weight",
+                    owner,
+                )
                 if mod_name:
                     _replace(model, mod_name, new)
                     placed[id(module)] = new
@@ -727,17 +733,16 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
             outside the module (``F.linear(x, fc.weight)``) shares the module's rule where the GEMM is
             the module's own kind, and has a rule (and state) of its own otherwise (``x @ fc.weight``)."""
             if id(p) in swapped:
-                _, rule, own_groups = swapped[id(p)]
+                _, rule, own_groups, name, owner = swapped[id(p)]
                 if (layout, groups) == ("out_in", own_groups):
                     return rule
-                name, owner = owners[id(p)]
             else:
                 name, _, owner = others[id(p)]
             rule = rule_for(name, p, layout, owner, groups)
             registry.warn_restarted()
             return rule
 
-        candidates = {key: p for key, (_, p, _) in others.items()} | {key: p for key, (p, _, _) in swapped.items()}
+        candidates = {key: p for key, (_, p, _) in others.items()} | {key: p for key, (p, *_) in swapped.items()}
         _route_gemms(model, _GemmInterceptor(candidates, make_rule, uses))
     registry.warn_restarted()
     return model
