@@ -17,7 +17,6 @@ import itertools
 import math
 import os
 import sys
-import types
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -491,12 +490,16 @@ _CONV_SIGNATURE = inspect.signature(lambda input, weight, bias=None, stride=1, p
 
 
 _LINEAR_FUNCS = {F.linear, torch._C._nn.linear}
-# Queries of a tensor's metadata, which no graph holds as a node (dynamo reads them as constants).
-_METADATA = {torch.Tensor.dim, torch.Tensor.ndimension, torch.Tensor.size, torch.Tensor.stride, torch.Tensor.numel,
-             torch.Tensor.nelement, torch.Tensor.is_contiguous, torch.Tensor.storage_offset, torch.Tensor.data_ptr,
-             torch.Tensor.element_size, torch.Tensor.get_device, torch.Tensor.is_floating_point,
-             torch.Tensor.is_complex, torch.Tensor.__len__, torch.Tensor.__hash__, torch.Tensor.__format__,
-             torch.Tensor.__repr__}  # fmt: skip
+# Tensor methods that return their tensor itself where nothing changes (the backend looks through them).
+CASTS = frozenset({"to", "type", "type_as", "float", "double", "half", "bfloat16", "contiguous", "cpu", "cuda"})
+
+
+def holds_tensor(value: Any) -> bool:
+    """Whether an op's result is, or holds, a tensor: one that does not (``W.size()``, ``W.is_leaf``,
+    ``torch.numel(W)``, a hook handle) only read metadata, which dynamo folds out of the graph."""
+    return isinstance(value, torch.Tensor) or (
+        isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value)
+    )
 
 
 class _GemmInterceptor(TorchFunctionMode):
@@ -576,17 +579,19 @@ class _GemmInterceptor(TorchFunctionMode):
         """Run ``func`` as it is. Where it takes a candidate weight (or a transpose of one), that is
         a use of the weight besides its GEMM (SPEC §10: used by more than one node, the weight is
         dense), as the graph the backend reads has it: a dense GEMM, ``W.square()`` in a penalty,
-        ``F.embedding`` of a weight that a head reuses. Not a use: a query of its size, dtype or
-        other metadata, and a cast that returns its tensor itself (the weight or its transpose,
-        which the backend looks through), as in neither the graph nor eager PyTorch is it another tensor."""
+        an in-place ``W.clamp_()``, ``F.embedding`` of a weight that a head reuses. Not a use: an op
+        whose result holds no tensor (``W.size()``, ``W.is_leaf``), and a cast of the weight (or its
+        transpose) that returns it itself, or ``requires_grad_``, which the backend looks through."""
         out = func(*args, **kwargs)
-        if func in _METADATA or isinstance(getattr(func, "__self__", None), types.GetSetDescriptorType):
+        if not holds_tensor(out):
             return out
+        name = getattr(func, "__name__", None)
+        itself = args[0] if args and out is args[0] and (name in CASTS or name == "requires_grad_") else None
         used = {}
         for value in itertools.chain(args, kwargs.values()):
             for item in value if isinstance(value, (list, tuple)) else (value,):
                 param, _ = self._operand(item, "out_in")
-                if param is not None and param.requires_grad and out is not item:
+                if param is not None and param.requires_grad and item is not itself:
                     used[id(param)] = param
         for param in used.values():
             self.uses.is_dense(param, None)

@@ -20,7 +20,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from nmcompile.options import SparsityConfig
-from nmcompile.reference import swaps_dims
+from nmcompile.reference import CASTS, holds_tensor, swaps_dims
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DENSE_REASON = "nmsparse_dense_reason"  # node meta: why a fused op was left as it is
@@ -221,14 +221,11 @@ def _is_transpose(node: fx.Node) -> bool:
     return isinstance(name, str) and swaps_dims(name, node.args[1:], dict(node.kwargs))
 
 
-_CASTS = {"to", "type", "type_as", "float", "double", "half", "bfloat16", "contiguous", "cpu", "cuda"}
-
-
 def _is_noop_cast(node: Any) -> bool:
     """A cast that returns its tensor itself, as eager PyTorch does when nothing changes: ``W.to(x.dtype)``,
     ``W.type_as(x)``, ``W.float()``, ``W.contiguous()`` of a weight already so (same dtype, device
     and strides, no ``copy=True``). Eagerly the GEMM then gets the Parameter, as the reference sees it."""
-    if not isinstance(node, fx.Node) or node.op != "call_method" or node.target not in _CASTS:
+    if not isinstance(node, fx.Node) or node.op != "call_method" or node.target not in CASTS:
         return False
     source, out = example_value(node.args[0]), example_value(node)
     if not isinstance(source, torch.Tensor) or not isinstance(out, torch.Tensor):
@@ -254,11 +251,15 @@ def _operand_placeholder(operand: Any) -> tuple[fx.Node | None, bool]:
 
 
 def _consumers(node: fx.Node, transposed: bool = False) -> list[fx.Node]:
-    """Nodes that use a parameter, looking through no-op casts and one transpose, as
-    ``_operand_placeholder`` looks back through them."""
+    """Nodes that use a parameter, looking through no-op casts of it and one transpose, as
+    ``_operand_placeholder`` looks back through them. A node whose value holds no tensor (``W.is_leaf``,
+    ``W.nbytes``, which dynamo keeps as ``getattr``) reads metadata only: no use."""
     out = []
     for user in node.users:
-        if _is_noop_cast(user):
+        value = example_value(user)
+        if value is not None and not holds_tensor(value):
+            continue
+        if _is_noop_cast(user) and user.args[0] is node:  # not x.to(W): W there is another argument
             out.extend(_consumers(user, transposed))
         elif not transposed and _is_transpose(user):
             out.extend(_consumers(user, True))

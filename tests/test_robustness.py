@@ -626,8 +626,9 @@ def test_reference_weight_in_two_layouts_is_dense_as_the_backend_keeps_it(kind, 
 
 class _OtherUses(nn.Module):
     """A weight used by a GEMM and by another op in one forward: a penalty on it after its layer
-    runs or before, the weight of an ``nn.Embedding`` that the head reuses (GPT's tie); or only
-    queries of its metadata and a cast that changes nothing, which are no use."""
+    runs or before (also through a property that gives a tensor, ``W.mH``), an in-place clip, a
+    dtype template (``x.type_as(W)``), the weight of an ``nn.Embedding`` that the head reuses (GPT's
+    tie); or only queries of its metadata and casts that change nothing, which are no use."""
 
     def __init__(self, kind: str) -> None:
         super().__init__()
@@ -636,42 +637,53 @@ class _OtherUses(nn.Module):
         self.head = nn.Linear(8 if kind == "embedding_tie" else 16, 8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.fc.weight
+        w, penalty = self.fc.weight, 0.0
         if self.kind == "penalty_first":
             penalty = w.square().sum()
+        if self.kind == "clip":
+            with torch.no_grad():
+                w.clamp_(-1.0, 1.0)
         h = self.emb((x.detach().abs() * 3).long().clamp(max=7)).sum(1) + x
         if self.kind == "metadata":
-            assert w.shape[0] == w.size(1) == 16 and w.dim() == 2 and w.dtype == x.dtype and w.requires_grad
+            assert w.shape[0] == w.size(1) == torch.numel(w) // 16 and w.dim() == 2 and w.dtype == x.dtype
+            assert w.requires_grad and w.is_leaf and w.nbytes == 1024 and w.type() == x.type()
             h = nn.functional.linear(h, w.to(x.dtype).contiguous(), self.fc.bias)
         else:
-            h = self.fc(h)
-        if self.kind == "penalty_after":
-            penalty = w.square().sum()
+            h = self.fc(h.type_as(w) if self.kind == "dtype_template" else h)
+        if self.kind in ("penalty_after", "property"):
+            penalty = (w.mH if self.kind == "property" else w).square().sum()
         out = nn.functional.linear(torch.relu(h), self.emb.weight) if self.kind == "embedding_tie" else h
-        out = self.head(torch.relu(out))
-        return out + penalty / 100 if self.kind.startswith("penalty") else out
+        return self.head(torch.relu(out)) + penalty / 100
 
 
 @pytest.mark.parametrize(
-    ("kind", "dense"),
+    ("kind", "tie"),
     [
-        ("penalty_after", "fc.weight"),
-        ("penalty_first", "fc.weight"),
-        ("embedding_tie", "emb.weight"),
+        ("penalty_after", "fc.weight (linear, square)"),
+        ("penalty_first", "fc.weight (linear, square)"),
+        ("property", "fc.weight (getattr, linear)"),
+        ("clip", "fc.weight (clamp_, linear)"),
+        ("dtype_template", "fc.weight (linear, type_as)"),
+        ("embedding_tie", "emb.weight (embedding, linear)"),
         ("metadata", None),
     ],
 )
-def test_reference_weight_used_by_another_op_is_dense_as_the_backend_keeps_it(kind, dense):
+def test_reference_weight_used_by_another_op_is_dense_as_the_backend_keeps_it(kind, tie):
     """SPEC §10: a weight that the forward also uses in another op is tied: the backend leaves its
     GEMM dense ("used by 2 nodes"), and now the reference does too, dropping the layer's state with
     a warning (it counted GEMM uses only, and trained these sparse). Its shape, dtype or size, and a
-    cast that returns it, are no use in either: the layer stays sparse."""
+    cast that returns it, are no use in either: the layer stays sparse (the backend counted the
+    ``getattr`` nodes dynamo keeps for ``W.is_leaf`` and ``W.nbytes`` as uses; the reference, the
+    in-place clip and ``W.mH`` as none)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         state_ref, _ = train_and_compare(lambda: _OtherUses(kind), (4, 16), 3, settle=True, inner="aot_eager")
+    dense, _, ops = (tie or "").partition(" ")
     tied = [str(w.message).split()[1] for w in caught if "more than one op" in str(w.message)]
-    assert tied == ([] if dense is None else [dense])
+    assert tied == ([dense] if tie else [])
     assert sorted(state_ref) == sorted({"fc.weight", "head.weight"} - {dense})
+    rows = {r.name: r for r in nmcompile.explain(_OtherUses(kind), torch.randn(4, 16), inner="aot_eager").rows}
+    assert not tie or rows[dense].reason == f"tied: parameter used by 2 nodes {ops}"  # x.type_as(W): (linear, linear)
 
 
 def test_reference_swapped_layers_keep_hooks_and_eval_mode():
