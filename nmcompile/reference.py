@@ -479,9 +479,12 @@ def _conv_call(rule: _Rule, x: torch.Tensor, weight: torch.Tensor, bias: Any, st
     return y.squeeze(0) if unbatched else y
 
 
-_MM, _MATMUL, _ADDMM = ("input", "mat2"), ("input", "other"), ("input", "mat1", "mat2")
-_GEMM_FUNCS = {torch.mm: _MM, torch.Tensor.mm: _MM, torch.matmul: _MATMUL, torch.Tensor.matmul: _MATMUL,
-               torch.Tensor.__matmul__: _MATMUL, torch.addmm: _ADDMM, torch.Tensor.addmm: _ADDMM}  # fmt: skip
+# The operands of each GEMM by name, as torch's signatures call them (the backend reads them so too).
+GEMM_ARGS = {"linear": ("input", "weight", "bias"), "mm": ("input", "mat2"), "matmul": ("input", "other"),
+             "addmm": ("input", "mat1", "mat2")}  # fmt: skip
+_GEMM_FUNCS = {torch.mm: GEMM_ARGS["mm"], torch.Tensor.mm: GEMM_ARGS["mm"], torch.matmul: GEMM_ARGS["matmul"],
+               torch.Tensor.matmul: GEMM_ARGS["matmul"], torch.Tensor.__matmul__: GEMM_ARGS["matmul"],
+               torch.addmm: GEMM_ARGS["addmm"], torch.Tensor.addmm: GEMM_ARGS["addmm"]}  # fmt: skip
 _TRANSPOSE_FUNCS = {torch.t: "t", torch.Tensor.t: "t", torch.transpose: "transpose",
                     torch.Tensor.transpose: "transpose", torch.permute: "permute", torch.Tensor.permute: "permute",
                     torch.Tensor.T.__get__: "T", torch.Tensor.mT.__get__: "mT"}  # fmt: skip

@@ -20,7 +20,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from nmcompile.options import SparsityConfig
-from nmcompile.reference import CASTS, holds_tensor, swaps_dims
+from nmcompile.reference import CASTS, GEMM_ARGS, holds_tensor, swaps_dims
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DENSE_REASON = "nmsparse_dense_reason"  # node meta: why a fused op was left as it is
@@ -47,12 +47,6 @@ _FUSED_ATTENTION = {
 }
 _FUNCTORCH_REASON = "inside a torch.func transform (vmap, grad, jvp): left dense"
 _FUNCTORCH_WRAPS = {"_add_batch_dim", "_wrap_for_grad", "_make_dual"}  # a weight entering a transform
-_GEMM_ARGS = {
-    "linear": ("input", "weight", "bias"),
-    "mm": ("input", "mat2"),
-    "matmul": ("input", "other"),
-    "addmm": ("input", "mat1", "mat2"),
-}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_TRANSPOSE_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
 
@@ -283,7 +277,7 @@ def gemm_operands(node: fx.Node, kind: str) -> tuple[Any, Any, Any, dict]:
             value = given[key]
             given[key] = tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
         return given.pop("input"), given.pop("weight"), given.pop("bias"), given
-    names = _GEMM_ARGS[kind]
+    names = GEMM_ARGS[kind]
     given = dict(zip(names, args, strict=False))
     given |= {key: kwargs.pop(key) for key in names if key in kwargs}  # F.linear(x, weight=W), torch.mm(x, mat2=W)
     if kind == "addmm":
