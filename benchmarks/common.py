@@ -222,3 +222,15 @@ def table(rows: Sequence[Row], first: str, baselines: Sequence[str]) -> str:
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
+
+
+def check_writable(parser: argparse.ArgumentParser, name: str, path: Path) -> None:
+    """A usage error, before any work, where ``path`` could not be written as a file at the end: its
+    directory missing, a directory itself, a place where no file can be made (``/proc``, also for
+    root, whom ``os.access`` lets through). It is opened for appending: what is there stays."""
+    if not path.parent.is_dir():
+        parser.error(f"{name} {path}: no directory {path.parent}")
+    try:
+        path.open("a").close()
+    except OSError as err:
+        parser.error(f"{name} {path}: not a file that can be written ({err.strerror})")

@@ -6,13 +6,16 @@ shape and dtype, a few random 2:4 operands (``sparse24.random_24``) and one whos
 the same two places, with the library's buffers (``[R, S]``, read as int16), so that
 ``benchmarks.cslt_layout`` can say on a CPU which of ``compress24``'s layouts (sm8x, sm90) the GPU
 reads, or else where each value and metadata word sits.
-Usage: python -m benchmarks.cslt_dump OUT.pt
+Usage: python -m benchmarks.cslt_dump OUT.pt (a GPU with cuSPARSELt)
 """
 
+import argparse
 import sys
+from pathlib import Path
 
 import torch
 
+from benchmarks.common import check_writable
 from nmcompile.kernels.sparse24 import random_24
 
 SHAPES = ((128, 128), (128, 256), (256, 128), (256, 512), (384, 256))
@@ -35,8 +38,12 @@ def payload(operands: dict, device: str) -> dict:
 
 def main() -> None:
     """Compresses each operand on the GPU and saves ``{(rows, cols, dtype name, seed or 'fixed'): (dense, buffer)}``."""
-    if len(sys.argv) != 2 or not torch.cuda.is_available():
-        sys.exit("usage (needs CUDA and cuSPARSELt): python -m benchmarks.cslt_dump OUT.pt")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cslt_dump", description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, metavar="OUT.pt", help="where to save the operands and buffers")
+    out = parser.parse_args().out
+    if not torch.cuda.is_available():
+        sys.exit("python -m benchmarks.cslt_dump needs CUDA and cuSPARSELt")
+    check_writable(parser, "OUT.pt", out)
     saved = {}
     for (rows, cols), dtype in ((s, d) for s in SHAPES for d in (torch.float16, torch.bfloat16)):
         operands = {seed: random_24(rows, cols, dtype, "cuda", seed=seed) for seed in SEEDS}
@@ -44,8 +51,8 @@ def main() -> None:
         for key, dense in operands.items():
             buffer = torch._cslt_compress(dense)
             saved[rows, cols, str(dtype).removeprefix("torch."), key] = (dense.cpu(), buffer.view(torch.int16).cpu())
-    torch.save(payload(saved, torch.cuda.get_device_name()), sys.argv[1])
-    print(f"saved {len(saved)} operands and their cuSPARSELt buffers to {sys.argv[1]}")
+    torch.save(payload(saved, torch.cuda.get_device_name()), out)
+    print(f"saved {len(saved)} operands and their cuSPARSELt buffers to {out}")
 
 
 if __name__ == "__main__":

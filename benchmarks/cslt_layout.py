@@ -18,10 +18,12 @@ where unmatched) for working out a closed form.
 from __future__ import annotations
 
 import argparse
+import pickle
 from pathlib import Path
 
 import torch
 
+from benchmarks.common import check_writable
 from nmcompile.kernels.compress24 import compressed_numel
 
 
@@ -119,13 +121,19 @@ def report(dump: dict) -> dict[tuple, dict[str, torch.Tensor]]:
 
 def main() -> None:
     """Reads the dump, prints the report and saves the maps where asked."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cslt_layout", description=__doc__.splitlines()[0])
     parser.add_argument("dump")
-    parser.add_argument("--save")
+    parser.add_argument("--save", type=Path)
     args = parser.parse_args()
     if not Path(args.dump).is_file():
         parser.error(f"{args.dump}: no such file (the cslt_dump output to read)")
-    maps = report(torch.load(args.dump))
+    if args.save is not None:
+        check_writable(parser, "--save", args.save)
+    try:
+        dump = torch.load(args.dump)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        parser.error(f"{args.dump}: not a cslt_dump output (torch.load: {str(err).split('.')[0]})")
+    maps = report(dump)
     if args.save:
         torch.save(maps, args.save)
 

@@ -6,7 +6,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from torch import nn
 from torch._inductor import list_mode_options
 
 import nmcompile
-from benchmarks.common import SIZES, Row, Size, environment, measure, set_ratios, table, unavailable
+from benchmarks.common import SIZES, Row, Size, check_writable, environment, measure, set_ratios, table, unavailable
 from benchmarks.gemm import gemm_rows
 from nmcompile import reference
 from nmcompile.backend import NMSparseBackend
@@ -222,10 +221,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
-    if args.json is not None and not args.json.parent.is_dir():  # before the run, not after it
-        parser.error(f"--json {args.json}: no directory {args.json.parent}")
-    if args.json is not None and (args.json.is_dir() or not os.access(args.json.parent, os.W_OK)):
-        parser.error(f"--json {args.json}: not a file that can be written")
+    if args.json is not None:  # before the run, not after it
+        check_writable(parser, "--json", args.json)
+    if args.mode == "reduce-overhead" and args.device == "cpu":
+        parser.error("--mode reduce-overhead: CUDA graphs do not apply on the CPU (its rows would be --mode default's)")
     args.size = args.size or ("full" if args.device == "cuda" else "small")
     return args
 

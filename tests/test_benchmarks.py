@@ -193,6 +193,22 @@ def test_json_path_in_a_missing_directory_is_an_argument_error(tmp_path, capsys)
     with pytest.raises(SystemExit) as info:  # a directory: the run would end in IsADirectoryError
         step.parse_args(["--device", "cpu", "--json", str(tmp_path)])
     assert info.value.code == 2 and f"--json {tmp_path}: not a file that can be written" in capsys.readouterr().err
+    if Path("/proc/self").is_dir():  # a directory where no file can be made, even by root (os.access said yes)
+        with pytest.raises(SystemExit) as info:
+            step.parse_args(["--device", "cpu", "--json", "/proc/nmcompile.json"])
+        assert info.value.code == 2 and "--json /proc/nmcompile.json: not a file that can be written (" in (
+            capsys.readouterr().err
+        )
+
+
+def test_reduce_overhead_on_the_cpu_is_an_argument_error(capsys):
+    """``--mode reduce-overhead`` means CUDA graphs, which the CPU has not: it would silently give the
+    default mode's rows. The other modes (``max-autotune`` tunes CPU GEMMs too) parse."""
+    with pytest.raises(SystemExit) as info:
+        step.parse_args(["--device", "cpu", "--mode", "reduce-overhead"])
+    assert info.value.code == 2
+    assert "--mode reduce-overhead: CUDA graphs do not apply on the CPU" in capsys.readouterr().err
+    assert step.parse_args(["--device", "cpu", "--mode", "max-autotune"]).mode == "max-autotune"
 
 
 @pytest.mark.parametrize(
@@ -200,13 +216,18 @@ def test_json_path_in_a_missing_directory_is_an_argument_error(tmp_path, capsys)
     [
         ("split", ["--tokens", "256", "0"], "argument --tokens: expected an int >= 1, got '0'"),
         ("cslt_probe", ["--jobs", "-2"], "argument --jobs: expected an int >= 1, got '-2'"),
+        ("cslt_dump", [], "the following arguments are required: OUT.pt"),
+        ("cslt_dump", ["a.pt", "b.pt"], "unrecognized arguments: b.pt"),
         ("cslt_layout", ["/no/such/dump.pt"], "/no/such/dump.pt: no such file"),
+        ("cslt_layout", [__file__], f"{__file__}: not a cslt_dump output (torch.load: "),
+        ("cslt_layout", [__file__, "--save", "/no/such/maps.pt"], "--save /no/such/maps.pt: no directory /no/such"),
         ("ptx", ["--arch", "70"], "argument --arch: invalid choice: 70"),
     ],
 )
 def test_benchmark_scripts_reject_bad_arguments_before_running(module, argv, message, monkeypatch, capsys):
     """Each script's bad argument is a usage error (exit 2) naming it, before any work or CUDA check
-    (they were tracebacks from the work: a thread pool of 0, ``torch.load``, ``ptxas``)."""
+    (they were tracebacks from the work: a thread pool of 0, ``torch.load``, ``ptxas``, a ``--save``
+    into a missing directory after the report)."""
     main = importlib.import_module(f"benchmarks.{module}").main
     monkeypatch.setattr(sys, "argv", [module, *argv])
     with pytest.raises(SystemExit) as info:
