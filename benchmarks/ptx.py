@@ -277,13 +277,19 @@ def main(argv: list[str] | None = None) -> list[Counts]:
     )  # fmt: skip
     args = parser.parse_args(argv)
     n, m = args.nm
+    asked = [v for v in VARIANTS if not args.kernel or v.name in args.kernel]
+    left_out = [v.name for v in asked if (n, m) != (2, 4) and (v.flags.get("COMPRESS") or v.module == "compress24")]
+    if left_out and len(left_out) == len(asked):
+        parser.error(f"--nm {n}:{m}: {'; '.join(left_out)} write 2:4-compressed operands, at 2:4 only")
     chosen = [
         dataclasses.replace(v, flags={**v.flags, "n": n, "M": m}) if "n" in v.flags else v
-        for v in VARIANTS
-        if (not args.kernel or v.name in args.kernel) and ((n, m) == (2, 4) or not v.flags.get("COMPRESS"))
+        for v in asked
+        if v.name not in left_out
     ]
     rows = [counts for variant in chosen for counts in compile_counts(variant, args.arch)]
     print(f"sm_{args.arch}, {n}:{m}, PTX of each autotune config\n\n{table(rows)}", flush=True)
+    if left_out:
+        print(f"\nleft out at {n}:{m} (they write 2:4-compressed operands): {'; '.join(left_out)}")
     return rows
 
 

@@ -344,6 +344,20 @@ def test_groups_of_eight_rank_in_passes():
         assert float(row["instructions per entry"]) < (30 if row["kernel"] == "W ⊙ F" else 81), row
 
 
+def test_ptx_another_nm_of_only_compressing_kernels_is_a_usage_error(capsys):
+    """At another N:M the kernels that write 2:4-compressed operands (the compressing operand and MVUE
+    variants, ``compress24``) are left out (named under the table); asked for alone, that is a usage
+    error naming them (it printed an empty table)."""
+    from benchmarks import ptx
+
+    with pytest.raises(SystemExit) as stopped:
+        ptx.main(["--nm", "2:8", "--kernel", "compress24, CUTLASS", "--kernel", "W ⊙ F, compressed (cuSPARSELt)"])
+    assert stopped.value.code == 2 and (
+        "--nm 2:8: W ⊙ F, compressed (cuSPARSELt); compress24, CUTLASS write 2:4-compressed operands, at 2:4 only"
+        in capsys.readouterr().err
+    )
+
+
 @pytest.mark.parametrize("nm", ["3:6", "0:4", "5:4", "2"])
 def test_ptx_rejects_an_nm_the_kernels_do_not_take(nm, capsys):
     """``--nm`` must name an N:M the Triton kernels take; anything else stops with a usage error."""
