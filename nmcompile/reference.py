@@ -568,12 +568,11 @@ class _GemmInterceptor(TorchFunctionMode):
         if func is F.multi_head_attention_forward:
             return self._attention(func, args, kwargs)
         if func in _LINEAR_FUNCS:
-            x, weight, bias = (*args, *[None] * 3)[:3]
-            weight, bias = kwargs.get("weight", weight), kwargs.get("bias", bias)
-            param, layout = self._operand(weight, "out_in")
+            given = dict(zip(GEMM_ARGS["linear"], args, strict=False)) | kwargs
+            param, layout = self._operand(given.get("weight"), "out_in")
             rule = self._rule(param, layout) if param is not None else None
             if rule is not None:
-                return rule(kwargs.get("input", x), param if layout == "out_in" else param.t(), bias)
+                return rule(given.get("input"), param if layout == "out_in" else param.t(), given.get("bias"))
         if func in _GEMM_FUNCS:
             return self._gemm(func, args, kwargs)
         return self._other_op(func, args, kwargs)
