@@ -13,9 +13,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test,examples]"
 	touch $(STAMP)
 
+# The suite runs on one worker per core (at most 4), a test file to a worker: its module fixtures
+# (the sm90 compile of every kernel) are built once, and the DDP tests' ports stay apart.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadfile
 
 demo: $(STAMP)
 	$(PY) examples/tiny_gpt.py --compare --steps 800 --eval-interval 200

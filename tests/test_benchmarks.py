@@ -31,7 +31,8 @@ UNMEASURED = {
 
 def test_step_benchmark_tiny_cpu(tmp_path, capsys):
     """Every row of both blocks is printed and written; measured rows have finite medians, the rest a
-    reason; each block gets its amortised search cost line."""
+    reason; each block gets its amortised search cost line, from the written medians (which of its
+    two forms depends on timing noise: ``test_search_cost_is_the_search_row_minus_the_portable_row``)."""
     path = tmp_path / "bench.json"
     step.main(["--device", "cpu", "--size", "tiny", "--json", str(path)])
     out = capsys.readouterr().out
@@ -50,9 +51,9 @@ def test_step_benchmark_tiny_cpu(tmp_path, capsys):
                 assert row["peak_mem_mib"] is None  # CPU: not measured per row
         assert by_name["dense inductor"]["ratios"]["dense inductor"] == 1.0
         assert by_name["reference eager"]["ratios"]["reference eager"] == 1.0
-    assert len(data["search"]) == len(step.BLOCKS)
+    assert data["search"] == step.search_costs([Row(**r) for r in rows])
     for line, block in zip(data["search"], step.BLOCKS, strict=True):
-        assert line.startswith(f"- {block}: a search step takes ") and line in out
+        assert line.startswith(f"- {block}: ") and line in out
     gemms = [r for r in data["rows"] if r["kind"] == "gemm"]
     assert [(r["op"], r["name"]) for r in gemms] == [(op, name) for op in OPS for name in GEMM_ROWS]
     for row in gemms:
