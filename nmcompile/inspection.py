@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from nmcompile.passes import GemmTarget, KernelChoice, TargetAnalysis
     from nmcompile.state import LayerState
 
-GRAPH_KINDS = ("forward", "backward", "inference")
 # Why no graph was compiled for a model compiled in place (``model.compile``) whose forward is torch.nn's
 # own: dynamo skips torch.nn's frames there, with any backend (torch 2.13), and calls no backend.
 IN_PLACE_NOTE = (
