@@ -20,6 +20,10 @@ import nmcompile
 from nmcompile import reference
 from nmcompile.kernels.common import interpreting
 
+# The kernel tests hold fp32 GEMMs to fp32 tolerances, and the Triton GEMMs follow torch's TF32 switch
+# (``common.input_precision``): keep it off, as torch's default is, also where TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1.
+torch.backends.cuda.matmul.allow_tf32 = False
+
 # Tests that lower CPU tensors onto the Triton kernels need the interpreter, which is on only without
 # CUDA; on a GPU machine the CUDA tests cover the kernels instead.
 interpreted = pytest.mark.skipif(not interpreting(), reason="Triton kernels on CPU tensors need TRITON_INTERPRET=1")
