@@ -186,11 +186,14 @@ def test_mvue_prune_where_one_entry_dwarfs_the_rest(rule):
 @pytest.mark.parametrize("rule", ["mvue12", "mvue24", "mvue24_approx"])
 def test_mvue_prune_keeps_a_lone_nonzero_as_is(rule):
     """A block whose only nonzero sits at any position keeps it unchanged at every step, as the
-    portable op does (``test_recipes``): its inclusion probability is 1."""
+    portable op does (``test_recipes``): its inclusion probability is 1. On a GPU, whose fp32
+    division is ``div.full.f32`` (``|a| / |a|`` can come out an ulp below 1), within 2⁻²¹."""
     m = 2 if rule == "mvue12" else 4
     g = lone_nonzero_blocks(m).repeat(1, 8).to(DEVICE)
     for step in range(4):
-        assert torch.equal(kernels.mvue_prune(g, step, reference.prune_key(1, 2), rule), g), step
+        got = kernels.mvue_prune(g, step, reference.prune_key(1, 2), rule)
+        assert torch.equal(got != 0, g != 0), step
+        assert torch.equal(got, g) if common.interpreting() else torch.allclose(got, g, rtol=2**-21, atol=0), step
 
 
 @triton.jit
