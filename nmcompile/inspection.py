@@ -25,6 +25,7 @@ from torch import fx
 from nmcompile.ops import NAME_KEY
 from nmcompile.options import SparsityConfig
 from nmcompile.passes.find_targets import size_hint
+from nmcompile.passes.insert_masks import copy_graph_module
 
 if TYPE_CHECKING:
     from nmcompile.passes import GemmTarget, KernelChoice, TargetAnalysis
@@ -203,12 +204,6 @@ def format_table(rows: list[LayerRow]) -> str:
     return "\n".join(out)
 
 
-def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    return fx.GraphModule(gm, graph)
-
-
 class CompileRecord:
     """The table and the AOTAutograd graphs of one backend compile (one dynamo graph)."""
 
@@ -258,7 +253,7 @@ class CompileRecord:
         (``fc1_weight``, ``fc1_fwd_masked``): both graphs come from one joint graph, whose names the
         backward's inputs still carry.
         """
-        gm = _copy_graph_module(gm)
+        gm = copy_graph_module(gm)[0]
         names = dict(renamed or {})
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         if kind == "backward":

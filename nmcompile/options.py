@@ -6,7 +6,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 try:  # Dynamo re-raises ShortenTraceback subclasses unchanged instead of wrapping them.
     from torch._dynamo.exc import ShortenTraceback as _PassThrough
@@ -50,7 +50,7 @@ def structure_sequence(n: int, m: int) -> list[int]:
     return sequence
 
 
-def _fail(key: str, value: Any, allowed: str) -> None:
+def _fail(key: str, value: Any, allowed: str) -> NoReturn:
     raise SparsityConfigError(f"nmsparse option {key}={value!r} is invalid: allowed {allowed}")
 
 
@@ -152,7 +152,7 @@ class SparsityConfig:
             if self.total_steps is None:
                 _fail("total_steps", None, "an int: structure_decay=True needs total_steps")
             stages = [f"{k}:{self.m}" for k in structure_sequence(self.n, self.m)]
-            span = self.total_steps - self.dense_steps - self.finetune_steps  # type: ignore[operator]
+            span = self.total_steps - self.dense_steps - self.finetune_steps
             if span < len(stages):  # equal frames of at least one step each: no N:M of the sequence skipped
                 _fail(
                     "total_steps",

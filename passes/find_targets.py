@@ -20,9 +20,8 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from nmcompile.options import SparsityConfig
-from nmcompile.reference import CASTS, GEMM_ARGS, holds_tensor, swaps_dims
+from nmcompile.reference import CASTS, FLOAT_DTYPES, GEMM_ARGS, holds_tensor, swaps_dims
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DENSE_REASON = "nmsparse_dense_reason"  # node meta: why a fused op was left as it is
 
 _FUNCTIONS = {
