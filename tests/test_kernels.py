@@ -24,6 +24,8 @@ from conftest import (
 
 from nmcompile import kernels, reference
 from nmcompile.kernels import common
+from nmcompile.kernels.operand24 import backward_operand, forward_operand
+from nmcompile.kernels.srste import srste_add
 from nmcompile.ops import masked_weight
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -659,11 +661,45 @@ def test_gemms_run_their_first_config_untimed_under_deterministic_algorithms(mod
             lambda: kernels.sparse_weight_grad(torch.zeros(3, 4), torch.zeros(3, 8).half(), torch.zeros(4, 8), 2, 4),
             "in dy's dtype",
         ),
+        # A tensor on another device (meta: the one other device a CPU-only torch has) is named
+        (lambda: kernels.sparse_linear_forward(torch.zeros(3, 8), _meta(4, 8), None, 2, 4), "x on cpu, weight on meta"),
+        (lambda: kernels.sparse_linear_forward(torch.zeros(3, 8), torch.zeros(4, 8), _meta(4), 2, 4), "bias on meta"),
+        (
+            lambda: kernels.sparse_input_grad(torch.zeros(3, 4), torch.zeros(4, 8), 2, 4, perm=_meta(4).long()),
+            "weight on cpu, perm on meta",
+        ),
+        (lambda: kernels.sparse_input_grad(_meta(3, 4), torch.zeros(4, 8), 2, 4), "dy on meta, weight on cpu"),
+        (
+            lambda: kernels.sparse_weight_grad(torch.zeros(3, 4), _meta(3, 8), torch.zeros(4, 8), 2, 4),
+            "x on meta",
+        ),
+        (lambda: srste_add(_meta(4, 8), torch.zeros(4, 8), 2, 4, 0.1), "grad on meta, weight on cpu"),
+        (lambda: forward_operand(torch.zeros(4, 8), 2, 4, mask=_meta(4, 8).bool()), "mask on meta"),
+        (
+            lambda: backward_operand(torch.zeros(4, 8), 2, 4, perm=_meta(4).long()),
+            "weight on cpu, perm on meta",
+        ),
+        (
+            lambda: kernels.permutation_scores(torch.ones(8, 4, dtype=torch.bool), torch.rand(1, 8), 2, 4),
+            r"integer perms \[P, O\], got torch.bool \(8, 4\) and torch.float32 \(1, 8\)",
+        ),
+        (lambda: kernels.permutation_scores(torch.tensor(True), torch.zeros(1, 1).long(), 1, 2), "bool mask"),
+        (
+            lambda: kernels.search_permutation(
+                torch.ones(8, 4, dtype=torch.bool), torch.arange(8), [torch.arange(4)], 2, 4
+            ),
+            r"candidates must have current's shape \(8,\)",
+        ),
     ],
 )
 def test_launchers_check_inputs(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def _meta(*shape: int) -> torch.Tensor:
+    """A float32 tensor on the meta device: another device than the CPU, with no data."""
+    return torch.zeros(shape, device="meta")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: real-size kernels on the GPU")

@@ -54,13 +54,24 @@ def check_tensor(name: str, t: torch.Tensor, dim: int, dtypes: tuple[torch.dtype
         raise ValueError(f"{name} must be one of {dtypes}, got {t.dtype}")
 
 
-def check_perm(perm: torch.Tensor | None, rows: int, m: int) -> None:
-    """A Bi-Mask row permutation: int64 ``[rows]`` with ``rows`` divisible by ``m`` (or ``None``).
-    Its values index rows unchecked (a check would read ``perm`` back to the host at every call):
-    it must be a permutation of ``range(rows)``, as the backend's own are (drawn by ``randperm``;
-    a checkpoint's are checked when it loads). The kernels take it contiguous."""
+def check_devices(**tensors: torch.Tensor | None) -> None:
+    """A launcher's tensors (``None`` left out) on one device: a kernel cannot read another
+    device's memory, and Triton's own error names no argument."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError("tensors must be on one device, got " + ", ".join(f"{k} on {v}" for k, v in devices.items()))
+
+
+def check_perm(perm: torch.Tensor | None, weight: torch.Tensor, m: int) -> None:
+    """A Bi-Mask row permutation of ``weight``'s rows: int64 ``[O]`` on its device, with ``O``
+    divisible by ``m`` (or ``None``). Its values index rows unchecked (a check would read ``perm``
+    back to the host at every call): it must be a permutation of ``range(O)``, as the backend's own
+    are (drawn by ``randperm``; a checkpoint's are checked when it loads). The kernels take it
+    contiguous."""
+    rows = weight.shape[0]
     if perm is not None and (perm.shape != (rows,) or perm.dtype != torch.int64 or rows % m):
         raise ValueError(f"perm must be int64 [{rows}] with O % m == 0, got {perm.dtype} {tuple(perm.shape)}")
+    check_devices(weight=weight, perm=perm)
 
 
 NEAR_TIE: tl.constexpr = tl.constexpr(reference.NEAR_TIE)  # the reference's margin, read by mvue24 below
@@ -88,9 +99,10 @@ def check_alpha(alpha: torch.Tensor | None, weight: torch.Tensor) -> None:
 
 
 def check_mask(mask: torch.Tensor | None, weight: torch.Tensor) -> None:
-    """A loaded mask: bool, the weight's shape (or ``None``)."""
+    """A loaded mask: bool, the weight's shape, on its device (or ``None``)."""
     if mask is not None and (mask.shape != weight.shape or mask.dtype != torch.bool):
         raise ValueError(f"mask must be bool {tuple(weight.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+    check_devices(weight=weight, mask=mask)
 
 
 def step_seed(key: int, step: int) -> int:

@@ -18,6 +18,7 @@ import triton.language as tl
 from .common import (
     autotune_configs,
     check_alpha,
+    check_devices,
     check_mask,
     check_nm,
     check_perm,
@@ -106,7 +107,8 @@ def sparse_input_grad(
     K = weight.shape[1]
     if weight.shape[0] != O or K % m:
         raise ValueError(f"weight {tuple(weight.shape)} must be [O={O}, K] with K % m == 0 (m={m})")
-    check_perm(perm, O, m)
+    check_devices(dy=dy, weight=weight)
+    check_perm(perm, weight, m)
     check_mask(mask, weight)
     check_alpha(alpha, weight)
     dx = torch.empty((T, K), dtype=dy.dtype, device=dy.device)

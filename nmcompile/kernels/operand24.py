@@ -177,7 +177,7 @@ def _input_grad_check(
     out_dtype = _check(weight, n, m, mask, dtype)
     if (perm is None) == (mask is None):
         raise ValueError("input_grad_operand takes exactly one of perm (Bi-Mask) and mask (transposable)")
-    check_perm(perm, weight.shape[0], m)
+    check_perm(perm, weight, m)
     return out_dtype
 
 
@@ -212,7 +212,7 @@ def backward_operand(
     out_dtype = _check(weight, n, m, mask, dtype, alpha)
     if perm is None:
         raise ValueError("backward_operand needs perm (Bi-Mask); forward_operand serves the other modes")
-    check_perm(perm, weight.shape[0], m)
+    check_perm(perm, weight, m)
     out = torch.empty(weight.shape, dtype=out_dtype, device=weight.device)
     _launch(weight, n, m, perm, mask, out, alpha, scatter=True)
     return out

@@ -40,10 +40,14 @@ def permutation_scores(fmask: torch.Tensor, perms: torch.Tensor, n: int, m: int)
     """``reference.permutation_score`` of each row of ``perms`` ``[P, O]`` for ``fmask`` ``[O, ...]``
     (a conv mask's trailing dims are columns): int64 ``[P]``."""
     check_nm(n, m)
-    if fmask.dtype != torch.bool or perms.dim() != 2 or perms.shape[1] != fmask.shape[0] or fmask.shape[0] % m:
+    integer = not (perms.dtype.is_floating_point or perms.dtype.is_complex or perms.dtype == torch.bool)
+    if (
+        fmask.dtype != torch.bool or fmask.dim() == 0 or fmask.shape[0] % m
+        or not integer or perms.dim() != 2 or perms.shape[1] != fmask.shape[0]
+    ):  # fmt: skip
         raise ValueError(
-            f"need a bool mask [O, ...] with O % m == 0 and perms [P, O], got {fmask.dtype} "
-            f"{tuple(fmask.shape)} and {tuple(perms.shape)}"
+            f"need a bool mask [O, ...] with O % m == 0 and integer perms [P, O], got {fmask.dtype} "
+            f"{tuple(fmask.shape)} and {perms.dtype} {tuple(perms.shape)}"
         )
     f = fmask.reshape(fmask.shape[0], -1).view(torch.int8)
     perms = perms.to(device=f.device, dtype=torch.int64).contiguous()
@@ -62,6 +66,8 @@ def search_permutation(
 ) -> tuple[torch.Tensor, int]:
     """``reference.search_permutation`` with one scoring launch: the best of ``current`` and the
     candidates, the earliest on ties (so ``current`` stays unless a candidate beats it)."""
+    if any(c.shape != current.shape for c in candidates):
+        raise ValueError(f"candidates must have current's shape {tuple(current.shape)}")
     perms = torch.stack([current.to(fmask.device), *[c.to(fmask.device) for c in candidates]])
     scores = permutation_scores(fmask, perms, n, m)
     best = int(torch.argmax(scores))  # the first maximum

@@ -17,6 +17,7 @@ import triton.language as tl
 from .common import (
     autotune_configs,
     check_alpha,
+    check_devices,
     check_mask,
     check_nm,
     check_tensor,
@@ -104,6 +105,7 @@ def sparse_linear_forward(
         raise ValueError(f"weight {tuple(weight.shape)} must be [O, K={K}] with K % m == 0 (m={m})")
     if bias is not None and (bias.shape != (O,) or bias.dtype not in (x.dtype, weight.dtype)):
         raise ValueError(f"bias must be [{O}] in x's or weight's dtype, got {tuple(bias.shape)} {bias.dtype}")
+    check_devices(x=x, weight=weight, bias=bias)
     check_mask(mask, weight)
     check_alpha(alpha, weight)
     y = torch.empty((T, O), dtype=x.dtype, device=x.device)

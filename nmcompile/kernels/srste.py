@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotune_configs, check_mask, check_nm, check_tensor, nm_keep_rows, wide_index
+from .common import autotune_configs, check_devices, check_mask, check_nm, check_tensor, nm_keep_rows, wide_index
 
 TILES = [{"BLOCK_O": 32, "BLOCK_K": 64}, {"BLOCK_O": 64, "BLOCK_K": 128}]
 """The tiles ``CONFIGS`` tries on a GPU (the interpreter runs one small tile); the tests run each."""
@@ -55,6 +55,7 @@ def srste_add(
     O, K = weight.shape
     if grad.shape != weight.shape or K % m:
         raise ValueError(f"grad {tuple(grad.shape)} and weight {tuple(weight.shape)}: one [O, K] shape, K % m == 0")
+    check_devices(grad=grad, weight=weight)
     check_mask(mask, weight)
     out = torch.empty((O, K), dtype=weight.dtype, device=weight.device)
     f = mask.view(torch.int8) if mask is not None else weight

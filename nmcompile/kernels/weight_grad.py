@@ -16,6 +16,7 @@ import triton.language as tl
 from .common import (
     MVUE_RULES,
     autotune_configs,
+    check_devices,
     check_mask,
     check_nm,
     check_tensor,
@@ -115,6 +116,7 @@ def sparse_weight_grad(
         raise ValueError(f"weight {tuple(weight.shape)} must be [O={O}, K={K}] with K % m == 0 (m={m})")
     if grad_prune != "none" and grad_prune not in MVUE_RULES:
         raise ValueError(f"grad_prune must be 'none' or one of {sorted(MVUE_RULES)}, got {grad_prune!r}")
+    check_devices(dy=dy, x=x, weight=weight)
     check_mask(mask, weight)
     rule, mm = MVUE_RULES.get(grad_prune, (0, 4))
     dw = torch.empty((O, K), dtype=weight.dtype, device=weight.device)
