@@ -230,8 +230,11 @@ def sparse_linear(
 
 
 @sparse_linear.register_fake
-def linear_fake(x, weight, bias, mask, perm, n, m, srste_lambda, layer, n_eff=None, alpha=None, step=None,
-                grad_prune="none", prune_key=0):  # fmt: skip
+def linear_fake(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None,
+    perm: torch.Tensor | None, n: int, m: int, srste_lambda: float, layer: str, n_eff: torch.Tensor | None = None,
+    alpha: torch.Tensor | None = None, step: torch.Tensor | None = None, grad_prune: str = "none", prune_key: int = 0,
+) -> torch.Tensor:  # fmt: skip
     """Output metadata of ``sparse_linear`` and of its lowered twins, which share its signature."""
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
