@@ -444,7 +444,7 @@ def compile_graph(
     except (AssertionError, RuntimeError):
         fake_mode = torch._guards.detect_fake_mode(example_inputs)
     gm, _ = copy_graph_module(gm)
-    if decompose_attention(gm):
+    if decompose_attention(gm).modified:
         _propagate_fake_values(gm)
     analysis = find_targets(gm, example_inputs, config, params)
     rewritten, state_inputs = insert_masks(gm, analysis, config, fake_mode)

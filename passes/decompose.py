@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
 
 from .find_targets import DENSE_REASON, example_value
 
@@ -205,8 +206,9 @@ def _inline(graph: fx.Graph, node: fx.Node, fn: Any, inputs: list[Any]) -> None:
     graph.erase_node(node)
 
 
-def decompose_attention(gm: fx.GraphModule) -> bool:
-    """Decompose the supported fused attention nodes of ``gm`` in place; ``True`` if any changed.
+def decompose_attention(gm: fx.GraphModule) -> PassResult:
+    """Decompose the supported fused attention nodes of ``gm`` in place: ``gm``, and whether any
+    changed (``modified``), as ``torch.fx.passes.infra`` passes return.
 
     Works on the (copied) dynamo graph before ``find_targets``; the new nodes have no example
     values until the caller propagates them.
@@ -227,4 +229,4 @@ def decompose_attention(gm: fx.GraphModule) -> bool:
     if changed:
         gm.graph.lint()
         gm.recompile()
-    return changed
+    return PassResult(gm, changed)
