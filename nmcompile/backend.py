@@ -28,8 +28,7 @@ from nmcompile import ops
 from nmcompile.inspection import CompileRecord, dump_dir
 from nmcompile.options import SparsityConfig, SparsityConfigError
 from nmcompile.passes import ParamInfo, decompose_attention, find_targets, insert_masks, lower_kernels, name_nodes
-from nmcompile.passes.find_targets import identifier
-from nmcompile.passes.insert_masks import copy_graph_module
+from nmcompile.passes.utils import copy_graph_module, identifier
 from nmcompile.state import (
     DEFAULT_REGISTRY,
     LayerSpec,

@@ -24,8 +24,7 @@ from torch import fx
 
 from nmcompile.ops import NAME_KEY
 from nmcompile.options import SparsityConfig
-from nmcompile.passes.find_targets import size_hint
-from nmcompile.passes.insert_masks import copy_graph_module
+from nmcompile.passes.utils import copy_graph_module, size_hint
 
 if TYPE_CHECKING:
     from nmcompile.passes import GemmTarget, KernelChoice, TargetAnalysis

@@ -4,7 +4,8 @@ Each module holds one pass with one entry function: ``decompose_attention`` (fus
 into ``F.linear`` + SDPA), ``find_targets`` (eligibility analysis, SPEC §10), ``insert_masks``
 (rewrite GEMM nodes into mask, permutation and sparse-GEMM nodes), ``lower_kernels`` (sparse GEMMs
 onto the fused Triton kernels or 2:4 tensor cores, forward masks onto the C kernel on the CPU),
-``name_nodes`` (readable node names in the graphs AOTAutograd produces).
+``name_nodes`` (readable node names in the graphs AOTAutograd produces). ``utils`` holds the
+helpers they share (node-name spelling, example values, symbolic sizes, the graph copy).
 """
 
 from .decompose import decompose_attention

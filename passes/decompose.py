@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from .find_targets import DENSE_REASON, example_value
+from .utils import DENSE_REASON, example_value
 
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 

@@ -10,19 +10,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from nmcompile.options import SparsityConfig
 from nmcompile.reference import CASTS, FLOAT_DTYPES, GEMM_ARGS, holds_tensor, swaps_dims
 
-DENSE_REASON = "nmsparse_dense_reason"  # node meta: why a fused op was left as it is
+from .utils import DENSE_REASON, divisible, example_value, identifier, size_hint
 
 _FUNCTIONS = {
     torch._C._nn.linear: "linear",
@@ -149,37 +147,9 @@ class TargetAnalysis:
         return [t for t in self.targets if t.sparse]
 
 
-def identifier(name: str) -> str:
-    """A node-name-safe spelling of a parameter or module name: ``blocks.0.fc1`` -> ``blocks_0_fc1``."""
-    ident = re.sub(r"\W", "_", name)
-    return ident if ident[:1].isalpha() else f"layer_{ident}"
-
-
-def example_value(node: Any) -> Any:
-    """The example (fake) value dynamo or a tracer recorded for ``node``, if any."""
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
-
-
 def _shape(node: Any) -> tuple | None:
     value = example_value(node)
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
-
-
-def divisible(size: Any, m: int) -> bool:
-    """``size % m == 0``, proven: a symbolic size is decided from its sympy expression, without a
-    guard (``s0*8`` is divisible by 4, a bare ``s0`` is not provably so) (SPEC §10)."""
-    if isinstance(size, torch.SymInt):
-        return statically_known_true(size % m == 0)
-    return size % m == 0
-
-
-def size_hint(value: Any) -> int | None:
-    """An int for a size, using the example hint of a symbolic size without installing a guard
-    (``None`` for an unbacked one). Reads the node's hint itself: the helpers for it differ
-    between torch releases, and the GPU image's torch (2.11) lacks 2.13's ``optimization_hint``."""
-    if isinstance(value, int):
-        return value
-    return value.node.hint if isinstance(value, torch.SymInt) else None
 
 
 def _dynamic_sizes(*nodes: Any) -> dict[str, int]:

@@ -23,7 +23,8 @@ from nmcompile.options import SparsityConfig
 from nmcompile.reference import add_bias, conv_padding, prune_key
 from nmcompile.state import alpha_dtype, graph_input_kinds
 
-from .find_targets import GemmTarget, TargetAnalysis, example_value, gemm_operands
+from .find_targets import GemmTarget, TargetAnalysis, gemm_operands
+from .utils import copy_graph_module, example_value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,24 +35,6 @@ class StateInput:
     kind: str  # "perm", "n_eff", "alpha" or "step" (see nmcompile.state.graph_input_kinds)
     name: str
     example: Any  # static-shape (fake) example value of the input
-
-
-def copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
-    """A new ``GraphModule`` with a copy of ``gm``'s graph, dynamo sources and metadata kept, but
-    dynamo's ``grapharg`` (its weak reference to the real input, a Parameter, would outlive the
-    compile in the copy, and ``torch.utils.swap_tensors`` refuses a tensor with weak references)."""
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    graph.output(graph.graph_copy(gm.graph, env))
-    for old, new in env.items():
-        new.meta.pop("grapharg", None)
-        if hasattr(old, "_dynamo_source"):
-            new._dynamo_source = old._dynamo_source  # type: ignore[attr-defined]
-    new_gm = fx.GraphModule(gm, graph)
-    new_gm.meta = dict(gm.meta)
-    if hasattr(gm, "_param_name_to_source"):
-        new_gm._param_name_to_source = gm._param_name_to_source  # type: ignore[attr-defined]
-    return new_gm, env
 
 
 def _named(graph: fx.Graph, target: Any, args: tuple, name: str, annotate: bool = True) -> fx.Node:

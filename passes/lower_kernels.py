@@ -29,7 +29,7 @@ from torch import fx
 
 from nmcompile.options import SparsityConfig, power_of_two, structure_sequence
 
-from .find_targets import example_value, size_hint
+from .utils import example_value, size_hint
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CPU_MASK_NOTE = "forward mask: C kernel"  # the report's note on a portable layer whose W ⊙ F the C kernel writes

@@ -429,7 +429,7 @@ def test_explain_keeps_one_record_when_dynamo_restarts_its_analysis():
 
 def test_size_hint_reads_symbolic_sizes_without_a_guard():
     """A backed size and an expression of it give their example values; an unbacked size has none."""
-    from nmcompile.passes.find_targets import size_hint
+    from nmcompile.passes.utils import size_hint
     from torch._dynamo.source import ConstantSource
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 

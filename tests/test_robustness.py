@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import MLP, Block, InOut, assert_close, cpu_mask_note, sgd_step_both, train_and_compare
-from nmcompile.passes.find_targets import divisible
+from nmcompile.passes.utils import divisible
 from torch import nn
 from torch._dynamo.utils import counters
 

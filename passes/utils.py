@@ -1,0 +1,60 @@
+"""Helpers the passes share, and the backend and the report with them: node-name spelling, example
+values, proven divisibility and size hints of symbolic sizes, and a graph copy that keeps dynamo's
+sources."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+DENSE_REASON = "nmsparse_dense_reason"  # node meta: why a fused op was left as it is
+
+
+def identifier(name: str) -> str:
+    """A node-name-safe spelling of a parameter or module name: ``blocks.0.fc1`` -> ``blocks_0_fc1``."""
+    ident = re.sub(r"\W", "_", name)
+    return ident if ident[:1].isalpha() else f"layer_{ident}"
+
+
+def example_value(node: Any) -> Any:
+    """The example (fake) value dynamo or a tracer recorded for ``node``, if any."""
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+
+
+def divisible(size: Any, m: int) -> bool:
+    """``size % m == 0``, proven: a symbolic size is decided from its sympy expression, without a
+    guard (``s0*8`` is divisible by 4, a bare ``s0`` is not provably so) (SPEC §10)."""
+    if isinstance(size, torch.SymInt):
+        return statically_known_true(size % m == 0)
+    return size % m == 0
+
+
+def size_hint(value: Any) -> int | None:
+    """An int for a size, using the example hint of a symbolic size without installing a guard
+    (``None`` for an unbacked one). Reads the node's hint itself: the helpers for it differ
+    between torch releases, and the GPU image's torch (2.11) lacks 2.13's ``optimization_hint``."""
+    if isinstance(value, int):
+        return value
+    return value.node.hint if isinstance(value, torch.SymInt) else None
+
+
+def copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
+    """A new ``GraphModule`` with a copy of ``gm``'s graph, dynamo sources and metadata kept, but
+    dynamo's ``grapharg`` (its weak reference to the real input, a Parameter, would outlive the
+    compile in the copy, and ``torch.utils.swap_tensors`` refuses a tensor with weak references)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, env))
+    for old, new in env.items():
+        new.meta.pop("grapharg", None)
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source  # type: ignore[attr-defined]
+    new_gm = fx.GraphModule(gm, graph)
+    new_gm.meta = dict(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        new_gm._param_name_to_source = gm._param_name_to_source  # type: ignore[attr-defined]
+    return new_gm, env
