@@ -48,13 +48,6 @@ def blocker(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-def is_24(a: torch.Tensor) -> bool:
-    """Whether ``a`` (2-D) has at most two nonzeros in every aligned group of four along its last dim."""
-    cols = a.shape[-1]
-    padded = F.pad(a, (0, -cols % 4)) if cols % 4 else a
-    return bool(((padded != 0).reshape(a.shape[0], -1, 4).sum(-1) <= 2).all())
-
-
 def _pad(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """``t`` zero-padded at the end to multiples of ``rows`` and ``cols``."""
     pad_rows, pad_cols = -t.shape[0] % rows, -t.shape[1] % cols
