@@ -12,7 +12,8 @@
 #   parts24       python -m benchmarks.parts24: each piece of the 2:4 ops timed alone;
 #   late_tests    tests written after the last GPU run whose tensors go to CUDA there: every GPU tile of
 #                 every kernel, reads past the operands, two runs bitwise identical (in one process
-#                 and in two), the GEMMs' fixed tile under deterministic mode;
+#                 and in two), the GEMMs' fixed tile under deterministic mode, the MVUE rules at
+#                 interval ends and on blocks that sum to NaN or inf;
 #   bench_resnet  the step benchmark for the ResNet block;
 #   split         python -m benchmarks.split: fused Triton GEMMs against operand + cuBLAS at 128, 512
 #                 and 2048 tokens;
@@ -84,7 +85,8 @@ CUDA_TESTS=(
 )
 # Written after run 4 (2026-12-04), never run on a GPU: each GPU tile as a kernel's only config against
 # the autotuned launch (30 compiles), operands as views into NaN-padded buffers, two runs under
-# torch.use_deterministic_algorithms, bit for bit, and the MVUE 2:4 rules at interval ends and on NaN.
+# torch.use_deterministic_algorithms, bit for bit, and the MVUE 2:4 rules at interval ends and on NaN;
+# then (2026-12-06) the MVUE rules on blocks that sum to NaN or inf.
 LATE_TESTS=(
     "tests/test_kernels.py::test_every_gpu_tile_gives_the_interpreter_tiles_results"
     "tests/test_kernels.py::test_kernels_read_nothing_past_their_operands"
@@ -92,6 +94,7 @@ LATE_TESTS=(
     "tests/test_kernels.py::test_gemms_run_their_first_config_untimed_under_deterministic_algorithms"
     "tests/test_recipes.py::test_resume_in_a_new_process_is_bitwise_identical"
     "tests/test_kernels.py::test_mvue24_rules_match_the_reference_at_uniforms_beside_every_interval_end"
+    "tests/test_kernels.py::test_mvue_prune_keeps_the_sum_of_a_non_finite_block_at_its_first_entry"
 )
 # shellcheck disable=SC2016  # expanded by the inner bash
 EACH_TEST='py=$1; limit=$2; shift 2; rc=0; for t in "$@"; do "$py" -m pytest -q -p no:cacheprovider -rA $limit "$t" || rc=1; done; exit $rc'

@@ -951,6 +951,17 @@ def _mvue24_approx(a: _Columns, u: _Columns) -> _Columns:
 _MVUE = {"mvue12": _mvue12, "mvue24": _mvue24, "mvue24_approx": _mvue24_approx}
 
 
+def _unsampled_where_not_finite(a: _Columns, pruned: _Columns) -> _Columns:
+    """``pruned``, except in blocks whose magnitudes do not sum to a finite fp32 (a NaN or inf entry,
+    or entries past fp32's range together): no draw is unbiased there, so such a block comes out as
+    its total (NaN or inf, with ``a_0``'s sign) at its first entry and 0 elsewhere. A non-finite
+    ``dY`` thus reaches ``dW`` in every draw, as in a dense step, where ``GradScaler`` sees it."""
+    total = a[0].abs() + a[1].abs() if len(a) == 2 else _sums([x.abs() for x in a])[0]  # as the rules sum it
+    finite = total < torch.inf
+    first = torch.where(finite, pruned[0], torch.where(a[0] < 0, -total, total))
+    return (first, *(torch.where(finite, p, 0.0) for p in pruned[1:]))
+
+
 def mvue_prune_with(grad: torch.Tensor, rule: str, dim: int, uniforms: Callable[[int], torch.Tensor]) -> torch.Tensor:
     """SPEC §7 ``rule`` on blocks of ``m`` consecutive entries along ``dim`` (zero-padded at the end,
     never dropped); ``uniforms(count)`` supplies the random numbers, ``k`` per block in block order
@@ -964,7 +975,8 @@ def mvue_prune_with(grad: torch.Tensor, rule: str, dim: int, uniforms: Callable[
     size, rest = moved.shape[0], moved.shape[1:]
     blocks = F.pad(moved, (0, 0) * len(rest) + (0, -size % m)).reshape(-1, m, *rest)  # no branch on a symbolic size
     u = uniforms(blocks.numel() // m * k).to(grad.device).reshape(*rest, blocks.shape[0], k).movedim(-2, 0)
-    pruned = _MVUE[rule](tuple(x.float() for x in blocks.unbind(1)), u.unbind(-1))
+    a = tuple(x.float() for x in blocks.unbind(1))
+    pruned = _unsampled_where_not_finite(a, _MVUE[rule](a, u.unbind(-1)))
     out = torch.stack([x.to(grad.dtype) for x in pruned], dim=1).reshape(-1, *rest)
     return out[:size].movedim(0, dim)
 
@@ -975,7 +987,8 @@ def mvue_prune(
     """Minimum-variance unbiased N:M pruning of ``grad`` (SPEC §7): ``1:2``, or ``2:4`` (optimal, or
     ``approx=True`` for the two-draw rule), in blocks of ``m`` consecutive entries along ``dim``.
 
-    ``E[mvue_prune(g)] = g`` elementwise; each block keeps ``n`` entries (all its nonzeros where it has fewer).
+    ``E[mvue_prune(g)] = g`` elementwise; each block keeps ``n`` entries (all its nonzeros where it has fewer),
+    a block whose magnitudes sum to NaN or inf only that sum, at its first entry.
     """
     rule = {(1, 2): "mvue12", (2, 4): "mvue24_approx" if approx else "mvue24"}.get((n, m))
     if rule is None or (approx and rule != "mvue24_approx"):

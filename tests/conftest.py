@@ -224,6 +224,27 @@ def lone_nonzero_blocks(m: int) -> torch.Tensor:
     return lone
 
 
+NAN, INF = float("nan"), float("inf")
+# MVUE blocks whose magnitudes sum to NaN or inf, and the value each keeps at its first entry: that
+# sum, with the first entry's sign.
+NON_FINITE_BLOCKS = {
+    2: [([NAN, 1.0], NAN), ([1.0, -INF], INF), ([INF, NAN], NAN), ([0.0, NAN], NAN), ([-INF, 0.0], -INF),
+        ([2e38, -3e38], INF), ([-2e38, 2e38], -INF)],
+    4: [([NAN, 1.0, 2.0, 3.0], NAN), ([1.0, -INF, 2.0, 3.0], INF), ([INF, NAN, 0.0, 0.0], NAN),
+        ([-INF, INF, 1.0, 0.0], -INF), ([0.0, 0.0, 0.0, NAN], NAN), ([-0.0, 0.0, -INF, 0.0], INF),
+        ([2e38, -3e38, 1.0, 0.0], INF), ([1e38, 1e38, 1e38, 1e38], INF), ([-1e38, 0.0, 3e38, 0.0], -INF)],
+}  # fmt: skip
+
+
+def non_finite_blocks(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``NON_FINITE_BLOCKS`` of ``size`` laid end to end, and what every rule makes of them."""
+    blocks, expected = [], []
+    for block, value in NON_FINITE_BLOCKS[size]:
+        blocks += block
+        expected += [value] + [0.0] * (size - 1)
+    return torch.tensor(blocks), torch.tensor(expected)
+
+
 def train_and_compare(
     make_model, shape: tuple, steps: int = 5, channels_last: bool = False, reference_options: dict | None = None,
     settle: bool = False, **options,

@@ -315,9 +315,10 @@ def test_mvue_kernel_compiles_to_no_data_exchange_between_threads(ptx_table):
         got = [row[key] for key in ("shuffles", "barriers", "shared stores", "widest load (bits)", "local stores")]
         assert got == ["0", "0", "0", "128", "0"], row["config"]
         assert 0 < int(row["registers"]) <= 255, row["config"]
-        # 48.6 at most with the guards that keep rounding from breaking a draw (47.8 without them);
-        # 53 with a division per entry and probability
-        assert float(row["instructions per entry"]) < 49, row
+        # 49.0 at most with the guards that keep rounding from breaking a draw and the value a block
+        # summing to NaN or inf keeps (48.6 and 47.8 without them); 53 with a division per entry and
+        # probability, 54 with a select on each output for those blocks
+        assert float(row["instructions per entry"]) < 49.5, row
 
 
 def test_bimask_operands_rank_without_data_exchange(ptx_table):

@@ -20,6 +20,7 @@ from conftest import (
     deterministic_algorithms,
     launched_wide,
     lone_nonzero_blocks,
+    non_finite_blocks,
 )
 
 from nmcompile import kernels, reference
@@ -196,6 +197,25 @@ def test_mvue_prune_keeps_a_lone_nonzero_as_is(rule):
         got = kernels.mvue_prune(g, step, reference.prune_key(1, 2), rule)
         assert torch.equal(got != 0, g != 0), step
         assert torch.equal(got, g) if common.interpreting() else torch.allclose(got, g, rtol=2**-21, atol=0), step
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy, on the blocks fed on purpose
+@pytest.mark.parametrize("rule", ["mvue12", "mvue24", "mvue24_approx"])
+def test_mvue_prune_keeps_the_sum_of_a_non_finite_block_at_its_first_entry(rule):
+    """Blocks whose magnitudes sum to NaN or inf come out as the portable op makes them, exactly on
+    every device (no division decides them): that sum at the first entry, with its sign, the rest 0
+    (``test_recipes``), at every step, in every column, beside finite blocks; also written transposed."""
+    m = 2 if rule == "mvue12" else 4
+    bad, expected = non_finite_blocks(m)
+    g = torch.cat([bad, _randn(4 * m).cpu()])[:, None].repeat(1, 5).to(DEVICE)
+    key = reference.prune_key(1, 2)
+    for step in range(3):
+        got = kernels.mvue_prune(g, step, key, rule).cpu()
+        transposed = kernels.mvue_prune(g, step, key, rule, transpose=True).cpu()
+        portable = torch.ops.nmsparse.mvue_prune(g.cpu(), torch.tensor(step), key, rule)
+        for out in (got, transposed.t()):
+            torch.testing.assert_close(out[: len(bad)], expected[:, None].expand(-1, 5), rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(got[len(bad) :] != 0, portable[len(bad) :] != 0)
 
 
 @triton.jit

@@ -24,6 +24,7 @@ from conftest import (
     boundary_draws,
     deterministic_algorithms,
     lone_nonzero_blocks,
+    non_finite_blocks,
     sgd_step_both,
     train_and_compare,
 )
@@ -146,35 +147,22 @@ def test_mvue24_draws_two_entries_at_uniforms_beside_every_interval_end(rule):
 
 
 @pytest.mark.parametrize("rule", ["mvue24", "mvue24_approx", "mvue12"])
-def test_mvue_rules_on_non_finite_and_overflowing_blocks(rule):
-    """README, as the rules stand: under the 2:4 rules a NaN entry is kept in some draws and dropped
-    in others; ``mvue24`` always keeps an inf entry, ``mvue24_approx`` never (its block is zero);
-    ``mvue12`` puts a non-finite value in every such block. A block whose magnitudes sum past
-    fp32's range is zero under the 2:4 rules and holds one ±inf under ``mvue12``."""
-    size, draws = (2 if rule == "mvue12" else 4), 400
-    blocks = {
-        "nan": torch.tensor([float("nan"), 1.0, 2.0, 3.0][:size]),
-        "inf": torch.tensor([float("inf"), 1.0, 2.0, 3.0][:size]),
-        "overflow": torch.full((size,), 2e38),
-    }
-    generator = torch.Generator().manual_seed(0)
-    non_finite = {}
-    for name, block in blocks.items():
-        out = reference.mvue_prune_with(
-            block.repeat(draws), rule, 0, lambda count: torch.rand(count, generator=generator)
-        ).view(draws, size)
-        non_finite[name] = (~out.isfinite()).any(1).float().mean().item()
-        if name != "nan":
-            assert (~out.isfinite()).sum(1).le(1).all()  # one non-finite value at most
-        if rule != "mvue12" and name == "overflow":
-            assert (out == 0).all()
-        if rule == "mvue24_approx" and name == "inf":
-            assert (out == 0).all()
-    if rule == "mvue12":
-        assert non_finite == {"nan": 1.0, "inf": 1.0, "overflow": 1.0}
-    else:
-        assert 0.3 < non_finite["nan"] < 0.7 and non_finite["overflow"] == 0.0
-        assert non_finite["inf"] == (1.0 if rule == "mvue24" else 0.0)
+def test_mvue_rules_keep_the_sum_of_a_non_finite_block_at_its_first_entry(rule):
+    """README: a block whose magnitudes sum to NaN or inf (a NaN or inf entry, or finite entries past
+    fp32's range together) comes out as that sum, with its first entry's sign, at its first entry
+    and 0 elsewhere, in every draw: so a non-finite ``dY`` reaches ``dW`` as in a dense step. The
+    finite blocks beside them are pruned as they are alone, with the same uniforms."""
+    size, k = {"mvue12": (2, 1), "mvue24": (4, 1), "mvue24_approx": (4, 2)}[rule]
+    draws = 200
+    bad, expected = non_finite_blocks(size)
+    good = _gradient()[:, 0]
+    grad = torch.cat([bad, good])[:, None].repeat(1, draws)
+    u = torch.rand(grad.numel() // size * k, generator=torch.Generator().manual_seed(0))
+    out = reference.mvue_prune_with(grad, rule, 0, lambda count: u)
+    torch.testing.assert_close(out[: len(bad)], expected[:, None].expand(-1, draws), rtol=0, atol=0, equal_nan=True)
+    per_draw = u.view(draws, -1)[:, len(bad) // size * k :].reshape(-1)
+    alone = reference.mvue_prune_with(good[:, None].repeat(1, draws), rule, 0, lambda count: per_draw)
+    assert torch.equal(out[len(bad) :], alone)
 
 
 def test_mvue24_samples_a_near_tie_as_dominant():
@@ -282,6 +270,44 @@ def test_weight_gradient_uses_the_pruned_dy_and_input_gradient_the_full_dy():
     prune = [n for n in nodes if n.name.startswith("weight_bwd_grad_prune")]
     assert prune[0].name == "weight_bwd_grad_prune" and len(prune) > 100
     assert all(str(n.target).startswith("aten.") for n in prune if n.target is not operator.getitem)
+
+
+class _Gained(nn.Module):
+    """A first layer without bias, its outputs scaled per column before a sum."""
+
+    def __init__(self, gain: torch.Tensor) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 8, bias=False)
+        self.register_buffer("gain", gain)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.fc(x) * self.gain).sum()
+
+
+@pytest.mark.parametrize(("rule", "inner"), [("mvue24_approx", "inductor"), ("mvue24", "aot_eager"),
+                                             ("mvue12", "aot_eager")])  # fmt: skip
+def test_grad_scaler_skips_a_step_whose_pruned_dy_overflows_as_it_does_dense(rule, inner):
+    """Column 0 of ``dY`` overflows under ``GradScaler``'s scale (2¹⁰⁰ · 1e30) in a first layer without
+    bias, so its weight gradient is the only gradient to see it. The pruned ``dY`` keeps the inf, so
+    the scaler skips the step and halves its scale, as for the dense model (the 2:4 rules once zeroed
+    such blocks, and the step went ahead with that row's gradient lost)."""
+    gain = torch.ones(8)
+    gain[0] = 1e30
+    dense = _Gained(gain)
+    sparse = copy.deepcopy(dense)
+    compiled = torch.compile(sparse, backend=nmcompile.backend(grad_prune=rule, inner=inner))
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
+    for model, run in ((dense, dense), (sparse, compiled)):
+        before = model.fc.weight.detach().clone()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)
+        scaler.scale(run(x)).backward()
+        assert not model.fc.weight.grad.isfinite().all()
+        scaler.step(opt)
+        scaler.update()
+        assert torch.equal(model.fc.weight, before) and scaler.get_scale() == 2.0**99
+    rows = nmcompile.explain(sparse, x, grad_prune=rule, inner=inner).rows
+    assert [(r.name, r.sparse) for r in rows] == [("fc.weight", True)]
 
 
 def test_mvue_graphs_compile_with_inductors_gpu_opcount_threshold(monkeypatch):

@@ -290,12 +290,23 @@ def _choose4(i, x0, x1, x2, x3):
 
 
 @triton.jit
+def _unsampled2(a, out):
+    """``reference._unsampled_where_not_finite`` for blocks of 2: a block whose magnitude total is
+    NaN or inf comes out as that total (with ``a0``'s sign) at its first entry, 0 at the other."""
+    a0, a1 = a
+    o0, o1 = out
+    total = tl.abs(a0) + tl.abs(a1)
+    finite = total < float("inf")
+    return tl.where(finite, o0, tl.where(a0 < 0, -total, total)), tl.where(finite, o1, 0.0)
+
+
+@triton.jit
 def mvue12(a, u):
     """SPEC §7 1:2 on a block ``a = (a0, a1)`` (fp32 tensors of one shape), uniform ``u`` per block."""
     a0, a1 = a
     total = tl.abs(a0) + tl.abs(a1)
     keep_first = u < tl.where(total > 0, tl.abs(a0) / _safe(total, total > 0), 0.0)
-    return tl.where(keep_first, _sign(a0) * total, 0.0), tl.where(keep_first, 0.0, _sign(a1) * total)
+    return _unsampled2(a, (tl.where(keep_first, _sign(a0) * total, 0.0), tl.where(keep_first, 0.0, _sign(a1) * total)))
 
 
 @triton.jit
@@ -323,13 +334,19 @@ def _divided(a, p):
 
 
 @triton.jit
-def _kept4(a, p, first, second):
+def _kept4(a, p, first, second, total):
     """A block ``a = (a0, .., a3)`` with its two drawn entries (indices ``first``, ``second``) divided
     by their inclusion probabilities ``p = (p0, .., p3)`` and the others 0: two divisions per
-    block, of the drawn entries picked out first, instead of one per entry."""
+    block, of the drawn entries picked out first, instead of one per entry. A block whose magnitude
+    ``total`` is NaN or inf comes out as that total (with ``a0``'s sign) at entry 0, 0 elsewhere
+    (``reference._unsampled_where_not_finite``): both indices 0, and the value swapped in."""
     a0, a1, a2, a3 = a
     p0, p1, p2, p3 = p
+    finite = total < float("inf")
+    first = tl.where(finite, first, 0)
+    second = tl.where(finite, second, 0)
     at_first = _divided(_choose4(first, a0, a1, a2, a3), _choose4(first, p0, p1, p2, p3))
+    at_first = tl.where(finite, at_first, tl.where(a0 < 0, -total, total))
     at_second = _divided(_choose4(second, a0, a1, a2, a3), _choose4(second, p0, p1, p2, p3))
     return (
         tl.where(first == 0, at_first, tl.where(second == 0, at_second, 0.0)),
@@ -362,7 +379,7 @@ def mvue24(a, u):
     last = _last_positive4(l0, l1, l2, l3, top_index)
     first = _cover4(l0, l1, l2, u, last, False)
     second = tl.where(dominant, top_index, _cover4(l0, l1, l2, u, last, True))
-    return _kept4(a, (p0, p1, p2, p3), first, second)
+    return _kept4(a, (p0, p1, p2, p3), first, second, total)
 
 
 @triton.jit
@@ -395,7 +412,7 @@ def mvue24_approx(a, u0, u1):
     second = _cover4(q0, q1, q2, u1, _last_positive4(q0, q1, q2, q3, first), False)
     _, (s0, s1, s2, s3) = _sums4(_ratio(m0, o0), _ratio(m1, o1), _ratio(m2, o2), _ratio(m3, o3))
     inclusion = (p0 + p0 * s0, p1 + p1 * s1, p2 + p2 * s2, p3 + p3 * s3)
-    return _kept4(a, inclusion, first, second)  # inclusion probability: P(i first) + Σ_j P(j first, then i)
+    return _kept4(a, inclusion, first, second, total)  # inclusion: P(i first) + Σ_j P(j first, then i)
 
 
 @triton.jit
