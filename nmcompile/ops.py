@@ -134,8 +134,7 @@ def mvue_prune(grad: torch.Tensor, step: torch.Tensor, key: int, rule: str) -> t
 def _mvue_composite(grad: torch.Tensor, step: torch.Tensor, key: int, rule: str) -> torch.Tensor:
     """SPEC §7 ``rule`` on ``grad`` ``[T, O]``, blocks along ``T``, as torch ops (the reference's),
     with the counter-based random stream ``(key, step)``."""
-    uniforms = lambda count: reference.counter_uniforms(key, step, count, grad.device)  # noqa: E731
-    return reference.mvue_prune_with(grad, rule, 0, uniforms)
+    return reference.mvue_prune_with(grad, rule, 0, lambda index: reference.counter_uniforms_at(key, step, index))
 
 
 @mvue_prune.register_fake

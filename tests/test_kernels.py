@@ -280,7 +280,7 @@ def test_mvue24_rules_match_the_reference_at_uniforms_beside_every_interval_end(
     a[:, -128:-64] = torch.where(position, float("inf"), a[:, -128:-64])
     a[:, -192:-128] = a[:, -192:-128].sign() * 1e38
     k = 1 if rule == "mvue24" else 2
-    expected = reference.mvue_prune_with(a, rule, 0, lambda count: u[:k].t().reshape(-1))
+    expected = reference.mvue_prune_with(a, rule, 0, lambda index: u[:k].t().reshape(-1)[index])
     got = torch.empty(a.shape, device=DEVICE)
     count = a.shape[1]
     _rule_on_draws[(triton.cdiv(count, 4096),)](

@@ -129,7 +129,7 @@ def test_mvue24_draws_two_entries_at_uniforms_beside_every_interval_end(rule):
     next to the ends of the sampling intervals. Ends summed in fp32 used to leave gaps and overlaps
     there: each of ``ROUNDING_BLOCKS`` kept one entry or dropped its dominant one at some uniform."""
     a, u = boundary_draws(rule)
-    out = reference.mvue_prune_with(a, rule, 0, lambda count: u[: count // a.shape[1]].t().reshape(-1))
+    out = reference.mvue_prune_with(a, rule, 0, lambda index: u[: index.numel() // a.shape[1]].t().reshape(-1)[index])
     kept = out != 0
     assert torch.equal(kept.sum(0), (a != 0).sum(0).clamp(max=2))
     mag = a.double().abs()
@@ -158,10 +158,10 @@ def test_mvue_rules_keep_the_sum_of_a_non_finite_block_at_its_first_entry(rule):
     good = _gradient()[:, 0]
     grad = torch.cat([bad, good])[:, None].repeat(1, draws)
     u = torch.rand(grad.numel() // size * k, generator=torch.Generator().manual_seed(0))
-    out = reference.mvue_prune_with(grad, rule, 0, lambda count: u)
+    out = reference.mvue_prune_with(grad, rule, 0, lambda index: u[index])
     torch.testing.assert_close(out[: len(bad)], expected[:, None].expand(-1, draws), rtol=0, atol=0, equal_nan=True)
     per_draw = u.view(draws, -1)[:, len(bad) // size * k :].reshape(-1)
-    alone = reference.mvue_prune_with(good[:, None].repeat(1, draws), rule, 0, lambda count: per_draw)
+    alone = reference.mvue_prune_with(good[:, None].repeat(1, draws), rule, 0, lambda index: per_draw[index])
     assert torch.equal(out[len(bad) :], alone)
 
 
@@ -232,6 +232,26 @@ def test_counter_uniforms_are_the_documented_hash(key, step):
     assert reference.counter_uniforms(key, torch.tensor(step), 64).tolist() == expected
 
 
+@pytest.mark.parametrize(("rule", "shape", "dim"), [("mvue24_approx", (9, 3, 2), 0), ("mvue12", (3, 5), 1)])
+def test_mvue_draws_its_stream_at_positions_laid_out_as_the_blocks(rule, shape, dim):
+    """``mvue_prune_with`` asks for the uniforms of block ``b`` of column ``o`` (``B`` blocks a column,
+    ``k`` draws a block) at stream positions ``(o·B + b)·k + j``, as a tensor ``[k, B, *columns]``
+    shaped as the blocks, so a compiled graph hashes them where it uses them; ``counter_uniforms_at``
+    of those positions is ``counter_uniforms`` read there."""
+    _, m, k = reference.MVUE_RULES[rule]
+    grad = torch.randn(shape)
+    columns = grad.movedim(dim, 0).shape[1:]
+    blocks = -(-shape[dim] // m)
+    asked = []
+    reference.mvue_prune_with(grad, rule, dim, lambda index: asked.append(index) or torch.rand(index.shape))
+    o = torch.arange(columns.numel()).reshape(columns)
+    b = torch.arange(blocks).reshape(-1, *[1] * len(columns))
+    expected = torch.stack([(o * blocks + b) * k + j for j in range(k)])
+    assert len(asked) == 1 and torch.equal(asked[0], expected)
+    stream = reference.counter_uniforms(7, torch.tensor(3), expected.numel())
+    assert torch.equal(reference.counter_uniforms_at(7, torch.tensor(3), expected), stream[expected])
+
+
 @pytest.mark.parametrize("rule", ["mvue12", "mvue24", "mvue24_approx"])
 def test_mvue_compiled_matches_reference(rule):
     """Fixed seed: compiled and reference agree on all (pruned) gradients and weights for 5 steps."""
@@ -256,7 +276,7 @@ def test_weight_gradient_uses_the_pruned_dy_and_input_gradient_the_full_dy():
         compiled(x).backward(dy)
         key = reference.prune_key(5, 0)
         pruned = reference.mvue_prune_with(
-            dy, "mvue24", 0, lambda c, s=step, k=key: reference.counter_uniforms(k, torch.tensor(s), c)
+            dy, "mvue24", 0, lambda index, s=step, k=key: reference.counter_uniforms_at(k, torch.tensor(s), index)
         )
         assert_close(layer.weight.grad, pruned.t() @ x.detach(), what=f"dW step {step}")
         w = layer.weight.detach()
