@@ -395,6 +395,20 @@ def test_weight_grad(dtype, T, O, K, n, m, rule):
     assert_close(plain, dy.cpu().float().t() @ x.cpu().float() + lam * (w.cpu().float() * fmask), rel=EPS[dtype])
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy, on the inf fed on purpose
+@pytest.mark.parametrize("rule", ["mvue12", "mvue24", "mvue24_approx"])
+def test_weight_grad_with_mvue_keeps_an_overflowed_dy_column_non_finite(rule):
+    """An inf in a ``dY`` column (an fp16 overflow) makes that row of the fused MVUE weight gradient
+    non-finite in every entry, as the dense product does, so ``GradScaler`` skips the step; the other
+    rows are the pruned product's."""
+    dy, x, w = _randn(16, 8), _randn(16, 8, seed=1), _randn(8, 8, seed=2)
+    dy[5, 0] = float("inf")
+    got = kernels.sparse_weight_grad(dy, x, w, 2, 4, grad_prune=rule, step=3, key=5).cpu()
+    expected = torch.ops.nmsparse.mvue_prune(dy.cpu(), torch.tensor(3), 5, rule).t() @ x.cpu()
+    assert not got[0].isfinite().any() and got[1:].isfinite().all()
+    assert_close(got[1:], expected[1:], rel=EPS[torch.float32])
+
+
 def test_weight_grad_under_mixed_dtypes():
     """Autocast: bf16 activations and gradient with an fp32 weight; F from the fp32 weight, dW fp32."""
     dy, x, w = _randn(20, 8, dtype=torch.bfloat16), _randn(20, 16, dtype=torch.bfloat16, seed=1), _randn(8, 16, seed=2)
