@@ -983,15 +983,15 @@ def mvue_prune_with(
     _, m, k = MVUE_RULES[rule]
     moved = grad.movedim(dim, 0)
     size, rest = moved.shape[0], moved.shape[1:]
-    blocks = F.pad(moved, (0, 0) * len(rest) + (0, -size % m)).reshape(-1, m, *rest)  # no branch on a symbolic size
-    count, ones = blocks.shape[0], (1,) * len(rest)
+    count, ones = (size + -size % m) // m, (1,) * len(rest)
+    blocks = F.pad(moved, (0, 0) * len(rest) + (0, -size % m)).reshape(count, m, *rest)  # no branch on a symbolic size
     column = torch.arange(rest.numel(), dtype=torch.int64, device=grad.device).reshape(rest)
     block = torch.arange(count, dtype=torch.int64, device=grad.device).reshape(count, *ones)
     draw = torch.arange(k, dtype=torch.int64, device=grad.device).reshape(k, 1, *ones)
     u = uniforms((column * count + block) * k + draw).to(grad.device).unbind(0)
     a = tuple(x.float() for x in blocks.unbind(1))
     pruned = _unsampled_where_not_finite(a, _MVUE[rule](a, u))
-    out = torch.stack([x.to(grad.dtype) for x in pruned], dim=1).reshape(-1, *rest)
+    out = torch.stack([x.to(grad.dtype) for x in pruned], dim=1).reshape(count * m, *rest)
     return out[:size].movedim(0, dim)
 
 

@@ -398,9 +398,9 @@ def test_weight_grad(dtype, T, O, K, n, m, rule):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy, on the inf fed on purpose
 @pytest.mark.parametrize("rule", ["mvue12", "mvue24", "mvue24_approx"])
 def test_weight_grad_with_mvue_keeps_an_overflowed_dy_column_non_finite(rule):
-    """An inf in a ``dY`` column (an fp16 overflow) makes that row of the fused MVUE weight gradient
-    non-finite in every entry, as the dense product does, so ``GradScaler`` skips the step; the other
-    rows are the pruned product's."""
+    """An inf in a ``dY`` column (as an fp16 overflow leaves one) makes that row of the fused MVUE
+    weight gradient non-finite in every entry, as the dense product does, so ``GradScaler`` skips
+    the step; the other rows are the pruned product's."""
     dy, x, w = _randn(16, 8), _randn(16, 8, seed=1), _randn(8, 8, seed=2)
     dy[5, 0] = float("inf")
     got = kernels.sparse_weight_grad(dy, x, w, 2, 4, grad_prune=rule, step=3, key=5).cpu()
