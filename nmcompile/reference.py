@@ -1007,7 +1007,7 @@ def mvue_prune(
     rule = {(1, 2): "mvue12", (2, 4): "mvue24_approx" if approx else "mvue24"}.get((n, m))
     if rule is None or (approx and rule != "mvue24_approx"):
         raise ValueError(f"mvue_prune supports 1:2 and 2:4 (approx only for 2:4), got {n}:{m} approx={approx}")
-    device = generator.device if generator else grad.device
+    device = generator.device if generator else grad.device  # a generator's draws come from its own device
     return mvue_prune_with(
-        grad, rule, dim, lambda index: torch.rand(index.numel(), generator=generator, device=device)[index]
+        grad, rule, dim, lambda index: torch.rand(index.numel(), generator=generator, device=device)[index.to(device)]
     )

@@ -290,14 +290,10 @@ def _choose4(i, x0, x1, x2, x3):
 
 
 @triton.jit
-def _unsampled2(a, out):
-    """``reference._unsampled_where_not_finite`` for blocks of 2: a block whose magnitude total is
-    NaN or inf comes out as that total (with ``a0``'s sign) at its first entry, 0 at the other."""
-    a0, a1 = a
-    o0, o1 = out
-    total = tl.abs(a0) + tl.abs(a1)
-    finite = total < float("inf")
-    return tl.where(finite, o0, tl.where(a0 < 0, -total, total)), tl.where(finite, o1, 0.0)
+def _non_finite_first(a0, total):
+    """What a block whose magnitude ``total`` is NaN or inf keeps at entry 0 (the rest 0): that total,
+    with ``a0``'s sign (``reference._unsampled_where_not_finite``)."""
+    return tl.where(a0 < 0, -total, total)
 
 
 @triton.jit
@@ -306,7 +302,11 @@ def mvue12(a, u):
     a0, a1 = a
     total = tl.abs(a0) + tl.abs(a1)
     keep_first = u < tl.where(total > 0, tl.abs(a0) / _safe(total, total > 0), 0.0)
-    return _unsampled2(a, (tl.where(keep_first, _sign(a0) * total, 0.0), tl.where(keep_first, 0.0, _sign(a1) * total)))
+    finite = total < float("inf")
+    return (
+        tl.where(finite, tl.where(keep_first, _sign(a0) * total, 0.0), _non_finite_first(a0, total)),
+        tl.where(finite, tl.where(keep_first, 0.0, _sign(a1) * total), 0.0),
+    )
 
 
 @triton.jit
@@ -338,15 +338,14 @@ def _kept4(a, p, first, second, total):
     """A block ``a = (a0, .., a3)`` with its two drawn entries (indices ``first``, ``second``) divided
     by their inclusion probabilities ``p = (p0, .., p3)`` and the others 0: two divisions per
     block, of the drawn entries picked out first, instead of one per entry. A block whose magnitude
-    ``total`` is NaN or inf comes out as that total (with ``a0``'s sign) at entry 0, 0 elsewhere
-    (``reference._unsampled_where_not_finite``): both indices 0, and the value swapped in."""
+    ``total`` is NaN or inf keeps ``_non_finite_first`` only: both indices 0, the value swapped in."""
     a0, a1, a2, a3 = a
     p0, p1, p2, p3 = p
     finite = total < float("inf")
     first = tl.where(finite, first, 0)
     second = tl.where(finite, second, 0)
     at_first = _divided(_choose4(first, a0, a1, a2, a3), _choose4(first, p0, p1, p2, p3))
-    at_first = tl.where(finite, at_first, tl.where(a0 < 0, -total, total))
+    at_first = tl.where(finite, at_first, _non_finite_first(a0, total))
     at_second = _divided(_choose4(second, a0, a1, a2, a3), _choose4(second, p0, p1, p2, p3))
     return (
         tl.where(first == 0, at_first, tl.where(second == 0, at_second, 0.0)),
