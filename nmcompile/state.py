@@ -762,7 +762,28 @@ class SparsityStates:
             raise _not_states(f"{type(exc).__name__}: {exc}") from exc
         if not isinstance(payloads, dict):
             raise _not_states(f"a {type(payloads).__name__}")
+        for name, payload in payloads.items():  # all checked before any is restored: none or all load
+            problem = _payload_problem(payload)
+            if not isinstance(name, str) or problem is not None:
+                raise _not_states(f"{name!r}: {problem or 'a key that is not a parameter name'}")
         DEFAULT_REGISTRY.restore_apart(self.module, payloads)
+
+
+def _payload_problem(payload: Any) -> str | None:
+    """What keeps ``payload`` from being one ``LayerState.payload()`` wrote, or ``None``; the
+    permutation's size and values are ``load_payload``'s to judge (a model may have changed)."""
+    if not isinstance(payload, dict):
+        return f"a {type(payload).__name__}, not a layer's state"
+    missing = sorted({"perm", "step", "last_search_step"} - set(payload))
+    if missing:
+        return f"a layer's state without {', '.join(missing)}"
+    if not isinstance(payload["perm"], torch.Tensor):
+        return f"a permutation that is a {type(payload['perm']).__name__}"
+    for key, least in (("step", 0), ("last_search_step", -1)):
+        value = payload[key]
+        if type(value) is not int or value < least:
+            return f"{key} {value!r}, not an int of at least {least}"
+    return None
 
 
 def _not_states(found: str) -> ValueError:

@@ -1165,7 +1165,8 @@ def test_sparsity_states_win_over_load_state_dict_until_the_layers_train():
 
 def test_sparsity_states_for_weights_the_model_lacks_are_ignored_with_a_warning():
     """A states entry of another model: its names are listed in a warning, nothing else changes; a
-    model's own state dict is a TypeError that says what to pass, and corrupt bytes a ValueError."""
+    model's own state dict is a TypeError that says what to pass, and corrupt bytes a ValueError,
+    also a dict whose entries are not layer states, which then restores no entry at all."""
     torch._dynamo.reset()
     saved = MLP()
     _train(saved, 1)
@@ -1181,3 +1182,26 @@ def test_sparsity_states_for_weights_the_model_lacks_are_ignored_with_a_warning(
     for corrupt in (b"garbage", states["states"][:100], other_bytes.getvalue()):  # not a pickle, cut short, a list
         with pytest.raises(ValueError, match=r"the 'states' bytes are not what SparsityStates.state_dict\(\) writes"):
             nmcompile.SparsityStates(saved).load_state_dict({"states": corrupt})
+    good = torch.load(io.BytesIO(states["states"]), weights_only=True)["fc1.weight"]
+    wrong = {
+        "a layer's state": 3,
+        "without last_search_step, step": {"perm": good["perm"]},
+        "a permutation that is a list": {**good, "perm": good["perm"].tolist()},
+        "step -1": {**good, "step": -1},
+        "step 2.0": {**good, "step": 2.0},
+        "last_search_step -2": {**good, "last_search_step": -2},
+    }
+    before = nmcompile.sparsity_state(saved)
+    fresh = MLP()
+    for found, payload in wrong.items():  # a dict of other things: refused before anything loads
+        bad = io.BytesIO()
+        torch.save({"fc2.weight": good, "fc1.weight": payload}, bad)
+        for model in (saved, fresh):  # states restored now, or held until the first compile
+            with pytest.raises(ValueError, match=rf"writes \(a torch.save of a dict\); found 'fc1.weight': .*{found}"):
+                nmcompile.SparsityStates(model).load_state_dict({"states": bad.getvalue()})
+    after = nmcompile.sparsity_state(saved)
+    assert {k: (v["step"], v["perm"].tolist()) for k, v in after.items()} == {
+        k: (v["step"], v["perm"].tolist()) for k, v in before.items()
+    }
+    _train(fresh, 1)
+    assert {v["step"] for v in nmcompile.sparsity_state(fresh).values()} == {1}
