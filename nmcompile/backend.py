@@ -17,7 +17,7 @@ import sys
 import warnings
 import weakref
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,30 +104,87 @@ def _lookup(tables: list[_Table], param: torch.Tensor) -> _Entry | None:
     return next((t[id(param)] for t in tables if id(param) in t), None)
 
 
+_Namespaces = tuple[Mapping[str, Any], Mapping[str, Any]]  # a frame's locals and globals
+_CodeKey = tuple[str, str, int]  # a code object's name, file and first line
+
+
 class _CallTables:
     """``_root_tables()`` for one compile or one call of a compiled graph: built at its first
     lookup, then shared by the rest (each build walks every parameter of the model, so a build per
-    weight made the first call of a graph reused by many blocks quadratic in the blocks)."""
+    weight made the first call of a graph reused by many blocks quadratic in the blocks).
 
-    def __init__(self) -> None:
+    Where no compiled module on the stack holds a parameter, ``lookup`` follows its dynamo source
+    through ``namespaces`` (the compiled frame's locals and globals, asked for at the first such
+    lookup): a compiled function given the model, ``fn(model, x)``, finds each model's modules."""
+
+    def __init__(self, namespaces: Callable[[], _Namespaces | None] | None = None) -> None:
         self._tables: list[_Table] | None = None
+        self._namespaces = namespaces
+        self._frame: _Namespaces | None = None
+        self._chain_tables: dict[int, _Table] = {}  # one table per module met on a source chain
 
     def tables(self) -> list[_Table]:
         if self._tables is None:
             self._tables = _root_tables()
         return self._tables
 
-    def lookup(self, param: torch.Tensor) -> _Entry | None:
-        return _lookup(self.tables(), param)
+    def lookup(self, param: torch.Tensor, source: str | None = None) -> _Entry | None:
+        """``param``'s entry in the compiled modules being called, else in the outermost module on
+        its ``source`` chain that holds it."""
+        found = _lookup(self.tables(), param)
+        if found is not None or source is None or self._namespaces is None:
+            return found
+        if self._frame is None:
+            self._frame = self._namespaces() or ({}, {})
+        modules = _source_modules(source, self._frame)
+        for module in modules:
+            if id(module) not in self._chain_tables:
+                self._chain_tables[id(module)] = _parameter_table(module)
+        return _lookup([self._chain_tables[id(m)] for m in modules], param)
 
 
-def _source_modules(source_name: str) -> list[nn.Module]:
+def _compiling_frame() -> Any:
+    """Dynamo's tracer of the frame it is compiling (the outermost, whose locals its sources
+    read), or ``None`` outside its tracing (a graph compiled by hand)."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    try:
+        return InstructionTranslator.current_tx()
+    except AttributeError:
+        return None
+
+
+def _compiling_namespaces() -> _Namespaces | None:
+    """The locals and globals of the frame dynamo is compiling, which its sources are read in."""
+    tx = _compiling_frame()
+    return (tx.f_locals, tx.f_globals) if tx is not None else None
+
+
+def _code_key(code: Any) -> _CodeKey:
+    """What a frame that runs ``code`` shows of it: dynamo runs its own code object in that frame,
+    with the name, file and first line of the code it compiled."""
+    return code.co_name, code.co_filename, code.co_firstlineno
+
+
+def _running_namespaces(code: _CodeKey) -> _Namespaces | None:
+    """The locals and globals of the innermost frame on this thread's stack that runs ``code``: a
+    compiled function's, called now (its locals are read once, while it runs), or ``None``."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if _code_key(frame.f_code) == code:
+            return frame.f_locals, frame.f_globals
+        frame = frame.f_back
+    return None
+
+
+def _source_modules(source_name: str, namespaces: _Namespaces) -> list[nn.Module]:
     """The modules met along a dynamo source chain such as
     ``L['self'].model._modules['fc1']._parameters['weight']``, outermost first, each compiled
     wrapper standing for the module it wraps.
 
-    The chain is evaluated against the frame dynamo is compiling, one attribute or item at a time,
-    as dynamo's own guards read it; it stops where a step cannot be parsed or read.
+    The chain is evaluated against ``namespaces``, the locals and globals of the frame dynamo
+    compiled, one attribute or item at a time, as dynamo's own guards read it; it stops where a
+    step cannot be parsed or read.
     """
     from torch._dynamo.eval_frame import OptimizedModule
 
@@ -135,10 +192,7 @@ def _source_modules(source_name: str) -> list[nn.Module]:
     if match is None:
         return []
     try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        tx = InstructionTranslator.current_tx()
-        obj = (tx.f_locals if match[1] == "L" else tx.f_globals)[match[2]]
+        obj = namespaces[0 if match[1] == "L" else 1][match[2]]
     except Exception:
         return []
     modules: list[nn.Module] = []
@@ -183,23 +237,21 @@ def resolve_parameters(
     pairs = [(ph, v) for ph, v in pairs if isinstance(v, nn.Parameter)]
     if not pairs:
         return {}
-    tables = (roots or _CallTables()).tables()
-    chain_tables: dict[int, _Table] = {}
+    roots = roots or _CallTables(_compiling_namespaces)
     out: dict[str, ParamInfo] = {}
     for placeholder, param in pairs:
-        found = _lookup(tables, param)
+        source = _source(placeholder)
+        found = roots.lookup(param, source)
         if found is None:
-            grapharg = placeholder.meta.get("grapharg")
-            source = grapharg.source.name if grapharg is not None else placeholder.name
-            modules = _source_modules(source)
-            for module in modules:  # one table per module and compile, not per parameter
-                if id(module) not in chain_tables:
-                    chain_tables[id(module)] = _parameter_table(module)
-            found = _lookup([chain_tables[id(m)] for m in modules], param)
-            if found is None:
-                found = (source, zlib.crc32(source.encode()), None, ())
+            found = (source, zlib.crc32(source.encode()), None, ())
         out[placeholder.name] = ParamInfo(found[0], found[1], param, found[2], found[3])
     return out
+
+
+def _source(placeholder: fx.Node) -> str:
+    """The dynamo source a graph input was read from (``L['model']._modules['fc1']...``), else its name."""
+    grapharg = placeholder.meta.get("grapharg")
+    return grapharg.source.name if grapharg is not None else placeholder.name
 
 
 def _readable_input(placeholder: str, params: dict[str, ParamInfo]) -> str:
@@ -355,6 +407,25 @@ def _compile_inner(
     )(gm, inputs)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Origin:
+    """Where a graph's inputs come from: the code dynamo compiled (as a frame running it shows it)
+    and each input's dynamo source, to find the modules of weights no compiled module holds."""
+
+    code: _CodeKey | None
+    sources: tuple[str, ...]
+
+    @staticmethod
+    def of(gm: fx.GraphModule) -> _Origin:
+        tx = _compiling_frame()
+        code = _code_key(tx.f_code) if tx is not None else None
+        return _Origin(code, tuple(_source(n) for n in gm.graph.nodes if n.op == "placeholder"))
+
+    def call_tables(self) -> _CallTables:
+        """``_CallTables`` for one call of the graph, reading sources in the frame that runs it."""
+        return _CallTables(functools.partial(_running_namespaces, self.code) if self.code is not None else None)
+
+
 class _Runner:
     """What the backend returns: runs the compiled graph with state inputs and counts steps.
 
@@ -362,12 +433,21 @@ class _Runner:
     shapes, not which Parameters they are), so each call finds the states of the weights it is
     given: the compiled weight's own, else a state with these options that the weight already has
     (from another compiled module holding it), else a new one, named from the compiled module it
-    belongs to and sharing the weight's progress. ``layers`` are the graph's sparse layers, in the
-    order their state tensors follow the user's inputs.
+    belongs to and sharing the weight's progress (found along its ``origin`` source where no
+    compiled module on the stack holds it). ``layers`` are the graph's sparse layers, in the order
+    their state tensors follow the user's inputs.
     """
 
-    def __init__(self, compiled: Callable, layers: Layers, registry: StateRegistry, variants: _Variants | None = None):
+    def __init__(
+        self,
+        compiled: Callable,
+        layers: Layers,
+        registry: StateRegistry,
+        origin: _Origin,
+        variants: _Variants | None = None,
+    ) -> None:
         self.compiled = compiled
+        self.origin = origin
         self.variants = variants
         # spec, weight's input, state, and the grad mode the graph sets around the layer (None: the caller's)
         self.layers = [(spec, position, state, grad) for spec, position, state, _, grad in layers]
@@ -387,10 +467,10 @@ class _Runner:
             return last[1]
         state = self._known[k].get(weight)
         if state is None:
-            spec = self.layers[k][0]
+            spec, position = self.layers[k][:2]
             state = self.registry.find(weight, spec)
             if state is None:
-                name, index, owner = _locate(weight, spec, roots)
+                name, index, owner = _locate(weight, spec, roots, self.origin.sources[position])
                 state = self.registry.get_or_create(weight, dataclasses.replace(spec, name=name, index=index), owner)
             self._known[k][weight] = state
         self._last[k] = (weakref.ref(anchor(weight)), state)
@@ -402,7 +482,7 @@ class _Runner:
             extra = [tensor for _, _, state, _ in self.layers for tensor in state.graph_inputs()]
             extra = [t if isinstance(t, torch._subclasses.FakeTensor) else fake_mode.from_tensor(t) for t in extra]
             return self.compiled(*args, *extra)
-        roots = _CallTables()
+        roots = self.origin.call_tables()
         variant = self.variants.runner(args, roots) if self.variants is not None else None
         if variant is not None:
             return variant(*args)
@@ -416,10 +496,12 @@ class _Runner:
         return out
 
 
-def _locate(weight: torch.Tensor, spec: LayerSpec, roots: _CallTables) -> tuple[str, int, nn.Module | None]:
-    """Name, layer index and owning module of ``weight`` in the compiled modules being called, or
-    the compiled layer's name and index without an owner where none holds it."""
-    entry = roots.lookup(weight)
+def _locate(
+    weight: torch.Tensor, spec: LayerSpec, roots: _CallTables, source: str
+) -> tuple[str, int, nn.Module | None]:
+    """Name, layer index and owning module of ``weight`` in the compiled modules being called or
+    along its ``source``, or the compiled layer's name and index without an owner where none holds it."""
+    entry = roots.lookup(weight, source)
     return (entry[0], entry[1], entry[2]) if entry is not None else (spec.name, spec.index, None)
 
 
@@ -435,9 +517,10 @@ def compile_graph(
     ``mode`` is ``torch.compile``'s, passed on to the inner Inductor compile."""
     patches = {**_fusion_patches(config), **_mode_patches(mode, config)}
     _watch_recompile_limit().functions.add(_compiled_function())
-    roots = _CallTables()
+    roots = _CallTables(_compiling_namespaces)
     _warn_if_include_admits_nothing(config, roots)
     params = resolve_parameters(gm, example_inputs, roots)
+    origin = _Origin.of(gm)
     try:
         fake_mode = torch._guards.TracingContext.get().fake_mode
     except (AssertionError, RuntimeError):
@@ -471,7 +554,7 @@ def compile_graph(
         torch.compiler.config.patch(cache_key_tag=tag),
     ):
         compiled = _compile_inner(rewritten, [*example_inputs, *examples], config, record, patches)
-    return _Runner(compiled, layers, registry, _Variants(gm, config, registry, fake_mode, params))
+    return _Runner(compiled, layers, registry, origin, _Variants(gm, config, registry, fake_mode, params, origin))
 
 
 class _RecompileLimitWatch(logging.Filter):
@@ -507,16 +590,11 @@ class _RecompileLimitWatch(logging.Filter):
 def _compiled_function() -> str | None:
     """The function dynamo is compiling, named as its recompile-limit log line names it (``None``
     where dynamo's tracer is not at hand)."""
-    from torch._dynamo.symbolic_convert import InstructionTranslator
-
-    try:
-        tx = InstructionTranslator.current_tx()
-    except AttributeError:  # called outside dynamo's tracing (a graph compiled by hand)
-        return None
+    tx = _compiling_frame()
     if tx is None:
         return None
-    code = tx.output.root_tx.f_code
-    return f"'{code.co_name}' ({code.co_filename}:{code.co_firstlineno})"
+    name, filename, line = _code_key(tx.output.root_tx.f_code)
+    return f"'{name}' ({filename}:{line})"
 
 
 @functools.cache
@@ -634,8 +712,9 @@ class _Variants:
         registry: StateRegistry,
         fake_mode: Any,
         params: dict[str, ParamInfo],
+        origin: _Origin,
     ) -> None:
-        self.gm, self.config = gm, config
+        self.gm, self.config, self.origin = gm, config, origin
         self.registry, self.fake_mode = registry, fake_mode
         placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         self.inputs = [(placeholders.index(name), name, _Known.of(info)) for name, info in params.items()]
@@ -653,10 +732,10 @@ class _Variants:
         """What ``find_targets`` reads from a weight's name and ties: the name filter admits it, tied."""
         return admitted, tied or bool(known.shared_as)
 
-    def _known(self, weight: torch.Tensor, compiled: _Known, roots: _CallTables) -> tuple[_Known, bool]:
+    def _known(self, weight: torch.Tensor, position: int, compiled: _Known, roots: _CallTables) -> tuple[_Known, bool]:
         entry = self._seen.get(weight)
         if entry is None:
-            found = roots.lookup(weight)
+            found = roots.lookup(weight, self.origin.sources[position])
             known = compiled if found is None else _Known.of(ParamInfo(*found[:2], weight, *found[2:]))
             entry = self._seen[weight] = (known, self._admitted(known))
         return entry
@@ -670,7 +749,7 @@ class _Variants:
         if fitted is not None and all(ref() is anchor(w) for ref, w in zip(fitted, weights, strict=True)):
             self._fits = fitted
             return None
-        entries = [self._known(w, k, roots) for w, (_, _, k) in zip(weights, self.inputs, strict=True)]
+        entries = [self._known(w, p, k, roots) for w, (p, _, k) in zip(weights, self.inputs, strict=True)]
         ids = [id(w) for w in weights]
         tied = [ids.count(i) > 1 for i in ids]  # a weight at two inputs: tied after compiling
         choice = tuple(self._choice(k, admitted, t) for (k, admitted), t in zip(entries, tied, strict=True))
@@ -689,7 +768,7 @@ class _Variants:
             analysis = find_targets(self.gm, examples, self.config, params)
             rewritten, _ = insert_masks(self.gm, analysis, self.config, self.fake_mode)
             layers = _layers(self.gm, analysis, params, self.config, self.registry)[0]
-            runner = self._runners[choice] = _Runner(rewritten, layers, self.registry)
+            runner = self._runners[choice] = _Runner(rewritten, layers, self.registry, self.origin)
             sparse = ", ".join(t.param_name for t in analysis.sparse) or "none"
             warnings.warn(
                 "nmsparse: dynamo reuses a compiled graph for weights that include/exclude or a weight tie "

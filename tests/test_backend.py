@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import subprocess
 import sys
@@ -360,6 +361,67 @@ def test_model_reached_through_an_attribute_or_a_compiled_wrapper_trains_as_the_
     state = nmcompile.sparsity_state(model)
     indices_and_steps = {name: (s["layer_index"], s["step"]) for name, s in state.items()}
     assert indices_and_steps == {"fc1.weight": (0, 4), "head.weight": (4, 4)}
+
+
+def _loss_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x).square().mean()
+
+
+def _loss_of_with_a_graph_break(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    h = torch.relu(model.fc2(nn.functional.gelu(model.fc1(x))))
+    torch._dynamo.graph_break()
+    return model.head(h).square().mean()
+
+
+@pytest.mark.parametrize("reach", ["argument", "argument_graph_break", "attribute"])
+def test_models_given_to_one_compiled_function_each_find_their_own_modules(reach):
+    """A compiled function given the model (``fn(model, x)``, also around a graph break, or a
+    trainer's ``self.model``) runs one graph for every model of the class. The weights of models
+    after the first are found along dynamo's source in the running function's frame, so their
+    states have owners: an eval forward counts nothing, ``state_dict`` carries the states, a
+    checkpoint loaded before their first call resumes them, and the gradients are the reference's.
+    Before, only the first model had owners; the others counted eval forwards as steps, saved no
+    state and dropped a loaded one."""
+    torch._dynamo.reset()
+    counters.clear()
+    options = {"perm_interval": 1, "exclude": r"^fc2\.", "grad_prune": "mvue24"}
+    backend = nmcompile.backend(inner="aot_eager", **options)
+    torch.manual_seed(0)
+    bases = [MLP() for _ in range(3)]
+    refs = [reference.sparsify(copy.deepcopy(base), **options) for base in bases]
+    models = [copy.deepcopy(base) for base in bases]
+    if reach == "attribute":
+        losses = [_Trainer(model, backend).loss for model in models]
+    else:
+        fn = torch.compile(_loss_of if reach == "argument" else _loss_of_with_a_graph_break, backend=backend)
+        losses = [functools.partial(fn, model) for model in models]
+    *training, resumed = range(3)
+    for step in range(3):
+        x = torch.randn(8, 32, generator=torch.Generator().manual_seed(step))
+        for k in training:
+            refs[k](x).square().mean().backward()
+            losses[k](x).backward()
+            for (name, p), q in zip(refs[k].named_parameters(), models[k].parameters(), strict=True):
+                assert_close(q.grad, p.grad, what=f"model {k} step {step} {name}")
+            sgd_step_both(refs[k], models[k], 0.1)
+    for k in training:
+        models[k].eval()
+        losses[k](torch.randn(8, 32))  # grad enabled, eval mode: no step
+        models[k].train()
+    steps = {"fc1.weight": 3, "head.weight": 3}
+    assert [{n: s["step"] for n, s in nmcompile.sparsity_state(models[k]).items()} for k in training] == [steps] * 2
+    checkpoint = models[1].state_dict()
+    assert sorted(checkpoint._metadata["fc1"][nmcompile.state.METADATA_KEY]) == ["weight"]
+    models[resumed].load_state_dict(checkpoint)
+    x = torch.randn(8, 32)
+    for k in (1, resumed):  # the resumed model takes the step model 1 takes
+        losses[k](x).backward()
+    state, saved = nmcompile.sparsity_state(models[resumed]), nmcompile.sparsity_state(models[1])
+    assert {n: (s["step"], s["layer_index"]) for n, s in state.items()} == {"fc1.weight": (4, 0), "head.weight": (4, 4)}
+    assert all(torch.equal(state[n]["perm"], saved[n]["perm"]) for n in state)
+    for (name, p), q in zip(models[1].named_parameters(), models[resumed].parameters(), strict=True):
+        assert torch.equal(q.grad, p.grad), name
+    assert counters["stats"]["unique_graphs"] == (1 if reach != "argument_graph_break" else 2)
 
 
 @pytest.mark.parametrize("shared_backend", [False, True])
