@@ -103,16 +103,27 @@ def _mha(static: dict[str, Any]):
 
 
 def _encoder_layer(static: dict[str, Any]):
-    """``torch._transformer_encoder_layer_fwd`` (batch-first, no mask) as its unfused formula."""
+    """``torch._transformer_encoder_layer_fwd`` (batch-first) as the unfused formula the layer runs
+    off its fast path, a mask added to the attention scores as ``F.multi_head_attention_forward``
+    adds it. The mask is what ``merge_masks`` made of the layer's masks (a bool one turned additive):
+    ``[B, L]`` key padding (mask type 1), or ``[B, heads, L, L]`` (2); ``[L, L]`` (0) also works."""
     embed, heads = static["embed_dim"], static["num_heads"]
     activation = F.gelu if static["use_gelu"] else F.relu
     norm = _layer_norm if isinstance(static["eps"], fx.Node) else F.layer_norm
+    mask_type, mask_bool = static["mask_type"], static["mask_bool"]
 
-    def layer(src, qkv_w, qkv_b, proj_w, proj_b, n1_w, n1_b, n2_w, n2_b, w1, b1, w2, b2, eps):
+    def layer(src, qkv_w, qkv_b, proj_w, proj_b, n1_w, n1_b, n2_w, n2_b, w1, b1, w2, b2, eps, mask):
         def self_attention(h):
             bsz, tgt = h.shape[0], h.shape[1]
             q, k, v = F.linear(h, qkv_w, qkv_b).view(bsz, tgt, 3, heads, embed // heads).permute(2, 0, 3, 1, 4)
-            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(bsz, tgt, embed)
+            scores_bias = None
+            if mask_type is not None:
+                scores_bias = _additive(mask, q.dtype) if mask_bool else mask
+                if mask_type != 2:
+                    scores_bias = (
+                        scores_bias.view(bsz, 1, 1, tgt) if mask_type == 1 else scores_bias.view(1, 1, tgt, tgt)
+                    )
+            out = F.scaled_dot_product_attention(q, k, v, scores_bias).transpose(1, 2).reshape(bsz, tgt, embed)
             return F.linear(out, proj_w, proj_b)
 
         def feed_forward(h):
@@ -175,10 +186,15 @@ def _encoder_plan(node: fx.Node) -> tuple[Any, list[Any], str | None]:
     (src, embed, heads, qkv_w, qkv_b, proj_w, proj_b, use_gelu, norm_first, eps, n1_w, n1_b, n2_w, n2_b,
      w1, b1, w2, b2, *rest) = node.args  # fmt: skip
     mask = rest[0] if rest else node.kwargs.get("mask")
-    if mask is not None:
-        return None, [], "transformer encoder fast path with a mask: projections run dense inside the fused op"
-    static = {"embed_dim": embed, "num_heads": heads, "eps": eps, "use_gelu": use_gelu, "norm_first": norm_first}
-    inputs = [src, qkv_w, qkv_b, proj_w, proj_b, n1_w, n1_b, n2_w, n2_b, w1, b1, w2, b2, eps]
+    mask_type = rest[1] if len(rest) > 1 else node.kwargs.get("mask_type")
+    mask_value = example_value(mask) if mask is not None else None
+    if mask is not None and not (mask_type in (0, 1, 2) and mask_value.dim() == (2, 2, 4)[mask_type]):
+        why = f"transformer encoder fast path with a mask of type {mask_type}"
+        return None, [], f"{why}: projections run dense inside the fused op"
+    static = {"embed_dim": embed, "num_heads": heads, "eps": eps, "use_gelu": use_gelu, "norm_first": norm_first,
+              "mask_type": mask_type if mask is not None else None,
+              "mask_bool": mask_value is not None and mask_value.dtype == torch.bool}  # fmt: skip
+    inputs = [src, qkv_w, qkv_b, proj_w, proj_b, n1_w, n1_b, n2_w, n2_b, w1, b1, w2, b2, eps, mask]
     return _encoder_layer(static), inputs, None
 
 

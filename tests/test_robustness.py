@@ -246,11 +246,13 @@ def test_mixed_precision_matches_reference(precision, model):
     assert torch.equal(f, reference.nm_mask(w, 2, 4, 1))  # from the parameter's own (low-precision) values
 
 
+@pytest.mark.parametrize("masks", [False, True], ids=["no_mask", "masks"])
 @pytest.mark.parametrize("dynamic", [None, True], ids=["auto", "dynamic"])
 @pytest.mark.parametrize("mode", ["train", "eval", "eval_no_grad"])
-def test_transformer_encoder_layer_including_attention_projections(mode, dynamic):
+def test_transformer_encoder_layer_including_attention_projections(mode, dynamic, masks):
     """nn.TransformerEncoderLayer: the MultiheadAttention projections are sparse too, in training,
-    in eval, and on the fused inference fast path (eval + no_grad); also with ``dynamic=True``,
+    in eval, and on the fused inference fast path (eval + no_grad), also given a causal and a key
+    padding mask (the fast path's merged mask; it ran dense before); also with ``dynamic=True``,
     where dynamo passes the dropout probability and the LayerNorm eps as graph values."""
     torch._dynamo.reset()
     base = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
@@ -268,8 +270,14 @@ def test_transformer_encoder_layer_including_attention_projections(mode, dynamic
         ref.eval()
         mine.eval()
     x = torch.randn(2, 8, 32)
+    kwargs = {}
+    if masks:
+        padding = torch.tensor([[False] * 8, [False] * 5 + [True] * 3])
+        kwargs = {"src_mask": torch.triu(torch.ones(8, 8, dtype=torch.bool), 1), "src_key_padding_mask": padding}
     with torch.set_grad_enabled(mode != "eval_no_grad"):
-        assert_close(compiled(x), ref(x), what=mode)
+        out = compiled(x, **kwargs)
+        assert_close(out, ref(x, **kwargs), what=mode)
+        assert (out - mine(x, **kwargs)).abs().max() > 0.01  # not the dense layer's output
     state = nmcompile.sparsity_state(mine)
     assert set(state) == {"self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight", "linear2.weight"}
     assert all(s["step"] == 2 + (mode == "train") for s in state.values())
@@ -308,9 +316,54 @@ def test_attention_decomposition_equals_pytorch_when_dense():
         assert_close(out, ref_out, what=str(kwargs))
         if ref_weights is not None:
             assert_close(weights, ref_weights, what="attention weights")
+    torch._dynamo.reset()  # the graphs above count towards the recompile limit of the layer's below
     layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0, norm_first=True).eval()
+    fast = torch.compile(layer, backend=_backend(exclude=".*"))
+    float_causal = nn.Transformer.generate_square_subsequent_mask(5)
+    per_head = torch.zeros(2 * 4, 5, 5)  # 3-D: one mask per batch entry and head
+    per_head[torch.arange(8), torch.arange(8) % 5, (torch.arange(8) + 1) % 5] = float("-inf")
+    fast_path_masks = (
+        {},
+        {"src_key_padding_mask": kpm},
+        {"src_mask": float_causal, "is_causal": True},
+        {"src_mask": mask, "src_key_padding_mask": kpm},
+        {"src_mask": per_head, "src_key_padding_mask": torch.zeros(2, 5).masked_fill(kpm, float("-inf"))},
+    )
     with torch.no_grad():
-        assert_close(torch.compile(layer, backend=_backend(exclude=".*"))(q), layer(q), what="fast path")
+        for kwargs in fast_path_masks:  # the fused kernel's result, with each of merge_masks' mask types
+            assert_close(fast(q, **kwargs), layer(q, **kwargs), what=f"fast path {list(kwargs)}")
+        scores_bias = torch.zeros(5, 5).fill_diagonal_(0.5)  # the fused kernel takes it as a bool mask
+        fused = layer(q, src_mask=scores_bias)
+        unfused = layer.train()(q, src_mask=scores_bias)  # dropout 0: the module's own formula
+        assert (fused - unfused).abs().max() > 0.1
+        assert_close(fast.eval()(q, src_mask=scores_bias), unfused, what="a float mask is added, as off the fast path")
+
+
+@pytest.mark.filterwarnings("ignore:Support for mismatched src_key_padding_mask and src_mask is deprecated")
+def test_mismatched_mask_dtypes_leave_the_encoder_layer_dense_unless_the_warning_is_reordered():
+    """A float causal mask with a bool padding mask: ``torch.nn`` warns, the warning is a graph break
+    in ``torch.nn``'s code, and the whole encoder layer (its feed-forward layers too) trains eagerly
+    and dense, as the README says; with ``warnings.warn`` among dynamo's reorderable logging
+    functions, the README's remedy, it trains sparse, as the reference does."""
+    torch.manual_seed(0)
+    base = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+    x = torch.randn(2, 6, 32)
+    masks = {"src_mask": nn.Transformer.generate_square_subsequent_mask(6), "is_causal": True}
+    masks["src_key_padding_mask"] = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+    for reordered in (False, True):
+        torch._dynamo.reset()
+        ref, mine = reference.sparsify(copy.deepcopy(base)), copy.deepcopy(base)
+        logging_functions = {*torch._dynamo.config.reorderable_logging_functions, *([warnings.warn] * reordered)}
+        with torch._dynamo.config.patch(reorderable_logging_functions=logging_functions):
+            out = torch.compile(mine, backend=_backend())(x, **masks)
+        if reordered:
+            assert_close(out, ref(x, **masks))
+            assert sorted(nmcompile.sparsity_state(mine)) == [
+                "linear1.weight", "linear2.weight", "self_attn.in_proj_weight", "self_attn.out_proj.weight"
+            ]  # fmt: skip
+        else:
+            assert_close(out, base(x, **masks))
+            assert nmcompile.sparsity_state(mine) == {}
 
 
 def test_lstm_is_reported_dense_and_tied_head_is_dense():
