@@ -151,7 +151,9 @@ def backward_mask(w: torch.Tensor, fmask: torch.Tensor, perm: torch.Tensor, n: i
 
     Intersected with ``F`` so that ``B ⊆ F`` as SPEC states: a block with fewer than ``n``
     forward-kept weights fills its ``n`` picks with zeros of ``W⊙F``, which must not bring pruned
-    weights back. ``B`` then keeps ``min(n, kept)`` per block, the count SPEC §5 scores.
+    weights back. ``B`` then keeps ``min(n, kept)`` per block, the count SPEC §5 scores, except
+    where kept weights are exactly 0: the tie among zeros can pick a pruned one, which ``∧ F``
+    drops. ``W⊙B``, all that the backward uses, is the same either way.
     """
     permuted = torch.where(fmask, w.detach(), 0).index_select(0, perm)
     bp = nm_mask(permuted, n, m, dim=0)
