@@ -128,6 +128,7 @@ class SparsityConfig:
             _fail("mask_decay", self.mask_decay, f"one of {MASK_DECAYS}")
         if not _is_finite_number(self.mask_decay_rate) or not self.mask_decay_rate > 0:
             _fail("mask_decay_rate", self.mask_decay_rate, "a finite float > 0")
+        object.__setattr__(self, "mask_decay_rate", float(self.mask_decay_rate))  # an int rate too, as srste_lambda
         if not isinstance(self.structure_decay, bool):
             _fail("structure_decay", self.structure_decay, "True or False")
         for key in ("dense_steps", "finetune_steps"):

@@ -142,6 +142,8 @@ def test_valid_edge_values():
     assert (c.n, c.m) == (1, 2)
     c = SparsityConfig(srste_lambda=0)
     assert c.srste_lambda == 0.0 and isinstance(c.srste_lambda, float)
+    c = SparsityConfig(mask_decay="linear", mask_decay_rate=1)  # an int rate is a float, as an int λ is
+    assert c.mask_decay_rate == 1.0 and isinstance(c.mask_decay_rate, float)
     c = SparsityConfig(perm_candidates=0, perm_interval=1, seed=2**63 - 1)
     assert (c.perm_candidates, c.perm_interval, c.seed) == (0, 1, 2**63 - 1)
     c = SparsityConfig(include=r"fc\d", exclude=["head", "emb"])
