@@ -39,6 +39,18 @@ GEMMS = [(5, 8, 8, 2, 4), (37, 20, 40, 1, 4), (33, 24, 64, 3, 8), (17, 32, 32, 1
 EPS = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
+def assert_within_one_rounding(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Each entry of ``got`` within one step of ``expected``'s (16-bit) dtype at that entry's own
+    magnitude: an elementwise result computed in fp32 and rounded once. Triton's interpreter
+    (3.9) truncates fp32 to bf16 where a GPU rounds to nearest; one step covers both."""
+    finfo = torch.finfo(expected.dtype)
+    magnitude = expected.float().abs().clamp_min(finfo.tiny)
+    step = finfo.eps * torch.exp2(torch.floor(torch.log2(magnitude)))
+    error = (got.float() - expected.float()).abs()
+    worst = (error / step).max().item() if error.numel() else 0.0
+    assert worst <= 1, f"{worst:.2f} steps of {expected.dtype} from the expected value"
+
+
 def _randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g).to(device=DEVICE, dtype=dtype)
@@ -155,7 +167,10 @@ def test_mvue_prune_matches_portable_op(dtype, rule, tokens, channels):
     expected = torch.ops.nmsparse.mvue_prune(g.cpu(), torch.tensor(step), key, rule)
     got = kernels.mvue_prune(g, step, key, rule).cpu()
     assert torch.equal(got != 0, expected != 0)
-    assert_close(got.float(), expected.float(), rel=EPS[dtype])
+    if dtype == torch.float32:  # a GPU divides within 2 ulp and fuses multiply-adds
+        assert_close(got, expected, rel=EPS[dtype])
+    else:
+        assert_within_one_rounding(got, expected)
     n, m = (1, 2) if rule == "mvue12" else (2, 4)
     padded = torch.nn.functional.pad((got != 0).t(), (0, (-tokens) % m))
     assert int(padded.reshape(channels, -1, m).sum(-1).max()) <= n
@@ -819,4 +834,4 @@ def test_portable_mvue_op_on_cuda_prunes_as_on_the_cpu(rule):
     got = torch.ops.nmsparse.mvue_prune(tokens, torch.tensor(7), 11, rule).cpu()
     expected = torch.ops.nmsparse.mvue_prune(tokens.cpu(), torch.tensor(7), 11, rule)
     assert torch.equal(got != 0, expected != 0)
-    assert_close(got.float(), expected.float(), rel=EPS[torch.bfloat16])
+    assert_within_one_rounding(got, expected)
