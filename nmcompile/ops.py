@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch._prims_common import make_contiguous_strides_for
+from torch._prims_common import make_channels_last_strides_for, make_contiguous_strides_for
 from torch.fx.traceback import annotate
 
 from nmcompile import reference
@@ -105,10 +105,23 @@ def _count_above(entries: tuple[torch.Tensor, ...], i: int, select: bool) -> tor
     return sum(torch.where(c, 1.0, 0.0) if select else c.to(torch.int32) for c in above)
 
 
+def fresh_layout(t: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """``t`` with exactly the strides of a new tensor of its shape in ``memory_format``, as the fake
+    kernels promise. ``contiguous()`` keeps any stride a dim of size 1 had, and such strides decide
+    ``suggest_memory_format``: a 1x1 convolution's ``W ⊙ B`` of strides ``(16, 1, 16, 16)`` (its
+    channels-last weight's) made ATen's convolution backward return channels-last where its meta,
+    given the fake's ``(16, 1, 1, 1)``, promised NCHW, and Inductor's stride check failed."""
+    if memory_format == torch.contiguous_format:
+        strides = make_contiguous_strides_for(t.shape)
+    else:
+        strides = make_channels_last_strides_for(t.shape)
+    return t if t.stride() == tuple(strides) else t.clone(memory_format=memory_format)
+
+
 @torch.library.custom_op("nmsparse::transposable_mask", mutates_args=(), tags=HOST_READ)
 def transposable_mask(w: torch.Tensor, n: int, m: int, n_eff: torch.Tensor | None = None) -> torch.Tensor:
     """SPEC §4 transposable mask of ``w`` ``[O, K]`` (N:M along both dims); ``n_eff`` as in ``nm_mask``."""
-    return reference.transposable_mask(w, n_in_force(n, n_eff), m).contiguous()
+    return fresh_layout(reference.transposable_mask(w, n_in_force(n, n_eff), m))
 
 
 @transposable_mask.register_fake
@@ -129,7 +142,7 @@ def mvue_prune(grad: torch.Tensor, step: torch.Tensor, key: int, rule: str) -> t
             from nmcompile.kernels.mvue import mvue_prune as mvue_kernel
 
             return mvue_kernel(grad, int(step), key, rule)
-    return _mvue_composite(grad, step, key, rule).contiguous()
+    return fresh_layout(_mvue_composite(grad, step, key, rule))
 
 
 def _mvue_composite(grad: torch.Tensor, step: torch.Tensor, key: int, rule: str) -> torch.Tensor:
@@ -272,7 +285,7 @@ def sparse_conv(
     """Convolution with ``W⊙F`` (``W`` ``[O, C/groups, *k]``, ``F`` N:M along ``C`` per position)."""
     weight = _compute_weight(_decayed(weight, masked, alpha), x)
     out = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups)
-    return out.contiguous(memory_format=_conv_memory_format(x))
+    return fresh_layout(out, _conv_memory_format(x))
 
 
 @sparse_conv.register_fake
@@ -283,7 +296,7 @@ def _(x, weight, bias, masked, perm, stride, padding, dilation, groups, n, m, sr
         for size, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation, strict=True)
     ]
     shape = (x.shape[0], weight.shape[0], *spatial)
-    return x.new_empty(shape).contiguous(memory_format=_conv_memory_format(x))
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_conv_memory_format(x))
 
 
 def _prune_tokens(dy: torch.Tensor, channel_dim: int, step: torch.Tensor, key: int, rule: str) -> torch.Tensor:

@@ -99,6 +99,69 @@ def test_conv_channels_last_and_inductor():
     train_and_compare(BasicBlock, CONV_MODELS["basic_block"][1], channels_last=True, perm_interval=2)
 
 
+class ThenOneByOne(nn.Module):
+    """A 3x3 then a 1x1 convolution: a 1x1 weight's NCHW and channels-last strides differ only on
+    its dims of size 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv3 = nn.Conv2d(8, 16, 3, padding=1)
+        self.conv1 = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv1(torch.relu(self.conv3(x)))
+
+
+@pytest.mark.parametrize("inputs", ["nchw", "channels_last"])
+def test_channels_last_weights_through_inductor(inputs):
+    """Weights made channels-last (``model.to(memory_format=torch.channels_last)``), inputs in either
+    layout, through Inductor: every gradient agrees with the reference. The 1x1 weight's ``W ⊙ F``
+    and ``W ⊙ B`` had kept its channels-last strides on its dims of size 1 where their fake kernels
+    promised NCHW ones, so ATen's convolution backward made a channels-last ``dX`` that Inductor's
+    stride check refused (an ``AssertionError`` in the first backward)."""
+    train_and_compare(
+        lambda: ThenOneByOne().to(memory_format=torch.channels_last),
+        (2, 8, 6, 6),
+        steps=2,
+        channels_last=inputs == "channels_last",
+        perm_interval=1,
+    )
+
+
+def test_custom_ops_return_the_strides_their_fakes_promise():
+    """Real and fake kernels agree on every stride, also on dims of size 1, given inputs whose
+    strides there are odd (a channels-last 1x1 weight, one row of a weight, a conv output of 1x1
+    positions): Inductor
+    plans its buffers and the layouts of the ATen ops after them from the fakes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import nmcompile.kernels.cpu_mask  # noqa: F401  (registers the C kernels' ops)
+
+    weight = torch.randn(8, 16, 1, 1).to(memory_format=torch.channels_last)
+    assert weight.stride() == (16, 1, 16, 16)
+    perm, key, step = torch.randperm(8), 3, torch.tensor(2)
+    x = torch.randn(2, 16, 3, 3).to(memory_format=torch.channels_last)
+    conv = ([1, 1], [0, 0], [1, 1], 1, 2, 4, 0.0, "conv")  # stride, padding, dilation, groups, n, m, λ, name
+    calls = {
+        "cpu_masked_weight": lambda w, x: torch.ops.nmsparse.cpu_masked_weight(w.view(8, 16)[:1].view(16, 1).t(), 2),
+        "cpu_bimask_weight": lambda w, x: torch.ops.nmsparse.cpu_bimask_weight(w, perm, 2),
+        "transposable_mask": lambda w, x: torch.ops.nmsparse.transposable_mask(w.view(8, 16), 2, 4),
+        "mvue_prune": lambda w, x: torch.ops.nmsparse.mvue_prune(w.view(8, 16)[:, :1], step, key, "mvue24"),
+        "sparse_conv": lambda w, x: torch.ops.nmsparse.sparse_conv(x[:, :, :1, :1], w, None, w, None, *conv),
+        "sparse_conv_wide": lambda w, x: torch.ops.nmsparse.sparse_conv(x, w, None, w, None, *conv),
+    }
+    mode = FakeTensorMode(allow_non_fake_inputs=True)  # the permutation and step stay real
+    fake_weight, fake_x = mode.from_tensor(weight), mode.from_tensor(x)
+    mismatches = []
+    for name, call in calls.items():
+        real = call(weight, x)
+        with mode:
+            fake = call(fake_weight, fake_x)
+        if (real.shape, real.stride()) != (fake.shape, fake.stride()):
+            mismatches.append((name, real.stride(), fake.stride()))
+    assert mismatches == []
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_channels_last_conv_is_bitwise_the_reference(dtype):
     """In fp16/bf16 with channels-last inputs the backend's ``dX`` is bitwise the reference's, as in
