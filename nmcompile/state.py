@@ -531,6 +531,16 @@ class StateRegistry:
             return state.payload() if state.fits(param) else None
         return self._pending.get(module, {}).get(name)
 
+    def reparametrized_slots(self, module: nn.Module) -> list[str]:
+        """The slots of ``module`` whose trained state its ``state_dict`` cannot carry: their
+        Parameter lives on while the slot holds none (``torch.nn.utils.prune`` moved it to
+        ``<name>_orig``, a parametrization to ``parametrizations.<name>.original``)."""
+        return [
+            slot
+            for slot, state in self._slots.get(module, {}).items()
+            if slot not in module._parameters and state.step and state.served() is not None
+        ]
+
     def _hook(self, owner: nn.Module | None) -> None:
         """Make ``owner.state_dict()`` carry its layers' states (persistent registries, once per module)."""
         if self.persistent and owner is not None and owner not in self._hooked:
@@ -686,6 +696,14 @@ class _StateDictHook:
                 entries[name] = entry
         if entries:
             local_metadata[METADATA_KEY] = entries
+        for slot in DEFAULT_REGISTRY.reparametrized_slots(module):
+            warnings.warn(
+                f"nmsparse: the sparsity state (step, permutation) of {prefix}{slot} is not in this state_dict: "
+                f"its Parameter is no longer at {prefix}{slot} (torch.nn.utils.prune or a parametrization moved "
+                "it), so a resume from it restarts that layer's schedules; remove the reparametrization "
+                "(prune.remove, parametrize.remove_parametrizations) before checkpointing",
+                stacklevel=3,
+            )
 
     def __reduce__(self) -> tuple:
         return (_StateDictHook, ())

@@ -17,6 +17,8 @@ import weakref
 
 import pytest
 import torch
+import torch.nn.utils.parametrize
+import torch.nn.utils.prune
 from conftest import (
     DOMINANT_BLOCKS,
     MLP,
@@ -1161,6 +1163,40 @@ def test_sparsity_states_win_over_load_state_dict_until_the_layers_train():
     assert nmcompile.sparsity_state(loaded)["fc1.weight"]["step"] == 4
     loaded.load_state_dict(early)
     assert nmcompile.sparsity_state(loaded)["fc1.weight"]["step"] == 2
+
+
+class _Unit(nn.Module):
+    """A parametrization that computes a new tensor, equal to the weight."""
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * 1.0
+
+
+@pytest.mark.parametrize("how", ["prune", "parametrize"])
+def test_a_trained_state_a_reparametrization_keeps_out_of_state_dict_is_warned_about(how):
+    """``torch.nn.utils.prune`` or a parametrization moves a trained layer's Parameter out of its
+    slot (to ``weight_orig``, ``parametrizations.weight.original``): ``state_dict`` cannot carry the
+    layer's state then, and warns, naming the slot, where it had dropped it silently. Once the
+    reparametrization is removed, the same Parameter is back and its state, step included, is
+    saved again without a warning."""
+    torch._dynamo.reset()
+    model = MLP()
+    _train(model, 2)
+    if how == "prune":
+        torch.nn.utils.prune.identity(model.fc1, "weight")
+    else:
+        torch.nn.utils.parametrize.register_parametrization(model.fc1, "weight", _Unit())
+    with pytest.warns(UserWarning, match=r"state \(step, permutation\) of fc1\.weight is not in this state_dict"):
+        checkpoint = model.state_dict()
+    assert nmcompile.state.METADATA_KEY not in checkpoint._metadata["fc1"]
+    if how == "prune":
+        torch.nn.utils.prune.remove(model.fc1, "weight")
+    else:
+        torch.nn.utils.parametrize.remove_parametrizations(model.fc1, "weight")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        checkpoint = model.state_dict()
+    assert checkpoint._metadata["fc1"][nmcompile.state.METADATA_KEY]["weight"]["step"] == 2
 
 
 def test_sparsity_states_for_weights_the_model_lacks_are_ignored_with_a_warning():
