@@ -38,7 +38,7 @@ def payload(operands: dict, device: str) -> dict:
 
 def main() -> None:
     """Compresses each operand on the GPU and saves ``{(rows, cols, dtype name, seed or 'fixed'): (dense, buffer)}``."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.cslt_dump", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cslt_dump", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, metavar="OUT.pt", help="where to save the operands and buffers")
     out = parser.parse_args().out
     if not torch.cuda.is_available():

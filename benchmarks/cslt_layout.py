@@ -121,7 +121,7 @@ def report(dump: dict) -> dict[tuple, dict[str, torch.Tensor]]:
 
 def main() -> None:
     """Reads the dump, prints the report and saves the maps where asked."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.cslt_layout", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cslt_layout", description=__doc__.split("\n\n")[0])
     parser.add_argument("dump")
     parser.add_argument("--save", type=Path)
     args = parser.parse_args()

@@ -68,7 +68,7 @@ def run_case(case: tuple) -> tuple[tuple, str]:
 
 def main() -> None:
     """Runs every case, ``--jobs`` at a time, and prints the table."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.cslt_probe", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cslt_probe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=positive_int, default=4)
     jobs = parser.parse_args().jobs
     if not torch.cuda.is_available():

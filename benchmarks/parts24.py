@@ -191,7 +191,7 @@ def _cell(measure: Callable[[Callable[[], object]], float], fn: Callable[[], obj
 
 def main() -> None:
     """Print a markdown table of the pieces' median times, kernel times and host times; needs an sm80+ GPU."""
-    argparse.ArgumentParser(prog="python -m benchmarks.parts24", description=__doc__.splitlines()[0]).parse_args()
+    argparse.ArgumentParser(prog="python -m benchmarks.parts24", description=__doc__.split("\n\n")[0]).parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks.parts24 needs CUDA")
     from triton.testing import do_bench

@@ -264,7 +264,7 @@ def nm_pair(text: str) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> list[Counts]:
     """Print the table for the chosen kernels."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.ptx", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ptx", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--arch", type=int, default=90, choices=ARCHS, metavar="ARCH",
         help=f"compute capability as one number, one of {', '.join(map(str, ARCHS))} (default 90)",

@@ -37,7 +37,7 @@ def split_rows(tokens: int, device: torch.device) -> list[Row]:
 
 def main(argv: list[str] | None = None) -> list[Row]:
     """Print one table per token count; needs CUDA."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.split", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.split", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=positive_int, nargs="+", default=[256, 1024, 4096])
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

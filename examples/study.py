@@ -217,6 +217,21 @@ def write_report(results: dict, out: Path, args: argparse.Namespace, gpt: tiny_g
     return path
 
 
+def _check_out(parser: argparse.ArgumentParser, out: Path) -> None:
+    """A usage error, before any work, where the report could not be written in ``out`` (a file, a
+    place where nothing can be made): the report comes after the whole study, which was lost."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        parser.error(f"argument --out: {existing} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        parser.error(f"argument --out: cannot write in {existing} ({err.strerror})")
+
+
 def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, tiny_gpt.Settings, cnn_digits.Settings]:
     """The command line, its unset size flags filled from ``SMOKE`` or ``FULL``, checked before any work
     (a bad value failed after the runs or inside dynamo); returns the arguments and both tasks' settings."""
@@ -242,6 +257,7 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, tiny_gpt.S
     for seed in args.seeds:
         if not 0 <= seed < 2**32:
             parser.error(f"argument --seeds: each must be in [0, 2**32) (scikit-learn's random_state), got {seed}")
+    _check_out(parser, args.out)
     extra = {"inner": args.inner} if args.inner else {}
     for name in args.recipes:  # the GPT's steps fill the recipes' placeholders (the CNN's 22 per epoch always fit)
         try:

@@ -131,6 +131,28 @@ def test_failed_gpu_row_set_up_is_a_reason(monkeypatch):
     assert all(r.reason == "off" and r.median_ms is None for r in rows if r.name != "sparse24 gemm")
 
 
+@pytest.mark.parametrize("mode", ["default", "lite"])
+def test_a_row_another_mode_breaks_is_a_reason(mode, monkeypatch):
+    """Under a ``--mode`` other than the default, a compiled row that torch's code for that mode
+    fails (``mode="lite"`` on the dense ResNet backward, CPU, torch 2.13) gets the error as its
+    reason and the run goes on; under the default it ends the run, as before."""
+
+    def broken(x: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("expected size 16==16, stride 1==64 at dim=1")
+
+    def prepare(name, model, device, dtype, mode="default"):
+        return broken if name == "dense inductor" else model if name == "dense eager" else "off"
+
+    monkeypatch.setattr(step, "_prepare", prepare)
+    if mode == "default":
+        with pytest.raises(AssertionError, match="expected size"):
+            step.step_rows("resnet", SIZES["tiny"], torch.device("cpu"), mode)
+        return
+    rows = {row.name: row for row in step.step_rows("resnet", SIZES["tiny"], torch.device("cpu"), mode)}
+    assert rows["dense inductor"].reason == "failed: AssertionError: expected size 16==16, stride 1==64 at dim=1"
+    assert rows["dense eager"].median_ms > 0 and rows["dense eager"].ratios == {}
+
+
 def test_composite_mask_row_compiles_its_own_graph(monkeypatch):
     """The composite-mask row's model (same class as the portable row's, same options) gets a graph
     of its own, compiled with the C mask kernels off: dynamo would otherwise reuse the portable

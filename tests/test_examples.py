@@ -151,6 +151,9 @@ BAD_FLAGS = [
     ("study", ["--layers", "0"], "argument --layers: must be >= 1"),
     ("study", ["--seeds", "0", "-1"], "argument --seeds: each must be in [0, 2**32)"),
     ("study", ["--steps", "3"], "argument --recipes: '1:8 bimask + structure decay' cannot run with --steps 3"),
+    ("study", ["--out", __file__], f"argument --out: {__file__} is not a directory"),
+    ("study", ["--out", f"{__file__}/report"], f"argument --out: {__file__} is not a directory"),
+    ("study", ["--out", "/proc/study"], "argument --out: cannot write in /proc"),
 ]
 
 
