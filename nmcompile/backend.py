@@ -409,21 +409,22 @@ def _compile_inner(
 
 @dataclasses.dataclass(frozen=True)
 class _Origin:
-    """Where a graph's inputs come from: the code dynamo compiled (as a frame running it shows it)
-    and each input's dynamo source, to find the modules of weights no compiled module holds."""
+    """Where a graph's inputs come from: the namespaces of the frame that runs the code dynamo
+    compiled (found when asked) and each input's dynamo source, to find the modules of weights no
+    compiled module holds."""
 
-    code: _CodeKey | None
+    namespaces: Callable[[], _Namespaces | None] | None
     sources: tuple[str, ...]
 
     @staticmethod
     def of(gm: fx.GraphModule) -> _Origin:
         tx = _compiling_frame()
-        code = _code_key(tx.f_code) if tx is not None else None
-        return _Origin(code, tuple(_source(n) for n in gm.graph.nodes if n.op == "placeholder"))
+        namespaces = functools.partial(_running_namespaces, _code_key(tx.f_code)) if tx is not None else None
+        return _Origin(namespaces, tuple(_source(n) for n in gm.graph.nodes if n.op == "placeholder"))
 
     def call_tables(self) -> _CallTables:
         """``_CallTables`` for one call of the graph, reading sources in the frame that runs it."""
-        return _CallTables(functools.partial(_running_namespaces, self.code) if self.code is not None else None)
+        return _CallTables(self.namespaces)
 
 
 class _Runner:

@@ -119,10 +119,10 @@ def _encoder_layer(static: dict[str, Any]):
             scores_bias = None
             if mask_type is not None:
                 scores_bias = _additive(mask, q.dtype) if mask_bool else mask
-                if mask_type != 2:
-                    scores_bias = (
-                        scores_bias.view(bsz, 1, 1, tgt) if mask_type == 1 else scores_bias.view(1, 1, tgt, tgt)
-                    )
+                if mask_type == 1:  # key padding [B, L], over every head and query
+                    scores_bias = scores_bias.view(bsz, 1, 1, tgt)
+                elif mask_type == 0:  # one [L, L] mask for every batch entry and head
+                    scores_bias = scores_bias.view(1, 1, tgt, tgt)
             out = F.scaled_dot_product_attention(q, k, v, scores_bias).transpose(1, 2).reshape(bsz, tgt, embed)
             return F.linear(out, proj_w, proj_b)
 
