@@ -131,8 +131,7 @@ def test_channels_last_weights_through_inductor(inputs):
 def test_custom_ops_return_the_strides_their_fakes_promise():
     """Real and fake kernels agree on every stride, also on dims of size 1, given inputs whose
     strides there are odd (a channels-last 1x1 weight, one row of a weight, a conv output of 1x1
-    positions): Inductor
-    plans its buffers and the layouts of the ATen ops after them from the fakes."""
+    positions): Inductor plans its buffers and the layouts of the ATen ops after them from the fakes."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     import nmcompile.kernels.cpu_mask  # noqa: F401  (registers the C kernels' ops)
