@@ -497,6 +497,15 @@ class _Runner:
         return out
 
 
+def _table_use(owner: nn.Module | None, weight: torch.Tensor, registry: StateRegistry) -> str:
+    """How ``weight`` is known to be an embedding's table besides the graph being decided: its
+    module is an embedding, or a compiled graph read it in a lookup; ``""`` where neither. A GEMM
+    on it is then a head tied to the embedding, which a graph break may have put in another graph."""
+    if isinstance(owner, (nn.Embedding, nn.EmbeddingBag)):
+        return f"its module: {type(owner).__name__}"
+    return "read by one in another compiled graph" if registry.is_lookup_table(weight) else ""
+
+
 def _locate(
     weight: torch.Tensor, spec: LayerSpec, roots: _CallTables, source: str
 ) -> tuple[str, int, nn.Module | None]:
@@ -521,6 +530,7 @@ def compile_graph(
     roots = _CallTables(_compiling_namespaces)
     _warn_if_include_admits_nothing(config, roots)
     params = resolve_parameters(gm, example_inputs, roots)
+    params = {k: dataclasses.replace(v, lookup=_table_use(v.owner, v.param, registry)) for k, v in params.items()}
     origin = _Origin.of(gm)
     try:
         fake_mode = torch._guards.TracingContext.get().fake_mode
@@ -530,6 +540,8 @@ def compile_graph(
     if decompose_attention(gm).modified:
         _propagate_fake_values(gm)
     analysis = find_targets(gm, example_inputs, config, params)
+    for name in analysis.lookup_tables:
+        registry.note_lookup_table(params[name].param, params[name].name)
     rewritten, state_inputs = insert_masks(gm, analysis, config, fake_mode)
     rewritten, kernels = lower_kernels(rewritten, config)
     layers, by_target = _layers(gm, analysis, params, config, registry)
@@ -682,16 +694,18 @@ class _Known:
     index: int
     shared_as: tuple[str, ...]
     owner: weakref.ref | None
+    lookup: str
 
     @staticmethod
     def of(info: ParamInfo) -> _Known:
         owner = weakref.ref(info.owner) if info.owner is not None else None
-        return _Known(info.name, info.index, info.shared_as, owner)
+        return _Known(info.name, info.index, info.shared_as, owner, info.lookup)
 
     def info(self, weight: torch.Tensor, tied: bool = False) -> ParamInfo:
         """``ParamInfo`` for ``weight``; ``tied``: it is also another input of the graph."""
         shared_as = (*self.shared_as, "another input of this graph") if tied else self.shared_as
-        return ParamInfo(self.name, self.index, weight, self.owner() if self.owner else None, shared_as)
+        owner = self.owner() if self.owner else None
+        return ParamInfo(self.name, self.index, weight, owner, shared_as, self.lookup)
 
 
 class _Variants:
@@ -731,13 +745,17 @@ class _Variants:
     @staticmethod
     def _choice(known: _Known, admitted: bool, tied: bool = False) -> tuple[bool, bool]:
         """What ``find_targets`` reads from a weight's name and ties: the name filter admits it, tied."""
-        return admitted, tied or bool(known.shared_as)
+        return admitted, tied or bool(known.shared_as or known.lookup)
 
     def _known(self, weight: torch.Tensor, position: int, compiled: _Known, roots: _CallTables) -> tuple[_Known, bool]:
         entry = self._seen.get(weight)
         if entry is None:
             found = roots.lookup(weight, self.origin.sources[position])
-            known = compiled if found is None else _Known.of(ParamInfo(*found[:2], weight, *found[2:]))
+            if found is None:
+                known = compiled
+            else:
+                lookup = _table_use(found[2], weight, self.registry)
+                known = _Known.of(ParamInfo(*found[:2], weight, *found[2:], lookup))
             entry = self._seen[weight] = (known, self._admitted(known))
         return entry
 

@@ -454,6 +454,7 @@ def explain(
     module = unwrap(model)
     records: list[CompileRecord] = []
     registry = StateRegistry()  # private, starting from the user's current states
+    registry.share_lookup_tables(DEFAULT_REGISTRY)
     for sub in module.modules():
         for name, param in sub.named_parameters(recurse=False):
             entry = DEFAULT_REGISTRY.checkpoint_entry(sub, name, param)

@@ -433,6 +433,7 @@ class StateRegistry:
         self._hooked: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._restarted: list[str] = []  # layers that restarted from such a checkpoint, for warn_restarted
         self._loaded_apart: WeakIdKeyDictionary = WeakIdKeyDictionary()  # owner -> {name: payload restored apart}
+        self._lookup_tables = WeightKeyDictionary()  # weights a compiled graph read as embedding tables
 
     def get_or_create(self, weight: torch.Tensor, spec: LayerSpec, owner: nn.Module | None) -> LayerState:
         """The state of ``weight`` as ``spec`` uses it. Where ``weight`` has states for other specs
@@ -655,6 +656,30 @@ class StateRegistry:
             return True
         del marks[name]
         return False
+
+    def note_lookup_table(self, weight: torch.Tensor, name: str) -> None:
+        """A compiled graph reads ``weight`` as an embedding table: a GEMM on it in a graph compiled
+        later (an output head tied to the embedding across a graph break) stays dense. One compiled
+        earlier trains on sparse: warned, since only a recompile decides it again."""
+        if self._lookup_tables.get(weight) is not None:
+            return
+        self._lookup_tables[weight] = True
+        if self._views.get(weight):
+            warnings.warn(
+                f"nmsparse: {name} is read by an embedding lookup here, and a graph compiled before runs it as a "
+                "sparse GEMM weight (a tied output head): that GEMM stays sparse until it is compiled again "
+                "(torch._dynamo.reset(), which keeps the sparsity states), then dense",
+                stacklevel=3,
+            )
+
+    def is_lookup_table(self, weight: torch.Tensor) -> bool:
+        """Whether a compiled graph read ``weight`` as an embedding table."""
+        return self._lookup_tables.get(weight) is not None
+
+    def share_lookup_tables(self, other: StateRegistry) -> None:
+        """Know the embedding tables ``other`` has seen (``explain``'s private registry)."""
+        for key in other._lookup_tables._data.keys():  # anchors already
+            self._lookup_tables._data[key] = True
 
     def warn_restarted(self) -> None:
         """One warning naming every layer whose new state restarted, since the last call, from a

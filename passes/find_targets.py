@@ -43,6 +43,7 @@ _FUSED_ATTENTION = {
     torch._native_multi_head_attention: "native_multi_head_attention",
 }
 _FUNCTORCH_REASON = "inside a torch.func transform (vmap, grad, jvp): left dense"
+_LOOKUPS = {"embedding", "embedding_bag"}  # F.embedding, F.embedding_bag, torch.embedding: a weight read as a table
 _FUNCTORCH_WRAPS = {"_add_batch_dim", "_wrap_for_grad", "_make_dual"}  # a weight entering a transform
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_TRANSPOSE_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
@@ -71,14 +72,17 @@ class ConvInfo:
 @dataclasses.dataclass(frozen=True)
 class ParamInfo:
     """A graph input that is an ``nn.Parameter``: its name (as ``named_parameters()`` spells it),
-    its layer index (for seeding, SPEC §5), the tensor, the module that owns it (if known), and
-    the names under which other modules share it (tied weights)."""
+    its layer index (for seeding, SPEC §5), the tensor, the module that owns it (if known), the
+    names under which other modules share it (tied weights), and, where it is an embedding's table
+    whose lookup this graph may not hold (a graph break or a separate compile between them), how
+    that is known."""
 
     name: str
     index: int
     param: torch.Tensor
     owner: torch.nn.Module | None
     shared_as: tuple[str, ...] = ()
+    lookup: str = ""
 
 
 @dataclasses.dataclass
@@ -136,11 +140,13 @@ class GemmTarget:
 
 @dataclasses.dataclass
 class TargetAnalysis:
-    """Result of ``find_targets``: every GEMM-like node with its decision, and for parameters no
-    such node takes, what uses them instead (by parameter name; the report's reason)."""
+    """Result of ``find_targets``: every GEMM-like node with its decision, for parameters no
+    such node takes, what uses them instead (by parameter name; the report's reason), and the
+    parameters read as embedding tables (a head tied to them in another graph stays dense)."""
 
     targets: list[GemmTarget]
     other_uses: dict[str, str] = dataclasses.field(default_factory=dict)
+    lookup_tables: list[str] = dataclasses.field(default_factory=list)  # placeholders an embedding lookup reads
 
     @property
     def sparse(self) -> list[GemmTarget]:
@@ -291,7 +297,10 @@ def find_targets(
         info = params.get(placeholder.name)
         if info is not None and info.name not in named and (reason := _other_use(placeholder)) is not None:
             other_uses[info.name] = reason
-    return TargetAnalysis(targets, other_uses)
+    tables = [
+        ph.name for ph in placeholders if ph.name in params and any(_op_name(u) in _LOOKUPS for u in _consumers(ph))
+    ]
+    return TargetAnalysis(targets, other_uses, tables)
 
 
 def _other_use(placeholder: fx.Node) -> str | None:
@@ -459,6 +468,8 @@ def _dense_reason(
     uses = _consumers(placeholder)
     if len(uses) > 1:  # two GEMMs (a tie in one graph), or a GEMM and another op (a penalty on W)
         return f"tied: parameter used by {len(uses)} nodes ({', '.join(sorted(map(_op_name, uses)))})"
+    if info.lookup:  # the embedding's lookup in another graph (a tied output head)
+        return f"tied: also the table of an embedding lookup ({info.lookup})"
     if extra:
         return f"{kind} with extra arguments {sorted(extra)}"
     if not divisible(cols, config.m):

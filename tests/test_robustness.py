@@ -790,6 +790,127 @@ def test_tied_head_is_dense_across_a_graph_break(graph_break):
     ]
 
 
+class _HeadOnEmbedding(nn.Module):
+    """A language model whose head reads the embedding's weight itself, a graph break between them."""
+
+    def __init__(self, head: str) -> None:
+        super().__init__()
+        self.head = head
+        self.emb, self.fc = nn.Embedding(32, 16), nn.Linear(16, 16)
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        torch._dynamo.graph_break()
+        h = torch.relu(self.fc(h))
+        return nn.functional.linear(h, self.emb.weight) if self.head == "linear" else h @ self.emb.weight.t()
+
+
+def _train_lm_both(compiled_forward, mine: nn.Module, ref: nn.Module, steps: int = 3) -> None:
+    """Train ``mine`` (through ``compiled_forward``) and ``ref`` side by side on token inputs; outputs
+    and every gradient agree at each step."""
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (mine, ref)]
+    for step in range(steps):
+        idx = torch.randint(0, 32, (4, 8))
+        y_mine, y_ref = compiled_forward(idx), ref(idx)
+        assert_close(y_mine, y_ref, what=f"step {step} output")
+        y_mine.square().mean().backward()
+        y_ref.square().mean().backward()
+        for (name, p_ref), p_mine in zip(ref.named_parameters(), mine.parameters(), strict=True):
+            assert_close(p_mine.grad, p_ref.grad, what=f"step {step} grad of {name}")
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+
+
+@pytest.mark.parametrize("head", ["linear", "matmul"])
+def test_head_reading_the_embedding_weight_is_dense_across_a_graph_break(head):
+    """SPEC §10: a head that reads an ``nn.Embedding``'s weight itself (``F.linear(h, self.emb.weight)``,
+    ``h @ self.emb.weight.t()``) is tied to the lookup also where a graph break puts the two in
+    different graphs: dense, as in the reference, which sees both uses in one forward (the backend
+    used to prune the vocabulary matrix 2:4 there)."""
+    rows = nmcompile.explain(_HeadOnEmbedding(head), torch.randint(0, 32, (4, 8)), inner="aot_eager").rows
+    assert [(r.name, r.sparse, r.reason) for r in rows] == [
+        ("fc.weight", True, "2:4, backward=bimask"),
+        ("emb.weight", False, "tied: also the table of an embedding lookup (its module: Embedding)"),
+    ]
+    torch.manual_seed(0)
+    mine = _HeadOnEmbedding(head)
+    ref = reference.sparsify(copy.deepcopy(mine))
+    with pytest.warns(UserWarning, match="emb.weight is used by more than one op in one forward"):  # the reference's
+        _train_lm_both(torch.compile(mine, backend=_backend()), mine, ref)
+    assert nmcompile.sparsity_state(mine).keys() == nmcompile.sparsity_state(ref).keys() == {"fc.weight"}
+
+
+class _Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(32, 16), nn.Linear(16, 16)
+
+    def forward(self, idx):
+        return torch.relu(self.fc(self.emb(idx)))
+
+
+class _Decoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(16, 16), nn.Linear(16, 32, bias=False)
+
+    def forward(self, h):
+        return self.head(torch.relu(self.fc(h)))
+
+
+class _EncoderDecoder(nn.Module):
+    """An output head tied to the embedding of another module, as blocks compiled one by one hold it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.dec = _Encoder(), _Decoder()
+        self.dec.head.weight = self.enc.emb.weight
+
+    def forward(self, idx):
+        return self.dec(self.enc(idx))
+
+
+def test_head_tied_to_an_embedding_compiled_apart_is_dense():
+    """A head sharing the weight of an embedding that another compiled module looks up (encoder and
+    decoder compiled apart) stays dense: the registry remembers the weights compiled graphs read as
+    embedding tables. It trains as the reference of the whole model (no permutation candidates:
+    their seeds follow each compile's layer index); ``explain`` of the decoder says why."""
+    torch.manual_seed(0)
+    mine = _EncoderDecoder()
+    ref = reference.sparsify(copy.deepcopy(mine), perm_candidates=0)
+    enc = torch.compile(mine.enc, backend=_backend(perm_candidates=0))
+    dec = torch.compile(mine.dec, backend=_backend(perm_candidates=0))
+    _train_lm_both(lambda idx: dec(enc(idx)), mine, ref)
+    assert (
+        sorted(nmcompile.sparsity_state(mine))
+        == sorted(nmcompile.sparsity_state(ref))
+        == [
+            "dec.fc.weight",
+            "enc.fc.weight",
+        ]
+    )
+    rows = {r.name: r for r in nmcompile.explain(mine.dec, torch.randn(4, 8, 16), inner="aot_eager").rows}
+    why = "tied: also the table of an embedding lookup (read by one in another compiled graph)"
+    assert not rows["head.weight"].sparse and rows["head.weight"].reason == why
+
+
+def test_embedding_lookup_compiled_after_its_tied_head_warns():
+    """Where the head's graph was compiled before any graph read its weight as an embedding table
+    (the decoder called first), the head trains sparse: a warning says so and that a recompile makes
+    it dense, which ``torch._dynamo.reset()`` then does, the states kept."""
+    model = _EncoderDecoder()
+    enc, dec = (torch.compile(m, backend=_backend()) for m in (model.enc, model.dec))
+    dec(torch.randn(4, 8, 16)).sum().backward()
+    assert sorted(nmcompile.sparsity_state(model)) == ["dec.fc.weight", "enc.emb.weight"]  # the head's weight
+    with pytest.warns(UserWarning, match=r"^nmsparse: emb.weight is read by an embedding lookup here"):
+        enc(torch.randint(0, 32, (4, 8))).sum().backward()
+    torch._dynamo.reset()
+    dec(torch.randn(4, 8, 16)).sum().backward()
+    steps = {name: state["step"] for name, state in nmcompile.sparsity_state(model).items()}
+    assert steps == {"dec.fc.weight": 2, "enc.emb.weight": 1, "enc.fc.weight": 1}
+
+
 def test_weight_used_besides_its_gemm_is_dense_with_the_ops_named():
     """SPEC §10: a parameter used by more than one node stays dense, also where the second node is not
     a GEMM (a penalty on ``W`` in the forward); the reason names the nodes, and the model trains as
