@@ -1,5 +1,6 @@
 """nmcompile: N:M sparse training (Bi-Mask) through ``torch.compile(model, backend="nmsparse")``."""
 
+from nmcompile import _checkout  # noqa: F401  (first: the passes of a checkout no install maps)
 from nmcompile import ops as _ops  # noqa: F401  (registers the nmsparse:: custom ops)
 from nmcompile.backend import NMSparseBackend, backend, nmsparse
 from nmcompile.inspection import Report, explain

@@ -462,17 +462,16 @@ class _Runner:
     def _state(self, k: int, weight: torch.Tensor, roots: _CallTables) -> LayerState:
         """Layer ``k``'s state for ``weight``: the last call's where the weight is the same (the
         usual case, one check), else the one found at an earlier call with this weight, else the
-        registry's for this layer's options (looked up once per weight)."""
+        registry's for this layer's options under the name, index and module that hold the weight
+        now (located once per weight: a state another compile made for it shares its progress)."""
         last = self._last[k]
         if last[0]() is anchor(weight):
             return last[1]
         state = self._known[k].get(weight)
         if state is None:
             spec, position = self.layers[k][:2]
-            state = self.registry.find(weight, spec)
-            if state is None:
-                name, index, owner = _locate(weight, spec, roots, self.origin.sources[position])
-                state = self.registry.get_or_create(weight, dataclasses.replace(spec, name=name, index=index), owner)
+            name, index, owner = _locate(weight, spec, roots, self.origin.sources[position])
+            state = self.registry.get_or_create(weight, dataclasses.replace(spec, name=name, index=index), owner)
             self._known[k][weight] = state
         self._last[k] = (weakref.ref(anchor(weight)), state)
         return state

@@ -468,18 +468,6 @@ class StateRegistry:
         self._hook(owner)
         return state
 
-    def find(self, weight: torch.Tensor, spec: LayerSpec) -> LayerState | None:
-        """``weight``'s state for ``spec``, else one for ``spec``'s options under another name and
-        layer index (another compiled module that holds it), else ``None``."""
-        views = self._views.get(weight)
-        if not views:
-            return None
-        state = views.get(spec)
-        if state is not None:
-            return state
-        options = dataclasses.replace(spec, name="", index=0)
-        return next((v for v in views.values() if dataclasses.replace(v.spec, name="", index=0) == options), None)
-
     def get(self, weight: torch.Tensor) -> LayerState | None:
         """The state of ``weight`` that ran its last training step (the newest where none has), or
         ``None``, also where ``weight`` was resized since (its next compile starts a new state)."""

@@ -109,10 +109,13 @@ class GemmTarget:
     sparse: bool = False
     backward: str = "dense"
     reason: str = ""
+    prefix: str = ""  # a numbered node-name prefix, where another sparse layer's name spells the same
 
     @property
     def layer(self) -> str:
         """Node-name prefix for this layer, e.g. ``blocks_0_fc1`` for ``blocks.0.fc1.weight``."""
+        if self.prefix:
+            return self.prefix
         name = self.param_name or self.node.name
         return identifier(name[: -len(".weight")] if name.endswith(".weight") else name)
 
@@ -121,20 +124,23 @@ class GemmTarget:
     ) -> dict[str, tuple[int, int] | None]:
         """Dense vs N:M-executable FLOPs of the forward, input-gradient and weight-gradient GEMMs, at
         ``n`` (the N in force) and mask-decay factor ``alpha``: while ``α > 0`` the forward and
-        input-gradient GEMMs are not sparse (the weight gradient is, with ``grad_prune``); 0 for
-        a gradient that is not computed."""
+        input-gradient GEMMs are not sparse (the weight gradient is, with ``grad_prune``, over the
+        tokens zero-padded to whole blocks (SPEC §7): a single token keeps 2 of a block of 4, more
+        than its dense GEMM); 0 for a gradient that is not computed."""
         if self.weight_shape is None or self.tokens is None:
             return {"forward": None, "input_grad": None, "weight_grad": None}
         O, K = self.weight_shape
         dense = 2 * self.tokens * O * K
         masked = self.sparse and not alpha
         bwd_sparse = masked and self.backward in ("bimask", "transposable")
+        pruned = dense
+        if self.sparse and grad_prune != "none":
+            block = 2 if grad_prune == "mvue12" else 4
+            pruned = 2 * O * K * (-(-self.tokens // block) * block // 2)
         return {
             "forward": (dense, dense * n // m if masked else dense),
             "input_grad": ((dense, dense * n // m if bwd_sparse else dense) if self.input_grad else (0, 0)),
-            "weight_grad": (
-                (dense, dense // 2 if self.sparse and grad_prune != "none" else dense) if self.weight_grad else (0, 0)
-            ),
+            "weight_grad": (dense, pruned) if self.weight_grad else (0, 0),
         }
 
 
@@ -300,7 +306,22 @@ def find_targets(
     tables = [
         ph.name for ph in placeholders if ph.name in params and any(_op_name(u) in _LOOKUPS for u in _consumers(ph))
     ]
+    _distinct_layers(targets)
     return TargetAnalysis(targets, other_uses, tables)
+
+
+def _distinct_layers(targets: list[GemmTarget]) -> None:
+    """Number the node-name prefix of a sparse layer whose name spells another's (``a.b_c`` and
+    ``a_b.c`` both give ``a_b_c``): each layer names its own nodes, and its kernel is its own."""
+    owners: dict[str, str | None] = {}
+    for target in (t for t in targets if t.sparse):
+        base = layer = target.layer
+        count = 1
+        while owners.setdefault(layer, target.param_name) != target.param_name:
+            count += 1
+            layer = f"{base}_{count}"
+        if layer != base:
+            target.prefix = layer
 
 
 def _other_use(placeholder: fx.Node) -> str | None:
@@ -463,6 +484,10 @@ def _dense_reason(
     filtered = config.name_filter_reason(info.name)
     if filtered:
         return filtered
+    traced = example_value(placeholder)
+    if traced is not None and any(isinstance(size, torch.SymInt) for size in traced.shape):
+        # dynamo's force_parameter_static_shapes=False: one graph for every weight size
+        return f"weight sizes {list(traced.shape)} are symbolic: N:M needs sizes known at compile time"
     if info.shared_as:  # tied by the modules, whichever graphs the uses fall into
         return f"tied: parameter shared with {', '.join(info.shared_as)}"
     uses = _consumers(placeholder)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import re
 import subprocess
 import sys
+import sysconfig
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -956,6 +959,26 @@ def test_entry_point_works_without_import():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_a_checkout_no_install_maps_imports_its_passes(tmp_path):
+    """The checkout on ``PYTHONPATH`` with no install mapping ``passes/`` to ``nmcompile.passes`` (``-S``
+    skips the editable install's finder; a ``pip install .`` shadowed by ``python -m`` in the checkout
+    is the same case) still imports the passes, from the checkout, and compiles."""
+    root = Path(nmcompile.__file__).resolve().parent.parent
+    site = sysconfig.get_paths()["purelib"]
+    code = (
+        "import sys, torch, nmcompile, nmcompile.passes\n"
+        "from nmcompile.passes import find_targets\n"
+        "print(nmcompile.passes.__file__)\n"
+        "print(nmcompile.explain(torch.nn.Linear(8, 8), torch.randn(2, 8), inner='aot_eager').rows[0].reason)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), site])}
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == [str(root / "passes" / "__init__.py"), "2:4, backward=bimask"]
 
 
 def test_aot_cache_serves_a_second_compile_of_the_same_nmcompile_only(monkeypatch):

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 import torch.utils.checkpoint
-from conftest import MLP, assert_close, sgd_step_both
+from conftest import MLP, assert_close, cpu_mask_note, sgd_step_both
 from torch import nn
 
 import nmcompile
@@ -106,6 +106,47 @@ def test_table_rows_and_flops():
     for column in ("parameter", "op", "W [O,K]", "N:M", "status", "backward", "fwd FLOPs", "dX FLOPs", "why"):
         assert column in header
     assert "16.4K→4.1K" in table and "head.weight" in table
+
+
+@pytest.mark.parametrize(("grad_prune", "block"), [("mvue24", 4), ("mvue12", 2), ("mvue24_approx", 4)])
+def test_pruned_weight_gradient_flops_count_the_padded_tokens(grad_prune, block):
+    """SPEC §7: ``dY`` is pruned over the tokens zero-padded to whole blocks, so the weight-gradient
+    GEMM runs half of the padded tokens: half of T where T fills its blocks, more than half
+    otherwise, and more than the dense GEMM for a single token in a block of 4."""
+    for tokens in (1, 3, 5, 8):
+        x = torch.randn(tokens, 16, requires_grad=True)
+        row = nmcompile.explain(nn.Linear(16, 16), x, inner="aot_eager", grad_prune=grad_prune).rows[0]
+        padded = -(-tokens // block) * block
+        assert row.flops["weight_grad"] == (2 * tokens * 256, 2 * (padded // 2) * 256), tokens
+    assert row.flops["weight_grad"] == (4096, 2048)  # T = 8: exactly half
+
+
+class _Collide(nn.Module):
+    """``a.b_c`` (an ``nn.Linear``) and ``a_b.c`` (a raw ``[in, out]`` weight) spell one node name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.a_b = nn.Module(), nn.Module()
+        self.a.b_c = nn.Linear(16, 16)
+        self.a_b.c = nn.Parameter(torch.randn(16, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(torch.zeros(16), self.a.b_c(x), self.a_b.c)
+
+
+def test_layers_whose_names_spell_one_node_name_name_their_own_nodes_and_kernels():
+    """Two sparse layers whose names give one node-name prefix: the second is numbered, so each
+    row shows its own kernel (the Linear's forward mask on the C kernel, the ``[in, out]``
+    weight's decomposed) and each GEMM node says whose it is."""
+    report = nmcompile.explain(_Collide(), torch.randn(4, 16), inner="aot_eager")
+    portable = "portable (not on CUDA (kernels='triton' with TRITON_INTERPRET=1 runs the kernels on the CPU)"
+    assert [(r.name, r.kernel) for r in report.rows] == [
+        ("a.b_c.weight", f"{portable}{cpu_mask_note()})"),
+        ("a_b.c", f"{portable})"),
+    ]
+    gemms = {n.name: n for n in report.forward_graph.graph.nodes if n.name.endswith("_fwd_gemm")}
+    assert sorted(gemms) == ["a_b_c_2_fwd_gemm", "a_b_c_fwd_gemm"]
+    assert gemms["a_b_c_2_fwd_gemm"].args[0] is gemms["a_b_c_fwd_gemm"]  # the addmm takes the Linear's output
 
 
 class _GradBranches(nn.Module):

@@ -7,6 +7,7 @@ import copy
 import gc
 import inspect
 import math
+import re
 import subprocess
 import sys
 import warnings
@@ -71,6 +72,31 @@ def test_dynamic_shapes_one_graph_and_reference_agreement():
             assert_close(p.grad, p_ref.grad, what=f"{name} {batch}x{seq}")
             p.grad = p_ref.grad = None
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_weights_with_symbolic_sizes_stay_dense():
+    """Under dynamo's ``force_parameter_static_shapes=False``, a Parameter given to a compiled function
+    is traced with symbolic sizes: one graph serves every weight size, so no N:M decision taken for
+    the first size holds (K=18 raised in ``nm_mask``, O=20 indexed out of range). SPEC §10: sizes
+    not provably divisible by m leave the GEMM dense, with the reason; every size then runs right."""
+    records = []
+    config = nmcompile.SparsityConfig.from_options({"inner": "aot_eager"})
+    compiled = torch.compile(
+        nn.functional.linear, backend=nmcompile.NMSparseBackend(config, on_compile=records.append), dynamic=True
+    )
+    with torch._dynamo.config.patch(force_parameter_static_shapes=False):
+        for out_features, in_features in [(32, 16), (32, 18), (20, 16)]:
+            w = nn.Parameter(torch.randn(out_features, in_features))
+            x = torch.randn(4, in_features, requires_grad=True)
+            y = compiled(x, w)
+            y.square().sum().backward()
+            x_dense, w_dense = x.detach().requires_grad_(), w.detach().requires_grad_()
+            nn.functional.linear(x_dense, w_dense).square().sum().backward()
+            assert torch.equal(y, nn.functional.linear(x_dense, w_dense))
+            assert torch.equal(x.grad, x_dense.grad) and torch.equal(w.grad, w_dense.grad)
+    [row] = [row for record in records for row in record.rows]
+    assert not row.sparse
+    assert re.fullmatch(r"weight sizes \[s\d+, s\d+\] are symbolic: N:M needs sizes known at compile time", row.reason)
 
 
 class _MoE(nn.Module):
