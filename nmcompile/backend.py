@@ -463,15 +463,18 @@ class _Runner:
         """Layer ``k``'s state for ``weight``: the last call's where the weight is the same (the
         usual case, one check), else the one found at an earlier call with this weight, else the
         registry's for this layer's options under the name, index and module that hold the weight
-        now (located once per weight: a state another compile made for it shares its progress)."""
+        now (located once per weight, and again where its module was replaced: a state another
+        compile made for it shares its progress)."""
         last = self._last[k]
-        if last[0]() is anchor(weight):
+        if last[0]() is anchor(weight) and not last[1].orphaned():
             return last[1]
         state = self._known[k].get(weight)
-        if state is None:
+        if state is None or state.orphaned():  # new here, or its module was replaced by one holding the weight
             spec, position = self.layers[k][:2]
             name, index, owner = _locate(weight, spec, roots, self.origin.sources[position])
             state = self.registry.get_or_create(weight, dataclasses.replace(spec, name=name, index=index), owner)
+            if state.orphaned():  # no module holds the weight now: unknown, not looked for at every call
+                state.set_owner(None)
             self._known[k][weight] = state
         self._last[k] = (weakref.ref(anchor(weight)), state)
         return state

@@ -233,9 +233,14 @@ class LayerState:
         """The module that holds the weight, if it is still alive (``None`` where unknown)."""
         return self._owner() if self._owner is not None else None
 
-    def set_owner(self, owner: nn.Module) -> None:
-        """``owner`` holds the weight now: its train/eval mode decides what counts as a step."""
-        self._owner = weakref.ref(owner)
+    def orphaned(self) -> bool:
+        """Whether the module it was made for is gone (another module may hold the weight now)."""
+        return self._owner is not None and self._owner() is None
+
+    def set_owner(self, owner: nn.Module | None) -> None:
+        """``owner`` holds the weight now: its train/eval mode decides what counts as a step
+        (``None``: no module known to hold it)."""
+        self._owner = weakref.ref(owner) if owner is not None else None
 
     def enter_forward(self, param: torch.Tensor, grad: bool | None = None) -> Forward:
         """Start a forward through this layer with weight ``param`` (``grad``: as for
@@ -554,11 +559,13 @@ class StateRegistry:
         where the Parameter it served is gone (``.to()`` under ``torch.__future__``'s overwrite or
         swap flag, ``layer.weight = nn.Parameter(...)``), not to one that stands in for it while it
         lives (``torch.func.functional_call``). A Parameter that took another slot's state (tied
-        into two layers since) has none here."""
+        into two layers since) has none here; one that left the slot it trained in for this one
+        (two layers' Parameters swapped) brings its state."""
         state = self._states.get(param)
         if state is not None:  # unless it is another slot's (a Parameter tied into a second layer since)
-            owner = state.owner()
-            mine = owner is None or (owner is module and state.spec.slot == name)
+            owner, slot = state.owner(), state.spec.slot
+            moved = owner is not None and owner._parameters.get(slot) is not param  # swapped into this slot
+            mine = owner is None or ((owner is module or moved) and slot == name)
             return state if mine else None
         slot = self._slots.get(module, {}).get(name)
         if slot is None or not slot.fits(param) or slot.device != param.device:

@@ -549,13 +549,16 @@ def _train_beside_another_compile(other: str) -> tuple[list[float], dict]:
     """Losses and states of six SGD steps through one compiled MLP. After the third, a ``no_grad``
     pass through a second nmsparse compile of the same weights (``other``: ``"options"`` compiles
     the model with other options, ``"submodule"`` compiles ``fc2`` alone; ``"submodule_first"``
-    makes that pass before the model is compiled); the fifth step's new batch size recompiles the
-    training wrapper."""
+    makes that pass before the model is compiled; ``"submodule_first_reused"`` too, after another
+    MLP trained a step, so the model runs the graph compiled for that one); the fifth step's new
+    batch size recompiles the training wrapper."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = MLP()
     options = {"inner": "aot_eager", "perm_interval": 2, "mask_decay": "linear", "mask_decay_rate": 0.1}
-    if other == "submodule_first":
+    if other == "submodule_first_reused":
+        torch.compile(MLP(), backend=nmcompile.backend(**options))(torch.randn(8, 32)).sum().backward()
+    if other.startswith("submodule_first"):
         with torch.no_grad():
             torch.compile(model.fc2, backend=nmcompile.backend(**options))(torch.randn(8, 64))
     compiled = torch.compile(model, backend=nmcompile.backend(**options))
@@ -581,12 +584,13 @@ def _train_beside_another_compile(other: str) -> tuple[list[float], dict]:
     return losses, nmcompile.sparsity_state(model)
 
 
-@pytest.mark.parametrize("other", ["options", "submodule", "submodule_first"])
+@pytest.mark.parametrize("other", ["options", "submodule", "submodule_first", "submodule_first_reused"])
 def test_a_second_compile_of_the_same_weights_continues_their_states(other):
     """A compile with other options, or of a submodule (before the model's or after), shares each
     weight's progress (permutation, step) and keeps its own names and layer indices: the model
     trains exactly as without it, also after its wrapper recompiles (the states used to restart at
-    step 0), and reports the model's layer indices."""
+    step 0), and reports the model's layer indices; also where the model's graph was compiled for
+    another model (the layer took the submodule compile's index 0 there, seeding as ``fc1``)."""
     expected_losses, expected = _train_beside_another_compile("none")
     losses, got = _train_beside_another_compile(other)
     assert losses == expected_losses

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import math
 import operator
@@ -829,6 +830,81 @@ def test_a_new_parameter_tied_into_two_trained_layers_takes_one_state_at_most():
     assert torch.equal(metadata["a"]["nmsparse"]["weight"]["perm"], perms["a.weight"])
     assert "nmsparse" not in metadata["b"]
     assert torch.equal(nmcompile.sparsity_state(model)["a.weight"]["perm"], perms["a.weight"])
+
+
+class _Three(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def _sgd_steps(model: nn.Module, forward, steps: int, seed: int) -> list[float]:
+    """``steps`` plain SGD steps on a square loss, batches drawn from ``seed``; the losses."""
+    generator, losses = torch.Generator().manual_seed(seed), []
+    for _ in range(steps):
+        loss = forward(torch.randn(5, 32, generator=generator)).square().mean()
+        model.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+        losses.append(loss.item())
+    return losses
+
+
+def test_layers_that_swap_their_parameters_keep_the_states_in_checkpoints():
+    """``fc1.weight, fc2.weight = fc2.weight, fc1.weight`` after training: each state follows its
+    Parameter into the other layer's checkpoint, before the next step and after (both layers'
+    states used to be left out of every checkpoint from then on), and a resume from one continues
+    exactly as the run that was not stopped."""
+    options = {"inner": "aot_eager", "perm_interval": 1, "perm_candidates": 8}
+    torch.manual_seed(0)
+    model = _Three()
+    compiled = torch.compile(model, backend=nmcompile.backend(**options))
+    _sgd_steps(model, compiled, 3, seed=1)
+    perms = {k: s["perm"] for k, s in nmcompile.sparsity_state(model).items()}
+    model.fc1.weight, model.fc2.weight = model.fc2.weight, model.fc1.weight
+    metadata = model.state_dict()._metadata
+    for layer, came_from in (("fc1", "fc2"), ("fc2", "fc1")):
+        assert torch.equal(metadata[layer]["nmsparse"]["weight"]["perm"], perms[f"{came_from}.weight"])
+    _sgd_steps(model, compiled, 2, seed=2)
+    checkpoint = copy.deepcopy(model.state_dict())
+    assert {k: v["nmsparse"]["weight"]["step"] for k, v in checkpoint._metadata.items() if "nmsparse" in v} == {
+        "fc1": 5,
+        "fc2": 5,
+        "fc3": 5,
+    }
+    continued = _sgd_steps(model, compiled, 3, seed=3)
+    resumed_model = _Three()
+    resumed_model.load_state_dict(checkpoint)
+    resumed = _sgd_steps(resumed_model, torch.compile(resumed_model, backend=nmcompile.backend(**options)), 3, seed=3)
+    assert resumed == continued
+
+
+def test_a_layer_replaced_by_a_module_holding_its_parameters_keeps_its_state():
+    """Module-swapping code (``new.weight = old.weight; model.fc1 = new``), the old module then
+    collected: the state follows the weight to the new module, whose eval mode counts no step (three
+    eval forwards with grad counted three) and whose checkpoint carries it (it was left out)."""
+    model = _Three()
+    compiled = torch.compile(model, backend=nmcompile.backend(inner="aot_eager"))
+    _sgd_steps(model, compiled, 3, seed=1)
+    new = nn.Linear(32, 32)
+    new.weight, new.bias = model.fc1.weight, model.fc1.bias
+    model.fc1 = new
+    gc.collect()
+    _sgd_steps(model, compiled, 2, seed=2)
+    model.eval()
+    for _ in range(3):
+        compiled(torch.randn(5, 32)).sum().backward()
+    assert {k: s["step"] for k, s in nmcompile.sparsity_state(model).items()} == {
+        "fc1.weight": 5,
+        "fc2.weight": 5,
+        "fc3.weight": 5,
+    }
+    assert model.state_dict()._metadata["fc1"]["nmsparse"]["weight"]["step"] == 5
 
 
 def test_an_assign_load_from_another_device_restores_the_checkpoint():
