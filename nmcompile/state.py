@@ -525,6 +525,10 @@ class StateRegistry:
             return state.payload() if state.fits(param) else None
         return self._pending.get(module, {}).get(name)
 
+    def holds_payload(self, module: nn.Module, name: str) -> bool:
+        """Whether a checkpoint's state for ``module``'s parameter ``name`` waits for its first compile."""
+        return name in self._pending.get(module, {})
+
     def reparametrized_slots(self, module: nn.Module) -> list[str]:
         """The slots of ``module`` whose trained state its ``state_dict`` cannot carry: their
         Parameter lives on while the slot holds none (``torch.nn.utils.prune`` moved it to
@@ -872,7 +876,20 @@ def forward_weights(model: nn.Module, registry: StateRegistry = DEFAULT_REGISTRY
     ``state_dict()`` keeps the dense parameters, from which the masks are chosen each step; loading
     these over them gives a plain model the compiled model's eval forward, to deploy or export.
     Under FSDP2 it gathers each sharded weight (a collective: call it on every rank)."""
-    return {name: state.forward_weight(param) for name, param, state in _sparsified(model, registry)}
+    weights = {name: state.forward_weight(param) for name, param, state in _sparsified(model, registry)}
+    waiting = [
+        full
+        for full, module, name, _ in _named_slots(unwrap(model))
+        if full not in weights and registry.holds_payload(module, name)
+    ]
+    if waiting:
+        warnings.warn(
+            f"nmsparse: forward_weights leaves out {', '.join(waiting)}: their sparsity states, loaded from a "
+            "checkpoint, wait for the model's first compiled forward, whose options say their N:M; run one "
+            "(under torch.no_grad(), which trains nothing) first",
+            stacklevel=2,
+        )
+    return weights
 
 
 def _sparsified(model: nn.Module, registry: StateRegistry) -> Iterator[tuple[str, torch.Tensor, LayerState]]:

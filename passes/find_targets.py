@@ -522,6 +522,8 @@ def _decide_conv(
     geometry = (extra["stride"], extra["padding"], extra["dilation"], groups, unbatched)
     target.conv = ConvInfo(tuple(value.shape[2:]), *geometry)
     rows, cols = value.shape[0], value.shape[1]
+    if "transpose" in target.op:  # W [C_in, C_out/groups, *k]: O = C_out, reduced over C_in/groups
+        rows, cols = cols * groups, rows // groups
     k = 1
     for size in value.shape[2:]:
         k *= size

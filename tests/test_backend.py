@@ -1095,6 +1095,29 @@ FORWARD_WEIGHT_CASES = {
 }
 
 
+def test_forward_weights_of_a_loaded_model_before_its_first_compile_warn():
+    """A model loaded from a checkpoint holds its states until its first compiled forward, whose
+    options say the N:M: ``forward_weights`` before it has none to give and says so (it returned
+    ``{}`` silently, and an export loaded the dense weights); after a ``no_grad`` forward it gives
+    the trained model's, at the checkpoint's step."""
+    model = MLP()
+    compiled = torch.compile(model, backend=nmcompile.backend(inner="aot_eager"))
+    for _ in range(3):
+        compiled(torch.randn(4, 32)).sum().backward()
+    expected = nmcompile.forward_weights(model)
+    fresh = MLP()
+    fresh.load_state_dict(model.state_dict())
+    with pytest.warns(UserWarning, match=r"forward_weights leaves out fc1.weight, fc2.weight, head.weight: their"):
+        assert nmcompile.forward_weights(fresh) == {}
+    with torch.no_grad():
+        torch.compile(fresh, backend=nmcompile.backend(inner="aot_eager"))(torch.randn(4, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = nmcompile.forward_weights(fresh)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert {s["step"] for s in nmcompile.sparsity_state(fresh).values()} == {3}
+
+
 @pytest.mark.parametrize("case", FORWARD_WEIGHT_CASES)
 def test_forward_weights_give_a_plain_model_the_compiled_eval_forward(case):
     """After training, ``forward_weights`` loaded over a plain model's dense ``state_dict`` make it

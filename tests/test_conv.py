@@ -318,6 +318,10 @@ def test_conv_report_rows():
     assert rows["up.weight"].reason == "transposed convolution" and not rows["up.weight"].sparse
     up_dense = 2 * (2 * 4 * 4) * 24 * (8 * 4)  # transposed: rows are input positions
     assert rows["up.weight"].flops["forward"] == (up_dense, up_dense)
+    assert rows["up.weight"].weight_shape == (8, 24 * 4)  # W [24, 8, 2, 2]: O = C_out, K = C_in·k
+    grouped = nn.ConvTranspose2d(8, 4, 2, stride=2, groups=2)  # W [8, 2, 2, 2]: O = 4, K = 8/2·4
+    [row] = nmcompile.explain(grouped, torch.randn(1, 8, 3, 3), inner="aot_eager").rows
+    assert row.weight_shape == (4, 16) and row.flops["forward"] == (2 * 9 * 4 * 16,) * 2
     table = str(report)
     assert "conv" in table.splitlines()[0] and "k3x3 s2x2" in table
     assert "conv_fwd_conv" in {n.name for n in report.forward_graph.graph.nodes}

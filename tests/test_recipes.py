@@ -907,6 +907,40 @@ def test_a_layer_replaced_by_a_module_holding_its_parameters_keeps_its_state():
     assert model.state_dict()._metadata["fc1"]["nmsparse"]["weight"]["step"] == 5
 
 
+def test_an_ema_copy_takes_the_trained_schedule_from_sparsity_states():
+    """An EMA (``AveragedModel`` of the compiled model) never trains, so its layers stay at the step
+    it was copied at: under mask decay, α = 1 after 12 steps and its eval forward is dense. Loading
+    the trained model's ``SparsityStates`` into it (README, "Copies and pickles") gives it their step
+    and permutation: its eval forward is then its own weights under the trained schedule (α = 0)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    model = MLP()
+    options = {"inner": "aot_eager", "mask_decay": "linear", "mask_decay_rate": 0.1}
+    compiled = torch.compile(model, backend=nmcompile.backend(**options))
+    ema = AveragedModel(compiled, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    _sgd_steps(model, compiled, 12, seed=1)
+    for _ in range(3):
+        ema.update_parameters(compiled)
+    ema.eval()
+    x = torch.randn(4, 32)
+    plain = MLP().eval()
+    plain.load_state_dict(ema.module._orig_mod.state_dict())
+    with torch.no_grad():
+        assert_close(ema(x), plain(x), what="the EMA's forward at its copy's step 0: dense")
+    assert {k: (s["step"], s["alpha"]) for k, s in nmcompile.sparsity_state(ema.module).items()} == {
+        name: (0, 1.0) for name in ("fc1.weight", "fc2.weight", "head.weight")
+    }
+    nmcompile.SparsityStates(ema.module).load_state_dict(nmcompile.SparsityStates(compiled).state_dict())
+    with torch.no_grad():
+        y = ema(x)
+    states = nmcompile.sparsity_state(ema.module)
+    assert {k: (s["step"], s["alpha"]) for k, s in states.items()} == {k: (12, 0.0) for k in states}
+    plain.load_state_dict({**ema.module._orig_mod.state_dict(), **nmcompile.forward_weights(ema.module)})
+    with torch.no_grad():
+        assert_close(y, plain(x), what="the EMA's forward under the trained schedule")
+    assert (nmcompile.forward_weights(ema.module)["fc2.weight"] == 0).float().mean() == 0.5
+
+
 def test_an_assign_load_from_another_device_restores_the_checkpoint():
     """A CUDA-trained model loading a CPU-mapped checkpoint with ``assign=True``, then ``.cuda()``
     (emulated on the CPU: the states' device is another one during the load): the checkpoint's step
