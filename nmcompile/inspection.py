@@ -349,9 +349,16 @@ def untraced_rows(module: torch.nn.Module, seen: set[str], other_uses: Mapping[s
             if id(param) in visited:
                 continue
             visited.add(id(param))
-            if name in seen or param.dim() < 2:
+            if name in seen or (not _uninitialized(param) and param.dim() < 2):
                 continue
             seen.add(name)
+            if _uninitialized(param):
+                if pname == "bias":
+                    continue
+                reason = "uninitialized (a lazy module not run yet): its first forward gives it a shape"
+                flops = {"forward": None, "input_grad": None, "weight_grad": None}
+                rows.append(LayerRow(name, type(sub).__name__, None, None, "", "-", False, "-", reason, flops))
+                continue
             if isinstance(sub, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
                 reason = "embedding lookup, not a GEMM"
             elif name in other_uses:
@@ -371,6 +378,11 @@ def untraced_rows(module: torch.nn.Module, seen: set[str], other_uses: Mapping[s
             matrix = (param.shape[0], math.prod(param.shape[1:]))  # as a convolution's GEMM: O × the other dims
             rows.append(LayerRow(name, type(sub).__name__, matrix, None, "", "-", False, "-", reason, flops))
     return rows
+
+
+def _uninitialized(param: torch.Tensor) -> bool:
+    """A lazy module's parameter before its first forward: no shape, no values."""
+    return isinstance(param, torch.nn.parameter.UninitializedParameter)
 
 
 def _has_backward_hook(module: torch.nn.Module) -> bool:
@@ -477,7 +489,7 @@ def explain(
             outputs = [
                 t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad
             ]
-            params = [p for p in module.parameters() if p.requires_grad]
+            params = [p for p in module.parameters() if p.requires_grad and not _uninitialized(p)]
             if outputs and params:
                 torch.autograd.grad(outputs, params, [torch.ones_like(t) for t in outputs], allow_unused=True)
     finally:

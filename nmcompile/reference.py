@@ -681,6 +681,12 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
     from nmcompile.state import DEFAULT_REGISTRY, LayerSpec
 
     config = SparsityConfig.from_options(options)
+    lazy = [name for name, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise ValueError(
+            f"reference.sparsify: {', '.join(lazy)} uninitialized (a lazy module): run one forward first, "
+            "which gives them their shapes and the module its class"
+        )
     registry = DEFAULT_REGISTRY if registry is None else registry
     index = {id(p): i for i, (_, p) in enumerate(model.named_parameters())}
     counts: dict[int, int] = {}  # modules holding each parameter: a module under two names is one

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import math
 import pickle
 import warnings
 import weakref
@@ -271,6 +272,8 @@ class LayerState:
         step = self.step
         if spec.backward != "bimask" or step % config.perm_interval or self.last_search_step == step:
             return
+        if param.is_meta:  # a shape-only forward (meta init, FLOP counting): no values to rank
+            return
         with torch.no_grad():
             n = self.mask_n(step)
             candidates = permutation_candidates(spec, step)
@@ -302,8 +305,8 @@ class LayerState:
         with torch.no_grad():
             w = self.weight_matrix(param)
             fmask = self.forward_mask(w)
-            kept = fmask.sum().item()
-            kept_fraction = 1.0
+            kept = fmask.sum().item() if not w.is_meta else 0
+            kept_fraction = 1.0 if not w.is_meta else math.nan  # meta: no values to count
             if spec.backward == "bimask" and kept:
                 kept_fraction = reference.permutation_score(fmask, self.perm, n, config.m) / kept
         return {

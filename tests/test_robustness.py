@@ -99,6 +99,59 @@ def test_weights_with_symbolic_sizes_stay_dense():
     assert re.fullmatch(r"weight sizes \[s\d+, s\d+\] are symbolic: N:M needs sizes known at compile time", row.reason)
 
 
+class _LazyHead(nn.Module):
+    """A lazy layer compiled before its first call, and a lazy auxiliary head only some calls use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.aux = nn.LazyLinear(16), nn.LazyLinear(8)
+
+    def forward(self, x, use_aux: bool = False):
+        h = torch.relu(self.fc(x))
+        return self.aux(h) if use_aux else h
+
+
+def test_lazy_modules_train_and_report_before_they_have_shapes():
+    """A lazy layer compiled before its first call trains as the reference sparsifies it once it has
+    its shape; ``explain`` lists a lazy head no forward has run yet (it raised, asking autograd for
+    the gradient of an uninitialized parameter); ``reference.sparsify`` asks for a forward first."""
+    torch.manual_seed(0)
+    model = _LazyHead()
+    with pytest.raises(ValueError, match=r"reference.sparsify: fc.weight, fc.bias, aux.weight, aux.bias uninit"):
+        reference.sparsify(copy.deepcopy(model))
+    compiled = torch.compile(model, backend=_backend())
+    x = torch.randn(4, 32)
+    y = compiled(x)
+    rows = nmcompile.explain(model, x, inner="aot_eager").rows
+    assert [(r.name, r.sparse, r.reason) for r in rows] == [
+        ("fc.weight", True, "2:4, backward=bimask"),
+        ("aux.weight", False, "uninitialized (a lazy module not run yet): its first forward gives it a shape"),
+    ]
+    ref = reference.sparsify(nn.Linear(32, 16))
+    with torch.no_grad():
+        ref.weight.copy_(model.fc.weight)
+        ref.bias.copy_(model.fc.bias)
+    assert_close(y, torch.relu(ref(x)), what="lazy layer's first output")
+    y.square().mean().backward()
+    torch.relu(ref(x)).square().mean().backward()
+    assert_close(model.fc.weight.grad, ref.weight.grad, what="lazy layer's weight gradient")
+
+
+@pytest.mark.filterwarnings("ignore:aten..where. an autograd kernel was not registered")  # meta only: no values
+def test_a_training_forward_on_meta_weights_runs():
+    """A model built on the meta device (shapes only: FLOP counting, a meta init before
+    ``to_empty``) runs a training forward and backward as dense ``torch.compile`` does: no
+    permutation search (it ranked values there and raised), the step counted, ``kept_fraction`` NaN."""
+    with torch.device("meta"):
+        model = MLP()
+    compiled = torch.compile(model, backend=_backend())
+    y = compiled(torch.randn(4, 32, device="meta"))
+    y.sum().backward()
+    assert y.shape == (4, 16) and model.fc1.weight.grad.is_meta
+    state = nmcompile.sparsity_state(model)["fc2.weight"]
+    assert state["step"] == 1 and math.isnan(state["kept_fraction"])
+
+
 class _MoE(nn.Module):
     """Top-1 routing by boolean masks, each expert's output scaled by its gate: each expert sees a
     data-dependent number of tokens."""
@@ -516,8 +569,8 @@ def test_a_reused_block_graph_finds_each_blocks_state_once(monkeypatch):
     for _ in range(2):  # dynamo compiles the graphs again at the second call (new runners)
         compiled(torch.randn(8, 32)).sum().backward()
     finds, lookups = [], []
-    find = state_module.StateRegistry.find
-    monkeypatch.setattr(state_module.StateRegistry, "find", lambda self, *a: finds.append(1) or find(self, *a))
+    find = state_module.StateRegistry.get_or_create
+    monkeypatch.setattr(state_module.StateRegistry, "get_or_create", lambda self, *a: finds.append(1) or find(self, *a))
     lookup = sys.modules["nmcompile.backend"]._CallTables.lookup
     monkeypatch.setattr(
         sys.modules["nmcompile.backend"]._CallTables, "lookup", lambda self, *a: lookups.append(1) or lookup(self, *a)
