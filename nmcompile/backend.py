@@ -579,8 +579,9 @@ class _RecompileLimitWatch(logging.Filter):
     sign. The log names the function, not the backend, so a function that nmsparse and another
     backend both compiled warns at the other's limit too: rightly, since dynamo then stops
     compiling that code for every backend (an nmsparse model's new shapes and modes run eagerly,
-    dense; its graphs already compiled still run). The filter only reads records and lets every
-    one through."""
+    dense; its graphs already compiled still run); not where that compile has a cache of its own
+    (``isolate_recompiles=True``), whose limit leaves nmsparse's alone. The filter only reads
+    records and lets every one through."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -589,7 +590,7 @@ class _RecompileLimitWatch(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if str(record.msg).startswith("torch._dynamo hit config.") and len(record.args or ()) >= 3:
             limit, value, function = record.args[:3]  # type: ignore[index]
-            if function in self.functions:
+            if function in self.functions and not _isolated_from_nmsparse():
                 warnings.warn(
                     f"nmsparse: dynamo hit its {limit} ({value}) for {function}, a function nmsparse has "
                     "compiled: dynamo runs it eagerly from now on, so an nmsparse model there trains dense and "
@@ -600,6 +601,22 @@ class _RecompileLimitWatch(logging.Filter):
                     stacklevel=2,
                 )
         return True
+
+
+def _isolated_from_nmsparse() -> bool:
+    """Whether the compile dynamo is refusing has a code cache of its own (``isolate_recompiles``)
+    and another backend than nmsparse: its limit then stops no nmsparse compile."""
+    from torch._dynamo import eval_frame
+
+    isolated = getattr(eval_frame, "get_eval_frame_isolate_recompiles_id", lambda: -1)() >= 0
+    frame = sys._getframe(1)
+    while frame is not None and not (frame.f_code.co_name == "_compile" and "compiler_fn" in frame.f_locals):
+        frame = frame.f_back
+    if not isolated or frame is None:
+        return False
+    backend = eval_frame.innermost_backend(frame.f_locals["compiler_fn"])
+    backend = getattr(backend, "compiler_fn", backend)  # torch.compile's wrapper of a backend given options
+    return not (isinstance(backend, NMSparseBackend) or backend is nmsparse)
 
 
 def _compiled_function() -> str | None:

@@ -237,6 +237,28 @@ def test_another_backend_hitting_the_recompile_limit_on_shared_code_warns():
     assert {v["step"] for v in nmcompile.sparsity_state(model).values()} == {2}
 
 
+def test_an_isolated_compile_hitting_the_recompile_limit_warns_only_for_nmsparse():
+    """With ``isolate_recompiles=True`` each wrapper has a code cache of its own: another backend's
+    wrapper passing its limit stops no nmsparse compile, so nmsparse says nothing (it warned that its
+    model trains dense, advising the option in use) and its model steps at new shapes; the nmsparse
+    wrapper passing its own limit warns."""
+    model, twin = MLP(16, 32, 16), MLP(16, 32, 16)
+    compiled = torch.compile(model, backend=_backend(), dynamic=False, isolate_recompiles=True)
+    plain = torch.compile(twin, backend="aot_eager", dynamic=False, isolate_recompiles=True)
+    with torch._dynamo.config.patch(recompile_limit=2), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(torch.randn(4, 16)).sum().backward()
+        for batch in (4, 5, 6):
+            plain(torch.randn(batch, 16)).sum().backward()
+        compiled(torch.randn(5, 16)).sum().backward()
+        assert not [str(w.message) for w in caught if "nmsparse" in str(w.message)]
+        assert {v["step"] for v in nmcompile.sparsity_state(model).values()} == {2}
+        compiled(torch.randn(6, 16)).sum().backward()
+    ours = [str(w.message) for w in caught if "nmsparse" in str(w.message)]
+    assert len(ours) == 1 and ours[0].startswith("nmsparse: dynamo hit its recompile_limit (2) for 'forward' (")
+    assert {v["step"] for v in nmcompile.sparsity_state(model).values()} == {2}
+
+
 class _Cond(nn.Module):
     """A ``torch.cond`` on the data picks one of two layers."""
 
