@@ -446,10 +446,12 @@ class _Runner:
         registry: StateRegistry,
         origin: _Origin,
         variants: _Variants | None = None,
+        record: CompileRecord | None = None,
     ) -> None:
         self.compiled = compiled
         self.origin = origin
         self.variants = variants
+        self.record = record  # the report's record of this compile, given the rows of other weights
         # spec, weight's input, state, and the grad mode the graph sets around the layer (None: the caller's)
         self.layers = [(spec, position, state, grad) for spec, position, state, _, grad in layers]
         self.registry = registry
@@ -476,6 +478,8 @@ class _Runner:
             if state.orphaned():  # no module holds the weight now: unknown, not looked for at every call
                 state.set_owner(None)
             self._known[k][weight] = state
+            if self.record is not None:
+                self.record.add_reused(k, name, state)
         self._last[k] = (weakref.ref(anchor(weight)), state)
         return state
 
@@ -569,7 +573,8 @@ def compile_graph(
         torch.compiler.config.patch(cache_key_tag=tag),
     ):
         compiled = _compile_inner(rewritten, [*example_inputs, *examples], config, record, patches)
-    return _Runner(compiled, layers, registry, origin, _Variants(gm, config, registry, fake_mode, params, origin))
+    variants = _Variants(gm, config, registry, fake_mode, params, origin)
+    return _Runner(compiled, layers, registry, origin, variants, record)
 
 
 class _RecompileLimitWatch(logging.Filter):

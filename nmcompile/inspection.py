@@ -219,6 +219,9 @@ class CompileRecord:
     ) -> None:
         states, kernels = states or {}, kernels or {}
         self.rows = [LayerRow.from_target(t, config, states.get(id(t)), kernels.get(t.layer)) for t in analysis.targets]
+        # Per sparse layer (the runner's order): its target and kernel, for the rows of other weights
+        # that dynamo hands this graph (another block of a class with a graph break inside).
+        self._layers = [(t, kernels.get(t.layer)) for t in analysis.sparse]
         self.other_uses = dict(analysis.other_uses)  # parameter name -> what used it, where no GEMM did
         self.input_names = input_names or []
         self.config = config
@@ -234,6 +237,16 @@ class CompileRecord:
             except OSError as err:
                 _warn_unwritable(directory, err)
             self._dump("report.txt", format_table(self.rows) + "\n")
+
+    def add_reused(self, k: int, name: str, state: LayerState) -> None:
+        """A row for weight ``name``, which runs this graph's sparse layer ``k`` (dynamo reuses a graph
+        for every instance of a module class), unless it has one."""
+        if any(row.name == name for row in self.rows):
+            return
+        target, kernel = self._layers[k]
+        row = LayerRow.from_target(target, self.config, state, kernel)
+        reason = f"{row.reason}; runs the graph compiled for {target.param_name}"
+        self.rows.append(dataclasses.replace(row, name=name, reason=reason))
 
     @property
     def trace_id(self) -> str | None:

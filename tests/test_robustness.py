@@ -560,6 +560,21 @@ def test_name_filters_hold_where_dynamo_reuses_a_block_graph(option):
     assert all(torch.equal(state[name]["perm"], ref_state[name]["perm"]) for name in admitted)
 
 
+def test_explain_lists_the_blocks_that_run_a_reused_graph():
+    """``explain`` of blocks with a graph break inside, called in a loop: the blocks that run the
+    graph dynamo compiled for another block are rows of their own, sparse, saying whose graph they
+    run (they were listed as in no compiled graph, so dense, while training ran them sparse)."""
+    torch._dynamo.reset()
+    report = nmcompile.explain(_BrokenBlocks(), torch.randn(8, 32), inner="aot_eager")
+    rows = {r.name: r for r in report.rows}
+    assert sorted(rows) == sorted(f"blocks.{i}.fc{j}.weight" for i in range(3) for j in (1, 2))
+    assert not report.untraced and all(r.sparse and r.backward == "bimask" for r in rows.values())
+    reused = {name: r.reason for name, r in rows.items() if r.reason != "2:4, backward=bimask"}
+    assert reused.keys() >= {"blocks.2.fc1.weight", "blocks.2.fc2.weight"}
+    for name, reason in reused.items():
+        assert re.fullmatch(rf"2:4, backward=bimask; runs the graph compiled for blocks\.[01]\.{name[-10:]}", reason)
+
+
 def test_a_reused_block_graph_walks_the_model_once_per_call(monkeypatch):
     """A graph reused by every block meets new weights at each block's first call: each call
     builds the model's parameter table once, however many weights it looks up (a build per lookup
