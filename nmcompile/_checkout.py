@@ -1,6 +1,7 @@
-"""``nmcompile.passes`` from a source checkout that no install maps: the checkout on ``PYTHONPATH``,
-or one that shadows a ``pip install .`` (``python -m`` puts the current directory first). The
-editable install and the wheel map ``passes/`` to ``nmcompile.passes`` themselves."""
+"""``nmcompile.passes`` from a source checkout: its ``passes/`` sits beside the package, not in it.
+The editable install and the wheel map it there themselves, but a checkout on ``PYTHONPATH``, or
+one that shadows an install (``python -m`` puts the current directory first), has no such map, or
+the map of another tree; so a checkout's package always takes its own ``passes/``."""
 
 import importlib.util
 import sys
@@ -8,9 +9,10 @@ from pathlib import Path
 
 
 def passes_beside_the_package() -> None:
-    """Load the checkout's ``passes/`` as ``nmcompile.passes`` where nothing else provides it."""
-    source = Path(__file__).resolve().parent.parent / "passes" / "__init__.py"
-    if "nmcompile.passes" in sys.modules or not source.is_file() or importlib.util.find_spec("nmcompile.passes"):
+    """Load the checkout's ``passes/`` as ``nmcompile.passes`` (nothing where the package has none beside it)."""
+    package = Path(__file__).resolve().parent
+    source = package.parent / "passes" / "__init__.py"
+    if "nmcompile.passes" in sys.modules or (package / "passes").is_dir() or not source.is_file():
         return
     spec = importlib.util.spec_from_file_location(
         "nmcompile.passes", source, submodule_search_locations=[str(source.parent)]

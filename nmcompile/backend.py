@@ -14,6 +14,7 @@ import hashlib
 import logging
 import re
 import sys
+import types
 import warnings
 import weakref
 import zlib
@@ -503,12 +504,10 @@ class _Runner:
         return out
 
 
-def _table_use(owner: nn.Module | None, weight: torch.Tensor, registry: StateRegistry) -> str:
-    """How ``weight`` is known to be an embedding's table besides the graph being decided: its
-    module is an embedding, or a compiled graph read it in a lookup; ``""`` where neither. A GEMM
-    on it is then a head tied to the embedding, which a graph break may have put in another graph."""
-    if isinstance(owner, (nn.Embedding, nn.EmbeddingBag)):
-        return f"its module: {type(owner).__name__}"
+def _table_use(weight: torch.Tensor, registry: StateRegistry) -> str:
+    """How ``weight`` is known to be an embedding's table besides the graph being decided: a
+    compiled graph read it in a lookup; ``""`` where none did. A GEMM on it is then a head tied to
+    the embedding, which a graph break or a separate compile put in another graph."""
     return "read by one in another compiled graph" if registry.is_lookup_table(weight) else ""
 
 
@@ -536,7 +535,7 @@ def compile_graph(
     roots = _CallTables(_compiling_namespaces)
     _warn_if_include_admits_nothing(config, roots)
     params = resolve_parameters(gm, example_inputs, roots)
-    params = {k: dataclasses.replace(v, lookup=_table_use(v.owner, v.param, registry)) for k, v in params.items()}
+    params = {k: dataclasses.replace(v, lookup=_table_use(v.param, registry)) for k, v in params.items()}
     origin = _Origin.of(gm)
     try:
         fake_mode = torch._guards.TracingContext.get().fake_mode
@@ -548,6 +547,10 @@ def compile_graph(
     analysis = find_targets(gm, example_inputs, config, params)
     for name in analysis.lookup_tables:
         registry.note_lookup_table(params[name].param, params[name].name)
+    for target in analysis.targets:  # a head compiled sparse before its embedding's lookup: dense now
+        info = params.get(target.weight.name) if target.weight is not None else None
+        if info is not None and info.lookup:
+            registry.drop_states(info.param)
     rewritten, state_inputs = insert_masks(gm, analysis, config, fake_mode)
     rewritten, kernels = lower_kernels(rewritten, config)
     layers, by_target = _layers(gm, analysis, params, config, registry)
@@ -584,9 +587,9 @@ class _RecompileLimitWatch(logging.Filter):
     sign. The log names the function, not the backend, so a function that nmsparse and another
     backend both compiled warns at the other's limit too: rightly, since dynamo then stops
     compiling that code for every backend (an nmsparse model's new shapes and modes run eagerly,
-    dense; its graphs already compiled still run); not where that compile has a cache of its own
-    (``isolate_recompiles=True``), whose limit leaves nmsparse's alone. The filter only reads
-    records and lets every one through."""
+    dense; its graphs already compiled still run); not where the two have caches of their own
+    (``isolate_recompiles=True`` on either), so that one's limit leaves the other alone. The filter
+    only reads records and lets every one through."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -595,7 +598,7 @@ class _RecompileLimitWatch(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if str(record.msg).startswith("torch._dynamo hit config.") and len(record.args or ()) >= 3:
             limit, value, function = record.args[:3]  # type: ignore[index]
-            if function in self.functions and not _isolated_from_nmsparse():
+            if function in self.functions and _stops_nmsparse():
                 warnings.warn(
                     f"nmsparse: dynamo hit its {limit} ({value}) for {function}, a function nmsparse has "
                     "compiled: dynamo runs it eagerly from now on, so an nmsparse model there trains dense and "
@@ -608,20 +611,29 @@ class _RecompileLimitWatch(logging.Filter):
         return True
 
 
-def _isolated_from_nmsparse() -> bool:
-    """Whether the compile dynamo is refusing has a code cache of its own (``isolate_recompiles``)
-    and another backend than nmsparse: its limit then stops no nmsparse compile."""
+def _stops_nmsparse() -> bool:
+    """Whether the compile dynamo refuses now stops an nmsparse compile: it is nmsparse's, or the
+    code cache it counts in (a wrapper's own under ``isolate_recompiles``, else the shared one)
+    holds an nmsparse graph of its code. Where dynamo's compile frame is not found: assumed."""
     from torch._dynamo import eval_frame
 
-    isolated = getattr(eval_frame, "get_eval_frame_isolate_recompiles_id", lambda: -1)() >= 0
     frame = sys._getframe(1)
     while frame is not None and not (frame.f_code.co_name == "_compile" and "compiler_fn" in frame.f_locals):
         frame = frame.f_back
-    if not isolated or frame is None:
-        return False
-    backend = eval_frame.innermost_backend(frame.f_locals["compiler_fn"])
+    region = getattr(eval_frame, "get_eval_frame_isolate_recompiles_id", None)
+    if frame is None or region is None or not isinstance(frame.f_locals.get("code"), types.CodeType):
+        return True
+    entries = eval_frame._get_cache_entries_for_region(frame.f_locals["code"], region())
+    return any(map(_is_nmsparse, [frame.f_locals["compiler_fn"], *(entry.backend for entry in entries)]))
+
+
+def _is_nmsparse(backend: Any) -> bool:
+    """Whether a backend dynamo holds (wrapped or not) is nmsparse's."""
+    from torch._dynamo.eval_frame import innermost_backend
+
+    backend = innermost_backend(backend)
     backend = getattr(backend, "compiler_fn", backend)  # torch.compile's wrapper of a backend given options
-    return not (isinstance(backend, NMSparseBackend) or backend is nmsparse)
+    return isinstance(backend, NMSparseBackend) or backend is nmsparse
 
 
 def _compiled_function() -> str | None:
@@ -778,7 +790,7 @@ class _Variants:
             if found is None:
                 known = compiled
             else:
-                lookup = _table_use(found[2], weight, self.registry)
+                lookup = _table_use(weight, self.registry)
                 known = _Known.of(ParamInfo(*found[:2], weight, *found[2:], lookup))
             entry = self._seen[weight] = (known, self._admitted(known))
         return entry

@@ -670,9 +670,15 @@ class StateRegistry:
             warnings.warn(
                 f"nmsparse: {name} is read by an embedding lookup here, and a graph compiled before runs it as a "
                 "sparse GEMM weight (a tied output head): that GEMM stays sparse until it is compiled again "
-                "(torch._dynamo.reset(), which keeps the sparsity states), then dense",
+                "(torch._dynamo.reset(), which keeps the other layers' sparsity states), then dense, its state dropped",
                 stacklevel=3,
             )
+
+    def drop_states(self, weight: torch.Tensor) -> None:
+        """Forget every state of ``weight``, which a graph compiled now leaves dense (a head found
+        tied to an embedding after an earlier compile ran it sparse)."""
+        for state in list(self._views.get(weight, {}).values()):
+            self.discard(weight, state)
 
     def is_lookup_table(self, weight: torch.Tensor) -> bool:
         """Whether a compiled graph read ``weight`` as an embedding table."""

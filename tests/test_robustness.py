@@ -237,14 +237,16 @@ def test_another_backend_hitting_the_recompile_limit_on_shared_code_warns():
     assert {v["step"] for v in nmcompile.sparsity_state(model).values()} == {2}
 
 
-def test_an_isolated_compile_hitting_the_recompile_limit_warns_only_for_nmsparse():
-    """With ``isolate_recompiles=True`` each wrapper has a code cache of its own: another backend's
-    wrapper passing its limit stops no nmsparse compile, so nmsparse says nothing (it warned that its
-    model trains dense, advising the option in use) and its model steps at new shapes; the nmsparse
-    wrapper passing its own limit warns."""
+@pytest.mark.parametrize("isolated", ["other", "nmsparse", "both"])
+def test_an_isolated_compile_hitting_the_recompile_limit_warns_only_for_nmsparse(isolated):
+    """With ``isolate_recompiles=True`` on either wrapper the two have code caches of their own:
+    another backend's wrapper passing its limit stops no nmsparse compile, so nmsparse says nothing
+    (it warned that its model trains dense, advising the option in use) and its model steps at new
+    shapes; the nmsparse wrapper passing its own limit warns."""
     model, twin = MLP(16, 32, 16), MLP(16, 32, 16)
-    compiled = torch.compile(model, backend=_backend(), dynamic=False, isolate_recompiles=True)
-    plain = torch.compile(twin, backend="aot_eager", dynamic=False, isolate_recompiles=True)
+    ours, other = isolated in ("nmsparse", "both"), isolated in ("other", "both")
+    compiled = torch.compile(model, backend=_backend(), dynamic=False, isolate_recompiles=ours)
+    plain = torch.compile(twin, backend="aot_eager", dynamic=False, isolate_recompiles=other)
     with torch._dynamo.config.patch(recompile_limit=2), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         compiled(torch.randn(4, 16)).sum().backward()
@@ -947,7 +949,7 @@ def test_head_reading_the_embedding_weight_is_dense_across_a_graph_break(head):
     rows = nmcompile.explain(_HeadOnEmbedding(head), torch.randint(0, 32, (4, 8)), inner="aot_eager").rows
     assert [(r.name, r.sparse, r.reason) for r in rows] == [
         ("fc.weight", True, "2:4, backward=bimask"),
-        ("emb.weight", False, "tied: also the table of an embedding lookup (its module: Embedding)"),
+        ("emb.weight", False, "tied: also the table of an embedding lookup (read by one in another compiled graph)"),
     ]
     torch.manual_seed(0)
     mine = _HeadOnEmbedding(head)
@@ -955,6 +957,25 @@ def test_head_reading_the_embedding_weight_is_dense_across_a_graph_break(head):
     with pytest.warns(UserWarning, match="emb.weight is used by more than one op in one forward"):  # the reference's
         _train_lm_both(torch.compile(mine, backend=_backend()), mine, ref)
     assert nmcompile.sparsity_state(mine).keys() == nmcompile.sparsity_state(ref).keys() == {"fc.weight"}
+
+
+def test_an_embedding_weight_used_only_as_a_gemm_weight_is_sparse():
+    """An ``nn.Embedding`` that is never looked up and whose weight a GEMM takes (a prototype or
+    class-embedding classifier) is a GEMM weight like any: sparse, as in the reference (it was
+    called tied for its module's class)."""
+
+    class Prototypes(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.proto = nn.Linear(16, 32), nn.Embedding(16, 32)
+
+        def forward(self, x):
+            return nn.functional.linear(torch.relu(self.fc(x)), self.proto.weight)
+
+    rows = nmcompile.explain(Prototypes(), torch.randn(4, 16), inner="aot_eager").rows
+    assert [(r.name, r.sparse) for r in rows] == [("fc.weight", True), ("proto.weight", True)]
+    state_ref, state = train_and_compare(Prototypes, (4, 16), steps=2, inner="aot_eager")
+    assert sorted(state_ref) == sorted(state) == ["fc.weight", "proto.weight"]
 
 
 class _Encoder(nn.Module):
@@ -1014,7 +1035,8 @@ def test_head_tied_to_an_embedding_compiled_apart_is_dense():
 def test_embedding_lookup_compiled_after_its_tied_head_warns():
     """Where the head's graph was compiled before any graph read its weight as an embedding table
     (the decoder called first), the head trains sparse: a warning says so and that a recompile makes
-    it dense, which ``torch._dynamo.reset()`` then does, the states kept."""
+    it dense, which ``torch._dynamo.reset()`` then does, the other states kept and the head's dropped
+    (``forward_weights`` gave its mask, so a plain model loaded with them computed another forward)."""
     model = _EncoderDecoder()
     enc, dec = (torch.compile(m, backend=_backend()) for m in (model.enc, model.dec))
     dec(torch.randn(4, 8, 16)).sum().backward()
@@ -1024,7 +1046,9 @@ def test_embedding_lookup_compiled_after_its_tied_head_warns():
     torch._dynamo.reset()
     dec(torch.randn(4, 8, 16)).sum().backward()
     steps = {name: state["step"] for name, state in nmcompile.sparsity_state(model).items()}
-    assert steps == {"dec.fc.weight": 2, "enc.emb.weight": 1, "enc.fc.weight": 1}
+    assert steps == {"dec.fc.weight": 2, "enc.fc.weight": 1}  # the head's state dropped with its sparse graph
+    assert "enc.emb.weight" not in nmcompile.forward_weights(model)
+    assert "nmsparse" not in model.state_dict()._metadata["dec.head"]
 
 
 def test_weight_used_besides_its_gemm_is_dense_with_the_ops_named():
