@@ -6,6 +6,7 @@ import copy
 import functools
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -983,6 +984,23 @@ def test_a_checkout_no_install_maps_imports_its_passes(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines() == [str(root / "passes" / "__init__.py"), "2:4, backward=bimask"]
+
+
+def test_another_checkout_takes_its_own_passes(tmp_path):
+    """A second checkout run with a venv that holds this one's editable install (whose finder maps
+    ``nmcompile.passes`` to this tree): the second checkout's package takes its own ``passes/``."""
+    root = Path(nmcompile.__file__).resolve().parent.parent
+    other = tmp_path / "other"
+    for name in ("nmcompile", "passes"):
+        shutil.copytree(root / name, other / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (other / "passes" / "__init__.py").write_text((root / "passes" / "__init__.py").read_text() + "MARK = 1\n")
+    code = "import nmcompile.passes as p\nprint(p.__file__, p.MARK, __import__('nmcompile').__file__)"
+    env = {**os.environ, "PYTHONPATH": str(other)}
+    command = [sys.executable, "-c", code]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = [str(other / "passes" / "__init__.py"), "1", str(other / "nmcompile" / "__init__.py")]
+    assert result.stdout.split() == expected
 
 
 def test_aot_cache_serves_a_second_compile_of_the_same_nmcompile_only(monkeypatch):
