@@ -547,10 +547,6 @@ def compile_graph(
     analysis = find_targets(gm, example_inputs, config, params)
     for name in analysis.lookup_tables:
         registry.note_lookup_table(params[name].param, params[name].name)
-    for target in analysis.targets:  # a head compiled sparse before its embedding's lookup: dense now
-        info = params.get(target.weight.name) if target.weight is not None else None
-        if info is not None and info.lookup:
-            registry.drop_states(info.param)
     rewritten, state_inputs = insert_masks(gm, analysis, config, fake_mode)
     rewritten, kernels = lower_kernels(rewritten, config)
     layers, by_target = _layers(gm, analysis, params, config, registry)
@@ -581,7 +577,7 @@ def compile_graph(
 
 
 class _RecompileLimitWatch(logging.Filter):
-    """Turns dynamo's "hit config.recompile_limit" log line for a function this backend has compiled
+    """Turns dynamo's "hit config.recompile_limit" log line for a compile that stops nmsparse's
     into a warning that says what it means here: dynamo runs that code eagerly from then on, so its
     layers train dense and their steps stop. Dynamo calls no backend then, so its log is the only
     sign. The log names the function, not the backend, so a function that nmsparse and another
@@ -598,7 +594,8 @@ class _RecompileLimitWatch(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if str(record.msg).startswith("torch._dynamo hit config.") and len(record.args or ()) >= 3:
             limit, value, function = record.args[:3]  # type: ignore[index]
-            if function in self.functions and _stops_nmsparse():
+            stops = _stops_nmsparse()  # None where dynamo's compile frame is not found: by the name alone
+            if stops or (stops is None and function in self.functions):
                 warnings.warn(
                     f"nmsparse: dynamo hit its {limit} ({value}) for {function}, a function nmsparse has "
                     "compiled: dynamo runs it eagerly from now on, so an nmsparse model there trains dense and "
@@ -611,10 +608,11 @@ class _RecompileLimitWatch(logging.Filter):
         return True
 
 
-def _stops_nmsparse() -> bool:
-    """Whether the compile dynamo refuses now stops an nmsparse compile: it is nmsparse's, or the
-    code cache it counts in (a wrapper's own under ``isolate_recompiles``, else the shared one)
-    holds an nmsparse graph of its code. Where dynamo's compile frame is not found: assumed."""
+def _stops_nmsparse() -> bool | None:
+    """Whether the compile dynamo refuses now stops an nmsparse compile: it is nmsparse's (also
+    of a wrapper's code, as ``torch.compile(DDP(model))``'s), or the code cache it counts in (a
+    wrapper's own under ``isolate_recompiles``, else the shared one) holds an nmsparse graph of its
+    code; ``None`` where dynamo's compile frame is not found (another torch)."""
     from torch._dynamo import eval_frame
 
     frame = sys._getframe(1)
@@ -622,7 +620,7 @@ def _stops_nmsparse() -> bool:
         frame = frame.f_back
     region = getattr(eval_frame, "get_eval_frame_isolate_recompiles_id", None)
     if frame is None or region is None or not isinstance(frame.f_locals.get("code"), types.CodeType):
-        return True
+        return None
     entries = eval_frame._get_cache_entries_for_region(frame.f_locals["code"], region())
     return any(map(_is_nmsparse, [frame.f_locals["compiler_fn"], *(entry.backend for entry in entries)]))
 
@@ -774,6 +772,7 @@ class _Variants:
         self._runners: dict[tuple, _Runner] = {}
         self._fits = [weakref.ref(anchor(info.param)) for info in params.values()]
         self._fitting = WeightKeyDictionary()  # first weight -> all weights of a call the compiled graph fits
+        self._generation = registry.lookup_generation  # the embedding tables known when the fits were found
 
     def _admitted(self, known: _Known) -> bool:
         return self.config.name_filter_reason(known.name) is None
@@ -788,7 +787,7 @@ class _Variants:
         if entry is None:
             found = roots.lookup(weight, self.origin.sources[position])
             if found is None:
-                known = compiled
+                known = dataclasses.replace(compiled, lookup=_table_use(weight, self.registry))
             else:
                 lookup = _table_use(weight, self.registry)
                 known = _Known.of(ParamInfo(*found[:2], weight, *found[2:], lookup))
@@ -798,6 +797,10 @@ class _Variants:
     def runner(self, args: Sequence[Any], roots: _CallTables) -> _Runner | None:
         """The runner of the graph rewritten for ``args``' weights, or ``None`` where the compiled one fits."""
         weights = [args[position] for position, _, _ in self.inputs]
+        if self._generation != self.registry.lookup_generation:  # a weight became a table: decide ties again
+            self._generation = self.registry.lookup_generation
+            self._seen, self._fitting = WeightKeyDictionary(), WeightKeyDictionary()
+            self._fits = [lambda: None for _ in self.inputs]
         if all(ref() is anchor(w) for ref, w in zip(self._fits, weights, strict=True)):
             return None  # the weights of the last call the compiled graph fitted: the usual case
         fitted = self._fitting.get(weights[0])  # another block's weights it fitted at an earlier call

@@ -442,6 +442,7 @@ class StateRegistry:
         self._restarted: list[str] = []  # layers that restarted from such a checkpoint, for warn_restarted
         self._loaded_apart: WeakIdKeyDictionary = WeakIdKeyDictionary()  # owner -> {name: payload restored apart}
         self._lookup_tables = WeightKeyDictionary()  # weights a compiled graph read as embedding tables
+        self.lookup_generation = 0  # counts the tables noted: compiled graphs decide their ties again when it moves
 
     def get_or_create(self, weight: torch.Tensor, spec: LayerSpec, owner: nn.Module | None) -> LayerState:
         """The state of ``weight`` as ``spec`` uses it. Where ``weight`` has states for other specs
@@ -660,23 +661,25 @@ class StateRegistry:
         return False
 
     def note_lookup_table(self, weight: torch.Tensor, name: str) -> None:
-        """A compiled graph reads ``weight`` as an embedding table: a GEMM on it in a graph compiled
-        later (an output head tied to the embedding across a graph break) stays dense. One compiled
-        earlier trains on sparse: warned, since only a recompile decides it again."""
+        """A compiled graph reads ``weight`` as an embedding table: a GEMM on it in another graph (an
+        output head tied to the embedding across a graph break) is dense; one compiled earlier
+        switches at its next call (``lookup_generation``), with a warning, its state dropped."""
         if self._lookup_tables.get(weight) is not None:
             return
         self._lookup_tables[weight] = True
+        self.lookup_generation += 1
         if self._views.get(weight):
             warnings.warn(
-                f"nmsparse: {name} is read by an embedding lookup here, and a graph compiled before runs it as a "
-                "sparse GEMM weight (a tied output head): that GEMM stays sparse until it is compiled again "
-                "(torch._dynamo.reset(), which keeps the other layers' sparsity states), then dense, its state dropped",
+                f"nmsparse: {name} is read by an embedding lookup here, and a graph compiled before ran it as a "
+                "sparse GEMM weight (a tied output head): that GEMM runs dense from now on, its sparsity state "
+                "dropped (its graph rewritten, eagerly, until torch._dynamo.reset() compiles it again)",
                 stacklevel=3,
             )
+            self.drop_states(weight)
 
     def drop_states(self, weight: torch.Tensor) -> None:
-        """Forget every state of ``weight``, which a graph compiled now leaves dense (a head found
-        tied to an embedding after an earlier compile ran it sparse)."""
+        """Forget every state of ``weight``, which every graph runs dense from now (a head found tied
+        to an embedding after an earlier compile ran it sparse)."""
         for state in list(self._views.get(weight, {}).values()):
             self.discard(weight, state)
 

@@ -68,3 +68,39 @@ def test_mvue_under_ddp_keeps_ranks_in_step(tmp_path):
     for name in r0["perms"]:
         assert torch.equal(r0["perms"][name], r1["perms"][name])
         assert torch.equal(r0["weights"][name], r1["weights"][name])
+
+
+_LIMIT_SCRIPT = """
+import os, sys, warnings, torch, torch.nn as nn, torch.distributed as dist
+import nmcompile
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+dist.init_process_group("gloo", rank=0, world_size=1)
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+model = MLP()
+compiled = torch.compile(nn.parallel.DistributedDataParallel(model), backend=nmcompile.backend(inner="aot_eager"),
+                         dynamic=False)
+with torch._dynamo.config.patch(recompile_limit=2), warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for batch in (4, 5, 6, 7):
+        compiled(torch.randn(batch, 16)).sum().backward()
+print(sorted({s["step"] for s in nmcompile.sparsity_state(model).values()}))
+print(sum(str(w.message).startswith("nmsparse: dynamo hit its recompile_limit (2)") for w in caught))
+dist.destroy_process_group()
+"""
+
+
+def test_a_compiled_ddp_model_past_the_recompile_limit_warns():
+    """``torch.compile(DDP(model))`` past dynamo's recompile limit: dynamo's log names DDP's wrapper
+    code, not a function nmsparse compiled, but the refused compile is nmsparse's, so the warning
+    comes (it did not), once, as the steps stop at the two compiled shapes."""
+    result = subprocess.run([sys.executable, "-c", _LIMIT_SCRIPT, "29615"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[:2] == ["[2]", "1"]

@@ -1034,19 +1034,29 @@ def test_head_tied_to_an_embedding_compiled_apart_is_dense():
 
 def test_embedding_lookup_compiled_after_its_tied_head_warns():
     """Where the head's graph was compiled before any graph read its weight as an embedding table
-    (the decoder called first), the head trains sparse: a warning says so and that a recompile makes
-    it dense, which ``torch._dynamo.reset()`` then does, the other states kept and the head's dropped
-    (``forward_weights`` gave its mask, so a plain model loaded with them computed another forward)."""
+    (the decoder called first), the head ran sparse: a warning says so, the head's state is dropped,
+    and from the next call its graph runs it dense (rewritten, eagerly, until a recompile), with the
+    other layers' states going on; ``forward_weights`` and checkpoints leave the head out, and the
+    output is the dense head's (a recompile left the cached sparse graph training a dropped state)."""
     model = _EncoderDecoder()
     enc, dec = (torch.compile(m, backend=_backend()) for m in (model.enc, model.dec))
     dec(torch.randn(4, 8, 16)).sum().backward()
     assert sorted(nmcompile.sparsity_state(model)) == ["dec.fc.weight", "enc.emb.weight"]  # the head's weight
     with pytest.warns(UserWarning, match=r"^nmsparse: emb.weight is read by an embedding lookup here"):
         enc(torch.randint(0, 32, (4, 8))).sum().backward()
+    h = torch.randn(4, 8, 16)
+    with pytest.warns(UserWarning, match="dynamo reuses a compiled graph for weights that include/exclude or a weight"):
+        y = dec(h)
+    y.sum().backward()
+    masked = nmcompile.forward_weights(model)["dec.fc.weight"]
+    with torch.no_grad():
+        hidden = torch.relu(nn.functional.linear(h, masked, model.dec.fc.bias))
+        assert_close(y, nn.functional.linear(hidden, model.enc.emb.weight), what="the dense head's output")
+    dec(torch.randn(4, 8, 16)).sum().backward()
     torch._dynamo.reset()
     dec(torch.randn(4, 8, 16)).sum().backward()
     steps = {name: state["step"] for name, state in nmcompile.sparsity_state(model).items()}
-    assert steps == {"dec.fc.weight": 2, "enc.fc.weight": 1}  # the head's state dropped with its sparse graph
+    assert steps == {"dec.fc.weight": 4, "enc.fc.weight": 1}
     assert "enc.emb.weight" not in nmcompile.forward_weights(model)
     assert "nmsparse" not in model.state_dict()._metadata["dec.head"]
 
