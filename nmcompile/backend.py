@@ -28,7 +28,15 @@ from torch import fx, nn
 from nmcompile import ops
 from nmcompile.inspection import CompileRecord, dump_dir
 from nmcompile.options import SparsityConfig, SparsityConfigError
-from nmcompile.passes import ParamInfo, decompose_attention, find_targets, insert_masks, lower_kernels, name_nodes
+from nmcompile.passes import (
+    ParamInfo,
+    decompose_attention,
+    find_targets,
+    insert_masks,
+    lookup_tables,
+    lower_kernels,
+    name_nodes,
+)
 from nmcompile.passes.utils import copy_graph_module, identifier
 from nmcompile.state import (
     DEFAULT_REGISTRY,
@@ -37,6 +45,7 @@ from nmcompile.state import (
     StateRegistry,
     WeightKeyDictionary,
     anchor,
+    in_backward,
     unsharded_parameters,
 )
 
@@ -535,6 +544,8 @@ def compile_graph(
     roots = _CallTables(_compiling_namespaces)
     _warn_if_include_admits_nothing(config, roots)
     params = resolve_parameters(gm, example_inputs, roots)
+    for name in lookup_tables(gm, params):  # first: the graph's own tables are tables in its decisions
+        registry.note_lookup_table(params[name].param, params[name].name)
     params = {k: dataclasses.replace(v, lookup=_table_use(v.param, registry)) for k, v in params.items()}
     origin = _Origin.of(gm)
     try:
@@ -545,8 +556,6 @@ def compile_graph(
     if decompose_attention(gm).modified:
         _propagate_fake_values(gm)
     analysis = find_targets(gm, example_inputs, config, params)
-    for name in analysis.lookup_tables:
-        registry.note_lookup_table(params[name].param, params[name].name)
     rewritten, state_inputs = insert_masks(gm, analysis, config, fake_mode)
     rewritten, kernels = lower_kernels(rewritten, config)
     layers, by_target = _layers(gm, analysis, params, config, registry)
@@ -779,8 +788,9 @@ class _Variants:
 
     @staticmethod
     def _choice(known: _Known, admitted: bool, tied: bool = False) -> tuple[bool, bool]:
-        """What ``find_targets`` reads from a weight's name and ties: the name filter admits it, tied."""
-        return admitted, tied or bool(known.shared_as or known.lookup)
+        """What ``find_targets`` reads from a weight's name and ties: the name filter admits it, and
+        it is tied (which changes nothing for a weight the filter leaves out)."""
+        return admitted, admitted and (tied or bool(known.shared_as or known.lookup))
 
     def _known(self, weight: torch.Tensor, position: int, compiled: _Known, roots: _CallTables) -> tuple[_Known, bool]:
         entry = self._seen.get(weight)
@@ -797,7 +807,9 @@ class _Variants:
     def runner(self, args: Sequence[Any], roots: _CallTables) -> _Runner | None:
         """The runner of the graph rewritten for ``args``' weights, or ``None`` where the compiled one fits."""
         weights = [args[position] for position, _, _ in self.inputs]
-        if self._generation != self.registry.lookup_generation:  # a weight became a table: decide ties again
+        # A weight became a table: decide ties again; not in a checkpoint's recompute of a forward
+        # run before it (in the backward), which must run as that forward did.
+        if self._generation != self.registry.lookup_generation and not in_backward():
             self._generation = self.registry.lookup_generation
             self._seen, self._fitting = WeightKeyDictionary(), WeightKeyDictionary()
             self._fits = [lambda: None for _ in self.inputs]

@@ -1,7 +1,8 @@
 """FX graph passes of the ``nmsparse`` backend, usable on any ``torch.fx.GraphModule``.
 
 Each module holds one pass with one entry function: ``decompose_attention`` (fused attention ops
-into ``F.linear`` + SDPA), ``find_targets`` (eligibility analysis, SPEC §10), ``insert_masks``
+into ``F.linear`` + SDPA), ``find_targets`` (eligibility analysis, SPEC §10; beside it ``lookup_tables``, the weights a graph
+reads as embedding tables, which the backend notes before deciding), ``insert_masks``
 (rewrite GEMM nodes into mask, permutation and sparse-GEMM nodes), ``lower_kernels`` (sparse GEMMs
 onto the fused Triton kernels or 2:4 tensor cores, forward masks onto the C kernel on the CPU),
 ``name_nodes`` (readable node names in the graphs AOTAutograd produces). ``utils`` holds the
@@ -9,7 +10,7 @@ helpers they share (node-name spelling, example values, symbolic sizes, the grap
 """
 
 from .decompose import decompose_attention
-from .find_targets import GemmTarget, ParamInfo, TargetAnalysis, find_targets
+from .find_targets import GemmTarget, ParamInfo, TargetAnalysis, find_targets, lookup_tables
 from .insert_masks import StateInput, insert_masks
 from .lower_kernels import KernelChoice, lower_kernels
 from .name_nodes import name_nodes
@@ -23,6 +24,7 @@ __all__ = [
     "decompose_attention",
     "find_targets",
     "insert_masks",
+    "lookup_tables",
     "lower_kernels",
     "name_nodes",
 ]

@@ -146,13 +146,11 @@ class GemmTarget:
 
 @dataclasses.dataclass
 class TargetAnalysis:
-    """Result of ``find_targets``: every GEMM-like node with its decision, for parameters no
-    such node takes, what uses them instead (by parameter name; the report's reason), and the
-    parameters read as embedding tables (a head tied to them in another graph stays dense)."""
+    """Result of ``find_targets``: every GEMM-like node with its decision, and for parameters no
+    such node takes, what uses them instead (by parameter name; the report's reason)."""
 
     targets: list[GemmTarget]
     other_uses: dict[str, str] = dataclasses.field(default_factory=dict)
-    lookup_tables: list[str] = dataclasses.field(default_factory=list)  # placeholders an embedding lookup reads
 
     @property
     def sparse(self) -> list[GemmTarget]:
@@ -303,11 +301,18 @@ def find_targets(
         info = params.get(placeholder.name)
         if info is not None and info.name not in named and (reason := _other_use(placeholder)) is not None:
             other_uses[info.name] = reason
-    tables = [
-        ph.name for ph in placeholders if ph.name in params and any(_op_name(u) in _LOOKUPS for u in _consumers(ph))
-    ]
     _distinct_layers(targets)
-    return TargetAnalysis(targets, other_uses, tables)
+    return TargetAnalysis(targets, other_uses)
+
+
+def lookup_tables(gm: fx.GraphModule, params: Mapping[str, ParamInfo]) -> list[str]:
+    """The parameter placeholders of ``gm`` that an embedding lookup reads as its table: a GEMM
+    on one of them in another graph is a head tied to the embedding."""
+    return [
+        node.name
+        for node in gm.graph.nodes
+        if node.op == "placeholder" and node.name in params and any(_op_name(u) in _LOOKUPS for u in _consumers(node))
+    ]
 
 
 def _distinct_layers(targets: list[GemmTarget]) -> None:

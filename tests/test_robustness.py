@@ -1061,6 +1061,63 @@ def test_embedding_lookup_compiled_after_its_tied_head_warns():
     assert "nmsparse" not in model.state_dict()._metadata["dec.head"]
 
 
+class _TwoTables(nn.Module):
+    """Token and position embeddings in two graphs (a graph break between them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(32, 16), nn.Embedding(8, 16)
+        self.fc1, self.fc2 = nn.Linear(16, 16), nn.Linear(16, 32)
+
+    def forward(self, idx):
+        h = torch.relu(self.fc1(self.tok(idx)))
+        torch._dynamo.graph_break()
+        return self.fc2(h + self.pos(torch.arange(idx.shape[1])))
+
+
+@pytest.mark.parametrize("case", ["own_table", "excluded_head"])
+def test_a_table_read_later_leaves_graphs_it_changes_nothing_for_compiled(case):
+    """A graph that reads a new embedding table makes compiled graphs decide their ties again, which
+    changes nothing for a graph's own table (the first graph's lookup, once the second graph's
+    moved the count) or for a head the name filter leaves out: they keep their compiled code, no
+    warning (they ran the graph rewritten for them, eagerly, for good, saying a tie sparsified
+    otherwise)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if case == "own_table":
+            model = _TwoTables()
+            compiled = torch.compile(model, backend=_backend())
+            for _ in range(3):
+                compiled(torch.randint(0, 32, (4, 8))).sum().backward()
+            expected = {"fc1.weight": 3, "fc2.weight": 3}
+        else:
+            model = _EncoderDecoder()
+            enc, dec = (torch.compile(m, backend=_backend(exclude="head")) for m in (model.enc, model.dec))
+            dec(torch.randn(4, 8, 16)).sum().backward()
+            enc(torch.randint(0, 32, (4, 8))).sum().backward()
+            for _ in range(2):
+                dec(torch.randn(4, 8, 16)).sum().backward()
+            expected = {"dec.fc.weight": 3, "enc.fc.weight": 1}
+    assert not [str(w.message) for w in caught if str(w.message).startswith("nmsparse")]
+    assert {name: s["step"] for name, s in nmcompile.sparsity_state(model).items()} == expected
+
+
+def test_a_checkpointed_head_recomputes_as_it_ran_when_its_table_appears_in_between():
+    """A head run under a non-reentrant activation checkpoint, then its embedding's lookup compiled
+    for the first time before the backward: the recompute runs the head as its forward did
+    (sparse), not the dense graph the next forward gets (which raised ``CheckpointError``)."""
+    model = _EncoderDecoder()
+    enc, dec = (torch.compile(m, backend=_backend()) for m in (model.enc, model.dec))
+    h = torch.randn(4, 8, 16)
+    out = torch.utils.checkpoint.checkpoint(dec, h, use_reentrant=False)
+    masked = nmcompile.forward_weights(model)
+    with pytest.warns(UserWarning, match=r"^nmsparse: emb.weight is read by an embedding lookup here"):
+        (out.square().sum() + enc(torch.randint(0, 32, (4, 8))).sum()).backward()
+    hidden = torch.relu(nn.functional.linear(h, masked["dec.fc.weight"], model.dec.fc.bias))
+    assert_close(out, nn.functional.linear(hidden, masked["enc.emb.weight"]), what="the checkpointed sparse head")
+    assert model.dec.fc.weight.grad is not None and torch.count_nonzero(model.enc.emb.weight.grad) > 0
+
+
 def test_weight_used_besides_its_gemm_is_dense_with_the_ops_named():
     """SPEC §10: a parameter used by more than one node stays dense, also where the second node is not
     a GEMM (a penalty on ``W`` in the forward); the reason names the nodes, and the model trains as
