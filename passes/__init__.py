@@ -1,8 +1,9 @@
 """FX graph passes of the ``nmsparse`` backend, usable on any ``torch.fx.GraphModule``.
 
 Each module holds one pass with one entry function: ``decompose_attention`` (fused attention ops
-into ``F.linear`` + SDPA), ``find_targets`` (eligibility analysis, SPEC §10; beside it ``lookup_tables``, the weights a graph
-reads as embedding tables, which the backend notes before deciding), ``insert_masks``
+into ``F.linear`` + SDPA), ``find_targets`` (eligibility analysis, SPEC §10; beside it
+``lookup_tables``, the weights a graph reads as embedding tables, which the backend notes before
+deciding), ``insert_masks``
 (rewrite GEMM nodes into mask, permutation and sparse-GEMM nodes), ``lower_kernels`` (sparse GEMMs
 onto the fused Triton kernels or 2:4 tensor cores, forward masks onto the C kernel on the CPU),
 ``name_nodes`` (readable node names in the graphs AOTAutograd produces). ``utils`` holds the
