@@ -776,7 +776,12 @@ class _Variants:
         self.registry, self.fake_mode = registry, fake_mode
         placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         self.inputs = [(placeholders.index(name), name, _Known.of(info)) for name, info in params.items()]
-        self.compiled_choice = tuple(self._choice(known, self._admitted(known)) for _, _, known in self.inputs)
+        tables = set(lookup_tables(gm, params))
+        self._tables = [name in tables for name in params]  # per input: this graph reads it as an embedding table
+        self.compiled_choice = tuple(
+            self._choice(known, self._admitted(known), table=table)
+            for (_, _, known), table in zip(self.inputs, self._tables, strict=True)
+        )
         self._seen = WeightKeyDictionary()  # weight -> (its _Known, whether the name filter admits it), found once
         self._runners: dict[tuple, _Runner] = {}
         self._fits = [weakref.ref(anchor(info.param)) for info in params.values()]
@@ -787,10 +792,12 @@ class _Variants:
         return self.config.name_filter_reason(known.name) is None
 
     @staticmethod
-    def _choice(known: _Known, admitted: bool, tied: bool = False) -> tuple[bool, bool]:
+    def _choice(known: _Known, admitted: bool, tied: bool = False, table: bool = False) -> tuple[bool, bool]:
         """What ``find_targets`` reads from a weight's name and ties: the name filter admits it, and
-        it is tied (which changes nothing for a weight the filter leaves out)."""
-        return admitted, admitted and (tied or bool(known.shared_as or known.lookup))
+        it is tied (which changes nothing for a weight the filter leaves out). ``table``: this graph
+        looks the weight up itself, so a table elsewhere changes nothing here (its own lookup and
+        any GEMM on it are two nodes of one graph)."""
+        return admitted, admitted and (tied or bool(known.shared_as or (known.lookup and not table)))
 
     def _known(self, weight: torch.Tensor, position: int, compiled: _Known, roots: _CallTables) -> tuple[_Known, bool]:
         entry = self._seen.get(weight)
@@ -820,9 +827,15 @@ class _Variants:
             self._fits = fitted
             return None
         entries = [self._known(w, p, k, roots) for w, (p, _, k) in zip(weights, self.inputs, strict=True)]
+        for (known, _), w, table in zip(entries, weights, self._tables, strict=True):
+            if table:  # another model's lookup through this graph: a table for heads elsewhere too
+                self.registry.note_lookup_table(w, known.name)
         ids = [id(w) for w in weights]
         tied = [ids.count(i) > 1 for i in ids]  # a weight at two inputs: tied after compiling
-        choice = tuple(self._choice(k, admitted, t) for (k, admitted), t in zip(entries, tied, strict=True))
+        choice = tuple(
+            self._choice(k, admitted, t, table)
+            for (k, admitted), t, table in zip(entries, tied, self._tables, strict=True)
+        )
         if choice == self.compiled_choice:
             self._fits = self._fitting[weights[0]] = [weakref.ref(anchor(w)) for w in weights]
             return None

@@ -1075,16 +1075,22 @@ class _TwoTables(nn.Module):
         return self.fc2(h + self.pos(torch.arange(idx.shape[1])))
 
 
-@pytest.mark.parametrize("case", ["own_table", "excluded_head"])
+@pytest.mark.parametrize("case", ["own_table", "second_instance", "excluded_head"])
 def test_a_table_read_later_leaves_graphs_it_changes_nothing_for_compiled(case):
     """A graph that reads a new embedding table makes compiled graphs decide their ties again, which
     changes nothing for a graph's own table (the first graph's lookup, once the second graph's
-    moved the count) or for a head the name filter leaves out: they keep their compiled code, no
-    warning (they ran the graph rewritten for them, eagerly, for good, saying a tie sparsified
-    otherwise)."""
+    moved the count; a second model of the class, whose lookup runs the first one's graph) or for
+    a head the name filter leaves out: they keep their compiled code, no warning (they ran the
+    graph rewritten for them, eagerly, saying a tie sparsified otherwise)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if case == "own_table":
+        if case == "second_instance":
+            for model in (_TwoTables(), _TwoTables()):
+                compiled = torch.compile(model, backend=_backend())
+                for _ in range(2):
+                    compiled(torch.randint(0, 32, (4, 8))).sum().backward()
+            expected = {"fc1.weight": 2, "fc2.weight": 2}
+        elif case == "own_table":
             model = _TwoTables()
             compiled = torch.compile(model, backend=_backend())
             for _ in range(3):
