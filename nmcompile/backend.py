@@ -18,7 +18,7 @@ import types
 import warnings
 import weakref
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -544,7 +544,8 @@ def compile_graph(
     roots = _CallTables(_compiling_namespaces)
     _warn_if_include_admits_nothing(config, roots)
     params = resolve_parameters(gm, example_inputs, roots)
-    for name in lookup_tables(gm, params):  # first: the graph's own tables are tables in its decisions
+    tables = lookup_tables(gm, params)
+    for name in tables:  # first: the graph's own tables are tables in its decisions
         registry.note_lookup_table(params[name].param, params[name].name)
     params = {k: dataclasses.replace(v, lookup=_table_use(v.param, registry)) for k, v in params.items()}
     origin = _Origin.of(gm)
@@ -581,7 +582,7 @@ def compile_graph(
         torch.compiler.config.patch(cache_key_tag=tag),
     ):
         compiled = _compile_inner(rewritten, [*example_inputs, *examples], config, record, patches)
-    variants = _Variants(gm, config, registry, fake_mode, params, origin)
+    variants = _Variants(gm, config, registry, fake_mode, params, origin, tables)
     return _Runner(compiled, layers, registry, origin, variants, record)
 
 
@@ -771,12 +772,12 @@ class _Variants:
         fake_mode: Any,
         params: dict[str, ParamInfo],
         origin: _Origin,
+        tables: Collection[str],
     ) -> None:
         self.gm, self.config, self.origin = gm, config, origin
         self.registry, self.fake_mode = registry, fake_mode
         placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         self.inputs = [(placeholders.index(name), name, _Known.of(info)) for name, info in params.items()]
-        tables = set(lookup_tables(gm, params))
         self._tables = [name in tables for name in params]  # per input: this graph reads it as an embedding table
         self.compiled_choice = tuple(
             self._choice(known, self._admitted(known), table=table)

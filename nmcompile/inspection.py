@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import networkx as nx
 import torch
 from torch import fx
+from torch.nn.parameter import is_lazy
 
 from nmcompile.ops import NAME_KEY
 from nmcompile.options import SparsityConfig
@@ -362,17 +363,13 @@ def untraced_rows(module: torch.nn.Module, seen: set[str], other_uses: Mapping[s
             if id(param) in visited:
                 continue
             visited.add(id(param))
-            if name in seen or (not _uninitialized(param) and param.dim() < 2):
+            lazy = is_lazy(param)  # a lazy module's parameter before its first forward: no shape yet
+            if name in seen or (pname == "bias" if lazy else param.dim() < 2):
                 continue
             seen.add(name)
-            if _uninitialized(param):
-                if pname == "bias":
-                    continue
+            if lazy:
                 reason = "uninitialized (a lazy module not run yet): its first forward gives it a shape"
-                flops = {"forward": None, "input_grad": None, "weight_grad": None}
-                rows.append(LayerRow(name, type(sub).__name__, None, None, "", "-", False, "-", reason, flops))
-                continue
-            if isinstance(sub, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+            elif isinstance(sub, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
                 reason = "embedding lookup, not a GEMM"
             elif name in other_uses:
                 reason = other_uses[name]
@@ -388,14 +385,9 @@ def untraced_rows(module: torch.nn.Module, seen: set[str], other_uses: Mapping[s
                         f"; a backward hook (on {', '.join(hooked)}) can keep dynamo out of the code calling its module"
                     )
             flops = {"forward": None, "input_grad": None, "weight_grad": None}
-            matrix = (param.shape[0], math.prod(param.shape[1:]))  # as a convolution's GEMM: O × the other dims
+            matrix = None if lazy else (param.shape[0], math.prod(param.shape[1:]))  # a conv's GEMM: O × the rest
             rows.append(LayerRow(name, type(sub).__name__, matrix, None, "", "-", False, "-", reason, flops))
     return rows
-
-
-def _uninitialized(param: torch.Tensor) -> bool:
-    """A lazy module's parameter before its first forward: no shape, no values."""
-    return isinstance(param, torch.nn.parameter.UninitializedParameter)
 
 
 def _has_backward_hook(module: torch.nn.Module) -> bool:
@@ -502,7 +494,7 @@ def explain(
             outputs = [
                 t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad
             ]
-            params = [p for p in module.parameters() if p.requires_grad and not _uninitialized(p)]
+            params = [p for p in module.parameters() if p.requires_grad and not is_lazy(p)]
             if outputs and params:
                 torch.autograd.grad(outputs, params, [torch.ones_like(t) for t in outputs], allow_unused=True)
     finally:

@@ -681,7 +681,7 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
     from nmcompile.state import DEFAULT_REGISTRY, LayerSpec
 
     config = SparsityConfig.from_options(options)
-    lazy = [name for name, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    lazy = [name for name, p in model.named_parameters() if nn.parameter.is_lazy(p)]
     if lazy:
         raise ValueError(
             f"reference.sparsify: {', '.join(lazy)} uninitialized (a lazy module): run one forward first, "

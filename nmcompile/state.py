@@ -304,11 +304,13 @@ class LayerState:
         n = self.mask_n()
         with torch.no_grad():
             w = self.weight_matrix(param)
-            fmask = self.forward_mask(w)
-            kept = fmask.sum().item() if not w.is_meta else 0
-            kept_fraction = 1.0 if not w.is_meta else math.nan  # meta: no values to count
-            if spec.backward == "bimask" and kept:
-                kept_fraction = reference.permutation_score(fmask, self.perm, n, config.m) / kept
+            kept_fraction = math.nan  # meta: no values to count
+            if not w.is_meta:
+                fmask = self.forward_mask(w)
+                kept = fmask.sum().item()
+                kept_fraction = 1.0
+                if spec.backward == "bimask" and kept:
+                    kept_fraction = reference.permutation_score(fmask, self.perm, n, config.m) / kept
         return {
             "perm": self.perm.detach().clone(),
             "step": self.step,

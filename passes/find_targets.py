@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from nmcompile.options import SparsityConfig
-from nmcompile.reference import CASTS, FLOAT_DTYPES, GEMM_ARGS, holds_tensor, swaps_dims
+from nmcompile.reference import CASTS, FLOAT_DTYPES, GEMM_ARGS, MVUE_RULES, holds_tensor, swaps_dims
 
 from .utils import DENSE_REASON, divisible, example_value, identifier, size_hint
 
@@ -135,8 +135,8 @@ class GemmTarget:
         bwd_sparse = masked and self.backward in ("bimask", "transposable")
         pruned = dense
         if self.sparse and grad_prune != "none":
-            block = 2 if grad_prune == "mvue12" else 4
-            pruned = 2 * O * K * (-(-self.tokens // block) * block // 2)
+            kept, block, _ = MVUE_RULES[grad_prune]
+            pruned = 2 * O * K * (-(-self.tokens // block) * kept)
         return {
             "forward": (dense, dense * n // m if masked else dense),
             "input_grad": ((dense, dense * n // m if bwd_sparse else dense) if self.input_grad else (0, 0)),
