@@ -570,13 +570,18 @@ class StateRegistry:
         swap flag, ``layer.weight = nn.Parameter(...)``), not to one that stands in for it while it
         lives (``torch.func.functional_call``). A Parameter that took another slot's state (tied
         into two layers since) has none here; one that left the slot it trained in for this one
-        (two layers' Parameters swapped) brings its state."""
+        (two layers' Parameters swapped, under one name or two) brings its state, unless its module
+        still holds it under another name (``torch.nn.utils.prune``'s ``weight_orig``, a
+        parametrization's ``original``)."""
         state = self._states.get(param)
         if state is not None:  # unless it is another slot's (a Parameter tied into a second layer since)
             owner, slot = state.owner(), state.spec.slot
-            moved = owner is not None and owner._parameters.get(slot) is not param  # swapped into this slot
-            mine = owner is None or ((owner is module or moved) and slot == name)
-            return state if mine else None
+            if owner is None or (owner is module and slot == name):
+                return state
+            if owner._parameters.get(slot) is param:  # still in its slot: tied into this one
+                return None
+            moved = slot == name or all(p is not param for p in owner.parameters())
+            return state if moved else None
         slot = self._slots.get(module, {}).get(name)
         if slot is None or not slot.fits(param) or slot.device != param.device:
             return None

@@ -884,6 +884,45 @@ def test_layers_that_swap_their_parameters_keep_the_states_in_checkpoints():
     assert resumed == continued
 
 
+class _Projection(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(32, 32) / 32**0.5)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.W)
+
+
+class _NamedApart(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.proj, self.fc3 = nn.Linear(32, 32), _Projection(), nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.proj(torch.relu(self.fc1(x)))))
+
+
+def test_parameters_swapped_between_slots_of_different_names_keep_the_states_in_checkpoints():
+    """``fc1.weight, proj.W = proj.W, fc1.weight``, checkpointed before the next step: each state
+    follows its Parameter into the other slot's checkpoint entry (both were left out until the
+    next step), and a resume from that checkpoint continues exactly as the run that went on."""
+    options = {"inner": "aot_eager", "perm_interval": 1, "perm_candidates": 8}
+    torch.manual_seed(0)
+    model = _NamedApart()
+    compiled = torch.compile(model, backend=nmcompile.backend(**options))
+    _sgd_steps(model, compiled, 3, seed=1)
+    perms = {k: s["perm"] for k, s in nmcompile.sparsity_state(model).items()}
+    model.fc1.weight, model.proj.W = model.proj.W, model.fc1.weight
+    checkpoint = copy.deepcopy(model.state_dict())
+    assert torch.equal(checkpoint._metadata["fc1"]["nmsparse"]["weight"]["perm"], perms["proj.W"])
+    assert torch.equal(checkpoint._metadata["proj"]["nmsparse"]["W"]["perm"], perms["fc1.weight"])
+    continued = _sgd_steps(model, compiled, 3, seed=3)
+    resumed_model = _NamedApart()
+    resumed_model.load_state_dict(checkpoint)
+    resumed = _sgd_steps(resumed_model, torch.compile(resumed_model, backend=nmcompile.backend(**options)), 3, seed=3)
+    assert resumed == continued
+
+
 def test_a_layer_replaced_by_a_module_holding_its_parameters_keeps_its_state():
     """Module-swapping code (``new.weight = old.weight; model.fc1 = new``), the old module then
     collected: the state follows the weight to the new module, whose eval mode counts no step (three
