@@ -15,6 +15,7 @@ import nmcompile
 
 
 def make_model() -> nn.Module:
+    """A three-layer MLP, 64 → 256 → 256 → 10: three Linear layers for nmsparse to sparsify."""
     return nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 10))
 
 

@@ -113,10 +113,11 @@ def run_grid(
     return results
 
 
-def _stat(values: list[float], digits: int = 4) -> str:
+def _stat(values: list[float]) -> str:
+    """Mean ± sample standard deviation over seeds (± 0 for one seed), to 4 decimals."""
     mean = statistics.fmean(values)
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {spread:.{digits}f}"
+    return f"{mean:.4f} ± {spread:.4f}"
 
 
 def _mean(results: dict, name: str, task: str, key: str) -> float:

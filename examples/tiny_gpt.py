@@ -64,6 +64,7 @@ class Data:
         self.vocab = 128
 
     def batch(self, split: str, size: int, context: int, generator: torch.Generator) -> tuple:
+        """``size`` random windows of ``split``: inputs and next-token targets, ``[size, context]`` each."""
         data = self.train if split == "train" else self.val
         start = torch.randint(len(data) - context - 1, (size,), generator=generator)
         offsets = torch.arange(context + 1)
@@ -72,6 +73,8 @@ class Data:
 
 
 class Block(nn.Module):
+    """A pre-norm GPT block: causal self-attention and a 4x feed-forward layer, both residual."""
+
     def __init__(self, d: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
@@ -275,6 +278,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse the flags, train dense and/or sparse, print the losses and report; the runs."""
     cli = parser()
     args = cli.parse_args(argv)
     options = check_args(cli, args)

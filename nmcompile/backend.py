@@ -298,10 +298,10 @@ def _before_inner_compile(record: CompileRecord | None, kind: str, gm: fx.GraphM
         record.add_graph(kind, gm, dict(zip(before, (node.name for node in gm.graph.nodes), strict=True)))
 
 
-def _decompositions(base: dict | None = None) -> dict:
-    """``base`` plus the composite mask op's own decomposition: AOTAutograd keeps ops of other
-    namespaces whole, and an unfused ``nm_mask`` runs eagerly as a dozen full-size temporaries."""
-    return {**(base or {}), torch.ops.nmsparse.nm_mask.default: ops.nm_mask}
+def _decompositions() -> dict:
+    """The composite mask op's own decomposition: AOTAutograd keeps ops of other namespaces whole,
+    and an unfused ``nm_mask`` runs eagerly as a dozen full-size temporaries."""
+    return {torch.ops.nmsparse.nm_mask.default: ops.nm_mask}
 
 
 def _register_inductor_decomposition() -> None:

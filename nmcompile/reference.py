@@ -187,6 +187,7 @@ class Recipe:
         return pruned.reshape(tokens.shape).movedim(-1, channel_dim)
 
     def srste(self, dw: torch.Tensor, weight: torch.Tensor, fmask: torch.Tensor) -> torch.Tensor:
+        """``dW + λ(1−F)⊙W`` (SPEC §8): the SR-STE term pulls the pruned weights towards zero."""
         return dw + self.srste_lambda * torch.where(fmask, 0, weight) if self.srste_lambda else dw
 
 
@@ -204,14 +205,22 @@ class SparseGemm(torch.autograd.Function):
     """``Y = X (W⊙F)ᵀ + b``; ``dX = dY (W⊙B)``; ``dW = prune(dY)ᵀX + λ(1−F)⊙W`` (SPEC §3–§8)."""
 
     @staticmethod
-    def forward(ctx: Any, x, weight, bias, fmask, bmask, recipe: Recipe):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        fmask: torch.Tensor,
+        bmask: torch.Tensor,
+        recipe: Recipe,
+    ) -> torch.Tensor:
         x, bias = autocast_inputs(x, bias)
         ctx.save_for_backward(x, weight, fmask, bmask)
         ctx.recipe = recipe
         return F.linear(x, recipe.weight(weight, fmask).to(x.dtype), bias)
 
     @staticmethod
-    def backward(ctx: Any, dy):  # type: ignore[override]
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         x, weight, fmask, bmask = ctx.saved_tensors
         recipe: Recipe = ctx.recipe
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -251,14 +260,23 @@ class SparseConv(torch.autograd.Function):
     """Convolution with ``W⊙F`` forward, ``W⊙B`` input gradient, straight-through ``dW`` (SPEC §3–§8)."""
 
     @staticmethod
-    def forward(ctx: Any, x, weight, bias, fmask, bmask, recipe: Recipe, conv: tuple):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        fmask: torch.Tensor,
+        bmask: torch.Tensor,
+        recipe: Recipe,
+        conv: tuple,
+    ) -> torch.Tensor:
         x, bias = autocast_inputs(x, bias)
         ctx.save_for_backward(x, weight, fmask, bmask)
         ctx.recipe, ctx.conv = recipe, conv
         return _CONV[weight.dim() - 2](x, recipe.weight(weight, fmask).to(x.dtype), bias, *conv)
 
     @staticmethod
-    def backward(ctx: Any, dy):  # type: ignore[override]
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         x, weight, fmask, bmask = ctx.saved_tensors
         recipe: Recipe = ctx.recipe
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -662,7 +680,7 @@ def _eligible_backward(
     return config.backward
 
 
-def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Module:
+def sparsify(model: nn.Module, **options: Any) -> nn.Module:
     """Make ``model`` train with N:M sparse GEMMs in eager mode, in place; returns ``model``.
 
     ``nn.Linear`` and ``nn.Conv1d/2d/3d`` children are swapped for ``SparseLinear`` and
@@ -687,7 +705,7 @@ def sparsify(model: nn.Module, registry: Any = None, **options: Any) -> nn.Modul
             f"reference.sparsify: {', '.join(lazy)} uninitialized (a lazy module): run one forward first, "
             "which gives them their shapes and the module its class"
         )
-    registry = DEFAULT_REGISTRY if registry is None else registry
+    registry = DEFAULT_REGISTRY
     index = {id(p): i for i, (_, p) in enumerate(model.named_parameters())}
     counts: dict[int, int] = {}  # modules holding each parameter: a module under two names is one
     for module in model.modules():
@@ -852,9 +870,9 @@ def counter_uniforms_at(key: int, step: torch.Tensor, index: torch.Tensor) -> to
     return (h >> 8).to(torch.float32) * (2.0**-24)
 
 
-def counter_uniforms(key: int, step: torch.Tensor, count: int, device: torch.device | None = None) -> torch.Tensor:
+def counter_uniforms(key: int, step: torch.Tensor, count: int) -> torch.Tensor:
     """The first ``count`` uniforms of the stream of ``(key, step)`` (``counter_uniforms_at``)."""
-    return counter_uniforms_at(key, step, torch.arange(count, dtype=torch.int64, device=device))
+    return counter_uniforms_at(key, step, torch.arange(count, dtype=torch.int64, device=step.device))
 
 
 _Columns = tuple[torch.Tensor, ...]  # a block's entries, one tensor each (entry i of every block)

@@ -144,6 +144,7 @@ class LayerState:
 
     @property
     def perm(self) -> torch.Tensor:
+        """The weight-row permutation ``P`` in force (shared by every state of this progress)."""
         return self.progress.perm
 
     @perm.setter
@@ -152,6 +153,7 @@ class LayerState:
 
     @property
     def step(self) -> int:
+        """Training steps counted so far: the ``t`` of the schedules (SPEC §5, §6)."""
         return self.progress.step
 
     @step.setter
@@ -160,6 +162,7 @@ class LayerState:
 
     @property
     def last_search_step(self) -> int | None:
+        """The step of the last permutation search (``None`` before the first)."""
         return self.progress.last_search_step
 
     @last_search_step.setter
@@ -404,9 +407,11 @@ class WeightKeyDictionary:
         self._data = WeakIdKeyDictionary()
 
     def get(self, weight: torch.Tensor, default: Any = None) -> Any:
+        """The value kept for ``weight`` (or for another view of its storage), else ``default``."""
         return self._data.get(anchor(weight), default)
 
     def setdefault(self, weight: torch.Tensor, default: Any) -> Any:
+        """The value kept for ``weight``, after keeping ``default`` for it where there was none."""
         return self._data.setdefault(anchor(weight), default)
 
     def __getitem__(self, weight: torch.Tensor) -> Any:
@@ -882,24 +887,24 @@ def unwrap(model: nn.Module) -> nn.Module:
     return module
 
 
-def sparsity_state(model: nn.Module, registry: StateRegistry = DEFAULT_REGISTRY) -> dict[str, dict[str, Any]]:
+def sparsity_state(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Per sparsified weight (named as ``model.named_parameters()`` spells it): perm, step,
     kept_fraction, effective N and decay factor. Under FSDP2 it gathers each sharded weight
     (``full_tensor``), a collective: call it on every rank."""
-    return {name: state.summary(param) for name, param, state in _sparsified(model, registry)}
+    return {name: state.summary(param) for name, param, state in _sparsified(model, DEFAULT_REGISTRY)}
 
 
-def forward_weights(model: nn.Module, registry: StateRegistry = DEFAULT_REGISTRY) -> dict[str, torch.Tensor]:
+def forward_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """Per sparsified weight (named as ``sparsity_state`` names it): the weight its forward uses now,
     ``W ⊙ F`` (``W ⊙ (F + (1−F)·α)`` while a mask decays), as a new tensor of the parameter's shape.
     ``state_dict()`` keeps the dense parameters, from which the masks are chosen each step; loading
     these over them gives a plain model the compiled model's eval forward, to deploy or export.
     Under FSDP2 it gathers each sharded weight (a collective: call it on every rank)."""
-    weights = {name: state.forward_weight(param) for name, param, state in _sparsified(model, registry)}
+    weights = {name: state.forward_weight(param) for name, param, state in _sparsified(model, DEFAULT_REGISTRY)}
     waiting = [
         full
         for full, module, name, _ in _named_slots(unwrap(model))
-        if full not in weights and registry.holds_payload(module, name)
+        if full not in weights and DEFAULT_REGISTRY.holds_payload(module, name)
     ]
     if waiting:
         warnings.warn(

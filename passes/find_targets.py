@@ -62,6 +62,7 @@ class ConvInfo:
     unbatched: bool = False
 
     def describe(self) -> str:
+        """The conv's geometry for the report, as ``k3x3 s1x1 p1x1 d1x1 g1``."""
         pad = self.padding if isinstance(self.padding, str) else "x".join(map(str, self.padding))
         return (
             f"k{'x'.join(map(str, self.kernel))} s{'x'.join(map(str, self.stride))} p{pad} "
@@ -154,6 +155,7 @@ class TargetAnalysis:
 
     @property
     def sparse(self) -> list[GemmTarget]:
+        """The targets that run sparse (the rest stay dense, each with its reason)."""
         return [t for t in self.targets if t.sparse]
 
 

@@ -32,17 +32,20 @@ TINY_GPT = ["--steps", "4", "--eval-interval", "2", "--batch", "4", "--context",
 
 
 def test_quickstart_runs():
-    """examples/quickstart.py: finite, falling loss."""
+    """examples/quickstart.py: finite loss that training cuts to under 0.4x its start (0.22x here; with
+    the optimizer step a no-op it ends at 0.92x)."""
     losses = _load("quickstart").main(["--steps", "12", "--inner", "aot_eager"])
     assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
-    assert losses[-1] < losses[0]
+    assert losses[-1] < 0.4 * losses[0]
 
 
 def test_tiny_gpt_compare(capsys):
-    """--compare trains dense and sparse on stdlib text and prints both losses and the table."""
+    """--compare trains dense and sparse on stdlib text and prints both losses and the table; each
+    run's validation loss falls from step 2 to step 4 (it stays put when nothing trains)."""
     runs = _load("tiny_gpt").main([*TINY_GPT, "--compare", "--n", "1", "--m", "4", "--grad-prune", "mvue24"])
     assert set(runs) == {"dense", "nmsparse"}
-    assert all(math.isfinite(r["val_loss"]) and r["val_loss"] < math.log(128) + 1 for r in runs.values())
+    assert all(math.isfinite(r["val_loss"]) for r in runs.values())
+    assert all(r["curve"][1][1] < r["curve"][0][1] for r in runs.values())
     out = capsys.readouterr().out
     assert "validation loss" in out and "dense " in out and "blocks.0.fc.weight" in out and "1:4" in out
     assert [s for s, _ in runs["nmsparse"]["curve"]] == [2, 4]
@@ -84,8 +87,10 @@ def test_tiny_gpt_trains_under_deterministic_algorithms_by_default(monkeypatch, 
 
 
 def test_cnn_digits_runs(capsys):
+    """One epoch lifts test accuracy above chance (0.21 here; 0.10, chance, when nothing trains) and
+    the report names the stem conv that stays dense."""
     result = _load("cnn_digits").main(["--epochs", "1", "--width", "8", "--quiet", "--inner", "aot_eager"])
-    assert 0.0 <= result["test_accuracy"] <= 1.0
+    assert 0.15 < result["test_accuracy"] <= 1.0
     assert "C=1 not divisible by m=4" in capsys.readouterr().out
 
 

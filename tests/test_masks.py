@@ -320,7 +320,8 @@ def test_transposable_mask_of_float64_magnitudes_near_the_maximum():
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
 def test_transposable_mask_greedy_for_m8(n):
-    """SPEC §4 (greedy, m > 4): at most n kept per row and per column of each 8×8 block; the block maximum is kept."""
+    """SPEC §4 (greedy, m > 4): at most n kept per row and per column of each 8×8 block, the block
+    maximum kept, and each block exactly the greedy procedure's choice."""
     m = 8
     w = torch.randn(16, 24, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
     mask = reference.transposable_mask(w, n, m)
@@ -333,6 +334,18 @@ def test_transposable_mask_greedy_for_m8(n):
         for bk in range(3):
             top = int(mags[bo, bk].flatten().argmax())
             assert bool(blocks[bo, bk].flatten()[top])
+            assert blocks[bo, bk].flatten().tolist() == _greedy_block(mags[bo, bk].flatten().tolist(), n, m)
+
+
+def _greedy_block(magnitudes: list[float], n: int, m: int) -> list[bool]:
+    """SPEC §4's greedy, written plainly: visit one block's entries by magnitude (descending, ties
+    in index order) and keep each whose row and column both hold fewer than ``n`` kept."""
+    keep, rows, cols = [False] * (m * m), [0] * m, [0] * m
+    for i in sorted(range(m * m), key=lambda i: -magnitudes[i]):
+        r, c = divmod(i, m)
+        if rows[r] < n and cols[c] < n:
+            keep[i], rows[r], cols[c] = True, rows[r] + 1, cols[c] + 1
+    return keep
 
 
 @pytest.mark.parametrize("shape,m", [((6, 8), 4), ((8, 6), 4), ((8, 12), 8), ((12, 16), 8)])

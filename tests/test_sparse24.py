@@ -577,19 +577,18 @@ def test_report_names_the_dense_input_gradient_of_a_layer_o_does_not_divide(cpu_
 
 
 def test_sparse24_fallback_reasons():
-    """Where 2:4 is impossible the layer runs as ``auto`` would, and the report says why."""
+    """Where 2:4 is impossible the layer runs as ``auto`` would, and the report says why (a model on
+    the CPU, on any machine: the reasons follow the weights' device)."""
     x, options = torch.randn(8, 32), {"kernels": "sparse24", "inner": "aot_eager"}
     kernels = {r.kernel for r in nmcompile.explain(MLP(), x, n=3, m=4, **options).rows}
-    auto = NOT_ON_CUDA
-    if DEVICE == "cpu":
-        # fp32 weights with m=4 on the CPU: the forward mask runs on the C kernel where it builds
-        auto += cpu_mask_note()
-        assert kernels == {f"portable (not 2:4: 3:4 is not a 2:4 pattern (at most 2 kept in every 4); {auto})"}
-        decay = nmcompile.explain(MLP(), x, mask_decay="linear", mask_decay_rate=0.2, **options).rows
-        reason = "mask decay keeps pruned weights (scaled by alpha), so W is not 2:4"
-        assert {r.kernel for r in decay} == {f"portable (not 2:4: {reason}; {auto})"}
-        plain = {r.kernel for r in nmcompile.explain(MLP(), x, **options).rows}
-        assert plain == {f"portable (not 2:4: not on CUDA (2:4 tensor cores need sm80+); {auto})"}
+    # fp32 weights with m=4 on the CPU: the forward mask runs on the C kernel where it builds
+    auto = NOT_ON_CUDA + cpu_mask_note()
+    assert kernels == {f"portable (not 2:4: 3:4 is not a 2:4 pattern (at most 2 kept in every 4); {auto})"}
+    decay = nmcompile.explain(MLP(), x, mask_decay="linear", mask_decay_rate=0.2, **options).rows
+    reason = "mask decay keeps pruned weights (scaled by alpha), so W is not 2:4"
+    assert {r.kernel for r in decay} == {f"portable (not 2:4: {reason}; {auto})"}
+    plain = {r.kernel for r in nmcompile.explain(MLP(), x, **options).rows}
+    assert plain == {f"portable (not 2:4: not on CUDA (2:4 tensor cores need sm80+); {auto})"}
 
 
 @pytest.mark.skipif(not SM80, reason="needs a CUDA GPU with 2:4 sparse tensor cores (sm80+)")
