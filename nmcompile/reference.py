@@ -395,12 +395,15 @@ class _Rule:
         A weight used twice in one forward runs the dense GEMM, as does one that dynamo traces (a
         ``torch.cond`` branch, which torch traces even in eager mode, and the backend leaves dense)
         and a frozen one (SPEC §10; the backend recompiles a layer frozen mid-training dense), which
-        counts no step. Its own ops on ``w`` are not the user's: ``_GemmInterceptor`` sees none of them."""
+        counts no step, and a plain tensor standing in for the Parameter (``functional_call``'s fast
+        weights: SPEC §10 rewrites Parameters only). Its own ops on ``w`` are not the user's:
+        ``_GemmInterceptor`` sees none of them."""
         with torch._C.DisableTorchFunction():
             return self._run(x, w, bias, conv)
 
     def _run(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, conv: tuple | None) -> torch.Tensor:
-        if torch.compiler.is_compiling() or not w.requires_grad or self.uses.is_dense(self.param, self):
+        stand_in = w is not self.param and w._base is not self.param and not isinstance(w, nn.Parameter)
+        if torch.compiler.is_compiling() or not w.requires_grad or stand_in or self.uses.is_dense(self.param, self):
             return F.linear(x, w, bias) if conv is None else _CONV[w.dim() - 2](x, w, bias, *conv)
         config, state = self.config, self.state
         forward = state.enter_forward(self.param)
@@ -692,9 +695,10 @@ def sparsify(model: nn.Module, **options: Any) -> nn.Module:
     ``W.permute(1, 0)``: ``[out, in]``), as is a swapped module's weight used outside the module,
     through the module's rule. Options as ``SparsityConfig``.
     Do not deep-copy (or pickle) a model after ``sparsify``: the routed forward keeps its rules.
-    A ``torch.func.functional_call`` stand-in for a weight runs on the weight's own state here, and
-    counts its steps; the backend gives a stand-in Parameter a state of its own and runs a
-    plain-tensor stand-in dense (README, "Checkpoints": other new Parameters in a layer's place).
+    A ``torch.func.functional_call`` stand-in Parameter for a weight runs on the weight's own state
+    here, and counts its steps, where the backend gives it a state of its own; a plain-tensor
+    stand-in (fast weights) runs dense in both (README, "Checkpoints": other new Parameters in a
+    layer's place).
     """
     from nmcompile.state import DEFAULT_REGISTRY, LayerSpec
 

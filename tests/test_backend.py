@@ -11,6 +11,7 @@ import subprocess
 import sys
 import sysconfig
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -654,28 +655,32 @@ def test_eval_and_no_grad_count_nothing():
 
 
 class _TeacherStudent(nn.Module):
-    """A teacher branch under ``no_grad()`` inside a training forward (as BYOL/DINO targets), and a
-    layer under ``enable_grad()``, which trains even when the caller's mode is ``no_grad``."""
+    """A teacher branch under ``no_grad()`` (or ``inference_mode()``) inside a training forward (as
+    BYOL/DINO targets), and a layer under ``enable_grad()``, which trains even when the caller's mode
+    is ``no_grad``."""
 
-    def __init__(self) -> None:
+    def __init__(self, teacher_mode: Callable = torch.no_grad) -> None:
         super().__init__()
         self.student, self.teacher, self.probe = nn.Linear(16, 8), nn.Linear(16, 8), nn.Linear(16, 8)
+        self.teacher_mode = teacher_mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        with self.teacher_mode():
             t = self.teacher(x)
         with torch.enable_grad():
             p = self.probe(x)
         return self.student(x) - t + p
 
 
-def test_grad_mode_blocks_inside_a_forward_decide_each_layers_steps():
+@pytest.mark.parametrize("teacher_mode", [torch.no_grad, torch.inference_mode])
+def test_grad_mode_blocks_inside_a_forward_decide_each_layers_steps(teacher_mode):
     """The grad mode a layer runs in decides its steps, also where the forward sets it: the teacher
-    under ``no_grad()`` counts none and keeps α = 1, as in the reference (it counted every step, its
-    mask decaying); the layer under ``enable_grad()`` counts a step in a forward called under
-    ``no_grad``. Dynamo keeps the blocks in one graph (``torch._C._set_grad_enabled`` nodes)."""
+    under ``no_grad()`` or ``inference_mode()`` counts none and keeps α = 1, as in the reference (it
+    counted every step, its mask decaying); the layer under ``enable_grad()`` counts a step in a
+    forward called under ``no_grad``. Dynamo keeps the blocks in one graph (``_set_grad_enabled``
+    nodes, and an enter/exit pair for ``inference_mode``)."""
     options = dict(inner="aot_eager", mask_decay="linear", mask_decay_rate=0.25, srste_lambda=0.0)
-    model = _TeacherStudent()
+    model = _TeacherStudent(teacher_mode)
     ref_model = reference.sparsify(copy.deepcopy(model), **options)
     compiled = torch.compile(model, backend=nmcompile.backend(**options))
     counters.clear()

@@ -807,6 +807,36 @@ def test_new_parameters_in_a_layers_place_keep_its_state():
     assert nmcompile.sparsity_state(model)["head.weight"]["step"] == 1
 
 
+def test_fast_weights_through_functional_call_run_dense_in_both():
+    """A MAML-style outer step: the query forward runs on fast weights ``p − lr·g`` (plain tensors)
+    through ``torch.func.functional_call``. SPEC §10 rewrites Parameters only, so both the backend
+    and the reference run it dense and count no step for it (the reference ran it sparse on the
+    layer's state), and the outer gradients agree."""
+    torch.manual_seed(0)
+    model = MLP()
+    ref_model = reference.sparsify(copy.deepcopy(model), grad_prune="mvue24")
+    compiled = torch.compile(model, backend=nmcompile.backend(inner="aot_eager", grad_prune="mvue24"))
+    x, xq = torch.randn(8, 32), torch.randn(8, 32)
+
+    def outer_step(params_of: nn.Module, forward) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        params = dict(params_of.named_parameters())
+        grads = torch.autograd.grad(forward(x).square().mean(), list(params.values()))
+        fast = {k: p - 0.1 * g for (k, p), g in zip(params.items(), grads, strict=True)}
+        yq = torch.func.functional_call(forward, fast, (xq,))
+        yq.square().mean().backward()
+        dense = torch.func.functional_call(MLP(), {k: v.detach() for k, v in fast.items()}, (xq,))
+        assert_close(yq, dense, what="the query forward on the fast weights: dense")
+        return yq.detach(), {k: p.grad for k, p in params.items()}
+
+    y_ref, grads_ref = outer_step(ref_model, ref_model)
+    y, grads = outer_step(model, compiled)
+    assert_close(y, y_ref, what="query output")
+    for name, grad in grads.items():
+        assert_close(grad, grads_ref[name], what=f"outer gradient of {name}")
+    steps = {k: s["step"] for k, s in nmcompile.sparsity_state(model).items()}
+    assert steps == {k: s["step"] for k, s in nmcompile.sparsity_state(ref_model).items()} == dict.fromkeys(steps, 1)
+
+
 def test_a_new_parameter_tied_into_two_trained_layers_takes_one_state_at_most():
     """``a.weight = b.weight = p`` after training: ``p`` takes over the state of the layer it is asked
     for first (``a``), and never writes it into the other layer's checkpoint."""
