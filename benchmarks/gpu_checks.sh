@@ -32,8 +32,12 @@ cd "$(dirname "$0")/.."
 PY=${1:-python3}
 STAGES=${STAGES:-"cslt_dump cuda_tests parts24 bench_steps"}
 OUT=${OUT:-gpu-checks}
+KNOWN="cslt_dump cuda_tests late_tests cslt_probe bench_ffn bench_steps split parts24 bench_resnet bench_graphs"
+for name in $STAGES; do  # a misspelt stage stops the run before any device time is spent
+    [[ " $KNOWN " == *" $name "* ]] || { echo "unknown stage $name in STAGES=\"$STAGES\" (known: $KNOWN)" >&2; exit 2; }
+done
 mkdir -p "$OUT"
-for name in cslt_dump cuda_tests late_tests cslt_probe bench_ffn bench_steps split parts24 bench_resnet bench_graphs; do rm -f "$OUT/$name.log"; done
+for name in $KNOWN; do rm -f "$OUT/$name.log"; done
 : >"$OUT/stages.txt"  # this run's stages only (./gpu-checks may hold an earlier run's)
 export PYTHONUNBUFFERED=1
 
@@ -116,7 +120,6 @@ for name in $STAGES; do
         bench_resnet) stage bench_resnet 70 "$PY" -m benchmarks.step --device cuda --size full --block resnet ;;
         bench_graphs)
             stage bench_graphs 150 "$PY" -m benchmarks.step --device cuda --size full --block ffn --mode reduce-overhead --no-gemm ;;
-        *) echo "unknown stage $name (STAGES=$STAGES)" | tee -a "$OUT/stages.txt" ;;
     esac
 done
 

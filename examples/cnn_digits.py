@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import time
 from typing import Any
 
@@ -122,10 +123,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parser.error(f"argument --{name}: must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.seed < 2**32:
         parser.error(f"argument --seed: must be in [0, 2**32) (scikit-learn's random_state), got {args.seed}")
+    if args.dense and options:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in options)
+        parser.error(f"argument --dense: the dense baseline takes no nmsparse options, got {flags}")
     try:
         nmcompile.SparsityConfig.from_options(options)
     except nmcompile.SparsityConfigError as err:
-        parser.error(str(err))
+        option = re.match(r"nmsparse option (\w+)=", str(err)).group(1)
+        parser.error(f"argument --{option.replace('_', '-')}: {err}")
     settings = Settings(epochs=args.epochs, width=args.width, seed=args.seed,
                         sparsity=None if args.dense else options, progress=not args.quiet)  # fmt: skip
     result = train(settings)

@@ -258,6 +258,10 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, tiny_gpt.S
     for seed in args.seeds:
         if not 0 <= seed < 2**32:
             parser.error(f"argument --seeds: each must be in [0, 2**32) (scikit-learn's random_state), got {seed}")
+    for name in ("seeds", "recipes"):  # a repeat would run again and count twice in the mean ± spread
+        repeated = sorted({v for v in getattr(args, name) if getattr(args, name).count(v) > 1}, key=str)
+        if repeated:
+            parser.error(f"argument --{name}: each at most once, got {' '.join(map(str, repeated))} more than once")
     _check_out(parser, args.out)
     extra = {"inner": args.inner} if args.inner else {}
     for name in args.recipes:  # the GPT's steps fill the recipes' placeholders (the CNN's 22 per epoch always fit)

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import re
 import sysconfig
 import time
 from collections.abc import Iterator
@@ -231,11 +232,26 @@ def check_args(cli: argparse.ArgumentParser, args: argparse.Namespace) -> dict[s
         cli.error(f"argument --corpus-chars: must be >= {least} for --context {args.context} (10 % is held out), "
                   f"got {args.corpus_chars}")  # fmt: skip
     options = _options(args)
+    given = [k for k in options if k != "total_steps" or args.total_steps is not None]
+    if args.dense and given:
+        flags = ", ".join(_flag(args, k) for k in given)
+        cli.error(f"argument --dense: the dense baseline takes no nmsparse options, got {flags}")
     try:
         nmcompile.SparsityConfig.from_options(options)
     except nmcompile.SparsityConfigError as err:
-        cli.error(str(err))
+        option = re.match(r"nmsparse option (\w+)=", str(err)).group(1)
+        cli.error(f"argument {_flag(args, option)}: {err}")
     return options
+
+
+def _flag(args: argparse.Namespace, option: str) -> str:
+    """The flag that gave backend option ``option``: ``seed`` is ``--sparsity-seed`` (``--seed``
+    seeds the run), and a ``total_steps`` that structure decay took from the run is ``--steps``."""
+    if option == "seed":
+        return "--sparsity-seed"
+    if option == "total_steps" and args.total_steps is None:
+        return "--steps"
+    return f"--{option.replace('_', '-')}"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -246,8 +262,9 @@ def parser() -> argparse.ArgumentParser:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--corpus-chars", type=int, default=defaults.corpus_chars)
-    parser.add_argument("--dense", action="store_true", help="train the dense baseline (plain torch.compile)")
-    parser.add_argument("--compare", action="store_true", help="train dense and sparse, print both")
+    runs = parser.add_mutually_exclusive_group()
+    runs.add_argument("--dense", action="store_true", help="train the dense baseline (plain torch.compile)")
+    runs.add_argument("--compare", action="store_true", help="train dense and sparse, print both")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
         "--deterministic",

@@ -206,6 +206,19 @@ def test_gpu_checks_script_names_real_tests():
     assert len(cuda_only) == 9 and cuda_only <= named, cuda_only - named
 
 
+def test_gpu_checks_refuses_an_unknown_stage_before_it_starts(tmp_path):
+    """A misspelt name in ``STAGES`` ends the script with status 2 and the known names, before it
+    makes ``$OUT`` or installs anything (it was logged and skipped, the device time spent on the
+    rest); every known name has its stage."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_checks.sh"
+    env = {**os.environ, "STAGES": "cuda_test parts24", "OUT": str(tmp_path / "out")}
+    run = subprocess.run(["bash", str(script), sys.executable], env=env, capture_output=True, text=True)
+    assert run.returncode == 2 and not (tmp_path / "out").exists()
+    known = re.search(r'KNOWN="([^"]+)"', script.read_text()).group(1).split()
+    assert run.stderr == f'unknown stage cuda_test in STAGES="cuda_test parts24" (known: {" ".join(known)})\n'
+    assert all(re.search(rf"\n\s+{name}\)", script.read_text()) for name in known)
+
+
 def test_json_path_in_a_missing_directory_is_an_argument_error(tmp_path, capsys):
     """``--json`` into a directory that does not exist fails at parsing, before any row runs."""
     with pytest.raises(SystemExit) as info:

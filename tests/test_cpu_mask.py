@@ -5,6 +5,8 @@ SPEC §2, §4 and the reference, and their place in the portable CPU graphs (``p
 from __future__ import annotations
 
 import copy
+import re
+import shutil
 import warnings
 
 import pytest
@@ -193,6 +195,20 @@ def test_no_compiler_is_a_reason(rebuild):
     assert cpu_mask.blocker(torch.zeros(4, 8), 4) == "no C compiler found ($CC, cc or gcc)"
     with pytest.raises(RuntimeError, match="no C compiler"):
         cpu_mask.nm4_masked_weight(torch.zeros(4, 8), 2)
+
+
+@pytest.mark.parametrize("cc", ["/nonexistent/clang", "gcc -m64"])
+def test_a_cc_that_names_no_executable_warns_and_falls_back(monkeypatch, cc):
+    """``$CC`` set to a wrong path or to a command with arguments builds with ``cc``/``gcc``, with a
+    warning naming it (it fell back without a word); a ``$CC`` that resolves is the one used."""
+    fallback = shutil.which("cc") or shutil.which("gcc")
+    monkeypatch.setenv("CC", cc)
+    with pytest.warns(UserWarning, match=re.escape(f"$CC={cc!r} is not an executable")):
+        assert cpu_mask._compiler() == fallback
+    monkeypatch.setenv("CC", fallback)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_mask._compiler() == fallback
 
 
 def test_unwritable_cache_is_a_reason_not_a_crash(tmp_path, rebuild):

@@ -86,6 +86,26 @@ def test_tiny_gpt_trains_under_deterministic_algorithms_by_default(monkeypatch, 
     assert after == (not inside, True)
 
 
+def test_run_flags_reach_the_runs(monkeypatch):
+    """The flags pick the runs and their options, as the README lists them: ``--dense`` trains the
+    baseline alone (``sparsity=None``), ``--sparsity-seed`` is the backend's ``seed`` (``--seed``
+    seeds the run), and cnn_digits' recipe flags reach its backend options."""
+    tiny, cnn = _load("tiny_gpt"), _load("cnn_digits")
+    seen: list = []
+    result = {"val_loss": 1.0, "steps_per_s": 1.0, "test_accuracy": 1.0, "seconds": 1.0, "report": "(report)"}
+    monkeypatch.setattr(tiny, "train", lambda settings, data: seen.append(settings) or result)
+    monkeypatch.setattr(cnn, "train", lambda settings: seen.append(settings) or result)
+    assert list(tiny.main([*TINY_GPT[:-2], "--dense"])) == ["dense"] and seen.pop().sparsity is None
+    tiny.main([*TINY_GPT, "--sparsity-seed", "7", "--seed", "3"])
+    settings = seen.pop()
+    assert settings.seed == 3 and settings.sparsity == {"inner": "aot_eager", "seed": 7}
+    cnn.main(["--quiet", "--dense"])
+    assert seen.pop().sparsity is None
+    cnn.main(["--quiet", "--backward", "dense", "--grad-prune", "mvue24", "--mask-decay", "linear", "--n", "1"])
+    assert seen.pop().sparsity == {"n": 1, "backward": "dense", "grad_prune": "mvue24", "mask_decay": "linear"}
+    assert not seen
+
+
 def test_cnn_digits_runs(capsys):
     """One epoch lifts test accuracy above chance (0.21 here; 0.10, chance, when nothing trains) and
     the report names the stem conv that stays dense."""
@@ -137,10 +157,21 @@ BAD_FLAGS = [
     ("tiny_gpt", ["--heads", "3"], "argument --heads: must divide --d-model 32"),
     ("tiny_gpt", ["--lr", "nan"], "argument --lr: must be a finite float > 0"),
     ("tiny_gpt", ["--seed", "-1"], "argument --seed: must be in [0, 2**63)"),
-    ("tiny_gpt", ["--n", "5"], "nmsparse option n=5 is invalid"),
-    ("tiny_gpt", ["--perm-interval", "0"], "nmsparse option perm_interval=0 is invalid"),
-    ("tiny_gpt", ["--include", "("], "nmsparse option include='(' is invalid"),
-    ("tiny_gpt", ["--n", "1", "--m", "8", "--structure-decay", "--steps", "3"], "nmsparse option total_steps=3"),
+    ("tiny_gpt", ["--n", "5"], "argument --n: nmsparse option n=5 is invalid"),
+    ("tiny_gpt", ["--sparsity-seed", "-1"], "argument --sparsity-seed: nmsparse option seed=-1 is invalid"),
+    (
+        "tiny_gpt",
+        ["--dense", "--n", "1", "--sparsity-seed", "3"],
+        "argument --dense: the dense baseline takes no nmsparse options, got --n, --inner, --sparsity-seed",
+    ),
+    ("tiny_gpt", ["--dense", "--compare"], "argument --compare: not allowed with argument --dense"),
+    ("tiny_gpt", ["--perm-interval", "0"], "argument --perm-interval: nmsparse option perm_interval=0 is invalid"),
+    ("tiny_gpt", ["--include", "("], "argument --include: nmsparse option include='(' is invalid"),
+    (
+        "tiny_gpt",
+        ["--n", "1", "--m", "8", "--structure-decay", "--steps", "3"],
+        "argument --steps: nmsparse option total_steps=3",
+    ),
     ("quickstart", ["--steps", "0"], "argument --steps: must be >= 1"),
     ("quickstart", ["--steps", "-1"], "argument --steps: must be >= 1"),
     ("quickstart", ["--inner", "eager"], "argument --inner: invalid choice: 'eager'"),
@@ -148,13 +179,20 @@ BAD_FLAGS = [
     ("cnn_digits", ["--epochs", "-1"], "argument --epochs: must be >= 1"),
     ("cnn_digits", ["--width", "0"], "argument --width: must be >= 1"),
     ("cnn_digits", ["--seed", "-1"], "argument --seed: must be in [0, 2**32)"),
-    ("cnn_digits", ["--n", "5"], "nmsparse option n=5 is invalid"),
-    ("cnn_digits", ["--m", "64"], "nmsparse option m=64 is invalid"),
+    ("cnn_digits", ["--n", "5"], "argument --n: nmsparse option n=5 is invalid"),
+    ("cnn_digits", ["--m", "64"], "argument --m: nmsparse option m=64 is invalid"),
+    (
+        "cnn_digits",
+        ["--dense", "--grad-prune", "mvue24"],
+        "argument --dense: the dense baseline takes no nmsparse options, got --grad-prune",
+    ),
     ("study", ["--steps", "0"], "argument --steps: must be >= 1"),
     ("study", ["--epochs", "0"], "argument --epochs: must be >= 1"),
     ("study", ["--smoke", "--d-model", "30"], "argument --d-model: must be a multiple of 4"),
     ("study", ["--layers", "0"], "argument --layers: must be >= 1"),
     ("study", ["--seeds", "0", "-1"], "argument --seeds: each must be in [0, 2**32)"),
+    ("study", ["--seeds", "1", "0", "1"], "argument --seeds: each at most once, got 1 more than once"),
+    ("study", ["--recipes", "dense", "2:4 bimask", "dense"], "argument --recipes: each at most once, got dense"),
     ("study", ["--steps", "3"], "argument --recipes: '1:8 bimask + structure decay' cannot run with --steps 3"),
     ("study", ["--out", __file__], f"argument --out: {__file__} is not a directory"),
     ("study", ["--out", f"{__file__}/report"], f"argument --out: {__file__} is not a directory"),

@@ -24,6 +24,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -129,8 +130,18 @@ _FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-Wno-psabi")
 
 
 def _compiler() -> str | None:
-    """The C compiler: ``$CC``, else ``cc`` or ``gcc`` on ``PATH``."""
-    return shutil.which(os.environ.get("CC", "")) or shutil.which("cc") or shutil.which("gcc")
+    """The C compiler: ``$CC``, else ``cc`` or ``gcc`` on ``PATH``. A ``$CC`` that names no
+    executable (a wrong path, or a command with arguments as ``ccache gcc``) is not used, with a
+    warning: the build would otherwise take another compiler without a word."""
+    wanted = os.environ.get("CC", "")
+    found = shutil.which(wanted) if wanted else None
+    if wanted and found is None:
+        warnings.warn(
+            f"nmsparse: $CC={wanted!r} is not an executable (a command with arguments is not taken); "
+            "the C mask kernels build with cc or gcc from PATH",
+            stacklevel=2,
+        )
+    return found or shutil.which("cc") or shutil.which("gcc")
 
 
 def _cpu_key() -> str:
