@@ -21,6 +21,7 @@ from benchmarks import gemm, step
 from benchmarks.common import SIZES, Row
 from benchmarks.gemm import GEMM_ROWS, OPS
 from nmcompile import reference
+from nmcompile.kernels import cpu_mask
 from nmcompile.kernels.srste import srste_add
 
 UNMEASURED = {
@@ -204,6 +205,31 @@ def test_gpu_checks_script_names_real_tests():
     for path, name in named:
         assert f"\ndef {name}(" in (root / path).read_text(), (path, name)
     assert len(cuda_only) == 9 and cuda_only <= named, cuda_only - named
+
+
+def test_masks_benchmark_smoke(capsys):
+    """``benchmarks.masks`` at a tiny size: every piece's rows, each C kernel against Inductor's
+    composite (or the reason it is missing), and the thread count put back."""
+    from benchmarks import masks
+
+    threads = torch.get_num_threads()
+    rows = masks.main(["--rows", "16", "--cols", "8", "--threads", "1", "--seconds", "0.01"])
+    assert [(row.op, row.name) for row in rows] == [
+        ("W ⊙ F", "inductor"),
+        ("W ⊙ F", "C kernel"),
+        ("W ⊙ B (Bi-Mask)", "inductor"),
+        ("W ⊙ B (Bi-Mask)", "C kernel"),
+        ("search, 100 candidates", "eager"),
+    ]
+    blocked = cpu_mask.blocker(torch.zeros(16, 8), 4)
+    for row in rows:
+        assert (row.median_ms is None) == (row.reason is not None) == (row.name == "C kernel" and blocked is not None)
+    assert rows[1].ratios.keys() <= {"inductor"} and rows[0].ratios == {"inductor": 1.0}
+    out = capsys.readouterr().out
+    assert "| piece | row | median ms | vs inductor |" in out and "W ⊙ F, inductor: " in out
+    assert torch.get_num_threads() == threads
+    with pytest.raises(SystemExit):
+        masks.main(["--rows", "6"])
 
 
 def test_gpu_checks_refuses_an_unknown_stage_before_it_starts(tmp_path):

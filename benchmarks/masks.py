@@ -1,0 +1,123 @@
+"""The CPU mask pieces timed alone: the forward weight ``W ⊙ F``, Bi-Mask's backward weight ``W ⊙ B``
+and the permutation search, each as Inductor compiles the composite ops and as the C kernels do it.
+
+``python -m benchmarks.masks [--rows 2048] [--cols 512] [--threads 1 2]``: per thread count, each
+piece's median time, its time per million weights and its ratio to Inductor's. The README's mask
+and search costs are these rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable
+from unittest import mock
+
+import torch
+
+from benchmarks.common import SIZES, Row, environment, measure, positive_int, set_ratios, table
+from nmcompile import ops, reference
+from nmcompile.backend import _register_inductor_decomposition
+from nmcompile.kernels import cpu_mask
+from nmcompile.state import candidate_generator
+
+N, M, CANDIDATES = 2, 4, 100
+
+
+def _inductor(fn: Callable) -> Callable:
+    """``fn`` compiled by Inductor whole, with the C kernels out of its reach (the composite ops)."""
+    _register_inductor_decomposition()
+    compiled = torch.compile(fn, fullgraph=True)
+
+    def run(*args: torch.Tensor) -> torch.Tensor:
+        with mock.patch.object(cpu_mask, "blocker", lambda *_: "benchmarks.masks: the composite"):
+            return compiled(*args)
+
+    return run
+
+
+def _search(weight: torch.Tensor, perm: torch.Tensor) -> Callable[[], tuple[torch.Tensor, int]]:
+    """The search step as ``LayerState.begin_training_step`` runs it on the CPU: the candidates
+    drawn, the forward mask by the composite op, the current and candidate permutations scored."""
+
+    def run() -> tuple[torch.Tensor, int]:
+        generator = candidate_generator(0, 0, 0)
+        candidates = [torch.randperm(weight.shape[0], generator=generator) for _ in range(CANDIDATES)]
+        return reference.search_permutation(ops.nm_mask(weight, N, M, 1), perm, candidates, N, M)
+
+    return run
+
+
+def mask_rows(rows: int, cols: int, seconds: float) -> list[Row]:
+    """Each piece on one ``[rows, cols]`` fp32 weight at the current thread count."""
+    size = dataclasses.replace(SIZES["small"], min_run_time=seconds)
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(rows, cols, generator=generator)
+    perm = torch.randperm(rows, generator=generator)
+    masked = ops.masked_weight(weight, reference.nm_mask(weight, N, M, 1))
+    blocked = cpu_mask.blocker(weight, M)
+    forward = _inductor(lambda w: ops.masked_weight(w, ops.nm_mask(w, N, M, 1)))
+    backward = _inductor(lambda w_f, p: ops.input_grad_weight(w_f, w_f, p, N, M))
+    pieces = {
+        "W ⊙ F": {
+            "inductor": lambda: forward(weight),
+            "C kernel": lambda: cpu_mask.nm4_masked_weight(weight, N),
+        },
+        "W ⊙ B (Bi-Mask)": {
+            "inductor": lambda: backward(masked, perm),
+            "C kernel": lambda: cpu_mask.nm4_bimask_weight(masked, perm, N),
+        },
+        f"search, {CANDIDATES} candidates": {"eager": _search(weight, perm)},
+    }
+    found: list[Row] = []
+    for piece, ways in pieces.items():
+        group = [Row("gemm", "masks", piece, name) for name in ways]
+        for row in group:
+            row.reason = blocked if row.name == "C kernel" else None
+        measure([(row, ways[row.name]) for row in group if row.reason is None], torch.device("cpu"), size)
+        set_ratios(group, ("inductor",))
+        found += group
+    return found
+
+
+def per_million(rows: list[Row], weights: int) -> str:
+    """Each measured mask row's time per million weights, a line each (the search's time grows with
+    its candidates, not only with the weights)."""
+    return "\n".join(
+        f"- {row.op}, {row.name}: {row.median_ms * 1e6 / weights:.3f} ms per million weights"
+        for row in rows
+        if row.median_ms is not None and not row.op.startswith("search")
+    )
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    """Print one table per thread count (CPU only: on CUDA the masks are Triton launches)."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.masks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=positive_int, default=2048, help="the weight's rows O (default 2048)")
+    parser.add_argument("--cols", type=positive_int, default=512, help="the weight's columns K (default 512)")
+    parser.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2], help="torch thread counts")
+    parser.add_argument("--seconds", type=float, default=1.0, help="timed seconds per row (default 1.0)")
+    args = parser.parse_args(argv)
+    if args.rows % M or args.cols % M:
+        parser.error(f"argument --rows/--cols: both must be multiples of {M}, got {args.rows} x {args.cols}")
+    if not args.seconds > 0:
+        parser.error(f"argument --seconds: must be > 0, got {args.seconds}")
+    threads = torch.get_num_threads()
+    found = []
+    try:
+        for count in args.threads:
+            torch.set_num_threads(count)
+            header = environment(torch.device("cpu"), "masks", SIZES["small"], "python -m benchmarks.masks")
+            print(f"\n## {args.rows} x {args.cols} fp32 weight, {N}:{M}, {count} thread(s)\n")
+            print(f"{header['device']}; torch {header['torch']}; load {header['load average at start']}\n")
+            rows = mask_rows(args.rows, args.cols, args.seconds)
+            print(table(rows, "piece", ("inductor",)))
+            print("\n" + per_million(rows, args.rows * args.cols), flush=True)
+            found += rows
+    finally:
+        torch.set_num_threads(threads)
+    return found
+
+
+if __name__ == "__main__":
+    main()
