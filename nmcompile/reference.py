@@ -506,6 +506,7 @@ def _conv_call(rule: _Rule, x: torch.Tensor, weight: torch.Tensor, bias: Any, st
 GEMM_ARGS = {"linear": ("input", "weight", "bias"), "mm": ("input", "mat2"), "matmul": ("input", "other"),
              "addmm": ("input", "mat1", "mat2")}  # fmt: skip
 _GEMM_FUNCS = {torch.mm: GEMM_ARGS["mm"], torch.Tensor.mm: GEMM_ARGS["mm"], torch.matmul: GEMM_ARGS["matmul"],
+               torch.linalg.matmul: GEMM_ARGS["matmul"],
                torch.Tensor.matmul: GEMM_ARGS["matmul"], torch.Tensor.__matmul__: GEMM_ARGS["matmul"],
                torch.addmm: GEMM_ARGS["addmm"], torch.Tensor.addmm: GEMM_ARGS["addmm"]}  # fmt: skip
 _TRANSPOSE_FUNCS = {torch.t: "t", torch.Tensor.t: "t", torch.transpose: "transpose",

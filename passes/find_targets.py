@@ -27,6 +27,7 @@ _FUNCTIONS = {
     F.linear: "linear",
     torch.mm: "mm",
     torch.matmul: "matmul",
+    torch.linalg.matmul: "matmul",  # an alias of matmul, its own function
     operator.matmul: "matmul",
     torch.addmm: "addmm",
     torch.conv1d: "conv1d",
@@ -199,14 +200,13 @@ def _is_transpose(node: fx.Node) -> bool:
 def _is_noop_cast(node: Any) -> bool:
     """A cast that returns its tensor itself, as eager PyTorch does when nothing changes: ``W.to(x.dtype)``,
     ``W.type_as(x)``, ``W.float()``, ``W.contiguous()`` of a weight already so (same dtype, device
-    and strides, no ``copy=True``). Eagerly the GEMM then gets the Parameter, as the reference sees it."""
+    and strides, no ``copy=True``). Eagerly the GEMM then gets the Parameter, as the reference sees it.
+    Dynamo ran the cast on the fake of its tensor, so the fake it recorded is that fake itself exactly
+    then, whichever overload and argument spelling (``W.to(dtype, True)`` is ``non_blocking``)."""
     if not isinstance(node, fx.Node) or node.op != "call_method" or node.target not in CASTS:
         return False
-    source, out = example_value(node.args[0]), example_value(node)
-    if not isinstance(source, torch.Tensor) or not isinstance(out, torch.Tensor):
-        return False
-    layout = [(t.dtype, t.device, t.shape, t.stride()) for t in (source, out)]
-    return layout[0] == layout[1] and not node.kwargs.get("copy", False) and True not in node.args[1:]
+    source = example_value(node.args[0])
+    return isinstance(source, torch.Tensor) and example_value(node) is source
 
 
 def _through_casts(node: Any) -> Any:

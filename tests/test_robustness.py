@@ -1206,6 +1206,8 @@ class _CastWeights(nn.Module):
             "float": lambda: w.float().contiguous(),
             "device": lambda: w.to(x.device, memory_format=torch.contiguous_format),
             "copy": lambda: w.to(x.dtype, copy=True),
+            "non_blocking": lambda: w.to(x.dtype, True),
+            "positional_copy": lambda: w.to(x.device, x.dtype, False, True),
             "double": lambda: w.double().to(x.dtype),
         }[self.how]()
 
@@ -1218,13 +1220,23 @@ class _CastWeights(nn.Module):
 
 @pytest.mark.parametrize(
     ("how", "sparse"),
-    [("to", True), ("type_as", True), ("float", True), ("device", True), ("copy", False), ("double", False)],
+    [
+        ("to", True),
+        ("type_as", True),
+        ("float", True),
+        ("device", True),
+        ("non_blocking", True),
+        ("copy", False),
+        ("positional_copy", False),
+        ("double", False),
+    ],
 )
 def test_weights_through_casts_that_change_nothing_are_sparse(how, sparse):
     """``W.to(x.dtype)``, ``W.type_as(x)``, ``W.float().contiguous()``, ``W.to(device)`` of a weight
     already so return the Parameter itself eagerly, so the reference sparsifies the GEMM; the backend
-    looks through them (it left such a weight dense, "used by to"), in front of a transpose too.
-    A copy (``copy=True``, a round trip through float64) is another tensor: dense in both."""
+    looks through them (it left such a weight dense, "used by to"), in front of a transpose too, and
+    ``W.to(dtype, True)`` (``non_blocking`` by position: it was read as ``copy``). A copy
+    (``copy=True``, by keyword or position, a round trip through float64) is another tensor: dense in both."""
     train_and_compare(lambda: _CastWeights(how), (4, 16), steps=3, inner="aot_eager")
     rows = {r.name: r for r in nmcompile.explain(_CastWeights(how), torch.randn(4, 16), inner="aot_eager").rows}
     assert [rows[name].sparse for name in ("fc", "mm", "conv", "head.weight")] == [sparse, sparse, sparse, True]
@@ -1246,6 +1258,7 @@ class _GemmForms(nn.Module):
         h = {
             "mm_keyword": lambda: torch.mm(x, mat2=self.w) + self.b,
             "matmul_keyword": lambda: torch.matmul(input=x, other=self.w) + self.b,
+            "linalg_matmul": lambda: torch.linalg.matmul(x, self.w) + self.b,
             "addmm_keyword": lambda: torch.addmm(self.b, mat2=self.w, mat1=x),
             "addmm_method": lambda: self.b.addmm(x, self.w),
             "addmm_method_keyword": lambda: self.b.addmm(mat1=x, mat2=self.w),
@@ -1260,6 +1273,7 @@ class _GemmForms(nn.Module):
     [
         ("mm_keyword", None),
         ("matmul_keyword", None),
+        ("linalg_matmul", None),
         ("addmm_keyword", None),
         ("addmm_method", None),
         ("addmm_method_keyword", None),
@@ -1271,7 +1285,8 @@ def test_gemm_operands_by_keyword_or_method_train_as_the_reference(form, reason)
     """SPEC §1: ``W`` as the right operand of ``mm``/``matmul``/``addmm`` is eligible however it is
     passed. Both left it dense given by keyword (the backend's report called it the left operand);
     the reference left ``b.addmm(x, W)`` dense where the backend sparsified it, and raised on a 3-D
-    weight as ``matmul``'s right operand (dense in the backend, as eager runs it)."""
+    weight as ``matmul``'s right operand (dense in the backend, as eager runs it). ``torch.linalg.matmul``,
+    an alias of ``matmul`` with a function of its own, was dense in both, and missing from the report."""
     train_and_compare(lambda: _GemmForms(form), (4, 16), steps=3, inner="aot_eager")
     row = next(
         r for r in nmcompile.explain(_GemmForms(form), torch.randn(4, 16), inner="aot_eager").rows if r.name == "w"
