@@ -9,6 +9,7 @@ the compiled one should.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -395,15 +396,14 @@ class _Rule:
         A weight used twice in one forward runs the dense GEMM, as does one that dynamo traces (a
         ``torch.cond`` branch, which torch traces even in eager mode, and the backend leaves dense)
         and a frozen one (SPEC §10; the backend recompiles a layer frozen mid-training dense), which
-        counts no step, and a plain tensor standing in for the Parameter (``functional_call``'s fast
-        weights: SPEC §10 rewrites Parameters only). Its own ops on ``w`` are not the user's:
+        counts no step. Under ``inference_mode`` (``enable_grad()`` or not) it records no graph and
+        counts no step, as eager ops there. Its own ops on ``w`` are not the user's:
         ``_GemmInterceptor`` sees none of them."""
         with torch._C.DisableTorchFunction():
             return self._run(x, w, bias, conv)
 
     def _run(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, conv: tuple | None) -> torch.Tensor:
-        stand_in = w is not self.param and w._base is not self.param and not isinstance(w, nn.Parameter)
-        if torch.compiler.is_compiling() or not w.requires_grad or stand_in or self.uses.is_dense(self.param, self):
+        if torch.compiler.is_compiling() or not w.requires_grad or self.uses.is_dense(self.param, self):
             return F.linear(x, w, bias) if conv is None else _CONV[w.dim() - 2](x, w, bias, *conv)
         config, state = self.config, self.state
         forward = state.enter_forward(self.param)
@@ -421,12 +421,20 @@ class _Rule:
             prune_key(config.seed, state.spec.index),
             state.step_tensor(forward.step),
         )
-        if conv is None:
-            y = SparseGemm.apply(x, w, bias, fmask, bmask, recipe)
-        else:
-            y = SparseConv.apply(x, w, bias, fmask, bmask, recipe, conv)
+        with torch.no_grad() if torch.is_inference_mode_enabled() else contextlib.nullcontext():
+            if conv is None:
+                y = SparseGemm.apply(x, w, bias, fmask, bmask, recipe)
+            else:
+                y = SparseConv.apply(x, w, bias, fmask, bmask, recipe, conv)
         state.exit_forward(forward)
         return y
+
+
+def _stands_in(weight: torch.Tensor, param: nn.Parameter) -> bool:
+    """Whether a swapped layer's ``weight`` is a stand-in its rule cannot run: a plain tensor or a
+    view (``functional_call``'s fast weights; SPEC §10 rewrites Parameters only) or a Parameter of
+    another shape. Those run dense; a Parameter of the layer's shape runs on the layer's state."""
+    return weight is not param and (not isinstance(weight, nn.Parameter) or weight.shape != param.shape)
 
 
 class SparseLinear(nn.Module):
@@ -440,6 +448,8 @@ class SparseLinear(nn.Module):
         self.rule: _Rule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _stands_in(self.weight, self.rule.param):
+            return F.linear(x, self.weight, self.bias)
         return self.rule(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -464,7 +474,10 @@ class SparseConvNd(nn.Module):
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        return _conv_call(self.rule, x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+        geometry = (self.stride, padding, self.dilation, self.groups)
+        if _stands_in(self.weight, self.rule.param):
+            return _CONV[self.weight.dim() - 2](x, self.weight, self.bias, *geometry)
+        return _conv_call(self.rule, x, self.weight, self.bias, *geometry)
 
     def extra_repr(self) -> str:
         c = self.rule.config
@@ -696,10 +709,10 @@ def sparsify(model: nn.Module, **options: Any) -> nn.Module:
     ``W.permute(1, 0)``: ``[out, in]``), as is a swapped module's weight used outside the module,
     through the module's rule. Options as ``SparsityConfig``.
     Do not deep-copy (or pickle) a model after ``sparsify``: the routed forward keeps its rules.
-    A ``torch.func.functional_call`` stand-in Parameter for a weight runs on the weight's own state
-    here, and counts its steps, where the backend gives it a state of its own; a plain-tensor
-    stand-in (fast weights) runs dense in both (README, "Checkpoints": other new Parameters in a
-    layer's place).
+    A ``torch.func.functional_call`` stand-in Parameter of a swapped layer's shape runs on the layer's
+    own state here, and counts its steps, where the backend gives it a state of its own; a
+    plain-tensor or view stand-in (fast weights) runs dense in both (README, "Checkpoints": other
+    new Parameters in a layer's place).
     """
     from nmcompile.state import DEFAULT_REGISTRY, LayerSpec
 

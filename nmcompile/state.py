@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 import torch.distributed.tensor
+import torch.nn.utils.parametrize
+import torch.nn.utils.prune
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -226,9 +228,10 @@ class LayerState:
         return torch.tensor(step, dtype=torch.int64)
 
     def is_training_forward(self, grad: bool | None = None) -> bool:
-        """A training step is a forward with grad enabled while the owning module is in train mode;
-        ``grad``: the grad mode a compiled graph sets around the layer (``None``: the current one)."""
-        if not (torch.is_grad_enabled() if grad is None else grad):
+        """A training step is a forward with grad enabled, outside ``inference_mode`` (where even
+        ``enable_grad()`` records nothing), while the owning module is in train mode; ``grad``: the
+        grad mode a compiled graph sets around the layer (``None``: the current one)."""
+        if not (torch.is_grad_enabled() if grad is None else grad) or torch.is_inference_mode_enabled():
             return False
         owner = self.owner()
         return owner.training if owner is not None else True
@@ -449,6 +452,7 @@ class StateRegistry:
         self._restarted: list[str] = []  # layers that restarted from such a checkpoint, for warn_restarted
         self._loaded_apart: WeakIdKeyDictionary = WeakIdKeyDictionary()  # owner -> {name: payload restored apart}
         self._lookup_tables = WeightKeyDictionary()  # weights a compiled graph read as embedding tables
+        self._moved_to = WeightKeyDictionary()  # a Parameter moved to another slot: (module, name) that took its state
         self.lookup_generation = 0  # counts the tables noted: compiled graphs decide their ties again when it moves
 
     def get_or_create(self, weight: torch.Tensor, spec: LayerSpec, owner: nn.Module | None) -> LayerState:
@@ -575,9 +579,9 @@ class StateRegistry:
         swap flag, ``layer.weight = nn.Parameter(...)``), not to one that stands in for it while it
         lives (``torch.func.functional_call``). A Parameter that took another slot's state (tied
         into two layers since) has none here; one that left the slot it trained in for this one
-        (two layers' Parameters swapped, under one name or two) brings its state, unless its module
-        still holds it under another name (``torch.nn.utils.prune``'s ``weight_orig``, a
-        parametrization's ``original``)."""
+        (two layers' Parameters swapped, under one name or two) brings its state, to the first slot
+        that asks where it went to two; not where a reparametrization holds it in place of a slot
+        (``torch.nn.utils.prune``'s ``weight_orig``, a parametrization's ``original``)."""
         state = self._states.get(param)
         if state is not None:  # unless it is another slot's (a Parameter tied into a second layer since)
             owner, slot = state.owner(), state.spec.slot
@@ -585,8 +589,13 @@ class StateRegistry:
                 return state
             if owner._parameters.get(slot) is param:  # still in its slot: tied into this one
                 return None
-            moved = slot == name or all(p is not param for p in owner.parameters())
-            return state if moved else None
+            if _reparametrized(owner, slot, param) or _reparametrized(module, name, param):
+                return None
+            taken = self._moved_to.get(param)
+            if taken is not None and taken[0]() is not None and taken[0]()._parameters.get(taken[1]) is param:
+                return state if taken[0]() is module and taken[1] == name else None
+            self._moved_to[param] = (weakref.ref(module), name)
+            return state
         slot = self._slots.get(module, {}).get(name)
         if slot is None or not slot.fits(param) or slot.device != param.device:
             return None
@@ -722,6 +731,20 @@ def _warn_without_state(names: list[str], stacklevel: int) -> None:
         "from the identity permutation at step 0 (a checkpoint from before nmcompile, or from a dense run)",
         stacklevel=stacklevel,
     )
+
+
+def _reparametrized(module: nn.Module, name: str, param: torch.Tensor) -> bool:
+    """Whether ``module`` holds ``param`` in place of its slot ``name`` through a reparametrization, or
+    ``name`` is such a holder: ``torch.nn.utils.prune``'s ``<name>_orig``, a parametrization's
+    ``parametrizations.<name>.original*``."""
+    if name.endswith("_orig") and torch.nn.utils.prune.is_pruned(module):
+        return True
+    if isinstance(module, torch.nn.utils.parametrize.ParametrizationList):
+        return True
+    if module._parameters.get(f"{name}_orig") is param:
+        return True
+    held = getattr(module, "parametrizations", None)
+    return held is not None and name in held and any(p is param for p in held[name].parameters(recurse=False))
 
 
 class _StateDictHook:

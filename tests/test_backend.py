@@ -698,6 +698,44 @@ def test_grad_mode_blocks_inside_a_forward_decide_each_layers_steps(teacher_mode
     assert states == {k: (v["step"], v["alpha"]) for k, v in nmcompile.sparsity_state(ref_model).items()}
 
 
+class _InferenceBlocks(nn.Module):
+    """Layers under ``inference_mode()`` with ``enable_grad()`` inside it (eager records nothing
+    there), and under ``inference_mode(False)`` inside ``inference_mode()`` (grad back on)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.student, self.frozen, self.probe = nn.Linear(16, 8), nn.Linear(16, 8), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            with torch.enable_grad():
+                t = self.frozen(x)
+            with torch.inference_mode(False):
+                p = self.probe(x.clone())
+        return self.student(x) - t + p
+
+
+def test_inference_mode_blocks_decide_steps_as_eager_grad_modes_do():
+    """``inference_mode(False)`` sets grad on: its layer trains (it counted no step, its mask decay
+    stalled, 0.2 off the reference by step 1); ``enable_grad()`` inside ``inference_mode()`` trains
+    nothing, as eager (the backend counted steps, the reference raised on saving inference tensors)."""
+    options = dict(inner="aot_eager", mask_decay="linear", mask_decay_rate=0.25, srste_lambda=0.0)
+    model = _InferenceBlocks()
+    ref_model = reference.sparsify(copy.deepcopy(model), **options)
+    compiled = torch.compile(model, backend=nmcompile.backend(**options))
+    for step in range(4):
+        x = torch.randn(4, 16)
+        expected, got = ref_model(x), compiled(x)
+        assert_close(got, expected, what=f"output at step {step}")
+        expected.sum().backward()
+        got.sum().backward()
+    assert model.frozen.weight.grad is None and ref_model.frozen.weight.grad is None
+    assert_close(model.probe.weight.grad, ref_model.probe.weight.grad, what="the probe's gradient")
+    states = {k: (v["step"], v["alpha"]) for k, v in nmcompile.sparsity_state(compiled).items()}
+    assert states == {"student.weight": (4, 0.0), "frozen.weight": (0, 1.0), "probe.weight": (4, 0.0)}
+    assert states == {k: (v["step"], v["alpha"]) for k, v in nmcompile.sparsity_state(ref_model).items()}
+
+
 def test_a_layer_frozen_mid_training_runs_dense_as_in_the_reference():
     """SPEC §10 leaves frozen weights dense: freezing a layer that trained sparse makes dynamo
     recompile it dense (README), and the reference now does the same at the call (it kept the layer

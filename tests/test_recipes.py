@@ -811,7 +811,7 @@ def test_fast_weights_through_functional_call_run_dense_in_both():
     """A MAML-style outer step: the query forward runs on fast weights ``p − lr·g`` (plain tensors)
     through ``torch.func.functional_call``. SPEC §10 rewrites Parameters only, so both the backend
     and the reference run it dense and count no step for it (the reference ran it sparse on the
-    layer's state), and the outer gradients agree."""
+    layer's state), and the outer gradients agree. A view (a sub-head's rows) is dense too."""
     torch.manual_seed(0)
     model = MLP()
     ref_model = reference.sparsify(copy.deepcopy(model), grad_prune="mvue24")
@@ -835,6 +835,11 @@ def test_fast_weights_through_functional_call_run_dense_in_both():
         assert_close(grad, grads_ref[name], what=f"outer gradient of {name}")
     steps = {k: s["step"] for k, s in nmcompile.sparsity_state(model).items()}
     assert steps == {k: s["step"] for k, s in nmcompile.sparsity_state(ref_model).items()} == dict.fromkeys(steps, 1)
+    views = {"head.weight": ref_model.head.weight[:8], "head.bias": ref_model.head.bias[:8]}  # a sub-head: views
+    y_view = torch.func.functional_call(ref_model, views, (xq,))  # on the head's 16-row state it raised
+    hidden = torch.relu(ref_model.fc2(nn.functional.gelu(ref_model.fc1(xq))))
+    assert_close(y_view, nn.functional.linear(hidden, *views.values()), what="the sub-head, dense")
+    assert nmcompile.sparsity_state(ref_model)["head.weight"]["step"] == 1
 
 
 def test_a_new_parameter_tied_into_two_trained_layers_takes_one_state_at_most():
@@ -951,6 +956,47 @@ def test_parameters_swapped_between_slots_of_different_names_keep_the_states_in_
     resumed_model.load_state_dict(checkpoint)
     resumed = _sgd_steps(resumed_model, torch.compile(resumed_model, backend=nmcompile.backend(**options)), 3, seed=3)
     assert resumed == continued
+
+
+class _TwoSlots(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.W1, self.W2 = nn.Parameter(torch.randn(32, 32) / 6), nn.Parameter(torch.randn(32, 32) / 6)
+        self.inner = nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.inner(torch.relu(nn.functional.linear(torch.relu(nn.functional.linear(x, self.W1)), self.W2)))
+
+
+def test_swaps_inside_a_module_and_a_move_into_two_slots_keep_one_state_each():
+    """Two slots of one module swapped (``W1, W2 = W2, W1``, as separate q/k/v weights) and a slot
+    swapped with its child's (``W1 <-> inner.weight``): the checkpoint carries each state under its
+    Parameter's new slot at once (none, or one, was carried). A Parameter then put into two slots
+    gives its state to the first one only (README: a tied Parameter's state goes to one layer)."""
+    options = {"inner": "aot_eager", "perm_interval": 1, "perm_candidates": 8}
+    torch.manual_seed(0)
+    model = _TwoSlots()
+    compiled = torch.compile(model, backend=nmcompile.backend(**options))
+    _sgd_steps(model, compiled, 3, seed=1)
+    perms = {k: s["perm"] for k, s in nmcompile.sparsity_state(model).items()}
+
+    def saved() -> dict[str, torch.Tensor]:
+        metadata = model.state_dict()._metadata
+        return {
+            f"{module}.{name}".lstrip("."): entry["perm"]
+            for module, local in metadata.items()
+            for name, entry in local.get("nmsparse", {}).items()
+        }
+
+    model.W1, model.W2 = model.W2, model.W1
+    got = saved()
+    assert got.keys() == perms.keys() and all(torch.equal(got[a], perms[b]) for a, b in (("W1", "W2"), ("W2", "W1")))
+    model.W1, model.inner.weight = model.inner.weight, model.W1
+    got = saved()
+    assert torch.equal(got["W1"], perms["inner.weight"]) and torch.equal(got["inner.weight"], perms["W2"])
+    model.W2 = model.W1  # W1's Parameter (once inner.weight's) into a second slot as well
+    got = saved()
+    assert torch.equal(got["W1"], perms["inner.weight"]) and "W2" not in got
 
 
 def test_a_layer_replaced_by_a_module_holding_its_parameters_keeps_its_state():
