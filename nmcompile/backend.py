@@ -540,7 +540,6 @@ def compile_graph(
     """Compile one dynamo graph with N:M sparse GEMMs; the body of every ``nmsparse`` backend call.
     ``mode`` is ``torch.compile``'s, passed on to the inner Inductor compile."""
     patches = {**_fusion_patches(config), **_mode_patches(mode, config)}
-    _watch_recompile_limit().functions.add(_compiled_function())
     roots = _CallTables(_compiling_namespaces)
     _warn_if_include_admits_nothing(config, roots)
     params = resolve_parameters(gm, example_inputs, roots)
@@ -557,6 +556,7 @@ def compile_graph(
     if decompose_attention(gm).modified:
         _propagate_fake_values(gm)
     analysis = find_targets(gm, example_inputs, config, params)
+    _watch_recompile_limit().note(_compiling_code(), bool(analysis.sparse))
     rewritten, state_inputs = insert_masks(gm, analysis, config, fake_mode)
     rewritten, kernels = lower_kernels(rewritten, config)
     layers, by_target = _layers(gm, analysis, params, config, registry)
@@ -599,12 +599,22 @@ class _RecompileLimitWatch(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
-        self.functions: set[str | None] = set()  # the functions nmsparse compiled, as dynamo's log names them
+        self.sparse: set[_CodeKey] = set()  # the code of every graph nmsparse compiled with sparse layers
+        self.dense: set[_CodeKey] = set()  # ... and of those with none (an optimizer's step)
+        self.functions: set[str] = set()  # the former, as dynamo's log names them
+
+    def note(self, code: _CodeKey | None, sparse: bool) -> None:
+        """nmsparse compiled a graph of ``code`` (``None``: not known, as under DDP's graph splitting),
+        with sparse layers or none: a recompile limit there stops them, or loses nothing."""
+        if code is not None:
+            (self.sparse if sparse else self.dense).add(code)
+            if sparse:
+                self.functions.add(f"'{code[0]}' ({code[1]}:{code[2]})")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if str(record.msg).startswith("torch._dynamo hit config.") and len(record.args or ()) >= 3:
             limit, value, function = record.args[:3]  # type: ignore[index]
-            stops = _stops_nmsparse()  # None where dynamo's compile frame is not found: by the name alone
+            stops = _stops_nmsparse(self.dense - self.sparse)  # None: dynamo's frame not found; by the name
             if stops or (stops is None and function in self.functions):
                 warnings.warn(
                     f"nmsparse: dynamo hit its {limit} ({value}) for {function}, a function nmsparse has "
@@ -618,11 +628,13 @@ class _RecompileLimitWatch(logging.Filter):
         return True
 
 
-def _stops_nmsparse() -> bool | None:
-    """Whether the compile dynamo refuses now stops an nmsparse compile: it is nmsparse's (also
-    of a wrapper's code, as ``torch.compile(DDP(model))``'s), or the code cache it counts in (a
-    wrapper's own under ``isolate_recompiles``, else the shared one) holds an nmsparse graph of its
-    code; ``None`` where dynamo's compile frame is not found (another torch)."""
+def _stops_nmsparse(dense_codes: set[_CodeKey]) -> bool | None:
+    """Whether the compile dynamo refuses now stops an nmsparse compile of sparse layers: its code
+    is not among ``dense_codes`` (an optimizer's ``step``, whose nmsparse graphs had no GEMM to
+    sparsify, loses nothing), and the compile is nmsparse's (also of a wrapper's code, as
+    ``torch.compile(DDP(model))``'s), or the code cache it counts in (a wrapper's own under
+    ``isolate_recompiles``, else the shared one) holds an nmsparse graph of its code; ``None``
+    where dynamo's compile frame is not found (another torch)."""
     from torch._dynamo import eval_frame
 
     frame = sys._getframe(1)
@@ -631,6 +643,8 @@ def _stops_nmsparse() -> bool | None:
     region = getattr(eval_frame, "get_eval_frame_isolate_recompiles_id", None)
     if frame is None or region is None or not isinstance(frame.f_locals.get("code"), types.CodeType):
         return None
+    if _code_key(frame.f_locals["code"]) in dense_codes:
+        return False
     entries = eval_frame._get_cache_entries_for_region(frame.f_locals["code"], region())
     return any(map(_is_nmsparse, [frame.f_locals["compiler_fn"], *(entry.backend for entry in entries)]))
 
@@ -644,14 +658,10 @@ def _is_nmsparse(backend: Any) -> bool:
     return isinstance(backend, NMSparseBackend) or backend is nmsparse
 
 
-def _compiled_function() -> str | None:
-    """The function dynamo is compiling, named as its recompile-limit log line names it (``None``
-    where dynamo's tracer is not at hand)."""
+def _compiling_code() -> _CodeKey | None:
+    """The code dynamo is compiling (``None`` where dynamo's tracer is not at hand)."""
     tx = _compiling_frame()
-    if tx is None:
-        return None
-    name, filename, line = _code_key(tx.output.root_tx.f_code)
-    return f"'{name}' ({filename}:{line})"
+    return _code_key(tx.output.root_tx.f_code) if tx is not None else None
 
 
 @functools.cache

@@ -217,6 +217,31 @@ def test_hitting_dynamos_recompile_limit_warns_that_the_layers_train_dense():
     assert {v["step"] for v in nmcompile.sparsity_state(model).values()} == {2}
 
 
+def test_a_function_nmsparse_compiled_without_sparse_layers_hitting_the_limit_does_not_warn():
+    """A whole training step compiled with nmsparse also hands it the optimizer's ``step``, whose
+    graphs hold no GEMM: OneCycleLR's new ``lr`` and ``betas`` each step recompile it to the limit.
+    Running it eagerly loses nothing, so no warning (it warned that the model trains dense, while the
+    layers went on stepping); the model's own forward still warns at its limit."""
+    model = MLP(16, 32, 16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=20)
+    compiled_step = torch.compile(opt.step, backend=_backend())
+    compiled = torch.compile(model, backend=_backend(), dynamic=False)
+    with torch._dynamo.config.patch(recompile_limit=2), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            compiled(torch.randn(4, 16)).sum().backward()
+            compiled_step()
+            schedule.step()
+            opt.zero_grad()
+        assert not [str(w.message) for w in caught if "nmsparse" in str(w.message)]
+        assert {v["step"] for v in nmcompile.sparsity_state(model).values()} == {4}
+        for batch in (5, 6):
+            compiled(torch.randn(batch, 16)).sum().backward()
+    ours = [str(w.message) for w in caught if "nmsparse" in str(w.message)]
+    assert len(ours) == 1 and ours[0].startswith("nmsparse: dynamo hit its recompile_limit (2) for 'forward' (")
+
+
 def test_another_backend_hitting_the_recompile_limit_on_shared_code_warns():
     """Another backend's compiles of the same code (a second instance of the model class) hitting
     the limit warn too: dynamo then stops compiling that code for every backend, so the nmsparse
