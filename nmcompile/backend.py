@@ -557,6 +557,8 @@ def compile_graph(
         _propagate_fake_values(gm)
     analysis = find_targets(gm, example_inputs, config, params)
     _watch_recompile_limit().note(_compiling_code(), bool(analysis.sparse))
+    if on_compile is None:  # explain reports these itself
+        _warn_other_uses(analysis)
     rewritten, state_inputs = insert_masks(gm, analysis, config, fake_mode)
     rewritten, kernels = lower_kernels(rewritten, config)
     layers, by_target = _layers(gm, analysis, params, config, registry)
@@ -584,6 +586,23 @@ def compile_graph(
         compiled = _compile_inner(rewritten, [*example_inputs, *examples], config, record, patches)
     variants = _Variants(gm, config, registry, fake_mode, params, origin, tables)
     return _Runner(compiled, layers, registry, origin, variants, record)
+
+
+def _warn_other_uses(analysis: Any) -> None:
+    """Warn for each weight this graph leaves dense because it uses it besides its GEMM (a tie of
+    an embedding's table aside, which the report names): in a compiled training step such uses come
+    from outside the model's forward (weight clipping, a penalty, a second forward, a logged norm),
+    where the reference, which sees the forward only, trains the layer sparse."""
+    for target in analysis.targets:
+        if target.reason.startswith("tied: parameter used by") and "embedding" not in target.reason:
+            warnings.warn(
+                f"nmsparse: {target.param_name or target.node.name} trains dense: {target.reason[6:]} in one "
+                "compiled graph (SPEC §10: a tie). Where a compiled training step puts ops on the weight "
+                "outside the model's forward (weight clipping, a penalty, a second forward, a logged norm), "
+                "compile the model itself with nmsparse and the step without it (README, 'What gets "
+                "sparsified')",
+                stacklevel=2,
+            )
 
 
 class _RecompileLimitWatch(logging.Filter):

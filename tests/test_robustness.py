@@ -494,6 +494,48 @@ def test_mismatched_mask_dtypes_leave_the_encoder_layer_dense_unless_the_warning
             assert nmcompile.sparsity_state(mine) == {}
 
 
+def test_a_compiled_training_step_that_clips_the_weights_warns_that_they_train_dense():
+    """WGAN-style clipping (``p.clamp_()`` under ``no_grad``) inside a training step compiled whole
+    with nmsparse puts a second use of each weight in the graph: a tie (SPEC §10), so the layers
+    train dense, which the reference (it sees the forward only) does not. That was silent; it now
+    warns, naming the weight, the ops and the remedy, which trains as the reference does."""
+    torch.manual_seed(0)
+    model = MLP(16, 32, 16)
+    ref_model = reference.sparsify(copy.deepcopy(model))
+
+    def step(forward, owner, x):
+        with torch.no_grad():
+            for p in owner.parameters():
+                p.clamp_(-0.2, 0.2)
+        loss = forward(x).square().mean()
+        loss.backward()
+        return loss
+
+    whole = torch.compile(step, backend=nmcompile.backend(inner="aot_eager"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        whole(model, model, torch.randn(4, 16))
+    ours = sorted(str(w.message) for w in caught if str(w.message).startswith("nmsparse:"))
+    assert len(ours) == 3 and ours[0].startswith(
+        "nmsparse: fc1.weight trains dense: parameter used by 2 nodes (clamp_, linear) in one compiled graph"
+    )
+    assert "compile the model itself with nmsparse and the step without it" in ours[0]
+    assert nmcompile.sparsity_state(model) == {}
+    torch._dynamo.reset()
+    model = MLP(16, 32, 16)
+    model.load_state_dict(ref_model.state_dict())
+    compiled = torch.compile(model, backend=nmcompile.backend(inner="aot_eager"))
+    for _ in range(2):
+        x = torch.randn(4, 16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loss = step(compiled, model, x)
+        assert_close(loss, step(ref_model, ref_model, x), what="the remedy: the model compiled")
+    assert {k: v["step"] for k, v in nmcompile.sparsity_state(model).items()} == dict.fromkeys(
+        ("fc1.weight", "fc2.weight", "head.weight"), 2
+    )
+
+
 def test_lstm_is_reported_dense_and_tied_head_is_dense():
     """nn.LSTM runs dense with a reason; an output head tied to the embedding stays dense (SPEC §10)."""
 
