@@ -654,6 +654,21 @@ def test_eval_and_no_grad_count_nothing():
         assert_close(y, expected, what="eval output vs W ⊙ F by hand")
 
 
+def _decaying_outputs_match_the_reference(model: nn.Module, steps: int = 4) -> tuple[nn.Module, nn.Module]:
+    """Train ``model`` compiled and its reference side by side under linear mask decay (each layer's
+    step count shows in its output), asserting equal outputs at every step; both models."""
+    options = dict(inner="aot_eager", mask_decay="linear", mask_decay_rate=0.25, srste_lambda=0.0)
+    ref_model = reference.sparsify(copy.deepcopy(model), **options)
+    compiled = torch.compile(model, backend=nmcompile.backend(**options))
+    for step in range(steps):
+        x = torch.randn(4, 16)
+        expected, got = ref_model(x), compiled(x)
+        assert_close(got, expected, what=f"output at step {step}")
+        expected.sum().backward()
+        got.sum().backward()
+    return compiled, ref_model
+
+
 class _TeacherStudent(nn.Module):
     """A teacher branch under ``no_grad()`` (or ``inference_mode()``) inside a training forward (as
     BYOL/DINO targets), and a layer under ``enable_grad()``, which trains even when the caller's mode
@@ -679,17 +694,9 @@ def test_grad_mode_blocks_inside_a_forward_decide_each_layers_steps(teacher_mode
     counted every step, its mask decaying); the layer under ``enable_grad()`` counts a step in a
     forward called under ``no_grad``. Dynamo keeps the blocks in one graph (``_set_grad_enabled``
     nodes, and an enter/exit pair for ``inference_mode``)."""
-    options = dict(inner="aot_eager", mask_decay="linear", mask_decay_rate=0.25, srste_lambda=0.0)
-    model = _TeacherStudent(teacher_mode)
-    ref_model = reference.sparsify(copy.deepcopy(model), **options)
-    compiled = torch.compile(model, backend=nmcompile.backend(**options))
     counters.clear()
-    for step in range(4):
-        x = torch.randn(4, 16)
-        expected, got = ref_model(x), compiled(x)
-        assert_close(got, expected, what=f"output at step {step}")
-        expected.sum().backward()
-        got.sum().backward()
+    compiled, ref_model = _decaying_outputs_match_the_reference(_TeacherStudent(teacher_mode))
+    x = torch.randn(4, 16)
     with torch.no_grad():
         assert_close(compiled(x), ref_model(x), what="output under no_grad")
     assert counters["stats"]["unique_graphs"] == 2  # one per grad mode of the caller, no graph break
@@ -719,16 +726,7 @@ def test_inference_mode_blocks_decide_steps_as_eager_grad_modes_do():
     """``inference_mode(False)`` sets grad on: its layer trains (it counted no step, its mask decay
     stalled, 0.2 off the reference by step 1); ``enable_grad()`` inside ``inference_mode()`` trains
     nothing, as eager (the backend counted steps, the reference raised on saving inference tensors)."""
-    options = dict(inner="aot_eager", mask_decay="linear", mask_decay_rate=0.25, srste_lambda=0.0)
-    model = _InferenceBlocks()
-    ref_model = reference.sparsify(copy.deepcopy(model), **options)
-    compiled = torch.compile(model, backend=nmcompile.backend(**options))
-    for step in range(4):
-        x = torch.randn(4, 16)
-        expected, got = ref_model(x), compiled(x)
-        assert_close(got, expected, what=f"output at step {step}")
-        expected.sum().backward()
-        got.sum().backward()
+    compiled, ref_model = _decaying_outputs_match_the_reference(model := _InferenceBlocks())
     assert model.frozen.weight.grad is None and ref_model.frozen.weight.grad is None
     assert_close(model.probe.weight.grad, ref_model.probe.weight.grad, what="the probe's gradient")
     states = {k: (v["step"], v["alpha"]) for k, v in nmcompile.sparsity_state(compiled).items()}

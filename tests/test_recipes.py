@@ -15,6 +15,7 @@ import sys
 import textwrap
 import warnings
 import weakref
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -890,17 +891,33 @@ def _sgd_steps(model: nn.Module, forward, steps: int, seed: int) -> list[float]:
     return losses
 
 
+def _after_three_steps(make: Callable[[], nn.Module], options: dict) -> tuple[nn.Module, nn.Module, dict]:
+    """A seeded ``make()`` model compiled with ``options`` after 3 SGD steps: it, its compiled
+    wrapper, and each layer's permutation then."""
+    torch.manual_seed(0)
+    model = make()
+    compiled = torch.compile(model, backend=nmcompile.backend(**options))
+    _sgd_steps(model, compiled, 3, seed=1)
+    return model, compiled, {k: s["perm"] for k, s in nmcompile.sparsity_state(model).items()}
+
+
+def _resume_goes_on_as_the_run(make: Callable[[], nn.Module], compiled: nn.Module, checkpoint: dict, options: dict):
+    """A fresh ``make()`` model loading ``checkpoint`` takes the same next 3 steps (losses) as the
+    compiled run it was taken from, going on."""
+    continued = _sgd_steps(compiled._orig_mod, compiled, 3, seed=3)
+    resumed_model = make()
+    resumed_model.load_state_dict(checkpoint)
+    resumed = _sgd_steps(resumed_model, torch.compile(resumed_model, backend=nmcompile.backend(**options)), 3, seed=3)
+    assert resumed == continued
+
+
 def test_layers_that_swap_their_parameters_keep_the_states_in_checkpoints():
     """``fc1.weight, fc2.weight = fc2.weight, fc1.weight`` after training: each state follows its
     Parameter into the other layer's checkpoint, before the next step and after (both layers'
     states used to be left out of every checkpoint from then on), and a resume from one continues
     exactly as the run that was not stopped."""
     options = {"inner": "aot_eager", "perm_interval": 1, "perm_candidates": 8}
-    torch.manual_seed(0)
-    model = _Three()
-    compiled = torch.compile(model, backend=nmcompile.backend(**options))
-    _sgd_steps(model, compiled, 3, seed=1)
-    perms = {k: s["perm"] for k, s in nmcompile.sparsity_state(model).items()}
+    model, compiled, perms = _after_three_steps(_Three, options)
     model.fc1.weight, model.fc2.weight = model.fc2.weight, model.fc1.weight
     metadata = model.state_dict()._metadata
     for layer, came_from in (("fc1", "fc2"), ("fc2", "fc1")):
@@ -912,11 +929,7 @@ def test_layers_that_swap_their_parameters_keep_the_states_in_checkpoints():
         "fc2": 5,
         "fc3": 5,
     }
-    continued = _sgd_steps(model, compiled, 3, seed=3)
-    resumed_model = _Three()
-    resumed_model.load_state_dict(checkpoint)
-    resumed = _sgd_steps(resumed_model, torch.compile(resumed_model, backend=nmcompile.backend(**options)), 3, seed=3)
-    assert resumed == continued
+    _resume_goes_on_as_the_run(_Three, compiled, checkpoint, options)
 
 
 class _Projection(nn.Module):
@@ -942,20 +955,12 @@ def test_parameters_swapped_between_slots_of_different_names_keep_the_states_in_
     follows its Parameter into the other slot's checkpoint entry (both were left out until the
     next step), and a resume from that checkpoint continues exactly as the run that went on."""
     options = {"inner": "aot_eager", "perm_interval": 1, "perm_candidates": 8}
-    torch.manual_seed(0)
-    model = _NamedApart()
-    compiled = torch.compile(model, backend=nmcompile.backend(**options))
-    _sgd_steps(model, compiled, 3, seed=1)
-    perms = {k: s["perm"] for k, s in nmcompile.sparsity_state(model).items()}
+    model, compiled, perms = _after_three_steps(_NamedApart, options)
     model.fc1.weight, model.proj.W = model.proj.W, model.fc1.weight
     checkpoint = copy.deepcopy(model.state_dict())
     assert torch.equal(checkpoint._metadata["fc1"]["nmsparse"]["weight"]["perm"], perms["proj.W"])
     assert torch.equal(checkpoint._metadata["proj"]["nmsparse"]["W"]["perm"], perms["fc1.weight"])
-    continued = _sgd_steps(model, compiled, 3, seed=3)
-    resumed_model = _NamedApart()
-    resumed_model.load_state_dict(checkpoint)
-    resumed = _sgd_steps(resumed_model, torch.compile(resumed_model, backend=nmcompile.backend(**options)), 3, seed=3)
-    assert resumed == continued
+    _resume_goes_on_as_the_run(_NamedApart, compiled, checkpoint, options)
 
 
 class _TwoSlots(nn.Module):
@@ -974,11 +979,7 @@ def test_swaps_inside_a_module_and_a_move_into_two_slots_keep_one_state_each():
     Parameter's new slot at once (none, or one, was carried). A Parameter then put into two slots
     gives its state to the first one only (README: a tied Parameter's state goes to one layer)."""
     options = {"inner": "aot_eager", "perm_interval": 1, "perm_candidates": 8}
-    torch.manual_seed(0)
-    model = _TwoSlots()
-    compiled = torch.compile(model, backend=nmcompile.backend(**options))
-    _sgd_steps(model, compiled, 3, seed=1)
-    perms = {k: s["perm"] for k, s in nmcompile.sparsity_state(model).items()}
+    model, _, perms = _after_three_steps(_TwoSlots, options)
 
     def saved() -> dict[str, torch.Tensor]:
         metadata = model.state_dict()._metadata
