@@ -556,7 +556,7 @@ def compile_graph(
     if decompose_attention(gm).modified:
         _propagate_fake_values(gm)
     analysis = find_targets(gm, example_inputs, config, params)
-    _watch_recompile_limit().note(_compiling_code(), bool(analysis.sparse))
+    _watch_recompile_limit().note(_compiling_code(), bool(analysis.targets))
     if on_compile is None:  # explain reports these itself
         _warn_other_uses(analysis)
     rewritten, state_inputs = insert_masks(gm, analysis, config, fake_mode)
@@ -589,18 +589,23 @@ def compile_graph(
 
 
 def _warn_other_uses(analysis: Any) -> None:
-    """Warn for each weight this graph leaves dense because it uses it besides its GEMM (a tie of
-    an embedding's table aside, which the report names): in a compiled training step such uses come
-    from outside the model's forward (weight clipping, a penalty, a second forward, a logged norm),
-    where the reference, which sees the forward only, trains the layer sparse."""
+    """Warn, once per weight, where this graph leaves a weight dense as tied (SPEC §10) because the
+    compiled function uses it outside the model's forward (a training step compiled whole: weight
+    clipping, a penalty on the loss, a logged norm), where the reference, which sees the forward
+    only, trains the layer sparse. Ties inside the forward are the report's (no remedy to give)."""
+    warned = set()
     for target in analysis.targets:
-        if target.reason.startswith("tied: parameter used by") and "embedding" not in target.reason:
+        name = target.param_name or target.node.name
+        if not target.reason.startswith("tied: parameter used by") or name in warned:
+            continue
+        outside = target.uses_outside_forward()
+        if outside:
+            warned.add(name)
             warnings.warn(
-                f"nmsparse: {target.param_name or target.node.name} trains dense: {target.reason[6:]} in one "
-                "compiled graph (SPEC §10: a tie). Where a compiled training step puts ops on the weight "
-                "outside the model's forward (weight clipping, a penalty, a second forward, a logged norm), "
-                "compile the model itself with nmsparse and the step without it (README, 'What gets "
-                "sparsified')",
+                f"nmsparse: {name} trains dense: the compiled function also uses it outside the model's "
+                f"forward ({', '.join(outside)}), a tie in one graph (SPEC §10), where the reference, which "
+                "sees the forward only, trains it sparse; compile the model itself with nmsparse and the "
+                "rest of the step without it (README, 'What gets sparsified')",
                 stacklevel=2,
             )
 
@@ -618,22 +623,29 @@ class _RecompileLimitWatch(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
-        self.sparse: set[_CodeKey] = set()  # the code of every graph nmsparse compiled with sparse layers
-        self.dense: set[_CodeKey] = set()  # ... and of those with none (an optimizer's step)
+        self.compiled: set[_CodeKey] = set()  # the code of every graph nmsparse compiled
+        self.gemm_files: set[str] = set()  # the files of those with a GEMM, sparse or not
         self.functions: set[str] = set()  # the former, as dynamo's log names them
 
-    def note(self, code: _CodeKey | None, sparse: bool) -> None:
+    def note(self, code: _CodeKey | None, gemms: bool) -> None:
         """nmsparse compiled a graph of ``code`` (``None``: not known, as under DDP's graph splitting),
-        with sparse layers or none: a recompile limit there stops them, or loses nothing."""
+        with GEMMs (sparse, or dense for now: frozen) or none (an optimizer's ``step``)."""
         if code is not None:
-            (self.sparse if sparse else self.dense).add(code)
-            if sparse:
-                self.functions.add(f"'{code[0]}' ({code[1]}:{code[2]})")
+            self.compiled.add(code)
+            self.functions.add(f"'{code[0]}' ({code[1]}:{code[2]})")
+            if gemms:
+                self.gemm_files.add(code[1])
+
+    def without_gemms(self) -> set[_CodeKey]:
+        """Compiled code whose file gave nmsparse no GEMM in any graph: past its limit, running it
+        eagerly loses nothing. By file, since a frame refused runs its graph breaks' resume
+        functions eagerly too (a forward whose first graph is an embedding lookup)."""
+        return {code for code in self.compiled if code[1] not in self.gemm_files}
 
     def filter(self, record: logging.LogRecord) -> bool:
         if str(record.msg).startswith("torch._dynamo hit config.") and len(record.args or ()) >= 3:
             limit, value, function = record.args[:3]  # type: ignore[index]
-            stops = _stops_nmsparse(self.dense - self.sparse)  # None: dynamo's frame not found; by the name
+            stops = _stops_nmsparse(self.without_gemms())  # None: dynamo's frame not found; by the name
             if stops or (stops is None and function in self.functions):
                 warnings.warn(
                     f"nmsparse: dynamo hit its {limit} ({value}) for {function}, a function nmsparse has "
@@ -649,8 +661,8 @@ class _RecompileLimitWatch(logging.Filter):
 
 def _stops_nmsparse(dense_codes: set[_CodeKey]) -> bool | None:
     """Whether the compile dynamo refuses now stops an nmsparse compile of sparse layers: its code
-    is not among ``dense_codes`` (an optimizer's ``step``, whose nmsparse graphs had no GEMM to
-    sparsify, loses nothing), and the compile is nmsparse's (also of a wrapper's code, as
+    is not among ``dense_codes`` (an optimizer's ``step``, whose file gave nmsparse no GEMM, loses
+    nothing), and the compile is nmsparse's (also of a wrapper's code, as
     ``torch.compile(DDP(model))``'s), or the code cache it counts in (a wrapper's own under
     ``isolate_recompiles``, else the shared one) holds an nmsparse graph of its code; ``None``
     where dynamo's compile frame is not found (another torch)."""

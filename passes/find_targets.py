@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -43,6 +44,7 @@ _FUSED_ATTENTION = {
     torch._transformer_encoder_layer_fwd: "transformer_encoder_layer",
     torch._native_multi_head_attention: "native_multi_head_attention",
 }
+_LOCAL = re.compile(r"L\['[^']+'\]")  # a module stack's path for a local of the compiled function
 _FUNCTORCH_REASON = "inside a torch.func transform (vmap, grad, jvp): left dense"
 _LOOKUPS = {"embedding", "embedding_bag"}  # F.embedding, F.embedding_bag, torch.embedding: a weight read as a table
 _FUNCTORCH_WRAPS = {"_add_batch_dim", "_wrap_for_grad", "_make_dual"}  # a weight entering a transform
@@ -112,6 +114,22 @@ class GemmTarget:
     backward: str = "dense"
     reason: str = ""
     prefix: str = ""  # a numbered node-name prefix, where another sparse layer's name spells the same
+
+    def uses_outside_forward(self) -> list[str]:
+        """The ops on this GEMM's weight that the compiled function runs outside the call of the
+        model the GEMM is in: where it calls the model itself (a training step compiled whole, the
+        model a local of it), ``p.clamp_()``, a penalty on the loss, a logged norm. Empty where the
+        compiled code is the model's own forward: dynamo's module stacks then start below it."""
+        stack = list((self.node.meta.get("nn_module_stack") or {}).values())
+        if self.weight is None or not stack or not _LOCAL.fullmatch(str(stack[0][0])):
+            return []
+        model = stack[0][0]
+        outside = [
+            use
+            for use in _consumers(self.weight)
+            if model not in [path for path, _ in (use.meta.get("nn_module_stack") or {}).values()]
+        ]
+        return sorted({_op_name(use) for use in outside})
 
     @property
     def layer(self) -> str:

@@ -242,6 +242,40 @@ def test_a_function_nmsparse_compiled_without_sparse_layers_hitting_the_limit_do
     assert len(ours) == 1 and ours[0].startswith("nmsparse: dynamo hit its recompile_limit (2) for 'forward' (")
 
 
+class _DensePrefix(nn.Module):
+    """A forward whose first graph holds no GEMM (an embedding's lookup, mask preparation), then a
+    graph break, then its layer: refused at the limit, the frame runs the resume eagerly too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * 2
+        torch._dynamo.graph_break()
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("case", ["dense first graph", "frozen first"])
+def test_the_limit_warns_where_the_code_had_gemms_sparse_or_not(case):
+    """Past the limit the warning comes for code that gave nmsparse GEMMs, even where every graph
+    of it so far was dense: a forward's GEMM-free first graph before a graph break, or a model
+    compiled frozen (linear probing) and unfrozen since (both went quiet when the warning was
+    limited to code with sparse graphs)."""
+    model = _DensePrefix() if case == "dense first graph" else MLP(16, 32, 16).requires_grad_(False)
+    compiled = torch.compile(model, backend=_backend(), dynamic=False)
+    with torch._dynamo.config.patch(recompile_limit=2), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if case == "frozen first":
+            for batch in (4, 5):
+                compiled(torch.randn(batch, 16))
+            model.requires_grad_(True)
+        for batch in (4, 5, 6, 7):
+            compiled(torch.randn(batch, 16)).sum().backward()
+    ours = [str(w.message) for w in caught if str(w.message).startswith("nmsparse: dynamo hit its recompile_limit")]
+    assert len(ours) == 1, ours
+
+
 def test_another_backend_hitting_the_recompile_limit_on_shared_code_warns():
     """Another backend's compiles of the same code (a second instance of the model class) hitting
     the limit warn too: dynamo then stops compiling that code for every backend, so the nmsparse
@@ -517,9 +551,9 @@ def test_a_compiled_training_step_that_clips_the_weights_warns_that_they_train_d
         whole(model, model, torch.randn(4, 16))
     ours = sorted(str(w.message) for w in caught if str(w.message).startswith("nmsparse:"))
     assert len(ours) == 3 and ours[0].startswith(
-        "nmsparse: fc1.weight trains dense: parameter used by 2 nodes (clamp_, linear) in one compiled graph"
+        "nmsparse: fc1.weight trains dense: the compiled function also uses it outside the model's forward (clamp_)"
     )
-    assert "compile the model itself with nmsparse and the step without it" in ours[0]
+    assert "compile the model itself with nmsparse and the rest of the step without it" in ours[0]
     assert nmcompile.sparsity_state(model) == {}
     torch._dynamo.reset()
     model = MLP(16, 32, 16)
