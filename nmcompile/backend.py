@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import os
 import re
 import sys
 import types
@@ -558,7 +559,7 @@ def compile_graph(
     analysis = find_targets(gm, example_inputs, config, params)
     _watch_recompile_limit().note(_compiling_code(), bool(analysis.targets))
     if on_compile is None:  # explain reports these itself
-        _warn_other_uses(analysis)
+        _warn_other_uses(analysis, _compiling_code())
     rewritten, state_inputs = insert_masks(gm, analysis, config, fake_mode)
     rewritten, kernels = lower_kernels(rewritten, config)
     layers, by_target = _layers(gm, analysis, params, config, registry)
@@ -588,11 +589,14 @@ def compile_graph(
     return _Runner(compiled, layers, registry, origin, variants, record)
 
 
-def _warn_other_uses(analysis: Any) -> None:
+def _warn_other_uses(analysis: Any, code: _CodeKey | None) -> None:
     """Warn, once per weight, where this graph leaves a weight dense as tied (SPEC §10) because the
     compiled function uses it outside the model's forward (a training step compiled whole: weight
     clipping, a penalty on the loss, a logged norm), where the reference, which sees the forward
-    only, trains the layer sparse. Ties inside the forward are the report's (no remedy to give)."""
+    only, trains the layer sparse. Ties inside the forward are the report's (no remedy to give):
+    nothing warns where the compiled code is a module's forward."""
+    if code is None or _module_forward(code):
+        return
     warned = set()
     for target in analysis.targets:
         name = target.param_name or target.node.name
@@ -608,6 +612,14 @@ def _warn_other_uses(analysis: Any) -> None:
                 "rest of the step without it (README, 'What gets sparsified')",
                 stacklevel=2,
             )
+
+
+def _module_forward(code: _CodeKey) -> bool:
+    """Whether dynamo compiles a module's forward (``torch.compile(model)``; a graph break's resume
+    of it; ``nn.Sequential`` through dynamo's ``inner`` wrapper), not a function that calls one."""
+    name, filename, _ = code
+    wrapper = name == "inner" and filename.endswith(os.path.join("_dynamo", "external_utils.py"))
+    return name == "forward" or name.startswith("torch_dynamo_resume_in_forward_at_") or wrapper
 
 
 class _RecompileLimitWatch(logging.Filter):
@@ -637,10 +649,12 @@ class _RecompileLimitWatch(logging.Filter):
                 self.gemm_files.add(code[1])
 
     def without_gemms(self) -> set[_CodeKey]:
-        """Compiled code whose file gave nmsparse no GEMM in any graph: past its limit, running it
-        eagerly loses nothing. By file, since a frame refused runs its graph breaks' resume
-        functions eagerly too (a forward whose first graph is an embedding lookup)."""
-        return {code for code in self.compiled if code[1] not in self.gemm_files}
+        """Compiled code of ``torch.optim`` (an optimizer's ``step`` and its wrappers) whose file gave
+        nmsparse no GEMM in any graph: past its limit, running it eagerly loses nothing. Other code
+        may hold a model whose layers come later (after a graph break, in another file's blocks,
+        frozen for now), so it warns."""
+        optim = os.path.dirname(torch.optim.__file__) + os.sep
+        return {code for code in self.compiled if code[1].startswith(optim) and code[1] not in self.gemm_files}
 
     def filter(self, record: logging.LogRecord) -> bool:
         if str(record.msg).startswith("torch._dynamo hit config.") and len(record.args or ()) >= 3:

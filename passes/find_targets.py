@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -44,7 +43,6 @@ _FUSED_ATTENTION = {
     torch._transformer_encoder_layer_fwd: "transformer_encoder_layer",
     torch._native_multi_head_attention: "native_multi_head_attention",
 }
-_LOCAL = re.compile(r"L\['[^']+'\]")  # a module stack's path for a local of the compiled function
 _FUNCTORCH_REASON = "inside a torch.func transform (vmap, grad, jvp): left dense"
 _LOOKUPS = {"embedding", "embedding_bag"}  # F.embedding, F.embedding_bag, torch.embedding: a weight read as a table
 _FUNCTORCH_WRAPS = {"_add_batch_dim", "_wrap_for_grad", "_make_dual"}  # a weight entering a transform
@@ -116,20 +114,13 @@ class GemmTarget:
     prefix: str = ""  # a numbered node-name prefix, where another sparse layer's name spells the same
 
     def uses_outside_forward(self) -> list[str]:
-        """The ops on this GEMM's weight that the compiled function runs outside the call of the
-        model the GEMM is in: where it calls the model itself (a training step compiled whole, the
-        model a local of it), ``p.clamp_()``, a penalty on the loss, a logged norm. Empty where the
-        compiled code is the model's own forward: dynamo's module stacks then start below it."""
-        stack = list((self.node.meta.get("nn_module_stack") or {}).values())
-        if self.weight is None or not stack or not _LOCAL.fullmatch(str(stack[0][0])):
+        """The ops on this GEMM's weight, itself inside a module's call, that the compiled code runs
+        outside every module's call: in a function that calls the model (a training step compiled
+        whole), ``p.clamp_()``, a penalty on the loss, a logged norm. (In a module's own compiled
+        forward its own ops are outside every call too: the caller tells the two apart.)"""
+        if self.weight is None or not self.node.meta.get("nn_module_stack"):
             return []
-        model = stack[0][0]
-        outside = [
-            use
-            for use in _consumers(self.weight)
-            if model not in [path for path, _ in (use.meta.get("nn_module_stack") or {}).values()]
-        ]
-        return sorted({_op_name(use) for use in outside})
+        return sorted({_op_name(use) for use in _consumers(self.weight) if not use.meta.get("nn_module_stack")})
 
     @property
     def layer(self) -> str:

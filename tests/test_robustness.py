@@ -528,11 +528,28 @@ def test_mismatched_mask_dtypes_leave_the_encoder_layer_dense_unless_the_warning
             assert nmcompile.sparsity_state(mine) == {}
 
 
-def test_a_compiled_training_step_that_clips_the_weights_warns_that_they_train_dense():
+class _Trainer:
+    """A trainer whose compiled method clips and trains the model it holds as ``self.model``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.clamp_(-0.2, 0.2)
+        loss = self.model(x).square().mean()
+        loss.backward()
+        return loss
+
+
+@pytest.mark.parametrize("reach", ["argument", "trainer attribute"])
+def test_a_compiled_training_step_that_clips_the_weights_warns_that_they_train_dense(reach):
     """WGAN-style clipping (``p.clamp_()`` under ``no_grad``) inside a training step compiled whole
     with nmsparse puts a second use of each weight in the graph: a tie (SPEC §10), so the layers
     train dense, which the reference (it sees the forward only) does not. That was silent; it now
-    warns, naming the weight, the ops and the remedy, which trains as the reference does."""
+    warns, once per weight, naming the ops and the remedy, which trains as the reference does;
+    the model an argument of the step or a trainer's ``self.model``."""
     torch.manual_seed(0)
     model = MLP(16, 32, 16)
     ref_model = reference.sparsify(copy.deepcopy(model))
@@ -545,10 +562,13 @@ def test_a_compiled_training_step_that_clips_the_weights_warns_that_they_train_d
         loss.backward()
         return loss
 
-    whole = torch.compile(step, backend=nmcompile.backend(inner="aot_eager"))
+    backend = nmcompile.backend(inner="aot_eager")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        whole(model, model, torch.randn(4, 16))
+        if reach == "argument":
+            torch.compile(step, backend=backend)(model, model, torch.randn(4, 16))
+        else:
+            torch.compile(_Trainer(model).step, backend=backend)(torch.randn(4, 16))
     ours = sorted(str(w.message) for w in caught if str(w.message).startswith("nmsparse:"))
     assert len(ours) == 3 and ours[0].startswith(
         "nmsparse: fc1.weight trains dense: the compiled function also uses it outside the model's forward (clamp_)"
@@ -946,13 +966,15 @@ def test_reference_weight_used_by_another_op_is_dense_as_the_backend_keeps_it(ki
     a warning (it counted GEMM uses only, and trained these sparse). Its shape, dtype or size, and a
     cast that returns it, are no use in either: the layer stays sparse (the backend counted the
     ``getattr`` nodes dynamo keeps for ``W.is_leaf`` and ``W.nbytes`` as uses; the reference, the
-    in-place clip and ``W.mH`` as none)."""
+    in-place clip and ``W.mH`` as none). Ties inside the compiled forward do not warn as uses
+    outside it would."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         state_ref, _ = train_and_compare(lambda: _OtherUses(kind), (4, 16), 3, settle=True, inner="aot_eager")
     dense, _, ops = (tie or "").partition(" ")
     tied = [str(w.message).split()[1] for w in caught if "more than one op" in str(w.message)]
     assert tied == ([dense] if tie else [])
+    assert not [w for w in caught if "outside the model's forward" in str(w.message)]  # a tie in the forward
     assert sorted(state_ref) == sorted({"fc.weight", "head.weight"} - {dense})
     rows = {r.name: r for r in nmcompile.explain(_OtherUses(kind), torch.randn(4, 16), inner="aot_eager").rows}
     assert not tie or rows[dense].reason == f"tied: parameter used by 2 nodes {ops}"  # x.type_as(W): (linear, linear)
