@@ -114,13 +114,24 @@ class GemmTarget:
     prefix: str = ""  # a numbered node-name prefix, where another sparse layer's name spells the same
 
     def uses_outside_forward(self) -> list[str]:
-        """The ops on this GEMM's weight, itself inside a module's call, that the compiled code runs
-        outside every module's call: in a function that calls the model (a training step compiled
-        whole), ``p.clamp_()``, a penalty on the loss, a logged norm. (In a module's own compiled
-        forward its own ops are outside every call too: the caller tells the two apart.)"""
-        if self.weight is None or not self.node.meta.get("nn_module_stack"):
+        """The uses of this GEMM's weight, itself inside a module's call, that the compiled code
+        makes outside that call: in a function that calls the model (a training step compiled
+        whole), ops outside every module's call (``p.clamp_()``, a penalty on the loss, a logged
+        norm), and another call of the model (a target forward under ``no_grad``), which dynamo's
+        module stack keys tell apart (``<id>``, ``<id>@1``). (In a module's own compiled forward
+        its own ops are outside every call too: the caller tells the two apart.)"""
+        stack = self.node.meta.get("nn_module_stack")
+        if self.weight is None or not stack:
             return []
-        return sorted({_op_name(use) for use in _consumers(self.weight) if not use.meta.get("nn_module_stack")})
+        outer = next(iter(stack))
+        found = set()
+        for use in _consumers(self.weight):
+            keys = list(use.meta.get("nn_module_stack") or {})
+            if not keys:
+                found.add(_op_name(use))
+            elif keys[0] != outer and keys[0].split("@")[0] == outer.split("@")[0]:
+                found.add("another call of the model")
+        return sorted(found)
 
     @property
     def layer(self) -> str:

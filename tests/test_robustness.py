@@ -590,6 +590,41 @@ def test_a_compiled_training_step_that_clips_the_weights_warns_that_they_train_d
     )
 
 
+def test_a_compiled_step_that_runs_the_model_twice_warns_for_the_second_call():
+    """A step compiled whole that runs the model twice (a target under ``no_grad``, then the
+    training forward) holds two GEMMs of each weight in one graph, a tie: it warns, once per weight
+    (it was silent). A weight shared inside the forward (called twice there) does not warn, and the
+    model compiled alone in the same step trains its other layers sparse."""
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.shared = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.shared(torch.relu(self.shared(self.fc(x))))
+
+    def step(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = model(x)
+        loss = (model(x) - target).square().mean()
+        loss.backward()
+        return loss
+
+    for whole in (True, False):
+        model = Shared()
+        compiled = torch.compile(step if whole else model, backend=nmcompile.backend(inner="aot_eager"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compiled(model, torch.randn(4, 16)) if whole else step(compiled, torch.randn(4, 16))
+        ours = sorted(str(w.message) for w in caught if "outside the model's forward" in str(w.message))
+        expected = [f"nmsparse: {name}.weight trains dense: the compiled function also uses it outside the model's "
+                    "forward (another call of the model)" for name in ("fc", "shared")]  # fmt: skip
+        assert len(ours) == (2 if whole else 0) and all(m.startswith(e) for m, e in zip(ours, expected, strict=False))
+        assert sorted(nmcompile.sparsity_state(model)) == ([] if whole else ["fc.weight"])
+        torch._dynamo.reset()
+
+
 def test_lstm_is_reported_dense_and_tied_head_is_dense():
     """nn.LSTM runs dense with a reason; an output head tied to the embedding stays dense (SPEC §10)."""
 
