@@ -118,8 +118,10 @@ class GemmTarget:
         makes outside that call: in a function that calls the model (a training step compiled
         whole), ops outside every module's call (``p.clamp_()``, a penalty on the loss, a logged
         norm), and another call of the model (a target forward under ``no_grad``), which dynamo's
-        module stack keys tell apart (``<id>``, ``<id>@1``). (In a module's own compiled forward
-        its own ops are outside every call too: the caller tells the two apart.)"""
+        module stack keys tell apart (``<id>``, ``<id>@1``): of a module above the layer, since a
+        layer called twice inside the forward (reached as ``model.forward(x)``, its stack starting
+        at the layer) is sharing, not another call. (In a module's own compiled forward its own ops
+        are outside every call too: the caller tells the two apart.)"""
         stack = self.node.meta.get("nn_module_stack")
         if self.weight is None or not stack:
             return []
@@ -129,7 +131,7 @@ class GemmTarget:
             keys = list(use.meta.get("nn_module_stack") or {})
             if not keys:
                 found.add(_op_name(use))
-            elif keys[0] != outer and keys[0].split("@")[0] == outer.split("@")[0]:
+            elif min(len(keys), len(stack)) > 1 and keys[0] != outer and keys[0].split("@")[0] == outer.split("@")[0]:
                 found.add("another call of the model")
         return sorted(found)
 

@@ -593,8 +593,9 @@ def test_a_compiled_training_step_that_clips_the_weights_warns_that_they_train_d
 def test_a_compiled_step_that_runs_the_model_twice_warns_for_the_second_call():
     """A step compiled whole that runs the model twice (a target under ``no_grad``, then the
     training forward) holds two GEMMs of each weight in one graph, a tie: it warns, once per weight
-    (it was silent). A weight shared inside the forward (called twice there) does not warn, and the
-    model compiled alone in the same step trains its other layers sparse."""
+    (it was silent). A weight shared inside the forward (called twice there) does not warn, also
+    where the forward is reached as ``model.forward(x)`` (it warned), and the model compiled alone
+    in the same step trains its other layers sparse."""
 
     class Shared(nn.Module):
         def __init__(self) -> None:
@@ -623,6 +624,11 @@ def test_a_compiled_step_that_runs_the_model_twice_warns_for_the_second_call():
         assert len(ours) == (2 if whole else 0) and all(m.startswith(e) for m, e in zip(ours, expected, strict=False))
         assert sorted(nmcompile.sparsity_state(model)) == ([] if whole else ["fc.weight"])
         torch._dynamo.reset()
+    model = Shared()  # reached as model.forward(x), the stacks start at the shared layer: sharing
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(lambda x: model.forward(x), backend=nmcompile.backend(inner="aot_eager"))(torch.randn(4, 16))
+    assert not [w for w in caught if "outside the model's forward" in str(w.message)]
 
 
 def test_lstm_is_reported_dense_and_tied_head_is_dense():
