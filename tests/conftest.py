@@ -279,8 +279,7 @@ def train_and_compare(
         y_ref.square().mean().backward()
         y_mine.square().mean().backward()
         assert_close(x_mine.grad, x_ref.grad, what=f"step {step} input grad")
-        for (name, p_ref), p_mine in zip(ref.named_parameters(), mine.parameters(), strict=True):
-            assert_close(p_mine.grad, p_ref.grad, what=f"step {step} grad of {name}")
+        assert_grads_close(mine, ref, what=f"step {step}")
         for opt in (opt_ref, opt_mine):
             opt.step()
             opt.zero_grad()
@@ -317,6 +316,12 @@ def cpu_mask_note() -> str:
     from nmcompile.passes.lower_kernels import CPU_MASK_NOTE
 
     return f"; {CPU_MASK_NOTE}" if c_mask_kernels() else ""
+
+
+def assert_grads_close(mine: torch.nn.Module, ref: torch.nn.Module, what: str = "", rel: float = 1e-5) -> None:
+    """Every parameter gradient of ``mine`` equals ``ref``'s (paired in order) within ``rel``."""
+    for (name, p_ref), p_mine in zip(ref.named_parameters(), mine.parameters(), strict=True):
+        assert_close(p_mine.grad, p_ref.grad, rel=rel, what=f"{what} grad of {name}".strip())
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5, what: str = "") -> None:

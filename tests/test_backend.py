@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MLP, MODELS, assert_close, c_mask_kernels, sgd_step_both, train_and_compare
+from conftest import MLP, MODELS, assert_close, assert_grads_close, c_mask_kernels, sgd_step_both, train_and_compare
 from test_conv import BasicBlock
 from torch import nn
 from torch._dynamo.utils import counters
@@ -69,8 +69,7 @@ def test_n_equal_to_m_trains_as_the_dense_model():
         assert_close(y, y_dense, what=f"step {step} output")
         y_dense.square().mean().backward()
         y.square().mean().backward()
-        for (name, p_dense), p in zip(dense.named_parameters(), model.parameters(), strict=True):
-            assert_close(p.grad, p_dense.grad, what=f"step {step} grad of {name}")
+        assert_grads_close(model, dense, what=f"step {step}")
         sgd_step_both(dense, model, lr=0.05)
     for (name, p_dense), p in zip(dense.named_parameters(), model.parameters(), strict=True):
         assert_close(p, p_dense, what=f"weights of {name}")
@@ -228,8 +227,7 @@ def test_reference_leaves_a_computed_weight_dense():
         out_ref, out = ref(x), compiled(x)
         assert_close(out, out_ref, what="output")
         out_ref.square().sum().backward(), out.square().sum().backward()
-        for (name, p), q in zip(ref.named_parameters(), mine.parameters(), strict=True):
-            assert_close(q.grad, p.grad, what=name)
+        assert_grads_close(mine, ref)
     assert list(nmcompile.sparsity_state(ref)) == list(nmcompile.sparsity_state(mine)) == ["2.weight"]
 
 
@@ -360,8 +358,7 @@ def test_model_reached_through_an_attribute_or_a_compiled_wrapper_trains_as_the_
         x = torch.randn(8, 32, generator=torch.Generator().manual_seed(step))
         ref(x).square().mean().backward()
         loss(x).backward()
-        for (name, p), q in zip(ref.named_parameters(), model.parameters(), strict=True):
-            assert_close(q.grad, p.grad, what=f"step {step} {name}")
+        assert_grads_close(model, ref, what=f"step {step}")
         sgd_step_both(ref, model, 0.1)
     state = nmcompile.sparsity_state(model)
     indices_and_steps = {name: (s["layer_index"], s["step"]) for name, s in state.items()}
@@ -406,8 +403,7 @@ def test_models_given_to_one_compiled_function_each_find_their_own_modules(reach
         for k in training:
             refs[k](x).square().mean().backward()
             losses[k](x).backward()
-            for (name, p), q in zip(refs[k].named_parameters(), models[k].parameters(), strict=True):
-                assert_close(q.grad, p.grad, what=f"model {k} step {step} {name}")
+            assert_grads_close(models[k], refs[k], what=f"model {k} step {step}")
             sgd_step_both(refs[k], models[k], 0.1)
     for k in training:
         models[k].eval()

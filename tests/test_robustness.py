@@ -17,7 +17,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MLP, Block, InOut, assert_close, cpu_mask_note, sgd_step_both, train_and_compare
+from conftest import (
+    MLP,
+    Block,
+    InOut,
+    assert_close,
+    assert_grads_close,
+    cpu_mask_note,
+    sgd_step_both,
+    train_and_compare,
+)
 from nmcompile.passes.utils import divisible
 from torch import nn
 from torch._dynamo.utils import counters
@@ -68,9 +77,8 @@ def test_dynamic_shapes_one_graph_and_reference_agreement():
         assert_close(y, y_ref, what=f"output {batch}x{seq}")
         y_ref.square().mean().backward()
         y.square().mean().backward()
-        for (name, p_ref), p in zip(ref.named_parameters(), mine.parameters(), strict=True):
-            assert_close(p.grad, p_ref.grad, what=f"{name} {batch}x{seq}")
-            p.grad = p_ref.grad = None
+        assert_grads_close(mine, ref, what=f"{batch}x{seq}")
+        ref.zero_grad(), mine.zero_grad()
     assert counters["stats"]["unique_graphs"] == 1
 
 
@@ -902,8 +910,7 @@ def test_reference_keeps_a_layer_called_twice_in_one_forward_dense():
         out_ref, out = ref(x), compiled(x)
         out_ref.square().sum().backward(), out.square().sum().backward()
         assert_close(out, out_ref, what="output")
-        for (name, p), q in zip(ref.named_parameters(), mine.parameters(), strict=True):
-            assert_close(q.grad, p.grad, what=name)
+        assert_grads_close(mine, ref)
     assert nmcompile.sparsity_state(ref)["fc.weight"]["step"] == 3
     ref.fc(x), ref.fc(x)  # the layer alone: two steps, still sparse
     assert nmcompile.sparsity_state(ref)["fc.weight"]["step"] == 5
@@ -1097,8 +1104,7 @@ def _train_lm_both(compiled_forward, mine: nn.Module, ref: nn.Module, steps: int
         assert_close(y_mine, y_ref, what=f"step {step} output")
         y_mine.square().mean().backward()
         y_ref.square().mean().backward()
-        for (name, p_ref), p_mine in zip(ref.named_parameters(), mine.parameters(), strict=True):
-            assert_close(p_mine.grad, p_ref.grad, what=f"step {step} grad of {name}")
+        assert_grads_close(mine, ref, what=f"step {step}")
         for opt in opts:
             opt.step()
             opt.zero_grad()
@@ -1348,8 +1354,7 @@ def test_backward_with_retain_graph_runs_as_the_reference(inner, first):
             out.square().mean().backward(retain_graph=retain)
             if retain:
                 out.abs().mean().backward()
-        for (name, p_ref), p_mine in zip(ref.named_parameters(), mine.parameters(), strict=True):
-            assert_close(p_mine.grad, p_ref.grad, rel=1e-5 if inner == "inductor" else 0, what=f"grad of {name}")
+        assert_grads_close(mine, ref, rel=1e-5 if inner == "inductor" else 0)
         sgd_step_both(ref, mine, lr=0.05)
 
 
