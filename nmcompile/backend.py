@@ -557,9 +557,10 @@ def compile_graph(
     if decompose_attention(gm).modified:
         _propagate_fake_values(gm)
     analysis = find_targets(gm, example_inputs, config, params)
-    _watch_recompile_limit().note(_compiling_code(), bool(analysis.targets))
+    code = _compiling_code()
+    _watch_recompile_limit().note(code, bool(analysis.targets))
     if on_compile is None:  # explain reports these itself
-        _warn_other_uses(analysis, _compiling_code())
+        _warn_other_uses(analysis, code)
     rewritten, state_inputs = insert_masks(gm, analysis, config, fake_mode)
     rewritten, kernels = lower_kernels(rewritten, config)
     layers, by_target = _layers(gm, analysis, params, config, registry)
@@ -637,14 +638,12 @@ class _RecompileLimitWatch(logging.Filter):
         super().__init__()
         self.compiled: set[_CodeKey] = set()  # the code of every graph nmsparse compiled
         self.gemm_files: set[str] = set()  # the files of those with a GEMM, sparse or not
-        self.functions: set[str] = set()  # the former, as dynamo's log names them
 
     def note(self, code: _CodeKey | None, gemms: bool) -> None:
         """nmsparse compiled a graph of ``code`` (``None``: not known, as under DDP's graph splitting),
         with GEMMs (sparse, or dense for now: frozen) or none (an optimizer's ``step``)."""
         if code is not None:
             self.compiled.add(code)
-            self.functions.add(f"'{code[0]}' ({code[1]}:{code[2]})")
             if gemms:
                 self.gemm_files.add(code[1])
 
@@ -660,7 +659,7 @@ class _RecompileLimitWatch(logging.Filter):
         if str(record.msg).startswith("torch._dynamo hit config.") and len(record.args or ()) >= 3:
             limit, value, function = record.args[:3]  # type: ignore[index]
             stops = _stops_nmsparse(self.without_gemms())  # None: dynamo's frame not found; by the name
-            if stops or (stops is None and function in self.functions):
+            if stops or (stops is None and function in map(_logged_name, self.compiled)):
                 warnings.warn(
                     f"nmsparse: dynamo hit its {limit} ({value}) for {function}, a function nmsparse has "
                     "compiled: dynamo runs it eagerly from now on, so an nmsparse model there trains dense and "
@@ -671,6 +670,12 @@ class _RecompileLimitWatch(logging.Filter):
                     stacklevel=2,
                 )
         return True
+
+
+def _logged_name(code: _CodeKey) -> str:
+    """``code`` as dynamo's recompile-limit log line names its function."""
+    name, filename, line = code
+    return f"'{name}' ({filename}:{line})"
 
 
 def _stops_nmsparse(dense_codes: set[_CodeKey]) -> bool | None:
@@ -871,10 +876,10 @@ class _Variants:
         entry = self._seen.get(weight)
         if entry is None:
             found = roots.lookup(weight, self.origin.sources[position])
+            lookup = _table_use(weight, self.registry)
             if found is None:
-                known = dataclasses.replace(compiled, lookup=_table_use(weight, self.registry))
+                known = dataclasses.replace(compiled, lookup=lookup)
             else:
-                lookup = _table_use(weight, self.registry)
                 known = _Known.of(ParamInfo(*found[:2], weight, *found[2:], lookup))
             entry = self._seen[weight] = (known, self._admitted(known))
         return entry

@@ -914,7 +914,7 @@ def sparsity_state(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Per sparsified weight (named as ``model.named_parameters()`` spells it): perm, step,
     kept_fraction, effective N and decay factor. Under FSDP2 it gathers each sharded weight
     (``full_tensor``), a collective: call it on every rank."""
-    return {name: state.summary(param) for name, param, state in _sparsified(model, DEFAULT_REGISTRY)}
+    return {name: state.summary(param) for name, param, state in _sparsified(model)}
 
 
 def forward_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -923,7 +923,7 @@ def forward_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     ``state_dict()`` keeps the dense parameters, from which the masks are chosen each step; loading
     these over them gives a plain model the compiled model's eval forward, to deploy or export.
     Under FSDP2 it gathers each sharded weight (a collective: call it on every rank)."""
-    weights = {name: state.forward_weight(param) for name, param, state in _sparsified(model, DEFAULT_REGISTRY)}
+    weights = {name: state.forward_weight(param) for name, param, state in _sparsified(model)}
     waiting = [
         full
         for full, module, name, _ in _named_slots(unwrap(model))
@@ -939,8 +939,9 @@ def forward_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return weights
 
 
-def _sparsified(model: nn.Module, registry: StateRegistry) -> Iterator[tuple[str, torch.Tensor, LayerState]]:
+def _sparsified(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, LayerState]]:
     """``model``'s sparsified weights: name, full (FSDP2-gathered) parameter and the state in force."""
+    registry = DEFAULT_REGISTRY
     module = unwrap(model)
     unsharded = unsharded_parameters(module)
     owners = {id(p): (owner, slot) for owner in module.modules() for slot, p in owner.named_parameters(recurse=False)}
