@@ -19,9 +19,10 @@ from benchmarks.common import SIZES, Row, environment, measure, positive_int, se
 from nmcompile import ops, reference
 from nmcompile.backend import _register_inductor_decomposition
 from nmcompile.kernels import cpu_mask
-from nmcompile.state import candidate_generator
+from nmcompile.options import SparsityConfig
+from nmcompile.state import LayerSpec, permutation_candidates
 
-N, M, CANDIDATES = 2, 4, 100
+N, M, CANDIDATES = 2, 4, SparsityConfig().perm_candidates
 
 
 def _inductor(fn: Callable) -> Callable:
@@ -40,9 +41,10 @@ def _search(weight: torch.Tensor, perm: torch.Tensor) -> Callable[[], tuple[torc
     """The search step as ``LayerState.begin_training_step`` runs it on the CPU: the candidates
     drawn, the forward mask by the composite op, the current and candidate permutations scored."""
 
+    spec = LayerSpec("weight", 0, weight.shape[0], "bimask")
+
     def run() -> tuple[torch.Tensor, int]:
-        generator = candidate_generator(0, 0, 0)
-        candidates = [torch.randperm(weight.shape[0], generator=generator) for _ in range(CANDIDATES)]
+        candidates = permutation_candidates(spec, 0)
         return reference.search_permutation(ops.nm_mask(weight, N, M, 1), perm, candidates, N, M)
 
     return run

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import time
 from typing import Any
 
@@ -129,8 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         nmcompile.SparsityConfig.from_options(options)
     except nmcompile.SparsityConfigError as err:
-        option = re.match(r"nmsparse option (\w+)=", str(err)).group(1)
-        parser.error(f"argument --{option.replace('_', '-')}: {err}")
+        parser.error(f"argument --{err.option.replace('_', '-')}: {err}")
     settings = Settings(epochs=args.epochs, width=args.width, seed=args.seed,
                         sparsity=None if args.dense else options, progress=not args.quiet)  # fmt: skip
     result = train(settings)

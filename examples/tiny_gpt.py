@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import re
 import sysconfig
 import time
 from collections.abc import Iterator
@@ -239,8 +238,7 @@ def check_args(cli: argparse.ArgumentParser, args: argparse.Namespace) -> dict[s
     try:
         nmcompile.SparsityConfig.from_options(options)
     except nmcompile.SparsityConfigError as err:
-        option = re.match(r"nmsparse option (\w+)=", str(err)).group(1)
-        cli.error(f"argument {_flag(args, option)}: {err}")
+        cli.error(f"argument {_flag(args, err.option)}: {err}")
     return options
 
 

@@ -22,10 +22,13 @@ KERNELS = ("auto", "triton", "portable", "sparse24")
 
 
 class SparsityConfigError(ValueError, _PassThrough):  # type: ignore[misc]
-    """A bad option: a ``ValueError`` that reaches the caller of ``torch.compile`` unwrapped."""
+    """A bad option: a ``ValueError`` that reaches the caller of ``torch.compile`` unwrapped.
+    ``option`` names the option it rejects (``None`` where ``options`` itself is not a mapping), so a
+    command line can name its flag."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, option: str | None = None) -> None:
         Exception.__init__(self, message)
+        self.option = option
         self.first_useful_frame = None  # read by dynamo when it re-raises ShortenTraceback errors
 
 
@@ -51,7 +54,7 @@ def structure_sequence(n: int, m: int) -> list[int]:
 
 
 def _fail(key: str, value: Any, allowed: str) -> NoReturn:
-    raise SparsityConfigError(f"nmsparse option {key}={value!r} is invalid: allowed {allowed}")
+    raise SparsityConfigError(f"nmsparse option {key}={value!r} is invalid: allowed {allowed}", option=key)
 
 
 def _is_int(value: Any) -> bool:

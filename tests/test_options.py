@@ -33,10 +33,14 @@ def test_defaults():
 
 
 def test_config_error_is_value_error():
-    """A bad option is a ValueError (SparsityConfigError subclasses it)."""
+    """A bad option is a ValueError (SparsityConfigError subclasses it) naming the option it rejects."""
     assert issubclass(SparsityConfigError, ValueError)
-    with pytest.raises(SparsityConfigError):
+    with pytest.raises(SparsityConfigError) as info:
         SparsityConfig(m=1)
+    assert info.value.option == "m"
+    with pytest.raises(SparsityConfigError) as info:
+        SparsityConfig.from_options({"n": 2, "bogus": 1})
+    assert info.value.option == "bogus"
 
 
 @pytest.mark.parametrize("m", [1, 33, 0, -4, 2.0, 4.0, True, "4", None])
