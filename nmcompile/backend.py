@@ -95,14 +95,32 @@ def _compiled_roots() -> list[nn.Module]:
     while frame is not None:
         if any(frame.f_code is code for code in _MODULE_CALLS):  # identity: dynamo's resume code is unhashable
             owner = frame.f_locals.get("self")
-            if isinstance(owner, OptimizedModule):
-                owner = owner._orig_mod
-            elif getattr(owner, "_compiled_call_impl", None) is None:
+            if not isinstance(owner, OptimizedModule) and getattr(owner, "_compiled_call_impl", None) is None:
                 owner = None
+            elif not _compiled_by_nmsparse(owner):
+                owner = None
+            elif isinstance(owner, OptimizedModule):
+                owner = owner._orig_mod
             if owner is not None and all(owner is not r for r in roots):
                 roots.append(owner)
         frame = frame.f_back
     return roots
+
+
+def _compiled_by_nmsparse(module: nn.Module) -> bool:
+    """Whether a compiled module's backend is nmsparse's (or not found, another torch): another
+    backend's compile around nmsparse-compiled blocks that it never traced (they run from a
+    ``torch.compiler.disable``d method, or after it fell back to eager) names none of their weights."""
+    from torch._dynamo.eval_frame import OptimizedModule, _TorchDynamoContext
+
+    if isinstance(module, OptimizedModule):
+        context = module.dynamo_ctx
+    else:  # compiled in place: torch.compile's wrapper of its _call_impl holds the context
+        cells = getattr(module._compiled_call_impl, "__closure__", None) or ()
+        contents = [cell.cell_contents for cell in cells if cell.cell_contents is not None]
+        context = next((c for c in contents if isinstance(c, _TorchDynamoContext)), None)
+    callback = getattr(context, "callback", None)
+    return callback is None or _is_nmsparse(callback)
 
 
 def _root_tables() -> list[_Table]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch._prims_common import make_channels_last_strides_for, make_contiguous_strides_for
+from torch._prims_common import make_channels_last_strides_for, make_contiguous_strides_for, suggest_memory_format
 from torch.fx.traceback import annotate
 
 from nmcompile import reference
@@ -252,11 +252,12 @@ def linear_fake(
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def _conv_memory_format(x: torch.Tensor) -> torch.memory_format:
-    """Channels-last in, channels-last out; the real op and its fake agree on this."""
-    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
-    fmt = formats.get(x.dim())
-    if fmt is not None and x.is_contiguous(memory_format=fmt) and not x.is_contiguous():
+def _conv_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """Channels-last out where the input or the weight is channels-last, as ATen's CPU (oneDNN) and
+    cuDNN convolutions choose (a channels-last model fed NCHW inputs stays channels-last); the real
+    op and its fake agree on this."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if fmt is not None and fmt in (suggest_memory_format(x), suggest_memory_format(weight)):
         return fmt
     return torch.contiguous_format
 
@@ -283,9 +284,9 @@ def sparse_conv(
     prune_key: int = 0,
 ) -> torch.Tensor:
     """Convolution with ``W⊙F`` (``W`` ``[O, C/groups, *k]``, ``F`` N:M along ``C`` per position)."""
-    weight = _compute_weight(_decayed(weight, masked, alpha), x)
-    out = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups)
-    return fresh_layout(out, _conv_memory_format(x))
+    used = _compute_weight(_decayed(weight, masked, alpha), x)
+    out = torch.ops.aten.convolution(x, used, bias, stride, padding, dilation, False, [0] * len(stride), groups)
+    return fresh_layout(out, _conv_memory_format(x, weight))
 
 
 @sparse_conv.register_fake
@@ -296,7 +297,7 @@ def _(x, weight, bias, masked, perm, stride, padding, dilation, groups, n, m, sr
         for size, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation, strict=True)
     ]
     shape = (x.shape[0], weight.shape[0], *spatial)
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_conv_memory_format(x))
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_conv_memory_format(x, weight))
 
 
 def _prune_tokens(dy: torch.Tensor, channel_dim: int, step: torch.Tensor, key: int, rule: str) -> torch.Tensor:
@@ -348,6 +349,10 @@ def _sparse_backward(
         if ctx.srste_lambda:
             with annotate(role(layer, "bwd_srste")):
                 dw = dw + ctx.srste_lambda * srste_term(weight, masked)
+                if suggest_memory_format(weight) != torch.contiguous_format:
+                    # as the convolution's own dW: the sum, run eagerly (aot_eager), gives a 1x1
+                    # kernel NCHW strides, which DDP's buckets of a channels-last weight warn about
+                    dw = dw.clone(memory_format=suggest_memory_format(weight))
     if ctx.has_bias and ctx.needs_input_grad[2]:
         with annotate(role(layer, "bwd_bias_grad")):
             dims = [d for d in range(dy.dim()) if d != channel_dim % dy.dim()]

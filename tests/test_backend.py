@@ -543,6 +543,64 @@ def test_blocks_compiled_in_place_count_their_own_steps():
     assert [nmcompile.sparsity_state(b)["fc.weight"]["step"] for b in blocks] == [3, 2, 3]
 
 
+@pytest.mark.parametrize("spelling", ["wrapper", "in_place"])
+def test_blocks_compiled_alone_keep_their_names_under_another_backends_compile_that_skips_them(spelling):
+    """Blocks compiled one by one with nmsparse, run from a ``torch.compiler.disable``d method of a
+    model compiled with another backend (which never traces them): their weights are named and
+    indexed within each block, as without the outer compile, so ``include`` matches and they train
+    as the per-block reference."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+            self.out = nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.out(torch.relu(self.fc(x)))
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(Block() for _ in range(2))
+            self.head = nn.Linear(16, 4)
+
+        @torch.compiler.disable
+        def body(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.body(x))
+
+    options = {"inner": "aot_eager", "include": "^fc", "perm_interval": 1, "perm_candidates": 4, "grad_prune": "mvue24"}
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Model()
+    ref = copy.deepcopy(model)
+    for block in ref.blocks:
+        reference.sparsify(block, **options)
+    for i, block in enumerate(model.blocks):
+        if spelling == "in_place":
+            block.compile(backend=nmcompile.backend(**options))
+        else:
+            model.blocks[i] = torch.compile(block, backend=nmcompile.backend(**options))
+    compiled = torch.compile(model, backend="aot_eager")
+    for _ in range(3):
+        x = torch.randn(8, 16)
+        expected, actual = ref(x), compiled(x)
+        assert_close(actual, expected, what="output")
+        expected.square().sum().backward()
+        actual.square().sum().backward()
+        assert_grads_close(model, ref)
+        sgd_step_both(ref, model, 0.05)
+    for block in model.blocks:
+        state = nmcompile.sparsity_state(block)
+        assert list(state) == ["fc.weight"]
+        assert (state["fc.weight"]["step"], state["fc.weight"]["layer_index"]) == (3, 0)
+
+
 def _train_beside_another_compile(other: str) -> tuple[list[float], dict]:
     """Losses and states of six SGD steps through one compiled MLP. After the third, a ``no_grad``
     pass through a second nmsparse compile of the same weights (``other``: ``"options"`` compiles

@@ -128,6 +128,28 @@ def test_channels_last_weights_through_inductor(inputs):
     )
 
 
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_channels_last_model_fed_nchw_inputs_keeps_eager_layouts(inner):
+    """A channels-last model fed NCHW inputs: outputs channels-last, as ATen's convolution makes
+    them where the weight is, and every weight gradient with its weight's strides, also a 1x1
+    kernel's on its dims of size 1 (SR-STE's sum had given it NCHW ones, which DDP warns about).
+    The output had followed the input alone, so later layers ran NCHW."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ThenOneByOne().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 6, 6)
+    dense = copy.deepcopy(model)
+    expected = dense(x)
+    expected.sum().backward()
+    compiled = torch.compile(model, backend=nmcompile.backend(inner=inner))
+    actual = compiled(x)
+    actual.sum().backward()
+    assert actual.stride() == expected.stride() == (288, 1, 48, 8)
+    for (name, mine), theirs in zip(model.named_parameters(), dense.parameters(), strict=True):
+        assert mine.grad.stride() == theirs.grad.stride() == mine.stride(), name
+    assert model.conv1.weight.stride() == (16, 1, 16, 16)
+
+
 def test_custom_ops_return_the_strides_their_fakes_promise():
     """Real and fake kernels agree on every stride, also on dims of size 1, given inputs whose
     strides there are odd (a channels-last 1x1 weight, one row of a weight, a conv output of 1x1
