@@ -728,7 +728,9 @@ class StateRegistry:
 def _warn_without_state(names: list[str], stacklevel: int) -> None:
     warnings.warn(
         f"nmsparse: the loaded checkpoint has no sparsity state for {', '.join(names)}; these layers start "
-        "from the identity permutation at step 0 (a checkpoint from before nmcompile, or from a dense run)",
+        "from the identity permutation at step 0 (a checkpoint from before nmcompile, or from a dense run: "
+        "expected where sparse training starts from dense weights; to resume a sparse run, load the "
+        "state_dict() it saved, which carries the states)",
         stacklevel=stacklevel,
     )
 

@@ -698,6 +698,7 @@ def test_old_checkpoint_warns_once_and_starts_fresh():
         model.load_state_dict(plain)
     messages = [str(w.message) for w in caught if "nmsparse" in str(w.message)]
     assert len(messages) == 1 and "no sparsity state" in messages[0]
+    assert "expected where sparse training starts from dense weights; to resume a sparse run" in messages[0]
     state = nmcompile.sparsity_state(model)["fc1.weight"]
     assert state["step"] == 0 and torch.equal(state["perm"], torch.arange(64))
 
