@@ -30,6 +30,8 @@ from nmcompile import ops
 from nmcompile.inspection import CompileRecord, dump_dir
 from nmcompile.options import SparsityConfig, SparsityConfigError
 from nmcompile.passes import (
+    GemmTarget,
+    KernelChoice,
     ParamInfo,
     decompose_attention,
     find_targets,
@@ -81,37 +83,38 @@ def _parameter_table(root: nn.Module) -> _Table:
 _MODULE_CALLS = (nn.Module._wrapped_call_impl.__code__, nn.Module._call_impl.__code__)
 
 
-def _compiled_roots() -> list[nn.Module]:
+def _compiled_roots(backend: Any = None) -> list[nn.Module]:
     """Modules compiled by ``torch.compile`` (wrapped) or ``module.compile()`` (in place) that are
-    being called on this thread's stack, innermost first.
+    being called on this thread's stack, innermost first; those ``backend`` compiled only, where it
+    compiled any (the backend compiling, or that compiled the graph running; equal as dynamo
+    compares them, ``torch.compile``'s wrapper by backend and options): another compile
+    around blocks compiled alone (another backend's, or nmsparse's with other options) that runs
+    them as frames of their own (from a ``torch.compiler.disable``d method, after a graph break in
+    them, or after it fell back to eager) does not name their weights.
 
     Only ``nn.Module`` call frames are looked into: reading ``f_locals`` of any other frame (the
     user's training loop) would pin its locals in a snapshot for as long as that frame lives.
     """
     from torch._dynamo.eval_frame import OptimizedModule
 
-    roots: list[nn.Module] = []
+    roots: list[tuple[nn.Module, Any]] = []
     frame = sys._getframe()
     while frame is not None:
         if any(frame.f_code is code for code in _MODULE_CALLS):  # identity: dynamo's resume code is unhashable
             owner = frame.f_locals.get("self")
-            if not isinstance(owner, OptimizedModule) and getattr(owner, "_compiled_call_impl", None) is None:
-                owner = None
-            elif not _compiled_by_nmsparse(owner):
-                owner = None
-            elif isinstance(owner, OptimizedModule):
-                owner = owner._orig_mod
-            if owner is not None and all(owner is not r for r in roots):
-                roots.append(owner)
+            if isinstance(owner, OptimizedModule) or getattr(owner, "_compiled_call_impl", None) is not None:
+                module = owner._orig_mod if isinstance(owner, OptimizedModule) else owner
+                if all(module is not r for r, _ in roots):
+                    roots.append((module, _compile_backend(owner)))
         frame = frame.f_back
-    return roots
+    mine = [module for module, compiled_by in roots if backend is not None and compiled_by == backend]
+    return mine or [module for module, _ in roots]
 
 
-def _compiled_by_nmsparse(module: nn.Module) -> bool:
-    """Whether a compiled module's backend is nmsparse's (or not found, another torch): another
-    backend's compile around nmsparse-compiled blocks that it never traced (they run from a
-    ``torch.compiler.disable``d method, or after it fell back to eager) names none of their weights."""
-    from torch._dynamo.eval_frame import OptimizedModule, _TorchDynamoContext
+def _compile_backend(module: nn.Module) -> Any:
+    """The backend a compiled module was compiled with, unwrapped as ``_compiling_backend`` unwraps
+    dynamo's (``None`` where not found: another torch)."""
+    from torch._dynamo.eval_frame import OptimizedModule, _TorchDynamoContext, innermost_backend
 
     if isinstance(module, OptimizedModule):
         context = module.dynamo_ctx
@@ -120,12 +123,21 @@ def _compiled_by_nmsparse(module: nn.Module) -> bool:
         contents = [cell.cell_contents for cell in cells if cell.cell_contents is not None]
         context = next((c for c in contents if isinstance(c, _TorchDynamoContext)), None)
     callback = getattr(context, "callback", None)
-    return callback is None or _is_nmsparse(callback)
+    return innermost_backend(callback) if callback is not None else None
 
 
-def _root_tables() -> list[_Table]:
-    """``_parameter_table`` of each compiled module being called, outermost first (full names)."""
-    return [_parameter_table(root) for root in reversed(_compiled_roots())]
+def _compiling_backend() -> Any:
+    """The backend dynamo is compiling with, unwrapped (``None`` outside dynamo's tracing)."""
+    from torch._dynamo.eval_frame import innermost_backend
+
+    tx = _compiling_frame()
+    return innermost_backend(tx.output.compiler_fn) if tx is not None and tx.output.compiler_fn else None
+
+
+def _root_tables(backend: Any = None) -> list[_Table]:
+    """``_parameter_table`` of each compiled module being called (``_compiled_roots``), outermost
+    first (full names)."""
+    return [_parameter_table(root) for root in reversed(_compiled_roots(backend))]
 
 
 def _lookup(tables: list[_Table], param: torch.Tensor) -> _Entry | None:
@@ -146,15 +158,16 @@ class _CallTables:
     through ``namespaces`` (the compiled frame's locals and globals, asked for at the first such
     lookup): a compiled function given the model, ``fn(model, x)``, finds each model's modules."""
 
-    def __init__(self, namespaces: Callable[[], _Namespaces | None] | None = None) -> None:
+    def __init__(self, namespaces: Callable[[], _Namespaces | None] | None = None, backend: Any = None) -> None:
         self._tables: list[_Table] | None = None
         self._namespaces = namespaces
+        self._backend = backend
         self._frame: _Namespaces | None = None
         self._chain_tables: dict[int, _Table] = {}  # one table per module met on a source chain
 
     def tables(self) -> list[_Table]:
         if self._tables is None:
-            self._tables = _root_tables()
+            self._tables = _root_tables(self._backend)
         return self._tables
 
     def lookup(self, param: torch.Tensor, source: str | None = None) -> _Entry | None:
@@ -266,7 +279,7 @@ def resolve_parameters(
     pairs = [(ph, v) for ph, v in pairs if isinstance(v, nn.Parameter)]
     if not pairs:
         return {}
-    roots = roots or _CallTables(_compiling_namespaces)
+    roots = roots or _CallTables(_compiling_namespaces, _compiling_backend())
     out: dict[str, ParamInfo] = {}
     for placeholder, param in pairs:
         source = _source(placeholder)
@@ -440,20 +453,22 @@ def _compile_inner(
 class _Origin:
     """Where a graph's inputs come from: the namespaces of the frame that runs the code dynamo
     compiled (found when asked) and each input's dynamo source, to find the modules of weights no
-    compiled module holds."""
+    compiled module holds; and the backend that compiled it, whose compiled modules name them."""
 
     namespaces: Callable[[], _Namespaces | None] | None
     sources: tuple[str, ...]
+    backend: Any = None
 
     @staticmethod
     def of(gm: fx.GraphModule) -> _Origin:
         tx = _compiling_frame()
         namespaces = functools.partial(_running_namespaces, _code_key(tx.f_code)) if tx is not None else None
-        return _Origin(namespaces, tuple(_source(n) for n in gm.graph.nodes if n.op == "placeholder"))
+        sources = tuple(_source(n) for n in gm.graph.nodes if n.op == "placeholder")
+        return _Origin(namespaces, sources, _compiling_backend())
 
     def call_tables(self) -> _CallTables:
         """``_CallTables`` for one call of the graph, reading sources in the frame that runs it."""
-        return _CallTables(self.namespaces)
+        return _CallTables(self.namespaces, self.backend)
 
 
 class _Runner:
@@ -476,11 +491,15 @@ class _Runner:
         origin: _Origin,
         variants: _Variants | None = None,
         record: CompileRecord | None = None,
+        targets: list[tuple[GemmTarget, KernelChoice | None]] | None = None,
+        rewritten: bool = False,
     ) -> None:
         self.compiled = compiled
         self.origin = origin
         self.variants = variants
         self.record = record  # the report's record of this compile, given the rows of other weights
+        self.targets = targets or []  # per layer, its target and kernel: for those rows
+        self.rewritten = rewritten  # a graph rewritten for other weights than it was compiled for (_Variants)
         # spec, weight's input, state, and the grad mode the graph sets around the layer (None: the caller's)
         self.layers = [(spec, position, state, grad) for spec, position, state, _, grad in layers]
         self.registry = registry
@@ -508,7 +527,7 @@ class _Runner:
                 state.set_owner(None)
             self._known[k][weight] = state
             if self.record is not None:
-                self.record.add_reused(k, name, state)
+                self.record.add_reused(*self.targets[k], name, state, self.rewritten)
         self._last[k] = (weakref.ref(anchor(weight)), state)
         return state
 
@@ -525,7 +544,11 @@ class _Runner:
         states = [(self._state(k, args[i], roots), args[i], grad) for k, (_, i, _, grad) in enumerate(self.layers)]
         self.registry.warn_restarted()
         forwards = [(state, state.enter_forward(weight, grad)) for state, weight, grad in states]
-        extra = [tensor for state, forward in forwards for tensor in state.graph_inputs(forward)]
+        extra = [
+            tensor
+            for (spec, *_), (state, forward) in zip(self.layers, forwards, strict=True)
+            for tensor in state.graph_inputs(forward, spec.index)
+        ]
         out = self.compiled(*args, *extra)
         for state, forward in forwards:
             state.exit_forward(forward)
@@ -559,7 +582,7 @@ def compile_graph(
     """Compile one dynamo graph with N:M sparse GEMMs; the body of every ``nmsparse`` backend call.
     ``mode`` is ``torch.compile``'s, passed on to the inner Inductor compile."""
     patches = {**_fusion_patches(config), **_mode_patches(mode, config)}
-    roots = _CallTables(_compiling_namespaces)
+    roots = _CallTables(_compiling_namespaces, _compiling_backend())
     _warn_if_include_admits_nothing(config, roots)
     params = resolve_parameters(gm, example_inputs, roots)
     tables = lookup_tables(gm, params)
@@ -604,8 +627,9 @@ def compile_graph(
         torch.compiler.config.patch(cache_key_tag=tag),
     ):
         compiled = _compile_inner(rewritten, [*example_inputs, *examples], config, record, patches)
-    variants = _Variants(gm, config, registry, fake_mode, params, origin, tables)
-    return _Runner(compiled, layers, registry, origin, variants, record)
+    variants = _Variants(gm, config, registry, fake_mode, params, origin, tables, record)
+    targets = [(t, kernels.get(t.layer)) for t in analysis.sparse]
+    return _Runner(compiled, layers, registry, origin, variants, record, targets)
 
 
 def _warn_other_uses(analysis: Any, code: _CodeKey | None) -> None:
@@ -863,8 +887,9 @@ class _Variants:
         params: dict[str, ParamInfo],
         origin: _Origin,
         tables: Collection[str],
+        record: CompileRecord | None = None,
     ) -> None:
-        self.gm, self.config, self.origin = gm, config, origin
+        self.gm, self.config, self.origin, self.record = gm, config, origin, record
         self.registry, self.fake_mode = registry, fake_mode
         placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         self.inputs = [(placeholders.index(name), name, _Known.of(info)) for name, info in params.items()]
@@ -941,8 +966,12 @@ class _Variants:
                 examples[position] = w  # find_targets reads weights' values only
             analysis = find_targets(self.gm, examples, self.config, params)
             rewritten, _ = insert_masks(self.gm, analysis, self.config, self.fake_mode)
-            layers = _layers(self.gm, analysis, params, self.config, self.registry)[0]
-            runner = self._runners[choice] = _Runner(rewritten, layers, self.registry, self.origin)
+            layers, by_target = _layers(self.gm, analysis, params, self.config, self.registry)
+            if self.record is not None:
+                self.record.add_rewritten(analysis, by_target)
+            targets = [(t, None) for t in analysis.sparse]
+            runner = _Runner(rewritten, layers, self.registry, self.origin, None, self.record, targets, True)
+            self._runners[choice] = runner
             sparse = ", ".join(t.param_name for t in analysis.sparse) or "none"
             warnings.warn(
                 "nmsparse: dynamo reuses a compiled graph for weights that include/exclude or a weight tie "

@@ -220,9 +220,9 @@ class CompileRecord:
     ) -> None:
         states, kernels = states or {}, kernels or {}
         self.rows = [LayerRow.from_target(t, config, states.get(id(t)), kernels.get(t.layer)) for t in analysis.targets]
-        # Per sparse layer (the runner's order): its target and kernel, for the rows of other weights
-        # that dynamo hands this graph (another block of a class with a graph break inside).
-        self._layers = [(t, kernels.get(t.layer)) for t in analysis.sparse]
+        # The weight each GEMM node was compiled for, named in the rows of other weights that dynamo
+        # hands this graph (another block of a class with a graph break inside).
+        self._compiled_for = {t.node.name: t.param_name for t in analysis.targets}
         self.other_uses = dict(analysis.other_uses)  # parameter name -> what used it, where no GEMM did
         self.input_names = input_names or []
         self.config = config
@@ -239,15 +239,31 @@ class CompileRecord:
                 _warn_unwritable(directory, err)
             self._dump("report.txt", format_table(self.rows) + "\n")
 
-    def add_reused(self, k: int, name: str, state: LayerState) -> None:
-        """A row for weight ``name``, which runs this graph's sparse layer ``k`` (dynamo reuses a graph
-        for every instance of a module class), unless it has one."""
+    def add_reused(
+        self, target: GemmTarget, kernel: KernelChoice | None, name: str, state: LayerState, rewritten: bool = False
+    ) -> None:
+        """A row for weight ``name``, which runs the sparse layer ``target`` of this graph (dynamo
+        reuses a graph for every instance of a module class), or of this graph ``rewritten`` for the
+        weights of a call (``add_rewritten``), unless it has one."""
         if any(row.name == name for row in self.rows):
             return
-        target, kernel = self._layers[k]
         row = LayerRow.from_target(target, self.config, state, kernel)
-        reason = f"{row.reason}; runs the graph compiled for {target.param_name}"
+        how = ", rewritten for its weights (eagerly)" if rewritten else ""
+        reason = f"{row.reason}; runs the graph compiled for {self._compiled_for[target.node.name]}{how}"
         self.rows.append(dataclasses.replace(row, name=name, reason=reason))
+
+    def add_rewritten(self, analysis: TargetAnalysis, states: dict[int, LayerState]) -> None:
+        """Rows for the weights of a call that runs this graph rewritten for them, where include/exclude
+        or a tie decides otherwise for them than for the weights it was compiled for."""
+        for target in analysis.targets:
+            if target.param_name is None or any(row.name == target.param_name for row in self.rows):
+                continue
+            if target.sparse:
+                self.add_reused(target, None, target.param_name, states[id(target)], rewritten=True)
+            else:
+                row = LayerRow.from_target(target, self.config, None, None)
+                reason = f"{row.reason}; in the graph compiled for {self._compiled_for[target.node.name]}"
+                self.rows.append(dataclasses.replace(row, reason=reason))
 
     @property
     def trace_id(self) -> str | None:

@@ -201,15 +201,16 @@ class LayerState:
             return None
         return reference.decay_alpha(config, self.step if step is None else step)
 
-    def graph_inputs(self, forward: Forward | None = None) -> list[torch.Tensor]:
+    def graph_inputs(self, forward: Forward | None = None, compiled_index: int | None = None) -> list[torch.Tensor]:
         """The state tensors of ``forward`` (default: a use now) for the compiled graph, in
-        ``spec.graph_inputs`` order."""
+        ``spec.graph_inputs`` order; ``compiled_index``: the layer index the graph was compiled for,
+        where dynamo reuses it for this layer (``step_tensor``)."""
         forward = forward if forward is not None else Forward("use", self.step, self.perm)
         values = {
             "perm": lambda: forward.perm,
             "n_eff": lambda: torch.tensor(self.mask_n(forward.step), dtype=torch.int64),
             "alpha": lambda: self.alpha_tensor(forward.step),
-            "step": lambda: self.step_tensor(forward.step),
+            "step": lambda: self.step_tensor(forward.step, compiled_index),
         }
         return [values[kind]() for kind in self.spec.graph_inputs]
 
@@ -223,8 +224,14 @@ class LayerState:
             return value.pin_memory().to(self.device, non_blocking=True)
         return value.to(self.device)
 
-    def step_tensor(self, step: int) -> torch.Tensor:
-        """``step`` as a new 0-d tensor (a graph input seeding MVUE): made per call, never mutated."""
+    def step_tensor(self, step: int, compiled_index: int | None = None) -> torch.Tensor:
+        """``step`` as a new 0-d tensor (a graph input seeding MVUE): made per call, never mutated.
+        A graph compiled for the layer of index ``compiled_index`` holds that layer's MVUE key (dynamo
+        hands one graph to every block of a class); there the step is given as ``step ^ key ^ its
+        key``, which the prune's ``(step mod 2³²) ^ key`` turns into this layer's stream (SPEC §7)."""
+        if compiled_index is not None and compiled_index != self.spec.index:
+            seed = self.spec.config.seed
+            step ^= reference.prune_key(seed, self.spec.index) ^ reference.prune_key(seed, compiled_index)
         return torch.tensor(step, dtype=torch.int64)
 
     def is_training_forward(self, grad: bool | None = None) -> bool:

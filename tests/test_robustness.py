@@ -732,6 +732,87 @@ def test_name_filters_hold_where_dynamo_reuses_a_block_graph(option):
     assert all(torch.equal(state[name]["perm"], ref_state[name]["perm"]) for name in admitted)
 
 
+def _train_against(reference_model: nn.Module, model: nn.Module, compiled: nn.Module, steps: int = 3) -> None:
+    """``steps`` SGD steps of ``compiled`` (over ``model``'s weights) beside ``reference_model``:
+    outputs and every gradient agree at each step."""
+    for step in range(steps):
+        x = torch.randn(8, 32)
+        expected, actual = reference_model(x), compiled(x)
+        assert_close(actual, expected, what=f"step {step} output")
+        expected.square().mean().backward()
+        actual.square().mean().backward()
+        assert_grads_close(model, reference_model, what=f"step {step}")
+        sgd_step_both(reference_model, model, 0.05)
+
+
+def test_a_users_backend_that_calls_nmsparse_names_weights_from_the_compiled_model():
+    """A backend of the user's own that hands each graph to nmsparse (to log it, say), with a graph
+    break inside the blocks: the weights keep the compiled model's names and indices, so
+    ``include`` admits what it names and the layers train as the reference (a rule that took only
+    nmsparse's own backends for the model's compile named them inside each block: dense)."""
+    options = {"inner": "aot_eager", "include": r"^blocks\.1\.", "grad_prune": "mvue24", "perm_interval": 1}
+    seen = []
+
+    def logging_backend(gm, example_inputs):
+        seen.append(len(gm.graph.nodes))
+        return nmcompile.backend(**options)(gm, example_inputs)
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _BrokenBlocks()
+    ref = reference.sparsify(copy.deepcopy(model), **options)
+    _train_against(ref, model, torch.compile(model, backend=logging_backend))
+    state = nmcompile.sparsity_state(model)
+    assert {name: s["layer_index"] for name, s in state.items()} == {"blocks.1.fc1.weight": 4, "blocks.1.fc2.weight": 6}
+    assert seen
+
+
+def test_explain_names_weights_from_a_model_compiled_in_place_with_another_backend():
+    """``explain`` of a model compiled in place with another backend (``model.compile()``), a graph
+    break inside its blocks: the rows are the plain model's, full names and filters alike."""
+    option = {"inner": "aot_eager", "include": r"^blocks\.[12]\."}
+    torch.manual_seed(0)
+    model = _BrokenBlocks()
+    torch._dynamo.reset()
+    plain = nmcompile.explain(copy.deepcopy(model), torch.randn(8, 32), **option)
+    model.compile(backend="aot_eager")
+    torch._dynamo.reset()
+    compiled = nmcompile.explain(model, torch.randn(8, 32), **option)
+    expected = sorted((r.name, r.sparse) for r in plain.rows)
+    assert sorted((r.name, r.sparse) for r in compiled.rows) == expected
+    assert [name for name, sparse in expected if sparse] == [f"blocks.{i}.fc{j}.weight" for i in (1, 2) for j in (1, 2)]
+
+
+def test_blocks_compiled_alone_under_an_nmsparse_compile_of_the_model_keep_their_options_past_a_graph_break():
+    """Blocks compiled with nmsparse options of their own inside a model compiled with others: a
+    graph break in each block makes dynamo run it as a frame of its own, compiled with the block's
+    options, which then also name its weights (within the block, as README says of blocks compiled
+    one by one): its ``include`` matches, and it trains as the per-block reference."""
+    inner = {"inner": "aot_eager", "n": 1, "m": 4, "include": "^fc1", "grad_prune": "mvue24"}
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _BrokenBlocks()
+    ref = copy.deepcopy(model)
+    for block in ref.blocks:
+        reference.sparsify(block, **inner)
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = torch.compile(block, backend=nmcompile.backend(**inner))
+    _train_against(ref, model, torch.compile(model, backend=_backend()))
+    for block in model.blocks:
+        state = nmcompile.sparsity_state(block)
+        assert {name: (s["n"], s["layer_index"]) for name, s in state.items()} == {"fc1.weight": (1, 0)}
+
+
+@pytest.mark.parametrize("grad_prune", ["mvue24", "mvue12"])
+def test_mvue_streams_are_each_layers_own_where_dynamo_reuses_a_block_graph(grad_prune):
+    """A graph compiled for the first block and run for the others holds that block's MVUE keys:
+    each block still prunes dY with the stream of its own ``(seed, layer index, step)`` (SPEC §7),
+    as the reference (later blocks pruned with the first block's random numbers, dW 9 off)."""
+    torch._dynamo.reset()
+    _, state = train_and_compare(_BrokenBlocks, (8, 32), steps=3, inner="aot_eager", grad_prune=grad_prune)
+    assert [state[f"blocks.{i}.fc1.weight"]["layer_index"] for i in range(3)] == [0, 4, 8]
+
+
 def test_explain_lists_the_blocks_that_run_a_reused_graph():
     """``explain`` of blocks with a graph break inside, called in a loop: the blocks that run the
     graph dynamo compiled for another block are rows of their own, sparse, saying whose graph they
@@ -747,6 +828,33 @@ def test_explain_lists_the_blocks_that_run_a_reused_graph():
         assert re.fullmatch(rf"2:4, backward=bimask; runs the graph compiled for blocks\.[01]\.{name[-10:]}", reason)
 
 
+@pytest.mark.parametrize("option", [{"include": r"^blocks\.2\."}, {"exclude": r"^blocks\.2\."}])
+def test_explain_lists_the_blocks_that_run_a_block_graph_rewritten_for_them(option):
+    """``explain`` where a name filter decides otherwise for the last block, which runs the graph
+    dynamo compiled for another block: its weights are rows of their own, sparse or dense as the
+    filter says, naming the graph they run rewritten for them (they were listed as in no compiled
+    graph, so dense, while training ran them sparse)."""
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="dynamo reuses a compiled graph"):
+        report = nmcompile.explain(_BrokenBlocks(), torch.randn(8, 32), inner="aot_eager", **option)
+    rows = {r.name: r for r in report.rows}
+    assert sorted(rows) == sorted(f"blocks.{i}.fc{j}.weight" for i in range(3) for j in (1, 2))
+    included = "include" in option
+    for j in (1, 2):
+        for i in range(2):
+            row = rows[f"blocks.{i}.fc{j}.weight"]
+            assert row.sparse != included and not row.reason.endswith("(eagerly)")
+        row = rows[f"blocks.2.fc{j}.weight"]
+        assert row.sparse == included
+        if included:
+            compiled_for = rf"runs the graph compiled for blocks\.[01]\.fc{j}\.weight"
+            rewritten = rf"2:4, backward=bimask; {compiled_for}, rewritten for its weights \(eagerly\)"
+        else:
+            excluded = re.escape(f"name matched by exclude pattern {option['exclude']!r}")
+            rewritten = rf"{excluded}; in the graph compiled for blocks\.[01]\.fc{j}\.weight"
+        assert re.fullmatch(rewritten, row.reason), row.reason
+
+
 def test_a_reused_block_graph_walks_the_model_once_per_call(monkeypatch):
     """A graph reused by every block meets new weights at each block's first call: each call
     builds the model's parameter table once, however many weights it looks up (a build per lookup
@@ -756,9 +864,8 @@ def test_a_reused_block_graph_walks_the_model_once_per_call(monkeypatch):
     compiled = torch.compile(_BrokenBlocks(), backend=_backend())
     compiled(torch.randn(8, 32)).sum().backward()
     builds, calls = [], []
-    monkeypatch.setattr(
-        backend_module, "_root_tables", lambda original=backend_module._root_tables: builds.append(1) or original()
-    )
+    tables = backend_module._root_tables
+    monkeypatch.setattr(backend_module, "_root_tables", lambda *args: builds.append(1) or tables(*args))
     call = backend_module._Runner.__call__
     monkeypatch.setattr(backend_module._Runner, "__call__", lambda self, *args: calls.append(1) or call(self, *args))
     model = _BrokenBlocks()  # new weights for the same graphs
