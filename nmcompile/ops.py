@@ -253,11 +253,14 @@ def linear_fake(
 
 
 def _conv_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
-    """Channels-last out where the input or the weight is channels-last, as ATen's CPU (oneDNN) and
-    cuDNN convolutions choose (a channels-last model fed NCHW inputs stays channels-last); the real
-    op and its fake agree on this."""
+    """The output layout ATen's convolution gives, which the real op and its fake agree on:
+    channels-last where the input or the weight is, as cuDNN and every CPU 2-D kernel choose (a
+    channels-last model fed NCHW inputs stays channels-last); a CPU 3-D convolution follows the
+    input alone, as its meta does (ATen's kernels there choose by dtype, size and thread count, and
+    the slow one gives a contiguous output whatever the weight's layout)."""
     fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    if fmt is not None and fmt in (suggest_memory_format(x), suggest_memory_format(weight)):
+    follows_weight = x.dim() == 4 or x.device.type == "cuda"
+    if fmt is not None and fmt in (suggest_memory_format(x), *([suggest_memory_format(weight)] * follows_weight)):
         return fmt
     return torch.contiguous_format
 

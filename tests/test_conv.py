@@ -150,6 +150,29 @@ def test_channels_last_model_fed_nchw_inputs_keeps_eager_layouts(inner):
     assert model.conv1.weight.stride() == (16, 1, 16, 16)
 
 
+def test_a_3d_convolution_with_a_channels_last_weight_keeps_an_nchw_input_layout_on_cpu():
+    """A CPU 3-D convolution follows its input's layout alone, as ATen's meta does: its float64
+    kernel gives an NCHW output for a channels-last weight, which ``.view`` flattens; a fake that
+    followed the weight made that compile fail (``Cannot view a tensor``)."""
+
+    class Flattened(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv3d(8, 8, 3, padding=1, dtype=torch.float64)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x).view(x.shape[0], -1)
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Flattened().to(memory_format=torch.channels_last_3d)
+    ref = reference.sparsify(copy.deepcopy(model))
+    x = torch.randn(2, 8, 4, 4, 4, dtype=torch.float64)
+    assert model.conv(x).is_contiguous()  # eager's own layout here
+    actual = torch.compile(model, backend=nmcompile.backend(inner="aot_eager"))(x)
+    assert torch.equal(actual, ref(x))
+
+
 def test_custom_ops_return_the_strides_their_fakes_promise():
     """Real and fake kernels agree on every stride, also on dims of size 1, given inputs whose
     strides there are odd (a channels-last 1x1 weight, one row of a weight, a conv output of 1x1
