@@ -13,6 +13,7 @@ import sys
 import warnings
 import weakref
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -732,7 +733,7 @@ def test_name_filters_hold_where_dynamo_reuses_a_block_graph(option):
     assert all(torch.equal(state[name]["perm"], ref_state[name]["perm"]) for name in admitted)
 
 
-def _train_against(reference_model: nn.Module, model: nn.Module, compiled: nn.Module, steps: int = 3) -> None:
+def _train_against(reference_model: nn.Module, model: nn.Module, compiled: Callable, steps: int = 3) -> None:
     """``steps`` SGD steps of ``compiled`` (over ``model``'s weights) beside ``reference_model``:
     outputs and every gradient agree at each step."""
     for step in range(steps):
@@ -765,6 +766,24 @@ def test_a_users_backend_that_calls_nmsparse_names_weights_from_the_compiled_mod
     state = nmcompile.sparsity_state(model)
     assert {name: s["layer_index"] for name, s in state.items()} == {"blocks.1.fc1.weight": 4, "blocks.1.fc2.weight": 6}
     assert seen
+
+
+def test_a_compiled_function_given_the_model_compiled_alike_names_weights_past_a_graph_break():
+    """A compiled function given the model compiled with the same backend (README's remedy for a
+    graph break inside blocks of a plain model given to it): every graph names its weights from
+    the model, so ``include`` admits the layers it names and they train as the reference."""
+    options = {"inner": "aot_eager", "include": r"^blocks\.[12]\.", "grad_prune": "mvue24", "perm_interval": 1}
+    backend = nmcompile.backend(**options)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _BrokenBlocks()
+    ref = reference.sparsify(copy.deepcopy(model), **options)
+    step = torch.compile(lambda net, x: net(x), backend=backend)
+    compiled = torch.compile(model, backend=backend)
+    _train_against(ref, model, lambda x: step(compiled, x))
+    state = nmcompile.sparsity_state(model)
+    expected = {f"blocks.{i}.fc{j}.weight": 4 * i + 2 * (j - 1) for i in (1, 2) for j in (1, 2)}
+    assert {name: s["layer_index"] for name, s in state.items()} == expected
 
 
 def test_explain_names_weights_from_a_model_compiled_in_place_with_another_backend():
