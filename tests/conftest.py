@@ -303,6 +303,35 @@ def sgd_step_both(ref: torch.nn.Module, mine: torch.nn.Module, lr: float) -> Non
             p.grad = q.grad = None
 
 
+def train_against(
+    reference_model: torch.nn.Module, model: torch.nn.Module, compiled, shape: tuple = (8, 32), steps: int = 3
+) -> None:
+    """``steps`` SGD steps of ``compiled`` (a callable over ``model``'s weights) beside
+    ``reference_model`` on random inputs of ``shape``: outputs and every gradient agree at each step."""
+    for step in range(steps):
+        x = torch.randn(shape)
+        expected, actual = reference_model(x), compiled(x)
+        assert_close(actual, expected, what=f"step {step} output")
+        expected.square().mean().backward()
+        actual.square().mean().backward()
+        assert_grads_close(model, reference_model, what=f"step {step}")
+        sgd_step_both(reference_model, model, 0.05)
+
+
+def compile_blocks_alone(model: torch.nn.Module, options: dict, in_place: bool = False) -> torch.nn.Module:
+    """Compile each of ``model.blocks`` alone with ``nmcompile.backend(**options)`` (wrapped, or
+    ``in_place``), and return the per-block reference: a copy with each block sparsified alone."""
+    ref = copy.deepcopy(model)
+    for block in ref.blocks:
+        reference.sparsify(block, **options)
+    for i, block in enumerate(model.blocks):
+        if in_place:
+            block.compile(backend=nmcompile.backend(**options))
+        else:
+            model.blocks[i] = torch.compile(block, backend=nmcompile.backend(**options))
+    return ref
+
+
 def c_mask_kernels() -> bool:
     """Whether the C mask kernels build on this machine, so fp32 m=4 CPU graphs use them."""
     from nmcompile.kernels import cpu_mask

@@ -16,7 +16,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MLP, MODELS, assert_close, assert_grads_close, c_mask_kernels, sgd_step_both, train_and_compare
+from conftest import (
+    MLP,
+    MODELS,
+    assert_close,
+    assert_grads_close,
+    c_mask_kernels,
+    compile_blocks_alone,
+    sgd_step_both,
+    train_against,
+    train_and_compare,
+)
 from test_conv import BasicBlock
 from torch import nn
 from torch._dynamo.utils import counters
@@ -63,14 +73,7 @@ def test_n_equal_to_m_trains_as_the_dense_model():
     dense = MLP()
     model = copy.deepcopy(dense)
     compiled = torch.compile(model, backend=nmcompile.backend(n=4, m=4, inner="aot_eager", perm_interval=1))
-    for step in range(3):
-        x = torch.randn(8, 32)
-        y_dense, y = dense(x), compiled(x)
-        assert_close(y, y_dense, what=f"step {step} output")
-        y_dense.square().mean().backward()
-        y.square().mean().backward()
-        assert_grads_close(model, dense, what=f"step {step}")
-        sgd_step_both(dense, model, lr=0.05)
+    train_against(dense, model, compiled)
     for (name, p_dense), p in zip(dense.named_parameters(), model.parameters(), strict=True):
         assert_close(p, p_dense, what=f"weights of {name}")
 
@@ -578,23 +581,8 @@ def test_blocks_compiled_alone_keep_their_names_under_another_backends_compile_t
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = Model()
-    ref = copy.deepcopy(model)
-    for block in ref.blocks:
-        reference.sparsify(block, **options)
-    for i, block in enumerate(model.blocks):
-        if spelling == "in_place":
-            block.compile(backend=nmcompile.backend(**options))
-        else:
-            model.blocks[i] = torch.compile(block, backend=nmcompile.backend(**options))
-    compiled = torch.compile(model, backend="aot_eager")
-    for _ in range(3):
-        x = torch.randn(8, 16)
-        expected, actual = ref(x), compiled(x)
-        assert_close(actual, expected, what="output")
-        expected.square().sum().backward()
-        actual.square().sum().backward()
-        assert_grads_close(model, ref)
-        sgd_step_both(ref, model, 0.05)
+    ref = compile_blocks_alone(model, options, in_place=spelling == "in_place")
+    train_against(ref, model, torch.compile(model, backend="aot_eager"), (8, 16))
     for block in model.blocks:
         state = nmcompile.sparsity_state(block)
         assert list(state) == ["fc.weight"]

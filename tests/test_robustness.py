@@ -13,7 +13,6 @@ import sys
 import warnings
 import weakref
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,8 +23,10 @@ from conftest import (
     InOut,
     assert_close,
     assert_grads_close,
+    compile_blocks_alone,
     cpu_mask_note,
     sgd_step_both,
+    train_against,
     train_and_compare,
 )
 from nmcompile.passes.utils import divisible
@@ -733,19 +734,6 @@ def test_name_filters_hold_where_dynamo_reuses_a_block_graph(option):
     assert all(torch.equal(state[name]["perm"], ref_state[name]["perm"]) for name in admitted)
 
 
-def _train_against(reference_model: nn.Module, model: nn.Module, compiled: Callable, steps: int = 3) -> None:
-    """``steps`` SGD steps of ``compiled`` (over ``model``'s weights) beside ``reference_model``:
-    outputs and every gradient agree at each step."""
-    for step in range(steps):
-        x = torch.randn(8, 32)
-        expected, actual = reference_model(x), compiled(x)
-        assert_close(actual, expected, what=f"step {step} output")
-        expected.square().mean().backward()
-        actual.square().mean().backward()
-        assert_grads_close(model, reference_model, what=f"step {step}")
-        sgd_step_both(reference_model, model, 0.05)
-
-
 def test_a_users_backend_that_calls_nmsparse_names_weights_from_the_compiled_model():
     """A backend of the user's own that hands each graph to nmsparse (to log it, say), with a graph
     break inside the blocks: the weights keep the compiled model's names and indices, so
@@ -762,7 +750,7 @@ def test_a_users_backend_that_calls_nmsparse_names_weights_from_the_compiled_mod
     torch.manual_seed(0)
     model = _BrokenBlocks()
     ref = reference.sparsify(copy.deepcopy(model), **options)
-    _train_against(ref, model, torch.compile(model, backend=logging_backend))
+    train_against(ref, model, torch.compile(model, backend=logging_backend))
     state = nmcompile.sparsity_state(model)
     assert {name: s["layer_index"] for name, s in state.items()} == {"blocks.1.fc1.weight": 4, "blocks.1.fc2.weight": 6}
     assert seen
@@ -780,7 +768,7 @@ def test_a_compiled_function_given_the_model_compiled_alike_names_weights_past_a
     ref = reference.sparsify(copy.deepcopy(model), **options)
     step = torch.compile(lambda net, x: net(x), backend=backend)
     compiled = torch.compile(model, backend=backend)
-    _train_against(ref, model, lambda x: step(compiled, x))
+    train_against(ref, model, lambda x: step(compiled, x))
     state = nmcompile.sparsity_state(model)
     expected = {f"blocks.{i}.fc{j}.weight": 4 * i + 2 * (j - 1) for i in (1, 2) for j in (1, 2)}
     assert {name: s["layer_index"] for name, s in state.items()} == expected
@@ -811,12 +799,8 @@ def test_blocks_compiled_alone_under_an_nmsparse_compile_of_the_model_keep_their
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = _BrokenBlocks()
-    ref = copy.deepcopy(model)
-    for block in ref.blocks:
-        reference.sparsify(block, **inner)
-    for i, block in enumerate(model.blocks):
-        model.blocks[i] = torch.compile(block, backend=nmcompile.backend(**inner))
-    _train_against(ref, model, torch.compile(model, backend=_backend()))
+    ref = compile_blocks_alone(model, inner)
+    train_against(ref, model, torch.compile(model, backend=_backend()))
     for block in model.blocks:
         state = nmcompile.sparsity_state(block)
         assert {name: (s["n"], s["layer_index"]) for name, s in state.items()} == {"fc1.weight": (1, 0)}
