@@ -127,11 +127,16 @@ def _compile_backend(module: nn.Module) -> Any:
 
 
 def _compiling_backend() -> Any:
-    """The backend dynamo is compiling with, unwrapped (``None`` outside dynamo's tracing)."""
+    """The backend dynamo is compiling with, unwrapped, also from DDP's graph splitting, which
+    compiles every frame while a DDP module runs (``None`` outside dynamo's tracing)."""
     from torch._dynamo.eval_frame import innermost_backend
 
     tx = _compiling_frame()
-    return innermost_backend(tx.output.compiler_fn) if tx is not None and tx.output.compiler_fn else None
+    if tx is None or not tx.output.compiler_fn:
+        return None
+    compiler = tx.output.compiler_fn
+    compiler = getattr(getattr(compiler, "__self__", None), "backend_compile_fn", compiler)  # DDPOptimizer.compile_fn
+    return innermost_backend(compiler)
 
 
 def _root_tables(backend: Any = None) -> list[_Table]:

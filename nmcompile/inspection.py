@@ -250,7 +250,7 @@ class CompileRecord:
         row = LayerRow.from_target(target, self.config, state, kernel)
         how = ", rewritten for its weights (eagerly)" if rewritten else ""
         reason = f"{row.reason}; runs the graph compiled for {self._compiled_for[target.node.name]}{how}"
-        self.rows.append(dataclasses.replace(row, name=name, reason=reason))
+        self._add_row(dataclasses.replace(row, name=name, reason=reason))
 
     def add_rewritten(self, analysis: TargetAnalysis, states: dict[int, LayerState]) -> None:
         """Rows for the weights of a call that runs this graph rewritten for them, where include/exclude
@@ -263,7 +263,13 @@ class CompileRecord:
             else:
                 row = LayerRow.from_target(target, self.config, None, None)
                 reason = f"{row.reason}; in the graph compiled for {self._compiled_for[target.node.name]}"
-                self.rows.append(dataclasses.replace(row, reason=reason))
+                self._add_row(dataclasses.replace(row, reason=reason))
+
+    def _add_row(self, row: LayerRow) -> None:
+        """Append ``row``, and write the table again where the compile is dumped (``report.txt``)."""
+        self.rows.append(row)
+        if self.directory is not None:
+            self._dump("report.txt", format_table(self.rows) + "\n")
 
     @property
     def trace_id(self) -> str | None:

@@ -104,3 +104,50 @@ def test_a_compiled_ddp_model_past_the_recompile_limit_warns():
     result = subprocess.run([sys.executable, "-c", _LIMIT_SCRIPT, "29615"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split("\n")[:2] == ["[2]", "1"]
+
+
+_NAMES_SCRIPT = """
+import os, sys, torch, torch.nn as nn, torch.distributed as dist
+import nmcompile
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+dist.init_process_group("gloo", rank=0, world_size=1)
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        return x + self.out(torch.relu(self.fc(x)))
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b0, self.b1, self.head = Block(), Block(), nn.Linear(16, 4)
+
+    @torch.compiler.disable
+    def body(self, x):
+        return self.b1(self.b0(x))
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+model = Model()
+for block in (model.b0, model.b1):
+    block.compile(backend=nmcompile.backend(inner="aot_eager", include="^fc"))
+compiled = nn.parallel.DistributedDataParallel(torch.compile(model, backend="aot_eager"))
+for _ in range(2):
+    compiled(torch.randn(8, 16)).sum().backward()
+print(sorted((k, s["layer_index"], s["step"]) for k, s in nmcompile.sparsity_state(model).items()))
+dist.destroy_process_group()
+"""
+
+
+def test_blocks_compiled_alone_under_ddp_keep_their_names():
+    """Blocks compiled alone with nmsparse under another backend's compile that skips them, the
+    whole under DDP: DDP's graph splitting compiles their frames, and still their own compile names
+    their weights, so ``include`` matches (the outer model's names were used: all dense)."""
+    result = subprocess.run([sys.executable, "-c", _NAMES_SCRIPT, "29616"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[0] == "[('b0.fc.weight', 0, 2), ('b1.fc.weight', 0, 2)]"

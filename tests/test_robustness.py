@@ -858,6 +858,20 @@ def test_explain_lists_the_blocks_that_run_a_block_graph_rewritten_for_them(opti
         assert re.fullmatch(rewritten, row.reason), row.reason
 
 
+def test_the_dumped_report_lists_the_blocks_that_run_another_blocks_graph(monkeypatch, tmp_path):
+    """``NMSPARSE_DUMP_DIR``: a compile's ``report.txt`` is written again as blocks that run its
+    graph (rewritten for them or not) join its table (it was written once, at the compile, so
+    the layers those blocks train sparse were missing)."""
+    monkeypatch.setenv("NMSPARSE_DUMP_DIR", str(tmp_path))
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="dynamo reuses a compiled graph"):
+        torch.compile(_BrokenBlocks(), backend=_backend(include=r"^blocks\.2\."))(torch.randn(8, 32))
+    reports = "".join(path.read_text() for path in tmp_path.glob("*/report.txt"))
+    for j in (1, 2):
+        compiled_for = rf"runs the graph compiled for blocks\.[01]\.fc{j}\.weight"
+        assert re.search(rf"blocks\.2\.fc{j}\.weight .*{compiled_for}", reports)
+
+
 def test_a_reused_block_graph_walks_the_model_once_per_call(monkeypatch):
     """A graph reused by every block meets new weights at each block's first call: each call
     builds the model's parameter table once, however many weights it looks up (a build per lookup
