@@ -905,6 +905,7 @@ class _Variants:
         )
         self._seen = WeightKeyDictionary()  # weight -> (its _Known, whether the name filter admits it), found once
         self._runners: dict[tuple, _Runner] = {}
+        self._targets: dict[tuple, list[GemmTarget]] = {}  # the targets of each rewritten graph, for the report
         self._fits = [weakref.ref(anchor(info.param)) for info in params.values()]
         self._fitting = WeightKeyDictionary()  # first weight -> all weights of a call the compiled graph fits
         self._generation = registry.lookup_generation  # the embedding tables known when the fits were found
@@ -957,6 +958,9 @@ class _Variants:
             self._choice(k, admitted, t, table)
             for (k, admitted), t, table in zip(entries, tied, self._tables, strict=True)
         )
+        names = {name: known.name for (_, name, _), (known, _) in zip(self.inputs, entries, strict=True)}
+        if self.record is not None and (choice == self.compiled_choice or choice in self._targets):
+            self.record.add_dense(names, self._targets.get(choice))  # rows for the weights it leaves dense
         if choice == self.compiled_choice:
             self._fits = self._fitting[weights[0]] = [weakref.ref(anchor(w)) for w in weights]
             return None
@@ -974,6 +978,8 @@ class _Variants:
             layers, by_target = _layers(self.gm, analysis, params, self.config, self.registry)
             if self.record is not None:
                 self.record.add_rewritten(analysis, by_target)
+                self.record.add_dense(names, analysis.targets)
+            self._targets[choice] = analysis.targets
             targets = [(t, None) for t in analysis.sparse]
             runner = _Runner(rewritten, layers, self.registry, self.origin, None, self.record, targets, True)
             self._runners[choice] = runner

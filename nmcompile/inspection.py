@@ -223,6 +223,7 @@ class CompileRecord:
         # The weight each GEMM node was compiled for, named in the rows of other weights that dynamo
         # hands this graph (another block of a class with a graph break inside).
         self._compiled_for = {t.node.name: t.param_name for t in analysis.targets}
+        self._targets = analysis.targets
         self.other_uses = dict(analysis.other_uses)  # parameter name -> what used it, where no GEMM did
         self.input_names = input_names or []
         self.config = config
@@ -253,17 +254,21 @@ class CompileRecord:
         self._add_row(dataclasses.replace(row, name=name, reason=reason))
 
     def add_rewritten(self, analysis: TargetAnalysis, states: dict[int, LayerState]) -> None:
-        """Rows for the weights of a call that runs this graph rewritten for them, where include/exclude
-        or a tie decides otherwise for them than for the weights it was compiled for."""
-        for target in analysis.targets:
-            if target.param_name is None or any(row.name == target.param_name for row in self.rows):
+        """Rows for the sparse layers of a call that runs this graph rewritten for its weights, where
+        include/exclude or a tie decides otherwise for them than for the weights it was compiled for."""
+        for target in analysis.sparse:
+            self.add_reused(target, None, target.param_name, states[id(target)], rewritten=True)
+
+    def add_dense(self, names: Mapping[str, str], targets: list[GemmTarget] | None = None) -> None:
+        """Rows for the dense GEMMs of this graph (or of ``targets``: it rewritten for them) as a call
+        with other weights runs it; ``names`` maps each weight input to the call's parameter name."""
+        for target in self._targets if targets is None else targets:
+            name = names.get(target.weight.name) if target.weight is not None and not target.sparse else None
+            if name is None or any(row.name == name for row in self.rows):
                 continue
-            if target.sparse:
-                self.add_reused(target, None, target.param_name, states[id(target)], rewritten=True)
-            else:
-                row = LayerRow.from_target(target, self.config, None, None)
-                reason = f"{row.reason}; in the graph compiled for {self._compiled_for[target.node.name]}"
-                self._add_row(dataclasses.replace(row, reason=reason))
+            row = LayerRow.from_target(target, self.config, None, None)
+            reason = f"{row.reason}; in the graph compiled for {self._compiled_for[target.node.name]}"
+            self._add_row(dataclasses.replace(row, name=name, reason=reason))
 
     def _add_row(self, row: LayerRow) -> None:
         """Append ``row``, and write the table again where the compile is dumped (``report.txt``)."""

@@ -858,6 +858,22 @@ def test_explain_lists_the_blocks_that_run_a_block_graph_rewritten_for_them(opti
         assert re.fullmatch(rewritten, row.reason), row.reason
 
 
+def test_explain_gives_every_block_that_runs_another_blocks_graph_its_dense_rows():
+    """``explain`` where the filter leaves every block but the first dense: each later block's
+    weights, also of blocks after the first to run another block's graph, are dense rows naming
+    that graph (they read "not a GEMM operand in any compiled graph")."""
+    pattern = r"^blocks\.0\."
+    torch._dynamo.reset()
+    report = nmcompile.explain(_BrokenBlocks(), torch.randn(8, 32), inner="aot_eager", include=pattern)
+    rows = {r.name: r for r in report.rows}
+    assert sorted(rows) == sorted(f"blocks.{i}.fc{j}.weight" for i in range(3) for j in (1, 2))
+    assert [name for name, row in rows.items() if row.sparse] == ["blocks.0.fc1.weight", "blocks.0.fc2.weight"]
+    unmatched = re.escape(f"name not matched by include={[pattern]!r}")
+    for j in (1, 2):
+        graph = rf"; in the graph compiled for blocks\.[01]\.fc{j}\.weight"
+        assert re.fullmatch(unmatched + graph, rows[f"blocks.2.fc{j}.weight"].reason)
+
+
 def test_the_dumped_report_lists_the_blocks_that_run_another_blocks_graph(monkeypatch, tmp_path):
     """``NMSPARSE_DUMP_DIR``: a compile's ``report.txt`` is written again as blocks that run its
     graph (rewritten for them or not) join its table (it was written once, at the compile, so
