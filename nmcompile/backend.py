@@ -958,39 +958,43 @@ class _Variants:
             self._choice(k, admitted, t, table)
             for (k, admitted), t, table in zip(entries, tied, self._tables, strict=True)
         )
-        names = {name: known.name for (_, name, _), (known, _) in zip(self.inputs, entries, strict=True)}
-        if self.record is not None and (choice == self.compiled_choice or choice in self._targets):
-            self.record.add_dense(names, self._targets.get(choice))  # rows for the weights it leaves dense
         if choice == self.compiled_choice:
             self._fits = self._fitting[weights[0]] = [weakref.ref(anchor(w)) for w in weights]
-            return None
-        runner = self._runners.get(choice)
-        if runner is None:
-            params = {
-                name: k.info(w, t)
-                for (_, name, _), (k, _), w, t in zip(self.inputs, entries, weights, tied, strict=True)
-            }
-            examples = [n.meta.get("example_value") for n in self.gm.graph.nodes if n.op == "placeholder"]
-            for (position, _, _), w in zip(self.inputs, weights, strict=True):
-                examples[position] = w  # find_targets reads weights' values only
-            analysis = find_targets(self.gm, examples, self.config, params)
-            rewritten, _ = insert_masks(self.gm, analysis, self.config, self.fake_mode)
-            layers, by_target = _layers(self.gm, analysis, params, self.config, self.registry)
-            if self.record is not None:
-                self.record.add_rewritten(analysis, by_target)
-                self.record.add_dense(names, analysis.targets)
-            self._targets[choice] = analysis.targets
-            targets = [(t, None) for t in analysis.sparse]
-            runner = _Runner(rewritten, layers, self.registry, self.origin, None, self.record, targets, True)
-            self._runners[choice] = runner
-            sparse = ", ".join(t.param_name for t in analysis.sparse) or "none"
-            warnings.warn(
-                "nmsparse: dynamo reuses a compiled graph for weights that include/exclude or a weight tie "
-                f"sparsify otherwise (sparse now: {sparse}); these calls run the graph rewritten for them "
-                "eagerly, not compiled. A graph break inside a repeated block, or a tie made after compiling, "
-                "causes this",
-                stacklevel=3,
-            )
+            runner = None
+        else:
+            runner = self._runners.get(choice) or self._rewrite(choice, weights, entries, tied)
+        if self.record is not None:  # the report's rows for this call's weights the graph leaves dense
+            names = {name: known.name for (_, name, _), (known, _) in zip(self.inputs, entries, strict=True)}
+            self.record.add_dense(names, self._targets.get(choice))
+        return runner
+
+    def _rewrite(self, choice: tuple, weights: list[torch.Tensor], entries: list, tied: list[bool]) -> _Runner:
+        """The runner of the graph rewritten for ``choice``, made for the weights of this call (its
+        sparse layers get rows in the report), with a warning."""
+        params = {
+            name: k.info(w, t) for (_, name, _), (k, _), w, t in zip(self.inputs, entries, weights, tied, strict=True)
+        }
+        examples = [n.meta.get("example_value") for n in self.gm.graph.nodes if n.op == "placeholder"]
+        for (position, _, _), w in zip(self.inputs, weights, strict=True):
+            examples[position] = w  # find_targets reads weights' values only
+        analysis = find_targets(self.gm, examples, self.config, params)
+        rewritten, _ = insert_masks(self.gm, analysis, self.config, self.fake_mode)
+        layers, by_target = _layers(self.gm, analysis, params, self.config, self.registry)
+        if self.record is not None:
+            self.record.add_rewritten(analysis, by_target)
+        self._targets[choice] = analysis.targets
+        targets = [(t, None) for t in analysis.sparse]
+        runner = self._runners[choice] = _Runner(
+            rewritten, layers, self.registry, self.origin, None, self.record, targets, True
+        )
+        sparse = ", ".join(t.param_name for t in analysis.sparse) or "none"
+        warnings.warn(
+            "nmsparse: dynamo reuses a compiled graph for weights that include/exclude or a weight tie "
+            f"sparsify otherwise (sparse now: {sparse}); these calls run the graph rewritten for them "
+            "eagerly, not compiled. A graph break inside a repeated block, or a tie made after compiling, "
+            "causes this",
+            stacklevel=4,
+        )
         return runner
 
 

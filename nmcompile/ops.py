@@ -259,10 +259,10 @@ def _conv_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_f
     input alone, as its meta does (ATen's kernels there choose by dtype, size and thread count, and
     the slow one gives a contiguous output whatever the weight's layout)."""
     fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    follows_weight = x.dim() == 4 or x.device.type == "cuda"
-    if fmt is not None and fmt in (suggest_memory_format(x), *([suggest_memory_format(weight)] * follows_weight)):
-        return fmt
-    return torch.contiguous_format
+    if fmt is None:
+        return torch.contiguous_format
+    followed = [x, weight] if x.dim() == 4 or x.device.type == "cuda" else [x]
+    return fmt if any(suggest_memory_format(t) == fmt for t in followed) else torch.contiguous_format
 
 
 @torch.library.custom_op("nmsparse::sparse_conv", mutates_args=(), tags=HOST_READ)
@@ -352,10 +352,11 @@ def _sparse_backward(
         if ctx.srste_lambda:
             with annotate(role(layer, "bwd_srste")):
                 dw = dw + ctx.srste_lambda * srste_term(weight, masked)
-                if suggest_memory_format(weight) != torch.contiguous_format:
+                weight_format = suggest_memory_format(weight)
+                if weight_format != torch.contiguous_format:
                     # as the convolution's own dW: the sum, run eagerly (aot_eager), gives a 1x1
                     # kernel NCHW strides, which DDP's buckets of a channels-last weight warn about
-                    dw = dw.clone(memory_format=suggest_memory_format(weight))
+                    dw = dw.clone(memory_format=weight_format)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         with annotate(role(layer, "bwd_bias_grad")):
             dims = [d for d in range(dy.dim()) if d != channel_dim % dy.dim()]

@@ -70,11 +70,24 @@ def test_mvue_under_ddp_keeps_ranks_in_step(tmp_path):
         assert torch.equal(r0["weights"][name], r1["weights"][name])
 
 
-_LIMIT_SCRIPT = """
+_ONE_RANK = """
 import os, sys, warnings, torch, torch.nn as nn, torch.distributed as dist
 import nmcompile
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
 dist.init_process_group("gloo", rank=0, world_size=1)
+"""
+
+
+def _run_one_rank(script: str, port: int) -> list[str]:
+    """Run ``script`` in a fresh process, after ``_ONE_RANK`` made it a gloo group of one on
+    ``port``, and return its output lines (it must exit 0)."""
+    command = [sys.executable, "-c", _ONE_RANK + script, str(port)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.split("\n")
+
+
+_LIMIT_SCRIPT = """
 class MLP(nn.Module):
     def __init__(self):
         super().__init__()
@@ -101,16 +114,10 @@ def test_a_compiled_ddp_model_past_the_recompile_limit_warns():
     """``torch.compile(DDP(model))`` past dynamo's recompile limit: dynamo's log names DDP's wrapper
     code, not a function nmsparse compiled, but the refused compile is nmsparse's, so the warning
     comes (it did not), once, as the steps stop at the two compiled shapes."""
-    result = subprocess.run([sys.executable, "-c", _LIMIT_SCRIPT, "29615"], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split("\n")[:2] == ["[2]", "1"]
+    assert _run_one_rank(_LIMIT_SCRIPT, 29615)[:2] == ["[2]", "1"]
 
 
 _NAMES_SCRIPT = """
-import os, sys, torch, torch.nn as nn, torch.distributed as dist
-import nmcompile
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
-dist.init_process_group("gloo", rank=0, world_size=1)
 class Block(nn.Module):
     def __init__(self):
         super().__init__()
@@ -148,6 +155,4 @@ def test_blocks_compiled_alone_under_ddp_keep_their_names():
     """Blocks compiled alone with nmsparse under another backend's compile that skips them, the
     whole under DDP: DDP's graph splitting compiles their frames, and still their own compile names
     their weights, so ``include`` matches (the outer model's names were used: all dense)."""
-    result = subprocess.run([sys.executable, "-c", _NAMES_SCRIPT, "29616"], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split("\n")[0] == "[('b0.fc.weight', 0, 2), ('b1.fc.weight', 0, 2)]"
+    assert _run_one_rank(_NAMES_SCRIPT, 29616)[0] == "[('b0.fc.weight', 0, 2), ('b1.fc.weight', 0, 2)]"
