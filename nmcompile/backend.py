@@ -36,6 +36,7 @@ from nmcompile.passes import (
     decompose_attention,
     find_targets,
     insert_masks,
+    lift_parameters,
     lookup_tables,
     lower_kernels,
     name_nodes,
@@ -298,7 +299,8 @@ def resolve_parameters(
 def _source(placeholder: fx.Node) -> str:
     """The dynamo source a graph input was read from (``L['model']._modules['fc1']...``), else its name."""
     grapharg = placeholder.meta.get("grapharg")
-    return grapharg.source.name if grapharg is not None else placeholder.name
+    source = grapharg.source if grapharg is not None else getattr(placeholder, "_dynamo_source", None)
+    return source.name if source is not None else placeholder.name
 
 
 def _readable_input(placeholder: str, params: dict[str, ParamInfo]) -> str:
@@ -498,8 +500,10 @@ class _Runner:
         record: CompileRecord | None = None,
         targets: list[tuple[GemmTarget, KernelChoice | None]] | None = None,
         rewritten: bool = False,
+        lifted: Sequence[nn.Parameter] = (),
     ) -> None:
         self.compiled = compiled
+        self.lifted = tuple(lifted)  # Parameters the graph reads as inputs after the caller's (lift_parameters)
         self.origin = origin
         self.variants = variants
         self.record = record  # the report's record of this compile, given the rows of other weights
@@ -539,9 +543,10 @@ class _Runner:
     def __call__(self, *args: Any) -> Any:
         fake_mode = next((a.fake_mode for a in args if isinstance(a, torch._subclasses.FakeTensor)), None)
         if fake_mode is not None:  # DDP's graph splitting propagates fake inputs: no training step
-            extra = [tensor for _, _, state, _ in self.layers for tensor in state.graph_inputs()]
+            extra = [*self.lifted, *(tensor for _, _, state, _ in self.layers for tensor in state.graph_inputs())]
             extra = [t if isinstance(t, torch._subclasses.FakeTensor) else fake_mode.from_tensor(t) for t in extra]
             return self.compiled(*args, *extra)
+        args = (*args, *self.lifted)
         roots = self.origin.call_tables()
         variant = self.variants.runner(args, roots) if self.variants is not None else None
         if variant is not None:
@@ -587,6 +592,8 @@ def compile_graph(
     """Compile one dynamo graph with N:M sparse GEMMs; the body of every ``nmsparse`` backend call.
     ``mode`` is ``torch.compile``'s, passed on to the inner Inductor compile."""
     patches = {**_fusion_patches(config), **_mode_patches(mode, config)}
+    lifted = lift_parameters(_inline_regions(gm))  # Parameters dynamo made graph attributes (Inductor freezing)
+    gm, example_inputs = lifted.gm, [*example_inputs, *lifted.params]
     roots = _CallTables(_compiling_namespaces, _compiling_backend())
     _warn_if_include_admits_nothing(config, roots)
     params = resolve_parameters(gm, example_inputs, roots)
@@ -634,7 +641,21 @@ def compile_graph(
         compiled = _compile_inner(rewritten, [*example_inputs, *examples], config, record, patches)
     variants = _Variants(gm, config, registry, fake_mode, params, origin, tables, record)
     targets = [(t, kernels.get(t.layer)) for t in analysis.sparse]
-    return _Runner(compiled, layers, registry, origin, variants, record, targets)
+    return _Runner(compiled, layers, registry, origin, variants, record, targets, lifted=lifted.params)
+
+
+def _inline_regions(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with its ``invoke_subgraph`` calls inlined, in place. Dynamo inlines the first call of a
+    ``torch.compiler.nested_compile_region`` and hands the backend the later ones as calls of one
+    shared subgraph, whose GEMMs the rewrite cannot reach (each block's weights its own layer):
+    flat, as dynamo's ``inline_invoke_subgraph`` option makes it, every block trains sparse, at the
+    cost of compiling the region once per call. A torch without that pass keeps the calls (their
+    weights are reported dense)."""
+    try:
+        from torch._higher_order_ops.passes.inline_invoke_subgraph import inline_invoke_subgraph
+    except ImportError:
+        return gm
+    return inline_invoke_subgraph(gm)
 
 
 def _warn_other_uses(analysis: Any, code: _CodeKey | None) -> None:

@@ -29,6 +29,7 @@ from conftest import (
     train_against,
     train_and_compare,
 )
+from nmcompile.passes import lift_parameters
 from nmcompile.passes.utils import divisible
 from torch import nn
 from torch._dynamo.utils import counters
@@ -1811,3 +1812,146 @@ def test_no_memory_growth_over_1000_steps():
     torch._dynamo.reset()
     gc.collect()
     assert weight() is None and state() is None, "the layer state must not keep its weight (or itself) alive"
+
+
+def test_an_eval_under_inductor_freezing_runs_the_forward_masks():
+    """Under ``torch._inductor.config.freezing`` a ``no_grad`` compile gets the Parameters as graph
+    attributes, not inputs; the backend lifts them into inputs, so a sparse-trained model's eval
+    masks its weights as the reference does (it had run the dense weights)."""
+    base = MLP()
+    ref = reference.sparsify(copy.deepcopy(base), n=2, m=4)
+    mine = copy.deepcopy(base)
+    compiled = torch.compile(mine, backend=nmcompile.backend(n=2, m=4))
+    train_against(ref, mine, compiled, shape=(8, 32), steps=2)
+    ref.eval(), mine.eval()
+    x = torch.randn(8, 32)
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        expected = ref(x)
+        assert (mine(x) - expected).abs().max() > 1e-2  # the dense weights give another output
+        assert_close(compiled(x), expected, what="frozen eval")
+    assert {name: s["step"] for name, s in nmcompile.sparsity_state(mine).items()} == {
+        "fc1.weight": 2,
+        "fc2.weight": 2,
+        "head.weight": 2,
+    }
+
+
+class TiedPair(nn.Module):
+    """Two layers sharing one weight (a tie: dense, SPEC §10) and a third of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 8)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_lift_parameters_gives_each_attribute_parameter_one_input_with_its_source():
+    """The pass on the graph dynamo hands a backend under freezing: one placeholder per Parameter
+    (a tied one once), after the caller's inputs, named as its attribute and carrying its source;
+    fed those Parameters, the graph computes what the model does."""
+    captured = []
+
+    def backend(gm, example_inputs):
+        captured.append(lift_parameters(gm))
+        return gm.forward
+
+    model, x = TiedPair().eval(), torch.randn(4, 16)
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        torch.compile(model, backend=backend)(x)
+        (lifted,) = captured
+        inputs = [n for n in lifted.gm.graph.nodes if n.op == "placeholder"]
+        names = ["l_x_", *(f"l__self___{layer}_{kind}" for layer in "abc" for kind in ("weight", "bias"))]
+        assert [n.name for n in inputs] == [name for name in names if name != "l__self___b_weight"]
+        assert [getattr(n, "_dynamo_source", None) is not None for n in inputs] == [False] + [True] * 5
+        assert inputs[1]._dynamo_source.name == "L['self']._modules['a']._parameters['weight']"
+        params = [model.a.weight, model.a.bias, model.b.bias, model.c.weight, model.c.bias]
+        assert all(p is q for p, q in zip(lifted.params, params, strict=True))
+        assert not [n for n in lifted.gm.graph.nodes if n.op == "get_attr"] and not list(lifted.gm.parameters())
+        assert torch.equal(lifted.gm(x, *lifted.params)[0], model(x))
+
+
+def test_a_tied_model_evaluates_alike_frozen_or_not():
+    """Lifted Parameters keep their ties: the tied pair stays dense and the third layer sparse,
+    with Inductor's freezing or without it."""
+    model, x = TiedPair(), torch.randn(4, 16)
+    compiled = torch.compile(model, backend=nmcompile.backend(n=2, m=4))
+    compiled(x).sum().backward()
+    model.eval()
+    with torch.no_grad():
+        expected = compiled(x)
+        with torch._inductor.config.patch(freezing=True):
+            assert torch.equal(compiled(x), expected)
+    assert list(nmcompile.sparsity_state(model)) == ["c.weight"]
+
+
+@pytest.mark.parametrize("grad_prune", ["none", "mvue24"])
+def test_a_model_traced_with_prepare_freezing_trains_as_the_reference(grad_prune):
+    """``torch._dynamo.config.prepare_freezing`` makes every Parameter a graph attribute, in training
+    too: lifted into inputs, the layers train sparse under their own names."""
+    with torch._dynamo.config.patch(prepare_freezing=True):
+        _, state_mine = train_and_compare(MLP, (8, 32), steps=3, n=2, m=4, grad_prune=grad_prune)
+    assert sorted(state_mine) == ["fc1.weight", "fc2.weight", "head.weight"]
+
+
+@pytest.mark.parametrize("grad_prune", ["none", "mvue24"])
+def test_a_step_compiled_with_compiled_autograd_trains_as_the_reference(grad_prune):
+    """With ``torch._dynamo.config.compiled_autograd`` the backward of a compiled step is traced into a
+    graph of its own that nmsparse compiles too; it holds no weight GEMM (the sparse ops' backward
+    is as AOTAutograd traced it), and training matches the reference."""
+    base = MLP()
+    ref = reference.sparsify(copy.deepcopy(base), n=2, m=4, grad_prune=grad_prune)
+    mine = copy.deepcopy(base)
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        loss = mine(x).square().mean()
+        loss.backward()
+        return loss
+
+    counters.clear()
+    with torch._dynamo.config.patch(compiled_autograd=True):  # read by torch.compile
+        step = torch.compile(step, backend=nmcompile.backend(n=2, m=4, grad_prune=grad_prune))
+        for i in range(3):
+            x = torch.randn(8, 32)
+            loss = ref(x).square().mean()
+            assert_close(step(x), loss, what=f"step {i} loss")
+            loss.backward()
+            assert_grads_close(mine, ref, what=f"step {i}")
+            sgd_step_both(ref, mine, 0.05)
+    assert counters["compiled_autograd"]["captures"] >= 1
+    assert {name: s["step"] for name, s in nmcompile.sparsity_state(mine).items()} == {
+        "fc1.weight": 3,
+        "fc2.weight": 3,
+        "head.weight": 3,
+    }
+
+
+def test_blocks_in_a_nested_compile_region_train_as_the_reference():
+    """Blocks whose forward is a ``torch.compiler.nested_compile_region``: dynamo inlines the first
+    call and hands the backend the others as ``invoke_subgraph`` calls of one subgraph; inlined
+    there too, every block trains as the reference, under its own name (blocks 1 and 2 trained dense)."""
+
+    class Region(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(32, 32)
+
+        @torch.compiler.nested_compile_region
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.fc(x))
+
+    class Stack(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(Region() for _ in range(3))
+            self.head = nn.Linear(32, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                x = block(x)
+            return self.head(x)
+
+    _, state_mine = train_and_compare(Stack, (8, 32), steps=3, n=2, m=4)
+    assert sorted(state_mine) == ["blocks.0.fc.weight", "blocks.1.fc.weight", "blocks.2.fc.weight", "head.weight"]
