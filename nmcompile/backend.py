@@ -35,6 +35,7 @@ from nmcompile.passes import (
     ParamInfo,
     decompose_attention,
     find_targets,
+    inline_subgraphs,
     insert_masks,
     lift_parameters,
     lookup_tables,
@@ -592,7 +593,7 @@ def compile_graph(
     """Compile one dynamo graph with N:M sparse GEMMs; the body of every ``nmsparse`` backend call.
     ``mode`` is ``torch.compile``'s, passed on to the inner Inductor compile."""
     patches = {**_fusion_patches(config), **_mode_patches(mode, config)}
-    lifted = lift_parameters(_inline_regions(gm))  # Parameters dynamo made graph attributes (Inductor freezing)
+    lifted = lift_parameters(inline_subgraphs(gm))  # Parameters dynamo made graph attributes (Inductor freezing)
     gm, example_inputs = lifted.gm, [*example_inputs, *lifted.params]
     roots = _CallTables(_compiling_namespaces, _compiling_backend())
     _warn_if_include_admits_nothing(config, roots)
@@ -642,20 +643,6 @@ def compile_graph(
     variants = _Variants(gm, config, registry, fake_mode, params, origin, tables, record)
     targets = [(t, kernels.get(t.layer)) for t in analysis.sparse]
     return _Runner(compiled, layers, registry, origin, variants, record, targets, lifted=lifted.params)
-
-
-def _inline_regions(gm: fx.GraphModule) -> fx.GraphModule:
-    """``gm`` with its ``invoke_subgraph`` calls inlined, in place. Dynamo inlines the first call of a
-    ``torch.compiler.nested_compile_region`` and hands the backend the later ones as calls of one
-    shared subgraph, whose GEMMs the rewrite cannot reach (each block's weights its own layer):
-    flat, as dynamo's ``inline_invoke_subgraph`` option makes it, every block trains sparse, at the
-    cost of compiling the region once per call. A torch without that pass keeps the calls (their
-    weights are reported dense)."""
-    try:
-        from torch._higher_order_ops.passes.inline_invoke_subgraph import inline_invoke_subgraph
-    except ImportError:
-        return gm
-    return inline_invoke_subgraph(gm)
 
 
 def _warn_other_uses(analysis: Any, code: _CodeKey | None) -> None:

@@ -1,7 +1,9 @@
 """FX graph passes of the ``nmsparse`` backend, usable on any ``torch.fx.GraphModule``.
 
-Each module holds one pass with one entry function: ``lift_parameters`` (Parameters dynamo made
-graph attributes, under Inductor's freezing, into graph inputs), ``decompose_attention`` (fused attention ops
+Each module holds one pass with one entry function: ``inline_subgraphs`` (nested compile regions
+and activation-checkpoint regions inlined, so their GEMMs can be rewritten), ``lift_parameters``
+(Parameters dynamo made graph attributes, under Inductor's freezing, into graph inputs),
+``decompose_attention`` (fused attention ops
 into ``F.linear`` + SDPA), ``find_targets`` (eligibility analysis, SPEC §10; beside it
 ``lookup_tables``, the weights a graph reads as embedding tables, which the backend notes before
 deciding), ``insert_masks``
@@ -13,6 +15,7 @@ helpers they share (node-name spelling, example values, symbolic sizes, the grap
 
 from .decompose import decompose_attention
 from .find_targets import GemmTarget, ParamInfo, TargetAnalysis, find_targets, lookup_tables
+from .inline_subgraphs import inline_subgraphs
 from .insert_masks import StateInput, insert_masks
 from .lift_parameters import LiftedParameters, lift_parameters
 from .lower_kernels import KernelChoice, lower_kernels
@@ -27,6 +30,7 @@ __all__ = [
     "TargetAnalysis",
     "decompose_attention",
     "find_targets",
+    "inline_subgraphs",
     "insert_masks",
     "lift_parameters",
     "lookup_tables",

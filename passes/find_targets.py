@@ -383,12 +383,16 @@ def _op_name(node: fx.Node) -> str:
     return getattr(node.target, "__name__", None) or getattr(node.target, "_name", None) or str(node.target)
 
 
+_SELECTIVE_REASON = "inside a selective activation-checkpoint region (checkpoint with a context_fn): left dense"
+
+
 def _checkpointed(
     gm: fx.GraphModule, node: fx.Node, config: SparsityConfig, params: Mapping[str, ParamInfo], values: Mapping
 ) -> list[GemmTarget]:
-    """The GEMMs of an activation-checkpoint region (``torch.utils.checkpoint``, a subgraph that
-    the backward runs again): reported, with shapes and FLOPs, but left dense, since the rewrite
-    does not reach into subgraphs."""
+    """The GEMMs of a selective activation-checkpoint region (``torch.utils.checkpoint`` with a
+    ``context_fn``: a subgraph whose policy AOTAutograd decides op by op, which ``inline_subgraphs``
+    keeps whole): reported, with shapes and FLOPs, but left dense, since the rewrite does not
+    reach into subgraphs."""
     body = getattr(gm, node.args[0].target)
     inner = [n for n in body.graph.nodes if n.op == "placeholder"]
     outer = dict(zip(inner, node.args[1:], strict=False))
@@ -403,7 +407,7 @@ def _checkpointed(
             target = _decide(sub, kind, config, inner_params, inner_values)
             if target.param_name is not None:
                 target.sparse, target.backward = False, "dense"
-                target.reason = "inside an activation-checkpoint region (torch.utils.checkpoint): left dense"
+                target.reason = _SELECTIVE_REASON
             targets.append(target)
     return targets
 

@@ -79,6 +79,19 @@ def _state_example(kind: str, target: GemmTarget, weight: torch.Tensor) -> torch
     return torch.zeros((), dtype=torch.int64)
 
 
+def _checkpoint_like(node: fx.Node, first: fx.Node) -> None:
+    """The nodes from ``first.next`` up to ``node`` (those made for its layer) join ``node``'s
+    activation-checkpoint region, if it has one (``inline_subgraphs``): recomputed in the backward
+    as its other nodes are, but the masked weight, which stays saved."""
+    if "ac_graph_id" not in node.meta:
+        return
+    made = first.next
+    while made is not node:
+        made.meta["ac_graph_id"] = node.meta["ac_graph_id"]
+        made.meta.setdefault("recompute", node.meta["recompute"])
+        made = made.next
+
+
 def insert_masks(
     gm: fx.GraphModule, analysis: TargetAnalysis, config: SparsityConfig, fake_mode: Any = None
 ) -> tuple[fx.GraphModule, list[StateInput]]:
@@ -120,6 +133,7 @@ def insert_masks(
             config.grad_prune,
             prune_key(config.seed, target.layer_index),
         )
+        first = node.prev  # the nodes made below come after it
         with graph.inserting_before(node):
             w = weight if target.layout == "out_in" else _named(graph, torch.t, (weight,), f"{layer}_weight_t")
             if target.backward == "transposable":
@@ -141,6 +155,7 @@ def insert_masks(
                     out = _named(graph, add_bias, (bias, out), f"{layer}_fwd_bias")
         if "example_value" in node.meta:  # the same output: user code's method calls on it stay cacheable
             out.meta["example_value"] = node.meta["example_value"]
+        _checkpoint_like(node, first)
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         operand = env[target.operand]  # the weight, or its transpose and no-op casts, now unused

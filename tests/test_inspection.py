@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import re
 
 import pytest
 import torch
 import torch.utils.checkpoint
-from conftest import MLP, assert_close, cpu_mask_note, sgd_step_both
+from conftest import MLP, assert_close, cpu_mask_note, sgd_step_both, train_and_compare
 from torch import nn
 
 import nmcompile
@@ -482,15 +483,33 @@ def test_size_hint_reads_symbolic_sizes_without_a_guard():
 
 
 class _Checkpointed(nn.Module):
-    """``fc1`` inside ``torch.utils.checkpoint``; ``fc2`` outside it."""
+    """``fc1`` inside ``torch.utils.checkpoint`` (with ``context_fn`` where given: selective); ``fc2``
+    outside it."""
 
-    def __init__(self) -> None:
+    def __init__(self, context_fn: object = None) -> None:
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.options = {} if context_fn is None else {"context_fn": context_fn}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.utils.checkpoint.checkpoint(lambda t: torch.relu(self.fc1(t)), x, use_reentrant=False)
+        h = torch.utils.checkpoint.checkpoint(lambda t: torch.relu(self.fc1(t)), x, use_reentrant=False, **self.options)
         return self.fc2(h)
+
+
+class _CheckpointedPair(nn.Module):
+    """``fc1`` and ``fc2`` in one activation-checkpoint region (or none: ``checkpointed=False``), ``fc3`` after it."""
+
+    def __init__(self, checkpointed: bool = True) -> None:
+        super().__init__()
+        self.checkpointed = checkpointed
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 8)
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc2(torch.relu(self.fc1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.utils.checkpoint.checkpoint(self.body, x, use_reentrant=False) if self.checkpointed else self.body(x)
+        return self.fc3(h)
 
 
 def _trains_as_reference_without_fc1(base: nn.Module, shape: tuple, **options) -> None:
@@ -509,16 +528,41 @@ def _trains_as_reference_without_fc1(base: nn.Module, shape: tuple, **options) -
     assert set(nmcompile.sparsity_state(mine)) == {"fc2.weight"}
 
 
-def test_gemm_in_an_activation_checkpoint_region_is_reported_dense():
-    """A layer inside ``torch.utils.checkpoint`` is a report row with its shapes and reason (not
-    "not a GEMM operand"), runs dense, and the layers outside train as usual: as the reference
-    with that layer excluded."""
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_gemms_in_an_activation_checkpoint_region_train_sparse_and_are_recomputed(inner):
+    """A ``torch.utils.checkpoint`` region inside the compiled code is inlined with AOTAutograd's own
+    recompute tags: its layers train sparse, as the reference (they ran dense), and its activations
+    are recomputed in the backward, not saved (the same model without the checkpoint saves both ReLUs'
+    outputs)."""
+    x = torch.randn(4, 16)
+    saved = {}
+    for checkpointed in (True, False):
+        report = nmcompile.explain(_CheckpointedPair(checkpointed), x, inner=inner)
+        assert [(r.name, r.sparse) for r in report.rows] == [(f"fc{k}.weight", True) for k in (1, 2, 3)]
+        outputs = report.records[0].graphs["forward"].graph.output_node().args[0]
+        hidden = [o for o in outputs if isinstance(o, torch.fx.Node) and o.meta["val"].shape == (4, 32)]
+        saved[checkpointed] = [o.name for o in hidden]
+    assert saved[True] == [] and {"relu", "relu_1"} <= set(saved[False]), saved
     torch.manual_seed(0)
-    base = _Checkpointed()
+    _, states = train_and_compare(_CheckpointedPair, (4, 16), steps=3, n=2, m=4, inner=inner, grad_prune="mvue24")
+    assert sorted(states) == ["fc1.weight", "fc2.weight", "fc3.weight"]
+
+
+def test_gemm_in_a_selective_checkpoint_region_is_reported_dense():
+    """A checkpoint given a ``context_fn`` (selective checkpointing) stays whole: its layer is a report
+    row with its shapes and reason (not "not a GEMM operand"), runs dense, and the layers outside
+    train as usual: as the reference with that layer excluded."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op is torch.ops.aten.mm.default else CheckpointPolicy.PREFER_RECOMPUTE
+
+    torch.manual_seed(0)
+    base = _Checkpointed(functools.partial(create_selective_checkpoint_contexts, policy))
     rows = {r.name: r for r in nmcompile.explain(base, torch.randn(4, 16), inner="aot_eager").rows}
     row = rows["fc1.weight"]
     assert not row.sparse and row.weight_shape == (32, 16) and row.flops["forward"] == (4096, 4096)
-    assert row.reason == "inside an activation-checkpoint region (torch.utils.checkpoint): left dense"
+    assert row.reason == "inside a selective activation-checkpoint region (checkpoint with a context_fn): left dense"
     assert rows["fc2.weight"].sparse
     _trains_as_reference_without_fc1(base, (4, 16))
 

@@ -1,0 +1,88 @@
+"""Inlining pre-pass: subgraphs that hide a block's GEMMs from the rewrite are inlined into the graph.
+
+Two higher-order ops hold GEMMs of whole blocks in a subgraph module, which the rewrite does not
+reach into:
+
+- ``invoke_subgraph``: dynamo inlines the first call of a ``torch.compiler.nested_compile_region``
+  and hands the backend the later ones as calls of one shared subgraph. Inlined, as dynamo's own
+  ``inline_invoke_subgraph`` option does, each block's layers are its own (the region is then
+  compiled once per call, not once in all).
+- ``tag_activation_checkpoint`` (``torch.utils.checkpoint`` inside the compiled code). AOTAutograd
+  traces such a region inline, tagging each of its nodes ``recompute=PREFER_RECOMPUTE`` with one
+  ``ac_graph_id`` per region, and the partitioner recomputes them in the backward. Inlined here
+  with the same tags (which AOTAutograd copies onto the nodes it traces from them), the region is
+  recomputed as before and its GEMMs are rewritten. A region given a ``context_fn`` (selective
+  checkpointing) stays whole: its policy is decided op by op as AOTAutograd traces it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+
+import torch
+from torch import fx
+from torch.utils.checkpoint import CheckpointPolicy
+
+
+def inline_subgraphs(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with its ``invoke_subgraph`` calls and plain activation-checkpoint regions inlined, in
+    place. A torch without dynamo's ``inline_invoke_subgraph`` pass keeps the ``invoke_subgraph``
+    calls (their weights are then reported dense)."""
+    try:
+        from torch._higher_order_ops.passes.inline_invoke_subgraph import inline_invoke_subgraph
+    except ImportError:
+        pass
+    else:
+        gm = inline_invoke_subgraph(gm)
+    _inline_checkpoints(gm, itertools.count(1))
+    return gm
+
+
+def _inline_checkpoints(gm: fx.GraphModule, regions: itertools.count) -> None:
+    """Inline ``gm``'s activation-checkpoint regions without a ``context_fn``, nested ones first,
+    numbering them in graph order as AOTAutograd does (its partitioner saves the output of a region
+    that the next one reads)."""
+    hop = torch.ops.higher_order.tag_activation_checkpoint
+    for node in list(gm.graph.find_nodes(op="call_function", target=hop)):
+        body = getattr(gm, str(node.args[0].target))
+        if "_checkpoint_context_fn" in body.meta:
+            continue
+        _inline_checkpoints(body, regions)
+        region = next(regions)
+        env: dict[fx.Node, object] = dict(zip(body.graph.find_nodes(op="placeholder"), node.args[1:], strict=True))
+        with gm.graph.inserting_before(node):
+            for sub in body.graph.nodes:
+                if sub.op in ("placeholder", "output"):
+                    continue
+                if sub.op == "get_attr":  # a nested subgraph kept whole: the module moves to gm
+                    name = _free_name(gm, str(sub.target))
+                    gm.add_submodule(name, getattr(body, str(sub.target)))
+                    copy = gm.graph.get_attr(name)
+                    copy.meta = dict(sub.meta)
+                else:
+                    copy = gm.graph.node_copy(sub, env.__getitem__)
+                copy.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
+                copy.meta["ac_graph_id"] = region
+                env[sub] = copy
+        outputs = body.graph.output_node().args[0]
+        for user in list(node.users):
+            if user.op != "call_function" or user.target is not operator.getitem:
+                raise AssertionError(f"an activation-checkpoint region's output is read by {user.format_node()}")
+            user.replace_all_uses_with(env[outputs[user.args[1]]])
+            gm.graph.erase_node(user)
+        attribute = node.args[0]
+        gm.graph.erase_node(node)
+        if not attribute.users:
+            gm.graph.erase_node(attribute)
+            delattr(gm, str(attribute.target))
+    gm.recompile()
+
+
+def _free_name(gm: fx.GraphModule, base: str) -> str:
+    """``base``, or ``base_<k>`` with the first ``k`` that names no attribute of ``gm``."""
+    name, k = base, 0
+    while hasattr(gm, name):
+        k += 1
+        name = f"{base}_{k}"
+    return name
