@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from .utils import DENSE_REASON, example_value
+from .utils import DENSE_REASON, example_value, join_region
 
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 
@@ -208,8 +208,10 @@ def _inline(graph: fx.Graph, node: fx.Node, fn: Any, inputs: list[Any]) -> None:
     traced = fx.symbolic_trace(fn, concrete_args=concrete)
     placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
     env = {p: value for p, value in zip(placeholders, inputs, strict=True) if p.name not in concrete}
+    first = node.prev
     with graph.inserting_before(node):
         out = graph.graph_copy(traced.graph, env)
+    join_region(node, first)
     if isinstance(out, fx.Node):
         node.replace_all_uses_with(out)
     else:  # a tuple, read through getitem nodes; an entry may be None (no attention weights)

@@ -24,7 +24,7 @@ from nmcompile.reference import add_bias, conv_padding, prune_key
 from nmcompile.state import alpha_dtype, graph_input_kinds
 
 from .find_targets import GemmTarget, TargetAnalysis, gemm_operands
-from .utils import copy_graph_module, example_value
+from .utils import copy_graph_module, example_value, join_region
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,19 +77,6 @@ def _state_example(kind: str, target: GemmTarget, weight: torch.Tensor) -> torch
     if kind == "alpha":
         return torch.ones((), dtype=alpha_dtype(weight.dtype), device=weight.device)
     return torch.zeros((), dtype=torch.int64)
-
-
-def _checkpoint_like(node: fx.Node, first: fx.Node) -> None:
-    """The nodes from ``first.next`` up to ``node`` (those made for its layer) join ``node``'s
-    activation-checkpoint region, if it has one (``inline_subgraphs``): recomputed in the backward
-    as its other nodes are, but the masked weight, which stays saved."""
-    if "ac_graph_id" not in node.meta:
-        return
-    made = first.next
-    while made is not node:
-        made.meta["ac_graph_id"] = node.meta["ac_graph_id"]
-        made.meta.setdefault("recompute", node.meta["recompute"])
-        made = made.next
 
 
 def insert_masks(
@@ -155,7 +142,7 @@ def insert_masks(
                     out = _named(graph, add_bias, (bias, out), f"{layer}_fwd_bias")
         if "example_value" in node.meta:  # the same output: user code's method calls on it stay cacheable
             out.meta["example_value"] = node.meta["example_value"]
-        _checkpoint_like(node, first)
+        join_region(node, first)
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         operand = env[target.operand]  # the weight, or its transpose and no-op casts, now unused

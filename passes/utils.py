@@ -58,3 +58,17 @@ def copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node,
     if hasattr(gm, "_param_name_to_source"):
         new_gm._param_name_to_source = gm._param_name_to_source  # type: ignore[attr-defined]
     return new_gm, env
+
+
+def join_region(node: fx.Node, first: fx.Node) -> None:
+    """The nodes a pass made in place of ``node`` (from ``first.next`` up to ``node``) join
+    ``node``'s activation-checkpoint region, if it has one (``inline_subgraphs``): recomputed in the
+    backward as its other nodes are. A node already tagged keeps its policy (the masked weight,
+    saved)."""
+    if "ac_graph_id" not in node.meta:
+        return
+    made = first.next
+    while made is not node:
+        made.meta["ac_graph_id"] = node.meta["ac_graph_id"]
+        made.meta.setdefault("recompute", node.meta["recompute"])
+        made = made.next

@@ -548,6 +548,50 @@ def test_gemms_in_an_activation_checkpoint_region_train_sparse_and_are_recompute
     assert sorted(states) == ["fc1.weight", "fc2.weight", "fc3.weight"]
 
 
+class _CheckpointedEncoder(nn.Module):
+    """An encoder layer (decomposed self-attention) in an activation-checkpoint region, or not."""
+
+    def __init__(self, checkpointed: bool) -> None:
+        super().__init__()
+        self.checkpointed = checkpointed
+        self.layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = (
+            torch.utils.checkpoint.checkpoint(self.layer, x, use_reentrant=False)
+            if self.checkpointed
+            else self.layer(x)
+        )
+        return self.head(h)
+
+
+def test_attention_in_an_activation_checkpoint_region_is_recomputed_and_trains_as_without_it():
+    """The nodes the attention decomposition makes join the region: the forward saves no activation
+    of the layer (it saved attention's q, k, v and output), and training gives the gradients of
+    the same model without the checkpoint, exactly."""
+    x = torch.randn(2, 4, 32)
+    report = nmcompile.explain(_CheckpointedEncoder(True), x)
+    assert all(row.sparse for row in report.rows) and len(report.rows) == 5
+    outputs = report.records[0].graphs["forward"].graph.output_node().args[0]
+    activations = [
+        o.name for o in outputs if isinstance(o, torch.fx.Node) and o.op != "placeholder" and o.meta["val"].dim() >= 2
+    ]
+    assert [name for name in activations if not name.endswith("_fwd_masked")] == ["head_fwd_gemm"]
+    torch.manual_seed(0)
+    plain = _CheckpointedEncoder(False)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.checkpointed = True
+    runs = [torch.compile(m, backend=nmcompile.backend(n=2, m=4)) for m in (plain, checkpointed)]
+    for step in range(3):
+        x = torch.randn(2, 4, 32)
+        for run in runs:
+            run(x).square().mean().backward()
+        for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+            assert torch.equal(p.grad, q.grad), f"step {step}: {name}"
+        sgd_step_both(plain, checkpointed, 0.1)
+
+
 def test_gemm_in_a_selective_checkpoint_region_is_reported_dense():
     """A checkpoint given a ``context_fn`` (selective checkpointing) stays whole: its layer is a report
     row with its shapes and reason (not "not a GEMM operand"), runs dense, and the layers outside
