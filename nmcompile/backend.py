@@ -626,20 +626,25 @@ def compile_graph(
         trace = torch._guards.CompileContext.current_trace_id()
         attempt = trace.attempt if trace is not None else 0
         record = CompileRecord(analysis, config, compile_id, directory, names, by_target, kernels, attempt)
-        if on_compile is not None:
-            on_compile(record)
     examples = [s.example for s in state_inputs]
     # A hit in AOTAutograd's cache skips the inner compiler, so a recorded compile (explain, dumps)
     # leaves it off. The backward it caches is traced from our ops' autograd, which the graph does
     # not show: the key tag's hash of our sources keeps another nmcompile's entries out.
     tag = "|".join(t for t in (torch.compiler.config.cache_key_tag, _source_tag()) if t)
-    with (
-        torch._functorch.config.patch(
-            enable_autograd_cache=record is None and torch._functorch.config.enable_autograd_cache
-        ),
-        torch.compiler.config.patch(cache_key_tag=tag),
-    ):
-        compiled = _compile_inner(rewritten, [*example_inputs, *examples], config, record, patches)
+    try:
+        with (
+            torch._functorch.config.patch(
+                enable_autograd_cache=record is None and torch._functorch.config.enable_autograd_cache
+            ),
+            torch.compiler.config.patch(cache_key_tag=tag),
+        ):
+            compiled = _compile_inner(rewritten, [*example_inputs, *examples], config, record, patches)
+    except Exception as exc:  # dynamo runs the graph eagerly, dense, or raises: the report must not say sparse
+        if record is not None and not isinstance(exc, torch._dynamo.exc.RestartAnalysis):
+            record.fail(exc)
+        raise
+    if on_compile is not None and record is not None:  # explain's, once the graph compiled
+        on_compile(record)
     variants = _Variants(gm, config, registry, fake_mode, params, origin, tables, record)
     targets = [(t, kernels.get(t.layer)) for t in analysis.sparse]
     return _Runner(compiled, layers, registry, origin, variants, record, targets, lifted=lifted.params)

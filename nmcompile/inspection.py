@@ -240,6 +240,14 @@ class CompileRecord:
                 _warn_unwritable(directory, err)
             self._dump("report.txt", format_table(self.rows) + "\n")
 
+    def fail(self, exc: BaseException) -> None:
+        """The graph did not compile (``exc``): its dump says so beside the table it was to run."""
+        self._dump(
+            "failed.txt",
+            f"the backend's compile of this graph raised {type(exc).__name__}: {exc}\n"
+            "dynamo raised it, or ran the graph eagerly: its layers ran dense, their states did not step\n",
+        )
+
     def add_reused(
         self, target: GemmTarget, kernel: KernelChoice | None, name: str, state: LayerState, rewritten: bool = False
     ) -> None:

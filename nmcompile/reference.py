@@ -669,11 +669,14 @@ def add_bias(bias: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def _route_gemms(module: nn.Module, mode: _GemmInterceptor) -> None:
-    """Run ``module.forward`` under ``mode``; transposed views are forgotten after each call."""
+    """Run ``module.forward`` under ``mode`` where it is not active already (a submodule called in the
+    model's forward); transposed views are forgotten after the call that entered it."""
     forward: Callable = module.forward
 
     @functools.wraps(forward)
     def routed(*args: Any, **kwargs: Any) -> Any:
+        if any(active is mode for active in torch.overrides._get_current_function_mode_stack()):
+            return forward(*args, **kwargs)
         try:
             with mode:
                 return forward(*args, **kwargs)
@@ -794,7 +797,12 @@ def sparsify(model: nn.Module, **options: Any) -> nn.Module:
             return rule
 
         candidates = {key: p for key, (_, p, _) in others.items()} | {key: p for key, (p, *_) in swapped.items()}
-        _route_gemms(model, _GemmInterceptor(candidates, make_rule, uses))
+        mode = _GemmInterceptor(candidates, make_rule, uses)
+        # The model, and each module holding a weight the mode routes: an activation checkpoint reruns
+        # a block's forward in the backward, outside the model's (nn.MultiheadAttention's projections).
+        owners = {id(module): module for _, _, module in others.values() if module is not model}
+        for module in (model, *owners.values()):
+            _route_gemms(module, mode)
     registry.warn_restarted()
     return model
 

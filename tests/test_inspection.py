@@ -569,7 +569,8 @@ class _CheckpointedEncoder(nn.Module):
 def test_attention_in_an_activation_checkpoint_region_is_recomputed_and_trains_as_without_it():
     """The nodes the attention decomposition makes join the region: the forward saves no activation
     of the layer (it saved attention's q, k, v and output), and training gives the gradients of
-    the same model without the checkpoint, exactly."""
+    the same model without the checkpoint, exactly, and of the reference (which routes the
+    attention's projections in the block's rerun too: it raised ``CheckpointError``)."""
     x = torch.randn(2, 4, 32)
     report = nmcompile.explain(_CheckpointedEncoder(True), x)
     assert all(row.sparse for row in report.rows) and len(report.rows) == 5
@@ -590,6 +591,8 @@ def test_attention_in_an_activation_checkpoint_region_is_recomputed_and_trains_a
         for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
             assert torch.equal(p.grad, q.grad), f"step {step}: {name}"
         sgd_step_both(plain, checkpointed, 0.1)
+    _, states = train_and_compare(functools.partial(_CheckpointedEncoder, True), (2, 4, 32), steps=2, n=2, m=4)
+    assert len(states) == 5
 
 
 def test_gemm_in_a_selective_checkpoint_region_is_reported_dense():
@@ -840,3 +843,31 @@ def test_explain_on_a_torch_module_compiled_in_place_reports_that_nothing_compil
     report = nmcompile.explain(model, x, inner="aot_eager")
     assert report.records == [] and str(report).startswith("(no graph compiled)")
     assert [(r.name, r.sparse) for r in report.rows] == [("0.weight", False), ("2.weight", False)]
+
+
+class _WhileLoop(nn.Module):
+    """A ``while_loop`` over a Linear in training: AOTAutograd (torch 2.13) cannot trace it, with any backend."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.cell, self.out = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch._higher_order_ops.while_loop import while_loop
+
+        start = torch.zeros((), dtype=torch.int64)
+        _, h = while_loop(lambda i, h: i < 3, lambda i, h: (i + 1, torch.tanh(self.cell(h))), (start, self.inp(x)))
+        return self.out(h)
+
+
+def test_a_graph_the_backend_cannot_compile_is_not_reported_sparse(tmp_path, monkeypatch):
+    """Dynamo runs a graph whose backend compile raised eagerly, dense: ``explain`` lists no sparse row
+    for it (it listed its layers sparse), and the graph's dump says that its compile failed."""
+    monkeypatch.setenv("NMSPARSE_DUMP_DIR", str(tmp_path))
+    model, x = _WhileLoop(), torch.randn(4, 16)
+    report = nmcompile.explain(model, x, inner="aot_eager")
+    assert not report.records and report.rows and not [row.name for row in report.rows if row.sparse]
+    failed = sorted(tmp_path.glob("*/failed.txt"))  # dynamo retries the frame with a graph break
+    assert failed and all(f.read_text().startswith("the backend's compile of this graph raised ") for f in failed)
+    assert "inp.weight" in (failed[0].parent / "report.txt").read_text()
+    assert torch.equal(torch.compile(model, backend=nmcompile.backend(inner="aot_eager"))(x), model(x))  # dense
