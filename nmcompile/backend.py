@@ -435,9 +435,8 @@ def _compile_inner(
         except torch._dynamo.exc.RestartAnalysis:  # dynamo's request to trace again (a float made an input)
             raise
         except Exception as exc:  # a warning instead of a crash: the same graph without Inductor
-            summary = (str(exc).strip().splitlines() or [""])[-1][:200]  # the cause, last
             warnings.warn(
-                f"nmsparse: Inductor could not compile a graph ({type(exc).__name__}: {summary}); it runs "
+                f"nmsparse: Inductor could not compile a graph ({type(exc).__name__}: {_cause(exc)}); it runs "
                 "through AOTAutograd without Inductor (as inner='aot_eager'): still sparse, not fused",
                 stacklevel=2,
             )
@@ -455,6 +454,15 @@ def _compile_inner(
         bw_compiler=functools.partial(eager, "backward"),
         inference_compiler=functools.partial(eager, "inference"),
     )(gm, inputs)
+
+
+def _cause(exc: BaseException) -> str:
+    """The line of ``exc``'s message that names its cause: the last that reads ``SomeError: ...``
+    (Inductor puts its lowering's error first, then the IR it failed on, then a source excerpt),
+    else the last with any text; 200 characters at most."""
+    lines = [line.strip() for line in str(exc).splitlines() if re.search(r"\w", line)]
+    causes = [line for line in lines if re.match(r"[\w.]*(Error|Exception)\b", line)]
+    return ((causes or lines or [""])[-1])[:200]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -524,7 +524,7 @@ def _dense_reason(
     if info.shared_as:  # tied by the modules, whichever graphs the uses fall into
         return f"tied: parameter shared with {', '.join(info.shared_as)}"
     uses = _consumers(placeholder)
-    if len(uses) > 1:  # two GEMMs (a tie in one graph), or a GEMM and another op (a penalty on W)
+    if len(uses) > 1 and not _inference_calls(uses):  # two GEMMs (a tie in one graph), or a GEMM and another op
         return f"tied: parameter used by {len(uses)} nodes ({', '.join(sorted(map(_op_name, uses)))})"
     if info.lookup:  # the embedding's lookup in another graph (a tied output head)
         return f"tied: also the table of an embedding lookup ({info.lookup})"
@@ -533,6 +533,20 @@ def _dense_reason(
     if not divisible(cols, config.m):
         return f"{k_name}={cols} not divisible by m={config.m}"
     return None
+
+
+def _inference_calls(uses: list[fx.Node]) -> bool:
+    """Whether a weight's uses are GEMMs run without autograd, each in another call of the model
+    (dynamo's module-stack keys ``<id>``, ``<id>@1``, ... of the module above the layer), as in a
+    compiled generate or test-time-augmentation loop: each call masks the weight alike and none
+    trains, as the reference runs them, one forward each. Two uses in one call stay a tie."""
+    outer = []
+    for use in uses:
+        keys = list(use.meta.get("nn_module_stack") or {})
+        if _gemm_kind(use) is None or getattr(example_value(use), "requires_grad", True) or len(keys) < 2:
+            return False
+        outer.append(keys[0])
+    return len(set(outer)) == len(outer) and len({key.split("@")[0] for key in outer}) == 1
 
 
 def _decide_conv(

@@ -868,6 +868,20 @@ def test_a_graph_inductor_cannot_compile_runs_without_it(monkeypatch):
     assert "fc2_bwd_input_grad" in backward and report.forward_graph is not None
 
 
+def test_the_fallback_warning_names_the_cause_not_a_source_excerpt():
+    """The warning quotes the last line of the error that reads ``SomeError: ...``: Inductor puts its
+    lowering's error first and ends with a source excerpt (the warning quoted a row of carets)."""
+    from nmcompile.backend import _cause
+
+    lowering = "LoweringException: ValueError: not enough values\n  target: flex_attention\n    x = f(y)\n        ^^^^"
+    assert _cause(RuntimeError(lowering)) == "LoweringException: ValueError: not enough values"
+    assert _cause(RuntimeError("lowering failed\nValueRangeError: Invalid ranges [0:-1]")) == (
+        "ValueRangeError: Invalid ranges [0:-1]"
+    )
+    assert _cause(RuntimeError("no named cause\n   ^^^")) == "no named cause"
+    assert _cause(RuntimeError("")) == "" and len(_cause(RuntimeError("E" * 300))) == 200
+
+
 def test_dynamos_restart_of_an_analysis_reaches_inductor_not_the_fallback():
     """A float made an input (LayerNorm's ``eps`` under ``dynamic=True``) makes dynamo restart its
     analysis from inside the backend; that request passes through, and the second attempt compiles
