@@ -618,8 +618,9 @@ def compile_graph(
     gm, _ = copy_graph_module(gm)
     if decompose_attention(gm).modified:
         _propagate_fake_values(gm)
-    analysis = find_targets(gm, example_inputs, config, params)
     code = _compiling_code()
+    module_forward = code is None or _module_forward(code)
+    analysis = find_targets(gm, example_inputs, config, params, module_forward)
     _watch_recompile_limit().note(code, bool(analysis.targets))
     if on_compile is None:  # explain reports these itself
         _warn_other_uses(analysis, code)
@@ -638,7 +639,7 @@ def compile_graph(
     # A hit in AOTAutograd's cache skips the inner compiler, so a recorded compile (explain, dumps)
     # leaves it off. The backward it caches is traced from our ops' autograd, which the graph does
     # not show: the key tag's hash of our sources keeps another nmcompile's entries out.
-    tag = "|".join(t for t in (torch.compiler.config.cache_key_tag, _source_tag()) if t)
+    tag = "|".join(t for t in (torch.compiler.config.cache_key_tag, _source_tag(), _region_tag(rewritten)) if t)
     try:
         with (
             torch._functorch.config.patch(
@@ -653,7 +654,7 @@ def compile_graph(
         raise
     if on_compile is not None and record is not None:  # explain's, once the graph compiled
         on_compile(record)
-    variants = _Variants(gm, config, registry, fake_mode, params, origin, tables, record)
+    variants = _Variants(gm, config, registry, fake_mode, params, origin, tables, record, module_forward)
     targets = [(t, kernels.get(t.layer)) for t in analysis.sparse]
     return _Runner(compiled, layers, registry, origin, variants, record, targets, lifted=lifted.params)
 
@@ -790,6 +791,17 @@ def _watch_recompile_limit() -> _RecompileLimitWatch:
     return watch
 
 
+def _region_tag(gm: fx.GraphModule) -> str:
+    """A digest of the activation-checkpoint tags of ``gm``'s nodes (``inline_subgraphs``), for the
+    compile caches' key: AOTAutograd's hashes the graph's code, not its nodes' metadata, so a model
+    with and without a checkpoint can have one key, and the second would load the first's
+    partition (what it saves for the backward); ``""`` where no node has them."""
+    tags = [
+        (n.name, str(n.meta.get("recompute")), n.meta["ac_graph_id"]) for n in gm.graph.nodes if "ac_graph_id" in n.meta
+    ]
+    return f"regions-{hashlib.sha256(repr(tags).encode()).hexdigest()[:16]}" if tags else ""
+
+
 @functools.cache
 def _source_tag() -> str:
     """``nmcompile-<hash>`` of the package's Python sources (passes and kernels included): the part
@@ -914,8 +926,10 @@ class _Variants:
         origin: _Origin,
         tables: Collection[str],
         record: CompileRecord | None = None,
+        module_forward: bool = True,
     ) -> None:
         self.gm, self.config, self.origin, self.record = gm, config, origin, record
+        self.module_forward = module_forward  # as find_targets takes it
         self.registry, self.fake_mode = registry, fake_mode
         placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         self.inputs = [(placeholders.index(name), name, _Known.of(info)) for name, info in params.items()]
@@ -998,7 +1012,7 @@ class _Variants:
         examples = [n.meta.get("example_value") for n in self.gm.graph.nodes if n.op == "placeholder"]
         for (position, _, _), w in zip(self.inputs, weights, strict=True):
             examples[position] = w  # find_targets reads weights' values only
-        analysis = find_targets(self.gm, examples, self.config, params)
+        analysis = find_targets(self.gm, examples, self.config, params, self.module_forward)
         rewritten, _ = insert_masks(self.gm, analysis, self.config, self.fake_mode)
         layers, by_target = _layers(self.gm, analysis, params, self.config, self.registry)
         if self.record is not None:

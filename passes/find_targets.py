@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -293,21 +293,25 @@ def find_targets(
     example_inputs: Sequence[Any],
     config: SparsityConfig,
     params: Mapping[str, ParamInfo],
+    module_forward: bool = True,
 ) -> TargetAnalysis:
     """Decide for every GEMM-like node of ``gm`` whether it becomes N:M sparse (SPEC §4, §10).
 
     ``params`` maps placeholder names to the parameters they carry; placeholders not in it are
     activations or buffers. ``example_inputs`` are matched to placeholders by position.
+    ``module_forward``: ``gm`` is (part of) a module's own forward, where dynamo's module stacks
+    start below the module (``False``: a function that calls modules; ``_inference_calls``).
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     values = dict(zip(placeholders, example_inputs, strict=False))
+    separate = {ph for ph in placeholders if _inference_calls(_consumers(ph), module_forward)}
     targets = []
     depth = 0  # of torch.func transforms (vmap, grad, jvp) around the node
     for node in gm.graph.nodes:
         kind = _gemm_kind(node)
         function = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
         if kind is not None:
-            target = _decide(node, kind, config, params, values)
+            target = _decide(node, kind, config, params, values, separate)
             if depth and target.param_name is not None:
                 # The custom op's autograd would run per vmapped sample (SR-STE added B times).
                 target.sparse, target.backward = False, "dense"
@@ -413,8 +417,15 @@ def _checkpointed(
 
 
 def _decide(
-    node: fx.Node, kind: str, config: SparsityConfig, params: Mapping[str, ParamInfo], values: Mapping[fx.Node, Any]
+    node: fx.Node,
+    kind: str,
+    config: SparsityConfig,
+    params: Mapping[str, ParamInfo],
+    values: Mapping[fx.Node, Any],
+    separate: Collection[fx.Node] = (),
 ) -> GemmTarget:
+    """The decision for the GEMM-like ``node``; ``separate``: weights whose uses are no tie
+    (``_inference_calls``)."""
     target = GemmTarget(node=node, op=kind)
     if kind in _FUSED_ATTENTION.values():
         target.reason = node.meta.get(DENSE_REASON, f"fused {kind}: its projections run dense inside it")
@@ -426,7 +437,7 @@ def _decide(
     target.input_grad = in_autograd and getattr(example_value(x), "requires_grad", True)
     target.weight_grad = in_autograd and getattr(example_value(w), "requires_grad", True)
     if kind.startswith("conv"):
-        return _decide_conv(target, w, extra, config, params, values)
+        return _decide_conv(target, w, extra, config, params, values, separate)
     placeholder, transposed = _operand_placeholder(w)
     info = params.get(placeholder.name) if placeholder is not None else None
     if info is None:
@@ -457,7 +468,7 @@ def _decide(
         for size in x_shape[:-1]:
             numel *= size
         target.tokens = size_hint(numel)
-    reason = _dense_reason(value, cols, info, placeholder, kind, extra, config)
+    reason = _dense_reason(value, cols, info, placeholder, kind, extra, config, separate=placeholder in separate)
     if reason:
         target.reason = reason
         return target
@@ -506,8 +517,10 @@ def _dense_reason(
     extra: dict,
     config: SparsityConfig,
     k_name: str = "K",
+    separate: bool = False,
 ) -> str | None:
-    """Why a parameter GEMM stays dense (SPEC §10), or ``None`` if it can be sparsified."""
+    """Why a parameter GEMM stays dense (SPEC §10), or ``None`` if it can be sparsified;
+    ``separate``: the weight's uses are separate inference calls, no tie (``_inference_calls``)."""
     if value.dtype not in FLOAT_DTYPES:
         return f"dtype {value.dtype} is not floating point"
     if 0 in value.shape:
@@ -524,7 +537,7 @@ def _dense_reason(
     if info.shared_as:  # tied by the modules, whichever graphs the uses fall into
         return f"tied: parameter shared with {', '.join(info.shared_as)}"
     uses = _consumers(placeholder)
-    if len(uses) > 1 and not _inference_calls(uses):  # two GEMMs (a tie in one graph), or a GEMM and another op
+    if len(uses) > 1 and not separate:  # two GEMMs (a tie in one graph), or a GEMM and another op
         return f"tied: parameter used by {len(uses)} nodes ({', '.join(sorted(map(_op_name, uses)))})"
     if info.lookup:  # the embedding's lookup in another graph (a tied output head)
         return f"tied: also the table of an embedding lookup ({info.lookup})"
@@ -535,15 +548,20 @@ def _dense_reason(
     return None
 
 
-def _inference_calls(uses: list[fx.Node]) -> bool:
-    """Whether a weight's uses are GEMMs run without autograd, each in another call of the model
-    (dynamo's module-stack keys ``<id>``, ``<id>@1``, ... of the module above the layer), as in a
-    compiled generate or test-time-augmentation loop: each call masks the weight alike and none
-    trains, as the reference runs them, one forward each. Two uses in one call stay a tie."""
+def _inference_calls(uses: list[fx.Node], module_forward: bool) -> bool:
+    """Whether a weight's several uses are GEMMs run without autograd, each in another call of the
+    model (dynamo's module-stack keys ``<id>``, ``<id>@1``, ... of the outermost module called), as
+    in a compiled generate or test-time-augmentation loop: each call masks the weight alike and none
+    trains, as the reference runs them, one forward each. Two uses in one call stay a tie. In a
+    module's own forward the stacks start below the module, so there the calls must be of a
+    module above the layer (a layer called twice in the forward is a tie)."""
+    if len(uses) < 2:
+        return False
     outer = []
     for use in uses:
         keys = list(use.meta.get("nn_module_stack") or {})
-        if _gemm_kind(use) is None or getattr(example_value(use), "requires_grad", True) or len(keys) < 2:
+        no_grad = not getattr(example_value(use), "requires_grad", True)
+        if _gemm_kind(use) is None or not no_grad or not keys or (module_forward and len(keys) < 2):
             return False
         outer.append(keys[0])
     return len(set(outer)) == len(outer) and len({key.split("@")[0] for key in outer}) == 1
@@ -556,6 +574,7 @@ def _decide_conv(
     config: SparsityConfig,
     params: Mapping[str, ParamInfo],
     values: Mapping[fx.Node, Any],
+    separate: Collection[fx.Node] = (),
 ) -> GemmTarget:
     """SPEC §1/§10 for a convolution: ``W`` ``[O, C/groups, *k]``, N:M along ``C`` per kernel position."""
     source = _through_casts(w)
@@ -591,7 +610,8 @@ def _decide_conv(
     if "transpose" in target.op:
         target.reason = "transposed convolution"
         return target
-    reason = _dense_reason(value, cols, info, source, target.op, {}, config, k_name="C/groups" if groups > 1 else "C")
+    k_name = "C/groups" if groups > 1 else "C"
+    reason = _dense_reason(value, cols, info, source, target.op, {}, config, k_name, source in separate)
     if reason is None and groups > 1 and not divisible(rows // groups, config.m):
         reason = f"grouped conv: O/groups={rows // groups} not divisible by m={config.m}"
     if reason:

@@ -871,3 +871,45 @@ def test_a_graph_the_backend_cannot_compile_is_not_reported_sparse(tmp_path, mon
     assert failed and all(f.read_text().startswith("the backend's compile of this graph raised ") for f in failed)
     assert "inp.weight" in (failed[0].parent / "report.txt").read_text()
     assert torch.equal(torch.compile(model, backend=nmcompile.backend(inner="aot_eager"))(x), model(x))  # dense
+
+
+def _saved_shapes(out: torch.Tensor) -> list[tuple[int, ...]]:
+    """The shapes of the tensors the backward nodes behind ``out`` saved."""
+    shapes, seen, stack = [], set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        shapes += [tuple(t.shape) for t in getattr(node, "saved_tensors", ()) or () if t is not None]
+        stack += [parent for parent, _ in node.next_functions]
+    return shapes
+
+
+def test_a_checkpointed_model_does_not_load_the_plain_models_partition_from_the_cache(tmp_path, monkeypatch):
+    """AOTAutograd's cache key hashes the graph's code, which an inlined checkpoint region can leave as
+    the same model's without the checkpoint; the regions' tags join the key, so each model, compiled
+    one after the other on a fresh cache, saves its own activations (the second loaded the first's
+    partition: a hit where a miss belongs)."""
+    from torch._dynamo.utils import counters
+
+    class Scaled(_CheckpointedPair):  # one graph code, checkpointed or not (the plain pair's differs)
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x * 2
+            return self.fc3(
+                torch.utils.checkpoint.checkpoint(self.body, x, use_reentrant=False)
+                if self.checkpointed
+                else self.body(x)
+            )
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    x = torch.randn(4, 16)
+    runs = []
+    with torch._functorch.config.patch(enable_autograd_cache=True):
+        for checkpointed in (False, True, False):
+            torch._dynamo.reset()
+            counters.clear()
+            compiled = torch.compile(Scaled(checkpointed), backend=nmcompile.backend())
+            saved = _saved_shapes(compiled(x)).count((4, 32))
+            runs.append((saved, counters["aot_autograd"]["autograd_cache_hit"]))
+    assert runs == [(2, 0), (0, 0), (2, 1)], runs

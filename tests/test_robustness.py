@@ -674,6 +674,41 @@ def test_a_compiled_inference_function_that_calls_the_model_twice_masks_every_ca
     )
 
 
+def test_a_compiled_inference_function_calling_a_single_layer_twice_masks_every_call():
+    """The same for a model that is one layer (its module stack has one entry per call, ``<id>`` and
+    ``<id>@1``): each call masked, as the reference's (it ran the dense weight, silently). A layer
+    called twice inside a module's own compiled forward stays a tie, as in the reference's one
+    forward."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.fc(x)))
+
+    x = torch.randn(4, 16)
+    base = nn.Linear(16, 16)
+    ref = reference.sparsify(copy.deepcopy(base))
+    mine = copy.deepcopy(base)
+    train_against(ref, mine, torch.compile(mine, backend=nmcompile.backend()), shape=(4, 16), steps=2)
+    ref.eval(), mine.eval()
+    with torch.no_grad():
+        expected = ref(x) + ref(x.flip(-1))
+        assert (base(x) + base(x.flip(-1)) - expected).abs().max() > 1e-2  # the dense weight differs
+        compiled = torch.compile(lambda m, t: m(t) + m(t.flip(-1)), backend=nmcompile.backend())
+        assert_close(compiled(mine, x), expected, what="a single layer called twice")
+    base = Twice()
+    ref = reference.sparsify(copy.deepcopy(base)).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the reference warns of the tie at its first forward
+        ref(x)
+        expected = ref(x)
+        assert_close(torch.compile(base.eval(), backend=nmcompile.backend())(x), expected, what="a tie in one forward")
+        assert torch.equal(base(x), expected)  # dense
+
+
 def test_lstm_is_reported_dense_and_tied_head_is_dense():
     """nn.LSTM runs dense with a reason; an output head tied to the embedding stays dense (SPEC §10)."""
 
