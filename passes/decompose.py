@@ -206,6 +206,8 @@ def _inline(graph: fx.Graph, node: fx.Node, fn: Any, inputs: list[Any]) -> None:
     names = list(inspect.signature(fn).parameters)
     concrete = {name: value for name, value in zip(names, inputs, strict=True) if not isinstance(value, fx.Node)}
     traced = fx.symbolic_trace(fn, concrete_args=concrete)
+    for check in traced.graph.find_nodes(op="call_function", target=torch.fx._symbolic_trace._assert_is_none):
+        traced.graph.erase_node(check)  # a None argument's guard: AOTAutograd's cache refuses graphs with one
     placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
     env = {p: value for p, value in zip(placeholders, inputs, strict=True) if p.name not in concrete}
     first = node.prev

@@ -299,8 +299,9 @@ def find_targets(
 
     ``params`` maps placeholder names to the parameters they carry; placeholders not in it are
     activations or buffers. ``example_inputs`` are matched to placeholders by position.
-    ``module_forward``: ``gm`` is (part of) a module's own forward, where dynamo's module stacks
-    start below the module (``False``: a function that calls modules; ``_inference_calls``).
+    ``module_forward``: ``gm`` is (part of) a module's own forward, all one forward of the model
+    (``False``: a function that calls modules, where uses in separate calls under ``no_grad`` are no
+    tie; ``_inference_calls``).
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     values = dict(zip(placeholders, example_inputs, strict=False))
@@ -549,22 +550,21 @@ def _dense_reason(
 
 
 def _inference_calls(uses: list[fx.Node], module_forward: bool) -> bool:
-    """Whether a weight's several uses are GEMMs run without autograd, each in another call of the
-    model (dynamo's module-stack keys ``<id>``, ``<id>@1``, ... of the outermost module called), as
-    in a compiled generate or test-time-augmentation loop: each call masks the weight alike and none
-    trains, as the reference runs them, one forward each. Two uses in one call stay a tie. In a
-    module's own forward the stacks start below the module, so there the calls must be of a
-    module above the layer (a layer called twice in the forward is a tie)."""
-    if len(uses) < 2:
+    """Whether a weight's several uses are GEMMs run without autograd, each in another call of a
+    module (dynamo's module-stack keys ``<id>``, ``<id>@1``, ... of the outermost module called), as
+    in a compiled generate or test-time-augmentation function: each call masks the weight alike and
+    none trains, as the reference runs them, one forward each. Inside a module's own forward
+    (``module_forward``) every use is of one forward, as the reference's, so several are a tie (a
+    block run three times, a teacher called twice under ``no_grad``); so are two uses in one call."""
+    if module_forward or len(uses) < 2:
         return False
     outer = []
     for use in uses:
         keys = list(use.meta.get("nn_module_stack") or {})
-        no_grad = not getattr(example_value(use), "requires_grad", True)
-        if _gemm_kind(use) is None or not no_grad or not keys or (module_forward and len(keys) < 2):
+        if _gemm_kind(use) is None or getattr(example_value(use), "requires_grad", True) or not keys:
             return False
         outer.append(keys[0])
-    return len(set(outer)) == len(outer) and len({key.split("@")[0] for key in outer}) == 1
+    return len(set(outer)) == len(outer)
 
 
 def _decide_conv(

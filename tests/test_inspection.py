@@ -913,3 +913,22 @@ def test_a_checkpointed_model_does_not_load_the_plain_models_partition_from_the_
             saved = _saved_shapes(compiled(x)).count((4, 32))
             runs.append((saved, counters["aot_autograd"]["autograd_cache_hit"]))
     assert runs == [(2, 0), (0, 0), (2, 1)], runs
+
+
+def test_a_model_with_attention_is_served_from_the_autograd_cache(tmp_path, monkeypatch):
+    """The attention decomposition leaves no ``_assert_is_none`` guard of its traced formula in the
+    graph, which AOTAutograd's cache refuses: a second compile of an encoder layer hits the cache
+    (every compile of a model with attention bypassed it)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    x = torch.randn(2, 4, 32)
+    found = []
+    with torch._functorch.config.patch(enable_autograd_cache=True):
+        for _ in range(2):
+            torch._dynamo.reset()
+            counters.clear()
+            torch.manual_seed(0)
+            torch.compile(_CheckpointedEncoder(False), backend=nmcompile.backend())(x)
+            found.append(dict(counters["aot_autograd"]))
+    assert [("autograd_cache_hit" in c, "autograd_cache_bypass" in c) for c in found] == [(False, False), (True, False)]

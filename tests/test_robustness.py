@@ -676,17 +676,17 @@ def test_a_compiled_inference_function_that_calls_the_model_twice_masks_every_ca
 
 def test_a_compiled_inference_function_calling_a_single_layer_twice_masks_every_call():
     """The same for a model that is one layer (its module stack has one entry per call, ``<id>`` and
-    ``<id>@1``): each call masked, as the reference's (it ran the dense weight, silently). A layer
-    called twice inside a module's own compiled forward stays a tie, as in the reference's one
-    forward."""
+    ``<id>@1``), and for a function calling the model and one of its layers: each call masked, as
+    the reference's (they ran the dense weight, silently). A block run twice inside a module's own
+    compiled forward stays a tie, as in the reference's one forward (a review found it masked)."""
 
     class Twice(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.fc = nn.Linear(16, 16)
+            self.block = nn.Sequential(nn.Linear(16, 16), nn.ReLU())
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(torch.relu(self.fc(x)))
+            return self.block(self.block(x))
 
     x = torch.randn(4, 16)
     base = nn.Linear(16, 16)
@@ -699,6 +699,13 @@ def test_a_compiled_inference_function_calling_a_single_layer_twice_masks_every_
         assert (base(x) + base(x.flip(-1)) - expected).abs().max() > 1e-2  # the dense weight differs
         compiled = torch.compile(lambda m, t: m(t) + m(t.flip(-1)), backend=nmcompile.backend())
         assert_close(compiled(mine, x), expected, what="a single layer called twice")
+    base = MLP(16, 16, 16)
+    ref = reference.sparsify(copy.deepcopy(base)).eval()
+    mine = copy.deepcopy(base).eval()
+    with torch.no_grad():
+        expected = ref(x) + ref.fc1(x).sum()
+        compiled = torch.compile(lambda m, t: m(t) + m.fc1(t).sum(), backend=nmcompile.backend())
+        assert_close(compiled(mine, x), expected, what="the model and its layer")
     base = Twice()
     ref = reference.sparsify(copy.deepcopy(base)).eval()
     with torch.no_grad(), warnings.catch_warnings():
