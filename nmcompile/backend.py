@@ -623,7 +623,7 @@ def compile_graph(
     analysis = find_targets(gm, example_inputs, config, params, module_forward)
     _watch_recompile_limit().note(code, bool(analysis.targets))
     if on_compile is None:  # explain reports these itself
-        _warn_other_uses(analysis, code)
+        _warn_other_uses(analysis, module_forward)
     rewritten, state_inputs = insert_masks(gm, analysis, config, fake_mode)
     rewritten, kernels = lower_kernels(rewritten, config)
     layers, by_target = _layers(gm, analysis, params, config, registry)
@@ -659,13 +659,14 @@ def compile_graph(
     return _Runner(compiled, layers, registry, origin, variants, record, targets, lifted=lifted.params)
 
 
-def _warn_other_uses(analysis: Any, code: _CodeKey | None) -> None:
+def _warn_other_uses(analysis: Any, module_forward: bool) -> None:
     """Warn, once per weight, where this graph leaves a weight dense as tied (SPEC §10) because the
     compiled function uses it outside the model's forward (a training step compiled whole: weight
     clipping, a penalty on the loss, a logged norm), where the reference, which sees the forward
     only, trains the layer sparse. Ties inside the forward are the report's (no remedy to give):
-    nothing warns where the compiled code is a module's forward."""
-    if code is None or _module_forward(code):
+    nothing warns where the compiled code is a module's forward (``module_forward``, also where
+    the code is not known)."""
+    if module_forward:
         return
     warned = set()
     for target in analysis.targets:

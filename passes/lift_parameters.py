@@ -28,7 +28,8 @@ def lift_parameters(gm: fx.GraphModule) -> LiftedParameters:
     """A copy of ``gm`` whose ``get_attr`` nodes of Parameters are placeholders after its own, one
     per Parameter, named as the first such node and carrying its dynamo source; ``gm`` itself
     where it reads none. Node metadata, dynamo's ``grapharg`` included, is kept."""
-    found = [n for n in gm.graph.nodes if n.op == "get_attr" and isinstance(_attribute(gm, n.target), nn.Parameter)]
+    attributes = [(n, _attribute(gm, n.target)) for n in gm.graph.find_nodes(op="get_attr")]
+    found = [(node, value) for node, value in attributes if isinstance(value, nn.Parameter)]
     if not found:
         return LiftedParameters(gm, [])
     graph = fx.Graph()
@@ -38,8 +39,7 @@ def lift_parameters(gm: fx.GraphModule) -> LiftedParameters:
     sources = getattr(gm, "_param_name_to_source", {})
     inputs: dict[int, fx.Node] = {}
     params: list[nn.Parameter] = []
-    for node in found:
-        param = _attribute(gm, node.target)
+    for node, param in found:
         if id(param) not in inputs:
             placeholder = inputs[id(param)] = graph.placeholder(node.name)
             placeholder.meta = dict(node.meta)
