@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import inspect
 import logging
 import os
 import re
@@ -619,7 +620,7 @@ def compile_graph(
     if decompose_attention(gm).modified:
         _propagate_fake_values(gm)
     code = _compiling_code()
-    module_forward = code is None or _module_forward(code)
+    module_forward = _compiling_module_forward()
     analysis = find_targets(gm, example_inputs, config, params, module_forward)
     _watch_recompile_limit().note(code, bool(analysis.targets))
     if on_compile is None:  # explain reports these itself
@@ -685,12 +686,32 @@ def _warn_other_uses(analysis: Any, module_forward: bool) -> None:
             )
 
 
-def _module_forward(code: _CodeKey) -> bool:
+def _compiling_module_forward() -> bool:
     """Whether dynamo compiles a module's forward (``torch.compile(model)``; a graph break's resume
-    of it; ``nn.Sequential`` through dynamo's ``inner`` wrapper), not a function that calls one."""
-    name, filename, _ = code
-    wrapper = name == "inner" and filename.endswith(os.path.join("_dynamo", "external_utils.py"))
-    return name == "forward" or name.startswith("torch_dynamo_resume_in_forward_at_") or wrapper
+    of it; ``nn.Sequential`` through dynamo's ``inner`` wrapper), not a function that calls one,
+    even one named ``forward``: its first argument is a module whose class defines this code as its
+    ``forward``. ``True`` where dynamo's tracer is not at hand (pieces of a forward, as DDP's)."""
+    tx = _compiling_frame()
+    if tx is None:
+        return True
+    root = tx.output.root_tx
+    code = root.f_code
+    if code.co_name.startswith("torch_dynamo_resume_in_forward_at_"):
+        return True
+    if code.co_name == "inner" and code.co_filename.endswith(os.path.join("_dynamo", "external_utils.py")):
+        return True
+    if code.co_name != "forward" or not code.co_argcount:
+        return False
+    owner = root.f_locals.get(code.co_varnames[0])
+    if not isinstance(owner, nn.Module):
+        return False
+    methods = [vars(cls).get("forward") for cls in type(owner).__mro__] + [vars(owner).get("forward")]
+    return any(_code_of(method) is code for method in methods if method is not None)
+
+
+def _code_of(method: Any) -> types.CodeType | None:
+    """The code object of a function or method, under any ``functools.wraps`` decorators."""
+    return getattr(inspect.unwrap(getattr(method, "__func__", method)), "__code__", None)
 
 
 class _RecompileLimitWatch(logging.Filter):

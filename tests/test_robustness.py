@@ -674,6 +674,30 @@ def test_a_compiled_inference_function_that_calls_the_model_twice_masks_every_ca
     )
 
 
+def test_a_compiled_inference_function_named_forward_masks_every_call():
+    """A plain function named ``forward`` (``forward(model, batch)``) that calls the model twice under
+    ``no_grad`` is a function, not a module's forward: each call masked, as the reference's (dynamo's
+    code name alone made it a tie, run dense)."""
+    base = MLP(16, 32, 16)
+    ref = reference.sparsify(copy.deepcopy(base))
+    mine = copy.deepcopy(base)
+    train_against(ref, mine, torch.compile(mine, backend=nmcompile.backend()), shape=(4, 16), steps=2)
+    ref.eval(), mine.eval()
+
+    def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return model(x) - model(x.flip(-1))
+
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        expected = forward(ref, x)
+        assert (forward(copy.deepcopy(base).eval(), x) - expected).abs().max() > 1e-2  # dense weights differ
+        records = []
+        backend = nmcompile.NMSparseBackend(nmcompile.SparsityConfig(), on_compile=records.append)
+        assert_close(torch.compile(forward, backend=backend)(mine, x), expected, what="forward(model, x)")
+    (record,) = records
+    assert [row.sparse for row in record.rows] == [True] * 6
+
+
 def test_a_compiled_inference_function_calling_a_single_layer_twice_masks_every_call():
     """The same for a model that is one layer (its module stack has one entry per call, ``<id>`` and
     ``<id>@1``), and for a function calling the model and one of its layers: each call masked, as
