@@ -142,6 +142,28 @@ def _compiling_backend() -> Any:
     return innermost_backend(compiler)
 
 
+def _modules_in_compiled_code() -> list[nn.Module]:
+    """The modules being called on this thread's stack inside the outermost frame that runs code
+    dynamo compiled, outermost first (``[]`` where none is): a compiled function ``step(model, x)``
+    whose model runs its blocks as frames of their own (after a graph break in them) names their
+    weights within the model, as without the break, not within the block that dynamo compiles."""
+    from torch._dynamo.eval_frame import OptimizedModule
+    from torch._dynamo.utils import orig_code_map
+
+    called: list[nn.Module] = []
+    inside: list[nn.Module] = []
+    frame = sys._getframe()
+    while frame is not None:
+        if any(frame.f_code is code for code in _MODULE_CALLS):
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, nn.Module):
+                called.append(owner._orig_mod if isinstance(owner, OptimizedModule) else owner)
+        elif frame.f_code in orig_code_map:  # dynamo's transformed code of a frame it compiled
+            inside = list(called)
+        frame = frame.f_back
+    return list(dict.fromkeys(reversed(inside)))
+
+
 def _root_tables(backend: Any = None) -> list[_Table]:
     """``_parameter_table`` of each compiled module being called (``_compiled_roots``), outermost
     first (full names)."""
@@ -162,9 +184,10 @@ class _CallTables:
     lookup, then shared by the rest (each build walks every parameter of the model, so a build per
     weight made the first call of a graph reused by many blocks quadratic in the blocks).
 
-    Where no compiled module on the stack holds a parameter, ``lookup`` follows its dynamo source
-    through ``namespaces`` (the compiled frame's locals and globals, asked for at the first such
-    lookup): a compiled function given the model, ``fn(model, x)``, finds each model's modules."""
+    Where no compiled module on the stack holds a parameter, ``lookup`` looks in the modules called
+    inside compiled code (``_modules_in_compiled_code``), then follows its dynamo source through
+    ``namespaces`` (the compiled frame's locals and globals, asked for at the first such lookup): a
+    compiled function given the model, ``fn(model, x)``, finds each model's modules."""
 
     def __init__(self, namespaces: Callable[[], _Namespaces | None] | None = None, backend: Any = None) -> None:
         self._tables: list[_Table] | None = None
@@ -172,6 +195,7 @@ class _CallTables:
         self._backend = backend
         self._frame: _Namespaces | None = None
         self._chain_tables: dict[int, _Table] = {}  # one table per module met on a source chain
+        self._called: list[_Table] | None = None  # the modules called inside the compiled code
 
     def tables(self) -> list[_Table]:
         if self._tables is None:
@@ -179,9 +203,13 @@ class _CallTables:
         return self._tables
 
     def lookup(self, param: torch.Tensor, source: str | None = None) -> _Entry | None:
-        """``param``'s entry in the compiled modules being called, else in the outermost module on
-        its ``source`` chain that holds it."""
+        """``param``'s entry in the compiled modules being called, else in the modules called inside
+        compiled code, else in the outermost module on its ``source`` chain that holds it."""
         found = _lookup(self.tables(), param)
+        if found is None and self._namespaces is not None:
+            if self._called is None:
+                self._called = [_parameter_table(module) for module in _modules_in_compiled_code()]
+            found = _lookup(self._called, param)
         if found is not None or source is None or self._namespaces is None:
             return found
         if self._frame is None:
@@ -454,6 +482,7 @@ def _compile_inner(
         fw_compiler=functools.partial(eager, "forward"),
         bw_compiler=functools.partial(eager, "backward"),
         inference_compiler=functools.partial(eager, "inference"),
+        keep_inference_input_mutations=True,  # as dense aot_eager: a recomputed region reads buffers as they were
     )(gm, inputs)
 
 

@@ -931,12 +931,13 @@ def forward_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     ``W ⊙ F`` (``W ⊙ (F + (1−F)·α)`` while a mask decays), as a new tensor of the parameter's shape.
     ``state_dict()`` keeps the dense parameters, from which the masks are chosen each step; loading
     these over them gives a plain model the compiled model's eval forward, to deploy or export.
+    A frozen weight (``requires_grad=False``) runs dense (SPEC §10), so it is left out, state or not.
     Under FSDP2 it gathers each sharded weight (a collective: call it on every rank)."""
-    weights = {name: state.forward_weight(param) for name, param, state in _sparsified(model)}
+    weights = {name: state.forward_weight(param) for name, param, state in _sparsified(model) if param.requires_grad}
     waiting = [
         full
-        for full, module, name, _ in _named_slots(unwrap(model))
-        if full not in weights and DEFAULT_REGISTRY.holds_payload(module, name)
+        for full, module, name, param in _named_slots(unwrap(model))
+        if full not in weights and param.requires_grad and DEFAULT_REGISTRY.holds_payload(module, name)
     ]
     if waiting:
         warnings.warn(

@@ -75,7 +75,8 @@ def _inline_checkpoints(gm: fx.GraphModule, regions: itertools.count) -> None:
         gm.graph.erase_node(node)
         if not attribute.users:
             gm.graph.erase_node(attribute)
-            delattr(gm, str(attribute.target))
+            if not gm.graph.find_nodes(op="get_attr", target=attribute.target):  # copies of one body share it
+                delattr(gm, str(attribute.target))
     gm.recompile()
 
 

@@ -1234,6 +1234,36 @@ def test_forward_weights_of_a_loaded_model_before_its_first_compile_warn():
     assert {s["step"] for s in nmcompile.sparsity_state(fresh).values()} == {3}
 
 
+def test_forward_weights_leave_out_layers_frozen_after_sparse_training():
+    """A backbone frozen after sparse training (``requires_grad_(False)``, then the head fine-tuned)
+    runs dense (SPEC §10), so ``forward_weights`` gives the head's alone: loaded over the plain
+    model it computes the compiled eval forward (the frozen layers' masked weights were given too,
+    0.39 off), and a fresh copy with frozen layers does not wait for their sparse forward."""
+    torch.manual_seed(0)
+    model = MLP()
+    compiled = torch.compile(model, backend=nmcompile.backend(inner="aot_eager"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for frozen in (False, True):
+        model.fc1.requires_grad_(not frozen), model.fc2.requires_grad_(not frozen)
+        for _ in range(2):
+            compiled(torch.randn(8, 32)).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    weights = nmcompile.forward_weights(model)
+    assert sorted(weights) == ["head.weight"]
+    assert sorted(nmcompile.sparsity_state(model)) == ["fc1.weight", "fc2.weight", "head.weight"]
+    plain = MLP()
+    plain.load_state_dict({**model.state_dict(), **weights})
+    x = torch.randn(8, 32)
+    with torch.no_grad():
+        assert_close(plain.eval()(x), compiled.eval()(x), rel=1e-6)
+    fresh = MLP()
+    fresh.load_state_dict(model.state_dict())
+    fresh.fc1.requires_grad_(False), fresh.fc2.requires_grad_(False)
+    with pytest.warns(UserWarning, match=r"forward_weights leaves out head.weight: their"):
+        assert nmcompile.forward_weights(fresh) == {}
+
+
 @pytest.mark.parametrize("case", FORWARD_WEIGHT_CASES)
 def test_forward_weights_give_a_plain_model_the_compiled_eval_forward(case):
     """After training, ``forward_weights`` loaded over a plain model's dense ``state_dict`` make it

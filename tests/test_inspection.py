@@ -595,6 +595,71 @@ def test_attention_in_an_activation_checkpoint_region_is_recomputed_and_trains_a
     assert len(states) == 5
 
 
+class _NormedRegion(nn.Module):
+    """``fc1`` and a BatchNorm (running statistics updated in place) in a checkpoint region, or not."""
+
+    def __init__(self, checkpointed: bool = True) -> None:
+        super().__init__()
+        self.checkpointed = checkpointed
+        self.fc1, self.bn, self.fc2 = nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 8)
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.fc1(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.utils.checkpoint.checkpoint(self.body, x, use_reentrant=False) if self.checkpointed else self.body(x)
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_a_checkpoint_region_that_updates_a_buffer_trains_as_without_the_checkpoint(inner):
+    """A BatchNorm inside a checkpoint region updates its running statistics in the forward: the
+    recomputed region reads them as the forward did, so gradients and statistics equal the same
+    model's without the checkpoint (``inner="aot_eager"`` raised an in-place-modification error at
+    the backward: AOTAutograd wrote the buffers back before the backward's recompute read them)."""
+    torch.manual_seed(0)
+    plain = _NormedRegion(False)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.checkpointed = True
+    runs = [torch.compile(m, backend=nmcompile.backend(inner=inner)) for m in (plain, checkpointed)]
+    for step in range(3):
+        x = torch.randn(8, 8)
+        for run in runs:
+            run(x).square().mean().backward()
+        for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+            assert_close(q.grad, p.grad, what=f"step {step}: {name}")
+        sgd_step_both(plain, checkpointed, 0.1)
+    assert_close(checkpointed.bn.running_mean, plain.bn.running_mean)
+    assert_close(checkpointed.bn.running_var, plain.bn.running_var)
+    assert int(checkpointed.bn.num_batches_tracked) == 3
+    assert sorted(nmcompile.sparsity_state(checkpointed)) == ["fc1.weight", "fc2.weight"]
+
+
+class _CheckpointsInARegion(nn.Module):
+    """Blocks each run through one ``nested_compile_region`` function that checkpoints the block."""
+
+    def __init__(self, blocks: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(32, 32) for _ in range(blocks))
+        self.head = nn.Linear(32, 8)
+
+    @torch.compiler.nested_compile_region
+    def run(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(block, h, use_reentrant=False).relu()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = self.run(block, x)
+        return self.head(x)
+
+
+def test_checkpoints_inside_a_nested_compile_region_called_three_times_train_as_the_reference():
+    """Dynamo's later calls of the region share one checkpoint body once inlined; inlining the first
+    removed the body the others still read (three calls and more failed to compile)."""
+    _, states = train_and_compare(functools.partial(_CheckpointsInARegion, 3), (4, 32), steps=2, inner="aot_eager")
+    assert sorted(states) == ["blocks.0.weight", "blocks.1.weight", "blocks.2.weight", "head.weight"]
+
+
 def test_gemm_in_a_selective_checkpoint_region_is_reported_dense():
     """A checkpoint given a ``context_fn`` (selective checkpointing) stays whole: its layer is a report
     row with its shapes and reason (not "not a GEMM operand"), runs dense, and the layers outside

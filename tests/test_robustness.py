@@ -856,9 +856,9 @@ def test_a_users_backend_that_calls_nmsparse_names_weights_from_the_compiled_mod
 
 
 def test_a_compiled_function_given_the_model_compiled_alike_names_weights_past_a_graph_break():
-    """A compiled function given the model compiled with the same backend (README's remedy for a
-    graph break inside blocks of a plain model given to it): every graph names its weights from
-    the model, so ``include`` admits the layers it names and they train as the reference."""
+    """A compiled function given the model compiled with the same backend, a graph break inside
+    its blocks: every graph names its weights from the model, so ``include`` admits the layers it
+    names and they train as the reference."""
     options = {"inner": "aot_eager", "include": r"^blocks\.[12]\.", "grad_prune": "mvue24", "perm_interval": 1}
     backend = nmcompile.backend(**options)
     torch._dynamo.reset()
@@ -868,6 +868,24 @@ def test_a_compiled_function_given_the_model_compiled_alike_names_weights_past_a
     step = torch.compile(lambda net, x: net(x), backend=backend)
     compiled = torch.compile(model, backend=backend)
     train_against(ref, model, lambda x: step(compiled, x))
+    state = nmcompile.sparsity_state(model)
+    expected = {f"blocks.{i}.fc{j}.weight": 4 * i + 2 * (j - 1) for i in (1, 2) for j in (1, 2)}
+    assert {name: s["layer_index"] for name, s in state.items()} == expected
+
+
+def test_a_compiled_function_given_a_plain_model_names_weights_past_a_graph_break():
+    """A compiled function given the plain model, a graph break inside its blocks: dynamo compiles
+    each block's frames on their own, and their weights are named within the model called inside
+    the function, not within the block, so ``include`` admits the layers it names, with their
+    layer indices, and they train as the reference (they were ``fc1.weight`` in every block: the
+    filter missed them, and they ran dense)."""
+    options = {"inner": "aot_eager", "include": r"^blocks\.[12]\.", "grad_prune": "mvue24", "perm_interval": 1}
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _BrokenBlocks()
+    ref = reference.sparsify(copy.deepcopy(model), **options)
+    step = torch.compile(lambda net, x: net(x), backend=nmcompile.backend(**options))
+    train_against(ref, model, lambda x: step(model, x))
     state = nmcompile.sparsity_state(model)
     expected = {f"blocks.{i}.fc{j}.weight": 4 * i + 2 * (j - 1) for i in (1, 2) for j in (1, 2)}
     assert {name: s["layer_index"] for name, s in state.items()} == expected
