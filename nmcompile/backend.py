@@ -42,6 +42,7 @@ from nmcompile.passes import (
     lookup_tables,
     lower_kernels,
     name_nodes,
+    outline_regions,
 )
 from nmcompile.passes.utils import copy_graph_module, identifier
 from nmcompile.state import (
@@ -656,6 +657,7 @@ def compile_graph(
         _warn_other_uses(analysis, module_forward)
     rewritten, state_inputs = insert_masks(gm, analysis, config, fake_mode)
     rewritten, kernels = lower_kernels(rewritten, config)
+    rewritten = outline_regions(rewritten)
     layers, by_target = _layers(gm, analysis, params, config, registry)
     directory = dump_dir()
     record = None
@@ -1065,6 +1067,7 @@ class _Variants:
             examples[position] = w  # find_targets reads weights' values only
         analysis = find_targets(self.gm, examples, self.config, params, self.module_forward)
         rewritten, _ = insert_masks(self.gm, analysis, self.config, self.fake_mode)
+        rewritten = outline_regions(rewritten)
         layers, by_target = _layers(self.gm, analysis, params, self.config, self.registry)
         if self.record is not None:
             self.record.add_rewritten(analysis, by_target)

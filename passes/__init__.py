@@ -9,6 +9,7 @@ into ``F.linear`` + SDPA), ``find_targets`` (eligibility analysis, SPEC §10; be
 deciding), ``insert_masks``
 (rewrite GEMM nodes into mask, permutation and sparse-GEMM nodes), ``lower_kernels`` (sparse GEMMs
 onto the fused Triton kernels or 2:4 tensor cores, forward masks onto the C kernel on the CPU),
+``outline_regions`` (selective checkpoint regions made subgraphs again after the rewrite),
 ``name_nodes`` (readable node names in the graphs AOTAutograd produces). ``utils`` holds the
 helpers they share (node-name spelling, example values, symbolic sizes, the graph copy).
 """
@@ -20,6 +21,7 @@ from .insert_masks import StateInput, insert_masks
 from .lift_parameters import LiftedParameters, lift_parameters
 from .lower_kernels import KernelChoice, lower_kernels
 from .name_nodes import name_nodes
+from .outline_regions import outline_regions
 
 __all__ = [
     "GemmTarget",
@@ -36,4 +38,5 @@ __all__ = [
     "lookup_tables",
     "lower_kernels",
     "name_nodes",
+    "outline_regions",
 ]

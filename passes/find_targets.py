@@ -388,7 +388,10 @@ def _op_name(node: fx.Node) -> str:
     return getattr(node.target, "__name__", None) or getattr(node.target, "_name", None) or str(node.target)
 
 
-_SELECTIVE_REASON = "inside a selective activation-checkpoint region (checkpoint with a context_fn): left dense"
+_SELECTIVE_REASON = (
+    "inside a selective activation-checkpoint region (checkpoint with a context_fn) nested with another region: "
+    "left dense"
+)
 
 
 def _checkpointed(
@@ -396,8 +399,8 @@ def _checkpointed(
 ) -> list[GemmTarget]:
     """The GEMMs of a selective activation-checkpoint region (``torch.utils.checkpoint`` with a
     ``context_fn``: a subgraph whose policy AOTAutograd decides op by op, which ``inline_subgraphs``
-    keeps whole): reported, with shapes and FLOPs, but left dense, since the rewrite does not
-    reach into subgraphs."""
+    keeps whole where it lies inside another region or holds one): reported, with shapes and FLOPs,
+    but left dense, since the rewrite does not reach into subgraphs."""
     body = getattr(gm, node.args[0].target)
     inner = [n for n in body.graph.nodes if n.op == "placeholder"]
     outer = dict(zip(inner, node.args[1:], strict=False))

@@ -12,17 +12,32 @@ reach into:
   ``ac_graph_id`` per region, and the partitioner recomputes them in the backward. Inlined here
   with the same tags (which AOTAutograd copies onto the nodes it traces from them), the region is
   recomputed as before and its GEMMs are rewritten. A region given a ``context_fn`` (selective
-  checkpointing) stays whole: its policy is decided op by op as AOTAutograd traces it.
+  checkpointing), whose policy AOTAutograd decides op by op as it traces it, is inlined with its
+  nodes marked (``SELECTIVE_REGION``), and ``outline_regions`` makes it a region again after the
+  rewrite; one inside another region, or holding one, stays whole.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import operator
+from typing import Any
 
 import torch
 from torch import fx
 from torch.utils.checkpoint import CheckpointPolicy
+
+from .utils import SELECTIVE_REGION, free_attribute_name
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SelectiveRegion:
+    """A selective activation-checkpoint region that ``inline_subgraphs`` inlined: what
+    ``outline_regions`` needs to make it one again (its body's metadata holds the ``context_fn``)."""
+
+    body_meta: dict[str, Any]
+    kwargs: dict[str, Any]
 
 
 def inline_subgraphs(gm: fx.GraphModule) -> fx.GraphModule:
@@ -35,35 +50,41 @@ def inline_subgraphs(gm: fx.GraphModule) -> fx.GraphModule:
         pass
     else:
         gm = inline_invoke_subgraph(gm)
-    _inline_checkpoints(gm, itertools.count(1))
+    _inline_checkpoints(gm, itertools.count(1), top=True)
     return gm
 
 
-def _inline_checkpoints(gm: fx.GraphModule, regions: itertools.count) -> None:
-    """Inline ``gm``'s activation-checkpoint regions without a ``context_fn``, nested ones first,
-    numbering them in graph order as AOTAutograd does (its partitioner saves the output of a region
-    that the next one reads)."""
+def _inline_checkpoints(gm: fx.GraphModule, regions: itertools.count, top: bool = False) -> None:
+    """Inline ``gm``'s activation-checkpoint regions, nested ones first, numbering plain ones in
+    graph order as AOTAutograd does (its partitioner saves the output of a region that the next one
+    reads). Selective ones are inlined where ``gm`` is the top graph and hold no other region."""
     hop = torch.ops.higher_order.tag_activation_checkpoint
     for node in list(gm.graph.find_nodes(op="call_function", target=hop)):
         body = getattr(gm, str(node.args[0].target))
+        selective = None
         if "_checkpoint_context_fn" in body.meta:
-            continue
+            if not top or body.graph.find_nodes(op="call_function", target=hop):
+                continue
+            selective = SelectiveRegion(dict(body.meta), dict(node.kwargs))
         _inline_checkpoints(body, regions)
-        region = next(regions)
+        region = next(regions) if selective is None else None
         env: dict[fx.Node, object] = dict(zip(body.graph.find_nodes(op="placeholder"), node.args[1:], strict=True))
         with gm.graph.inserting_before(node):
             for sub in body.graph.nodes:
                 if sub.op in ("placeholder", "output"):
                     continue
                 if sub.op == "get_attr":  # a nested subgraph kept whole: the module moves to gm
-                    name = _free_name(gm, str(sub.target))
+                    name = free_attribute_name(gm, str(sub.target))
                     gm.add_submodule(name, getattr(body, str(sub.target)))
                     copy = gm.graph.get_attr(name)
                     copy.meta = dict(sub.meta)
                 else:
                     copy = gm.graph.node_copy(sub, env.__getitem__)
-                copy.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
-                copy.meta["ac_graph_id"] = region
+                if selective is not None:
+                    copy.meta[SELECTIVE_REGION] = selective
+                else:
+                    copy.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
+                    copy.meta["ac_graph_id"] = region
                 env[sub] = copy
         outputs = body.graph.output_node().args[0]
         for user in list(node.users):
@@ -78,12 +99,3 @@ def _inline_checkpoints(gm: fx.GraphModule, regions: itertools.count) -> None:
             if not gm.graph.find_nodes(op="get_attr", target=attribute.target):  # copies of one body share it
                 delattr(gm, str(attribute.target))
     gm.recompile()
-
-
-def _free_name(gm: fx.GraphModule, base: str) -> str:
-    """``base``, or ``base_<k>`` with the first ``k`` that names no attribute of ``gm``."""
-    name, k = base, 0
-    while hasattr(gm, name):
-        k += 1
-        name = f"{base}_{k}"
-    return name

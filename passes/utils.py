@@ -12,6 +12,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 DENSE_REASON = "nmsparse_dense_reason"  # node meta: why a fused op was left as it is
+SELECTIVE_REGION = "nmsparse_selective_region"  # node meta: the selective checkpoint region it was inlined from
 
 
 def identifier(name: str) -> str:
@@ -65,10 +66,20 @@ def join_region(node: fx.Node, first: fx.Node) -> None:
     ``node``'s activation-checkpoint region, if it has one (``inline_subgraphs``): recomputed in the
     backward as its other nodes are. A node already tagged keeps its policy (the masked weight,
     saved)."""
-    if "ac_graph_id" not in node.meta:
+    if "ac_graph_id" not in node.meta and SELECTIVE_REGION not in node.meta:
         return
     made = first.next
     while made is not node:
-        made.meta["ac_graph_id"] = node.meta["ac_graph_id"]
-        made.meta.setdefault("recompute", node.meta["recompute"])
+        for key in ("ac_graph_id", "recompute", SELECTIVE_REGION):
+            if key in node.meta:
+                made.meta.setdefault(key, node.meta[key])
         made = made.next
+
+
+def free_attribute_name(gm: fx.GraphModule, base: str) -> str:
+    """``base``, or ``base_<k>`` with the first ``k`` that names no attribute of ``gm``."""
+    name, k = base, 0
+    while hasattr(gm, name):
+        k += 1
+        name = f"{base}_{k}"
+    return name

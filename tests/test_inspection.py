@@ -12,6 +12,7 @@ import torch
 import torch.utils.checkpoint
 from conftest import MLP, assert_close, cpu_mask_note, sgd_step_both, train_and_compare
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 import nmcompile
 from nmcompile import reference
@@ -660,21 +661,74 @@ def test_checkpoints_inside_a_nested_compile_region_called_three_times_train_as_
     assert sorted(states) == ["blocks.0.weight", "blocks.1.weight", "blocks.2.weight", "head.weight"]
 
 
-def test_gemm_in_a_selective_checkpoint_region_is_reported_dense():
-    """A checkpoint given a ``context_fn`` (selective checkpointing) stays whole: its layer is a report
-    row with its shapes and reason (not "not a GEMM operand"), runs dense, and the layers outside
-    train as usual: as the reference with that layer excluded."""
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+def _save_ops_named(prefix: str, ctx: object, op: object, *args: object, **kwargs: object) -> CheckpointPolicy:
+    """A selective-checkpoint policy: save the outputs of the ops whose name starts with ``prefix``
+    (none for ``""``), recompute the rest."""
+    return CheckpointPolicy.MUST_SAVE if prefix and str(op).startswith(prefix) else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+class _SelectivePair(nn.Module):
+    """``fc1`` and ``fc2`` in a selective checkpoint region whose policy saves the ops named
+    ``saves...``; ``fc3`` after it."""
+
+    def __init__(self, saves: str = "nmsparse.") -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 8)
+        self.context_fn = functools.partial(
+            create_selective_checkpoint_contexts, functools.partial(_save_ops_named, saves)
+        )
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x))).sin()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.utils.checkpoint.checkpoint(self.body, x, use_reentrant=False, context_fn=self.context_fn)
+        return self.fc3(h)
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_gemms_in_a_selective_checkpoint_region_train_sparse_under_its_policy(inner):
+    """A checkpoint given a ``context_fn`` (selective checkpointing) is inlined for the rewrite and
+    made a region again after it (``outline_regions``): its layers train sparse, as the reference
+    (they ran dense), and its policy, which sees each sparse GEMM as an ``nmsparse`` op, decides what
+    the forward saves: those GEMMs' outputs where it saves them, no activation of the region where
+    it recomputes all; the masked weights are saved, as everywhere."""
+    x = torch.randn(4, 16)
+    saved = {}
+    for saves in ("", "nmsparse."):
+        report = nmcompile.explain(_SelectivePair(saves), x, inner=inner)
+        assert [(r.name, r.sparse) for r in report.rows] == [(f"fc{k}.weight", True) for k in (1, 2, 3)]
+        outputs = report.records[0].graphs["forward"].graph.output_node().args[0]
+        hidden = [o for o in outputs if isinstance(o, torch.fx.Node) and o.meta["val"].shape == (4, 32)]
+        saved[saves] = sorted(o.name for o in hidden if o.op != "placeholder")
+    assert saved == {"": [], "nmsparse.": ["fc1_fwd_gemm", "fc2_fwd_gemm"]}
+    torch.manual_seed(0)
+    _, states = train_and_compare(_SelectivePair, (4, 16), steps=3, inner=inner, grad_prune="mvue24")
+    assert sorted(states) == ["fc1.weight", "fc2.weight", "fc3.weight"]
+
+
+def test_gemm_in_a_selective_checkpoint_region_inside_another_region_is_reported_dense():
+    """A selective checkpoint inside a plain one stays whole (its policy and the outer region's
+    recompute cannot both hold once inlined): its layer is a report row with its shapes and reason
+    (not "not a GEMM operand"), runs dense, and the layers outside train as usual: as the reference
+    with that layer excluded."""
 
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op is torch.ops.aten.mm.default else CheckpointPolicy.PREFER_RECOMPUTE
 
+    class Nested(_Checkpointed):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.utils.checkpoint.checkpoint(lambda t: super(Nested, self).forward(t), x, use_reentrant=False)
+
     torch.manual_seed(0)
-    base = _Checkpointed(functools.partial(create_selective_checkpoint_contexts, policy))
+    base = Nested(functools.partial(create_selective_checkpoint_contexts, policy))
     rows = {r.name: r for r in nmcompile.explain(base, torch.randn(4, 16), inner="aot_eager").rows}
     row = rows["fc1.weight"]
     assert not row.sparse and row.weight_shape == (32, 16) and row.flops["forward"] == (4096, 4096)
-    assert row.reason == "inside a selective activation-checkpoint region (checkpoint with a context_fn): left dense"
+    assert row.reason == (
+        "inside a selective activation-checkpoint region (checkpoint with a context_fn) nested with another region: "
+        "left dense"
+    )
     assert rows["fc2.weight"].sparse
     _trains_as_reference_without_fc1(base, (4, 16))
 
