@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import inspect
 import logging
 import os
 import re
@@ -143,26 +142,34 @@ def _compiling_backend() -> Any:
     return innermost_backend(compiler)
 
 
-def _modules_in_compiled_code() -> list[nn.Module]:
-    """The modules being called on this thread's stack inside the outermost frame that runs code
-    dynamo compiled, outermost first (``[]`` where none is): a compiled function ``step(model, x)``
-    whose model runs its blocks as frames of their own (after a graph break in them) names their
-    weights within the model, as without the break, not within the block that dynamo compiles."""
-    from torch._dynamo.eval_frame import OptimizedModule
-    from torch._dynamo.utils import orig_code_map
+def _modules_in_compiled_code(backend: Any) -> list[nn.Module]:
+    """The modules being called on this thread's stack inside the innermost call of a function
+    that ``torch.compile`` compiled (its wrapper's frame), and that function's module where it is
+    a bound method (``torch.compile(model.forward)``), outermost first; ``[]`` where that call is
+    not ``backend``'s or there is none. A compiled function ``step(model, x)`` whose model runs its
+    blocks as frames of their own (after a graph break in them) so names their weights within the
+    model, as without the break, not within the block that dynamo compiles."""
+    from torch._dynamo.eval_frame import OptimizedModule, innermost_backend
 
+    wrapper_file = os.path.join("_dynamo", "eval_frame.py")
     called: list[nn.Module] = []
-    inside: list[nn.Module] = []
     frame = sys._getframe()
     while frame is not None:
-        if any(frame.f_code is code for code in _MODULE_CALLS):
+        code = frame.f_code
+        if any(code is call for call in _MODULE_CALLS):
             owner = frame.f_locals.get("self")
             if isinstance(owner, nn.Module):
                 called.append(owner._orig_mod if isinstance(owner, OptimizedModule) else owner)
-        elif frame.f_code in orig_code_map:  # dynamo's transformed code of a frame it compiled
-            inside = list(called)
+        elif code.co_filename.endswith(wrapper_file) and "callback" in frame.f_locals:  # not a disable's wrapper
+            callback, fn = frame.f_locals["callback"], frame.f_locals.get("fn")
+            if backend is None or callback is None or innermost_backend(callback) != backend:
+                return []
+            owner = getattr(fn, "__self__", None)
+            if isinstance(owner, nn.Module):
+                called.append(owner)
+            return list(dict.fromkeys(reversed(called)))
         frame = frame.f_back
-    return list(dict.fromkeys(reversed(inside)))
+    return []
 
 
 def _root_tables(backend: Any = None) -> list[_Table]:
@@ -209,7 +216,7 @@ class _CallTables:
         found = _lookup(self.tables(), param)
         if found is None and self._namespaces is not None:
             if self._called is None:
-                self._called = [_parameter_table(module) for module in _modules_in_compiled_code()]
+                self._called = [_parameter_table(module) for module in _modules_in_compiled_code(self._backend)]
             found = _lookup(self._called, param)
         if found is not None or source is None or self._namespaces is None:
             return found
@@ -720,8 +727,10 @@ def _warn_other_uses(analysis: Any, module_forward: bool) -> None:
 def _compiling_module_forward() -> bool:
     """Whether dynamo compiles a module's forward (``torch.compile(model)``; a graph break's resume
     of it; ``nn.Sequential`` through dynamo's ``inner`` wrapper), not a function that calls one,
-    even one named ``forward``: its first argument is a module whose class defines this code as its
-    ``forward``. ``True`` where dynamo's tracer is not at hand (pieces of a forward, as DDP's)."""
+    even one named ``forward``: the code is the ``forward`` (or a decorator's wrapper of it) of its
+    first argument's module or of a compiled module being called (a forward set on the instance,
+    a closure or a ``functools.partial``). ``True`` where dynamo's tracer is not at hand (pieces of
+    a forward, as DDP's)."""
     tx = _compiling_frame()
     if tx is None:
         return True
@@ -731,18 +740,29 @@ def _compiling_module_forward() -> bool:
         return True
     if code.co_name == "inner" and code.co_filename.endswith(os.path.join("_dynamo", "external_utils.py")):
         return True
-    if code.co_name != "forward" or not code.co_argcount:
-        return False
-    owner = root.f_locals.get(code.co_varnames[0])
-    if not isinstance(owner, nn.Module):
-        return False
-    methods = [vars(cls).get("forward") for cls in type(owner).__mro__] + [vars(owner).get("forward")]
-    return any(_code_of(method) is code for method in methods if method is not None)
+    owners = _compiled_roots()
+    if code.co_argcount:
+        owners.insert(0, root.f_locals.get(code.co_varnames[0]))
+    return any(isinstance(owner, nn.Module) and code in _forward_codes(owner) for owner in owners)
 
 
-def _code_of(method: Any) -> types.CodeType | None:
-    """The code object of a function or method, under any ``functools.wraps`` decorators."""
-    return getattr(inspect.unwrap(getattr(method, "__func__", method)), "__code__", None)
+def _forward_codes(module: nn.Module) -> list[types.CodeType]:
+    """The code objects a call of ``module``'s ``forward`` may run first: its function's (the
+    class's, or one set on the instance), and those of the decorators' wrappers around it, through
+    bound methods and ``functools.partial``."""
+    codes = []
+    for method in [vars(cls).get("forward") for cls in type(module).__mro__] + [vars(module).get("forward")]:
+        seen = 0
+        while method is not None and seen < 16:  # a wrapper chain, bounded as inspect.unwrap bounds it
+            seen += 1
+            method = getattr(method, "__func__", method)
+            if isinstance(method, functools.partial):
+                method = method.func
+                continue
+            if isinstance(getattr(method, "__code__", None), types.CodeType):
+                codes.append(method.__code__)
+            method = getattr(method, "__wrapped__", None)
+    return codes
 
 
 class _RecompileLimitWatch(logging.Filter):

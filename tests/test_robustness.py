@@ -4,6 +4,7 @@ standard torch.nn blocks, bad inputs, and no memory growth over many steps."""
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import inspect
 import math
@@ -698,6 +699,59 @@ def test_a_compiled_inference_function_named_forward_masks_every_call():
     assert [row.sparse for row in record.rows] == [True] * 6
 
 
+class _Distill(nn.Module):
+    """A student and a teacher that the forward calls twice under ``no_grad`` (a tie, SPEC §10)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.teacher, self.student = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t = self.teacher(x) + self.teacher(x.flip(-1))
+        return self.student(x) - t
+
+
+def _logged(forward):
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        return forward(self, *args, **kwargs)
+
+    return wrapper
+
+
+@pytest.mark.parametrize("spelling", ["decorated", "closure", "partial"])
+def test_a_forward_decorated_or_set_on_the_instance_is_a_modules_forward(spelling):
+    """A module's forward under a ``functools.wraps`` decorator (dynamo compiles the wrapper's
+    code), or set on the instance as a closure or a ``functools.partial``, is a module's forward:
+    a teacher called twice in it under ``no_grad`` stays a tie, dense, as in the reference's one
+    forward, with no warning about code outside the forward (the decorated one was taken for a
+    function and warned; the others masked the teacher per call)."""
+
+    class Decorated(_Distill):
+        @_logged
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x)
+
+    torch._dynamo.reset()
+    model = Decorated() if spelling == "decorated" else _Distill()
+    if spelling == "closure":
+        model.forward = lambda x: _Distill.forward(model, x)
+    elif spelling == "partial":
+
+        def forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            return _Distill.forward(module, x)
+
+        model.forward = functools.partial(forward, model)
+    compiled = torch.compile(model, backend=nmcompile.backend(inner="aot_eager"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            compiled(torch.randn(8, 16)).square().mean().backward()
+    assert not [str(w.message) for w in caught if str(w.message).startswith("nmsparse")]
+    assert sorted(nmcompile.sparsity_state(model)) == ["student.weight"]
+
+
 def test_a_compiled_inference_function_calling_a_single_layer_twice_masks_every_call():
     """The same for a model that is one layer (its module stack has one entry per call, ``<id>`` and
     ``<id>@1``), and for a function calling the model and one of its layers: each call masked, as
@@ -889,6 +943,54 @@ def test_a_compiled_function_given_a_plain_model_names_weights_past_a_graph_brea
     state = nmcompile.sparsity_state(model)
     expected = {f"blocks.{i}.fc{j}.weight": 4 * i + 2 * (j - 1) for i in (1, 2) for j in (1, 2)}
     assert {name: s["layer_index"] for name, s in state.items()} == expected
+
+
+@pytest.mark.parametrize("how", ["torch.compile(model.forward)", "model.forward = torch.compile(model.forward)"])
+def test_a_compiled_forward_method_names_weights_past_a_graph_break(how):
+    """``torch.compile(model.forward)`` (and the same set on the instance): a graph break inside the
+    blocks names their weights within the model, with its layer indices, so ``include`` admits them
+    and they train as the reference (they were named within each block and ran dense)."""
+    options = {"inner": "aot_eager", "include": r"^blocks\.[12]\.", "grad_prune": "mvue24", "perm_interval": 1}
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _BrokenBlocks()
+    ref = reference.sparsify(copy.deepcopy(model), **options)
+    compiled = torch.compile(model.forward, backend=nmcompile.backend(**options))
+    if how.startswith("model.forward ="):
+        model.forward = compiled
+        compiled = model
+    train_against(ref, model, compiled)
+    state = nmcompile.sparsity_state(model)
+    expected = {f"blocks.{i}.fc{j}.weight": 4 * i + 2 * (j - 1) for i in (1, 2) for j in (1, 2)}
+    assert {name: s["layer_index"] for name, s in state.items()} == expected
+
+
+def test_a_compiled_function_run_inside_another_compile_names_weights_as_alone():
+    """An nmsparse-compiled function called from a disabled helper in a module that another backend
+    compiled: the other compile's modules do not name the weights (they were ``model.blocks...``,
+    so ``include`` admitted none and the layers trained dense); the model's names do, as alone."""
+
+    @torch.compiler.disable
+    def run_disabled(step, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return step(model, x)
+
+    class Trainer(nn.Module):
+        def __init__(self, model: nn.Module, step) -> None:
+            super().__init__()
+            self.model, self.step = model, step
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return run_disabled(self.step, self.model, x)
+
+    options = {"inner": "aot_eager", "include": r"^blocks\.1\."}
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _BrokenBlocks()
+    ref = reference.sparsify(copy.deepcopy(model), **options)
+    trainer = Trainer(model, torch.compile(lambda net, x: net(x), backend=nmcompile.backend(**options)))
+    outer = torch.compile(lambda t, x: t(x), backend="eager")
+    train_against(ref, model, lambda x: outer(trainer, x))
+    assert sorted(nmcompile.sparsity_state(model)) == ["blocks.1.fc1.weight", "blocks.1.fc2.weight"]
 
 
 def test_explain_names_weights_from_a_model_compiled_in_place_with_another_backend():
