@@ -146,9 +146,9 @@ def _modules_in_compiled_code(backend: Any) -> list[nn.Module]:
     """The modules being called on this thread's stack inside the innermost call of a function
     that ``torch.compile`` compiled (its wrapper's frame), and that function's module where it is
     a bound method (``torch.compile(model.forward)``), outermost first; ``[]`` where that call is
-    not ``backend``'s or there is none. A compiled function ``step(model, x)`` whose model runs its
-    blocks as frames of their own (after a graph break in them) so names their weights within the
-    model, as without the break, not within the block that dynamo compiles."""
+    not ``backend``'s or there is none. Where a compiled function ``step(model, x)`` runs the
+    model's blocks as frames of their own (after a graph break in them), their weights are so named
+    within the model, as without the break, not within the block that dynamo compiles."""
     from torch._dynamo.eval_frame import OptimizedModule, innermost_backend
 
     wrapper_file = os.path.join("_dynamo", "eval_frame.py")
