@@ -30,6 +30,7 @@ from nmcompile import ops
 from nmcompile.inspection import CompileRecord, dump_dir
 from nmcompile.options import SparsityConfig, SparsityConfigError
 from nmcompile.passes import (
+    GRAPH_FUNCTIONS,
     GemmTarget,
     KernelChoice,
     ParamInfo,
@@ -679,12 +680,20 @@ def compile_graph(
     # leaves it off. The backward it caches is traced from our ops' autograd, which the graph does
     # not show: the key tag's hash of our sources keeps another nmcompile's entries out.
     tag = "|".join(t for t in (torch.compiler.config.cache_key_tag, _source_tag(), _region_tag(rewritten)) if t)
+    # The plain functions the rewrite calls in the graph are safe to cache: the tag holds our sources' hash.
+    cacheable = {f"{f.__module__}.{f.__name__}": _source_tag() for f in GRAPH_FUNCTIONS}
     try:
         with (
             torch._functorch.config.patch(
                 enable_autograd_cache=record is None and torch._functorch.config.enable_autograd_cache
             ),
             torch.compiler.config.patch(cache_key_tag=tag),
+            torch._inductor.config.patch(
+                unsafe_marked_cacheable_functions={
+                    **torch._inductor.config.unsafe_marked_cacheable_functions,
+                    **cacheable,
+                }
+            ),
         ):
             compiled = _compile_inner(rewritten, [*example_inputs, *examples], config, record, patches)
     except Exception as exc:  # dynamo runs the graph eagerly, dense, or raises: the report must not say sparse

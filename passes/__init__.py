@@ -17,13 +17,14 @@ helpers they share (node-name spelling, example values, symbolic sizes, the grap
 from .decompose import decompose_attention
 from .find_targets import GemmTarget, ParamInfo, TargetAnalysis, find_targets, lookup_tables
 from .inline_subgraphs import inline_subgraphs
-from .insert_masks import StateInput, insert_masks
+from .insert_masks import GRAPH_FUNCTIONS, StateInput, insert_masks
 from .lift_parameters import LiftedParameters, lift_parameters
 from .lower_kernels import KernelChoice, lower_kernels
 from .name_nodes import name_nodes
 from .outline_regions import outline_regions
 
 __all__ = [
+    "GRAPH_FUNCTIONS",
     "GemmTarget",
     "KernelChoice",
     "LiftedParameters",

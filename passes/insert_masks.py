@@ -26,6 +26,10 @@ from nmcompile.state import alpha_dtype, graph_input_kinds
 from .find_targets import GemmTarget, TargetAnalysis, gemm_operands
 from .utils import copy_graph_module, example_value, join_region
 
+# The plain Python functions (not torch ops) this pass calls in the graph, for the compile caches'
+# allowlist: AOTAutograd's cache refuses a graph calling any function it does not know.
+GRAPH_FUNCTIONS = (masked_weight, add_bias)
+
 
 @dataclasses.dataclass(frozen=True)
 class StateInput:

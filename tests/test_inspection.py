@@ -1034,6 +1034,45 @@ def test_a_checkpointed_model_does_not_load_the_plain_models_partition_from_the_
     assert runs == [(2, 0), (0, 0), (2, 1)], runs
 
 
+_CACHE_CASES = {
+    "m=8": (lambda: MLP(16, 32, 8), (8, 16), {"m": 8}, torch.float32),
+    "transposable": (lambda: MLP(16, 32, 8), (8, 16), {"backward": "transposable"}, torch.float32),
+    "bf16": (lambda: MLP(16, 32, 8), (8, 16), {}, torch.bfloat16),
+    "conv": (
+        lambda: nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3)),
+        (2, 8, 10, 10),
+        {},
+        torch.float32,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", _CACHE_CASES)
+def test_graphs_calling_the_rewrites_functions_are_served_from_the_autograd_cache(case, tmp_path, monkeypatch):
+    """Where the rewrite keeps its plain ``masked_weight`` function in the graph (N:M other than
+    2:4 on the CPU's mask kernel, transposable masks, low precision, convolutions), AOTAutograd's
+    cache takes the graph (it refused it: every such compile bypassed the cache), and the second
+    compile's hit gives the first's outputs and gradients."""
+    from torch._dynamo.utils import counters
+
+    make, shape, options, dtype = _CACHE_CASES[case]
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    x = torch.randn(shape, dtype=dtype)
+    found, results = [], []
+    with torch._functorch.config.patch(enable_autograd_cache=True):
+        for _ in range(2):
+            torch._dynamo.reset()
+            counters.clear()
+            torch.manual_seed(0)
+            model = make().to(dtype)
+            out = torch.compile(model, backend=nmcompile.backend(**options))(x)
+            out.float().square().mean().backward()
+            found.append(dict(counters["aot_autograd"]))
+            results.append([out.detach(), *(p.grad for p in model.parameters())])
+    assert [("autograd_cache_hit" in c, "autograd_cache_bypass" in c) for c in found] == [(False, False), (True, False)]
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
 def test_a_model_with_attention_is_served_from_the_autograd_cache(tmp_path, monkeypatch):
     """The attention decomposition leaves no ``_assert_is_none`` guard of its traced formula in the
     graph, which AOTAutograd's cache refuses: a second compile of an encoder layer hits the cache
