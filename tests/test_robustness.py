@@ -643,28 +643,36 @@ def test_a_compiled_step_that_runs_the_model_twice_warns_for_the_second_call():
     assert not [w for w in caught if "outside the model's forward" in str(w.message)]
 
 
-def test_a_compiled_inference_function_that_calls_the_model_twice_masks_every_call():
+def _augmented(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Test-time augmentation: the model's mean output over an input and its flip."""
+    return (model(x) + model(x.flip(-1))) / 2
+
+
+def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A plain function named ``forward`` that calls the model twice (not a module's forward)."""
+    return model(x) - model(x.flip(-1))
+
+
+@pytest.mark.parametrize("fn", [_augmented, forward], ids=["augmented", "named_forward"])
+def test_a_compiled_inference_function_that_calls_the_model_twice_masks_every_call(fn):
     """A function compiled whole that calls a sparse-trained model twice under ``no_grad`` (test-time
     augmentation, a decoding loop) holds two GEMMs of each weight in one graph, but none trains:
     each call masks the weight, as the reference runs two forwards (the weights ran dense, with a
-    warning about training). Two uses of a weight inside one call stay a tie."""
+    warning about training). Two uses of a weight inside one call stay a tie. A plain function
+    named ``forward(model, x)`` is such a function too (dynamo's code name alone made it a tie)."""
     base = MLP(16, 32, 16)
     ref = reference.sparsify(copy.deepcopy(base))
     mine = copy.deepcopy(base)
     train_against(ref, mine, torch.compile(mine, backend=nmcompile.backend()), shape=(4, 16), steps=2)
     ref.eval(), mine.eval()
-
-    def augmented(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return (model(x) + model(x.flip(-1))) / 2
-
     x = torch.randn(4, 16)
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        expected = augmented(ref, x)
-        assert (augmented(copy.deepcopy(base).eval(), x) - expected).abs().max() > 1e-2  # dense weights differ
+        expected = fn(ref, x)
+        assert (fn(copy.deepcopy(base).eval(), x) - expected).abs().max() > 1e-2  # dense weights differ
         records = []
         backend = nmcompile.NMSparseBackend(nmcompile.SparsityConfig(), on_compile=records.append)
-        assert_close(torch.compile(augmented, backend=backend)(mine, x), expected, what="two calls")
+        assert_close(torch.compile(fn, backend=backend)(mine, x), expected, what="two calls")
     assert not [str(w.message) for w in caught if str(w.message).startswith("nmsparse")]
     (record,) = records
     assert [(row.name, row.sparse) for row in record.rows] == [
@@ -673,30 +681,6 @@ def test_a_compiled_inference_function_that_calls_the_model_twice_masks_every_ca
     assert {name: s["step"] for name, s in nmcompile.sparsity_state(mine).items()} == dict.fromkeys(
         ("fc1.weight", "fc2.weight", "head.weight"), 2
     )
-
-
-def test_a_compiled_inference_function_named_forward_masks_every_call():
-    """A plain function named ``forward`` (``forward(model, batch)``) that calls the model twice under
-    ``no_grad`` is a function, not a module's forward: each call masked, as the reference's (dynamo's
-    code name alone made it a tie, run dense)."""
-    base = MLP(16, 32, 16)
-    ref = reference.sparsify(copy.deepcopy(base))
-    mine = copy.deepcopy(base)
-    train_against(ref, mine, torch.compile(mine, backend=nmcompile.backend()), shape=(4, 16), steps=2)
-    ref.eval(), mine.eval()
-
-    def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return model(x) - model(x.flip(-1))
-
-    x = torch.randn(4, 16)
-    with torch.no_grad():
-        expected = forward(ref, x)
-        assert (forward(copy.deepcopy(base).eval(), x) - expected).abs().max() > 1e-2  # dense weights differ
-        records = []
-        backend = nmcompile.NMSparseBackend(nmcompile.SparsityConfig(), on_compile=records.append)
-        assert_close(torch.compile(forward, backend=backend)(mine, x), expected, what="forward(model, x)")
-    (record,) = records
-    assert [row.sparse for row in record.rows] == [True] * 6
 
 
 class _Distill(nn.Module):
