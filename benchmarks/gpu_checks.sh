@@ -13,7 +13,8 @@
 #   late_tests    tests written after the last GPU run whose tensors go to CUDA there: every GPU tile of
 #                 every kernel, reads past the operands, two runs bitwise identical (in one process
 #                 and in two), the GEMMs' fixed tile under deterministic mode, the MVUE rules at
-#                 interval ends and on blocks that sum to NaN or inf;
+#                 interval ends and on blocks that sum to NaN or inf, layers in plain and selective
+#                 activation-checkpoint regions on the kernels;
 #   bench_resnet  the step benchmark for the ResNet block;
 #   split         python -m benchmarks.split: fused Triton GEMMs against operand + cuBLAS at 128, 512
 #                 and 2048 tokens;
@@ -90,7 +91,8 @@ CUDA_TESTS=(
 # Written after run 4 (2026-12-04), never run on a GPU: each GPU tile as a kernel's only config against
 # the autotuned launch (30 compiles), operands as views into NaN-padded buffers, two runs under
 # torch.use_deterministic_algorithms, bit for bit, and the MVUE 2:4 rules at interval ends and on NaN;
-# then (2026-12-06) the MVUE rules on blocks that sum to NaN or inf.
+# then (2026-12-06) the MVUE rules on blocks that sum to NaN or inf, and layers in plain and selective
+# activation-checkpoint regions on the kernels.
 LATE_TESTS=(
     "tests/test_kernels.py::test_every_gpu_tile_gives_the_interpreter_tiles_results"
     "tests/test_kernels.py::test_kernels_read_nothing_past_their_operands"
@@ -100,6 +102,7 @@ LATE_TESTS=(
     "tests/test_kernels.py::test_mvue24_rules_match_the_reference_at_uniforms_beside_every_interval_end"
     "tests/test_kernels.py::test_mvue_prune_keeps_the_sum_of_a_non_finite_block_at_its_first_entry"
     "tests/test_kernels.py::test_weight_grad_with_mvue_keeps_an_overflowed_dy_column_non_finite"
+    "tests/test_lowering.py::test_checkpoint_regions_on_cuda_lower_and_train_as_portable"
 )
 # shellcheck disable=SC2016  # expanded by the inner bash
 EACH_TEST='py=$1; limit=$2; shift 2; rc=0; for t in "$@"; do "$py" -m pytest -q -p no:cacheprovider -rA $limit "$t" || rc=1; done; exit $rc'
@@ -109,7 +112,7 @@ PER_TEST=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 200")
 for name in $STAGES; do
     case $name in
         cuda_tests) stage cuda_tests 320 bash -c "$EACH_TEST" each_test "$PY" "$PER_TEST" "${CUDA_TESTS[@]}" ;;
-        late_tests) stage late_tests 210 bash -c "$EACH_TEST" each_test "$PY" "$PER_TEST" "${LATE_TESTS[@]}" ;;
+        late_tests) stage late_tests 270 bash -c "$EACH_TEST" each_test "$PY" "$PER_TEST" "${LATE_TESTS[@]}" ;;
         cslt_probe) stage cslt_probe 60 "$PY" -m benchmarks.cslt_probe --jobs 12 ;;
         cslt_dump) stage cslt_dump 30 "$PY" -m benchmarks.cslt_dump "$OUT/cslt_layout.pt" ;;
         bench_steps)

@@ -12,9 +12,10 @@ reach into:
   ``ac_graph_id`` per region, and the partitioner recomputes them in the backward. Inlined here
   with the same tags (which AOTAutograd copies onto the nodes it traces from them), the region is
   recomputed as before and its GEMMs are rewritten. A region given a ``context_fn`` (selective
-  checkpointing), whose policy AOTAutograd decides op by op as it traces it, is inlined with its
-  nodes marked (``SELECTIVE_REGION``), and ``outline_regions`` makes it a region again after the
-  rewrite; one inside another region, or holding one, stays whole.
+  checkpointing), whose policy AOTAutograd decides op by op as it traces it, is inlined too, and
+  ``outline_regions`` makes it a region again after the rewrite (with the plain regions of its
+  graph, so that AOTAutograd numbers them all in graph order); one inside another region, or
+  holding one, stays whole. Every inlined node is marked with its region (``CHECKPOINT_REGION``).
 """
 
 from __future__ import annotations
@@ -28,16 +29,21 @@ import torch
 from torch import fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-from .utils import SELECTIVE_REGION, free_attribute_name
+from .utils import CHECKPOINT_REGION, free_attribute_name
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class SelectiveRegion:
-    """A selective activation-checkpoint region that ``inline_subgraphs`` inlined: what
-    ``outline_regions`` needs to make it one again (its body's metadata holds the ``context_fn``)."""
+class CheckpointRegion:
+    """An activation-checkpoint region that ``inline_subgraphs`` inlined: what ``outline_regions``
+    needs to make it one again (a selective one's body metadata holds its ``context_fn``)."""
 
     body_meta: dict[str, Any]
     kwargs: dict[str, Any]
+
+    @property
+    def selective(self) -> bool:
+        """Whether the region has a ``context_fn``, whose policy AOTAutograd applies op by op."""
+        return "_checkpoint_context_fn" in self.body_meta
 
 
 def inline_subgraphs(gm: fx.GraphModule) -> fx.GraphModule:
@@ -61,13 +67,11 @@ def _inline_checkpoints(gm: fx.GraphModule, regions: itertools.count, top: bool 
     hop = torch.ops.higher_order.tag_activation_checkpoint
     for node in list(gm.graph.find_nodes(op="call_function", target=hop)):
         body = getattr(gm, str(node.args[0].target))
-        selective = None
-        if "_checkpoint_context_fn" in body.meta:
-            if not top or body.graph.find_nodes(op="call_function", target=hop):
-                continue
-            selective = SelectiveRegion(dict(body.meta), dict(node.kwargs))
+        marker = CheckpointRegion(dict(body.meta), dict(node.kwargs))
+        if marker.selective and (not top or body.graph.find_nodes(op="call_function", target=hop)):
+            continue
         _inline_checkpoints(body, regions)
-        region = next(regions) if selective is None else None
+        region = None if marker.selective else next(regions)
         env: dict[fx.Node, object] = dict(zip(body.graph.find_nodes(op="placeholder"), node.args[1:], strict=True))
         with gm.graph.inserting_before(node):
             for sub in body.graph.nodes:
@@ -80,9 +84,8 @@ def _inline_checkpoints(gm: fx.GraphModule, regions: itertools.count, top: bool 
                     copy.meta = dict(sub.meta)
                 else:
                     copy = gm.graph.node_copy(sub, env.__getitem__)
-                if selective is not None:
-                    copy.meta[SELECTIVE_REGION] = selective
-                else:
+                copy.meta[CHECKPOINT_REGION] = marker
+                if region is not None:
                     copy.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
                     copy.meta["ac_graph_id"] = region
                 env[sub] = copy

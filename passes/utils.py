@@ -12,7 +12,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 DENSE_REASON = "nmsparse_dense_reason"  # node meta: why a fused op was left as it is
-SELECTIVE_REGION = "nmsparse_selective_region"  # node meta: the selective checkpoint region it was inlined from
+CHECKPOINT_REGION = "nmsparse_checkpoint_region"  # node meta: the checkpoint region it was inlined from
 
 
 def identifier(name: str) -> str:
@@ -66,11 +66,11 @@ def join_region(node: fx.Node, first: fx.Node) -> None:
     ``node``'s activation-checkpoint region, if it has one (``inline_subgraphs``): recomputed in the
     backward as its other nodes are. A node already tagged keeps its policy (the masked weight,
     saved)."""
-    if "ac_graph_id" not in node.meta and SELECTIVE_REGION not in node.meta:
+    if CHECKPOINT_REGION not in node.meta:
         return
     made = first.next
     while made is not node:
-        for key in ("ac_graph_id", "recompute", SELECTIVE_REGION):
+        for key in ("ac_graph_id", "recompute", CHECKPOINT_REGION):
             if key in node.meta:
                 made.meta.setdefault(key, node.meta[key])
         made = made.next

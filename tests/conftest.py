@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import types
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 from torch.sparse._semi_structured_conversions import sparse_semi_structured_to_dense_cutlass
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 if not torch.cuda.is_available():  # Triton kernels run on the CPU through the interpreter (set before import)
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -471,3 +473,47 @@ def emulated_24_library(request, monkeypatch):
     monkeypatch.setattr(torch, "_sparse_semi_structured_mm", lambda *args: _cutlass_addmm(None, *args))
     monkeypatch.setattr(torch, "_sparse_semi_structured_addmm", _cutlass_addmm)
     return request.param
+
+
+class CheckpointedPair(nn.Module):
+    """``fc1`` and ``fc2`` in one activation-checkpoint region (or none: ``checkpointed=False``), ``fc3``
+    after it; ``width`` inputs, ``2 * width`` hidden, ``out`` outputs."""
+
+    def __init__(self, checkpointed: bool = True, width: int = 16, out: int = 8) -> None:
+        super().__init__()
+        self.checkpointed = checkpointed
+        hidden = 2 * width
+        self.fc1, self.fc2, self.fc3 = nn.Linear(width, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, out)
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc2(torch.relu(self.fc1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.utils.checkpoint.checkpoint(self.body, x, use_reentrant=False) if self.checkpointed else self.body(x)
+        return self.fc3(h)
+
+
+def save_ops_named(prefix: str, ctx: object, op: object, *args: object, **kwargs: object) -> CheckpointPolicy:
+    """A selective-checkpoint policy: save the outputs of the ops whose name starts with ``prefix``
+    (none for ``""``), recompute the rest."""
+    return CheckpointPolicy.MUST_SAVE if prefix and str(op).startswith(prefix) else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+class SelectivePair(nn.Module):
+    """``fc1`` and ``fc2`` in a selective checkpoint region whose policy saves the ops named
+    ``saves...``; ``fc3`` after it; sizes as ``CheckpointedPair``'s."""
+
+    def __init__(self, saves: str = "nmsparse.", width: int = 16, out: int = 8) -> None:
+        super().__init__()
+        hidden = 2 * width
+        self.fc1, self.fc2, self.fc3 = nn.Linear(width, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, out)
+        self.context_fn = functools.partial(
+            create_selective_checkpoint_contexts, functools.partial(save_ops_named, saves)
+        )
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x))).sin()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.utils.checkpoint.checkpoint(self.body, x, use_reentrant=False, context_fn=self.context_fn)
+        return self.fc3(h)

@@ -204,7 +204,7 @@ def test_gpu_checks_script_names_real_tests():
                 cuda_only.add((f"tests/{path.name}", match.group(1)))
     for path, name in named:
         assert f"\ndef {name}(" in (root / path).read_text(), (path, name)
-    assert len(cuda_only) == 9 and cuda_only <= named, cuda_only - named
+    assert len(cuda_only) == 10 and cuda_only <= named, cuda_only - named
 
 
 def test_masks_benchmark_smoke(capsys):

@@ -10,7 +10,16 @@ import re
 import pytest
 import torch
 import torch.utils.checkpoint
-from conftest import MLP, assert_close, cpu_mask_note, sgd_step_both, train_and_compare
+from conftest import (
+    MLP,
+    CheckpointedPair,
+    SelectivePair,
+    assert_close,
+    cpu_mask_note,
+    save_ops_named,
+    sgd_step_both,
+    train_and_compare,
+)
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
@@ -497,22 +506,6 @@ class _Checkpointed(nn.Module):
         return self.fc2(h)
 
 
-class _CheckpointedPair(nn.Module):
-    """``fc1`` and ``fc2`` in one activation-checkpoint region (or none: ``checkpointed=False``), ``fc3`` after it."""
-
-    def __init__(self, checkpointed: bool = True) -> None:
-        super().__init__()
-        self.checkpointed = checkpointed
-        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 8)
-
-    def body(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.fc2(torch.relu(self.fc1(x))))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.utils.checkpoint.checkpoint(self.body, x, use_reentrant=False) if self.checkpointed else self.body(x)
-        return self.fc3(h)
-
-
 def _trains_as_reference_without_fc1(base: nn.Module, shape: tuple, **options) -> None:
     """Three SGD steps of ``base`` compiled give the gradients of the reference with ``fc1``
     excluded, and only ``fc2`` has a sparsity state."""
@@ -538,14 +531,14 @@ def test_gemms_in_an_activation_checkpoint_region_train_sparse_and_are_recompute
     x = torch.randn(4, 16)
     saved = {}
     for checkpointed in (True, False):
-        report = nmcompile.explain(_CheckpointedPair(checkpointed), x, inner=inner)
+        report = nmcompile.explain(CheckpointedPair(checkpointed), x, inner=inner)
         assert [(r.name, r.sparse) for r in report.rows] == [(f"fc{k}.weight", True) for k in (1, 2, 3)]
         outputs = report.records[0].graphs["forward"].graph.output_node().args[0]
         hidden = [o for o in outputs if isinstance(o, torch.fx.Node) and o.meta["val"].shape == (4, 32)]
         saved[checkpointed] = [o.name for o in hidden]
     assert saved[True] == [] and {"relu", "relu_1"} <= set(saved[False]), saved
     torch.manual_seed(0)
-    _, states = train_and_compare(_CheckpointedPair, (4, 16), steps=3, n=2, m=4, inner=inner, grad_prune="mvue24")
+    _, states = train_and_compare(CheckpointedPair, (4, 16), steps=3, n=2, m=4, inner=inner, grad_prune="mvue24")
     assert sorted(states) == ["fc1.weight", "fc2.weight", "fc3.weight"]
 
 
@@ -661,31 +654,6 @@ def test_checkpoints_inside_a_nested_compile_region_called_three_times_train_as_
     assert sorted(states) == ["blocks.0.weight", "blocks.1.weight", "blocks.2.weight", "head.weight"]
 
 
-def _save_ops_named(prefix: str, ctx: object, op: object, *args: object, **kwargs: object) -> CheckpointPolicy:
-    """A selective-checkpoint policy: save the outputs of the ops whose name starts with ``prefix``
-    (none for ``""``), recompute the rest."""
-    return CheckpointPolicy.MUST_SAVE if prefix and str(op).startswith(prefix) else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-class _SelectivePair(nn.Module):
-    """``fc1`` and ``fc2`` in a selective checkpoint region whose policy saves the ops named
-    ``saves...``; ``fc3`` after it."""
-
-    def __init__(self, saves: str = "nmsparse.") -> None:
-        super().__init__()
-        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 8)
-        self.context_fn = functools.partial(
-            create_selective_checkpoint_contexts, functools.partial(_save_ops_named, saves)
-        )
-
-    def body(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x))).sin()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.utils.checkpoint.checkpoint(self.body, x, use_reentrant=False, context_fn=self.context_fn)
-        return self.fc3(h)
-
-
 @pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
 def test_gemms_in_a_selective_checkpoint_region_train_sparse_under_its_policy(inner):
     """A checkpoint given a ``context_fn`` (selective checkpointing) is inlined for the rewrite and
@@ -696,15 +664,51 @@ def test_gemms_in_a_selective_checkpoint_region_train_sparse_under_its_policy(in
     x = torch.randn(4, 16)
     saved = {}
     for saves in ("", "nmsparse."):
-        report = nmcompile.explain(_SelectivePair(saves), x, inner=inner)
+        report = nmcompile.explain(SelectivePair(saves), x, inner=inner)
         assert [(r.name, r.sparse) for r in report.rows] == [(f"fc{k}.weight", True) for k in (1, 2, 3)]
         outputs = report.records[0].graphs["forward"].graph.output_node().args[0]
         hidden = [o for o in outputs if isinstance(o, torch.fx.Node) and o.meta["val"].shape == (4, 32)]
         saved[saves] = sorted(o.name for o in hidden if o.op != "placeholder")
     assert saved == {"": [], "nmsparse.": ["fc1_fwd_gemm", "fc2_fwd_gemm"]}
     torch.manual_seed(0)
-    _, states = train_and_compare(_SelectivePair, (4, 16), steps=3, inner=inner, grad_prune="mvue24")
+    _, states = train_and_compare(SelectivePair, (4, 16), steps=3, inner=inner, grad_prune="mvue24")
     assert sorted(states) == ["fc1.weight", "fc2.weight", "fc3.weight"]
+
+
+class _TwoRegions(nn.Module):
+    """``fc0``, then ``fc1`` and ``fc2`` each in a checkpoint region of the kind ``order`` names
+    (``"selective"``: a policy that recomputes everything)."""
+
+    def __init__(self, order: tuple[str, str]) -> None:
+        super().__init__()
+        self.order = order
+        self.fc0, self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+        self.context_fn = functools.partial(create_selective_checkpoint_contexts, functools.partial(save_ops_named, ""))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc0(x)
+        for kind, layer in zip(self.order, (self.fc1, self.fc2), strict=True):
+            options = {"context_fn": self.context_fn} if kind == "selective" else {}
+            x = torch.utils.checkpoint.checkpoint(
+                lambda t, f=layer: f(t).relu().sin(), x, use_reentrant=False, **options
+            )
+        return x
+
+
+@pytest.mark.parametrize("order", [("selective", "plain"), ("plain", "selective"), ("selective", "selective")])
+def test_a_region_read_by_the_next_one_saves_its_output_as_dense_compile_does(order):
+    """Two checkpoint regions in a row, one selective: the forward saves the first region's output,
+    which the second reads, as dense ``torch.compile`` does (AOTAutograd's partitioner saves it where
+    the reader's region number is the larger; plain regions numbered apart from the selective ones
+    lost it after a selective region), and nothing else of the regions."""
+    torch.manual_seed(0)
+    report = nmcompile.explain(_TwoRegions(order), torch.randn(4, 16), inner="aot_eager")
+    assert all(row.sparse for row in report.rows) and len(report.rows) == 3
+    saved = report.records[0].graphs["forward"].graph.output_node().args[0][1:]  # after the model's output
+    hidden = [o.name for o in saved if isinstance(o, torch.fx.Node) and o.meta["val"].shape == (4, 32)]
+    assert sorted(name for name in hidden if not name.startswith("fc0")) == ["sin"], hidden
+    torch.manual_seed(0)
+    train_and_compare(functools.partial(_TwoRegions, order), (4, 16), steps=2, inner="aot_eager")
 
 
 def test_gemm_in_a_selective_checkpoint_region_inside_another_region_is_reported_dense():
@@ -1012,7 +1016,7 @@ def test_a_checkpointed_model_does_not_load_the_plain_models_partition_from_the_
     partition: a hit where a miss belongs)."""
     from torch._dynamo.utils import counters
 
-    class Scaled(_CheckpointedPair):  # one graph code, checkpointed or not (the plain pair's differs)
+    class Scaled(CheckpointedPair):  # one graph code, checkpointed or not (the plain pair's differs)
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             x = x * 2
             return self.fc3(

@@ -17,6 +17,8 @@ from conftest import (
     MLP,
     MODELS,
     NOT_ON_CUDA,
+    CheckpointedPair,
+    SelectivePair,
     assert_close,
     cpu_mask_note,
     cuda_autocast_losses,
@@ -61,6 +63,28 @@ def test_triton_path_other_layouts(model):
     """Attention projections (3-D activations) and [in, out]/addmm weights lower too."""
     make, shape = MODELS[model]
     train_and_compare(make, shape, steps=2, kernels="triton", inner="aot_eager")
+
+
+@interpreted
+@pytest.mark.parametrize("make", [CheckpointedPair, SelectivePair], ids=["plain", "selective"])
+def test_triton_path_in_checkpoint_regions_matches_reference(make):
+    """Layers in a plain or a selective activation-checkpoint region lower onto the Triton kernels
+    too (the lowering keeps the region's tags; the selective region is made whole again around the
+    kernel ops): 3 SGD steps with MVUE agree with the eager reference."""
+    train_and_compare(make, (4, 16), steps=3, kernels="triton", inner="aot_eager", grad_prune="mvue24")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("make", [CheckpointedPair, SelectivePair], ids=["plain", "selective"])
+def test_checkpoint_regions_on_cuda_lower_and_train_as_portable(make):
+    """On a GPU, layers in plain and selective checkpoint regions lower as elsewhere (fp32 onto
+    Triton; under bf16 autocast each onto its measured path, the 2:4 cores included) and 3 training
+    steps stay close to the portable path."""
+    base = make(width=256, out=256).cuda()
+    portable = cuda_autocast_losses(base, kernels="portable", grad_prune="mvue24")
+    assert cuda_autocast_losses(base, kernels="auto", grad_prune="mvue24") == pytest.approx(portable, rel=2e-2)
+    rows = nmcompile.explain(base, torch.randn(64, 256, device="cuda")).rows
+    assert len(rows) == 3 and {r.kernel for r in rows} == {"triton"}
 
 
 def _trajectory(kernels: str, steps: int = 3, **options) -> tuple[list[float], list[torch.Tensor]]:
