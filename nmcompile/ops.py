@@ -322,6 +322,7 @@ def _prune_tokens(dy: torch.Tensor, channel_dim: int, step: torch.Tensor, key: i
 
 def _sparse_backward(
     ctx: Any,
+    saved: tuple[torch.Tensor, ...],
     dy: torch.Tensor,
     channel_dim: int,
     input_grad: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -334,8 +335,11 @@ def _sparse_backward(
     - Weight gradient, straight-through: ``dW = weight_grad(prune(dY)) + λ(1−F)⊙W``, ``prune`` the
       MVUE rule on the token view ``[T, O]`` of dY (or none).
     - ``db = Σ dY`` over all but channels (unpruned).
+
+    ``saved``: ``ctx.saved_tensors``, read once by the caller (a checkpoint's saved-tensor hooks
+    refuse a second read).
     """
-    _, weight, masked, perm, n_eff, alpha, step = ctx.saved_tensors
+    _, weight, masked, perm, n_eff, alpha, step = saved
     layer = ctx.layer
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
@@ -377,9 +381,11 @@ def _setup_linear(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
 
 
 def _linear_backward(ctx: Any, dy: torch.Tensor) -> tuple:
-    x = ctx.saved_tensors[0]
+    saved = ctx.saved_tensors
+    x = saved[0]
     dx, dw, db = _sparse_backward(
         ctx,
+        saved,
         dy,
         -1,
         input_grad=lambda g, w: g @ w,
@@ -395,13 +401,15 @@ def _setup_conv(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
 
 
 def _conv_backward(ctx: Any, dy: torch.Tensor) -> tuple:
-    x, weight = ctx.saved_tensors[:2]
+    saved = ctx.saved_tensors
+    x, weight = saved[:2]
 
     def grads(g: torch.Tensor, w: torch.Tensor, mask: list[bool]) -> tuple:
         return torch.ops.aten.convolution_backward(g, x, w, None, *ctx.conv, mask)
 
     dx, dw, db = _sparse_backward(
         ctx,
+        saved,
         dy,
         1,
         input_grad=lambda g, w: grads(g, w, [True, False, False])[0],

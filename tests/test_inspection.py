@@ -711,6 +711,46 @@ def test_a_region_read_by_the_next_one_saves_its_output_as_dense_compile_does(or
     train_and_compare(functools.partial(_TwoRegions, order), (4, 16), steps=2, inner="aot_eager")
 
 
+class _RegionBlocks(nn.Module):
+    """Three blocks, each ``fc1``, a graph break (dynamo then reuses one graph for every block), and
+    ``fc2`` in a selective and ``fc3`` in a plain checkpoint region."""
+
+    class Block(nn.Module):
+        def __init__(self, context_fn: object) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+            self.context_fn = context_fn
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.fc1(x).relu()
+            torch._dynamo.graph_break()
+            x = torch.utils.checkpoint.checkpoint(
+                lambda t: self.fc2(t).relu().sin(), x, use_reentrant=False, context_fn=self.context_fn
+            )
+            return torch.utils.checkpoint.checkpoint(lambda t: self.fc3(t).relu().sin(), x, use_reentrant=False)
+
+    def __init__(self) -> None:
+        super().__init__()
+        context_fn = functools.partial(create_selective_checkpoint_contexts, functools.partial(save_ops_named, ""))
+        self.blocks = nn.ModuleList(self.Block(context_fn) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_a_reused_block_graph_with_checkpoint_regions_runs_its_variant_as_the_reference():
+    """Where ``include`` makes dynamo's reused block graph sparsify another block otherwise, that
+    block runs the graph rewritten for it eagerly, its checkpoint regions (made regions again)
+    with it: it trains as the reference (the sparse ops' backward failed under the eager
+    checkpoint, reading its saved tensors twice)."""
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="dynamo reuses a compiled graph"):
+        _, states = train_and_compare(_RegionBlocks, (4, 32), steps=2, inner="aot_eager", include=r"^blocks\.1\.")
+    assert sorted(states) == [f"blocks.1.fc{k}.weight" for k in (1, 2, 3)]
+
+
 def test_gemm_in_a_selective_checkpoint_region_inside_another_region_is_reported_dense():
     """A selective checkpoint inside a plain one stays whole (its policy and the outer region's
     recompute cannot both hold once inlined): its layer is a report row with its shapes and reason

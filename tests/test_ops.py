@@ -68,6 +68,30 @@ def test_sparse_conv_op(channels_last, recipe):
     torch.library.opcheck(ops.sparse_conv.default, args)
 
 
+def _conv_args() -> tuple:
+    w = _w(8, 8, 3, 3).requires_grad_()
+    masked = masked_weight(w, reference.nm_mask(w, 2, 4, 1)).detach()
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    return (x, w, None, masked, torch.randperm(8), [1, 1], [1, 1], [1, 1], 1, 2, 4, 2e-4, "c")
+
+
+@pytest.mark.parametrize("op", ["sparse_linear", "sparse_conv"])
+def test_sparse_ops_backward_under_an_eager_checkpoint(op):
+    """Run eagerly under ``torch.utils.checkpoint`` (the graph a reused block's variant runs, with
+    its checkpoint regions), the sparse ops' backward reads each saved tensor once, as the
+    checkpoint's hooks require (it read them twice: ``CheckpointError``), and gives the gradients
+    of the same op without the checkpoint."""
+    args = _linear_args(perm=True, recipe=True) if op == "sparse_linear" else _conv_args()
+    fn = getattr(ops, op).default
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    grads = []
+    for checkpointed in (False, True):
+        out = torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False) if checkpointed else fn(*args)
+        grads.append(torch.autograd.grad(out.square().sum(), leaves))
+    for plain, checkpointed in zip(*grads, strict=True):
+        torch.testing.assert_close(checkpointed, plain, rtol=0, atol=0)
+
+
 def test_ops_reading_step_or_n_on_the_host_stay_out_of_cuda_graphs():
     """Every registered op with a ``step`` or ``n_eff`` tensor argument (a CPU tensor, mostly read on
     the host: a CUDA graph would replay the recorded value) carries ``cudagraph_unsafe``, so Inductor's graph
