@@ -47,7 +47,7 @@ class CheckpointRegion:
 
 
 def inline_subgraphs(gm: fx.GraphModule) -> fx.GraphModule:
-    """``gm`` with its ``invoke_subgraph`` calls and plain activation-checkpoint regions inlined, in
+    """``gm`` with its ``invoke_subgraph`` calls and activation-checkpoint regions inlined, in
     place. A torch without dynamo's ``inline_invoke_subgraph`` pass keeps the ``invoke_subgraph``
     calls (their weights are then reported dense)."""
     try:
