@@ -46,21 +46,25 @@ class CheckpointRegion:
         return "_checkpoint_context_fn" in self.body_meta
 
 
-def inline_subgraphs(gm: fx.GraphModule) -> fx.GraphModule:
+def inline_subgraphs(gm: fx.GraphModule, recompute: bool = True) -> fx.GraphModule:
     """``gm`` with its ``invoke_subgraph`` calls and activation-checkpoint regions inlined, in
     place. A torch without dynamo's ``inline_invoke_subgraph`` pass keeps the ``invoke_subgraph``
-    calls (their weights are then reported dense)."""
+    calls (their weights are then reported dense). ``recompute=False``, for a graph that runs
+    without autograd: plain regions' nodes get no recompute tags, which AOTAutograd's inference
+    path would try to honour (and refuse on a random op: SDPA, dropout), with nothing to recompute."""
     try:
         from torch._higher_order_ops.passes.inline_invoke_subgraph import inline_invoke_subgraph
     except ImportError:
         pass
     else:
         gm = inline_invoke_subgraph(gm)
-    _inline_checkpoints(gm, itertools.count(1), top=True)
+    _inline_checkpoints(gm, itertools.count(1), top=True, recompute=recompute)
     return gm
 
 
-def _inline_checkpoints(gm: fx.GraphModule, regions: itertools.count, top: bool = False) -> None:
+def _inline_checkpoints(
+    gm: fx.GraphModule, regions: itertools.count, top: bool = False, recompute: bool = True
+) -> None:
     """Inline ``gm``'s activation-checkpoint regions, nested ones first, numbering plain ones in
     graph order as AOTAutograd does (its partitioner saves the output of a region that the next one
     reads). Selective ones are inlined where ``gm`` is the top graph and hold no other region."""
@@ -70,8 +74,8 @@ def _inline_checkpoints(gm: fx.GraphModule, regions: itertools.count, top: bool 
         marker = CheckpointRegion(dict(body.meta), dict(node.kwargs))
         if marker.selective and (not top or body.graph.find_nodes(op="call_function", target=hop)):
             continue
-        _inline_checkpoints(body, regions)
-        region = None if marker.selective else next(regions)
+        _inline_checkpoints(body, regions, recompute=recompute)
+        region = None if marker.selective or not recompute else next(regions)
         env: dict[fx.Node, object] = dict(zip(body.graph.find_nodes(op="placeholder"), node.args[1:], strict=True))
         with gm.graph.inserting_before(node):
             for sub in body.graph.nodes:

@@ -751,6 +751,43 @@ def test_a_reused_block_graph_with_checkpoint_regions_runs_its_variant_as_the_re
     assert sorted(states) == [f"blocks.1.fc{k}.weight" for k in (1, 2, 3)]
 
 
+class _RandomRegion(nn.Module):
+    """``fc`` then a checkpoint region holding a random op (dropout) or attention (SDPA)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.fc, self.drop = nn.Linear(8, 8), nn.Dropout(0.1)
+
+    def body(self, h: torch.Tensor) -> torch.Tensor:
+        if self.kind == "dropout":
+            return self.drop(h).relu()
+        h = h.view(2, 4, 2, 4).transpose(1, 2)
+        return torch.nn.functional.scaled_dot_product_attention(h, h, h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(self.body, self.fc(x), use_reentrant=False)
+
+
+@pytest.mark.parametrize("kind", ["dropout", "sdpa"])
+def test_a_checkpoint_region_with_a_random_op_compiles_under_no_grad(kind):
+    """A plain checkpoint region holding dropout or attention, compiled under ``no_grad`` (a
+    validation pass): its nodes get no recompute tags, which AOTAutograd's inference path refused
+    on a random op (``BackendCompilerFailed``, where dense compiles run), and the output is the
+    reference's, dropout's draws included."""
+    torch.manual_seed(0)
+    model = _RandomRegion(kind)  # in train mode: dropout draws
+    ref = reference.sparsify(copy.deepcopy(model))
+    compiled = torch.compile(model, backend=nmcompile.backend(inner="aot_eager"))
+    x = torch.randn(2, 4, 8)
+    with torch.no_grad():
+        outputs = []
+        for run in (ref, compiled):
+            torch.manual_seed(1)
+            outputs.append(run(x))
+        assert_close(outputs[1], outputs[0])
+
+
 def test_gemm_in_a_selective_checkpoint_region_inside_another_region_is_reported_dense():
     """A selective checkpoint inside a plain one stays whole (its policy and the outer region's
     recompute cannot both hold once inlined): its layer is a report row with its shapes and reason
