@@ -624,11 +624,11 @@ class StateRegistry:
         """After ``root.load_state_dict``: for each weight whose key is in ``loaded``, restore (or
         hold until compile) the layer state the checkpoint's ``_metadata`` carries. Where it carries
         none, a layer restarts, with a warning when it had trained; weights not loaded keep theirs."""
-        metadata = metadata or {}
+        metadata = {_unwrapped(prefix): entry for prefix, entry in (metadata or {}).items()}
         has_any = any(isinstance(entry, dict) and METADATA_KEY in entry for entry in metadata.values())
         missing = []
         for prefix, module in root.named_modules():
-            entries = (metadata.get(prefix) or {}).get(METADATA_KEY, {})
+            entries = (metadata.get(_unwrapped(prefix)) or {}).get(METADATA_KEY, {})
             for name, param in module.named_parameters(recurse=False):
                 if (f"{prefix}.{name}" if prefix else name) not in loaded:
                     continue
@@ -814,6 +814,13 @@ def _load_state_dict_with_sparsity(self: nn.Module, state_dict: Any, strict: boo
 # torch has no global load_state_dict hook, and torch.compile calls the backend only at the first
 # forward, usually after the checkpoint was loaded: so the loader itself brings the states back.
 nn.Module.load_state_dict = _load_state_dict_with_sparsity  # type: ignore[method-assign]
+
+
+def _unwrapped(prefix: str) -> str:
+    """A module's name without the ``_checkpoint_wrapped_module`` steps of torch's
+    ``checkpoint_wrapper``, which strips them from state_dict keys but not from ``_metadata``: a
+    checkpoint's states find their layers in a model with or without activation-checkpoint wrappers."""
+    return ".".join(part for part in prefix.split(".") if part != "_checkpoint_wrapped_module")
 
 
 def _named_slots(root: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:

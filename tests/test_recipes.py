@@ -641,6 +641,40 @@ def test_checkpoint_keys_renamed_by_a_load_pre_hook_restore_the_states():
         assert got[name]["step"] == s["step"] + 1 == 4 and torch.equal(got[name]["perm"], s["perm"]), name
 
 
+@pytest.mark.parametrize("wrapped", [(True, False), (False, True)], ids=["wrapped_to_plain", "plain_to_wrapped"])
+def test_checkpoint_moves_between_models_with_and_without_checkpoint_wrappers(wrapped):
+    """torch's ``checkpoint_wrapper`` (activation checkpointing, as torchtitan applies it) strips its
+    ``_checkpoint_wrapped_module`` step from state_dict keys but not from ``_metadata``: the states
+    still find their layers when a checkpoint moves between a model with the wrappers and one
+    without (every wrapped layer restarted at step 0, silently)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    def make(wrap: bool) -> nn.Module:
+        torch.manual_seed(0)
+        model = MLP()
+        if wrap:
+            model.fc1, model.fc2 = checkpoint_wrapper(model.fc1), checkpoint_wrapper(model.fc2)
+        return model
+
+    options = {"inner": "aot_eager", "perm_interval": 1}
+    trained = make(wrapped[0])
+    compiled = torch.compile(trained, backend=nmcompile.backend(**options))
+    for _ in range(2):
+        compiled(torch.randn(4, 32)).sum().backward()
+    unwrap = lambda name: name.replace("._checkpoint_wrapped_module", "")  # noqa: E731
+    expected = {unwrap(name): s for name, s in nmcompile.sparsity_state(trained).items()}
+    model = make(wrapped[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.load_state_dict(trained.state_dict())
+    with torch.no_grad():
+        torch.compile(model, backend=nmcompile.backend(**options))(torch.randn(4, 32))
+    got = {unwrap(name): s for name, s in nmcompile.sparsity_state(model).items()}
+    assert sorted(got) == sorted(expected) == ["fc1.weight", "fc2.weight", "head.weight"]
+    for name, s in expected.items():
+        assert got[name]["step"] == s["step"] == 2 and torch.equal(got[name]["perm"], s["perm"]), name
+
+
 @pytest.mark.parametrize(
     "perm,problem",
     [
