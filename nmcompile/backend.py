@@ -766,7 +766,7 @@ def _forward_codes(module: nn.Module) -> list[types.CodeType]:
     codes = []
     for method in [vars(cls).get("forward") for cls in type(module).__mro__] + [vars(module).get("forward")]:
         seen = 0
-        while method is not None and seen < 16:  # a wrapper chain, bounded as inspect.unwrap bounds it
+        while method is not None and seen < 16:  # a wrapper chain, bounded: a __wrapped__ cycle never ends
             seen += 1
             method = getattr(method, "__func__", method)
             if isinstance(method, functools.partial):

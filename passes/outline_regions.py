@@ -23,9 +23,7 @@ from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule, validate_part
 from torch.utils.checkpoint import CheckpointPolicy
 
 from .inline_subgraphs import CheckpointRegion
-from .utils import CHECKPOINT_REGION, free_attribute_name
-
-_TAGS = ("recompute", "ac_graph_id")  # the recompute tags of a plain region's inlined nodes
+from .utils import CHECKPOINT_REGION, RECOMPUTE_TAGS, free_attribute_name
 
 
 def outline_regions(gm: fx.GraphModule) -> fx.GraphModule:
@@ -79,7 +77,7 @@ def _outline(gm: fx.GraphModule, region: CheckpointRegion, nodes: list[fx.Node],
     body, inputs, outputs = fuse_as_graphmodule(gm, nodes, name, always_return_tuple=True)
     body.meta.update(region.body_meta)
     for node in body.graph.nodes:  # AOTAutograd tags the body's ops as it traces the call
-        for key in (CHECKPOINT_REGION, *_TAGS):
+        for key in (CHECKPOINT_REGION, *RECOMPUTE_TAGS):
             node.meta.pop(key, None)
     attribute = free_attribute_name(gm, name)
     gm.add_submodule(attribute, body)
@@ -95,7 +93,7 @@ def _outline(gm: fx.GraphModule, region: CheckpointRegion, nodes: list[fx.Node],
     for index, out in enumerate(outputs):
         with gm.graph.inserting_after(last):
             last = gm.graph.call_function(operator.getitem, (call, index))
-        last.meta = {key: value for key, value in out.meta.items() if key not in (CHECKPOINT_REGION, *_TAGS)}
+        last.meta = {key: value for key, value in out.meta.items() if key not in (CHECKPOINT_REGION, *RECOMPUTE_TAGS)}
         out.replace_all_uses_with(last, delete_user_cb=lambda user: user not in inside)
     for node in reversed(nodes):
         gm.graph.erase_node(node)

@@ -13,6 +13,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 DENSE_REASON = "nmsparse_dense_reason"  # node meta: why a fused op was left as it is
 CHECKPOINT_REGION = "nmsparse_checkpoint_region"  # node meta: the checkpoint region it was inlined from
+RECOMPUTE_TAGS = ("recompute", "ac_graph_id")  # node meta AOTAutograd reads for activation checkpointing
 
 
 def identifier(name: str) -> str:
@@ -70,7 +71,7 @@ def join_region(node: fx.Node, first: fx.Node) -> None:
         return
     made = first.next
     while made is not node:
-        for key in ("ac_graph_id", "recompute", CHECKPOINT_REGION):
+        for key in (*RECOMPUTE_TAGS, CHECKPOINT_REGION):
             if key in node.meta:
                 made.meta.setdefault(key, node.meta[key])
         made = made.next
