@@ -377,9 +377,13 @@ def _before_inner_compile(record: CompileRecord | None, kind: str, gm: fx.GraphM
 
 
 def _decompositions() -> dict:
-    """The composite mask op's own decomposition: AOTAutograd keeps ops of other namespaces whole,
-    and an unfused ``nm_mask`` runs eagerly as a dozen full-size temporaries."""
-    return {torch.ops.nmsparse.nm_mask.default: ops.nm_mask}
+    """The composite mask op's own decomposition (AOTAutograd keeps ops of other namespaces whole,
+    and an unfused ``nm_mask`` runs eagerly as a dozen full-size temporaries), and the portable
+    GEMM's forward where the C mask kernels run (``ops.inline_linear_forward``)."""
+    return {
+        torch.ops.nmsparse.nm_mask.default: ops.nm_mask,
+        torch.ops.nmsparse.cpu_linear.default: ops.inline_linear_forward,
+    }
 
 
 def _register_inductor_decomposition() -> None:
@@ -387,9 +391,9 @@ def _register_inductor_decomposition() -> None:
     instead makes it part of the FX graph cache key, which cannot pickle it: no graph was cached."""
     from torch._inductor import decomposition
 
-    op = torch.ops.nmsparse.nm_mask.default
-    if op not in decomposition.decompositions:
-        decomposition.decompositions.update(_decompositions())
+    table = _decompositions()
+    if not table.keys() <= decomposition.decompositions.keys():
+        decomposition.decompositions.update(table)
         decomposition.fast_random_decomps.cache_clear()
 
 

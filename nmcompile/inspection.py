@@ -23,7 +23,7 @@ import torch
 from torch import fx
 from torch.nn.parameter import is_lazy
 
-from nmcompile.ops import NAME_KEY
+from nmcompile.ops import node_role
 from nmcompile.options import SparsityConfig
 from nmcompile.passes.utils import copy_graph_module, size_hint
 
@@ -352,14 +352,13 @@ def to_networkx(records: list[CompileRecord]) -> nx.DiGraph:
         for kind, gm in record.graphs.items():
             prefix = f"{i}:{kind}:"
             for node in gm.graph.nodes:
-                custom = node.meta.get("custom") or {}
                 g.add_node(
                     prefix + node.name,
                     kind=kind,
                     op=node.op,
                     target=str(node.target),
                     name=node.name,
-                    nmsparse=custom.get(NAME_KEY),
+                    nmsparse=node_role(node),
                 )
                 for arg in node.all_input_nodes:
                     g.add_edge(prefix + arg.name, prefix + node.name)
@@ -374,8 +373,7 @@ def to_dot(records: list[CompileRecord]) -> str:
             lines.append(f'  subgraph "cluster_{i}_{kind}" {{')
             lines.append(f'    label="{kind} (compile {record.trace_id or i})";')
             for node in gm.graph.nodes:
-                custom = node.meta.get("custom") or {}
-                style = ", style=filled, fillcolor=lightblue" if NAME_KEY in custom else ""
+                style = ", style=filled, fillcolor=lightblue" if node_role(node) is not None else ""
                 lines.append(f'    "{i}:{kind}:{node.name}" [label="{_node_label(node)}"{style}];')
                 for arg in node.all_input_nodes:
                     lines.append(f'    "{i}:{kind}:{arg.name}" -> "{i}:{kind}:{node.name}";')

@@ -22,9 +22,26 @@ from nmcompile import reference
 NAME_KEY = "nmsparse"
 
 
-def role(layer: str, what: str) -> dict[str, str]:
+FORWARD_NAME_KEY = "nmsparse_forward"
+"""The key of ``inline_linear_forward``'s annotations. AOTAutograd copies the annotation of a
+forward op's first node onto every backward node of that op, its own key winning, so the forward
+steps of the sparse GEMM, inlined, need a key the backward's own (``NAME_KEY``) does not share."""
+
+
+def role(layer: str, what: str, key: str = NAME_KEY) -> dict[str, str]:
     """The annotation that names a node ``<layer>_<what>`` in the rewritten graphs."""
-    return {NAME_KEY: f"{layer}_{what}"}
+    return {key: f"{layer}_{what}"}
+
+
+def node_role(node: torch.fx.Node) -> str | None:
+    """The ``<layer>_<what>`` a node of a rewritten graph is named by: its own annotation, or on a node
+    of the forward, that of the inlined forward GEMM (backward nodes carry a copy of it)."""
+    custom = node.meta.get("custom")
+    if not isinstance(custom, dict):
+        return None
+    if NAME_KEY in custom:
+        return custom[NAME_KEY]
+    return custom.get(FORWARD_NAME_KEY) if node.meta.get("partitioner_tag") != "is_backward" else None
 
 
 HOST_READ = (torch.Tag.cudagraph_unsafe,)
@@ -252,6 +269,60 @@ def linear_fake(
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+@torch.library.custom_op("nmsparse::cpu_linear", mutates_args=(), tags=HOST_READ)
+def cpu_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    masked: torch.Tensor,
+    perm: torch.Tensor | None,
+    n: int,
+    m: int,
+    srste_lambda: float,
+    layer: str,
+    n_eff: torch.Tensor | None = None,
+    alpha: torch.Tensor | None = None,
+    step: torch.Tensor | None = None,
+    grad_prune: str = "none",
+    prune_key: int = 0,
+) -> torch.Tensor:
+    """``sparse_linear`` where the C mask kernels write ``masked`` (``lower_kernels``: CPU, fp32, M=4),
+    with the same autograd; AOTAutograd inlines its forward (``inline_linear_forward``)."""
+    return F.linear(x, _compute_weight(_decayed(weight, masked, alpha), x), bias)
+
+
+cpu_linear.register_fake(linear_fake)
+
+
+def inline_linear_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    masked: torch.Tensor,
+    perm: torch.Tensor | None,
+    n: int,
+    m: int,
+    srste_lambda: float,
+    layer: str,
+    n_eff: torch.Tensor | None = None,
+    alpha: torch.Tensor | None = None,
+    step: torch.Tensor | None = None,
+    grad_prune: str = "none",
+    prune_key: int = 0,
+) -> torch.Tensor:
+    """``cpu_linear``'s forward as aten ops, for AOTAutograd's decomposition table: the op's autograd,
+    above the table, still gives the sparse backward, while the forward GEMM becomes the ``addmm``
+    (or ``mm``) of a dense graph, which the inner compiler calls without a Python dispatch (about 30
+    µs per layer and step for the opaque op on a 2-core AMD EPYC). Only where the C kernels write
+    and read ``masked``: their calls make the partitioner save it, where a composite mask fused into
+    the GEMM's transpose was not, so the Bi-Mask backward weight was computed forward and saved with
+    a bool SR-STE mask instead (5 bytes per weight for 4)."""
+    with annotate(role(layer, "fwd_weight", FORWARD_NAME_KEY)):
+        used = _compute_weight(_decayed(weight, masked, alpha), x)
+    with annotate(role(layer, "fwd_gemm", FORWARD_NAME_KEY)):
+        return F.linear(x, used, bias)
+
+
 def _conv_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
     """The output layout ATen's convolution gives, which the real op and its fake agree on:
     channels-last where the input or the weight is, as cuDNN and every CPU 2-D kernel choose (a
@@ -419,6 +490,7 @@ def _conv_backward(ctx: Any, dy: torch.Tensor) -> tuple:
 
 
 sparse_linear.register_autograd(_linear_backward, setup_context=_setup_linear)
+cpu_linear.register_autograd(_linear_backward, setup_context=_setup_linear)
 sparse_conv.register_autograd(_conv_backward, setup_context=_setup_conv)
 
 
@@ -446,6 +518,7 @@ def _register_autocast(op: torch._ops.OpOverload, device_type: str) -> None:
     _LIBRARY.impl(op.name().split("::")[1], lambda _keyset, *args: kernel(*args), key_name, with_keyset=True)
 
 
-for _op in (torch.ops.nmsparse.sparse_linear.default, torch.ops.nmsparse.sparse_conv.default):
+for _op in (torch.ops.nmsparse.sparse_linear.default, torch.ops.nmsparse.cpu_linear.default,
+            torch.ops.nmsparse.sparse_conv.default):  # fmt: skip
     for _device in ("cpu", "cuda"):
         _register_autocast(_op, _device)

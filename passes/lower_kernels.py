@@ -251,6 +251,7 @@ def lower_kernels(gm: fx.GraphModule, config: SparsityConfig) -> tuple[fx.GraphM
         if choice.kernel == "portable":
             if _cpu_forward_mask(graph, node.args[3], config):
                 choices[layer] = dataclasses.replace(choice, reason=f"{choice.reason}; {CPU_MASK_NOTE}")
+                _replace(graph, node, torch.ops.nmsparse.cpu_linear.default, node.args)
             continue
         import nmcompile.kernels.ops  # noqa: F401  (registers nmsparse::triton_* and sparse24_*)
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from nmcompile.ops import NAME_KEY
+from nmcompile.ops import NAME_KEY, node_role
 
 _GEMM_SUFFIX = {  # by op name: the Triton ops are registered only once the lowering pass used them
     "nmsparse::sparse_linear": "fwd_gemm",
+    "nmsparse::cpu_linear": "fwd_gemm",
     "nmsparse::triton_linear": "fwd_gemm",
     "nmsparse::sparse24_linear": "fwd_gemm",
     "nmsparse::sparse_conv": "fwd_conv",
@@ -33,15 +34,19 @@ def name_nodes(gm: fx.GraphModule) -> fx.GraphModule:
     ``nmsparse.sparse_linear`` / ``triton_linear`` / ``sparse24_linear`` / ``sparse_conv`` nodes are named
     ``<layer>_fwd_gemm`` / ``<layer>_fwd_conv`` from their ``layer`` argument.
     """
+    inlined = []
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        custom = node.meta.get("custom")
         op_name = node.target.name() if isinstance(node.target, torch._ops.OpOverload) else None
         suffix = _GEMM_SUFFIX.get(op_name)
         if suffix is not None:
             node._rename(f"{_argument(node, 'layer')}_{suffix}")
-        elif isinstance(custom, dict) and NAME_KEY in custom:
-            node._rename(custom[NAME_KEY])
+        elif isinstance(node.meta.get("custom"), dict) and NAME_KEY in node.meta["custom"]:
+            node._rename(node.meta["custom"][NAME_KEY])
+        elif node_role(node) is not None:
+            inlined.append(node)
+    for node in reversed(inlined):  # the last node of an inlined step (its result) takes the plain name
+        node._rename(node_role(node))
     gm.recompile()
     return gm

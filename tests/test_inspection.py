@@ -38,7 +38,8 @@ def _names(gm: torch.fx.GraphModule) -> set[str]:
 def test_graph_nodes_say_what_they_are(inner, c_kernel, monkeypatch):
     """Forward and backward graphs after AOTAutograd carry <layer>_fwd_masked, _bwd_perm, _bwd_mask,
     ..., and the backward's inputs the names of the forward outputs they are; with the C mask
-    kernels (CPU, fp32, M=4) the Bi-Mask backward weight is one ``_bwd_mask`` node."""
+    kernels (CPU, fp32, M=4) the Bi-Mask backward weight is one ``_bwd_mask`` node, and the forward
+    GEMM the inlined ``addmm``, whose op kept ``W ⊙ F`` saved where a composite mask would not."""
     if not c_kernel:
         monkeypatch.setattr(cpu_mask, "blocker", lambda weight, m: "off for this test")
     elif (why := cpu_mask.blocker(torch.zeros(4, 4), 4)) is not None:
@@ -55,6 +56,12 @@ def test_graph_nodes_say_what_they_are(inner, c_kernel, monkeypatch):
     saved = {n.name for n in report.backward_graph.graph.find_nodes(op="placeholder") if "tangents" not in n.name}
     outputs = {str(a) for a in report.forward_graph.graph.output_node().args[0]}
     assert {"fc2_weight", "fc2_perm"} <= saved
+    # Inductor's partitioner saves W ⊙ F and makes the Bi-Mask weight backward (not the weight and
+    # SR-STE's bool mask, forward): the inlined GEMM keeps that only where the C kernels read W ⊙ F.
+    assert inner == "aot_eager" or "fc2_fwd_masked" in saved
+    # With the C kernels the forward GEMM is inlined (``cpu_linear``): the node is the ``addmm`` itself.
+    gemm = next(n for n in report.forward_graph.graph.nodes if n.name == "fc1_fwd_gemm")
+    assert gemm.target is (torch.ops.aten.addmm.default if c_kernel else torch.ops.nmsparse.sparse_linear.default)
     assert {name if name in outputs else re.sub(r"_\d+$", "", name) for name in saved} <= outputs
     masks = [n for n in report.backward_graph.graph.nodes if n.name.startswith("fc2_bwd_mask")]
     targets = {str(n.target) for n in masks}

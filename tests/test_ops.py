@@ -48,10 +48,11 @@ def _linear_args(perm: bool, recipe: bool) -> tuple:
     return (x, w, b, masked_weight(w, mask).detach(), torch.randperm(8) if perm else None, 2, 4, 2e-4, "fc", *extra)
 
 
+@pytest.mark.parametrize("op", ["sparse_linear", "cpu_linear"])
 @pytest.mark.parametrize("perm", [True, False])
 @pytest.mark.parametrize("recipe", [True, False])
-def test_sparse_linear_op(perm, recipe):
-    torch.library.opcheck(ops.sparse_linear.default, _linear_args(perm, recipe))
+def test_sparse_linear_op(op, perm, recipe):
+    torch.library.opcheck(getattr(ops, op).default, _linear_args(perm, recipe))
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -103,7 +104,7 @@ def test_ops_reading_step_or_n_on_the_host_stay_out_of_cuda_graphs():
 
     registered = torch._C._dispatch_get_all_op_names()
     names = sorted(n.removeprefix("nmsparse::") for n in registered if n.startswith("nmsparse::"))
-    assert len(names) == 13 and "nm_mask" in names
+    assert len(names) == 14 and "nm_mask" in names
     for name in names:
         op = getattr(ops, name).default
         reads_host = bool({"step", "n_eff"} & {a.name for a in op._schema.arguments})
