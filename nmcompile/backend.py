@@ -44,7 +44,7 @@ from nmcompile.passes import (
     name_nodes,
     outline_regions,
 )
-from nmcompile.passes.utils import copy_graph_module, identifier
+from nmcompile.passes.utils import copy_graph_module, grad_modes, identifier
 from nmcompile.state import (
     DEFAULT_REGISTRY,
     LayerSpec,
@@ -644,10 +644,10 @@ def compile_graph(
     """Compile one dynamo graph with N:M sparse GEMMs; the body of every ``nmsparse`` backend call.
     ``mode`` is ``torch.compile``'s, passed on to the inner Inductor compile."""
     patches = {**_fusion_patches(config), **_mode_patches(mode, config)}
-    # Recompute tags only where the graph runs with autograd: grad on and an input (or, under
-    # Inductor's freezing, a graph attribute) that needs it.
+    # Recompute tags only where the graph can run with autograd: an input (or, under Inductor's
+    # freezing, a graph attribute) that needs it, and grad on where the region is (inline_subgraphs).
     needing = [*example_inputs, *gm.parameters()]
-    autograd = torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in needing)
+    autograd = any(getattr(x, "requires_grad", False) for x in needing)
     lifted = lift_parameters(inline_subgraphs(gm, recompute=autograd))  # Parameters made graph attributes
     gm, example_inputs = lifted.gm, [*example_inputs, *lifted.params]
     roots = _CallTables(_compiling_namespaces, _compiling_backend())
@@ -928,9 +928,9 @@ def _layers(
 ) -> tuple[Layers, dict[int, LayerState]]:
     """Per sparse target of ``analysis``, in the order insert_masks appended their state inputs:
     its spec, its weight's input position, its state and weight, and the grad mode the graph sets
-    around its GEMM (``_grad_modes``); and the states by target."""
+    around its GEMM (``passes.utils.grad_modes``); and the states by target."""
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    grad_modes = _grad_modes(gm)
+    modes = grad_modes(gm)
     layers: Layers = []
     by_target: dict[int, LayerState] = {}
     for target in analysis.sparse:
@@ -939,37 +939,10 @@ def _layers(
         rows = target.weight_shape[0]
         spec = LayerSpec(info.name, info.index, rows, target.backward, target.layout, groups, config, info.param.dtype)
         state = registry.get_or_create(info.param, spec, info.owner)
-        layers.append((spec, placeholders.index(target.weight.name), state, info.param, grad_modes.get(target.node)))
+        layers.append((spec, placeholders.index(target.weight.name), state, info.param, modes.get(target.node)))
         by_target[id(target)] = state
     registry.warn_restarted()
     return layers, by_target
-
-
-def _grad_modes(gm: fx.GraphModule) -> dict[fx.Node, bool]:
-    """Whether each node can train where the graph sets the mode: dynamo records a ``torch.no_grad()``
-    or ``torch.enable_grad()`` block inside a forward as ``torch._C._set_grad_enabled`` calls, and a
-    ``torch.inference_mode(mode)`` block as an enter/exit pair: it sets grad to ``not mode``, and
-    nothing under ``inference_mode()`` trains, ``enable_grad()`` or not; the exit restores both.
-    Nodes in the caller's mode are left out. A layer under ``no_grad()`` or ``inference_mode()`` in
-    a training forward (a teacher branch) trains no step, as in the reference."""
-    modes: dict[fx.Node, bool] = {}
-    grad: bool | None = None  # as the graph set it; None: the caller's
-    inference: bool | None = None
-    entered: list[tuple[bool | None, bool | None]] = []
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is torch._C._set_grad_enabled:
-            grad = bool(node.args[0])
-        elif node.op == "call_function" and node.target is torch.autograd.grad_mode._enter_inference_mode:
-            entered.append((grad, inference))
-            inference = bool(node.args[0])
-            grad = not inference
-        elif node.op == "call_function" and node.target is torch.autograd.grad_mode._exit_inference_mode:
-            grad, inference = entered.pop() if entered else (None, None)
-        elif inference:
-            modes[node] = False
-        elif grad is not None:
-            modes[node] = grad
-    return modes
 
 
 @dataclasses.dataclass(frozen=True)

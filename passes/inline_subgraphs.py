@@ -23,13 +23,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-from .utils import CHECKPOINT_REGION, free_attribute_name
+from .utils import CHECKPOINT_REGION, free_attribute_name, grad_modes
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -50,32 +51,38 @@ def inline_subgraphs(gm: fx.GraphModule, recompute: bool = True) -> fx.GraphModu
     """``gm`` with its ``invoke_subgraph`` calls and activation-checkpoint regions inlined, in
     place. A torch without dynamo's ``inline_invoke_subgraph`` pass keeps the ``invoke_subgraph``
     calls (their weights are then reported dense). ``recompute=False``, for a graph that runs
-    without autograd: plain regions' nodes get no recompute tags, which AOTAutograd's inference
-    path would try to honour (and refuse on a random op: SDPA, dropout), with nothing to recompute."""
+    without autograd, and a region where the graph turns grad off (or the caller has it off and the
+    graph does not turn it on): plain regions' nodes get no recompute tags, which AOTAutograd's
+    inference path would try to honour (and refuse on a random op: SDPA, dropout), with nothing to
+    recompute."""
     try:
         from torch._higher_order_ops.passes.inline_invoke_subgraph import inline_invoke_subgraph
     except ImportError:
         pass
     else:
         gm = inline_invoke_subgraph(gm)
-    _inline_checkpoints(gm, itertools.count(1), top=True, recompute=recompute)
+    modes, caller = grad_modes(gm), torch.is_grad_enabled()  # the caller's: where the graph sets none
+    _inline_checkpoints(gm, itertools.count(1), lambda node: recompute and modes.get(node, caller), top=True)
     return gm
 
 
 def _inline_checkpoints(
-    gm: fx.GraphModule, regions: itertools.count, top: bool = False, recompute: bool = True
+    gm: fx.GraphModule, regions: itertools.count, recompute: Callable[[fx.Node], bool], top: bool = False
 ) -> None:
     """Inline ``gm``'s activation-checkpoint regions, nested ones first, numbering plain ones in
     graph order as AOTAutograd does (its partitioner saves the output of a region that the next one
-    reads). Selective ones are inlined where ``gm`` is the top graph and hold no other region."""
+    reads); ``recompute(node)``: whether the region called at ``node`` gets recompute tags (a nested
+    one as the region holding it). Selective ones are inlined where ``gm`` is the top graph and hold
+    no other region."""
     hop = torch.ops.higher_order.tag_activation_checkpoint
     for node in list(gm.graph.find_nodes(op="call_function", target=hop)):
         body = getattr(gm, str(node.args[0].target))
         marker = CheckpointRegion(dict(body.meta), dict(node.kwargs))
         if marker.selective and (not top or body.graph.find_nodes(op="call_function", target=hop)):
             continue
-        _inline_checkpoints(body, regions, recompute=recompute)
-        region = None if marker.selective or not recompute else next(regions)
+        tagged = recompute(node)
+        _inline_checkpoints(body, regions, lambda _, tagged=tagged: tagged)
+        region = None if marker.selective or not tagged else next(regions)
         env: dict[fx.Node, object] = dict(zip(body.graph.find_nodes(op="placeholder"), node.args[1:], strict=True))
         with gm.graph.inserting_before(node):
             for sub in body.graph.nodes:

@@ -84,3 +84,30 @@ def free_attribute_name(gm: fx.GraphModule, base: str) -> str:
         k += 1
         name = f"{base}_{k}"
     return name
+
+
+def grad_modes(gm: fx.GraphModule) -> dict[fx.Node, bool]:
+    """Whether each node can train where the graph sets the mode: dynamo records a ``torch.no_grad()``
+    or ``torch.enable_grad()`` block inside a forward as ``torch._C._set_grad_enabled`` calls, and a
+    ``torch.inference_mode(mode)`` block as an enter/exit pair: it sets grad to ``not mode``, and
+    nothing under ``inference_mode()`` trains, ``enable_grad()`` or not; the exit restores both.
+    Nodes in the caller's mode are left out. A layer under ``no_grad()`` or ``inference_mode()`` in
+    a training forward (a teacher branch) trains no step, as in the reference."""
+    modes: dict[fx.Node, bool] = {}
+    grad: bool | None = None  # as the graph set it; None: the caller's
+    inference: bool | None = None
+    entered: list[tuple[bool | None, bool | None]] = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch._C._set_grad_enabled:
+            grad = bool(node.args[0])
+        elif node.op == "call_function" and node.target is torch.autograd.grad_mode._enter_inference_mode:
+            entered.append((grad, inference))
+            inference = bool(node.args[0])
+            grad = not inference
+        elif node.op == "call_function" and node.target is torch.autograd.grad_mode._exit_inference_mode:
+            grad, inference = entered.pop() if entered else (None, None)
+        elif inference:
+            modes[node] = False
+        elif grad is not None:
+            modes[node] = grad
+    return modes

@@ -776,23 +776,37 @@ class _RandomRegion(nn.Module):
         return torch.utils.checkpoint.checkpoint(self.body, self.fc(x), use_reentrant=False)
 
 
+def _no_grad_call(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
 @pytest.mark.parametrize("kind", ["dropout", "sdpa"])
-def test_a_checkpoint_region_with_a_random_op_compiles_under_no_grad(kind):
-    """A plain checkpoint region holding dropout or attention, compiled under ``no_grad`` (a
-    validation pass): its nodes get no recompute tags, which AOTAutograd's inference path refused
-    on a random op (``BackendCompilerFailed``, where dense compiles run), and the output is the
-    reference's, dropout's draws included."""
+@pytest.mark.parametrize("where", ["caller", "graph"])
+def test_a_checkpoint_region_with_a_random_op_compiles_under_no_grad(kind, where):
+    """A plain checkpoint region holding dropout or attention, run under ``no_grad`` (a validation
+    pass), set by the caller or inside the compiled function (whose graph starts with grad on): its
+    nodes get no recompute tags, which AOTAutograd's inference path refused on a random op
+    (``BackendCompilerFailed``, where dense compiles run), and the output is the reference's,
+    dropout's draws included."""
     torch.manual_seed(0)
     model = _RandomRegion(kind)  # in train mode: dropout draws
     ref = reference.sparsify(copy.deepcopy(model))
-    compiled = torch.compile(model, backend=nmcompile.backend(inner="aot_eager"))
+    backend = nmcompile.backend(inner="aot_eager")
+    compiled = (
+        torch.compile(model, backend=backend) if where == "caller" else torch.compile(_no_grad_call, backend=backend)
+    )
     x = torch.randn(2, 4, 8)
-    with torch.no_grad():
-        outputs = []
-        for run in (ref, compiled):
-            torch.manual_seed(1)
-            outputs.append(run(x))
-        assert_close(outputs[1], outputs[0])
+    outputs = []
+    for run in (ref, compiled):
+        torch.manual_seed(1)
+        if where == "caller":
+            with torch.no_grad():
+                outputs.append(run(x))
+        else:
+            outputs.append(run(model, x) if run is compiled else _no_grad_call(run, x))
+    assert_close(outputs[1], outputs[0])
+    assert not outputs[1].requires_grad
 
 
 def test_gemm_in_a_selective_checkpoint_region_inside_another_region_is_reported_dense():
