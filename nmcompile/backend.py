@@ -644,10 +644,11 @@ def compile_graph(
     """Compile one dynamo graph with N:M sparse GEMMs; the body of every ``nmsparse`` backend call.
     ``mode`` is ``torch.compile``'s, passed on to the inner Inductor compile."""
     patches = {**_fusion_patches(config), **_mode_patches(mode, config)}
-    # Recompute tags only where the graph can run with autograd: an input (or, under Inductor's
-    # freezing, a graph attribute) that needs it, and grad on where the region is (inline_subgraphs).
+    # Recompute tags only where the graph runs with autograd: grad on at its entry (else AOTAutograd
+    # compiles it for inference, whatever it turns on inside) and an input (or, under Inductor's
+    # freezing, a graph attribute) that needs it; and grad on where the region is (inline_subgraphs).
     needing = [*example_inputs, *gm.parameters()]
-    autograd = any(getattr(x, "requires_grad", False) for x in needing)
+    autograd = torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in needing)
     lifted = lift_parameters(inline_subgraphs(gm, recompute=autograd))  # Parameters made graph attributes
     gm, example_inputs = lifted.gm, [*example_inputs, *lifted.params]
     roots = _CallTables(_compiling_namespaces, _compiling_backend())

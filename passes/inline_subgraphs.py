@@ -51,18 +51,17 @@ def inline_subgraphs(gm: fx.GraphModule, recompute: bool = True) -> fx.GraphModu
     """``gm`` with its ``invoke_subgraph`` calls and activation-checkpoint regions inlined, in
     place. A torch without dynamo's ``inline_invoke_subgraph`` pass keeps the ``invoke_subgraph``
     calls (their weights are then reported dense). ``recompute=False``, for a graph that runs
-    without autograd, and a region where the graph turns grad off (or the caller has it off and the
-    graph does not turn it on): plain regions' nodes get no recompute tags, which AOTAutograd's
-    inference path would try to honour (and refuse on a random op: SDPA, dropout), with nothing to
-    recompute."""
+    without autograd, and a region where the graph turns grad off: plain regions' nodes get no
+    recompute tags, which AOTAutograd's inference path would try to honour (and refuse on a random
+    op: SDPA, dropout), with nothing to recompute."""
     try:
         from torch._higher_order_ops.passes.inline_invoke_subgraph import inline_invoke_subgraph
     except ImportError:
         pass
     else:
         gm = inline_invoke_subgraph(gm)
-    modes, caller = grad_modes(gm), torch.is_grad_enabled()  # the caller's: where the graph sets none
-    _inline_checkpoints(gm, itertools.count(1), lambda node: recompute and modes.get(node, caller), top=True)
+    modes = grad_modes(gm)  # where the graph sets none, the caller's, which ``recompute`` holds
+    _inline_checkpoints(gm, itertools.count(1), lambda node: recompute and modes.get(node, True), top=True)
     return gm
 
 
