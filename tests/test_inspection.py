@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import itertools
@@ -781,32 +782,35 @@ def _no_grad_call(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x)
 
 
+def _enable_grad_call(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.enable_grad():
+        y = model(x)
+    return y * 2
+
+
 @pytest.mark.parametrize("kind", ["dropout", "sdpa"])
-@pytest.mark.parametrize("where", ["caller", "graph"])
+@pytest.mark.parametrize("where", ["caller", "graph", "enable_grad"])
 def test_a_checkpoint_region_with_a_random_op_compiles_under_no_grad(kind, where):
-    """A plain checkpoint region holding dropout or attention, run under ``no_grad`` (a validation
-    pass), set by the caller or inside the compiled function (whose graph starts with grad on): its
-    nodes get no recompute tags, which AOTAutograd's inference path refused on a random op
-    (``BackendCompilerFailed``, where dense compiles run), and the output is the reference's,
-    dropout's draws included."""
+    """A plain checkpoint region holding dropout or attention, run without autograd (a validation
+    pass): under the caller's ``no_grad``, under one inside the compiled function (whose graph starts
+    with grad on), or under the caller's ``no_grad`` that the function turns back on around the
+    model (AOTAutograd compiles the graph for inference all the same): its nodes get no recompute
+    tags, which AOTAutograd's inference path refused on a random op (``BackendCompilerFailed``), and
+    the output is the reference's, dropout's draws included."""
     torch.manual_seed(0)
     model = _RandomRegion(kind)  # in train mode: dropout draws
     ref = reference.sparsify(copy.deepcopy(model))
     backend = nmcompile.backend(inner="aot_eager")
-    compiled = (
-        torch.compile(model, backend=backend) if where == "caller" else torch.compile(_no_grad_call, backend=backend)
-    )
+    call = {"caller": lambda m, t: m(t), "graph": _no_grad_call, "enable_grad": _enable_grad_call}[where]
+    compiled = torch.compile(call, backend=backend)
     x = torch.randn(2, 4, 8)
     outputs = []
-    for run in (ref, compiled):
+    for run, module in ((call, ref), (compiled, model)):
         torch.manual_seed(1)
-        if where == "caller":
-            with torch.no_grad():
-                outputs.append(run(x))
-        else:
-            outputs.append(run(model, x) if run is compiled else _no_grad_call(run, x))
+        with contextlib.nullcontext() if where == "graph" else torch.no_grad():
+            outputs.append(run(module, x))
     assert_close(outputs[1], outputs[0])
-    assert not outputs[1].requires_grad
+    assert not outputs[1].requires_grad and not outputs[0].requires_grad
 
 
 def test_gemm_in_a_selective_checkpoint_region_inside_another_region_is_reported_dense():
