@@ -75,6 +75,39 @@ def test_graph_nodes_say_what_they_are(inner, c_kernel, monkeypatch):
     assert not any("sort" in t or "topk" in t for t in targets)
 
 
+class _ReluFFN(nn.Module):
+    """Two Linear layers with a ReLU between: ReLU's backward reads its output, or a bool mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+@pytest.mark.parametrize("shape", [(8, 32), (2, 4, 32)], ids=["2d", "3d"])
+def test_the_forward_gemm_is_inlined_for_2d_inputs_and_saves_what_the_op_saved(shape):
+    """With the C mask kernels, a 2-D input's forward GEMM is the inlined ``addmm`` (``cpu_linear``);
+    a 3-D one keeps the ``sparse_linear`` op: inlined, the GEMM read a 2-D view of the ReLU output,
+    and Inductor's partitioner saved that view and ReLU's bool mask beside it. Either way the
+    forward saves the ReLU output once and no bool activation."""
+    if (why := cpu_mask.blocker(torch.zeros(4, 4), 4)) is not None:
+        pytest.skip(f"C mask kernel unavailable: {why}")
+    torch._dynamo.reset()  # static shapes: the other case compiled the same forward
+    report = nmcompile.explain(_ReluFFN(), torch.randn(*shape))
+    nodes = {n.name: n for n in report.forward_graph.graph.nodes}
+    inlined = len(shape) == 2
+    assert nodes["down_fwd_gemm"].target is (
+        torch.ops.aten.addmm.default if inlined else torch.ops.nmsparse.sparse_linear.default
+    )
+    outputs = report.forward_graph.graph.output_node().args[0][1:]
+    saved = [v.meta["val"] for v in outputs if isinstance(v, torch.fx.Node) and isinstance(v.meta["val"], torch.Tensor)]
+    activations = [(tuple(v.shape), v.dtype) for v in saved if tuple(v.shape[:-1]) == shape[:-1] and v.shape[-1] == 64]
+    assert activations == [((*shape[:-1], 64), torch.float32)]  # the ReLU output, no view of it
+    assert not any(v.dtype == torch.bool and v.numel() == 8 * 64 for v in saved)  # no ReLU mask
+
+
 def test_state_inputs_keep_the_layer_spelling():
     """A layer named in camel case (``fcOut``) has its state inputs as ``fcOut_perm``,
     ``fcOut_step``, beside ``fcOut_fwd_gemm``: FX's placeholder naming would give ``fc_out_perm``."""
