@@ -9,6 +9,7 @@ their backward is plain torch code traced by AOTAutograd, each step wrapped in
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -237,8 +238,7 @@ def srste_term(weight: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     return torch.where(masked != 0, 0, weight)
 
 
-@torch.library.custom_op("nmsparse::sparse_linear", mutates_args=(), tags=HOST_READ)
-def sparse_linear(
+def _linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -255,8 +255,15 @@ def sparse_linear(
     prune_key: int = 0,
 ) -> torch.Tensor:
     """``Y = X (W⊙F)ᵀ + b`` for ``W`` ``[O, K]``, ``masked`` = ``W⊙F`` (``W ⊙ (F + (1−F)α)`` with
-    mask decay); the backward follows from ``perm`` and the recipe arguments (see ``_sparse_backward``)."""
+    mask decay); the backward follows from ``perm`` and the recipe arguments (see ``_sparse_backward``).
+    The portable op ``sparse_linear``, and ``cpu_linear`` where the C mask kernels write ``masked``
+    for a 2-D ``x`` (``lower_kernels``): the same op, whose forward AOTAutograd inlines
+    (``inline_linear_forward``)."""
     return F.linear(x, _compute_weight(_decayed(weight, masked, alpha), x), bias)
+
+
+sparse_linear = torch.library.custom_op("nmsparse::sparse_linear", _linear, mutates_args=(), tags=HOST_READ)
+cpu_linear = torch.library.custom_op("nmsparse::cpu_linear", _linear, mutates_args=(), tags=HOST_READ)
 
 
 @sparse_linear.register_fake
@@ -269,47 +276,11 @@ def linear_fake(
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-@torch.library.custom_op("nmsparse::cpu_linear", mutates_args=(), tags=HOST_READ)
-def cpu_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    masked: torch.Tensor,
-    perm: torch.Tensor | None,
-    n: int,
-    m: int,
-    srste_lambda: float,
-    layer: str,
-    n_eff: torch.Tensor | None = None,
-    alpha: torch.Tensor | None = None,
-    step: torch.Tensor | None = None,
-    grad_prune: str = "none",
-    prune_key: int = 0,
-) -> torch.Tensor:
-    """``sparse_linear`` where the C mask kernels write ``masked`` (``lower_kernels``: CPU, fp32, M=4),
-    with the same autograd; AOTAutograd inlines its forward (``inline_linear_forward``)."""
-    return F.linear(x, _compute_weight(_decayed(weight, masked, alpha), x), bias)
-
-
 cpu_linear.register_fake(linear_fake)
+_LINEAR_SIGNATURE = inspect.signature(_linear)
 
 
-def inline_linear_forward(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    masked: torch.Tensor,
-    perm: torch.Tensor | None,
-    n: int,
-    m: int,
-    srste_lambda: float,
-    layer: str,
-    n_eff: torch.Tensor | None = None,
-    alpha: torch.Tensor | None = None,
-    step: torch.Tensor | None = None,
-    grad_prune: str = "none",
-    prune_key: int = 0,
-) -> torch.Tensor:
+def inline_linear_forward(*args: Any, **kwargs: Any) -> torch.Tensor:
     """``cpu_linear``'s forward as aten ops, for AOTAutograd's decomposition table: the op's autograd,
     above the table, still gives the sparse backward, while the forward GEMM becomes the ``addmm``
     (or ``mm``) of a dense graph, which the inner compiler calls without a Python dispatch (about 30
@@ -317,10 +288,13 @@ def inline_linear_forward(
     and read ``masked``: their calls make the partitioner save it, where a composite mask fused into
     the GEMM's transpose was not, so the Bi-Mask backward weight was computed forward and saved with
     a bool SR-STE mask instead (5 bytes per weight for 4)."""
-    with annotate(role(layer, "fwd_weight", FORWARD_NAME_KEY)):
-        used = _compute_weight(_decayed(weight, masked, alpha), x)
-    with annotate(role(layer, "fwd_gemm", FORWARD_NAME_KEY)):
-        return F.linear(x, used, bias)
+    bound = _LINEAR_SIGNATURE.bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    with annotate(role(a["layer"], "fwd_weight", FORWARD_NAME_KEY)):
+        used = _compute_weight(_decayed(a["weight"], a["masked"], a["alpha"]), a["x"])
+    with annotate(role(a["layer"], "fwd_gemm", FORWARD_NAME_KEY)):
+        return F.linear(a["x"], used, a["bias"])
 
 
 def _conv_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
