@@ -1,7 +1,8 @@
 """Custom ops of the rewritten graphs (namespace ``nmsparse``) and the autograd of the sparse GEMM.
 
 ``nm_mask`` is a composite op (aten ops Inductor fuses); ``transposable_mask`` an opaque mask node.
-``sparse_linear`` is the N:M GEMM ``Y = X (W⊙F)ᵀ + b`` and ``sparse_conv`` its convolution twin;
+``sparse_linear`` is the N:M GEMM ``Y = X (W⊙F)ᵀ + b`` (``cpu_linear`` the same op, whose forward
+AOTAutograd inlines where the C mask kernels run) and ``sparse_conv`` its convolution twin;
 their backward is plain torch code traced by AOTAutograd, each step wrapped in
 ``fx.traceback.annotate`` so the backward graph shows it as its own, named node
 (``<layer>_bwd_perm``, ``<layer>_bwd_mask``, ...; see ``passes.name_nodes``).

@@ -1,7 +1,8 @@
 """Naming pass: give the nodes AOTAutograd produced the names their annotations carry.
 
 Nodes made from the rewritten graph or from the sparse GEMM's backward carry
-``meta["custom"]["nmsparse"] = "<layer>_<role>"`` (``fc1_fwd_mask``, ``fc1_bwd_perm``, ...);
+``meta["custom"]["nmsparse"] = "<layer>_<role>"`` (``fc1_fwd_mask``, ``fc1_bwd_perm``, ...), and
+those of an inlined forward GEMM (``cpu_linear``) the same under ``ops.FORWARD_NAME_KEY``;
 this pass renames them so that printed graphs say what each node is.
 """
 
@@ -31,8 +32,9 @@ def _argument(node: fx.Node, name: str) -> object:
 def name_nodes(gm: fx.GraphModule) -> fx.GraphModule:
     """Rename annotated ``call_function`` nodes of ``gm`` in place (unique suffixes where repeated).
 
-    ``nmsparse.sparse_linear`` / ``triton_linear`` / ``sparse24_linear`` / ``sparse_conv`` nodes are named
-    ``<layer>_fwd_gemm`` / ``<layer>_fwd_conv`` from their ``layer`` argument.
+    ``nmsparse.sparse_linear`` / ``cpu_linear`` / ``triton_linear`` / ``sparse24_linear`` /
+    ``sparse_conv`` nodes are named ``<layer>_fwd_gemm`` / ``<layer>_fwd_conv`` from their ``layer``
+    argument; of an inlined step's nodes, the last (its result) takes the plain name.
     """
     inlined = []
     for node in gm.graph.nodes:
