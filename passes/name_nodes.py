@@ -40,12 +40,13 @@ def name_nodes(gm: fx.GraphModule) -> fx.GraphModule:
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
+        custom = node.meta.get("custom")
         op_name = node.target.name() if isinstance(node.target, torch._ops.OpOverload) else None
         suffix = _GEMM_SUFFIX.get(op_name)
         if suffix is not None:
             node._rename(f"{_argument(node, 'layer')}_{suffix}")
-        elif isinstance(node.meta.get("custom"), dict) and NAME_KEY in node.meta["custom"]:
-            node._rename(node.meta["custom"][NAME_KEY])
+        elif isinstance(custom, dict) and NAME_KEY in custom:
+            node._rename(custom[NAME_KEY])
         elif node_role(node) is not None:
             inlined.append(node)
     for node in reversed(inlined):  # the last node of an inlined step (its result) takes the plain name
