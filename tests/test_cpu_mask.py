@@ -114,6 +114,30 @@ def test_bimask_kernel_is_the_backward_mask_of_the_reference():
     assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
 
 
+@pytest.mark.parametrize("op", ["cpu_masked_weight", "cpu_bimask_weight"])
+def test_graph_ops_are_registered_without_autograd_history(op):
+    """The graph nodes ``nmsparse.cpu_masked_weight`` and ``cpu_bimask_weight`` pass ``opcheck``
+    (schema, fake, aliasing, AOT dispatch; NaN-free weights, which its comparison needs) on a
+    transposed weight that requires grad, give the launchers' bits on SPEC §2's special values, and
+    return tensors with no autograd history: they are never differentiated (``ops.gradless_op``)."""
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(5))
+    fn = getattr(torch.ops.nmsparse, op).default
+    for base in (torch.randn(16, 8, generator=torch.Generator().manual_seed(6)), _special(16, 8)):
+        w = base.t().requires_grad_()
+        masked = cpu_mask.nm4_masked_weight(base, 2).t().requires_grad_()
+        args = (w, 1, torch.tensor(3)) if op == "cpu_masked_weight" else (masked, perm, 2)
+        if not base.isnan().any():
+            torch.library.opcheck(fn, args)
+        out = fn(*args)
+        expected = (
+            cpu_mask.nm4_masked_weight(w, 3)
+            if op == "cpu_masked_weight"
+            else _bimask_expected(masked.detach(), perm, 2)
+        )
+        assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+        assert out.grad_fn is None and not out.requires_grad
+
+
 def test_compiled_caller_of_the_backward_helper_has_one_graph():
     """``torch.compile(fullgraph=True)`` of code calling ``ops.input_grad_weight`` (as the benchmark's
     portable rows do) traces the kernel choice as a constant: no graph break, no Dynamo warning."""

@@ -39,6 +39,18 @@ def test_mvue_prune_op(rule, grad):
     torch.library.opcheck(ops.mvue_prune.default, (grad, torch.tensor(3), 123, rule))
 
 
+@pytest.mark.parametrize("op", ["transposable_mask", "mvue_prune"])
+def test_mask_and_pruning_ops_return_tensors_without_autograd_history(op):
+    """Never differentiated (``ops.gradless_op``): given a tensor that requires grad, the op returns
+    the value it returns for the detached tensor, with no autograd history."""
+    w = _w(8, 16).requires_grad_()
+    args = (w, 2, 4) if op == "transposable_mask" else (w, torch.tensor(3), 123, "mvue24")
+    out = getattr(ops, op).default(*args)
+    expected = getattr(ops, op).default(w.detach(), *args[1:])
+    assert torch.equal(out, expected) and out.dtype == (torch.bool if op == "transposable_mask" else w.dtype)
+    assert out.grad_fn is None and not out.requires_grad
+
+
 def _linear_args(perm: bool, recipe: bool) -> tuple:
     x = torch.randn(3, 5, 16, requires_grad=True)
     w = _w(8, 16).requires_grad_()

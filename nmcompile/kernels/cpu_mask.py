@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from nmcompile.ops import HOST_READ, n_in_force
+from nmcompile.ops import gradless_op, n_in_force
 
 M = 4  # the group size the kernel is written for
 
@@ -269,26 +269,19 @@ def nm4_bimask_weight(masked: torch.Tensor, perm: torch.Tensor, n: int) -> torch
     return out
 
 
-@torch.library.custom_op("nmsparse::cpu_masked_weight", mutates_args=(), tags=HOST_READ)
+@gradless_op("cpu_masked_weight")
 def cpu_masked_weight(weight: torch.Tensor, n: int, n_eff: torch.Tensor | None = None) -> torch.Tensor:
-    """Graph node for ``<layer>_fwd_masked`` on the CPU path; ``n_eff`` overrides ``n`` (SPEC §8)."""
+    """Graph node for ``<layer>_fwd_masked`` on the CPU path; ``n_eff`` overrides ``n`` (SPEC §8). Never
+    differentiated: the sparse GEMMs read ``W ⊙ F`` as their mask, and their autograd gives ``W``'s gradient."""
     return nm4_masked_weight(weight, n_in_force(n, n_eff))
 
 
-@cpu_masked_weight.register_fake
+@torch.library.register_fake(cpu_masked_weight)
 def _(weight: torch.Tensor, n: int, n_eff: torch.Tensor | None = None) -> torch.Tensor:
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
-def _no_gradient(ctx: object, grad: torch.Tensor) -> tuple[None, None, None]:
-    """The sparse GEMMs read ``W ⊙ F`` as their mask; ``W``'s gradient comes from their own autograd."""
-    return None, None, None
-
-
-cpu_masked_weight.register_autograd(_no_gradient)
-
-
-@torch.library.custom_op("nmsparse::cpu_bimask_weight", mutates_args=(), tags=HOST_READ)
+@gradless_op("cpu_bimask_weight")
 def cpu_bimask_weight(
     masked: torch.Tensor, perm: torch.Tensor, n: int, n_eff: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -297,6 +290,6 @@ def cpu_bimask_weight(
     return nm4_bimask_weight(masked, perm, n_in_force(n, n_eff))
 
 
-@cpu_bimask_weight.register_fake
+@torch.library.register_fake(cpu_bimask_weight)
 def _(masked: torch.Tensor, perm: torch.Tensor, n: int, n_eff: torch.Tensor | None = None) -> torch.Tensor:
     return torch.empty_like(masked, memory_format=torch.contiguous_format)

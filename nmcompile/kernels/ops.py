@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.fx.traceback import annotate
 
-from nmcompile.ops import HOST_READ, _register_autocast, _setup_linear, linear_fake, n_in_force, role
+from nmcompile.ops import HOST_READ, _register_autocast, _setup_linear, gradless_op, linear_fake, n_in_force, role
 
 from . import sparse24
 from .common import MVUE_RULES
@@ -91,7 +91,7 @@ def triton_linear(
 triton_linear.register_fake(linear_fake)
 
 
-@torch.library.custom_op("nmsparse::triton_input_grad", mutates_args=(), tags=HOST_READ)
+@gradless_op("triton_input_grad")
 def triton_input_grad(
     dy: torch.Tensor,
     weight: torch.Tensor,
@@ -110,12 +110,12 @@ def triton_input_grad(
     return dy @ backward_operand(weight, n, m, perm=perm, mask=fwd_mask, alpha=alpha, dtype=dy.dtype)
 
 
-@triton_input_grad.register_fake
+@torch.library.register_fake(triton_input_grad)
 def _(dy, weight, fwd_mask, perm, n, m, n_eff=None, alpha=None):
     return dy.new_empty((dy.shape[0], weight.shape[1]))
 
 
-@torch.library.custom_op("nmsparse::triton_weight_grad", mutates_args=(), tags=HOST_READ)
+@gradless_op("triton_weight_grad")
 def triton_weight_grad(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -139,7 +139,7 @@ def triton_weight_grad(
     )  # fmt: skip
 
 
-@triton_weight_grad.register_fake
+@torch.library.register_fake(triton_weight_grad)
 def _weight_grad_fake(dy, x, weight, fwd_mask, n, m, srste_lambda, grad_prune, prune_key, n_eff=None, step=None):
     return weight.new_empty(weight.shape)
 
@@ -248,7 +248,7 @@ def sparse24_linear(
 sparse24_linear.register_fake(linear_fake)
 
 
-@torch.library.custom_op("nmsparse::sparse24_input_grad", mutates_args=(), tags=HOST_READ)
+@gradless_op("sparse24_input_grad")
 def sparse24_input_grad(
     dy: torch.Tensor,
     weight: torch.Tensor,
@@ -275,12 +275,12 @@ def sparse24_input_grad(
     )
 
 
-@sparse24_input_grad.register_fake
+@torch.library.register_fake(sparse24_input_grad)
 def _(dy, weight, fwd_mask, perm, n, m, n_eff=None):
     return dy.new_empty((dy.shape[0], weight.shape[1]))
 
 
-@torch.library.custom_op("nmsparse::sparse24_weight_grad", mutates_args=(), tags=HOST_READ)
+@gradless_op("sparse24_weight_grad")
 def sparse24_weight_grad(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -311,7 +311,7 @@ def sparse24_weight_grad(
     return _with_srste(dw, weight, n_in_force(n, n_eff), m, srste_lambda, fwd_mask)
 
 
-sparse24_weight_grad.register_fake(_weight_grad_fake)
+torch.library.register_fake(sparse24_weight_grad, _weight_grad_fake)
 
 
 def _backward24(ctx: Any, dy: torch.Tensor) -> tuple:
