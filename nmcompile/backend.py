@@ -378,11 +378,13 @@ def _before_inner_compile(record: CompileRecord | None, kind: str, gm: fx.GraphM
 
 def _decompositions() -> dict:
     """The composite mask op's own decomposition (AOTAutograd keeps ops of other namespaces whole,
-    and an unfused ``nm_mask`` runs eagerly as a dozen full-size temporaries), and the portable
-    GEMM's forward where the C mask kernels run (``ops.inline_linear_forward``)."""
+    and an unfused ``nm_mask`` runs eagerly as a dozen full-size temporaries), the portable
+    GEMM's forward where the C mask kernels run (``ops.inline_linear_forward``), and each other
+    sparse GEMM op's ``nograd`` overload (``ops.NO_GRAD_OVERLOADS``, the lowered ones once registered)."""
     return {
         torch.ops.nmsparse.nm_mask.default: ops.nm_mask,
         torch.ops.nmsparse.cpu_linear.default: ops.inline_linear_forward,
+        **ops.NO_GRAD_OVERLOADS,
     }
 
 

@@ -41,7 +41,7 @@ def name_nodes(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op != "call_function":
             continue
         custom = node.meta.get("custom")
-        op_name = node.target.name() if isinstance(node.target, torch._ops.OpOverload) else None
+        op_name = node.target._schema.name if isinstance(node.target, torch._ops.OpOverload) else None
         suffix = _GEMM_SUFFIX.get(op_name)
         if suffix is not None:
             node._rename(f"{_argument(node, 'layer')}_{suffix}")

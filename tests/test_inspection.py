@@ -60,9 +60,10 @@ def test_graph_nodes_say_what_they_are(inner, c_kernel, monkeypatch):
     # Inductor's partitioner saves W ⊙ F and makes the Bi-Mask weight backward (not the weight and
     # SR-STE's bool mask, forward): the inlined GEMM keeps that only where the C kernels read W ⊙ F.
     assert inner == "aot_eager" or "fc2_fwd_masked" in saved
-    # With the C kernels the forward GEMM is inlined (``cpu_linear``): the node is the ``addmm`` itself.
+    # With the C kernels the forward GEMM is inlined (``cpu_linear``): the node is the ``addmm`` itself;
+    # else the op's overload without the autograd wrapper, which the compiled forward calls.
     gemm = next(n for n in report.forward_graph.graph.nodes if n.name == "fc1_fwd_gemm")
-    assert gemm.target is (torch.ops.aten.addmm.default if c_kernel else torch.ops.nmsparse.sparse_linear.default)
+    assert gemm.target is (torch.ops.aten.addmm.default if c_kernel else torch.ops.nmsparse.sparse_linear.nograd)
     assert {name if name in outputs else re.sub(r"_\d+$", "", name) for name in saved} <= outputs
     masks = [n for n in report.backward_graph.graph.nodes if n.name.startswith("fc2_bwd_mask")]
     targets = {str(n.target) for n in masks}
@@ -99,7 +100,7 @@ def test_the_forward_gemm_is_inlined_for_2d_inputs_and_saves_what_the_op_saved(s
     nodes = {n.name: n for n in report.forward_graph.graph.nodes}
     inlined = len(shape) == 2
     assert nodes["down_fwd_gemm"].target is (
-        torch.ops.aten.addmm.default if inlined else torch.ops.nmsparse.sparse_linear.default
+        torch.ops.aten.addmm.default if inlined else torch.ops.nmsparse.sparse_linear.nograd
     )
     outputs = report.forward_graph.graph.output_node().args[0][1:]
     saved = [v.meta["val"] for v in outputs if isinstance(v, torch.fx.Node) and isinstance(v.meta["val"], torch.Tensor)]

@@ -126,11 +126,12 @@ def _report(model: nn.Module, x: torch.Tensor, **options) -> nmcompile.Report:
 
 @interpreted
 def test_graphs_hold_kernels_and_no_mask():
-    """Forward: ``<layer>_fwd_gemm = nmsparse.triton_linear(..., None, P, ...)`` and no mask node;
+    """Forward: ``<layer>_fwd_gemm = nmsparse.triton_linear.nograd(..., None, P, ...)`` (the op without its
+    autograd wrapper, ``ops.NO_GRAD_OVERLOADS``) and no mask node;
     no bool tensor is saved for the backward; backward: one kernel per product, named."""
     report = _report(MLP(), torch.randn(8, 32), kernels="triton")
     fwd, bwd = report.forward_graph, report.backward_graph
-    gemms = {n.name: n for n in fwd.graph.nodes if n.target is torch.ops.nmsparse.triton_linear.default}
+    gemms = {n.name: n for n in fwd.graph.nodes if n.target is torch.ops.nmsparse.triton_linear.nograd}
     assert set(gemms) == {"fc1_fwd_gemm", "fc2_fwd_gemm", "head_fwd_gemm"}
     assert all(n.args[3] is None for n in gemms.values())
     assert not [n for n in fwd.graph.nodes if n.target is torch.ops.nmsparse.nm_mask.default]
@@ -149,7 +150,7 @@ def test_transposable_keeps_its_mask_node():
     """A transposable mask is not N:M along K alone: the kernels load it."""
     report = _report(MLP(), torch.randn(8, 32), kernels="triton", backward="transposable")
     gemm = next(n for n in report.forward_graph.graph.nodes if n.name == "fc2_fwd_gemm")
-    assert gemm.target is torch.ops.nmsparse.triton_linear.default
+    assert gemm.target is torch.ops.nmsparse.triton_linear.nograd
     assert gemm.args[3].target is torch.ops.nmsparse.transposable_mask.default
 
 

@@ -89,6 +89,17 @@ def _conv_args() -> tuple:
 
 
 @pytest.mark.parametrize("op", ["sparse_linear", "sparse_conv"])
+def test_nograd_overloads_compute_the_op_without_autograd_history(op):
+    """``<op>.nograd``, which the compiled graphs call in place of the op (``ops.NO_GRAD_OVERLOADS``),
+    passes ``opcheck`` and returns the op's output bit for bit, with no autograd history."""
+    args = _linear_args(perm=True, recipe=True) if op == "sparse_linear" else _conv_args()
+    packet = getattr(ops, op)
+    torch.library.opcheck(packet.nograd, args)
+    out = packet.nograd(*args)
+    assert torch.equal(out, packet.default(*args)) and out.grad_fn is None and not out.requires_grad
+
+
+@pytest.mark.parametrize("op", ["sparse_linear", "sparse_conv"])
 def test_sparse_ops_backward_under_an_eager_checkpoint(op):
     """Run eagerly under ``torch.utils.checkpoint`` (the graph a reused block's variant runs, with
     its checkpoint regions), the sparse ops' backward reads each saved tensor once, as the
@@ -116,8 +127,10 @@ def test_ops_reading_step_or_n_on_the_host_stay_out_of_cuda_graphs():
 
     registered = torch._C._dispatch_get_all_op_names()
     names = sorted(n.removeprefix("nmsparse::") for n in registered if n.startswith("nmsparse::"))
-    assert len(names) == 14 and "nm_mask" in names
+    nograd = {f"{gemm}.nograd" for gemm in ("sparse_linear", "sparse_conv", "triton_linear", "sparse24_linear")}
+    assert len(names) == 18 and "nm_mask" in names and nograd <= set(names)
     for name in names:
-        op = getattr(ops, name).default
+        packet, _, overload = name.partition(".")
+        op = getattr(getattr(ops, packet), overload or "default")
         reads_host = bool({"step", "n_eff"} & {a.name for a in op._schema.arguments})
         assert (torch.Tag.cudagraph_unsafe in op.tags) == (reads_host and name != "nm_mask"), name

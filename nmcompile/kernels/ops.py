@@ -20,7 +20,16 @@ from typing import Any
 import torch
 from torch.fx.traceback import annotate
 
-from nmcompile.ops import HOST_READ, _register_autocast, _setup_linear, gradless_op, linear_fake, n_in_force, role
+from nmcompile.ops import (
+    HOST_READ,
+    _register_autocast,
+    _setup_linear,
+    add_no_grad_overload,
+    gradless_op,
+    linear_fake,
+    n_in_force,
+    role,
+)
 
 from . import sparse24
 from .common import MVUE_RULES
@@ -60,8 +69,7 @@ def _step(step: torch.Tensor | None) -> int:
     return int(step) if step is not None else 0
 
 
-@torch.library.custom_op("nmsparse::triton_linear", mutates_args=(), tags=HOST_READ)
-def triton_linear(
+def _triton_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -88,6 +96,7 @@ def triton_linear(
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+triton_linear = torch.library.custom_op("nmsparse::triton_linear", _triton_linear, mutates_args=(), tags=HOST_READ)
 triton_linear.register_fake(linear_fake)
 
 
@@ -211,8 +220,7 @@ def _mm24(
     return sparse24.fastest_mm(packed, b, bias=bias, transpose_result=transpose_result)
 
 
-@torch.library.custom_op("nmsparse::sparse24_linear", mutates_args=(), tags=HOST_READ)
-def sparse24_linear(
+def _sparse24_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -245,6 +253,9 @@ def sparse24_linear(
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+sparse24_linear = torch.library.custom_op(
+    "nmsparse::sparse24_linear", _sparse24_linear, mutates_args=(), tags=HOST_READ
+)
 sparse24_linear.register_fake(linear_fake)
 
 
@@ -321,6 +332,8 @@ def _backward24(ctx: Any, dy: torch.Tensor) -> tuple:
 
 
 sparse24_linear.register_autograd(_backward24, setup_context=_setup_linear)
-for _op in (torch.ops.nmsparse.triton_linear.default, torch.ops.nmsparse.sparse24_linear.default):
+for _op, _fn in ((torch.ops.nmsparse.triton_linear.default, _triton_linear),
+                 (torch.ops.nmsparse.sparse24_linear.default, _sparse24_linear)):  # fmt: skip
     for _device in ("cpu", "cuda"):
         _register_autocast(_op, _device)  # x and bias to the autocast dtype, as for sparse_linear
+    add_no_grad_overload(_op, _fn, linear_fake)
