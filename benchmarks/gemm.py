@@ -87,10 +87,11 @@ def _portable(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Te
 def _triton(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Tensor) -> Gemms:
     """The Triton path's ops as a lowered layer calls them: from ``SPLIT_TOKENS`` tokens on, the masked
     operand (or pruned ``dY``) from one Triton pass and a dense cuBLAS GEMM, below it the fused kernels."""
-    from nmcompile.kernels.ops import triton_input_grad, triton_linear, triton_weight_grad
+    from nmcompile.kernels.ops import triton_input_grad, triton_weight_grad
 
+    forward = torch.ops.nmsparse.triton_linear.nograd  # what the compiled forward graph calls
     return {
-        "forward": lambda: triton_linear(x, w, None, None, None, N, M, 0.0, "fc1"),
+        "forward": lambda: forward(x, w, None, None, None, N, M, 0.0, "fc1"),
         "input grad": lambda: triton_input_grad(dy, w, None, perm, N, M),
         "weight grad": lambda: triton_weight_grad(dy, x, w, None, N, M, SRSTE_LAMBDA, "none", 0),
     }
@@ -111,15 +112,16 @@ def _triton_fused(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torc
 def _sparse24(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, perm: torch.Tensor) -> Gemms:
     """The 2:4 path's ops: masked operand written by a Triton kernel, compressed, sparse-tensor-core GEMM;
     the weight gradient with MVUE 2:4 pruning of ``dY`` (the one sparse operand it has)."""
-    from nmcompile.kernels.ops import sparse24_input_grad, sparse24_linear, sparse24_weight_grad
+    from nmcompile.kernels.ops import sparse24_input_grad, sparse24_weight_grad
 
     step = torch.tensor(PRUNE_STEP)
+    forward = torch.ops.nmsparse.sparse24_linear.nograd  # what the compiled forward graph calls
 
     def weight_grad() -> torch.Tensor:
         return sparse24_weight_grad(dy, x, w, None, N, M, SRSTE_LAMBDA, "mvue24", PRUNE_KEY, None, step)
 
     return {
-        "forward": lambda: sparse24_linear(x, w, None, None, None, N, M, 0.0, "fc1"),
+        "forward": lambda: forward(x, w, None, None, None, N, M, 0.0, "fc1"),
         "input grad": lambda: sparse24_input_grad(dy, w, None, perm, N, M),
         "weight grad": weight_grad,
     }
