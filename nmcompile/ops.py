@@ -81,20 +81,10 @@ def gradless_op(name: str) -> Callable[[Callable[..., torch.Tensor]], torch._ops
 
 NO_GRAD_OVERLOADS: dict[torch._ops.OpOverload, torch._ops.OpOverload] = {}
 """Each sparse GEMM op (``sparse_linear``, ``sparse_conv``, the lowered ``triton_linear`` and
-``sparse24_linear``) mapped to its ``nograd`` overload, for AOTAutograd's decomposition table
-(``backend._decompositions``). The table sits below the op's autograd, which still traces the
+``sparse24_linear``; ``gemm_op``) mapped to its ``nograd`` overload, for AOTAutograd's decomposition
+table (``backend._decompositions``). The table sits below the op's autograd, which still traces the
 sparse backward, so the compiled graphs call the overload: the same function, without
 ``custom_op``'s Python autograd wrapper: 11 µs per layer and step (2-core AMD EPYC, torch 2.13)."""
-
-
-def add_no_grad_overload(
-    op: torch._ops.OpOverload, fn: Callable[..., torch.Tensor], fake: Callable[..., torch.Tensor]
-) -> None:
-    """Define ``<op>.nograd`` as ``fn`` by ``gradless_op``, with the fake kernel ``fake``, and list it
-    in ``NO_GRAD_OVERLOADS``."""
-    overload = gradless_op(f"{op._opname}.nograd")(fn)
-    torch.library.register_fake(overload)(fake)
-    NO_GRAD_OVERLOADS[op] = overload
 
 
 _LIBRARY.define("nm_mask(Tensor a, int n, int m, int dim, Tensor? n_eff=None) -> Tensor")
@@ -306,11 +296,6 @@ def _linear(
     return F.linear(x, _compute_weight(_decayed(weight, masked, alpha), x), bias)
 
 
-sparse_linear = torch.library.custom_op("nmsparse::sparse_linear", _linear, mutates_args=(), tags=HOST_READ)
-cpu_linear = torch.library.custom_op("nmsparse::cpu_linear", _linear, mutates_args=(), tags=HOST_READ)
-
-
-@sparse_linear.register_fake
 def linear_fake(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None,
     perm: torch.Tensor | None, n: int, m: int, srste_lambda: float, layer: str, n_eff: torch.Tensor | None = None,
@@ -320,7 +305,6 @@ def linear_fake(
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-cpu_linear.register_fake(linear_fake)
 _LINEAR_SIGNATURE = inspect.signature(_linear)
 
 
@@ -380,10 +364,6 @@ def _conv(
     return fresh_layout(out, _conv_memory_format(x, weight))
 
 
-sparse_conv = torch.library.custom_op("nmsparse::sparse_conv", _conv, mutates_args=(), tags=HOST_READ)
-
-
-@sparse_conv.register_fake
 def conv_fake(x, weight, bias, masked, perm, stride, padding, dilation, groups, n, m, srste_lambda, layer, n_eff=None,
       alpha=None, step=None, grad_prune="none", prune_key=0):  # fmt: skip
     """Output metadata of ``sparse_conv`` (and of its ``nograd`` overload)."""
@@ -510,11 +490,6 @@ def _conv_backward(ctx: Any, dy: torch.Tensor) -> tuple:
     return dx, dw, db, *([None] * 15)
 
 
-sparse_linear.register_autograd(_linear_backward, setup_context=_setup_linear)
-cpu_linear.register_autograd(_linear_backward, setup_context=_setup_linear)
-sparse_conv.register_autograd(_conv_backward, setup_context=_setup_conv)
-
-
 def _register_autocast(op: torch._ops.OpOverload, device_type: str) -> None:
     """Under autocast, run ``op`` with ``x`` and the bias cast to the autocast dtype in force (bf16
     or fp16) as ``F.linear``/``conv`` would; the weight keeps its dtype so masks come from the
@@ -539,9 +514,32 @@ def _register_autocast(op: torch._ops.OpOverload, device_type: str) -> None:
     _LIBRARY.impl(op.name().split("::")[1], lambda _keyset, *args: kernel(*args), key_name, with_keyset=True)
 
 
-for _op in (torch.ops.nmsparse.sparse_linear.default, torch.ops.nmsparse.cpu_linear.default,
-            torch.ops.nmsparse.sparse_conv.default):  # fmt: skip
-    for _device in ("cpu", "cuda"):
-        _register_autocast(_op, _device)
-add_no_grad_overload(torch.ops.nmsparse.sparse_linear.default, _linear, linear_fake)
-add_no_grad_overload(torch.ops.nmsparse.sparse_conv.default, _conv, conv_fake)
+def gemm_op(
+    name: str,
+    fn: Callable[..., torch.Tensor],
+    fake: Callable[..., torch.Tensor],
+    backward: Callable[..., tuple],
+    setup_context: Callable[..., None],
+    nograd: bool = True,
+) -> Any:
+    """The sparse GEMM op ``nmsparse::<name>``: ``fn`` as a ``custom_op`` (tagged ``HOST_READ``) with
+    the fake kernel ``fake``, the autograd ``backward``/``setup_context``, autocast on the CPU and
+    CUDA (``_register_autocast``), and, unless ``nograd`` is off, its ``nograd`` overload for the
+    compiled graphs (``NO_GRAD_OVERLOADS``). Returns the ``custom_op``."""
+    op = torch.library.custom_op(f"nmsparse::{name}", fn, mutates_args=(), tags=HOST_READ)
+    op.register_fake(fake)
+    op.register_autograd(backward, setup_context=setup_context)
+    overload = getattr(torch.ops.nmsparse, name).default
+    for device in ("cpu", "cuda"):
+        _register_autocast(overload, device)
+    if nograd:
+        NO_GRAD_OVERLOADS[overload] = gradless_op(f"{name}.nograd")(fn)
+        torch.library.register_fake(NO_GRAD_OVERLOADS[overload])(fake)
+    return op
+
+
+sparse_linear = gemm_op("sparse_linear", _linear, linear_fake, _linear_backward, _setup_linear)
+# The same op where the C mask kernels run and x is 2-D: AOTAutograd inlines its forward instead
+# (``inline_linear_forward``), so it needs no ``nograd`` overload.
+cpu_linear = gemm_op("cpu_linear", _linear, linear_fake, _linear_backward, _setup_linear, nograd=False)
+sparse_conv = gemm_op("sparse_conv", _conv, conv_fake, _conv_backward, _setup_conv)

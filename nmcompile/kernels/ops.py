@@ -21,10 +21,8 @@ import torch
 from torch.fx.traceback import annotate
 
 from nmcompile.ops import (
-    HOST_READ,
-    _register_autocast,
     _setup_linear,
-    add_no_grad_overload,
+    gemm_op,
     gradless_op,
     linear_fake,
     n_in_force,
@@ -94,10 +92,6 @@ def _triton_linear(
     else:
         y = sparse_linear_forward(x2d, weight, bias, n_in_force(n, n_eff), m, mask=fwd_mask, alpha=alpha)
     return y.reshape(*x.shape[:-1], weight.shape[0])
-
-
-triton_linear = torch.library.custom_op("nmsparse::triton_linear", _triton_linear, mutates_args=(), tags=HOST_READ)
-triton_linear.register_fake(linear_fake)
 
 
 @gradless_op("triton_input_grad")
@@ -188,7 +182,7 @@ def _triton_backward(ctx: Any, dy: torch.Tensor) -> tuple:
     return _gemm_backward(ctx, dy, ops.triton_input_grad, ops.triton_weight_grad)
 
 
-triton_linear.register_autograd(_triton_backward, setup_context=_setup_linear)  # same inputs as sparse_linear
+triton_linear = gemm_op("triton_linear", _triton_linear, linear_fake, _triton_backward, _setup_linear)
 
 
 def _mm24(
@@ -251,12 +245,6 @@ def _sparse24_linear(
         transpose_result=True,
     )  # contiguous [T, O], as the fake
     return y.reshape(*x.shape[:-1], weight.shape[0])
-
-
-sparse24_linear = torch.library.custom_op(
-    "nmsparse::sparse24_linear", _sparse24_linear, mutates_args=(), tags=HOST_READ
-)
-sparse24_linear.register_fake(linear_fake)
 
 
 @gradless_op("sparse24_input_grad")
@@ -331,9 +319,4 @@ def _backward24(ctx: Any, dy: torch.Tensor) -> tuple:
     return _gemm_backward(ctx, dy, input_grad, ops.sparse24_weight_grad)
 
 
-sparse24_linear.register_autograd(_backward24, setup_context=_setup_linear)
-for _op, _fn in ((torch.ops.nmsparse.triton_linear.default, _triton_linear),
-                 (torch.ops.nmsparse.sparse24_linear.default, _sparse24_linear)):  # fmt: skip
-    for _device in ("cpu", "cuda"):
-        _register_autocast(_op, _device)  # x and bias to the autocast dtype, as for sparse_linear
-    add_no_grad_overload(_op, _fn, linear_fake)
+sparse24_linear = gemm_op("sparse24_linear", _sparse24_linear, linear_fake, _backward24, _setup_linear)
