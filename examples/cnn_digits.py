@@ -103,11 +103,11 @@ def train(s: Settings) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse the flags, train, print the accuracy and report; the run's results."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--epochs", type=int, default=Settings.epochs)
-    parser.add_argument("--width", type=int, default=Settings.width)
-    parser.add_argument("--seed", type=int, default=Settings.seed)
-    parser.add_argument("--dense", action="store_true")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--epochs", type=int, default=Settings.epochs, help="default: %(default)s")
+    parser.add_argument("--width", type=int, default=Settings.width, help="default: %(default)s")
+    parser.add_argument("--seed", type=int, default=Settings.seed, help="default: %(default)s")
+    parser.add_argument("--dense", action="store_true", help="train the dense baseline (plain torch.compile)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--n", type=int)
     parser.add_argument("--m", type=int)
     parser.add_argument("--backward", choices=["bimask", "transposable", "dense"])

@@ -54,8 +54,8 @@ def train(steps: int = 60, inner: str = "inductor") -> list[float]:
 def main(argv: list[str] | None = None) -> list[float]:
     """Parse the flags (a usage error naming a bad one before any work starts), train, return the losses."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--inner", default="inductor", choices=["inductor", "aot_eager"])
+    parser.add_argument("--steps", type=int, default=60, help="default: %(default)s")
+    parser.add_argument("--inner", default="inductor", choices=["inductor", "aot_eager"], help="default: %(default)s")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"argument --steps: must be >= 1, got {args.steps}")

@@ -252,14 +252,19 @@ def _flag(args: argparse.Namespace, option: str) -> str:
     return f"--{option.replace('_', '-')}"
 
 
+DEFAULT = "default: %(default)s"
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line: run settings, and one flag per backend option (unset: nmcompile's default)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = Settings()
     for name in ("steps", "batch", "context", "d_model", "layers", "heads", "eval_interval", "seed"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--corpus-chars", type=int, default=defaults.corpus_chars)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name), help=DEFAULT)
+    parser.add_argument("--lr", type=float, default=defaults.lr, help=DEFAULT)
+    parser.add_argument(
+        "--corpus-chars", type=int, default=defaults.corpus_chars, help="characters of the corpus read; " + DEFAULT
+    )
     runs = parser.add_mutually_exclusive_group()
     runs.add_argument("--dense", action="store_true", help="train the dense baseline (plain torch.compile)")
     runs.add_argument("--compare", action="store_true", help="train dense and sparse, print both")
@@ -268,7 +273,7 @@ def parser() -> argparse.ArgumentParser:
         "--deterministic",
         action=argparse.BooleanOptionalAction,
         default=defaults.deterministic,
-        help="torch.use_deterministic_algorithms during training, so a run repeats bit for bit",
+        help="torch.use_deterministic_algorithms during training, so a run repeats bit for bit; " + DEFAULT,
     )
     group = parser.add_argument_group("nmsparse options (see README)")
     group.add_argument("--n", type=int)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -104,6 +105,35 @@ def test_run_flags_reach_the_runs(monkeypatch):
     cnn.main(["--quiet", "--backward", "dense", "--grad-prune", "mvue24", "--mask-decay", "linear", "--n", "1"])
     assert seen.pop().sparsity == {"n": 1, "backward": "dense", "grad_prune": "mvue24", "mask_decay": "linear"}
     assert not seen
+
+
+def _help_defaults(name: str, capsys) -> dict[str, str]:
+    """``{flag: default}`` from an example's ``--help``: each option's help, its lines joined, ends in
+    ``default: <value>`` where it names one."""
+    with pytest.raises(SystemExit) as exit_info:
+        _load(name).main(["--help"])
+    assert exit_info.value.code == 0
+    options = " ".join(capsys.readouterr().out.split("options:", 1)[1].split())
+    entries = (re.match(r"--([a-z-]+)\S* .*?default: (\S+)", flag) for flag in re.split(r"(?<!,) (?=--)", options))
+    return dict(entry.groups() for entry in entries if entry)
+
+
+def test_help_lists_the_run_flags_defaults(capsys):
+    """Each example's ``--help`` gives its run flags' defaults (the README says so), the values the runs
+    take when the flag is left out."""
+    tiny, cnn = _load("tiny_gpt"), _load("cnn_digits")
+    gpt = dataclasses.asdict(tiny.Settings())
+    expected = {
+        "tiny_gpt": {
+            **{f.replace("_", "-"): str(gpt[f]) for f in ("steps", "batch", "context", "d_model", "layers", "heads",
+                                                           "eval_interval", "seed", "lr", "corpus_chars")},
+            "deterministic": str(gpt["deterministic"]),
+        },
+        "cnn_digits": {f: str(getattr(cnn.Settings, f)) for f in ("epochs", "width", "seed")},
+        "quickstart": {"steps": "60", "inner": "inductor"},
+    }  # fmt: skip
+    for name, defaults in expected.items():
+        assert _help_defaults(name, capsys) == defaults, name
 
 
 def test_cnn_digits_runs(capsys):
