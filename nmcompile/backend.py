@@ -342,10 +342,17 @@ def _source(placeholder: fx.Node) -> str:
     return source.name if source is not None else placeholder.name
 
 
-def _readable_input(placeholder: str, params: dict[str, ParamInfo]) -> str:
-    """``fc1_weight`` for the placeholder of ``fc1.weight``; other inputs keep their name."""
+def _readable_input(placeholder: str, params: dict[str, ParamInfo], numbered: dict[str, str]) -> str:
+    """``fc1_weight`` for the placeholder of ``fc1.weight``, and with a layer's numbered node-name
+    prefix (``numbered``: layer name, as ``a_b.c``, to ``a_b_c_2``) ``a_b_c_2_weight`` and
+    ``a_b_c_2_bias``, as its other nodes are named; other inputs keep their name."""
     info = params.get(placeholder)
-    return identifier(info.name) if info is not None else placeholder
+    if info is None:
+        return placeholder
+    owner, _, leaf = info.name.rpartition(".")
+    if info.name in numbered:  # a bare Parameter taken as a GEMM's weight names its layer
+        return numbered[info.name]
+    return f"{numbered[owner]}_{identifier(leaf)}" if owner in numbered else identifier(info.name)
 
 
 def _propagate_fake_values(gm: fx.GraphModule) -> None:
@@ -681,7 +688,10 @@ def compile_graph(
     directory = dump_dir()
     record = None
     if on_compile is not None or directory is not None:
-        names = [_readable_input(n.name, params) for n in rewritten.graph.nodes if n.op == "placeholder"]
+        numbered = {
+            t.param_name.removesuffix(".weight"): t.prefix for t in analysis.targets if t.prefix and t.param_name
+        }
+        names = [_readable_input(n.name, params, numbered) for n in rewritten.graph.nodes if n.op == "placeholder"]
         compile_id = gm.meta.get("dynamo_compile_id")
         trace = torch._guards.CompileContext.current_trace_id()
         attempt = trace.attempt if trace is not None else 0

@@ -187,11 +187,32 @@ class _Collide(nn.Module):
         return torch.addmm(torch.zeros(16), self.a.b_c(x), self.a_b.c)
 
 
+class _CollideLinears(nn.Module):
+    """``a.b_c`` and ``a_b.c``, both ``nn.Linear``: weights and biases whose names spell one node name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.a_b = nn.Module(), nn.Module()
+        self.a.b_c, self.a_b.c = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a_b.c(self.a.b_c(x))
+
+
 def test_layers_whose_names_spell_one_node_name_name_their_own_nodes_and_kernels():
     """Two sparse layers whose names give one node-name prefix: the second is numbered, so each
     row shows its own kernel (the Linear's forward mask on the C kernel, the ``[in, out]``
-    weight's decomposed) and each GEMM node says whose it is."""
+    weight's decomposed) and each GEMM node and graph input says whose it is (its weight and bias
+    inputs too, in both graphs)."""
     report = nmcompile.explain(_Collide(), torch.randn(4, 16), inner="aot_eager")
+    inputs = [n.name for n in report.forward_graph.graph.nodes if n.op == "placeholder"]
+    perms = ["a_b_c_perm", "a_b_c_2_perm"]
+    assert inputs == ["a_b_c_weight", "a_b_c_bias", "l_x_", "a_b_c_2", *perms]
+    linears = nmcompile.explain(_CollideLinears(), torch.randn(4, 8), inner="aot_eager")
+    inputs = [n.name for n in linears.forward_graph.graph.nodes if n.op == "placeholder"]
+    assert inputs == ["a_b_c_weight", "a_b_c_bias", "l_x_", "a_b_c_2_weight", "a_b_c_2_bias", *perms]
+    saved = [n.name for n in linears.backward_graph.graph.nodes if n.op == "placeholder"]
+    assert saved[:4] == ["a_b_c_weight", "l_x_", "a_b_c_2_weight", "a_b_c_2_perm"]
     portable = "portable (not on CUDA (kernels='triton' with TRITON_INTERPRET=1 runs the kernels on the CPU)"
     assert [(r.name, r.kernel) for r in report.rows] == [
         ("a.b_c.weight", f"{portable}{cpu_mask_note()})"),
