@@ -115,6 +115,9 @@ def _compiled_roots(backend: Any = None) -> list[nn.Module]:
     return mine or [module for module, _ in roots]
 
 
+_EMPTY_CELL = types.CellType()
+
+
 def _compile_backend(module: nn.Module) -> Any:
     """The backend a compiled module was compiled with, unwrapped as ``_compiling_backend`` unwraps
     dynamo's (``None`` where not found: another torch)."""
@@ -124,7 +127,7 @@ def _compile_backend(module: nn.Module) -> Any:
         context = module.dynamo_ctx
     else:  # compiled in place: torch.compile's wrapper of its _call_impl holds the context
         cells = getattr(module._compiled_call_impl, "__closure__", None) or ()
-        contents = [cell.cell_contents for cell in cells if cell.cell_contents is not None]
+        contents = [cell.cell_contents for cell in cells if cell != _EMPTY_CELL]  # reading an empty one raises
         context = next((c for c in contents if isinstance(c, _TorchDynamoContext)), None)
     callback = getattr(context, "callback", None)
     return innermost_backend(callback) if callback is not None else None

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import types
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -544,6 +545,38 @@ def test_blocks_compiled_in_place_count_their_own_steps():
     blocks[1].eval()
     step()
     assert [nmcompile.sparsity_state(b)["fc.weight"]["step"] for b in blocks] == [3, 2, 3]
+
+
+def test_a_module_whose_compiled_call_closes_over_an_empty_cell_does_not_stop_a_compile():
+    """A module on the stack whose ``_compiled_call_impl`` is a closure with a cell not yet set (a
+    wrapper of the user's or another library's): the compile of a model run inside it, which reads
+    such closures for the backend a module was compiled with, goes on and trains sparse (reading
+    the empty cell raised ``ValueError: Cell is empty``)."""
+
+    def wrap(call):
+        def wrapped(*args, **kwargs):
+            return call(*args, **kwargs) if args else late
+
+        if not callable(call):  # never: ``late`` stays an empty cell of ``wrapped``'s closure
+            late = None
+        return wrapped
+
+    inner = nn.Linear(16, 16)
+    compiled = torch.compile(inner, backend=nmcompile.backend(inner="aot_eager"))
+
+    class Outer(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return compiled(x)
+
+    outer = Outer()
+    outer._compiled_call_impl = wrap(outer._call_impl)
+    assert [cell == types.CellType() for cell in outer._compiled_call_impl.__closure__] == [False, True]
+    x = torch.randn(4, 16)
+    out = outer(x)
+    out.sum().backward()
+    sparse = torch.where(reference.nm_mask(inner.weight, 2, 4, 1), inner.weight, 0)
+    assert_close(out, torch.nn.functional.linear(x, sparse, inner.bias))
+    assert nmcompile.sparsity_state(inner)["weight"]["step"] == 1
 
 
 @pytest.mark.parametrize("spelling", ["wrapper", "in_place"])
