@@ -406,7 +406,9 @@ class _Rule:
         if torch.compiler.is_compiling() or not w.requires_grad or self.uses.is_dense(self.param, self):
             return F.linear(x, w, bias) if conv is None else _CONV[w.dim() - 2](x, w, bias, *conv)
         config, state = self.config, self.state
-        forward = state.enter_forward(self.param)
+        # The search scores the weight in use: a stand-in Parameter of the layer's shape where one is
+        # in the layer's place (``SparseLinear``, ``SparseConvNd``), else the rule's own (``w`` may be its view).
+        forward = state.enter_forward(w if isinstance(w, nn.Parameter) else self.param)
         n, m = state.mask_n(forward.step), config.m
         with torch.no_grad():
             if self.backward == "transposable":

@@ -843,6 +843,35 @@ def test_new_parameters_in_a_layers_place_keep_its_state():
     assert nmcompile.sparsity_state(model)["head.weight"]["step"] == 1
 
 
+def test_a_new_parameter_in_a_layers_place_trains_as_the_reference():
+    """``layer.weight = nn.Parameter(...)`` mid-training, the optimizer rebuilt and the last loss
+    dropped: the backend's layer carries its state over to the new weight, and the reference runs
+    the new weight on the layer's state; both search permutations on the new weight (the
+    reference scored the Parameter it replaced), so weights and permutations stay equal."""
+    options = {"perm_interval": 1, "perm_candidates": 8}
+    torch.manual_seed(0)
+    model = MLP()
+    ref_model = reference.sparsify(copy.deepcopy(model), **options)
+    compiled = torch.compile(model, backend=nmcompile.backend(inner="aot_eager", **options))
+    replacement = torch.randn(64, 64, generator=torch.Generator().manual_seed(5)) * 0.1
+    x = torch.randn(4, 32)
+    for m, forward in ((model, compiled), (ref_model, ref_model)):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        for step in range(4):
+            if step == 2:
+                m.fc2.weight = nn.Parameter(replacement.clone())
+                opt, loss = torch.optim.SGD(m.parameters(), lr=0.1), None
+            opt.zero_grad()
+            loss = forward(x).square().mean()
+            loss.backward()
+            opt.step()
+    for name, p in ref_model.named_parameters():
+        assert_close(model.get_parameter(name), p, what=name)
+    state = nmcompile.sparsity_state(model)["fc2.weight"]
+    assert state["step"] == ref_model.fc2.rule.state.step == 4
+    assert torch.equal(state["perm"], ref_model.fc2.rule.state.perm)
+
+
 def test_fast_weights_through_functional_call_run_dense_in_both():
     """A MAML-style outer step: the query forward runs on fast weights ``p − lr·g`` (plain tensors)
     through ``torch.func.functional_call``. SPEC §10 rewrites Parameters only, so both the backend
