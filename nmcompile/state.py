@@ -119,6 +119,16 @@ class Forward:
     perm: torch.Tensor
 
 
+def _outside_inference(perm: torch.Tensor) -> torch.Tensor:
+    """``perm``, or a copy of it made outside ``inference_mode`` where it was made inside (a checkpoint
+    loaded in an evaluation routine): the graphs save ``P`` for the backward, which an inference
+    tensor cannot be, so every later training step would fail."""
+    if not perm.is_inference():
+        return perm
+    with torch.inference_mode(False):
+        return perm.clone()
+
+
 def in_backward() -> bool:
     """Whether autograd is running a backward on this thread: a forward now is a checkpoint's recompute."""
     return torch._C._current_graph_task_id() != -1
@@ -151,7 +161,7 @@ class LayerState:
 
     @perm.setter
     def perm(self, value: torch.Tensor) -> None:
-        self.progress.perm = value
+        self.progress.perm = _outside_inference(value)
 
     @property
     def step(self) -> int:

@@ -603,6 +603,50 @@ def test_checkpoint_restores_state_loaded_before_or_after_compile():
     assert before_sparsify.state_dict()._metadata["fc1"]["nmsparse"]["weight"]["step"] == 3
 
 
+@pytest.mark.parametrize("where", ["first call", "load_state_dict", "SparsityStates"])
+def test_states_made_under_inference_mode_train_afterwards(where):
+    """A checkpoint load or a ``SparsityStates`` load under ``torch.inference_mode()`` (in an
+    evaluation routine), or a first compiled call there: the permutation it makes is no inference
+    tensor, so the training steps after it run (the graphs save ``P`` for the backward: after
+    either load each step raised "Inference tensors cannot be saved for backward") and give what
+    the same calls under ``no_grad`` give, bit for bit."""
+    options = {"inner": "aot_eager", "perm_interval": 2}
+    torch.manual_seed(0)
+    trained = MLP()
+    compiled = torch.compile(trained, backend=nmcompile.backend(**options))
+    for _ in range(3):
+        compiled(torch.randn(4, 32)).sum().backward()
+    checkpoint, states = copy.deepcopy(trained.state_dict()), nmcompile.SparsityStates(trained).state_dict()
+    x = torch.randn(4, 32)
+    results = []
+    for mode in (torch.no_grad, torch.inference_mode):
+        torch._dynamo.reset()  # a first call compiles under the mode (a graph compiled under the other was reused)
+        torch.manual_seed(1)
+        model = MLP()
+        forward = torch.compile(model, backend=nmcompile.backend(**options))
+        if where != "first call":
+            forward(x).sum().backward()
+        with mode():
+            if where == "first call":
+                forward(x)
+            elif where == "load_state_dict":
+                model.load_state_dict(checkpoint)
+            else:
+                nmcompile.SparsityStates(model).load_state_dict(states)
+        losses = []
+        for _ in range(3):
+            loss = forward(x).square().mean()
+            loss.backward()
+            losses.append(loss.item())
+        results.append((losses, [p.grad.clone() for p in model.parameters()], nmcompile.sparsity_state(model)))
+    (losses, grads, state), (got_losses, got_grads, got_state) = results
+    assert got_losses == losses
+    assert all(torch.equal(a, b) for a, b in zip(got_grads, grads, strict=True))
+    assert {k: (s["step"], s["perm"].tolist()) for k, s in got_state.items()} == {
+        k: (s["step"], s["perm"].tolist()) for k, s in state.items()
+    }
+
+
 class _Wrapped(nn.Module):
     """``module.``-prefixed parameter names, as a DDP-wrapped model saves them."""
 
