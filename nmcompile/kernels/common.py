@@ -30,13 +30,18 @@ def interpreting() -> bool:
 
 
 def autotune_configs(
-    space: list[dict[str, int]], warps: list[tuple[int, int]], grouped: tuple[str, ...]
+    space: list[dict[str, int]],
+    warps: list[tuple[int, int]],
+    grouped: tuple[str, ...],
+    interpreted: dict[str, int] | None = None,
 ) -> list[triton.Config]:
-    """``space`` × (num_warps, num_stages) on a GPU; one small config under the interpreter, where
-    autotuning would only cost time: 16 per block, 32 for the ``grouped`` blocks (which hold whole
-    N:M groups, so they must be at least ``M`` <= 32)."""
+    """``space`` × (num_warps, num_stages) on a GPU; one config under the interpreter, where
+    autotuning would only cost time: ``interpreted``, or a small one that splits the tests' small
+    shapes into several tiles, 16 per block, 32 for the ``grouped`` blocks (which hold whole N:M
+    groups, so they must be at least ``M`` <= 32)."""
     if interpreting():
-        return [triton.Config({key: 32 if key in grouped else 16 for key in space[0]}, num_warps=1)]
+        tile = interpreted or {key: 32 if key in grouped else 16 for key in space[0]}
+        return [triton.Config(tile, num_warps=1)]
     return [triton.Config(tile, num_warps=w, num_stages=s) for tile in space for w, s in warps]
 
 
