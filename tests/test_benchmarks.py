@@ -15,7 +15,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import EMULATED_ALGS, interpreted, record_alg_ids
+from conftest import EMULATED_ALGS, c_mask_kernels, interpreted, record_alg_ids
 
 from benchmarks import gemm, step
 from benchmarks.common import SIZES, Row
@@ -173,6 +173,27 @@ def test_composite_mask_row_compiles_its_own_graph(monkeypatch):
     for name in ("nmsparse portable", "nmsparse portable, composite mask"):
         step._prepare(name, copy.deepcopy(base), torch.device("cpu"), torch.float32)(torch.randn(shape))
     assert compiled == [False, True]
+
+
+@pytest.mark.skipif(not c_mask_kernels(), reason="the C mask kernels do not build here")
+@pytest.mark.parametrize("block", step.BLOCKS)
+def test_composite_mask_row_runs_no_c_mask_kernel(block, tmp_path, monkeypatch):
+    """A training step of the composite-mask row calls none of the C mask kernels, and the portable
+    row's calls the Bi-Mask one, also where the portable row compiled the same forward graph first
+    (the ResNet block's convolutions keep the composite forward mask): AOTAutograd's cache, whose
+    key does not see the patched ``blocker``, served that row the portable row's backward."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch._dynamo.reset()
+    base, shape = step.make_block(block, SIZES["tiny"])
+    x = torch.randn(shape)
+    ran = {}
+    for name in ("nmsparse portable", "nmsparse portable, composite mask"):
+        run = step._prepare(name, copy.deepcopy(base), torch.device("cpu"), torch.float32)
+        with torch.profiler.profile() as profile:
+            run(x).sum().backward()
+        ran[name] = {e.name for e in profile.events() if e.name.startswith("nmsparse::cpu_")}
+    assert "nmsparse::cpu_bimask_weight" in ran["nmsparse portable"]
+    assert ran["nmsparse portable, composite mask"] == set()
 
 
 def test_cpu_only_rows_have_a_reason_elsewhere():
@@ -472,6 +493,19 @@ def test_no_gemm_skips_the_per_gemm_rows(monkeypatch, capsys):
     monkeypatch.setattr(step, "gemm_rows", lambda size, device: pytest.fail("per-GEMM rows ran"))
     assert step.main(["--device", "cpu", "--size", "tiny", "--block", "ffn", "--no-gemm"]) == []
     assert "## Per-GEMM" not in capsys.readouterr().out
+
+
+def test_another_mode_leaves_the_per_gemm_rows_out(monkeypatch, capsys):
+    """Under a ``--mode`` other than default the per-GEMM rows, which time eager calls and
+    default-mode compiles, are not run, and the output says so; ``--block resnet`` has none to leave."""
+    monkeypatch.setattr(step, "step_rows", lambda block, size, device, mode: [])
+    monkeypatch.setattr(step, "gemm_rows", lambda size, device: pytest.fail("per-GEMM rows ran"))
+    assert step.main(["--device", "cpu", "--size", "tiny", "--block", "ffn", "--mode", "lite"]) == []
+    out = capsys.readouterr().out
+    assert "## Per-GEMM" not in out
+    assert "\nPer-GEMM rows left out: they time eager calls and default-mode compiles, not --mode lite.\n" in out
+    assert step.main(["--device", "cpu", "--size", "tiny", "--block", "resnet", "--mode", "lite"]) == []
+    assert "Per-GEMM" not in capsys.readouterr().out
 
 
 def test_parts24_device_time_sums_the_events_of_one_device():
