@@ -253,9 +253,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
         print("\nPermutation search, amortised (the medians above leave it out):\n")
         print("\n".join(searches))
     sys.stdout.flush()  # the step table stands even if a time limit ends the GEMM rows
-    gemms = gemm_rows(size, device) if "ffn" in blocks and args.gemm and args.mode == "default" else []
-    if "ffn" in blocks and args.gemm and args.mode != "default":
+    wants_gemms = "ffn" in blocks and args.gemm
+    if wants_gemms and args.mode != "default":
         print(f"\nPer-GEMM rows left out: they time eager calls and default-mode compiles, not --mode {args.mode}.")
+    gemms = gemm_rows(size, device) if wants_gemms and args.mode == "default" else []
     if gemms:
         print(f"\n## Per-GEMM: FFN fc1 ({size.tokens} x {size.d_model} -> {size.d_ff})\n")
         print(table(gemms, "GEMM", ("dense", "reference")))

@@ -45,7 +45,7 @@ TILES = [{"BLOCK_R": 32, "BLOCK_C": 128}, {"BLOCK_R": 16, "BLOCK_C": 256}, {"BLO
 """The tiles ``CONFIGS`` tries on a GPU; the tests run each."""
 INTERPRETED = {"BLOCK_R": 32, "BLOCK_C": 64}
 """The interpreter's tile: the smallest CUTLASS compression, a quarter of cuSPARSELt's smallest (a
-smaller one only multiplies the interpreter's cost per program)."""
+smaller one only multiplies the programs the interpreter runs, at about 20 ms each)."""
 CONFIGS = autotune_configs(TILES, [(4, 1), (8, 1)], ("BLOCK_C",), INTERPRETED)
 
 
