@@ -703,6 +703,23 @@ def test_twenty_steps_no_recompile_and_search_schedule():
     assert nmcompile.sparsity_state(compiled)["fc1.weight"]["step"] == 20
 
 
+def test_gradient_accumulation_counts_micro_batches():
+    """Steps are training forwards, not optimizer steps (README, "A training step"): 4 optimizer steps
+    over 3 micro-batches each are 12 steps, and ``perm_interval=5`` searches at micro-batches 0, 5, 10."""
+    model = MLP()
+    compiled = torch.compile(model, backend=nmcompile.backend(inner="aot_eager", perm_interval=5))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    searches = []
+    for _ in range(4):
+        for _ in range(3):
+            (compiled(torch.randn(8, 32)).square().mean() / 3).backward()
+            searches.append(nmcompile.sparsity_state(compiled)["fc1.weight"]["last_search_step"])
+        opt.step()
+        opt.zero_grad()
+    assert searches == [0] * 5 + [5] * 5 + [10] * 2
+    assert {s["step"] for s in nmcompile.sparsity_state(compiled).values()} == {12}
+
+
 def test_eval_and_no_grad_count_nothing():
     """Only train-mode forwards with grad enabled are steps; eval() and no_grad run the forward mask only."""
     model = MLP()
