@@ -175,8 +175,13 @@ class Recipe:
     step: torch.Tensor | None = None
 
     def weight(self, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``W ⊙ mask``, or ``W ⊙ (mask + (1 − mask)·α)`` with mask decay (SPEC §8)."""
-        return torch.where(mask, weight, 0) if self.alpha is None else torch.where(mask, weight, weight * self.alpha)
+        """``W ⊙ mask``, or ``W ⊙ (mask + (1 − mask)·α)`` with mask decay (SPEC §8), in ``W``'s layout.
+
+        A mask is laid out by the dim it was ranked along, and ``torch.where`` follows it where
+        ``W``'s strides do not decide: a 1x1 kernel's NCHW weight, channels-last on its dims of
+        size 1, would make the convolution's output channels-last (a ``.view`` then fails)."""
+        masked = torch.where(mask, weight, 0 if self.alpha is None else weight * self.alpha)
+        return masked if masked.stride() == weight.stride() else torch.empty_like(weight).copy_(masked)
 
     def prune(self, dy: torch.Tensor, channel_dim: int) -> torch.Tensor:
         """SPEC §7: the MVUE rule on the token view ``[T, O]`` of ``dy``, blocks along ``T``."""

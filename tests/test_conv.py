@@ -150,6 +150,38 @@ def test_channels_last_model_fed_nchw_inputs_keeps_eager_layouts(inner):
     assert model.conv1.weight.stride() == (16, 1, 16, 16)
 
 
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_reference_keeps_a_1x1_kernels_nchw_layout(dims):
+    """A 1x1 convolution of an NCHW weight and input: the reference gives eager's NCHW output (a
+    ``.view`` flattens it) and, under bf16 autocast, bitwise the backend's output and gradients
+    (``aot_eager``); ``forward_weights`` keeps the weight's strides. ``W ⊙ F`` and ``W ⊙ B`` had
+    taken their masks' strides, channels-last on the weight's dims of size 1, so the reference's
+    convolutions ran channels-last: the ``.view`` failed and the bf16 gradients differed."""
+
+    class Flattened(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = getattr(nn, f"Conv{dims}d")(16, 32, 1, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x).view(x.shape[0], -1)
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Flattened()
+    ref = reference.sparsify(copy.deepcopy(model))
+    x = torch.randn(2, 16, *[4] * dims)
+    assert ref.conv(x).stride() == model.conv(x).stride()
+    compiled = torch.compile(model, backend=nmcompile.backend(inner="aot_eager"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, actual = ref(x), compiled(x)
+    assert torch.equal(actual, expected)
+    expected.float().square().mean().backward()
+    actual.float().square().mean().backward()
+    assert torch.equal(model.conv.weight.grad, ref.conv.weight.grad)
+    assert nmcompile.forward_weights(model)["conv.weight"].stride() == model.conv.weight.stride()
+
+
 def test_a_3d_convolution_with_a_channels_last_weight_keeps_an_nchw_input_layout_on_cpu():
     """A CPU 3-D convolution follows its input's layout alone, as ATen's meta does: its float64
     kernel gives an NCHW output for a channels-last weight, which ``.view`` flattens; a fake that
