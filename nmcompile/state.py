@@ -365,15 +365,18 @@ class LayerState:
             return used.t().contiguous() if self.spec.layout == "in_out" else used
 
     def payload(self) -> dict[str, Any]:
-        """What a checkpoint keeps: everything else follows from the weight and the step."""
+        """What a checkpoint keeps: everything else follows from the weight and the step. The
+        permutation is saved on the CPU, or on the meta device for a model there (shapes only, as
+        its parameters in its ``state_dict``)."""
         last = -1 if self.last_search_step is None else self.last_search_step
-        return {"perm": self.perm.detach().cpu().clone(), "step": self.step, "last_search_step": last}
+        perm = self.perm.detach()
+        return {"perm": (perm if perm.is_meta else perm.cpu()).clone(), "step": self.step, "last_search_step": last}
 
     def load_payload(self, payload: dict[str, Any]) -> None:
         """Restore from ``payload()``; a permutation of another size, or one that is not a permutation
         of the rows (within each group of a grouped convolution), is refused with a warning."""
         perm = payload["perm"]
-        problem = _perm_problem(perm, self.spec.rows, self.spec.groups)
+        problem = _perm_problem(perm, self.spec.rows, self.spec.groups, self.device.type == "meta")
         if problem is not None:
             warnings.warn(
                 f"nmsparse: checkpoint permutation for {self.spec.name} {problem}; keeping the current state",
@@ -387,13 +390,16 @@ class LayerState:
         self.progress.last_forward = None
 
 
-def _perm_problem(perm: Any, rows: int, groups: int) -> str | None:
+def _perm_problem(perm: Any, rows: int, groups: int, on_meta: bool) -> str | None:
     """What makes ``perm`` unfit as a layer's permutation of ``rows`` rows in ``groups`` groups
-    (the kernels index rows with it), or ``None``."""
+    (the kernels index rows with it), or ``None``. A layer on the meta device (``on_meta``) takes
+    a meta permutation of its size, which has no values to check; a layer with values does not."""
     if not isinstance(perm, torch.Tensor) or perm.dtype != torch.int64:
         return f"is not an int64 tensor ({getattr(perm, 'dtype', type(perm).__name__)})"
     if perm.shape != (rows,):
         return f"has {perm.numel()} rows, the layer has {rows}"
+    if perm.is_meta:
+        return None if on_meta else "is a meta tensor (no values)"
     perm, rows_in_order = perm.cpu(), torch.arange(rows)
     if not torch.equal(perm.sort().values, rows_in_order):
         return f"is not a permutation of range({rows})"

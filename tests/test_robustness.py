@@ -3,6 +3,7 @@ standard torch.nn blocks, bad inputs, and no memory growth over many steps."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import gc
@@ -153,15 +154,34 @@ def test_lazy_modules_train_and_report_before_they_have_shapes():
 def test_a_training_forward_on_meta_weights_runs():
     """A model built on the meta device (shapes only: FLOP counting, a meta init before
     ``to_empty``) runs a training forward and backward as dense ``torch.compile`` does: no
-    permutation search (it ranked values there and raised), the step counted, ``kept_fraction`` NaN."""
+    permutation search (it ranked values there and raised), the step counted, ``kept_fraction`` NaN.
+    Its ``state_dict()`` and ``explain`` then work (they copied the meta permutation to the CPU and
+    raised), the state dict carrying a meta permutation, as its parameters are meta, which another
+    meta model loads; a model with values refuses it with a warning and keeps its own state."""
     with torch.device("meta"):
-        model = MLP()
+        model, other = MLP(), MLP()
     compiled = torch.compile(model, backend=_backend())
-    y = compiled(torch.randn(4, 32, device="meta"))
+    x = torch.randn(4, 32, device="meta")
+    y = compiled(x)
     y.sum().backward()
     assert y.shape == (4, 16) and model.fc1.weight.grad.is_meta
     state = nmcompile.sparsity_state(model)["fc2.weight"]
     assert state["step"] == 1 and math.isnan(state["kept_fraction"])
+    saved = model.state_dict()
+    perm = saved._metadata["fc2"]["nmsparse"]["weight"]["perm"]
+    assert perm.is_meta and perm.shape == (64,)
+    rows = {row.name: row for row in nmcompile.explain(model, x, inner="aot_eager").rows}
+    assert rows["fc2.weight"].sparse and rows["fc2.weight"].now == "t=1 2:4"
+    other.load_state_dict(saved)
+    torch.compile(other, backend=_backend())(x).sum().backward()
+    assert nmcompile.sparsity_state(other)["fc2.weight"]["step"] == 2
+    values = collections.OrderedDict((key, torch.zeros(tensor.shape)) for key, tensor in saved.items())
+    values._metadata = saved._metadata
+    with_values = MLP()
+    with_values.load_state_dict(values)
+    with pytest.warns(UserWarning, match="fc2.weight is a meta tensor"):
+        torch.compile(with_values, backend=_backend())(torch.randn(4, 32)).sum().backward()
+    assert nmcompile.sparsity_state(with_values)["fc2.weight"]["step"] == 1
 
 
 class _MoE(nn.Module):
