@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from nmcompile.ops import NAME_KEY, node_role
+from nmcompile.ops import node_role
 
 _GEMM_SUFFIX = {  # by op name: the Triton ops are registered only once the lowering pass used them
     "nmsparse::sparse_linear": "fwd_gemm",
@@ -34,22 +34,20 @@ def name_nodes(gm: fx.GraphModule) -> fx.GraphModule:
 
     ``nmsparse.sparse_linear`` / ``cpu_linear`` / ``triton_linear`` / ``sparse24_linear`` /
     ``sparse_conv`` nodes are named ``<layer>_fwd_gemm`` / ``<layer>_fwd_conv`` from their ``layer``
-    argument; of an inlined step's nodes, the last (its result) takes the plain name.
+    argument. Of the nodes a step decomposed into (``where(F, W, 0)`` into a scalar 0 and the
+    ``where``), the last, its result, takes the plain name; those before it count back from ``_1``.
     """
-    inlined = []
+    stepped = []
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        custom = node.meta.get("custom")
         op_name = node.target._schema.name if isinstance(node.target, torch._ops.OpOverload) else None
         suffix = _GEMM_SUFFIX.get(op_name)
         if suffix is not None:
             node._rename(f"{_argument(node, 'layer')}_{suffix}")
-        elif isinstance(custom, dict) and NAME_KEY in custom:
-            node._rename(custom[NAME_KEY])
         elif node_role(node) is not None:
-            inlined.append(node)
-    for node in reversed(inlined):  # the last node of an inlined step (its result) takes the plain name
+            stepped.append(node)
+    for node in reversed(stepped):
         node._rename(node_role(node))
     gm.recompile()
     return gm

@@ -72,6 +72,15 @@ def test_graph_nodes_say_what_they_are(inner, c_kernel, monkeypatch):
         return
     # The composite mask op decomposes into plain comparisons Inductor can fuse: no sort, no topk.
     assert "fc2_bwd_perm" in bwd
+    # Of the nodes a step decomposed into, its result takes the plain name (the first had: the scalar
+    # 0 of ``where(F, W, 0)``, the backward input ``fc2_fwd_masked_1``, ``fc2_bwd_mask`` a detach).
+    forward_nodes = {n.name: n for n in report.forward_graph.graph.nodes}
+    backward_nodes = {n.name: n for n in report.backward_graph.graph.nodes}
+    assert forward_nodes["fc2_fwd_masked"].target is torch.ops.aten.where.self
+    assert forward_nodes["fc2_fwd_mask"].meta["val"].dtype == torch.bool
+    assert backward_nodes["fc2_bwd_mask"].meta["val"].dtype == torch.bool
+    assert backward_nodes["fc2_bwd_input_grad"].target is torch.ops.aten.mm.default
+    assert not {name for name in saved if name.startswith("fc2_fwd_masked_")}
     assert {"aten.gt.Tensor", "aten.ge.Tensor", "aten.lt.Scalar", "aten.where.self"} <= targets
     assert not any("sort" in t or "topk" in t for t in targets)
 

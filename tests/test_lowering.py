@@ -128,7 +128,8 @@ def _report(model: nn.Module, x: torch.Tensor, **options) -> nmcompile.Report:
 def test_graphs_hold_kernels_and_no_mask():
     """Forward: ``<layer>_fwd_gemm = nmsparse.triton_linear.nograd(..., None, P, ...)`` (the op without its
     autograd wrapper, ``ops.NO_GRAD_OVERLOADS``) and no mask node;
-    no bool tensor is saved for the backward; backward: one kernel per product, named."""
+    no bool tensor is saved for the backward; backward: one kernel per product, named (a step's
+    result takes the plain name: ``dX`` is the view of the input-gradient kernel's 2-D output)."""
     report = _report(MLP(), torch.randn(8, 32), kernels="triton")
     fwd, bwd = report.forward_graph, report.backward_graph
     gemms = {n.name: n for n in fwd.graph.nodes if n.target is torch.ops.nmsparse.triton_linear.nograd}
@@ -137,11 +138,13 @@ def test_graphs_hold_kernels_and_no_mask():
     assert not [n for n in fwd.graph.nodes if n.target is torch.ops.nmsparse.nm_mask.default]
     saved = next(n for n in fwd.graph.nodes if n.op == "output").args[0]
     assert all(n.meta["val"].dtype != torch.bool for n in saved if isinstance(n, torch.fx.Node))
-    names = {n.name: n.target for n in bwd.graph.nodes if n.op == "call_function"}
+    nodes = {n.name: n for n in bwd.graph.nodes if n.op == "call_function"}
+    names = {name: n.target for name, n in nodes.items()}
     for layer in ("fc1", "fc2", "head"):
-        assert names[f"{layer}_bwd_weight_grad_1"] is torch.ops.nmsparse.triton_weight_grad.default
+        assert names[f"{layer}_bwd_weight_grad"] is torch.ops.nmsparse.triton_weight_grad.default
     for layer in ("fc2", "head"):  # fc1's input needs no gradient
-        assert names[f"{layer}_bwd_input_grad"] is torch.ops.nmsparse.triton_input_grad.default
+        assert names[f"{layer}_bwd_input_grad_1"] is torch.ops.nmsparse.triton_input_grad.default
+        assert nodes[f"{layer}_bwd_input_grad"].args[0] is nodes[f"{layer}_bwd_input_grad_1"]
     assert not [t for t in names.values() if t is torch.ops.nmsparse.nm_mask.default]
 
 
