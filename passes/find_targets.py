@@ -463,6 +463,7 @@ def _decide(
     target.layout = "out_in" if transposed == (kind != "linear") else "in_out"  # F.linear(x, W.t()): W is [in, out]
     if value.dim() != 2:
         target.reason = "weight is not a 2-D [out, in] or [in, out] operand"
+        _dense_gemm_size(target, x_shape=target.input_shape, w_shape=_shape(w), left=False)
         return target
     rows, cols = value.shape if target.layout == "out_in" else value.shape[::-1]
     target.weight_shape = (rows, cols)
@@ -482,8 +483,8 @@ def _decide(
 
 
 def _dense_gemm_size(target: GemmTarget, x_shape: tuple | None, w_shape: tuple | None, left: bool) -> None:
-    """``weight_shape`` and ``tokens`` of a GEMM-like node that takes no parameter as its weight, for
-    its FLOPs. ``K`` is ``x``'s last size; ``O`` the output's last one (1 for a vector ``w``), or, for
+    """``weight_shape`` and ``tokens`` of a GEMM-like node that takes no 2-D parameter as its weight,
+    for its FLOPs. ``K`` is ``x``'s last size; ``O`` the output's last one (1 for a vector ``w``), or, for
     a parameter as the left operand (``W @ x``), its rows; ``tokens`` the rest of the output."""
     out = _shape(target.node)
     if x_shape is None or w_shape is None or out is None or not x_shape or (left and len(x_shape) != 2):

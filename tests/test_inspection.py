@@ -359,6 +359,25 @@ def test_dense_rows_without_a_parameter_weight_count_their_flops():
     assert "?" not in str(nmcompile.explain(_BufferWeights(), torch.randn(5, 16), inner="aot_eager"))
 
 
+def test_a_vector_parameter_weight_counts_its_flops():
+    """``x @ v`` with a Parameter ``v`` (no 2-D weight: dense) counts its FLOPs as it does with a
+    buffer ``v``, and its weight gradient besides (it had no shape and ``?`` FLOPs)."""
+
+    class Probe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.v = nn.Parameter(torch.randn(16))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.v
+
+    (row,) = nmcompile.explain(Probe(), torch.randn(20, 16), inner="aot_eager").rows
+    dense = 2 * 20 * 16
+    assert (row.name, row.sparse, row.weight_shape) == ("v", False, (1, 16))
+    assert row.flops == {"forward": (dense, dense), "input_grad": (0, 0), "weight_grad": (dense, dense)}
+    assert row.reason == "weight is not a 2-D [out, in] or [in, out] operand"
+
+
 def test_convolution_with_a_buffer_kernel_counts_its_flops():
     """A convolution whose kernel is a buffer is a dense row with its geometry and implicit-GEMM
     FLOPs, as a parameter kernel's row has them."""
