@@ -669,9 +669,10 @@ class StateRegistry:
 
     def restore_apart(self, root: nn.Module, payloads: dict[str, dict[str, Any]]) -> None:
         """``SparsityStates.load_state_dict``: restore (or hold until compile) each payload, keyed by
-        ``root.named_parameters()`` names; a later ``load_state_dict`` of these weights keeps them
-        until they train (``_restored_apart``)."""
-        params = {full: (module, name, param) for full, module, name, param in _named_slots(root)}
+        ``root.named_parameters()`` names (matched without wrapper steps, ``_unwrapped``); a later
+        ``load_state_dict`` of these weights keeps them until they train (``_restored_apart``)."""
+        params = {_unwrapped(full): (module, name, param) for full, module, name, param in _named_slots(root)}
+        payloads = {_unwrapped(full): payload for full, payload in payloads.items()}
         unknown = sorted(set(payloads) - set(params))
         if unknown:
             warnings.warn(f"nmsparse: sparsity states for {', '.join(unknown)}, which the model does not have, "
@@ -832,11 +833,15 @@ def _load_state_dict_with_sparsity(self: nn.Module, state_dict: Any, strict: boo
 nn.Module.load_state_dict = _load_state_dict_with_sparsity  # type: ignore[method-assign]
 
 
+_WRAPPER_STEPS = ("_checkpoint_wrapped_module", "_orig_mod")
+
+
 def _unwrapped(prefix: str) -> str:
-    """A module's name without the ``_checkpoint_wrapped_module`` steps of torch's
-    ``checkpoint_wrapper``, which strips them from state_dict keys but not from ``_metadata``: a
-    checkpoint's states find their layers in a model with or without activation-checkpoint wrappers."""
-    return ".".join(part for part in prefix.split(".") if part != "_checkpoint_wrapped_module")
+    """A module's (or parameter's) name without the steps of torch's ``checkpoint_wrapper``, which
+    strips them from state_dict keys but not from ``_metadata``, and of a compiled submodule
+    (``_orig_mod``), as ``torch.distributed.checkpoint`` names weights: a checkpoint's states find
+    their layers in a model with or without activation-checkpoint wrappers or compiled blocks."""
+    return ".".join(part for part in prefix.split(".") if part not in _WRAPPER_STEPS)
 
 
 def _named_slots(root: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
@@ -860,12 +865,13 @@ class SparsityStates:
         self.module = unwrap(model)
 
     def state_dict(self) -> dict[str, bytes]:
-        """``{"states": bytes}``: each sparsified weight's payload by its ``named_parameters()`` name."""
+        """``{"states": bytes}``: each sparsified weight's payload by its ``named_parameters()`` name
+        without wrapper steps (``_unwrapped``), as DCP names the weights."""
         payloads: dict[str, dict[str, Any]] = {}
         for full, module, name, param in _named_slots(self.module):
             entry = DEFAULT_REGISTRY.checkpoint_entry(module, name, param)
             if entry is not None:
-                payloads[full] = entry
+                payloads[_unwrapped(full)] = entry
         buffer = io.BytesIO()
         torch.save(payloads, buffer)
         return {"states": buffer.getvalue()}

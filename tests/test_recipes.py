@@ -1470,6 +1470,48 @@ def test_dcp_carries_the_states_through_sparsity_states(tmp_path, key, target):
         assert torch.equal(q, p) and torch.equal(q.grad, p.grad), name
 
 
+@pytest.mark.parametrize("saved_wrapped", [True, False], ids=["wrapped_to_plain", "plain_to_wrapped"])
+@pytest.mark.parametrize("wrapper", ["checkpoint_wrapper", "compiled_blocks"])
+def test_sparsity_states_move_between_models_with_and_without_wrappers(wrapper, saved_wrapped):
+    """``SparsityStates`` names each state as DCP names the weight, without the steps of torch's
+    ``checkpoint_wrapper`` (``_checkpoint_wrapped_module``) and of a block compiled alone
+    (``_orig_mod``): its states move between a model with these wrappers and one without, as the
+    weights do through ``get_model_state_dict`` (every layer restarted at step 0, with a warning)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    options = {"inner": "aot_eager", "perm_interval": 1}
+
+    def make(wrap: bool) -> nn.Module:
+        torch.manual_seed(0)
+        model = MLP()
+        for name in ("fc1", "fc2") if wrap else ():
+            block = getattr(model, name)
+            compiled_block = torch.compile(block, backend=nmcompile.backend(**options))
+            setattr(model, name, checkpoint_wrapper(block) if wrapper == "checkpoint_wrapper" else compiled_block)
+        return model
+
+    def plain_names(states: dict) -> dict:
+        return {re.sub(r"\.(_checkpoint_wrapped_module|_orig_mod)", "", name): s for name, s in states.items()}
+
+    torch._dynamo.reset()
+    trained = make(saved_wrapped)
+    compiled = torch.compile(trained, backend=nmcompile.backend(**options))
+    for _ in range(2):
+        compiled(torch.randn(4, 32)).sum().backward()
+    expected = plain_names(nmcompile.sparsity_state(trained))
+    saved = nmcompile.SparsityStates(trained).state_dict()
+    model = make(not saved_wrapped)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nmcompile.SparsityStates(model).load_state_dict(saved)
+        with torch.no_grad():
+            torch.compile(model, backend=nmcompile.backend(**options))(torch.randn(4, 32))
+    got = plain_names(nmcompile.sparsity_state(model))
+    assert sorted(got) == sorted(expected) == ["fc1.weight", "fc2.weight", "head.weight"]
+    for name, state in expected.items():
+        assert got[name]["step"] == state["step"] == 2 and torch.equal(got[name]["perm"], state["perm"]), name
+
+
 def test_sparsity_states_win_over_load_state_dict_until_the_layers_train():
     """README: states restored by ``SparsityStates`` win over a ``load_state_dict`` of the same
     weights until they train; after a training step an ordinary checkpoint's states load again."""
