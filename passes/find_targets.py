@@ -463,7 +463,7 @@ def _decide(
     target.layout = "out_in" if transposed == (kind != "linear") else "in_out"  # F.linear(x, W.t()): W is [in, out]
     if value.dim() != 2:
         target.reason = "weight is not a 2-D [out, in] or [in, out] operand"
-        _dense_gemm_size(target, x_shape=target.input_shape, w_shape=_shape(w), left=False)
+        _dense_gemm_size(target, target.input_shape, _shape(w), False)
         return target
     rows, cols = value.shape if target.layout == "out_in" else value.shape[::-1]
     target.weight_shape = (rows, cols)

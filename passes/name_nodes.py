@@ -45,9 +45,9 @@ def name_nodes(gm: fx.GraphModule) -> fx.GraphModule:
         suffix = _GEMM_SUFFIX.get(op_name)
         if suffix is not None:
             node._rename(f"{_argument(node, 'layer')}_{suffix}")
-        elif node_role(node) is not None:
-            stepped.append(node)
-    for node in reversed(stepped):
-        node._rename(node_role(node))
+        elif (role := node_role(node)) is not None:
+            stepped.append((node, role))
+    for node, role in reversed(stepped):
+        node._rename(role)
     gm.recompile()
     return gm

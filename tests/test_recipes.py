@@ -1486,8 +1486,10 @@ def test_sparsity_states_move_between_models_with_and_without_wrappers(wrapper, 
         model = MLP()
         for name in ("fc1", "fc2") if wrap else ():
             block = getattr(model, name)
-            compiled_block = torch.compile(block, backend=nmcompile.backend(**options))
-            setattr(model, name, checkpoint_wrapper(block) if wrapper == "checkpoint_wrapper" else compiled_block)
+            if wrapper == "checkpoint_wrapper":
+                setattr(model, name, checkpoint_wrapper(block))
+            else:
+                setattr(model, name, torch.compile(block, backend=nmcompile.backend(**options)))
         return model
 
     def plain_names(states: dict) -> dict:
