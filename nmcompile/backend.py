@@ -1114,7 +1114,9 @@ class _Variants:
 
 
 class NMSparseBackend:
-    """A ``torch.compile`` backend with fixed, validated options (``nmcompile.backend(**options)``)."""
+    """A ``torch.compile`` backend with fixed, validated options (``nmcompile.backend(**options)``).
+    ``on_compile`` receives each compiled graph's record; ``on_failure`` each graph whose compile
+    raised, with its example inputs and parameters and the exception (which then goes on to dynamo)."""
 
     __name__ = "nmsparse"
 
@@ -1123,6 +1125,7 @@ class NMSparseBackend:
         config: SparsityConfig,
         registry: StateRegistry = DEFAULT_REGISTRY,
         on_compile: Callable[[CompileRecord], None] | None = None,
+        on_failure: Callable[[fx.GraphModule, Sequence[Any], Exception], None] | None = None,
     ) -> None:
         if not isinstance(config, SparsityConfig):
             raise SparsityConfigError(
@@ -1132,6 +1135,7 @@ class NMSparseBackend:
         self.config = config
         self.registry = registry
         self.on_compile = on_compile
+        self.on_failure = on_failure
 
     def __call__(
         self, gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None = None, options: Any = None
@@ -1141,7 +1145,15 @@ class NMSparseBackend:
                 f"torch.compile options={options!r} with a nmcompile.backend(...) object: give the options "
                 'to nmcompile.backend(...), or use backend="nmsparse" with options={...}'
             )
-        return compile_graph(gm, example_inputs, self.config, self.registry, self.on_compile, mode)
+        operands = [*example_inputs, *gm.parameters()]  # before the compile lifts them
+        try:
+            return compile_graph(gm, example_inputs, self.config, self.registry, self.on_compile, mode)
+        except torch._dynamo.exc.RestartAnalysis:  # dynamo traces again and calls the backend anew
+            raise
+        except Exception as exc:  # dynamo runs the graph eagerly, dense, or raises it: the callback hears why
+            if self.on_failure is not None:
+                self.on_failure(gm, operands, exc)
+            raise
 
     def __repr__(self) -> str:
         return f"nmcompile.backend({self.config})"
@@ -1154,7 +1166,7 @@ class NMSparseBackend:
     def __reduce__(self) -> tuple:
         """Pickled as its options: ``torch.save`` of a compiled model loads with the shared backend
         of those options, as ``nmcompile.backend(...)`` gives, on the default registry (an
-        ``explain`` registry or ``on_compile`` callback does not travel)."""
+        ``explain`` registry or ``on_compile``/``on_failure`` callback does not travel)."""
         return (_shared_backend, (self.config,))
 
 

@@ -14,7 +14,7 @@ import itertools
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -382,11 +382,15 @@ def to_dot(records: list[CompileRecord]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def untraced_rows(module: torch.nn.Module, seen: set[str], other_uses: Mapping[str, str]) -> list[LayerRow]:
+def untraced_rows(
+    module: torch.nn.Module, seen: set[str], other_uses: Mapping[str, str], failed: Mapping[str, str] | None = None
+) -> list[LayerRow]:
     """Rows for the weights (2-D and up) of ``module`` that no compiled graph used as a GEMM operand,
     with the reason: embeddings are lookups; else what used them in a graph (``other_uses``, by
-    name: a recurrent layer dynamo traced under ``allow_rnn``); else recurrent layers run eagerly,
-    and so do modules with a backward hook, and maybe the code calling them."""
+    name: a recurrent layer dynamo traced under ``allow_rnn``); else why the compile of a graph
+    holding them raised (``failed``, by name); else recurrent layers run eagerly, and so do modules
+    with a backward hook, and maybe the code calling them."""
+    failed = failed or {}
     rows = []
     hooked = [name or "the model" for name, sub in module.named_modules() if _has_backward_hook(sub)]
     visited: set[int] = set()  # a tied parameter has one row, under its first name
@@ -406,6 +410,8 @@ def untraced_rows(module: torch.nn.Module, seen: set[str], other_uses: Mapping[s
                 reason = "embedding lookup, not a GEMM"
             elif name in other_uses:
                 reason = other_uses[name]
+            elif name in failed:
+                reason = failed[name]
             elif isinstance(sub, torch.nn.RNNBase):
                 reason = (f"{type(sub).__name__}: dynamo does not trace recurrent layers into a graph "
                           "(torch._dynamo.config.allow_rnn), so it runs eagerly and dense")  # fmt: skip
@@ -421,6 +427,14 @@ def untraced_rows(module: torch.nn.Module, seen: set[str], other_uses: Mapping[s
             matrix = None if lazy else (param.shape[0], math.prod(param.shape[1:]))  # a conv's GEMM: O × the rest
             rows.append(LayerRow(name, type(sub).__name__, matrix, None, "", "-", False, "-", reason, flops))
     return rows
+
+
+def failure_reason(exc: Exception) -> str:
+    """The report's reason for a weight whose graph did not compile: the exception's first line."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    first = first if len(first) <= 160 else first[:157] + "..."
+    raised = f"{type(exc).__name__}: {first}"
+    return f"the backend's compile of its graph raised {raised}; dynamo ran that code eagerly, dense"
 
 
 def _has_backward_hook(module: torch.nn.Module) -> bool:
@@ -519,7 +533,16 @@ def explain(
     # A module compiled in place (``module.compile()``) is compiled the same way here: calling it
     # would take the user's compiled call, and dynamo traces the two ways differently.
     target = module._call_impl if module._compiled_call_impl is not None else module
-    compiled = torch.compile(target, backend=NMSparseBackend(config, registry, records.append), **isolate)
+    names = {id(p): name for name, p in module.named_parameters()}  # a tied weight: its first name, as the rows
+    failed: dict[str, str] = {}
+
+    def on_failure(gm: fx.GraphModule, operands: Sequence[Any], exc: Exception) -> None:
+        for t in operands:
+            if id(t) in names:
+                failed.setdefault(names[id(t)], failure_reason(exc))
+
+    backend = NMSparseBackend(config, registry, records.append, on_failure)
+    compiled = torch.compile(target, backend=backend, **isolate)
     cuda = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=cuda), torch.enable_grad():
@@ -538,7 +561,7 @@ def explain(
     records = _kept_attempts(records)
     seen = {row.name for record in records for row in record.rows}
     other_uses = {name: why for record in records for name, why in record.other_uses.items()}
-    rows = untraced_rows(module, seen, other_uses)
+    rows = untraced_rows(module, seen, other_uses, failed)
     if not records and target is not module and type(module).forward.__module__.startswith("torch.nn."):
         why = IN_PLACE_NOTE.format(type(module).__name__)
         rows = [dataclasses.replace(row, reason=why) for row in rows]

@@ -7,6 +7,7 @@ import copy
 import functools
 import itertools
 import re
+import sys
 
 import pytest
 import torch
@@ -1179,6 +1180,46 @@ def test_a_graph_the_backend_cannot_compile_is_not_reported_sparse(tmp_path, mon
     assert failed and all(f.read_text().startswith("the backend's compile of this graph raised ") for f in failed)
     assert "inp.weight" in (failed[0].parent / "report.txt").read_text()
     assert torch.equal(torch.compile(model, backend=nmcompile.backend(inner="aot_eager"))(x), model(x))  # dense
+    why = "the backend's compile of its graph raised DataDependentOutputException: aten._local_scalar_dense.default"
+    assert {row.name: row.reason for row in report.rows} == {
+        name: f"{why}; dynamo ran that code eagerly, dense" for name in ("inp.weight", "cell.weight", "out.weight")
+    }
+
+
+@pytest.mark.parametrize(
+    ("message", "shown"),
+    [("boom\nthe traceback's second line", "boom"), ("x" * 200, "x" * 157 + "..."), ("", "")],
+)
+def test_a_failed_compile_is_each_weights_reason_and_the_callbacks_news(monkeypatch, message, shown):
+    """A weight whose only graph failed to compile says why in ``explain`` (it said "not a GEMM operand
+    in any compiled graph"): the exception's first line, cut at 160 characters. ``on_failure`` gets
+    the graph, its operands (the weights among them) and the exception; ``on_compile`` nothing. The
+    exception is one that dynamo answers with a graph break (others reach the caller)."""
+    unsupported = torch._subclasses.fake_tensor.UnsupportedOperatorException
+
+    def fail(*args, **kwargs):
+        raise unsupported(message)
+
+    monkeypatch.setattr(sys.modules["nmcompile.backend"], "_compile_inner", fail)
+    model, x = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8)), torch.randn(4, 16)
+    report = nmcompile.explain(model, x, inner="aot_eager")
+    why = f"the backend's compile of its graph raised UnsupportedOperatorException: {shown}"
+    reason = f"{why}; dynamo ran that code eagerly, dense"
+    assert not report.records and [(row.name, row.sparse, row.reason) for row in report.rows] == [
+        ("0.weight", False, reason),
+        ("2.weight", False, reason),
+    ]
+    compiled, failures = [], []
+    backend = nmcompile.NMSparseBackend(
+        nmcompile.SparsityConfig(inner="aot_eager"), on_compile=compiled.append,
+        on_failure=lambda gm, operands, exc: failures.append((gm, operands, exc)),
+    )  # fmt: skip
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(model, backend=backend)(x), model(x))  # dense, eagerly
+    assert not compiled and failures
+    gm, operands, exc = failures[0]
+    assert isinstance(gm, torch.fx.GraphModule) and type(exc) is unsupported and str(exc) == message
+    assert {id(p) for p in model.parameters()} <= {id(t) for t in operands}
 
 
 def _saved_shapes(out: torch.Tensor) -> list[tuple[int, ...]]:
