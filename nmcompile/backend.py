@@ -703,7 +703,8 @@ def compile_graph(
     # A hit in AOTAutograd's cache skips the inner compiler, so a recorded compile (explain, dumps)
     # leaves it off. The backward it caches is traced from our ops' autograd, which the graph does
     # not show: the key tag's hash of our sources keeps another nmcompile's entries out.
-    tag = "|".join(t for t in (torch.compiler.config.cache_key_tag, _source_tag(), _region_tag(rewritten)) if t)
+    tags = (torch.compiler.config.cache_key_tag, _source_tag(), _region_tag(rewritten), _c_kernel_tag(analysis, config))
+    tag = "|".join(t for t in tags if t)
     # The plain functions the rewrite calls in the graph are safe to cache: the tag holds our sources' hash.
     cacheable = {f"{f.__module__}.{f.__name__}": _source_tag() for f in GRAPH_FUNCTIONS}
     try:
@@ -906,6 +907,19 @@ def _region_tag(gm: fx.GraphModule) -> str:
         (n.name, str(n.meta.get("recompute")), n.meta["ac_graph_id"]) for n in gm.graph.nodes if "ac_graph_id" in n.meta
     ]
     return f"regions-{hashlib.sha256(repr(tags).encode()).hexdigest()[:16]}" if tags else ""
+
+
+def _c_kernel_tag(analysis: Any, config: SparsityConfig) -> str:
+    """``"c-mask-kernels"`` where a sparse layer's masks can run on the C kernels (``cpu_mask``), for
+    the compile caches' key: the backward AOTAutograd traces from the ops calls them only where the
+    library is there, and the graph it keys on can be the same without them (a convolution's)."""
+    from nmcompile.kernels import cpu_mask
+
+    for target in analysis.sparse:
+        value = target.weight.meta.get("example_value") if target.weight is not None else None
+        if isinstance(value, torch.Tensor) and cpu_mask.blocker(value, config.m) is None:
+            return "c-mask-kernels"
+    return ""
 
 
 @functools.cache

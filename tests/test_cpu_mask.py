@@ -376,3 +376,29 @@ def test_benchmark_row_without_the_kernel(monkeypatch):
         step._prepare(name, model, torch.device("cpu"), torch.float32)(x).sum().backward()
         assert calls == expected, name
         calls.clear()
+
+
+def test_the_autograd_cache_keeps_graphs_with_and_without_the_library_apart(tmp_path, rebuild):
+    """A convolution keeps the composite forward mask, so its forward graph is the same with and
+    without the library; its backward, which AOTAutograd traces from the op, calls the C Bi-Mask
+    kernel only with it. The cache key says whether the library is there: a process without it
+    compiles its own backward (it loaded one that calls the kernel, and raised in the backward)."""
+    from torch._dynamo.utils import counters
+
+    rebuild.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    base = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3))
+    x = torch.randn(2, 8, 10, 10)
+    found = cpu_mask._compiler
+    hits, grads = [], []
+    with torch._functorch.config.patch(enable_autograd_cache=True):
+        for compiler in (found, lambda: None, found):
+            rebuild.setattr(cpu_mask, "_compiler", compiler)
+            cpu_mask._library.cache_clear()
+            torch._dynamo.reset()
+            counters.clear()
+            model = copy.deepcopy(base)
+            torch.compile(model, backend=nmcompile.backend())(x).square().mean().backward()
+            hits.append(counters["aot_autograd"]["autograd_cache_hit"])
+            grads.append([p.grad for p in model.parameters()])
+    assert hits == [0, 0, 1]
+    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1], strict=True))
