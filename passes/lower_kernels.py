@@ -91,6 +91,8 @@ def _sparse24_blocker(node: fx.Node, config: SparsityConfig) -> str | None:
         return "triton is not installed (its kernels write the 2:4 operands)"
     if not sparse24.fits_24(config.n, config.m):
         return f"{config.n}:{config.m} is not a 2:4 pattern (at most 2 kept in every 4)"
+    if not power_of_two(config.m):
+        return f"m={config.m} is not a power of two (the Triton kernels that write the 2:4 operands need one)"
     if config.mask_decay != "none":
         return "mask decay keeps pruned weights (scaled by alpha), so W is not 2:4"
     weight = _weight(node)

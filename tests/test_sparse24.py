@@ -10,6 +10,7 @@ dense ones and a bf16 model trains close to the portable path.
 
 from __future__ import annotations
 
+import math
 import sys
 import types
 
@@ -75,14 +76,21 @@ def _roundtrip(a: torch.Tensor) -> torch.Tensor:
     return sparse_semi_structured_to_dense_cutlass(packed, meta)
 
 
-@pytest.mark.parametrize(
-    ("n", "m", "fits"),
-    [(1, 2, True), (2, 2, False), (2, 4, True), (1, 4, True), (3, 4, False), (2, 8, True), (3, 8, False),
-     (1, 32, True), (2, 32, True), (4, 32, False), (1, 3, False), (2, 6, False)],
-)  # fmt: skip
-def test_fits_24(n, m, fits):
-    """An N:M pattern is 2:4 when no aligned group of four can hold more than two kept entries."""
-    assert sparse24.fits_24(n, m) is fits
+def test_fits_24():
+    """An N:M pattern is 2:4 when no aligned group of four can hold more than two kept entries: each
+    N:M group meeting an aligned four can put ``min(n, overlap)`` of its kept entries there (its
+    overlap is contiguous), over one period of both groupings. m need not be a power of two (1:3,
+    2:12 are 2:4; it said not, blaming the pattern for the kernels' limit)."""
+    for m in range(2, 33):
+        for n in range(1, m + 1):
+            period = math.lcm(m, 4)
+            most = max(
+                sum(min(n, len(set(range(w, w + 4)) & set(range(g, g + m)))) for g in range(0, period, m))
+                for w in range(0, period, 4)
+            )
+            assert sparse24.fits_24(n, m) is (most <= 2), (n, m)
+    cases = ((1, 3), (2, 12), (2, 6), (3, 12), (2, 2))
+    assert [sparse24.fits_24(*p) for p in cases] == [True, True, False, False, False]
 
 
 def test_is_24():
@@ -584,6 +592,9 @@ def test_sparse24_fallback_reasons():
     # fp32 weights with m=4 on the CPU: the forward mask runs on the C kernel where it builds
     auto = NOT_ON_CUDA + cpu_mask_note()
     assert kernels == {f"portable (not 2:4: 3:4 is not a 2:4 pattern (at most 2 kept in every 4); {auto})"}
+    odd = nmcompile.explain(nn.Linear(48, 24), torch.randn(8, 48), n=1, m=3, **options).rows
+    why = "m=3 is not a power of two (the Triton kernels that write the 2:4 operands need one)"
+    assert [r.kernel for r in odd] == [f"portable (not 2:4: {why}; {NOT_ON_CUDA})"]
     decay = nmcompile.explain(MLP(), x, mask_decay="linear", mask_decay_rate=0.2, **options).rows
     reason = "mask decay keeps pruned weights (scaled by alpha), so W is not 2:4"
     assert {r.kernel for r in decay} == {f"portable (not 2:4: {reason}; {auto})"}

@@ -10,7 +10,7 @@ kernels write their operands compressed themselves where ``triton_layout`` allow
 Both libraries want ``A`` and ``B`` padded to tile multiples; zero rows and columns keep ``A`` 2:4,
 so the pads change nothing and are cut from the result. ``compress`` and ``compressed_mm`` split
 the work so that a benchmark can time the GEMM alone. Any N:M pattern with at most two kept
-entries in every aligned group of four is 2:4 (``fits_24``): 1:2, 2:4, 1:4, 2:8, ...
+entries in every aligned group of four is 2:4 (``fits_24``): 1:2, 2:4, 1:4, 2:8, 1:3, 2:12, ...
 """
 
 from __future__ import annotations
@@ -21,17 +21,14 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from nmcompile.options import power_of_two
-
 DTYPES = (torch.float16, torch.bfloat16)
 _PAD_ROWS, _PAD_COLS, _PAD_N = 32, 64, 16  # A's rows and cols, B's cols: multiples both libraries take
 
 
 def fits_24(n: int, m: int) -> bool:
-    """Whether every N:M mask is also 2:4 along the same dim (at most 2 kept per aligned 4)."""
-    if not power_of_two(m) or not 1 <= n <= m:
-        return False
-    return n <= 1 if m == 2 else m >= 4 and n <= 2
+    """Whether every N:M mask is also 2:4 along the same dim (at most 2 kept per aligned 4): 1:m
+    (an aligned 4 meets at most two groups), and 2:m where groups hold whole aligned 4s (m = 4k)."""
+    return m >= 2 and (n == 1 or (n == 2 and m % 4 == 0))
 
 
 def blocker(device: torch.device, dtype: torch.dtype) -> str | None:
