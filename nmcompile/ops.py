@@ -211,8 +211,8 @@ def _(grad: torch.Tensor, step: torch.Tensor, key: int, rule: str) -> torch.Tens
 def _compute_weight(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The (masked) weight in the GEMM's compute dtype, ``x``'s.
 
-    The dtypes differ only under autocast (dynamo's tracing of the user's dense code already
-    rejects a real mismatch): only activations and bias are cast on the way in, so that every
+    The dtypes differ only under autocast (``find_targets`` leaves a GEMM with a real mismatch as
+    traced, where it raises as in eager): only activations and bias are cast on the way in, so that every
     mask is chosen from the parameter's own values (SPEC §2), and the weight meets ``x`` here.
     """
     return weight.to(x.dtype)

@@ -20,7 +20,7 @@ from torch import fx
 from nmcompile.options import SparsityConfig
 from nmcompile.reference import CASTS, FLOAT_DTYPES, GEMM_ARGS, MVUE_RULES, holds_tensor, swaps_dims
 
-from .utils import DENSE_REASON, divisible, example_value, identifier, size_hint
+from .utils import DENSE_REASON, autocast_dtype, divisible, example_value, identifier, size_hint
 
 _FUNCTIONS = {
     torch._C._nn.linear: "linear",
@@ -473,7 +473,9 @@ def _decide(
         for size in x_shape[:-1]:
             numel *= size
         target.tokens = size_hint(numel)
-    reason = _dense_reason(value, cols, info, placeholder, kind, extra, config, separate=placeholder in separate)
+    reason = _dtype_mismatch(target, value) or _dense_reason(
+        value, cols, info, placeholder, kind, extra, config, separate=placeholder in separate
+    )
     if reason:
         target.reason = reason
         return target
@@ -511,6 +513,19 @@ def _mark_sparse(target: GemmTarget, rows: int, config: SparsityConfig) -> None:
         )
     else:
         target.reason = f"{config.n}:{config.m}, backward={config.backward}"
+
+
+def _dtype_mismatch(target: GemmTarget, weight: torch.Tensor) -> str | None:
+    """Why a GEMM whose input's dtype is not its weight's, outside autocast, stays as traced: there
+    eager PyTorch raises, and so does the GEMM left as it is (the sparse ops would cast the weight).
+    Dynamo's trace lets such a ``linear``/``mm`` through, not a convolution (its fake kernel raises)."""
+    x = example_value(target.x)
+    if not isinstance(x, torch.Tensor) or x.dtype == weight.dtype:
+        return None
+    if autocast_dtype(target.node, weight.device.type) is not None:
+        return None
+    mismatch = f"input dtype {x.dtype} is not the weight's {weight.dtype}"
+    return f"{mismatch} outside autocast: left as traced, it raises as in eager"
 
 
 def _dense_reason(

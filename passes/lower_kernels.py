@@ -30,7 +30,7 @@ from torch import fx
 
 from nmcompile.options import SparsityConfig, power_of_two, structure_sequence
 
-from .utils import example_value, size_hint
+from .utils import autocast_dtype, example_value, size_hint
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CPU_MASK_NOTE = "forward mask: C kernel"  # the report's note on a portable layer whose W ⊙ F the C kernel writes
@@ -104,23 +104,8 @@ def _sparse24_blocker(node: fx.Node, config: SparsityConfig) -> str | None:
 
 
 def _autocast_dtype(node: fx.Node, weight: torch.Tensor) -> torch.dtype | None:
-    """The dtype CUDA autocast computes ``node``'s GEMM in, or ``None`` (not on CUDA, or no autocast):
-    that of the innermost ``torch.autocast`` region of the graph open at ``node`` (a region inside
-    the compiled forward, which dynamo records as enter and exit nodes), else of the one around
-    the compile."""
-    if weight.device.type != "cuda":
-        return None
-    closed: set[fx.Node] = set()
-    before = node.prev
-    while before.op != "root":
-        if before.target is torch.amp.autocast_mode._exit_autocast:
-            closed.add(before.args[0])
-        elif before.target is torch.amp.autocast_mode._enter_autocast and before not in closed:
-            device, dtype, enabled = before.args[:3]
-            if device == "cuda":
-                return (dtype or torch.get_autocast_dtype("cuda")) if enabled else None
-        before = before.prev
-    return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+    """The dtype CUDA autocast computes ``node``'s GEMM in, or ``None`` (not on CUDA, or no autocast)."""
+    return autocast_dtype(node, "cuda") if weight.device.type == "cuda" else None
 
 
 def _dense_parts(node: fx.Node, config: SparsityConfig) -> str:

@@ -27,6 +27,23 @@ def example_value(node: Any) -> Any:
     return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
 
 
+def autocast_dtype(node: fx.Node, device_type: str) -> torch.dtype | None:
+    """The dtype ``device_type``'s autocast computes ``node`` in, or ``None`` where it is off: that of
+    the innermost ``torch.autocast`` region for the device open at ``node`` (a region inside the
+    compiled code, which dynamo records as enter and exit nodes), else of the one around the compile."""
+    closed: set[fx.Node] = set()
+    before = node.prev
+    while before.op != "root":
+        if before.target is torch.amp.autocast_mode._exit_autocast:
+            closed.add(before.args[0])
+        elif before.target is torch.amp.autocast_mode._enter_autocast and before not in closed:
+            device, dtype, enabled = before.args[:3]
+            if device == device_type:
+                return (dtype or torch.get_autocast_dtype(device_type)) if enabled else None
+        before = before.prev
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def divisible(size: Any, m: int) -> bool:
     """``size % m == 0``, proven: a symbolic size is decided from its sympy expression, without a
     guard (``s0*8`` is divisible by 4, a bare ``s0`` is not provably so) (SPEC §10)."""

@@ -27,6 +27,7 @@ from conftest import (
     assert_grads_close,
     compile_blocks_alone,
     cpu_mask_note,
+    interpreted,
     sgd_step_both,
     train_against,
     train_and_compare,
@@ -148,6 +149,40 @@ def test_lazy_modules_train_and_report_before_they_have_shapes():
     y.square().mean().backward()
     torch.relu(ref(x)).square().mean().backward()
     assert_close(model.fc.weight.grad, ref.weight.grad, what="lazy layer's weight gradient")
+
+
+@pytest.mark.parametrize("kernels", ["portable", pytest.param("triton", marks=interpreted)])
+@pytest.mark.parametrize(
+    ("layer", "x"),
+    [
+        (lambda: nn.Linear(32, 16, bias=False), torch.randn(8, 32)),
+        (lambda: nn.Linear(32, 16), torch.randn(8, 32)),
+        (lambda: nn.Conv2d(8, 16, 3), torch.randn(2, 8, 6, 6)),
+    ],
+    ids=["linear", "linear_bias", "conv"],
+)
+def test_an_input_of_another_dtype_than_the_weight_raises_as_in_eager(kernels, layer, x):
+    """An fp16 input to an fp32 layer, outside autocast, raises eager's own error: the GEMM stays as
+    traced, with the reason in the report (the sparse ops cast the weight to the input's dtype, so
+    the model trained in fp16 where eager and dense compile raise); dynamo's trace raises it for a
+    convolution, before the backend. Under autocast the layer is sparse."""
+    model, x = layer(), x.half()
+    with pytest.raises(RuntimeError) as eager:
+        model(x)
+    records = []
+    backend = nmcompile.NMSparseBackend(
+        nmcompile.SparsityConfig(kernels=kernels, inner="aot_eager"), on_compile=records.append
+    )
+    with pytest.raises(RuntimeError, match=re.escape(str(eager.value))):
+        torch.compile(model, backend=backend)(x)
+    why = "input dtype torch.float16 is not the weight's torch.float32 outside autocast"
+    why += ": left as traced, it raises as in eager"
+    assert [(row.sparse, row.reason) for r in records for row in r.rows] == ([] if x.dim() == 4 else [(False, why)])
+    torch._dynamo.reset()
+    records.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.compile(model, backend=backend)(x).float().sum().backward()
+    assert [row.sparse for row in records[0].rows] == [True]
 
 
 @pytest.mark.filterwarnings("ignore:aten..where. an autograd kernel was not registered")  # meta only: no values
