@@ -704,6 +704,14 @@ def test_gemms_run_their_first_config_untimed_under_deterministic_algorithms(mod
         ),
         (lambda: kernels.permutation_scores(torch.ones(6, 4, dtype=torch.bool), torch.zeros(1, 6), 2, 4), "O % m"),
         (lambda: kernels.sparse_linear_forward(torch.zeros(3, 6), torch.zeros(4, 6), None, 2, 4), "K % m == 0"),
+        # n and m are compiled in: a float n ranked 2.5 as 3, a tensor or numpy int failed inside Triton
+        (
+            lambda: kernels.sparse_linear_forward(torch.zeros(3, 8), torch.zeros(4, 8), None, 2.5, 4),
+            r"take n and m as Python ints, got n=2\.5, m=4",
+        ),
+        (lambda: kernels.sparse_input_grad(torch.zeros(3, 4), torch.zeros(4, 8), torch.tensor(2), 4), "Python ints"),
+        (lambda: forward_operand(torch.zeros(4, 8), 2, 4.0), r"got n=2, m=4\.0"),
+        (lambda: kernels.nm_mask(torch.zeros(4, 8), True, 4, 1), "got n=True"),
         (lambda: kernels.sparse_input_grad(torch.zeros(3, 4), torch.zeros(6, 8), 2, 4), r"\[O=4, K\]"),
         (lambda: kernels.sparse_weight_grad(torch.zeros(3, 4), torch.zeros(3, 6), torch.zeros(4, 6), 2, 4), "K % m"),
         (

@@ -46,7 +46,10 @@ def autotune_configs(
 
 
 def check_nm(n: int, m: int) -> None:
-    """The kernels take power-of-two ``m`` up to 32 (register tiles have power-of-two extents)."""
+    """The kernels take power-of-two ``m`` up to 32 (register tiles have power-of-two extents), and
+    ``n`` and ``m`` as Python ints, which they compile in (a float ``n`` ranked a wrong N)."""
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, m)):
+        raise ValueError(f"Triton N:M kernels take n and m as Python ints, got n={n!r}, m={m!r}")
     if not power_of_two(m) or not 2 <= m <= 32 or not 1 <= n <= m:
         raise ValueError(f"Triton N:M kernels need 1 <= n <= m and m a power of two in 2..32, got {n}:{m}")
 
