@@ -313,6 +313,8 @@ def find_targets(
         function = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
         if kind is not None:
             target = _decide(node, kind, config, params, values, separate)
+            if depth:  # the shapes inside are a sample's, and grads flow through the transform's levels
+                target.tokens = None  # so the FLOPs are unknown (shown "?"), not a sample's and 0 for the gradients
             if depth and target.param_name is not None:
                 # The custom op's autograd would run per vmapped sample (SR-STE added B times).
                 target.sparse, target.backward = False, "dense"

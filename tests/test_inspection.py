@@ -937,13 +937,21 @@ class _Vmapped(nn.Module):
 def test_gemm_under_vmap_is_reported_dense():
     """A layer inside ``torch.vmap`` is left dense with its reason: the sparse op's autograd would
     run once per sample and add SR-STE's ``λ(1−F)⊙W`` to ``dW`` B times. It then trains exactly as
-    the reference with that layer excluded; ``fc2`` outside the transform stays sparse."""
+    the reference with that layer excluded; ``fc2`` outside the transform stays sparse. The shapes
+    inside are a sample's, so its FLOPs are unknown (they were one sample's, and 0 for dX and dW)."""
     torch.manual_seed(0)
     base = _Vmapped()
     rows = {r.name: r for r in nmcompile.explain(base, torch.randn(5, 4, 16), inner="aot_eager").rows}
     assert not rows["fc1.weight"].sparse
     assert rows["fc1.weight"].reason == "inside a torch.func transform (vmap, grad, jvp): left dense"
+    assert rows["fc1.weight"].flops == {"forward": None, "input_grad": None, "weight_grad": None}
     assert rows["fc2.weight"].sparse
+    dense = 2 * 20 * 16 * 32
+    assert rows["fc2.weight"].flops == {
+        "forward": (dense, dense // 2),
+        "input_grad": (dense, dense // 2),
+        "weight_grad": (dense, dense),
+    }
     _trains_as_reference_without_fc1(base, (5, 4, 16), srste_lambda=0.1)
 
 
