@@ -492,7 +492,7 @@ def _conv_backward(ctx: Any, dy: torch.Tensor) -> tuple:
 
 def _register_autocast(op: torch._ops.OpOverload, device_type: str) -> None:
     """Under autocast, run ``op`` with ``x`` and the bias cast to the autocast dtype in force (bf16
-    or fp16) as ``F.linear``/``conv`` would; the weight keeps its dtype so masks come from the
+    or fp16) as ``F.linear``/``conv`` would (not from float64); the weight keeps its dtype so masks come from the
     parameter's own values, and meets the compute dtype in ``_compute_weight``.
 
     ``torch.library.register_autocast`` fixes one target dtype and casts every input; this reads the
@@ -505,8 +505,8 @@ def _register_autocast(op: torch._ops.OpOverload, device_type: str) -> None:
         dtype = torch.get_autocast_dtype(device_type)
         cast = list(args)
         for i in (0, 2):  # x and bias; the weight keeps its dtype for the masks
-            if isinstance(cast[i], torch.Tensor) and cast[i].is_floating_point():
-                cast[i] = cast[i].to(dtype)
+            if isinstance(cast[i], torch.Tensor):
+                cast[i] = cast[i].to(reference.autocast_to(cast[i].dtype, dtype))
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
             return op(*cast)
 

@@ -197,14 +197,30 @@ class Recipe:
         return dw + self.srste_lambda * torch.where(fmask, 0, weight) if self.srste_lambda else dw
 
 
+def autocast_to(dtype: torch.dtype, autocast: torch.dtype | None) -> torch.dtype:
+    """The dtype a GEMM operand of ``dtype`` takes under autocast to ``autocast`` (``None``: off):
+    autocast casts floating point but float64, as torch's ``is_eligible`` does; the rest keeps its own."""
+    eligible = autocast is not None and dtype.is_floating_point and dtype != torch.float64
+    return autocast if eligible else dtype
+
+
 def autocast_inputs(x: torch.Tensor, bias: torch.Tensor | None) -> tuple:
-    """Under autocast, activations and bias cast to the autocast dtype, as ``F.linear`` does; the
-    weight keeps its own dtype (masks come from its values) and meets ``x``'s dtype in the GEMM."""
+    """Under autocast, activations and bias cast to the autocast dtype, as ``F.linear`` does (float64
+    and non-float inputs keep theirs); the weight keeps its own dtype (masks come from its values)
+    and meets the compute dtype in the GEMM (``compute_weight``)."""
     device = x.device.type
     if not torch.is_autocast_enabled(device):
         return x, bias
     dtype = torch.get_autocast_dtype(device)
-    return x.to(dtype), bias.to(dtype) if bias is not None else None
+    return x.to(autocast_to(x.dtype, dtype)), bias.to(autocast_to(bias.dtype, dtype)) if bias is not None else None
+
+
+def compute_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The masked ``weight`` in the dtype autocast gives it, as ``F.linear`` would (its own outside
+    autocast): a GEMM with an input of another dtype then raises, as in eager."""
+    device = weight.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return weight.to(autocast_to(weight.dtype, dtype))
 
 
 class SparseGemm(torch.autograd.Function):
@@ -223,7 +239,7 @@ class SparseGemm(torch.autograd.Function):
         x, bias = autocast_inputs(x, bias)
         ctx.save_for_backward(x, weight, fmask, bmask)
         ctx.recipe = recipe
-        return F.linear(x, recipe.weight(weight, fmask).to(x.dtype), bias)
+        return F.linear(x, compute_weight(recipe.weight(weight, fmask)), bias)
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
@@ -279,7 +295,7 @@ class SparseConv(torch.autograd.Function):
         x, bias = autocast_inputs(x, bias)
         ctx.save_for_backward(x, weight, fmask, bmask)
         ctx.recipe, ctx.conv = recipe, conv
-        return _CONV[weight.dim() - 2](x, recipe.weight(weight, fmask).to(x.dtype), bias, *conv)
+        return _CONV[weight.dim() - 2](x, compute_weight(recipe.weight(weight, fmask)), bias, *conv)
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from nmcompile.options import SparsityConfig
-from nmcompile.reference import CASTS, FLOAT_DTYPES, GEMM_ARGS, MVUE_RULES, holds_tensor, swaps_dims
+from nmcompile.reference import CASTS, FLOAT_DTYPES, GEMM_ARGS, MVUE_RULES, autocast_to, holds_tensor, swaps_dims
 
 from .utils import DENSE_REASON, autocast_dtype, divisible, example_value, identifier, size_hint
 
@@ -518,16 +518,19 @@ def _mark_sparse(target: GemmTarget, rows: int, config: SparsityConfig) -> None:
 
 
 def _dtype_mismatch(target: GemmTarget, weight: torch.Tensor) -> str | None:
-    """Why a GEMM whose input's dtype is not its weight's, outside autocast, stays as traced: there
-    eager PyTorch raises, and so does the GEMM left as it is (the sparse ops would cast the weight).
-    Dynamo's trace lets such a ``linear``/``mm`` through, not a convolution (its fake kernel raises)."""
+    """Why a GEMM whose input and weight meet in different dtypes stays as traced: their own dtypes,
+    or under autocast the ones it gives them (it leaves float64 alone). There eager PyTorch raises,
+    and so does the GEMM left as it is (the sparse ops would cast the weight). Dynamo's trace lets
+    such a ``linear``/``mm`` through, not a convolution (its fake kernel raises)."""
     x = example_value(target.x)
-    if not isinstance(x, torch.Tensor) or x.dtype == weight.dtype:
+    if not isinstance(x, torch.Tensor):
         return None
-    if autocast_dtype(target.node, weight.device.type) is not None:
+    autocast = autocast_dtype(target.node, weight.device.type)
+    if autocast_to(x.dtype, autocast) == autocast_to(weight.dtype, autocast):
         return None
     mismatch = f"input dtype {x.dtype} is not the weight's {weight.dtype}"
-    return f"{mismatch} outside autocast: left as traced, it raises as in eager"
+    where = f"under autocast to {autocast} (which leaves float64 alone)" if autocast else "outside autocast"
+    return f"{mismatch} {where}: left as traced, it raises as in eager"
 
 
 def _dense_reason(

@@ -185,6 +185,36 @@ def test_an_input_of_another_dtype_than_the_weight_raises_as_in_eager(kernels, l
     assert [row.sparse for row in records[0].rows] == [True]
 
 
+def test_autocast_leaves_float64_alone_as_eager_does():
+    """CPU autocast casts floating point but float64: a float64 model under it computes in float64,
+    as eager does, in the backend and the reference (both computed in bf16); a float64 input to an
+    fp32 layer meets a bf16 weight, and an int64 one an fp32 weight, so they raise as in eager (the
+    backend and the reference trained in bf16)."""
+    autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    for layer, x in ((nn.Linear(32, 16), torch.randn(8, 32)), (nn.Conv2d(8, 16, 3), torch.randn(2, 8, 6, 6))):
+        model, x = layer.double(), x.double()
+        ref = reference.sparsify(copy.deepcopy(model))
+        compiled = torch.compile(copy.deepcopy(model), backend=_backend())
+        with autocast():
+            expected, actual, dense = ref(x), compiled(x), model(x)
+        assert expected.dtype == actual.dtype == dense.dtype == torch.float64
+        assert torch.equal(actual, expected)
+        rows = nmcompile.explain(model, x, inner="aot_eager").rows
+        assert [row.sparse for row in rows] == [True]
+    records = []
+    backend = nmcompile.NMSparseBackend(nmcompile.SparsityConfig(inner="aot_eager"), on_compile=records.append)
+    for x in (torch.randn(8, 32).double(), torch.ones(8, 32, dtype=torch.int64)):
+        torch._dynamo.reset()
+        model = nn.Linear(32, 16)
+        with autocast(), pytest.raises(RuntimeError) as eager:
+            model(x)
+        for run in (reference.sparsify(copy.deepcopy(model)), torch.compile(model, backend=backend)):
+            with autocast(), pytest.raises(RuntimeError, match=re.escape(str(eager.value))):
+                run(x)
+    why = "input dtype torch.float64 is not the weight's torch.float32 under autocast to torch.bfloat16"
+    assert records[0].rows[0].reason == f"{why} (which leaves float64 alone): left as traced, it raises as in eager"
+
+
 @pytest.mark.filterwarnings("ignore:aten..where. an autograd kernel was not registered")  # meta only: no values
 def test_a_training_forward_on_meta_weights_runs():
     """A model built on the meta device (shapes only: FLOP counting, a meta init before
