@@ -565,8 +565,10 @@ class _Runner:
         targets: list[tuple[GemmTarget, KernelChoice | None]] | None = None,
         rewritten: bool = False,
         lifted: Sequence[nn.Parameter] = (),
+        dense: Sequence[int] = (),
     ) -> None:
         self.compiled = compiled
+        self.dense = tuple(dense)  # input positions of the weights whose GEMMs the graph leaves dense
         self.lifted = tuple(lifted)  # Parameters the graph reads as inputs after the caller's (lift_parameters)
         self.origin = origin
         self.variants = variants
@@ -615,6 +617,9 @@ class _Runner:
         variant = self.variants.runner(args, roots) if self.variants is not None else None
         if variant is not None:
             return variant(*args)
+        for i in self.dense:  # a weight another compile made sparse runs dense here (forward_weights)
+            if (state := self.registry.get(args[i])) is not None:
+                state.progress.dense_forward = True
         states = [(self._state(k, args[i], roots), args[i], grad) for k, (_, i, _, grad) in enumerate(self.layers)]
         self.registry.warn_restarted()
         forwards = [(state, state.enter_forward(weight, grad)) for state, weight, grad in states]
@@ -729,7 +734,8 @@ def compile_graph(
         on_compile(record)
     variants = _Variants(gm, config, registry, fake_mode, params, origin, tables, record, module_forward)
     targets = [(t, kernels.get(t.layer)) for t in analysis.sparse]
-    return _Runner(compiled, layers, registry, origin, variants, record, targets, lifted=lifted.params)
+    dense = _dense_positions(gm, analysis)
+    return _Runner(compiled, layers, registry, origin, variants, record, targets, lifted=lifted.params, dense=dense)
 
 
 def _warn_other_uses(analysis: Any, module_forward: bool) -> None:
@@ -953,6 +959,13 @@ def _warn_if_include_admits_nothing(config: SparsityConfig, roots: _CallTables) 
 Layers = list[tuple[LayerSpec, int, LayerState, torch.Tensor, bool | None]]
 
 
+def _dense_positions(gm: fx.GraphModule, analysis: Any) -> list[int]:
+    """The input positions of the parameters whose GEMMs ``analysis`` leaves dense."""
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    names = {t.weight.name for t in analysis.targets if not t.sparse and t.weight is not None}
+    return [placeholders.index(name) for name in sorted(names) if name in placeholders]
+
+
 def _layers(
     gm: fx.GraphModule, analysis: Any, params: dict[str, ParamInfo], config: SparsityConfig, registry: StateRegistry
 ) -> tuple[Layers, dict[int, LayerState]]:
@@ -1114,8 +1127,9 @@ class _Variants:
         self._targets[choice] = analysis.targets
         targets = [(t, None) for t in analysis.sparse]
         runner = self._runners[choice] = _Runner(
-            rewritten, layers, self.registry, self.origin, None, self.record, targets, True
-        )
+            rewritten, layers, self.registry, self.origin, None, self.record, targets, True,
+            dense=_dense_positions(self.gm, analysis),
+        )  # fmt: skip
         sparse = ", ".join(t.param_name for t in analysis.sparse) or "none"
         warnings.warn(
             "nmsparse: dynamo reuses a compiled graph for weights that include/exclude or a weight tie "

@@ -103,6 +103,7 @@ class Progress:
     last_search_step: int | None = None
     trained_by: LayerState | None = None
     last_forward: Forward | None = None  # the last training forward, which a checkpoint may recompute
+    dense_forward: bool = False  # the weight's last forward ran dense: a later compile left it so
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,6 +275,7 @@ class LayerState:
         checkpoint's first forward runs without grad, so its recompute is the training step).
         A forward outside training, outside a backward, forgets the last training forward."""
         progress = self.progress
+        progress.dense_forward = False
         if not self.is_training_forward(grad):
             if not in_backward():
                 progress.last_forward = None
@@ -960,9 +962,15 @@ def forward_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     ``W ⊙ F`` (``W ⊙ (F + (1−F)·α)`` while a mask decays), as a new tensor of the parameter's shape.
     ``state_dict()`` keeps the dense parameters, from which the masks are chosen each step; loading
     these over them gives a plain model the compiled model's eval forward, to deploy or export.
-    A frozen weight (``requires_grad=False``) runs dense (SPEC §10), so it is left out, state or not.
+    A frozen weight (``requires_grad=False``) runs dense (SPEC §10), so it is left out, state or not;
+    so is a weight whose last forward ran in a graph that leaves it dense (a later compile's options:
+    ``exclude``, an ``m`` that does not divide it), which keeps its state for a sparse compile.
     Under FSDP2 it gathers each sharded weight (a collective: call it on every rank)."""
-    weights = {name: state.forward_weight(param) for name, param, state in _sparsified(model) if param.requires_grad}
+    weights = {
+        name: state.forward_weight(param)
+        for name, param, state in _sparsified(model)
+        if param.requires_grad and not state.progress.dense_forward
+    }
     waiting = [
         full
         for full, module, name, param in _named_slots(unwrap(model))

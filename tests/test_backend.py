@@ -1314,6 +1314,33 @@ def test_forward_weights_leave_out_layers_frozen_after_sparse_training():
         assert nmcompile.forward_weights(fresh) == {}
 
 
+def test_forward_weights_leave_out_layers_a_later_compile_runs_dense():
+    """A model trained sparse, then compiled again with options that leave a layer dense
+    (``exclude``), runs that layer dense: ``forward_weights`` leaves it out, so the plain model
+    computes the compiled eval forward (it gave the layer's old masked weight); its state
+    stays for a sparse compile, and a forward of the first compile puts the layer back."""
+    torch.manual_seed(0)
+    model = MLP()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    first = torch.compile(model, backend=nmcompile.backend(inner="aot_eager"))
+    later = torch.compile(model, backend=nmcompile.backend(inner="aot_eager", exclude="fc2"))
+    for compiled in (first, later):
+        for _ in range(2):
+            compiled(torch.randn(8, 32)).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    weights = nmcompile.forward_weights(model)
+    assert sorted(weights) == ["fc1.weight", "head.weight"]
+    assert nmcompile.sparsity_state(model)["fc2.weight"]["step"] == 2
+    plain = MLP()
+    plain.load_state_dict({**model.state_dict(), **weights})
+    x = torch.randn(8, 32)
+    with torch.no_grad():
+        assert_close(plain.eval()(x), later.eval()(x), rel=1e-6)
+        first(x)
+    assert sorted(nmcompile.forward_weights(model)) == ["fc1.weight", "fc2.weight", "head.weight"]
+
+
 @pytest.mark.parametrize("case", FORWARD_WEIGHT_CASES)
 def test_forward_weights_give_a_plain_model_the_compiled_eval_forward(case):
     """After training, ``forward_weights`` loaded over a plain model's dense ``state_dict`` make it
