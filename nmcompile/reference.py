@@ -691,9 +691,10 @@ def add_bias(bias: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return bias.to(out.dtype) + out
 
 
-def _route_gemms(module: nn.Module, mode: _GemmInterceptor) -> None:
+def _route_gemms(module: nn.Module, mode: _GemmInterceptor, config: SparsityConfig) -> None:
     """Run ``module.forward`` under ``mode`` where it is not active already (a submodule called in the
-    model's forward); transposed views are forgotten after the call that entered it."""
+    model's forward); transposed views are forgotten after the call that entered it. The routed
+    forward carries ``config``, which a later ``sparsify`` checks its own against."""
     forward: Callable = module.forward
 
     @functools.wraps(forward)
@@ -706,7 +707,21 @@ def _route_gemms(module: nn.Module, mode: _GemmInterceptor) -> None:
         finally:
             mode.views.clear()
 
+    routed.nmsparse_config = config  # type: ignore[attr-defined]
     module.forward = routed
+
+
+def _earlier_options(model: nn.Module) -> set[SparsityConfig]:
+    """The options an earlier ``sparsify`` gave ``model``: its swapped layers' and routed forwards'."""
+    found = set()
+    for module in model.modules():
+        forward = module.__dict__.get("forward")  # set on the instance: a routed forward, or a layer model's
+        for holder in (module, getattr(forward, "__self__", None)):
+            if isinstance(holder, (SparseLinear, SparseConvNd)) and hasattr(holder, "rule"):
+                found.add(holder.rule.config)
+        if hasattr(forward, "nmsparse_config"):
+            found.add(forward.nmsparse_config)
+    return found
 
 
 def _eligible_backward(
@@ -735,6 +750,7 @@ def sparsify(model: nn.Module, **options: Any) -> nn.Module:
     ``W.permute(1, 0)``: ``[out, in]``), as is a swapped module's weight used outside the module,
     through the module's rule. Options as ``SparsityConfig``.
     Do not deep-copy (or pickle) a model after ``sparsify``: the routed forward keeps its rules.
+    A second call with the same options changes nothing; with others it raises ``ValueError``.
     A ``torch.func.functional_call`` stand-in Parameter of a swapped layer's shape runs on the layer's
     own state here, and counts its steps, where the backend gives it a state of its own; a
     plain-tensor or view stand-in (fast weights) runs dense in both (README, "Checkpoints": other
@@ -743,6 +759,12 @@ def sparsify(model: nn.Module, **options: Any) -> nn.Module:
     from nmcompile.state import DEFAULT_REGISTRY, LayerSpec
 
     config = SparsityConfig.from_options(options)
+    earlier = ", ".join(map(str, _earlier_options(model) - {config}))
+    if earlier:
+        raise ValueError(
+            f"reference.sparsify: the model is sparsified already, with other options ({earlier}), "
+            "which the layers it changed keep: sparsify a fresh copy of the dense model"
+        )
     lazy = [name for name, p in model.named_parameters() if nn.parameter.is_lazy(p)]
     if lazy:
         raise ValueError(
@@ -825,7 +847,7 @@ def sparsify(model: nn.Module, **options: Any) -> nn.Module:
         # a block's forward in the backward, outside the model's (nn.MultiheadAttention's projections).
         owners = {id(module): module for _, _, module in others.values() if module is not model}
         for module in (model, *owners.values()):
-            _route_gemms(module, mode)
+            _route_gemms(module, mode, config)
     registry.warn_restarted()
     return model
 

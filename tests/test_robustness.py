@@ -125,6 +125,45 @@ class _LazyHead(nn.Module):
         return self.aux(h) if use_aux else h
 
 
+class _WithRaw(MLP):
+    """An MLP with a raw weight used by ``matmul``, which ``sparsify`` routes through the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raw = nn.Parameter(torch.randn(16, 16) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) @ self.raw
+
+
+@pytest.mark.parametrize(
+    "make", [_WithRaw, lambda: nn.Linear(32, 16)], ids=["swapped_and_routed", "the_model_is_a_layer"]
+)
+def test_reference_sparsify_again_with_other_options_raises(make):
+    """``reference.sparsify`` again with other options raised nothing and left the layers it had
+    changed with the first options (a model with two option sets); now it says so. Again with the
+    same options changes nothing: the model trains as after one call."""
+    torch.manual_seed(0)
+    base, x = make(), torch.randn(8, 32)
+    once = reference.sparsify(copy.deepcopy(base), perm_interval=2)
+    twice = reference.sparsify(reference.sparsify(copy.deepcopy(base), perm_interval=2), perm_interval=2)
+    for model in (once, twice):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(3):
+            model(x).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    with torch.no_grad():
+        assert torch.equal(once(x), twice(x))
+    states = [nmcompile.sparsity_state(model) for model in (once, twice)]
+    assert states[0].keys() == states[1].keys() and states[0]
+    for name, state in states[0].items():
+        assert state["step"] == states[1][name]["step"] == 3 and torch.equal(state["perm"], states[1][name]["perm"])
+    for options in ({"n": 1, "m": 4}, {"perm_interval": 2, "exclude": "fc2"}):
+        with pytest.raises(ValueError, match=r"reference.sparsify: the model is sparsified already, with other optio"):
+            reference.sparsify(once, **options)
+
+
 def test_lazy_modules_train_and_report_before_they_have_shapes():
     """A lazy layer compiled before its first call trains as the reference sparsifies it once it has
     its shape; ``explain`` lists a lazy head no forward has run yet (it raised, asking autograd for
