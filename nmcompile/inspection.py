@@ -544,8 +544,10 @@ def explain(
     backend = NMSparseBackend(config, registry, records.append, on_failure)
     compiled = torch.compile(target, backend=backend, **isolate)
     cuda = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
+    # The default stance: under another one dynamo ran the user's compiled graph in place of this
+    # compile (its real states stepped), or nothing compiled, or the compile raised.
     try:
-        with torch.random.fork_rng(devices=cuda), torch.enable_grad():
+        with torch.random.fork_rng(devices=cuda), torch.enable_grad(), torch.compiler.set_stance("default"):
             out = compiled(*example_inputs, **(kwargs or {}))
             outputs = [
                 t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad

@@ -1100,6 +1100,27 @@ def test_weights_entering_a_transform_or_a_left_operand_say_so():
     assert reasons["b"] == "2:4, backward=bimask"
 
 
+@pytest.mark.parametrize("stance", ["eager_on_recompile", "force_eager", "eager_then_compile", "fail_on_recompile"])
+def test_explain_under_a_compile_stance_compiles_on_the_side(stance):
+    """Under ``torch.compiler.set_stance``, ``explain`` compiles on the side as under the default
+    stance: ``eager_on_recompile`` ran the user's compiled graph instead (a real training step,
+    and a search), ``force_eager`` and ``eager_then_compile`` compiled nothing (every weight dense
+    in the report), ``fail_on_recompile`` raised. The user's stance is back afterwards."""
+    model, x = MLP(), torch.randn(8, 32)
+    compiled = torch.compile(model, backend=nmcompile.backend(inner="aot_eager", perm_interval=1))
+    compiled(x).square().mean().backward()
+    before = nmcompile.sparsity_state(model)
+    with torch.compiler.set_stance(stance):
+        report = nmcompile.explain(compiled, x, inner="aot_eager", perm_interval=1)
+        assert torch._dynamo.eval_frame._stance.stance == stance
+    assert [(row.name, row.sparse, row.now) for row in report.rows] == [
+        (name, True, "t=1 2:4") for name in ("fc1.weight", "fc2.weight", "head.weight")
+    ]
+    after = nmcompile.sparsity_state(model)
+    for name, state in before.items():
+        assert after[name]["step"] == state["step"] == 1 and torch.equal(after[name]["perm"], state["perm"]), name
+
+
 def test_explain_leaves_the_random_generator_alone():
     """explain's forward draws dropout masks from a forked generator: the user's next draws are
     the ones they would have been without it."""
