@@ -204,23 +204,27 @@ def autocast_to(dtype: torch.dtype, autocast: torch.dtype | None) -> torch.dtype
     return autocast if eligible else dtype
 
 
+def _autocast(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype in force on ``device``'s type, ``None`` where autocast is off or unknown (meta)."""
+    kind = device.type
+    on = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+    return torch.get_autocast_dtype(kind) if on else None
+
+
 def autocast_inputs(x: torch.Tensor, bias: torch.Tensor | None) -> tuple:
     """Under autocast, activations and bias cast to the autocast dtype, as ``F.linear`` does (float64
     and non-float inputs keep theirs); the weight keeps its own dtype (masks come from its values)
     and meets the compute dtype in the GEMM (``compute_weight``)."""
-    device = x.device.type
-    if not torch.is_autocast_enabled(device):
+    dtype = _autocast(x.device)
+    if dtype is None:
         return x, bias
-    dtype = torch.get_autocast_dtype(device)
     return x.to(autocast_to(x.dtype, dtype)), bias.to(autocast_to(bias.dtype, dtype)) if bias is not None else None
 
 
 def compute_weight(weight: torch.Tensor) -> torch.Tensor:
     """The masked ``weight`` in the dtype autocast gives it, as ``F.linear`` would (its own outside
     autocast): a GEMM with an input of another dtype then raises, as in eager."""
-    device = weight.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    return weight.to(autocast_to(weight.dtype, dtype))
+    return weight.to(autocast_to(weight.dtype, _autocast(weight.device)))
 
 
 class SparseGemm(torch.autograd.Function):

@@ -30,7 +30,10 @@ def example_value(node: Any) -> Any:
 def autocast_dtype(node: fx.Node, device_type: str) -> torch.dtype | None:
     """The dtype ``device_type``'s autocast computes ``node`` in, or ``None`` where it is off: that of
     the innermost ``torch.autocast`` region for the device open at ``node`` (a region inside the
-    compiled code, which dynamo records as enter and exit nodes), else of the one around the compile."""
+    compiled code, which dynamo records as enter and exit nodes), else of the one around the compile.
+    ``None`` for a device autocast does not know (meta)."""
+    if not torch.amp.is_autocast_available(device_type):
+        return None
     closed: set[fx.Node] = set()
     before = node.prev
     while before.op != "root":

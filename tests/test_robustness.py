@@ -261,14 +261,17 @@ def test_a_training_forward_on_meta_weights_runs():
     permutation search (it ranked values there and raised), the step counted, ``kept_fraction`` NaN.
     Its ``state_dict()`` and ``explain`` then work (they copied the meta permutation to the CPU and
     raised), the state dict carrying a meta permutation, as its parameters are meta, which another
-    meta model loads; a model with values refuses it with a warning and keeps its own state."""
+    meta model loads; a model with values refuses it with a warning and keeps its own state. The
+    reference runs one too (it asked autocast about the meta device, which raised)."""
     with torch.device("meta"):
-        model, other = MLP(), MLP()
+        model, other, ref = MLP(), MLP(), MLP()
     compiled = torch.compile(model, backend=_backend())
     x = torch.randn(4, 32, device="meta")
     y = compiled(x)
     y.sum().backward()
     assert y.shape == (4, 16) and model.fc1.weight.grad.is_meta
+    reference.sparsify(ref)(x).sum().backward()
+    assert ref.fc1.weight.grad.is_meta and nmcompile.sparsity_state(ref)["fc2.weight"]["step"] == 1
     state = nmcompile.sparsity_state(model)["fc2.weight"]
     assert state["step"] == 1 and math.isnan(state["kept_fraction"])
     saved = model.state_dict()
