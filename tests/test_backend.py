@@ -1318,7 +1318,8 @@ def test_forward_weights_leave_out_layers_a_later_compile_runs_dense():
     """A model trained sparse, then compiled again with options that leave a layer dense
     (``exclude``), runs that layer dense: ``forward_weights`` leaves it out, so the plain model
     computes the compiled eval forward (it gave the layer's old masked weight); its state
-    stays for a sparse compile, and a forward of the first compile puts the layer back."""
+    stays for a sparse compile, and a forward of the first compile puts the layer back. ``explain``
+    with such options, on its private states, changes none of this."""
     torch.manual_seed(0)
     model = MLP()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -1329,6 +1330,9 @@ def test_forward_weights_leave_out_layers_a_later_compile_runs_dense():
             compiled(torch.randn(8, 32)).square().mean().backward()
             optimizer.step()
             optimizer.zero_grad()
+        if compiled is first:
+            nmcompile.explain(model, torch.randn(8, 32), inner="aot_eager", exclude="fc2")
+            assert "fc2.weight" in nmcompile.forward_weights(model)
     weights = nmcompile.forward_weights(model)
     assert sorted(weights) == ["fc1.weight", "head.weight"]
     assert nmcompile.sparsity_state(model)["fc2.weight"]["step"] == 2
