@@ -389,7 +389,7 @@ def untraced_rows(
     with the reason: embeddings are lookups; else what used them in a graph (``other_uses``, by
     name: a recurrent layer dynamo traced under ``allow_rnn``); else why the compile of a graph
     holding them raised (``failed``, by name); else recurrent layers run eagerly, and so do modules
-    with a backward hook, and maybe the code calling them."""
+    with a backward hook, their own or a global one, and maybe the code calling them."""
     failed = failed or {}
     rows = []
     hooked = [name or "the model" for name, sub in module.named_modules() if _has_backward_hook(sub)]
@@ -417,6 +417,11 @@ def untraced_rows(
                           "(torch._dynamo.config.allow_rnn), so it runs eagerly and dense")  # fmt: skip
             elif _has_backward_hook(sub):
                 reason = "its module has a backward hook: dynamo (torch 2.13) does not trace it; it runs eagerly, dense"
+            elif _global_backward_hook():
+                reason = (
+                    "a global module backward hook (register_module_full_backward_hook): dynamo (torch 2.13) "
+                    "does not trace the modules it hooks; they run eagerly, dense"
+                )
             else:
                 reason = "not a GEMM operand in any compiled graph (or in code dynamo did not trace)"
                 if hooked:
@@ -441,6 +446,14 @@ def _has_backward_hook(module: torch.nn.Module) -> bool:
     """Whether ``module`` has a backward hook (``register_full_backward_hook`` and its pre-hook or
     legacy forms), which dynamo does not trace: the module runs eagerly."""
     return bool(module._backward_hooks or module._backward_pre_hooks)
+
+
+def _global_backward_hook() -> bool:
+    """Whether a backward hook is registered for every module (``register_module_full_backward_hook``
+    or its pre-hook form), which keeps dynamo out of the modules' calls as a module's own does."""
+    from torch.nn.modules import module
+
+    return bool(module._global_backward_hooks or module._global_backward_pre_hooks)
 
 
 def _kept_attempts(records: list[CompileRecord]) -> list[CompileRecord]:

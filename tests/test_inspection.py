@@ -285,6 +285,24 @@ def test_weights_of_modules_with_backward_hooks_say_why_they_run_dense(hook):
     }
 
 
+@pytest.mark.parametrize("hook", ["register_module_full_backward_hook", "register_module_full_backward_pre_hook"])
+def test_weights_under_a_global_module_backward_hook_say_why_they_run_dense(hook):
+    """A backward hook on every module (``torch.nn.modules.module.register_module_full_backward_hook``)
+    keeps dynamo (torch 2.13) out of every module's call, as dense ``torch.compile`` shows: the
+    rows name it (they said "not a GEMM operand in any compiled graph"). Removed, the model is sparse."""
+    handle = getattr(torch.nn.modules.module, hook)(lambda *args: None)
+    try:
+        rows = nmcompile.explain(MLP(), torch.randn(4, 32), inner="aot_eager").rows
+    finally:
+        handle.remove()
+    why = "a global module backward hook (register_module_full_backward_hook): dynamo (torch 2.13) does not trace"
+    assert [(r.name, r.sparse, r.reason) for r in rows] == [
+        (name, False, f"{why} the modules it hooks; they run eagerly, dense")
+        for name in ("fc1.weight", "fc2.weight", "head.weight")
+    ]
+    assert all(r.sparse for r in nmcompile.explain(MLP(), torch.randn(4, 32), inner="aot_eager").rows)
+
+
 def test_explain_says_why_an_in_place_compiled_sequential_trains_dense():
     """``model.compile()`` on a model whose forward is torch.nn's own (``nn.Sequential``) compiles
     nothing in torch 2.13, with any backend, so it trains dense and no backend can warn. ``explain``
