@@ -27,7 +27,7 @@ import torch
 from torch import fx, nn
 
 from nmcompile import ops
-from nmcompile.inspection import CompileRecord, dump_dir
+from nmcompile.inspection import CompileRecord, dump_dir, global_backward_hook
 from nmcompile.options import SparsityConfig, SparsityConfigError
 from nmcompile.passes import (
     GRAPH_FUNCTIONS,
@@ -670,6 +670,12 @@ def compile_graph(
     gm, example_inputs = lifted.gm, [*example_inputs, *lifted.params]
     roots = _CallTables(_compiling_namespaces, _compiling_backend())
     _warn_if_include_admits_nothing(config, roots)
+    if on_compile is None and global_backward_hook():  # explain reports it on every weight
+        warnings.warn(
+            "nmsparse: a global module backward hook (register_module_full_backward_hook) keeps dynamo "
+            "(torch 2.13) out of every module's call, so their layers train dense: remove it to train sparse",
+            stacklevel=2,
+        )
     params = resolve_parameters(gm, example_inputs, roots)
     tables = lookup_tables(gm, params)
     for name in tables:  # first: the graph's own tables are tables in its decisions

@@ -417,7 +417,7 @@ def untraced_rows(
                           "(torch._dynamo.config.allow_rnn), so it runs eagerly and dense")  # fmt: skip
             elif _has_backward_hook(sub):
                 reason = "its module has a backward hook: dynamo (torch 2.13) does not trace it; it runs eagerly, dense"
-            elif _global_backward_hook():
+            elif global_backward_hook():
                 reason = (
                     "a global module backward hook (register_module_full_backward_hook): dynamo (torch 2.13) "
                     "does not trace the modules it hooks; they run eagerly, dense"
@@ -448,7 +448,7 @@ def _has_backward_hook(module: torch.nn.Module) -> bool:
     return bool(module._backward_hooks or module._backward_pre_hooks)
 
 
-def _global_backward_hook() -> bool:
+def global_backward_hook() -> bool:
     """Whether a backward hook is registered for every module (``register_module_full_backward_hook``
     or its pre-hook form), which keeps dynamo out of the modules' calls as a module's own does."""
     from torch.nn.modules import module

@@ -289,7 +289,8 @@ def test_weights_of_modules_with_backward_hooks_say_why_they_run_dense(hook):
 def test_weights_under_a_global_module_backward_hook_say_why_they_run_dense(hook):
     """A backward hook on every module (``torch.nn.modules.module.register_module_full_backward_hook``)
     keeps dynamo (torch 2.13) out of every module's call, as dense ``torch.compile`` shows: the
-    rows name it (they said "not a GEMM operand in any compiled graph"). Removed, the model is sparse."""
+    rows name it (they said "not a GEMM operand in any compiled graph"), and a compile warns. Removed,
+    the model is sparse."""
     handle = getattr(torch.nn.modules.module, hook)(lambda *args: None)
     try:
         rows = nmcompile.explain(MLP(), torch.randn(4, 32), inner="aot_eager").rows
@@ -301,6 +302,12 @@ def test_weights_under_a_global_module_backward_hook_say_why_they_run_dense(hook
         for name in ("fc1.weight", "fc2.weight", "head.weight")
     ]
     assert all(r.sparse for r in nmcompile.explain(MLP(), torch.randn(4, 32), inner="aot_eager").rows)
+    handle = getattr(torch.nn.modules.module, hook)(lambda *args: None)
+    try:
+        with pytest.warns(UserWarning, match=r"nmsparse: a global module backward hook .* train dense"):
+            torch.compile(MLP(), backend=nmcompile.backend(inner="aot_eager"))(torch.randn(4, 32))
+    finally:
+        handle.remove()
 
 
 def test_explain_says_why_an_in_place_compiled_sequential_trains_dense():
