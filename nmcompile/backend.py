@@ -214,6 +214,11 @@ class _CallTables:
             self._tables = _root_tables(self._backend)
         return self._tables
 
+    def known(self) -> list[_Table]:
+        """Every table built so far: the compiled modules', the modules called inside compiled code
+        and the outermost modules on the source chains looked up (a compiled function's model)."""
+        return [*self.tables(), *(self._called or []), *self._chain_tables.values()]
+
     def lookup(self, param: torch.Tensor, source: str | None = None) -> _Entry | None:
         """``param``'s entry in the compiled modules being called, else in the modules called inside
         compiled code, else in the outermost module on its ``source`` chain that holds it."""
@@ -669,7 +674,6 @@ def compile_graph(
     lifted = lift_parameters(inline_subgraphs(gm, recompute=autograd))  # Parameters made graph attributes
     gm, example_inputs = lifted.gm, [*example_inputs, *lifted.params]
     roots = _CallTables(_compiling_namespaces, _compiling_backend())
-    _warn_if_include_admits_nothing(config, roots)
     if on_compile is None and global_backward_hook():  # explain reports it on every weight
         warnings.warn(
             "nmsparse: a global module backward hook (register_module_full_backward_hook) keeps dynamo "
@@ -677,6 +681,7 @@ def compile_graph(
             stacklevel=2,
         )
     params = resolve_parameters(gm, example_inputs, roots)
+    _warn_if_include_admits_nothing(config, roots)  # after the lookups: a compiled function's model is known
     tables = lookup_tables(gm, params)
     for name in tables:  # first: the graph's own tables are tables in its decisions
         registry.note_lookup_table(params[name].param, params[name].name)
@@ -953,7 +958,7 @@ def _warn_if_include_admits_nothing(config: SparsityConfig, roots: _CallTables) 
     the whole model dense, with nothing said outside ``explain``."""
     if not config.include:
         return
-    names = [entry[0] for table in roots.tables() for entry in table.values()]
+    names = [entry[0] for table in roots.known() for entry in table.values()]
     if names and not any(re.search(pattern, name) for pattern in config.include for name in names):
         warnings.warn(
             f"nmsparse include={list(config.include)} matches no parameter of the compiled model "

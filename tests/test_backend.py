@@ -1085,18 +1085,36 @@ def test_include_selects_layers():
     assert "not matched by include" in next(r.reason for r in report.rows if r.name == "fc1.weight")
 
 
-def test_an_include_that_matches_no_parameter_warns():
+@pytest.mark.parametrize("how", ["model", "function_given_the_model", "forward"])
+def test_an_include_that_matches_no_parameter_warns(how):
     """An ``include`` that admits no parameter of the compiled model (a typo) warns that every
-    layer stays dense, naming how the model spells its parameters."""
+    layer stays dense, naming how the model spells its parameters: also where a compiled function
+    reaches the model (given it, or ``torch.compile(model.forward)``), which warned nothing. A
+    matching ``include`` there warns nothing, also for a graph that holds no layer it matches."""
     torch._dynamo.reset()
     model = MLP()
     pattern = r"^fc9\."
     message = (
         f"include={[pattern]} matches no parameter of the compiled model (its parameters are named as 'fc1.weight')"
     )
+
+    def compiled(options: dict) -> Callable:
+        backend = nmcompile.backend(inner="aot_eager", **options)
+        if how == "model":
+            return torch.compile(model, backend=backend)
+        if how == "forward":
+            return torch.compile(model.forward, backend=backend)
+        step = torch.compile(lambda m, x: m.head(torch._dynamo.graph_break() or m.fc2(m.fc1(x))), backend=backend)
+        return functools.partial(step, model)
+
     with pytest.warns(UserWarning, match=re.escape(message + ": every layer stays dense")):
-        torch.compile(model, backend=nmcompile.backend(include=pattern, inner="aot_eager"))(torch.randn(4, 32))
+        compiled({"include": pattern})(torch.randn(4, 32))
     assert nmcompile.sparsity_state(model) == {}
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compiled({"include": r"^fc1\."})(torch.randn(4, 32))
+    assert sorted(nmcompile.sparsity_state(model)) == ["fc1.weight"]
 
 
 def test_entry_point_works_without_import():
