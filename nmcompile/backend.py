@@ -44,7 +44,7 @@ from nmcompile.passes import (
     name_nodes,
     outline_regions,
 )
-from nmcompile.passes.utils import copy_graph_module, grad_modes, identifier
+from nmcompile.passes.utils import copy_graph_module, example_value, grad_modes, identifier
 from nmcompile.state import (
     DEFAULT_REGISTRY,
     LayerSpec,
@@ -745,7 +745,7 @@ def compile_graph(
         on_compile(record)
     variants = _Variants(gm, config, registry, fake_mode, params, origin, tables, record, module_forward)
     targets = [(t, kernels.get(t.layer)) for t in analysis.sparse]
-    dense = _dense_positions(gm, analysis)
+    dense = _dense_positions(gm, analysis, params)
     return _Runner(compiled, layers, registry, origin, variants, record, targets, lifted=lifted.params, dense=dense)
 
 
@@ -933,7 +933,7 @@ def _c_kernel_tag(analysis: Any, config: SparsityConfig) -> str:
     from nmcompile.kernels import cpu_mask
 
     for target in analysis.sparse:
-        value = target.weight.meta.get("example_value") if target.weight is not None else None
+        value = example_value(target.weight)
         if isinstance(value, torch.Tensor) and cpu_mask.blocker(value, config.m) is None:
             return "c-mask-kernels"
     return ""
@@ -970,11 +970,14 @@ def _warn_if_include_admits_nothing(config: SparsityConfig, roots: _CallTables) 
 Layers = list[tuple[LayerSpec, int, LayerState, torch.Tensor, bool | None]]
 
 
-def _dense_positions(gm: fx.GraphModule, analysis: Any) -> list[int]:
-    """The input positions of the parameters whose GEMMs ``analysis`` leaves dense."""
+def _dense_positions(gm: fx.GraphModule, analysis: Any, params: Mapping[str, ParamInfo]) -> list[int]:
+    """The input positions of the trainable parameters whose GEMMs ``analysis`` leaves dense. A
+    frozen one is left out: ``forward_weights`` leaves it out anyway, and a call looks each one up
+    (a frozen backbone's every layer); unfreezing it recompiles the graph."""
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    names = {t.weight.name for t in analysis.targets if not t.sparse and t.weight is not None}
-    return [placeholders.index(name) for name in sorted(names) if name in placeholders]
+    dense = {t.weight.name for t in analysis.targets if not t.sparse and t.weight is not None}
+    trainable = {name for name in dense if name in params and params[name].param.requires_grad}
+    return [placeholders.index(name) for name in sorted(trainable) if name in placeholders]
 
 
 def _layers(
@@ -1139,7 +1142,7 @@ class _Variants:
         targets = [(t, None) for t in analysis.sparse]
         runner = self._runners[choice] = _Runner(
             rewritten, layers, self.registry, self.origin, None, self.record, targets, True,
-            dense=_dense_positions(self.gm, analysis),
+            dense=_dense_positions(self.gm, analysis, params),
         )  # fmt: skip
         sparse = ", ".join(t.param_name for t in analysis.sparse) or "none"
         warnings.warn(

@@ -204,18 +204,18 @@ def autocast_to(dtype: torch.dtype, autocast: torch.dtype | None) -> torch.dtype
     return autocast if eligible else dtype
 
 
-def _autocast(device: torch.device) -> torch.dtype | None:
-    """The autocast dtype in force on ``device``'s type, ``None`` where autocast is off or unknown (meta)."""
-    kind = device.type
-    on = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
-    return torch.get_autocast_dtype(kind) if on else None
+def autocast_in_force(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force for ``device_type``, ``None`` where autocast is off or does not
+    know the device (meta)."""
+    on = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    return torch.get_autocast_dtype(device_type) if on else None
 
 
 def autocast_inputs(x: torch.Tensor, bias: torch.Tensor | None) -> tuple:
     """Under autocast, activations and bias cast to the autocast dtype, as ``F.linear`` does (float64
     and non-float inputs keep theirs); the weight keeps its own dtype (masks come from its values)
     and meets the compute dtype in the GEMM (``compute_weight``)."""
-    dtype = _autocast(x.device)
+    dtype = autocast_in_force(x.device.type)
     if dtype is None:
         return x, bias
     return x.to(autocast_to(x.dtype, dtype)), bias.to(autocast_to(bias.dtype, dtype)) if bias is not None else None
@@ -224,7 +224,7 @@ def autocast_inputs(x: torch.Tensor, bias: torch.Tensor | None) -> tuple:
 def compute_weight(weight: torch.Tensor) -> torch.Tensor:
     """The masked ``weight`` in the dtype autocast gives it, as ``F.linear`` would (its own outside
     autocast): a GEMM with an input of another dtype then raises, as in eager."""
-    return weight.to(autocast_to(weight.dtype, _autocast(weight.device)))
+    return weight.to(autocast_to(weight.dtype, autocast_in_force(weight.device.type)))
 
 
 class SparseGemm(torch.autograd.Function):

@@ -315,10 +315,10 @@ def find_targets(
             target = _decide(node, kind, config, params, values, separate)
             if depth:  # the shapes inside are a sample's, and grads flow through the transform's levels
                 target.tokens = None  # so the FLOPs are unknown (shown "?"), not a sample's and 0 for the gradients
-            if depth and target.param_name is not None:
-                # The custom op's autograd would run per vmapped sample (SR-STE added B times).
-                target.sparse, target.backward = False, "dense"
-                target.reason = _FUNCTORCH_REASON
+                if target.param_name is not None:
+                    # The custom op's autograd would run per vmapped sample (SR-STE added B times).
+                    target.sparse, target.backward = False, "dense"
+                    target.reason = _FUNCTORCH_REASON
             targets.append(target)
         elif function.endswith("_increment_nesting"):
             depth += 1

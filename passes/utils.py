@@ -11,6 +11,8 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from nmcompile.reference import autocast_in_force
+
 DENSE_REASON = "nmsparse_dense_reason"  # node meta: why a fused op was left as it is
 CHECKPOINT_REGION = "nmsparse_checkpoint_region"  # node meta: the checkpoint region it was inlined from
 RECOMPUTE_TAGS = ("recompute", "ac_graph_id")  # node meta AOTAutograd reads for activation checkpointing
@@ -30,10 +32,8 @@ def example_value(node: Any) -> Any:
 def autocast_dtype(node: fx.Node, device_type: str) -> torch.dtype | None:
     """The dtype ``device_type``'s autocast computes ``node`` in, or ``None`` where it is off: that of
     the innermost ``torch.autocast`` region for the device open at ``node`` (a region inside the
-    compiled code, which dynamo records as enter and exit nodes), else of the one around the compile.
-    ``None`` for a device autocast does not know (meta)."""
-    if not torch.amp.is_autocast_available(device_type):
-        return None
+    compiled code, which dynamo records as enter and exit nodes), else of the one around the compile
+    (``reference.autocast_in_force``: ``None`` for a device autocast does not know, meta)."""
     closed: set[fx.Node] = set()
     before = node.prev
     while before.op != "root":
@@ -44,7 +44,7 @@ def autocast_dtype(node: fx.Node, device_type: str) -> torch.dtype | None:
             if device == device_type:
                 return (dtype or torch.get_autocast_dtype(device_type)) if enabled else None
         before = before.prev
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    return autocast_in_force(device_type)
 
 
 def divisible(size: Any, m: int) -> bool:
