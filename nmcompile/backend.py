@@ -681,7 +681,7 @@ def compile_graph(
             stacklevel=2,
         )
     params = resolve_parameters(gm, example_inputs, roots)
-    _warn_if_include_admits_nothing(config, roots)  # after the lookups: a compiled function's model is known
+    _warn_if_filters_match_nothing(config, roots)  # after the lookups: a compiled function's model is known
     tables = lookup_tables(gm, params)
     for name in tables:  # first: the graph's own tables are tables in its decisions
         registry.note_lookup_table(params[name].param, params[name].name)
@@ -953,18 +953,27 @@ def _source_tag() -> str:
     return f"nmcompile-{digest.hexdigest()[:16]}"
 
 
-def _warn_if_include_admits_nothing(config: SparsityConfig, roots: _CallTables) -> None:
-    """Warn where ``include`` admits no parameter of the compiled model: a typo there would train
-    the whole model dense, with nothing said outside ``explain``."""
-    if not config.include:
-        return
+def _warn_if_filters_match_nothing(config: SparsityConfig, roots: _CallTables) -> None:
+    """Warn where ``include`` admits no parameter of the compiled model (a typo there trains the
+    whole model dense), and per ``exclude`` pattern that matches none (a typo, or a name written
+    without a wrapper's step such as DDP's ``module.``, trains sparse the layer meant to stay
+    dense); nothing else says so outside ``explain``."""
     names = [entry[0] for table in roots.known() for entry in table.values()]
-    if names and not any(re.search(pattern, name) for pattern in config.include for name in names):
+    if not names:
+        return
+    if config.include and not any(re.search(pattern, name) for pattern in config.include for name in names):
         warnings.warn(
             f"nmsparse include={list(config.include)} matches no parameter of the compiled model "
             f"(its parameters are named as {names[0]!r}): every layer stays dense",
             stacklevel=2,
         )
+    for pattern in config.exclude:
+        if not any(re.search(pattern, name) for name in names):
+            warnings.warn(
+                f"nmsparse exclude pattern '{pattern}' matches no parameter of the compiled model "
+                f"(its parameters are named as {names[0]!r}): it keeps no layer dense",
+                stacklevel=2,
+            )
 
 
 Layers = list[tuple[LayerSpec, int, LayerState, torch.Tensor, bool | None]]

@@ -1117,6 +1117,27 @@ def test_an_include_that_matches_no_parameter_warns(how):
     assert sorted(nmcompile.sparsity_state(model)) == ["fc1.weight"]
 
 
+@pytest.mark.parametrize("how", ["model", "forward"])
+def test_an_exclude_pattern_that_matches_no_parameter_warns(how):
+    """Each ``exclude`` pattern that matches no parameter of the compiled model warns, naming it
+    and how the model spells its parameters: a filter written with DDP's ``module.`` step for a
+    plain model trained its layer sparse with nothing said. The pattern that matches warns nothing
+    and keeps its layer dense."""
+    torch._dynamo.reset()
+    model = MLP()
+    backend = nmcompile.backend(inner="aot_eager", exclude=[r"^fc2\.", r"^module\.head\."])
+    compiled = torch.compile(model if how == "model" else model.forward, backend=backend)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(torch.randn(4, 32))
+    messages = [str(w.message) for w in caught if "matches no parameter" in str(w.message)]
+    assert messages == [
+        "nmsparse exclude pattern '^module\\.head\\.' matches no parameter of the compiled model "
+        "(its parameters are named as 'fc1.weight'): it keeps no layer dense"
+    ]
+    assert sorted(nmcompile.sparsity_state(model)) == ["fc1.weight", "head.weight"]
+
+
 def test_entry_point_works_without_import():
     """``backend="nmsparse"`` resolves through the torch_dynamo_backends entry point alone."""
     code = (
