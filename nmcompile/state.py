@@ -18,6 +18,7 @@ import hashlib
 import io
 import math
 import pickle
+import threading
 import warnings
 import weakref
 from collections.abc import Collection, Iterator
@@ -112,12 +113,14 @@ class Forward:
 
     ``kind`` is "train" (a training step: it searches, then counts), "recompute" (a non-reentrant
     activation checkpoint rerunning the layer's last training forward inside the backward: that
-    forward's step and permutation, nothing counted) or "use" (eval mode or no grad).
+    forward's step and permutation, nothing counted) or "use" (eval mode or no grad). ``thread``
+    is the thread that ran it.
     """
 
     kind: str
     step: int
     perm: torch.Tensor
+    thread: int = dataclasses.field(default_factory=threading.get_ident)
 
 
 def _outside_inference(perm: torch.Tensor) -> torch.Tensor:
@@ -273,11 +276,14 @@ class LayerState:
         (``begin_training_step``); a training forward inside a backward, after a training forward
         outside one, is a non-reentrant checkpoint's recompute of that forward (a reentrant
         checkpoint's first forward runs without grad, so its recompute is the training step).
-        A forward outside training, outside a backward, forgets the last training forward."""
+        A forward outside training, outside a backward, on the thread of the last training forward
+        forgets that forward (an evaluation on another thread leaves the training's alone, as the
+        grad mode and the backward are per thread)."""
         progress = self.progress
         progress.dense_forward = False
         if not self.is_training_forward(grad):
-            if not in_backward():
+            last = progress.last_forward
+            if last is not None and last.thread == threading.get_ident() and not in_backward():
                 progress.last_forward = None
             return Forward("use", self.step, self.perm)
         if progress.last_forward is not None and in_backward():

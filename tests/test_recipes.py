@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
 import warnings
 import weakref
 from collections.abc import Callable
@@ -464,6 +465,47 @@ def test_activation_checkpoint_around_compiled_blocks_recomputes_the_same_step(r
         for step, (got, expected) in enumerate(zip(grads, runs["plain", "reference"], strict=True)):
             for g, e in zip(got, expected, strict=True):
                 assert_close(g, e, what=f"{key} step {step}")
+
+
+def test_an_evaluation_on_another_thread_leaves_a_checkpoint_recompute_alone():
+    """A no-grad forward of the blocks on another thread (a background evaluation) between a
+    non-reentrant checkpoint's forward and its backward: the rerun still recomputes the training
+    forward, as grad mode and the backward are per thread. It forgot that forward and ran a new
+    step, which searched again and drew other MVUE numbers (weights 1e-2 off the run without it,
+    where dense torch.compile's are equal)."""
+    base = _Blocks()
+    runs = {}
+    for evaluate in (False, True):
+        model = copy.deepcopy(base)
+        backend = nmcompile.backend(inner="aot_eager", perm_interval=1, grad_prune="mvue24")
+        model.calls = [torch.compile(block, backend=backend) for block in model.blocks]
+        model.reentrant = False
+        torch.manual_seed(1)
+        runs[evaluate] = []
+        for _ in range(3):
+            loss = model(torch.randn(8, 16, requires_grad=True)).square().mean()
+            if evaluate:
+                thread = threading.Thread(target=_evaluate, args=(model.calls,))
+                thread.start()
+                thread.join()
+            loss.backward()
+            runs[evaluate].append([p.grad.clone() for p in model.parameters()])
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.05 * p.grad
+                    p.grad = None
+        state = nmcompile.sparsity_state(model)
+        assert {(s["step"], s["last_search_step"]) for s in state.values()} == {(3, 2)}, evaluate
+    for step, (got, expected) in enumerate(zip(runs[True], runs[False], strict=True)):
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e, rtol=0, atol=0, msg=f"step {step}")
+
+
+def _evaluate(calls: list) -> None:
+    """Each block's forward under no grad, on ones (the global generator is the training's)."""
+    with torch.no_grad():
+        for call in calls:
+            call(torch.ones(8, 16))
 
 
 def test_mask_decay_input_gradient():
