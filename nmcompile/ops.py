@@ -359,9 +359,17 @@ def _conv(
     prune_key: int = 0,
 ) -> torch.Tensor:
     """Convolution with ``W⊙F`` (``W`` ``[O, C/groups, *k]``, ``F`` N:M along ``C`` per position)."""
-    used = _compute_weight(_decayed(weight, masked, alpha), x)
+    used = _layout_of(weight, _compute_weight(_decayed(weight, masked, alpha), x))
     out = torch.ops.aten.convolution(x, used, bias, stride, padding, dilation, False, [0] * len(stride), groups)
     return fresh_layout(out, _conv_memory_format(x, weight))
+
+
+def _layout_of(weight: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``w`` (a masked ``weight``) in ``weight``'s memory format, as eager's ``W ⊙ F`` is: ATen's
+    convolution kernels sum in the order of the weight's layout, so a channels-last weight's masked
+    copy made contiguous rounded otherwise (an ulp of bf16 in ``dX``)."""
+    weight_format = suggest_memory_format(weight)
+    return w if weight_format == torch.contiguous_format else w.contiguous(memory_format=weight_format)
 
 
 def conv_fake(x, weight, bias, masked, perm, stride, padding, dilation, groups, n, m, srste_lambda, layer, n_eff=None,
@@ -477,7 +485,7 @@ def _conv_backward(ctx: Any, dy: torch.Tensor) -> tuple:
     x, weight = saved[:2]
 
     def grads(g: torch.Tensor, w: torch.Tensor, mask: list[bool]) -> tuple:
-        return torch.ops.aten.convolution_backward(g, x, w, None, *ctx.conv, mask)
+        return torch.ops.aten.convolution_backward(g, x, _layout_of(weight, w), None, *ctx.conv, mask)
 
     dx, dw, db = _sparse_backward(
         ctx,

@@ -238,23 +238,31 @@ def test_custom_ops_return_the_strides_their_fakes_promise():
     assert mismatches == []
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_channels_last_conv_is_bitwise_the_reference(dtype):
-    """In fp16/bf16 with channels-last inputs the backend's ``dX`` is bitwise the reference's, as in
-    NCHW: both hand ``x`` itself to ``convolution_backward`` (the reference handed a stand-in of its
-    shape, so the kernel summed in NCHW order: 735 of 2048 fp16 entries differed by an ulp)."""
+@pytest.mark.parametrize("inputs", ["channels_last", "nchw"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_channels_last_conv_is_bitwise_the_reference(dtype, inputs):
+    """A channels-last conv's output, ``dX`` and ``dW`` are bitwise the reference's (``aot_eager``),
+    with channels-last inputs and NCHW ones:
+    - both hand ``x`` itself to ``convolution_backward`` (the reference handed a stand-in of its
+      shape, so the kernel summed in NCHW order: 735 of 2048 fp16 entries differed by an ulp);
+    - both run the convolutions with the masked weight in the weight's layout, as eager's
+      ``W ⊙ F`` is (the backend's was contiguous: with NCHW inputs, an ulp off in bf16 ``dX``)."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.ReLU()).to(dtype)
     base = base.to(memory_format=torch.channels_last)
     ref = reference.sparsify(copy.deepcopy(base))
     compiled = torch.compile(base, backend=nmcompile.backend(inner="aot_eager"))
-    x = torch.randn(2, 16, 8, 8, dtype=dtype).to(memory_format=torch.channels_last)
-    grads = []
+    x = torch.randn(2, 16, 8, 8, dtype=dtype)
+    if inputs == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    runs = []
     for model, conv in ((ref, ref[0]), (compiled, base[0])):
         leaf = x.clone().requires_grad_()
-        model(leaf).float().square().mean().backward()
-        grads.append((leaf.grad, conv.weight.grad))
-    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+        out = model(leaf)
+        out.float().square().mean().backward()
+        runs.append((out, leaf.grad, conv.weight.grad))
+    for what, expected, actual in zip(("output", "dX", "dW"), *runs, strict=True):
+        assert torch.equal(actual, expected), what
 
 
 @pytest.mark.parametrize("stride", [1, 2])
