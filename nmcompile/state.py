@@ -985,8 +985,8 @@ def forward_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     if waiting:
         warnings.warn(
             f"nmsparse: forward_weights leaves out {', '.join(waiting)}: their sparsity states, loaded from a "
-            "checkpoint, wait for the model's first compiled forward, whose options say their N:M; run one "
-            "(under torch.no_grad(), which trains nothing) first",
+            "checkpoint or carried by a copy of the model, wait for the model's first compiled forward, whose "
+            "options say their N:M; run one (under torch.no_grad(), which trains nothing) first",
             stacklevel=2,
         )
     return weights

@@ -1314,6 +1314,8 @@ def test_forward_weights_of_a_loaded_model_before_its_first_compile_warn():
     fresh.load_state_dict(model.state_dict())
     with pytest.warns(UserWarning, match=r"forward_weights leaves out fc1.weight, fc2.weight, head.weight: their"):
         assert nmcompile.forward_weights(fresh) == {}
+    with pytest.warns(UserWarning, match=r"loaded from a checkpoint or carried by a copy of the model, wait"):
+        assert nmcompile.forward_weights(copy.deepcopy(model)) == {}
     with torch.no_grad():
         torch.compile(fresh, backend=nmcompile.backend(inner="aot_eager"))(torch.randn(4, 32))
     with warnings.catch_warnings():
@@ -1403,7 +1405,7 @@ def test_forward_weights_give_a_plain_model_the_compiled_eval_forward(case):
     state = nmcompile.sparsity_state(compiled)
     assert weights.keys() == state.keys() and weights
     plain = copy.deepcopy(make())
-    plain.load_state_dict({**model.state_dict(), **weights})
+    plain.load_state_dict({**compiled._orig_mod.state_dict(), **weights})  # the wrapper's keys carry _orig_mod.
     model.eval()
     plain.eval()
     x = torch.randn(shape)
