@@ -170,6 +170,20 @@ def test_mvue_rules_keep_the_sum_of_a_non_finite_block_at_its_first_entry(rule):
     assert torch.equal(out[len(bad) :], alone)
 
 
+@pytest.mark.parametrize(("n", "m", "approx"), [(1, 2, False), (2, 4, False), (2, 4, True)])
+def test_mvue_in_fp16_keeps_at_most_twice_a_blocks_largest_entry(n, m, approx):
+    """README: a kept value reaches up to twice its block's largest entry (``S/2`` of a block of
+    equal entries), so an fp16 block of 32752s keeps 65504, fp16's largest, and one of 32768s
+    keeps ``inf``; on random blocks every kept value stays within twice the block's largest."""
+    generator = torch.Generator().manual_seed(5)
+    for value, expected in ((32752.0, 65504.0), (32768.0, math.inf)):
+        out = nmcompile.mvue_prune(torch.full((m, 64), value, dtype=torch.float16), n, m, 0, generator, approx)
+        assert set(out.unique().tolist()) == {0.0, expected}
+    grad = torch.rand(m, 4000, generator=generator, dtype=torch.float64) ** 4
+    out = nmcompile.mvue_prune(grad, n, m, 0, generator, approx)
+    assert bool((out.amax(0) <= 2 * grad.amax(0)).all())
+
+
 def test_mvue24_samples_a_near_tie_as_dominant():
     """``reference.NEAR_TIE``: a largest entry within 2⁻¹⁸ of the sum of the others is kept as is
     in every draw, the others as ``±rest`` (the dominant case of SPEC §7); one 1/16 below that sum
