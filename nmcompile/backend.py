@@ -1183,6 +1183,13 @@ class NMSparseBackend:
                 f"NMSparseBackend takes a SparsityConfig, got {type(config).__name__} {config!r}: "
                 "use nmcompile.backend(**options), or SparsityConfig.from_options(options)"
             )
+        if not isinstance(registry, StateRegistry):
+            raise SparsityConfigError(f"NMSparseBackend registry= takes a StateRegistry, got {type(registry).__name__}")
+        for name, callback in (("on_compile", on_compile), ("on_failure", on_failure)):
+            if callback is not None and not callable(callback):
+                raise SparsityConfigError(
+                    f"NMSparseBackend {name}= takes a callable or None, got {type(callback).__name__} {callback!r}"
+                )
         self.config = config
         self.registry = registry
         self.on_compile = on_compile

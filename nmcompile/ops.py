@@ -372,8 +372,12 @@ def _layout_of(weight: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return w if weight_format == torch.contiguous_format else w.contiguous(memory_format=weight_format)
 
 
-def conv_fake(x, weight, bias, masked, perm, stride, padding, dilation, groups, n, m, srste_lambda, layer, n_eff=None,
-      alpha=None, step=None, grad_prune="none", prune_key=0):  # fmt: skip
+def conv_fake(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, masked: torch.Tensor, perm: torch.Tensor | None,
+    stride: list[int], padding: list[int], dilation: list[int], groups: int, n: int, m: int, srste_lambda: float,
+    layer: str, n_eff: torch.Tensor | None = None, alpha: torch.Tensor | None = None, step: torch.Tensor | None = None,
+    grad_prune: str = "none", prune_key: int = 0,
+) -> torch.Tensor:  # fmt: skip
     """Output metadata of ``sparse_conv`` (and of its ``nograd`` overload)."""
     spatial = [
         (size + 2 * p - d * (k - 1) - 1) // s + 1

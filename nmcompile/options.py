@@ -8,10 +8,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
-try:  # Dynamo re-raises ShortenTraceback subclasses unchanged instead of wrapping them.
-    from torch._dynamo.exc import ShortenTraceback as _PassThrough
-except ImportError:  # pragma: no cover - older torch
-    _PassThrough = RuntimeError  # type: ignore[assignment,misc]
+from torch._dynamo.exc import ShortenTraceback  # dynamo re-raises its subclasses unchanged, not wrapped
 
 BACKWARD_MODES = ("bimask", "transposable", "dense")
 INNER_COMPILERS = ("inductor", "aot_eager")
@@ -21,7 +18,7 @@ MASK_DECAY_RATE = 2e-4  # the default mask_decay_rate (SPEC §8)
 KERNELS = ("auto", "triton", "portable", "sparse24")
 
 
-class SparsityConfigError(ValueError, _PassThrough):  # type: ignore[misc]
+class SparsityConfigError(ValueError, ShortenTraceback):
     """A bad option: a ``ValueError`` that reaches the caller of ``torch.compile`` unwrapped.
     ``option`` names the option it rejects (``None`` where ``options`` itself is not a mapping), so a
     command line can name its flag."""

@@ -18,9 +18,21 @@ import torch.nn.functional as F
 from torch import fx
 
 from nmcompile.options import SparsityConfig
-from nmcompile.reference import CASTS, FLOAT_DTYPES, GEMM_ARGS, MVUE_RULES, autocast_to, holds_tensor, swaps_dims
+from nmcompile.reference import FLOAT_DTYPES, MVUE_RULES, autocast_to
 
-from .utils import DENSE_REASON, autocast_dtype, divisible, example_value, identifier, size_hint
+from .utils import (
+    DENSE_REASON,
+    autocast_dtype,
+    consumers,
+    divisible,
+    example_value,
+    gemm_operands,
+    identifier,
+    is_noop_cast,
+    is_transpose,
+    op_name,
+    size_hint,
+)
 
 _FUNCTIONS = {
     torch._C._nn.linear: "linear",
@@ -44,10 +56,7 @@ _FUSED_ATTENTION = {
     torch._native_multi_head_attention: "native_multi_head_attention",
 }
 _FUNCTORCH_REASON = "inside a torch.func transform (vmap, grad, jvp): left dense"
-_LOOKUPS = {"embedding", "embedding_bag"}  # F.embedding, F.embedding_bag, torch.embedding: a weight read as a table
 _FUNCTORCH_WRAPS = {"_add_batch_dim", "_wrap_for_grad", "_make_dual"}  # a weight entering a transform
-_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_CONV_TRANSPOSE_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,10 +136,10 @@ class GemmTarget:
             return []
         outer = next(iter(stack))
         found = set()
-        for use in _consumers(self.weight):
+        for use in consumers(self.weight):
             keys = list(use.meta.get("nn_module_stack") or {})
             if not keys:
-                found.add(_op_name(use))
+                found.add(op_name(use))
             elif min(len(keys), len(stack)) > 1 and keys[0] != outer and keys[0].split("@")[0] == outer.split("@")[0]:
                 found.add("another call of the model")
         return sorted(found)
@@ -209,31 +218,9 @@ def _gemm_kind(node: fx.Node) -> str | None:
     return None
 
 
-def _is_transpose(node: fx.Node) -> bool:
-    """``W.t()``, ``W.T``, ``W.transpose(0, 1)``, ``W.permute(1, 0)`` of a 2-D tensor (``swaps_dims``)."""
-    if node.op == "call_function" and node.target is getattr:
-        return node.args[1] in ("T", "mT")
-    if node.op not in ("call_method", "call_function"):
-        return False
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
-    return isinstance(name, str) and swaps_dims(name, node.args[1:], dict(node.kwargs))
-
-
-def _is_noop_cast(node: Any) -> bool:
-    """A cast that returns its tensor itself, as eager PyTorch does when nothing changes: ``W.to(x.dtype)``,
-    ``W.type_as(x)``, ``W.float()``, ``W.contiguous()`` of a weight already so (same dtype, device
-    and strides, no ``copy=True``). Eagerly the GEMM then gets the Parameter, as the reference sees it.
-    Dynamo ran the cast on the fake of its tensor, so the fake it recorded is that fake itself exactly
-    then, whichever overload and argument spelling (``W.to(dtype, True)`` is ``non_blocking``)."""
-    if not isinstance(node, fx.Node) or node.op != "call_method" or node.target not in CASTS:
-        return False
-    source = example_value(node.args[0])
-    return isinstance(source, torch.Tensor) and example_value(node) is source
-
-
 def _through_casts(node: Any) -> Any:
-    """``node`` less the no-op casts applied to it (``_is_noop_cast``)."""
-    while _is_noop_cast(node):
+    """``node`` less the no-op casts applied to it (``is_noop_cast``)."""
+    while is_noop_cast(node):
         node = node.args[0]
     return node
 
@@ -242,50 +229,9 @@ def _operand_placeholder(operand: Any) -> tuple[fx.Node | None, bool]:
     """The placeholder behind a GEMM operand (itself or its transpose, through no-op casts either
     side of it), and whether it is transposed."""
     node = _through_casts(operand)
-    transposed = isinstance(node, fx.Node) and _is_transpose(node)
+    transposed = isinstance(node, fx.Node) and is_transpose(node)
     node = _through_casts(node.args[0]) if transposed else node
     return (node if isinstance(node, fx.Node) and node.op == "placeholder" else None), transposed
-
-
-def _consumers(node: fx.Node, transposed: bool = False) -> list[fx.Node]:
-    """Nodes that use a parameter, looking through no-op casts of it and one transpose, as
-    ``_operand_placeholder`` looks back through them. A node whose value holds no tensor (``W.is_leaf``,
-    ``W.nbytes``, which dynamo keeps as ``getattr``) reads metadata only: no use."""
-    out = []
-    for user in node.users:
-        value = example_value(user)
-        if value is not None and not holds_tensor(value):
-            continue
-        if _is_noop_cast(user) and user.args[0] is node:  # not x.to(W): W there is another argument
-            out.extend(_consumers(user, transposed))
-        elif not transposed and _is_transpose(user):
-            out.extend(_consumers(user, True))
-        else:
-            out.append(user)
-    return out
-
-
-def gemm_operands(node: fx.Node, kind: str) -> tuple[Any, Any, Any, dict]:
-    """``(x, weight operand, bias, other arguments)`` of a GEMM-like node; for a convolution the
-    other arguments are ``stride``, ``padding``, ``dilation``, ``groups`` with defaults filled in."""
-    args, kwargs = list(node.args), dict(node.kwargs)
-    if kind.startswith("conv"):
-        dims = int(kind[-2])
-        names = _CONV_TRANSPOSE_ARGS if "transpose" in kind else _CONV_ARGS
-        given = dict(zip(names, args, strict=False)) | kwargs
-        given.pop("output_padding", None)
-        defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
-        given = defaults | given
-        for key in ("stride", "dilation") + (() if isinstance(given["padding"], str) else ("padding",)):
-            value = given[key]
-            given[key] = tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
-        return given.pop("input"), given.pop("weight"), given.pop("bias"), given
-    names = GEMM_ARGS[kind]
-    given = dict(zip(names, args, strict=False))
-    given |= {key: kwargs.pop(key) for key in names if key in kwargs}  # F.linear(x, weight=W), torch.mm(x, mat2=W)
-    if kind == "addmm":
-        return given.get("mat1"), given.get("mat2"), given.get("input"), kwargs
-    return given.get("input"), given.get(names[1]), given.get("bias"), kwargs
 
 
 def find_targets(
@@ -305,7 +251,7 @@ def find_targets(
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     values = dict(zip(placeholders, example_inputs, strict=False))
-    separate = {ph for ph in placeholders if _inference_calls(_consumers(ph), module_forward)}
+    separate = {ph for ph in placeholders if _inference_calls(consumers(ph), module_forward)}
     targets = []
     depth = 0  # of torch.func transforms (vmap, grad, jvp) around the node
     for node in gm.graph.nodes:
@@ -336,16 +282,6 @@ def find_targets(
     return TargetAnalysis(targets, other_uses)
 
 
-def lookup_tables(gm: fx.GraphModule, params: Mapping[str, ParamInfo]) -> list[str]:
-    """The parameter placeholders of ``gm`` that an embedding lookup reads as its table: a GEMM
-    on one of them in another graph is a head tied to the embedding."""
-    return [
-        node.name
-        for node in gm.graph.nodes
-        if node.op == "placeholder" and node.name in params and any(_op_name(u) in _LOOKUPS for u in _consumers(node))
-    ]
-
-
 def _distinct_layers(targets: list[GemmTarget]) -> None:
     """Number the node-name prefix of a sparse layer whose name spells another's (``a.b_c`` and
     ``a_b.c`` both give ``a_b_c``): each layer names its own nodes, and its kernel is its own."""
@@ -363,13 +299,13 @@ def _distinct_layers(targets: list[GemmTarget]) -> None:
 def _other_use(placeholder: fx.Node) -> str | None:
     """Why a parameter that no GEMM above takes stays dense: the ops that use it instead, or the
     subgraph (``torch.cond``, ...) it is passed into, which the rewrite does not reach into."""
-    users = _consumers(placeholder)
+    users = consumers(placeholder)
     if not users:
         return None
     subgraph = next((u for u in users if isinstance(u.target, torch._ops.HigherOrderOperator)), None)
     if subgraph is not None:
-        return f"passed into {_op_name(subgraph)} (a subgraph the rewrite does not reach into): left dense"
-    names = {_op_name(user) for user in users}
+        return f"passed into {op_name(subgraph)} (a subgraph the rewrite does not reach into): left dense"
+    names = {op_name(user) for user in users}
     if names & _FUNCTORCH_WRAPS:
         return _FUNCTORCH_REASON
     fused = next((u for u in users if u.op == "call_function" and u.target in _FUSED_ATTENTION), None)
@@ -381,13 +317,6 @@ def _other_use(placeholder: fx.Node) -> str | None:
         return f"the input (left) operand of {gemm}, not its weight"
     ops = ", ".join(sorted(names))
     return f"used by {ops}, not by a GEMM nmsparse rewrites (linear, matmul, mm, addmm, conv1d/2d/3d)"
-
-
-def _op_name(node: fx.Node) -> str:
-    """``bmm`` for ``torch.bmm``, ``cond`` for the higher-order op, a method's own name."""
-    if node.op == "call_method":
-        return str(node.target)
-    return getattr(node.target, "__name__", None) or getattr(node.target, "_name", None) or str(node.target)
 
 
 _SELECTIVE_REASON = (
@@ -561,9 +490,9 @@ def _dense_reason(
         return f"weight sizes {list(traced.shape)} are symbolic: N:M needs sizes known at compile time"
     if info.shared_as:  # tied by the modules, whichever graphs the uses fall into
         return f"tied: parameter shared with {', '.join(info.shared_as)}"
-    uses = _consumers(placeholder)
+    uses = consumers(placeholder)
     if len(uses) > 1 and not separate:  # two GEMMs (a tie in one graph), or a GEMM and another op
-        return f"tied: parameter used by {len(uses)} nodes ({', '.join(sorted(map(_op_name, uses)))})"
+        return f"tied: parameter used by {len(uses)} nodes ({', '.join(sorted(map(op_name, uses)))})"
     if info.lookup:  # the embedding's lookup in another graph (a tied output head)
         return f"tied: also the table of an embedding lookup ({info.lookup})"
     if extra:

@@ -23,8 +23,8 @@ from nmcompile.options import SparsityConfig
 from nmcompile.reference import add_bias, conv_padding, prune_key
 from nmcompile.state import alpha_dtype, graph_input_kinds
 
-from .find_targets import GemmTarget, TargetAnalysis, gemm_operands
-from .utils import copy_graph_module, example_value, join_region
+from .find_targets import GemmTarget, TargetAnalysis
+from .utils import copy_graph_module, example_value, gemm_operands, join_region
 
 # The plain Python functions (not torch ops) this pass calls in the graph, for the compile caches'
 # allowlist: AOTAutograd's cache refuses a graph calling any function it does not know.

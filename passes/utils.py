@@ -11,7 +11,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from nmcompile.reference import autocast_in_force
+from nmcompile.reference import CASTS, GEMM_ARGS, autocast_in_force, holds_tensor, swaps_dims
 
 DENSE_REASON = "nmsparse_dense_reason"  # node meta: why a fused op was left as it is
 CHECKPOINT_REGION = "nmsparse_checkpoint_region"  # node meta: the checkpoint region it was inlined from
@@ -131,3 +131,77 @@ def grad_modes(gm: fx.GraphModule) -> dict[fx.Node, bool]:
         elif grad is not None:
             modes[node] = grad
     return modes
+
+
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_TRANSPOSE_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+
+
+def is_transpose(node: fx.Node) -> bool:
+    """``W.t()``, ``W.T``, ``W.transpose(0, 1)``, ``W.permute(1, 0)`` of a 2-D tensor (``swaps_dims``)."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in ("T", "mT")
+    if node.op not in ("call_method", "call_function"):
+        return False
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    return isinstance(name, str) and swaps_dims(name, node.args[1:], dict(node.kwargs))
+
+
+def is_noop_cast(node: Any) -> bool:
+    """A cast that returns its tensor itself, as eager PyTorch does when nothing changes: ``W.to(x.dtype)``,
+    ``W.type_as(x)``, ``W.float()``, ``W.contiguous()`` of a weight already so (same dtype, device
+    and strides, no ``copy=True``). Eagerly the GEMM then gets the Parameter, as the reference sees it.
+    Dynamo ran the cast on the fake of its tensor, so the fake it recorded is that fake itself exactly
+    then, whichever overload and argument spelling (``W.to(dtype, True)`` is ``non_blocking``)."""
+    if not isinstance(node, fx.Node) or node.op != "call_method" or node.target not in CASTS:
+        return False
+    source = example_value(node.args[0])
+    return isinstance(source, torch.Tensor) and example_value(node) is source
+
+
+def consumers(node: fx.Node, transposed: bool = False) -> list[fx.Node]:
+    """Nodes that use a parameter, looking through no-op casts of it and one transpose, as
+    ``find_targets`` looks back through them from a GEMM's operand. A node whose value holds no
+    tensor (``W.is_leaf``, ``W.nbytes``, which dynamo keeps as ``getattr``) reads metadata only: no use."""
+    out = []
+    for user in node.users:
+        value = example_value(user)
+        if value is not None and not holds_tensor(value):
+            continue
+        if is_noop_cast(user) and user.args[0] is node:  # not x.to(W): W there is another argument
+            out.extend(consumers(user, transposed))
+        elif not transposed and is_transpose(user):
+            out.extend(consumers(user, True))
+        else:
+            out.append(user)
+    return out
+
+
+def op_name(node: fx.Node) -> str:
+    """``bmm`` for ``torch.bmm``, ``cond`` for the higher-order op, a method's own name."""
+    if node.op == "call_method":
+        return str(node.target)
+    return getattr(node.target, "__name__", None) or getattr(node.target, "_name", None) or str(node.target)
+
+
+def gemm_operands(node: fx.Node, kind: str) -> tuple[Any, Any, Any, dict]:
+    """``(x, weight operand, bias, other arguments)`` of a GEMM-like node; for a convolution the
+    other arguments are ``stride``, ``padding``, ``dilation``, ``groups`` with defaults filled in."""
+    args, kwargs = list(node.args), dict(node.kwargs)
+    if kind.startswith("conv"):
+        dims = int(kind[-2])
+        names = _CONV_TRANSPOSE_ARGS if "transpose" in kind else _CONV_ARGS
+        given = dict(zip(names, args, strict=False)) | kwargs
+        given.pop("output_padding", None)
+        defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+        given = defaults | given
+        for key in ("stride", "dilation") + (() if isinstance(given["padding"], str) else ("padding",)):
+            value = given[key]
+            given[key] = tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+        return given.pop("input"), given.pop("weight"), given.pop("bias"), given
+    names = GEMM_ARGS[kind]
+    given = dict(zip(names, args, strict=False))
+    given |= {key: kwargs.pop(key) for key in names if key in kwargs}  # F.linear(x, weight=W), torch.mm(x, mat2=W)
+    if kind == "addmm":
+        return given.get("mat1"), given.get("mat2"), given.get("input"), kwargs
+    return given.get("input"), given.get(names[1]), given.get("bias"), kwargs

@@ -183,6 +183,24 @@ def test_backend_class_takes_only_a_config():
     assert nmcompile.NMSparseBackend(SparsityConfig(n=1)).config == SparsityConfig(n=1)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"registry": "oops"}, "NMSparseBackend registry= takes a StateRegistry, got str"),
+        ({"on_compile": 5}, "NMSparseBackend on_compile= takes a callable or None, got int 5"),
+        ({"on_failure": "log"}, "NMSparseBackend on_failure= takes a callable or None, got str 'log'"),
+    ],
+)
+def test_backend_class_checks_its_registry_and_callbacks(kwargs, message):
+    """The registry and callbacks are checked where the backend is built (they used to fail only inside
+    the first compile, as a BackendCompilerFailed)."""
+    with pytest.raises(SparsityConfigError, match=re.escape(message)):
+        nmcompile.NMSparseBackend(SparsityConfig(), **kwargs)
+    records = []
+    built = nmcompile.NMSparseBackend(SparsityConfig(), on_compile=records.append, on_failure=None)
+    assert built.on_compile == records.append and built.on_failure is None
+
+
 def test_string_backend_bad_option_raises_value_error_before_tracing(monkeypatch):
     """A bad option through backend="nmsparse" reaches the caller as ValueError, before find_targets runs."""
     from torch._dynamo.exc import BackendCompilerFailed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 from conftest import train_and_compare
 from hypothesis import HealthCheck, given, settings
@@ -31,17 +32,23 @@ def matrices(draw, nm=nm_pairs):
     return w, n, m
 
 
+def check_nm_mask(w: torch.Tensor, mask: torch.Tensor, n: int, m: int, dim: int) -> None:
+    """SPEC §2: ``mask`` keeps exactly ``n`` of each group of ``m`` along ``dim``, none smaller in
+    magnitude than an entry it drops."""
+    groups_mag = w.abs().movedim(dim, -1).reshape(-1, m)
+    groups_keep = mask.movedim(dim, -1).reshape(-1, m)
+    assert (groups_keep.sum(1) == n).all(), "a group keeps other than n entries"
+    kept = torch.where(groups_keep, groups_mag, torch.inf).min(1).values
+    dropped = torch.where(groups_keep, -torch.inf, groups_mag).max(1).values
+    assert (kept >= dropped).all(), "a group keeps an entry smaller than one it drops"
+
+
 @settings(max_examples=60, deadline=None)
 @given(matrices(), st.sampled_from([0, 1]))
 def test_nm_mask_keeps_exactly_n_of_the_largest(case, dim):
     w, n, m = case
     for mask in (reference.nm_mask(w, n, m, dim), torch.ops.nmsparse.nm_mask(w, n, m, dim)):
-        groups_mag = w.abs().movedim(dim, -1).reshape(-1, m)
-        groups_keep = mask.movedim(dim, -1).reshape(-1, m)
-        assert (groups_keep.sum(1) == n).all()
-        kept = torch.where(groups_keep, groups_mag, torch.inf).min(1).values
-        dropped = torch.where(groups_keep, -torch.inf, groups_mag).max(1).values
-        assert (kept >= dropped).all()
+        check_nm_mask(w, mask, n, m, dim)
 
 
 @settings(max_examples=60, deadline=None)
@@ -99,10 +106,12 @@ def test_random_mlps_compile_and_match_the_reference(nm, widths, backward, token
     train_and_compare(make, (tokens, sizes[0]), steps=2, n=n, m=m, backward=backward, inner="aot_eager")
 
 
-def test_property_helpers_detect_violations():
-    """The checks above can fail: a mask that keeps a smaller entry is caught."""
-    w = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
-    wrong = torch.tensor([[True, False, True, False]])
-    kept = torch.where(wrong, w.abs(), torch.inf).min(1).values
-    dropped = torch.where(wrong, -torch.inf, w.abs()).max(1).values
-    assert not (kept >= dropped).all()
+def test_the_mask_check_catches_a_wrong_mask():
+    """``check_nm_mask`` can fail: a mask keeping a smaller entry, or other than N a group, is caught,
+    and the right mask passes."""
+    w = torch.tensor([[4.0, 3.0, 2.0, 1.0], [-1.0, 5.0, -6.0, 2.0]])
+    check_nm_mask(w, torch.tensor([[True, True, False, False], [False, True, True, False]]), 2, 4, 1)
+    with pytest.raises(AssertionError, match="smaller than one it drops"):
+        check_nm_mask(w, torch.tensor([[True, False, True, False], [False, True, True, False]]), 2, 4, 1)
+    with pytest.raises(AssertionError, match="other than n entries"):
+        check_nm_mask(w, torch.tensor([[True, True, True, False], [False, True, True, False]]), 2, 4, 1)

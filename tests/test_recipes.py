@@ -603,6 +603,20 @@ def test_structure_decay_walks_7_4_2_1_of_8():
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def test_report_rows_carry_the_n_in_force():
+    """``LayerRow.n_effective`` is the N in force (structure decay), beside the option's target N:
+    after 12 steps of a 1:8 walk, 4 (the ``now`` column's)."""
+    layer = nn.Linear(16, 16)
+    options = {"n": 1, "m": 8, "structure_decay": True, "total_steps": 40, "dense_steps": 4, "finetune_steps": 4,
+               "inner": "aot_eager"}  # fmt: skip
+    compiled = torch.compile(layer, backend=nmcompile.backend(**options))
+    x = torch.randn(4, 16)
+    for _ in range(12):
+        compiled(x).sum().backward()
+    (row,) = nmcompile.explain(layer, x, **options).rows
+    assert (row.nm, row.now, row.n_effective, row.alpha) == ("1:8", "t=12 4:8", 4, None)
+
+
 def test_structure_decay_with_the_transposable_mask_follows_the_reference():
     """Structure decay with ``backward="transposable"``: N walks 3, 2 of 4, and the compiled layers
     follow the reference at every step, so the transposable mask takes the N in force too (it was

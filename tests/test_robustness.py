@@ -1829,6 +1829,34 @@ def test_backward_with_retain_graph_runs_as_the_reference(inner, first):
         sgd_step_both(ref, mine, lr=0.05)
 
 
+@pytest.mark.parametrize("srste_lambda", [0.0, 2e-4])
+def test_weights_updated_between_a_forward_and_its_backward(srste_lambda):
+    """A weight updated in place after a ``backward(retain_graph=True)`` and before the graph's second
+    backward: eager autograd (and the reference) raises, as the backward reads the weight; the
+    compiled backward reads it, and so raises, only for SR-STE's term. Without it, the second
+    backward gives the gradients at the weights of the forward (the README's bad-inputs table)."""
+    base = MLP()
+    ref, mine = reference.sparsify(copy.deepcopy(base), srste_lambda=srste_lambda), copy.deepcopy(base)
+    compiled = torch.compile(mine, backend=nmcompile.backend(inner="aot_eager", srste_lambda=srste_lambda))
+    x = torch.randn(4, 32)
+    for model, params in ((ref, ref.parameters()), (compiled, mine.parameters())):
+        out = model(x)
+        out.square().mean().backward(retain_graph=True)
+        with torch.no_grad():
+            for p in params:
+                p.sub_(0.1 * p.grad)
+                p.grad = None
+        if model is ref or srste_lambda:
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                out.abs().mean().backward()
+        else:
+            out.abs().mean().backward()
+    if not srste_lambda:
+        at_forward = reference.sparsify(copy.deepcopy(base), srste_lambda=0.0)
+        at_forward(x).abs().mean().backward()
+        assert_grads_close(mine, at_forward, rel=0)
+
+
 class _CastWeights(nn.Module):
     """Weights passed through casts: ``how`` names the expression each GEMM's weight goes through."""
 
