@@ -374,6 +374,18 @@ def test_permutation_score_matches_brute_force(n, m, O, K):
         assert isinstance(score, int)
         assert score == brute_score(fmask, perm, n, m)
         assert score <= int(fmask.sum())
+        assert reference.permutation_score(fmask.to(torch.uint8), perm, n, m) == score  # as the search passes it
+
+
+@pytest.mark.parametrize("m", [255, 256])
+def test_permutation_score_counts_blocks_past_a_byte(m):
+    """Blocks of 256 rows or more count in int64 (a byte holds at most 255); both sides of the switch
+    match the brute force on a mask that keeps every entry of some blocks."""
+    fmask = torch.rand(2 * m, 3, generator=torch.Generator().manual_seed(m)) < 0.9
+    fmask[:m, 0] = True
+    for n in (1, m - 1, m):
+        perm = random_perm(2 * m, n)
+        assert reference.permutation_score(fmask, perm, n, m) == brute_score(fmask, perm, n, m)
 
 
 def test_permutation_score_hand_example():
