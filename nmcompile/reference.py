@@ -136,7 +136,7 @@ def permutation_score(fmask: torch.Tensor, perm: torch.Tensor, n: int, m: int) -
     # over a 4096 x 4096 weight took 1.1-1.2 s, 1.6-1.8 s before (``python -m benchmarks.masks
     # --rows 4096 --cols 4096 --threads 1``, a 2-core AMD EPYC, torch 2.13).
     counts = torch.uint8 if m < 256 else torch.int64
-    per_block = (rows.to(counts) if counts == torch.uint8 else rows).sum(1, dtype=counts).clamp_(max=n)
+    per_block = rows.to(torch.uint8).sum(1, dtype=counts).clamp_(max=n)
     return int(per_block.sum(dtype=torch.int32 if per_block.numel() * n < 2**31 else torch.int64))
 
 
@@ -145,7 +145,7 @@ def search_permutation(
 ) -> tuple[torch.Tensor, int]:
     """Best of ``current`` and ``candidates`` by ``permutation_score``; ties keep the earlier one.
     The mask is made bytes once here, not per candidate."""
-    fmask = fmask.to(torch.uint8) if m < 256 else fmask
+    fmask = fmask.to(torch.uint8)
     best, best_score = current, permutation_score(fmask, current, n, m)
     for candidate in candidates:
         score = permutation_score(fmask, candidate, n, m)
