@@ -109,9 +109,14 @@ int32_t nm4_bimask_rows_f32(const float *restrict w, const int64_t *restrict per
     int64_t k = 0;
     for (; k + 8 <= cols; k += 8) {
       f8 v[4], a[4];
+      /* unrolled, so v and a live in registers: GCC 12 left the j loop rolled and the arrays on the
+         stack, and a 32-byte reload of two 16-byte stores (its split unaligned loads) stalls: 4x slower */
+      #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) { __builtin_memcpy(&v[j], src[j] + k, sizeof(f8)); a[j] = magnitudes(v[j]); }
+      #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
         i8 count = {0};
+        #pragma GCC unroll 4
         for (int i = 0; i < 4; ++i) if (i != j) count -= i < j ? a[i] >= a[j] : a[i] > a[j];
         f8 kept = (f8)((i8)v[j] & (count < limit));
         __builtin_memcpy(dst[j] + k, &kept, sizeof kept);
