@@ -14,6 +14,7 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed.tensor
 import torch.nn.functional as F
 from torch import fx
 
@@ -477,6 +478,8 @@ def _dense_reason(
     ``separate``: the weight's uses are separate inference calls, no tie (``_inference_calls``)."""
     if value.dtype not in FLOAT_DTYPES:
         return f"dtype {value.dtype} is not floating point"
+    if isinstance(value, torch.distributed.tensor.DTensor):
+        return "a DTensor weight (tensor parallelism): nmsparse's ops have no sharding rules"
     if 0 in value.shape:
         return f"empty weight {list(value.shape)}: nothing to prune"
     if not value.requires_grad:

@@ -156,3 +156,41 @@ def test_blocks_compiled_alone_under_ddp_keep_their_names():
     whole under DDP: DDP's graph splitting compiles their frames, and still their own compile names
     their weights, so ``include`` matches (the outer model's names were used: all dense)."""
     assert _run_one_rank(_NAMES_SCRIPT, 29616)[0] == "[('b0.fc.weight', 0, 2), ('b1.fc.weight', 0, 2)]"
+
+
+
+_TENSOR_PARALLEL_SCRIPT = """
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+torch.manual_seed(0)
+model = MLP()
+parallelize_module(model, init_device_mesh("cpu", (1,)), {"a": ColwiseParallel(), "b": RowwiseParallel()})
+compiled = torch.compile(model, backend=nmcompile.backend(inner="aot_eager"))
+x = torch.randn(8, 32)
+y = compiled(x)
+y.sum().backward()
+dense = torch.relu(x @ model.a.weight.full_tensor().t() + model.a.bias.full_tensor())
+dense = dense @ model.b.weight.full_tensor().t() + model.b.bias.full_tensor()
+print(torch.allclose(y, dense, atol=1e-6), model.a.weight.grad is not None, nmcompile.sparsity_state(model))
+report = nmcompile.explain(model, x, inner="aot_eager")
+print(sorted((row.name, row.sparse, row.reason) for row in report.rows))
+dist.destroy_process_group()
+"""
+
+
+def test_tensor_parallel_weights_stay_dense_with_a_reason():
+    """Tensor parallelism (``parallelize_module``: DTensor weights inside the graph) has no sharding
+    rules for nmsparse's ops: its layers stay dense, say why in the report, and train (the backend's
+    first compile raised ``BackendCompilerFailed`` on ``cpu_masked_weight``)."""
+    lines = _run_one_rank(_TENSOR_PARALLEL_SCRIPT, 29617)
+    why = "a DTensor weight (tensor parallelism): nmsparse's ops have no sharding rules"
+    assert lines[:2] == ["True True {}", str([("a.weight", False, why), ("b.weight", False, why)])]
