@@ -92,7 +92,7 @@ CUDA_TESTS=(
 # the autotuned launch (30 compiles), operands as views into NaN-padded buffers, two runs under
 # torch.use_deterministic_algorithms, bit for bit, and the MVUE 2:4 rules at interval ends and on NaN;
 # then (2026-12-06) the MVUE rules on blocks that sum to NaN or inf, and layers in plain and selective
-# activation-checkpoint regions on the kernels.
+# activation-checkpoint regions on the kernels; (2026-12-07) perm_swaps' sweeps on CUDA tensors.
 LATE_TESTS=(
     "tests/test_kernels.py::test_every_gpu_tile_gives_the_interpreter_tiles_results"
     "tests/test_kernels.py::test_kernels_read_nothing_past_their_operands"
@@ -103,6 +103,7 @@ LATE_TESTS=(
     "tests/test_kernels.py::test_mvue_prune_keeps_the_sum_of_a_non_finite_block_at_its_first_entry"
     "tests/test_kernels.py::test_weight_grad_with_mvue_keeps_an_overflowed_dy_column_non_finite"
     "tests/test_lowering.py::test_checkpoint_regions_on_cuda_lower_and_train_as_portable"
+    "tests/test_kernels.py::test_search_with_swaps_on_the_device_as_on_the_cpu"
 )
 # shellcheck disable=SC2016  # expanded by the inner bash
 EACH_TEST='py=$1; limit=$2; shift 2; rc=0; for t in "$@"; do "$py" -m pytest -q -p no:cacheprovider -rA $limit "$t" || rc=1; done; exit $rc'

@@ -1,9 +1,11 @@
 """The CPU mask pieces timed alone: the forward weight ``W ⊙ F``, Bi-Mask's backward weight ``W ⊙ B``
-and the permutation search, each as Inductor compiles the composite ops and as the C kernels do it.
+and the permutation search, each as Inductor compiles the composite ops and as the C kernels do it,
+and the greedy row swaps of ``perm_swaps``.
 
-``python -m benchmarks.masks [--rows 2048] [--cols 512] [--threads 1 2]``: per thread count, each
-piece's median time, its time per million weights and its ratio to Inductor's. The README's mask
-and search costs are these rows.
+``python -m benchmarks.masks [--rows 2048] [--cols 512] [--threads 1 2] [--swaps 10]``: per thread
+count, each piece's median time, its time per million weights and its ratio to Inductor's, then the
+kept fraction (SPEC §5) of a Gaussian weight's identity permutation, of the search's and of the
+swaps'. The README's mask, search and swap costs are these rows.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from nmcompile import ops, reference
 from nmcompile.backend import _register_inductor_decomposition
 from nmcompile.kernels import cpu_mask
 from nmcompile.options import SparsityConfig
-from nmcompile.state import LayerSpec, permutation_candidates
+from nmcompile.state import LayerSpec, candidate_generator, permutation_candidates
 
 N, M, CANDIDATES = 2, 4, SparsityConfig().perm_candidates
 
@@ -44,13 +46,37 @@ def _search(weight: torch.Tensor, perm: torch.Tensor) -> Callable[[], tuple[torc
     spec = LayerSpec("weight", 0, weight.shape[0], "bimask")
 
     def run() -> tuple[torch.Tensor, int]:
-        candidates = permutation_candidates(spec, 0)
+        candidates = permutation_candidates(spec, candidate_generator(0, 0, 0))
         return reference.search_permutation(ops.nm_mask(weight, N, M, 1), perm, candidates, N, M)
 
     return run
 
 
-def mask_rows(rows: int, cols: int, seconds: float) -> list[Row]:
+def _swaps(weight: torch.Tensor, perm: torch.Tensor, sweeps: int) -> Callable[[], torch.Tensor]:
+    """The ``perm_swaps`` sweeps as ``LayerState.begin_training_step`` runs them after the search,
+    from ``perm``; a generator of their own stands in for the search's (the draws cost the same)."""
+    fmask = ops.nm_mask(weight, N, M, 1)
+
+    def run() -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        return reference.swap_rows(fmask, perm, N, M, sweeps, generator)
+
+    return run
+
+
+def kept_fractions(weight: torch.Tensor, sweeps: int) -> str:
+    """SPEC §5's kept fraction of ``weight`` under the identity, the search's best permutation
+    (from the identity) and that after ``sweeps`` swap sweeps: what the search and swaps buy."""
+    fmask = reference.nm_mask(weight, N, M, 1)
+    identity = torch.arange(weight.shape[0])
+    searched, _ = _search(weight, identity)()
+    swapped = _swaps(weight, searched, sweeps)()
+    kept = fmask.sum().item()
+    first, second, third = (reference.permutation_score(fmask, p, N, M) / kept for p in (identity, searched, swapped))
+    return f"kept fraction: identity {first:.4f}, search {second:.4f}, search + {sweeps} swap sweeps {third:.4f}"
+
+
+def mask_rows(rows: int, cols: int, seconds: float, sweeps: int) -> list[Row]:
     """Each piece on one ``[rows, cols]`` fp32 weight at the current thread count."""
     size = dataclasses.replace(SIZES["small"], min_run_time=seconds)
     generator = torch.Generator().manual_seed(0)
@@ -70,6 +96,7 @@ def mask_rows(rows: int, cols: int, seconds: float) -> list[Row]:
             "C kernel": lambda: cpu_mask.nm4_bimask_weight(masked, perm, N),
         },
         f"search, {CANDIDATES} candidates": {"eager": _search(weight, perm)},
+        f"{sweeps} swap sweeps": {"eager": _swaps(weight, perm, sweeps)},
     }
     found: list[Row] = []
     for piece, ways in pieces.items():
@@ -83,12 +110,12 @@ def mask_rows(rows: int, cols: int, seconds: float) -> list[Row]:
 
 
 def per_million(rows: list[Row], weights: int) -> str:
-    """Each measured mask row's time per million weights, a line each (the search's time grows with
-    its candidates, not only with the weights)."""
+    """Each measured mask row's time per million weights, a line each (the search's and the swaps'
+    times grow with candidates and sweeps, not only with the weights)."""
     return "\n".join(
         f"- {row.op}, {row.name}: {row.median_ms * 1e6 / weights:.3f} ms per million weights"
         for row in rows
-        if row.median_ms is not None and not row.op.startswith("search")
+        if row.median_ms is not None and row.name != "eager"
     )
 
 
@@ -99,6 +126,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--cols", type=positive_int, default=512, help="the weight's columns K (default 512)")
     parser.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2], help="torch thread counts")
     parser.add_argument("--seconds", type=float, default=1.0, help="timed seconds per row (default 1.0)")
+    parser.add_argument("--swaps", type=positive_int, default=10, help="perm_swaps sweeps timed (default 10)")
     args = parser.parse_args(argv)
     if args.rows % M or args.cols % M:
         parser.error(f"argument --rows/--cols: both must be multiples of {M}, got {args.rows} x {args.cols}")
@@ -112,12 +140,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
             header = environment(torch.device("cpu"), "masks", SIZES["small"], "python -m benchmarks.masks")
             print(f"\n## {args.rows} x {args.cols} fp32 weight, {N}:{M}, {count} thread(s)\n")
             print(f"{header['device']}; torch {header['torch']}; load {header['load average at start']}\n")
-            rows = mask_rows(args.rows, args.cols, args.seconds)
+            rows = mask_rows(args.rows, args.cols, args.seconds, args.swaps)
             print(table(rows, "piece", ("inductor",)))
             print("\n" + per_million(rows, args.rows * args.cols), flush=True)
             found += rows
     finally:
         torch.set_num_threads(threads)
+    weight = torch.randn(args.rows, args.cols, generator=torch.Generator().manual_seed(0))
+    print("\n" + kept_fractions(weight, args.swaps))
     return found
 
 

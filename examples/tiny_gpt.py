@@ -281,6 +281,7 @@ def parser() -> argparse.ArgumentParser:
     group.add_argument("--backward", choices=["bimask", "transposable", "dense"])
     group.add_argument("--perm-candidates", dest="perm_candidates", type=int)
     group.add_argument("--perm-interval", dest="perm_interval", type=int)
+    group.add_argument("--perm-swaps", dest="perm_swaps", type=int)
     group.add_argument("--srste-lambda", dest="srste_lambda", type=float)
     group.add_argument("--sparsity-seed", dest="seed_option", type=int, help="the backend's seed option")
     group.add_argument("--include", nargs="*")

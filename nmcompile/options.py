@@ -85,6 +85,7 @@ class SparsityConfig:
     backward: str = "bimask"
     perm_candidates: int = 100
     perm_interval: int = 100
+    perm_swaps: int = 0
     srste_lambda: float | None = None
     seed: int = 0
     include: tuple[str, ...] = ()
@@ -110,6 +111,10 @@ class SparsityConfig:
             _fail("perm_candidates", self.perm_candidates, "an int >= 0")
         if not _is_int(self.perm_interval) or self.perm_interval < 1:
             _fail("perm_interval", self.perm_interval, "an int >= 1")
+        if not _is_int(self.perm_swaps) or self.perm_swaps < 0:
+            _fail("perm_swaps", self.perm_swaps, "an int >= 0")
+        if self.perm_swaps and self.backward != "bimask":
+            _fail("perm_swaps", self.perm_swaps, "0 unless backward='bimask' (nothing else reads it)")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
             _fail("seed", self.seed, "an int in [0, 2**63)")
         for key in ("include", "exclude"):

@@ -31,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 from nmcompile.options import SparsityConfig, structure_sequence
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOAT32_EXACT = 2**24  # every integer up to this is a float32
 
 
 def _check_nm(size: int, n: int, m: int, what: str) -> None:
@@ -152,6 +153,61 @@ def search_permutation(
         if score > best_score:
             best, best_score = candidate, score
     return best.to(current.device).clone(), best_score
+
+
+def swap_rows(
+    fmask: torch.Tensor, perm: torch.Tensor, n: int, m: int, sweeps: int, generator: torch.Generator, groups: int = 1
+) -> torch.Tensor:
+    """Greedy row swaps after the random search (option ``perm_swaps``, SPEC §5's "better search").
+
+    Each sweep pairs the blocks of ``m`` rows of ``F[P]`` at random (inside each of ``groups``
+    equal row groups, so a grouped convolution's rows stay in their group) and, in each pair, makes
+    the one swap of a row of one block with a row of the other that raises ``permutation_score``
+    most (the first such swap, row-major over the pair's ``m x m`` choices), where any raises it.
+    The pairs are disjoint, so a sweep's swaps add their gains: the score never falls.
+
+    For rows ``a`` of block 1 and ``b`` of block 2 with column counts ``c1``, ``c2``, a swap moves
+    the entries where ``F_a != F_b``; its gain is ``F_a·x + F_b·y + Σ_k F_a F_b (e1 + e2)`` with
+    ``x = [c2<n] − [c1<=n]``, ``y = [c1<n] − [c2<=n]`` and ``e = [c == n]``: batched matmuls in
+    float32, whose integer sums (at most ``4·K`` for ``K`` columns) are exact up to ``2²⁴``; float64
+    for wider rows.
+    """
+    O = fmask.shape[0]
+    _check_nm(O // groups, n, m, "rows per group")
+    width = fmask[0].numel()
+    dtype = torch.float32 if 4 * width <= FLOAT32_EXACT else torch.float64
+    given = perm.device
+    perm = perm.to(fmask.device, copy=True)
+    permuted = fmask.reshape(O, width).index_select(0, perm).to(dtype)
+    per_group, choices = O // groups // m, m * m
+    count = groups * (per_group // 2)  # block pairs per sweep
+    if not count:
+        return perm.to(given)
+    # Buffers reused by every sweep: fresh ones of this size cost more in page faults than the work.
+    rows, scaled = permuted.new_empty(2, count, m, width), permuted.new_empty(count, m, width)
+    offsets = torch.arange(m, device=fmask.device)
+    order = torch.arange(choices, device=fmask.device)
+    for _ in range(sweeps):
+        picks = [torch.randperm(per_group, generator=generator)[: per_group // 2 * 2] for _ in range(groups)]
+        pairs = torch.cat([p + g * per_group for g, p in enumerate(picks)]).reshape(-1, 2).to(fmask.device)
+        positions = (pairs.t()[..., None] * m + offsets).reshape(2, count, m)  # [block 1 or 2, pair, row]
+        torch.index_select(permuted, 0, positions.reshape(-1), out=rows.view(-1, width))
+        f1, f2 = rows
+        counts = rows.sum(2)  # [2, count, width]
+        below, at_most = (n - counts).clamp_(0, 1), (n + 1 - counts).clamp_(0, 1)  # [c < n], [c <= n]
+        x, y = below[1] - at_most[0], below[0] - at_most[1]
+        both = (at_most - below).sum(0)
+        torch.mul(f1, both[:, None], out=scaled)
+        gain = torch.bmm(f1, x[..., None]) + torch.bmm(f2, y[..., None]).transpose(1, 2)
+        gain = (gain + torch.bmm(scaled, f2.transpose(1, 2))).round().long().reshape(count, choices)
+        choice = (gain * choices - order).argmax(1)  # the largest gain, first on ties, on any device
+        better = gain.gather(1, choice[:, None])[:, 0] > 0
+        a = positions[0].gather(1, (choice // m)[:, None])[better, 0]
+        b = positions[1].gather(1, (choice % m)[:, None])[better, 0]
+        moved, swapped = torch.cat([a, b]), torch.cat([b, a])
+        perm[moved] = perm[swapped]
+        permuted[moved] = permuted[swapped]
+    return perm.to(given)
 
 
 def backward_mask(w: torch.Tensor, fmask: torch.Tensor, perm: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -82,10 +82,9 @@ def candidate_generator(seed: int, layer_index: int, step: int) -> torch.Generat
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
-def permutation_candidates(spec: LayerSpec, step: int) -> list[torch.Tensor]:
-    """The ``perm_candidates`` random row permutations of a search step, drawn in order from
+def permutation_candidates(spec: LayerSpec, generator: torch.Generator) -> list[torch.Tensor]:
+    """The ``perm_candidates`` random row permutations of a search step, drawn in order from its
     ``candidate_generator``; with groups, one ``randperm`` per group, kept inside the group."""
-    generator = candidate_generator(spec.config.seed, spec.index, step)
     size = spec.rows // spec.groups
     return [
         torch.cat([torch.randperm(size, generator=generator) + g * size for g in range(spec.groups)])
@@ -307,11 +306,12 @@ class LayerState:
             return
         with torch.no_grad():
             n = self.mask_n(step)
-            candidates = permutation_candidates(spec, step)
+            generator = candidate_generator(config.seed, spec.index, step)
+            candidates = permutation_candidates(spec, generator)
             w = self.weight_matrix(param)
             plain = type(w) is torch.Tensor
             # The composite mask op (M comparisons per entry) picks the reference's mask 4-6x faster
-            # than its sort on the CPU; other tensor types (DTensor) keep the reference.
+            # than its sort on the CPU; other tensor types keep the reference.
             mask, search = (ops.nm_mask if plain else reference.nm_mask), reference.search_permutation
             if w.is_cuda and config.kernels != "portable" and plain and w.dim() == 2 and power_of_two(config.m):
                 from nmcompile import kernels
@@ -321,6 +321,9 @@ class LayerState:
 
             fmask = mask(w, n, config.m, 1)
             self.perm, _ = search(fmask, self.perm, candidates, n, config.m)
+            if config.perm_swaps:  # drawn after the candidates, from the same generator
+                swaps = config.perm_swaps
+                self.perm = reference.swap_rows(fmask, self.perm, n, config.m, swaps, generator, spec.groups)
         self.last_search_step = step
 
     def end_training_step(self) -> None:

@@ -34,7 +34,7 @@ from torch._dynamo.utils import counters
 
 import nmcompile
 from nmcompile import reference
-from nmcompile.state import LayerSpec, permutation_candidates
+from nmcompile.state import LayerSpec, candidate_generator, permutation_candidates
 
 
 @pytest.mark.parametrize("nm", [(2, 4), (1, 4), (2, 8)], ids=lambda nm: f"{nm[0]}:{nm[1]}")
@@ -66,6 +66,18 @@ def test_no_candidates_keep_the_identity_permutation():
     _, states = train_and_compare(MLP, (8, 32), steps=3, perm_candidates=0, perm_interval=1, inner="aot_eager")
     for name, state in states.items():
         assert torch.equal(state["perm"], torch.arange(state["perm"].numel())), name
+
+
+def test_perm_swaps_train_like_the_reference():
+    """``perm_swaps`` reaches both the backend and ``reference.sparsify``: with a search and its
+    sweeps every step, outputs, gradients, weights and permutations agree, and the sweeps chose
+    other permutations than the search alone."""
+    options = dict(steps=3, perm_interval=1, inner="aot_eager")
+    torch.manual_seed(0)
+    _, swapped = train_and_compare(MLP, (8, 32), perm_swaps=4, **options)
+    torch.manual_seed(0)
+    _, searched = train_and_compare(MLP, (8, 32), **options)
+    assert any(not torch.equal(swapped[name]["perm"], state["perm"]) for name, state in searched.items())
 
 
 def test_n_equal_to_m_trains_as_the_dense_model():
@@ -305,17 +317,20 @@ def _search_weight(case: str) -> torch.Tensor:
     return w.t().contiguous() if case == "in_out" else w
 
 
+@pytest.mark.parametrize("swaps", [0, 3])
 @pytest.mark.parametrize("nm", [(2, 4), (1, 8)], ids=lambda nm: f"{nm[0]}:{nm[1]}")
 @pytest.mark.parametrize("case", ["out_in", "in_out", "conv", "ties_and_nan"])
-def test_layer_search_chooses_the_reference_permutation(case, nm):
+def test_layer_search_chooses_the_reference_permutation(case, nm, swaps):
     """The layer's search builds ``F`` with the composite mask op (no sort) and picks exactly the
     permutation ``reference.search_permutation`` picks over ``reference.nm_mask``, ties and NaN
-    included; a candidate beats the identity here, so the comparison is not vacuous."""
+    included; a candidate beats the identity here, so the comparison is not vacuous. With
+    ``perm_swaps``, ``reference.swap_rows`` then sweeps from it, drawing after the candidates from
+    their generator, and raises the score further."""
     n, m = nm
     param = _search_weight(case)
     layout = "in_out" if case == "in_out" else "out_in"
     rows = param.shape[1] if layout == "in_out" else param.shape[0]
-    config = nmcompile.SparsityConfig(n=n, m=m, perm_candidates=16)
+    config = nmcompile.SparsityConfig(n=n, m=m, perm_candidates=16, perm_swaps=swaps)
     spec = LayerSpec("fc.weight", 3, rows, "bimask", layout=layout, config=config)
     state = nmcompile.state.LayerState(spec, torch.device("cpu"), None)
     state.begin_training_step(param)
@@ -323,9 +338,13 @@ def test_layer_search_chooses_the_reference_permutation(case, nm):
     fmask = reference.nm_mask(w, n, m, dim=1)
     assert torch.equal(nmcompile.ops.nm_mask(w, n, m, 1), fmask)
     identity = torch.arange(rows)
-    expected, score = reference.search_permutation(fmask, identity, permutation_candidates(spec, 0), n, m)
-    assert torch.equal(state.perm, expected)
+    generator = candidate_generator(0, 3, 0)
+    expected, score = reference.search_permutation(fmask, identity, permutation_candidates(spec, generator), n, m)
     assert score > reference.permutation_score(fmask, identity, n, m)
+    if swaps:
+        expected = reference.swap_rows(fmask, expected, n, m, swaps, generator)
+        assert reference.permutation_score(fmask, expected, n, m) > score
+    assert torch.equal(state.perm, expected)
 
 
 class _Trainer:
@@ -506,7 +525,7 @@ def test_instances_sharing_graphs_of_two_backends_keep_their_own_states():
     for _ in range(3):
         for model in compiled:
             model(x).sum().backward()
-    candidates = permutation_candidates(LayerSpec("fc.weight", 0, 16, "bimask"), 0)  # the search at step 0
+    candidates = permutation_candidates(LayerSpec("fc.weight", 0, 16, "bimask"), candidate_generator(0, 0, 0))  # step 0
     perms = []
     for block in blocks:
         state = nmcompile.sparsity_state(block)["fc.weight"]

@@ -234,13 +234,14 @@ def test_masks_benchmark_smoke(capsys):
     from benchmarks import masks
 
     threads = torch.get_num_threads()
-    rows = masks.main(["--rows", "16", "--cols", "8", "--threads", "1", "--seconds", "0.01"])
+    rows = masks.main(["--rows", "16", "--cols", "8", "--threads", "1", "--seconds", "0.01", "--swaps", "3"])
     assert [(row.op, row.name) for row in rows] == [
         ("W ⊙ F", "inductor"),
         ("W ⊙ F", "C kernel"),
         ("W ⊙ B (Bi-Mask)", "inductor"),
         ("W ⊙ B (Bi-Mask)", "C kernel"),
         ("search, 100 candidates", "eager"),
+        ("3 swap sweeps", "eager"),
     ]
     blocked = cpu_mask.blocker(torch.zeros(16, 8), 4)
     for row in rows:
@@ -248,6 +249,8 @@ def test_masks_benchmark_smoke(capsys):
     assert rows[1].ratios.keys() <= {"inductor"} and rows[0].ratios == {"inductor": 1.0}
     out = capsys.readouterr().out
     assert "| piece | row | median ms | vs inductor |" in out and "W ⊙ F, inductor: " in out
+    fractions = re.search(r"kept fraction: identity (\S+), search (\S+), search \+ 3 swap sweeps (\S+)\n", out)
+    assert fractions and 0 < float(fractions[1]) <= float(fractions[2]) <= float(fractions[3]) <= 1, out[-300:]
     assert torch.get_num_threads() == threads
     with pytest.raises(SystemExit):
         masks.main(["--rows", "6"])

@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 
 import nmcompile
 from nmcompile import reference
+from nmcompile.state import LayerSpec, candidate_generator, permutation_candidates
 
 
 class BasicBlock(nn.Module):
@@ -353,14 +354,25 @@ def test_indivisible_layers_stay_dense_alike_in_reference_and_backend():
     assert state_ref["fc1.weight"]["backward"] == "dense"
 
 
-def test_grouped_conv_permutation_stays_inside_groups():
-    """Grouped conv: masks per group; every candidate and the chosen P permute within each group."""
+@pytest.mark.parametrize("swaps", [0, 8])
+def test_grouped_conv_permutation_stays_inside_groups(swaps):
+    """Grouped conv: masks per group; every candidate and the chosen P permute within each group,
+    and so do ``perm_swaps``' sweeps, which pair blocks of the same group and raise the score."""
     conv = nn.Conv2d(16, 32, 3, padding=1, groups=2)
-    compiled = torch.compile(conv, backend=nmcompile.backend(inner="aot_eager", perm_candidates=30))
+    compiled = torch.compile(conv, backend=nmcompile.backend(inner="aot_eager", perm_candidates=30, perm_swaps=swaps))
     compiled(torch.randn(2, 16, 5, 5)).sum().backward()
     perm = nmcompile.sparsity_state(compiled)["weight"]["perm"]
     assert not torch.equal(perm, torch.arange(32))
     assert sorted(perm[:16].tolist()) == list(range(16)) and sorted(perm[16:].tolist()) == list(range(16, 32))
+    spec = LayerSpec("weight", 0, 32, "bimask", groups=2, config=nmcompile.SparsityConfig(perm_candidates=30))
+    generator = candidate_generator(0, 0, 0)
+    fmask = reference.nm_mask(conv.weight.detach(), 2, 4, 1)
+    candidates = permutation_candidates(spec, generator)
+    expected, score = reference.search_permutation(fmask, torch.arange(32), candidates, 2, 4)
+    if swaps:
+        expected = reference.swap_rows(fmask, expected, 2, 4, swaps, generator, groups=2)
+        assert reference.permutation_score(fmask, expected, 2, 4) > score
+    assert torch.equal(perm, expected)
 
 
 def test_conv_report_says_a_sparse_convolution_runs_portable_under_triton():

@@ -158,7 +158,6 @@ def test_blocks_compiled_alone_under_ddp_keep_their_names():
     assert _run_one_rank(_NAMES_SCRIPT, 29616)[0] == "[('b0.fc.weight', 0, 2), ('b1.fc.weight', 0, 2)]"
 
 
-
 _TENSOR_PARALLEL_SCRIPT = """
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module

@@ -28,6 +28,8 @@ from nmcompile.kernels import common
 from nmcompile.kernels.operand24 import backward_operand, forward_operand
 from nmcompile.kernels.srste import srste_add
 from nmcompile.ops import masked_weight
+from nmcompile.options import SparsityConfig
+from nmcompile.state import LayerSpec, LayerState
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -136,6 +138,34 @@ def test_permutation_scores_exact(rows, cols, n, m):
     best, score = kernels.search_permutation(fmask.to(DEVICE), current, candidates, n, m)
     ref_best, ref_score = reference.search_permutation(fmask, current, candidates, n, m)
     assert torch.equal(best.cpu(), ref_best) and score == ref_score
+
+
+@pytest.fixture
+def tf32_matmuls():
+    """``torch.set_float32_matmul_precision("high")`` (TF32 on CUDA) for one test, then the setting back."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+def test_search_with_swaps_on_the_device_as_on_the_cpu(tf32_matmuls):
+    """``perm_swaps`` after the search on the kernels' device (CUDA: the Triton mask and scores, then
+    float32 batched matmuls with TF32 allowed, exact on these integer sums) picks the CPU's
+    permutation, which scores above the search's alone; the layer's state keeps it on its device."""
+    weight = torch.randn(256, 96, generator=torch.Generator().manual_seed(4))
+    perms = {}
+    for device, swaps in [("cpu", 0), ("cpu", 6), (DEVICE, 6)]:
+        config = SparsityConfig(perm_candidates=10, perm_swaps=swaps)
+        state = LayerState(LayerSpec("fc.weight", 2, 256, "bimask", config=config), torch.device(device), None)
+        state.begin_training_step(weight.to(device))
+        assert state.perm.device.type == device
+        perms[device, swaps] = state.perm.cpu()
+    assert torch.equal(perms[DEVICE, 6], perms["cpu", 6])
+    fmask = reference.nm_mask(weight, 2, 4, 1)
+    assert reference.permutation_score(fmask, perms["cpu", 6], 2, 4) > reference.permutation_score(
+        fmask, perms["cpu", 0], 2, 4
+    )
 
 
 def test_permutation_search_keeps_current_on_ties():

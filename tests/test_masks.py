@@ -470,6 +470,96 @@ def test_search_permutation_never_below_current(n, m):
         assert sorted(best.tolist()) == list(range(O))
 
 
+def brute_sweep(fmask: torch.Tensor, perm: torch.Tensor, n: int, m: int, generator, groups: int) -> torch.Tensor:
+    """One ``perm_swaps`` sweep by loops: the blocks paired as ``swap_rows`` draws them (per group,
+    a ``randperm`` of its blocks, taken two by two), and in each pair every swap of a row of one
+    block with a row of the other scored by ``brute_score``; the best gain above 0, first in
+    row-major order, is made."""
+    flat = fmask.reshape(fmask.shape[0], -1)
+    per_group = fmask.shape[0] // groups // m
+    base = brute_score(flat, perm, n, m)
+    result = perm.clone()
+    for g in range(groups):
+        picks = (torch.randperm(per_group, generator=generator)[: per_group // 2 * 2] + g * per_group).tolist()
+        for first, second in zip(picks[::2], picks[1::2], strict=True):
+            best, where = 0, None
+            for i, j in itertools.product(range(m), range(m)):
+                a, b = first * m + i, second * m + j
+                trial = perm.clone()
+                trial[a], trial[b] = perm[b], perm[a]
+                gain = brute_score(flat, trial, n, m) - base
+                if gain > best:
+                    best, where = gain, (a, b)
+            if where is not None:
+                a, b = where
+                result[a], result[b] = perm[b], perm[a]
+    return result
+
+
+@pytest.mark.parametrize(
+    ("shape", "n", "m", "groups"),
+    [((16, 8), 2, 4, 1), ((32, 12), 1, 4, 2), ((32, 16), 3, 8, 1), ((24, 8), 2, 4, 3), ((20, 6), 1, 2, 1),
+     ((16, 4, 3), 2, 4, 1), ((64, 16), 8, 16, 2)],
+)  # fmt: skip
+def test_swap_rows_makes_each_pairs_best_swap(shape, n, m, groups):
+    """``perm_swaps``: each sweep makes, in each random pair of blocks (inside a group; an odd block
+    left out), the swap with the largest score gain above 0, first on ties, as the loops find it;
+    a conv mask's columns are its ``(c, *k)`` positions."""
+    moved = 0
+    for seed in range(4):
+        fmask = reference.nm_mask(torch.randn(shape, generator=torch.Generator().manual_seed(seed)), n, m, 1)
+        size = shape[0] // groups
+        perm = torch.cat([random_perm(size, 10 * seed + g) + g * size for g in range(groups)])
+        got = reference.swap_rows(fmask, perm, n, m, 1, torch.Generator().manual_seed(seed), groups)
+        want = brute_sweep(fmask, perm, n, m, torch.Generator().manual_seed(seed), groups)
+        assert torch.equal(got, want), seed
+        moved += int((got != perm).sum())
+    assert moved, "no sweep made a swap: the comparison would be vacuous"
+
+
+def test_swap_rows_never_lowers_the_score_and_keeps_rows_in_their_group():
+    """Sweep by sweep the score never falls and rises over the run; the result is a permutation
+    with every row in its group; ``sweeps`` sweeps draw as that many one-sweep calls on one
+    generator; the inputs and the global RNG are left alone."""
+    fmask = reference.nm_mask(torch.randn(64, 40, generator=torch.Generator().manual_seed(3)), 2, 4, 1)
+    start = torch.cat([random_perm(32, 1), random_perm(32, 2) + 32])
+    kept = start.clone()
+    rng = torch.random.get_rng_state()
+    generator = torch.Generator().manual_seed(9)
+    perm, scores = start, [brute_score(fmask, start, 2, 4)]
+    for _ in range(12):
+        perm = reference.swap_rows(fmask, perm, 2, 4, 1, generator, groups=2)
+        scores.append(brute_score(fmask, perm, 2, 4))
+    assert scores == sorted(scores) and scores[-1] > scores[0]
+    assert torch.equal(reference.swap_rows(fmask, start, 2, 4, 12, torch.Generator().manual_seed(9), 2), perm)
+    assert sorted(perm.tolist()) == list(range(64)) and torch.equal(perm // 32, torch.arange(64) // 32)
+    assert torch.equal(start, kept) and torch.equal(torch.random.get_rng_state(), rng)
+
+
+def test_swap_rows_with_nothing_to_pair_or_no_sweeps_returns_the_permutation():
+    """One block per group (nothing to pair) or ``sweeps=0``: the permutation back unchanged, a copy."""
+    fmask = reference.nm_mask(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)), 2, 4, 1)
+    perm = random_perm(8, 4)
+    for sweeps, groups in [(5, 2), (0, 1)]:
+        out = reference.swap_rows(fmask, perm, 2, 4, sweeps, torch.Generator(), groups)
+        assert torch.equal(out, perm) and out.data_ptr() != perm.data_ptr()
+
+
+def test_swap_rows_in_float64_chooses_as_in_float32(monkeypatch):
+    """Rows too wide for float32's exact integers (``4·K > 2²⁴``) sweep in float64: the same swaps,
+    shown here by lowering the threshold."""
+    fmask = reference.nm_mask(torch.randn(32, 24, generator=torch.Generator().manual_seed(2)), 2, 4, 1)
+    perm = random_perm(32, 5)
+    narrow = reference.swap_rows(fmask, perm, 2, 4, 6, torch.Generator().manual_seed(1))
+    monkeypatch.setattr(reference, "FLOAT32_EXACT", 8)
+    original = torch.Tensor.to
+    seen = []
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: seen.append(a[:1]) or original(t, *a, **k))
+    wide = reference.swap_rows(fmask, perm, 2, 4, 6, torch.Generator().manual_seed(1))
+    assert (torch.float64,) in seen and (torch.float32,) not in seen
+    assert torch.equal(wide, narrow) and not torch.equal(narrow, perm)
+
+
 # ---------------------------------------------------------------------------------------------
 # §4 Bi-Mask backward mask
 # ---------------------------------------------------------------------------------------------

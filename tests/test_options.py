@@ -23,7 +23,7 @@ def test_defaults():
     """SPEC §4–§6 defaults: 2:4, bimask, 100 candidates every 100 steps, SR-STE 2e-4, seed 0, Inductor."""
     c = SparsityConfig()
     assert (c.n, c.m, c.backward) == (2, 4, "bimask")
-    assert (c.perm_candidates, c.perm_interval) == (100, 100)
+    assert (c.perm_candidates, c.perm_interval, c.perm_swaps) == (100, 100, 0)
     assert c.srste_lambda == 2e-4 and isinstance(c.srste_lambda, float)
     assert c.seed == 0
     assert c.include == () and c.exclude == ()
@@ -69,6 +69,24 @@ def test_bad_perm_candidates(value):
     """SPEC §5: perm_candidates is an int >= 0."""
     with pytest.raises(ValueError, match=_bad("perm_candidates", value)):
         SparsityConfig(perm_candidates=value)
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "4", None])
+def test_bad_perm_swaps(value):
+    """``perm_swaps`` (SPEC §5's named better search) is an int >= 0."""
+    with pytest.raises(SparsityConfigError, match=_bad("perm_swaps", value)) as info:
+        SparsityConfig(perm_swaps=value)
+    assert info.value.option == "perm_swaps"
+
+
+@pytest.mark.parametrize("backward", ["transposable", "dense"])
+def test_perm_swaps_needs_bimask(backward):
+    """Only Bi-Mask has a permutation: ``perm_swaps`` with another backward is an error (nothing
+    would read it), 0 is not."""
+    with pytest.raises(SparsityConfigError, match=_bad("perm_swaps", 5) + ".*backward='bimask'"):
+        SparsityConfig(backward=backward, perm_swaps=5)
+    assert SparsityConfig(backward=backward, perm_swaps=0).perm_swaps == 0
+    assert SparsityConfig(perm_swaps=5).perm_swaps == 5
 
 
 @pytest.mark.parametrize("value", [0, -3, 2.0, True])
