@@ -1379,8 +1379,8 @@ _RESUME = textwrap.dedent(
     from conftest import MLP
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True)
-    OPTIONS = {{"inner": "aot_eager", "perm_interval": 4, "grad_prune": "mvue24", "mask_decay": "linear",
-               "mask_decay_rate": 0.05}}
+    OPTIONS = {{"inner": "aot_eager", "perm_interval": 4, "perm_swaps": 3, "grad_prune": "mvue24",
+               "mask_decay": "linear", "mask_decay_rate": 0.05}}
     start, path, device = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     model = MLP().to(device)
     compiled = torch.compile(model, backend="nmsparse", options=OPTIONS)
@@ -1409,7 +1409,7 @@ _RESUME = textwrap.dedent(
 )
 def test_resume_in_a_new_process_is_bitwise_identical(tmp_path, device):
     """Train 30 steps, checkpoint at 15 the ordinary way, resume in a fresh process: steps 16–30
-    give bitwise the same losses (bimask + mvue24 + mask decay). On CUDA each process compiles the
+    give bitwise the same losses (bimask with ``perm_swaps`` + mvue24 + mask decay). On CUDA each process compiles the
     Triton kernels afresh, so this also checks that deterministic mode leaves no choice to timing."""
     script = tmp_path / "resume.py"
     script.write_text(_RESUME.format(tests=str(__import__("pathlib").Path(__file__).parent)))
