@@ -87,7 +87,8 @@ def _run_one_rank(script: str, port: int) -> list[str]:
     return result.stdout.split("\n")
 
 
-_LIMIT_SCRIPT = """
+# Two Linears, a: 16 -> 32 and b: 32 -> 16: what the scripts below train, put before them.
+_MLP_SCRIPT = """
 class MLP(nn.Module):
     def __init__(self):
         super().__init__()
@@ -95,8 +96,9 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.b(torch.relu(self.a(x)))
+"""
 
-
+_LIMIT_SCRIPT = """
 model = MLP()
 compiled = torch.compile(nn.parallel.DistributedDataParallel(model), backend=nmcompile.backend(inner="aot_eager"),
                          dynamic=False)
@@ -114,7 +116,7 @@ def test_a_compiled_ddp_model_past_the_recompile_limit_warns():
     """``torch.compile(DDP(model))`` past dynamo's recompile limit: dynamo's log names DDP's wrapper
     code, not a function nmsparse compiled, but the refused compile is nmsparse's, so the warning
     comes (it did not), once, as the steps stop at the two compiled shapes."""
-    assert _run_one_rank(_LIMIT_SCRIPT, 29615)[:2] == ["[2]", "1"]
+    assert _run_one_rank(_MLP_SCRIPT + _LIMIT_SCRIPT, 29615)[:2] == ["[2]", "1"]
 
 
 _NAMES_SCRIPT = """
@@ -162,19 +164,11 @@ _TENSOR_PARALLEL_SCRIPT = """
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 32)
-
-    def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
-
 torch.manual_seed(0)
 model = MLP()
 parallelize_module(model, init_device_mesh("cpu", (1,)), {"a": ColwiseParallel(), "b": RowwiseParallel()})
 compiled = torch.compile(model, backend=nmcompile.backend(inner="aot_eager"))
-x = torch.randn(8, 32)
+x = torch.randn(8, 16)
 y = compiled(x)
 y.sum().backward()
 dense = torch.relu(x @ model.a.weight.full_tensor().t() + model.a.bias.full_tensor())
@@ -190,6 +184,6 @@ def test_tensor_parallel_weights_stay_dense_with_a_reason():
     """Tensor parallelism (``parallelize_module``: DTensor weights inside the graph) has no sharding
     rules for nmsparse's ops: its layers stay dense, say why in the report, and train (the backend's
     first compile raised ``BackendCompilerFailed`` on ``cpu_masked_weight``)."""
-    lines = _run_one_rank(_TENSOR_PARALLEL_SCRIPT, 29617)
+    lines = _run_one_rank(_MLP_SCRIPT + _TENSOR_PARALLEL_SCRIPT, 29617)
     why = "a DTensor weight (tensor parallelism): nmsparse's ops have no sharding rules"
     assert lines[:2] == ["True True {}", str([("a.weight", False, why), ("b.weight", False, why)])]
