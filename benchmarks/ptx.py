@@ -7,7 +7,7 @@ compiler and ptxas, no device needed) with the arguments a training step passes 
 that are multiples of 16, the contiguous dim's stride 1, as Triton specializes them at launch),
 and counts in the PTX what moves data between threads (warp shuffles, barriers, shared-memory
 stores, per program; shuffles also per tile entry a thread owns) and the width of its global loads
-and stores; in the machine code (``cuobjdump`` on the cubin), the registers per thread, the
+and stores; in the machine code (``cuobjdump`` and ``nvdisasm`` on the cubin), the registers per thread, the
 local-memory stores (``STL``: spilled registers, or an array the compiler put in local memory)
 and the instructions, also per tile entry a thread owns (for the kernels without a loop; the GEMM
 kernels loop, so theirs is code size). The elementwise kernels are memory-bound passes, so data
@@ -18,15 +18,19 @@ bandwidth. A count, not a time: ``benchmarks.parts24`` times the kernels on a GP
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import importlib
+import itertools
 import math
 import os
 import re
+import struct
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import triton.language as tl
@@ -164,32 +168,52 @@ def _widest(ptx: str, op: str) -> int:
     return max(widths, default=0)
 
 
-def machine_code(cubin: bytes) -> tuple[int, int, int]:
+def _code(cubin: bytes) -> bytes:
+    """The code sections (``.text.<function>``) of an ELF64 cubin, one after another."""
+    (table_at,) = struct.unpack_from("<Q", cubin, 0x28)
+    entry_size, count, names_index = struct.unpack_from("<HHH", cubin, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQ", cubin, table_at + i * entry_size) for i in range(count)]
+    names = sections[names_index][4]
+
+    def name(at: int) -> bytes:
+        return cubin[names + at : cubin.index(b"\0", names + at)]
+
+    return b"".join(cubin[at : at + size] for label, *_, at, size in sections if name(label).startswith(b".text."))
+
+
+def machine_code(cubins: list[bytes], target: str) -> list[tuple[int, int, int]]:
     """Registers per thread, local-memory stores (``STL`` instructions: spills) and machine
-    instructions (``NOP`` padding left out) of a compiled kernel, read with the ``cuobjdump`` that
-    ships with Triton."""
+    instructions (``NOP`` padding left out) of kernels compiled for ``target`` (``"sm_90a"``), read
+    with the ``cuobjdump`` and ``nvdisasm`` that ship with Triton: the code of all of them in one
+    ``nvdisasm`` run (a run takes 0.6 s to start, most of what a kernel took alone)."""
     from triton import knobs
 
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        tool = knobs.nvidia.cuobjdump.path
-        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
-    registers = int(re.search(r"REG:(\d+)", usage).group(1))
-    return (
-        registers,
-        opcodes.count("STL") + sum(op.startswith("STL.") for op in opcodes),
-        sum(op != "NOP" for op in opcodes),
-    )
+    cuobjdump = Path(knobs.nvidia.cuobjdump.path)
+    registers = []
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder, "kernel.cubin")
+        for cubin in cubins:
+            path.write_bytes(cubin)
+            usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+            registers.append(int(re.search(r"REG:(\d+)", usage).group(1)))
+        codes = [_code(cubin) for cubin in cubins]
+        path.write_bytes(b"".join(codes))
+        arch = "SM" + target.removeprefix("sm_")
+        command = [cuobjdump.with_name("nvdisasm"), "--binary", arch, path]
+        sass = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    ends = list(itertools.accumulate(map(len, codes)))  # a kernel's code ends where the next one's starts
+    opcodes: list[list[str]] = [[] for _ in cubins]
+    for at, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass):
+        opcodes[bisect.bisect_right(ends, int(at, 16))].append(op)
+    return [
+        (count, ops.count("STL") + sum(op.startswith("STL.") for op in ops), sum(op != "NOP" for op in ops))
+        for count, ops in zip(registers, opcodes, strict=True)
+    ]
 
 
-def compile_counts(variant: Variant, arch: int) -> Iterator[Counts]:
-    """``variant`` compiled for ``sm_<arch>`` once per autotune config."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("benchmarks.ptx compiles for a GPU: unset TRITON_INTERPRET (its kernels have one config)")
-
+def _compile(variant: Variant, arch: int) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """``variant`` compiled for ``sm_<arch>`` once per autotune config: the PTX half of its
+    ``Counts``, and what Triton compiled (``ptx``, ``cubin``, ...)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -216,7 +240,7 @@ def compile_counts(variant: Variant, arch: int) -> Iterator[Counts]:
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
         asm = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).asm
         ptx = asm["ptx"]
-        yield Counts(
+        counts = (
             variant.name,
             " ".join(f"{k} {v}" for k, v in config.kwargs.items()) + f", {config.num_warps} warps",
             math.prod(config.kwargs[key] for key in variant.tile) * variant.entries_per_tile,
@@ -226,8 +250,20 @@ def compile_counts(variant: Variant, arch: int) -> Iterator[Counts]:
             _count(ptx, r"st\.shared"),
             _widest(ptx, "ld"),
             _widest(ptx, "st"),
-            *machine_code(asm["cubin"]),
         )
+        yield counts, asm
+
+
+def compile_counts(variants: list[Variant], arch: int) -> list[Counts]:
+    """Each of ``variants`` compiled for ``sm_<arch>`` once per autotune config."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("benchmarks.ptx compiles for a GPU: unset TRITON_INTERPRET (its kernels have one config)")
+    compiled = [done for variant in variants for done in _compile(variant, arch)]
+    if not compiled:
+        return []
+    target = re.search(r"^\.target\s+(sm_\w+)", compiled[0][1]["ptx"], re.MULTILINE).group(1)
+    code = machine_code([asm["cubin"] for _, asm in compiled], target)
+    return [Counts(*counts, *machine) for (counts, _), machine in zip(compiled, code, strict=True)]
 
 
 def table(rows: list[Counts]) -> str:
@@ -286,7 +322,7 @@ def main(argv: list[str] | None = None) -> list[Counts]:
         for v in asked
         if v.name not in left_out
     ]
-    rows = [counts for variant in chosen for counts in compile_counts(variant, args.arch)]
+    rows = compile_counts(chosen, args.arch)
     print(f"sm_{args.arch}, {n}:{m}, PTX of each autotune config\n\n{table(rows)}", flush=True)
     if left_out:
         print(f"\nleft out at {n}:{m} (they write 2:4-compressed operands): {'; '.join(left_out)}")

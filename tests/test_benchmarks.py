@@ -455,6 +455,42 @@ def test_ptx_rejects_an_nm_the_kernels_do_not_take(nm, capsys):
     assert stopped.value.code == 2 and "argument --nm: expected N:M" in capsys.readouterr().err
 
 
+_MACHINE_CODE_SCRIPT = """
+import re, subprocess, sys, tempfile
+from pathlib import Path
+from triton import knobs
+from benchmarks import ptx
+variants = [v for v in ptx.VARIANTS if v.name in ("W ⊙ F", "mvue24")]
+compiled = [asm for variant in variants for _, asm in ptx._compile(variant, 90)]
+cubins = [asm["cubin"] for asm in compiled[:2] + compiled[-2:]]
+together = ptx.machine_code(cubins, "sm_90a")
+assert together == [code for cubin in cubins for code in ptx.machine_code([cubin], "sm_90a")], together
+with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+    for cubin, (_, stl, count) in zip(cubins, together, strict=True):
+        f.write(cubin)
+        f.flush()
+        f.seek(0)
+        sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", f.name], capture_output=True, text=True).stdout
+        ops = re.findall(r"/\\*[0-9a-f]{4,}\\*/\\s+(?:@!?U?P\\w+\\s+)?([A-Z][A-Z0-9_.]*)", sass)
+        assert (stl, count) == (sum(op.split(".")[0] == "STL" for op in ops), sum(op != "NOP" for op in ops))
+        assert count > 100
+print(len(together))
+"""
+
+
+def test_machine_code_of_kernels_read_together_is_each_kernels_own():
+    """``benchmarks.ptx.machine_code`` disassembles all kernels' code in one ``nvdisasm`` run and splits
+    it at their boundaries: each kernel's counts are what it gives alone and what ``cuobjdump -sass``
+    of its own cubin counts (two configs each of two kernels, one after another)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", _MACHINE_CODE_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "4"
+
+
 def test_compression_and_gather_kernels_compile_to_wide_accesses(ptx_table):
     """The 2:4 path's two bandwidth kernels, compiled for sm90 as above: the compression loads 128
     bits at a time and shuffles nothing; the column gather also stores 128 bits at a time (its
