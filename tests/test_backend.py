@@ -1220,10 +1220,10 @@ def test_aot_cache_serves_a_second_compile_of_the_same_nmcompile_only(monkeypatc
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 16)
+            self.fc = nn.Linear(32, 16)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc2(self.fc1(x).relu()).view(-1)
+            return self.fc(x).relu().view(-1)
 
     def train() -> list[torch.Tensor]:
         torch._dynamo.reset()

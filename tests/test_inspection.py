@@ -1319,15 +1319,10 @@ def test_a_checkpointed_model_does_not_load_the_plain_models_partition_from_the_
 
 
 _CACHE_CASES = {
-    "m=8": (lambda: MLP(16, 32, 8), (8, 16), {"m": 8}, torch.float32),
-    "transposable": (lambda: MLP(16, 32, 8), (8, 16), {"backward": "transposable"}, torch.float32),
-    "bf16": (lambda: MLP(16, 32, 8), (8, 16), {}, torch.bfloat16),
-    "conv": (
-        lambda: nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3)),
-        (2, 8, 10, 10),
-        {},
-        torch.float32,
-    ),
+    "m=8": (lambda: nn.Linear(16, 8), (8, 16), {"m": 8}, torch.float32),
+    "transposable": (lambda: nn.Linear(16, 8), (8, 16), {"backward": "transposable"}, torch.float32),
+    "bf16": (lambda: nn.Linear(16, 8), (8, 16), {}, torch.bfloat16),
+    "conv": (lambda: nn.Conv2d(8, 16, 3), (2, 8, 6, 6), {}, torch.float32),
 }
 
 
