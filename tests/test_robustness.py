@@ -21,7 +21,6 @@ import pytest
 import torch
 from conftest import (
     MLP,
-    Block,
     InOut,
     assert_close,
     assert_grads_close,
@@ -71,8 +70,9 @@ def test_graph_breaks_keep_one_state_per_layer():
 def test_dynamic_shapes_one_graph_and_reference_agreement():
     """dynamic=True, changing batch and sequence length (token counts not divisible by 4 included,
     so MVUE pads): one training graph; every shape matches the reference. (Sizes 0 and 1 are
-    their own symbolic pattern in dynamo and would compile once more.)"""
-    base = Block()
+    their own symbolic pattern in dynamo and would compile once more.) An MLP on ``[batch, seq,
+    32]``: attention under ``dynamic=True`` is the encoder-layer test's."""
+    base = MLP()
     ref = reference.sparsify(copy.deepcopy(base), grad_prune="mvue24")
     mine = copy.deepcopy(base)
     compiled = torch.compile(mine, backend=_backend(grad_prune="mvue24"), dynamic=True)
