@@ -7,9 +7,9 @@ compiler and ptxas, no device needed) with the arguments a training step passes 
 that are multiples of 16, the contiguous dim's stride 1, as Triton specializes them at launch),
 and counts in the PTX what moves data between threads (warp shuffles, barriers, shared-memory
 stores, per program; shuffles also per tile entry a thread owns) and the width of its global loads
-and stores; in the machine code (``cuobjdump`` and ``nvdisasm`` on the cubin), the registers per thread, the
-local-memory stores (``STL``: spilled registers, or an array the compiler put in local memory)
-and the instructions, also per tile entry a thread owns (for the kernels without a loop; the GEMM
+and stores; in the machine code (``cuobjdump`` and ``nvdisasm`` on the cubin), the registers per
+thread, the local-memory stores (``STL``: spilled registers, or an array the compiler put in local
+memory) and the instructions, also per tile entry a thread owns (for the kernels without a loop; the GEMM
 kernels loop, so theirs is code size). The elementwise kernels are memory-bound passes, so data
 exchanged between threads, narrow accesses, spills and instructions are what keep them from
 bandwidth. A count, not a time: ``benchmarks.parts24`` times the kernels on a GPU.

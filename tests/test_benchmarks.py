@@ -457,17 +457,17 @@ def test_ptx_rejects_an_nm_the_kernels_do_not_take(nm, capsys):
 
 _MACHINE_CODE_SCRIPT = """
 import itertools, re, subprocess, tempfile
+from pathlib import Path
 from triton import knobs
 from benchmarks import ptx
 variants = [v for v in ptx.VARIANTS if v.name in ("W ⊙ F", "mvue24")]
 cubins = [asm["cubin"] for variant in variants for _, asm in itertools.islice(ptx._compile(variant, 90), 2)]
 together = ptx.machine_code(cubins, "sm_90a")
-with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-    for cubin, (_, stl, count) in zip(cubins, together, strict=True):
-        f.write(cubin)
-        f.flush()
-        f.seek(0)
-        sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", f.name], capture_output=True, text=True).stdout
+with tempfile.TemporaryDirectory() as folder:
+    for i, (cubin, (_, stl, count)) in enumerate(zip(cubins, together, strict=True)):
+        path = Path(folder, f"{i}.cubin")
+        path.write_bytes(cubin)
+        sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", path], capture_output=True, text=True).stdout
         ops = re.findall(r"/\\*[0-9a-f]{4,}\\*/\\s+(?:@!?U?P\\w+\\s+)?([A-Z][A-Z0-9_.]*)", sass)
         assert (stl, count) == (sum(op.split(".")[0] == "STL" for op in ops), sum(op != "NOP" for op in ops))
         assert count > 100
