@@ -129,30 +129,57 @@ def permutation_score(fmask: torch.Tensor, perm: torch.Tensor, n: int, m: int) -
 
     For a conv mask ``[O, C, *k]`` every ``(c, *k)`` position is a column.
     """
+    return int(permutation_scores(fmask, perm[None], n, m)[0])
+
+
+SCORE_CHUNK = 2**20
+"""Mask entries per batch of candidates that ``permutation_scores`` scores together. Small weights
+share a batch: a search (100 candidates, the forward mask and their draws included) took 4.5-5.2 ms
+for a 64 x 64 weight one candidate at a time, most of it the dispatch of five ops per candidate,
+and 1.8-2.0 ms batched; 512 x 128: 6.1-6.6 ms and 4.0 ms. Weights of this many entries or more
+go one at a time, as before (2048 x 512: 24-28 ms either way), so the batch's buffers stay small
+(``python -m benchmarks.masks --rows R --cols C --threads 1``, 2-core AMD EPYC, torch 2.13)."""
+
+
+def permutation_scores(fmask: torch.Tensor, perms: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """``permutation_score`` of each row of ``perms`` ``[C, O]``, as int64 ``[C]``, batched."""
     O = fmask.shape[0]
     _check_nm(O, n, m, "rows")
-    rows = fmask.index_select(0, perm.to(fmask.device)).reshape(O // m, m, -1)
+    flat = fmask.reshape(O, -1)
+    perms = perms.to(fmask.device)
     # Byte counts (search scores 100 candidates), summed from bytes rather than bools and totalled
     # in int32 where that cannot overflow, as ATen's int64 total of bytes is slow: a 2:4 search
     # over a 4096 x 4096 weight took 1.1-1.2 s, 1.6-1.8 s before (``python -m benchmarks.masks
     # --rows 4096 --cols 4096 --threads 1``, a 2-core AMD EPYC, torch 2.13).
     counts = torch.uint8 if m < 256 else torch.int64
-    per_block = rows.to(torch.uint8).sum(1, dtype=counts).clamp_(max=n)
-    return int(per_block.sum(dtype=torch.int32 if per_block.numel() * n < 2**31 else torch.int64))
+    total = torch.int32 if flat.numel() * n < 2**31 else torch.int64
+    batch = max(1, min(len(perms), SCORE_CHUNK // max(1, flat.numel())))
+    # Buffers for every batch: fresh ones of these sizes cost more in page faults than the sums.
+    width = flat.shape[1]
+    gathered = flat.new_empty(batch * O, width)
+    in_block = flat.new_empty(batch, O // m, width, dtype=counts)
+    kept = flat.new_empty(batch, O // m, width, dtype=total)  # a sum's own cast to int32 allocates
+    scores = []
+    for chunk in perms.split(batch):
+        size = len(chunk)
+        rows = torch.index_select(flat, 0, chunk.reshape(-1), out=gathered[: size * O])
+        torch.sum(rows.view(size, O // m, m, width), 2, dtype=counts, out=in_block[:size])
+        kept[:size].copy_(in_block[:size].clamp_(max=n))
+        scores.append(kept[:size].sum((1, 2), dtype=total))
+    return torch.cat(scores).long()
 
 
 def search_permutation(
     fmask: torch.Tensor, current: torch.Tensor, candidates: Sequence[torch.Tensor], n: int, m: int
 ) -> tuple[torch.Tensor, int]:
     """Best of ``current`` and ``candidates`` by ``permutation_score``; ties keep the earlier one.
-    The mask is made bytes once here, not per candidate."""
+    The mask is made bytes once here, and the candidates are scored in batches."""
     fmask = fmask.to(torch.uint8)
-    best, best_score = current, permutation_score(fmask, current, n, m)
-    for candidate in candidates:
-        score = permutation_score(fmask, candidate, n, m)
-        if score > best_score:
-            best, best_score = candidate, score
-    return best.to(current.device).clone(), best_score
+    perms = torch.stack([current.to(fmask.device), *(c.to(fmask.device) for c in candidates)])
+    scores = permutation_scores(fmask, perms, n, m).tolist()
+    best = max(range(len(scores)), key=scores.__getitem__)  # the first of the highest
+    chosen = current if best == 0 else candidates[best - 1]
+    return chosen.to(current.device).clone(), scores[best]
 
 
 def swap_rows(

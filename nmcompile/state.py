@@ -86,6 +86,8 @@ def permutation_candidates(spec: LayerSpec, generator: torch.Generator) -> list[
     """The ``perm_candidates`` random row permutations of a search step, drawn in order from its
     ``candidate_generator``; with groups, one ``randperm`` per group, kept inside the group."""
     size = spec.rows // spec.groups
+    if spec.groups == 1:  # the same draws, without an add and a cat per candidate (small layers feel them)
+        return [torch.randperm(size, generator=generator) for _ in range(spec.config.perm_candidates)]
     return [
         torch.cat([torch.randperm(size, generator=generator) + g * size for g in range(spec.groups)])
         for _ in range(spec.config.perm_candidates)

@@ -388,6 +388,24 @@ def test_permutation_score_counts_blocks_past_a_byte(m):
         assert reference.permutation_score(fmask, perm, n, m) == brute_score(fmask, perm, n, m)
 
 
+@pytest.mark.parametrize("per_batch", [1, 2, 5, 12])
+@pytest.mark.parametrize("shape,n,m", [((16, 8), 2, 4), ((16, 4, 3), 1, 4), ((16, 8), 3, 8)])
+def test_permutation_scores_in_batches_are_each_candidates_score(monkeypatch, per_batch, shape, n, m):
+    """The search scores its candidates in batches of ``SCORE_CHUNK`` mask entries (one candidate,
+    two, five with a shorter last batch, all 12): each score is the brute force's, for a linear and
+    a conv mask, and the search picks the first best, as one at a time."""
+    fmask = reference.nm_mask(torch.randn(shape, generator=torch.Generator().manual_seed(n + m)), n, m, 1)
+    monkeypatch.setattr(reference, "SCORE_CHUNK", per_batch * fmask.numel())
+    perms = torch.stack([random_perm(16, seed) for seed in range(12)])
+    expected = [brute_score(fmask.reshape(16, -1), p, n, m) for p in perms]
+    assert len(set(expected)) > 3, expected  # the candidates differ, so a mixed-up batch shows
+    scores = reference.permutation_scores(fmask, perms, n, m)
+    assert scores.dtype == torch.int64 and scores.tolist() == expected
+    best, score = reference.search_permutation(fmask, perms[0], list(perms[1:]), n, m)
+    first_best = max(range(12), key=lambda i: (expected[i], -i))
+    assert torch.equal(best, perms[first_best]) and score == expected[first_best]
+
+
 def test_permutation_score_hand_example():
     """SPEC §5 on a 4×3 mask with 1:2, for the identity and for a hand-picked permutation."""
     fmask = torch.tensor(
