@@ -136,7 +136,8 @@ SCORE_CHUNK = 2**20
 """Mask entries per batch of candidates that ``permutation_scores`` scores together. Small weights
 share a batch: a search (100 candidates, the forward mask and their draws included) took 4.5-5.2 ms
 for a 64 x 64 weight one candidate at a time, most of it the dispatch of five ops per candidate,
-and 1.8-2.0 ms batched; 512 x 128: 6.1-6.6 ms and 4.0 ms. Weights of this many entries or more
+and 1.8-2.0 ms batched (1.3-1.8 ms with the draws' own cost cut); 512 x 128: 6.1-6.6, 4.0 and
+2.9-3.0 ms. Weights of this many entries or more
 go one at a time, as before (2048 x 512: 24-28 ms either way), so the batch's buffers stay small
 (``python -m benchmarks.masks --rows R --cols C --threads 1``, 2-core AMD EPYC, torch 2.13)."""
 
