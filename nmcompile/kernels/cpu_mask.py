@@ -245,7 +245,7 @@ def nm4_masked_weight(weight: torch.Tensor, n: int) -> torch.Tensor:
         raise ValueError(f"the last dim of weight must be divisible by {M}, got shape {tuple(weight.shape)}")
     library = _checked_library(weight, n)
     weight = weight.detach().contiguous()
-    out = torch.empty(weight.shape, dtype=weight.dtype)  # the fake's strides, also on dims of size 1
+    out = torch.empty_like(weight, memory_format=torch.contiguous_format)  # the fake's strides, also on dims of size 1
     library.nm4_masked_weight_f32(weight.data_ptr(), out.data_ptr(), weight.numel() // M, n, torch.get_num_threads())
     return out
 
@@ -261,7 +261,7 @@ def nm4_bimask_weight(masked: torch.Tensor, perm: torch.Tensor, n: int) -> torch
         raise ValueError(f"perm must be int64 [{masked.shape[0]}] on the CPU, got {perm.dtype} {tuple(perm.shape)}")
     library = _checked_library(masked, n)
     masked, perm = masked.detach().contiguous(), perm.contiguous()
-    out = torch.empty(masked.shape, dtype=masked.dtype)  # the fake's strides, also on dims of size 1
+    out = torch.empty_like(masked, memory_format=torch.contiguous_format)  # the fake's strides, also on dims of size 1
     rows = masked.shape[0]
     cols = masked.numel() // rows if rows else 0
     status = library.nm4_bimask_rows_f32(
