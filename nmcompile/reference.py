@@ -137,9 +137,9 @@ SCORE_CHUNK = 2**20
 share a batch: a search (100 candidates, the forward mask and their draws included) took 4.5-5.2 ms
 for a 64 x 64 weight one candidate at a time, most of it the dispatch of five ops per candidate,
 and 1.8-2.0 ms batched (1.3-1.8 ms with the draws' own cost cut); 512 x 128: 6.1-6.6, 4.0 and
-2.9-3.0 ms. Weights of this many entries or more
-go one at a time, as before (2048 x 512: 24-28 ms either way), so the batch's buffers stay small
-(``python -m benchmarks.masks --rows R --cols C --threads 1``, 2-core AMD EPYC, torch 2.13)."""
+2.9-3.0 ms. Weights of this many entries or more go one at a time, as before (2048 x 512: 24-28 ms
+either way), so the batch's buffers stay small (``python -m benchmarks.masks --rows R --cols C
+--threads 1``, 2-core AMD EPYC, torch 2.13)."""
 
 
 def permutation_scores(fmask: torch.Tensor, perms: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -153,10 +153,10 @@ def permutation_scores(fmask: torch.Tensor, perms: torch.Tensor, n: int, m: int)
     # over a 4096 x 4096 weight took 1.1-1.2 s, 1.6-1.8 s before (``python -m benchmarks.masks
     # --rows 4096 --cols 4096 --threads 1``, a 2-core AMD EPYC, torch 2.13).
     counts = torch.uint8 if m < 256 else torch.int64
-    total = torch.int32 if flat.numel() * n < 2**31 else torch.int64
+    width = flat.shape[1]
+    total = torch.int32 if O // m * width * n < 2**31 else torch.int64  # a candidate's score fits
     batch = max(1, min(len(perms), SCORE_CHUNK // max(1, flat.numel())))
     # Buffers for every batch: fresh ones of these sizes cost more in page faults than the sums.
-    width = flat.shape[1]
     gathered = flat.new_empty(batch * O, width)
     in_block = flat.new_empty(batch, O // m, width, dtype=counts)
     kept = flat.new_empty(batch, O // m, width, dtype=total)  # a sum's own cast to int32 allocates
