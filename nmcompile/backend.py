@@ -789,12 +789,18 @@ def _compiling_module_forward() -> bool:
     code = root.f_code
     if code.co_name.startswith("torch_dynamo_resume_in_forward_at_"):
         return True
-    if code.co_name == "inner" and code.co_filename.endswith(os.path.join("_dynamo", "external_utils.py")):
+    if _is_module_wrapper(code.co_name, code.co_filename):
         return True
     owners = _compiled_roots()
     if code.co_argcount:
         owners.insert(0, root.f_locals.get(code.co_varnames[0]))
     return any(isinstance(owner, nn.Module) and code in _forward_codes(owner) for owner in owners)
+
+
+def _is_module_wrapper(name: str, filename: str) -> bool:
+    """Whether the code is dynamo's ``inner`` (``wrap_inline``), the frame it compiles for every
+    ``torch.nn`` module given to ``torch.compile`` itself (``nn.Sequential``, ``nn.Linear``, ...)."""
+    return name == "inner" and filename.endswith(os.path.join("_dynamo", "external_utils.py"))
 
 
 def _forward_codes(module: nn.Module) -> list[types.CodeType]:
@@ -852,13 +858,21 @@ class _RecompileLimitWatch(logging.Filter):
         if str(record.msg).startswith("torch._dynamo hit config.") and len(record.args or ()) >= 3:
             limit, value, function = record.args[:3]  # type: ignore[index]
             stops = _stops_nmsparse(self.without_gemms())  # None: dynamo's frame not found; by the name
-            if stops or (stops is None and function in map(_logged_name, self.compiled)):
+            compiled = [code for code in self.compiled if _logged_name(code) == function]
+            if stops or (stops is None and compiled):
+                shared = any(_is_module_wrapper(name, filename) for name, filename, _ in compiled)
                 warnings.warn(
                     f"nmsparse: dynamo hit its {limit} ({value}) for {function}, a function nmsparse has "
                     "compiled: dynamo runs it eagerly from now on, so an nmsparse model there trains dense and "
                     "its layers' steps stop (sparsity_state). Every option set, train/eval/no_grad mode and "
                     "static shape counts; "
-                    "pass isolate_recompiles=True to torch.compile, call torch._dynamo.reset() between "
+                    + (
+                        "here, every torch.nn module given to torch.compile itself (nn.Sequential, say) counts "
+                        "too, in this whole process: dynamo compiles them all through this one 'inner' wrapper; "
+                        if shared
+                        else ""
+                    )
+                    + "pass isolate_recompiles=True to torch.compile, call torch._dynamo.reset() between "
                     "runs, or raise torch._dynamo.config.recompile_limit (README, 'Recompiles')",
                     stacklevel=2,
                 )

@@ -353,6 +353,7 @@ def test_hitting_dynamos_recompile_limit_warns_that_the_layers_train_dense():
     assert len(ours) == 1  # at batch 6: dynamo then skips the frame for good, with no second log line
     assert ours[0].startswith("nmsparse: dynamo hit its recompile_limit (2) for 'forward' (")
     assert "an nmsparse model there trains dense and its layers' steps stop" in ours[0]
+    assert "'inner' wrapper" not in ours[0]  # a class of one's own: its forward is its own code
     assert {v["step"] for v in nmcompile.sparsity_state(model).values()} == {2}
 
 
@@ -457,6 +458,28 @@ def test_an_isolated_compile_hitting_the_recompile_limit_warns_only_for_nmsparse
     ours = [str(w.message) for w in caught if "nmsparse" in str(w.message)]
     assert len(ours) == 1 and ours[0].startswith("nmsparse: dynamo hit its recompile_limit (2) for 'forward' (")
     assert {v["step"] for v in nmcompile.sparsity_state(model).values()} == {2}
+
+
+@pytest.mark.parametrize("isolated", [False, True])
+def test_torch_nn_modules_compiled_directly_share_one_limit(isolated):
+    """Dynamo compiles every ``torch.nn`` module given to ``torch.compile`` itself through one
+    ``inner`` wrapper, so models of other widths in one process (a sweep) count together: past the
+    limit the next trains dense, and the warning says why; ``isolate_recompiles=True`` gives each
+    wrapper a limit of its own, and every model trains sparse."""
+    models = [nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 8)) for width in (16, 24, 32)]
+    with torch._dynamo.config.patch(recompile_limit=2), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for model in models:
+            compiled = torch.compile(model, backend=_backend(), dynamic=False, isolate_recompiles=isolated)
+            compiled(torch.randn(4, model[0].in_features)).sum().backward()
+    ours = [str(w.message) for w in caught if str(w.message).startswith("nmsparse: dynamo hit its recompile_limit")]
+    trained = ["0.weight" in nmcompile.sparsity_state(model) for model in models]
+    if isolated:
+        assert not ours and trained == [True, True, True]
+    else:
+        assert len(ours) == 1 and trained == [True, True, False]
+        assert ours[0].startswith("nmsparse: dynamo hit its recompile_limit (2) for 'inner' (")
+        assert "every torch.nn module given to torch.compile itself (nn.Sequential, say) counts too" in ours[0]
 
 
 class _Cond(nn.Module):
