@@ -320,12 +320,14 @@ def _search_weight(case: str) -> torch.Tensor:
 @pytest.mark.parametrize("swaps", [0, 3])
 @pytest.mark.parametrize("nm", [(2, 4), (1, 8)], ids=lambda nm: f"{nm[0]}:{nm[1]}")
 @pytest.mark.parametrize("case", ["out_in", "in_out", "conv", "ties_and_nan"])
-def test_layer_search_chooses_the_reference_permutation(case, nm, swaps):
-    """The layer's search builds ``F`` with the composite mask op (no sort) and picks exactly the
-    permutation ``reference.search_permutation`` picks over ``reference.nm_mask``, ties and NaN
-    included; a candidate beats the identity here, so the comparison is not vacuous. With
-    ``perm_swaps``, ``reference.swap_rows`` then sweeps from it, drawing after the candidates from
-    their generator, and raises the score further."""
+def test_layer_search_chooses_the_reference_permutation(case, nm, swaps, monkeypatch):
+    """The layer's search builds ``F`` with the C forward kernel (a 2-D fp32 weight at M=4) or the
+    composite mask op (no sort), and picks exactly the permutation ``reference.search_permutation``
+    picks over ``reference.nm_mask``, ties and NaN included; a candidate beats the identity here, so
+    the comparison is not vacuous. With ``perm_swaps``, ``reference.swap_rows`` then sweeps from it,
+    drawing after the candidates from their generator, and raises the score further."""
+    from nmcompile.kernels import cpu_mask
+
     n, m = nm
     param = _search_weight(case)
     layout = "in_out" if case == "in_out" else "out_in"
@@ -333,10 +335,18 @@ def test_layer_search_chooses_the_reference_permutation(case, nm, swaps):
     config = nmcompile.SparsityConfig(n=n, m=m, perm_candidates=16, perm_swaps=swaps)
     spec = LayerSpec("fc.weight", 3, rows, "bimask", layout=layout, config=config)
     state = nmcompile.state.LayerState(spec, torch.device("cpu"), None)
+    c_masks = []
+    monkeypatch.setattr(
+        cpu_mask, "nm4_mask", lambda w, n, launch=cpu_mask.nm4_mask: c_masks.append(launch(w, n)) or c_masks[-1]
+    )
     state.begin_training_step(param)
     w = param.t() if layout == "in_out" else param
     fmask = reference.nm_mask(w, n, m, dim=1)
     assert torch.equal(nmcompile.ops.nm_mask(w, n, m, 1), fmask)
+    if m == 4 and case != "conv" and cpu_mask.blocker(w, m) is None:
+        assert len(c_masks) == 1 and torch.equal(c_masks[0], fmask)
+    else:
+        assert c_masks == []
     identity = torch.arange(rows)
     generator = candidate_generator(0, 3, 0)
     expected, score = reference.search_permutation(fmask, identity, permutation_candidates(spec, generator), n, m)

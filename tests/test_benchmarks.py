@@ -241,6 +241,7 @@ def test_masks_benchmark_smoke(capsys):
         ("W ⊙ B (Bi-Mask)", "inductor"),
         ("W ⊙ B (Bi-Mask)", "C kernel"),
         ("search, 100 candidates", "eager"),
+        ("search, 100 candidates", "C kernel"),
         ("3 swap sweeps", "eager"),
     ]
     blocked = cpu_mask.blocker(torch.zeros(16, 8), 4)

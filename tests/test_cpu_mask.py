@@ -42,12 +42,17 @@ def _special(rows: int, cols: int) -> torch.Tensor:
 @pytest.mark.parametrize("shape", [(4, 4), (5, 12), (8, 64), (64, 36)], ids=str)
 def test_kernel_equals_reference_bit_for_bit(shape, n):
     """``W ⊙ F`` equals ``where(reference.nm_mask(W), W, +0.0)`` in every bit (NaN payloads and the
-    sign of kept zeros included), for an even and an odd number of groups (the scalar tail)."""
+    sign of kept zeros included), for an even and an odd number of groups (the scalar tail); the mask
+    launcher (the permutation search's) gives ``reference.nm_mask`` itself, kept zeros included."""
     w = _special(*shape)
-    expected = torch.where(reference.nm_mask(w, n, 4, 1), w, 0.0)
+    fmask = reference.nm_mask(w, n, 4, 1)
+    expected = torch.where(fmask, w, 0.0)
     out = cpu_mask.nm4_masked_weight(w, n)
     assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
     assert int((out != 0).sum()) <= n * w.numel() // 4
+    mask = cpu_mask.nm4_mask(w, n)
+    assert mask.dtype == torch.bool and torch.equal(mask, fmask)
+    assert int(mask.sum()) == n * w.numel() // 4 and int(mask[2, :4].sum()) == n  # kept zeros, which W ⊙ F hides
 
 
 def test_kernel_reads_strided_and_grad_weights():
@@ -69,9 +74,10 @@ def test_kernel_reads_strided_and_grad_weights():
         (torch.zeros(4, 8), 5, "n must be in 1..4"),
     ],
 )
-def test_launcher_rejects_bad_inputs(weight, n, message):
+@pytest.mark.parametrize("launcher", ["nm4_masked_weight", "nm4_mask"])
+def test_launcher_rejects_bad_inputs(launcher, weight, n, message):
     with pytest.raises(ValueError, match=message):
-        cpu_mask.nm4_masked_weight(weight, n)
+        getattr(cpu_mask, launcher)(weight, n)
 
 
 def _bimask_expected(masked: torch.Tensor, perm: torch.Tensor, n: int) -> torch.Tensor:
@@ -164,6 +170,7 @@ def test_kernels_give_the_same_bits_on_one_and_two_threads():
             torch.set_num_threads(count)
             masked = cpu_mask.nm4_masked_weight(w, 2)
             results.append((masked, cpu_mask.nm4_bimask_weight(masked, perm, 2)))
+            assert torch.equal(cpu_mask.nm4_mask(w, 2), reference.nm_mask(w, 2, 4, 1))
     finally:
         torch.set_num_threads(threads)
     (fwd_1, bwd_1), (fwd_2, bwd_2) = results

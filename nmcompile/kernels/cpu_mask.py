@@ -1,5 +1,6 @@
 """CPU mask kernels of the portable path, for fp32 weights and M=4, in C: the forward ``W ⊙ F``
-(``F = nm_mask(W, n, 4, dim=K)``) and Bi-Mask's backward weight ``W ⊙ B`` from it, each in one pass.
+(``F = nm_mask(W, n, 4, dim=K)``) and Bi-Mask's backward weight ``W ⊙ B`` from it, each in one pass;
+``F`` itself, a byte per weight, for the permutation search.
 
 Inductor's CPU code for groups along the contiguous dim is scalar (3.4 ms per million weights
 measured on a 2-core AMD EPYC, torch 2.13), and its Bi-Mask weight takes three passes and an
@@ -67,6 +68,14 @@ static inline f8 magnitudes(f8 v) {
   return (f8)(((i8)a & number) | (inf & ~number));
 }
 
+/* the lanes of two groups of 4 (one vector) that the forward keeps: -1 kept, 0 pruned */
+static inline i8 kept_lanes(f8 v, i8 limit) {
+  f8 a = magnitudes(v);
+  i8 count = -(above(a, __builtin_shuffle(a, ROT1), LOW1) + above(a, __builtin_shuffle(a, ROT2), LOW2)
+               + above(a, __builtin_shuffle(a, ROT3), LOW3));
+  return count < limit;
+}
+
 /* forward: groups of 4 along the contiguous dim, two groups per vector */
 void nm4_masked_weight_f32(const float *restrict w, float *restrict out, int64_t groups, int32_t n, int32_t threads) {
   const i8 limit = {n, n, n, n, n, n, n, n};
@@ -75,16 +84,31 @@ void nm4_masked_weight_f32(const float *restrict w, float *restrict out, int64_t
   for (int64_t p = 0; p < pairs; ++p) {
     f8 v;
     __builtin_memcpy(&v, w + 8 * p, sizeof v);
-    f8 a = magnitudes(v);
-    i8 count = -(above(a, __builtin_shuffle(a, ROT1), LOW1) + above(a, __builtin_shuffle(a, ROT2), LOW2)
-                 + above(a, __builtin_shuffle(a, ROT3), LOW3));
-    f8 kept = (f8)((i8)v & (count < limit));
+    f8 kept = (f8)((i8)v & kept_lanes(v, limit));
     __builtin_memcpy(out + 8 * p, &kept, sizeof kept);
   }
   for (int64_t g = 2 * pairs; g < groups; ++g) {
     const float *x = w + 4 * g;
     float a[4] = {magnitude(x[0]), magnitude(x[1]), magnitude(x[2]), magnitude(x[3])};
     for (int i = 0; i < 4; ++i) out[4 * g + i] = outranked(a, i) < n ? x[i] : 0.0f;
+  }
+}
+
+/* the forward mask itself, a byte (0 or 1) per weight, as torch's bool: for the permutation search */
+void nm4_mask_f32(const float *restrict w, unsigned char *restrict out, int64_t groups, int32_t n, int32_t threads) {
+  const i8 limit = {n, n, n, n, n, n, n, n};
+  const int64_t pairs = groups / 2;
+  #pragma omp parallel for num_threads(threads) schedule(static) if (4 * groups >= PARALLEL_MIN)
+  for (int64_t p = 0; p < pairs; ++p) {
+    f8 v;
+    __builtin_memcpy(&v, w + 8 * p, sizeof v);
+    i8 keep = kept_lanes(v, limit);
+    for (int lane = 0; lane < 8; ++lane) out[8 * p + lane] = keep[lane] & 1;
+  }
+  for (int64_t g = 2 * pairs; g < groups; ++g) {
+    const float *x = w + 4 * g;
+    float a[4] = {magnitude(x[0]), magnitude(x[1]), magnitude(x[2]), magnitude(x[3])};
+    for (int i = 0; i < 4; ++i) out[4 * g + i] = outranked(a, i) < n;
   }
 }
 
@@ -200,8 +224,9 @@ def _library() -> ctypes.CDLL | str:
         if isinstance(library, str):
             return library
     pointer, int64, int32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-    library.nm4_masked_weight_f32.argtypes = (pointer, pointer, int64, int32, int32)
-    library.nm4_masked_weight_f32.restype = None
+    for forward in (library.nm4_masked_weight_f32, library.nm4_mask_f32):
+        forward.argtypes = (pointer, pointer, int64, int32, int32)
+        forward.restype = None
     library.nm4_bimask_rows_f32.argtypes = (pointer, pointer, pointer, int64, int64, int32, int32)
     library.nm4_bimask_rows_f32.restype = ctypes.c_int32
     return library
@@ -239,15 +264,26 @@ def _checked_library(weight: torch.Tensor, n: int) -> ctypes.CDLL:
     return library
 
 
-def nm4_masked_weight(weight: torch.Tensor, n: int) -> torch.Tensor:
-    """``W ⊙ nm_mask(W, n, 4, dim=-1)``: the kept entries as they are, the pruned ones ``+0.0``."""
+def _forward_kernel(weight: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The forward kernel on ``weight``: ``W ⊙ F`` (``dtype`` fp32) or the mask ``F`` (``dtype`` bool)."""
     if weight.dim() == 0 or weight.shape[-1] % M:
         raise ValueError(f"the last dim of weight must be divisible by {M}, got shape {tuple(weight.shape)}")
     library = _checked_library(weight, n)
     weight = weight.detach().contiguous()
-    out = torch.empty_like(weight, memory_format=torch.contiguous_format)  # the fake's strides, also on dims of size 1
-    library.nm4_masked_weight_f32(weight.data_ptr(), out.data_ptr(), weight.numel() // M, n, torch.get_num_threads())
+    out = torch.empty_like(weight, dtype=dtype, memory_format=torch.contiguous_format)  # the fake's strides
+    kernel = library.nm4_mask_f32 if dtype == torch.bool else library.nm4_masked_weight_f32
+    kernel(weight.data_ptr(), out.data_ptr(), weight.numel() // M, n, torch.get_num_threads())
     return out
+
+
+def nm4_masked_weight(weight: torch.Tensor, n: int) -> torch.Tensor:
+    """``W ⊙ nm_mask(W, n, 4, dim=-1)``: the kept entries as they are, the pruned ones ``+0.0``."""
+    return _forward_kernel(weight, n, torch.float32)
+
+
+def nm4_mask(weight: torch.Tensor, n: int) -> torch.Tensor:
+    """``nm_mask(W, n, 4, dim=-1)``, the bool mask itself, for the permutation search."""
+    return _forward_kernel(weight, n, torch.bool)
 
 
 def nm4_bimask_weight(masked: torch.Tensor, perm: torch.Tensor, n: int) -> torch.Tensor:
