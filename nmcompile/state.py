@@ -139,6 +139,20 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def nm_forward_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """``reference.nm_mask(w, n, m, dim=1)``, the forward mask of a weight matrix (or a conv weight,
+    along ``C``), the fastest exact way outside the graphs: the C forward kernel for a 2-D fp32 CPU
+    weight at M=4 (14-22x the composite op), else the composite op (M comparisons per entry, 4-6x
+    the reference's sort on the CPU), else (a tensor subclass) the reference."""
+    plain = type(w) is torch.Tensor
+    if plain and w.dim() == 2:
+        from nmcompile.kernels import cpu_mask
+
+        if cpu_mask.blocker(w, m) is None:
+            return cpu_mask.nm4_mask(w, n)
+    return (ops.nm_mask if plain else reference.nm_mask)(w, n, m, 1)
+
+
 class LayerState:
     """One sparsified weight's ``Progress`` as a compiled layer with ``spec`` uses it.
 
@@ -311,22 +325,15 @@ class LayerState:
             generator = candidate_generator(config.seed, spec.index, step)
             candidates = permutation_candidates(spec, generator)
             w = self.weight_matrix(param)
-            plain = type(w) is torch.Tensor
             fmask, search = None, reference.search_permutation
+            plain = type(w) is torch.Tensor
             if w.is_cuda and config.kernels != "portable" and plain and w.dim() == 2 and power_of_two(config.m):
                 from nmcompile import kernels
 
                 if kernels.triton_installed():  # one launch each
                     fmask, search = kernels.nm_mask(w, n, config.m, 1), kernels.search_permutation
-            elif plain and w.dim() == 2:
-                from nmcompile.kernels import cpu_mask
-
-                if cpu_mask.blocker(w, config.m) is None:  # fp32, M=4: 14-22x the composite op below
-                    fmask = cpu_mask.nm4_mask(w, n)
             if fmask is None:
-                # The composite mask op (M comparisons per entry) picks the reference's mask 4-6x
-                # faster than its sort on the CPU; other tensor types keep the reference.
-                fmask = (ops.nm_mask if plain else reference.nm_mask)(w, n, config.m, 1)
+                fmask = nm_forward_mask(w, n, config.m)
             self.perm, _ = search(fmask, self.perm, candidates, n, config.m)
             if config.perm_swaps:  # drawn after the candidates, from the same generator
                 swaps = config.perm_swaps
@@ -372,7 +379,7 @@ class LayerState:
         n, m = self.mask_n(), self.spec.config.m
         if self.spec.backward == "transposable":
             return reference.transposable_mask(w, n, m)
-        return reference.nm_mask(w, n, m, dim=1)
+        return nm_forward_mask(w, n, m)
 
     def forward_weight(self, param: torch.Tensor) -> torch.Tensor:
         """The weight this layer's forward uses now, a new tensor in ``param``'s layout: ``W ⊙ F``,

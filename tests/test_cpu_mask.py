@@ -409,3 +409,27 @@ def test_the_autograd_cache_keeps_graphs_with_and_without_the_library_apart(tmp_
             grads.append([p.grad for p in model.parameters()])
     assert hits == [0, 0, 1]
     assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1], strict=True))
+
+
+@pytest.mark.parametrize(
+    ("case", "m", "c_kernel"),
+    [("fp32", 4, True), ("fp32 [in, out] view", 4, True), ("bf16", 4, False), ("conv", 4, False), ("fp32", 8, False)],
+)
+def test_forward_mask_outside_the_graphs_is_the_references(case, m, c_kernel, monkeypatch):
+    """``state.nm_forward_mask``, the ``F`` of the permutation search, ``sparsity_state`` and
+    ``forward_weights``, is ``reference.nm_mask`` along the reduction dim: from the C kernel for a 2-D
+    fp32 weight at M=4, from the composite op otherwise (a conv weight along ``C``, bf16, M=8)."""
+    from nmcompile.state import nm_forward_mask
+
+    w = _special(32, 48)
+    if case == "fp32 [in, out] view":
+        w = _special(48, 32).t()
+    elif case == "bf16":
+        w = w.bfloat16()
+    elif case == "conv":
+        w = w.reshape(32, 16, 3, 1)
+    calls = []
+    monkeypatch.setattr(cpu_mask, "nm4_mask", lambda w, n, launch=cpu_mask.nm4_mask: calls.append(n) or launch(w, n))
+    for n in range(1, m + 1):
+        assert torch.equal(nm_forward_mask(w, n, m), reference.nm_mask(w, n, m, 1)), n
+    assert calls == (list(range(1, m + 1)) if c_kernel else [])
