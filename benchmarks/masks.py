@@ -22,7 +22,7 @@ from nmcompile import ops, reference
 from nmcompile.backend import _register_inductor_decomposition
 from nmcompile.kernels import cpu_mask
 from nmcompile.options import SparsityConfig
-from nmcompile.state import LayerSpec, candidate_generator, permutation_candidates
+from nmcompile.state import LayerSpec, candidate_generator, nm_forward_mask, permutation_candidates
 
 N, M, CANDIDATES = 2, 4, SparsityConfig().perm_candidates
 SEARCH = f"search, {CANDIDATES} candidates"  # a piece whose time grows with the candidates too
@@ -42,14 +42,14 @@ def _inductor(fn: Callable) -> Callable:
 
 def _search(weight: torch.Tensor, perm: torch.Tensor, c_kernel: bool = False) -> Callable[[], tuple[torch.Tensor, int]]:
     """The search step as ``LayerState.begin_training_step`` runs it on the CPU: the candidates
-    drawn, the forward mask by the composite op (``c_kernel``: by the C kernel, as an fp32 weight's
-    is), the current and candidate permutations scored."""
+    drawn, the forward mask by the composite op (``c_kernel``: by ``state.nm_forward_mask``, the
+    state's own choice, the C kernel for an fp32 weight), the current and candidate permutations scored."""
 
     spec = LayerSpec("weight", 0, weight.shape[0], "bimask")
 
     def run() -> tuple[torch.Tensor, int]:
         candidates = permutation_candidates(spec, candidate_generator(0, 0, 0))
-        fmask = cpu_mask.nm4_mask(weight, N) if c_kernel else ops.nm_mask(weight, N, M, 1)
+        fmask = nm_forward_mask(weight, N, M) if c_kernel else ops.nm_mask(weight, N, M, 1)
         return reference.search_permutation(fmask, perm, candidates, N, M)
 
     return run
